@@ -1,0 +1,381 @@
+//! One connection to a PostgreSQL server: startup, authentication as the configured server
+//! user (SCRAM-SHA-256, md5, cleartext or trust), and the per-connection state pgshard keeps
+//! (prepared statements it holds, session parameters applied to it).
+
+use crate::protocol::{self, ProtocolError};
+use bytes::{BufMut, BytesMut};
+use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+use postgres_protocol::message::frontend;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+/// Backend messages are bounded by PostgreSQL itself (1 GiB); this is only a sanity cap.
+pub const MAX_BACKEND_MESSAGE: usize = 1 << 30;
+
+/// A failure talking to a server.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("could not connect to server {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("timed out connecting to server {0}")]
+    ConnectTimeout(SocketAddr),
+    #[error("server {addr} refused the connection: {code} {message}")]
+    Refused {
+        addr: SocketAddr,
+        code: String,
+        message: String,
+    },
+    #[error("server {addr} asked for authentication pgshard cannot do: {what}")]
+    UnsupportedAuth { addr: SocketAddr, what: String },
+    #[error("server {addr} asked for a password but none is configured for the server user")]
+    NoPassword { addr: SocketAddr },
+    #[error("protocol error from server {addr}: {source}")]
+    Protocol {
+        addr: SocketAddr,
+        source: ProtocolError,
+    },
+    #[error("connection to server {addr} lost: {source}")]
+    Io {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Where and as whom to connect.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BackendTarget {
+    pub addr: SocketAddr,
+    pub database: String,
+    pub user: String,
+    pub password: Option<String>,
+}
+
+/// A live, authenticated server connection.
+pub struct BackendConn {
+    pub addr: SocketAddr,
+    pub reader: OwnedReadHalf,
+    pub writer: OwnedWriteHalf,
+    /// Bytes read from the server and not yet handled.
+    pub rbuf: BytesMut,
+    /// The server's BackendKeyData, for forwarding cancel requests.
+    pub pid: i32,
+    pub secret: i32,
+    /// ParameterStatus values the server reported at startup.
+    pub initial_params: Vec<(String, String)>,
+    /// Global names of the prepared statements this connection holds (transaction mode).
+    pub prepared: HashSet<u64>,
+    /// Fingerprint of the session settings applied on top of the server defaults.
+    pub settings: u64,
+    /// Set when the connection's state is unknown: it must not be reused.
+    pub broken: bool,
+    pub created: Instant,
+}
+
+impl BackendConn {
+    /// Opens and authenticates a connection.
+    pub async fn connect(
+        target: &BackendTarget,
+        timeout: Duration,
+    ) -> Result<BackendConn, BackendError> {
+        match tokio::time::timeout(timeout, Self::connect_inner(target)).await {
+            Ok(r) => r,
+            Err(_) => Err(BackendError::ConnectTimeout(target.addr)),
+        }
+    }
+
+    async fn connect_inner(t: &BackendTarget) -> Result<BackendConn, BackendError> {
+        let addr = t.addr;
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|source| BackendError::Connect { addr, source })?;
+        let _ = stream.set_nodelay(true);
+        let (reader, writer) = stream.into_split();
+        let mut c = BackendConn {
+            addr,
+            reader,
+            writer,
+            rbuf: BytesMut::with_capacity(16 * 1024),
+            pid: 0,
+            secret: 0,
+            initial_params: Vec::new(),
+            prepared: HashSet::new(),
+            settings: 0,
+            broken: false,
+            created: Instant::now(),
+        };
+        let mut out = BytesMut::new();
+        frontend::startup_message(
+            [
+                ("user", t.user.as_str()),
+                ("database", t.database.as_str()),
+                ("application_name", "pgshard"),
+            ],
+            &mut out,
+        )
+        .map_err(|source| BackendError::Io { addr, source })?;
+        c.send(&out).await?;
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let frame = c.read_frame().await?;
+            match frame[0] {
+                b'R' => {
+                    let code = i32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]]);
+                    let data = &frame[9..];
+                    out.clear();
+                    match code {
+                        0 => continue,
+                        3 => {
+                            let pw = t
+                                .password
+                                .as_deref()
+                                .ok_or(BackendError::NoPassword { addr })?;
+                            frontend::password_message(pw.as_bytes(), &mut out)
+                                .map_err(|source| BackendError::Io { addr, source })?;
+                        }
+                        5 => {
+                            let pw = t
+                                .password
+                                .as_deref()
+                                .ok_or(BackendError::NoPassword { addr })?;
+                            let salt = [data[0], data[1], data[2], data[3]];
+                            let h = postgres_protocol::authentication::md5_hash(
+                                t.user.as_bytes(),
+                                pw.as_bytes(),
+                                salt,
+                            );
+                            frontend::password_message(h.as_bytes(), &mut out)
+                                .map_err(|source| BackendError::Io { addr, source })?;
+                        }
+                        10 => {
+                            let pw = t
+                                .password
+                                .as_deref()
+                                .ok_or(BackendError::NoPassword { addr })?;
+                            let mechs: Vec<&[u8]> =
+                                data.split(|&b| b == 0).filter(|m| !m.is_empty()).collect();
+                            if !mechs.contains(&SCRAM_SHA_256.as_bytes()) {
+                                return Err(BackendError::UnsupportedAuth {
+                                    addr,
+                                    what: format!(
+                                        "SASL mechanisms {:?}",
+                                        mechs
+                                            .iter()
+                                            .map(|m| String::from_utf8_lossy(m))
+                                            .collect::<Vec<_>>()
+                                    ),
+                                });
+                            }
+                            let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
+                            frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)
+                                .map_err(|source| BackendError::Io { addr, source })?;
+                            scram = Some(s);
+                        }
+                        11 => {
+                            let s = scram.as_mut().ok_or_else(|| BackendError::Protocol {
+                                addr,
+                                source: ProtocolError::Malformed {
+                                    what: "SASLContinue",
+                                    detail: "without SASL start".into(),
+                                },
+                            })?;
+                            s.update(data)
+                                .map_err(|source| BackendError::Io { addr, source })?;
+                            frontend::sasl_response(s.message(), &mut out)
+                                .map_err(|source| BackendError::Io { addr, source })?;
+                        }
+                        12 => {
+                            let s = scram.as_mut().ok_or_else(|| BackendError::Protocol {
+                                addr,
+                                source: ProtocolError::Malformed {
+                                    what: "SASLFinal",
+                                    detail: "without SASL start".into(),
+                                },
+                            })?;
+                            s.finish(data)
+                                .map_err(|source| BackendError::Io { addr, source })?;
+                            continue;
+                        }
+                        other => {
+                            return Err(BackendError::UnsupportedAuth {
+                                addr,
+                                what: format!("authentication request code {other}"),
+                            });
+                        }
+                    }
+                    c.send(&out).await?;
+                }
+                b'S' => {
+                    let mut b = protocol::body(&frame);
+                    let k = protocol::read_cstr(&mut b, "ParameterStatus");
+                    let v = protocol::read_cstr(&mut b, "ParameterStatus");
+                    if let (Ok(k), Ok(v)) = (k, v) {
+                        c.initial_params.push((k, v));
+                    }
+                }
+                b'K' => {
+                    let b = protocol::body(&frame);
+                    if b.len() >= 8 {
+                        c.pid = i32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+                        c.secret = i32::from_be_bytes([b[4], b[5], b[6], b[7]]);
+                    }
+                }
+                b'Z' => return Ok(c),
+                b'E' => {
+                    let (code, message) = protocol::error_fields(&frame);
+                    return Err(BackendError::Refused {
+                        addr,
+                        code,
+                        message,
+                    });
+                }
+                _ => {} // NoticeResponse and friends during startup are not interesting
+            }
+        }
+    }
+
+    /// Writes bytes to the server.
+    pub async fn send(&mut self, data: &[u8]) -> Result<(), BackendError> {
+        let addr = self.addr;
+        self.writer.write_all(data).await.map_err(|source| {
+            self.broken = true;
+            BackendError::Io { addr, source }
+        })
+    }
+
+    /// Reads more bytes from the server into `rbuf`; an EOF is an error.
+    pub async fn fill(&mut self) -> Result<(), BackendError> {
+        let addr = self.addr;
+        match self.reader.read_buf(&mut self.rbuf).await {
+            Ok(0) => {
+                self.broken = true;
+                Err(BackendError::Io {
+                    addr,
+                    source: std::io::ErrorKind::UnexpectedEof.into(),
+                })
+            }
+            Ok(_) => Ok(()),
+            Err(source) => {
+                self.broken = true;
+                Err(BackendError::Io { addr, source })
+            }
+        }
+    }
+
+    /// The length of the next complete frame in `rbuf`, if any.
+    pub fn next_frame_len(&mut self) -> Result<Option<usize>, BackendError> {
+        protocol::frame_len(&self.rbuf, MAX_BACKEND_MESSAGE).map_err(|source| {
+            self.broken = true;
+            BackendError::Protocol {
+                addr: self.addr,
+                source,
+            }
+        })
+    }
+
+    /// Reads one whole frame (used outside the hot path: startup, resets).
+    pub async fn read_frame(&mut self) -> Result<BytesMut, BackendError> {
+        loop {
+            if let Some(n) = self.next_frame_len()? {
+                return Ok(self.rbuf.split_to(n));
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Runs a simple query whose results nobody needs; returns the server's error, if any,
+    /// and the transaction status it ended with. Used for resets and replayed settings.
+    pub async fn run_quiet(&mut self, sql: &str) -> Result<Option<(String, String)>, BackendError> {
+        let mut out = BytesMut::with_capacity(sql.len() + 8);
+        protocol::write_query(&mut out, sql);
+        self.send(&out).await?;
+        let mut err = None;
+        loop {
+            let f = self.read_frame().await?;
+            match f[0] {
+                b'E' => err = Some(protocol::error_fields(&f)),
+                b'Z' => return Ok(err),
+                // A COPY started by a reset query would be a bug of ours: give up on the
+                // connection rather than guess.
+                b'G' | b'H' | b'W' => {
+                    self.broken = true;
+                    return Err(BackendError::Protocol {
+                        addr: self.addr,
+                        source: ProtocolError::Malformed {
+                            what: "reset",
+                            detail: "unexpected COPY".into(),
+                        },
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Runs a simple query and returns its rows as text; used by pgshard's own queries.
+    pub async fn query_rows(
+        &mut self,
+        sql: &str,
+    ) -> Result<Vec<Vec<Option<String>>>, BackendError> {
+        let mut out = BytesMut::with_capacity(sql.len() + 8);
+        protocol::write_query(&mut out, sql);
+        self.send(&out).await?;
+        let mut rows = Vec::new();
+        let mut err = None;
+        loop {
+            let f = self.read_frame().await?;
+            match f[0] {
+                b'D' => {
+                    let b = protocol::body(&f);
+                    let n = u16::from_be_bytes([b[0], b[1]]) as usize;
+                    let mut i = 2;
+                    let mut row = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        let len = i32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+                        i += 4;
+                        if len < 0 {
+                            row.push(None);
+                        } else {
+                            let len = len as usize;
+                            row.push(Some(String::from_utf8_lossy(&b[i..i + len]).into_owned()));
+                            i += len;
+                        }
+                    }
+                    rows.push(row);
+                }
+                b'E' => err = Some(protocol::error_fields(&f)),
+                b'Z' => break,
+                _ => {}
+            }
+        }
+        match err {
+            None => Ok(rows),
+            Some((code, message)) => Err(BackendError::Refused {
+                addr: self.addr,
+                code,
+                message,
+            }),
+        }
+    }
+
+    /// Sends a CancelRequest for this connection's running query.
+    pub async fn cancel(addr: SocketAddr, pid: i32, secret: i32) -> std::io::Result<()> {
+        let mut s = TcpStream::connect(addr).await?;
+        let mut b = BytesMut::with_capacity(16);
+        b.put_i32(16);
+        b.put_i32(protocol::CANCEL_REQUEST);
+        b.put_i32(pid);
+        b.put_i32(secret);
+        s.write_all(&b).await?;
+        // The server closes the connection when it has handled the request.
+        let mut sink = [0u8; 1];
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read(&mut sink)).await;
+        Ok(())
+    }
+}

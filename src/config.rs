@@ -1,0 +1,464 @@
+//! The YAML configuration: schema, defaults and validation.
+//!
+//! Validation happens once, at load, and every message names the key it is about
+//! (`databases[0].shards[1].primary: ...`) so that an operator can fix the file without
+//! reading our source.
+
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// A configuration problem, naming the key and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Parse(String),
+    #[error("{key}: {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address clients connect to.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// TLS for client connections; without it SSLRequest is answered 'N'.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Users that may connect to pgshard.
+    pub users: Vec<UserConfig>,
+    /// Pool settings shared by every pool.
+    #[serde(default)]
+    pub pool: PoolConfig,
+    /// Limits that protect pgshard from misbehaving clients.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// The logical databases clients can name in their connection string.
+    pub databases: Vec<DatabaseConfig>,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:6432".into()
+}
+
+/// Certificate and key (PEM files) for TLS towards clients.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// How a user proves who they are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMethod {
+    /// SCRAM-SHA-256, as PostgreSQL's default.
+    #[default]
+    #[serde(alias = "scram")]
+    ScramSha256,
+    Md5,
+    Trust,
+}
+
+/// One user allowed to connect to pgshard.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    /// Plain password; for SCRAM a stored verifier (`SCRAM-SHA-256$...`) may be given instead.
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub auth: AuthMethod,
+}
+
+/// Pooling mode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// A client keeps its server connection for its whole session.
+    Session,
+    /// A client holds a server connection only for a transaction (or one statement).
+    #[default]
+    Transaction,
+}
+
+/// Pool settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    pub mode: PoolMode,
+    /// Maximum server connections per (node, database, user).
+    pub size: u32,
+    /// Idle server connections kept open per pool.
+    pub min_idle: u32,
+    /// How long a client waits for a server connection before getting SQLSTATE 53300.
+    pub checkout_timeout_ms: u64,
+    /// Idle connections are closed after this long.
+    pub idle_timeout_ms: u64,
+    /// Connections are replaced after this long, whatever their use.
+    pub max_lifetime_ms: u64,
+    /// Time allowed to open one server connection (TCP + startup + auth).
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            mode: PoolMode::Transaction,
+            size: 20,
+            min_idle: 0,
+            checkout_timeout_ms: 5000,
+            idle_timeout_ms: 600_000,
+            max_lifetime_ms: 3_600_000,
+            connect_timeout_ms: 5000,
+        }
+    }
+}
+
+/// Protection limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest message a client may send, in bytes.
+    pub max_message_size: usize,
+    /// A client must finish startup and authentication within this time.
+    pub startup_timeout_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_message_size: 64 * 1024 * 1024,
+            startup_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// A shard: one primary and zero or more streaming replicas.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardConfig {
+    pub primary: String,
+    #[serde(default)]
+    pub replicas: Vec<String>,
+}
+
+/// A logical database.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// The name clients use.
+    pub name: String,
+    /// The database on the servers (default: `name`).
+    #[serde(default)]
+    pub server_database: Option<String>,
+    /// Credentials pgshard uses towards the servers.
+    pub server_user: String,
+    #[serde(default)]
+    pub server_password: Option<String>,
+    pub shards: Vec<ShardConfig>,
+    #[serde(default)]
+    pub default_shard: usize,
+}
+
+impl DatabaseConfig {
+    /// The database name on the servers.
+    pub fn server_database(&self) -> &str {
+        self.server_database.as_deref().unwrap_or(&self.name)
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a YAML file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let cfg = Config::from_yaml(&text)?;
+        if let Some(tls) = &cfg.tls {
+            // Relative certificate paths are relative to the config file, not the cwd.
+            let base = path.parent().unwrap_or(Path::new("."));
+            let mut cfg = cfg.clone();
+            let t = cfg.tls.as_mut().expect("checked");
+            t.cert = base.join(&tls.cert);
+            t.key = base.join(&tls.key);
+            return Ok(cfg);
+        }
+        Ok(cfg)
+    }
+
+    /// Parses and validates YAML text.
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config =
+            yaml_serde::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks everything that serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        parse_addr(&self.listen).map_err(|p| invalid("listen", p))?;
+        if self.users.is_empty() {
+            return Err(invalid("users", "at least one user is required"));
+        }
+        let mut names = HashSet::new();
+        for (i, u) in self.users.iter().enumerate() {
+            let key = format!("users[{i}]");
+            if u.name.is_empty() {
+                return Err(invalid(format!("{key}.name"), "must not be empty"));
+            }
+            if !names.insert(u.name.as_str()) {
+                return Err(invalid(
+                    format!("{key}.name"),
+                    format!("user '{}' is listed twice", u.name),
+                ));
+            }
+            match (u.auth, &u.password) {
+                (AuthMethod::Trust, _) => {}
+                (_, None) => {
+                    return Err(invalid(
+                        format!("{key}.password"),
+                        format!("required for auth {:?}", u.auth).to_lowercase(),
+                    ));
+                }
+                (AuthMethod::Md5, Some(p)) if p.starts_with("SCRAM-SHA-256$") => {
+                    return Err(invalid(
+                        format!("{key}.password"),
+                        "md5 auth needs the plain password, not a SCRAM verifier",
+                    ));
+                }
+                (AuthMethod::ScramSha256, Some(p)) if p.starts_with("SCRAM-SHA-256$") => {
+                    crate::frontend::auth::ScramVerifier::parse(p).map_err(|e| {
+                        invalid(
+                            format!("{key}.password"),
+                            format!("bad SCRAM verifier: {e}"),
+                        )
+                    })?;
+                }
+                _ => {}
+            }
+        }
+        let p = &self.pool;
+        if p.size == 0 {
+            return Err(invalid("pool.size", "must be at least 1"));
+        }
+        if p.min_idle > p.size {
+            return Err(invalid("pool.min_idle", "must not exceed pool.size"));
+        }
+        if p.checkout_timeout_ms == 0 {
+            return Err(invalid("pool.checkout_timeout_ms", "must be positive"));
+        }
+        if p.connect_timeout_ms == 0 {
+            return Err(invalid("pool.connect_timeout_ms", "must be positive"));
+        }
+        if self.limits.max_message_size < 1024 {
+            return Err(invalid("limits.max_message_size", "must be at least 1024"));
+        }
+        if self.limits.startup_timeout_ms == 0 {
+            return Err(invalid("limits.startup_timeout_ms", "must be positive"));
+        }
+        if self.databases.is_empty() {
+            return Err(invalid("databases", "at least one database is required"));
+        }
+        let mut dbs = HashSet::new();
+        for (i, d) in self.databases.iter().enumerate() {
+            let key = format!("databases[{i}]");
+            if d.name.is_empty() {
+                return Err(invalid(format!("{key}.name"), "must not be empty"));
+            }
+            if !dbs.insert(d.name.as_str()) {
+                return Err(invalid(
+                    format!("{key}.name"),
+                    format!("database '{}' is listed twice", d.name),
+                ));
+            }
+            if d.server_user.is_empty() {
+                return Err(invalid(format!("{key}.server_user"), "must not be empty"));
+            }
+            if d.shards.is_empty() {
+                return Err(invalid(
+                    format!("{key}.shards"),
+                    "at least one shard is required",
+                ));
+            }
+            let mut nodes = HashSet::new();
+            for (s, shard) in d.shards.iter().enumerate() {
+                let skey = format!("{key}.shards[{s}]");
+                for (nkey, addr) in std::iter::once((format!("{skey}.primary"), &shard.primary))
+                    .chain(
+                        shard
+                            .replicas
+                            .iter()
+                            .enumerate()
+                            .map(|(r, a)| (format!("{skey}.replicas[{r}]"), a)),
+                    )
+                {
+                    let sa = parse_addr(addr).map_err(|p| invalid(&nkey, p))?;
+                    if !nodes.insert(sa) {
+                        return Err(invalid(
+                            nkey,
+                            format!("{addr} is used by another node of this database"),
+                        ));
+                    }
+                }
+            }
+            if d.default_shard >= d.shards.len() {
+                return Err(invalid(
+                    format!("{key}.default_shard"),
+                    format!(
+                        "shard {} does not exist (there are {} shards, numbered from 0)",
+                        d.default_shard,
+                        d.shards.len()
+                    ),
+                ));
+            }
+        }
+        if let Some(tls) = &self.tls {
+            if tls.cert.as_os_str().is_empty() {
+                return Err(invalid("tls.cert", "must not be empty"));
+            }
+            if tls.key.as_os_str().is_empty() {
+                return Err(invalid("tls.key", "must not be empty"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The user entry for a name.
+    pub fn user(&self, name: &str) -> Option<&UserConfig> {
+        self.users.iter().find(|u| u.name == name)
+    }
+
+    /// The database entry for a client-facing name.
+    pub fn database(&self, name: &str) -> Option<&DatabaseConfig> {
+        self.databases.iter().find(|d| d.name == name)
+    }
+
+    /// A human-readable description of the topology, for `pgshard check`.
+    pub fn describe(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(s, "listen: {}", self.listen);
+        let _ = writeln!(
+            s,
+            "tls: {}",
+            self.tls
+                .as_ref()
+                .map(|t| format!("cert {} key {}", t.cert.display(), t.key.display()))
+                .unwrap_or_else(|| "off".into())
+        );
+        let _ = writeln!(
+            s,
+            "pool: mode {:?}, size {}, min_idle {}, checkout timeout {} ms",
+            self.pool.mode, self.pool.size, self.pool.min_idle, self.pool.checkout_timeout_ms
+        );
+        let users: Vec<String> = self
+            .users
+            .iter()
+            .map(|u| format!("{} ({:?})", u.name, u.auth))
+            .collect();
+        let _ = writeln!(s, "users: {}", users.join(", "));
+        for d in &self.databases {
+            let _ = writeln!(
+                s,
+                "database {} -> server database {} as {}, {} shard(s), default shard {}",
+                d.name,
+                d.server_database(),
+                d.server_user,
+                d.shards.len(),
+                d.default_shard
+            );
+            for (i, sh) in d.shards.iter().enumerate() {
+                let reps = if sh.replicas.is_empty() {
+                    "no replicas".to_string()
+                } else {
+                    format!("replicas {}", sh.replicas.join(", "))
+                };
+                let _ = writeln!(s, "  shard {i}: primary {}, {reps}", sh.primary);
+            }
+        }
+        s
+    }
+}
+
+/// Parses `host:port`; only numeric addresses and `localhost` are accepted, so that the
+/// configuration never depends on DNS.
+pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    let t = s.replace("localhost:", "127.0.0.1:");
+    t.parse::<SocketAddr>()
+        .map_err(|_| format!("'{s}' is not an address of the form host:port (e.g. 127.0.0.1:5432)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+users: [{ name: app, password: app }]
+databases:
+  - name: app
+    server_user: app
+    server_password: app
+    shards:
+      - { primary: 127.0.0.1:5433, replicas: [127.0.0.1:5434] }
+"#;
+
+    #[test]
+    fn minimal_config_loads_with_defaults() {
+        let c = Config::from_yaml(BASE).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:6432");
+        assert_eq!(c.pool.mode, PoolMode::Transaction);
+        assert_eq!(c.limits.max_message_size, 64 << 20);
+        assert_eq!(c.databases[0].server_database(), "app");
+        assert!(c.describe().contains("shard 0: primary 127.0.0.1:5433"));
+    }
+
+    fn err(text: &str) -> String {
+        Config::from_yaml(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = err(&BASE.replace("127.0.0.1:5434", "nowhere"));
+        assert!(e.starts_with("databases[0].shards[0].replicas[0]:"), "{e}");
+        let e = err(&format!("{BASE}    default_shard: 3\n"));
+        assert!(e.starts_with("databases[0].default_shard:"), "{e}");
+        let e = err(&BASE.replace("127.0.0.1:5434", "127.0.0.1:5433"));
+        assert!(e.contains("used by another node"), "{e}");
+        let e = err(&format!("{BASE}pool: {{ size: 0 }}\n"));
+        assert!(e.starts_with("pool.size:"), "{e}");
+        let e = err(&BASE.replace("{ name: app, password: app }", "{ name: app }"));
+        assert!(e.starts_with("users[0].password:"), "{e}");
+        let e = err(&format!("{BASE}bogus: 1\n"));
+        assert!(e.contains("unknown field `bogus`"), "{e}");
+        let e = err(&BASE.replace("password: app }", "password: 'SCRAM-SHA-256$x' }"));
+        assert!(e.contains("bad SCRAM verifier"), "{e}");
+    }
+
+    #[test]
+    fn trust_users_need_no_password() {
+        let c = Config::from_yaml(
+            &BASE.replace("{ name: app, password: app }", "{ name: app, auth: trust }"),
+        )
+        .unwrap();
+        assert_eq!(c.users[0].auth, AuthMethod::Trust);
+    }
+}

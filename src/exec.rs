@@ -1,0 +1,364 @@
+//! Carrying out a plan on one shard: checkout of a server connection for the plan, and the
+//! relay that forwards the server's messages to the client as bytes.
+//!
+//! The relay keeps a queue of the requests sent to the server whose responses have not all
+//! arrived ([`Pending`]). That queue is what lets the session insert messages the client did
+//! not send (a Parse of a statement this server connection has not seen yet, replayed
+//! session settings) and answer some messages itself (a Parse of a statement the server
+//! connection already has) while the client still sees exactly the message sequence
+//! PostgreSQL would send, including the skip-until-Sync after an error.
+
+use crate::cluster::Database;
+use crate::pool::{PoolError, Pooled};
+use crate::protocol::{self, PgError};
+use crate::router::{Plan, Role};
+use bytes::{Bytes, BytesMut};
+use std::collections::VecDeque;
+
+/// Checks out a server connection for a plan.
+pub async fn checkout(db: &Database, plan: Plan) -> Result<Pooled, PoolError> {
+    let shard = &db.shards[plan.shard];
+    let pool = match plan.role {
+        Role::Replica if !shard.replicas.is_empty() => &shard.replicas[0],
+        _ => &shard.primary,
+    };
+    pool.get().await
+}
+
+/// What to undo in the session's prepared-statement bookkeeping when a Parse did not take
+/// effect on the server (it failed, or was skipped after an earlier error).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Undo {
+    /// The client's statement name to forget.
+    pub client_name: Option<Bytes>,
+    /// The server-side statement the connection does not hold after all.
+    pub global: Option<u64>,
+}
+
+/// A request sent to the server (or answered locally) whose response is still due.
+#[derive(Debug)]
+pub enum Pending {
+    /// A simple Query (or FunctionCall): everything up to ReadyForQuery.
+    Query,
+    /// A query pgshard sent itself: its whole response is swallowed.
+    Internal,
+    Sync,
+    /// A Parse; `swallow` when pgshard injected it and the client expects no ParseComplete.
+    Parse {
+        swallow: bool,
+        undo: Option<Undo>,
+    },
+    Bind,
+    Describe,
+    Close,
+    Execute,
+    /// A response pgshard gives itself (ParseComplete, CloseComplete, CommandComplete...):
+    /// the frame to send when its turn comes.
+    Synth {
+        frame: Bytes,
+        undo: Option<Undo>,
+    },
+    /// An error pgshard raises itself at this point of the stream.
+    Error(Box<PgError>),
+}
+
+/// What a backend frame meant for the session.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    None,
+    /// ReadyForQuery with this transaction status reached the client.
+    Ready(u8),
+    /// The server started COPY FROM STDIN ('G') or ended it.
+    CopyIn,
+}
+
+/// The response-side bookkeeping of one client session.
+#[derive(Debug, Default)]
+pub struct Relay {
+    pub queue: VecDeque<Pending>,
+    /// The server is discarding messages until the next Sync (after an error).
+    pub skipping: bool,
+    /// Undo records produced while handling frames; the session drains them.
+    pub undo: Vec<Undo>,
+}
+
+impl Relay {
+    /// Queues a request; requests the server will skip are not queued.
+    pub fn push(&mut self, p: Pending) {
+        if self.skipping {
+            match p {
+                Pending::Sync => self.skipping = false,
+                Pending::Query | Pending::Internal => {}
+                // The server skips these: no response will come.
+                Pending::Parse { undo, .. } | Pending::Synth { undo, .. } => {
+                    self.undo.extend(undo);
+                    return;
+                }
+                _ => return,
+            }
+        }
+        self.queue.push_back(p);
+    }
+
+    /// Emits responses pgshard answers itself that are now at the front of the queue.
+    pub fn drain_local(&mut self, out: &mut BytesMut) {
+        while let Some(front) = self.queue.front() {
+            match front {
+                Pending::Synth { frame, .. } => {
+                    out.extend_from_slice(frame);
+                    self.queue.pop_front();
+                }
+                Pending::Error(e) => {
+                    e.write(out);
+                    self.queue.pop_front();
+                    self.skip_to_sync();
+                }
+                _ => break,
+            }
+        }
+    }
+
+    /// Drops queued requests up to the next Sync: after an error the server skips them.
+    fn skip_to_sync(&mut self) {
+        while let Some(front) = self.queue.front() {
+            match front {
+                Pending::Sync | Pending::Query | Pending::Internal => break,
+                _ => match self.queue.pop_front() {
+                    Some(Pending::Parse { undo, .. }) | Some(Pending::Synth { undo, .. }) => {
+                        self.undo.extend(undo)
+                    }
+                    _ => {}
+                },
+            }
+        }
+        self.skipping = !self.queue.iter().any(|p| matches!(p, Pending::Sync));
+    }
+
+    /// Handles one frame from the server, appending what the client must see to `out`.
+    pub fn on_frame(&mut self, frame: &[u8], out: &mut BytesMut) -> Event {
+        self.drain_local(out);
+        let tag = frame[0];
+        let internal = matches!(self.queue.front(), Some(Pending::Internal));
+        // Asynchronous messages can come at any time; they belong to no request.
+        if matches!(tag, b'N' | b'A' | b'S') {
+            if internal {
+                if tag == b'N' {
+                    tracing::debug!(
+                        "notice on internal query: {:?}",
+                        protocol::error_fields(frame)
+                    );
+                }
+            } else {
+                out.extend_from_slice(frame);
+            }
+            return Event::None;
+        }
+        let Some(front) = self.queue.front_mut() else {
+            // Nothing is expected: forward rather than hide what the server said.
+            out.extend_from_slice(frame);
+            return Event::None;
+        };
+        let mut event = Event::None;
+        let done = match front {
+            Pending::Internal => {
+                if tag == b'E' {
+                    let (code, msg) = protocol::error_fields(frame);
+                    tracing::warn!(%code, %msg, "internal query failed");
+                }
+                tag == b'Z'
+            }
+            Pending::Query | Pending::Sync => {
+                out.extend_from_slice(frame);
+                match tag {
+                    b'Z' => {
+                        event = Event::Ready(frame.get(5).copied().unwrap_or(b'I'));
+                        true
+                    }
+                    b'G' => {
+                        event = Event::CopyIn;
+                        false
+                    }
+                    _ => false,
+                }
+            }
+            Pending::Parse { swallow, undo } => {
+                if tag == b'E' {
+                    // An injected Parse's error is the client's error too: its Bind fails.
+                    self.undo.extend(undo.take());
+                    out.extend_from_slice(frame);
+                } else if !*swallow {
+                    out.extend_from_slice(frame);
+                }
+                true
+            }
+            Pending::Bind | Pending::Close => {
+                out.extend_from_slice(frame);
+                true
+            }
+            Pending::Describe => {
+                out.extend_from_slice(frame);
+                matches!(tag, b'T' | b'n' | b'E')
+            }
+            Pending::Execute => {
+                out.extend_from_slice(frame);
+                if tag == b'G' {
+                    event = Event::CopyIn;
+                }
+                matches!(tag, b'C' | b'I' | b's' | b'E')
+            }
+            Pending::Synth { .. } | Pending::Error(_) => unreachable!("drained above"),
+        };
+        if done {
+            let was_extended = !matches!(
+                self.queue.pop_front(),
+                Some(Pending::Query | Pending::Sync | Pending::Internal)
+            );
+            if tag == b'E' && was_extended {
+                self.skip_to_sync();
+            }
+            self.drain_local(out);
+        }
+        event
+    }
+
+    /// Nothing is due from the server.
+    pub fn idle(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// The number of ReadyForQuery messages the client still expects.
+    pub fn ready_due(&self) -> usize {
+        self.queue
+            .iter()
+            .filter(|p| matches!(p, Pending::Query | Pending::Sync))
+            .count()
+    }
+}
+
+/// A frame with an empty body (ParseComplete, CloseComplete...).
+pub fn empty_frame(tag: u8) -> Bytes {
+    let mut b = BytesMut::with_capacity(5);
+    protocol::write_msg(&mut b, tag, &[]);
+    b.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(tag: u8) -> BytesMut {
+        let mut b = BytesMut::new();
+        if tag == b'Z' {
+            protocol::write_ready(&mut b, b'I');
+        } else if tag == b'E' {
+            PgError::new("42601", "syntax").write(&mut b);
+        } else {
+            protocol::write_msg(&mut b, tag, &[]);
+        }
+        b
+    }
+
+    fn tags(b: &[u8]) -> String {
+        let mut s = String::new();
+        let mut i = 0;
+        while i < b.len() {
+            s.push(b[i] as char);
+            let n = i32::from_be_bytes([b[i + 1], b[i + 2], b[i + 3], b[i + 4]]) as usize;
+            i += n + 1;
+        }
+        s
+    }
+
+    #[test]
+    fn synthesized_parse_complete_keeps_its_place() {
+        let mut r = Relay::default();
+        let mut out = BytesMut::new();
+        // Bind (to server), Parse answered locally, Execute, Sync.
+        r.push(Pending::Bind);
+        r.push(Pending::Synth {
+            frame: empty_frame(b'1'),
+            undo: None,
+        });
+        r.push(Pending::Execute);
+        r.push(Pending::Sync);
+        r.drain_local(&mut out);
+        assert_eq!(tags(&out), "");
+        for t in [b'2', b'D', b'C', b'Z'] {
+            r.on_frame(&f(t), &mut out);
+        }
+        assert_eq!(tags(&out), "21DCZ");
+        assert!(r.idle());
+    }
+
+    #[test]
+    fn injected_parse_is_swallowed_and_errors_skip_to_sync() {
+        let mut r = Relay::default();
+        let mut out = BytesMut::new();
+        let undo = Undo {
+            client_name: Some(Bytes::from_static(b"s1")),
+            global: Some(7),
+        };
+        r.push(Pending::Parse {
+            swallow: true,
+            undo: None,
+        });
+        r.push(Pending::Bind);
+        r.push(Pending::Parse {
+            swallow: false,
+            undo: Some(undo.clone()),
+        });
+        r.push(Pending::Execute);
+        r.push(Pending::Sync);
+        r.on_frame(&f(b'1'), &mut out);
+        assert_eq!(tags(&out), "");
+        r.on_frame(&f(b'E'), &mut out); // the Bind failed: Parse and Execute are skipped
+        assert_eq!(r.undo, vec![undo]);
+        let ev = r.on_frame(&f(b'Z'), &mut out);
+        assert_eq!(ev, Event::Ready(b'I'));
+        assert_eq!(tags(&out), "EZ");
+        assert!(r.idle() && !r.skipping);
+    }
+
+    #[test]
+    fn error_without_sync_skips_later_requests_until_sync() {
+        let mut r = Relay::default();
+        let mut out = BytesMut::new();
+        r.push(Pending::Parse {
+            swallow: false,
+            undo: None,
+        });
+        r.on_frame(&f(b'E'), &mut out);
+        assert!(r.skipping);
+        r.push(Pending::Bind); // skipped by the server: not queued
+        r.push(Pending::Sync);
+        assert!(!r.skipping);
+        r.on_frame(&f(b'Z'), &mut out);
+        assert_eq!(tags(&out), "EZ");
+        assert!(r.idle());
+    }
+
+    #[test]
+    fn local_error_skips_until_sync() {
+        let mut r = Relay::default();
+        let mut out = BytesMut::new();
+        r.push(Pending::Error(Box::new(PgError::new("26000", "nope"))));
+        r.drain_local(&mut out);
+        assert!(r.skipping);
+        r.push(Pending::Execute);
+        r.push(Pending::Sync);
+        r.on_frame(&f(b'Z'), &mut out);
+        assert_eq!(tags(&out), "EZ");
+    }
+
+    #[test]
+    fn internal_queries_are_invisible() {
+        let mut r = Relay::default();
+        let mut out = BytesMut::new();
+        r.push(Pending::Internal);
+        r.push(Pending::Query);
+        for t in [b'S', b'C', b'Z', b'T', b'D', b'C', b'Z'] {
+            r.on_frame(&f(t), &mut out);
+        }
+        assert_eq!(tags(&out), "TDCZ");
+    }
+}

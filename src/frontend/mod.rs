@@ -1,0 +1,611 @@
+//! The client side: listener, TLS, startup, authentication, cancel requests; then a
+//! [`session::Session`] per client.
+
+pub mod auth;
+pub mod session;
+
+use crate::cluster::Topology;
+use crate::config::{AuthMethod, Config};
+use crate::protocol::{self, FirstPacket, PgError, ProtocolError};
+use arc_swap::ArcSwap;
+use auth::{ScramServer, ScramVerifier};
+use bytes::BytesMut;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::Instrument;
+
+/// The reading half of a client connection (plain TCP or TLS).
+pub type ClientReader = Box<dyn AsyncRead + Unpin + Send>;
+/// The writing half of a client connection.
+pub type ClientWriter = Box<dyn AsyncWrite + Unpin + Send>;
+
+/// A user's credentials, prepared at load.
+enum Credential {
+    Scram(ScramVerifier),
+    Md5(String),
+    Trust,
+}
+
+/// Everything the frontend needs, built from one configuration.
+pub struct State {
+    pub config: Config,
+    pub topology: Topology,
+    users: HashMap<String, Credential>,
+    tls: Option<TlsAcceptor>,
+}
+
+impl State {
+    /// Builds the runtime state: pools, SCRAM verifiers, TLS acceptor.
+    pub fn new(config: Config) -> anyhow::Result<State> {
+        let users = config
+            .users
+            .iter()
+            .map(|u| {
+                let c = match (u.auth, &u.password) {
+                    (AuthMethod::Trust, _) => Credential::Trust,
+                    (AuthMethod::Md5, Some(p)) => Credential::Md5(p.clone()),
+                    (AuthMethod::ScramSha256, Some(p)) if p.starts_with("SCRAM-SHA-256$") => {
+                        Credential::Scram(ScramVerifier::parse(p).map_err(anyhow::Error::msg)?)
+                    }
+                    (AuthMethod::ScramSha256, Some(p)) => {
+                        Credential::Scram(ScramVerifier::from_password(p))
+                    }
+                    (_, None) => unreachable!("validated at load"),
+                };
+                Ok((u.name.clone(), c))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let tls = match &config.tls {
+            Some(t) => Some(tls_acceptor(&t.cert, &t.key)?),
+            None => None,
+        };
+        Ok(State {
+            topology: Topology::build(&config),
+            config,
+            users,
+            tls,
+        })
+    }
+}
+
+fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<TlsAcceptor> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| anyhow::anyhow!("tls.cert: cannot read {}: {e}", cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("tls.cert: {}: {e}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| anyhow::anyhow!("tls.key: cannot read {}: {e}", key.display()))?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let cfg = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| anyhow::anyhow!("tls: {e}"))?;
+    Ok(TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// Where a client's running query executes, for its cancel requests.
+#[derive(Default)]
+pub struct CancelSlot(Mutex<Option<(SocketAddr, i32, i32)>>);
+
+impl CancelSlot {
+    /// Updated when a server connection is attached or released (never per message).
+    pub fn set(&self, v: Option<(SocketAddr, i32, i32)>) {
+        *self.0.lock().expect("not poisoned") = v;
+    }
+    fn get(&self) -> Option<(SocketAddr, i32, i32)> {
+        *self.0.lock().expect("not poisoned")
+    }
+}
+
+/// The BackendKeyData pgshard handed to each client, and where that client's query runs.
+#[derive(Default)]
+pub struct CancelRegistry {
+    next_pid: AtomicI32,
+    map: Mutex<HashMap<(i32, i32), Arc<CancelSlot>>>,
+}
+
+struct CancelGuard<'a> {
+    reg: &'a CancelRegistry,
+    key: (i32, i32),
+}
+
+impl Drop for CancelGuard<'_> {
+    fn drop(&mut self) {
+        self.reg.map.lock().expect("not poisoned").remove(&self.key);
+    }
+}
+
+impl CancelRegistry {
+    fn register(&self) -> (CancelGuard<'_>, (i32, i32), Arc<CancelSlot>) {
+        let pid = self.next_pid.fetch_add(1, Ordering::Relaxed) & 0x3fff_ffff;
+        let key = (pid + 1, rand::random::<i32>());
+        let slot = Arc::new(CancelSlot::default());
+        self.map
+            .lock()
+            .expect("not poisoned")
+            .insert(key, slot.clone());
+        (CancelGuard { reg: self, key }, key, slot)
+    }
+
+    fn lookup(&self, pid: i32, secret: i32) -> Option<(SocketAddr, i32, i32)> {
+        let slot = self
+            .map
+            .lock()
+            .expect("not poisoned")
+            .get(&(pid, secret))
+            .cloned()?;
+        slot.get()
+    }
+}
+
+/// The proxy: a listener and the state it serves from.
+pub struct Server {
+    pub state: ArcSwap<State>,
+    pub cancels: CancelRegistry,
+}
+
+impl Server {
+    pub fn new(state: State) -> Arc<Server> {
+        Arc::new(Server {
+            state: ArcSwap::from_pointee(state),
+            cancels: CancelRegistry::default(),
+        })
+    }
+
+    /// Accepts clients until the listener fails.
+    pub async fn run(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+        loop {
+            let (sock, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: keep serving the others.
+                    tracing::error!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = sock.set_nodelay(true);
+            let this = self.clone();
+            let span = tracing::info_span!("client", %peer, user = tracing::field::Empty, database = tracing::field::Empty);
+            tokio::spawn(
+                async move {
+                    if let Err(e) = this.handle(sock).await {
+                        tracing::info!(error = %e, "client session ended with an error");
+                    }
+                }
+                .instrument(span),
+            );
+        }
+    }
+
+    async fn handle(&self, sock: TcpStream) -> anyhow::Result<()> {
+        let state = self.state.load_full();
+        let startup_timeout = Duration::from_millis(state.config.limits.startup_timeout_ms);
+        let mut conn = Conn::Plain(sock);
+        let mut buf = BytesMut::with_capacity(8 * 1024);
+        let started =
+            tokio::time::timeout(startup_timeout, self.startup(&state, &mut conn, &mut buf)).await;
+        let ready = match started {
+            Ok(Ok(Some(r))) => r,
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Err(StartupError::Client(e))) => {
+                tracing::info!(code = e.code, message = %e.message, "startup refused");
+                let mut out = BytesMut::new();
+                e.write(&mut out);
+                let _ = conn.write_all(&out).await;
+                let _ = conn.shutdown().await;
+                return Ok(());
+            }
+            Ok(Err(StartupError::Io(e))) => return Err(e.into()),
+            Err(_) => {
+                tracing::info!("startup timed out");
+                let mut out = BytesMut::new();
+                PgError::fatal("08P01", "canceling authentication due to timeout").write(&mut out);
+                let _ = conn.write_all(&out).await;
+                let _ = conn.shutdown().await;
+                return Ok(());
+            }
+        };
+        let (_guard, key, slot) = self.cancels.register();
+        let mut out = BytesMut::new();
+        protocol::write_backend_key(&mut out, key.0, key.1);
+        protocol::write_ready(&mut out, b'I');
+        conn.write_all(&out).await?;
+        let (reader, writer) = conn.split();
+        let mut session = session::Session::new(
+            ready.db,
+            state.config.pool.mode,
+            reader,
+            writer,
+            state.config.limits.max_message_size,
+            slot,
+            ready.settings,
+            buf,
+        );
+        drop(state);
+        session.run().await?;
+        Ok(())
+    }
+
+    /// The startup phase: SSL/GSS negotiation, cancel requests, StartupMessage, auth and
+    /// the greeting up to (not including) BackendKeyData.
+    async fn startup(
+        &self,
+        state: &State,
+        conn: &mut Conn,
+        buf: &mut BytesMut,
+    ) -> Result<Option<Ready>, StartupError> {
+        // Startup packets are small; a huge length is an attack or garbage.
+        const MAX_STARTUP: usize = 10_000;
+        let mut negotiations = 0;
+        let params = loop {
+            let pkt = read_packet(conn, buf, |b| protocol::startup_len(b, MAX_STARTUP)).await?;
+            match protocol::parse_first_packet(&pkt).map_err(protocol_fatal)? {
+                FirstPacket::Ssl | FirstPacket::GssEnc if negotiations < 2 => {
+                    negotiations += 1;
+                    let is_ssl = matches!(protocol::parse_first_packet(&pkt), Ok(FirstPacket::Ssl));
+                    if !buf.is_empty() {
+                        // Bytes after an SSLRequest before the answer: a downgrade attempt.
+                        return Err(StartupError::Client(PgError::fatal(
+                            "08P01",
+                            "received unencrypted data after SSL request",
+                        )));
+                    }
+                    match (&state.tls, is_ssl, &*conn) {
+                        (Some(acceptor), true, Conn::Plain(_)) => {
+                            conn.write_all(b"S").await?;
+                            let Conn::Plain(sock) = std::mem::replace(conn, Conn::Closed) else {
+                                unreachable!()
+                            };
+                            let tls = acceptor.accept(sock).await?;
+                            *conn = Conn::Tls(Box::new(tls));
+                        }
+                        _ => conn.write_all(b"N").await?,
+                    }
+                }
+                FirstPacket::Ssl | FirstPacket::GssEnc => {
+                    return Err(StartupError::Client(PgError::fatal(
+                        "08P01",
+                        "too many encryption negotiation requests",
+                    )));
+                }
+                FirstPacket::Cancel { pid, secret } => {
+                    if let Some((addr, bpid, bsecret)) = self.cancels.lookup(pid, secret) {
+                        tracing::info!(server = %addr, "forwarding cancel request");
+                        if let Err(e) =
+                            crate::backend::BackendConn::cancel(addr, bpid, bsecret).await
+                        {
+                            tracing::warn!(error = %e, "cancel request failed");
+                        }
+                    }
+                    return Ok(None);
+                }
+                FirstPacket::Startup { params } => break params,
+            }
+        };
+        let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        let user = get("user").ok_or_else(|| {
+            StartupError::Client(PgError::fatal(
+                "28000",
+                "no PostgreSQL user name specified in startup packet",
+            ))
+        })?;
+        let database = get("database")
+            .filter(|d| !d.is_empty())
+            .unwrap_or_else(|| user.clone());
+        tracing::Span::current().record("user", user.as_str());
+        tracing::Span::current().record("database", database.as_str());
+        if get("replication").is_some_and(|r| r != "false" && r != "0" && r != "off") {
+            return Err(StartupError::Client(PgError::fatal(
+                "0A000",
+                "replication connections are not supported by pgshard",
+            )));
+        }
+        let Some(cred) = state.users.get(&user) else {
+            return Err(StartupError::Client(PgError::fatal(
+                "28000",
+                format!("role \"{user}\" does not exist"),
+            )));
+        };
+        let Some(db) = state.topology.databases.get(&database).cloned() else {
+            return Err(StartupError::Client(PgError::fatal(
+                "3D000",
+                format!("database \"{database}\" does not exist"),
+            )));
+        };
+        self.authenticate(conn, buf, &user, cred).await?;
+
+        // The greeting: the servers' parameters, overridden by what the client asked for.
+        let pool = &db.shards[db.config.default_shard].primary;
+        if pool.server_params().is_none() {
+            // First client of this pool: one connection tells us what servers report.
+            if let Err(e) = pool.get().await {
+                return Err(StartupError::Client(match e {
+                    crate::pool::PoolError::Timeout(..) => PgError::fatal("53300", e.to_string()),
+                    crate::pool::PoolError::Down(m) => {
+                        PgError::fatal("08006", format!("server unavailable: {m}"))
+                    }
+                }));
+            }
+        }
+        let server_params = pool.server_params().cloned().unwrap_or_default();
+        let settings = client_settings(&params, &server_params);
+        let mut out = BytesMut::new();
+        protocol::write_auth(&mut out, 0, &[]);
+        for (k, v) in &server_params {
+            let v = settings
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(k))
+                .map(|(_, v)| v)
+                .unwrap_or(v);
+            protocol::write_parameter_status(&mut out, k, v);
+        }
+        conn.write_all(&out).await?;
+        Ok(Some(Ready { db, settings }))
+    }
+
+    async fn authenticate(
+        &self,
+        conn: &mut Conn,
+        buf: &mut BytesMut,
+        user: &str,
+        cred: &Credential,
+    ) -> Result<(), StartupError> {
+        let failed = || {
+            StartupError::Client(PgError::fatal(
+                "28P01",
+                format!("password authentication failed for user \"{user}\""),
+            ))
+        };
+        let mut out = BytesMut::new();
+        match cred {
+            Credential::Trust => Ok(()),
+            Credential::Md5(password) => {
+                let salt: [u8; 4] = rand::random();
+                protocol::write_auth(&mut out, 5, &salt);
+                conn.write_all(&out).await?;
+                let resp = read_password(conn, buf).await?;
+                let expected = auth::md5_expected(user, password, salt);
+                let got = resp.strip_suffix(&[0]).unwrap_or(&resp);
+                if got == expected.as_bytes() {
+                    Ok(())
+                } else {
+                    Err(failed())
+                }
+            }
+            Credential::Scram(verifier) => {
+                protocol::write_auth(&mut out, 10, b"SCRAM-SHA-256\0\0");
+                conn.write_all(&out).await?;
+                let init = read_password(conn, buf).await?;
+                // SASLInitialResponse: mechanism, int32 length, data.
+                let mut b = &init[..];
+                let mech =
+                    protocol::read_cstr(&mut b, "SASLInitialResponse").map_err(protocol_fatal)?;
+                if mech != "SCRAM-SHA-256" {
+                    return Err(StartupError::Client(PgError::fatal(
+                        "28000",
+                        format!(
+                            "client selected an invalid SASL authentication mechanism {mech:?}"
+                        ),
+                    )));
+                }
+                if b.len() < 4 {
+                    return Err(protocol_fatal(ProtocolError::Malformed {
+                        what: "SASLInitialResponse",
+                        detail: "missing length".into(),
+                    }));
+                }
+                let data = &b[4..];
+                let (server, first) = ScramServer::start(verifier, data)
+                    .map_err(|e| StartupError::Client(PgError::fatal("08P01", e.to_string())))?;
+                out.clear();
+                protocol::write_auth(&mut out, 11, first.as_bytes());
+                conn.write_all(&out).await?;
+                let fin = read_password(conn, buf).await?;
+                let server_final = match server.finish(&fin) {
+                    Ok(f) => f,
+                    Err(auth::ScramError::BadProof) => return Err(failed()),
+                    Err(e) => {
+                        return Err(StartupError::Client(PgError::fatal("08P01", e.to_string())));
+                    }
+                };
+                out.clear();
+                protocol::write_auth(&mut out, 12, server_final.as_bytes());
+                conn.write_all(&out).await?;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The client's session settings: its startup parameters (and `-c` options) that differ
+/// from what the servers report by default.
+fn client_settings(
+    params: &[(String, String)],
+    server: &[(String, String)],
+) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    let mut add = |k: &str, v: &str| {
+        let same = server
+            .iter()
+            .any(|(n, sv)| n.eq_ignore_ascii_case(k) && sv == v);
+        if !same && !k.is_empty() {
+            out.retain(|(n, _)| n != k);
+            out.push((k.to_string(), v.to_string()));
+        }
+    };
+    for (k, v) in params {
+        match k.as_str() {
+            "user" | "database" | "replication" => {}
+            "options" => {
+                // `-c name=value` or `--name=value`, separated by spaces.
+                let mut it = v.split_whitespace();
+                while let Some(tok) = it.next() {
+                    let kv = if tok == "-c" {
+                        it.next()
+                    } else {
+                        tok.strip_prefix("--").or_else(|| tok.strip_prefix("-c"))
+                    };
+                    if let Some((n, val)) = kv.and_then(|kv| kv.split_once('=')) {
+                        add(&n.replace('-', "_"), val);
+                    }
+                }
+            }
+            _ if k.starts_with("_pq_.") => {}
+            _ => add(k, v),
+        }
+    }
+    out.sort();
+    out
+}
+
+/// What startup hands to the session.
+struct Ready {
+    db: Arc<crate::cluster::Database>,
+    settings: Vec<(String, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum StartupError {
+    #[error("{0}")]
+    Client(PgError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+fn protocol_fatal(e: ProtocolError) -> StartupError {
+    match e {
+        ProtocolError::Io(e) => StartupError::Io(e),
+        ProtocolError::UnsupportedVersion { .. } => {
+            StartupError::Client(PgError::fatal("0A000", e.to_string()))
+        }
+        e => StartupError::Client(PgError::fatal("08P01", e.to_string())),
+    }
+}
+
+/// Reads one packet whose length `len_of` can tell.
+async fn read_packet(
+    conn: &mut Conn,
+    buf: &mut BytesMut,
+    len_of: impl Fn(&[u8]) -> Result<Option<usize>, ProtocolError>,
+) -> Result<BytesMut, StartupError> {
+    loop {
+        if let Some(n) = len_of(buf).map_err(protocol_fatal)? {
+            return Ok(buf.split_to(n));
+        }
+        if conn.read_buf(buf).await? == 0 {
+            return Err(StartupError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+    }
+}
+
+/// Reads a PasswordMessage-family ('p') frame and returns its body.
+async fn read_password(conn: &mut Conn, buf: &mut BytesMut) -> Result<Vec<u8>, StartupError> {
+    let f = read_packet(conn, buf, |b| protocol::frame_len(b, 10_000)).await?;
+    if f[0] != b'p' {
+        return Err(StartupError::Client(PgError::fatal(
+            "08P01",
+            format!("expected password response, got message type {}", f[0]),
+        )));
+    }
+    Ok(protocol::body(&f).to_vec())
+}
+
+/// A client connection during startup.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Closed,
+}
+
+impl Conn {
+    async fn read_buf(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read_buf(buf).await,
+            Conn::Tls(s) => s.read_buf(buf).await,
+            Conn::Closed => Ok(0),
+        }
+    }
+    async fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.write_all(data).await,
+            Conn::Tls(s) => {
+                s.write_all(data).await?;
+                s.flush().await
+            }
+            Conn::Closed => Err(std::io::ErrorKind::NotConnected.into()),
+        }
+    }
+    async fn shutdown(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.shutdown().await,
+            Conn::Tls(s) => s.shutdown().await,
+            Conn::Closed => Ok(()),
+        }
+    }
+    fn split(self) -> (ClientReader, ClientWriter) {
+        match self {
+            Conn::Plain(s) => {
+                let (r, w) = s.into_split();
+                (Box::new(r), Box::new(w))
+            }
+            Conn::Tls(s) => {
+                let (r, w) = tokio::io::split(*s);
+                (Box::new(r), Box::new(w))
+            }
+            Conn::Closed => unreachable!("split after close"),
+        }
+    }
+}
+
+/// Binds the listener and serves until the process ends.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(&config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("listen: cannot bind {}: {e}", config.listen))?;
+    tracing::info!(listen = %config.listen, "pgshard ready");
+    let server = Server::new(State::new(config)?);
+    server.run(listener).await?;
+    Ok(())
+}
+
+/// Starts the proxy on an already bound listener in the background (tests, demo).
+pub fn spawn(config: Config, listener: TcpListener) -> anyhow::Result<Arc<Server>> {
+    let server = Server::new(State::new(config)?);
+    tokio::spawn(server.clone().run(listener));
+    Ok(server)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn startup_parameters_become_settings() {
+        let params = vec![
+            ("user".into(), "app".into()),
+            ("client_encoding".into(), "UTF8".into()),
+            ("application_name".into(), "psql".into()),
+            ("options".into(), "-c search_path=a,b --work-mem=8MB".into()),
+        ];
+        let server = vec![("client_encoding".into(), "UTF8".into())];
+        let s = client_settings(&params, &server);
+        assert_eq!(
+            s,
+            vec![
+                ("application_name".to_string(), "psql".to_string()),
+                ("search_path".to_string(), "a,b".to_string()),
+                ("work_mem".to_string(), "8MB".to_string()),
+            ]
+        );
+    }
+}

@@ -1,0 +1,790 @@
+//! One client session after startup: reads the client's messages, attaches a server
+//! connection when one is needed, forwards, and relays the server's answers.
+//!
+//! Both directions are read in one task with `select!`, so asynchronous server messages
+//! (NotificationResponse, ParameterStatus, NoticeResponse) reach an idle client at once.
+//! Everything read in one go is handled, and what it produced is written with one write per
+//! direction: writes are batched until the peer would wait.
+
+use super::{CancelSlot, ClientReader, ClientWriter};
+use crate::cluster::Database;
+use crate::config::PoolMode;
+use crate::exec::{self, Event, Pending, Relay, Undo, empty_frame};
+use crate::pool::{PoolError, Pooled};
+use crate::protocol::{self, PgError, ProtocolError};
+use crate::router::{self, StatementKind};
+use bytes::{Buf, Bytes, BytesMut};
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// A prepared statement as the client named it (transaction mode).
+struct Stmt {
+    /// Server-side identity: a hash of query text and parameter types.
+    global: u64,
+    query: Bytes,
+    types: Bytes,
+    kind_is_setting: bool,
+}
+
+/// Why a session ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("client connection: {0}")]
+    ClientIo(std::io::Error),
+}
+
+/// Session state.
+pub struct Session {
+    pub db: Arc<Database>,
+    pub mode: PoolMode,
+    pub reader: ClientReader,
+    pub writer: ClientWriter,
+    pub max_message: usize,
+    pub cancel: Arc<CancelSlot>,
+    /// Session settings (name, value) the client expects on whatever server it uses.
+    pub settings: Vec<(String, String)>,
+    settings_fp: u64,
+    settings_dirty: bool,
+    crbuf: BytesMut,
+    cout: BytesMut,
+    bout: BytesMut,
+    backend: Option<Pooled>,
+    relay: Relay,
+    /// Transaction status of the last ReadyForQuery the client saw.
+    status: u8,
+    /// Extended-protocol messages went to the server since the last Sync.
+    in_batch: bool,
+    /// A local error happened in an extended-protocol batch: discard until Sync.
+    local_skip: bool,
+    in_copy: bool,
+    statements: HashMap<Bytes, Stmt>,
+    client_eof: bool,
+}
+
+/// Fingerprint of a settings list; 0 means "server defaults".
+fn fingerprint(settings: &[(String, String)]) -> u64 {
+    if settings.is_empty() {
+        return 0;
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    settings.hash(&mut h);
+    h.finish() | 1
+}
+
+fn statement_id(query: &[u8], types: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    query.hash(&mut h);
+    types.hash(&mut h);
+    h.finish()
+}
+
+fn server_name(global: u64) -> String {
+    format!("pgshard_{global:016x}")
+}
+
+/// SQL string literal.
+fn lit(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+impl Session {
+    pub fn new(
+        db: Arc<Database>,
+        mode: PoolMode,
+        reader: ClientReader,
+        writer: ClientWriter,
+        max_message: usize,
+        cancel: Arc<CancelSlot>,
+        mut settings: Vec<(String, String)>,
+        leftover: BytesMut,
+    ) -> Session {
+        settings.sort();
+        Session {
+            db,
+            mode,
+            reader,
+            writer,
+            max_message,
+            cancel,
+            settings_fp: fingerprint(&settings),
+            settings,
+            settings_dirty: false,
+            crbuf: leftover,
+            cout: BytesMut::with_capacity(16 * 1024),
+            bout: BytesMut::with_capacity(16 * 1024),
+            backend: None,
+            relay: Relay::default(),
+            status: b'I',
+            in_batch: false,
+            local_skip: false,
+            in_copy: false,
+            statements: HashMap::new(),
+            client_eof: false,
+        }
+    }
+
+    /// Runs the session until the client leaves.
+    pub async fn run(&mut self) -> Result<(), SessionError> {
+        let result = self.run_loop().await;
+        self.finish().await;
+        result
+    }
+
+    async fn run_loop(&mut self) -> Result<(), SessionError> {
+        loop {
+            // Handle what the client already sent (also bytes that came with startup).
+            if self.handle_client_frames().await? {
+                return Ok(());
+            }
+            self.flush().await?;
+            if self.client_eof {
+                return Ok(());
+            }
+            let Self {
+                reader,
+                crbuf,
+                backend,
+                ..
+            } = self;
+            enum Got {
+                Client(std::io::Result<usize>),
+                Backend(Result<(), crate::backend::BackendError>),
+            }
+            let got = match backend {
+                Some(b) => {
+                    let b: &mut crate::backend::BackendConn = b;
+                    tokio::select! {
+                        r = reader.read_buf(crbuf) => Got::Client(r),
+                        r = b.fill() => Got::Backend(r),
+                    }
+                }
+                None => Got::Client(reader.read_buf(crbuf).await),
+            };
+            match got {
+                Got::Client(Ok(0)) => {
+                    self.client_eof = true;
+                    return Ok(());
+                }
+                Got::Client(Ok(_)) => {}
+                Got::Client(Err(e)) => return Err(SessionError::ClientIo(e)),
+                Got::Backend(Ok(())) => self.handle_backend_frames().await,
+                Got::Backend(Err(e)) => self.backend_lost(e.to_string()),
+            }
+            self.flush().await?;
+        }
+    }
+
+    /// Writes what is pending in both directions.
+    async fn flush(&mut self) -> Result<(), SessionError> {
+        if !self.bout.is_empty() {
+            if let Some(b) = self.backend.as_mut() {
+                let b: &mut crate::backend::BackendConn = b;
+                let r =
+                    write_draining(&mut b.writer, &mut self.bout, &mut b.reader, &mut b.rbuf).await;
+                if let Err(e) = r {
+                    b.broken = true;
+                    self.bout.clear();
+                    self.backend_lost(format!("server connection lost: {e}"));
+                }
+            } else {
+                self.bout.clear();
+            }
+        }
+        // Frames the server sent while we were writing to it.
+        if self.backend.as_ref().is_some_and(|b| !b.rbuf.is_empty()) {
+            Box::pin(self.handle_backend_frames()).await;
+        }
+        if !self.cout.is_empty() {
+            write_draining(
+                &mut self.writer,
+                &mut self.cout,
+                &mut self.reader,
+                &mut self.crbuf,
+            )
+            .await
+            .map_err(SessionError::ClientIo)?;
+        }
+        Ok(())
+    }
+
+    /// Handles every complete client frame in the buffer. Returns true on Terminate.
+    async fn handle_client_frames(&mut self) -> Result<bool, SessionError> {
+        loop {
+            let Some(n) = protocol::frame_len(&self.crbuf, self.max_message)? else {
+                return Ok(false);
+            };
+            let frame = self.crbuf.split_to(n).freeze();
+            if self.handle_client_frame(frame).await? {
+                return Ok(true);
+            }
+        }
+    }
+
+    async fn handle_client_frame(&mut self, frame: Bytes) -> Result<bool, SessionError> {
+        let tag = frame[0];
+        if self.local_skip && tag != b'S' && tag != b'X' {
+            return Ok(false);
+        }
+        match tag {
+            b'X' => return Ok(true),
+            b'Q' => self.on_query(frame).await?,
+            b'F' => {
+                if self.attach().await {
+                    self.relay.push(Pending::Query);
+                    self.bout.extend_from_slice(&frame);
+                } else {
+                    protocol::write_ready(&mut self.cout, self.status);
+                }
+            }
+            b'P' | b'B' | b'D' | b'C' | b'E' | b'H' => self.on_extended(frame).await?,
+            b'S' => {
+                self.local_skip = false;
+                self.in_batch = false;
+                if self.backend.is_some() {
+                    self.relay.push(Pending::Sync);
+                    self.bout.extend_from_slice(&frame);
+                } else {
+                    self.relay.drain_local(&mut self.cout);
+                    protocol::write_ready(&mut self.cout, self.status);
+                }
+            }
+            b'd' | b'c' | b'f' => {
+                // Copy messages outside COPY are ignored, as PostgreSQL does.
+                if self.backend.is_some() {
+                    self.bout.extend_from_slice(&frame);
+                }
+            }
+            other => {
+                return Err(ProtocolError::Malformed {
+                    what: "frontend",
+                    detail: format!("invalid frontend message type {}", other),
+                }
+                .into());
+            }
+        }
+        Ok(false)
+    }
+
+    async fn on_query(&mut self, frame: Bytes) -> Result<(), SessionError> {
+        let sql = protocol::parse_query(&frame)?;
+        let mut local_answer: Option<Vec<u8>> = None;
+        let statements = router::split_statements(sql);
+        for st in &statements {
+            match router::classify(st) {
+                StatementKind::SessionSetting => self.settings_dirty = true,
+                StatementKind::Listen if self.mode == PoolMode::Transaction => {
+                    let e = PgError::new(
+                        "0A000",
+                        "LISTEN is not supported in transaction pooling mode",
+                    )
+                    .with_hint("Use a database with pool mode session for LISTEN/NOTIFY.");
+                    self.answer_error(e);
+                    return Ok(());
+                }
+                StatementKind::DropsAllStatements if self.mode == PoolMode::Transaction => {
+                    self.statements.clear();
+                    self.settings_dirty = true;
+                    if let Some(b) = self.backend.as_mut() {
+                        b.prepared.clear();
+                    }
+                }
+                StatementKind::Deallocate(name) if self.mode == PoolMode::Transaction => {
+                    // Client statement names do not exist on the server: answer here.
+                    if statements.len() == 1 {
+                        if self.statements.remove(name.as_bytes()).is_none() {
+                            self.answer_error(PgError::new(
+                                "26000",
+                                format!("prepared statement \"{name}\" does not exist"),
+                            ));
+                            return Ok(());
+                        }
+                        local_answer = Some(b"DEALLOCATE\0".to_vec());
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Some(tag) = local_answer {
+            self.relay.drain_local(&mut self.cout);
+            protocol::write_msg(&mut self.cout, b'C', &tag);
+            protocol::write_ready(&mut self.cout, self.status);
+            return Ok(());
+        }
+        if !self.attach().await {
+            protocol::write_ready(&mut self.cout, self.status);
+            return Ok(());
+        }
+        self.relay.push(Pending::Query);
+        self.bout.extend_from_slice(&frame);
+        Ok(())
+    }
+
+    /// Answers a simple query with an error in the right transaction state: when a server
+    /// transaction is open the server raises it, so that its state matches the client's.
+    fn answer_error(&mut self, e: PgError) {
+        if self.backend.is_some() && self.status != b'I' {
+            let sql = format!(
+                "DO $pgshard$ BEGIN RAISE EXCEPTION USING ERRCODE = {}, MESSAGE = {}, HINT = {}; END $pgshard$",
+                lit(e.code),
+                lit(&e.message),
+                lit(e.hint.as_deref().unwrap_or(""))
+            );
+            self.relay.push(Pending::Query);
+            protocol::write_query(&mut self.bout, &sql);
+        } else {
+            self.relay.drain_local(&mut self.cout);
+            e.write(&mut self.cout);
+            protocol::write_ready(&mut self.cout, self.status);
+        }
+    }
+
+    /// Parse, Bind, Describe, Close, Execute, Flush.
+    async fn on_extended(&mut self, frame: Bytes) -> Result<(), SessionError> {
+        let tag = frame[0];
+        if self.backend.is_none() {
+            // A Close of a client statement needs no server in transaction mode.
+            if tag == b'C' && self.mode == PoolMode::Transaction {
+                let (kind, name) = protocol::parse_target(&frame, "Close")?;
+                if kind == b'S' && !name.is_empty() {
+                    self.statements.remove(name);
+                    self.cout.extend_from_slice(&empty_frame(b'3'));
+                    return Ok(());
+                }
+            }
+            if tag == b'H' {
+                return Ok(());
+            }
+            if !self.attach().await {
+                self.local_skip = true;
+                return Ok(());
+            }
+        }
+        self.in_batch = true;
+        if self.mode == PoolMode::Session {
+            if tag == b'P' {
+                let p = protocol::parse_parse(&frame)?;
+                if classify_bytes(p.query) {
+                    self.settings_dirty = true;
+                }
+            }
+            self.push_forward(tag, frame);
+            return Ok(());
+        }
+        match tag {
+            b'P' => self.tx_parse(frame)?,
+            b'B' => {
+                let (portal, stmt, rest) = protocol::parse_bind(&frame)?;
+                if stmt.is_empty() {
+                    self.push_forward(tag, frame.clone());
+                } else if let Some(global) = self.ensure_prepared(stmt) {
+                    if self.statements.get(stmt).is_some_and(|s| s.kind_is_setting) {
+                        self.settings_dirty = true;
+                    }
+                    self.relay.push(Pending::Bind);
+                    let name = server_name(global);
+                    protocol::write_bind(&mut self.bout, portal, name.as_bytes(), rest);
+                } else {
+                    self.local_error(missing_statement(stmt));
+                }
+            }
+            b'D' => {
+                let (kind, name) = protocol::parse_target(&frame, "Describe")?;
+                if kind == b'S' && !name.is_empty() {
+                    if let Some(global) = self.ensure_prepared(name) {
+                        self.relay.push(Pending::Describe);
+                        let sname = server_name(global);
+                        protocol::write_target(&mut self.bout, b'D', b'S', sname.as_bytes());
+                    } else {
+                        self.local_error(missing_statement(name));
+                    }
+                } else {
+                    self.push_forward(tag, frame);
+                }
+            }
+            b'C' => {
+                let (kind, name) = protocol::parse_target(&frame, "Close")?;
+                if kind == b'S' && !name.is_empty() {
+                    // The server keeps its copy for other clients; the client's name goes.
+                    self.statements.remove(name);
+                    self.relay.push(Pending::Synth {
+                        frame: empty_frame(b'3'),
+                        undo: None,
+                    });
+                    self.relay.drain_local(&mut self.cout);
+                } else {
+                    self.push_forward(tag, frame);
+                }
+            }
+            _ => self.push_forward(tag, frame),
+        }
+        Ok(())
+    }
+
+    fn push_forward(&mut self, tag: u8, frame: Bytes) {
+        let p = match tag {
+            b'P' => Pending::Parse {
+                swallow: false,
+                undo: None,
+            },
+            b'B' => Pending::Bind,
+            b'D' => Pending::Describe,
+            b'C' => Pending::Close,
+            b'E' => Pending::Execute,
+            _ => {
+                // Flush: no response of its own.
+                self.bout.extend_from_slice(&frame);
+                return;
+            }
+        };
+        self.relay.push(p);
+        self.bout.extend_from_slice(&frame);
+    }
+
+    /// Parse in transaction mode: named statements get a server-side name derived from
+    /// their text, and are prepared once per server connection.
+    fn tx_parse(&mut self, frame: Bytes) -> Result<(), SessionError> {
+        let p = protocol::parse_parse(&frame)?;
+        let is_setting = classify_bytes(p.query);
+        if is_setting {
+            self.settings_dirty = true;
+        }
+        if p.name.is_empty() {
+            self.push_forward(b'P', frame.clone());
+            return Ok(());
+        }
+        let name = Bytes::copy_from_slice(p.name);
+        if self.statements.contains_key(&name) {
+            let e = PgError::new(
+                "42P05",
+                format!(
+                    "prepared statement \"{}\" already exists",
+                    String::from_utf8_lossy(&name)
+                ),
+            );
+            self.local_error(e);
+            return Ok(());
+        }
+        let global = statement_id(p.query, p.types);
+        let stmt = Stmt {
+            global,
+            query: frame.slice_ref(p.query),
+            types: frame.slice_ref(p.types),
+            kind_is_setting: is_setting,
+        };
+        let undo = Some(Undo {
+            client_name: Some(name.clone()),
+            global: None,
+        });
+        let backend = self.backend.as_mut().expect("attached");
+        if backend.prepared.contains(&global) {
+            self.relay.push(Pending::Synth {
+                frame: empty_frame(b'1'),
+                undo,
+            });
+            self.relay.drain_local(&mut self.cout);
+        } else {
+            backend.prepared.insert(global);
+            self.relay.push(Pending::Parse {
+                swallow: false,
+                undo: Some(Undo {
+                    client_name: Some(name.clone()),
+                    global: Some(global),
+                }),
+            });
+            let sname = server_name(global);
+            protocol::write_parse(&mut self.bout, sname.as_bytes(), &stmt.query, &stmt.types);
+        }
+        self.statements.insert(name, stmt);
+        Ok(())
+    }
+
+    /// Makes sure the attached server connection holds the client's statement `name`,
+    /// injecting a Parse if needed; returns its server-side identity.
+    fn ensure_prepared(&mut self, name: &[u8]) -> Option<u64> {
+        let stmt = self.statements.get(name)?;
+        let backend = self.backend.as_mut().expect("attached");
+        if !backend.prepared.contains(&stmt.global) && !self.relay.skipping {
+            backend.prepared.insert(stmt.global);
+            self.relay.push(Pending::Parse {
+                swallow: true,
+                undo: Some(Undo {
+                    client_name: None,
+                    global: Some(stmt.global),
+                }),
+            });
+            let sname = server_name(stmt.global);
+            protocol::write_parse(&mut self.bout, sname.as_bytes(), &stmt.query, &stmt.types);
+        }
+        Some(stmt.global)
+    }
+
+    /// An error raised by pgshard inside an extended-protocol batch.
+    fn local_error(&mut self, e: PgError) {
+        self.relay.push(Pending::Error(Box::new(e)));
+        self.relay.drain_local(&mut self.cout);
+        // Whatever the client sent after this point, up to Sync, must not run.
+        self.local_skip = true;
+    }
+
+    /// Attaches a server connection if none is; on failure the client got the error.
+    async fn attach(&mut self) -> bool {
+        if self.backend.is_some() {
+            return true;
+        }
+        let plan = self.db.router.plan();
+        match exec::checkout(&self.db, plan).await {
+            Ok(mut b) => {
+                if b.settings != self.settings_fp {
+                    let mut sql = String::from("RESET ALL");
+                    if !self.settings.is_empty() {
+                        sql.push_str("; SELECT ");
+                        let calls: Vec<String> = self
+                            .settings
+                            .iter()
+                            .map(|(k, v)| {
+                                format!("pg_catalog.set_config({}, {}, false)", lit(k), lit(v))
+                            })
+                            .collect();
+                        sql.push_str(&calls.join(", "));
+                    }
+                    self.relay.push(Pending::Internal);
+                    protocol::write_query(&mut self.bout, &sql);
+                    b.settings = self.settings_fp;
+                }
+                self.cancel.set(Some((b.addr, b.pid, b.secret)));
+                self.backend = Some(b);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no server connection");
+                let err = match &e {
+                    PoolError::Timeout(..) => PgError::new("53300", e.to_string()),
+                    PoolError::Down(m) => PgError::new("08006", format!("server unavailable: {m}")),
+                };
+                self.relay.drain_local(&mut self.cout);
+                err.write(&mut self.cout);
+                false
+            }
+        }
+    }
+
+    /// Handles every complete frame the server sent.
+    async fn handle_backend_frames(&mut self) {
+        loop {
+            let Some(b) = self.backend.as_mut() else {
+                return;
+            };
+            let n = match b.next_frame_len() {
+                Ok(Some(n)) => n,
+                Ok(None) => break,
+                Err(e) => {
+                    self.backend_lost(e.to_string());
+                    return;
+                }
+            };
+            let tag = b.rbuf[0];
+            // Rows are the bulk of the traffic: copy them through without looking further.
+            if tag == b'D'
+                && matches!(
+                    self.relay.queue.front(),
+                    Some(Pending::Query | Pending::Execute)
+                )
+            {
+                self.cout.extend_from_slice(&b.rbuf[..n]);
+                b.rbuf.advance(n);
+                continue;
+            }
+            let frame = b.rbuf.split_to(n);
+            match self.relay.on_frame(&frame, &mut self.cout) {
+                Event::Ready(s) => {
+                    self.status = s;
+                    self.in_copy = false;
+                }
+                Event::CopyIn => self.in_copy = true,
+                Event::None => {}
+            }
+            if tag == b'c' || tag == b'C' {
+                self.in_copy = false;
+            }
+            self.apply_undo();
+        }
+        self.maybe_release().await;
+    }
+
+    fn apply_undo(&mut self) {
+        for u in std::mem::take(&mut self.relay.undo) {
+            if let Some(n) = u.client_name {
+                self.statements.remove(&n);
+            }
+            if let (Some(g), Some(b)) = (u.global, self.backend.as_mut()) {
+                b.prepared.remove(&g);
+            }
+        }
+    }
+
+    /// In transaction mode, returns the server connection once the client is between
+    /// transactions and nothing is in flight.
+    async fn maybe_release(&mut self) {
+        if self.mode != PoolMode::Transaction
+            || self.status != b'I'
+            || self.in_batch
+            || self.in_copy
+            || !self.relay.idle()
+            || !self.bout.is_empty()
+        {
+            return;
+        }
+        let Some(mut b) = self.backend.take() else {
+            return;
+        };
+        self.cancel.set(None);
+        if self.settings_dirty {
+            self.settings_dirty = false;
+            match capture_settings(&mut b).await {
+                Ok(s) => {
+                    self.settings = s;
+                    self.settings_fp = fingerprint(&self.settings);
+                    b.settings = self.settings_fp;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read session settings; closing server connection");
+                    b.broken = true;
+                }
+            }
+        }
+        drop(b);
+    }
+
+    /// The server connection failed under this client.
+    fn backend_lost(&mut self, why: String) {
+        tracing::warn!(error = %why, "server connection lost");
+        if let Some(mut b) = self.backend.take() {
+            b.broken = true;
+        }
+        self.cancel.set(None);
+        let due = self.relay.ready_due();
+        self.relay = Relay::default();
+        PgError::new("08006", format!("server connection lost: {why}"))
+            .with_hint("The transaction, if any, was rolled back; retry it.")
+            .write(&mut self.cout);
+        self.status = b'I';
+        for _ in 0..due {
+            protocol::write_ready(&mut self.cout, b'I');
+        }
+        if self.in_batch {
+            self.local_skip = true;
+        }
+        self.in_batch = false;
+        self.in_copy = false;
+    }
+
+    /// Gives the server connection back clean when the client leaves.
+    async fn finish(&mut self) {
+        let Some(mut b) = self.backend.take() else {
+            return;
+        };
+        self.cancel.set(None);
+        if !self.relay.idle() || self.in_copy || b.broken {
+            b.broken = true;
+            return;
+        }
+        let reset = async {
+            if self.status != b'I' {
+                b.run_quiet("ROLLBACK").await?;
+            }
+            if self.mode == PoolMode::Session || self.settings_dirty {
+                b.run_quiet("DISCARD ALL").await?;
+                b.prepared.clear();
+                b.settings = 0;
+            }
+            Ok::<_, crate::backend::BackendError>(())
+        };
+        match tokio::time::timeout(std::time::Duration::from_secs(5), reset).await {
+            Ok(Ok(())) => {}
+            _ => b.broken = true,
+        }
+    }
+}
+
+fn missing_statement(name: &[u8]) -> PgError {
+    PgError::new(
+        "26000",
+        format!(
+            "prepared statement \"{}\" does not exist",
+            String::from_utf8_lossy(name)
+        ),
+    )
+}
+
+fn classify_bytes(q: &[u8]) -> bool {
+    std::str::from_utf8(q).is_ok_and(|s| {
+        router::split_statements(s)
+            .iter()
+            .any(|st| router::classify(st) == StatementKind::SessionSetting)
+    })
+}
+
+/// Reads the settings a session changed, so they can be replayed on another connection.
+async fn capture_settings(
+    b: &mut crate::backend::BackendConn,
+) -> Result<Vec<(String, String)>, crate::backend::BackendError> {
+    let rows = b
+        .query_rows(
+            "SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session' ORDER BY name",
+        )
+        .await?;
+    let mut out: Vec<(String, String)> = rows
+        .into_iter()
+        .filter_map(|mut r| {
+            let v = r.pop()??;
+            let k = r.pop()??;
+            Some((k, v))
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// Writes `data` fully while reading from the same peer into `rbuf`, so that a peer that
+/// is itself blocked writing to us cannot deadlock the two of us.
+async fn write_draining<W, R>(
+    w: &mut W,
+    data: &mut BytesMut,
+    r: &mut R,
+    rbuf: &mut BytesMut,
+) -> std::io::Result<()>
+where
+    W: AsyncWrite + Unpin + ?Sized,
+    R: AsyncRead + Unpin + ?Sized,
+{
+    // Almost always the socket takes everything at once.
+    let n = w.write(data).await?;
+    if n == 0 {
+        return Err(std::io::ErrorKind::WriteZero.into());
+    }
+    data.advance(n);
+    let mut r_open = true;
+    while !data.is_empty() {
+        tokio::select! {
+            n = w.write(data) => {
+                let n = n?;
+                if n == 0 {
+                    return Err(std::io::ErrorKind::WriteZero.into());
+                }
+                data.advance(n);
+            }
+            n = r.read_buf(rbuf), if r_open && rbuf.len() < 256 << 20 => {
+                if n? == 0 {
+                    r_open = false;
+                }
+            }
+        }
+    }
+    w.flush().await?;
+    data.clear();
+    Ok(())
+}

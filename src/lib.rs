@@ -1,0 +1,13 @@
+//! pgshard: a PostgreSQL-wire-compatible sharding proxy.
+//!
+//! See README.md (ARCHITECTURE) for how a query travels through these modules.
+
+pub mod backend;
+pub mod cluster;
+pub mod config;
+pub mod exec;
+pub mod frontend;
+pub mod local;
+pub mod pool;
+pub mod protocol;
+pub mod router;

@@ -1,0 +1,175 @@
+//! The `pgshard` command: `serve`, `check` and `demo`.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use pgshard::config::Config;
+use pgshard::local::{ClusterOptions, LocalCluster};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// A PostgreSQL-wire-compatible sharding proxy.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the proxy with a configuration file.
+    Serve {
+        /// The YAML configuration.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and print the topology it describes.
+    Check {
+        /// The YAML configuration.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Start a local sharded, replicated cluster of real PostgreSQL servers behind pgshard.
+    Demo {
+        /// Number of shards.
+        #[arg(long, default_value_t = 2)]
+        shards: usize,
+        /// Streaming replicas per shard.
+        #[arg(long, default_value_t = 1)]
+        replicas: usize,
+        /// Where pgshard listens.
+        #[arg(long, default_value = "127.0.0.1:6432")]
+        listen: String,
+        /// Pool mode: transaction or session.
+        #[arg(long, default_value = "transaction")]
+        pool_mode: String,
+        /// Server connections per pool.
+        #[arg(long, default_value_t = 20)]
+        pool_size: u32,
+        /// Also write the configuration used to this file.
+        #[arg(long)]
+        write_config: Option<PathBuf>,
+    },
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PGSHARD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
+    let result = match cli.command {
+        Cmd::Check { config } => match Config::load(&config) {
+            Ok(c) => {
+                print!("{}", c.describe());
+                println!("configuration OK");
+                Ok(())
+            }
+            Err(e) => Err(anyhow::anyhow!("{}: {e}", config.display())),
+        },
+        Cmd::Serve { config } => Config::load(&config)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))
+            .and_then(|c| runtime().block_on(pgshard::frontend::serve(c))),
+        Cmd::Demo {
+            shards,
+            replicas,
+            listen,
+            pool_mode,
+            pool_size,
+            write_config,
+        } => demo(
+            shards,
+            replicas,
+            &listen,
+            &pool_mode,
+            pool_size,
+            write_config,
+        ),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pgshard: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime")
+}
+
+fn demo(
+    shards: usize,
+    replicas: usize,
+    listen: &str,
+    pool_mode: &str,
+    pool_size: u32,
+    write_config: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    if shards == 0 {
+        anyhow::bail!("--shards must be at least 1");
+    }
+    // Fail on a busy port before spending seconds on initdb.
+    let listener = std::net::TcpListener::bind(listen)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    eprintln!("pgshard demo: starting {shards} shard(s) x (1 primary + {replicas} replica(s)) ...");
+    let mut cluster = LocalCluster::start(ClusterOptions {
+        shards,
+        replicas,
+        ..ClusterOptions::default()
+    })?;
+    let yaml = cluster.config_yaml(listen, pool_mode, pool_size);
+    let path = cluster.root.join("pgshard.yaml");
+    std::fs::write(&path, &yaml)?;
+    if let Some(p) = &write_config {
+        std::fs::write(p, &yaml)?;
+    }
+    let config = Config::from_yaml(&yaml)?;
+    for (i, sh) in cluster.shards.iter().enumerate() {
+        let reps: Vec<String> = sh.replicas.iter().map(|r| r.addr()).collect();
+        eprintln!(
+            "  shard {i}: primary {} (pid {}), replicas [{}]",
+            sh.primary.addr(),
+            sh.primary.pid().unwrap_or(0),
+            reps.join(", ")
+        );
+    }
+    let rt = runtime();
+    let result = rt.block_on(async {
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        pgshard::frontend::spawn(config, listener)?;
+        println!("config: {}", path.display());
+        println!("pgshard is ready. Connect with:");
+        println!("  psql \"postgres://app:app@{listen}/app\"");
+        println!("Press Ctrl-C to stop pgshard and every server it started.");
+        tokio::signal::ctrl_c().await?;
+        eprintln!("pgshard demo: stopping ...");
+        Ok::<_, anyhow::Error>(())
+    });
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    cluster.stop();
+    eprintln!("pgshard demo: stopped; removed {}", cluster.root.display());
+    result
+}

@@ -1,0 +1,138 @@
+//! Pools of server connections, one per (node, server database, server user), on bb8 with our
+//! own connection manager.
+
+use crate::backend::{BackendConn, BackendError, BackendTarget};
+use crate::config::PoolConfig;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// A pooled server connection; dropping it returns it to its pool (or closes it when broken).
+pub type Pooled = bb8::PooledConnection<'static, Manager>;
+
+/// Why no connection could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("timed out after {0} ms waiting for a server connection to {1}")]
+    Timeout(u64, std::net::SocketAddr),
+    #[error("{0}")]
+    Down(String),
+}
+
+/// Creates and checks server connections for bb8.
+pub struct Manager {
+    target: BackendTarget,
+    connect_timeout: Duration,
+    failures: Arc<FailureLog>,
+    server_params: Arc<OnceLock<Vec<(String, String)>>>,
+}
+
+/// The latest connection failure of a pool, so that clients waiting for a connection to a
+/// node that is down get an error at once instead of waiting for the checkout timeout.
+#[derive(Default)]
+struct FailureLog {
+    count: watch::Sender<u64>,
+    last: Mutex<String>,
+}
+
+impl bb8::ManageConnection for Manager {
+    type Connection = BackendConn;
+    type Error = BackendError;
+
+    async fn connect(&self) -> Result<BackendConn, BackendError> {
+        match BackendConn::connect(&self.target, self.connect_timeout).await {
+            Ok(c) => {
+                let _ = self.server_params.set(c.initial_params.clone());
+                tracing::debug!(server = %self.target.addr, pid = c.pid, "server connection opened");
+                Ok(c)
+            }
+            Err(e) => {
+                tracing::warn!(server = %self.target.addr, error = %e, "server connection failed");
+                *self.failures.last.lock().expect("not poisoned") = e.to_string();
+                self.failures.count.send_modify(|c| *c += 1);
+                Err(e)
+            }
+        }
+    }
+
+    async fn is_valid(&self, _conn: &mut BackendConn) -> Result<(), BackendError> {
+        // test_on_check_out is off: a dead connection shows itself on first use.
+        Ok(())
+    }
+
+    fn has_broken(&self, conn: &mut BackendConn) -> bool {
+        conn.broken
+    }
+}
+
+/// The pool of one (node, database, user).
+#[derive(Clone)]
+pub struct NodePool {
+    pub target: BackendTarget,
+    pool: bb8::Pool<Manager>,
+    failures: Arc<FailureLog>,
+    checkout_timeout_ms: u64,
+    server_params: Arc<OnceLock<Vec<(String, String)>>>,
+}
+
+impl NodePool {
+    /// Creates the pool; connections are opened on demand (and `min_idle` in the background).
+    pub fn new(target: BackendTarget, cfg: &PoolConfig) -> NodePool {
+        let failures = Arc::new(FailureLog::default());
+        let server_params = Arc::new(OnceLock::new());
+        let manager = Manager {
+            target: target.clone(),
+            connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
+            failures: failures.clone(),
+            server_params: server_params.clone(),
+        };
+        let pool = bb8::Pool::builder()
+            .max_size(cfg.size)
+            .min_idle(Some(cfg.min_idle).filter(|&n| n > 0))
+            .test_on_check_out(false)
+            .connection_timeout(Duration::from_millis(cfg.checkout_timeout_ms))
+            .idle_timeout(Some(Duration::from_millis(cfg.idle_timeout_ms)))
+            .max_lifetime(Some(Duration::from_millis(cfg.max_lifetime_ms)))
+            .build_unchecked(manager);
+        NodePool {
+            target,
+            pool,
+            failures,
+            checkout_timeout_ms: cfg.checkout_timeout_ms,
+            server_params,
+        }
+    }
+
+    /// Checks out a connection, failing fast when the node refuses connections and with
+    /// [`PoolError::Timeout`] when all connections stay busy for the checkout timeout.
+    pub async fn get(&self) -> Result<Pooled, PoolError> {
+        let mut failures = self.failures.count.subscribe();
+        failures.borrow_and_update();
+        tokio::select! {
+            r = self.pool.get_owned() => r.map_err(|e| match e {
+                bb8::RunError::User(e) => PoolError::Down(e.to_string()),
+                bb8::RunError::TimedOut => {
+                    let last = self.failures.last.lock().expect("not poisoned").clone();
+                    if self.pool.state().connections == 0 && !last.is_empty() {
+                        PoolError::Down(last)
+                    } else {
+                        PoolError::Timeout(self.checkout_timeout_ms, self.target.addr)
+                    }
+                }
+            }),
+            _ = failures.changed() => {
+                Err(PoolError::Down(self.failures.last.lock().expect("not poisoned").clone()))
+            }
+        }
+    }
+
+    /// The ParameterStatus values servers of this pool report, once one connection was made.
+    pub fn server_params(&self) -> Option<&Vec<(String, String)>> {
+        self.server_params.get()
+    }
+
+    /// Connections open and idle.
+    pub fn state(&self) -> bb8::State {
+        self.pool.state()
+    }
+}

@@ -1,0 +1,280 @@
+//! Statement analysis and routing: from SQL text and session state to a [`Plan`].
+//!
+//! This issue's routing is one rule (everything to `default_shard`'s primary); what is here
+//! already is the seam later routing hangs on, plus the light-weight statement classification
+//! the session needs for pooling (session settings, LISTEN, DEALLOCATE). The classifier is a
+//! small lexer rather than a SQL parser on purpose: it must never fail on statements a full
+//! parser cannot read (`DO $$...$$`, `COPY ... WITH (freeze on)`), and it runs per statement.
+
+/// Which node of a shard a statement goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Primary,
+    Replica,
+}
+
+/// Where a statement runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    pub shard: usize,
+    pub role: Role,
+}
+
+/// Routes statements of one database.
+#[derive(Debug, Clone)]
+pub struct Router {
+    default_shard: usize,
+}
+
+impl Router {
+    pub fn new(default_shard: usize) -> Router {
+        Router { default_shard }
+    }
+
+    /// The plan for a statement (or a batch of extended-protocol messages).
+    pub fn plan(&self) -> Plan {
+        Plan {
+            shard: self.default_shard,
+            role: Role::Primary,
+        }
+    }
+}
+
+/// What the pooling layer needs to know about one statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StatementKind {
+    /// `SET`/`RESET` of a session parameter (or a call of `set_config`).
+    SessionSetting,
+    Listen,
+    /// `DISCARD ALL` or `DEALLOCATE ALL`: every prepared statement of the session is gone.
+    DropsAllStatements,
+    /// `DEALLOCATE [PREPARE] name`.
+    Deallocate(String),
+    Other,
+}
+
+/// Splits a query string into statements (outside quotes, comments and dollar quotes) and
+/// returns each statement's text, trimmed, without empty ones.
+pub fn split_statements(sql: &str) -> Vec<&str> {
+    let b = sql.as_bytes();
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b';' => {
+                push_trimmed(&mut out, &sql[start..i]);
+                start = i + 1;
+                i += 1;
+            }
+            _ => i = skip_token(b, i),
+        }
+    }
+    push_trimmed(&mut out, &sql[start..]);
+    out
+}
+
+fn push_trimmed<'a>(out: &mut Vec<&'a str>, s: &'a str) {
+    let t = s.trim();
+    if !t.is_empty() && !only_comments(t) {
+        out.push(t);
+    }
+}
+
+fn only_comments(s: &str) -> bool {
+    let b = s.as_bytes();
+    let i = skip_space(b, 0);
+    i >= b.len()
+}
+
+/// Skips one lexical unit starting at `i` (a quoted string, comment, dollar quote, or one
+/// byte) and returns the index after it.
+fn skip_token(b: &[u8], i: usize) -> usize {
+    match b[i] {
+        b'\'' => {
+            // E'..' strings allow backslash escapes; a doubled quote is an escaped quote.
+            let escapes = i > 0 && (b[i - 1] == b'E' || b[i - 1] == b'e');
+            let mut j = i + 1;
+            while j < b.len() {
+                if escapes && b[j] == b'\\' {
+                    j += 2;
+                    continue;
+                }
+                if b[j] == b'\'' {
+                    if j + 1 < b.len() && b[j + 1] == b'\'' {
+                        j += 2;
+                        continue;
+                    }
+                    return j + 1;
+                }
+                j += 1;
+            }
+            b.len()
+        }
+        b'"' => match b[i + 1..].iter().position(|&c| c == b'"') {
+            Some(p) => i + 1 + p + 1,
+            None => b.len(),
+        },
+        b'-' if b.get(i + 1) == Some(&b'-') => match b[i..].iter().position(|&c| c == b'\n') {
+            Some(p) => i + p + 1,
+            None => b.len(),
+        },
+        b'/' if b.get(i + 1) == Some(&b'*') => {
+            let mut depth = 1;
+            let mut j = i + 2;
+            while j < b.len() && depth > 0 {
+                if b[j] == b'/' && b.get(j + 1) == Some(&b'*') {
+                    depth += 1;
+                    j += 2;
+                } else if b[j] == b'*' && b.get(j + 1) == Some(&b'/') {
+                    depth -= 1;
+                    j += 2;
+                } else {
+                    j += 1;
+                }
+            }
+            j
+        }
+        b'$' => {
+            // $tag$ ... $tag$ (tag may be empty); `$1` parameters are not quotes.
+            let mut j = i + 1;
+            while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_') {
+                j += 1;
+            }
+            if j < b.len() && b[j] == b'$' && !b[i + 1].is_ascii_digit() {
+                let tag = &b[i..=j];
+                let body = j + 1;
+                match b[body..].windows(tag.len()).position(|w| w == tag) {
+                    Some(p) => body + p + tag.len(),
+                    None => b.len(),
+                }
+            } else {
+                i + 1
+            }
+        }
+        _ => i + 1,
+    }
+}
+
+fn skip_space(b: &[u8], mut i: usize) -> usize {
+    loop {
+        while i < b.len() && b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        if i + 1 < b.len() && (&b[i..i + 2] == b"--" || &b[i..i + 2] == b"/*") {
+            i = skip_token(b, i);
+        } else {
+            return i;
+        }
+    }
+}
+
+/// The first `n` words of a statement, upper-cased, skipping comments.
+fn leading_words(s: &str, n: usize) -> Vec<String> {
+    let b = s.as_bytes();
+    let mut words = Vec::with_capacity(n);
+    let mut i = 0;
+    while words.len() < n {
+        i = skip_space(b, i);
+        let st = i;
+        while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'.') {
+            i += 1;
+        }
+        if st == i {
+            if i < b.len() && b[i] == b'"' {
+                let e = skip_token(b, i);
+                words.push(s[i..e].to_string());
+                i = e;
+                continue;
+            }
+            break;
+        }
+        words.push(s[st..i].to_ascii_uppercase());
+    }
+    words
+}
+
+/// Classifies one statement.
+pub fn classify(stmt: &str) -> StatementKind {
+    let w = leading_words(stmt, 3);
+    let w: Vec<&str> = w.iter().map(String::as_str).collect();
+    match w.as_slice() {
+        ["SET", "LOCAL", ..] | ["SET", "TRANSACTION", ..] => StatementKind::Other,
+        ["SET", "SESSION", "CHARACTERISTICS"] => StatementKind::SessionSetting,
+        ["SET", ..] | ["RESET", ..] => StatementKind::SessionSetting,
+        ["LISTEN", ..] => StatementKind::Listen,
+        ["DISCARD", "ALL", ..] | ["DEALLOCATE", "ALL", ..] | ["DEALLOCATE", "PREPARE", "ALL"] => {
+            StatementKind::DropsAllStatements
+        }
+        ["DEALLOCATE", "PREPARE", name] | ["DEALLOCATE", name, ..] => {
+            StatementKind::Deallocate(unquote(name))
+        }
+        _ if contains_ci(stmt, "set_config") => StatementKind::SessionSetting,
+        _ => StatementKind::Other,
+    }
+}
+
+fn unquote(w: &str) -> String {
+    w.strip_prefix('"')
+        .and_then(|x| x.strip_suffix('"'))
+        .map(str::to_string)
+        .unwrap_or_else(|| w.to_ascii_lowercase())
+}
+
+fn contains_ci(hay: &str, needle: &str) -> bool {
+    hay.as_bytes()
+        .windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_outside_quotes_and_comments() {
+        let s = "select 'a;b'; select \"x;y\" -- c;d\n; select $$ ; $$; select $t$ $$; $t$ ; /* ; /* ; */ */ ;";
+        let parts = split_statements(s);
+        assert_eq!(
+            parts,
+            vec![
+                "select 'a;b'",
+                "select \"x;y\" -- c;d",
+                "select $$ ; $$",
+                "select $t$ $$; $t$"
+            ]
+        );
+        assert_eq!(
+            split_statements("select $1; select 2"),
+            vec!["select $1", "select 2"]
+        );
+        assert_eq!(
+            split_statements("select E'\\';'; x"),
+            vec!["select E'\\';'", "x"]
+        );
+        assert!(split_statements("  ;; -- only\n").is_empty());
+    }
+
+    #[test]
+    fn classifies_pooling_relevant_statements() {
+        use StatementKind::*;
+        assert_eq!(classify("SET search_path TO a, b"), SessionSetting);
+        assert_eq!(classify("/* hi */ set TimeZone = 'UTC'"), SessionSetting);
+        assert_eq!(classify("reset all"), SessionSetting);
+        assert_eq!(classify("SET LOCAL work_mem = '1MB'"), Other);
+        assert_eq!(
+            classify("set transaction isolation level serializable"),
+            Other
+        );
+        assert_eq!(
+            classify("select set_config('a.b', '1', false)"),
+            SessionSetting
+        );
+        assert_eq!(classify("LISTEN chan"), Listen);
+        assert_eq!(classify("discard all"), DropsAllStatements);
+        assert_eq!(classify("DEALLOCATE PREPARE s1"), Deallocate("s1".into()));
+        assert_eq!(classify("deallocate \"S1\""), Deallocate("S1".into()));
+        assert_eq!(classify("select 1"), Other);
+        assert_eq!(classify("DO $$ begin perform 1; end $$"), Other);
+    }
+}
