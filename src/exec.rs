@@ -203,6 +203,15 @@ impl Relay {
                 out.extend_from_slice(frame);
                 if tag == b'G' {
                     event = Event::CopyIn;
+                    // The server ignores Sync during copy-in; clients that send Bind,
+                    // Execute, Sync before knowing the statement is a COPY get no
+                    // ReadyForQuery for that Sync.
+                    let mut first = true;
+                    self.queue.retain(|p| {
+                        let keep = first || !matches!(p, Pending::Sync);
+                        first = false;
+                        keep
+                    });
                 }
                 matches!(tag, b'C' | b'I' | b's' | b'E')
             }

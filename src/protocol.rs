@@ -18,7 +18,7 @@ pub const CANCEL_REQUEST: i32 = 80_877_102;
 /// A framing or decoding problem on one connection.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
-    #[error("message of {len} bytes exceeds the limit of {max} bytes")]
+    #[error("message of {len} bytes exceeds the limit of {max} bytes (limits.max_message_size)")]
     TooLarge { len: usize, max: usize },
     #[error("invalid message length {0}")]
     BadLength(i64),
@@ -198,12 +198,24 @@ pub fn write_parse(out: &mut BytesMut, name: &[u8], query: &[u8], types: &[u8]) 
     out.put_slice(types);
 }
 
+/// A Bind message's names; `rest` is the remainder of the body (formats, values).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Bind<'a> {
+    pub portal: &'a [u8],
+    pub stmt: &'a [u8],
+    pub rest: &'a [u8],
+}
+
 /// Splits a Bind ('B') frame into portal name, statement name and the rest of the body.
-pub fn parse_bind(frame: &[u8]) -> Result<(&[u8], &[u8], &[u8]), ProtocolError> {
+pub fn parse_bind(frame: &[u8]) -> Result<Bind<'_>, ProtocolError> {
     let mut b = body(frame);
     let portal = read_cbytes(&mut b, "Bind")?;
     let stmt = read_cbytes(&mut b, "Bind")?;
-    Ok((portal, stmt, b))
+    Ok(Bind {
+        portal,
+        stmt,
+        rest: b,
+    })
 }
 
 /// Builds a Bind frame from its parts.
@@ -448,8 +460,15 @@ mod tests {
         assert_eq!(p.query, b"select $1");
         let mut c = BytesMut::new();
         write_bind(&mut c, b"", b"s1", &[0, 0, 0, 0, 0, 0]);
-        let (portal, stmt, rest) = parse_bind(&c).unwrap();
-        assert_eq!((portal, stmt, rest), (&b""[..], &b"s1"[..], &[0u8; 6][..]));
+        let bind = parse_bind(&c).unwrap();
+        assert_eq!(
+            bind,
+            Bind {
+                portal: b"",
+                stmt: b"s1",
+                rest: &[0u8; 6]
+            }
+        );
     }
 
     #[test]

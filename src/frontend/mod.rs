@@ -224,12 +224,14 @@ impl Server {
         let mut session = session::Session::new(
             ready.db,
             state.config.pool.mode,
-            reader,
-            writer,
             state.config.limits.max_message_size,
+            session::ClientIo {
+                reader,
+                writer,
+                leftover: buf,
+            },
             slot,
             ready.settings,
-            buf,
         );
         drop(state);
         session.run().await?;

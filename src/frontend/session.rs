@@ -37,6 +37,13 @@ pub enum SessionError {
     ClientIo(std::io::Error),
 }
 
+/// The client connection handed over by startup, with bytes already read past it.
+pub struct ClientIo {
+    pub reader: ClientReader,
+    pub writer: ClientWriter,
+    pub leftover: BytesMut,
+}
+
 /// Session state.
 pub struct Session {
     pub db: Arc<Database>,
@@ -95,13 +102,16 @@ impl Session {
     pub fn new(
         db: Arc<Database>,
         mode: PoolMode,
-        reader: ClientReader,
-        writer: ClientWriter,
         max_message: usize,
+        client: ClientIo,
         cancel: Arc<CancelSlot>,
         mut settings: Vec<(String, String)>,
-        leftover: BytesMut,
     ) -> Session {
+        let ClientIo {
+            reader,
+            writer,
+            leftover,
+        } = client;
         settings.sort();
         Session {
             db,
@@ -130,6 +140,13 @@ impl Session {
     /// Runs the session until the client leaves.
     pub async fn run(&mut self) -> Result<(), SessionError> {
         let result = self.run_loop().await;
+        if let Err(SessionError::Protocol(e)) = &result {
+            // As PostgreSQL does: a FATAL error, then the connection closes.
+            let mut out = BytesMut::new();
+            PgError::fatal("08P01", e.to_string()).write(&mut out);
+            let _ = self.writer.write_all(&out).await;
+            let _ = self.writer.shutdown().await;
+        }
         self.finish().await;
         result
     }
@@ -241,6 +258,10 @@ impl Session {
                 }
             }
             b'P' | b'B' | b'D' | b'C' | b'E' | b'H' => self.on_extended(frame).await?,
+            b'S' if self.in_copy => {
+                // Ignored by the server in copy-in mode (see Relay::on_frame).
+                self.bout.extend_from_slice(&frame);
+            }
             b'S' => {
                 self.local_skip = false;
                 self.in_batch = false;
@@ -257,11 +278,14 @@ impl Session {
                 if self.backend.is_some() {
                     self.bout.extend_from_slice(&frame);
                 }
+                if tag != b'd' {
+                    self.in_copy = false;
+                }
             }
             other => {
                 return Err(ProtocolError::Malformed {
                     what: "frontend",
-                    detail: format!("invalid frontend message type {}", other),
+                    detail: format!("invalid frontend message type {other}"),
                 }
                 .into());
             }
@@ -292,18 +316,18 @@ impl Session {
                         b.prepared.clear();
                     }
                 }
-                StatementKind::Deallocate(name) if self.mode == PoolMode::Transaction => {
+                StatementKind::Deallocate(name)
+                    if self.mode == PoolMode::Transaction && statements.len() == 1 =>
+                {
                     // Client statement names do not exist on the server: answer here.
-                    if statements.len() == 1 {
-                        if self.statements.remove(name.as_bytes()).is_none() {
-                            self.answer_error(PgError::new(
-                                "26000",
-                                format!("prepared statement \"{name}\" does not exist"),
-                            ));
-                            return Ok(());
-                        }
-                        local_answer = Some(b"DEALLOCATE\0".to_vec());
+                    if self.statements.remove(name.as_bytes()).is_none() {
+                        self.answer_error(PgError::new(
+                            "26000",
+                            format!("prepared statement \"{name}\" does not exist"),
+                        ));
+                        return Ok(());
                     }
+                    local_answer = Some(b"DEALLOCATE\0".to_vec());
                 }
                 _ => {}
             }
@@ -377,7 +401,7 @@ impl Session {
         match tag {
             b'P' => self.tx_parse(frame)?,
             b'B' => {
-                let (portal, stmt, rest) = protocol::parse_bind(&frame)?;
+                let protocol::Bind { portal, stmt, rest } = protocol::parse_bind(&frame)?;
                 if stmt.is_empty() {
                     self.push_forward(tag, frame.clone());
                 } else if let Some(global) = self.ensure_prepared(stmt) {
@@ -607,7 +631,7 @@ impl Session {
                 Event::CopyIn => self.in_copy = true,
                 Event::None => {}
             }
-            if tag == b'c' || tag == b'C' {
+            if tag == b'E' || tag == b'C' {
                 self.in_copy = false;
             }
             self.apply_undo();

@@ -1,0 +1,272 @@
+//! Test harness: one real PostgreSQL cluster per test binary, and pgshard instances over it
+//! running on a runtime that lives as long as the test process.
+
+#![allow(dead_code)]
+
+use bytes::{BufMut, BytesMut};
+use pgshard::config::Config;
+use pgshard::local::{ClusterOptions, LocalCluster};
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The cluster shared by every test of this binary: one shard, no replicas.
+pub fn cluster() -> &'static LocalCluster {
+    static C: OnceLock<LocalCluster> = OnceLock::new();
+    C.get_or_init(|| {
+        LocalCluster::start(ClusterOptions {
+            shards: 1,
+            replicas: 0,
+            ..ClusterOptions::default()
+        })
+        .expect("starting local PostgreSQL")
+    })
+}
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    })
+}
+
+/// The YAML for a proxy over the shared cluster.
+/// Besides app/app (SCRAM), it has `trusty` (trust) and `m5` (md5, password `m5pw`).
+pub fn base_yaml(mode: &str, pool_size: u32) -> String {
+    cluster().config_yaml("127.0.0.1:0", mode, pool_size).replace(
+        "users:\n",
+        "users:\n  - { name: trusty, auth: trust }\n  - { name: m5, password: m5pw, auth: md5 }\n",
+    )
+}
+
+/// Starts a pgshard on a free port with this configuration; returns its address.
+pub fn start_proxy_yaml(yaml: &str) -> SocketAddr {
+    let cfg = Config::from_yaml(yaml).expect("valid test config");
+    start_proxy(cfg)
+}
+
+pub fn start_proxy(cfg: Config) -> SocketAddr {
+    let rt = runtime();
+    let _g = rt.enter();
+    let std = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    std.set_nonblocking(true).unwrap();
+    let addr = std.local_addr().unwrap();
+    let listener = tokio::net::TcpListener::from_std(std).unwrap();
+    pgshard::frontend::spawn(cfg, listener).expect("proxy starts");
+    addr
+}
+
+/// A proxy in transaction mode with a pool of 10, shared by tests that need nothing special.
+pub fn tx_proxy() -> SocketAddr {
+    static P: OnceLock<SocketAddr> = OnceLock::new();
+    *P.get_or_init(|| start_proxy_yaml(&base_yaml("transaction", 10)))
+}
+
+/// A proxy in session mode.
+pub fn session_proxy() -> SocketAddr {
+    static P: OnceLock<SocketAddr> = OnceLock::new();
+    *P.get_or_init(|| start_proxy_yaml(&base_yaml("session", 10)))
+}
+
+pub fn conn_str(addr: SocketAddr, user: &str, password: &str, db: &str) -> String {
+    format!(
+        "host={} port={} user={user} password={password} dbname={db} connect_timeout=10",
+        addr.ip(),
+        addr.port()
+    )
+}
+
+/// Connects with tokio-postgres as app/app.
+pub async fn connect(addr: SocketAddr) -> tokio_postgres::Client {
+    try_connect(addr, "app", "app", "app")
+        .await
+        .expect("connect through pgshard")
+}
+
+pub async fn try_connect(
+    addr: SocketAddr,
+    user: &str,
+    password: &str,
+    db: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) =
+        tokio_postgres::connect(&conn_str(addr, user, password, db), tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// Connects directly to the shard's primary, bypassing pgshard (for differential checks).
+pub async fn connect_direct() -> tokio_postgres::Client {
+    let port = cluster().shards[0].primary.port;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    connect(addr).await
+}
+
+/// The SQLSTATE of a tokio-postgres error.
+pub fn sqlstate(e: &tokio_postgres::Error) -> String {
+    e.code()
+        .map(|c| c.code().to_string())
+        .unwrap_or_else(|| format!("no SQLSTATE: {e}"))
+}
+
+/// A raw protocol client, for message sequences drivers do not produce.
+pub struct Raw {
+    pub s: TcpStream,
+    pub buf: BytesMut,
+}
+
+impl Raw {
+    /// Connects and authenticates as a trust user (`trusty` must exist in the config).
+    pub async fn startup(addr: SocketAddr, user: &str, db: &str) -> Raw {
+        let s = TcpStream::connect(addr).await.unwrap();
+        let mut r = Raw {
+            s,
+            buf: BytesMut::new(),
+        };
+        r.send_startup(user, db).await;
+        r
+    }
+
+    pub async fn send_startup(&mut self, user: &str, db: &str) {
+        let mut b = BytesMut::new();
+        b.put_i32(0);
+        b.put_i32(196608);
+        for (k, v) in [("user", user), ("database", db)] {
+            b.put_slice(k.as_bytes());
+            b.put_u8(0);
+            b.put_slice(v.as_bytes());
+            b.put_u8(0);
+        }
+        b.put_u8(0);
+        let n = b.len() as i32;
+        b[..4].copy_from_slice(&n.to_be_bytes());
+        self.s.write_all(&b).await.unwrap();
+    }
+
+    pub async fn send(&mut self, data: &[u8]) {
+        self.s.write_all(data).await.unwrap();
+    }
+
+    /// Reads one message: (tag, body). None on EOF.
+    pub async fn recv(&mut self) -> Option<(u8, Vec<u8>)> {
+        loop {
+            if self.buf.len() >= 5 {
+                let n = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
+                    as usize;
+                if self.buf.len() > n {
+                    let f = self.buf.split_to(n + 1);
+                    return Some((f[0], f[5..].to_vec()));
+                }
+            }
+            let r = tokio::time::timeout(Duration::from_secs(20), self.s.read_buf(&mut self.buf))
+                .await
+                .expect("no answer within 20 s");
+            match r {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Reads messages up to and including ReadyForQuery; returns their tags.
+    pub async fn until_ready(&mut self) -> String {
+        let mut tags = String::new();
+        while let Some((t, _)) = self.recv().await {
+            tags.push(t as char);
+            if t == b'Z' {
+                break;
+            }
+        }
+        tags
+    }
+
+    /// Reads until an ErrorResponse and returns its SQLSTATE.
+    pub async fn error_code(&mut self) -> Option<String> {
+        while let Some((t, body)) = self.recv().await {
+            if t == b'E' {
+                let mut i = 0;
+                while i < body.len() && body[i] != 0 {
+                    let f = body[i];
+                    let end = body[i + 1..].iter().position(|&c| c == 0).unwrap() + i + 1;
+                    if f == b'C' {
+                        return Some(String::from_utf8_lossy(&body[i + 1..end]).into_owned());
+                    }
+                    i = end + 1;
+                }
+            }
+        }
+        None
+    }
+}
+
+/// Message builders for raw tests.
+pub mod msg {
+    use bytes::{BufMut, BytesMut};
+
+    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        b.put_u8(tag);
+        b.put_i32(body.len() as i32 + 4);
+        b.put_slice(body);
+        b.to_vec()
+    }
+    fn cstr(s: &str) -> Vec<u8> {
+        let mut v = s.as_bytes().to_vec();
+        v.push(0);
+        v
+    }
+    pub fn query(sql: &str) -> Vec<u8> {
+        frame(b'Q', &cstr(sql))
+    }
+    pub fn parse(name: &str, sql: &str) -> Vec<u8> {
+        let mut b = cstr(name);
+        b.extend(cstr(sql));
+        b.extend([0, 0]);
+        frame(b'P', &b)
+    }
+    /// Bind with text parameters and text results.
+    pub fn bind(portal: &str, stmt: &str, params: &[&str]) -> Vec<u8> {
+        let mut b = cstr(portal);
+        b.extend(cstr(stmt));
+        b.extend([0, 0]);
+        b.extend((params.len() as u16).to_be_bytes());
+        for p in params {
+            b.extend((p.len() as i32).to_be_bytes());
+            b.extend(p.as_bytes());
+        }
+        b.extend([0, 0]);
+        frame(b'B', &b)
+    }
+    pub fn execute(portal: &str) -> Vec<u8> {
+        let mut b = cstr(portal);
+        b.extend(0i32.to_be_bytes());
+        frame(b'E', &b)
+    }
+    pub fn describe_stmt(name: &str) -> Vec<u8> {
+        let mut b = vec![b'S'];
+        b.extend(cstr(name));
+        frame(b'D', &b)
+    }
+    pub fn close_stmt(name: &str) -> Vec<u8> {
+        let mut b = vec![b'S'];
+        b.extend(cstr(name));
+        frame(b'C', &b)
+    }
+    pub fn sync() -> Vec<u8> {
+        frame(b'S', &[])
+    }
+    pub fn flush() -> Vec<u8> {
+        frame(b'H', &[])
+    }
+    pub fn terminate() -> Vec<u8> {
+        frame(b'X', &[])
+    }
+}

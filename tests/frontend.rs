@@ -1,0 +1,293 @@
+//! Startup, authentication, TLS and bad input: every failure is a PostgreSQL error with the
+//! right SQLSTATE, and other clients keep working.
+
+mod common;
+
+use bytes::{BufMut, BytesMut};
+use common::*;
+use rand::{RngExt, SeedableRng};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn yaml_with(extra: &str) -> String {
+    format!("{}{extra}", base_yaml("transaction", 4))
+}
+
+#[tokio::test]
+async fn unknown_database_user_and_wrong_password() {
+    let addr = tx_proxy();
+    let e = try_connect(addr, "app", "app", "nodb").await.err().unwrap();
+    assert_eq!(sqlstate(&e), "3D000");
+    let e = try_connect(addr, "nobody_here", "x", "app")
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(sqlstate(&e), "28000");
+    let e = try_connect(addr, "app", "wrong", "app")
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(sqlstate(&e), "28P01");
+    connect(addr).await.batch_execute("SELECT 1").await.unwrap();
+}
+
+#[tokio::test]
+async fn stalled_startup_times_out_with_an_error() {
+    let addr = start_proxy_yaml(&yaml_with("limits: { startup_timeout_ms: 300 }\n"));
+    // Nothing at all.
+    let mut r = Raw {
+        s: TcpStream::connect(addr).await.unwrap(),
+        buf: BytesMut::new(),
+    };
+    assert_eq!(r.error_code().await.as_deref(), Some("08P01"));
+    // Half a startup packet.
+    let mut r = Raw {
+        s: TcpStream::connect(addr).await.unwrap(),
+        buf: BytesMut::new(),
+    };
+    r.send(&[0, 0, 0, 40, 0, 3]).await;
+    assert_eq!(r.error_code().await.as_deref(), Some("08P01"));
+    // Authentication never answered.
+    let mut r = Raw::startup(addr, "app", "app").await;
+    assert_eq!(r.error_code().await.as_deref(), Some("08P01"));
+    connect(addr).await.batch_execute("SELECT 1").await.unwrap();
+}
+
+#[tokio::test]
+async fn server_down_gives_08006_to_that_client_only() {
+    let dead = pgshard::local::free_port();
+    let yaml = base_yaml("transaction", 4).replace(
+        &cluster().shards[0].primary.addr(),
+        &format!("127.0.0.1:{dead}"),
+    );
+    let addr = start_proxy_yaml(&yaml);
+    let t = std::time::Instant::now();
+    let e = try_connect(addr, "app", "app", "app").await.err().unwrap();
+    assert_eq!(sqlstate(&e), "08006");
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "fails fast, not at the checkout timeout"
+    );
+    connect(tx_proxy())
+        .await
+        .batch_execute("SELECT 1")
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn checkout_timeout_is_53300() {
+    let yaml = base_yaml("transaction", 1)
+        .replace("checkout_timeout_ms: 5000", "checkout_timeout_ms: 300");
+    let addr = start_proxy_yaml(&yaml);
+    let a = connect(addr).await;
+    let b = connect(addr).await;
+    a.batch_execute("BEGIN; SELECT 1").await.unwrap(); // holds the only server connection
+    let e = b.batch_execute("SELECT 1").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "53300");
+    a.batch_execute("COMMIT").await.unwrap();
+    b.batch_execute("SELECT 1").await.unwrap();
+}
+
+async fn trust_session(addr: SocketAddr) -> Raw {
+    let mut r = Raw::startup(addr, "trusty", "app").await;
+    assert!(r.until_ready().await.ends_with('Z'));
+    r
+}
+
+#[tokio::test]
+async fn oversized_and_malformed_messages_are_fatal_errors() {
+    let addr = start_proxy_yaml(&yaml_with("limits: { max_message_size: 1048576 }\n"));
+    let bystander = connect(addr).await;
+    // Over the limit: refused from the header alone.
+    let mut r = trust_session(addr).await;
+    let big = "x".repeat(2 << 20);
+    r.send(&msg::query(&format!("SELECT '{big}'"))[..64]).await;
+    assert_eq!(r.error_code().await.as_deref(), Some("08P01"));
+    assert!(r.recv().await.is_none(), "connection closed after FATAL");
+    // Unknown message type.
+    let mut r = trust_session(addr).await;
+    r.send(&[b'z', 0, 0, 0, 4]).await;
+    assert_eq!(r.error_code().await.as_deref(), Some("08P01"));
+    // Impossible length.
+    let mut r = trust_session(addr).await;
+    r.send(&[b'Q', 0, 0, 0, 2]).await;
+    assert_eq!(r.error_code().await.as_deref(), Some("08P01"));
+    // Parse without its terminators.
+    let mut r = trust_session(addr).await;
+    r.send(&[b'P', 0, 0, 0, 7, b'a', b'b', b'c']).await;
+    assert_eq!(r.error_code().await.as_deref(), Some("08P01"));
+    // Unsupported protocol version.
+    let mut r = Raw {
+        s: TcpStream::connect(addr).await.unwrap(),
+        buf: BytesMut::new(),
+    };
+    r.send(&[0, 0, 0, 8, 0, 2, 0, 0]).await;
+    assert_eq!(r.error_code().await.as_deref(), Some("0A000"));
+    // A message just under the limit works.
+    let ok = "y".repeat(1_000_000);
+    let row = bystander
+        .query_one("SELECT length($1::text)", &[&ok])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 1_000_000);
+}
+
+#[tokio::test]
+async fn gssenc_and_ssl_requests_without_tls_are_declined() {
+    let addr = tx_proxy();
+    for code in [80877104i32, 80877103] {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut b = BytesMut::new();
+        b.put_i32(8);
+        b.put_i32(code);
+        s.write_all(&b).await.unwrap();
+        let mut one = [0u8; 1];
+        s.read_exact(&mut one).await.unwrap();
+        assert_eq!(one[0], b'N');
+        let mut r = Raw {
+            s,
+            buf: BytesMut::new(),
+        };
+        r.send_startup("trusty", "app").await;
+        assert!(r.until_ready().await.ends_with('Z'));
+    }
+    let out = std::process::Command::new("psql")
+        .args(["-X", "-At", "-c", "SELECT 1"])
+        .arg(format!(
+            "host=127.0.0.1 port={} user=app password=app dbname=app sslmode=require",
+            addr.port()
+        ))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not support SSL"));
+}
+
+#[tokio::test]
+async fn tls_with_psql() {
+    let dir = std::env::temp_dir().join(format!("pgshard-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
+    let st = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let addr = start_proxy_yaml(&yaml_with(&format!(
+        "tls: {{ cert: {}, key: {} }}\n",
+        cert.display(),
+        key.display()
+    )));
+    for (mode, ssl) in [("require", "t"), ("disable", "f")] {
+        let out = std::process::Command::new("psql")
+            .args(["-X", "-At", "-c", "SELECT 6 * 7", "-c", "\\conninfo"])
+            .arg(format!(
+                "host=127.0.0.1 port={} user=app password=app dbname=app sslmode={mode}",
+                addr.port()
+            ))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.starts_with("42\n"), "{text}");
+        assert_eq!(text.contains("SSL connection"), ssl == "t", "{text}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Random bytes after startup: each connection ends with an error or keeps going, never a
+/// panic or a hang, and other clients are not disturbed.
+#[tokio::test]
+async fn fuzzed_sessions_do_not_disturb_others() {
+    let addr = start_proxy_yaml(&yaml_with("limits: { max_message_size: 65536 }\n"));
+    let bystander = connect(addr).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+    let tags = b"QPBDCEHSdcfFXzp\0";
+    for round in 0..150 {
+        let mut r = trust_session(addr).await;
+        let mut data = Vec::new();
+        for _ in 0..rng.random_range(1..6) {
+            // Mostly well-framed messages with random bodies, sometimes raw garbage.
+            if rng.random_bool(0.8) {
+                let body: Vec<u8> = (0..rng.random_range(0..40)).map(|_| rng.random()).collect();
+                data.push(tags[rng.random_range(0..tags.len())]);
+                data.extend(((body.len() + 4) as i32).to_be_bytes());
+                data.extend(body);
+            } else {
+                data.extend((0..rng.random_range(1..30)).map(|_| rng.random::<u8>()));
+            }
+        }
+        data.extend(msg::sync());
+        r.send(&data).await;
+        // Either a ReadyForQuery arrives or the connection closes; both within the timeout.
+        // (A message whose declared length was not all sent is legitimately waited for,
+        // as PostgreSQL would: such a connection is just dropped.)
+        let _ = tokio::time::timeout(Duration::from_secs(3), async {
+            let mut seen = 0;
+            while let Some((t, _)) = r.recv().await {
+                seen += 1;
+                if t == b'Z' || seen > 1000 {
+                    break;
+                }
+            }
+        })
+        .await;
+        if round % 25 == 0 {
+            let one: i32 = bystander.query_one("SELECT 1", &[]).await.unwrap().get(0);
+            assert_eq!(one, 1);
+        }
+    }
+    let one: i32 = bystander.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+}
+
+#[tokio::test]
+async fn check_command_validates_and_prints_topology() {
+    let dir = std::env::temp_dir().join(format!("pgshard-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.yaml");
+    std::fs::write(&good, base_yaml("transaction", 4)).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgshard"))
+        .args(["check", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("shard 0: primary 127.0.0.1:"), "{text}");
+    let bad = dir.join("bad.yaml");
+    std::fs::write(&bad, base_yaml("transaction", 0)).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgshard"))
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pool.size: must be at least 1"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

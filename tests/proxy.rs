@@ -1,0 +1,536 @@
+//! The core proxy against real PostgreSQL, with tokio-postgres and raw protocol clients.
+
+mod common;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt, TryStreamExt};
+use std::time::{Duration, Instant};
+
+#[tokio::test]
+async fn simple_and_extended_queries_match_direct_postgres() {
+    let c = connect(tx_proxy()).await;
+    c.batch_execute(
+        "DROP TABLE IF EXISTS t_basic; CREATE TABLE t_basic (id int primary key, name text, n numeric, ts timestamptz, b bytea);",
+    )
+    .await
+    .unwrap();
+    for i in 0..50 {
+        c.execute(
+            "INSERT INTO t_basic VALUES ($1, $2, $3::text::numeric, now(), $4)",
+            &[
+                &i,
+                &format!("name {i}"),
+                &format!("{i}.5"),
+                &vec![i as u8; 10],
+            ],
+        )
+        .await
+        .unwrap();
+    }
+    let q = "SELECT id, name, n::text, b FROM t_basic WHERE id % 3 = 0 ORDER BY id";
+    let via: Vec<(i32, String, String, Vec<u8>)> = c
+        .query(q, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let d = connect_direct().await;
+    let direct: Vec<(i32, String, String, Vec<u8>)> = d
+        .query(q, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    assert_eq!(via.len(), 17);
+    assert_eq!(via, direct);
+    // Simple protocol: several statements in one string, each with its result.
+    let msgs = c
+        .simple_query("SELECT 1 AS a; SELECT 'x' AS b, 2 AS c; SELECT count(*) FROM t_basic")
+        .await
+        .unwrap();
+    let rows: Vec<String> = msgs
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap().to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rows, vec!["1", "x", "50"]);
+}
+
+#[tokio::test]
+async fn multi_statement_string_is_one_implicit_transaction() {
+    let c = connect(tx_proxy()).await;
+    c.batch_execute("DROP TABLE IF EXISTS t_multi; CREATE TABLE t_multi (x int)")
+        .await
+        .unwrap();
+    let e = c
+        .batch_execute("INSERT INTO t_multi VALUES (1); SELECT 1/0; INSERT INTO t_multi VALUES (2)")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "22012");
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM t_multi", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "the failed string must leave nothing behind");
+}
+
+#[tokio::test]
+async fn prepared_statements_survive_server_connection_changes_in_transaction_mode() {
+    // A pool of 2 and 6 clients: each client's statements land on varying server connections.
+    let addr = start_proxy_yaml(&base_yaml("transaction", 2));
+    let setup = connect(addr).await;
+    setup
+        .batch_execute("DROP TABLE IF EXISTS t_prep; CREATE TABLE t_prep (k int, v text)")
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for client in 0..6 {
+        tasks.push(tokio::spawn(async move {
+            let c = connect(addr).await;
+            let ins = c
+                .prepare("INSERT INTO t_prep VALUES ($1, $2)")
+                .await
+                .unwrap();
+            let sel = c
+                .prepare("SELECT v FROM t_prep WHERE k = $1")
+                .await
+                .unwrap();
+            for i in 0..40 {
+                let k = client * 1000 + i;
+                c.execute(&ins, &[&k, &format!("v{k}")]).await.unwrap();
+                let v: String = c.query_one(&sel, &[&k]).await.unwrap().get(0);
+                assert_eq!(v, format!("v{k}"));
+            }
+            // A statement prepared inside a transaction and used after it.
+            let mut c = c;
+            let tx = c.transaction().await.unwrap();
+            let cnt = tx
+                .prepare("SELECT count(*) FROM t_prep WHERE k / 1000 = $1")
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            let n: i64 = c.query_one(&cnt, &[&client]).await.unwrap().get(0);
+            assert_eq!(n, 40);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn transactions_commit_rollback_errors_and_savepoints() {
+    let mut c = connect(tx_proxy()).await;
+    c.batch_execute("DROP TABLE IF EXISTS t_tx; CREATE TABLE t_tx (x int)")
+        .await
+        .unwrap();
+    let tx = c.transaction().await.unwrap();
+    tx.execute("INSERT INTO t_tx VALUES (1)", &[])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let tx = c.transaction().await.unwrap();
+    tx.execute("INSERT INTO t_tx VALUES (2)", &[])
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    // An error inside a transaction: later statements get 25P02 until ROLLBACK.
+    c.batch_execute("BEGIN; INSERT INTO t_tx VALUES (3)")
+        .await
+        .unwrap();
+    let e = c.batch_execute("SELECT 1/0").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "22012");
+    let e = c.batch_execute("SELECT 1").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "25P02");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    // Savepoints.
+    c.batch_execute(
+        "BEGIN; INSERT INTO t_tx VALUES (4); SAVEPOINT s; INSERT INTO t_tx VALUES (5); ROLLBACK TO SAVEPOINT s; INSERT INTO t_tx VALUES (6); COMMIT",
+    )
+    .await
+    .unwrap();
+    let rows: Vec<i32> = c
+        .query("SELECT x FROM t_tx ORDER BY x", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(rows, vec![1, 4, 6]);
+}
+
+#[tokio::test]
+async fn copy_in_and_out() {
+    let c = connect(tx_proxy()).await;
+    c.batch_execute("DROP TABLE IF EXISTS t_copy; CREATE TABLE t_copy (id int, s text)")
+        .await
+        .unwrap();
+    let sink = c
+        .copy_in("COPY t_copy FROM STDIN WITH (FORMAT csv)")
+        .await
+        .unwrap();
+    let mut sink = Box::pin(sink);
+    let mut data = String::new();
+    for i in 0..20_000 {
+        data.push_str(&format!("{i},\"row, {i}\"\n"));
+    }
+    for chunk in data.as_bytes().chunks(7000) {
+        sink.send(bytes::Bytes::copy_from_slice(chunk))
+            .await
+            .unwrap();
+    }
+    let n = sink.as_mut().finish().await.unwrap();
+    assert_eq!(n, 20_000);
+    let out: Vec<bytes::Bytes> = c
+        .copy_out("COPY (SELECT * FROM t_copy ORDER BY id) TO STDOUT WITH (FORMAT csv)")
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let got: Vec<u8> = out.iter().flat_map(|b| b.iter().copied()).collect();
+    assert_eq!(String::from_utf8(got).unwrap(), data);
+    // A COPY that fails mid-way leaves the session usable.
+    let sink = c.copy_in("COPY t_copy FROM STDIN").await.unwrap();
+    let mut sink = Box::pin(sink);
+    sink.send(bytes::Bytes::from_static(b"not a number\tx\n"))
+        .await
+        .unwrap();
+    let e = sink.as_mut().finish().await.unwrap_err();
+    assert_eq!(sqlstate(&e), "22P02");
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM t_copy", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 20_000);
+}
+
+#[tokio::test]
+async fn cancel_request_reaches_the_running_query() {
+    let c = connect(tx_proxy()).await;
+    let token = c.cancel_token();
+    let start = Instant::now();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    });
+    let e = c.batch_execute("SELECT pg_sleep(30)").await.unwrap_err();
+    canceller.await.unwrap();
+    assert_eq!(sqlstate(&e), "57014");
+    assert!(start.elapsed() < Duration::from_secs(10));
+    // The session goes on.
+    let one: i32 = c.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+}
+
+#[tokio::test]
+async fn listen_notify_in_session_mode() {
+    let addr = session_proxy();
+    let (listener, mut conn) =
+        tokio_postgres::connect(&conn_str(addr, "app", "app", "app"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut stream = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = stream.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                let _ = tx.send((n.channel().to_string(), n.payload().to_string()));
+            }
+        }
+    });
+    listener.batch_execute("LISTEN pgshard_chan").await.unwrap();
+    let other = connect(addr).await;
+    other
+        .batch_execute("NOTIFY pgshard_chan, 'hello'")
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("notification within 10 s")
+        .unwrap();
+    assert_eq!(got, ("pgshard_chan".to_string(), "hello".to_string()));
+}
+
+#[tokio::test]
+async fn listen_is_refused_in_transaction_mode() {
+    let c = connect(tx_proxy()).await;
+    let e = c.batch_execute("LISTEN chan").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000");
+    // Inside a transaction the error puts the transaction in the failed state, as PostgreSQL would.
+    c.batch_execute("BEGIN").await.unwrap();
+    let e = c.batch_execute("LISTEN chan").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000");
+    let e = c.batch_execute("SELECT 1").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "25P02");
+    c.batch_execute("ROLLBACK").await.unwrap();
+}
+
+#[tokio::test]
+async fn large_rows_pass_intact() {
+    let c = connect(tx_proxy()).await;
+    c.batch_execute(
+        "DROP TABLE IF EXISTS t_large; CREATE TABLE t_large (id int, body text, raw bytea)",
+    )
+    .await
+    .unwrap();
+    let body: String = (0..3_000_000)
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
+    let raw: Vec<u8> = (0..2_500_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    c.execute("INSERT INTO t_large VALUES (1, $1, $2)", &[&body, &raw])
+        .await
+        .unwrap();
+    let r = c
+        .query_one("SELECT body, raw FROM t_large WHERE id = 1", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, String>(0), body);
+    assert_eq!(r.get::<_, Vec<u8>>(1), raw);
+    let msgs = c
+        .simple_query("SELECT md5(body) FROM t_large")
+        .await
+        .unwrap();
+    assert!(matches!(
+        msgs[1],
+        tokio_postgres::SimpleQueryMessage::Row(_)
+    ));
+}
+
+#[tokio::test]
+async fn two_hundred_clients_share_a_pool_of_ten() {
+    let addr = start_proxy_yaml(&base_yaml("transaction", 10));
+    let setup = connect(addr).await;
+    setup
+        .batch_execute("DROP TABLE IF EXISTS t_many; CREATE TABLE t_many (c int, i int)")
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for client in 0..200 {
+        tasks.push(tokio::spawn(async move {
+            let mut c = connect(addr).await;
+            for i in 0..5 {
+                let tx = c.transaction().await.unwrap();
+                tx.execute("INSERT INTO t_many VALUES ($1, $2)", &[&client, &i])
+                    .await
+                    .unwrap();
+                tx.commit().await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let n: i64 = setup
+        .query_one("SELECT count(*) FROM t_many", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1000);
+    let backends: i64 = connect_direct()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name <> '' AND backend_type = 'client backend' AND usename = 'app'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // This proxy's pool of 10, the shared proxies' pools, and the direct connection.
+    assert!(
+        backends <= 10 + 10 + 10 + 1,
+        "{backends} server connections"
+    );
+}
+
+async fn show(c: &tokio_postgres::Client, what: &str) -> String {
+    let m = c.simple_query(&format!("SHOW {what}")).await.unwrap();
+    match &m[1] {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).unwrap().to_string(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn session_settings_follow_the_client_in_transaction_mode() {
+    // One server connection shared by two clients.
+    let addr = start_proxy_yaml(&base_yaml("transaction", 1));
+    let a = connect(addr).await;
+    let b = connect(addr).await;
+    a.batch_execute("SET search_path TO pg_catalog, public; SET work_mem = '7MB'")
+        .await
+        .unwrap();
+    assert_eq!(show(&b, "work_mem").await, "4MB");
+    assert_eq!(show(&a, "work_mem").await, "7MB");
+    assert_eq!(show(&b, "search_path").await, "\"$user\", public");
+    assert_eq!(show(&a, "search_path").await, "pg_catalog, public");
+    // A SET rolled back with its transaction does not stick.
+    a.batch_execute("BEGIN; SET work_mem = '9MB'; ROLLBACK")
+        .await
+        .unwrap();
+    assert_eq!(show(&b, "work_mem").await, "4MB");
+    assert_eq!(show(&a, "work_mem").await, "7MB");
+    a.batch_execute("RESET work_mem").await.unwrap();
+    assert_eq!(show(&a, "work_mem").await, "4MB");
+    // Startup parameters apply too.
+    let (c, conn) = tokio_postgres::connect(
+        &format!(
+            "{} application_name=myapp options='-c statement_timeout=1234'",
+            conn_str(addr, "app", "app", "app")
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    assert_eq!(show(&c, "application_name").await, "myapp");
+    assert_eq!(show(&c, "statement_timeout").await, "1234ms");
+    assert_eq!(show(&b, "statement_timeout").await, "0");
+}
+
+#[tokio::test]
+async fn extended_protocol_error_recovery_matches_postgres() {
+    let addr = start_proxy_yaml(&base_yaml("transaction", 2));
+    let mut r = Raw::startup(addr, "trusty", "app").await;
+    assert!(r.until_ready().await.ends_with('Z'));
+    // A failing Parse: the rest of the batch is skipped up to Sync.
+    let mut b = msg::parse("", "SELEC 1");
+    b.extend(msg::bind("", "", &[]));
+    b.extend(msg::execute(""));
+    b.extend(msg::sync());
+    r.send(&b).await;
+    assert_eq!(r.until_ready().await, "EZ");
+    // Named statements in transaction mode: prepare, then use after the server connection
+    // went back to the pool.
+    let mut b = msg::parse("s1", "SELECT $1::int + 1");
+    b.extend(msg::sync());
+    r.send(&b).await;
+    assert_eq!(r.until_ready().await, "1Z");
+    let mut b = msg::bind("", "s1", &["41"]);
+    b.extend(msg::execute(""));
+    b.extend(msg::sync());
+    r.send(&b).await;
+    assert_eq!(r.until_ready().await, "2DCZ");
+    // Describe of a statement, duplicate names and unknown names, as PostgreSQL answers.
+    let mut b = msg::describe_stmt("s1");
+    b.extend(msg::parse("s1", "SELECT 2"));
+    b.extend(msg::bind("", "s1", &["1"]));
+    b.extend(msg::sync());
+    r.send(&b).await;
+    assert_eq!(r.until_ready().await, "tTEZ");
+    let mut b = msg::bind("", "nope", &[]);
+    b.extend(msg::execute(""));
+    b.extend(msg::sync());
+    r.send(&b).await;
+    assert_eq!(r.error_code().await.as_deref(), Some("26000"));
+    assert_eq!(r.until_ready().await, "Z");
+    // Close then reuse of the name; Flush delivers without Sync.
+    let mut b = msg::close_stmt("s1");
+    b.extend(msg::parse("s1", "SELECT 'again'"));
+    b.extend(msg::flush());
+    r.send(&b).await;
+    assert_eq!(r.recv().await.unwrap().0, b'3');
+    assert_eq!(r.recv().await.unwrap().0, b'1');
+    let mut b = msg::bind("", "s1", &[]);
+    b.extend(msg::execute(""));
+    b.extend(msg::sync());
+    r.send(&b).await;
+    assert_eq!(r.until_ready().await, "2DCZ");
+    // A second client preparing the same text reuses the server's statement transparently.
+    let mut r2 = Raw::startup(addr, "trusty", "app").await;
+    r2.until_ready().await;
+    let mut b = msg::parse("other", "SELECT 'again'");
+    b.extend(msg::bind("", "other", &[]));
+    b.extend(msg::execute(""));
+    b.extend(msg::sync());
+    r2.send(&b).await;
+    assert_eq!(r2.until_ready().await, "12DCZ");
+    // Simple-protocol DEALLOCATE of a protocol-level statement.
+    r.send(&msg::query("DEALLOCATE s1")).await;
+    assert_eq!(r.until_ready().await, "CZ");
+    r.send(&msg::terminate()).await;
+    assert!(r.recv().await.is_none());
+}
+
+#[tokio::test]
+async fn psql_and_pgbench_in_transaction_mode() {
+    let addr = start_proxy_yaml(&base_yaml("transaction", 10));
+    let port = addr.port().to_string();
+    let out = std::process::Command::new("psql")
+        .args([
+            "-X",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "app",
+            "-d",
+            "app",
+            "-At",
+        ])
+        .args(["-c", "SELECT 40 + 2", "-c", "SHOW application_name"])
+        .env("PGPASSWORD", "app")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "42\npsql\n");
+    let pgbench = |args: &[&str]| {
+        let out = std::process::Command::new("pgbench")
+            .args(["-h", "127.0.0.1", "-p", &port, "-U", "app"])
+            .args(args)
+            .arg("app")
+            .env("PGPASSWORD", "app")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "pgbench {args:?}: {text}");
+        text
+    };
+    pgbench(&["-i", "-s", "1", "-q"]);
+    for mode in ["simple", "extended", "prepared"] {
+        let text = pgbench(&["-M", mode, "-c", "8", "-j", "2", "-t", "150"]);
+        assert!(
+            text.contains("number of failed transactions: 0 (0.000%)"),
+            "pgbench -M {mode}: {text}"
+        );
+        assert!(
+            text.contains("number of transactions actually processed: 1200/1200"),
+            "{text}"
+        );
+    }
+    let text = pgbench(&["-M", "prepared", "-S", "-c", "4", "-t", "200"]);
+    assert!(text.contains("actually processed: 800/800"), "{text}");
+}
+
+#[tokio::test]
+async fn md5_and_trust_users() {
+    let addr = tx_proxy();
+    let c = try_connect(addr, "m5", "m5pw", "app").await.unwrap();
+    let one: i32 = c.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+    let e = try_connect(addr, "m5", "bad", "app").await.err().unwrap();
+    assert_eq!(sqlstate(&e), "28P01");
+    let (c, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={} user=trusty dbname=app", addr.port()),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    c.batch_execute("SELECT 1").await.unwrap();
+}
