@@ -106,20 +106,27 @@ impl NodePool {
     /// Checks out a connection, failing fast when the node refuses connections and with
     /// [`PoolError::Timeout`] when all connections stay busy for the checkout timeout.
     pub async fn get(&self) -> Result<Pooled, PoolError> {
+        let map = |e: bb8::RunError<BackendError>| match e {
+            bb8::RunError::User(e) => PoolError::Down(e.to_string()),
+            bb8::RunError::TimedOut => {
+                let last = self.failures.last.lock().expect("not poisoned").clone();
+                if self.pool.state().connections == 0 && !last.is_empty() {
+                    PoolError::Down(last)
+                } else {
+                    PoolError::Timeout(self.checkout_timeout_ms, self.target.addr)
+                }
+            }
+        };
+        let get = self.pool.get_owned();
+        tokio::pin!(get);
+        // Usually an idle connection is there: take it without watching for failures.
+        if let Some(r) = poll_once(get.as_mut()).await {
+            return r.map_err(map);
+        }
         let mut failures = self.failures.count.subscribe();
         failures.borrow_and_update();
         tokio::select! {
-            r = self.pool.get_owned() => r.map_err(|e| match e {
-                bb8::RunError::User(e) => PoolError::Down(e.to_string()),
-                bb8::RunError::TimedOut => {
-                    let last = self.failures.last.lock().expect("not poisoned").clone();
-                    if self.pool.state().connections == 0 && !last.is_empty() {
-                        PoolError::Down(last)
-                    } else {
-                        PoolError::Timeout(self.checkout_timeout_ms, self.target.addr)
-                    }
-                }
-            }),
+            r = get => r.map_err(map),
             _ = failures.changed() => {
                 Err(PoolError::Down(self.failures.last.lock().expect("not poisoned").clone()))
             }
@@ -135,4 +142,13 @@ impl NodePool {
     pub fn state(&self) -> bb8::State {
         self.pool.state()
     }
+}
+
+/// Polls a future once: its output if it is ready now.
+async fn poll_once<F: std::future::Future + Unpin>(mut f: F) -> Option<F::Output> {
+    std::future::poll_fn(|cx| match std::pin::Pin::new(&mut f).poll(cx) {
+        std::task::Poll::Ready(v) => std::task::Poll::Ready(Some(v)),
+        std::task::Poll::Pending => std::task::Poll::Ready(None),
+    })
+    .await
 }

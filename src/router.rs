@@ -57,6 +57,20 @@ pub enum StatementKind {
 /// returns each statement's text, trimmed, without empty ones.
 pub fn split_statements(sql: &str) -> Vec<&str> {
     let b = sql.as_bytes();
+    // Fast path, the common case: one statement, at most a trailing semicolon, no quoting
+    // character at all. Lexing is only needed when one of these bytes occurs.
+    if !b
+        .iter()
+        .any(|c| matches!(c, b'\'' | b'"' | b'-' | b'/' | b'$'))
+        && b.iter().filter(|&&c| c == b';').count() <= 1
+    {
+        let t = sql.trim();
+        let t = t.strip_suffix(';').unwrap_or(t);
+        if !t.contains(';') {
+            let t = t.trim_end();
+            return if t.is_empty() { Vec::new() } else { vec![t] };
+        }
+    }
     let mut out = Vec::new();
     let mut start = 0;
     let mut i = 0;
@@ -67,7 +81,8 @@ pub fn split_statements(sql: &str) -> Vec<&str> {
                 start = i + 1;
                 i += 1;
             }
-            _ => i = skip_token(b, i),
+            b'\'' | b'"' | b'-' | b'/' | b'$' => i = skip_token(b, i),
+            _ => i += 1,
         }
     }
     push_trimmed(&mut out, &sql[start..]);
@@ -169,12 +184,14 @@ fn skip_space(b: &[u8], mut i: usize) -> usize {
     }
 }
 
-/// The first `n` words of a statement, upper-cased, skipping comments.
-fn leading_words(s: &str, n: usize) -> Vec<String> {
+/// The first words of a statement (up to `N`), skipping comments; quoted identifiers keep
+/// their quotes.
+fn leading_words<const N: usize>(s: &str) -> ([&str; N], usize) {
     let b = s.as_bytes();
-    let mut words = Vec::with_capacity(n);
+    let mut words = [""; N];
+    let mut n = 0;
     let mut i = 0;
-    while words.len() < n {
+    while n < N {
         i = skip_space(b, i);
         let st = i;
         while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'.') {
@@ -183,35 +200,53 @@ fn leading_words(s: &str, n: usize) -> Vec<String> {
         if st == i {
             if i < b.len() && b[i] == b'"' {
                 let e = skip_token(b, i);
-                words.push(s[i..e].to_string());
+                words[n] = &s[i..e];
+                n += 1;
                 i = e;
                 continue;
             }
             break;
         }
-        words.push(s[st..i].to_ascii_uppercase());
+        words[n] = &s[st..i];
+        n += 1;
     }
-    words
+    (words, n)
 }
 
 /// Classifies one statement.
 pub fn classify(stmt: &str) -> StatementKind {
-    let w = leading_words(stmt, 3);
-    let w: Vec<&str> = w.iter().map(String::as_str).collect();
-    match w.as_slice() {
-        ["SET", "LOCAL", ..] | ["SET", "TRANSACTION", ..] => StatementKind::Other,
-        ["SET", "SESSION", "CHARACTERISTICS"] => StatementKind::SessionSetting,
-        ["SET", ..] | ["RESET", ..] => StatementKind::SessionSetting,
-        ["LISTEN", ..] => StatementKind::Listen,
-        ["DISCARD", "ALL", ..] | ["DEALLOCATE", "ALL", ..] | ["DEALLOCATE", "PREPARE", "ALL"] => {
-            StatementKind::DropsAllStatements
+    let (w, n) = leading_words::<3>(stmt);
+    let is = |i: usize, kw: &str| i < n && w[i].eq_ignore_ascii_case(kw);
+    if is(0, "SET") {
+        if is(1, "LOCAL") || is(1, "TRANSACTION") {
+            return StatementKind::Other;
         }
-        ["DEALLOCATE", "PREPARE", name] | ["DEALLOCATE", name, ..] => {
-            StatementKind::Deallocate(unquote(name))
-        }
-        _ if contains_ci(stmt, "set_config") => StatementKind::SessionSetting,
-        _ => StatementKind::Other,
+        return StatementKind::SessionSetting;
     }
+    if is(0, "RESET") {
+        return StatementKind::SessionSetting;
+    }
+    if is(0, "LISTEN") {
+        return StatementKind::Listen;
+    }
+    if (is(0, "DISCARD") && is(1, "ALL")) || (is(0, "DEALLOCATE") && is(1, "ALL")) {
+        return StatementKind::DropsAllStatements;
+    }
+    if is(0, "DEALLOCATE") && n >= 2 {
+        if is(1, "PREPARE") {
+            if is(2, "ALL") {
+                return StatementKind::DropsAllStatements;
+            }
+            if n == 3 {
+                return StatementKind::Deallocate(unquote(w[2]));
+            }
+        }
+        return StatementKind::Deallocate(unquote(w[1]));
+    }
+    if mentions_set_config(stmt) {
+        return StatementKind::SessionSetting;
+    }
+    StatementKind::Other
 }
 
 fn unquote(w: &str) -> String {
@@ -221,10 +256,17 @@ fn unquote(w: &str) -> String {
         .unwrap_or_else(|| w.to_ascii_lowercase())
 }
 
-fn contains_ci(hay: &str, needle: &str) -> bool {
-    hay.as_bytes()
-        .windows(needle.len())
-        .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
+/// Whether the text calls `set_config` (case-insensitively); cheap because it only looks
+/// around underscores.
+fn mentions_set_config(s: &str) -> bool {
+    const NEEDLE: &[u8] = b"set_config";
+    let b = s.as_bytes();
+    b.iter().enumerate().any(|(i, &c)| {
+        c == b'_'
+            && i >= 3
+            && b.len() >= i - 3 + NEEDLE.len()
+            && b[i - 3..i - 3 + NEEDLE.len()].eq_ignore_ascii_case(NEEDLE)
+    })
 }
 
 #[cfg(test)]
@@ -253,6 +295,12 @@ mod tests {
             vec!["select E'\\';'", "x"]
         );
         assert!(split_statements("  ;; -- only\n").is_empty());
+        assert_eq!(split_statements("select 1 ;  "), vec!["select 1"]);
+        assert_eq!(
+            split_statements("select 1; select 2;"),
+            vec!["select 1", "select 2"]
+        );
+        assert!(split_statements(" ; ").is_empty());
     }
 
     #[test]
@@ -275,6 +323,12 @@ mod tests {
         assert_eq!(classify("DEALLOCATE PREPARE s1"), Deallocate("s1".into()));
         assert_eq!(classify("deallocate \"S1\""), Deallocate("S1".into()));
         assert_eq!(classify("select 1"), Other);
+        assert_eq!(
+            classify("SELECT pg_catalog.SET_CONFIG('x', '1', false)"),
+            SessionSetting
+        );
+        assert_eq!(classify("DEALLOCATE PREPARE ALL"), DropsAllStatements);
+        assert_eq!(classify("select _x"), Other);
         assert_eq!(classify("DO $$ begin perform 1; end $$"), Other);
     }
 }

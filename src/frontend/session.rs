@@ -622,8 +622,9 @@ impl Session {
                 b.rbuf.advance(n);
                 continue;
             }
-            let frame = b.rbuf.split_to(n);
-            match self.relay.on_frame(&frame, &mut self.cout) {
+            let event = self.relay.on_frame(&b.rbuf[..n], &mut self.cout);
+            b.rbuf.advance(n);
+            match event {
                 Event::Ready(s) => {
                     self.status = s;
                     self.in_copy = false;
