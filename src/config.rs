@@ -454,6 +454,14 @@ databases:
     }
 
     #[test]
+    fn example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/pgshard.example.yaml");
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.databases[0].shards.len(), 2);
+        assert_eq!(c.users.len(), 3);
+    }
+
+    #[test]
     fn trust_users_need_no_password() {
         let c = Config::from_yaml(
             &BASE.replace("{ name: app, password: app }", "{ name: app, auth: trust }"),

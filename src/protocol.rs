@@ -139,10 +139,7 @@ pub fn read_cstr(b: &mut &[u8], what: &'static str) -> Result<String, ProtocolEr
 
 /// Reads a NUL-terminated string as bytes and advances past it.
 pub fn read_cbytes<'a>(b: &mut &'a [u8], what: &'static str) -> Result<&'a [u8], ProtocolError> {
-    let end = b
-        .iter()
-        .position(|&c| c == 0)
-        .ok_or_else(|| malformed(what, "missing string terminator"))?;
+    let end = memchr::memchr(0, b).ok_or_else(|| malformed(what, "missing string terminator"))?;
     let s = &b[..end];
     *b = &b[end + 1..];
     Ok(s)

@@ -59,15 +59,13 @@ pub fn split_statements(sql: &str) -> Vec<&str> {
     let b = sql.as_bytes();
     // Fast path, the common case: one statement, at most a trailing semicolon, no quoting
     // character at all. Lexing is only needed when one of these bytes occurs.
-    if !b
-        .iter()
-        .any(|c| matches!(c, b'\'' | b'"' | b'-' | b'/' | b'$'))
-        && b.iter().filter(|&&c| c == b';').count() <= 1
-    {
-        let t = sql.trim();
+    let quoting =
+        memchr::memchr3(b'\'', b'"', b'$', b).is_some() || memchr::memchr2(b'-', b'/', b).is_some();
+    if !quoting {
+        let t = sql.trim_ascii();
         let t = t.strip_suffix(';').unwrap_or(t);
-        if !t.contains(';') {
-            let t = t.trim_end();
+        if memchr::memchr(b';', t.as_bytes()).is_none() {
+            let t = t.trim_ascii_end();
             return if t.is_empty() { Vec::new() } else { vec![t] };
         }
     }
@@ -90,7 +88,7 @@ pub fn split_statements(sql: &str) -> Vec<&str> {
 }
 
 fn push_trimmed<'a>(out: &mut Vec<&'a str>, s: &'a str) {
-    let t = s.trim();
+    let t = s.trim_ascii();
     if !t.is_empty() && !only_comments(t) {
         out.push(t);
     }
@@ -261,9 +259,8 @@ fn unquote(w: &str) -> String {
 fn mentions_set_config(s: &str) -> bool {
     const NEEDLE: &[u8] = b"set_config";
     let b = s.as_bytes();
-    b.iter().enumerate().any(|(i, &c)| {
-        c == b'_'
-            && i >= 3
+    memchr::memchr_iter(b'_', b).any(|i| {
+        i >= 3
             && b.len() >= i - 3 + NEEDLE.len()
             && b[i - 3..i - 3 + NEEDLE.len()].eq_ignore_ascii_case(NEEDLE)
     })

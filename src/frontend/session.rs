@@ -188,7 +188,10 @@ impl Session {
                 }
                 Got::Client(Ok(_)) => {}
                 Got::Client(Err(e)) => return Err(SessionError::ClientIo(e)),
-                Got::Backend(Ok(())) => self.handle_backend_frames().await,
+                Got::Backend(Ok(())) => {
+                    self.handle_backend_frames();
+                    self.maybe_release().await;
+                }
                 Got::Backend(Err(e)) => self.backend_lost(e.to_string()),
             }
             self.flush().await?;
@@ -213,7 +216,8 @@ impl Session {
         }
         // Frames the server sent while we were writing to it.
         if self.backend.as_ref().is_some_and(|b| !b.rbuf.is_empty()) {
-            Box::pin(self.handle_backend_frames()).await;
+            self.handle_backend_frames();
+            self.maybe_release().await;
         }
         if !self.cout.is_empty() {
             write_draining(
@@ -559,6 +563,12 @@ impl Session {
         if self.backend.is_some() {
             return true;
         }
+        // Boxed: the checkout future is large, and building it in place would make every
+        // per-frame future as large (and as costly to move).
+        Box::pin(self.attach_new()).await
+    }
+
+    async fn attach_new(&mut self) -> bool {
         let plan = self.db.router.plan();
         match exec::checkout(&self.db, plan).await {
             Ok(mut b) => {
@@ -597,7 +607,7 @@ impl Session {
     }
 
     /// Handles every complete frame the server sent.
-    async fn handle_backend_frames(&mut self) {
+    fn handle_backend_frames(&mut self) {
         loop {
             let Some(b) = self.backend.as_mut() else {
                 return;
@@ -637,7 +647,6 @@ impl Session {
             }
             self.apply_undo();
         }
-        self.maybe_release().await;
     }
 
     fn apply_undo(&mut self) {
@@ -663,12 +672,19 @@ impl Session {
         {
             return;
         }
-        let Some(mut b) = self.backend.take() else {
+        let Some(b) = self.backend.take() else {
             return;
         };
         self.cancel.set(None);
         if self.settings_dirty {
-            self.settings_dirty = false;
+            Box::pin(self.release_dirty(b)).await;
+        }
+    }
+
+    /// Releases a server connection after reading the settings the client changed on it.
+    async fn release_dirty(&mut self, mut b: Pooled) {
+        self.settings_dirty = false;
+        {
             match capture_settings(&mut b).await {
                 Ok(s) => {
                     self.settings = s;
@@ -786,12 +802,26 @@ where
     W: AsyncWrite + Unpin + ?Sized,
     R: AsyncRead + Unpin + ?Sized,
 {
-    // Almost always the socket takes everything at once.
-    let n = w.write(data).await?;
-    if n == 0 {
-        return Err(std::io::ErrorKind::WriteZero.into());
+    // Almost always the socket takes everything at once, without waiting.
+    let first = std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(match std::pin::Pin::new(&mut *w).poll_write(cx, data) {
+            std::task::Poll::Ready(r) => Some(r),
+            std::task::Poll::Pending => None,
+        })
+    })
+    .await;
+    if let Some(n) = first {
+        let n = n?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        data.advance(n);
+        if data.is_empty() {
+            data.clear();
+            // A no-op for TCP; TLS may hold records back until flushed.
+            return w.flush().await;
+        }
     }
-    data.advance(n);
     let mut r_open = true;
     while !data.is_empty() {
         tokio::select! {
