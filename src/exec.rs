@@ -359,6 +359,40 @@ mod tests {
         assert_eq!(tags(&out), "EZ");
     }
 
+    proptest::proptest! {
+        /// Any interleaving of requests and server frames keeps the relay consistent: it
+        /// never panics and only ever emits whole frames.
+        #[test]
+        fn relay_never_panics(
+            steps in proptest::collection::vec((0u8..12, proptest::prelude::any::<bool>()), 0..60),
+        ) {
+            let mut r = Relay::default();
+            let mut out = BytesMut::new();
+            for (k, push) in steps {
+                if push {
+                    r.push(match k {
+                        0 => Pending::Query,
+                        1 => Pending::Internal,
+                        2 => Pending::Sync,
+                        3 => Pending::Parse { swallow: true, undo: None },
+                        4 => Pending::Parse { swallow: false, undo: None },
+                        5 => Pending::Bind,
+                        6 => Pending::Describe,
+                        7 => Pending::Close,
+                        8 => Pending::Execute,
+                        9 => Pending::Synth { frame: empty_frame(b'1'), undo: None },
+                        _ => Pending::Error(Box::new(PgError::new("XX000", "x"))),
+                    });
+                    r.drain_local(&mut out);
+                } else {
+                    let tag = b"Z12E3tTnCDGsA"[k as usize];
+                    r.on_frame(&f(tag), &mut out);
+                }
+            }
+            let _ = tags(&out); // parses back into whole frames
+        }
+    }
+
     #[test]
     fn internal_queries_are_invisible() {
         let mut r = Relay::default();

@@ -88,7 +88,7 @@ pub enum FirstPacket {
 
 /// Decodes an untyped packet (length included).
 pub fn parse_first_packet(pkt: &[u8]) -> Result<FirstPacket, ProtocolError> {
-    let mut b = &pkt[4..];
+    let mut b = pkt.get(4..).unwrap_or_default();
     if b.len() < 4 {
         return Err(malformed("startup", "too short"));
     }
@@ -145,10 +145,10 @@ pub fn read_cbytes<'a>(b: &mut &'a [u8], what: &'static str) -> Result<&'a [u8],
     Ok(s)
 }
 
-/// The body of a typed frame.
+/// The body of a typed frame (empty if the frame is too short to have one).
 #[inline]
 pub fn body(frame: &[u8]) -> &[u8] {
-    &frame[5..]
+    frame.get(5..).unwrap_or_default()
 }
 
 /// A Parse message's parts.
@@ -477,6 +477,33 @@ mod tests {
             error_fields(&b),
             ("3D000".to_string(), "no such database".to_string())
         );
+    }
+
+    proptest::proptest! {
+        /// Whatever the bytes, decoding returns a value or an error, never panics.
+        #[test]
+        fn decoders_never_panic(
+            tag in proptest::prelude::any::<u8>(),
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+        ) {
+            let mut f = vec![tag];
+            f.extend(((body.len() + 4) as i32).to_be_bytes());
+            f.extend(&body);
+            proptest::prop_assert_eq!(frame_len(&f, 1 << 20).unwrap(), Some(f.len()));
+            let _ = frame_len(&body, 1 << 20);
+            let _ = startup_len(&body, 10_000);
+            let _ = parse_first_packet(&body);
+            let _ = parse_parse(&f);
+            let _ = parse_bind(&f);
+            let _ = parse_target(&f, "Describe");
+            let _ = parse_query(&f);
+            let _ = error_fields(&f);
+            if let Ok(q) = std::str::from_utf8(&body) {
+                for st in crate::router::split_statements(q) {
+                    let _ = crate::router::classify(st);
+                }
+            }
+        }
     }
 
     #[test]

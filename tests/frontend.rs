@@ -291,3 +291,20 @@ async fn check_command_validates_and_prints_topology() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("pool.size: must be at least 1"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn scram_user_with_a_stored_verifier() {
+    let verifier = postgres_protocol::password::scram_sha_256(b"v3r1f13d");
+    let yaml = base_yaml("transaction", 4).replace(
+        "users:\n",
+        &format!("users:\n  - {{ name: veri, password: '{verifier}' }}\n"),
+    );
+    let addr = start_proxy_yaml(&yaml);
+    let c = try_connect(addr, "veri", "v3r1f13d", "app").await.unwrap();
+    c.batch_execute("SELECT 1").await.unwrap();
+    let e = try_connect(addr, "veri", "nope", "app")
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(sqlstate(&e), "28P01");
+}

@@ -534,3 +534,61 @@ async fn md5_and_trust_users() {
     tokio::spawn(conn);
     c.batch_execute("SELECT 1").await.unwrap();
 }
+
+#[tokio::test]
+async fn a_server_connection_dying_affects_only_its_client() {
+    let addr = start_proxy_yaml(&base_yaml("transaction", 4));
+    let direct = connect_direct().await;
+    let bystander = connect(addr).await;
+    let victim = |name: &'static str| async move {
+        let (c, conn) = tokio_postgres::connect(
+            &format!(
+                "{} application_name={name}",
+                conn_str(addr, "app", "app", "app")
+            ),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        c
+    };
+    let kill = |name: &'static str| {
+        let direct = &direct;
+        async move {
+            let n: i64 = direct
+                .query_one(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+                    &[&name],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(n, 1, "one server connection runs {name}'s transaction");
+        }
+    };
+    // Killed while running a query: the query fails, the session goes on (transaction mode).
+    let a = victim("victim_a").await;
+    let running = tokio::spawn(async move {
+        let r = a.batch_execute("SELECT pg_sleep(30)").await;
+        (a, r)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    kill("victim_a").await;
+    let (a, r) = running.await.unwrap();
+    let code = sqlstate(&r.unwrap_err());
+    assert!(code == "57P01" || code == "08006", "{code}");
+    let one: i32 = a.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+    // Killed while idle in a transaction: the client learns it at its next statement (its
+    // connection ends, as with PostgreSQL itself).
+    let b = victim("victim_b").await;
+    b.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    kill("victim_b").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(b.batch_execute("SELECT 1").await.is_err());
+    // Nobody else noticed.
+    let one: i32 = bystander.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+    connect(addr).await.batch_execute("SELECT 1").await.unwrap();
+}

@@ -195,6 +195,9 @@ impl Session {
                 Got::Backend(Err(e)) => self.backend_lost(e.to_string()),
             }
             self.flush().await?;
+            if self.client_eof {
+                return Ok(());
+            }
         }
     }
 
@@ -709,7 +712,16 @@ impl Session {
         self.cancel.set(None);
         let due = self.relay.ready_due();
         self.relay = Relay::default();
-        PgError::new("08006", format!("server connection lost: {why}"))
+        let message = format!("server connection lost: {why}");
+        if self.mode == PoolMode::Session || (due == 0 && !self.in_batch) {
+            // Nothing is in flight: an unsolicited ERROR would be taken as the answer to the
+            // client's next request. PostgreSQL sends FATAL and closes; so do we. (In
+            // session mode the session's state is gone in any case.)
+            PgError::fatal("08006", message).write(&mut self.cout);
+            self.client_eof = true;
+            return;
+        }
+        PgError::new("08006", message)
             .with_hint("The transaction, if any, was rolled back; retry it.")
             .write(&mut self.cout);
         self.status = b'I';
