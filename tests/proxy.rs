@@ -518,6 +518,51 @@ async fn psql_and_pgbench_in_transaction_mode() {
 }
 
 #[tokio::test]
+async fn pgbench_in_session_mode() {
+    // Its own database: pgbench -i drops and recreates its tables.
+    let c = cluster();
+    c.psql(
+        c.shards[0].primary.port,
+        "postgres",
+        "CREATE DATABASE bench2 OWNER app",
+    )
+    .unwrap();
+    let yaml = base_yaml("session", 6).replace(
+        "  - name: app\n",
+        "  - name: app\n    server_database: bench2\n",
+    );
+    let port = start_proxy_yaml(&yaml).port().to_string();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("pgbench")
+            .args(["-h", "127.0.0.1", "-p", &port, "-U", "app"])
+            .args(args)
+            .arg("app")
+            .env("PGPASSWORD", "app")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "pgbench {args:?}: {text}");
+        text
+    };
+    run(&["-i", "-s", "1", "-q", "--foreign-keys"]);
+    for mode in ["simple", "extended", "prepared"] {
+        let text = run(&["-M", mode, "-c", "4", "-t", "100"]);
+        assert!(
+            text.contains("actually processed: 400/400"),
+            "-M {mode}: {text}"
+        );
+        assert!(
+            text.contains("number of failed transactions: 0"),
+            "-M {mode}: {text}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn md5_and_trust_users() {
     let addr = tx_proxy();
     let c = try_connect(addr, "m5", "m5pw", "app").await.unwrap();
