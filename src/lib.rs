@@ -11,3 +11,4 @@ pub mod local;
 pub mod pool;
 pub mod protocol;
 pub mod router;
+pub mod sharding;

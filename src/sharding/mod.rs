@@ -1,0 +1,3 @@
+//! Shard functions: which shard a key belongs to.
+
+pub mod hash;
