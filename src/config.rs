@@ -176,6 +176,104 @@ pub struct DatabaseConfig {
     pub shards: Vec<ShardConfig>,
     #[serde(default)]
     pub default_shard: usize,
+    /// Tables with a full copy on every shard.
+    #[serde(default)]
+    pub reference_tables: Vec<String>,
+    /// Tables split across shards by a key column.
+    #[serde(default)]
+    pub sharded_tables: Vec<ShardedTableConfig>,
+}
+
+/// How a table's rows are spread over shards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShardMethod {
+    /// PostgreSQL's hash partitioning of the key among the shards.
+    Hash,
+    /// `[from, to)` ranges of the key.
+    Range,
+    /// Lists of key values.
+    List,
+    /// A key -> shard lookup table kept in PostgreSQL (not implemented yet).
+    Directory,
+}
+
+/// One sharded table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardedTableConfig {
+    pub table: String,
+    pub column: String,
+    pub method: ShardMethod,
+    /// The key column's type: bigint/integer/smallint, numeric, text/varchar, date,
+    /// timestamp/timestamptz, uuid. Default: bigint for hash; for range and list inferred
+    /// from the bounds (integers, numbers, dates/timestamps, else text).
+    #[serde(default, rename = "type")]
+    pub key_type: Option<String>,
+    #[serde(default)]
+    pub ranges: Vec<RangeConfig>,
+    #[serde(default)]
+    pub lists: Vec<ListConfig>,
+    /// Where keys outside every range/list go; without it they are an error.
+    #[serde(default)]
+    pub default_shard: Option<usize>,
+    #[serde(default)]
+    pub directory: Option<yaml_serde::Value>,
+}
+
+/// `[from, to)`; a missing end is open.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RangeConfig {
+    #[serde(default)]
+    pub from: Option<yaml_serde::Value>,
+    #[serde(default)]
+    pub to: Option<yaml_serde::Value>,
+    pub shard: usize,
+}
+
+/// Values that go to one shard.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListConfig {
+    pub values: Vec<yaml_serde::Value>,
+    pub shard: usize,
+}
+
+impl ShardedTableConfig {
+    /// The key type, declared or inferred.
+    pub fn key_type(&self) -> crate::sharding::KeyType {
+        use crate::sharding::KeyType;
+        if let Some(t) = self.key_type.as_deref().and_then(KeyType::from_name) {
+            return t;
+        }
+        if self.method == ShardMethod::Hash {
+            return KeyType::Int;
+        }
+        let values: Vec<&yaml_serde::Value> = self
+            .ranges
+            .iter()
+            .flat_map(|r| r.from.iter().chain(r.to.iter()))
+            .chain(self.lists.iter().flat_map(|l| l.values.iter()))
+            .collect();
+        let all = |f: &dyn Fn(&yaml_serde::Value) -> bool| {
+            !values.is_empty() && values.iter().all(|v| f(v))
+        };
+        let text = |v: &yaml_serde::Value| match v {
+            yaml_serde::Value::String(s) => Some(s.clone()),
+            yaml_serde::Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        };
+        if all(&|v| v.as_i64().is_some()) {
+            KeyType::Int
+        } else if all(&|v| text(v).is_some_and(|t| KeyType::Timestamp.parse_text(&t).is_ok())) {
+            KeyType::Timestamp
+        } else if all(&|v| text(v).is_some_and(|t| KeyType::Numeric.parse_text(&t).is_ok())) {
+            KeyType::Numeric
+        } else {
+            KeyType::Text
+        }
+    }
 }
 
 impl DatabaseConfig {
@@ -318,6 +416,49 @@ impl Config {
                             format!("{addr} is used by another node of this database"),
                         ));
                     }
+                }
+            }
+            let mut tables = HashSet::new();
+            for (t, st) in d.sharded_tables.iter().enumerate() {
+                let tkey = format!("{key}.sharded_tables[{t}]");
+                if st.table.is_empty() || st.column.is_empty() {
+                    return Err(invalid(&tkey, "table and column must not be empty"));
+                }
+                if !tables.insert(st.table.to_ascii_lowercase()) {
+                    return Err(invalid(
+                        format!("{tkey}.table"),
+                        format!("table '{}' is listed twice", st.table),
+                    ));
+                }
+                if let Some(ty) = &st.key_type
+                    && crate::sharding::KeyType::from_name(ty).is_none()
+                {
+                    return Err(invalid(
+                        format!("{tkey}.type"),
+                        format!(
+                            "unknown type '{ty}' (bigint, integer, smallint, numeric, text, varchar, date, timestamp, timestamptz, uuid)"
+                        ),
+                    ));
+                }
+                if st.method == ShardMethod::Directory {
+                    return Err(invalid(
+                        format!("{tkey}.method"),
+                        "directory sharding is not implemented yet (hash, range and list are)",
+                    ));
+                }
+                crate::sharding::ShardFn::new(st, d.shards.len(), &tkey).map_err(|e| {
+                    ConfigError::Invalid {
+                        key: e.split_once(": ").map(|x| x.0).unwrap_or(&tkey).to_string(),
+                        problem: e.split_once(": ").map(|x| x.1).unwrap_or(&e).to_string(),
+                    }
+                })?;
+            }
+            for (t, rt) in d.reference_tables.iter().enumerate() {
+                if tables.contains(&rt.to_ascii_lowercase()) {
+                    return Err(invalid(
+                        format!("{key}.reference_tables[{t}]"),
+                        format!("'{rt}' is also a sharded table"),
+                    ));
                 }
             }
             if d.default_shard >= d.shards.len() {

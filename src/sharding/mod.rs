@@ -1,3 +1,338 @@
-//! Shard functions: which shard a key belongs to.
+//! Shard functions: which shard a key belongs to. Keys are typed values (integers,
+//! numerics, text, dates, timestamps, uuids), compared as such, never as strings of digits.
 
 pub mod hash;
+pub mod value;
+
+use crate::config::{ShardMethod, ShardedTableConfig};
+use std::collections::HashMap;
+pub use value::{KeyType, Value};
+
+/// Why a key has no shard.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ShardError {
+    #[error("value {value} of {column} is in no configured range and no default shard is set")]
+    OutOfRange { column: String, value: String },
+    #[error("value {value} of {column} is in no configured list and no default shard is set")]
+    NotListed { column: String, value: String },
+    #[error("invalid value for shard key {column} ({ty}): {detail}")]
+    BadValue {
+        column: String,
+        ty: &'static str,
+        detail: String,
+    },
+    #[error("shard key {0} is NULL")]
+    Null(String),
+}
+
+/// How one table is sharded.
+#[derive(Debug, Clone)]
+pub struct ShardFn {
+    pub table: String,
+    pub column: String,
+    pub ty: KeyType,
+    kind: Kind,
+}
+
+#[derive(Debug, Clone)]
+enum Kind {
+    Hash,
+    /// `[from, to)` ranges, sorted by `from`; `None` is an open end.
+    Range {
+        ranges: Vec<(Option<Value>, Option<Value>, usize)>,
+        default: Option<usize>,
+    },
+    List {
+        map: HashMap<Value, usize>,
+        default: Option<usize>,
+    },
+}
+
+impl ShardFn {
+    /// Builds and validates a table's shard function; `key` names the config entry in errors.
+    pub fn new(cfg: &ShardedTableConfig, shards: usize, key: &str) -> Result<ShardFn, String> {
+        let ty = cfg.key_type();
+        let check_shard = |s: usize, k: String| {
+            if s >= shards {
+                Err(format!(
+                    "{k}: shard {s} does not exist (there are {shards} shards, numbered from 0)"
+                ))
+            } else {
+                Ok(s)
+            }
+        };
+        let parse = |v: &yaml_serde::Value, k: &str| -> Result<Value, String> {
+            let text = match v {
+                yaml_serde::Value::String(s) => s.clone(),
+                yaml_serde::Value::Number(n) => n.to_string(),
+                yaml_serde::Value::Bool(b) => b.to_string(),
+                other => return Err(format!("{k}: {other:?} is not a {} value", ty.name())),
+            };
+            ty.parse_text(&text)
+                .map_err(|e| format!("{k}: '{text}' is not a valid {} value: {e}", ty.name()))
+        };
+        if let Some(d) = cfg.default_shard {
+            check_shard(d, format!("{key}.default_shard"))?;
+        }
+        let kind = match cfg.method {
+            ShardMethod::Directory => {
+                return Err(format!(
+                    "{key}.method: directory sharding is not implemented yet (hash, range and list are)"
+                ));
+            }
+            ShardMethod::Hash => {
+                if !matches!(ty, KeyType::Int | KeyType::Text | KeyType::Uuid) {
+                    return Err(format!(
+                        "{key}.type: hash sharding supports bigint/integer/smallint, text/varchar and uuid keys, not {}",
+                        ty.name()
+                    ));
+                }
+                Kind::Hash
+            }
+            ShardMethod::Range => {
+                if cfg.ranges.is_empty() {
+                    return Err(format!("{key}.ranges: at least one range is required"));
+                }
+                let mut ranges = Vec::new();
+                for (i, r) in cfg.ranges.iter().enumerate() {
+                    let k = format!("{key}.ranges[{i}]");
+                    let from = r
+                        .from
+                        .as_ref()
+                        .map(|v| parse(v, &format!("{k}.from")))
+                        .transpose()?;
+                    let to =
+                        r.to.as_ref()
+                            .map(|v| parse(v, &format!("{k}.to")))
+                            .transpose()?;
+                    if let (Some(f), Some(t)) = (&from, &to)
+                        && f >= t
+                    {
+                        return Err(format!(
+                            "{k}: from must be below to (ranges are [from, to))"
+                        ));
+                    }
+                    ranges.push((from, to, check_shard(r.shard, format!("{k}.shard"))?));
+                }
+                ranges.sort_by(|a, b| match (&a.0, &b.0) {
+                    (None, None) => std::cmp::Ordering::Equal,
+                    (None, _) => std::cmp::Ordering::Less,
+                    (_, None) => std::cmp::Ordering::Greater,
+                    (Some(x), Some(y)) => x.cmp(y),
+                });
+                // Adjacent ranges must neither overlap nor leave gaps (unless a default
+                // shard takes the gaps).
+                for w in ranges.windows(2) {
+                    let (a, b) = (&w[0], &w[1]);
+                    match (&a.1, &b.0) {
+                        (None, _) | (_, None) => {
+                            return Err(format!(
+                                "{key}.ranges: ranges overlap (more than one open end on the same side)"
+                            ));
+                        }
+                        (Some(to), Some(from)) if to > from => {
+                            return Err(format!("{key}.ranges: ranges overlap around {from}"));
+                        }
+                        (Some(to), Some(from)) if to < from && cfg.default_shard.is_none() => {
+                            return Err(format!(
+                                "{key}.ranges: gap between {to} and {from}; close it or set default_shard"
+                            ));
+                        }
+                        _ => {}
+                    }
+                }
+                Kind::Range {
+                    ranges,
+                    default: cfg.default_shard,
+                }
+            }
+            ShardMethod::List => {
+                if cfg.lists.is_empty() {
+                    return Err(format!("{key}.lists: at least one list is required"));
+                }
+                let mut map = HashMap::new();
+                for (i, l) in cfg.lists.iter().enumerate() {
+                    let k = format!("{key}.lists[{i}]");
+                    let s = check_shard(l.shard, format!("{k}.shard"))?;
+                    for v in &l.values {
+                        let v = parse(v, &format!("{k}.values"))?;
+                        if map.insert(v.clone(), s).is_some() {
+                            return Err(format!("{k}.values: {v} is listed twice"));
+                        }
+                    }
+                }
+                Kind::List {
+                    map,
+                    default: cfg.default_shard,
+                }
+            }
+        };
+        Ok(ShardFn {
+            table: cfg.table.to_ascii_lowercase(),
+            column: cfg.column.to_ascii_lowercase(),
+            ty,
+            kind,
+        })
+    }
+
+    /// The shard of a key value.
+    pub fn shard_of(&self, v: &Value, shards: usize) -> Result<usize, ShardError> {
+        match &self.kind {
+            Kind::Hash => {
+                let key = match v {
+                    Value::Int(i) => hash::HashKey::Int(*i),
+                    Value::Text(t) => hash::HashKey::Text(t.as_bytes()),
+                    Value::Uuid(u) => hash::HashKey::Uuid(*u),
+                    Value::Null => return Err(ShardError::Null(self.column.clone())),
+                    other => {
+                        return Err(ShardError::BadValue {
+                            column: self.column.clone(),
+                            ty: self.ty.name(),
+                            detail: format!("{other} cannot be hashed as {}", self.ty.name()),
+                        });
+                    }
+                };
+                Ok(hash::partition_of(&key, shards as u64) as usize)
+            }
+            Kind::Range { ranges, default } => {
+                if *v == Value::Null {
+                    return default.ok_or_else(|| ShardError::Null(self.column.clone()));
+                }
+                ranges
+                    .iter()
+                    .find(|(from, to, _)| {
+                        from.as_ref().is_none_or(|f| v >= f) && to.as_ref().is_none_or(|t| v < t)
+                    })
+                    .map(|r| r.2)
+                    .or(*default)
+                    .ok_or_else(|| ShardError::OutOfRange {
+                        column: self.column.clone(),
+                        value: v.to_string(),
+                    })
+            }
+            Kind::List { map, default } => {
+                map.get(v)
+                    .copied()
+                    .or(*default)
+                    .ok_or_else(|| ShardError::NotListed {
+                        column: self.column.clone(),
+                        value: v.to_string(),
+                    })
+            }
+        }
+    }
+
+    /// The shard of a key given as text (a literal or a text-format parameter).
+    pub fn shard_of_text(&self, text: &str, shards: usize) -> Result<usize, ShardError> {
+        let v = self
+            .ty
+            .parse_text(text)
+            .map_err(|detail| ShardError::BadValue {
+                column: self.column.clone(),
+                ty: self.ty.name(),
+                detail,
+            })?;
+        self.shard_of(&v, shards)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ShardedTableConfig;
+
+    fn table(yaml: &str) -> Result<ShardFn, String> {
+        let cfg: ShardedTableConfig = yaml_serde::from_str(yaml).unwrap();
+        ShardFn::new(&cfg, 3, "sharded_tables[0]")
+    }
+
+    #[test]
+    fn range_on_dates_and_timestamps_compares_typed_values() {
+        let f = table(
+            "{ table: events, column: created_at, method: range, type: timestamp, ranges: [ { to: '2026-01-01', shard: 0 }, { from: '2026-01-01', to: '2026-07-01', shard: 1 }, { from: '2026-07-01', shard: 2 } ] }",
+        )
+        .unwrap();
+        assert_eq!(f.shard_of_text("2025-12-31 23:59:59.999999", 3), Ok(0));
+        assert_eq!(f.shard_of_text("2026-01-01", 3), Ok(1));
+        assert_eq!(f.shard_of_text("2026-06-30T12:00:00", 3), Ok(1));
+        assert_eq!(f.shard_of_text("2027-01-01 00:00:00+00", 3), Ok(2));
+        assert!(f.shard_of_text("not a date", 3).is_err());
+    }
+
+    #[test]
+    fn range_on_integers_is_numeric_not_lexical() {
+        let f = table(
+            "{ table: t, column: id, method: range, type: bigint, ranges: [ { to: 100, shard: 0 }, { from: 100, to: 1000, shard: 1 }, { from: 1000, shard: 2 } ] }",
+        )
+        .unwrap();
+        assert_eq!(f.shard_of_text("99", 3), Ok(0));
+        assert_eq!(f.shard_of_text("100", 3), Ok(1));
+        assert_eq!(f.shard_of_text("999", 3), Ok(1));
+        assert_eq!(f.shard_of_text("1000", 3), Ok(2));
+        assert_eq!(f.shard_of_text("-5", 3), Ok(0));
+        let f = table(
+            "{ table: t, column: amount, method: range, type: numeric, ranges: [ { to: '10.5', shard: 0 }, { from: '10.5', shard: 1 } ] }",
+        )
+        .unwrap();
+        assert_eq!(f.shard_of_text("9.99", 3), Ok(0));
+        assert_eq!(f.shard_of_text("10.50", 3), Ok(1));
+        assert_eq!(f.shard_of_text("100", 3), Ok(1));
+        assert_eq!(f.shard_of_text("-100.5", 3), Ok(0));
+    }
+
+    #[test]
+    fn range_validation_names_the_problem() {
+        let e = table("{ table: t, column: id, method: range, type: bigint, ranges: [ { to: 10, shard: 0 }, { from: 5, shard: 1 } ] }").unwrap_err();
+        assert!(e.contains("overlap"), "{e}");
+        let e = table("{ table: t, column: id, method: range, type: bigint, ranges: [ { to: 10, shard: 0 }, { from: 20, shard: 1 } ] }").unwrap_err();
+        assert!(e.contains("gap between 10 and 20"), "{e}");
+        let f = table("{ table: t, column: id, method: range, type: bigint, default_shard: 2, ranges: [ { to: 10, shard: 0 }, { from: 20, shard: 1 } ] }").unwrap();
+        assert_eq!(f.shard_of_text("15", 3), Ok(2));
+        let e = table("{ table: t, column: id, method: range, type: bigint, ranges: [ { to: 10, shard: 5 } ] }").unwrap_err();
+        assert!(
+            e.starts_with("sharded_tables[0].ranges[0].shard: shard 5 does not exist"),
+            "{e}"
+        );
+        let e = table("{ table: t, column: id, method: range, type: date, ranges: [ { to: 'soon', shard: 0 } ] }").unwrap_err();
+        assert!(
+            e.contains("ranges[0].to: 'soon' is not a valid date"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn list_with_and_without_default() {
+        let f = table("{ table: accounts, column: region, method: list, type: text, lists: [ { values: [eu, uk], shard: 0 }, { values: [us, ca], shard: 1 } ] }").unwrap();
+        assert_eq!(f.shard_of_text("uk", 3), Ok(0));
+        assert_eq!(f.shard_of_text("ca", 3), Ok(1));
+        assert!(matches!(
+            f.shard_of_text("jp", 3),
+            Err(ShardError::NotListed { .. })
+        ));
+        let f = table("{ table: accounts, column: region, method: list, type: text, default_shard: 2, lists: [ { values: [eu], shard: 0 } ] }").unwrap();
+        assert_eq!(f.shard_of_text("jp", 3), Ok(2));
+        let f = table("{ table: t, column: n, method: list, type: integer, lists: [ { values: [1, 2], shard: 1 } ] }").unwrap();
+        assert_eq!(
+            f.shard_of_text("02", 3),
+            Ok(1),
+            "integers compare as integers"
+        );
+    }
+
+    #[test]
+    fn hash_uses_the_column_type() {
+        let int = table("{ table: users, column: id, method: hash }").unwrap();
+        let text = table("{ table: users, column: id, method: hash, type: text }").unwrap();
+        assert_eq!(
+            int.shard_of_text("42", 3).unwrap() as u64,
+            hash::partition_of(&hash::HashKey::Int(42), 3)
+        );
+        assert_eq!(
+            text.shard_of_text("42", 3).unwrap() as u64,
+            hash::partition_of(&hash::HashKey::Text(b"42"), 3)
+        );
+        assert!(int.shard_of_text("forty-two", 3).is_err());
+        let e = table("{ table: t, column: c, method: hash, type: date }").unwrap_err();
+        assert!(e.contains("hash sharding supports"), "{e}");
+    }
+}

@@ -1,0 +1,402 @@
+//! Typed shard-key values, parsed from SQL literals and from Bind parameters (text or
+//! binary format), compared as PostgreSQL compares them.
+
+use std::cmp::Ordering;
+use std::fmt;
+
+/// The type of a shard-key column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyType {
+    /// smallint, integer, bigint (they hash alike in PostgreSQL).
+    Int,
+    Numeric,
+    Text,
+    Date,
+    /// timestamp and timestamptz (with an offset, converted to UTC).
+    Timestamp,
+    Uuid,
+}
+
+/// A key value.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Value {
+    Null,
+    Int(i64),
+    Numeric(Decimal),
+    Text(String),
+    /// Days since 1970-01-01.
+    Date(i64),
+    /// Microseconds since 1970-01-01 00:00:00 (UTC when an offset was given).
+    Timestamp(i64),
+    Uuid([u8; 16]),
+}
+
+impl fmt::Display for Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Value::Null => write!(f, "NULL"),
+            Value::Int(i) => write!(f, "{i}"),
+            Value::Numeric(d) => write!(f, "{d}"),
+            Value::Text(t) => write!(f, "'{t}'"),
+            Value::Date(d) => {
+                let (y, m, dd) = civil_from_days(*d);
+                write!(f, "{y:04}-{m:02}-{dd:02}")
+            }
+            Value::Timestamp(us) => {
+                let days = us.div_euclid(86_400_000_000);
+                let rem = us.rem_euclid(86_400_000_000);
+                let (y, m, d) = civil_from_days(days);
+                let s = rem / 1_000_000;
+                write!(
+                    f,
+                    "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+                    s / 3600,
+                    s / 60 % 60,
+                    s % 60
+                )?;
+                if rem % 1_000_000 != 0 {
+                    write!(f, ".{:06}", rem % 1_000_000)?;
+                }
+                Ok(())
+            }
+            Value::Uuid(u) => {
+                for (i, b) in u.iter().enumerate() {
+                    if matches!(i, 4 | 6 | 8 | 10) {
+                        write!(f, "-")?;
+                    }
+                    write!(f, "{b:02x}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl KeyType {
+    /// Parses a configuration type name.
+    pub fn from_name(name: &str) -> Option<KeyType> {
+        Some(match name.trim().to_ascii_lowercase().as_str() {
+            "bigint" | "int8" | "integer" | "int" | "int4" | "smallint" | "int2" => KeyType::Int,
+            "numeric" | "decimal" => KeyType::Numeric,
+            "text" | "varchar" | "character varying" => KeyType::Text,
+            "date" => KeyType::Date,
+            "timestamp"
+            | "timestamptz"
+            | "timestamp with time zone"
+            | "timestamp without time zone" => KeyType::Timestamp,
+            "uuid" => KeyType::Uuid,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyType::Int => "integer",
+            KeyType::Numeric => "numeric",
+            KeyType::Text => "text",
+            KeyType::Date => "date",
+            KeyType::Timestamp => "timestamp",
+            KeyType::Uuid => "uuid",
+        }
+    }
+
+    /// Parses the text form of a value (as in a literal or a text-format parameter).
+    pub fn parse_text(self, s: &str) -> Result<Value, String> {
+        match self {
+            KeyType::Text => Ok(Value::Text(s.to_string())),
+            KeyType::Int => s
+                .trim()
+                .parse::<i64>()
+                .map(Value::Int)
+                .map_err(|_| "not an integer".to_string()),
+            KeyType::Numeric => Decimal::parse(s.trim()).map(Value::Numeric),
+            KeyType::Date => parse_date(s.trim()).map(Value::Date),
+            KeyType::Timestamp => parse_timestamp(s.trim()).map(Value::Timestamp),
+            KeyType::Uuid => parse_uuid(s.trim()).map(Value::Uuid),
+        }
+    }
+
+    /// Parses the binary form of a parameter, for the PostgreSQL type `oid` the client
+    /// declared (0: unknown, taken as this key type's natural binary form).
+    pub fn parse_binary(self, b: &[u8], oid: u32) -> Result<Value, String> {
+        const PG_EPOCH_DAYS: i64 = 10_957; // 2000-01-01 in days since 1970-01-01
+        match (self, b.len()) {
+            (KeyType::Int, 2) => Ok(Value::Int(i16::from_be_bytes([b[0], b[1]]) as i64)),
+            (KeyType::Int, 4) => Ok(Value::Int(
+                i32::from_be_bytes([b[0], b[1], b[2], b[3]]) as i64
+            )),
+            (KeyType::Int, 8) => Ok(Value::Int(i64::from_be_bytes(b.try_into().expect("8")))),
+            (KeyType::Text, _) => std::str::from_utf8(b)
+                .map(|s| Value::Text(s.to_string()))
+                .map_err(|_| "text is not valid UTF-8".to_string()),
+            (KeyType::Uuid, 16) => Ok(Value::Uuid(b.try_into().expect("16"))),
+            (KeyType::Date, 4) => Ok(Value::Date(
+                i32::from_be_bytes([b[0], b[1], b[2], b[3]]) as i64 + PG_EPOCH_DAYS,
+            )),
+            (KeyType::Timestamp, 8) => Ok(Value::Timestamp(
+                i64::from_be_bytes(b.try_into().expect("8")) + PG_EPOCH_DAYS * 86_400_000_000,
+            )),
+            (KeyType::Numeric, _) => Err(
+                "binary numeric parameters are not supported for shard keys; send it as text"
+                    .into(),
+            ),
+            _ => Err(format!(
+                "a {}-byte binary parameter (type oid {oid}) is not a {}",
+                b.len(),
+                self.name()
+            )),
+        }
+    }
+}
+
+/// An exact decimal, normalized so that equal values are equal structs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Decimal {
+    neg: bool,
+    /// Integer digits without leading zeros.
+    int: String,
+    /// Fraction digits without trailing zeros.
+    frac: String,
+}
+
+impl Decimal {
+    pub fn parse(s: &str) -> Result<Decimal, String> {
+        let (neg, body) = match s.strip_prefix('-') {
+            Some(r) => (true, r),
+            None => (false, s.strip_prefix('+').unwrap_or(s)),
+        };
+        let (int, frac) = body.split_once('.').unwrap_or((body, ""));
+        if (int.is_empty() && frac.is_empty())
+            || !int.bytes().all(|c| c.is_ascii_digit())
+            || !frac.bytes().all(|c| c.is_ascii_digit())
+        {
+            return Err("not a number".into());
+        }
+        let int = int.trim_start_matches('0').to_string();
+        let frac = frac.trim_end_matches('0').to_string();
+        let zero = int.is_empty() && frac.is_empty();
+        Ok(Decimal {
+            neg: neg && !zero,
+            int,
+            frac,
+        })
+    }
+
+    fn cmp_abs(&self, o: &Decimal) -> Ordering {
+        self.int
+            .len()
+            .cmp(&o.int.len())
+            .then_with(|| self.int.cmp(&o.int))
+            .then_with(|| self.frac.cmp(&o.frac))
+    }
+}
+
+impl Ord for Decimal {
+    fn cmp(&self, o: &Self) -> Ordering {
+        match (self.neg, o.neg) {
+            (false, true) => Ordering::Greater,
+            (true, false) => Ordering::Less,
+            (false, false) => self.cmp_abs(o),
+            (true, true) => o.cmp_abs(self),
+        }
+    }
+}
+
+impl PartialOrd for Decimal {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+
+impl fmt::Display for Decimal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let int = if self.int.is_empty() { "0" } else { &self.int };
+        write!(f, "{}{int}", if self.neg { "-" } else { "" })?;
+        if !self.frac.is_empty() {
+            write!(f, ".{}", self.frac)?;
+        }
+        Ok(())
+    }
+}
+
+/// Days since 1970-01-01 of a civil date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m as i64 + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d as i64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+fn num(s: &str, what: &str) -> Result<u32, String> {
+    if s.is_empty() || !s.bytes().all(|c| c.is_ascii_digit()) {
+        return Err(format!("bad {what}"));
+    }
+    s.parse().map_err(|_| format!("bad {what}"))
+}
+
+fn parse_date(s: &str) -> Result<i64, String> {
+    let mut it = s.splitn(3, '-');
+    let (y, m, d) = (it.next(), it.next(), it.next());
+    let (Some(y), Some(m), Some(d)) = (y, m, d) else {
+        return Err("expected YYYY-MM-DD".into());
+    };
+    if y.len() != 4 {
+        return Err("expected YYYY-MM-DD".into());
+    }
+    let (y, m, d) = (num(y, "year")? as i64, num(m, "month")?, num(d, "day")?);
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let mdays = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if !(1..=12).contains(&m) || d == 0 || d > mdays[m as usize - 1] {
+        return Err("no such date".into());
+    }
+    Ok(days_from_civil(y, m, d))
+}
+
+fn parse_timestamp(s: &str) -> Result<i64, String> {
+    if s.len() < 10 {
+        return Err("expected YYYY-MM-DD[ HH:MM[:SS[.ffffff]]][offset]".into());
+    }
+    let days = parse_date(&s[..10])?;
+    let mut rest = s[10..].trim_start_matches([' ', 'T']);
+    // Offset: Z, +HH, +HH:MM, -HHMM.
+    let mut offset_s: i64 = 0;
+    if let Some(r) = rest.strip_suffix('Z') {
+        rest = r;
+    } else if let Some(p) = rest.rfind(['+', '-']) {
+        let (t, off) = rest.split_at(p);
+        let sign = if off.starts_with('-') { -1 } else { 1 };
+        let digits: String = off[1..].chars().filter(|c| *c != ':').collect();
+        let (h, m) = match digits.len() {
+            2 => (num(&digits, "offset")?, 0),
+            4 => (num(&digits[..2], "offset")?, num(&digits[2..], "offset")?),
+            _ => return Err("bad offset".into()),
+        };
+        offset_s = sign * (h as i64 * 3600 + m as i64 * 60);
+        rest = t;
+    }
+    let mut micros: i64 = 0;
+    if !rest.is_empty() {
+        let (hms, frac) = rest.split_once('.').unwrap_or((rest, ""));
+        let mut parts = hms.split(':');
+        let h = num(parts.next().unwrap_or(""), "hour")?;
+        let m = num(parts.next().ok_or("bad time")?, "minute")?;
+        let sec = parts
+            .next()
+            .map(|p| num(p, "second"))
+            .transpose()?
+            .unwrap_or(0);
+        if h > 24 || m > 59 || sec > 60 || parts.next().is_some() || frac.len() > 6 {
+            return Err("bad time".into());
+        }
+        let frac_us = if frac.is_empty() {
+            0
+        } else {
+            num(frac, "fraction")? as i64 * 10i64.pow(6 - frac.len() as u32)
+        };
+        micros = ((h as i64 * 60 + m as i64) * 60 + sec as i64) * 1_000_000 + frac_us;
+    }
+    Ok(days * 86_400_000_000 + micros - offset_s * 1_000_000)
+}
+
+fn parse_uuid(s: &str) -> Result<[u8; 16], String> {
+    let hex: Vec<u8> = s
+        .trim_start_matches('{')
+        .trim_end_matches('}')
+        .bytes()
+        .filter(|c| *c != b'-')
+        .collect();
+    if hex.len() != 32 {
+        return Err("expected 32 hex digits".into());
+    }
+    let mut out = [0u8; 16];
+    for (i, pair) in hex.chunks(2).enumerate() {
+        let t = std::str::from_utf8(pair).map_err(|_| "bad hex")?;
+        out[i] = u8::from_str_radix(t, 16).map_err(|_| "bad hex digit")?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_and_timestamps_round_trip() {
+        for s in ["1970-01-01", "2000-02-29", "2026-11-22", "1899-12-31"] {
+            let d = parse_date(s).unwrap();
+            assert_eq!(Value::Date(d).to_string(), s);
+        }
+        assert!(parse_date("2026-02-29").is_err());
+        let t = KeyType::Timestamp
+            .parse_text("2026-01-01 10:30:00.25+02")
+            .unwrap();
+        assert_eq!(t.to_string(), "2026-01-01 08:30:00.250000");
+        assert_eq!(
+            KeyType::Timestamp
+                .parse_text("2026-01-01T00:00:00Z")
+                .unwrap(),
+            KeyType::Timestamp.parse_text("2026-01-01").unwrap()
+        );
+    }
+
+    #[test]
+    fn decimals_compare_numerically() {
+        let d = |s: &str| Decimal::parse(s).unwrap();
+        assert!(d("9.99") < d("10"));
+        assert!(d("-10") < d("-9.5"));
+        assert_eq!(d("10.500"), d("10.5"));
+        assert_eq!(d("-0.0"), d("0"));
+        assert!(d("0.001") > d("0"));
+        assert!(Decimal::parse("1e5").is_err());
+    }
+
+    #[test]
+    fn binary_parameters() {
+        assert_eq!(
+            KeyType::Int.parse_binary(&7i32.to_be_bytes(), 23),
+            Ok(Value::Int(7))
+        );
+        assert_eq!(
+            KeyType::Int.parse_binary(&(-7i64).to_be_bytes(), 20),
+            Ok(Value::Int(-7))
+        );
+        assert_eq!(
+            KeyType::Date.parse_binary(&0i32.to_be_bytes(), 1082),
+            KeyType::Date.parse_text("2000-01-01")
+        );
+        assert!(KeyType::Int.parse_binary(&[1, 2, 3], 0).is_err());
+        let u = KeyType::Uuid
+            .parse_text("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11")
+            .unwrap();
+        assert_eq!(u.to_string(), "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11");
+    }
+}
