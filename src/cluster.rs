@@ -59,7 +59,7 @@ impl Topology {
                     .collect();
                 let db = Database {
                     config: d.clone(),
-                    router: Router::new(d.default_shard),
+                    router: Router::new(d),
                     shards,
                 };
                 (d.name.clone(), Arc::new(db))

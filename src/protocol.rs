@@ -215,6 +215,59 @@ pub fn parse_bind(frame: &[u8]) -> Result<Bind<'_>, ProtocolError> {
     })
 }
 
+/// A Bind's parameters: per parameter whether it is binary, and its value (None = NULL).
+pub type BindParams<'a> = (Vec<bool>, Vec<Option<&'a [u8]>>);
+
+/// Decodes the parameters in the `rest` of a Bind (after the two names).
+pub fn bind_params(rest: &[u8]) -> Result<BindParams<'_>, ProtocolError> {
+    let bad = |d: &str| malformed("Bind", d.to_string());
+    let mut b = rest;
+    let mut take = |n: usize| -> Result<&[u8], ProtocolError> {
+        if b.len() < n {
+            return Err(bad("truncated"));
+        }
+        let (x, r) = b.split_at(n);
+        b = r;
+        Ok(x)
+    };
+    let nfmt = u16::from_be_bytes(take(2)?.try_into().expect("2")) as usize;
+    let mut fmts = Vec::with_capacity(nfmt);
+    for _ in 0..nfmt {
+        fmts.push(i16::from_be_bytes(take(2)?.try_into().expect("2")) == 1);
+    }
+    let n = u16::from_be_bytes(take(2)?.try_into().expect("2")) as usize;
+    let mut values = Vec::with_capacity(n);
+    for _ in 0..n {
+        let len = i32::from_be_bytes(take(4)?.try_into().expect("4"));
+        values.push(if len < 0 {
+            None
+        } else {
+            Some(take(len as usize)?)
+        });
+    }
+    let binary = match fmts.len() {
+        0 => vec![false; n],
+        1 => vec![fmts[0]; n],
+        k if k == n => fmts,
+        _ => {
+            return Err(bad(
+                "format count matches neither 0, 1 nor the parameter count",
+            ));
+        }
+    };
+    Ok((binary, values))
+}
+
+/// The parameter type OIDs of a Parse's raw type list.
+pub fn parse_oids(types: &[u8]) -> Vec<u32> {
+    types
+        .get(2..)
+        .unwrap_or_default()
+        .chunks_exact(4)
+        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
 /// Builds a Bind frame from its parts.
 pub fn write_bind(out: &mut BytesMut, portal: &[u8], stmt: &[u8], rest: &[u8]) {
     let len = 4 + portal.len() + 1 + stmt.len() + 1 + rest.len();
@@ -469,6 +522,22 @@ mod tests {
     }
 
     #[test]
+    fn bind_parameters_decode() {
+        let mut c = BytesMut::new();
+        let mut rest = vec![0, 1, 0, 1, 0, 2];
+        rest.extend(4i32.to_be_bytes());
+        rest.extend(7i32.to_be_bytes());
+        rest.extend((-1i32).to_be_bytes());
+        rest.extend([0, 0]);
+        write_bind(&mut c, b"", b"s", &rest);
+        let b = parse_bind(&c).unwrap();
+        let (binary, values) = bind_params(b.rest).unwrap();
+        assert_eq!(binary, vec![true, true]);
+        assert_eq!(values, vec![Some(&7i32.to_be_bytes()[..]), None]);
+        assert_eq!(parse_oids(&[0, 1, 0, 0, 0, 20]), vec![20]);
+    }
+
+    #[test]
     fn errors_encode_sqlstate() {
         let mut b = BytesMut::new();
         PgError::new("3D000", "no such database").write(&mut b);
@@ -494,7 +563,10 @@ mod tests {
             let _ = startup_len(&body, 10_000);
             let _ = parse_first_packet(&body);
             let _ = parse_parse(&f);
-            let _ = parse_bind(&f);
+            if let Ok(b) = parse_bind(&f) {
+                let _ = bind_params(b.rest);
+            }
+            let _ = parse_oids(&body);
             let _ = parse_target(&f, "Describe");
             let _ = parse_query(&f);
             let _ = error_fields(&f);

@@ -183,7 +183,8 @@ impl ShardFn {
                     Value::Int(i) => hash::HashKey::Int(*i),
                     Value::Text(t) => hash::HashKey::Text(t.as_bytes()),
                     Value::Uuid(u) => hash::HashKey::Uuid(*u),
-                    Value::Null => return Err(ShardError::Null(self.column.clone())),
+                    // PostgreSQL's hash partitioning ignores NULLs: the row hash is 0.
+                    Value::Null => return Ok(0),
                     other => {
                         return Err(ShardError::BadValue {
                             column: self.column.clone(),

@@ -15,6 +15,8 @@ use crate::router::{Plan, Role};
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
 
+pub mod scatter;
+
 /// Checks out a server connection for a plan.
 pub async fn checkout(db: &Database, plan: Plan) -> Result<Pooled, PoolError> {
     let shard = &db.shards[plan.shard];

@@ -6,6 +6,8 @@
 //! Everything read in one go is handled, and what it produced is written with one write per
 //! direction: writes are batched until the peer would wait.
 
+mod route;
+
 use super::{CancelSlot, ClientReader, ClientWriter};
 use crate::cluster::Database;
 use crate::config::PoolMode;
@@ -70,6 +72,9 @@ pub struct Session {
     in_copy: bool,
     statements: HashMap<Bytes, Stmt>,
     client_eof: bool,
+    /// The shard of the attached server connection.
+    shard: usize,
+    route: route::RouteState,
 }
 
 /// Fingerprint of a settings list; 0 means "server defaults".
@@ -134,6 +139,8 @@ impl Session {
             in_copy: false,
             statements: HashMap::new(),
             client_eof: false,
+            shard: 0,
+            route: route::RouteState::default(),
         }
     }
 
@@ -257,7 +264,7 @@ impl Session {
             b'X' => return Ok(true),
             b'Q' => self.on_query(frame).await?,
             b'F' => {
-                if self.attach().await {
+                if self.attach(self.home_shard()).await {
                     self.relay.push(Pending::Query);
                     self.bout.extend_from_slice(&frame);
                 } else {
@@ -270,6 +277,10 @@ impl Session {
                 self.bout.extend_from_slice(&frame);
             }
             b'S' => {
+                if self.holding() && !self.local_skip {
+                    let home = self.home_shard();
+                    self.release_held(home).await?;
+                }
                 self.local_skip = false;
                 self.in_batch = false;
                 if self.backend.is_some() {
@@ -345,7 +356,10 @@ impl Session {
             protocol::write_ready(&mut self.cout, self.status);
             return Ok(());
         }
-        if !self.attach().await {
+        if self.db.router.is_sharded() {
+            return self.route_query(frame).await;
+        }
+        if !self.attach(self.home_shard()).await {
             protocol::write_ready(&mut self.cout, self.status);
             return Ok(());
         }
@@ -375,6 +389,16 @@ impl Session {
 
     /// Parse, Bind, Describe, Close, Execute, Flush.
     async fn on_extended(&mut self, frame: Bytes) -> Result<(), SessionError> {
+        if self.db.router.is_sharded() {
+            self.route_extended(frame).await
+        } else {
+            self.forward_extended(frame).await
+        }
+    }
+
+    /// An extended-protocol message for the attached server (attaching the home shard's
+    /// when none is).
+    async fn forward_extended(&mut self, frame: Bytes) -> Result<(), SessionError> {
         let tag = frame[0];
         if self.backend.is_none() {
             // A Close of a client statement needs no server in transaction mode.
@@ -389,7 +413,7 @@ impl Session {
             if tag == b'H' {
                 return Ok(());
             }
-            if !self.attach().await {
+            if !self.attach(self.home_shard()).await {
                 self.local_skip = true;
                 return Ok(());
             }
@@ -562,38 +586,43 @@ impl Session {
     }
 
     /// Attaches a server connection if none is; on failure the client got the error.
-    async fn attach(&mut self) -> bool {
+    async fn attach(&mut self, shard: usize) -> bool {
         if self.backend.is_some() {
             return true;
         }
         // Boxed: the checkout future is large, and building it in place would make every
         // per-frame future as large (and as costly to move).
-        Box::pin(self.attach_new()).await
+        Box::pin(self.attach_new(shard)).await
     }
 
-    async fn attach_new(&mut self) -> bool {
-        let plan = self.db.router.plan();
+    /// The statement that gives a server connection this client's session settings.
+    fn settings_sql(&self) -> String {
+        let mut sql = String::from("RESET ALL");
+        if !self.settings.is_empty() {
+            sql.push_str("; SELECT ");
+            let calls: Vec<String> = self
+                .settings
+                .iter()
+                .map(|(k, v)| format!("pg_catalog.set_config({}, {}, false)", lit(k), lit(v)))
+                .collect();
+            sql.push_str(&calls.join(", "));
+        }
+        sql
+    }
+
+    async fn attach_new(&mut self, shard: usize) -> bool {
+        let plan = self.db.router.plan(shard);
         match exec::checkout(&self.db, plan).await {
             Ok(mut b) => {
                 if b.settings != self.settings_fp {
-                    let mut sql = String::from("RESET ALL");
-                    if !self.settings.is_empty() {
-                        sql.push_str("; SELECT ");
-                        let calls: Vec<String> = self
-                            .settings
-                            .iter()
-                            .map(|(k, v)| {
-                                format!("pg_catalog.set_config({}, {}, false)", lit(k), lit(v))
-                            })
-                            .collect();
-                        sql.push_str(&calls.join(", "));
-                    }
+                    let sql = self.settings_sql();
                     self.relay.push(Pending::Internal);
                     protocol::write_query(&mut self.bout, &sql);
                     b.settings = self.settings_fp;
                 }
                 self.cancel.set(Some((b.addr, b.pid, b.secret)));
                 self.backend = Some(b);
+                self.shard = shard;
                 true
             }
             Err(e) => {

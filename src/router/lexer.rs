@@ -1,44 +1,7 @@
-//! Statement analysis and routing: from SQL text and session state to a [`Plan`].
-//!
-//! This routing is one rule (everything to `default_shard`'s primary); what is here
-//! already is the seam later routing hangs on, plus the light-weight statement classification
-//! the session needs for pooling (session settings, LISTEN, DEALLOCATE). The classifier is a
-//! small lexer rather than a SQL parser on purpose: it must never fail on statements a full
-//! parser cannot read (`DO $$...$$`, `COPY ... WITH (freeze on)`), and it runs per statement.
-
-/// Which node of a shard a statement goes to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    Primary,
-    Replica,
-}
-
-/// Where a statement runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Plan {
-    pub shard: usize,
-    pub role: Role,
-}
-
-/// Routes statements of one database.
-#[derive(Debug, Clone)]
-pub struct Router {
-    default_shard: usize,
-}
-
-impl Router {
-    pub fn new(default_shard: usize) -> Router {
-        Router { default_shard }
-    }
-
-    /// The plan for a statement (or a batch of extended-protocol messages).
-    pub fn plan(&self) -> Plan {
-        Plan {
-            shard: self.default_shard,
-            role: Role::Primary,
-        }
-    }
-}
+//! The light-weight statement classification the session needs for pooling (session
+//! settings, LISTEN, DEALLOCATE) and for splitting query strings. A small lexer rather than
+//! a SQL parser on purpose: it must never fail on statements a full parser cannot read
+//! (`DO $$...$$`, `COPY ... WITH (freeze on)`), and it runs on every statement.
 
 /// What the pooling layer needs to know about one statement.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,0 +1,447 @@
+//! Routing inside a session: which shard each statement (or extended-protocol batch) runs
+//! on, switching server connections between transactions, and statements that need
+//! several shards. Only used when the database has sharding rules.
+//!
+//! Extended-protocol messages are held while no server connection is attached, until a
+//! message tells where the batch goes (a Bind, with its parameter values), so that the
+//! whole batch reaches one server in order and PostgreSQL itself answers every message.
+
+use super::{Pending, Session, SessionError};
+use crate::config::PoolMode;
+use crate::exec::scatter;
+use crate::protocol::{self, PgError};
+use crate::router::{self, Analysis, Kind, Params, Route, RouteError};
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Statements analyses kept per session (the analysis is a pure function of the text).
+const CACHE_LIMIT: usize = 1024;
+
+/// A session's routing state.
+#[derive(Default)]
+pub(super) struct RouteState {
+    cache: HashMap<String, Result<Arc<Analysis>, String>>,
+    /// `SET pgshard.shard = N`, until `RESET pgshard.shard`.
+    forced: Option<usize>,
+    /// Extended-protocol frames waiting for a routing decision.
+    held: Vec<Bytes>,
+    /// Statement name -> (query, parameter types), to route Binds; "" is the unnamed one.
+    texts: HashMap<Bytes, (Bytes, Bytes)>,
+}
+
+/// Where a statement goes.
+pub(super) enum Dest {
+    Shard(usize),
+    Multi(Vec<usize>, Arc<Analysis>),
+}
+
+fn route_err(e: RouteError) -> PgError {
+    PgError::new(e.sqlstate(), e.to_string())
+}
+
+fn cross_shard_txn(from: usize, to: &[usize]) -> PgError {
+    PgError::new(
+        "0A000",
+        format!(
+            "this transaction runs on shard {from}; the statement needs shard(s) {to:?}"
+        ),
+    )
+    .with_hint("Transactions over several shards need two-phase commit, which pgshard does not have yet; keep a transaction's statements on one shard key.")
+}
+
+/// `SET pgshard.shard = N` / `RESET pgshard.shard`: Some(Some(n)), Some(None), or None if
+/// the statement is something else.
+fn pgshard_set(sql: &str) -> Option<Result<Option<usize>, String>> {
+    let s = sql.trim().trim_end_matches(';').trim();
+    let lower = s.to_ascii_lowercase();
+    if lower == "reset pgshard.shard" {
+        return Some(Ok(None));
+    }
+    let rest = lower.strip_prefix("set ")?.trim_start();
+    let rest = rest.strip_prefix("session ").unwrap_or(rest).trim_start();
+    let v = rest.strip_prefix("pgshard.shard")?.trim_start();
+    let v = v
+        .strip_prefix('=')
+        .or_else(|| v.strip_prefix("to "))?
+        .trim()
+        .trim_matches('\'');
+    Some(v.parse::<usize>().map(Some).map_err(|_| v.to_string()))
+}
+
+/// Whether the text names a sharded or reference table anywhere (used for statements the
+/// parser cannot read: those that do not may safely run on the default shard).
+fn mentions_routed_table(sql: &str, rules: &router::Rules) -> bool {
+    sql.split(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .filter(|w| !w.is_empty())
+        .any(|w| {
+            let w = w.to_ascii_lowercase();
+            rules.table(&w).is_some() || rules.is_reference(&w)
+        })
+}
+
+impl Session {
+    fn analysis(&mut self, sql: &str) -> Result<Arc<Analysis>, String> {
+        if let Some(a) = self.route.cache.get(sql) {
+            return a.clone();
+        }
+        let a = router::analyze::analyze(sql, &self.db.router.rules).map(Arc::new);
+        if self.route.cache.len() >= CACHE_LIMIT {
+            self.route.cache.clear();
+        }
+        self.route.cache.insert(sql.to_string(), a.clone());
+        a
+    }
+
+    /// The shard statements without a shard key of their own go to.
+    pub(super) fn home_shard(&self) -> usize {
+        if self.backend.is_some() {
+            self.shard
+        } else {
+            self.route.forced.unwrap_or(self.db.router.default_shard())
+        }
+    }
+
+    /// Where a statement must run.
+    fn decide(&mut self, sql: &str, params: &Params<'_>) -> Result<Dest, PgError> {
+        if let Some(h) = router::hint(sql) {
+            let s = h
+                .and_then(|s| self.db.router.check_shard(s))
+                .map_err(route_err)?;
+            return Ok(Dest::Shard(s));
+        }
+        if let Some(s) = self.route.forced {
+            return Ok(Dest::Shard(s));
+        }
+        let a = match self.analysis(sql) {
+            Ok(a) => a,
+            Err(parse_error) => {
+                // Never fail a statement only because the parser could not read it.
+                if self.backend.is_some() && self.status != b'I'
+                    || !mentions_routed_table(sql, &self.db.router.rules)
+                {
+                    return Ok(Dest::Shard(self.home_shard()));
+                }
+                let head: String = sql.chars().take(80).collect();
+                return Err(PgError::new(
+                    "0A000",
+                    format!("pgshard cannot route this statement ({parse_error}): {head}"),
+                )
+                .with_hint("Add a /* pgshard: shard=N */ comment, or SET pgshard.shard = N."));
+            }
+        };
+        let route = self.db.router.resolve(&a, params).map_err(route_err)?;
+        if let Some((t, new)) = &a.key_update {
+            let f = &self.db.router.rules.tables[*t];
+            let new_shard = match new {
+                Some(k) => {
+                    let only = Analysis {
+                        target: router::Target::Keys(vec![(*t, k.clone())]),
+                        ..(*a).clone()
+                    };
+                    match self.db.router.resolve(&only, params).map_err(route_err)? {
+                        Route::Shards(v) => v.first().copied(),
+                        Route::Default => None,
+                    }
+                }
+                None => None,
+            };
+            let same = matches!((&route, new_shard), (Route::Shards(v), Some(n)) if v == &[n]);
+            if !same {
+                return Err(PgError::new(
+                    "0A000",
+                    format!(
+                        "UPDATE of shard key {}.{} could move rows to another shard",
+                        f.table, f.column
+                    ),
+                )
+                .with_hint("Delete the row and insert it with its new key instead."));
+            }
+        }
+        Ok(match route {
+            Route::Default => Dest::Shard(self.home_shard()),
+            Route::Shards(v) if v.len() == 1 => Dest::Shard(v[0]),
+            Route::Shards(v) => Dest::Multi(v, a),
+        })
+    }
+
+    /// Waits until the attached server has answered everything sent to it.
+    async fn settle(&mut self) -> Result<(), SessionError> {
+        while self.backend.is_some() && !self.relay.idle() {
+            self.flush().await?;
+            let Some(b) = self.backend.as_mut() else {
+                break;
+            };
+            match b.fill().await {
+                Ok(()) => self.handle_backend_frames(),
+                Err(e) => self.backend_lost(e.to_string()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives back the attached server connection between transactions.
+    async fn detach(&mut self) {
+        let Some(mut b) = self.backend.take() else {
+            return;
+        };
+        self.cancel.set(None);
+        if self.mode == PoolMode::Session {
+            // Session state does not follow the client to another shard.
+            if b.run_quiet("DISCARD ALL").await.is_err() {
+                b.broken = true;
+            }
+            b.prepared.clear();
+            b.settings = 0;
+        } else if self.settings_dirty {
+            Box::pin(self.release_dirty(b)).await;
+        }
+    }
+
+    /// Makes `shard`'s server the attached one. False when the client already got an
+    /// error (a transaction open elsewhere, or no server connection).
+    async fn use_shard(&mut self, shard: usize) -> Result<bool, SessionError> {
+        if self.backend.is_some() && self.shard != shard {
+            if self.status != b'I' || self.in_batch {
+                return Ok(false);
+            }
+            self.settle().await?;
+            self.detach().await;
+        }
+        Ok(self.attach(shard).await)
+    }
+
+    /// A simple Query on a sharded database.
+    pub(super) async fn route_query(&mut self, frame: Bytes) -> Result<(), SessionError> {
+        let sql = protocol::parse_query(&frame)?.to_string();
+        if let Some(set) = pgshard_set(&sql) {
+            match set {
+                Ok(Some(s)) if s >= self.db.router.shards() => self.answer_error(route_err(
+                    RouteError::NoSuchShard(s, self.db.router.shards()),
+                )),
+                Ok(v) => {
+                    self.route.forced = v;
+                    let tag: &[u8] = if v.is_some() { b"SET\0" } else { b"RESET\0" };
+                    self.relay.drain_local(&mut self.cout);
+                    protocol::write_msg(&mut self.cout, b'C', tag);
+                    protocol::write_ready(&mut self.cout, self.status);
+                }
+                Err(v) => self.answer_error(PgError::new(
+                    "22023",
+                    format!("pgshard.shard must be a shard number, not '{v}'"),
+                )),
+            }
+            return Ok(());
+        }
+        match self.decide(&sql, &Params::default()) {
+            Err(e) => self.answer_error(e),
+            Ok(Dest::Shard(s)) => {
+                if self.backend.is_some() && self.shard != s && self.status != b'I' {
+                    let e = cross_shard_txn(self.shard, &[s]);
+                    self.answer_error(e);
+                    return Ok(());
+                }
+                if !self.use_shard(s).await? {
+                    protocol::write_ready(&mut self.cout, self.status);
+                    return Ok(());
+                }
+                self.relay.push(Pending::Query);
+                self.bout.extend_from_slice(&frame);
+            }
+            Ok(Dest::Multi(shards, a)) => self.run_multi(&sql, shards, &a).await?,
+        }
+        Ok(())
+    }
+
+    /// A statement over several shards (simple protocol, outside a transaction).
+    async fn run_multi(
+        &mut self,
+        sql: &str,
+        shards: Vec<usize>,
+        a: &Analysis,
+    ) -> Result<(), SessionError> {
+        if self.backend.is_some() && self.status != b'I' {
+            let e = cross_shard_txn(self.shard, &shards);
+            self.answer_error(e);
+            return Ok(());
+        }
+        let merge = match (a.kind, &a.merge) {
+            (Kind::Ddl, _) => None,
+            (Kind::Read | Kind::Other, Some(Ok(spec))) => Some(spec.clone()),
+            (Kind::Read | Kind::Other, Some(Err(why))) => {
+                self.answer_error(PgError::new("0A000", why.clone()));
+                return Ok(());
+            }
+            (Kind::Read | Kind::Other, None) => {
+                self.answer_error(PgError::new(
+                    "0A000",
+                    "a query string with several statements over several shards is not supported yet; send them one by one",
+                ));
+                return Ok(());
+            }
+            (Kind::Write, _) => {
+                self.answer_error(
+                    PgError::new(
+                        "0A000",
+                        format!("this write needs shards {shards:?}; writes over several shards need two-phase commit, which pgshard does not have yet"),
+                    )
+                    .with_hint("Write one shard key at a time, or add a shard key condition."),
+                );
+                return Ok(());
+            }
+        };
+        self.settle().await?;
+        let prelude = self.settings_sql();
+        let results =
+            scatter::run_on_shards(&self.db, &shards, sql, Some(&prelude), self.settings_fp).await;
+        self.relay.drain_local(&mut self.cout);
+        let out = results.and_then(|r| match &merge {
+            Some(spec) => scatter::merge_select(r, spec),
+            None => Ok(scatter::broadcast_result(r)),
+        });
+        match out {
+            Ok(bytes) => self.cout.extend_from_slice(&bytes),
+            Err(e) => e.write(&mut self.cout),
+        }
+        protocol::write_ready(&mut self.cout, self.status);
+        Ok(())
+    }
+
+    /// Parse, Bind, Describe, Close, Execute, Flush on a sharded database.
+    pub(super) async fn route_extended(&mut self, frame: Bytes) -> Result<(), SessionError> {
+        let tag = frame[0];
+        if tag == b'P' {
+            let p = protocol::parse_parse(&frame)?;
+            if self.route.texts.len() >= CACHE_LIMIT {
+                self.route.texts.clear();
+            }
+            self.route.texts.insert(
+                Bytes::copy_from_slice(p.name),
+                (frame.slice_ref(p.query), frame.slice_ref(p.types)),
+            );
+        }
+        if self.backend.is_none() {
+            match tag {
+                b'P' | b'D' => {
+                    self.route.held.push(frame);
+                    return Ok(());
+                }
+                b'C' if !self.route.held.is_empty() => {
+                    self.route.held.push(frame);
+                    return Ok(());
+                }
+                b'B' => {
+                    let dest = self.decide_bind(&frame)?;
+                    let shard = match &dest {
+                        Ok(Dest::Shard(s)) => *s,
+                        _ => self.home_shard(),
+                    };
+                    if !self.release_held(shard).await? {
+                        return Ok(());
+                    }
+                    match dest {
+                        Ok(Dest::Shard(_)) => {}
+                        Ok(Dest::Multi(shards, _)) => {
+                            self.local_error(PgError::new(
+                                "0A000",
+                                format!("this statement needs shards {shards:?}; statements over several shards work with the simple query protocol only, so far"),
+                            ));
+                            return Ok(());
+                        }
+                        Err(e) => {
+                            self.local_error(e);
+                            return Ok(());
+                        }
+                    }
+                }
+                _ => {
+                    let home = self.home_shard();
+                    if !self.release_held(home).await? {
+                        return Ok(());
+                    }
+                }
+            }
+        } else if tag == b'B' {
+            match self.decide_bind(&frame)? {
+                Ok(Dest::Shard(s)) if s == self.shard => {}
+                Ok(Dest::Shard(s)) if self.status == b'I' && !self.in_batch => {
+                    if !self.use_shard(s).await? {
+                        self.local_skip = true;
+                        return Ok(());
+                    }
+                }
+                Ok(Dest::Shard(s)) => {
+                    let e = cross_shard_txn(self.shard, &[s]);
+                    self.local_error(e);
+                    return Ok(());
+                }
+                Ok(Dest::Multi(shards, _)) => {
+                    self.local_error(PgError::new(
+                        "0A000",
+                        format!("this statement needs shards {shards:?}; statements over several shards work with the simple query protocol only, so far"),
+                    ));
+                    return Ok(());
+                }
+                Err(e) => {
+                    self.local_error(e);
+                    return Ok(());
+                }
+            }
+        }
+        self.forward_extended(frame).await
+    }
+
+    /// Attaches `shard` and sends the held frames to it. False when attaching failed (the
+    /// client got the error and the batch is skipped until Sync).
+    pub(super) async fn release_held(&mut self, shard: usize) -> Result<bool, SessionError> {
+        if !self.attach(shard).await {
+            self.route.held.clear();
+            self.local_skip = true;
+            return Ok(false);
+        }
+        for f in std::mem::take(&mut self.route.held) {
+            self.forward_extended(f).await?;
+        }
+        Ok(true)
+    }
+
+    /// Whether any frames wait for a routing decision.
+    pub(super) fn holding(&self) -> bool {
+        !self.route.held.is_empty()
+    }
+
+    /// Where a Bind's statement goes, with its parameter values.
+    fn decide_bind(&mut self, frame: &Bytes) -> Result<Result<Dest, PgError>, SessionError> {
+        let b = protocol::parse_bind(frame)?;
+        let Some((query, types)) = self.route.texts.get(b.stmt).cloned() else {
+            return Ok(Ok(Dest::Shard(self.home_shard())));
+        };
+        let (binary, values) = protocol::bind_params(b.rest)?;
+        let params = Params {
+            values,
+            binary,
+            oids: protocol::parse_oids(&types),
+        };
+        let Ok(sql) = std::str::from_utf8(&query) else {
+            return Ok(Ok(Dest::Shard(self.home_shard())));
+        };
+        Ok(self.decide(sql, &params))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_pgshard_shard_forms() {
+        assert_eq!(pgshard_set("SET pgshard.shard = 1"), Some(Ok(Some(1))));
+        assert_eq!(
+            pgshard_set("set session pgshard.shard to '0';"),
+            Some(Ok(Some(0)))
+        );
+        assert_eq!(pgshard_set("RESET pgshard.shard"), Some(Ok(None)));
+        assert!(matches!(pgshard_set("SET pgshard.shard = x"), Some(Err(_))));
+        assert_eq!(pgshard_set("SET search_path = x"), None);
+    }
+}

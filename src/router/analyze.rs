@@ -1,0 +1,856 @@
+//! What a statement touches: which sharded tables, with which shard-key values (literals
+//! or `$n` parameters), found with sqlparser. The result depends only on the statement text
+//! and the sharding rules, so the session caches it by text and resolves parameters per Bind.
+
+use super::Rules;
+use sqlparser::ast::{
+    AssignmentTarget, BinaryOperator, Expr, FromTable, ObjectName, ObjectNamePart, Query, Select,
+    SetExpr, Statement, TableFactor, TableObject, TableWithJoins, UnaryOperator, Value,
+};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
+use std::collections::HashMap;
+
+/// A shard-key value as written in the statement.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum KeyRef {
+    Literal(String),
+    /// `$n`, zero-based.
+    Param(usize),
+    Null,
+}
+
+/// Which shards a statement needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// No sharded table: `default_shard` (or wherever the transaction is).
+    Default,
+    /// The shards of these (table, key) pairs.
+    Keys(Vec<(usize, KeyRef)>),
+    /// Sharded (or reference) tables without a usable key: every shard.
+    All,
+}
+
+/// What kind of statement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    Other,
+    Read,
+    Write,
+    Ddl,
+}
+
+/// The routing-relevant facts of a statement (or a query string).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Analysis {
+    pub target: Target,
+    pub kind: Kind,
+    /// An UPDATE that assigns a shard key: (table, new value when it is a literal/param).
+    pub key_update: Option<(usize, Option<KeyRef>)>,
+    /// A write to a reference table (it must go to every shard).
+    pub writes_reference: bool,
+    /// Number of statements in the text.
+    pub statements: usize,
+    /// For a single SELECT: how to merge its results from several shards, or why pgshard
+    /// cannot do that yet.
+    pub merge: Option<Result<MergeSpec, String>>,
+}
+
+/// How rows from several shards combine into the client's result.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MergeSpec {
+    pub order: Vec<OrderKey>,
+    pub limit: Option<u64>,
+}
+
+/// One ORDER BY key, by output column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderKey {
+    pub col: OrderCol,
+    pub desc: bool,
+    pub nulls_first: bool,
+}
+
+/// An output column, by 0-based position or by name (resolved against RowDescription).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OrderCol {
+    Position(usize),
+    Name(String),
+}
+
+/// Analyzes a query string (one or more statements).
+pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, String> {
+    let stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql).map_err(|e| e.to_string())?;
+    let mut out = Analysis {
+        target: Target::Default,
+        kind: Kind::Other,
+        key_update: None,
+        writes_reference: false,
+        statements: stmts.len(),
+        merge: match stmts.as_slice() {
+            [Statement::Query(q)] => Some(merge_spec(q)),
+            _ => None,
+        },
+    };
+    for st in &stmts {
+        let a = statement(st, rules)?;
+        out.kind = out.kind.max(a.kind);
+        out.key_update = out.key_update.or(a.key_update);
+        out.writes_reference |= a.writes_reference;
+        out.target = match (
+            std::mem::replace(&mut out.target, Target::Default),
+            a.target,
+        ) {
+            (Target::All, _) | (_, Target::All) => Target::All,
+            (Target::Default, t) | (t, Target::Default) => t,
+            (Target::Keys(mut a), Target::Keys(b)) => {
+                a.extend(b);
+                Target::Keys(a)
+            }
+        };
+    }
+    Ok(out)
+}
+
+/// Collects the sharded tables a statement reads or writes, and key predicates on them.
+#[derive(Default)]
+struct Collector {
+    /// Sharded tables seen (by rule index).
+    seen: Vec<usize>,
+    keys: Vec<(usize, KeyRef)>,
+    reference: bool,
+    kind: Option<Kind>,
+}
+
+fn name_of(n: &ObjectName) -> Option<String> {
+    match n.0.last()? {
+        ObjectNamePart::Identifier(id) => Some(if id.quote_style.is_some() {
+            id.value.clone()
+        } else {
+            id.value.to_ascii_lowercase()
+        }),
+        _ => None,
+    }
+}
+
+fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
+    let mut c = Collector::default();
+    let mut key_update = None;
+    let mut kind = Kind::Other;
+    match st {
+        Statement::Query(q) => {
+            kind = if q.locks.is_empty() {
+                Kind::Read
+            } else {
+                Kind::Write
+            };
+            query(q, rules, &mut c);
+        }
+        Statement::Insert(ins) => {
+            kind = Kind::Write;
+            insert(ins, rules, &mut c)?;
+        }
+        Statement::Update(u) => {
+            kind = Kind::Write;
+            let mut scope = Vec::new();
+            relation(&u.table, rules, &mut c, &mut scope);
+            if let Some(from) = &u.from {
+                let tables = match from {
+                    sqlparser::ast::UpdateTableFromKind::BeforeSet(t)
+                    | sqlparser::ast::UpdateTableFromKind::AfterSet(t) => t,
+                };
+                for t in tables {
+                    relation(t, rules, &mut c, &mut scope);
+                }
+            }
+            if let Some(sel) = &u.selection {
+                where_keys(sel, rules, &scope, &mut c);
+            }
+            if let TableFactor::Table { name, .. } = &u.table.relation
+                && let Some(idx) = name_of(name).and_then(|n| rules.table(&n))
+            {
+                for a in &u.assignments {
+                    if let AssignmentTarget::ColumnName(col) = &a.target
+                        && name_of(col).as_deref() == Some(rules.tables[idx].column.as_str())
+                    {
+                        key_update = Some((idx, value_of(&a.value)));
+                    }
+                }
+            }
+        }
+        Statement::Delete(d) => {
+            kind = Kind::Write;
+            let mut scope = Vec::new();
+            let tables = match &d.from {
+                FromTable::WithFromKeyword(t) | FromTable::WithoutKeyword(t) => t,
+            };
+            for t in tables.iter().chain(d.using.iter().flatten()) {
+                relation(t, rules, &mut c, &mut scope);
+            }
+            if let Some(sel) = &d.selection {
+                where_keys(sel, rules, &scope, &mut c);
+            }
+        }
+        Statement::CreateTable(ct) => {
+            kind = Kind::Ddl;
+            ddl_names(std::iter::once(&ct.name), rules, &mut c);
+        }
+        Statement::CreateIndex(ci) => {
+            kind = Kind::Ddl;
+            ddl_names(std::iter::once(&ci.table_name), rules, &mut c);
+        }
+        Statement::AlterTable(at) => {
+            kind = Kind::Ddl;
+            ddl_names(std::iter::once(&at.name), rules, &mut c);
+        }
+        Statement::Drop { names, .. } => {
+            kind = Kind::Ddl;
+            ddl_names(names.iter(), rules, &mut c);
+        }
+        Statement::Truncate(t) => {
+            kind = Kind::Write;
+            ddl_names(t.table_names.iter().map(|t| &t.name), rules, &mut c);
+        }
+        _ => {}
+    }
+    let kind = c.kind.map_or(kind, |k| k.max(kind));
+    let target = if c.reference && kind >= Kind::Write {
+        Target::All
+    } else if c.seen.is_empty() {
+        Target::Default
+    } else if c.keys.is_empty() || kind == Kind::Ddl {
+        Target::All
+    } else {
+        // Tables without a key of their own are taken to be co-located with the keyed ones
+        // (joined on the shard key), as with Citus's and Vitess's co-location.
+        Target::Keys(c.keys)
+    };
+    Ok(Analysis {
+        target,
+        kind,
+        key_update,
+        writes_reference: c.reference && kind >= Kind::Write,
+        statements: 1,
+        merge: None,
+    })
+}
+
+/// What pgshard can merge today: plain rows, ORDER BY output columns, LIMIT. Anything whose
+/// per-shard results do not simply combine (aggregates, GROUP BY, DISTINCT, OFFSET, set
+/// operations, window functions) is refused rather than answered wrongly.
+fn merge_spec(q: &Query) -> Result<MergeSpec, String> {
+    let unsupported = |what: &str| {
+        Err(format!(
+            "{what} across shards is not supported yet; add a shard key condition or a /* pgshard: shard=N */ hint"
+        ))
+    };
+    let SetExpr::Select(sel) = &*q.body else {
+        return unsupported("a set operation (UNION/INTERSECT/EXCEPT)");
+    };
+    if sel.distinct.is_some() {
+        return unsupported("DISTINCT");
+    }
+    let grouped = match &sel.group_by {
+        sqlparser::ast::GroupByExpr::All(_) => true,
+        sqlparser::ast::GroupByExpr::Expressions(e, _) => !e.is_empty(),
+    };
+    if grouped || sel.having.is_some() {
+        return unsupported("GROUP BY");
+    }
+    let mut items = Vec::new();
+    for item in &sel.projection {
+        let (e, alias) = match item {
+            sqlparser::ast::SelectItem::UnnamedExpr(e) => (e, None),
+            sqlparser::ast::SelectItem::ExprWithAlias { expr, alias } => (expr, Some(alias)),
+            _ => continue,
+        };
+        if has_aggregate(e) {
+            return unsupported("an aggregate or window function");
+        }
+        items.push((e.to_string(), alias.map(|a| a.value.to_ascii_lowercase())));
+    }
+    let mut spec = MergeSpec::default();
+    if let Some(ob) = &q.order_by {
+        let sqlparser::ast::OrderByKind::Expressions(exprs) = &ob.kind else {
+            return unsupported("ORDER BY ALL");
+        };
+        for o in exprs {
+            let desc = matches!(o.options.sort, Some(sqlparser::ast::OrderBySort::Desc));
+            let col = match &o.expr {
+                Expr::Value(v) => match &v.value {
+                    Value::Number(n, _) => match n.parse::<usize>() {
+                        Ok(k) if k >= 1 => OrderCol::Position(k - 1),
+                        _ => return unsupported("ORDER BY a constant"),
+                    },
+                    _ => return unsupported("ORDER BY a constant"),
+                },
+                Expr::Identifier(id) => OrderCol::Name(id.value.to_ascii_lowercase()),
+                Expr::CompoundIdentifier(ids) => {
+                    OrderCol::Name(ids[ids.len() - 1].value.to_ascii_lowercase())
+                }
+                e => {
+                    let text = e.to_string();
+                    match items.iter().position(|(t, _)| *t == text) {
+                        Some(p) => OrderCol::Position(p),
+                        None => {
+                            return unsupported(
+                                "ORDER BY an expression that is not an output column",
+                            );
+                        }
+                    }
+                }
+            };
+            spec.order.push(OrderKey {
+                col,
+                desc,
+                // PostgreSQL's default: NULLs sort as larger than any value.
+                nulls_first: o.options.nulls_first.unwrap_or(desc),
+            });
+        }
+    }
+    match &q.limit_clause {
+        None => {}
+        Some(sqlparser::ast::LimitClause::LimitOffset {
+            limit: None,
+            offset: None,
+            ..
+        }) => {}
+        Some(sqlparser::ast::LimitClause::LimitOffset {
+            limit: Some(l),
+            offset: None,
+            ..
+        }) => match value_of(l) {
+            Some(KeyRef::Literal(n)) => {
+                spec.limit = Some(
+                    n.parse()
+                        .map_err(|_| "LIMIT must be a number".to_string())?,
+                )
+            }
+            Some(KeyRef::Null) => {}
+            _ => return unsupported("LIMIT with a parameter"),
+        },
+        Some(_) => return unsupported("OFFSET"),
+    }
+    if q.fetch.is_some() {
+        return unsupported("FETCH FIRST");
+    }
+    Ok(spec)
+}
+
+fn has_aggregate(e: &Expr) -> bool {
+    const AGGREGATES: &[&str] = &[
+        "count",
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "array_agg",
+        "string_agg",
+        "bool_and",
+        "bool_or",
+        "every",
+        "json_agg",
+        "jsonb_agg",
+        "json_object_agg",
+        "jsonb_object_agg",
+        "bit_and",
+        "bit_or",
+        "stddev",
+        "stddev_pop",
+        "stddev_samp",
+        "variance",
+        "var_pop",
+        "var_samp",
+        "percentile_cont",
+        "percentile_disc",
+        "mode",
+        "corr",
+        "covar_pop",
+        "covar_samp",
+        "regr_count",
+        "xmlagg",
+        "range_agg",
+    ];
+    match e {
+        Expr::Function(f) => {
+            f.over.is_some()
+                || name_of(&f.name).is_some_and(|n| AGGREGATES.contains(&n.as_str()))
+                || match &f.args {
+                    sqlparser::ast::FunctionArguments::List(l) => l.args.iter().any(|a| match a {
+                        sqlparser::ast::FunctionArg::Unnamed(
+                            sqlparser::ast::FunctionArgExpr::Expr(x),
+                        ) => has_aggregate(x),
+                        _ => false,
+                    }),
+                    _ => false,
+                }
+        }
+        Expr::BinaryOp { left, right, .. } => has_aggregate(left) || has_aggregate(right),
+        Expr::Nested(x) | Expr::UnaryOp { expr: x, .. } | Expr::Cast { expr: x, .. } => {
+            has_aggregate(x)
+        }
+        _ => false,
+    }
+}
+
+fn ddl_names<'a>(names: impl Iterator<Item = &'a ObjectName>, rules: &Rules, c: &mut Collector) {
+    for n in names {
+        if let Some(n) = name_of(n) {
+            if let Some(i) = rules.table(&n) {
+                c.seen.push(i);
+            } else if rules.is_reference(&n) {
+                c.reference = true;
+            }
+        }
+    }
+}
+
+fn insert(ins: &sqlparser::ast::Insert, rules: &Rules, c: &mut Collector) -> Result<(), String> {
+    let TableObject::TableName(name) = &ins.table else {
+        return Ok(());
+    };
+    let Some(n) = name_of(name) else {
+        return Ok(());
+    };
+    if rules.is_reference(&n) {
+        c.reference = true;
+    }
+    let Some(idx) = rules.table(&n) else {
+        if let Some(src) = &ins.source {
+            query(src, rules, c);
+        }
+        return Ok(());
+    };
+    c.seen.push(idx);
+    let col = &rules.tables[idx].column;
+    let pos = ins
+        .columns
+        .iter()
+        .position(|cn| name_of(cn).as_deref() == Some(col.as_str()));
+    let Some(src) = &ins.source else {
+        return Ok(());
+    };
+    match (&*src.body, pos) {
+        (SetExpr::Values(v), Some(pos)) => {
+            for row in &v.rows {
+                match row.content.get(pos).and_then(value_of) {
+                    Some(k) => c.keys.push((idx, k)),
+                    // A computed key: we cannot tell its shard.
+                    None => {
+                        return Err(format!(
+                            "cannot route INSERT into sharded table {n}: its shard key {col} must be a literal or a parameter"
+                        ));
+                    }
+                }
+            }
+        }
+        (SetExpr::Values(_), None) if ins.columns.is_empty() => {
+            return Err(format!(
+                "INSERT into sharded table {n} must name its columns (pgshard finds the shard key {col} by name)"
+            ));
+        }
+        (SetExpr::Values(_), None) => {
+            return Err(format!(
+                "INSERT into sharded table {n} must give its shard key {col}"
+            ));
+        }
+        _ => {
+            query(src, rules, c);
+        }
+    }
+    Ok(())
+}
+
+/// A query: its CTEs, its body, and (for the target) nothing else.
+fn query(q: &Query, rules: &Rules, c: &mut Collector) {
+    if let Some(with) = &q.with {
+        for cte in &with.cte_tables {
+            query(&cte.query, rules, c);
+        }
+    }
+    if !q.locks.is_empty() {
+        c.kind = Some(c.kind.map_or(Kind::Write, |k| k.max(Kind::Write)));
+    }
+    set_expr(&q.body, rules, c);
+}
+
+fn set_expr(s: &SetExpr, rules: &Rules, c: &mut Collector) {
+    match s {
+        SetExpr::Select(sel) => select(sel, rules, c),
+        SetExpr::Query(q) => query(q, rules, c),
+        SetExpr::SetOperation { left, right, .. } => {
+            set_expr(left, rules, c);
+            set_expr(right, rules, c);
+        }
+        SetExpr::Insert(st) | SetExpr::Update(st) | SetExpr::Delete(st) | SetExpr::Merge(st) => {
+            // A data-modifying CTE.
+            c.kind = Some(Kind::Write);
+            if let Ok(a) = statement(st, rules) {
+                match a.target {
+                    Target::Keys(k) => {
+                        c.seen.extend(k.iter().map(|x| x.0));
+                        c.keys.extend(k);
+                    }
+                    Target::All => c.seen.push(usize::MAX),
+                    Target::Default => {}
+                }
+                c.reference |= a.writes_reference;
+            }
+        }
+        _ => {}
+    }
+}
+
+fn select(sel: &Select, rules: &Rules, c: &mut Collector) {
+    let mut scope = Vec::new();
+    for t in &sel.from {
+        relation(t, rules, c, &mut scope);
+    }
+    if let Some(w) = &sel.selection {
+        where_keys(w, rules, &scope, c);
+    }
+}
+
+/// Tables in a FROM item; sharded ones enter the scope under their alias and their name.
+fn relation(
+    t: &TableWithJoins,
+    rules: &Rules,
+    c: &mut Collector,
+    scope: &mut Vec<(String, usize)>,
+) {
+    factor(&t.relation, rules, c, scope);
+    for j in &t.joins {
+        factor(&j.relation, rules, c, scope);
+    }
+}
+
+fn factor(f: &TableFactor, rules: &Rules, c: &mut Collector, scope: &mut Vec<(String, usize)>) {
+    match f {
+        TableFactor::Table { name, alias, .. } => {
+            let Some(n) = name_of(name) else { return };
+            if let Some(idx) = rules.table(&n) {
+                c.seen.push(idx);
+                if let Some(a) = alias {
+                    scope.push((a.name.value.to_ascii_lowercase(), idx));
+                }
+                scope.push((n, idx));
+            } else if rules.is_reference(&n) {
+                // Reads of reference tables go anywhere: they do not widen the target.
+            }
+        }
+        TableFactor::Derived { subquery, .. } => query(subquery, rules, c),
+        TableFactor::NestedJoin {
+            table_with_joins, ..
+        } => relation(table_with_joins, rules, c, scope),
+        _ => {}
+    }
+}
+
+/// Shard-key constraints of a WHERE clause: per table, the key values a row may have.
+fn where_keys(e: &Expr, rules: &Rules, scope: &[(String, usize)], c: &mut Collector) {
+    // Subqueries contribute their own tables.
+    visit_subqueries(e, rules, c);
+    for (idx, keys) in constraints(e, rules, scope) {
+        c.keys.extend(keys.into_iter().map(|k| (idx, k)));
+    }
+}
+
+fn visit_subqueries(e: &Expr, rules: &Rules, c: &mut Collector) {
+    match e {
+        Expr::BinaryOp { left, right, .. } => {
+            visit_subqueries(left, rules, c);
+            visit_subqueries(right, rules, c);
+        }
+        Expr::Nested(x) | Expr::UnaryOp { expr: x, .. } => visit_subqueries(x, rules, c),
+        Expr::InSubquery { subquery, .. } => query(subquery, rules, c),
+        Expr::Exists { subquery, .. } | Expr::Subquery(subquery) => query(subquery, rules, c),
+        _ => {}
+    }
+}
+
+/// For each sharded table constrained by `e`: the key values it allows (`e` true implies
+/// the row's key is one of them).
+fn constraints(e: &Expr, rules: &Rules, scope: &[(String, usize)]) -> HashMap<usize, Vec<KeyRef>> {
+    let mut out = HashMap::new();
+    match e {
+        Expr::Nested(x) => return constraints(x, rules, scope),
+        Expr::BinaryOp {
+            left,
+            op: BinaryOperator::And,
+            right,
+        } => {
+            // Either side's constraint holds; keep the narrower one per table.
+            let l = constraints(left, rules, scope);
+            let r = constraints(right, rules, scope);
+            out = l;
+            for (t, keys) in r {
+                match out.get(&t) {
+                    Some(existing) if existing.len() <= keys.len() => {}
+                    _ => {
+                        out.insert(t, keys);
+                    }
+                }
+            }
+        }
+        Expr::BinaryOp {
+            left,
+            op: BinaryOperator::Or,
+            right,
+        } => {
+            // Both sides must constrain a table for the disjunction to.
+            let l = constraints(left, rules, scope);
+            let mut r = constraints(right, rules, scope);
+            for (t, mut keys) in l {
+                if let Some(more) = r.remove(&t) {
+                    keys.extend(more);
+                    out.insert(t, keys);
+                }
+            }
+        }
+        Expr::BinaryOp {
+            left,
+            op: BinaryOperator::Eq,
+            right,
+        } => {
+            for (col, val) in [(left, right), (right, left)] {
+                if let (Some(t), Some(v)) = (key_column(col, rules, scope), value_of(val)) {
+                    out.insert(t, vec![v]);
+                    break;
+                }
+            }
+        }
+        Expr::InList {
+            expr,
+            list,
+            negated: false,
+        } => {
+            if let Some(t) = key_column(expr, rules, scope) {
+                let vals: Option<Vec<KeyRef>> = list.iter().map(value_of).collect();
+                if let Some(v) = vals {
+                    out.insert(t, v);
+                }
+            }
+        }
+        _ => {}
+    }
+    out
+}
+
+/// The sharded table whose key column `e` names, if it does.
+fn key_column(e: &Expr, rules: &Rules, scope: &[(String, usize)]) -> Option<usize> {
+    let norm = |id: &sqlparser::ast::Ident| {
+        if id.quote_style.is_some() {
+            id.value.clone()
+        } else {
+            id.value.to_ascii_lowercase()
+        }
+    };
+    match e {
+        Expr::Nested(x) => key_column(x, rules, scope),
+        Expr::Identifier(id) => {
+            let col = norm(id);
+            // Unqualified: the one sharded table in scope with that key column.
+            let mut hits = scope.iter().filter(|(_, i)| rules.tables[*i].column == col);
+            let first = hits.next()?.1;
+            hits.all(|(_, i)| *i == first).then_some(first)
+        }
+        Expr::CompoundIdentifier(ids) if ids.len() >= 2 => {
+            let col = norm(&ids[ids.len() - 1]);
+            let qual = norm(&ids[ids.len() - 2]);
+            scope
+                .iter()
+                .find(|(n, i)| *n == qual && rules.tables[*i].column == col)
+                .map(|x| x.1)
+        }
+        _ => None,
+    }
+}
+
+/// A literal, parameter or NULL, through casts and parentheses.
+fn value_of(e: &Expr) -> Option<KeyRef> {
+    match e {
+        Expr::Nested(x) => value_of(x),
+        Expr::Cast { expr, .. } => value_of(expr),
+        Expr::UnaryOp {
+            op: UnaryOperator::Minus,
+            expr,
+        } => match value_of(expr)? {
+            KeyRef::Literal(s) => Some(KeyRef::Literal(format!("-{s}"))),
+            _ => None,
+        },
+        Expr::Value(v) => match &v.value {
+            Value::Number(n, _) => Some(KeyRef::Literal(n.to_string())),
+            Value::SingleQuotedString(s)
+            | Value::EscapedStringLiteral(s)
+            | Value::DoubleQuotedString(s) => Some(KeyRef::Literal(s.clone())),
+            Value::Boolean(b) => Some(KeyRef::Literal(b.to_string())),
+            Value::Null => Some(KeyRef::Null),
+            Value::Placeholder(p) => p
+                .strip_prefix('$')
+                .and_then(|n| n.parse::<usize>().ok())
+                .filter(|n| *n >= 1)
+                .map(|n| KeyRef::Param(n - 1)),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ShardedTableConfig;
+
+    fn rules() -> Rules {
+        let t = |y: &str| {
+            let c: ShardedTableConfig = yaml_serde::from_str(y).unwrap();
+            crate::sharding::ShardFn::new(&c, 2, "t").unwrap()
+        };
+        Rules::new(
+            vec![
+                t("{ table: users, column: id, method: hash }"),
+                t("{ table: orders, column: user_id, method: hash }"),
+            ],
+            vec!["countries".into()],
+        )
+    }
+
+    fn target(sql: &str) -> Target {
+        analyze(sql, &rules()).unwrap().target
+    }
+
+    fn lit(s: &str) -> KeyRef {
+        KeyRef::Literal(s.into())
+    }
+
+    #[test]
+    fn keys_from_where_clauses() {
+        assert_eq!(
+            target("SELECT * FROM users WHERE id = 5"),
+            Target::Keys(vec![(0, lit("5"))])
+        );
+        assert_eq!(
+            target("select * from public.\"users\" u where u.id = $1 and u.name = 'x'"),
+            Target::Keys(vec![(0, KeyRef::Param(0))])
+        );
+        assert_eq!(
+            target("SELECT * FROM users WHERE name = 'x' AND (id IN (1, 2, -3))"),
+            Target::Keys(vec![(0, lit("1")), (0, lit("2")), (0, lit("-3"))])
+        );
+        assert_eq!(
+            target("SELECT * FROM users WHERE id = $1::bigint OR id = 7"),
+            Target::Keys(vec![(0, KeyRef::Param(0)), (0, lit("7"))])
+        );
+        assert_eq!(
+            target("SELECT * FROM users WHERE id = 1 OR name = 'x'"),
+            Target::All
+        );
+        assert_eq!(target("SELECT count(*) FROM users"), Target::All);
+        assert_eq!(target("SELECT 1"), Target::Default);
+        assert_eq!(target("SELECT * FROM countries"), Target::Default);
+        assert_eq!(
+            target("SELECT * FROM other_table WHERE id = 1"),
+            Target::Default
+        );
+    }
+
+    #[test]
+    fn joins_ctes_and_locking() {
+        assert_eq!(
+            target("SELECT * FROM users u JOIN orders o ON o.user_id = u.id WHERE u.id = 9"),
+            Target::Keys(vec![(0, lit("9"))])
+        );
+        assert_eq!(
+            target("WITH x AS (SELECT * FROM orders WHERE user_id = 4) SELECT * FROM x"),
+            Target::Keys(vec![(1, lit("4"))])
+        );
+        let a = analyze("SELECT * FROM users WHERE id = 1 FOR UPDATE", &rules()).unwrap();
+        assert_eq!(a.kind, Kind::Write);
+        assert_eq!(a.target, Target::Keys(vec![(0, lit("1"))]));
+    }
+
+    #[test]
+    fn writes() {
+        assert_eq!(
+            target("INSERT INTO users (name, id) VALUES ('a', 1), ('b', $2)"),
+            Target::Keys(vec![(0, lit("1")), (0, KeyRef::Param(1))])
+        );
+        assert!(
+            analyze("INSERT INTO users VALUES (1, 'a')", &rules())
+                .unwrap_err()
+                .contains("must name its columns")
+        );
+        assert!(analyze("INSERT INTO users (id) VALUES (random())", &rules()).is_err());
+        assert_eq!(
+            target("UPDATE users SET name = 'x' WHERE id = 3"),
+            Target::Keys(vec![(0, lit("3"))])
+        );
+        let a = analyze("UPDATE users SET id = 4 WHERE id = 3", &rules()).unwrap();
+        assert_eq!(a.key_update, Some((0, Some(lit("4")))));
+        assert_eq!(
+            target("DELETE FROM orders WHERE user_id = 2"),
+            Target::Keys(vec![(1, lit("2"))])
+        );
+        assert_eq!(target("DELETE FROM orders"), Target::All);
+        assert_eq!(target("INSERT INTO countries VALUES ('fr')"), Target::All);
+        assert_eq!(
+            target("CREATE TABLE users (id bigint primary key)"),
+            Target::All
+        );
+        assert_eq!(target("CREATE TABLE local_t (id int)"), Target::Default);
+        assert_eq!(target("CREATE INDEX ON orders (user_id)"), Target::All);
+        assert_eq!(target("DROP TABLE IF EXISTS users, orders"), Target::All);
+    }
+
+    #[test]
+    fn merge_specs() {
+        let m = |sql: &str| analyze(sql, &rules()).unwrap().merge.unwrap();
+        assert_eq!(
+            m("SELECT id, name FROM users ORDER BY name DESC, 1 LIMIT 5").unwrap(),
+            MergeSpec {
+                order: vec![
+                    OrderKey {
+                        col: OrderCol::Name("name".into()),
+                        desc: true,
+                        nulls_first: true
+                    },
+                    OrderKey {
+                        col: OrderCol::Position(0),
+                        desc: false,
+                        nulls_first: false
+                    },
+                ],
+                limit: Some(5),
+            }
+        );
+        assert_eq!(
+            m("SELECT lower(name) FROM users ORDER BY lower(name)")
+                .unwrap()
+                .order[0]
+                .col,
+            OrderCol::Position(0)
+        );
+        for bad in [
+            "SELECT count(*) FROM users",
+            "SELECT user_id, sum(total) FROM orders GROUP BY user_id",
+            "SELECT DISTINCT name FROM users",
+            "SELECT * FROM users LIMIT 5 OFFSET 10",
+            "SELECT id FROM users UNION SELECT user_id FROM orders",
+            "SELECT row_number() OVER () FROM users",
+            "SELECT 1 + max(id) FROM users",
+        ] {
+            assert!(m(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn several_statements_combine() {
+        let a = analyze(
+            "BEGIN; UPDATE users SET n = 1 WHERE id = 1; COMMIT",
+            &rules(),
+        )
+        .unwrap();
+        assert_eq!(a.statements, 3);
+        assert_eq!(a.target, Target::Keys(vec![(0, lit("1"))]));
+    }
+}

@@ -1,0 +1,250 @@
+//! Routing: from a statement, its parameters and the session's state to the shards it runs
+//! on. `analyze` reads statements with sqlparser (cached by text in the session); `lexer`
+//! is the never-failing classifier used for pooling and for routing hints.
+
+pub mod analyze;
+pub mod lexer;
+
+use crate::config::DatabaseConfig;
+use crate::sharding::{ShardError, ShardFn};
+pub use analyze::{Analysis, KeyRef, Kind, Target};
+pub use lexer::{StatementKind, classify, split_statements};
+
+/// Which node of a shard a statement goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Primary,
+    Replica,
+}
+
+/// Where a statement runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    pub shard: usize,
+    pub role: Role,
+}
+
+/// The sharding rules of one database.
+#[derive(Debug, Clone, Default)]
+pub struct Rules {
+    pub tables: Vec<ShardFn>,
+    reference: Vec<String>,
+}
+
+impl Rules {
+    pub fn new(tables: Vec<ShardFn>, reference: Vec<String>) -> Rules {
+        Rules {
+            tables,
+            reference: reference.iter().map(|r| r.to_ascii_lowercase()).collect(),
+        }
+    }
+
+    /// The sharded table of that (unqualified, normalized) name.
+    pub fn table(&self, name: &str) -> Option<usize> {
+        self.tables.iter().position(|t| t.table == name)
+    }
+
+    pub fn is_reference(&self, name: &str) -> bool {
+        self.reference.iter().any(|r| r == name)
+    }
+}
+
+/// Which shards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// Wherever the session is (its open transaction's shard) or `default_shard`.
+    Default,
+    /// Exactly these shards (sorted, at least one).
+    Shards(Vec<usize>),
+}
+
+/// Why a statement cannot be routed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RouteError {
+    #[error(transparent)]
+    Key(#[from] ShardError),
+    #[error("statement refers to parameter ${0}, but only {1} were bound")]
+    MissingParam(usize, usize),
+    #[error("shard {0} does not exist (there are {1} shards, numbered from 0)")]
+    NoSuchShard(usize, usize),
+    #[error("invalid pgshard hint: {0}")]
+    BadHint(String),
+}
+
+impl RouteError {
+    /// The SQLSTATE a client gets.
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            RouteError::Key(ShardError::BadValue { .. }) => "22P02",
+            RouteError::Key(ShardError::Null(_)) => "23502",
+            RouteError::Key(_) => "23514",
+            RouteError::MissingParam(..) => "08P01",
+            RouteError::NoSuchShard(..) | RouteError::BadHint(_) => "22023",
+        }
+    }
+}
+
+/// One Bind's parameters, as the router needs them.
+#[derive(Debug, Default)]
+pub struct Params<'a> {
+    pub values: Vec<Option<&'a [u8]>>,
+    /// Per-parameter format (0 text, 1 binary), already expanded.
+    pub binary: Vec<bool>,
+    /// Declared type OIDs from Parse (0 when unspecified).
+    pub oids: Vec<u32>,
+}
+
+/// Routes statements of one database.
+#[derive(Debug, Clone)]
+pub struct Router {
+    default_shard: usize,
+    shards: usize,
+    pub rules: Rules,
+}
+
+impl Router {
+    /// Builds the router; the config was validated, so the shard functions build.
+    pub fn new(cfg: &DatabaseConfig) -> Router {
+        let tables = cfg
+            .sharded_tables
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                ShardFn::new(t, cfg.shards.len(), &format!("sharded_tables[{i}]"))
+                    .expect("validated at load")
+            })
+            .collect();
+        Router {
+            default_shard: cfg.default_shard,
+            shards: cfg.shards.len(),
+            rules: Rules::new(tables, cfg.reference_tables.clone()),
+        }
+    }
+
+    /// Whether statements need analysis at all (otherwise everything goes to the default
+    /// shard and nothing is parsed).
+    pub fn is_sharded(&self) -> bool {
+        self.shards > 1 && (!self.rules.tables.is_empty() || !self.rules.reference.is_empty())
+    }
+
+    pub fn shards(&self) -> usize {
+        self.shards
+    }
+
+    pub fn default_shard(&self) -> usize {
+        self.default_shard
+    }
+
+    /// The plan for a shard's primary.
+    pub fn plan(&self, shard: usize) -> Plan {
+        Plan {
+            shard,
+            role: Role::Primary,
+        }
+    }
+
+    /// Checks a forced shard number.
+    pub fn check_shard(&self, s: usize) -> Result<usize, RouteError> {
+        if s < self.shards {
+            Ok(s)
+        } else {
+            Err(RouteError::NoSuchShard(s, self.shards))
+        }
+    }
+
+    /// The shards an analyzed statement needs with these parameters.
+    pub fn resolve(&self, a: &Analysis, p: &Params<'_>) -> Result<Route, RouteError> {
+        match &a.target {
+            Target::Default => Ok(Route::Default),
+            Target::All => Ok(Route::Shards((0..self.shards).collect())),
+            Target::Keys(keys) => {
+                let mut out = Vec::with_capacity(1);
+                for (t, k) in keys {
+                    let f = &self.rules.tables[*t];
+                    let s = match k {
+                        KeyRef::Literal(text) => f.shard_of_text(text, self.shards)?,
+                        KeyRef::Null => f.shard_of(&crate::sharding::Value::Null, self.shards)?,
+                        KeyRef::Param(i) => {
+                            let Some(v) = p.values.get(*i) else {
+                                return Err(RouteError::MissingParam(i + 1, p.values.len()));
+                            };
+                            match v {
+                                None => f.shard_of(&crate::sharding::Value::Null, self.shards)?,
+                                Some(bytes) if p.binary.get(*i).copied().unwrap_or(false) => {
+                                    let oid = p.oids.get(*i).copied().unwrap_or(0);
+                                    let v = f.ty.parse_binary(bytes, oid).map_err(|detail| {
+                                        ShardError::BadValue {
+                                            column: f.column.clone(),
+                                            ty: f.ty.name(),
+                                            detail,
+                                        }
+                                    })?;
+                                    f.shard_of(&v, self.shards)?
+                                }
+                                Some(bytes) => {
+                                    let text = std::str::from_utf8(bytes).map_err(|_| {
+                                        ShardError::BadValue {
+                                            column: f.column.clone(),
+                                            ty: f.ty.name(),
+                                            detail: "parameter is not valid UTF-8".into(),
+                                        }
+                                    })?;
+                                    f.shard_of_text(text, self.shards)?
+                                }
+                            }
+                        }
+                    };
+                    if !out.contains(&s) {
+                        out.push(s);
+                    }
+                }
+                out.sort_unstable();
+                Ok(Route::Shards(out))
+            }
+        }
+    }
+}
+
+/// A `/* pgshard: shard=N */` hint anywhere in the text (comments are dropped by parsers,
+/// so hints are read from the raw text first).
+pub fn hint(sql: &str) -> Option<Result<usize, RouteError>> {
+    let mut rest = sql;
+    while let Some(start) = rest.find("/*") {
+        let body = &rest[start + 2..];
+        let end = body.find("*/")?;
+        let comment = body[..end].trim();
+        if let Some(h) = comment.strip_prefix("pgshard:") {
+            for part in h.split([',', ' ']).filter(|p| !p.is_empty()) {
+                if let Some(v) = part.trim().strip_prefix("shard=") {
+                    return Some(
+                        v.trim()
+                            .parse::<usize>()
+                            .map_err(|_| RouteError::BadHint(format!("shard={v}"))),
+                    );
+                }
+            }
+        }
+        rest = &body[end + 2..];
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hints_are_read_from_comments() {
+        assert_eq!(hint("SELECT 1 /* pgshard: shard=1 */"), Some(Ok(1)));
+        assert_eq!(
+            hint("/* app */ /*pgshard: target=primary, shard=0*/ SELECT"),
+            Some(Ok(0))
+        );
+        assert_eq!(hint("SELECT '/* pgshard: nothing */'"), None);
+        assert!(matches!(
+            hint("/* pgshard: shard=x */ SELECT 1"),
+            Some(Err(_))
+        ));
+        assert_eq!(hint("SELECT 1"), None);
+    }
+}
