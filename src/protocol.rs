@@ -462,6 +462,24 @@ pub fn error_fields(frame: &[u8]) -> (String, String) {
     (code, msg)
 }
 
+/// Whether an ErrorResponse is FATAL or PANIC: the server closes the connection after it.
+pub fn is_fatal(frame: &[u8]) -> bool {
+    let mut b = body(frame);
+    while let Some((&t, rest)) = b.split_first() {
+        if t == 0 {
+            break;
+        }
+        b = rest;
+        let Ok(v) = read_cbytes(&mut b, "ErrorResponse") else {
+            break;
+        };
+        if t == b'V' || t == b'S' {
+            return v == b"FATAL" || v == b"PANIC";
+        }
+    }
+    false
+}
+
 /// Appends a frame taken from `src` (already a whole frame) to `out`.
 #[inline]
 pub fn copy_frame(out: &mut BytesMut, frame: &[u8]) {
@@ -542,6 +560,10 @@ mod tests {
         let mut b = BytesMut::new();
         PgError::new("3D000", "no such database").write(&mut b);
         assert_eq!(b[0], b'E');
+        assert!(!is_fatal(&b));
+        let mut f = BytesMut::new();
+        PgError::fatal("57P01", "terminating").write(&mut f);
+        assert!(is_fatal(&f));
         assert_eq!(
             error_fields(&b),
             ("3D000".to_string(), "no such database".to_string())

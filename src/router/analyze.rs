@@ -15,8 +15,9 @@ use std::collections::HashMap;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum KeyRef {
     Literal(String),
-    /// `$n`, zero-based.
-    Param(usize),
+    /// `$n`, zero-based, with the type it is cast to first (`$1::text`), if any: it tells
+    /// how a parameter sent in binary is encoded when Parse left its type unspecified.
+    Param(usize, Option<String>),
     Null,
 }
 
@@ -79,8 +80,18 @@ pub enum OrderCol {
 }
 
 /// Analyzes a query string (one or more statements).
-pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, String> {
-    let stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql).map_err(|e| e.to_string())?;
+/// Why a statement has no analysis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AnalyzeError {
+    /// sqlparser cannot read it (it may still be routable without parsing).
+    Parse(String),
+    /// It is read, but pgshard cannot tell its shard (the message says why).
+    Unroutable(String),
+}
+
+pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
+    let stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql)
+        .map_err(|e| AnalyzeError::Parse(e.to_string()))?;
     let mut out = Analysis {
         target: Target::Default,
         kind: Kind::Other,
@@ -93,7 +104,7 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, String> {
         },
     };
     for st in &stmts {
-        let a = statement(st, rules)?;
+        let a = statement(st, rules).map_err(AnalyzeError::Unroutable)?;
         out.kind = out.kind.max(a.kind);
         out.key_update = out.key_update.or(a.key_update);
         out.writes_reference |= a.writes_reference;
@@ -670,7 +681,15 @@ fn key_column(e: &Expr, rules: &Rules, scope: &[(String, usize)]) -> Option<usiz
 fn value_of(e: &Expr) -> Option<KeyRef> {
     match e {
         Expr::Nested(x) => value_of(x),
-        Expr::Cast { expr, .. } => value_of(expr),
+        Expr::Cast {
+            expr, data_type, ..
+        } => match value_of(expr)? {
+            KeyRef::Param(i, None) => Some(KeyRef::Param(
+                i,
+                Some(data_type.to_string().to_ascii_lowercase()),
+            )),
+            other => Some(other),
+        },
         Expr::UnaryOp {
             op: UnaryOperator::Minus,
             expr,
@@ -689,7 +708,7 @@ fn value_of(e: &Expr) -> Option<KeyRef> {
                 .strip_prefix('$')
                 .and_then(|n| n.parse::<usize>().ok())
                 .filter(|n| *n >= 1)
-                .map(|n| KeyRef::Param(n - 1)),
+                .map(|n| KeyRef::Param(n - 1, None)),
             _ => None,
         },
         _ => None,
@@ -731,7 +750,7 @@ mod tests {
         );
         assert_eq!(
             target("select * from public.\"users\" u where u.id = $1 and u.name = 'x'"),
-            Target::Keys(vec![(0, KeyRef::Param(0))])
+            Target::Keys(vec![(0, KeyRef::Param(0, None))])
         );
         assert_eq!(
             target("SELECT * FROM users WHERE name = 'x' AND (id IN (1, 2, -3))"),
@@ -739,7 +758,10 @@ mod tests {
         );
         assert_eq!(
             target("SELECT * FROM users WHERE id = $1::bigint OR id = 7"),
-            Target::Keys(vec![(0, KeyRef::Param(0)), (0, lit("7"))])
+            Target::Keys(vec![
+                (0, KeyRef::Param(0, Some("bigint".into()))),
+                (0, lit("7"))
+            ])
         );
         assert_eq!(
             target("SELECT * FROM users WHERE id = 1 OR name = 'x'"),
@@ -773,13 +795,12 @@ mod tests {
     fn writes() {
         assert_eq!(
             target("INSERT INTO users (name, id) VALUES ('a', 1), ('b', $2)"),
-            Target::Keys(vec![(0, lit("1")), (0, KeyRef::Param(1))])
+            Target::Keys(vec![(0, lit("1")), (0, KeyRef::Param(1, None))])
         );
-        assert!(
-            analyze("INSERT INTO users VALUES (1, 'a')", &rules())
-                .unwrap_err()
-                .contains("must name its columns")
-        );
+        assert!(matches!(
+            analyze("INSERT INTO users VALUES (1, 'a')", &rules()),
+            Err(AnalyzeError::Unroutable(m)) if m.contains("must name its columns")
+        ));
         assert!(analyze("INSERT INTO users (id) VALUES (random())", &rules()).is_err());
         assert_eq!(
             target("UPDATE users SET name = 'x' WHERE id = 3"),

@@ -13,6 +13,10 @@ pub enum StatementKind {
     DropsAllStatements,
     /// `DEALLOCATE [PREPARE] name`.
     Deallocate(String),
+    /// `BEGIN` / `START TRANSACTION`.
+    Begin,
+    /// `COMMIT`, `END`, `ROLLBACK`, `ABORT` (not `ROLLBACK TO`, not `COMMIT PREPARED`).
+    EndTransaction,
     Other,
 }
 
@@ -190,6 +194,15 @@ pub fn classify(stmt: &str) -> StatementKind {
     if is(0, "LISTEN") {
         return StatementKind::Listen;
     }
+    if is(0, "BEGIN") || (is(0, "START") && is(1, "TRANSACTION")) {
+        return StatementKind::Begin;
+    }
+    if (is(0, "COMMIT") || is(0, "END") || is(0, "ROLLBACK") || is(0, "ABORT"))
+        && !(is(1, "TO") || is(1, "PREPARED"))
+        && !(is(1, "TRANSACTION") && is(2, "TO") || is(1, "WORK") && is(2, "TO"))
+    {
+        return StatementKind::EndTransaction;
+    }
     if (is(0, "DISCARD") && is(1, "ALL")) || (is(0, "DEALLOCATE") && is(1, "ALL")) {
         return StatementKind::DropsAllStatements;
     }
@@ -283,6 +296,16 @@ mod tests {
         assert_eq!(classify("DEALLOCATE PREPARE s1"), Deallocate("s1".into()));
         assert_eq!(classify("deallocate \"S1\""), Deallocate("S1".into()));
         assert_eq!(classify("select 1"), Other);
+        assert_eq!(classify("begin"), Begin);
+        assert_eq!(
+            classify("START TRANSACTION ISOLATION LEVEL SERIALIZABLE"),
+            Begin
+        );
+        assert_eq!(classify("commit"), EndTransaction);
+        assert_eq!(classify("ROLLBACK"), EndTransaction);
+        assert_eq!(classify("rollback to savepoint s"), Other);
+        assert_eq!(classify("ROLLBACK TRANSACTION TO s"), Other);
+        assert_eq!(classify("commit prepared 'x'"), Other);
         assert_eq!(
             classify("SELECT pg_catalog.SET_CONFIG('x', '1', false)"),
             SessionSetting

@@ -7,7 +7,7 @@ pub mod lexer;
 
 use crate::config::DatabaseConfig;
 use crate::sharding::{ShardError, ShardFn};
-pub use analyze::{Analysis, KeyRef, Kind, Target};
+pub use analyze::{Analysis, AnalyzeError, KeyRef, Kind, Target};
 pub use lexer::{StatementKind, classify, split_statements};
 
 /// Which node of a shard a statement goes to.
@@ -164,14 +164,24 @@ impl Router {
                     let s = match k {
                         KeyRef::Literal(text) => f.shard_of_text(text, self.shards)?,
                         KeyRef::Null => f.shard_of(&crate::sharding::Value::Null, self.shards)?,
-                        KeyRef::Param(i) => {
+                        KeyRef::Param(i, cast) => {
                             let Some(v) = p.values.get(*i) else {
                                 return Err(RouteError::MissingParam(i + 1, p.values.len()));
                             };
+                            let oid = p.oids.get(*i).copied().unwrap_or(0);
+                            // Binary text is just UTF-8: text, varchar, bpchar, name.
+                            let textual = matches!(oid, 25 | 1043 | 1042 | 19)
+                                || (oid == 0
+                                    && cast.as_deref().is_some_and(|c| {
+                                        c.starts_with("text")
+                                            || c.starts_with("varchar")
+                                            || c.starts_with("character")
+                                    }));
                             match v {
                                 None => f.shard_of(&crate::sharding::Value::Null, self.shards)?,
-                                Some(bytes) if p.binary.get(*i).copied().unwrap_or(false) => {
-                                    let oid = p.oids.get(*i).copied().unwrap_or(0);
+                                Some(bytes)
+                                    if p.binary.get(*i).copied().unwrap_or(false) && !textual =>
+                                {
                                     let v = f.ty.parse_binary(bytes, oid).map_err(|detail| {
                                         ShardError::BadValue {
                                             column: f.column.clone(),

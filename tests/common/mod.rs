@@ -270,3 +270,30 @@ pub mod msg {
         frame(b'X', &[])
     }
 }
+
+/// A two-shard cluster (no replicas), for routing tests.
+pub fn cluster2() -> &'static LocalCluster {
+    static C: OnceLock<LocalCluster> = OnceLock::new();
+    C.get_or_init(|| {
+        LocalCluster::start(ClusterOptions {
+            shards: 2,
+            replicas: 0,
+            ..ClusterOptions::default()
+        })
+        .expect("starting local PostgreSQL")
+    })
+}
+
+/// Connects as the superuser straight to one server's database.
+pub async fn connect_server(port: u16, db: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} user=postgres dbname={db}"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}

@@ -381,6 +381,10 @@ impl Session {
             self.relay.push(Pending::Query);
             protocol::write_query(&mut self.bout, &sql);
         } else {
+            if self.status == b'T' {
+                // A transaction pgshard holds back (deferred BEGIN) fails, as on a server.
+                self.status = b'E';
+            }
             self.relay.drain_local(&mut self.cout);
             e.write(&mut self.cout);
             protocol::write_ready(&mut self.cout, self.status);
@@ -479,7 +483,15 @@ impl Session {
         Ok(())
     }
 
+    /// Marks that the transaction executed something (it can no longer move shards).
+    fn executed(&mut self, tag: u8) {
+        if tag == b'E' {
+            self.route.movable_begin = None;
+        }
+    }
+
     fn push_forward(&mut self, tag: u8, frame: Bytes) {
+        self.executed(tag);
         let p = match tag {
             b'P' => Pending::Parse {
                 swallow: false,
@@ -620,6 +632,11 @@ impl Session {
                     protocol::write_query(&mut self.bout, &sql);
                     b.settings = self.settings_fp;
                 }
+                if let Some(begin) = self.route.deferred_begin.take() {
+                    self.relay.push(Pending::Internal);
+                    protocol::write_query(&mut self.bout, &begin);
+                    self.route.movable_begin = Some(begin);
+                }
                 self.cancel.set(Some((b.addr, b.pid, b.secret)));
                 self.backend = Some(b);
                 self.shard = shard;
@@ -664,12 +681,22 @@ impl Session {
                 b.rbuf.advance(n);
                 continue;
             }
+            let fatal = tag == b'E' && protocol::is_fatal(&b.rbuf[..n]);
             let event = self.relay.on_frame(&b.rbuf[..n], &mut self.cout);
             b.rbuf.advance(n);
+            if fatal {
+                // The server closes after a FATAL: nothing more may be sent to it, and the
+                // requests it will not answer are answered now.
+                self.backend_fatal();
+                return;
+            }
             match event {
                 Event::Ready(s) => {
                     self.status = s;
                     self.in_copy = false;
+                    if s == b'I' {
+                        self.route.movable_begin = None;
+                    }
                 }
                 Event::CopyIn => self.in_copy = true,
                 Event::None => {}
@@ -730,6 +757,35 @@ impl Session {
             }
         }
         drop(b);
+    }
+
+    /// The server sent FATAL (already relayed to the client as the error of the request
+    /// in progress) and is closing.
+    fn backend_fatal(&mut self) {
+        tracing::warn!("server connection ended with FATAL");
+        if let Some(mut b) = self.backend.take() {
+            b.broken = true;
+        }
+        self.cancel.set(None);
+        let due = self.relay.ready_due();
+        self.relay = Relay::default();
+        if self.mode == PoolMode::Session || due == 0 {
+            // As PostgreSQL: after FATAL the connection is over.
+            self.client_eof = true;
+            return;
+        }
+        self.status = b'I';
+        protocol::write_ready(&mut self.cout, b'I');
+        for _ in 1..due {
+            PgError::new("08006", "server connection lost (terminated by the server)")
+                .write(&mut self.cout);
+            protocol::write_ready(&mut self.cout, b'I');
+        }
+        if self.in_batch {
+            self.local_skip = true;
+        }
+        self.in_batch = false;
+        self.in_copy = false;
     }
 
     /// The server connection failed under this client.

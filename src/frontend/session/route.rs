@@ -21,13 +21,19 @@ const CACHE_LIMIT: usize = 1024;
 /// A session's routing state.
 #[derive(Default)]
 pub(super) struct RouteState {
-    cache: HashMap<String, Result<Arc<Analysis>, String>>,
+    cache: HashMap<String, Result<Arc<Analysis>, router::AnalyzeError>>,
     /// `SET pgshard.shard = N`, until `RESET pgshard.shard`.
     forced: Option<usize>,
     /// Extended-protocol frames waiting for a routing decision.
     held: Vec<Bytes>,
     /// Statement name -> (query, parameter types), to route Binds; "" is the unnamed one.
     texts: HashMap<Bytes, (Bytes, Bytes)>,
+    /// A BEGIN answered by pgshard, sent to the shard the transaction's first statement
+    /// goes to (so that BEGIN does not pin the default shard).
+    pub(super) deferred_begin: Option<String>,
+    /// The BEGIN of the attached transaction while it has executed nothing (only described
+    /// statements): it can still move to another shard.
+    pub(super) movable_begin: Option<String>,
 }
 
 /// Where a statement goes.
@@ -81,7 +87,7 @@ fn mentions_routed_table(sql: &str, rules: &router::Rules) -> bool {
 }
 
 impl Session {
-    fn analysis(&mut self, sql: &str) -> Result<Arc<Analysis>, String> {
+    fn analysis(&mut self, sql: &str) -> Result<Arc<Analysis>, router::AnalyzeError> {
         if let Some(a) = self.route.cache.get(sql) {
             return a.clone();
         }
@@ -115,7 +121,11 @@ impl Session {
         }
         let a = match self.analysis(sql) {
             Ok(a) => a,
-            Err(parse_error) => {
+            Err(router::AnalyzeError::Unroutable(why)) => {
+                return Err(PgError::new("0A000", why)
+                    .with_hint("Or choose the shard with a /* pgshard: shard=N */ comment."));
+            }
+            Err(router::AnalyzeError::Parse(parse_error)) => {
                 // Never fail a statement only because the parser could not read it.
                 if self.backend.is_some() && self.status != b'I'
                     || !mentions_routed_table(sql, &self.db.router.rules)
@@ -233,18 +243,35 @@ impl Session {
             }
             return Ok(());
         }
+        if self.backend.is_some()
+            && self.mode == PoolMode::Transaction
+            && self.status == b'I'
+            && !self.in_batch
+            && matches!(router::split_statements(&sql).as_slice(), [one] if router::classify(one) == router::StatementKind::Begin)
+        {
+            // A connection kept only for in-flight answers must not pin the transaction.
+            self.settle().await?;
+            if self.status == b'I' {
+                self.detach().await;
+            }
+        }
+        if self.backend.is_none() && self.deferred_transaction(&sql) {
+            return Ok(());
+        }
         match self.decide(&sql, &Params::default()) {
             Err(e) => self.answer_error(e),
             Ok(Dest::Shard(s)) => {
                 if self.backend.is_some() && self.shard != s && self.status != b'I' {
-                    let e = cross_shard_txn(self.shard, &[s]);
-                    self.answer_error(e);
-                    return Ok(());
-                }
-                if !self.use_shard(s).await? {
+                    if !self.move_transaction(s).await? {
+                        let e = cross_shard_txn(self.shard, &[s]);
+                        self.answer_error(e);
+                        return Ok(());
+                    }
+                } else if !self.use_shard(s).await? {
                     protocol::write_ready(&mut self.cout, self.status);
                     return Ok(());
                 }
+                self.route.movable_begin = None;
                 self.relay.push(Pending::Query);
                 self.bout.extend_from_slice(&frame);
             }
@@ -260,8 +287,8 @@ impl Session {
         shards: Vec<usize>,
         a: &Analysis,
     ) -> Result<(), SessionError> {
-        if self.backend.is_some() && self.status != b'I' {
-            let e = cross_shard_txn(self.shard, &shards);
+        if self.status != b'I' {
+            let e = cross_shard_txn(self.home_shard(), &shards);
             self.answer_error(e);
             return Ok(());
         }
@@ -330,6 +357,10 @@ impl Session {
                     self.route.held.push(frame);
                     return Ok(());
                 }
+                // Closing a client statement needs no server (transaction mode).
+                b'C' if self.mode == PoolMode::Transaction => {
+                    return self.forward_extended(frame).await;
+                }
                 b'B' => {
                     let dest = self.decide_bind(&frame)?;
                     let shard = match &dest {
@@ -370,6 +401,12 @@ impl Session {
                         return Ok(());
                     }
                 }
+                Ok(Dest::Shard(s)) if !self.in_batch && self.route.movable_begin.is_some() => {
+                    if !self.move_transaction(s).await? {
+                        self.local_skip = true;
+                        return Ok(());
+                    }
+                }
                 Ok(Dest::Shard(s)) => {
                     let e = cross_shard_txn(self.shard, &[s]);
                     self.local_error(e);
@@ -389,6 +426,66 @@ impl Session {
             }
         }
         self.forward_extended(frame).await
+    }
+
+    /// BEGIN, COMMIT and ROLLBACK of a transaction that has not touched a shard yet are
+    /// answered here. True when the statement was answered.
+    fn deferred_transaction(&mut self, sql: &str) -> bool {
+        let stmts = router::split_statements(sql);
+        let [one] = stmts.as_slice() else {
+            return false;
+        };
+        let kind = router::classify(one);
+        let answer = |s: &mut Session, tag: &str, status: u8| {
+            s.relay.drain_local(&mut s.cout);
+            protocol::write_msg(&mut s.cout, b'C', format!("{tag}\0").as_bytes());
+            s.status = status;
+            protocol::write_ready(&mut s.cout, status);
+        };
+        match (kind, self.route.deferred_begin.is_some()) {
+            (router::StatementKind::Begin, false) if self.status == b'I' => {
+                self.route.deferred_begin = Some(one.to_string());
+                answer(self, "BEGIN", b'T');
+                true
+            }
+            (router::StatementKind::EndTransaction, true) => {
+                let rollback = self.status == b'E'
+                    || one.to_ascii_lowercase().starts_with("rollback")
+                    || one.to_ascii_lowercase().starts_with("abort");
+                self.route.deferred_begin = None;
+                answer(self, if rollback { "ROLLBACK" } else { "COMMIT" }, b'I');
+                true
+            }
+            (_, true) if self.status == b'E' => {
+                self.relay.drain_local(&mut self.cout);
+                PgError::new(
+                    "25P02",
+                    "current transaction is aborted, commands ignored until end of transaction block",
+                )
+                .write(&mut self.cout);
+                protocol::write_ready(&mut self.cout, b'E');
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Moves a transaction that has executed nothing yet to another shard: rolls it back
+    /// where it is (invisibly) and begins it again on `to`. False when it cannot move, or
+    /// when attaching failed (the client then got the error).
+    async fn move_transaction(&mut self, to: usize) -> Result<bool, SessionError> {
+        let Some(begin) = self.route.movable_begin.take() else {
+            return Ok(false);
+        };
+        self.settle().await?;
+        if self.backend.is_some() {
+            self.relay.push(Pending::Internal);
+            protocol::write_query(&mut self.bout, "ROLLBACK");
+            self.settle().await?;
+        }
+        self.detach().await;
+        self.route.deferred_begin = Some(begin);
+        Ok(self.attach(to).await)
     }
 
     /// Attaches `shard` and sends the held frames to it. False when attaching failed (the
