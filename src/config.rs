@@ -535,6 +535,19 @@ impl Config {
                 };
                 let _ = writeln!(s, "  shard {i}: primary {}, {reps}", sh.primary);
             }
+            for t in &d.sharded_tables {
+                let _ = writeln!(
+                    s,
+                    "  sharded table {} by {} ({:?}, {})",
+                    t.table,
+                    t.column,
+                    t.method,
+                    t.key_type().name()
+                );
+            }
+            if !d.reference_tables.is_empty() {
+                let _ = writeln!(s, "  reference tables: {}", d.reference_tables.join(", "));
+            }
         }
         s
     }
@@ -600,6 +613,12 @@ databases:
         let c = Config::load(&path).unwrap();
         assert_eq!(c.databases[0].shards.len(), 2);
         assert_eq!(c.users.len(), 3);
+        let d = c.describe();
+        assert!(
+            d.contains("sharded table events by created_at (Range, timestamp)"),
+            "{d}"
+        );
+        assert!(d.contains("reference tables: countries"), "{d}");
     }
 
     #[test]
