@@ -401,3 +401,74 @@ async fn pgbench_on_a_sharded_database() {
         );
     }
 }
+
+#[tokio::test]
+async fn cross_shard_selects_over_the_extended_protocol() {
+    let addr = setup().await;
+    let c = connect(addr).await;
+    let plain = connect_server(ports()[0], "plain").await;
+    type Row = (i64, String);
+    let fetch = |rows: Vec<tokio_postgres::Row>| -> Vec<Row> {
+        rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+    };
+    let cases: [(&str, i64); 4] = [
+        (
+            "SELECT id, name FROM users WHERE id > $1 ORDER BY id LIMIT 10",
+            50,
+        ),
+        (
+            "SELECT id, name FROM users WHERE id > $1 ORDER BY name DESC, id",
+            120,
+        ),
+        (
+            "SELECT u.id, u.name FROM users u WHERE u.id < $1 ORDER BY 2, 1 LIMIT 25",
+            90,
+        ),
+        (
+            "SELECT id, name FROM users WHERE id % 50 = $1 ORDER BY id",
+            3,
+        ),
+    ];
+    for (q, p) in cases {
+        let via = fetch(c.query(q, &[&p]).await.unwrap());
+        let direct = fetch(plain.query(q, &[&p]).await.unwrap());
+        assert!(!via.is_empty(), "{q}");
+        assert_eq!(via, direct, "{q}");
+        // A prepared statement, used twice.
+        let st = c.prepare(q).await.unwrap();
+        assert_eq!(fetch(c.query(&st, &[&p]).await.unwrap()), direct, "{q}");
+        assert_eq!(fetch(c.query(&st, &[&p]).await.unwrap()), direct, "{q}");
+    }
+    // Binary numeric cannot be ordered by pgshard yet: refused, not misordered.
+    let e = c
+        .query(
+            "SELECT id, score FROM users WHERE id > $1 ORDER BY score",
+            &[&0i64],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000");
+    // Aggregates are refused here too; the session goes on.
+    let e = c
+        .query("SELECT count(*) FROM users WHERE id > $1", &[&0i64])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000");
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM users WHERE id = $1", &[&5i64])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    // Inside a transaction, a cross-shard read is refused (one shard per transaction).
+    let mut c = c;
+    let tx = c.transaction().await.unwrap();
+    tx.query_one("SELECT name FROM users WHERE id = $1", &[&5i64])
+        .await
+        .unwrap();
+    let e = tx
+        .query("SELECT id FROM users WHERE id > $1 ORDER BY id", &[&0i64])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000");
+}

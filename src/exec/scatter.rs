@@ -9,13 +9,26 @@ use crate::sharding::value::Decimal;
 use bytes::{BufMut, BytesMut};
 use std::cmp::Ordering;
 
-/// Runs `sql` (simple protocol) on each shard's primary, in parallel, and returns each
-/// shard's response frames up to (not including) ReadyForQuery. `prelude` (the client's
-/// session settings) runs first on connections whose settings fingerprint differs.
+/// What to run on each shard.
+pub enum Request<'a> {
+    /// A simple Query.
+    Simple(&'a str),
+    /// Parse (unnamed) + Bind (unnamed portal, the client's parameters and result
+    /// formats: the Bind body after the two names) + Describe portal + Execute + Sync.
+    Extended {
+        query: &'a [u8],
+        types: &'a [u8],
+        bind_rest: &'a [u8],
+    },
+}
+
+/// Runs a request on each shard's primary, in parallel, and returns each shard's response
+/// frames up to (not including) ReadyForQuery. `prelude` (the client's session settings)
+/// runs first on connections whose settings fingerprint differs.
 pub async fn run_on_shards(
     db: &Database,
     shards: &[usize],
-    sql: &str,
+    req: Request<'_>,
     prelude: Option<&str>,
     settings_fp: u64,
 ) -> Result<Vec<Vec<BytesMut>>, PgError> {
@@ -40,7 +53,20 @@ pub async fn run_on_shards(
             protocol::write_query(&mut out, p);
             c.settings = settings_fp;
         }
-        protocol::write_query(&mut out, sql);
+        match &req {
+            Request::Simple(sql) => protocol::write_query(&mut out, sql),
+            Request::Extended {
+                query,
+                types,
+                bind_rest,
+            } => {
+                protocol::write_parse(&mut out, b"", query, types);
+                protocol::write_bind(&mut out, b"", b"", bind_rest);
+                protocol::write_target(&mut out, b'D', b'P', b"");
+                protocol::write_msg(&mut out, b'E', &[0, 0, 0, 0, 0]);
+                protocol::write_msg(&mut out, b'S', &[]);
+            }
+        }
         skip_prelude.push(replay);
         c.send(&out).await.map_err(lost)?;
     }
@@ -53,6 +79,8 @@ pub async fn run_on_shards(
                 b'Z' if skip => skip = false,
                 b'Z' => break,
                 _ if skip => {}
+                // The extended request's own acknowledgements.
+                b'1' | b'2' => {}
                 // COPY cannot be merged here; refuse and drop the connection.
                 b'G' | b'H' | b'W' => {
                     c.broken = true;
@@ -151,6 +179,44 @@ fn fields(d: &[u8]) -> Vec<Option<&[u8]>> {
     out
 }
 
+/// Compares two binary-format values of a PostgreSQL type; None for types pgshard does
+/// not decode (numeric, arrays, ...).
+fn compare_binary(oid: u32, a: &[u8], b: &[u8]) -> Option<Ordering> {
+    fn int(x: &[u8]) -> Option<i64> {
+        Some(match x.len() {
+            2 => i16::from_be_bytes(x.try_into().ok()?) as i64,
+            4 => i32::from_be_bytes(x.try_into().ok()?) as i64,
+            8 => i64::from_be_bytes(x.try_into().ok()?),
+            _ => return None,
+        })
+    }
+    fn float(x: &[u8]) -> Option<f64> {
+        Some(match x.len() {
+            4 => f32::from_be_bytes(x.try_into().ok()?) as f64,
+            8 => f64::from_be_bytes(x.try_into().ok()?),
+            _ => return None,
+        })
+    }
+    match oid {
+        // int2, int4, int8, oid, date, time, timestamp, timestamptz (all big-endian integers)
+        20 | 21 | 23 | 26 | 1082 | 1083 | 1114 | 1184 => Some(int(a)?.cmp(&int(b)?)),
+        700 | 701 => Some(float(a)?.total_cmp(&float(b)?)),
+        // bool, text, varchar, bpchar, name, uuid, bytea: byte order
+        16 | 25 | 1043 | 1042 | 19 | 2950 | 17 => Some(a.cmp(b)),
+        _ => None,
+    }
+}
+
+/// Whether pgshard can order a column of this type in this format.
+fn sortable(oid: u32, binary: bool) -> bool {
+    !binary
+        || compare_binary(oid, &[], &[]).is_some()
+        || matches!(
+            oid,
+            20 | 21 | 23 | 26 | 1082 | 1083 | 1114 | 1184 | 700 | 701
+        )
+}
+
 /// Compares two text-format values of a PostgreSQL type.
 fn compare(oid: u32, a: &[u8], b: &[u8]) -> Ordering {
     let text = |x: &[u8]| std::str::from_utf8(x).unwrap_or("").trim().to_string();
@@ -175,8 +241,39 @@ fn compare(oid: u32, a: &[u8], b: &[u8]) -> Ordering {
     }
 }
 
-/// Merges the shards' results of a SELECT into one result.
-pub fn merge_select(results: Vec<Vec<BytesMut>>, spec: &MergeSpec) -> Result<BytesMut, PgError> {
+/// Per-column result formats from a Bind's remainder (after the parameters): true for
+/// binary. Empty: all text.
+pub fn result_formats(bind_rest: &[u8]) -> Vec<bool> {
+    fn parse(b: &[u8]) -> Option<Vec<bool>> {
+        let u16_at = |i: usize| -> Option<usize> {
+            Some(u16::from_be_bytes([*b.get(i)?, *b.get(i + 1)?]) as usize)
+        };
+        let mut i = 0;
+        let nfmt = u16_at(i)?;
+        i += 2 + 2 * nfmt;
+        let n = u16_at(i)?;
+        i += 2;
+        for _ in 0..n {
+            let len = i32::from_be_bytes(b.get(i..i + 4)?.try_into().ok()?);
+            i += 4 + len.max(0) as usize;
+        }
+        let nres = u16_at(i)?;
+        i += 2;
+        (0..nres)
+            .map(|k| b.get(i + 2 * k..i + 2 * k + 2).map(|c| c == [0, 1]))
+            .collect()
+    }
+    parse(bind_rest).unwrap_or_default()
+}
+
+/// Merges the shards' results of a SELECT into one result: RowDescription (when the
+/// shards sent one), the rows, and CommandComplete. `binary` gives the result formats
+/// (empty: all text; one entry: all columns).
+pub fn merge_select(
+    results: Vec<Vec<BytesMut>>,
+    spec: &MergeSpec,
+    binary: &[bool],
+) -> Result<BytesMut, PgError> {
     if let Some(e) = first_error(&results) {
         return Ok(e);
     }
@@ -211,11 +308,25 @@ pub fn merge_select(results: Vec<Vec<BytesMut>>, spec: &MergeSpec) -> Result<Byt
                     "ORDER BY across shards must name an output column; add it to the select list",
                 )
             })?;
-            keys.push((idx, cols[idx].1, k.desc, k.nulls_first));
+            let is_binary = match binary.len() {
+                0 => false,
+                1 => binary[0],
+                _ => binary.get(idx).copied().unwrap_or(false),
+            };
+            if !sortable(cols[idx].1, is_binary) {
+                return Err(PgError::new(
+                    "0A000",
+                    format!(
+                        "ORDER BY across shards on a column of type oid {} in binary format is not supported yet",
+                        cols[idx].1
+                    ),
+                ));
+            }
+            keys.push((idx, cols[idx].1, k.desc, k.nulls_first, is_binary));
         }
         rows.sort_by(|x, y| {
             let (fx, fy) = (fields(x), fields(y));
-            for &(i, oid, desc, nulls_first) in &keys {
+            for &(i, oid, desc, nulls_first, is_binary) in &keys {
                 let o = match (fx.get(i).copied().flatten(), fy.get(i).copied().flatten()) {
                     (None, None) => Ordering::Equal,
                     (None, Some(_)) => {
@@ -233,7 +344,11 @@ pub fn merge_select(results: Vec<Vec<BytesMut>>, spec: &MergeSpec) -> Result<Byt
                         }
                     }
                     (Some(a), Some(b)) => {
-                        let o = compare(oid, a, b);
+                        let o = if is_binary {
+                            compare_binary(oid, a, b).unwrap_or(Ordering::Equal)
+                        } else {
+                            compare(oid, a, b)
+                        };
                         if desc { o.reverse() } else { o }
                     }
                 };

@@ -283,6 +283,8 @@ impl Session {
                 }
                 self.local_skip = false;
                 self.in_batch = false;
+                // The unnamed portal ends with the implicit transaction.
+                self.route.virtual_portal = None;
                 if self.backend.is_some() {
                     self.relay.push(Pending::Sync);
                     self.bout.extend_from_slice(&frame);

@@ -34,6 +34,17 @@ pub(super) struct RouteState {
     /// The BEGIN of the attached transaction while it has executed nothing (only described
     /// statements): it can still move to another shard.
     pub(super) movable_begin: Option<String>,
+    /// The merged result of a cross-shard Bind, answered by pgshard to the client's
+    /// Describe (portal) and Execute until Sync.
+    pub(super) virtual_portal: Option<VirtualPortal>,
+}
+
+/// A portal whose rows pgshard holds (merged from several shards).
+pub(super) struct VirtualPortal {
+    /// RowDescription (or NoData).
+    description: Bytes,
+    /// DataRows and CommandComplete (with notices).
+    rows: Option<Bytes>,
 }
 
 /// Where a statement goes.
@@ -54,6 +65,37 @@ fn cross_shard_txn(from: usize, to: &[usize]) -> PgError {
         ),
     )
     .with_hint("Transactions over several shards need two-phase commit, which pgshard does not have yet; keep a transaction's statements on one shard key.")
+}
+
+/// Why a statement over several shards cannot run (in the extended protocol or a
+/// transaction).
+fn multi_shard_error(shards: &[usize], a: &Analysis) -> PgError {
+    match (&a.merge, a.kind) {
+        (Some(Err(why)), _) => PgError::new("0A000", why.clone()),
+        (_, Kind::Write | Kind::Ddl) => PgError::new(
+            "0A000",
+            format!(
+                "this write needs shards {shards:?}; writes over several shards need two-phase commit, which pgshard does not have yet"
+            ),
+        ),
+        _ => PgError::new(
+            "0A000",
+            format!(
+                "this statement needs shards {shards:?}, which pgshard does only outside transactions, for single SELECTs"
+            ),
+        ),
+    }
+}
+
+/// The tags of the frames in a buffer.
+fn frame_tags(b: &[u8]) -> Vec<u8> {
+    let mut tags = Vec::new();
+    let mut i = 0;
+    while i + 5 <= b.len() {
+        tags.push(b[i]);
+        i += 1 + i32::from_be_bytes([b[i + 1], b[i + 2], b[i + 3], b[i + 4]]) as usize;
+    }
+    tags
 }
 
 /// `SET pgshard.shard = N` / `RESET pgshard.shard`: Some(Some(n)), Some(None), or None if
@@ -319,11 +361,17 @@ impl Session {
         };
         self.settle().await?;
         let prelude = self.settings_sql();
-        let results =
-            scatter::run_on_shards(&self.db, &shards, sql, Some(&prelude), self.settings_fp).await;
+        let results = scatter::run_on_shards(
+            &self.db,
+            &shards,
+            scatter::Request::Simple(sql),
+            Some(&prelude),
+            self.settings_fp,
+        )
+        .await;
         self.relay.drain_local(&mut self.cout);
         let out = results.and_then(|r| match &merge {
-            Some(spec) => scatter::merge_select(r, spec),
+            Some(spec) => scatter::merge_select(r, spec, &[]),
             None => Ok(scatter::broadcast_result(r)),
         });
         match out {
@@ -347,6 +395,42 @@ impl Session {
                 (frame.slice_ref(p.query), frame.slice_ref(p.types)),
             );
         }
+        if self.backend.is_none() && self.route.virtual_portal.is_some() {
+            match tag {
+                b'D' | b'C' if protocol::parse_target(&frame, "Describe")? == (b'P', &b""[..]) => {
+                    let vp = self.route.virtual_portal.as_mut().expect("checked");
+                    let reply = if tag == b'D' {
+                        vp.description.clone()
+                    } else {
+                        self.route.virtual_portal = None;
+                        crate::exec::empty_frame(b'3')
+                    };
+                    self.relay.push(Pending::Synth {
+                        frame: reply,
+                        undo: None,
+                    });
+                    self.relay.drain_local(&mut self.cout);
+                    return Ok(());
+                }
+                b'E' => {
+                    let vp = self.route.virtual_portal.as_mut().expect("checked");
+                    // Executing again returns no more rows, as for an exhausted portal.
+                    let reply = vp.rows.take().unwrap_or_else(|| {
+                        let mut b = bytes::BytesMut::new();
+                        protocol::write_msg(&mut b, b'C', b"SELECT 0\0");
+                        b.freeze()
+                    });
+                    self.relay.push(Pending::Synth {
+                        frame: reply,
+                        undo: None,
+                    });
+                    self.relay.drain_local(&mut self.cout);
+                    return Ok(());
+                }
+                b'H' => return Ok(()),
+                _ => self.route.virtual_portal = None,
+            }
+        }
         if self.backend.is_none() {
             match tag {
                 b'P' | b'D' => {
@@ -363,6 +447,14 @@ impl Session {
                 }
                 b'B' => {
                     let dest = self.decide_bind(&frame)?;
+                    if let Ok(Dest::Multi(shards, a)) = &dest
+                        && self.status == b'I'
+                        && a.merge.as_ref().is_some_and(|m| m.is_ok())
+                        && a.kind <= Kind::Read
+                    {
+                        let (shards, a) = (shards.clone(), a.clone());
+                        return self.scatter_bind(&frame, &shards, &a).await;
+                    }
                     let shard = match &dest {
                         Ok(Dest::Shard(s)) => *s,
                         _ => self.home_shard(),
@@ -372,11 +464,8 @@ impl Session {
                     }
                     match dest {
                         Ok(Dest::Shard(_)) => {}
-                        Ok(Dest::Multi(shards, _)) => {
-                            self.local_error(PgError::new(
-                                "0A000",
-                                format!("this statement needs shards {shards:?}; statements over several shards work with the simple query protocol only, so far"),
-                            ));
+                        Ok(Dest::Multi(shards, a)) => {
+                            self.local_error(multi_shard_error(&shards, &a));
                             return Ok(());
                         }
                         Err(e) => {
@@ -412,11 +501,18 @@ impl Session {
                     self.local_error(e);
                     return Ok(());
                 }
-                Ok(Dest::Multi(shards, _)) => {
-                    self.local_error(PgError::new(
-                        "0A000",
-                        format!("this statement needs shards {shards:?}; statements over several shards work with the simple query protocol only, so far"),
-                    ));
+                Ok(Dest::Multi(shards, a))
+                    if self.status == b'I'
+                        && !self.in_batch
+                        && a.merge.as_ref().is_some_and(|m| m.is_ok())
+                        && a.kind <= Kind::Read =>
+                {
+                    self.settle().await?;
+                    self.detach().await;
+                    return self.scatter_bind(&frame, &shards, &a).await;
+                }
+                Ok(Dest::Multi(shards, a)) => {
+                    self.local_error(multi_shard_error(&shards, &a));
                     return Ok(());
                 }
                 Err(e) => {
@@ -486,6 +582,80 @@ impl Session {
         self.detach().await;
         self.route.deferred_begin = Some(begin);
         Ok(self.attach(to).await)
+    }
+
+    /// A Bind whose statement reads several shards: runs it on each (with the client's
+    /// parameters and result formats) and holds the merged rows as a virtual portal.
+    async fn scatter_bind(
+        &mut self,
+        frame: &Bytes,
+        shards: &[usize],
+        a: &Analysis,
+    ) -> Result<(), SessionError> {
+        let Some(Ok(spec)) = a.merge.clone() else {
+            self.local_error(multi_shard_error(shards, a));
+            return Ok(());
+        };
+        // Statements the client parsed or described in this batch are answered by a real
+        // server first (ParseComplete, ParameterDescription, RowDescription).
+        if self.holding() {
+            let home = self.home_shard();
+            if !self.release_held(home).await? {
+                return Ok(());
+            }
+            protocol::write_msg(&mut self.bout, b'H', &[]);
+            self.settle().await?;
+            self.detach().await;
+        }
+        let b = protocol::parse_bind(frame)?;
+        let Some((query, types)) = self.route.texts.get(b.stmt).cloned() else {
+            self.local_error(multi_shard_error(shards, a));
+            return Ok(());
+        };
+        let prelude = self.settings_sql();
+        let results = scatter::run_on_shards(
+            &self.db,
+            shards,
+            scatter::Request::Extended {
+                query: &query,
+                types: &types,
+                bind_rest: b.rest,
+            },
+            Some(&prelude),
+            self.settings_fp,
+        )
+        .await;
+        let formats = scatter::result_formats(b.rest);
+        match results.and_then(|r| scatter::merge_select(r, &spec, &formats)) {
+            Ok(out) if frame_tags(&out).contains(&b'E') => {
+                // A shard's error: as PostgreSQL, the rest of the batch is skipped.
+                self.relay.push(Pending::Synth {
+                    frame: out.freeze(),
+                    undo: None,
+                });
+                self.relay.drain_local(&mut self.cout);
+                self.local_skip = true;
+            }
+            Ok(mut out) => {
+                let description = if out.first() == Some(&b'T') {
+                    let n = i32::from_be_bytes([out[1], out[2], out[3], out[4]]) as usize + 1;
+                    out.split_to(n).freeze()
+                } else {
+                    crate::exec::empty_frame(b'n')
+                };
+                self.relay.push(Pending::Synth {
+                    frame: crate::exec::empty_frame(b'2'),
+                    undo: None,
+                });
+                self.relay.drain_local(&mut self.cout);
+                self.route.virtual_portal = Some(VirtualPortal {
+                    description,
+                    rows: Some(out.freeze()),
+                });
+            }
+            Err(e) => self.local_error(e),
+        }
+        Ok(())
     }
 
     /// Attaches `shard` and sends the held frames to it. False when attaching failed (the
