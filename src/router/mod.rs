@@ -4,6 +4,7 @@
 
 pub mod analyze;
 pub mod lexer;
+pub mod merge;
 
 use crate::config::DatabaseConfig;
 use crate::sharding::{ShardError, ShardFn};

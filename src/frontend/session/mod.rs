@@ -6,7 +6,12 @@
 //! Everything read in one go is handled, and what it produced is written with one write per
 //! direction: writes are batched until the peer would wait.
 
+mod cross;
+mod prepared;
 mod route;
+mod server;
+
+use prepared::{Stmt, missing_statement, server_name};
 
 use super::{CancelSlot, ClientReader, ClientWriter};
 use crate::cluster::Database;
@@ -20,15 +25,6 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-
-/// A prepared statement as the client named it (transaction mode).
-struct Stmt {
-    /// Server-side identity: a hash of query text and parameter types.
-    global: u64,
-    query: Bytes,
-    types: Bytes,
-    kind_is_setting: bool,
-}
 
 /// Why a session ended abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -85,17 +81,6 @@ fn fingerprint(settings: &[(String, String)]) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     settings.hash(&mut h);
     h.finish() | 1
-}
-
-fn statement_id(query: &[u8], types: &[u8]) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    query.hash(&mut h);
-    types.hash(&mut h);
-    h.finish()
-}
-
-fn server_name(global: u64) -> String {
-    format!("pgshard_{global:016x}")
 }
 
 /// SQL string literal.
@@ -513,148 +498,12 @@ impl Session {
         self.bout.extend_from_slice(&frame);
     }
 
-    /// Parse in transaction mode: named statements get a server-side name derived from
-    /// their text, and are prepared once per server connection.
-    fn tx_parse(&mut self, frame: Bytes) -> Result<(), SessionError> {
-        let p = protocol::parse_parse(&frame)?;
-        let is_setting = classify_bytes(p.query);
-        if is_setting {
-            self.settings_dirty = true;
-        }
-        if p.name.is_empty() {
-            self.push_forward(b'P', frame.clone());
-            return Ok(());
-        }
-        let name = Bytes::copy_from_slice(p.name);
-        if self.statements.contains_key(&name) {
-            let e = PgError::new(
-                "42P05",
-                format!(
-                    "prepared statement \"{}\" already exists",
-                    String::from_utf8_lossy(&name)
-                ),
-            );
-            self.local_error(e);
-            return Ok(());
-        }
-        let global = statement_id(p.query, p.types);
-        let stmt = Stmt {
-            global,
-            query: frame.slice_ref(p.query),
-            types: frame.slice_ref(p.types),
-            kind_is_setting: is_setting,
-        };
-        let undo = Some(Undo {
-            client_name: Some(name.clone()),
-            global: None,
-        });
-        let backend = self.backend.as_mut().expect("attached");
-        if backend.prepared.contains(&global) {
-            self.relay.push(Pending::Synth {
-                frame: empty_frame(b'1'),
-                undo,
-            });
-            self.relay.drain_local(&mut self.cout);
-        } else {
-            backend.prepared.insert(global);
-            self.relay.push(Pending::Parse {
-                swallow: false,
-                undo: Some(Undo {
-                    client_name: Some(name.clone()),
-                    global: Some(global),
-                }),
-            });
-            let sname = server_name(global);
-            protocol::write_parse(&mut self.bout, sname.as_bytes(), &stmt.query, &stmt.types);
-        }
-        self.statements.insert(name, stmt);
-        Ok(())
-    }
-
-    /// Makes sure the attached server connection holds the client's statement `name`,
-    /// injecting a Parse if needed; returns its server-side identity.
-    fn ensure_prepared(&mut self, name: &[u8]) -> Option<u64> {
-        let stmt = self.statements.get(name)?;
-        let backend = self.backend.as_mut().expect("attached");
-        if !backend.prepared.contains(&stmt.global) && !self.relay.skipping {
-            backend.prepared.insert(stmt.global);
-            self.relay.push(Pending::Parse {
-                swallow: true,
-                undo: Some(Undo {
-                    client_name: None,
-                    global: Some(stmt.global),
-                }),
-            });
-            let sname = server_name(stmt.global);
-            protocol::write_parse(&mut self.bout, sname.as_bytes(), &stmt.query, &stmt.types);
-        }
-        Some(stmt.global)
-    }
-
     /// An error raised by pgshard inside an extended-protocol batch.
     fn local_error(&mut self, e: PgError) {
         self.relay.push(Pending::Error(Box::new(e)));
         self.relay.drain_local(&mut self.cout);
         // Whatever the client sent after this point, up to Sync, must not run.
         self.local_skip = true;
-    }
-
-    /// Attaches a server connection if none is; on failure the client got the error.
-    async fn attach(&mut self, shard: usize) -> bool {
-        if self.backend.is_some() {
-            return true;
-        }
-        // Boxed: the checkout future is large, and building it in place would make every
-        // per-frame future as large (and as costly to move).
-        Box::pin(self.attach_new(shard)).await
-    }
-
-    /// The statement that gives a server connection this client's session settings.
-    fn settings_sql(&self) -> String {
-        let mut sql = String::from("RESET ALL");
-        if !self.settings.is_empty() {
-            sql.push_str("; SELECT ");
-            let calls: Vec<String> = self
-                .settings
-                .iter()
-                .map(|(k, v)| format!("pg_catalog.set_config({}, {}, false)", lit(k), lit(v)))
-                .collect();
-            sql.push_str(&calls.join(", "));
-        }
-        sql
-    }
-
-    async fn attach_new(&mut self, shard: usize) -> bool {
-        let plan = self.db.router.plan(shard);
-        match exec::checkout(&self.db, plan).await {
-            Ok(mut b) => {
-                if b.settings != self.settings_fp {
-                    let sql = self.settings_sql();
-                    self.relay.push(Pending::Internal);
-                    protocol::write_query(&mut self.bout, &sql);
-                    b.settings = self.settings_fp;
-                }
-                if let Some(begin) = self.route.deferred_begin.take() {
-                    self.relay.push(Pending::Internal);
-                    protocol::write_query(&mut self.bout, &begin);
-                    self.route.movable_begin = Some(begin);
-                }
-                self.cancel.set(Some((b.addr, b.pid, b.secret)));
-                self.backend = Some(b);
-                self.shard = shard;
-                true
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "no server connection");
-                let err = match &e {
-                    PoolError::Timeout(..) => PgError::new("53300", e.to_string()),
-                    PoolError::Down(m) => PgError::new("08006", format!("server unavailable: {m}")),
-                };
-                self.relay.drain_local(&mut self.cout);
-                err.write(&mut self.cout);
-                false
-            }
-        }
     }
 
     /// Handles every complete frame the server sent.
@@ -709,155 +558,6 @@ impl Session {
             self.apply_undo();
         }
     }
-
-    fn apply_undo(&mut self) {
-        for u in std::mem::take(&mut self.relay.undo) {
-            if let Some(n) = u.client_name {
-                self.statements.remove(&n);
-            }
-            if let (Some(g), Some(b)) = (u.global, self.backend.as_mut()) {
-                b.prepared.remove(&g);
-            }
-        }
-    }
-
-    /// In transaction mode, returns the server connection once the client is between
-    /// transactions and nothing is in flight.
-    async fn maybe_release(&mut self) {
-        if self.mode != PoolMode::Transaction
-            || self.status != b'I'
-            || self.in_batch
-            || self.in_copy
-            || !self.relay.idle()
-            || !self.bout.is_empty()
-        {
-            return;
-        }
-        let Some(b) = self.backend.take() else {
-            return;
-        };
-        self.cancel.set(None);
-        if self.settings_dirty {
-            Box::pin(self.release_dirty(b)).await;
-        }
-    }
-
-    /// Releases a server connection after reading the settings the client changed on it.
-    async fn release_dirty(&mut self, mut b: Pooled) {
-        self.settings_dirty = false;
-        {
-            match capture_settings(&mut b).await {
-                Ok(s) => {
-                    self.settings = s;
-                    self.settings_fp = fingerprint(&self.settings);
-                    b.settings = self.settings_fp;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not read session settings; closing server connection");
-                    b.broken = true;
-                }
-            }
-        }
-        drop(b);
-    }
-
-    /// The server sent FATAL (already relayed to the client as the error of the request
-    /// in progress) and is closing.
-    fn backend_fatal(&mut self) {
-        tracing::warn!("server connection ended with FATAL");
-        if let Some(mut b) = self.backend.take() {
-            b.broken = true;
-        }
-        self.cancel.set(None);
-        let due = self.relay.ready_due();
-        self.relay = Relay::default();
-        if self.mode == PoolMode::Session || due == 0 {
-            // As PostgreSQL: after FATAL the connection is over.
-            self.client_eof = true;
-            return;
-        }
-        self.status = b'I';
-        protocol::write_ready(&mut self.cout, b'I');
-        for _ in 1..due {
-            PgError::new("08006", "server connection lost (terminated by the server)")
-                .write(&mut self.cout);
-            protocol::write_ready(&mut self.cout, b'I');
-        }
-        if self.in_batch {
-            self.local_skip = true;
-        }
-        self.in_batch = false;
-        self.in_copy = false;
-    }
-
-    /// The server connection failed under this client.
-    fn backend_lost(&mut self, why: String) {
-        tracing::warn!(error = %why, "server connection lost");
-        if let Some(mut b) = self.backend.take() {
-            b.broken = true;
-        }
-        self.cancel.set(None);
-        let due = self.relay.ready_due();
-        self.relay = Relay::default();
-        let message = format!("server connection lost: {why}");
-        if self.mode == PoolMode::Session || (due == 0 && !self.in_batch) {
-            // Nothing is in flight: an unsolicited ERROR would be taken as the answer to the
-            // client's next request. PostgreSQL sends FATAL and closes; so do we. (In
-            // session mode the session's state is gone in any case.)
-            PgError::fatal("08006", message).write(&mut self.cout);
-            self.client_eof = true;
-            return;
-        }
-        PgError::new("08006", message)
-            .with_hint("The transaction, if any, was rolled back; retry it.")
-            .write(&mut self.cout);
-        self.status = b'I';
-        for _ in 0..due {
-            protocol::write_ready(&mut self.cout, b'I');
-        }
-        if self.in_batch {
-            self.local_skip = true;
-        }
-        self.in_batch = false;
-        self.in_copy = false;
-    }
-
-    /// Gives the server connection back clean when the client leaves.
-    async fn finish(&mut self) {
-        let Some(mut b) = self.backend.take() else {
-            return;
-        };
-        self.cancel.set(None);
-        if !self.relay.idle() || self.in_copy || b.broken {
-            b.broken = true;
-            return;
-        }
-        let reset = async {
-            if self.status != b'I' {
-                b.run_quiet("ROLLBACK").await?;
-            }
-            if self.mode == PoolMode::Session || self.settings_dirty {
-                b.run_quiet("DISCARD ALL").await?;
-                b.prepared.clear();
-                b.settings = 0;
-            }
-            Ok::<_, crate::backend::BackendError>(())
-        };
-        match tokio::time::timeout(std::time::Duration::from_secs(5), reset).await {
-            Ok(Ok(())) => {}
-            _ => b.broken = true,
-        }
-    }
-}
-
-fn missing_statement(name: &[u8]) -> PgError {
-    PgError::new(
-        "26000",
-        format!(
-            "prepared statement \"{}\" does not exist",
-            String::from_utf8_lossy(name)
-        ),
-    )
 }
 
 fn classify_bytes(q: &[u8]) -> bool {
@@ -866,27 +566,6 @@ fn classify_bytes(q: &[u8]) -> bool {
             .iter()
             .any(|st| router::classify(st) == StatementKind::SessionSetting)
     })
-}
-
-/// Reads the settings a session changed, so they can be replayed on another connection.
-async fn capture_settings(
-    b: &mut crate::backend::BackendConn,
-) -> Result<Vec<(String, String)>, crate::backend::BackendError> {
-    let rows = b
-        .query_rows(
-            "SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session' ORDER BY name",
-        )
-        .await?;
-    let mut out: Vec<(String, String)> = rows
-        .into_iter()
-        .filter_map(|mut r| {
-            let v = r.pop()??;
-            let k = r.pop()??;
-            Some((k, v))
-        })
-        .collect();
-    out.sort();
-    Ok(out)
 }
 
 /// Writes `data` fully while reading from the same peer into `rbuf`, so that a peer that

@@ -1,0 +1,226 @@
+//! Statements over several shards inside a session: a simple Query merged or broadcast
+//! across shards, and a Bind whose merged rows pgshard holds as a portal, answering the
+//! client's Describe and Execute itself.
+
+use super::route::cross_shard_txn;
+use super::*;
+use crate::exec::scatter;
+use crate::router::{Analysis, Kind};
+
+/// A portal whose rows pgshard holds (merged from several shards).
+pub(super) struct VirtualPortal {
+    /// RowDescription (or NoData).
+    description: Bytes,
+    /// DataRows and CommandComplete (with notices).
+    rows: Option<Bytes>,
+}
+
+/// Why a statement over several shards cannot run (in the extended protocol or a
+/// transaction).
+pub(super) fn multi_shard_error(shards: &[usize], a: &Analysis) -> PgError {
+    match (&a.merge, a.kind) {
+        (Some(Err(why)), _) => PgError::new("0A000", why.clone()),
+        (_, Kind::Write | Kind::Ddl) => PgError::new(
+            "0A000",
+            format!(
+                "this write needs shards {shards:?}; writes over several shards need two-phase commit, which pgshard does not have yet"
+            ),
+        ),
+        _ => PgError::new(
+            "0A000",
+            format!(
+                "this statement needs shards {shards:?}, which pgshard does only outside transactions, for single SELECTs"
+            ),
+        ),
+    }
+}
+
+/// The tags of the frames in a buffer.
+pub(super) fn frame_tags(b: &[u8]) -> Vec<u8> {
+    let mut tags = Vec::new();
+    let mut i = 0;
+    while i + 5 <= b.len() {
+        tags.push(b[i]);
+        i += 1 + i32::from_be_bytes([b[i + 1], b[i + 2], b[i + 3], b[i + 4]]) as usize;
+    }
+    tags
+}
+
+impl Session {
+    /// A statement over several shards (simple protocol, outside a transaction).
+    pub(super) async fn run_multi(
+        &mut self,
+        sql: &str,
+        shards: Vec<usize>,
+        a: &Analysis,
+    ) -> Result<(), SessionError> {
+        if self.status != b'I' {
+            let e = cross_shard_txn(self.home_shard(), &shards);
+            self.answer_error(e);
+            return Ok(());
+        }
+        let merge = match (a.kind, &a.merge) {
+            (Kind::Ddl, _) => None,
+            (Kind::Read | Kind::Other, Some(Ok(spec))) => Some(spec.clone()),
+            (Kind::Read | Kind::Other, Some(Err(why))) => {
+                self.answer_error(PgError::new("0A000", why.clone()));
+                return Ok(());
+            }
+            (Kind::Read | Kind::Other, None) => {
+                self.answer_error(PgError::new(
+                    "0A000",
+                    "a query string with several statements over several shards is not supported yet; send them one by one",
+                ));
+                return Ok(());
+            }
+            (Kind::Write, _) => {
+                self.answer_error(
+                    PgError::new(
+                        "0A000",
+                        format!("this write needs shards {shards:?}; writes over several shards need two-phase commit, which pgshard does not have yet"),
+                    )
+                    .with_hint("Write one shard key at a time, or add a shard key condition."),
+                );
+                return Ok(());
+            }
+        };
+        self.settle().await?;
+        let prelude = self.settings_sql();
+        let results = scatter::run_on_shards(
+            &self.db,
+            &shards,
+            scatter::Request::Simple(sql),
+            Some(&prelude),
+            self.settings_fp,
+        )
+        .await;
+        self.relay.drain_local(&mut self.cout);
+        let out = results.and_then(|r| match &merge {
+            Some(spec) => scatter::merge_select(r, spec, &[]),
+            None => Ok(scatter::broadcast_result(r)),
+        });
+        match out {
+            Ok(bytes) => self.cout.extend_from_slice(&bytes),
+            Err(e) => e.write(&mut self.cout),
+        }
+        protocol::write_ready(&mut self.cout, self.status);
+        Ok(())
+    }
+
+    /// A Bind whose statement reads several shards: runs it on each (with the client's
+    /// parameters and result formats) and holds the merged rows as a virtual portal.
+    pub(super) async fn scatter_bind(
+        &mut self,
+        frame: &Bytes,
+        shards: &[usize],
+        a: &Analysis,
+    ) -> Result<(), SessionError> {
+        let Some(Ok(spec)) = a.merge.clone() else {
+            self.local_error(multi_shard_error(shards, a));
+            return Ok(());
+        };
+        // Statements the client parsed or described in this batch are answered by a real
+        // server first (ParseComplete, ParameterDescription, RowDescription).
+        if self.holding() {
+            let home = self.home_shard();
+            if !self.release_held(home).await? {
+                return Ok(());
+            }
+            protocol::write_msg(&mut self.bout, b'H', &[]);
+            self.settle().await?;
+            self.detach().await;
+        }
+        let b = protocol::parse_bind(frame)?;
+        let Some((query, types)) = self.route.texts.get(b.stmt).cloned() else {
+            self.local_error(multi_shard_error(shards, a));
+            return Ok(());
+        };
+        let prelude = self.settings_sql();
+        let results = scatter::run_on_shards(
+            &self.db,
+            shards,
+            scatter::Request::Extended {
+                query: &query,
+                types: &types,
+                bind_rest: b.rest,
+            },
+            Some(&prelude),
+            self.settings_fp,
+        )
+        .await;
+        let formats = scatter::result_formats(b.rest);
+        match results.and_then(|r| scatter::merge_select(r, &spec, &formats)) {
+            Ok(out) if frame_tags(&out).contains(&b'E') => {
+                // A shard's error: as PostgreSQL, the rest of the batch is skipped.
+                self.relay.push(Pending::Synth {
+                    frame: out.freeze(),
+                    undo: None,
+                });
+                self.relay.drain_local(&mut self.cout);
+                self.local_skip = true;
+            }
+            Ok(mut out) => {
+                let description = if out.first() == Some(&b'T') {
+                    let n = i32::from_be_bytes([out[1], out[2], out[3], out[4]]) as usize + 1;
+                    out.split_to(n).freeze()
+                } else {
+                    crate::exec::empty_frame(b'n')
+                };
+                self.relay.push(Pending::Synth {
+                    frame: crate::exec::empty_frame(b'2'),
+                    undo: None,
+                });
+                self.relay.drain_local(&mut self.cout);
+                self.route.virtual_portal = Some(VirtualPortal {
+                    description,
+                    rows: Some(out.freeze()),
+                });
+            }
+            Err(e) => self.local_error(e),
+        }
+        Ok(())
+    }
+
+    /// Answers the client's Describe, Execute or Close of the portal pgshard holds; false
+    /// when the message is for something else (the portal is then dropped).
+    pub(super) fn answer_from_portal(&mut self, frame: &Bytes) -> Result<bool, SessionError> {
+        let tag = frame[0];
+        match tag {
+            b'D' | b'C' if protocol::parse_target(frame, "Describe")? == (b'P', &b""[..]) => {
+                let vp = self.route.virtual_portal.as_mut().expect("checked");
+                let reply = if tag == b'D' {
+                    vp.description.clone()
+                } else {
+                    self.route.virtual_portal = None;
+                    crate::exec::empty_frame(b'3')
+                };
+                self.relay.push(Pending::Synth {
+                    frame: reply,
+                    undo: None,
+                });
+                self.relay.drain_local(&mut self.cout);
+                Ok(true)
+            }
+            b'E' => {
+                let vp = self.route.virtual_portal.as_mut().expect("checked");
+                // Executing again returns no more rows, as for an exhausted portal.
+                let reply = vp.rows.take().unwrap_or_else(|| {
+                    let mut b = bytes::BytesMut::new();
+                    protocol::write_msg(&mut b, b'C', b"SELECT 0\0");
+                    b.freeze()
+                });
+                self.relay.push(Pending::Synth {
+                    frame: reply,
+                    undo: None,
+                });
+                self.relay.drain_local(&mut self.cout);
+                Ok(true)
+            }
+            b'H' => Ok(true),
+            _ => {
+                self.route.virtual_portal = None;
+                Ok(false)
+            }
+        }
+    }
+}

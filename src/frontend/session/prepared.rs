@@ -1,0 +1,126 @@
+//! Named prepared statements in transaction mode: a client's statement `s1` becomes the
+//! server statement `pgshard_<hash of text and types>`, prepared on a server connection the
+//! first time the client uses it there; what the server did not do is undone here.
+
+use super::*;
+
+/// A prepared statement as the client named it (transaction mode).
+pub(super) struct Stmt {
+    /// Server-side identity: a hash of query text and parameter types.
+    pub(super) global: u64,
+    pub(super) query: Bytes,
+    pub(super) types: Bytes,
+    pub(super) kind_is_setting: bool,
+}
+
+pub(super) fn statement_id(query: &[u8], types: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    query.hash(&mut h);
+    types.hash(&mut h);
+    h.finish()
+}
+
+pub(super) fn server_name(global: u64) -> String {
+    format!("pgshard_{global:016x}")
+}
+
+pub(super) fn missing_statement(name: &[u8]) -> PgError {
+    PgError::new(
+        "26000",
+        format!(
+            "prepared statement \"{}\" does not exist",
+            String::from_utf8_lossy(name)
+        ),
+    )
+}
+
+impl Session {
+    /// Parse in transaction mode: named statements get a server-side name derived from
+    /// their text, and are prepared once per server connection.
+    pub(super) fn tx_parse(&mut self, frame: Bytes) -> Result<(), SessionError> {
+        let p = protocol::parse_parse(&frame)?;
+        let is_setting = classify_bytes(p.query);
+        if is_setting {
+            self.settings_dirty = true;
+        }
+        if p.name.is_empty() {
+            self.push_forward(b'P', frame.clone());
+            return Ok(());
+        }
+        let name = Bytes::copy_from_slice(p.name);
+        if self.statements.contains_key(&name) {
+            let e = PgError::new(
+                "42P05",
+                format!(
+                    "prepared statement \"{}\" already exists",
+                    String::from_utf8_lossy(&name)
+                ),
+            );
+            self.local_error(e);
+            return Ok(());
+        }
+        let global = statement_id(p.query, p.types);
+        let stmt = Stmt {
+            global,
+            query: frame.slice_ref(p.query),
+            types: frame.slice_ref(p.types),
+            kind_is_setting: is_setting,
+        };
+        let undo = Some(Undo {
+            client_name: Some(name.clone()),
+            global: None,
+        });
+        let backend = self.backend.as_mut().expect("attached");
+        if backend.prepared.contains(&global) {
+            self.relay.push(Pending::Synth {
+                frame: empty_frame(b'1'),
+                undo,
+            });
+            self.relay.drain_local(&mut self.cout);
+        } else {
+            backend.prepared.insert(global);
+            self.relay.push(Pending::Parse {
+                swallow: false,
+                undo: Some(Undo {
+                    client_name: Some(name.clone()),
+                    global: Some(global),
+                }),
+            });
+            let sname = server_name(global);
+            protocol::write_parse(&mut self.bout, sname.as_bytes(), &stmt.query, &stmt.types);
+        }
+        self.statements.insert(name, stmt);
+        Ok(())
+    }
+
+    /// Makes sure the attached server connection holds the client's statement `name`,
+    /// injecting a Parse if needed; returns its server-side identity.
+    pub(super) fn ensure_prepared(&mut self, name: &[u8]) -> Option<u64> {
+        let stmt = self.statements.get(name)?;
+        let backend = self.backend.as_mut().expect("attached");
+        if !backend.prepared.contains(&stmt.global) && !self.relay.skipping {
+            backend.prepared.insert(stmt.global);
+            self.relay.push(Pending::Parse {
+                swallow: true,
+                undo: Some(Undo {
+                    client_name: None,
+                    global: Some(stmt.global),
+                }),
+            });
+            let sname = server_name(stmt.global);
+            protocol::write_parse(&mut self.bout, sname.as_bytes(), &stmt.query, &stmt.types);
+        }
+        Some(stmt.global)
+    }
+
+    pub(super) fn apply_undo(&mut self) {
+        for u in std::mem::take(&mut self.relay.undo) {
+            if let Some(n) = u.client_name {
+                self.statements.remove(&n);
+            }
+            if let (Some(g), Some(b)) = (u.global, self.backend.as_mut()) {
+                b.prepared.remove(&g);
+            }
+        }
+    }
+}

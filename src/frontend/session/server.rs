@@ -1,0 +1,213 @@
+//! The server connection of a session: attaching one (with the client's settings and a
+//! deferred BEGIN), giving it back clean, and what happens when it fails.
+
+use super::*;
+
+impl Session {
+    /// Attaches a server connection if none is; on failure the client got the error.
+    pub(super) async fn attach(&mut self, shard: usize) -> bool {
+        if self.backend.is_some() {
+            return true;
+        }
+        // Boxed: the checkout future is large, and building it in place would make every
+        // per-frame future as large (and as costly to move).
+        Box::pin(self.attach_new(shard)).await
+    }
+
+    /// The statement that gives a server connection this client's session settings.
+    pub(super) fn settings_sql(&self) -> String {
+        let mut sql = String::from("RESET ALL");
+        if !self.settings.is_empty() {
+            sql.push_str("; SELECT ");
+            let calls: Vec<String> = self
+                .settings
+                .iter()
+                .map(|(k, v)| format!("pg_catalog.set_config({}, {}, false)", lit(k), lit(v)))
+                .collect();
+            sql.push_str(&calls.join(", "));
+        }
+        sql
+    }
+
+    pub(super) async fn attach_new(&mut self, shard: usize) -> bool {
+        let plan = self.db.router.plan(shard);
+        match exec::checkout(&self.db, plan).await {
+            Ok(mut b) => {
+                if b.settings != self.settings_fp {
+                    let sql = self.settings_sql();
+                    self.relay.push(Pending::Internal);
+                    protocol::write_query(&mut self.bout, &sql);
+                    b.settings = self.settings_fp;
+                }
+                if let Some(begin) = self.route.deferred_begin.take() {
+                    self.relay.push(Pending::Internal);
+                    protocol::write_query(&mut self.bout, &begin);
+                    self.route.movable_begin = Some(begin);
+                }
+                self.cancel.set(Some((b.addr, b.pid, b.secret)));
+                self.backend = Some(b);
+                self.shard = shard;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no server connection");
+                let err = match &e {
+                    PoolError::Timeout(..) => PgError::new("53300", e.to_string()),
+                    PoolError::Down(m) => PgError::new("08006", format!("server unavailable: {m}")),
+                };
+                self.relay.drain_local(&mut self.cout);
+                err.write(&mut self.cout);
+                false
+            }
+        }
+    }
+
+    /// In transaction mode, returns the server connection once the client is between
+    /// transactions and nothing is in flight.
+    pub(super) async fn maybe_release(&mut self) {
+        if self.mode != PoolMode::Transaction
+            || self.status != b'I'
+            || self.in_batch
+            || self.in_copy
+            || !self.relay.idle()
+            || !self.bout.is_empty()
+        {
+            return;
+        }
+        let Some(b) = self.backend.take() else {
+            return;
+        };
+        self.cancel.set(None);
+        if self.settings_dirty {
+            Box::pin(self.release_dirty(b)).await;
+        }
+    }
+
+    /// Releases a server connection after reading the settings the client changed on it.
+    pub(super) async fn release_dirty(&mut self, mut b: Pooled) {
+        self.settings_dirty = false;
+        {
+            match capture_settings(&mut b).await {
+                Ok(s) => {
+                    self.settings = s;
+                    self.settings_fp = fingerprint(&self.settings);
+                    b.settings = self.settings_fp;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read session settings; closing server connection");
+                    b.broken = true;
+                }
+            }
+        }
+        drop(b);
+    }
+
+    /// The server sent FATAL (already relayed to the client as the error of the request
+    /// in progress) and is closing.
+    pub(super) fn backend_fatal(&mut self) {
+        tracing::warn!("server connection ended with FATAL");
+        if let Some(mut b) = self.backend.take() {
+            b.broken = true;
+        }
+        self.cancel.set(None);
+        let due = self.relay.ready_due();
+        self.relay = Relay::default();
+        if self.mode == PoolMode::Session || due == 0 {
+            // As PostgreSQL: after FATAL the connection is over.
+            self.client_eof = true;
+            return;
+        }
+        self.status = b'I';
+        protocol::write_ready(&mut self.cout, b'I');
+        for _ in 1..due {
+            PgError::new("08006", "server connection lost (terminated by the server)")
+                .write(&mut self.cout);
+            protocol::write_ready(&mut self.cout, b'I');
+        }
+        if self.in_batch {
+            self.local_skip = true;
+        }
+        self.in_batch = false;
+        self.in_copy = false;
+    }
+
+    /// The server connection failed under this client.
+    pub(super) fn backend_lost(&mut self, why: String) {
+        tracing::warn!(error = %why, "server connection lost");
+        if let Some(mut b) = self.backend.take() {
+            b.broken = true;
+        }
+        self.cancel.set(None);
+        let due = self.relay.ready_due();
+        self.relay = Relay::default();
+        let message = format!("server connection lost: {why}");
+        if self.mode == PoolMode::Session || (due == 0 && !self.in_batch) {
+            // Nothing is in flight: an unsolicited ERROR would be taken as the answer to the
+            // client's next request. PostgreSQL sends FATAL and closes; so do we. (In
+            // session mode the session's state is gone in any case.)
+            PgError::fatal("08006", message).write(&mut self.cout);
+            self.client_eof = true;
+            return;
+        }
+        PgError::new("08006", message)
+            .with_hint("The transaction, if any, was rolled back; retry it.")
+            .write(&mut self.cout);
+        self.status = b'I';
+        for _ in 0..due {
+            protocol::write_ready(&mut self.cout, b'I');
+        }
+        if self.in_batch {
+            self.local_skip = true;
+        }
+        self.in_batch = false;
+        self.in_copy = false;
+    }
+
+    /// Gives the server connection back clean when the client leaves.
+    pub(super) async fn finish(&mut self) {
+        let Some(mut b) = self.backend.take() else {
+            return;
+        };
+        self.cancel.set(None);
+        if !self.relay.idle() || self.in_copy || b.broken {
+            b.broken = true;
+            return;
+        }
+        let reset = async {
+            if self.status != b'I' {
+                b.run_quiet("ROLLBACK").await?;
+            }
+            if self.mode == PoolMode::Session || self.settings_dirty {
+                b.run_quiet("DISCARD ALL").await?;
+                b.prepared.clear();
+                b.settings = 0;
+            }
+            Ok::<_, crate::backend::BackendError>(())
+        };
+        match tokio::time::timeout(std::time::Duration::from_secs(5), reset).await {
+            Ok(Ok(())) => {}
+            _ => b.broken = true,
+        }
+    }
+}
+
+/// Reads the settings a session changed, so they can be replayed on another connection.
+pub(super) async fn capture_settings(
+    b: &mut crate::backend::BackendConn,
+) -> Result<Vec<(String, String)>, crate::backend::BackendError> {
+    let rows = b
+        .query_rows(
+            "SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session' ORDER BY name",
+        )
+        .await?;
+    let mut out: Vec<(String, String)> = rows
+        .into_iter()
+        .filter_map(|mut r| {
+            let v = r.pop()??;
+            let k = r.pop()??;
+            Some((k, v))
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}

@@ -1,0 +1,233 @@
+//! Planning the merge of a cross-shard SELECT: which results combine by concatenation,
+//! ORDER BY on output columns and LIMIT, and which do not (yet): those are refused with a
+//! reason rather than answered wrongly.
+
+use super::analyze::{KeyRef, name_of, value_of};
+use sqlparser::ast::{Expr, Query, SetExpr, Value};
+
+/// How rows from several shards combine into the client's result.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MergeSpec {
+    pub order: Vec<OrderKey>,
+    pub limit: Option<u64>,
+}
+
+/// One ORDER BY key, by output column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderKey {
+    pub col: OrderCol,
+    pub desc: bool,
+    pub nulls_first: bool,
+}
+
+/// An output column, by 0-based position or by name (resolved against RowDescription).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OrderCol {
+    Position(usize),
+    Name(String),
+}
+
+/// Analyzes a query string (one or more statements).
+/// What pgshard can merge today: plain rows, ORDER BY output columns, LIMIT. Anything whose
+/// per-shard results do not simply combine (aggregates, GROUP BY, DISTINCT, OFFSET, set
+/// operations, window functions) is refused rather than answered wrongly.
+pub(super) fn merge_spec(q: &Query) -> Result<MergeSpec, String> {
+    let unsupported = |what: &str| {
+        Err(format!(
+            "{what} across shards is not supported yet; add a shard key condition or a /* pgshard: shard=N */ hint"
+        ))
+    };
+    let SetExpr::Select(sel) = &*q.body else {
+        return unsupported("a set operation (UNION/INTERSECT/EXCEPT)");
+    };
+    if sel.distinct.is_some() {
+        return unsupported("DISTINCT");
+    }
+    let grouped = match &sel.group_by {
+        sqlparser::ast::GroupByExpr::All(_) => true,
+        sqlparser::ast::GroupByExpr::Expressions(e, _) => !e.is_empty(),
+    };
+    if grouped || sel.having.is_some() {
+        return unsupported("GROUP BY");
+    }
+    let mut items = Vec::new();
+    for item in &sel.projection {
+        let (e, alias) = match item {
+            sqlparser::ast::SelectItem::UnnamedExpr(e) => (e, None),
+            sqlparser::ast::SelectItem::ExprWithAlias { expr, alias } => (expr, Some(alias)),
+            _ => continue,
+        };
+        if has_aggregate(e) {
+            return unsupported("an aggregate or window function");
+        }
+        items.push((e.to_string(), alias.map(|a| a.value.to_ascii_lowercase())));
+    }
+    let mut spec = MergeSpec::default();
+    if let Some(ob) = &q.order_by {
+        let sqlparser::ast::OrderByKind::Expressions(exprs) = &ob.kind else {
+            return unsupported("ORDER BY ALL");
+        };
+        for o in exprs {
+            let desc = matches!(o.options.sort, Some(sqlparser::ast::OrderBySort::Desc));
+            let col = match &o.expr {
+                Expr::Value(v) => match &v.value {
+                    Value::Number(n, _) => match n.parse::<usize>() {
+                        Ok(k) if k >= 1 => OrderCol::Position(k - 1),
+                        _ => return unsupported("ORDER BY a constant"),
+                    },
+                    _ => return unsupported("ORDER BY a constant"),
+                },
+                Expr::Identifier(id) => OrderCol::Name(id.value.to_ascii_lowercase()),
+                Expr::CompoundIdentifier(ids) => {
+                    OrderCol::Name(ids[ids.len() - 1].value.to_ascii_lowercase())
+                }
+                e => {
+                    let text = e.to_string();
+                    match items.iter().position(|(t, _)| *t == text) {
+                        Some(p) => OrderCol::Position(p),
+                        None => {
+                            return unsupported(
+                                "ORDER BY an expression that is not an output column",
+                            );
+                        }
+                    }
+                }
+            };
+            spec.order.push(OrderKey {
+                col,
+                desc,
+                // PostgreSQL's default: NULLs sort as larger than any value.
+                nulls_first: o.options.nulls_first.unwrap_or(desc),
+            });
+        }
+    }
+    match &q.limit_clause {
+        None => {}
+        Some(sqlparser::ast::LimitClause::LimitOffset {
+            limit: None,
+            offset: None,
+            ..
+        }) => {}
+        Some(sqlparser::ast::LimitClause::LimitOffset {
+            limit: Some(l),
+            offset: None,
+            ..
+        }) => match value_of(l) {
+            Some(KeyRef::Literal(n)) => {
+                spec.limit = Some(
+                    n.parse()
+                        .map_err(|_| "LIMIT must be a number".to_string())?,
+                )
+            }
+            Some(KeyRef::Null) => {}
+            _ => return unsupported("LIMIT with a parameter"),
+        },
+        Some(_) => return unsupported("OFFSET"),
+    }
+    if q.fetch.is_some() {
+        return unsupported("FETCH FIRST");
+    }
+    Ok(spec)
+}
+fn has_aggregate(e: &Expr) -> bool {
+    const AGGREGATES: &[&str] = &[
+        "count",
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "array_agg",
+        "string_agg",
+        "bool_and",
+        "bool_or",
+        "every",
+        "json_agg",
+        "jsonb_agg",
+        "json_object_agg",
+        "jsonb_object_agg",
+        "bit_and",
+        "bit_or",
+        "stddev",
+        "stddev_pop",
+        "stddev_samp",
+        "variance",
+        "var_pop",
+        "var_samp",
+        "percentile_cont",
+        "percentile_disc",
+        "mode",
+        "corr",
+        "covar_pop",
+        "covar_samp",
+        "regr_count",
+        "xmlagg",
+        "range_agg",
+    ];
+    match e {
+        Expr::Function(f) => {
+            f.over.is_some()
+                || name_of(&f.name).is_some_and(|n| AGGREGATES.contains(&n.as_str()))
+                || match &f.args {
+                    sqlparser::ast::FunctionArguments::List(l) => l.args.iter().any(|a| match a {
+                        sqlparser::ast::FunctionArg::Unnamed(
+                            sqlparser::ast::FunctionArgExpr::Expr(x),
+                        ) => has_aggregate(x),
+                        _ => false,
+                    }),
+                    _ => false,
+                }
+        }
+        Expr::BinaryOp { left, right, .. } => has_aggregate(left) || has_aggregate(right),
+        Expr::Nested(x) | Expr::UnaryOp { expr: x, .. } | Expr::Cast { expr: x, .. } => {
+            has_aggregate(x)
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::router::analyze::{analyze, tests::rules};
+
+    #[test]
+    fn merge_specs() {
+        let m = |sql: &str| analyze(sql, &rules()).unwrap().merge.unwrap();
+        assert_eq!(
+            m("SELECT id, name FROM users ORDER BY name DESC, 1 LIMIT 5").unwrap(),
+            MergeSpec {
+                order: vec![
+                    OrderKey {
+                        col: OrderCol::Name("name".into()),
+                        desc: true,
+                        nulls_first: true
+                    },
+                    OrderKey {
+                        col: OrderCol::Position(0),
+                        desc: false,
+                        nulls_first: false
+                    },
+                ],
+                limit: Some(5),
+            }
+        );
+        assert_eq!(
+            m("SELECT lower(name) FROM users ORDER BY lower(name)")
+                .unwrap()
+                .order[0]
+                .col,
+            OrderCol::Position(0)
+        );
+        for bad in [
+            "SELECT count(*) FROM users",
+            "SELECT user_id, sum(total) FROM orders GROUP BY user_id",
+            "SELECT DISTINCT name FROM users",
+            "SELECT * FROM users LIMIT 5 OFFSET 10",
+            "SELECT id FROM users UNION SELECT user_id FROM orders",
+            "SELECT row_number() OVER () FROM users",
+            "SELECT 1 + max(id) FROM users",
+        ] {
+            assert!(m(bad).is_err(), "{bad}");
+        }
+    }
+}
