@@ -173,6 +173,13 @@ async fn cross_shard_selects_merge_like_one_database() {
         "SELECT id FROM users WHERE id IN (3, 4, 5, 6, 7, 8) ORDER BY 1",
         "SELECT o.id, o.total FROM orders o ORDER BY o.total DESC, o.id LIMIT 9",
         "SELECT * FROM users WHERE name = 'user000' ORDER BY id",
+        // Aggregates: counts and sums add up, min/max pick, groups merge.
+        "SELECT count(*) FROM users",
+        "SELECT count(*), sum(id), min(name), max(score), sum(score) FROM users",
+        "SELECT count(*) AS n, max(id) FROM users WHERE id > 1000",
+        "SELECT user_id % 5 AS g, count(*), sum(total) FROM orders GROUP BY g ORDER BY g",
+        "SELECT name, count(*) FROM users GROUP BY name ORDER BY count(*) DESC, name LIMIT 4",
+        "SELECT total, count(*), min(user_id) FROM orders GROUP BY 1 ORDER BY 1",
     ] {
         let a = rows(&c.simple_query(q).await.unwrap());
         let b = rows(&plain.simple_query(q).await.unwrap());
@@ -184,8 +191,9 @@ async fn cross_shard_selects_merge_like_one_database() {
     assert_eq!(a.len(), 200);
     // What cannot be merged yet is refused, never answered wrongly.
     for q in [
-        "SELECT count(*) FROM users",
-        "SELECT user_id, sum(total) FROM orders GROUP BY user_id",
+        "SELECT avg(score) FROM users",
+        "SELECT count(DISTINCT name) FROM users",
+        "SELECT user_id, sum(total) FROM orders GROUP BY user_id HAVING sum(total) > 3",
         "SELECT DISTINCT name FROM users",
         "SELECT id FROM users ORDER BY id LIMIT 5 OFFSET 5",
     ] {
@@ -448,9 +456,17 @@ async fn cross_shard_selects_over_the_extended_protocol() {
         .await
         .unwrap_err();
     assert_eq!(sqlstate(&e), "0A000");
-    // Aggregates are refused here too; the session goes on.
+    // Aggregates over binary results: counts (int8) merge; a binary numeric sum is refused.
+    for (q, p) in [
+        ("SELECT count(*) FROM users WHERE id > $1", 0i64),
+        ("SELECT count(*) FROM orders WHERE user_id < $1", 100),
+    ] {
+        let via: i64 = c.query_one(q, &[&p]).await.unwrap().get(0);
+        let direct: i64 = plain.query_one(q, &[&p]).await.unwrap().get(0);
+        assert_eq!(via, direct, "{q}");
+    }
     let e = c
-        .query("SELECT count(*) FROM users WHERE id > $1", &[&0i64])
+        .query("SELECT sum(total) FROM orders WHERE user_id > $1", &[&0i64])
         .await
         .unwrap_err();
     assert_eq!(sqlstate(&e), "0A000");

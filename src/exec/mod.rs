@@ -102,6 +102,13 @@ impl Relay {
         self.queue.push_back(p);
     }
 
+    /// A Sync answered by pgshard (no server attached): whatever was skipped ends here.
+    pub fn sync_local(&mut self) {
+        if self.queue.is_empty() {
+            self.skipping = false;
+        }
+    }
+
     /// Emits responses pgshard answers itself that are now at the front of the queue.
     pub fn drain_local(&mut self, out: &mut BytesMut) {
         while let Some(front) = self.queue.front() {
@@ -393,6 +400,26 @@ mod tests {
             }
             let _ = tags(&out); // parses back into whole frames
         }
+    }
+
+    #[test]
+    fn a_local_sync_ends_a_local_skip() {
+        let mut r = Relay::default();
+        let mut out = BytesMut::new();
+        r.push(Pending::Error(Box::new(PgError::new("0A000", "no"))));
+        r.drain_local(&mut out);
+        assert!(r.skipping);
+        r.sync_local();
+        let undo = Undo {
+            client_name: Some(Bytes::from_static(b"s2")),
+            global: None,
+        };
+        r.push(Pending::Parse {
+            swallow: false,
+            undo: Some(undo),
+        });
+        assert!(r.undo.is_empty(), "the next batch's Parse is not skipped");
+        assert_eq!(r.queue.len(), 1);
     }
 
     #[test]

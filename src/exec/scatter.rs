@@ -5,9 +5,11 @@
 use crate::cluster::Database;
 use crate::protocol::{self, PgError};
 use crate::router::analyze::{MergeSpec, OrderCol};
+use crate::router::merge::Column;
 use crate::sharding::value::Decimal;
 use bytes::{BufMut, BytesMut};
 use std::cmp::Ordering;
+use std::collections::HashMap;
 
 /// What to run on each shard.
 pub enum Request<'a> {
@@ -241,6 +243,176 @@ fn compare(oid: u32, a: &[u8], b: &[u8]) -> Ordering {
     }
 }
 
+/// Combines per-shard aggregate rows: rows with equal GROUP BY keys become one, counts and
+/// sums add up, min/max pick.
+fn aggregate(
+    rows: Vec<BytesMut>,
+    roles: &[Column],
+    cols: &[(String, u32)],
+    binary_at: &dyn Fn(usize) -> bool,
+) -> Result<Vec<BytesMut>, PgError> {
+    type Fields = Vec<Option<Vec<u8>>>;
+    let mut groups: Vec<Fields> = Vec::new();
+    let mut index: HashMap<Fields, usize> = HashMap::new();
+    for row in &rows {
+        let f: Fields = fields(row)
+            .into_iter()
+            .map(|x| x.map(<[u8]>::to_vec))
+            .collect();
+        if f.len() != roles.len() || f.len() != cols.len() {
+            return Err(PgError::new(
+                "XX000",
+                "shards returned rows of different shapes",
+            ));
+        }
+        let key: Fields = roles
+            .iter()
+            .zip(&f)
+            .filter(|(r, _)| **r == Column::Key)
+            .map(|(_, v)| v.clone())
+            .collect();
+        match index.get(&key) {
+            None => {
+                index.insert(key, groups.len());
+                groups.push(f);
+            }
+            Some(&g) => {
+                let acc = &mut groups[g];
+                for (i, role) in roles.iter().enumerate() {
+                    let (oid, bin) = (cols[i].1, binary_at(i));
+                    let merged = match (role, acc[i].take(), f[i].clone()) {
+                        (Column::Key, a, _) => a,
+                        (_, None, b) | (_, b, None) => b,
+                        (Column::Count | Column::Sum, Some(a), Some(b)) => {
+                            Some(add(oid, bin, &a, &b)?)
+                        }
+                        (Column::Min | Column::Max, Some(a), Some(b)) => {
+                            let o = if bin {
+                                compare_binary(oid, &a, &b).ok_or_else(|| unmergeable(oid))?
+                            } else {
+                                compare(oid, &a, &b)
+                            };
+                            let keep_a = (o == Ordering::Greater) == (*role == Column::Max)
+                                || o == Ordering::Equal;
+                            Some(if keep_a { a } else { b })
+                        }
+                    };
+                    acc[i] = merged;
+                }
+            }
+        }
+    }
+    Ok(groups
+        .into_iter()
+        .map(|f| {
+            let mut b = BytesMut::new();
+            let len: usize = 4
+                + 2
+                + f.iter()
+                    .map(|x| 4 + x.as_ref().map_or(0, Vec::len))
+                    .sum::<usize>();
+            b.put_u8(b'D');
+            b.put_i32(len as i32);
+            b.put_u16(f.len() as u16);
+            for x in f {
+                match x {
+                    None => b.put_i32(-1),
+                    Some(v) => {
+                        b.put_i32(v.len() as i32);
+                        b.put_slice(&v);
+                    }
+                }
+            }
+            b
+        })
+        .collect())
+}
+
+fn unmergeable(oid: u32) -> PgError {
+    PgError::new(
+        "0A000",
+        format!("merging aggregates of type oid {oid} across shards is not supported yet"),
+    )
+}
+
+/// Adds two counts or sums of a PostgreSQL type, exactly.
+fn add(oid: u32, binary: bool, a: &[u8], b: &[u8]) -> Result<Vec<u8>, PgError> {
+    let overflow = || PgError::new("22003", "sum out of range when merging shards");
+    if binary {
+        return match (oid, a.len(), b.len()) {
+            (20, 8, 8) => {
+                let x = i64::from_be_bytes(a.try_into().expect("8"));
+                let y = i64::from_be_bytes(b.try_into().expect("8"));
+                Ok(x.checked_add(y)
+                    .ok_or_else(overflow)?
+                    .to_be_bytes()
+                    .to_vec())
+            }
+            (701, 8, 8) => {
+                let x = f64::from_be_bytes(a.try_into().expect("8"));
+                let y = f64::from_be_bytes(b.try_into().expect("8"));
+                Ok((x + y).to_be_bytes().to_vec())
+            }
+            (700, 4, 4) => {
+                let x = f32::from_be_bytes(a.try_into().expect("4"));
+                let y = f32::from_be_bytes(b.try_into().expect("4"));
+                Ok((x + y).to_be_bytes().to_vec())
+            }
+            _ => Err(unmergeable(oid)),
+        };
+    }
+    let text = |x: &[u8]| std::str::from_utf8(x).unwrap_or("").trim().to_string();
+    let (x, y) = (text(a), text(b));
+    match oid {
+        20 | 21 | 23 => {
+            let p = |v: &str| v.parse::<i64>().map_err(|_| unmergeable(oid));
+            Ok(p(&x)?
+                .checked_add(p(&y)?)
+                .ok_or_else(overflow)?
+                .to_string()
+                .into_bytes())
+        }
+        700 | 701 => {
+            let p = |v: &str| v.parse::<f64>().map_err(|_| unmergeable(oid));
+            Ok((p(&x)? + p(&y)?).to_string().into_bytes())
+        }
+        1700 => add_decimal(&x, &y)
+            .ok_or_else(overflow)
+            .map(String::into_bytes),
+        _ => Err(unmergeable(oid)),
+    }
+}
+
+/// Exact decimal addition on text (numeric's output form), up to 38 significant digits.
+fn add_decimal(a: &str, b: &str) -> Option<String> {
+    fn parse(s: &str) -> Option<(i128, u32)> {
+        let (neg, body) = match s.strip_prefix('-') {
+            Some(r) => (true, r),
+            None => (false, s),
+        };
+        let (int, frac) = body.split_once('.').unwrap_or((body, ""));
+        if !int.bytes().chain(frac.bytes()).all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        let m: i128 = format!("{int}{frac}").parse().ok()?;
+        Some((if neg { -m } else { m }, frac.len() as u32))
+    }
+    let ((ma, sa), (mb, sb)) = (parse(a)?, parse(b)?);
+    let scale = sa.max(sb);
+    let m = ma
+        .checked_mul(10i128.checked_pow(scale - sa)?)?
+        .checked_add(mb.checked_mul(10i128.checked_pow(scale - sb)?)?)?;
+    let digits = m.unsigned_abs().to_string();
+    let digits = format!("{digits:0>width$}", width = scale as usize + 1);
+    let (i, f) = digits.split_at(digits.len() - scale as usize);
+    let sign = if m < 0 { "-" } else { "" };
+    Some(if scale == 0 {
+        format!("{sign}{i}")
+    } else {
+        format!("{sign}{i}.{f}")
+    })
+}
+
 /// Per-column result formats from a Bind's remainder (after the parameters): true for
 /// binary. Empty: all text.
 pub fn result_formats(bind_rest: &[u8]) -> Vec<bool> {
@@ -294,6 +466,14 @@ pub fn merge_select(
         return Err(PgError::new("XX000", "no row description from any shard"));
     };
     let cols = columns(&t);
+    let binary_at = |i: usize| match binary.len() {
+        0 => false,
+        1 => binary[0],
+        _ => binary.get(i).copied().unwrap_or(false),
+    };
+    if let Some(roles) = &spec.aggregates {
+        rows = aggregate(rows, roles, &cols, &binary_at)?;
+    }
     if !spec.order.is_empty() {
         let mut keys = Vec::with_capacity(spec.order.len());
         for k in &spec.order {
@@ -373,4 +553,30 @@ pub fn merge_select(
     out.put_slice(tag.as_bytes());
     out.put_u8(0);
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal_sums_are_exact() {
+        assert_eq!(add_decimal("1.25", "2.5").as_deref(), Some("3.75"));
+        assert_eq!(add_decimal("-1.25", "0.05").as_deref(), Some("-1.20"));
+        assert_eq!(add_decimal("0.1", "0.2").as_deref(), Some("0.3"));
+        assert_eq!(add_decimal("100", "-0.001").as_deref(), Some("99.999"));
+        assert_eq!(add_decimal("-0.5", "0.25").as_deref(), Some("-0.25"));
+        assert_eq!(add_decimal("NaN", "1"), None);
+    }
+
+    #[test]
+    fn binary_and_text_additions() {
+        assert_eq!(add(20, false, b"40", b"2").unwrap(), b"42");
+        assert_eq!(
+            add(20, true, &40i64.to_be_bytes(), &2i64.to_be_bytes()).unwrap(),
+            42i64.to_be_bytes()
+        );
+        assert!(add(20, false, b"9223372036854775807", b"1").is_err());
+        assert!(add(1700, true, b"x", b"y").is_err());
+    }
 }

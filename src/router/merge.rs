@@ -10,6 +10,21 @@ use sqlparser::ast::{Expr, Query, SetExpr, Value};
 pub struct MergeSpec {
     pub order: Vec<OrderKey>,
     pub limit: Option<u64>,
+    /// For an aggregate query: what each output column is. None: plain rows.
+    pub aggregates: Option<Vec<Column>>,
+}
+
+/// An output column of an aggregate query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Column {
+    /// A GROUP BY key.
+    Key,
+    /// count(...): per-shard counts add up.
+    Count,
+    /// sum(...): per-shard sums add up.
+    Sum,
+    Min,
+    Max,
 }
 
 /// One ORDER BY key, by output column.
@@ -27,10 +42,10 @@ pub enum OrderCol {
     Name(String),
 }
 
-/// Analyzes a query string (one or more statements).
-/// What pgshard can merge today: plain rows, ORDER BY output columns, LIMIT. Anything whose
-/// per-shard results do not simply combine (aggregates, GROUP BY, DISTINCT, OFFSET, set
-/// operations, window functions) is refused rather than answered wrongly.
+/// What pgshard can merge today: plain rows; count/sum/min/max with or without GROUP BY on
+/// output columns; ORDER BY output columns; LIMIT. Anything whose per-shard results do not
+/// simply combine (avg, HAVING, DISTINCT, OFFSET, set operations, window functions,
+/// expressions over aggregates) is refused rather than answered wrongly.
 pub(super) fn merge_spec(q: &Query) -> Result<MergeSpec, String> {
     let unsupported = |what: &str| {
         Err(format!(
@@ -43,26 +58,52 @@ pub(super) fn merge_spec(q: &Query) -> Result<MergeSpec, String> {
     if sel.distinct.is_some() {
         return unsupported("DISTINCT");
     }
-    let grouped = match &sel.group_by {
-        sqlparser::ast::GroupByExpr::All(_) => true,
-        sqlparser::ast::GroupByExpr::Expressions(e, _) => !e.is_empty(),
+    let group_exprs: Vec<String> = match &sel.group_by {
+        sqlparser::ast::GroupByExpr::All(_) => return unsupported("GROUP BY ALL"),
+        sqlparser::ast::GroupByExpr::Expressions(e, _) => e.iter().map(|x| x.to_string()).collect(),
     };
-    if grouped || sel.having.is_some() {
-        return unsupported("GROUP BY");
+    if sel.having.is_some() {
+        return unsupported("HAVING");
     }
     let mut items = Vec::new();
+    let mut columns = Vec::new();
+    let mut any_aggregate = false;
     for item in &sel.projection {
         let (e, alias) = match item {
             sqlparser::ast::SelectItem::UnnamedExpr(e) => (e, None),
             sqlparser::ast::SelectItem::ExprWithAlias { expr, alias } => (expr, Some(alias)),
-            _ => continue,
+            _ if group_exprs.is_empty() => continue,
+            _ => return unsupported("SELECT * with GROUP BY"),
         };
-        if has_aggregate(e) {
-            return unsupported("an aggregate or window function");
-        }
+        let column = match top_aggregate(e) {
+            Some(Ok(c)) => {
+                any_aggregate = true;
+                c
+            }
+            Some(Err(why)) => return unsupported(why),
+            None if has_aggregate(e) => {
+                return unsupported("an expression over aggregates or a window function");
+            }
+            None => Column::Key,
+        };
+        columns.push(column);
         items.push((e.to_string(), alias.map(|a| a.value.to_ascii_lowercase())));
     }
     let mut spec = MergeSpec::default();
+    if any_aggregate || !group_exprs.is_empty() {
+        // Every non-aggregate output column must be a GROUP BY key (PostgreSQL requires it
+        // too), and every key an output column, so that groups can be matched by value.
+        for g in &group_exprs {
+            let by_position = g.parse::<usize>().ok();
+            let found = items.iter().enumerate().any(|(i, (t, alias))| {
+                t == g || alias.as_deref() == Some(g.as_str()) || by_position == Some(i + 1)
+            });
+            if !found {
+                return unsupported("GROUP BY an expression that is not an output column");
+            }
+        }
+        spec.aggregates = Some(columns);
+    }
     if let Some(ob) = &q.order_by {
         let sqlparser::ast::OrderByKind::Expressions(exprs) = &ob.kind else {
             return unsupported("ORDER BY ALL");
@@ -129,6 +170,33 @@ pub(super) fn merge_spec(q: &Query) -> Result<MergeSpec, String> {
     }
     Ok(spec)
 }
+/// The aggregate an output column is, when it is one call of count/sum/min/max.
+fn top_aggregate(e: &Expr) -> Option<Result<Column, &'static str>> {
+    let Expr::Function(f) = e else {
+        return None;
+    };
+    if f.over.is_some() {
+        return Some(Err("a window function"));
+    }
+    let column = match name_of(&f.name)?.as_str() {
+        "count" => Column::Count,
+        "sum" => Column::Sum,
+        "min" => Column::Min,
+        "max" => Column::Max,
+        "avg" => return Some(Err("avg (use sum() and count())")),
+        _ => return has_aggregate(e).then_some(Err("this aggregate")),
+    };
+    if let sqlparser::ast::FunctionArguments::List(l) = &f.args
+        && matches!(
+            l.duplicate_treatment,
+            Some(sqlparser::ast::DuplicateTreatment::Distinct)
+        )
+    {
+        return Some(Err("an aggregate over DISTINCT values"));
+    }
+    Some(Ok(column))
+}
+
 fn has_aggregate(e: &Expr) -> bool {
     const AGGREGATES: &[&str] = &[
         "count",
@@ -209,8 +277,26 @@ mod tests {
                     },
                 ],
                 limit: Some(5),
+                aggregates: None,
             }
         );
+        let a = m("SELECT user_id, count(*), sum(total) AS t, min(id), max(id) FROM orders GROUP BY user_id ORDER BY t DESC LIMIT 3").unwrap();
+        assert_eq!(
+            a.aggregates,
+            Some(vec![
+                Column::Key,
+                Column::Count,
+                Column::Sum,
+                Column::Min,
+                Column::Max
+            ])
+        );
+        assert_eq!(a.limit, Some(3));
+        assert_eq!(
+            m("SELECT count(*) FROM users").unwrap().aggregates,
+            Some(vec![Column::Count])
+        );
+        assert!(m("SELECT name, count(*) FROM users GROUP BY 1").is_ok());
         assert_eq!(
             m("SELECT lower(name) FROM users ORDER BY lower(name)")
                 .unwrap()
@@ -219,8 +305,11 @@ mod tests {
             OrderCol::Position(0)
         );
         for bad in [
-            "SELECT count(*) FROM users",
-            "SELECT user_id, sum(total) FROM orders GROUP BY user_id",
+            "SELECT avg(id) FROM users",
+            "SELECT count(DISTINCT name) FROM users",
+            "SELECT user_id, sum(total) FROM orders GROUP BY user_id HAVING sum(total) > 1",
+            "SELECT sum(total) FROM orders GROUP BY user_id + 1",
+            "SELECT count(*)::int FROM users",
             "SELECT DISTINCT name FROM users",
             "SELECT * FROM users LIMIT 5 OFFSET 10",
             "SELECT id FROM users UNION SELECT user_id FROM orders",

@@ -274,7 +274,9 @@ impl Session {
                     self.relay.push(Pending::Sync);
                     self.bout.extend_from_slice(&frame);
                 } else {
+                    // Answered here: the Sync also ends a skip after a local error.
                     self.relay.drain_local(&mut self.cout);
+                    self.relay.sync_local();
                     protocol::write_ready(&mut self.cout, self.status);
                 }
             }
