@@ -539,6 +539,8 @@ pub fn merge_select(
             Ordering::Equal
         });
     }
+    let skip = (spec.offset as usize).min(rows.len());
+    rows.drain(..skip);
     if let Some(l) = spec.limit {
         rows.truncate(l as usize);
     }

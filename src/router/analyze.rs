@@ -3,8 +3,8 @@
 //! and the sharding rules, so the session caches it by text and resolves parameters per Bind.
 
 use super::Rules;
-use super::merge::merge_spec;
 pub use super::merge::{MergeSpec, OrderCol, OrderKey};
+use super::merge::{merge_spec, shard_statement};
 use sqlparser::ast::{
     AssignmentTarget, BinaryOperator, Expr, FromTable, ObjectName, ObjectNamePart, Query, Select,
     SetExpr, Statement, TableFactor, TableObject, TableWithJoins, UnaryOperator, Value,
@@ -57,6 +57,9 @@ pub struct Analysis {
     /// For a single SELECT: how to merge its results from several shards, or why pgshard
     /// cannot do that yet.
     pub merge: Option<Result<MergeSpec, String>>,
+    /// The text each shard runs for a cross-shard SELECT, when it differs from the
+    /// client's (OFFSET applied after merging).
+    pub shard_sql: Option<String>,
 }
 
 /// Why a statement has no analysis.
@@ -77,11 +80,16 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
         key_update: None,
         writes_reference: false,
         statements: stmts.len(),
-        merge: match stmts.as_slice() {
-            [Statement::Query(q)] => Some(merge_spec(q)),
-            _ => None,
-        },
+        merge: None,
+        shard_sql: None,
     };
+    if let [Statement::Query(q)] = stmts.as_slice() {
+        let spec = merge_spec(q);
+        if let Ok(spec) = &spec {
+            out.shard_sql = shard_statement(q, spec);
+        }
+        out.merge = Some(spec);
+    }
     for st in &stmts {
         let a = statement(st, rules).map_err(AnalyzeError::Unroutable)?;
         out.kind = out.kind.max(a.kind);
@@ -222,6 +230,7 @@ fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
         writes_reference: c.reference && kind >= Kind::Write,
         statements: 1,
         merge: None,
+        shard_sql: None,
     })
 }
 

@@ -10,6 +10,8 @@ use sqlparser::ast::{Expr, Query, SetExpr, Value};
 pub struct MergeSpec {
     pub order: Vec<OrderKey>,
     pub limit: Option<u64>,
+    /// Rows to skip after merging (each shard is asked for `offset + limit` rows instead).
+    pub offset: u64,
     /// For an aggregate query: what each output column is. None: plain rows.
     pub aggregates: Option<Vec<Column>>,
 }
@@ -47,6 +49,34 @@ pub enum OrderCol {
 /// simply combine (avg, HAVING, DISTINCT, OFFSET, set operations, window functions,
 /// expressions over aggregates) is refused rather than answered wrongly.
 pub(super) fn merge_spec(q: &Query) -> Result<MergeSpec, String> {
+    let spec = plan(q)?;
+    if spec.offset > 0 && spec.aggregates.is_some() {
+        return Err("OFFSET with aggregates across shards is not supported yet".into());
+    }
+    Ok(spec)
+}
+
+/// The statement each shard runs: the client's, with `LIMIT offset+limit` and no OFFSET
+/// when an OFFSET must be applied after merging. None when the client's text serves.
+pub(super) fn shard_statement(q: &Query, spec: &MergeSpec) -> Option<String> {
+    if spec.offset == 0 {
+        return None;
+    }
+    let mut q = q.clone();
+    q.limit_clause = Some(sqlparser::ast::LimitClause::LimitOffset {
+        limit: spec.limit.map(|l| {
+            Expr::value(Value::Number(
+                (l.saturating_add(spec.offset)).to_string(),
+                false,
+            ))
+        }),
+        offset: None,
+        limit_by: Vec::new(),
+    });
+    Some(q.to_string())
+}
+
+fn plan(q: &Query) -> Result<MergeSpec, String> {
     let unsupported = |what: &str| {
         Err(format!(
             "{what} across shards is not supported yet; add a shard key condition or a /* pgshard: shard=N */ hint"
@@ -142,28 +172,33 @@ pub(super) fn merge_spec(q: &Query) -> Result<MergeSpec, String> {
             });
         }
     }
+    let number = |e: &Expr, what: &'static str| -> Result<Option<u64>, String> {
+        match value_of(e) {
+            Some(KeyRef::Literal(n)) => n
+                .parse()
+                .map(Some)
+                .map_err(|_| format!("{what} must be a whole number")),
+            Some(KeyRef::Null) => Ok(None),
+            _ => Err(format!(
+                "{what} with a parameter or expression across shards is not supported yet"
+            )),
+        }
+    };
     match &q.limit_clause {
         None => {}
         Some(sqlparser::ast::LimitClause::LimitOffset {
-            limit: None,
-            offset: None,
-            ..
-        }) => {}
-        Some(sqlparser::ast::LimitClause::LimitOffset {
-            limit: Some(l),
-            offset: None,
-            ..
-        }) => match value_of(l) {
-            Some(KeyRef::Literal(n)) => {
-                spec.limit = Some(
-                    n.parse()
-                        .map_err(|_| "LIMIT must be a number".to_string())?,
-                )
+            limit,
+            offset,
+            limit_by,
+        }) if limit_by.is_empty() => {
+            if let Some(l) = limit {
+                spec.limit = number(l, "LIMIT")?;
             }
-            Some(KeyRef::Null) => {}
-            _ => return unsupported("LIMIT with a parameter"),
-        },
-        Some(_) => return unsupported("OFFSET"),
+            if let Some(o) = offset {
+                spec.offset = number(&o.value, "OFFSET")?.unwrap_or(0);
+            }
+        }
+        Some(_) => return unsupported("this LIMIT form"),
     }
     if q.fetch.is_some() {
         return unsupported("FETCH FIRST");
@@ -277,6 +312,7 @@ mod tests {
                     },
                 ],
                 limit: Some(5),
+                offset: 0,
                 aggregates: None,
             }
         );
@@ -297,6 +333,17 @@ mod tests {
             Some(vec![Column::Count])
         );
         assert!(m("SELECT name, count(*) FROM users GROUP BY 1").is_ok());
+        let a = analyze(
+            "SELECT id FROM users ORDER BY id LIMIT 5 OFFSET 10",
+            &rules(),
+        )
+        .unwrap();
+        let spec = a.merge.clone().unwrap().unwrap();
+        assert_eq!((spec.limit, spec.offset), (Some(5), 10));
+        assert_eq!(
+            a.shard_sql.as_deref(),
+            Some("SELECT id FROM users ORDER BY id LIMIT 15")
+        );
         assert_eq!(
             m("SELECT lower(name) FROM users ORDER BY lower(name)")
                 .unwrap()
@@ -311,7 +358,8 @@ mod tests {
             "SELECT sum(total) FROM orders GROUP BY user_id + 1",
             "SELECT count(*)::int FROM users",
             "SELECT DISTINCT name FROM users",
-            "SELECT * FROM users LIMIT 5 OFFSET 10",
+            "SELECT count(*) FROM users OFFSET 1",
+            "SELECT id FROM users LIMIT $1",
             "SELECT id FROM users UNION SELECT user_id FROM orders",
             "SELECT row_number() OVER () FROM users",
             "SELECT 1 + max(id) FROM users",

@@ -89,7 +89,7 @@ impl Session {
         let results = scatter::run_on_shards(
             &self.db,
             &shards,
-            scatter::Request::Simple(sql),
+            scatter::Request::Simple(a.shard_sql.as_deref().unwrap_or(sql)),
             Some(&prelude),
             self.settings_fp,
         )
@@ -140,7 +140,7 @@ impl Session {
             &self.db,
             shards,
             scatter::Request::Extended {
-                query: &query,
+                query: a.shard_sql.as_deref().map_or(&query[..], str::as_bytes),
                 types: &types,
                 bind_rest: b.rest,
             },
