@@ -140,6 +140,8 @@ pub struct LimitsConfig {
     pub max_message_size: usize,
     /// A client must finish startup and authentication within this time.
     pub startup_timeout_ms: u64,
+    /// On SIGTERM/SIGINT, transactions in flight get this long to finish.
+    pub shutdown_timeout_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -147,6 +149,7 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_message_size: 64 * 1024 * 1024,
             startup_timeout_ms: 10_000,
+            shutdown_timeout_ms: 30_000,
         }
     }
 }

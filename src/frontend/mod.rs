@@ -151,6 +151,18 @@ impl CancelRegistry {
 pub struct Server {
     pub state: ArcSwap<State>,
     pub cancels: CancelRegistry,
+    /// Set on shutdown: sessions end once their transaction does.
+    shutdown: tokio::sync::watch::Sender<bool>,
+    sessions: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a client session while it lives.
+struct SessionGuard<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for SessionGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Server {
@@ -158,13 +170,32 @@ impl Server {
         Arc::new(Server {
             state: ArcSwap::from_pointee(state),
             cancels: CancelRegistry::default(),
+            shutdown: tokio::sync::watch::Sender::new(false),
+            sessions: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
-    /// Accepts clients until the listener fails.
+    /// Starts a graceful shutdown: no new clients; sessions end when their transaction
+    /// ends (idle ones at once).
+    pub fn shut_down(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// Client sessions alive now.
+    pub fn sessions(&self) -> usize {
+        self.sessions.load(Ordering::Relaxed)
+    }
+
+    /// Accepts clients until shutdown; then waits for the sessions to end, at most
+    /// `limits.shutdown_timeout_ms`.
     pub async fn run(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+        let mut stop = self.shutdown.subscribe();
         loop {
-            let (sock, peer) = match listener.accept().await {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = stop.wait_for(|s| *s) => break,
+            };
+            let (sock, peer) = match accepted {
                 Ok(x) => x,
                 Err(e) => {
                     // Out of file descriptors and the like: keep serving the others.
@@ -185,9 +216,28 @@ impl Server {
                 .instrument(span),
             );
         }
+        drop(listener);
+        let timeout = Duration::from_millis(self.state.load().config.limits.shutdown_timeout_ms);
+        tracing::info!(
+            sessions = self.sessions(),
+            "shutting down: waiting for transactions in flight"
+        );
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.sessions() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if self.sessions() > 0 {
+            tracing::warn!(
+                sessions = self.sessions(),
+                "shutdown timeout: closing the remaining sessions"
+            );
+        }
+        Ok(())
     }
 
     async fn handle(&self, sock: TcpStream) -> anyhow::Result<()> {
+        self.sessions.fetch_add(1, Ordering::Relaxed);
+        let _counted = SessionGuard(&self.sessions);
         let state = self.state.load_full();
         let startup_timeout = Duration::from_millis(state.config.limits.startup_timeout_ms);
         let mut conn = Conn::Plain(sock);
@@ -233,6 +283,7 @@ impl Server {
             slot,
             ready.settings,
         );
+        session.shutdown = Some(self.shutdown.subscribe());
         drop(state);
         session.run().await?;
         Ok(())
@@ -570,12 +621,31 @@ impl Conn {
 }
 
 /// Binds the listener and serves until the process ends.
+///
+/// SIGTERM or SIGINT starts a graceful shutdown (see [`Server::run`]); a second one exits
+/// at once.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = TcpListener::bind(&config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("listen: cannot bind {}: {e}", config.listen))?;
     tracing::info!(listen = %config.listen, "pgshard ready");
     let server = Server::new(State::new(config)?);
+    let signals = server.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::info!("signal received: graceful shutdown (a second signal exits at once)");
+        signals.shut_down();
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(1);
+    });
     server.run(listener).await?;
     Ok(())
 }

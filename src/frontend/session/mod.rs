@@ -70,6 +70,10 @@ pub struct Session {
     client_eof: bool,
     /// The shard of the attached server connection.
     shard: usize,
+    /// Becomes true when pgshard shuts down: the session ends at its next transaction
+    /// boundary.
+    pub shutdown: Option<tokio::sync::watch::Receiver<bool>>,
+    draining: bool,
     route: route::RouteState,
 }
 
@@ -125,6 +129,8 @@ impl Session {
             statements: HashMap::new(),
             client_eof: false,
             shard: 0,
+            shutdown: None,
+            draining: false,
             route: route::RouteState::default(),
         }
     }
@@ -153,27 +159,51 @@ impl Session {
             if self.client_eof {
                 return Ok(());
             }
+            if self.draining && self.at_transaction_boundary() {
+                // As PostgreSQL's fast shutdown, but only between transactions.
+                let mut out = BytesMut::new();
+                PgError::fatal("57P01", "terminating connection: pgshard is shutting down")
+                    .write(&mut out);
+                let _ = self.writer.write_all(&out).await;
+                return Ok(());
+            }
             let Self {
                 reader,
                 crbuf,
                 backend,
+                shutdown,
+                draining,
                 ..
             } = self;
             enum Got {
                 Client(std::io::Result<usize>),
                 Backend(Result<(), crate::backend::BackendError>),
+                Shutdown,
             }
+            let stop = async {
+                match shutdown {
+                    Some(rx) if !*draining => {
+                        let _ = rx.wait_for(|s| *s).await;
+                    }
+                    _ => std::future::pending::<()>().await,
+                }
+            };
             let got = match backend {
                 Some(b) => {
                     let b: &mut crate::backend::BackendConn = b;
                     tokio::select! {
                         r = reader.read_buf(crbuf) => Got::Client(r),
                         r = b.fill() => Got::Backend(r),
+                        _ = stop => Got::Shutdown,
                     }
                 }
-                None => Got::Client(reader.read_buf(crbuf).await),
+                None => tokio::select! {
+                    r = reader.read_buf(crbuf) => Got::Client(r),
+                    _ = stop => Got::Shutdown,
+                },
             };
             match got {
+                Got::Shutdown => self.draining = true,
                 Got::Client(Ok(0)) => {
                     self.client_eof = true;
                     return Ok(());
@@ -191,6 +221,15 @@ impl Session {
                 return Ok(());
             }
         }
+    }
+
+    /// Between transactions, with nothing in flight.
+    fn at_transaction_boundary(&self) -> bool {
+        self.status == b'I'
+            && self.relay.idle()
+            && !self.in_batch
+            && !self.in_copy
+            && self.route.deferred_begin.is_none()
     }
 
     /// Writes what is pending in both directions.

@@ -1,0 +1,101 @@
+//! `pgshard serve` and signals: SIGTERM lets transactions in flight commit, refuses new
+//! clients, closes idle ones, and exits 0; a second signal exits at once.
+
+mod common;
+
+use common::*;
+use std::net::SocketAddr;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+fn serve() -> (Child, SocketAddr, std::path::PathBuf) {
+    let port = pgshard::local::free_port();
+    let yaml = base_yaml("transaction", 4)
+        .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{port}"))
+        + "limits: { shutdown_timeout_ms: 15000 }\n";
+    let path = std::env::temp_dir().join(format!("pgshard-shutdown-{port}.yaml"));
+    std::fs::write(&path, yaml).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_pgshard"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "pgshard serve did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (child, addr, path)
+}
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, sig) };
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "pgshard did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test]
+async fn sigterm_lets_the_running_transaction_commit() {
+    let (mut child, addr, path) = serve();
+    let mut a = connect(addr).await;
+    let b = connect(addr).await;
+    a.batch_execute("DROP TABLE IF EXISTS t_shut; CREATE TABLE t_shut (x int)")
+        .await
+        .unwrap();
+    let tx = a.transaction().await.unwrap();
+    tx.execute("INSERT INTO t_shut VALUES (1)", &[])
+        .await
+        .unwrap();
+    b.batch_execute("SELECT 1").await.unwrap();
+
+    signal(&child, libc::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // No new clients; the idle one is closed.
+    assert!(try_connect(addr, "app", "app", "app").await.is_err());
+    assert!(b.batch_execute("SELECT 1").await.is_err());
+    // The transaction in flight goes on and commits.
+    tx.execute("INSERT INTO t_shut VALUES (2)", &[])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    assert!(status.success(), "exit status {status}");
+    let n: i64 = connect_direct()
+        .await
+        .query_one("SELECT count(*) FROM t_shut", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+    let _ = std::fs::remove_file(path);
+}
+
+#[tokio::test]
+async fn a_second_signal_exits_at_once() {
+    let (mut child, addr, path) = serve();
+    let mut a = connect(addr).await;
+    let tx = a.transaction().await.unwrap();
+    tx.batch_execute("SELECT 1").await.unwrap();
+    signal(&child, libc::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "waits for the open transaction"
+    );
+    signal(&child, libc::SIGINT);
+    let status = wait_exit(&mut child, Duration::from_secs(5));
+    assert!(!status.success());
+    drop(tx);
+    let _ = std::fs::remove_file(path);
+}
