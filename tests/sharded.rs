@@ -183,6 +183,10 @@ async fn cross_shard_selects_merge_like_one_database() {
         // OFFSET applies after merging (each shard returns offset + limit rows).
         "SELECT id, name FROM users ORDER BY id LIMIT 5 OFFSET 10",
         "SELECT id, name FROM users ORDER BY name DESC, id OFFSET 195",
+        // ORDER BY what is not returned: hidden sort columns, stripped from the result.
+        "SELECT id FROM users ORDER BY name, id LIMIT 12",
+        "SELECT u.id FROM users u ORDER BY u.score DESC, lower(u.name), u.id LIMIT 9 OFFSET 3",
+        "SELECT * FROM users ORDER BY score, id LIMIT 5",
     ] {
         let a = rows(&c.simple_query(q).await.unwrap());
         let b = rows(&plain.simple_query(q).await.unwrap());
@@ -199,8 +203,7 @@ async fn cross_shard_selects_merge_like_one_database() {
         "SELECT user_id, sum(total) FROM orders GROUP BY user_id HAVING sum(total) > 3",
         "SELECT DISTINCT name FROM users",
         "SELECT count(*) FROM users OFFSET 1",
-        // Sorting on a column that is not returned needs hidden sort columns: not yet.
-        "SELECT id FROM users ORDER BY name",
+        "SELECT count(*) FROM users GROUP BY name ORDER BY name",
     ] {
         let e = c.simple_query(q).await.unwrap_err();
         assert_eq!(sqlstate(&e), "0A000", "{q}");
@@ -424,7 +427,11 @@ async fn cross_shard_selects_over_the_extended_protocol() {
     let fetch = |rows: Vec<tokio_postgres::Row>| -> Vec<Row> {
         rows.iter().map(|r| (r.get(0), r.get(1))).collect()
     };
-    let cases: [(&str, i64); 5] = [
+    let cases: [(&str, i64); 6] = [
+        (
+            "SELECT id, name FROM users WHERE id > $1 ORDER BY lower(name) DESC, id LIMIT 6",
+            5,
+        ),
         (
             "SELECT id, name FROM users WHERE id > $1 ORDER BY id LIMIT 3 OFFSET 4",
             10,

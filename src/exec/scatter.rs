@@ -132,6 +132,25 @@ pub fn broadcast_result(results: Vec<Vec<BytesMut>>) -> BytesMut {
     out
 }
 
+/// The byte offset in a RowDescription (`row` false) or DataRow (`row` true) just after
+/// its first `n` fields.
+fn prefix_end(frame: &[u8], n: usize, row: bool) -> usize {
+    let mut i = 7;
+    for _ in 0..n {
+        if row {
+            let len = i32::from_be_bytes([frame[i], frame[i + 1], frame[i + 2], frame[i + 3]]);
+            i += 4 + len.max(0) as usize;
+        } else {
+            let name_end = frame[i..]
+                .iter()
+                .position(|&c| c == 0)
+                .map_or(frame.len(), |p| i + p);
+            i = name_end + 1 + 18;
+        }
+    }
+    i.min(frame.len())
+}
+
 /// Field names and type OIDs of a RowDescription.
 fn columns(t: &[u8]) -> Vec<(String, u32)> {
     let mut b = protocol::body(t);
@@ -413,6 +432,23 @@ fn add_decimal(a: &str, b: &str) -> Option<String> {
     })
 }
 
+/// A Bind remainder whose result-format list also covers `extra` trailing (text)
+/// columns: needed when pgshard adds hidden sort columns and the client gave one format
+/// per column.
+pub fn with_extra_result_columns(bind_rest: &[u8], extra: usize) -> Vec<u8> {
+    let formats = result_formats(bind_rest);
+    if extra == 0 || formats.len() <= 1 {
+        return bind_rest.to_vec();
+    }
+    // The list is at the end: 2-byte count, then 2 bytes per column.
+    let start = bind_rest.len() - 2 - 2 * formats.len();
+    let mut out = bind_rest[..start].to_vec();
+    out.extend(((formats.len() + extra) as u16).to_be_bytes());
+    out.extend_from_slice(&bind_rest[start + 2..]);
+    out.extend(std::iter::repeat_n([0u8, 0], extra).flatten());
+    out
+}
+
 /// Per-column result formats from a Bind's remainder (after the parameters): true for
 /// binary. Empty: all text.
 pub fn result_formats(bind_rest: &[u8]) -> Vec<bool> {
@@ -480,6 +516,7 @@ pub fn merge_select(
             let idx = match &k.col {
                 OrderCol::Position(p) => Some(*p),
                 OrderCol::Name(n) => cols.iter().position(|(c, _)| c == n),
+                OrderCol::Hidden(h) => (cols.len() + h).checked_sub(spec.hidden.len()),
             }
             .filter(|&i| i < cols.len())
             .ok_or_else(|| {
@@ -544,10 +581,24 @@ pub fn merge_select(
     if let Some(l) = spec.limit {
         rows.truncate(l as usize);
     }
-    out.extend_from_slice(&t);
+    // Hidden sort columns are the trailing ones: the client never sees them.
+    let keep = cols.len().saturating_sub(spec.hidden.len());
+    let strip = |frame: &[u8], row: bool| -> BytesMut {
+        if spec.hidden.is_empty() {
+            return BytesMut::from(frame);
+        }
+        let end = prefix_end(frame, keep, row);
+        let mut b = BytesMut::with_capacity(end + 7);
+        b.put_u8(frame[0]);
+        b.put_i32((4 + 2 + end - 7) as i32);
+        b.put_u16(keep as u16);
+        b.put_slice(&frame[7..end]);
+        b
+    };
+    out.extend_from_slice(&strip(&t, false));
     let n = rows.len();
     for r in rows {
-        out.extend_from_slice(&r);
+        out.extend_from_slice(&strip(&r, true));
     }
     let tag = format!("SELECT {n}");
     out.put_u8(b'C');

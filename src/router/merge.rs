@@ -14,6 +14,9 @@ pub struct MergeSpec {
     pub offset: u64,
     /// For an aggregate query: what each output column is. None: plain rows.
     pub aggregates: Option<Vec<Column>>,
+    /// ORDER BY expressions that are not output columns: each shard returns them as extra
+    /// trailing columns, which pgshard sorts on and strips.
+    pub hidden: Vec<Expr>,
 }
 
 /// An output column of an aggregate query.
@@ -42,6 +45,8 @@ pub struct OrderKey {
 pub enum OrderCol {
     Position(usize),
     Name(String),
+    /// The k-th hidden sort column.
+    Hidden(usize),
 }
 
 /// What pgshard can merge today: plain rows; count/sum/min/max with or without GROUP BY on
@@ -59,10 +64,22 @@ pub(super) fn merge_spec(q: &Query) -> Result<MergeSpec, String> {
 /// The statement each shard runs: the client's, with `LIMIT offset+limit` and no OFFSET
 /// when an OFFSET must be applied after merging. None when the client's text serves.
 pub(super) fn shard_statement(q: &Query, spec: &MergeSpec) -> Option<String> {
-    if spec.offset == 0 {
+    if spec.offset == 0 && spec.hidden.is_empty() {
         return None;
     }
     let mut q = q.clone();
+    if let SetExpr::Select(sel) = &mut *q.body {
+        for (k, e) in spec.hidden.iter().enumerate() {
+            sel.projection
+                .push(sqlparser::ast::SelectItem::ExprWithAlias {
+                    expr: e.clone(),
+                    alias: sqlparser::ast::Ident::with_quote('"', format!("__pgshard_sort_{k}")),
+                });
+        }
+    }
+    if spec.offset == 0 {
+        return Some(q.to_string());
+    }
     q.limit_clause = Some(sqlparser::ast::LimitClause::LimitOffset {
         limit: spec.limit.map(|l| {
             Expr::value(Value::Number(
@@ -97,6 +114,13 @@ fn plan(q: &Query) -> Result<MergeSpec, String> {
     }
     let mut items = Vec::new();
     let mut columns = Vec::new();
+    let wildcard = sel.projection.iter().any(|i| {
+        matches!(
+            i,
+            sqlparser::ast::SelectItem::Wildcard(_)
+                | sqlparser::ast::SelectItem::QualifiedWildcard(..)
+        )
+    });
     let mut any_aggregate = false;
     for item in &sel.projection {
         let (e, alias) = match item {
@@ -148,19 +172,40 @@ fn plan(q: &Query) -> Result<MergeSpec, String> {
                     },
                     _ => return unsupported("ORDER BY a constant"),
                 },
-                Expr::Identifier(id) => OrderCol::Name(id.value.to_ascii_lowercase()),
-                Expr::CompoundIdentifier(ids) => {
-                    OrderCol::Name(ids[ids.len() - 1].value.to_ascii_lowercase())
-                }
                 e => {
                     let text = e.to_string();
-                    match items.iter().position(|(t, _)| *t == text) {
-                        Some(p) => OrderCol::Position(p),
-                        None => {
-                            return unsupported(
-                                "ORDER BY an expression that is not an output column",
-                            );
+                    let name = match e {
+                        Expr::Identifier(id) => Some(id.value.to_ascii_lowercase()),
+                        Expr::CompoundIdentifier(ids) => {
+                            Some(ids[ids.len() - 1].value.to_ascii_lowercase())
                         }
+                        _ => None,
+                    };
+                    // The output name of each explicit item: its alias, or a column's name.
+                    let output_name = |(t, alias): &(String, Option<String>)| {
+                        alias.clone().or_else(|| {
+                            t.rsplit('.')
+                                .next()
+                                .map(|n| n.trim_matches('"').to_ascii_lowercase())
+                        })
+                    };
+                    if let Some(p) = items.iter().position(|(t, _)| *t == text) {
+                        OrderCol::Position(p)
+                    } else if let Some(p) = name.as_ref().and_then(|n| {
+                        items
+                            .iter()
+                            .position(|i| output_name(i).as_ref() == Some(n))
+                    }) {
+                        OrderCol::Position(p)
+                    } else if let (Some(n), true) = (&name, wildcard) {
+                        OrderCol::Name(n.clone())
+                    } else if spec.aggregates.is_some() {
+                        return unsupported(
+                            "ORDER BY an expression that is not an output column of an aggregate query",
+                        );
+                    } else {
+                        spec.hidden.push(e.clone());
+                        OrderCol::Hidden(spec.hidden.len() - 1)
                     }
                 }
             };
@@ -301,7 +346,7 @@ mod tests {
             MergeSpec {
                 order: vec![
                     OrderKey {
-                        col: OrderCol::Name("name".into()),
+                        col: OrderCol::Position(1),
                         desc: true,
                         nulls_first: true
                     },
@@ -314,6 +359,7 @@ mod tests {
                 limit: Some(5),
                 offset: 0,
                 aggregates: None,
+                hidden: Vec::new(),
             }
         );
         let a = m("SELECT user_id, count(*), sum(total) AS t, min(id), max(id) FROM orders GROUP BY user_id ORDER BY t DESC LIMIT 3").unwrap();
@@ -344,6 +390,28 @@ mod tests {
             a.shard_sql.as_deref(),
             Some("SELECT id FROM users ORDER BY id LIMIT 15")
         );
+        let a = analyze(
+            "SELECT id FROM users u ORDER BY lower(u.name) DESC LIMIT 2",
+            &rules(),
+        )
+        .unwrap();
+        let spec = a.merge.clone().unwrap().unwrap();
+        assert_eq!(spec.order[0].col, OrderCol::Hidden(0));
+        assert_eq!(
+            a.shard_sql.as_deref(),
+            Some(
+                "SELECT id, lower(u.name) AS \"__pgshard_sort_0\" FROM users u ORDER BY lower(u.name) DESC LIMIT 2"
+            )
+        );
+        // Names of output columns are found through aliases and qualified names.
+        let a = analyze(
+            "SELECT u.id, name AS n FROM users u ORDER BY id, n",
+            &rules(),
+        )
+        .unwrap();
+        let spec = a.merge.unwrap().unwrap();
+        assert_eq!(spec.order[0].col, OrderCol::Position(0));
+        assert_eq!(spec.order[1].col, OrderCol::Position(1));
         assert_eq!(
             m("SELECT lower(name) FROM users ORDER BY lower(name)")
                 .unwrap()

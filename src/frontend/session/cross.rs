@@ -136,19 +136,20 @@ impl Session {
             return Ok(());
         };
         let prelude = self.settings_sql();
+        let bind_rest = scatter::with_extra_result_columns(b.rest, spec.hidden.len());
         let results = scatter::run_on_shards(
             &self.db,
             shards,
             scatter::Request::Extended {
                 query: a.shard_sql.as_deref().map_or(&query[..], str::as_bytes),
                 types: &types,
-                bind_rest: b.rest,
+                bind_rest: &bind_rest,
             },
             Some(&prelude),
             self.settings_fp,
         )
         .await;
-        let formats = scatter::result_formats(b.rest);
+        let formats = scatter::result_formats(&bind_rest);
         match results.and_then(|r| scatter::merge_select(r, &spec, &formats)) {
             Ok(out) if frame_tags(&out).contains(&b'E') => {
                 // A shard's error: as PostgreSQL, the rest of the batch is skipped.
