@@ -380,6 +380,33 @@ async fn hints_and_forced_shards() {
     c.batch_execute("/* pgshard: shard=1 */ DO $$ BEGIN PERFORM * FROM users; END $$")
         .await
         .unwrap();
+    // COPY into a sharded table would put every row on one shard: refused; per shard
+    // with a hint, it works.
+    let e = c
+        .copy_in::<_, bytes::Bytes>("COPY accounts (id, region) FROM STDIN")
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(sqlstate(&e), "0A000");
+    {
+        use futures_util::SinkExt;
+        let sink = c
+            .copy_in("/* pgshard: shard=1 */ COPY accounts (id, region) FROM STDIN")
+            .await
+            .unwrap();
+        let mut sink = Box::pin(sink);
+        sink.send(bytes::Bytes::from_static(b"77\tus\n"))
+            .await
+            .unwrap();
+        assert_eq!(sink.as_mut().finish().await.unwrap(), 1);
+    }
+    let n: i64 = connect_server(p1, "app")
+        .await
+        .query_one("SELECT count(*) FROM accounts WHERE id = 77", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
     // Reference tables: writes go everywhere, reads anywhere.
     c.batch_execute("INSERT INTO countries VALUES ('fr', 'France')")
         .await

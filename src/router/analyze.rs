@@ -209,7 +209,29 @@ fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
             kind = Kind::Write;
             ddl_names(t.table_names.iter().map(|t| &t.name), rules, &mut c);
         }
-        _ => {}
+        Statement::Copy { .. } if rules.mentioned_in(&st.to_string()) => {
+            return Err(
+                "COPY to or from a sharded or reference table is not supported yet (rows would go to one shard); use INSERT, or COPY per shard with a /* pgshard: shard=N */ hint"
+                    .into(),
+            );
+        }
+        // Transaction control, SET, SHOW and the like: wherever the session is.
+        Statement::StartTransaction { .. }
+        | Statement::Commit { .. }
+        | Statement::Rollback { .. }
+        | Statement::Savepoint { .. }
+        | Statement::ReleaseSavepoint { .. }
+        | Statement::Set(_)
+        | Statement::ShowVariable { .. }
+        | Statement::Copy { .. } => {}
+        // Anything else naming a sharded or reference table (GRANT, COMMENT, VACUUM,
+        // ANALYZE, CREATE VIEW ...) must reach every shard, like DDL.
+        other => {
+            if rules.mentioned_in(&other.to_string()) {
+                kind = Kind::Ddl;
+                c.seen.push(usize::MAX);
+            }
+        }
     }
     let kind = c.kind.map_or(kind, |k| k.max(kind));
     let target = if c.reference && kind >= Kind::Write {
@@ -651,6 +673,18 @@ pub(super) mod tests {
         assert_eq!(target("CREATE TABLE local_t (id int)"), Target::Default);
         assert_eq!(target("CREATE INDEX ON orders (user_id)"), Target::All);
         assert_eq!(target("DROP TABLE IF EXISTS users, orders"), Target::All);
+        assert!(matches!(
+            analyze("COPY users FROM STDIN", &rules()),
+            Err(AnalyzeError::Unroutable(m)) if m.contains("COPY")
+        ));
+        assert_eq!(target("COPY other_table FROM STDIN"), Target::Default);
+        assert_eq!(target("GRANT SELECT ON users TO public"), Target::All);
+        assert_eq!(target("COMMENT ON TABLE orders IS 'x'"), Target::All);
+        assert_eq!(
+            target("GRANT SELECT ON other_table TO public"),
+            Target::Default
+        );
+        assert_eq!(target("SET search_path = users"), Target::Default);
     }
 
     #[test]

@@ -48,6 +48,17 @@ impl Rules {
     pub fn is_reference(&self, name: &str) -> bool {
         self.reference.iter().any(|r| r == name)
     }
+
+    /// Whether the text names a sharded or reference table anywhere: for statements pgshard
+    /// cannot analyze, those that do not may safely run on the default shard.
+    pub fn mentioned_in(&self, sql: &str) -> bool {
+        sql.split(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .filter(|w| !w.is_empty())
+            .any(|w| {
+                let w = w.to_ascii_lowercase();
+                self.table(&w).is_some() || self.is_reference(&w)
+            })
+    }
 }
 
 /// Which shards.

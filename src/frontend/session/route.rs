@@ -78,17 +78,6 @@ fn pgshard_set(sql: &str) -> Option<Result<Option<usize>, String>> {
     Some(v.parse::<usize>().map(Some).map_err(|_| v.to_string()))
 }
 
-/// Whether the text names a sharded or reference table anywhere (used for statements the
-/// parser cannot read: those that do not may safely run on the default shard).
-fn mentions_routed_table(sql: &str, rules: &router::Rules) -> bool {
-    sql.split(|c: char| !(c.is_alphanumeric() || c == '_'))
-        .filter(|w| !w.is_empty())
-        .any(|w| {
-            let w = w.to_ascii_lowercase();
-            rules.table(&w).is_some() || rules.is_reference(&w)
-        })
-}
-
 impl Session {
     fn analysis(&mut self, sql: &str) -> Result<Arc<Analysis>, router::AnalyzeError> {
         if let Some(a) = self.route.cache.get(sql) {
@@ -131,7 +120,7 @@ impl Session {
             Err(router::AnalyzeError::Parse(parse_error)) => {
                 // Never fail a statement only because the parser could not read it.
                 if self.backend.is_some() && self.status != b'I'
-                    || !mentions_routed_table(sql, &self.db.router.rules)
+                    || !self.db.router.rules.mentioned_in(sql)
                 {
                     return Ok(Dest::Shard(self.home_shard()));
                 }
@@ -295,6 +284,25 @@ impl Session {
                 Bytes::copy_from_slice(p.name),
                 (frame.slice_ref(p.query), frame.slice_ref(p.types)),
             );
+            // A statement that can never be routed fails at Parse, as statement errors do
+            // in PostgreSQL (drivers do not expect them at Bind).
+            let sql = std::str::from_utf8(p.query).unwrap_or("");
+            if self.route.forced.is_none()
+                && router::hint(sql).is_none()
+                && let Err(router::AnalyzeError::Unroutable(why)) = self.analysis(sql)
+            {
+                if self.holding() {
+                    let home = self.home_shard();
+                    if !self.release_held(home).await? {
+                        return Ok(());
+                    }
+                }
+                self.local_error(
+                    PgError::new("0A000", why)
+                        .with_hint("Or choose the shard with a /* pgshard: shard=N */ comment."),
+                );
+                return Ok(());
+            }
         }
         if self.backend.is_none()
             && self.route.virtual_portal.is_some()
