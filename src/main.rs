@@ -139,7 +139,10 @@ fn demo(
         replicas,
         ..ClusterOptions::default()
     })?;
-    let yaml = cluster.config_yaml(listen, pool_mode, pool_size);
+    let mut yaml = cluster.config_yaml(listen, pool_mode, pool_size);
+    if shards >= 2 {
+        yaml.push_str(DEMO_RULES);
+    }
     let path = cluster.root.join("pgshard.yaml");
     std::fs::write(&path, &yaml)?;
     if let Some(p) = &write_config {
@@ -160,9 +163,19 @@ fn demo(
         listener.set_nonblocking(true)?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
         pgshard::frontend::spawn(config, listener)?;
+        if shards >= 2 {
+            load_demo_data(listen, shards).await?;
+        }
         println!("config: {}", path.display());
         println!("pgshard is ready. Connect with:");
         println!("  psql \"postgres://app:app@{listen}/app\"");
+        if shards >= 2 {
+            println!("Try: SELECT * FROM users WHERE id = 42;   (one shard)");
+            println!("     SELECT region, count(*) FROM accounts GROUP BY region ORDER BY region;");
+            println!(
+                "     SELECT id, name FROM users ORDER BY name LIMIT 5;   (all shards, merged)"
+            );
+        }
         println!("Press Ctrl-C to stop pgshard and every server it started.");
         tokio::signal::ctrl_c().await?;
         eprintln!("pgshard demo: stopping ...");
@@ -172,4 +185,73 @@ fn demo(
     cluster.stop();
     eprintln!("pgshard demo: stopped; removed {}", cluster.root.display());
     result
+}
+
+/// The demo's sharding rules: users by id (hash), orders co-located by user id, accounts by
+/// region (list: geographic sharding), countries as a reference table.
+const DEMO_RULES: &str = "    reference_tables: [countries]
+    sharded_tables:
+      - { table: users, column: id, method: hash }
+      - { table: orders, column: user_id, method: hash }
+      - table: accounts
+        column: region
+        method: list
+        type: text
+        lists: [ { values: [eu, uk], shard: 0 }, { values: [us, ca], shard: 1 } ]
+        default_shard: 0
+";
+
+/// Creates the example tables through pgshard (DDL goes to every shard) and loads a little
+/// data (each row to its shard; the reference table to every shard by hint).
+async fn load_demo_data(listen: &str, shards: usize) -> anyhow::Result<()> {
+    let (host, port) = listen.rsplit_once(':').unwrap_or(("127.0.0.1", "6432"));
+    let (c, conn) = tokio_postgres::connect(
+        &format!("host={host} port={port} user=app password=app dbname=app"),
+        tokio_postgres::NoTls,
+    )
+    .await?;
+    tokio::spawn(conn);
+    c.batch_execute(
+        "CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL, country text);
+         CREATE TABLE orders (id bigint, user_id bigint NOT NULL, total numeric(10,2), created_at timestamptz DEFAULT now());
+         CREATE INDEX ON orders (user_id);
+         CREATE TABLE accounts (id bigint, region text NOT NULL, balance numeric(12,2));
+         CREATE TABLE countries (code text PRIMARY KEY, name text);",
+    )
+    .await?;
+    for s in 0..shards {
+        c.batch_execute(&format!(
+            "/* pgshard: shard={s} */ INSERT INTO countries VALUES
+             ('fr', 'France'), ('gb', 'United Kingdom'), ('us', 'United States'), ('ca', 'Canada')"
+        ))
+        .await?;
+    }
+    let names = [
+        "ada", "grace", "edsger", "barbara", "ken", "dennis", "frances", "donald",
+    ];
+    let countries = ["fr", "gb", "us", "ca"];
+    for id in 1..=100i64 {
+        let name = format!("{}{id}", names[id as usize % names.len()]);
+        let country = countries[id as usize % countries.len()];
+        c.execute(
+            "INSERT INTO users (id, name, country) VALUES ($1, $2, $3)",
+            &[&id, &name, &country],
+        )
+        .await?;
+        for k in 0..(id % 3) {
+            c.execute(
+                "INSERT INTO orders (id, user_id, total) VALUES ($1, $2, ($3::int * 7 + 5)::numeric)",
+                &[&(id * 10 + k), &id, &((id + k) as i32)],
+            )
+            .await?;
+        }
+    }
+    for (id, region) in ["eu", "uk", "us", "ca", "eu", "us"].iter().enumerate() {
+        c.execute(
+            "INSERT INTO accounts (id, region, balance) VALUES ($1, $2, 100)",
+            &[&(id as i64), region],
+        )
+        .await?;
+    }
+    Ok(())
 }

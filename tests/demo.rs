@@ -17,16 +17,7 @@ fn psql(port: u16, user: &str, sql: &str) -> String {
             "-U",
             user,
         ])
-        .args([
-            "-d",
-            if user == "postgres" {
-                "postgres"
-            } else {
-                "app"
-            },
-            "-c",
-            sql,
-        ])
+        .args(["-d", "app", "-c", sql])
         .env("PGPASSWORD", "app")
         .output()
         .unwrap();
@@ -85,6 +76,37 @@ fn demo_serves_a_replicated_cluster_and_cleans_up_on_ctrl_c() {
         "app",
         "CREATE TABLE demo_t (x int); INSERT INTO demo_t VALUES (1)",
     );
+    // The example data: queries the demo suggests work, and rows are on their shards.
+    assert_eq!(psql(port, "app", "SELECT count(*) FROM users"), "100");
+    assert_eq!(
+        psql(port, "app", "SELECT name FROM users WHERE id = 42"),
+        "edsger42"
+    );
+    assert_eq!(
+        psql(
+            port,
+            "app",
+            "SELECT region, count(*) FROM accounts GROUP BY region ORDER BY region"
+        ),
+        "ca|1\neu|2\nuk|1\nus|2"
+    );
+    let mut total = 0;
+    for (s, shard) in cfg.databases[0].shards.iter().enumerate() {
+        let p: u16 = shard.primary.rsplit(':').next().unwrap().parse().unwrap();
+        let ids = psql(p, "postgres", "SELECT string_agg(id::text, ',') FROM users");
+        let ids: Vec<i64> = ids.split(',').map(|x| x.parse().unwrap()).collect();
+        assert!(ids.len() > 20, "shard {s} has {} users", ids.len());
+        for id in &ids {
+            let want = pgshard::sharding::hash::partition_of(
+                &pgshard::sharding::hash::HashKey::Int(*id),
+                2,
+            );
+            assert_eq!(want, s as u64, "user {id}");
+        }
+        total += ids.len();
+        assert_eq!(psql(p, "postgres", "SELECT count(*) FROM countries"), "4");
+    }
+    assert_eq!(total, 100);
     // Each primary streams to its replica, which is in recovery and receives the writes.
     for shard in &cfg.databases[0].shards {
         let p: u16 = shard.primary.rsplit(':').next().unwrap().parse().unwrap();
