@@ -318,6 +318,18 @@ impl BackendConn {
         }
     }
 
+    /// Reads the frames of one response, up to (not including) ReadyForQuery.
+    pub async fn read_until_ready(&mut self) -> Result<Vec<BytesMut>, BackendError> {
+        let mut frames = Vec::new();
+        loop {
+            let f = self.read_frame().await?;
+            if f[0] == b'Z' {
+                return Ok(frames);
+            }
+            frames.push(f);
+        }
+    }
+
     /// Runs a simple query and returns its rows as text; used by pgshard's own queries.
     pub async fn query_rows(
         &mut self,

@@ -130,6 +130,49 @@ async fn ddl_is_broadcast_and_rows_land_on_their_hash_shard() {
 }
 
 #[tokio::test]
+async fn ddl_is_all_or_none() {
+    let addr = setup().await;
+    let c = connect(addr).await;
+    let [p0, p1] = ports();
+    // The table already exists on shard 1 only: the CREATE fails there and is rolled back
+    // on shard 0.
+    connect_server(p1, "app")
+        .await
+        .batch_execute("DROP TABLE IF EXISTS t_ddl; CREATE TABLE t_ddl (x int)")
+        .await
+        .unwrap();
+    connect_server(p0, "app")
+        .await
+        .batch_execute("DROP TABLE IF EXISTS t_ddl")
+        .await
+        .unwrap();
+    // t_ddl is not sharded; naming the sharded users table makes the string go everywhere.
+    let e = c
+        .batch_execute("CREATE TABLE t_ddl (x int); CREATE INDEX ON users (name)")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "42P07");
+    let exists = |port: u16, sql: &'static str| async move {
+        connect_server(port, "app")
+            .await
+            .query_one(sql, &[])
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+    };
+    let t = "SELECT to_regclass('t_ddl') IS NOT NULL";
+    assert!(!exists(p0, t).await, "rolled back on shard 0");
+    assert!(exists(p1, t).await);
+    // Statements that cannot run in a transaction block still broadcast.
+    c.batch_execute("VACUUM users").await.unwrap();
+    c.batch_execute("CREATE INDEX CONCURRENTLY IF NOT EXISTS users_name_c ON users (name)")
+        .await
+        .unwrap();
+    let i = "SELECT to_regclass('users_name_c') IS NOT NULL";
+    assert!(exists(p0, i).await && exists(p1, i).await);
+}
+
+#[tokio::test]
 async fn point_queries_and_joins_match_plain_postgres() {
     let addr = setup().await;
     let c = connect(addr).await;

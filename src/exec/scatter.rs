@@ -118,6 +118,95 @@ fn first_error(results: &[Vec<BytesMut>]) -> Option<BytesMut> {
     })
 }
 
+/// Whether PostgreSQL refuses to run a statement inside a transaction block.
+fn needs_autocommit(sql: &str) -> bool {
+    let up = sql.trim_start().to_ascii_uppercase();
+    up.starts_with("VACUUM")
+        || up.starts_with("ALTER SYSTEM")
+        || up.starts_with("REINDEX")
+        || up.contains("CONCURRENTLY")
+        || ((up.starts_with("CREATE") || up.starts_with("DROP")) && up.contains("DATABASE"))
+        || up.contains("TABLESPACE")
+}
+
+/// Runs DDL on every shard, all or none as far as one-phase commit allows: in a
+/// transaction on each shard, committed everywhere only if it succeeded everywhere, rolled
+/// back everywhere otherwise. A COMMIT that fails after others succeeded is reported loudly
+/// (the shards then differ; two-phase commit will close this window). Statements that
+/// cannot run in a transaction block run shard by shard.
+pub async fn broadcast_ddl(
+    db: &Database,
+    shards: &[usize],
+    sql: &str,
+    prelude: Option<&str>,
+    settings_fp: u64,
+) -> Result<BytesMut, PgError> {
+    if needs_autocommit(sql) {
+        let r = run_on_shards(db, shards, Request::Simple(sql), prelude, settings_fp).await?;
+        return Ok(broadcast_result(r));
+    }
+    let mut conns = Vec::with_capacity(shards.len());
+    for &s in shards {
+        let c = super::checkout(db, db.router.plan(s))
+            .await
+            .map_err(|e| match e {
+                crate::pool::PoolError::Timeout(..) => PgError::new("53300", e.to_string()),
+                crate::pool::PoolError::Down(m) => {
+                    PgError::new("08006", format!("shard {s} unavailable: {m}"))
+                }
+            })?;
+        conns.push((s, c));
+    }
+    let mut results = Vec::with_capacity(conns.len());
+    for (_, c) in conns.iter_mut() {
+        let mut out = BytesMut::new();
+        if let Some(p) = prelude.filter(|_| c.settings != settings_fp) {
+            protocol::write_query(&mut out, p);
+            c.settings = settings_fp;
+            c.send(&out).await.map_err(lost)?;
+            c.read_until_ready().await.map_err(lost)?;
+            out.clear();
+        }
+        protocol::write_query(&mut out, "BEGIN");
+        protocol::write_query(&mut out, sql);
+        c.send(&out).await.map_err(lost)?;
+    }
+    for (_, c) in conns.iter_mut() {
+        c.read_until_ready().await.map_err(lost)?; // BEGIN
+        results.push(c.read_until_ready().await.map_err(lost)?);
+    }
+    let failed = first_error(&results);
+    let finish = if failed.is_some() {
+        "ROLLBACK"
+    } else {
+        "COMMIT"
+    };
+    let mut committed = Vec::new();
+    let mut commit_error = None;
+    for (s, c) in conns.iter_mut() {
+        let r = c.run_quiet(finish).await;
+        match r {
+            Ok(None) => committed.push(*s),
+            Ok(Some((code, msg))) => commit_error = Some((*s, code, msg)),
+            Err(e) => commit_error = Some((*s, "08006".into(), e.to_string())),
+        }
+    }
+    if let Some(e) = failed {
+        return Ok(e);
+    }
+    if let Some((s, code, msg)) = commit_error {
+        tracing::error!(shard = s, committed = ?committed, %code, %msg, "DDL committed on some shards only");
+        return Err(PgError::new(
+            "XX000",
+            format!(
+                "DDL committed on shards {committed:?} but its COMMIT failed on shard {s}: {code} {msg}"
+            ),
+        )
+        .with_hint("The shards now differ: apply or revert the statement on them by hand."));
+    }
+    Ok(broadcast_result(results))
+}
+
 /// A broadcast's answer: the first error, or the first shard's response.
 pub fn broadcast_result(results: Vec<Vec<BytesMut>>) -> BytesMut {
     if let Some(e) = first_error(&results) {

@@ -86,19 +86,22 @@ impl Session {
         };
         self.settle().await?;
         let prelude = self.settings_sql();
-        let results = scatter::run_on_shards(
-            &self.db,
-            &shards,
-            scatter::Request::Simple(a.shard_sql.as_deref().unwrap_or(sql)),
-            Some(&prelude),
-            self.settings_fp,
-        )
-        .await;
+        let out = match &merge {
+            Some(spec) => scatter::run_on_shards(
+                &self.db,
+                &shards,
+                scatter::Request::Simple(a.shard_sql.as_deref().unwrap_or(sql)),
+                Some(&prelude),
+                self.settings_fp,
+            )
+            .await
+            .and_then(|r| scatter::merge_select(r, spec, &[])),
+            None => {
+                scatter::broadcast_ddl(&self.db, &shards, sql, Some(&prelude), self.settings_fp)
+                    .await
+            }
+        };
         self.relay.drain_local(&mut self.cout);
-        let out = results.and_then(|r| match &merge {
-            Some(spec) => scatter::merge_select(r, spec, &[]),
-            None => Ok(scatter::broadcast_result(r)),
-        });
         match out {
             Ok(bytes) => self.cout.extend_from_slice(&bytes),
             Err(e) => e.write(&mut self.cout),
