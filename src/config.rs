@@ -185,6 +185,20 @@ pub struct DatabaseConfig {
     /// Tables split across shards by a key column.
     #[serde(default)]
     pub sharded_tables: Vec<ShardedTableConfig>,
+    /// Whether an UPDATE/DELETE without a usable shard key may run on every shard.
+    #[serde(default)]
+    pub cross_shard_writes: CrossShardWrites,
+}
+
+/// Policy for writes that need every shard.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CrossShardWrites {
+    /// Refused with 0A000 (the default: usually a missing WHERE on the key).
+    #[default]
+    Deny,
+    /// Run on every shard, all or none as one-phase commit allows.
+    Allow,
 }
 
 /// How a table's rows are spread over shards.

@@ -230,6 +230,10 @@ async fn cross_shard_selects_merge_like_one_database() {
         "SELECT id FROM users ORDER BY name, id LIMIT 12",
         "SELECT u.id FROM users u ORDER BY u.score DESC, lower(u.name), u.id LIMIT 9 OFFSET 3",
         "SELECT * FROM users ORDER BY score, id LIMIT 5",
+        // DISTINCT: the shards' distinct rows, de-duplicated.
+        "SELECT DISTINCT name FROM users ORDER BY name",
+        "SELECT DISTINCT total FROM orders ORDER BY total DESC LIMIT 4 OFFSET 1",
+        "SELECT DISTINCT user_id % 3 AS r, total FROM orders ORDER BY 1, 2",
     ] {
         let a = rows(&c.simple_query(q).await.unwrap());
         let b = rows(&plain.simple_query(q).await.unwrap());
@@ -244,7 +248,7 @@ async fn cross_shard_selects_merge_like_one_database() {
         "SELECT avg(score) FROM users",
         "SELECT count(DISTINCT name) FROM users",
         "SELECT user_id, sum(total) FROM orders GROUP BY user_id HAVING sum(total) > 3",
-        "SELECT DISTINCT name FROM users",
+        "SELECT DISTINCT ON (name) name, id FROM users",
         "SELECT count(*) FROM users OFFSET 1",
         "SELECT count(*) FROM users GROUP BY name ORDER BY name",
     ] {
@@ -450,10 +454,79 @@ async fn hints_and_forced_shards() {
         .unwrap()
         .get(0);
     assert_eq!(n, 1);
-    // Reference tables: writes go everywhere, reads anywhere.
-    c.batch_execute("INSERT INTO countries VALUES ('fr', 'France')")
+}
+
+#[tokio::test]
+async fn reference_tables_and_cross_shard_writes() {
+    let addr = setup().await;
+    let c = connect(addr).await;
+    let [p0, p1] = ports();
+    // Reference tables: a write goes to every shard (one row, as the tag says).
+    let n = c
+        .execute(
+            "INSERT INTO countries VALUES ('fr', 'France') ON CONFLICT DO NOTHING",
+            &[],
+        )
+        .await;
+    assert!(
+        n.is_err(),
+        "extended-protocol writes to several shards are not supported yet"
+    );
+    let msgs = c
+        .simple_query("INSERT INTO countries VALUES ('fr', 'France') ON CONFLICT (code) DO UPDATE SET name = 'France'")
         .await
-        .unwrap_err(); // a write to every shard needs 2PC: refused for now
+        .unwrap();
+    assert!(matches!(
+        msgs.last(),
+        Some(SimpleQueryMessage::CommandComplete(1))
+    ));
+    for p in [p0, p1] {
+        let n: i64 = connect_server(p, "app")
+            .await
+            .query_one("SELECT count(*) FROM countries WHERE code = 'fr'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1);
+    }
+    // A keyless UPDATE is refused by default, naming the setting that allows it.
+    let e = c
+        .batch_execute("UPDATE orders SET total = total")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000");
+    assert!(format!("{e:?}").contains("cross_shard_writes"), "{e:?}");
+    // With cross_shard_writes: allow it runs everywhere; counts add up; RETURNING rows from
+    // every shard.
+    let yaml = cluster2().config_yaml("127.0.0.1:0", "transaction", 4);
+    let allow = start_proxy_yaml(&format!("{yaml}{RULES}    cross_shard_writes: allow\n"));
+    let w = connect(allow).await;
+    let plain = connect_server(p0, "plain").await;
+    let q = "UPDATE orders SET total = total WHERE user_id % 40 = 0 RETURNING user_id";
+    let mut via = rows(&w.simple_query(q).await.unwrap());
+    let mut direct = rows(&plain.simple_query(q).await.unwrap());
+    via.sort();
+    direct.sort();
+    assert_eq!(via, direct);
+    let msgs = w
+        .simple_query("UPDATE orders SET total = total")
+        .await
+        .unwrap();
+    let total: i64 = plain
+        .query_one("SELECT count(*) FROM orders", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        matches!(msgs.last(), Some(SimpleQueryMessage::CommandComplete(n)) if *n == total as u64),
+        "{msgs:?}"
+    );
+    // An INSERT with rows for several shards is never broadcast.
+    let e = w
+        .batch_execute("INSERT INTO users (id, name) VALUES (5001, 'a'), (5002, 'b'), (5003, 'c'), (5004, 'd')")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000");
 }
 
 #[tokio::test]

@@ -129,21 +129,21 @@ fn needs_autocommit(sql: &str) -> bool {
         || up.contains("TABLESPACE")
 }
 
-/// Runs DDL on every shard, all or none as far as one-phase commit allows: in a
-/// transaction on each shard, committed everywhere only if it succeeded everywhere, rolled
-/// back everywhere otherwise. A COMMIT that fails after others succeeded is reported loudly
-/// (the shards then differ; two-phase commit will close this window). Statements that
-/// cannot run in a transaction block run shard by shard.
-pub async fn broadcast_ddl(
+/// Runs a statement (DDL, or a write allowed on several shards) on every given shard, all
+/// or none as far as one-phase commit allows: in a transaction on each shard, committed
+/// everywhere only if it succeeded everywhere, rolled back everywhere otherwise. A COMMIT
+/// that fails after others succeeded is reported loudly (the shards then differ; two-phase
+/// commit will close this window). Statements that cannot run in a transaction block run
+/// shard by shard. Returns each shard's response frames (errors among them).
+pub async fn run_all_or_none(
     db: &Database,
     shards: &[usize],
     sql: &str,
     prelude: Option<&str>,
     settings_fp: u64,
-) -> Result<BytesMut, PgError> {
+) -> Result<Vec<Vec<BytesMut>>, PgError> {
     if needs_autocommit(sql) {
-        let r = run_on_shards(db, shards, Request::Simple(sql), prelude, settings_fp).await?;
-        return Ok(broadcast_result(r));
+        return run_on_shards(db, shards, Request::Simple(sql), prelude, settings_fp).await;
     }
     let mut conns = Vec::with_capacity(shards.len());
     for &s in shards {
@@ -191,8 +191,8 @@ pub async fn broadcast_ddl(
             Err(e) => commit_error = Some((*s, "08006".into(), e.to_string())),
         }
     }
-    if let Some(e) = failed {
-        return Ok(e);
+    if failed.is_some() {
+        return Ok(results);
     }
     if let Some((s, code, msg)) = commit_error {
         tracing::error!(shard = s, committed = ?committed, %code, %msg, "DDL committed on some shards only");
@@ -204,7 +204,47 @@ pub async fn broadcast_ddl(
         )
         .with_hint("The shards now differ: apply or revert the statement on them by hand."));
     }
-    Ok(broadcast_result(results))
+    Ok(results)
+}
+
+/// The answer to a write run on several shards: the first error, or RETURNING rows from
+/// every shard with the command tag's row count summed (`sum`), or, for a reference table
+/// (the same rows on every shard), the first shard's answer.
+pub fn combine_writes(results: Vec<Vec<BytesMut>>, sum: bool) -> BytesMut {
+    if !sum || first_error(&results).is_some() {
+        return broadcast_result(results);
+    }
+    let mut out = BytesMut::new();
+    let mut total: u64 = 0;
+    let mut tag = String::new();
+    let mut described = false;
+    for frames in &results {
+        for f in frames {
+            match f[0] {
+                b'T' if !described => {
+                    described = true;
+                    out.extend_from_slice(f);
+                }
+                b'D' => out.extend_from_slice(f),
+                b'C' => {
+                    let t = String::from_utf8_lossy(protocol::body(f))
+                        .trim_end_matches('\0')
+                        .to_string();
+                    if let Some((head, n)) = t.rsplit_once(' ') {
+                        total += n.parse::<u64>().unwrap_or(0);
+                        tag = head.to_string();
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let tag = format!("{tag} {total}");
+    out.put_u8(b'C');
+    out.put_i32((4 + tag.len() + 1) as i32);
+    out.put_slice(tag.as_bytes());
+    out.put_u8(0);
+    out
 }
 
 /// A broadcast's answer: the first error, or the first shard's response.
@@ -598,6 +638,11 @@ pub fn merge_select(
     };
     if let Some(roles) = &spec.aggregates {
         rows = aggregate(rows, roles, &cols, &binary_at)?;
+    }
+    if spec.distinct {
+        // Equal values in the same format are equal bytes.
+        let mut seen = std::collections::HashSet::new();
+        rows.retain(|r| seen.insert(r.clone()));
     }
     if !spec.order.is_empty() {
         let mut keys = Vec::with_capacity(spec.order.len());

@@ -60,6 +60,8 @@ pub struct Analysis {
     /// The text each shard runs for a cross-shard SELECT, when it differs from the
     /// client's (OFFSET applied after merging).
     pub shard_sql: Option<String>,
+    /// An INSERT into a sharded table (its rows must never be broadcast).
+    pub inserts_sharded: bool,
 }
 
 /// Why a statement has no analysis.
@@ -82,6 +84,7 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
         statements: stmts.len(),
         merge: None,
         shard_sql: None,
+        inserts_sharded: false,
     };
     if let [Statement::Query(q)] = stmts.as_slice() {
         let spec = merge_spec(q);
@@ -93,6 +96,7 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
     for st in &stmts {
         let a = statement(st, rules).map_err(AnalyzeError::Unroutable)?;
         out.kind = out.kind.max(a.kind);
+        out.inserts_sharded |= a.inserts_sharded;
         out.key_update = out.key_update.or(a.key_update);
         out.writes_reference |= a.writes_reference;
         out.target = match (
@@ -253,6 +257,7 @@ fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
         statements: 1,
         merge: None,
         shard_sql: None,
+        inserts_sharded: matches!(st, Statement::Insert(_)) && !c.seen.is_empty(),
     })
 }
 

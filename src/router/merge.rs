@@ -12,6 +12,8 @@ pub struct MergeSpec {
     pub limit: Option<u64>,
     /// Rows to skip after merging (each shard is asked for `offset + limit` rows instead).
     pub offset: u64,
+    /// SELECT DISTINCT: rows equal across shards are kept once.
+    pub distinct: bool,
     /// For an aggregate query: what each output column is. None: plain rows.
     pub aggregates: Option<Vec<Column>>,
     /// ORDER BY expressions that are not output columns: each shard returns them as extra
@@ -102,9 +104,11 @@ fn plan(q: &Query) -> Result<MergeSpec, String> {
     let SetExpr::Select(sel) = &*q.body else {
         return unsupported("a set operation (UNION/INTERSECT/EXCEPT)");
     };
-    if sel.distinct.is_some() {
-        return unsupported("DISTINCT");
-    }
+    let distinct = match &sel.distinct {
+        None => false,
+        Some(sqlparser::ast::Distinct::Distinct) => true,
+        Some(_) => return unsupported("DISTINCT ON"),
+    };
     let group_exprs: Vec<String> = match &sel.group_by {
         sqlparser::ast::GroupByExpr::All(_) => return unsupported("GROUP BY ALL"),
         sqlparser::ast::GroupByExpr::Expressions(e, _) => e.iter().map(|x| x.to_string()).collect(),
@@ -143,7 +147,10 @@ fn plan(q: &Query) -> Result<MergeSpec, String> {
         columns.push(column);
         items.push((e.to_string(), alias.map(|a| a.value.to_ascii_lowercase())));
     }
-    let mut spec = MergeSpec::default();
+    let mut spec = MergeSpec {
+        distinct,
+        ..MergeSpec::default()
+    };
     if any_aggregate || !group_exprs.is_empty() {
         // Every non-aggregate output column must be a GROUP BY key (PostgreSQL requires it
         // too), and every key an output column, so that groups can be matched by value.
@@ -199,7 +206,7 @@ fn plan(q: &Query) -> Result<MergeSpec, String> {
                         OrderCol::Position(p)
                     } else if let (Some(n), true) = (&name, wildcard) {
                         OrderCol::Name(n.clone())
-                    } else if spec.aggregates.is_some() {
+                    } else if spec.aggregates.is_some() || spec.distinct {
                         return unsupported(
                             "ORDER BY an expression that is not an output column of an aggregate query",
                         );
@@ -358,6 +365,7 @@ mod tests {
                 ],
                 limit: Some(5),
                 offset: 0,
+                distinct: false,
                 aggregates: None,
                 hidden: Vec::new(),
             }
@@ -379,6 +387,11 @@ mod tests {
             Some(vec![Column::Count])
         );
         assert!(m("SELECT name, count(*) FROM users GROUP BY 1").is_ok());
+        assert!(
+            m("SELECT DISTINCT name FROM users ORDER BY name")
+                .unwrap()
+                .distinct
+        );
         let a = analyze(
             "SELECT id FROM users ORDER BY id LIMIT 5 OFFSET 10",
             &rules(),
@@ -425,7 +438,7 @@ mod tests {
             "SELECT user_id, sum(total) FROM orders GROUP BY user_id HAVING sum(total) > 1",
             "SELECT sum(total) FROM orders GROUP BY user_id + 1",
             "SELECT count(*)::int FROM users",
-            "SELECT DISTINCT name FROM users",
+            "SELECT DISTINCT ON (name) name, id FROM users",
             "SELECT count(*) FROM users OFFSET 1",
             "SELECT id FROM users LIMIT $1",
             "SELECT id FROM users UNION SELECT user_id FROM orders",

@@ -15,6 +15,17 @@ pub(super) struct VirtualPortal {
     rows: Option<Bytes>,
 }
 
+/// How a statement over several shards runs.
+enum Multi {
+    /// A SELECT whose rows are merged.
+    Merge(crate::router::merge::MergeSpec),
+    /// DDL, all or none.
+    Ddl,
+    /// A write allowed on several shards, all or none; `sum` adds up the row counts (not
+    /// for reference tables, whose rows are the same on every shard).
+    Write { sum: bool },
+}
+
 /// Why a statement over several shards cannot run (in the extended protocol or a
 /// transaction).
 pub(super) fn multi_shard_error(shards: &[usize], a: &Analysis) -> PgError {
@@ -59,9 +70,11 @@ impl Session {
             self.answer_error(e);
             return Ok(());
         }
-        let merge = match (a.kind, &a.merge) {
-            (Kind::Ddl, _) => None,
-            (Kind::Read | Kind::Other, Some(Ok(spec))) => Some(spec.clone()),
+        let sharded_writes_allowed =
+            self.db.config.cross_shard_writes == crate::config::CrossShardWrites::Allow;
+        let plan = match (a.kind, &a.merge) {
+            (Kind::Ddl, _) => Multi::Ddl,
+            (Kind::Read | Kind::Other, Some(Ok(spec))) => Multi::Merge(spec.clone()),
             (Kind::Read | Kind::Other, Some(Err(why))) => {
                 self.answer_error(PgError::new("0A000", why.clone()));
                 return Ok(());
@@ -73,21 +86,33 @@ impl Session {
                 ));
                 return Ok(());
             }
+            (Kind::Write, _) if a.inserts_sharded => {
+                self.answer_error(
+                    PgError::new(
+                        "0A000",
+                        format!("this INSERT has rows for shards {shards:?}; splitting an INSERT over several shards is not supported yet"),
+                    )
+                    .with_hint("Insert the rows of each shard key separately."),
+                );
+                return Ok(());
+            }
+            (Kind::Write, _) if a.writes_reference => Multi::Write { sum: false },
+            (Kind::Write, _) if sharded_writes_allowed => Multi::Write { sum: true },
             (Kind::Write, _) => {
                 self.answer_error(
                     PgError::new(
                         "0A000",
-                        format!("this write needs shards {shards:?}; writes over several shards need two-phase commit, which pgshard does not have yet"),
+                        format!("this write needs shards {shards:?}, and cross_shard_writes is deny"),
                     )
-                    .with_hint("Write one shard key at a time, or add a shard key condition."),
+                    .with_hint("Add a shard key condition, or set cross_shard_writes: allow for this database (until two-phase commit, all or none as far as one-phase commit allows)."),
                 );
                 return Ok(());
             }
         };
         self.settle().await?;
         let prelude = self.settings_sql();
-        let out = match &merge {
-            Some(spec) => scatter::run_on_shards(
+        let out = match &plan {
+            Multi::Merge(spec) => scatter::run_on_shards(
                 &self.db,
                 &shards,
                 scatter::Request::Simple(a.shard_sql.as_deref().unwrap_or(sql)),
@@ -96,9 +121,13 @@ impl Session {
             )
             .await
             .and_then(|r| scatter::merge_select(r, spec, &[])),
-            None => {
-                scatter::broadcast_ddl(&self.db, &shards, sql, Some(&prelude), self.settings_fp)
+            Multi::Ddl | Multi::Write { .. } => {
+                scatter::run_all_or_none(&self.db, &shards, sql, Some(&prelude), self.settings_fp)
                     .await
+                    .map(|r| match plan {
+                        Multi::Write { sum } => scatter::combine_writes(r, sum),
+                        _ => scatter::broadcast_result(r),
+                    })
             }
         };
         self.relay.drain_local(&mut self.cout);
