@@ -306,18 +306,7 @@ async fn large_rows_pass_intact() {
 #[tokio::test]
 async fn two_hundred_clients_share_a_pool_of_ten() {
     // Its own server database, so that its server connections can be counted exactly.
-    let cl = cluster();
-    cl.psql(
-        cl.shards[0].primary.port,
-        "postgres",
-        "CREATE DATABASE many OWNER app",
-    )
-    .unwrap();
-    let yaml = base_yaml("transaction", 10).replace(
-        "  - name: app\n",
-        "  - name: app\n    server_database: many\n",
-    );
-    let addr = start_proxy_yaml(&yaml);
+    let addr = proxy_on_own_database("many", "transaction", 10);
     let setup = connect(addr).await;
     setup
         .batch_execute("DROP TABLE IF EXISTS t_many; CREATE TABLE t_many (c int, i int)")
@@ -510,22 +499,7 @@ async fn psql_and_pgbench_in_transaction_mode() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "42\npsql\n");
-    let pgbench = |args: &[&str]| {
-        let out = std::process::Command::new("pgbench")
-            .args(["-h", "127.0.0.1", "-p", &port, "-U", "app"])
-            .args(args)
-            .arg("app")
-            .env("PGPASSWORD", "app")
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "pgbench {args:?}: {text}");
-        text
-    };
+    let pgbench = |args: &[&str]| pgbench(addr.port(), args);
     pgbench(&["-i", "-s", "1", "-q"]);
     for mode in ["simple", "extended", "prepared"] {
         let text = pgbench(&["-M", mode, "-c", "8", "-j", "2", "-t", "150"]);
@@ -545,34 +519,8 @@ async fn psql_and_pgbench_in_transaction_mode() {
 #[tokio::test]
 async fn pgbench_in_session_mode() {
     // Its own database: pgbench -i drops and recreates its tables.
-    let c = cluster();
-    c.psql(
-        c.shards[0].primary.port,
-        "postgres",
-        "CREATE DATABASE bench2 OWNER app",
-    )
-    .unwrap();
-    let yaml = base_yaml("session", 6).replace(
-        "  - name: app\n",
-        "  - name: app\n    server_database: bench2\n",
-    );
-    let port = start_proxy_yaml(&yaml).port().to_string();
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("pgbench")
-            .args(["-h", "127.0.0.1", "-p", &port, "-U", "app"])
-            .args(args)
-            .arg("app")
-            .env("PGPASSWORD", "app")
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "pgbench {args:?}: {text}");
-        text
-    };
+    let port = proxy_on_own_database("bench2", "session", 6).port();
+    let run = |args: &[&str]| pgbench(port, args);
     run(&["-i", "-s", "1", "-q", "--foreign-keys"]);
     for mode in ["simple", "extended", "prepared"] {
         let text = run(&["-M", mode, "-c", "4", "-t", "100"]);

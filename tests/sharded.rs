@@ -534,23 +534,7 @@ async fn pgbench_on_a_sharded_database() {
     // pgbench's tables are not sharded: they live on the default shard, and its
     // COPY ... WITH (freeze on), which the parser cannot read, still passes.
     let addr = setup().await;
-    let port = addr.port().to_string();
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("pgbench")
-            .args(["-h", "127.0.0.1", "-p", &port, "-U", "app"])
-            .args(args)
-            .arg("app")
-            .env("PGPASSWORD", "app")
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "pgbench {args:?}: {text}");
-        text
-    };
+    let run = |args: &[&str]| pgbench(addr.port(), args);
     run(&["-i", "-s", "1", "-q"]);
     for mode in ["simple", "extended", "prepared"] {
         let text = run(&["-M", mode, "-c", "4", "-t", "100"]);

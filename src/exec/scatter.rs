@@ -36,15 +36,7 @@ pub async fn run_on_shards(
 ) -> Result<Vec<Vec<BytesMut>>, PgError> {
     let mut conns = Vec::with_capacity(shards.len());
     for &s in shards {
-        let c = super::checkout(db, db.router.plan(s))
-            .await
-            .map_err(|e| match e {
-                crate::pool::PoolError::Timeout(..) => PgError::new("53300", e.to_string()),
-                crate::pool::PoolError::Down(m) => {
-                    PgError::new("08006", format!("shard {s} unavailable: {m}"))
-                }
-            })?;
-        conns.push(c);
+        conns.push(checkout_shard(db, s).await?);
     }
     // Send everything first so that the shards work at the same time.
     let mut skip_prelude = Vec::with_capacity(conns.len());
@@ -99,6 +91,18 @@ pub async fn run_on_shards(
     Ok(results)
 }
 
+/// A server connection to a shard's primary, or the error a client gets.
+async fn checkout_shard(db: &Database, s: usize) -> Result<crate::pool::Pooled, PgError> {
+    super::checkout(db, db.router.plan(s))
+        .await
+        .map_err(|e| match e {
+            crate::pool::PoolError::Timeout(..) => PgError::new("53300", e.to_string()),
+            crate::pool::PoolError::Down(m) => {
+                PgError::new("08006", format!("shard {s} unavailable: {m}"))
+            }
+        })
+}
+
 fn lost(e: crate::backend::BackendError) -> PgError {
     PgError::new("08006", format!("server connection lost: {e}"))
 }
@@ -147,15 +151,7 @@ pub async fn run_all_or_none(
     }
     let mut conns = Vec::with_capacity(shards.len());
     for &s in shards {
-        let c = super::checkout(db, db.router.plan(s))
-            .await
-            .map_err(|e| match e {
-                crate::pool::PoolError::Timeout(..) => PgError::new("53300", e.to_string()),
-                crate::pool::PoolError::Down(m) => {
-                    PgError::new("08006", format!("shard {s} unavailable: {m}"))
-                }
-            })?;
-        conns.push((s, c));
+        conns.push((s, checkout_shard(db, s).await?));
     }
     let mut results = Vec::with_capacity(conns.len());
     for (_, c) in conns.iter_mut() {

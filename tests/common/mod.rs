@@ -297,3 +297,56 @@ pub async fn connect_server(port: u16, db: &str) -> tokio_postgres::Client {
     });
     client
 }
+
+/// Runs pgbench against `port` as app/app on database `app`; panics with its output when
+/// it fails, and returns that output.
+pub fn pgbench(port: u16, args: &[&str]) -> String {
+    let out = std::process::Command::new("pgbench")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "app"])
+        .args(args)
+        .arg("app")
+        .env("PGPASSWORD", "app")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "pgbench {args:?}: {text}");
+    text
+}
+
+/// Runs SQL with psql (unaligned, tuples only) as `user` (password `app`) on `db`; panics
+/// when psql fails, and returns its trimmed output.
+pub fn psql(port: u16, user: &str, db: &str, sql: &str) -> String {
+    let out = std::process::Command::new("psql")
+        .args(["-X", "-At", "-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-U", user, "-d", db, "-c", sql])
+        .env("PGPASSWORD", "app")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A proxy whose `app` database is a server database of its own (created here), for tests
+/// that must not share tables or server connections with others.
+pub fn proxy_on_own_database(server_db: &str, mode: &str, pool_size: u32) -> SocketAddr {
+    let c = cluster();
+    c.psql(
+        c.shards[0].primary.port,
+        "postgres",
+        &format!("CREATE DATABASE {server_db} OWNER app"),
+    )
+    .unwrap();
+    let yaml = base_yaml(mode, pool_size).replace(
+        "  - name: app\n",
+        &format!("  - name: app\n    server_database: {server_db}\n"),
+    );
+    start_proxy_yaml(&yaml)
+}

@@ -49,6 +49,11 @@ fn route_err(e: RouteError) -> PgError {
     PgError::new(e.sqlstate(), e.to_string())
 }
 
+/// Whether a statement over several shards is a read pgshard can merge.
+fn mergeable(a: &Analysis) -> bool {
+    a.kind <= Kind::Read && a.merge.as_ref().is_some_and(|m| m.is_ok())
+}
+
 pub(super) fn cross_shard_txn(from: usize, to: &[usize]) -> PgError {
     PgError::new(
         "0A000",
@@ -328,8 +333,7 @@ impl Session {
                     let dest = self.decide_bind(&frame)?;
                     if let Ok(Dest::Multi(shards, a)) = &dest
                         && self.status == b'I'
-                        && a.merge.as_ref().is_some_and(|m| m.is_ok())
-                        && a.kind <= Kind::Read
+                        && mergeable(a)
                     {
                         let (shards, a) = (shards.clone(), a.clone());
                         return self.scatter_bind(&frame, &shards, &a).await;
@@ -381,10 +385,7 @@ impl Session {
                     return Ok(());
                 }
                 Ok(Dest::Multi(shards, a))
-                    if self.status == b'I'
-                        && !self.in_batch
-                        && a.merge.as_ref().is_some_and(|m| m.is_ok())
-                        && a.kind <= Kind::Read =>
+                    if self.status == b'I' && !self.in_batch && mergeable(&a) =>
                 {
                     self.settle().await?;
                     self.detach().await;
