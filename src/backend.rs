@@ -126,7 +126,15 @@ impl BackendConn {
             let frame = c.read_frame().await?;
             match frame[0] {
                 b'R' => {
-                    let code = i32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]]);
+                    let short = || BackendError::Protocol {
+                        addr,
+                        source: ProtocolError::Malformed {
+                            what: "Authentication",
+                            detail: "too short".into(),
+                        },
+                    };
+                    let code = frame.get(5..9).ok_or_else(short)?;
+                    let code = i32::from_be_bytes([code[0], code[1], code[2], code[3]]);
                     let data = &frame[9..];
                     out.clear();
                     match code {
@@ -144,7 +152,8 @@ impl BackendConn {
                                 .password
                                 .as_deref()
                                 .ok_or(BackendError::NoPassword { addr })?;
-                            let salt = [data[0], data[1], data[2], data[3]];
+                            let salt = data.get(..4).ok_or_else(short)?;
+                            let salt = [salt[0], salt[1], salt[2], salt[3]];
                             let h = postgres_protocol::authentication::md5_hash(
                                 t.user.as_bytes(),
                                 pw.as_bytes(),
@@ -344,19 +353,29 @@ impl BackendConn {
             let f = self.read_frame().await?;
             match f[0] {
                 b'D' => {
+                    // A malformed row from the server is an error, not a panic.
+                    let bad = || BackendError::Protocol {
+                        addr: self.addr,
+                        source: ProtocolError::Malformed {
+                            what: "DataRow",
+                            detail: "truncated".into(),
+                        },
+                    };
                     let b = protocol::body(&f);
-                    let n = u16::from_be_bytes([b[0], b[1]]) as usize;
+                    let n = b.get(..2).ok_or_else(bad)?;
+                    let n = u16::from_be_bytes([n[0], n[1]]) as usize;
                     let mut i = 2;
                     let mut row = Vec::with_capacity(n);
                     for _ in 0..n {
-                        let len = i32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+                        let len = b.get(i..i + 4).ok_or_else(bad)?;
+                        let len = i32::from_be_bytes([len[0], len[1], len[2], len[3]]);
                         i += 4;
                         if len < 0 {
                             row.push(None);
                         } else {
-                            let len = len as usize;
-                            row.push(Some(String::from_utf8_lossy(&b[i..i + len]).into_owned()));
-                            i += len;
+                            let v = b.get(i..i + len as usize).ok_or_else(bad)?;
+                            row.push(Some(String::from_utf8_lossy(v).into_owned()));
+                            i += len as usize;
                         }
                     }
                     rows.push(row);

@@ -262,8 +262,12 @@ pub fn broadcast_result(results: Vec<Vec<BytesMut>>) -> BytesMut {
 fn prefix_end(frame: &[u8], n: usize, row: bool) -> usize {
     let mut i = 7;
     for _ in 0..n {
+        if i >= frame.len() {
+            break;
+        }
         if row {
-            let len = i32::from_be_bytes([frame[i], frame[i + 1], frame[i + 2], frame[i + 3]]);
+            let Some(l) = frame.get(i..i + 4) else { break };
+            let len = i32::from_be_bytes([l[0], l[1], l[2], l[3]]);
             i += 4 + len.max(0) as usize;
         } else {
             let name_end = frame[i..]
@@ -714,7 +718,7 @@ pub fn merge_select(
     // Hidden sort columns are the trailing ones: the client never sees them.
     let keep = cols.len().saturating_sub(spec.hidden.len());
     let strip = |frame: &[u8], row: bool| -> BytesMut {
-        if spec.hidden.is_empty() {
+        if spec.hidden.is_empty() || frame.len() < 7 {
             return BytesMut::from(frame);
         }
         let end = prefix_end(frame, keep, row);
