@@ -262,20 +262,10 @@ async fn cross_shard_selects_merge_like_one_database() {
 async fn writes_and_transactions_stay_on_one_shard() {
     let addr = setup().await;
     let mut c = connect(addr).await;
-    // Keys on two shards in one INSERT: refused until split INSERTs exist.
-    let (a, b) = (
-        1001i64,
-        (1002..)
-            .find(|k| partition_of(&HashKey::Int(*k), 2) != partition_of(&HashKey::Int(1001), 2))
-            .unwrap(),
-    );
-    let e = c
-        .batch_execute(&format!(
-            "INSERT INTO users (id, name) VALUES ({a}, 'a'), ({b}, 'b')"
-        ))
-        .await
-        .unwrap_err();
-    assert_eq!(sqlstate(&e), "0A000");
+    let a = 1001i64;
+    let b = (1002..)
+        .find(|k| partition_of(&HashKey::Int(*k), 2) != partition_of(&HashKey::Int(a), 2))
+        .unwrap();
     // A transaction pins its shard.
     let tx = c.transaction().await.unwrap();
     tx.execute("INSERT INTO users (id, name) VALUES ($1, 'a')", &[&a])
@@ -521,9 +511,69 @@ async fn reference_tables_and_cross_shard_writes() {
         matches!(msgs.last(), Some(SimpleQueryMessage::CommandComplete(n)) if *n == total as u64),
         "{msgs:?}"
     );
-    // An INSERT with rows for several shards is never broadcast.
-    let e = w
-        .batch_execute("INSERT INTO users (id, name) VALUES (5001, 'a'), (5002, 'b'), (5003, 'c'), (5004, 'd')")
+}
+
+#[tokio::test]
+async fn multi_row_insert_is_split_per_shard() {
+    let addr = setup().await;
+    let c = connect(addr).await;
+    let [p0, p1] = ports();
+    let ids: Vec<i64> = (7001..=7010).collect();
+    let values: Vec<String> = ids.iter().map(|k| format!("({k}, 'split{k}')")).collect();
+    let msgs = c
+        .simple_query(&format!(
+            "INSERT INTO users (id, name) VALUES {} RETURNING id",
+            values.join(", ")
+        ))
+        .await
+        .unwrap();
+    let mut returned: Vec<i64> = rows(&msgs)
+        .into_iter()
+        .map(|r| r[0].as_ref().unwrap().parse().unwrap())
+        .collect();
+    returned.sort();
+    assert_eq!(returned, ids, "RETURNING rows come back from every shard");
+    assert!(matches!(
+        msgs.last(),
+        Some(SimpleQueryMessage::CommandComplete(10))
+    ));
+    // Every row on its own shard, none duplicated.
+    let mut seen = 0;
+    for (s, p) in [p0, p1].into_iter().enumerate() {
+        let on: Vec<i64> = connect_server(p, "app")
+            .await
+            .query("SELECT id FROM users WHERE id BETWEEN 7001 AND 7010", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for id in &on {
+            assert_eq!(partition_of(&HashKey::Int(*id), 2), s as u64);
+        }
+        seen += on.len();
+    }
+    assert_eq!(seen, 10);
+    // All or none: a duplicate key on one shard rolls back the other shard's rows too.
+    let e = c
+        .batch_execute("INSERT INTO users (id, name) VALUES (7101, 'x'), (7102, 'y'), (7103, 'z'), (7001, 'dup')")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "23505");
+    let n: i64 = c
+        .query_one(
+            "SELECT count(*) FROM users WHERE id BETWEEN 7101 AND 7103",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+    // INSERT ... SELECT into a sharded table cannot be split: refused.
+    let e = c
+        .batch_execute(
+            "INSERT INTO users (id, name) SELECT id + 100000, name FROM users WHERE id = 1",
+        )
         .await
         .unwrap_err();
     assert_eq!(sqlstate(&e), "0A000");

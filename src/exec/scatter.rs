@@ -149,12 +149,25 @@ pub async fn run_all_or_none(
     if needs_autocommit(sql) {
         return run_on_shards(db, shards, Request::Simple(sql), prelude, settings_fp).await;
     }
+    let per_shard: Vec<(usize, String)> = shards.iter().map(|&s| (s, sql.to_string())).collect();
+    run_each_all_or_none(db, &per_shard, prelude, settings_fp).await
+}
+
+/// Like [`run_all_or_none`], with each shard's own statement (a split INSERT).
+pub async fn run_each_all_or_none(
+    db: &Database,
+    per_shard: &[(usize, String)],
+    prelude: Option<&str>,
+    settings_fp: u64,
+) -> Result<Vec<Vec<BytesMut>>, PgError> {
+    let shards: Vec<usize> = per_shard.iter().map(|x| x.0).collect();
+    let shards = &shards[..];
     let mut conns = Vec::with_capacity(shards.len());
     for &s in shards {
         conns.push((s, checkout_shard(db, s).await?));
     }
     let mut results = Vec::with_capacity(conns.len());
-    for (_, c) in conns.iter_mut() {
+    for ((_, c), (_, sql)) in conns.iter_mut().zip(per_shard) {
         let mut out = BytesMut::new();
         if let Some(p) = prelude.filter(|_| c.settings != settings_fp) {
             protocol::write_query(&mut out, p);

@@ -62,6 +62,9 @@ pub struct Analysis {
     pub shard_sql: Option<String>,
     /// An INSERT into a sharded table (its rows must never be broadcast).
     pub inserts_sharded: bool,
+    /// For a single INSERT ... VALUES into a sharded table: the statement and each row's
+    /// key, so that it can be split per shard.
+    pub insert_split: Option<std::sync::Arc<super::split::InsertSplit>>,
 }
 
 /// Why a statement has no analysis.
@@ -85,6 +88,7 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
         merge: None,
         shard_sql: None,
         inserts_sharded: false,
+        insert_split: None,
     };
     if let [Statement::Query(q)] = stmts.as_slice() {
         let spec = merge_spec(q);
@@ -110,6 +114,15 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
                 Target::Keys(a)
             }
         };
+    }
+    if let [st @ Statement::Insert(_)] = stmts.as_slice()
+        && let Target::Keys(keys) = &out.target
+        && out.inserts_sharded
+    {
+        out.insert_split = Some(std::sync::Arc::new(super::split::InsertSplit {
+            statement: st.clone(),
+            keys: keys.clone(),
+        }));
     }
     Ok(out)
 }
@@ -258,6 +271,7 @@ fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
         merge: None,
         shard_sql: None,
         inserts_sharded: matches!(st, Statement::Insert(_)) && !c.seen.is_empty(),
+        insert_split: None,
     })
 }
 
@@ -323,7 +337,11 @@ fn insert(ins: &sqlparser::ast::Insert, rules: &Rules, c: &mut Collector) -> Res
             ));
         }
         _ => {
-            query(src, rules, c);
+            // The new rows' keys come out of a query: their shards are unknown here, and
+            // routing by the query's own keys would put rows on the wrong shard.
+            return Err(format!(
+                "INSERT ... SELECT into sharded table {n} is not supported: pgshard cannot tell the shards of the new rows; use INSERT ... VALUES"
+            ));
         }
     }
     Ok(())
@@ -659,6 +677,15 @@ pub(super) mod tests {
             Err(AnalyzeError::Unroutable(m)) if m.contains("must name its columns")
         ));
         assert!(analyze("INSERT INTO users (id) VALUES (random())", &rules()).is_err());
+        assert!(matches!(
+            analyze("INSERT INTO users (id, name) SELECT id + 1, name FROM users WHERE id = 1", &rules()),
+            Err(AnalyzeError::Unroutable(m)) if m.contains("INSERT ... SELECT")
+        ));
+        // Into an unsharded table it is fine (it runs where that table lives).
+        assert_eq!(
+            target("INSERT INTO local_t SELECT * FROM users WHERE id = 3"),
+            Target::Keys(vec![(0, lit("3"))])
+        );
         assert_eq!(
             target("UPDATE users SET name = 'x' WHERE id = 3"),
             Target::Keys(vec![(0, lit("3"))])

@@ -5,6 +5,7 @@
 pub mod analyze;
 pub mod lexer;
 pub mod merge;
+pub mod split;
 
 use crate::config::DatabaseConfig;
 use crate::sharding::{ShardError, ShardFn};

@@ -24,6 +24,8 @@ enum Multi {
     /// A write allowed on several shards, all or none; `sum` adds up the row counts (not
     /// for reference tables, whose rows are the same on every shard).
     Write { sum: bool },
+    /// An INSERT split per shard (shard, its statement), all or none.
+    SplitInsert(Vec<(usize, String)>),
 }
 
 /// Why a statement over several shards cannot run (in the extended protocol or a
@@ -86,16 +88,25 @@ impl Session {
                 ));
                 return Ok(());
             }
-            (Kind::Write, _) if a.inserts_sharded => {
-                self.answer_error(
-                    PgError::new(
-                        "0A000",
-                        format!("this INSERT has rows for shards {shards:?}; splitting an INSERT over several shards is not supported yet"),
-                    )
-                    .with_hint("Insert the rows of each shard key separately."),
-                );
-                return Ok(());
-            }
+            (Kind::Write, _) if a.inserts_sharded => match &a.insert_split {
+                Some(split) => match self.db.router.split_insert(split, &Default::default()) {
+                    Ok(parts) => Multi::SplitInsert(parts),
+                    Err(e) => {
+                        self.answer_error(PgError::new(e.sqlstate(), e.to_string()));
+                        return Ok(());
+                    }
+                },
+                None => {
+                    self.answer_error(
+                        PgError::new(
+                            "0A000",
+                            format!("this INSERT needs shards {shards:?}, and only INSERT ... VALUES can be split over shards"),
+                        )
+                        .with_hint("Insert the rows of each shard key separately."),
+                    );
+                    return Ok(());
+                }
+            },
             (Kind::Write, _) if a.writes_reference => Multi::Write { sum: false },
             (Kind::Write, _) if sharded_writes_allowed => Multi::Write { sum: true },
             (Kind::Write, _) => {
@@ -121,6 +132,11 @@ impl Session {
             )
             .await
             .and_then(|r| scatter::merge_select(r, spec, &[])),
+            Multi::SplitInsert(parts) => {
+                scatter::run_each_all_or_none(&self.db, parts, Some(&prelude), self.settings_fp)
+                    .await
+                    .map(|r| scatter::combine_writes(r, true))
+            }
             Multi::Ddl | Multi::Write { .. } => {
                 scatter::run_all_or_none(&self.db, &shards, sql, Some(&prelude), self.settings_fp)
                     .await

@@ -1,0 +1,96 @@
+//! Splitting a multi-row INSERT ... VALUES whose rows belong to several shards into one
+//! INSERT per shard (each with its own rows, in their original order).
+
+use super::analyze::KeyRef;
+use super::{Params, RouteError, Router};
+use sqlparser::ast::{SetExpr, Statement};
+
+/// What splitting needs: the statement, and the key of each VALUES row (in order).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InsertSplit {
+    pub statement: Statement,
+    /// (sharded table, key) per row.
+    pub keys: Vec<(usize, KeyRef)>,
+}
+
+impl Router {
+    /// One INSERT per shard, each with the rows whose key belongs there.
+    pub fn split_insert(
+        &self,
+        split: &InsertSplit,
+        params: &Params<'_>,
+    ) -> Result<Vec<(usize, String)>, RouteError> {
+        let mut shard_of_row = Vec::with_capacity(split.keys.len());
+        for (t, k) in &split.keys {
+            let one = super::Analysis {
+                target: super::Target::Keys(vec![(*t, k.clone())]),
+                kind: super::Kind::Write,
+                key_update: None,
+                writes_reference: false,
+                statements: 1,
+                merge: None,
+                shard_sql: None,
+                inserts_sharded: true,
+                insert_split: None,
+            };
+            match self.resolve(&one, params)? {
+                super::Route::Shards(v) => shard_of_row.push(v[0]),
+                super::Route::Default => shard_of_row.push(self.default_shard()),
+            }
+        }
+        let mut shards: Vec<usize> = shard_of_row.clone();
+        shards.sort_unstable();
+        shards.dedup();
+        let mut out = Vec::with_capacity(shards.len());
+        for s in shards {
+            let mut st = split.statement.clone();
+            if let Statement::Insert(ins) = &mut st
+                && let Some(src) = &mut ins.source
+                && let SetExpr::Values(v) = &mut *src.body
+            {
+                let mut i = 0;
+                v.rows.retain(|_| {
+                    let keep = shard_of_row.get(i) == Some(&s);
+                    i += 1;
+                    keep
+                });
+            }
+            out.push((s, st.to_string()));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::DatabaseConfig;
+    use crate::router::analyze::analyze;
+    use crate::sharding::hash::{HashKey, partition_of};
+
+    #[test]
+    fn rows_go_to_their_shards_in_order() {
+        let cfg: DatabaseConfig = yaml_serde::from_str(
+            "{ name: app, server_user: app, shards: [ { primary: '127.0.0.1:1' }, { primary: '127.0.0.1:2' } ], sharded_tables: [ { table: users, column: id, method: hash } ] }",
+        )
+        .unwrap();
+        let r = crate::router::Router::new(&cfg);
+        let keys: Vec<i64> = (1..=6).collect();
+        let values: Vec<String> = keys.iter().map(|k| format!("({k}, 'n{k}')")).collect();
+        let sql = format!(
+            "INSERT INTO users (id, name) VALUES {} RETURNING id",
+            values.join(", ")
+        );
+        let a = analyze(&sql, &r.rules).unwrap();
+        let parts = r
+            .split_insert(a.insert_split.as_ref().unwrap(), &Default::default())
+            .unwrap();
+        assert_eq!(parts.len(), 2);
+        for (s, text) in parts {
+            for k in &keys {
+                let here = partition_of(&HashKey::Int(*k), 2) as usize == s;
+                assert_eq!(text.contains(&format!("({k}, 'n{k}')")), here, "{text}");
+            }
+            assert!(text.ends_with("RETURNING id"), "{text}");
+        }
+    }
+}
