@@ -13,6 +13,7 @@ const RULES: &str = "    reference_tables: [countries]
     sharded_tables:
       - { table: users, column: id, method: hash }
       - { table: orders, column: user_id, method: hash }
+      - { table: split_t, column: id, method: hash }
       - table: events
         column: created_at
         method: range
@@ -25,12 +26,13 @@ const RULES: &str = "    reference_tables: [countries]
 ";
 
 const SCHEMA: &str = "
-DROP TABLE IF EXISTS users, orders, events, accounts, countries;
+DROP TABLE IF EXISTS users, orders, events, accounts, countries, split_t;
 CREATE TABLE users (id bigint PRIMARY KEY, name text, score numeric);
 CREATE TABLE orders (id bigint, user_id bigint, total numeric);
 CREATE TABLE events (id int, created_at timestamptz);
 CREATE TABLE accounts (id int, region text);
 CREATE TABLE countries (code text PRIMARY KEY, name text);
+CREATE TABLE split_t (id bigint PRIMARY KEY, name text);
 ";
 
 fn ports() -> [u16; 2] {
@@ -522,7 +524,7 @@ async fn multi_row_insert_is_split_per_shard() {
     let values: Vec<String> = ids.iter().map(|k| format!("({k}, 'split{k}')")).collect();
     let msgs = c
         .simple_query(&format!(
-            "INSERT INTO users (id, name) VALUES {} RETURNING id",
+            "INSERT INTO split_t (id, name) VALUES {} RETURNING id",
             values.join(", ")
         ))
         .await
@@ -542,7 +544,7 @@ async fn multi_row_insert_is_split_per_shard() {
     for (s, p) in [p0, p1].into_iter().enumerate() {
         let on: Vec<i64> = connect_server(p, "app")
             .await
-            .query("SELECT id FROM users WHERE id BETWEEN 7001 AND 7010", &[])
+            .query("SELECT id FROM split_t WHERE id BETWEEN 7001 AND 7010", &[])
             .await
             .unwrap()
             .iter()
@@ -556,13 +558,13 @@ async fn multi_row_insert_is_split_per_shard() {
     assert_eq!(seen, 10);
     // All or none: a duplicate key on one shard rolls back the other shard's rows too.
     let e = c
-        .batch_execute("INSERT INTO users (id, name) VALUES (7101, 'x'), (7102, 'y'), (7103, 'z'), (7001, 'dup')")
+        .batch_execute("INSERT INTO split_t (id, name) VALUES (7101, 'x'), (7102, 'y'), (7103, 'z'), (7001, 'dup')")
         .await
         .unwrap_err();
     assert_eq!(sqlstate(&e), "23505");
     let n: i64 = c
         .query_one(
-            "SELECT count(*) FROM users WHERE id BETWEEN 7101 AND 7103",
+            "SELECT count(*) FROM split_t WHERE id BETWEEN 7101 AND 7103",
             &[],
         )
         .await
@@ -572,7 +574,7 @@ async fn multi_row_insert_is_split_per_shard() {
     // INSERT ... SELECT into a sharded table cannot be split: refused.
     let e = c
         .batch_execute(
-            "INSERT INTO users (id, name) SELECT id + 100000, name FROM users WHERE id = 1",
+            "INSERT INTO split_t (id, name) SELECT id + 100000, name FROM users WHERE id = 1",
         )
         .await
         .unwrap_err();
