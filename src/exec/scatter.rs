@@ -660,10 +660,13 @@ pub fn merge_select(
     if !spec.order.is_empty() {
         let mut keys = Vec::with_capacity(spec.order.len());
         for k in &spec.order {
+            let visible = cols.len().saturating_sub(spec.hidden.len());
+            let by_name = |n: &str| cols[..visible].iter().position(|(c, _)| c == n);
             let idx = match &k.col {
                 OrderCol::Position(p) => Some(*p),
-                OrderCol::Name(n) => cols.iter().position(|(c, _)| c == n),
-                OrderCol::Hidden(h) => (cols.len() + h).checked_sub(spec.hidden.len()),
+                OrderCol::Name(n) => by_name(n),
+                OrderCol::Hidden(h) => Some(visible + h),
+                OrderCol::NameOr(n, h) => by_name(n).or(Some(visible + h)),
             }
             .filter(|&i| i < cols.len())
             .ok_or_else(|| {

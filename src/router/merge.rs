@@ -49,6 +49,9 @@ pub enum OrderCol {
     Name(String),
     /// The k-th hidden sort column.
     Hidden(usize),
+    /// A bare name: the output column of that name if there is one (PostgreSQL's rule),
+    /// else the k-th hidden sort column (the input column of that name).
+    NameOr(String, usize),
 }
 
 /// What pgshard can merge today: plain rows; count/sum/min/max with or without GROUP BY on
@@ -181,34 +184,28 @@ fn plan(q: &Query) -> Result<MergeSpec, String> {
                 },
                 e => {
                     let text = e.to_string();
-                    let name = match e {
-                        Expr::Identifier(id) => Some(id.value.to_ascii_lowercase()),
-                        Expr::CompoundIdentifier(ids) => {
-                            Some(ids[ids.len() - 1].value.to_ascii_lowercase())
-                        }
-                        _ => None,
-                    };
-                    // The output name of each explicit item: its alias, or a column's name.
-                    let output_name = |(t, alias): &(String, Option<String>)| {
-                        alias.clone().or_else(|| {
-                            t.rsplit('.')
-                                .next()
-                                .map(|n| n.trim_matches('"').to_ascii_lowercase())
-                        })
-                    };
-                    if let Some(p) = items.iter().position(|(t, _)| *t == text) {
-                        OrderCol::Position(p)
-                    } else if let Some(p) = name.as_ref().and_then(|n| {
+                    let alias_hit = |n: &str| {
                         items
                             .iter()
-                            .position(|i| output_name(i).as_ref() == Some(n))
-                    }) {
+                            .position(|(t, alias)| t == n || alias.as_deref() == Some(n))
+                    };
+                    let no_hidden = spec.aggregates.is_some() || spec.distinct;
+                    if let Some(p) = items.iter().position(|(t, _)| *t == text) {
                         OrderCol::Position(p)
-                    } else if let (Some(n), true) = (&name, wildcard) {
-                        OrderCol::Name(n.clone())
-                    } else if spec.aggregates.is_some() || spec.distinct {
+                    } else if let Expr::Identifier(id) = e {
+                        let n = id.value.to_ascii_lowercase();
+                        match alias_hit(&n) {
+                            Some(p) => OrderCol::Position(p),
+                            // Output names are only known from the RowDescription.
+                            None if no_hidden || wildcard => OrderCol::Name(n),
+                            None => {
+                                spec.hidden.push(e.clone());
+                                OrderCol::NameOr(n, spec.hidden.len() - 1)
+                            }
+                        }
+                    } else if no_hidden {
                         return unsupported(
-                            "ORDER BY an expression that is not an output column of an aggregate query",
+                            "ORDER BY an expression that is not an output column of an aggregate or DISTINCT query",
                         );
                     } else {
                         spec.hidden.push(e.clone());
@@ -416,14 +413,15 @@ mod tests {
                 "SELECT id, lower(u.name) AS \"__pgshard_sort_0\" FROM users u ORDER BY lower(u.name) DESC LIMIT 2"
             )
         );
-        // Names of output columns are found through aliases and qualified names.
+        // A bare name is an output column name first (found in the RowDescription), else an
+        // input column (hidden); aliases resolve directly.
         let a = analyze(
             "SELECT u.id, name AS n FROM users u ORDER BY id, n",
             &rules(),
         )
         .unwrap();
         let spec = a.merge.unwrap().unwrap();
-        assert_eq!(spec.order[0].col, OrderCol::Position(0));
+        assert_eq!(spec.order[0].col, OrderCol::NameOr("id".into(), 0));
         assert_eq!(spec.order[1].col, OrderCol::Position(1));
         assert_eq!(
             m("SELECT lower(name) FROM users ORDER BY lower(name)")

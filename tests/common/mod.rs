@@ -350,3 +350,16 @@ pub fn proxy_on_own_database(server_db: &str, mode: &str, pool_size: u32) -> Soc
     );
     start_proxy_yaml(&yaml)
 }
+
+/// A three-shard cluster (no replicas), for differential tests.
+pub fn cluster3() -> &'static LocalCluster {
+    static C: OnceLock<LocalCluster> = OnceLock::new();
+    C.get_or_init(|| {
+        LocalCluster::start(ClusterOptions {
+            shards: 3,
+            replicas: 0,
+            ..ClusterOptions::default()
+        })
+        .expect("starting local PostgreSQL")
+    })
+}
