@@ -46,7 +46,9 @@ async fn setup() -> SocketAddr {
     static P: OnceLock<SocketAddr> = OnceLock::new();
     static INIT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
     let addr = *P.get_or_init(|| {
-        let yaml = cluster2().config_yaml("127.0.0.1:0", "transaction", 8);
+        let yaml = cluster2()
+            .config_yaml("127.0.0.1:0", "transaction", 8)
+            .replace("users:\n", "users:\n  - { name: trusty, auth: trust }\n");
         start_proxy_yaml(&format!("{yaml}{RULES}"))
     });
     INIT.get_or_init(|| async {
@@ -682,4 +684,47 @@ async fn cross_shard_selects_over_the_extended_protocol() {
         .await
         .unwrap_err();
     assert_eq!(sqlstate(&e), "0A000");
+}
+
+#[tokio::test]
+async fn extended_protocol_begin_waits_for_the_first_statement() {
+    // As pgjdbc does: BEGIN through Parse/Bind/Execute, pipelined with the first statement.
+    let addr = setup().await;
+    let [p0, p1] = ports();
+    let keys = [9001i64, 9002, 9003, 9004];
+    let shards: std::collections::HashSet<u64> = keys
+        .iter()
+        .map(|k| partition_of(&HashKey::Int(*k), 2))
+        .collect();
+    assert_eq!(shards.len(), 2, "the keys cover both shards");
+    for key in keys {
+        let mut r = Raw::startup(addr, "trusty", "app").await;
+        r.until_ready().await;
+        let mut b = msg::parse("", "BEGIN");
+        b.extend(msg::bind("", "", &[]));
+        b.extend(msg::execute(""));
+        b.extend(msg::parse(
+            "",
+            "INSERT INTO split_t (id, name) VALUES ($1, 'jdbc')",
+        ));
+        b.extend(msg::bind("", "", &[&key.to_string()]));
+        b.extend(msg::execute(""));
+        b.extend(msg::sync());
+        r.send(&b).await;
+        assert_eq!(r.until_ready().await, "12C12CZ");
+        let mut b = msg::parse("", "COMMIT");
+        b.extend(msg::bind("", "", &[]));
+        b.extend(msg::execute(""));
+        b.extend(msg::sync());
+        r.send(&b).await;
+        assert_eq!(r.until_ready().await, "12CZ");
+        let shard = partition_of(&HashKey::Int(key), 2) as usize;
+        let n: i64 = connect_server([p0, p1][shard], "app")
+            .await
+            .query_one("SELECT count(*) FROM split_t WHERE id = $1", &[&key])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1, "key {key} committed on shard {shard}");
+    }
 }

@@ -10,9 +10,9 @@ use crate::router::{Analysis, Kind};
 /// A portal whose rows pgshard holds (merged from several shards).
 pub(super) struct VirtualPortal {
     /// RowDescription (or NoData).
-    description: Bytes,
+    pub(super) description: Bytes,
     /// DataRows and CommandComplete (with notices).
-    rows: Option<Bytes>,
+    pub(super) rows: Option<Bytes>,
 }
 
 /// How a statement over several shards runs.

@@ -330,6 +330,9 @@ impl Session {
                     return self.forward_extended(frame).await;
                 }
                 b'B' => {
+                    if self.transaction_control_bind(&frame)? {
+                        return Ok(());
+                    }
                     let dest = self.decide_bind(&frame)?;
                     if let Ok(Dest::Multi(shards, a)) = &dest
                         && self.status == b'I'
@@ -462,6 +465,87 @@ impl Session {
         self.detach().await;
         self.route.deferred_begin = Some(begin);
         Ok(self.attach(to).await)
+    }
+
+    /// BEGIN, COMMIT or ROLLBACK in the extended protocol while no shard is chosen yet
+    /// (pgjdbc sends BEGIN this way, pipelined with the first statement): answered here, as
+    /// [`Self::deferred_transaction`] does for simple queries. True when answered.
+    fn transaction_control_bind(&mut self, frame: &Bytes) -> Result<bool, SessionError> {
+        let b = protocol::parse_bind(frame)?;
+        let Some((query, _)) = self.route.texts.get(b.stmt).cloned() else {
+            return Ok(false);
+        };
+        let sql = std::str::from_utf8(&query).unwrap_or("");
+        let [one] = router::split_statements(sql)[..] else {
+            return Ok(false);
+        };
+        let kind = router::classify(one);
+        let deferred = self.route.deferred_begin.is_some();
+        let tag = match kind {
+            router::StatementKind::Begin if self.status == b'I' && !deferred => "BEGIN",
+            router::StatementKind::EndTransaction if deferred => {
+                let l = one.to_ascii_lowercase();
+                if self.status == b'E' || l.starts_with("rollback") || l.starts_with("abort") {
+                    "ROLLBACK"
+                } else {
+                    "COMMIT"
+                }
+            }
+            _ => return Ok(false),
+        };
+        // The batch's held Parse/Describe/Close are answered as a server would.
+        for f in std::mem::take(&mut self.route.held) {
+            let reply = match f[0] {
+                b'P' => {
+                    let p = protocol::parse_parse(&f)?;
+                    if self.mode == PoolMode::Transaction && !p.name.is_empty() {
+                        self.statements.insert(
+                            Bytes::copy_from_slice(p.name),
+                            super::Stmt {
+                                global: super::prepared::statement_id(p.query, p.types),
+                                query: f.slice_ref(p.query),
+                                types: f.slice_ref(p.types),
+                                kind_is_setting: false,
+                            },
+                        );
+                    }
+                    crate::exec::empty_frame(b'1')
+                }
+                b'D' => {
+                    let mut r = bytes::BytesMut::new();
+                    if protocol::parse_target(&f, "Describe")?.0 == b'S' {
+                        protocol::write_msg(&mut r, b't', &[0, 0]);
+                    }
+                    protocol::write_msg(&mut r, b'n', &[]);
+                    r.freeze()
+                }
+                _ => crate::exec::empty_frame(b'3'),
+            };
+            self.relay.push(Pending::Synth {
+                frame: reply,
+                undo: None,
+            });
+        }
+
+        self.relay.push(Pending::Synth {
+            frame: crate::exec::empty_frame(b'2'),
+            undo: None,
+        });
+        self.relay.drain_local(&mut self.cout);
+        let mut complete = bytes::BytesMut::new();
+        protocol::write_msg(&mut complete, b'C', format!("{tag}\0").as_bytes());
+        self.route.virtual_portal = Some(VirtualPortal {
+            description: crate::exec::empty_frame(b'n'),
+            rows: Some(complete.freeze()),
+        });
+        if tag == "BEGIN" {
+            self.route.deferred_begin = Some(one.to_string());
+            self.status = b'T';
+        } else {
+            self.route.deferred_begin = None;
+            self.status = b'I';
+        }
+        Ok(true)
     }
 
     /// Attaches `shard` and sends the held frames to it. False when attaching failed (the
