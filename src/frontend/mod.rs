@@ -151,9 +151,14 @@ impl CancelRegistry {
 pub struct Server {
     pub state: ArcSwap<State>,
     pub cancels: CancelRegistry,
-    /// Set on shutdown: sessions end once their transaction does.
+    /// Set on shutdown: the listener stops.
     shutdown: tokio::sync::watch::Sender<bool>,
     sessions: std::sync::atomic::AtomicUsize,
+    /// One stop signal per live session (a oneshot: polling it in the session loop costs
+    /// atomics only, where a watch would lock per message). Touched at session start/end
+    /// and at shutdown, never per message.
+    stops: Mutex<HashMap<u64, tokio::sync::oneshot::Sender<()>>>,
+    next_session: std::sync::atomic::AtomicU64,
 }
 
 /// Counts a client session while it lives.
@@ -172,6 +177,8 @@ impl Server {
             cancels: CancelRegistry::default(),
             shutdown: tokio::sync::watch::Sender::new(false),
             sessions: std::sync::atomic::AtomicUsize::new(0),
+            stops: Mutex::new(HashMap::new()),
+            next_session: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -179,6 +186,22 @@ impl Server {
     /// ends (idle ones at once).
     pub fn shut_down(&self) {
         self.shutdown.send_replace(true);
+        for (_, stop) in self.stops.lock().expect("not poisoned").drain() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// The stop signal of a new session; already fired when shutting down.
+    fn register_stop(&self) -> (u64, tokio::sync::oneshot::Receiver<()>) {
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut stops = self.stops.lock().expect("not poisoned");
+        if *self.shutdown.borrow() {
+            let _ = tx.send(());
+        } else {
+            stops.insert(id, tx);
+        }
+        (id, rx)
     }
 
     /// Client sessions alive now.
@@ -283,9 +306,12 @@ impl Server {
             slot,
             ready.settings,
         );
-        session.shutdown = Some(self.shutdown.subscribe());
+        let (stop_id, stop) = self.register_stop();
+        session.shutdown = Some(stop);
         drop(state);
-        session.run().await?;
+        let result = session.run().await;
+        self.stops.lock().expect("not poisoned").remove(&stop_id);
+        result?;
         Ok(())
     }
 

@@ -72,7 +72,7 @@ pub struct Session {
     shard: usize,
     /// Becomes true when pgshard shuts down: the session ends at its next transaction
     /// boundary.
-    pub shutdown: Option<tokio::sync::watch::Receiver<bool>>,
+    pub shutdown: Option<tokio::sync::oneshot::Receiver<()>>,
     draining: bool,
     route: route::RouteState,
 }
@@ -183,7 +183,7 @@ impl Session {
             let stop = async {
                 match shutdown {
                     Some(rx) if !*draining => {
-                        let _ = rx.wait_for(|s| *s).await;
+                        let _ = rx.await;
                     }
                     _ => std::future::pending::<()>().await,
                 }
