@@ -215,17 +215,6 @@ fn corpus() -> Vec<String> {
     q
 }
 
-fn rows(msgs: &[SimpleQueryMessage]) -> Vec<Vec<Option<String>>> {
-    msgs.iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => {
-                Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
-            }
-            _ => None,
-        })
-        .collect()
-}
-
 /// A proxy over a cluster with the schema and data loaded through it; the plain database
 /// (on the 2-shard cluster's first server) gets the same statements once.
 async fn load(shards: usize) -> SocketAddr {

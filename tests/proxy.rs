@@ -393,16 +393,11 @@ async fn session_settings_follow_the_client_in_transaction_mode() {
     a.batch_execute("RESET work_mem").await.unwrap();
     assert_eq!(show(&a, "work_mem").await, "4MB");
     // Startup parameters apply too.
-    let (c, conn) = tokio_postgres::connect(
-        &format!(
-            "{} application_name=myapp options='-c statement_timeout=1234'",
-            conn_str(addr, "app", "app", "app")
-        ),
-        tokio_postgres::NoTls,
+    let c = connect_with(
+        addr,
+        "application_name=myapp options='-c statement_timeout=1234'",
     )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    .await;
     assert_eq!(show(&c, "application_name").await, "myapp");
     assert_eq!(show(&c, "statement_timeout").await, "1234ms");
     assert_eq!(show(&b, "statement_timeout").await, "0");
@@ -559,17 +554,7 @@ async fn a_server_connection_dying_affects_only_its_client() {
     let direct = connect_direct().await;
     let bystander = connect(addr).await;
     let victim = |name: &'static str| async move {
-        let (c, conn) = tokio_postgres::connect(
-            &format!(
-                "{} application_name={name}",
-                conn_str(addr, "app", "app", "app")
-            ),
-            tokio_postgres::NoTls,
-        )
-        .await
-        .unwrap();
-        tokio::spawn(conn);
-        c
+        connect_with(addr, &format!("application_name={name}")).await
     };
     let kill = |name: &'static str| {
         let direct = &direct;

@@ -89,17 +89,6 @@ async fn setup() -> SocketAddr {
     addr
 }
 
-fn rows(msgs: &[SimpleQueryMessage]) -> Vec<Vec<Option<String>>> {
-    msgs.iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => {
-                Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
-            }
-            _ => None,
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn ddl_is_broadcast_and_rows_land_on_their_hash_shard() {
     setup().await;

@@ -363,3 +363,27 @@ pub fn cluster3() -> &'static LocalCluster {
         .expect("starting local PostgreSQL")
     })
 }
+
+/// The rows of a simple-query result, as text (None for NULL).
+pub fn rows(msgs: &[tokio_postgres::SimpleQueryMessage]) -> Vec<Vec<Option<String>>> {
+    msgs.iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Connects as app/app with extra connection parameters (`application_name=x ...`).
+pub async fn connect_with(addr: SocketAddr, extra: &str) -> tokio_postgres::Client {
+    let (c, conn) = tokio_postgres::connect(
+        &format!("{} {extra}", conn_str(addr, "app", "app", "app")),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    c
+}
