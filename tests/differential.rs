@@ -6,7 +6,6 @@ mod common;
 
 use common::*;
 use std::net::SocketAddr;
-use tokio_postgres::SimpleQueryMessage;
 
 fn rules(shards: usize) -> String {
     let last = shards - 1;
