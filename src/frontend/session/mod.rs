@@ -385,7 +385,12 @@ impl Session {
             return Ok(());
         }
         if self.db.router.is_sharded() {
-            return self.route_query(frame).await;
+            // The classification above serves routing too: the hot path parses once.
+            let single = match statements.as_slice() {
+                [one] => Some(router::classify(one)),
+                _ => None,
+            };
+            return self.route_query(frame, single).await;
         }
         if !self.attach(self.home_shard()).await {
             protocol::write_ready(&mut self.cout, self.status);

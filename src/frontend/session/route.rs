@@ -219,9 +219,17 @@ impl Session {
     }
 
     /// A simple Query on a sharded database.
-    pub(super) async fn route_query(&mut self, frame: Bytes) -> Result<(), SessionError> {
-        let sql = protocol::parse_query(&frame)?.to_string();
-        if let Some(set) = pgshard_set(&sql) {
+    /// `single` is the kind of the query's only statement (None for several).
+    pub(super) async fn route_query(
+        &mut self,
+        frame: Bytes,
+        single: Option<router::StatementKind>,
+    ) -> Result<(), SessionError> {
+        use router::StatementKind::{Begin, SessionSetting};
+        let sql = protocol::parse_query(&frame)?;
+        if let Some(SessionSetting) = single
+            && let Some(set) = pgshard_set(sql)
+        {
             match set {
                 Ok(Some(s)) if s >= self.db.router.shards() => self.answer_error(route_err(
                     RouteError::NoSuchShard(s, self.db.router.shards()),
@@ -244,7 +252,7 @@ impl Session {
             && self.mode == PoolMode::Transaction
             && self.status == b'I'
             && !self.in_batch
-            && matches!(router::split_statements(&sql).as_slice(), [one] if router::classify(one) == router::StatementKind::Begin)
+            && single == Some(Begin)
         {
             // A connection kept only for in-flight answers must not pin the transaction.
             self.settle().await?;
@@ -252,10 +260,13 @@ impl Session {
                 self.detach().await;
             }
         }
-        if self.backend.is_none() && self.deferred_transaction(&sql) {
+        if self.backend.is_none()
+            && let Some(kind) = &single
+            && self.deferred_transaction(sql, kind)
+        {
             return Ok(());
         }
-        match self.decide(&sql, &Params::default()) {
+        match self.decide(sql, &Params::default()) {
             Err(e) => self.answer_error(e),
             Ok(Dest::Shard(s)) => {
                 if self.backend.is_some() && self.shard != s && self.status != b'I' {
@@ -272,7 +283,7 @@ impl Session {
                 self.relay.push(Pending::Query);
                 self.bout.extend_from_slice(&frame);
             }
-            Ok(Dest::Multi(shards, a)) => self.run_multi(&sql, shards, &a).await?,
+            Ok(Dest::Multi(shards, a)) => self.run_multi(sql, shards, &a).await?,
         }
         Ok(())
     }
@@ -348,16 +359,9 @@ impl Session {
                     if !self.release_held(shard).await? {
                         return Ok(());
                     }
-                    match dest {
-                        Ok(Dest::Shard(_)) => {}
-                        Ok(Dest::Multi(shards, a)) => {
-                            self.local_error(multi_shard_error(&shards, &a));
-                            return Ok(());
-                        }
-                        Err(e) => {
-                            self.local_error(e);
-                            return Ok(());
-                        }
+                    if !matches!(dest, Ok(Dest::Shard(_))) {
+                        self.refuse_bind(dest);
+                        return Ok(());
                     }
                 }
                 _ => {
@@ -382,11 +386,6 @@ impl Session {
                         return Ok(());
                     }
                 }
-                Ok(Dest::Shard(s)) => {
-                    let e = cross_shard_txn(self.shard, &[s]);
-                    self.local_error(e);
-                    return Ok(());
-                }
                 Ok(Dest::Multi(shards, a))
                     if self.status == b'I' && !self.in_batch && mergeable(&a) =>
                 {
@@ -394,12 +393,8 @@ impl Session {
                     self.detach().await;
                     return self.scatter_bind(&frame, &shards, &a).await;
                 }
-                Ok(Dest::Multi(shards, a)) => {
-                    self.local_error(multi_shard_error(&shards, &a));
-                    return Ok(());
-                }
-                Err(e) => {
-                    self.local_error(e);
+                refused => {
+                    self.refuse_bind(refused);
                     return Ok(());
                 }
             }
@@ -409,12 +404,9 @@ impl Session {
 
     /// BEGIN, COMMIT and ROLLBACK of a transaction that has not touched a shard yet are
     /// answered here. True when the statement was answered.
-    fn deferred_transaction(&mut self, sql: &str) -> bool {
-        let stmts = router::split_statements(sql);
-        let [one] = stmts.as_slice() else {
-            return false;
-        };
-        let kind = router::classify(one);
+    fn deferred_transaction(&mut self, sql: &str, kind: &router::StatementKind) -> bool {
+        // Only on these rare statements is the text looked at again.
+        let one = || router::split_statements(sql).first().copied().unwrap_or("");
         let answer = |s: &mut Session, tag: &str, status: u8| {
             s.relay.drain_local(&mut s.cout);
             protocol::write_msg(&mut s.cout, b'C', format!("{tag}\0").as_bytes());
@@ -423,14 +415,15 @@ impl Session {
         };
         match (kind, self.route.deferred_begin.is_some()) {
             (router::StatementKind::Begin, false) if self.status == b'I' => {
-                self.route.deferred_begin = Some(one.to_string());
+                self.route.deferred_begin = Some(one().to_string());
                 answer(self, "BEGIN", b'T');
                 true
             }
             (router::StatementKind::EndTransaction, true) => {
+                let first = one().to_ascii_lowercase();
                 let rollback = self.status == b'E'
-                    || one.to_ascii_lowercase().starts_with("rollback")
-                    || one.to_ascii_lowercase().starts_with("abort");
+                    || first.starts_with("rollback")
+                    || first.starts_with("abort");
                 self.route.deferred_begin = None;
                 answer(self, if rollback { "ROLLBACK" } else { "COMMIT" }, b'I');
                 true
@@ -546,6 +539,16 @@ impl Session {
             self.status = b'I';
         }
         Ok(true)
+    }
+
+    /// The error for a Bind that cannot run as routed (skips the batch until Sync).
+    fn refuse_bind(&mut self, dest: Result<Dest, PgError>) {
+        let e = match dest {
+            Ok(Dest::Multi(shards, a)) => multi_shard_error(&shards, &a),
+            Ok(Dest::Shard(s)) => cross_shard_txn(self.shard, &[s]),
+            Err(e) => e,
+        };
+        self.local_error(e);
     }
 
     /// Attaches `shard` and sends the held frames to it. False when attaching failed (the
