@@ -76,6 +76,9 @@ pub struct BackendConn {
     /// Set when the connection's state is unknown: it must not be reused.
     pub broken: bool,
     pub created: Instant,
+    /// The pool's epoch when the connection was opened: older connections are not reused
+    /// (see `NodePool::invalidate`).
+    pub epoch: u64,
 }
 
 impl BackendConn {
@@ -108,6 +111,7 @@ impl BackendConn {
             prepared: HashSet::new(),
             settings: 0,
             broken: false,
+            epoch: 0,
             created: Instant::now(),
         };
         let mut out = BytesMut::new();

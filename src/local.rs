@@ -389,9 +389,45 @@ impl LocalCluster {
 
     /// Starts `postgres` on a data directory and waits until it accepts connections.
     fn launch(&self, name: &str, data: PathBuf) -> Result<Node, LocalError> {
+        self.launch_on(name, data, None)
+    }
+
+    /// A node of a shard: its primary (`None`) or a replica.
+    pub fn node_mut(&mut self, shard: usize, replica: Option<usize>) -> &mut Node {
+        let sh = &mut self.shards[shard];
+        match replica {
+            None => &mut sh.primary,
+            Some(r) => &mut sh.replicas[r],
+        }
+    }
+
+    /// Starts a stopped (or crashed) node again on its port and data directory.
+    pub fn restart(&mut self, shard: usize, replica: Option<usize>) -> Result<(), LocalError> {
+        let (name, data, port) = {
+            let node = self.node_mut(shard, replica);
+            node.stop_with(libc::SIGINT);
+            (node.name.clone(), node.data.clone(), node.port)
+        };
+        let fresh = self.launch_on(&name, data, Some(port))?;
+        *self.node_mut(shard, replica) = fresh;
+        Ok(())
+    }
+
+    /// Sets a server parameter with ALTER SYSTEM and reloads the configuration.
+    pub fn set_and_reload(&self, node: &Node, name: &str, value: &str) -> Result<(), LocalError> {
+        self.psql(
+            node.port,
+            "postgres",
+            &format!("ALTER SYSTEM SET {name} = '{}'", value.replace('\'', "''")),
+        )?;
+        self.psql(node.port, "postgres", "SELECT pg_reload_conf()")?;
+        Ok(())
+    }
+
+    fn launch_on(&self, name: &str, data: PathBuf, fixed: Option<u16>) -> Result<Node, LocalError> {
         let mut last = String::new();
         for _ in 0..3 {
-            let port = free_port();
+            let port = fixed.unwrap_or_else(free_port);
             let log = fs::OpenOptions::new()
                 .create(true)
                 .append(true)

@@ -3,6 +3,7 @@
 
 use crate::backend::{BackendConn, BackendError, BackendTarget};
 use crate::config::PoolConfig;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -25,6 +26,7 @@ pub struct Manager {
     connect_timeout: Duration,
     failures: Arc<FailureLog>,
     server_params: Arc<OnceLock<Vec<(String, String)>>>,
+    epoch: Arc<AtomicU64>,
 }
 
 /// The latest connection failure of a pool, so that clients waiting for a connection to a
@@ -41,7 +43,8 @@ impl bb8::ManageConnection for Manager {
 
     async fn connect(&self) -> Result<BackendConn, BackendError> {
         match BackendConn::connect(&self.target, self.connect_timeout).await {
-            Ok(c) => {
+            Ok(mut c) => {
+                c.epoch = self.epoch.load(Ordering::Relaxed);
                 let _ = self.server_params.set(c.initial_params.clone());
                 tracing::debug!(server = %self.target.addr, pid = c.pid, "server connection opened");
                 Ok(c)
@@ -73,6 +76,7 @@ pub struct NodePool {
     failures: Arc<FailureLog>,
     checkout_timeout_ms: u64,
     server_params: Arc<OnceLock<Vec<(String, String)>>>,
+    epoch: Arc<AtomicU64>,
 }
 
 impl NodePool {
@@ -80,11 +84,13 @@ impl NodePool {
     pub fn new(target: BackendTarget, cfg: &PoolConfig) -> NodePool {
         let failures = Arc::new(FailureLog::default());
         let server_params = Arc::new(OnceLock::new());
+        let epoch = Arc::new(AtomicU64::new(0));
         let manager = Manager {
             target: target.clone(),
             connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
             failures: failures.clone(),
             server_params: server_params.clone(),
+            epoch: epoch.clone(),
         };
         let pool = bb8::Pool::builder()
             .max_size(cfg.size)
@@ -100,12 +106,29 @@ impl NodePool {
             failures,
             checkout_timeout_ms: cfg.checkout_timeout_ms,
             server_params,
+            epoch,
         }
+    }
+
+    /// Connections open now are not handed out again (the node failed a health check:
+    /// they are likely dead, and a client would be the one to find out).
+    pub fn invalidate(&self) {
+        self.epoch.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Checks out a connection, failing fast when the node refuses connections and with
     /// [`PoolError::Timeout`] when all connections stay busy for the checkout timeout.
     pub async fn get(&self) -> Result<Pooled, PoolError> {
+        loop {
+            let mut c = self.get_any().await?;
+            if c.epoch >= self.epoch.load(Ordering::Relaxed) {
+                return Ok(c);
+            }
+            c.broken = true;
+        }
+    }
+
+    async fn get_any(&self) -> Result<Pooled, PoolError> {
         let map = |e: bb8::RunError<BackendError>| match e {
             bb8::RunError::User(e) => PoolError::Down(e.to_string()),
             bb8::RunError::TimedOut => {

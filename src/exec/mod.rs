@@ -1,4 +1,4 @@
-//! Carrying out a plan on one shard: checkout of a server connection for the plan, and the
+//! Carrying out a statement on one shard: checkout of a server connection to a node, and the
 //! relay that forwards the server's messages to the client as bytes.
 //!
 //! The relay keeps a queue of the requests sent to the server whose responses have not all
@@ -11,20 +11,22 @@
 use crate::cluster::Database;
 use crate::pool::{PoolError, Pooled};
 use crate::protocol::{self, PgError};
-use crate::router::{Plan, Role};
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
 
 pub mod scatter;
 
-/// Checks out a server connection for a plan.
-pub async fn checkout(db: &Database, plan: Plan) -> Result<Pooled, PoolError> {
-    let shard = &db.shards[plan.shard];
-    let pool = match plan.role {
-        Role::Replica if !shard.replicas.is_empty() => &shard.replicas[0],
-        _ => &shard.primary,
-    };
-    pool.get().await
+/// Checks out a server connection to a node of a shard.
+pub async fn checkout(db: &Database, shard: usize, node: usize) -> Result<Pooled, PoolError> {
+    db.shards[shard].nodes[node].pool.get().await
+}
+
+/// Checks out a server connection to a shard's primary.
+pub async fn checkout_primary(db: &Database, shard: usize) -> Result<Pooled, PoolError> {
+    let node = db
+        .primary(shard)
+        .map_err(|e| PoolError::Down(e.to_string()))?;
+    checkout(db, shard, node).await
 }
 
 /// What to undo in the session's prepared-statement bookkeeping when a Parse did not take

@@ -24,19 +24,20 @@ pub enum Request<'a> {
     },
 }
 
-/// Runs a request on each shard's primary, in parallel, and returns each shard's response
-/// frames up to (not including) ReadyForQuery. `prelude` (the client's session settings)
-/// runs first on connections whose settings fingerprint differs.
+/// Runs a request on each given (shard, node) in parallel (node None: the shard's
+/// primary), and returns each shard's response frames up to (not including)
+/// ReadyForQuery. `prelude` (the client's session settings) runs first on connections
+/// whose settings fingerprint differs.
 pub async fn run_on_shards(
     db: &Database,
-    shards: &[usize],
+    shards: &[(usize, Option<usize>)],
     req: Request<'_>,
     prelude: Option<&str>,
     settings_fp: u64,
 ) -> Result<Vec<Vec<BytesMut>>, PgError> {
     let mut conns = Vec::with_capacity(shards.len());
-    for &s in shards {
-        conns.push(checkout_shard(db, s).await?);
+    for &(s, node) in shards {
+        conns.push(checkout_shard(db, s, node).await?);
     }
     // Send everything first so that the shards work at the same time.
     let mut skip_prelude = Vec::with_capacity(conns.len());
@@ -91,16 +92,23 @@ pub async fn run_on_shards(
     Ok(results)
 }
 
-/// A server connection to a shard's primary, or the error a client gets.
-async fn checkout_shard(db: &Database, s: usize) -> Result<crate::pool::Pooled, PgError> {
-    super::checkout(db, db.router.plan(s))
-        .await
-        .map_err(|e| match e {
-            crate::pool::PoolError::Timeout(..) => PgError::new("53300", e.to_string()),
-            crate::pool::PoolError::Down(m) => {
-                PgError::new("08006", format!("shard {s} unavailable: {m}"))
-            }
-        })
+/// A server connection to a node of a shard (None: its primary), or the error a client
+/// gets.
+async fn checkout_shard(
+    db: &Database,
+    s: usize,
+    node: Option<usize>,
+) -> Result<crate::pool::Pooled, PgError> {
+    let r = match node {
+        Some(n) => super::checkout(db, s, n).await,
+        None => super::checkout_primary(db, s).await,
+    };
+    r.map_err(|e| match e {
+        crate::pool::PoolError::Timeout(..) => PgError::new("53300", e.to_string()),
+        crate::pool::PoolError::Down(m) => {
+            PgError::new("08006", format!("shard {s} unavailable: {m}"))
+        }
+    })
 }
 
 fn lost(e: crate::backend::BackendError) -> PgError {
@@ -147,7 +155,8 @@ pub async fn run_all_or_none(
     settings_fp: u64,
 ) -> Result<Vec<Vec<BytesMut>>, PgError> {
     if needs_autocommit(sql) {
-        return run_on_shards(db, shards, Request::Simple(sql), prelude, settings_fp).await;
+        let primaries: Vec<_> = shards.iter().map(|&s| (s, None)).collect();
+        return run_on_shards(db, &primaries, Request::Simple(sql), prelude, settings_fp).await;
     }
     let per_shard: Vec<(usize, String)> = shards.iter().map(|&s| (s, sql.to_string())).collect();
     run_each_all_or_none(db, &per_shard, prelude, settings_fp).await
@@ -164,7 +173,7 @@ pub async fn run_each_all_or_none(
     let shards = &shards[..];
     let mut conns = Vec::with_capacity(shards.len());
     for &s in shards {
-        conns.push((s, checkout_shard(db, s).await?));
+        conns.push((s, checkout_shard(db, s, None).await?));
     }
     let mut results = Vec::with_capacity(conns.len());
     for ((_, c), (_, sql)) in conns.iter_mut().zip(per_shard) {

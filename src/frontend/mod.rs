@@ -74,6 +74,35 @@ impl State {
     }
 }
 
+/// What servers of the database report at startup (they all report the same), from a
+/// pool that has connected once, or else from a first connection to the primary of the
+/// default shard or, when that fails, to another node of it.
+async fn greeting_params(
+    db: &crate::cluster::Database,
+) -> Result<Vec<(String, String)>, StartupError> {
+    let shard = &db.shards[db.config.default_shard];
+    if let Some(p) = shard.nodes.iter().find_map(|n| n.pool.server_params()) {
+        return Ok(p.clone());
+    }
+    let primary = db.primary(db.config.default_shard).unwrap_or(0);
+    let order = std::iter::once(primary).chain((0..shard.nodes.len()).filter(|&n| n != primary));
+    let mut last = None;
+    for n in order {
+        let pool = &shard.nodes[n].pool;
+        match pool.get().await {
+            Ok(_) => return Ok(pool.server_params().cloned().unwrap_or_default()),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(StartupError::Client(match last {
+        Some(e @ crate::pool::PoolError::Timeout(..)) => PgError::fatal("53300", e.to_string()),
+        Some(crate::pool::PoolError::Down(m)) => {
+            PgError::fatal("08006", format!("server unavailable: {m}"))
+        }
+        None => PgError::fatal("08006", "server unavailable"),
+    }))
+}
+
 fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<TlsAcceptor> {
     use tokio_rustls::rustls::pki_types::pem::PemObject;
     use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -172,6 +201,7 @@ impl Drop for SessionGuard<'_> {
 
 impl Server {
     pub fn new(state: State) -> Arc<Server> {
+        state.topology.start_monitors();
         Arc::new(Server {
             state: ArcSwap::from_pointee(state),
             cancels: CancelRegistry::default(),
@@ -404,19 +434,7 @@ impl Server {
         self.authenticate(conn, buf, &user, cred).await?;
 
         // The greeting: the servers' parameters, overridden by what the client asked for.
-        let pool = &db.shards[db.config.default_shard].primary;
-        if pool.server_params().is_none() {
-            // First client of this pool: one connection tells us what servers report.
-            if let Err(e) = pool.get().await {
-                return Err(StartupError::Client(match e {
-                    crate::pool::PoolError::Timeout(..) => PgError::fatal("53300", e.to_string()),
-                    crate::pool::PoolError::Down(m) => {
-                        PgError::fatal("08006", format!("server unavailable: {m}"))
-                    }
-                }));
-            }
-        }
-        let server_params = pool.server_params().cloned().unwrap_or_default();
+        let server_params = greeting_params(&db).await?;
         let settings = client_settings(&params, &server_params);
         let mut out = BytesMut::new();
         protocol::write_auth(&mut out, 0, &[]);

@@ -65,6 +65,9 @@ pub struct Analysis {
     /// For a single INSERT ... VALUES into a sharded table: the statement and each row's
     /// key, so that it can be split per shard.
     pub insert_split: Option<std::sync::Arc<super::split::InsertSplit>>,
+    /// Only reads, with no locking clause, data-modifying CTE or writing function: may run
+    /// on a replica.
+    pub replica_safe: bool,
 }
 
 /// Why a statement has no analysis.
@@ -89,6 +92,7 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
         shard_sql: None,
         inserts_sharded: false,
         insert_split: None,
+        replica_safe: false,
     };
     if let [Statement::Query(q)] = stmts.as_slice() {
         let spec = merge_spec(q);
@@ -115,6 +119,7 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
             }
         };
     }
+    out.replica_safe = out.kind == Kind::Read && !rules.calls_writing_function(sql);
     if let [st @ Statement::Insert(_)] = stmts.as_slice()
         && let Target::Keys(keys) = &out.target
         && out.inserts_sharded
@@ -272,6 +277,7 @@ fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
         shard_sql: None,
         inserts_sharded: matches!(st, Statement::Insert(_)) && !c.seen.is_empty(),
         insert_split: None,
+        replica_safe: false,
     })
 }
 

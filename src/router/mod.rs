@@ -12,33 +12,75 @@ use crate::sharding::{ShardError, ShardFn};
 pub use analyze::{Analysis, AnalyzeError, KeyRef, Kind, Target};
 pub use lexer::{StatementKind, classify, split_statements};
 
-/// Which node of a shard a statement goes to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    Primary,
-    Replica,
-}
-
-/// Where a statement runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Plan {
-    pub shard: usize,
-    pub role: Role,
-}
-
 /// The sharding rules of one database.
 #[derive(Debug, Clone, Default)]
 pub struct Rules {
     pub tables: Vec<ShardFn>,
     reference: Vec<String>,
+    /// Configured functions that write, besides the built-in ones.
+    writing_functions: Vec<String>,
 }
+
+/// Functions a read-only SELECT may call that still need the primary: they write, take
+/// locks, or depend on state only the primary session has. Entries ending in `*` are
+/// prefixes.
+const WRITING_FUNCTIONS: &[&str] = &[
+    "nextval",
+    "setval",
+    "currval",
+    "lastval",
+    "pg_advisory*",
+    "pg_try_advisory*",
+    "pg_notify",
+    "txid_current",
+    "pg_current_xact_id",
+    "pg_current_wal*",
+    "lo_*",
+    "dblink*",
+];
 
 impl Rules {
     pub fn new(tables: Vec<ShardFn>, reference: Vec<String>) -> Rules {
         Rules {
             tables,
             reference: reference.iter().map(|r| r.to_ascii_lowercase()).collect(),
+            writing_functions: Vec::new(),
         }
+    }
+
+    /// Whether the text calls a function that must run on the primary (a word followed by
+    /// `(`; words inside string literals count too, which only sends a read to the
+    /// primary).
+    pub fn calls_writing_function(&self, sql: &str) -> bool {
+        let b = sql.as_bytes();
+        let mut i = 0;
+        while i < b.len() {
+            if !(b[i].is_ascii_alphabetic() || b[i] == b'_') {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
+                i += 1;
+            }
+            let mut j = i;
+            while j < b.len() && b[j].is_ascii_whitespace() {
+                j += 1;
+            }
+            if j < b.len() && b[j] == b'(' {
+                let word = sql[start..i].to_ascii_lowercase();
+                let matches = |f: &str| match f.strip_suffix('*') {
+                    Some(prefix) => word.starts_with(prefix),
+                    None => word == f,
+                };
+                if WRITING_FUNCTIONS.iter().any(|f| matches(f))
+                    || self.writing_functions.iter().any(|f| matches(f))
+                {
+                    return true;
+                }
+            }
+        }
+        false
     }
 
     /// The sharded table of that (unqualified, normalized) name.
@@ -130,7 +172,18 @@ impl Router {
         Router {
             default_shard: cfg.default_shard,
             shards: cfg.shards.len(),
-            rules: Rules::new(tables, cfg.reference_tables.clone()),
+            rules: Rules {
+                writing_functions: cfg
+                    .writing_functions
+                    .iter()
+                    .map(|f| {
+                        // Schema-qualified names match on the function's own name.
+                        let f = f.rsplit('.').next().unwrap_or(f);
+                        f.to_ascii_lowercase()
+                    })
+                    .collect(),
+                ..Rules::new(tables, cfg.reference_tables.clone())
+            },
         }
     }
 
@@ -146,14 +199,6 @@ impl Router {
 
     pub fn default_shard(&self) -> usize {
         self.default_shard
-    }
-
-    /// The plan for a shard's primary.
-    pub fn plan(&self, shard: usize) -> Plan {
-        Plan {
-            shard,
-            role: Role::Primary,
-        }
     }
 
     /// Checks a forced shard number.
@@ -252,9 +297,52 @@ pub fn hint(sql: &str) -> Option<Result<usize, RouteError>> {
     None
 }
 
+/// The node a `/* pgshard: target=primary|replica */` hint asks for: Some(true) for a
+/// replica.
+pub fn target_hint(sql: &str) -> Option<bool> {
+    let mut rest = sql;
+    while let Some(start) = rest.find("/*") {
+        let body = &rest[start + 2..];
+        let end = body.find("*/")?;
+        if let Some(h) = body[..end].trim().strip_prefix("pgshard:") {
+            for part in h.split([',', ' ']).filter(|p| !p.is_empty()) {
+                match part.trim() {
+                    "target=primary" => return Some(false),
+                    "target=replica" => return Some(true),
+                    _ => {}
+                }
+            }
+        }
+        rest = &body[end + 2..];
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writing_functions_are_found() {
+        let r = Rules {
+            writing_functions: vec!["audit_log".into()],
+            ..Rules::default()
+        };
+        assert!(r.calls_writing_function("SELECT nextval('s')"));
+        assert!(r.calls_writing_function("select PG_ADVISORY_LOCK (1)"));
+        assert!(r.calls_writing_function("SELECT x, audit_log(x) FROM t"));
+        assert!(!r.calls_writing_function("SELECT nextval FROM t"));
+        assert!(!r.calls_writing_function("SELECT count(*) FROM t"));
+        assert_eq!(
+            target_hint("/* pgshard: target=primary */ SELECT 1"),
+            Some(false)
+        );
+        assert_eq!(
+            target_hint("SELECT 1 /*pgshard: shard=1, target=replica*/"),
+            Some(true)
+        );
+        assert_eq!(target_hint("SELECT 1"), None);
+    }
 
     #[test]
     fn hints_are_read_from_comments() {

@@ -32,6 +32,7 @@ impl Router {
                 shard_sql: None,
                 inserts_sharded: true,
                 insert_split: None,
+                replica_safe: false,
             };
             match self.resolve(&one, params)? {
                 super::Route::Shards(v) => shard_of_row.push(v[0]),

@@ -122,10 +122,11 @@ impl Session {
         };
         self.settle().await?;
         let prelude = self.settings_sql();
+        let nodes = self.read_nodes(&shards);
         let out = match &plan {
             Multi::Merge(spec) => scatter::run_on_shards(
                 &self.db,
-                &shards,
+                &nodes,
                 scatter::Request::Simple(a.shard_sql.as_deref().unwrap_or(sql)),
                 Some(&prelude),
                 self.settings_fp,
@@ -185,9 +186,10 @@ impl Session {
         };
         let prelude = self.settings_sql();
         let bind_rest = scatter::with_extra_result_columns(b.rest, spec.hidden.len());
+        let nodes = self.read_nodes(shards);
         let results = scatter::run_on_shards(
             &self.db,
-            shards,
+            &nodes,
             scatter::Request::Extended {
                 query: a.shard_sql.as_deref().map_or(&query[..], str::as_bytes),
                 types: &types,

@@ -8,6 +8,7 @@
 
 mod cross;
 mod prepared;
+mod replica;
 mod route;
 mod server;
 
@@ -75,6 +76,7 @@ pub struct Session {
     pub shutdown: Option<tokio::sync::oneshot::Receiver<()>>,
     draining: bool,
     route: route::RouteState,
+    reads: replica::ReadState,
 }
 
 /// Fingerprint of a settings list; 0 means "server defaults".
@@ -132,6 +134,7 @@ impl Session {
             shutdown: None,
             draining: false,
             route: route::RouteState::default(),
+            reads: replica::ReadState::default(),
         }
     }
 
@@ -223,6 +226,12 @@ impl Session {
         }
     }
 
+    /// Whether statements are analyzed and routed (sharding rules, or reads split over
+    /// replicas); otherwise everything goes to the default shard's primary unparsed.
+    fn routed(&self) -> bool {
+        self.db.router.is_sharded() || self.splits_reads()
+    }
+
     /// Between transactions, with nothing in flight.
     fn at_transaction_boundary(&self) -> bool {
         self.status == b'I'
@@ -253,6 +262,11 @@ impl Session {
             self.handle_backend_frames();
             self.maybe_release().await;
         }
+        self.flush_client().await
+    }
+
+    /// Writes what is pending towards the client.
+    async fn flush_client(&mut self) -> Result<(), SessionError> {
         if !self.cout.is_empty() {
             write_draining(
                 &mut self.writer,
@@ -288,7 +302,9 @@ impl Session {
             b'X' => return Ok(true),
             b'Q' => self.on_query(frame).await?,
             b'F' => {
+                self.reads.read_ok = false;
                 if self.attach(self.home_shard()).await {
+                    self.reads.executed = true;
                     self.relay.push(Pending::Query);
                     self.bout.extend_from_slice(&frame);
                 } else {
@@ -303,6 +319,7 @@ impl Session {
             b'S' => {
                 if self.holding() && !self.local_skip {
                     let home = self.home_shard();
+                    self.held_read_ok();
                     self.release_held(home).await?;
                 }
                 self.local_skip = false;
@@ -384,7 +401,7 @@ impl Session {
             protocol::write_ready(&mut self.cout, self.status);
             return Ok(());
         }
-        if self.db.router.is_sharded() {
+        if self.routed() {
             // The classification above serves routing too: the hot path parses once.
             let single = match statements.as_slice() {
                 [one] => Some(router::classify(one)),
@@ -426,7 +443,7 @@ impl Session {
 
     /// Parse, Bind, Describe, Close, Execute, Flush.
     async fn on_extended(&mut self, frame: Bytes) -> Result<(), SessionError> {
-        if self.db.router.is_sharded() {
+        if self.routed() {
             self.route_extended(frame).await
         } else {
             self.forward_extended(frame).await
@@ -516,10 +533,12 @@ impl Session {
         Ok(())
     }
 
-    /// Marks that the transaction executed something (it can no longer move shards).
+    /// Marks that the transaction executed something (it can no longer move shards, and
+    /// on a primary it may have written).
     fn executed(&mut self, tag: u8) {
         if tag == b'E' {
             self.route.movable_begin = None;
+            self.reads.executed = true;
         }
     }
 

@@ -107,13 +107,17 @@ impl Session {
 
     /// Where a statement must run.
     fn decide(&mut self, sql: &str, params: &Params<'_>) -> Result<Dest, PgError> {
+        self.reads.read_ok = false;
         if let Some(h) = router::hint(sql) {
             let s = h
                 .and_then(|s| self.db.router.check_shard(s))
                 .map_err(route_err)?;
+            self.set_read_ok(sql, None);
             return Ok(Dest::Shard(s));
         }
         if let Some(s) = self.route.forced {
+            let a = self.analysis(sql).ok();
+            self.set_read_ok(sql, a.as_deref());
             return Ok(Dest::Shard(s));
         }
         let a = match self.analysis(sql) {
@@ -127,6 +131,7 @@ impl Session {
                 if self.backend.is_some() && self.status != b'I'
                     || !self.db.router.rules.mentioned_in(sql)
                 {
+                    self.set_read_ok(sql, None);
                     return Ok(Dest::Shard(self.home_shard()));
                 }
                 let head: String = sql.chars().take(80).collect();
@@ -165,6 +170,7 @@ impl Session {
                 .with_hint("Delete the row and insert it with its new key instead."));
             }
         }
+        self.set_read_ok(sql, Some(&a));
         Ok(match route {
             Route::Default => Dest::Shard(self.home_shard()),
             Route::Shards(v) if v.len() == 1 => Dest::Shard(v[0]),
@@ -193,6 +199,10 @@ impl Session {
             return;
         };
         self.cancel.set(None);
+        if !self.note_commit_lsn(&mut b).await {
+            b.broken = true;
+            return;
+        }
         if self.mode == PoolMode::Session {
             // Session state does not follow the client to another shard.
             if b.run_quiet("DISCARD ALL").await.is_err() {
@@ -208,9 +218,12 @@ impl Session {
     /// Makes `shard`'s server the attached one. False when the client already got an
     /// error (a transaction open elsewhere, or no server connection).
     async fn use_shard(&mut self, shard: usize) -> Result<bool, SessionError> {
-        if self.backend.is_some() && self.shard != shard {
+        let role_change = self.reads.on_replica != self.reads.read_ok;
+        if self.backend.is_some() && (self.shard != shard || role_change) {
             if self.status != b'I' || self.in_batch {
-                return Ok(false);
+                // Inside a transaction the node stays; a write on a replica (in a READ
+                // ONLY transaction) gets the server's own error.
+                return Ok(self.shard == shard);
             }
             self.settle().await?;
             self.detach().await;
@@ -227,6 +240,24 @@ impl Session {
     ) -> Result<(), SessionError> {
         use router::StatementKind::{Begin, SessionSetting};
         let sql = protocol::parse_query(&frame)?;
+        if let Some(SessionSetting) = single
+            && let Some(set) = super::replica::target_set(sql)
+        {
+            match set {
+                Ok(v) => {
+                    self.reads.target = v;
+                    let tag: &[u8] = if v.is_some() { b"SET\0" } else { b"RESET\0" };
+                    self.relay.drain_local(&mut self.cout);
+                    protocol::write_msg(&mut self.cout, b'C', tag);
+                    protocol::write_ready(&mut self.cout, self.status);
+                }
+                Err(v) => self.answer_error(PgError::new(
+                    "22023",
+                    format!("pgshard.target must be primary or replica, not '{v}'"),
+                )),
+            }
+            return Ok(());
+        }
         if let Some(SessionSetting) = single
             && let Some(set) = pgshard_set(sql)
         {
@@ -280,6 +311,7 @@ impl Session {
                     return Ok(());
                 }
                 self.route.movable_begin = None;
+                self.reads.executed = true;
                 self.relay.push(Pending::Query);
                 self.bout.extend_from_slice(&frame);
             }
@@ -373,7 +405,11 @@ impl Session {
             }
         } else if tag == b'B' {
             match self.decide_bind(&frame)? {
-                Ok(Dest::Shard(s)) if s == self.shard => {}
+                Ok(Dest::Shard(s))
+                    if s == self.shard
+                        && (self.reads.on_replica == self.reads.read_ok
+                            || self.status != b'I'
+                            || self.in_batch) => {}
                 Ok(Dest::Shard(s)) if self.status == b'I' && !self.in_batch => {
                     if !self.use_shard(s).await? {
                         self.local_skip = true;
@@ -563,6 +599,30 @@ impl Session {
             self.forward_extended(f).await?;
         }
         Ok(true)
+    }
+
+    /// A batch of Parse/Describe/Close without Bind may go to a replica when every
+    /// statement it parses could (describing needs only the catalog).
+    pub(super) fn held_read_ok(&mut self) {
+        let texts: Vec<Bytes> = self
+            .route
+            .held
+            .iter()
+            .filter(|f| f[0] == b'P')
+            .filter_map(|f| protocol::parse_parse(f).ok().map(|p| f.slice_ref(p.query)))
+            .collect();
+        let mut ok = self.read_free() && self.reads.target != Some(false);
+        for t in texts {
+            if !ok {
+                break;
+            }
+            let sql = std::str::from_utf8(&t).unwrap_or("");
+            let safe = self.analysis(sql).is_ok_and(|a| a.replica_safe);
+            ok = router::target_hint(sql)
+                .or(self.reads.target)
+                .unwrap_or(safe);
+        }
+        self.reads.read_ok = ok;
     }
 
     /// Whether any frames wait for a routing decision.

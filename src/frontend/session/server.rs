@@ -30,8 +30,26 @@ impl Session {
     }
 
     pub(super) async fn attach_new(&mut self, shard: usize) -> bool {
-        let plan = self.db.router.plan(shard);
-        match exec::checkout(&self.db, plan).await {
+        let checkout = match self.pick_node(shard) {
+            Ok((node, read)) => {
+                let mut r = exec::checkout(&self.db, shard, node).await;
+                self.attached_node(shard, node, read);
+                if read && matches!(r, Err(PoolError::Down(_))) {
+                    // A node that died since the last check: the read goes to another
+                    // that can take it (the primary first) instead of failing.
+                    for other in self.db.read_fallbacks(shard, node) {
+                        r = exec::checkout(&self.db, shard, other).await;
+                        if r.is_ok() {
+                            self.attached_node(shard, other, true);
+                            break;
+                        }
+                    }
+                }
+                r
+            }
+            Err(e) => Err(PoolError::Down(e.to_string())),
+        };
+        match checkout {
             Ok(mut b) => {
                 if b.settings != self.settings_fp {
                     let sql = self.settings_sql();
@@ -74,10 +92,20 @@ impl Session {
         {
             return;
         }
-        let Some(b) = self.backend.take() else {
+        let Some(mut b) = self.backend.take() else {
             return;
         };
         self.cancel.set(None);
+        if self.reads.capture_lsn && self.reads.executed {
+            // The client has its answer before pgshard asks for the WAL position.
+            if self.flush_client().await.is_err() {
+                self.client_eof = true;
+            }
+            if !Box::pin(self.note_commit_lsn(&mut b)).await {
+                b.broken = true;
+                return;
+            }
+        }
         if self.settings_dirty {
             Box::pin(self.release_dirty(b)).await;
         }

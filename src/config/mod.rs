@@ -9,6 +9,9 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+mod replication;
+pub use replication::{Consistency, DEFAULT_MAX_LAG_MS, FailoverConfig, LoadBalance, ReadFrom};
+
 /// A configuration problem, naming the key and what is wrong with it.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -161,6 +164,9 @@ pub struct ShardConfig {
     pub primary: String,
     #[serde(default)]
     pub replicas: Vec<String>,
+    /// Read weights: the primary's, then one per replica (default: all equal).
+    #[serde(default)]
+    pub weights: Option<Vec<u32>>,
 }
 
 /// A logical database.
@@ -188,6 +194,25 @@ pub struct DatabaseConfig {
     /// Whether an UPDATE/DELETE without a usable shard key may run on every shard.
     #[serde(default)]
     pub cross_shard_writes: CrossShardWrites,
+    /// Which nodes take reads (default: the primary only).
+    #[serde(default)]
+    pub read_from: ReadFrom,
+    #[serde(default)]
+    pub load_balance: LoadBalance,
+    #[serde(default)]
+    pub consistency: Consistency,
+    /// Replicas further behind than this get no reads (default 1000 ms).
+    #[serde(default)]
+    pub max_replica_lag_ms: Option<u64>,
+    #[serde(default)]
+    pub max_replica_lag_bytes: Option<u64>,
+    /// Functions (besides nextval, setval, pg_advisory_lock* ...) that write: a SELECT
+    /// calling one goes to the primary.
+    #[serde(default)]
+    pub writing_functions: Vec<String>,
+    /// Health checks and automatic failover.
+    #[serde(default)]
+    pub failover: FailoverConfig,
 }
 
 /// Policy for writes that need every shard.
@@ -478,6 +503,7 @@ impl Config {
                     ));
                 }
             }
+            replication::validate(d, &key)?;
             if d.default_shard >= d.shards.len() {
                 return Err(invalid(
                     format!("{key}.default_shard"),

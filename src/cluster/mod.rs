@@ -1,0 +1,314 @@
+//! The topology pgshard routes over: per database, its shards, their nodes and pools, and
+//! what the health monitor last learned about each node (role, lag, health).
+//!
+//! What the monitor learns is published as an immutable [`ShardView`] per shard, swapped
+//! in whole (arc-swap): sessions read it when they pick a node, without a lock.
+
+mod failover;
+mod health;
+
+use crate::backend::BackendTarget;
+use crate::config::{
+    Config, Consistency, DEFAULT_MAX_LAG_MS, DatabaseConfig, LoadBalance, ReadFrom, parse_addr,
+};
+use crate::pool::NodePool;
+use crate::router::Router;
+use arc_swap::ArcSwap;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+pub use failover::FailoverError;
+pub use health::parse_lsn;
+
+/// One server of a shard.
+pub struct Node {
+    /// As written in the configuration.
+    pub addr: String,
+    pub pool: NodePool,
+    /// Read weight (0: never takes reads).
+    pub weight: u32,
+}
+
+/// What the last health checks said about a node.
+#[derive(Debug, Clone, Default)]
+pub struct NodeState {
+    /// False once `failures_before_down` consecutive checks failed.
+    pub up: bool,
+    /// Consecutive failed checks.
+    pub failures: u32,
+    /// None until a check succeeded.
+    pub in_recovery: Option<bool>,
+    pub timeline: u32,
+    /// The primary's current WAL position, or a replica's replay position.
+    pub lsn: u64,
+    /// A replica's received WAL position (its replay position when unknown).
+    pub receive_lsn: u64,
+    pub lag_bytes: u64,
+    pub lag_ms: u64,
+    /// Claims to be primary while another node holds the role: gets no traffic until it
+    /// comes back as a replica.
+    pub fenced: bool,
+    /// When the last successful check finished.
+    pub checked_at: Option<Instant>,
+    pub last_error: Option<String>,
+}
+
+/// A shard as the monitor last saw it.
+#[derive(Debug, Clone, Default)]
+pub struct ShardView {
+    /// The node index that takes writes; None while no node qualifies (failover pending).
+    pub primary: Option<usize>,
+    pub nodes: Vec<NodeState>,
+    /// Node indexes that may take reads now (healthy, within lag bounds, weight > 0).
+    pub readers: Vec<usize>,
+}
+
+/// One shard: its nodes (index 0 is the configured primary) and their current view.
+pub struct Shard {
+    pub nodes: Vec<Node>,
+    view: ArcSwap<ShardView>,
+    round_robin: AtomicUsize,
+}
+
+impl Shard {
+    /// The current view.
+    pub fn view(&self) -> Arc<ShardView> {
+        self.view.load_full()
+    }
+
+    fn publish(&self, v: ShardView) {
+        self.view.store(Arc::new(v));
+    }
+}
+
+/// What a client has seen of one shard, so that its reads never go back in time
+/// (`consistency: read_your_writes`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReadFloor {
+    /// Reads must see at least this WAL position (its commits, what it read before).
+    pub min_lsn: u64,
+    /// The node of the last read and when it was made: until a check of that node taken
+    /// after the read tells how far it was, the next read goes to the same node or the
+    /// primary.
+    pub pending: Option<(usize, Instant)>,
+}
+
+/// A logical database: its routing rules and its shards.
+pub struct Database {
+    pub config: DatabaseConfig,
+    pub router: Router,
+    pub shards: Vec<Shard>,
+    /// Held while a shard's roles are decided (monitor rounds, failovers), so that a
+    /// failover's decision is never overwritten by a round that started before it.
+    roles: tokio::sync::Mutex<()>,
+    /// Failovers done by this process, and how long the last one took (detection of the
+    /// dead primary to the new one taking writes).
+    pub failovers: std::sync::atomic::AtomicU64,
+    pub last_failover_ms: std::sync::atomic::AtomicU64,
+}
+
+/// Why no node can serve a request.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("shard {0} has no primary at the moment (its primary is down; failover pending)")]
+    NoPrimary(usize),
+}
+
+impl Database {
+    /// Whether reads may go to other nodes than the primary.
+    pub fn splits_reads(&self) -> bool {
+        self.config.read_from != ReadFrom::Primary && self.shards.iter().any(|s| s.nodes.len() > 1)
+    }
+
+    /// The node that takes a shard's writes.
+    pub fn primary(&self, shard: usize) -> Result<usize, NodeError> {
+        let s = &self.shards[shard];
+        match s.view.load().primary {
+            Some(p) => Ok(p),
+            // A lone node is tried whatever its checks say: its pool reports why it fails.
+            None if s.nodes.len() == 1 => Ok(0),
+            None => Err(NodeError::NoPrimary(shard)),
+        }
+    }
+
+    /// The node a read goes to, given what this client has seen of the shard.
+    pub fn pick_read(&self, shard: usize, floor: &mut ReadFloor) -> Result<usize, NodeError> {
+        let s = &self.shards[shard];
+        let v = s.view.load();
+        let primary = v.primary;
+        let ryw = self.config.consistency == Consistency::ReadYourWrites;
+        let mut pinned = None;
+        if ryw && let Some((n, at)) = floor.pending {
+            let st = &v.nodes[n];
+            if st.checked_at.is_some_and(|c| c > at) {
+                // The check after the read bounds what the read saw.
+                floor.min_lsn = floor.min_lsn.max(st.lsn);
+                floor.pending = None;
+            } else {
+                pinned = Some(n);
+            }
+        }
+        let ok = |&&n: &&usize| -> bool {
+            Some(n) == primary
+                || !ryw
+                || (v.nodes[n].lsn >= floor.min_lsn && pinned.is_none_or(|p| p == n))
+        };
+        let candidates: Vec<usize> = v.readers.iter().filter(ok).copied().collect();
+        let chosen = match candidates.len() {
+            0 => primary.ok_or(NodeError::NoPrimary(shard))?,
+            1 => candidates[0],
+            _ => self.balance(s, &candidates),
+        };
+        if ryw {
+            floor.pending = Some((chosen, Instant::now()));
+        }
+        Ok(chosen)
+    }
+
+    /// Other nodes a read may go to when `failed` refused a connection: the primary,
+    /// then the other readers (in read_your_writes, those not behind the client's floor
+    /// are not known here, so only the primary).
+    pub fn read_fallbacks(&self, shard: usize, failed: usize) -> Vec<usize> {
+        let v = self.shards[shard].view.load();
+        let mut out: Vec<usize> = v.primary.into_iter().collect();
+        if self.config.consistency == Consistency::Eventual {
+            out.extend(v.readers.iter().copied());
+        }
+        out.retain(|&n| n != failed);
+        out.dedup();
+        out
+    }
+
+    fn balance(&self, s: &Shard, candidates: &[usize]) -> usize {
+        let weight = |n: usize| s.nodes[n].weight.max(1) as usize;
+        match self.config.load_balance {
+            LoadBalance::LeastOutstanding => *candidates
+                .iter()
+                .min_by_key(|&&n| {
+                    // bb8 reads its counters under a short lock; this runs once per
+                    // transaction, not per message.
+                    let st = s.nodes[n].pool.state();
+                    let busy = st.connections.saturating_sub(st.idle_connections) as usize;
+                    // Weighted: busy per unit of weight, compared without division.
+                    busy * 1000 / weight(n)
+                })
+                .expect("not empty"),
+            lb => {
+                let total: usize = candidates.iter().map(|&n| weight(n)).sum();
+                let mut x = if lb == LoadBalance::Random {
+                    rand::random_range(0..total)
+                } else {
+                    s.round_robin.fetch_add(1, Ordering::Relaxed) % total
+                };
+                for &n in candidates {
+                    if x < weight(n) {
+                        return n;
+                    }
+                    x -= weight(n);
+                }
+                candidates[0]
+            }
+        }
+    }
+
+    /// After a client committed writes on a shard at `lsn`: its later reads see them.
+    pub fn wrote(&self, floor: &mut ReadFloor, lsn: u64) {
+        floor.min_lsn = floor.min_lsn.max(lsn);
+        floor.pending = None;
+    }
+
+    /// The lag bound for reads.
+    fn max_lag_ms(&self) -> u64 {
+        self.config.max_replica_lag_ms.unwrap_or(DEFAULT_MAX_LAG_MS)
+    }
+}
+
+/// All databases, by client-facing name.
+pub struct Topology {
+    pub databases: HashMap<String, Arc<Database>>,
+}
+
+impl Topology {
+    /// Builds pools for every node; pools of the same (node, database, user) are shared
+    /// between logical databases. Until the first health check, each shard's configured
+    /// primary is taken at its word.
+    pub fn build(cfg: &Config) -> Topology {
+        let mut pools: HashMap<BackendTarget, NodePool> = HashMap::new();
+        let mut pool_for = |addr: &str, d: &DatabaseConfig| {
+            let target = BackendTarget {
+                addr: parse_addr(addr).expect("validated at load"),
+                database: d.server_database().to_string(),
+                user: d.server_user.clone(),
+                password: d.server_password.clone(),
+            };
+            pools
+                .entry(target.clone())
+                .or_insert_with(|| NodePool::new(target, &cfg.pool))
+                .clone()
+        };
+        let databases = cfg
+            .databases
+            .iter()
+            .map(|d| {
+                let shards = d
+                    .shards
+                    .iter()
+                    .map(|s| {
+                        let nodes: Vec<Node> = std::iter::once(&s.primary)
+                            .chain(&s.replicas)
+                            .enumerate()
+                            .map(|(i, addr)| Node {
+                                addr: addr.clone(),
+                                pool: pool_for(addr, d),
+                                weight: match &s.weights {
+                                    Some(w) => w[i],
+                                    None => 1,
+                                },
+                            })
+                            .collect();
+                        let view = ShardView {
+                            primary: Some(0),
+                            nodes: vec![
+                                NodeState {
+                                    up: true,
+                                    ..NodeState::default()
+                                };
+                                nodes.len()
+                            ],
+                            readers: if d.read_from == ReadFrom::Any {
+                                vec![0]
+                            } else {
+                                Vec::new()
+                            },
+                        };
+                        Shard {
+                            nodes,
+                            view: ArcSwap::from_pointee(view),
+                            round_robin: AtomicUsize::new(0),
+                        }
+                    })
+                    .collect();
+                let db = Database {
+                    config: d.clone(),
+                    router: Router::new(d),
+                    shards,
+                    roles: tokio::sync::Mutex::new(()),
+                    failovers: Default::default(),
+                    last_failover_ms: Default::default(),
+                };
+                (d.name.clone(), Arc::new(db))
+            })
+            .collect();
+        Topology { databases }
+    }
+
+    /// Starts the health monitor of every database (on the current tokio runtime). Each
+    /// stops when its database is dropped.
+    pub fn start_monitors(&self) {
+        for db in self.databases.values() {
+            health::spawn(Arc::downgrade(db));
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! The failover drill: clients write through two `pgshard serve` processes over one shard
+//! (a primary and two streaming replicas, one of them synchronous); the primary is killed
+//! with SIGKILL. Measured: seconds to the first acknowledged write after the kill, and
+//! acknowledged writes missing afterwards. Both processes must route writes to the same
+//! new primary, reads keep working throughout, and the old primary, restarted, is fenced.
+
+mod common;
+
+use common::*;
+use pgshard::local::{ClusterOptions, LocalCluster};
+use std::net::SocketAddr;
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+struct Proxy {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `pgshard serve` with default health-check and failover settings.
+fn serve(c: &LocalCluster) -> Proxy {
+    let port = pgshard::local::free_port();
+    let yaml = c.config_yaml(&format!("127.0.0.1:{port}"), "transaction", 10)
+        + "    read_from: replicas\n    failover: { user: postgres }\n";
+    let path = c.root.join(format!("pgshard-{port}.yaml"));
+    std::fs::write(&path, yaml).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_pgshard"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "pgshard serve did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Proxy { child, addr }
+}
+
+async fn connect_retry(addr: SocketAddr) -> tokio_postgres::Client {
+    loop {
+        if let Ok(c) = try_connect(addr, "app", "app", "app").await {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The port of the node a write through `addr` lands on.
+async fn write_port(addr: SocketAddr, id: i64) -> Option<i32> {
+    let c = try_connect(addr, "app", "app", "app").await.ok()?;
+    let r = c
+        .query_one(
+            "INSERT INTO t_drill VALUES ($1) RETURNING inet_server_port()",
+            &[&id],
+        )
+        .await
+        .ok()?;
+    Some(r.get(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_drill_with_two_pgshard_processes() {
+    let mut c = LocalCluster::start(ClusterOptions {
+        shards: 1,
+        replicas: 2,
+        ..ClusterOptions::default()
+    })
+    .unwrap();
+    // One synchronous standby: no acknowledged write may be lost.
+    c.set_and_reload(&c.shards[0].primary, "synchronous_standby_names", "*")
+        .unwrap();
+    let old_port = c.shards[0].primary.port as i32;
+    let a = serve(&c);
+    let b = serve(&c);
+    let setup = connect_retry(a.addr).await;
+    setup
+        .batch_execute("CREATE TABLE t_drill (id bigint PRIMARY KEY)")
+        .await
+        .unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let next_id = Arc::new(AtomicU64::new(1));
+    let acked = Arc::new(Mutex::new(Vec::<i64>::new()));
+    let killed_at = Arc::new(Mutex::new(None::<Instant>));
+    let first_after = Arc::new(Mutex::new(None::<Instant>));
+    let mut writers = Vec::new();
+    for _ in 0..4 {
+        let (stop, next_id, acked, killed_at, first_after) = (
+            stop.clone(),
+            next_id.clone(),
+            acked.clone(),
+            killed_at.clone(),
+            first_after.clone(),
+        );
+        let addr = a.addr;
+        writers.push(tokio::spawn(async move {
+            let mut client = connect_retry(addr).await;
+            while !stop.load(Ordering::Relaxed) {
+                let id = next_id.fetch_add(1, Ordering::Relaxed) as i64;
+                match client
+                    .execute("INSERT INTO t_drill VALUES ($1)", &[&id])
+                    .await
+                {
+                    Ok(_) => {
+                        // Acknowledged: COMMIT (autocommit) returned.
+                        acked.lock().unwrap().push(id);
+                        if killed_at.lock().unwrap().is_some() {
+                            first_after.lock().unwrap().get_or_insert_with(Instant::now);
+                        }
+                    }
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        if client.is_closed() {
+                            client = connect_retry(addr).await;
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    let read_errors = Arc::new(AtomicU64::new(0));
+    let reads = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let (stop, read_errors, reads) = (stop.clone(), read_errors.clone(), reads.clone());
+        let addr = a.addr;
+        tokio::spawn(async move {
+            let client = connect_retry(addr).await;
+            while !stop.load(Ordering::Relaxed) {
+                match client.query_one("SELECT count(*) FROM t_drill", &[]).await {
+                    Ok(_) => reads.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        eprintln!("read failed: {e:?}");
+                        read_errors.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = acked.lock().unwrap().len();
+    assert!(before > 0, "no writes before the kill");
+    c.shards[0].primary.stop_with(libc::SIGKILL);
+    let kill = Instant::now();
+    *killed_at.lock().unwrap() = Some(kill);
+    let deadline = kill + Duration::from_secs(30);
+    while first_after.lock().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "no write succeeded within 30 s of the kill"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let recovery = first_after.lock().unwrap().unwrap().duration_since(kill);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    reader.await.unwrap();
+
+    // The new primary: where writes through A land; B must agree.
+    let new_port = write_port(a.addr, -1).await.expect("write through A");
+    assert_ne!(new_port, old_port);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut id = -2;
+    loop {
+        if let Some(p) = write_port(b.addr, id).await {
+            assert_eq!(
+                p, new_port,
+                "the two pgshard processes route writes to different primaries"
+            );
+            break;
+        }
+        id -= 1;
+        assert!(
+            Instant::now() < deadline,
+            "no write through B after the failover"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Exactly one node is out of recovery.
+    let primaries: Vec<u16> = c.shards[0]
+        .replicas
+        .iter()
+        .filter(|r| {
+            c.psql(r.port, "postgres", "SELECT pg_is_in_recovery()")
+                .unwrap()
+                == "f"
+        })
+        .map(|r| r.port)
+        .collect();
+    assert_eq!(primaries, vec![new_port as u16]);
+
+    let acked = acked.lock().unwrap().clone();
+    let present: std::collections::HashSet<i64> = c
+        .psql(
+            new_port as u16,
+            "app",
+            "SELECT id FROM t_drill WHERE id > 0",
+        )
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    let missing = acked.iter().filter(|id| !present.contains(id)).count();
+    eprintln!(
+        "failover drill: first write {:.2} s after the kill; {} acknowledged writes, {} missing; {} reads, {} failed",
+        recovery.as_secs_f64(),
+        acked.len(),
+        missing,
+        reads.load(Ordering::Relaxed),
+        read_errors.load(Ordering::Relaxed)
+    );
+    assert_eq!(
+        missing, 0,
+        "acknowledged writes lost with a synchronous standby"
+    );
+    assert!(
+        recovery < Duration::from_secs(5),
+        "first write after {recovery:?}"
+    );
+    assert_eq!(
+        read_errors.load(Ordering::Relaxed),
+        0,
+        "reads failed during the failover"
+    );
+
+    // The old primary comes back, still believing it is primary: both processes fence it.
+    c.restart(0, None).unwrap();
+    assert_eq!(
+        c.psql(old_port as u16, "postgres", "SELECT pg_is_in_recovery()")
+            .unwrap(),
+        "f"
+    );
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut id = -1000;
+    while Instant::now() < until {
+        for proxy in [&a, &b] {
+            let p = write_port(proxy.addr, id)
+                .await
+                .expect("write after the old primary returned");
+            assert_eq!(p, new_port, "a write went to the fenced old primary");
+            id -= 1;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

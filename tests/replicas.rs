@@ -1,0 +1,295 @@
+//! Replicas behind pgshard: the read/write split, load balancing, lag bounds,
+//! read-your-writes under a replica delayed on purpose, and a replica that dies and comes
+//! back. Each test has its own cluster (1 shard: a primary and two streaming replicas).
+
+mod common;
+
+use common::*;
+use pgshard::local::{ClusterOptions, LocalCluster};
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+fn replicated(replicas: usize) -> LocalCluster {
+    LocalCluster::start(ClusterOptions {
+        shards: 1,
+        replicas,
+        ..ClusterOptions::default()
+    })
+    .expect("starting local PostgreSQL")
+}
+
+/// A proxy over `c` with these extra database keys (indented YAML lines).
+fn proxy(c: &LocalCluster, extra: &str) -> SocketAddr {
+    let mut yaml = c.config_yaml("127.0.0.1:0", "transaction", 10);
+    yaml.push_str("    failover: { user: postgres, check_interval_ms: 200 }\n");
+    yaml.push_str(extra);
+    start_proxy_yaml(&yaml)
+}
+
+async fn port_of(c: &tokio_postgres::Client, sql: &str) -> i32 {
+    let rows = rows(&c.simple_query(sql).await.unwrap());
+    rows[0][0].as_deref().unwrap().parse().unwrap()
+}
+
+/// Waits until plain reads through the proxy reach a replica (the monitor's first rounds).
+async fn wait_for_replica_reads(c: &tokio_postgres::Client) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = rows(
+            &c.simple_query("SELECT pg_is_in_recovery()::text")
+                .await
+                .unwrap(),
+        );
+        if r[0][0].as_deref() == Some("true") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "reads never reached a replica");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until a replica answers `sql` (a count) with 1.
+async fn wait_replayed(c: &LocalCluster, port: u16, sql: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while c.psql(port, "app", sql).unwrap() != "1" {
+        assert!(
+            Instant::now() < deadline,
+            "replica on {port} never replayed: {sql}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn reads_go_to_replicas_and_writes_to_the_primary() {
+    let c = replicated(2);
+    let primary = c.shards[0].primary.port as i32;
+    let replicas: HashSet<i32> = c.shards[0].replicas.iter().map(|r| r.port as i32).collect();
+    let addr = proxy(
+        &c,
+        "    read_from: replicas\n    consistency: eventual\n    writing_functions: [public.audit]\n",
+    );
+    let app = connect(addr).await;
+    app.batch_execute(
+        "CREATE TABLE t_rw (id int PRIMARY KEY, v text); CREATE SEQUENCE s_rw;
+         CREATE FUNCTION audit() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+    )
+    .await
+    .unwrap();
+    for r in &c.shards[0].replicas {
+        wait_replayed(
+            &c,
+            r.port,
+            "SELECT count(*) FROM pg_class WHERE relname = 't_rw'",
+        )
+        .await;
+    }
+    wait_for_replica_reads(&app).await;
+
+    // Round robin over both replicas, never the primary.
+    let mut seen = HashSet::new();
+    for _ in 0..20 {
+        seen.insert(port_of(&app, "SELECT inet_server_port()").await);
+    }
+    assert_eq!(seen, replicas);
+    // Extended protocol with parameters, too.
+    let row = app
+        .query_one("SELECT inet_server_port(), $1::int + 1", &[&41i32])
+        .await
+        .unwrap();
+    assert!(replicas.contains(&row.get::<_, i32>(0)));
+    assert_eq!(row.get::<_, i32>(1), 42);
+
+    // Everything that writes, locks or needs the primary goes there.
+    let on_primary = [
+        "INSERT INTO t_rw VALUES (1, 'a') RETURNING inet_server_port()",
+        "SELECT inet_server_port() FROM t_rw FOR UPDATE",
+        "SELECT inet_server_port() FROM (SELECT nextval('s_rw')) s",
+        "SELECT inet_server_port() FROM (SELECT pg_advisory_xact_lock(7)) s",
+        "SELECT inet_server_port(), audit()",
+        "WITH d AS (DELETE FROM t_rw WHERE id = 99 RETURNING 1) SELECT inet_server_port()",
+        "/* pgshard: target=primary */ SELECT inet_server_port()",
+    ];
+    for sql in on_primary {
+        assert_eq!(port_of(&app, sql).await, primary, "{sql}");
+    }
+    // A transaction goes to the primary, unless it is READ ONLY.
+    app.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(port_of(&app, "SELECT inet_server_port()").await, primary);
+    app.batch_execute("COMMIT").await.unwrap();
+    app.batch_execute("BEGIN READ ONLY").await.unwrap();
+    assert!(replicas.contains(&port_of(&app, "SELECT inet_server_port()").await));
+    let e = app
+        .batch_execute("INSERT INTO t_rw VALUES (2, 'b')")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "25006");
+    app.batch_execute("ROLLBACK").await.unwrap();
+    // Per session.
+    app.batch_execute("SET pgshard.target = primary")
+        .await
+        .unwrap();
+    assert_eq!(port_of(&app, "SELECT inet_server_port()").await, primary);
+    app.batch_execute("RESET pgshard.target").await.unwrap();
+    assert!(replicas.contains(&port_of(&app, "SELECT inet_server_port()").await));
+    let e = app
+        .batch_execute("SET pgshard.target = elsewhere")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "22023");
+
+    // pgbench's read-only workload in every query mode, through the split.
+    pgbench(addr.port(), &["-i", "-s", "1", "-q"]);
+    for mode in ["simple", "extended", "prepared"] {
+        let out = pgbench(addr.port(), &["-S", "-M", mode, "-c", "4", "-t", "50"]);
+        assert!(out.contains("number of failed transactions: 0"), "{out}");
+    }
+}
+
+#[tokio::test]
+async fn read_your_writes_under_a_delayed_replica() {
+    let c = replicated(1);
+    let replica = &c.shards[0].replicas[0];
+    // The replica may lag by 10 s and still take reads, so that only the consistency
+    // mode decides whether a read sees a write made just before it.
+    let ryw = proxy(
+        &c,
+        "    read_from: replicas\n    max_replica_lag_ms: 10000\n",
+    );
+    let eventual = proxy(
+        &c,
+        "    read_from: replicas\n    max_replica_lag_ms: 10000\n    consistency: eventual\n",
+    );
+    let bounded = proxy(&c, "    read_from: replicas\n    max_replica_lag_ms: 500\n");
+    let setup = connect(ryw).await;
+    setup
+        .batch_execute("CREATE TABLE t_ryw (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    wait_for_replica_reads(&setup).await;
+    c.set_and_reload(replica, "recovery_min_apply_delay", "3s")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let a = connect(ryw).await;
+    let b = connect(eventual).await;
+    for id in 0..3 {
+        a.execute("INSERT INTO t_ryw VALUES ($1)", &[&id])
+            .await
+            .unwrap();
+        // At once: the replica cannot have applied it yet.
+        let n: i64 = a
+            .query_one("SELECT count(*) FROM t_ryw WHERE id = $1", &[&id])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1, "read-your-writes read missed the client's own write");
+    }
+    // Eventual consistency reads the delayed replica: the writes are not there yet.
+    let n: i64 = b
+        .query_one("SELECT count(*) FROM t_ryw", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        n, 0,
+        "the eventual read should have gone to the delayed replica"
+    );
+    // A client that wrote nothing reads the replica in read_your_writes mode too.
+    let fresh = connect(ryw).await;
+    let r = rows(
+        &fresh
+            .simple_query("SELECT pg_is_in_recovery()::text")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(r[0][0].as_deref(), Some("true"));
+
+    // With a 500 ms bound, the lagging replica gets no reads once its lag shows.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let d = connect(bounded).await;
+    let r = rows(
+        &d.simple_query("SELECT pg_is_in_recovery()::text")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        r[0][0].as_deref(),
+        Some("false"),
+        "lagging replica still took a read"
+    );
+    // And once it caught up, it takes reads again.
+    c.set_and_reload(replica, "recovery_min_apply_delay", "0")
+        .unwrap();
+    wait_for_replica_reads(&d).await;
+}
+
+#[tokio::test]
+async fn a_replica_leaves_and_rejoins_the_rotation() {
+    let mut c = replicated(2);
+    let addr = proxy(&c, "    read_from: replicas\n    consistency: eventual\n");
+    let app = connect(addr).await;
+    wait_for_replica_reads(&app).await;
+    let ports: Vec<i32> = c.shards[0].replicas.iter().map(|r| r.port as i32).collect();
+    // Wait until both replicas take reads.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = HashSet::new();
+    while seen.len() < 2 {
+        assert!(Instant::now() < deadline);
+        seen.insert(port_of(&app, "SELECT inet_server_port()").await);
+    }
+    // Slow reads in flight on both replicas: READ ONLY transactions stay on one node,
+    // which the first statement tells.
+    let mut slow = Vec::new();
+    for _ in 0..6 {
+        let client = connect(addr).await;
+        client.batch_execute("BEGIN READ ONLY").await.unwrap();
+        let port = port_of(&client, "SELECT inet_server_port()").await;
+        slow.push((
+            port,
+            tokio::spawn(async move {
+                let r = client.batch_execute("SELECT pg_sleep(1.5)").await;
+                (r, client)
+            }),
+        ));
+    }
+    assert!(
+        slow.iter().any(|(p, _)| *p == ports[1]) && slow.iter().any(|(p, _)| *p == ports[0]),
+        "reads not spread over both replicas: {:?}",
+        slow.iter().map(|x| x.0).collect::<Vec<_>>()
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.shards[0].replicas[0].stop_with(libc::SIGKILL);
+    for (port, t) in slow {
+        let (r, client) = t.await.unwrap();
+        if port == ports[1] {
+            r.unwrap();
+            client.batch_execute("COMMIT").await.unwrap();
+        } else {
+            let e = r.unwrap_err();
+            assert!(e.is_closed() || sqlstate(&e) == "08006", "{e}");
+        }
+    }
+
+    // Once the monitor saw it, no read goes to the dead replica, and none fails.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    for _ in 0..20 {
+        let p = port_of(&app, "SELECT inet_server_port()").await;
+        assert_eq!(p, ports[1]);
+    }
+    // Back: it rejoins the rotation.
+    c.restart(0, Some(0)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let p = port_of(&app, "SELECT inet_server_port()").await;
+        if p == ports[0] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "restarted replica never took reads again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
