@@ -71,16 +71,27 @@ async fn write_port(addr: SocketAddr, id: i64) -> Option<i32> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failover_drill_with_two_pgshard_processes() {
+async fn failover_drill_with_a_synchronous_standby() {
+    drill(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_drill_with_asynchronous_replicas() {
+    drill(false).await;
+}
+
+async fn drill(sync: bool) {
     let mut c = LocalCluster::start(ClusterOptions {
         shards: 1,
         replicas: 2,
         ..ClusterOptions::default()
     })
     .unwrap();
-    // One synchronous standby: no acknowledged write may be lost.
-    c.set_and_reload(&c.shards[0].primary, "synchronous_standby_names", "*")
-        .unwrap();
+    if sync {
+        // One synchronous standby: no acknowledged write may be lost.
+        c.set_and_reload(&c.shards[0].primary, "synchronous_standby_names", "*")
+            .unwrap();
+    }
     let old_port = c.shards[0].primary.port as i32;
     let a = serve(&c);
     let b = serve(&c);
@@ -218,7 +229,12 @@ async fn failover_drill_with_two_pgshard_processes() {
         .collect();
     let missing = acked.iter().filter(|id| !present.contains(id)).count();
     eprintln!(
-        "failover drill: first write {:.2} s after the kill; {} acknowledged writes, {} missing; {} reads, {} failed",
+        "failover drill ({}): first write {:.2} s after the kill; {} acknowledged writes, {} missing; {} reads, {} failed",
+        if sync {
+            "synchronous standby"
+        } else {
+            "asynchronous replicas"
+        },
         recovery.as_secs_f64(),
         acked.len(),
         missing,

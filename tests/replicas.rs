@@ -293,3 +293,48 @@ async fn a_replica_leaves_and_rejoins_the_rotation() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn manual_failover_promotes_the_chosen_replica_and_fences_the_old_primary() {
+    let c = replicated(2);
+    let old = c.shards[0].primary.port as i32;
+    let chosen = c.shards[0].replicas[1].port as i32;
+    let other = c.shards[0].replicas[0].port;
+    let mut yaml = c.config_yaml("127.0.0.1:0", "transaction", 10);
+    yaml.push_str("    failover: { user: postgres, check_interval_ms: 200 }\n");
+    let (addr, server) = start_proxy_server(pgshard::config::Config::from_yaml(&yaml).unwrap());
+    let app = connect(addr).await;
+    app.batch_execute(
+        "CREATE TABLE t_manual (id int PRIMARY KEY, at int DEFAULT inet_server_port())",
+    )
+    .await
+    .unwrap();
+    app.execute("INSERT INTO t_manual (id) VALUES (1)", &[])
+        .await
+        .unwrap();
+    let db = server.state.load().topology.databases["app"].clone();
+    // Not a replica: refused.
+    assert!(db.failover(0, Some(0)).await.is_err());
+    let to = db.failover(0, Some(2)).await.unwrap();
+    assert_eq!(to, 2);
+    // Writes go to the promoted replica; the old primary, still running, gets none.
+    for id in 2..12 {
+        let p: i32 = app
+            .query_one("INSERT INTO t_manual (id) VALUES ($1) RETURNING at", &[&id])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(p, chosen);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        c.psql(old as u16, "app", "SELECT count(*) FROM t_manual")
+            .unwrap(),
+        "1"
+    );
+    // The other replica follows the new primary.
+    wait_replayed(&c, other, "SELECT count(*) FROM t_manual WHERE id = 11").await;
+    let v = db.shards[0].view();
+    assert_eq!(v.primary, Some(2));
+    assert!(v.nodes[0].fenced, "the old primary must be fenced");
+}

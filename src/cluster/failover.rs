@@ -345,18 +345,7 @@ mod tests {
     }
 
     fn db(nodes: usize) -> Database {
-        let replicas: Vec<String> = (1..nodes)
-            .map(|i| format!("127.0.0.1:{}", 6000 + i))
-            .collect();
-        let yaml = format!(
-            "users: [{{ name: a, password: a }}]\ndatabases:\n  - name: a\n    server_user: a\n    shards:\n      - {{ primary: 127.0.0.1:6000, replicas: [{}] }}\n",
-            replicas.join(", ")
-        );
-        let cfg = crate::config::Config::from_yaml(&yaml).unwrap();
-        let mut t = super::super::Topology::build(&cfg);
-        Arc::try_unwrap(t.databases.remove("a").unwrap())
-            .ok()
-            .unwrap()
+        super::super::test_database(nodes, "")
     }
 
     #[tokio::test]

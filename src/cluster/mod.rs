@@ -219,6 +219,15 @@ impl Database {
         floor.pending = None;
     }
 
+    /// Sets read weights (tests build databases without them).
+    #[cfg(test)]
+    fn with_weights(mut self, w: &[u32]) -> Database {
+        for (n, node) in self.shards[0].nodes.iter_mut().enumerate() {
+            node.weight = w[n];
+        }
+        self
+    }
+
     /// The lag bound for reads.
     fn max_lag_ms(&self) -> u64 {
         self.config.max_replica_lag_ms.unwrap_or(DEFAULT_MAX_LAG_MS)
@@ -310,5 +319,100 @@ impl Topology {
         for db in self.databases.values() {
             health::spawn(Arc::downgrade(db));
         }
+    }
+}
+
+/// A database of one shard with `nodes` nodes (no servers behind them), for unit tests;
+/// `extra` adds database keys.
+#[cfg(test)]
+pub(crate) fn test_database(nodes: usize, extra: &str) -> Database {
+    let replicas: Vec<String> = (1..nodes)
+        .map(|i| format!("127.0.0.1:{}", 6000 + i))
+        .collect();
+    let yaml = format!(
+        "users: [{{ name: a, password: a }}]\ndatabases:\n  - name: a\n    server_user: a\n    shards:\n      - {{ primary: 127.0.0.1:6000, replicas: [{}] }}\n{extra}",
+        replicas.join(", ")
+    );
+    let cfg = crate::config::Config::from_yaml(&yaml).unwrap();
+    let mut t = Topology::build(&cfg);
+    Arc::try_unwrap(t.databases.remove("a").unwrap())
+        .ok()
+        .unwrap()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(db: &Database, lsns: &[u64], readers: &[usize]) {
+        let nodes = lsns
+            .iter()
+            .enumerate()
+            .map(|(n, &lsn)| NodeState {
+                up: true,
+                in_recovery: Some(n != 0),
+                lsn,
+                checked_at: Some(Instant::now()),
+                ..NodeState::default()
+            })
+            .collect();
+        db.shards[0].publish(ShardView {
+            primary: Some(0),
+            nodes,
+            readers: readers.to_vec(),
+        });
+    }
+
+    #[tokio::test]
+    async fn weighted_round_robin_and_random() {
+        let db = test_database(3, "    read_from: replicas\n    consistency: eventual\n");
+        view(&db, &[10, 10, 10], &[1, 2]);
+        let mut f = ReadFloor::default();
+        let picks: Vec<usize> = (0..4).map(|_| db.pick_read(0, &mut f).unwrap()).collect();
+        assert_eq!(picks, [1, 2, 1, 2]);
+        // No reader: the primary.
+        view(&db, &[10, 10, 10], &[]);
+        assert_eq!(db.pick_read(0, &mut f).unwrap(), 0);
+
+        let db = test_database(
+            3,
+            "    read_from: any\n    load_balance: random\n    consistency: eventual\n",
+        )
+        .with_weights(&[0, 1, 3]);
+        view(&db, &[10, 10, 10], &[1, 2]);
+        let mut count = [0; 3];
+        for _ in 0..4000 {
+            count[db.pick_read(0, &mut f).unwrap()] += 1;
+        }
+        assert_eq!(count[0], 0);
+        assert!((800..1200).contains(&count[1]), "{count:?}");
+    }
+
+    #[tokio::test]
+    async fn floors_keep_reads_from_going_back_in_time() {
+        let db = test_database(3, "    read_from: replicas\n");
+        view(&db, &[100, 90, 50], &[1, 2]);
+        let mut f = ReadFloor::default();
+        // After a commit at 95, no replica has it yet: the primary.
+        db.wrote(&mut f, 95);
+        assert_eq!(db.pick_read(0, &mut f).unwrap(), 0);
+        // The primary's next check bounds what that read saw (100); node 1 reaches it.
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        view(&db, &[100, 100, 60], &[1, 2]);
+        assert_eq!(db.pick_read(0, &mut f).unwrap(), 1);
+        // Until node 1 is checked again, reads stay on it (or go to the primary) even
+        // though node 2 is a reader too.
+        for _ in 0..5 {
+            assert_eq!(db.pick_read(0, &mut f).unwrap(), 1);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        view(&db, &[130, 125, 125], &[1, 2]);
+        // Both replicas have what the client saw; it sticks to the one it picks until
+        // that one is checked again.
+        let picks: std::collections::HashSet<usize> =
+            (0..6).map(|_| db.pick_read(0, &mut f).unwrap()).collect();
+        assert_eq!(picks.len(), 1);
+        assert_ne!(picks.into_iter().next(), Some(0));
+        assert_eq!(f.min_lsn, 125);
     }
 }

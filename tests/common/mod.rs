@@ -52,14 +52,19 @@ pub fn start_proxy_yaml(yaml: &str) -> SocketAddr {
 }
 
 pub fn start_proxy(cfg: Config) -> SocketAddr {
+    start_proxy_server(cfg).0
+}
+
+/// Starts a pgshard and returns its address and its server (to reach its topology).
+pub fn start_proxy_server(cfg: Config) -> (SocketAddr, std::sync::Arc<pgshard::frontend::Server>) {
     let rt = runtime();
     let _g = rt.enter();
     let std = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     std.set_nonblocking(true).unwrap();
     let addr = std.local_addr().unwrap();
     let listener = tokio::net::TcpListener::from_std(std).unwrap();
-    pgshard::frontend::spawn(cfg, listener).expect("proxy starts");
-    addr
+    let server = pgshard::frontend::spawn(cfg, listener).expect("proxy starts");
+    (addr, server)
 }
 
 /// A proxy in transaction mode with a pool of 10, shared by tests that need nothing special.
