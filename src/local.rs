@@ -413,6 +413,30 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// Waits until every replica has replayed what its primary had written when called.
+    pub fn wait_replicas_caught_up(&self) -> Result<(), LocalError> {
+        for sh in &self.shards {
+            if sh.replicas.is_empty() {
+                continue;
+            }
+            let lsn = self.psql(sh.primary.port, "postgres", "SELECT pg_current_wal_lsn()")?;
+            for r in &sh.replicas {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                let sql = format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn");
+                while self.psql(r.port, "postgres", &sql)? != "t" {
+                    if Instant::now() > deadline {
+                        return Err(LocalError::Other(format!(
+                            "replica {} did not replay up to {lsn} within 30 s",
+                            r.name
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Sets a server parameter with ALTER SYSTEM and reloads the configuration.
     pub fn set_and_reload(&self, node: &Node, name: &str, value: &str) -> Result<(), LocalError> {
         self.psql(

@@ -140,6 +140,10 @@ fn demo(
         ..ClusterOptions::default()
     })?;
     let mut yaml = cluster.config_yaml(listen, pool_mode, pool_size);
+    if replicas > 0 {
+        // Reads on the replicas, failover by the local superuser (trusted on loopback).
+        yaml.push_str("    read_from: replicas\n    failover: { user: postgres }\n");
+    }
     if shards >= 2 {
         yaml.push_str(DEMO_RULES);
     }
@@ -166,11 +170,13 @@ fn demo(
         if shards >= 2 {
             load_demo_data(listen, shards).await?;
         }
+        // So that the first reads, served by replicas, see the example data.
+        cluster.wait_replicas_caught_up()?;
         println!("config: {}", path.display());
         println!("pgshard is ready. Connect with:");
         println!("  psql \"postgres://app:app@{listen}/app\"");
         if shards >= 2 {
-            println!("Try: SELECT * FROM users WHERE id = 42;   (one shard)");
+            println!("Try: SELECT * FROM users WHERE id = 42;   (one shard, on a replica)");
             println!("     SELECT region, count(*) FROM accounts GROUP BY region ORDER BY region;");
             println!(
                 "     SELECT id, name FROM users ORDER BY name LIMIT 5;   (all shards, merged)"

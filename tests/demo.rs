@@ -52,8 +52,16 @@ fn demo_serves_a_replicated_cluster_and_cleans_up_on_ctrl_c() {
     let cfg = pgshard::config::Config::from_yaml(&yaml).unwrap();
     assert_eq!(cfg.databases[0].shards.len(), 2);
 
-    // Through pgshard, with psql.
+    // Through pgshard, with psql; reads go to the replicas.
     assert_eq!(psql(port, "app", "SELECT 6 * 7"), "42");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while psql(port, "app", "SELECT pg_is_in_recovery()") != "t" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "demo reads never reached a replica"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     psql(
         port,
         "app",

@@ -100,6 +100,8 @@ async fn drill(sync: bool) {
         .batch_execute("CREATE TABLE t_drill (id bigint PRIMARY KEY)")
         .await
         .unwrap();
+    // Another client's reads may go to a replica: it must have the table.
+    c.wait_replicas_caught_up().unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
     let next_id = Arc::new(AtomicU64::new(1));
