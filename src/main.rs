@@ -86,7 +86,7 @@ fn main() -> ExitCode {
         },
         Cmd::Serve { config } => Config::load(&config)
             .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))
-            .and_then(|c| runtime().block_on(pgshard::frontend::serve(c))),
+            .and_then(|c| runtime().block_on(pgshard::frontend::serve(c, Some(config.clone())))),
         Cmd::Demo {
             shards,
             replicas,
@@ -166,7 +166,8 @@ fn demo(
     let result = rt.block_on(async {
         listener.set_nonblocking(true)?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
-        pgshard::frontend::spawn(config, listener)?;
+        let server = pgshard::frontend::spawn(config, listener)?;
+        server.set_config_path(path.clone());
         if shards >= 2 {
             load_demo_data(listen, shards).await?;
         }

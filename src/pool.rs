@@ -77,6 +77,8 @@ pub struct NodePool {
     checkout_timeout_ms: u64,
     server_params: Arc<OnceLock<Vec<(String, String)>>>,
     epoch: Arc<AtomicU64>,
+    pub stats: Arc<crate::metrics::PoolStats>,
+    config: PoolConfig,
 }
 
 impl NodePool {
@@ -107,7 +109,14 @@ impl NodePool {
             checkout_timeout_ms: cfg.checkout_timeout_ms,
             server_params,
             epoch,
+            stats: Default::default(),
+            config: cfg.clone(),
         }
+    }
+
+    /// The settings the pool was built with.
+    pub fn config(&self) -> &PoolConfig {
+        &self.config
     }
 
     /// Connections open now are not handed out again (the node failed a health check:
@@ -119,6 +128,15 @@ impl NodePool {
     /// Checks out a connection, failing fast when the node refuses connections and with
     /// [`PoolError::Timeout`] when all connections stay busy for the checkout timeout.
     pub async fn get(&self) -> Result<Pooled, PoolError> {
+        let started = std::time::Instant::now();
+        self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+        let r = self.get_current().await;
+        self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        self.stats.checkout.observe(started.elapsed());
+        r
+    }
+
+    async fn get_current(&self) -> Result<Pooled, PoolError> {
         loop {
             let mut c = self.get_any().await?;
             if c.epoch >= self.epoch.load(Ordering::Relaxed) {

@@ -68,9 +68,10 @@ pub(super) fn resolve_roles(
         .iter()
         .max_by_key(|&&n| (nodes[n].timeline, Some(n) == known, std::cmp::Reverse(n)))
     else {
-        // Nobody claims the role this round: keep a primary that is only failing checks
-        // (writes to it fail fast), but never one that reported being in recovery.
-        return known.filter(|&p| nodes[p].up && nodes[p].in_recovery != Some(true));
+        // Nobody claims the role this round: keep the primary we know even when its checks
+        // fail (writes to it fail fast, and a failover replaces it), but never one that
+        // reported being in recovery.
+        return known.filter(|&p| nodes[p].in_recovery != Some(true));
     };
     for &n in &claimants {
         if n != winner {
@@ -111,7 +112,7 @@ pub(super) async fn run(
     // Fresh positions: the monitor's may predate the last WAL the replicas received.
     let mut probes: Vec<Option<Probe>> = Vec::with_capacity(controls.len());
     for (n, c) in controls.iter_mut().enumerate() {
-        let p = if Some(n) == old || prev.nodes[n].fenced {
+        let p = if Some(n) == old || prev.nodes[n].fenced || shard.nodes[n].is_banned() {
             None
         } else {
             c.probe().await.ok()
@@ -368,7 +369,7 @@ mod tests {
         };
         nodes[1].failures = 5;
         nodes[1].up = false;
-        assert_eq!(resolve_roles(&d, 0, &prev, &mut nodes), None);
+        assert_eq!(resolve_roles(&d, 0, &prev, &mut nodes), Some(1));
         assert!(nodes[0].fenced);
         // Rejoined as a replica: unfenced.
         nodes[0] = NodeState {

@@ -351,7 +351,7 @@ fn finish_view(
             .iter()
             .enumerate()
             .filter(|(n, st)| {
-                let weight = shard.nodes[*n].weight > 0;
+                let weight = shard.nodes[*n].weight > 0 && !shard.nodes[*n].is_banned();
                 if Some(*n) == primary {
                     return from == ReadFrom::Any && weight;
                 }

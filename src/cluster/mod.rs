@@ -29,6 +29,14 @@ pub struct Node {
     pub pool: NodePool,
     /// Read weight (0: never takes reads).
     pub weight: u32,
+    /// `BAN`: no reads, never a failover candidate, until `UNBAN`.
+    pub banned: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Node {
+    pub fn is_banned(&self) -> bool {
+        self.banned.load(Ordering::Relaxed)
+    }
 }
 
 /// What the last health checks said about a node.
@@ -70,6 +78,7 @@ pub struct Shard {
     pub nodes: Vec<Node>,
     view: ArcSwap<ShardView>,
     round_robin: AtomicUsize,
+    pub stats: Arc<crate::metrics::ShardStats>,
 }
 
 impl Shard {
@@ -155,7 +164,13 @@ impl Database {
                 || !ryw
                 || (v.nodes[n].lsn >= floor.min_lsn && pinned.is_none_or(|p| p == n))
         };
-        let candidates: Vec<usize> = v.readers.iter().filter(ok).copied().collect();
+        let candidates: Vec<usize> = v
+            .readers
+            .iter()
+            .filter(ok)
+            .filter(|&&n| !s.nodes[n].is_banned())
+            .copied()
+            .collect();
         let chosen = match candidates.len() {
             0 => primary.ok_or(NodeError::NoPrimary(shard))?,
             1 => candidates[0],
@@ -244,7 +259,27 @@ impl Topology {
     /// between logical databases. Until the first health check, each shard's configured
     /// primary is taken at its word.
     pub fn build(cfg: &Config) -> Topology {
+        Topology::build_from(cfg, None)
+    }
+
+    /// Builds the topology of a (re)loaded configuration, keeping from `old`: the pools of
+    /// nodes whose target and pool settings did not change, and the health view,
+    /// statistics and bans of shards whose nodes did not change.
+    pub fn build_from(cfg: &Config, old: Option<&Topology>) -> Topology {
         let mut pools: HashMap<BackendTarget, NodePool> = HashMap::new();
+        let mut kept: HashMap<Vec<String>, &Shard> = HashMap::new();
+        let mut banned: HashMap<String, Arc<std::sync::atomic::AtomicBool>> = HashMap::new();
+        for db in old.iter().flat_map(|t| t.databases.values()) {
+            for shard in &db.shards {
+                for n in &shard.nodes {
+                    if n.pool.config() == &cfg.pool {
+                        pools.insert(n.pool.target.clone(), n.pool.clone());
+                    }
+                    banned.insert(n.addr.clone(), n.banned.clone());
+                }
+                kept.insert(shard.nodes.iter().map(|n| n.addr.clone()).collect(), shard);
+            }
+        }
         let mut pool_for = |addr: &str, d: &DatabaseConfig| {
             let target = BackendTarget {
                 addr: parse_addr(addr).expect("validated at load"),
@@ -275,8 +310,18 @@ impl Topology {
                                     Some(w) => w[i],
                                     None => 1,
                                 },
+                                banned: banned.get(addr).cloned().unwrap_or_default(),
                             })
                             .collect();
+                        let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
+                        if let Some(old) = kept.get(&addrs) {
+                            return Shard {
+                                nodes,
+                                view: ArcSwap::new(old.view()),
+                                round_robin: AtomicUsize::new(0),
+                                stats: old.stats.clone(),
+                            };
+                        }
                         let view = ShardView {
                             primary: Some(0),
                             nodes: vec![
@@ -296,6 +341,7 @@ impl Topology {
                             nodes,
                             view: ArcSwap::from_pointee(view),
                             round_robin: AtomicUsize::new(0),
+                            stats: Default::default(),
                         }
                     })
                     .collect();

@@ -53,6 +53,31 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// The logical databases clients can name in their connection string.
     pub databases: Vec<DatabaseConfig>,
+    /// The admin console (`psql -p <port> -U admin pgshard`).
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+    /// The Prometheus endpoint (`GET /metrics`).
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
+    /// Statements slower than this are logged (with their shard and duration); 0: off.
+    #[serde(default)]
+    pub slow_query_ms: u64,
+}
+
+/// The admin console.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: String,
+    /// Users (from `users`) allowed in; they connect to the database `pgshard`.
+    pub users: Vec<String>,
+}
+
+/// The Prometheus endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub listen: String,
 }
 
 fn default_listen() -> String {
@@ -103,7 +128,7 @@ pub enum PoolMode {
 }
 
 /// Pool settings.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
     pub mode: PoolMode,
@@ -514,6 +539,28 @@ impl Config {
                     ),
                 ));
             }
+        }
+        if let Some(a) = &self.admin {
+            parse_addr(&a.listen).map_err(|p| invalid("admin.listen", p))?;
+            if a.users.is_empty() {
+                return Err(invalid("admin.users", "at least one user is required"));
+            }
+            for (i, u) in a.users.iter().enumerate() {
+                if self.user(u).is_none() {
+                    return Err(invalid(
+                        format!("admin.users[{i}]"),
+                        format!("'{u}' is not listed under users"),
+                    ));
+                }
+            }
+            if !a.listen.ends_with(":0")
+                && parse_addr(&a.listen).ok() == parse_addr(&self.listen).ok()
+            {
+                return Err(invalid("admin.listen", "must differ from listen"));
+            }
+        }
+        if let Some(m) = &self.metrics {
+            parse_addr(&m.listen).map_err(|p| invalid("metrics.listen", p))?;
         }
         if let Some(tls) = &self.tls {
             if tls.cert.as_os_str().is_empty() {

@@ -2,7 +2,11 @@
 //! [`session::Session`] per client.
 
 pub mod auth;
+mod cancel;
+pub mod ops;
 pub mod session;
+
+pub use cancel::{CancelRegistry, CancelSlot};
 
 use crate::cluster::Topology;
 use crate::config::{AuthMethod, Config};
@@ -12,7 +16,7 @@ use auth::{ScramServer, ScramVerifier};
 use bytes::BytesMut;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -43,6 +47,11 @@ pub struct State {
 impl State {
     /// Builds the runtime state: pools, SCRAM verifiers, TLS acceptor.
     pub fn new(config: Config) -> anyhow::Result<State> {
+        State::build(config, None)
+    }
+
+    /// Same, keeping what it can of a running topology (see [`Topology::build_from`]).
+    pub fn build(config: Config, old: Option<&Topology>) -> anyhow::Result<State> {
         let users = config
             .users
             .iter()
@@ -66,7 +75,7 @@ impl State {
             None => None,
         };
         Ok(State {
-            topology: Topology::build(&config),
+            topology: Topology::build_from(&config, old),
             config,
             users,
             tls,
@@ -121,61 +130,6 @@ fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result
     Ok(TlsAcceptor::from(Arc::new(cfg)))
 }
 
-/// Where a client's running query executes, for its cancel requests.
-#[derive(Default)]
-pub struct CancelSlot(Mutex<Option<(SocketAddr, i32, i32)>>);
-
-impl CancelSlot {
-    /// Updated when a server connection is attached or released (never per message).
-    pub fn set(&self, v: Option<(SocketAddr, i32, i32)>) {
-        *self.0.lock().expect("not poisoned") = v;
-    }
-    fn get(&self) -> Option<(SocketAddr, i32, i32)> {
-        *self.0.lock().expect("not poisoned")
-    }
-}
-
-/// The BackendKeyData pgshard handed to each client, and where that client's query runs.
-#[derive(Default)]
-pub struct CancelRegistry {
-    next_pid: AtomicI32,
-    map: Mutex<HashMap<(i32, i32), Arc<CancelSlot>>>,
-}
-
-struct CancelGuard<'a> {
-    reg: &'a CancelRegistry,
-    key: (i32, i32),
-}
-
-impl Drop for CancelGuard<'_> {
-    fn drop(&mut self) {
-        self.reg.map.lock().expect("not poisoned").remove(&self.key);
-    }
-}
-
-impl CancelRegistry {
-    fn register(&self) -> (CancelGuard<'_>, (i32, i32), Arc<CancelSlot>) {
-        let pid = self.next_pid.fetch_add(1, Ordering::Relaxed) & 0x3fff_ffff;
-        let key = (pid + 1, rand::random::<i32>());
-        let slot = Arc::new(CancelSlot::default());
-        self.map
-            .lock()
-            .expect("not poisoned")
-            .insert(key, slot.clone());
-        (CancelGuard { reg: self, key }, key, slot)
-    }
-
-    fn lookup(&self, pid: i32, secret: i32) -> Option<(SocketAddr, i32, i32)> {
-        let slot = self
-            .map
-            .lock()
-            .expect("not poisoned")
-            .get(&(pid, secret))
-            .cloned()?;
-        slot.get()
-    }
-}
-
 /// The proxy: a listener and the state it serves from.
 pub struct Server {
     pub state: ArcSwap<State>,
@@ -188,6 +142,15 @@ pub struct Server {
     /// and at shutdown, never per message.
     stops: Mutex<HashMap<u64, tokio::sync::oneshot::Sender<()>>>,
     next_session: std::sync::atomic::AtomicU64,
+    /// Connected clients (touched at connect and disconnect only).
+    clients: Mutex<HashMap<u64, Arc<ops::ClientInfo>>>,
+    gates: Mutex<HashMap<String, Arc<ops::PauseGate>>>,
+    config_path: Mutex<Option<std::path::PathBuf>>,
+    generation: std::sync::atomic::AtomicU64,
+    /// When pgshard started (for SHOW VERSION / uptime).
+    pub started: std::time::SystemTime,
+    /// The bound addresses of the admin console and the metrics endpoint.
+    side_addrs: Mutex<(Option<SocketAddr>, Option<SocketAddr>)>,
 }
 
 /// Counts a client session while it lives.
@@ -209,6 +172,12 @@ impl Server {
             sessions: std::sync::atomic::AtomicUsize::new(0),
             stops: Mutex::new(HashMap::new()),
             next_session: std::sync::atomic::AtomicU64::new(0),
+            clients: Mutex::new(HashMap::new()),
+            gates: Mutex::new(HashMap::new()),
+            config_path: Mutex::new(None),
+            generation: std::sync::atomic::AtomicU64::new(0),
+            started: std::time::SystemTime::now(),
+            side_addrs: Mutex::new((None, None)),
         })
     }
 
@@ -234,6 +203,11 @@ impl Server {
         (id, rx)
     }
 
+    /// Where the admin console and the metrics endpoint listen, when configured.
+    pub fn side_addrs(&self) -> (Option<SocketAddr>, Option<SocketAddr>) {
+        *self.side_addrs.lock().expect("not poisoned")
+    }
+
     /// Client sessions alive now.
     pub fn sessions(&self) -> usize {
         self.sessions.load(Ordering::Relaxed)
@@ -242,6 +216,17 @@ impl Server {
     /// Accepts clients until shutdown; then waits for the sessions to end, at most
     /// `limits.shutdown_timeout_ms`.
     pub async fn run(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+        self.accept_loop(listener, false).await;
+        self.drain().await;
+        Ok(())
+    }
+
+    /// Accepts admin console clients until shutdown.
+    pub async fn run_admin(self: Arc<Self>, listener: TcpListener) {
+        self.accept_loop(listener, true).await;
+    }
+
+    async fn accept_loop(self: &Arc<Self>, listener: TcpListener, admin: bool) {
         let mut stop = self.shutdown.subscribe();
         loop {
             let accepted = tokio::select! {
@@ -259,17 +244,21 @@ impl Server {
             };
             let _ = sock.set_nodelay(true);
             let this = self.clone();
-            let span = tracing::info_span!("client", %peer, user = tracing::field::Empty, database = tracing::field::Empty);
+            let span = tracing::info_span!("client", %peer, admin, user = tracing::field::Empty, database = tracing::field::Empty);
             tokio::spawn(
                 async move {
-                    if let Err(e) = this.handle(sock).await {
+                    if let Err(e) = this.handle(sock, peer, admin).await {
                         tracing::info!(error = %e, "client session ended with an error");
                     }
                 }
                 .instrument(span),
             );
         }
-        drop(listener);
+    }
+
+    /// After the listener stopped: waits for the sessions to end, at most
+    /// `limits.shutdown_timeout_ms`.
+    async fn drain(&self) {
         let timeout = Duration::from_millis(self.state.load().config.limits.shutdown_timeout_ms);
         tracing::info!(
             sessions = self.sessions(),
@@ -285,18 +274,25 @@ impl Server {
                 "shutdown timeout: closing the remaining sessions"
             );
         }
-        Ok(())
     }
 
-    async fn handle(&self, sock: TcpStream) -> anyhow::Result<()> {
+    async fn handle(
+        self: Arc<Self>,
+        sock: TcpStream,
+        peer: SocketAddr,
+        admin: bool,
+    ) -> anyhow::Result<()> {
         self.sessions.fetch_add(1, Ordering::Relaxed);
         let _counted = SessionGuard(&self.sessions);
         let state = self.state.load_full();
         let startup_timeout = Duration::from_millis(state.config.limits.startup_timeout_ms);
         let mut conn = Conn::Plain(sock);
         let mut buf = BytesMut::with_capacity(8 * 1024);
-        let started =
-            tokio::time::timeout(startup_timeout, self.startup(&state, &mut conn, &mut buf)).await;
+        let started = tokio::time::timeout(
+            startup_timeout,
+            self.startup(&state, &mut conn, &mut buf, admin),
+        )
+        .await;
         let ready = match started {
             Ok(Ok(Some(r))) => r,
             Ok(Ok(None)) => return Ok(()),
@@ -318,14 +314,31 @@ impl Server {
                 return Ok(());
             }
         };
+        let Some(db) = ready.db else {
+            drop(state);
+            let (reader, writer) = conn.split();
+            return crate::admin::console::run(self.clone(), reader, writer, buf).await;
+        };
         let (_guard, key, slot) = self.cancels.register();
         let mut out = BytesMut::new();
         protocol::write_backend_key(&mut out, key.0, key.1);
         protocol::write_ready(&mut out, b'I');
         conn.write_all(&out).await?;
+        let client_id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        self.add_client(
+            client_id,
+            Arc::new(ops::ClientInfo {
+                peer,
+                user: ready.user,
+                database: ready.database.clone(),
+                since: std::time::SystemTime::now(),
+                slot: slot.clone(),
+            }),
+        );
         let (reader, writer) = conn.split();
+        let gate = self.gate(&ready.database);
         let mut session = session::Session::new(
-            ready.db,
+            db,
             state.config.pool.mode,
             state.config.limits.max_message_size,
             session::ClientIo {
@@ -338,8 +351,15 @@ impl Server {
         );
         let (stop_id, stop) = self.register_stop();
         session.shutdown = Some(stop);
+        session.ops = Some(session::Ops {
+            server: self.clone(),
+            database: ready.database,
+            generation: self.generation(),
+            gate,
+        });
         drop(state);
         let result = session.run().await;
+        self.remove_client(client_id);
         self.stops.lock().expect("not poisoned").remove(&stop_id);
         result?;
         Ok(())
@@ -352,6 +372,7 @@ impl Server {
         state: &State,
         conn: &mut Conn,
         buf: &mut BytesMut,
+        admin: bool,
     ) -> Result<Option<Ready>, StartupError> {
         // Startup packets are small; a huge length is an attack or garbage.
         const MAX_STARTUP: usize = 10_000;
@@ -425,6 +446,41 @@ impl Server {
                 format!("role \"{user}\" does not exist"),
             )));
         };
+        if admin {
+            let allowed = state
+                .config
+                .admin
+                .as_ref()
+                .is_some_and(|a| a.users.contains(&user));
+            if !allowed {
+                return Err(StartupError::Client(PgError::fatal(
+                    "28000",
+                    format!("user \"{user}\" is not an admin user (admin.users)"),
+                )));
+            }
+            if database != crate::admin::DATABASE {
+                return Err(StartupError::Client(PgError::fatal(
+                    "3D000",
+                    format!(
+                        "the admin console's database is \"{}\", not \"{database}\"",
+                        crate::admin::DATABASE
+                    ),
+                )));
+            }
+            self.authenticate(conn, buf, &user, cred).await?;
+            let mut out = BytesMut::new();
+            protocol::write_auth(&mut out, 0, &[]);
+            for (k, v) in crate::admin::console::GREETING {
+                protocol::write_parameter_status(&mut out, k, v);
+            }
+            conn.write_all(&out).await?;
+            return Ok(Some(Ready {
+                db: None,
+                settings: Vec::new(),
+                user,
+                database,
+            }));
+        }
         let Some(db) = state.topology.databases.get(&database).cloned() else {
             return Err(StartupError::Client(PgError::fatal(
                 "3D000",
@@ -447,7 +503,12 @@ impl Server {
             protocol::write_parameter_status(&mut out, k, v);
         }
         conn.write_all(&out).await?;
-        Ok(Some(Ready { db, settings }))
+        Ok(Some(Ready {
+            db: Some(db),
+            settings,
+            user,
+            database,
+        }))
     }
 
     async fn authenticate(
@@ -567,8 +628,11 @@ fn client_settings(
 
 /// What startup hands to the session.
 struct Ready {
-    db: Arc<crate::cluster::Database>,
+    /// None for the admin console.
+    db: Option<Arc<crate::cluster::Database>>,
     settings: Vec<(String, String)>,
+    user: String,
+    database: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -668,12 +732,47 @@ impl Conn {
 ///
 /// SIGTERM or SIGINT starts a graceful shutdown (see [`Server::run`]); a second one exits
 /// at once.
-pub async fn serve(config: Config) -> anyhow::Result<()> {
+pub async fn serve(config: Config, config_path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     let listener = TcpListener::bind(&config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("listen: cannot bind {}: {e}", config.listen))?;
     tracing::info!(listen = %config.listen, "pgshard ready");
+    let admin = match &config.admin {
+        Some(a) => Some(
+            TcpListener::bind(&a.listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("admin.listen: cannot bind {}: {e}", a.listen))?,
+        ),
+        None => None,
+    };
+    let metrics = match &config.metrics {
+        Some(m) => Some(
+            TcpListener::bind(&m.listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("metrics.listen: cannot bind {}: {e}", m.listen))?,
+        ),
+        None => None,
+    };
     let server = Server::new(State::new(config)?);
+    if let Some(path) = config_path {
+        server.set_config_path(path);
+    }
+    start_side_listeners(&server, admin, metrics);
+    let reloads = server.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match reloads.reload() {
+                Ok(m) => tracing::info!(result = %m, "SIGHUP: configuration reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: configuration refused; the running one stays")
+                }
+            }
+        }
+    });
     let signals = server.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
@@ -694,11 +793,41 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts the proxy on an already bound listener in the background (tests, demo).
+/// Starts the proxy on an already bound listener in the background (tests, demo), with
+/// its admin console and metrics endpoint when configured (their ports may be 0: see
+/// [`Server::side_addrs`]).
 pub fn spawn(config: Config, listener: TcpListener) -> anyhow::Result<Arc<Server>> {
+    let bind = |a: &str| -> anyhow::Result<TcpListener> {
+        let l = std::net::TcpListener::bind(a)?;
+        l.set_nonblocking(true)?;
+        Ok(TcpListener::from_std(l)?)
+    };
+    let admin = config.admin.as_ref().map(|a| bind(&a.listen)).transpose()?;
+    let metrics = config
+        .metrics
+        .as_ref()
+        .map(|m| bind(&m.listen))
+        .transpose()?;
     let server = Server::new(State::new(config)?);
+    start_side_listeners(&server, admin, metrics);
     tokio::spawn(server.clone().run(listener));
     Ok(server)
+}
+
+fn start_side_listeners(
+    server: &Arc<Server>,
+    admin: Option<TcpListener>,
+    metrics: Option<TcpListener>,
+) {
+    let mut addrs = server.side_addrs.lock().expect("not poisoned");
+    if let Some(l) = admin {
+        addrs.0 = l.local_addr().ok();
+        tokio::spawn(server.clone().run_admin(l));
+    }
+    if let Some(l) = metrics {
+        addrs.1 = l.local_addr().ok();
+        tokio::spawn(crate::admin::http::serve(server.clone(), l));
+    }
 }
 
 #[cfg(test)]

@@ -121,6 +121,13 @@ impl Session {
             }
         };
         self.settle().await?;
+        for &s in &shards {
+            let st = &self.db.shards[s].stats;
+            crate::metrics::inc(match plan {
+                Multi::Ddl | Multi::Write { .. } => &st.broadcast,
+                _ => &st.cross_shard,
+            });
+        }
         let prelude = self.settings_sql();
         let nodes = self.read_nodes(&shards);
         let out = match &plan {
@@ -186,6 +193,9 @@ impl Session {
         };
         let prelude = self.settings_sql();
         let bind_rest = scatter::with_extra_result_columns(b.rest, spec.hidden.len());
+        for &s in shards {
+            crate::metrics::inc(&self.db.shards[s].stats.cross_shard);
+        }
         let nodes = self.read_nodes(shards);
         let results = scatter::run_on_shards(
             &self.db,

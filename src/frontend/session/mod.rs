@@ -43,6 +43,17 @@ pub struct ClientIo {
     pub leftover: BytesMut,
 }
 
+/// What a session needs of the server it belongs to: the configuration it may move to
+/// (after a reload) and its database's pause gate.
+pub struct Ops {
+    pub server: Arc<super::Server>,
+    /// The client-facing database name.
+    pub database: String,
+    /// The configuration generation `db` comes from.
+    pub generation: u64,
+    pub gate: Arc<super::ops::PauseGate>,
+}
+
 /// Session state.
 pub struct Session {
     pub db: Arc<Database>,
@@ -75,8 +86,11 @@ pub struct Session {
     /// boundary.
     pub shutdown: Option<tokio::sync::oneshot::Receiver<()>>,
     draining: bool,
+    /// When the request in flight (a Query, or a batch up to Sync) reached the server.
+    req_start: Option<std::time::Instant>,
     route: route::RouteState,
     reads: replica::ReadState,
+    pub ops: Option<Ops>,
 }
 
 /// Fingerprint of a settings list; 0 means "server defaults".
@@ -133,8 +147,10 @@ impl Session {
             shard: 0,
             shutdown: None,
             draining: false,
+            req_start: None,
             route: route::RouteState::default(),
             reads: replica::ReadState::default(),
+            ops: None,
         }
     }
 
@@ -226,6 +242,48 @@ impl Session {
         }
     }
 
+    /// A request goes to the server now (the first of a pipeline starts the clock).
+    fn started(&mut self) {
+        self.req_start.get_or_insert_with(std::time::Instant::now);
+    }
+
+    /// Between transactions, with no server connection: after a reload, the session moves
+    /// to the new configuration of its database (one atomic load when nothing changed).
+    fn maybe_refresh(&mut self) {
+        let Some(ops) = &mut self.ops else { return };
+        let current = ops.server.generation();
+        if current == ops.generation
+            || self.backend.is_some()
+            || self.status != b'I'
+            || self.in_batch
+            || !self.route.idle()
+        {
+            return;
+        }
+        ops.generation = current;
+        let state = ops.server.state.load();
+        let Some(db) = state.topology.databases.get(&ops.database) else {
+            // Removed from the configuration: its clients keep the old one until they leave.
+            return;
+        };
+        self.db = db.clone();
+        self.route.reset_for(&self.db);
+        self.reads.reset();
+    }
+
+    /// The server answered a request with ReadyForQuery.
+    fn finished(&mut self, status: u8) {
+        self.cancel.set_status(status);
+        let stats = &self.db.shards[self.shard].stats;
+        if let Some(t) = self.req_start.take() {
+            stats.latency.observe(t.elapsed());
+        }
+        crate::metrics::inc(&stats.queries);
+        if status == b'I' {
+            crate::metrics::inc(&stats.transactions);
+        }
+    }
+
     /// Whether statements are analyzed and routed (sharding rules, or reads split over
     /// replicas); otherwise everything goes to the default shard's primary unparsed.
     fn routed(&self) -> bool {
@@ -295,6 +353,9 @@ impl Session {
 
     async fn handle_client_frame(&mut self, frame: Bytes) -> Result<bool, SessionError> {
         let tag = frame[0];
+        if self.ops.is_some() {
+            self.maybe_refresh();
+        }
         if self.local_skip && tag != b'S' && tag != b'X' {
             return Ok(false);
         }
@@ -305,6 +366,7 @@ impl Session {
                 self.reads.read_ok = false;
                 if self.attach(self.home_shard()).await {
                     self.reads.executed = true;
+                    self.started();
                     self.relay.push(Pending::Query);
                     self.bout.extend_from_slice(&frame);
                 } else {
@@ -327,6 +389,7 @@ impl Session {
                 // The unnamed portal ends with the implicit transaction.
                 self.route.virtual_portal = None;
                 if self.backend.is_some() {
+                    self.started();
                     self.relay.push(Pending::Sync);
                     self.bout.extend_from_slice(&frame);
                 } else {
@@ -413,6 +476,7 @@ impl Session {
             protocol::write_ready(&mut self.cout, self.status);
             return Ok(());
         }
+        self.started();
         self.relay.push(Pending::Query);
         self.bout.extend_from_slice(&frame);
         Ok(())
@@ -421,6 +485,7 @@ impl Session {
     /// Answers a simple query with an error in the right transaction state: when a server
     /// transaction is open the server raises it, so that its state matches the client's.
     fn answer_error(&mut self, e: PgError) {
+        self.db.shards[self.home_shard()].stats.error(e.code);
         if self.backend.is_some() && self.status != b'I' {
             let sql = format!(
                 "DO $pgshard$ BEGIN RAISE EXCEPTION USING ERRCODE = {}, MESSAGE = {}, HINT = {}; END $pgshard$",
@@ -428,6 +493,7 @@ impl Session {
                 lit(&e.message),
                 lit(e.hint.as_deref().unwrap_or(""))
             );
+            self.started();
             self.relay.push(Pending::Query);
             protocol::write_query(&mut self.bout, &sql);
         } else {
@@ -544,6 +610,7 @@ impl Session {
 
     fn push_forward(&mut self, tag: u8, frame: Bytes) {
         self.executed(tag);
+        self.started();
         let p = match tag {
             b'P' => Pending::Parse {
                 swallow: false,
@@ -565,6 +632,7 @@ impl Session {
 
     /// An error raised by pgshard inside an extended-protocol batch.
     fn local_error(&mut self, e: PgError) {
+        self.db.shards[self.home_shard()].stats.error(e.code);
         self.relay.push(Pending::Error(Box::new(e)));
         self.relay.drain_local(&mut self.cout);
         // Whatever the client sent after this point, up to Sync, must not run.
@@ -598,6 +666,10 @@ impl Session {
                 continue;
             }
             let fatal = tag == b'E' && protocol::is_fatal(&b.rbuf[..n]);
+            if tag == b'E' {
+                let code = crate::metrics::sqlstate_of(&b.rbuf[..n]).unwrap_or("XX000");
+                self.db.shards[self.shard].stats.error(code);
+            }
             let event = self.relay.on_frame(&b.rbuf[..n], &mut self.cout);
             b.rbuf.advance(n);
             if fatal {
@@ -608,6 +680,7 @@ impl Session {
             }
             match event {
                 Event::Ready(s) => {
+                    self.finished(s);
                     self.status = s;
                     self.in_copy = false;
                     if s == b'I' {

@@ -29,6 +29,15 @@ pub(super) struct ReadState {
 }
 
 impl ReadState {
+    /// After the session moved to a new configuration (node indexes may differ).
+    pub(super) fn reset(&mut self) {
+        let target = self.target;
+        *self = ReadState {
+            target,
+            ..ReadState::default()
+        };
+    }
+
     fn floor(&mut self, shards: usize, shard: usize) -> &mut ReadFloor {
         if self.floors.len() < shards {
             self.floors = vec![ReadFloor::default(); shards];

@@ -83,6 +83,25 @@ fn pgshard_set(sql: &str) -> Option<Result<Option<usize>, String>> {
     Some(v.parse::<usize>().map(Some).map_err(|_| v.to_string()))
 }
 
+impl RouteState {
+    /// Nothing waits for a routing decision or answers from pgshard.
+    pub(super) fn idle(&self) -> bool {
+        self.held.is_empty()
+            && self.deferred_begin.is_none()
+            && self.movable_begin.is_none()
+            && self.virtual_portal.is_none()
+    }
+
+    /// After the session moved to a new configuration: analyses depend on the sharding
+    /// rules; a forced shard may no longer exist. Statement texts stay (the client's).
+    pub(super) fn reset_for(&mut self, db: &crate::cluster::Database) {
+        self.cache.clear();
+        if self.forced.is_some_and(|s| s >= db.router.shards()) {
+            self.forced = None;
+        }
+    }
+}
+
 impl Session {
     fn analysis(&mut self, sql: &str) -> Result<Arc<Analysis>, router::AnalyzeError> {
         if let Some(a) = self.route.cache.get(sql) {
@@ -312,6 +331,7 @@ impl Session {
                 }
                 self.route.movable_begin = None;
                 self.reads.executed = true;
+                self.started();
                 self.relay.push(Pending::Query);
                 self.bout.extend_from_slice(&frame);
             }

@@ -30,6 +30,14 @@ impl Session {
     }
 
     pub(super) async fn attach_new(&mut self, shard: usize) -> bool {
+        if let Some(ops) = &self.ops
+            && ops.gate.is_paused()
+        {
+            // PAUSE: a new transaction waits for RESUME.
+            let gate = ops.gate.clone();
+            let _ = self.flush_client().await;
+            gate.wait().await;
+        }
         let checkout = match self.pick_node(shard) {
             Ok((node, read)) => {
                 let mut r = exec::checkout(&self.db, shard, node).await;
