@@ -99,3 +99,72 @@ async fn a_second_signal_exits_at_once() {
     drop(tx);
     let _ = std::fs::remove_file(path);
 }
+
+#[tokio::test]
+async fn sighup_reloads_and_slow_queries_are_logged() {
+    let port = pgshard::local::free_port();
+    let admin = pgshard::local::free_port();
+    let yaml = base_yaml("transaction", 4)
+        .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{port}"))
+        .replace(
+            "users:\n",
+            &format!(
+                "slow_query_ms: 100\nadmin: {{ listen: '127.0.0.1:{admin}', users: [app] }}\nusers:\n"
+            ),
+        );
+    let path = std::env::temp_dir().join(format!("pgshard-hup-{port}.yaml"));
+    let log = std::env::temp_dir().join(format!("pgshard-hup-{port}.log"));
+    std::fs::write(&path, &yaml).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgshard"))
+        .args(["--log-format", "text", "serve", "--config"])
+        .arg(&path)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "pgshard serve did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let c = connect(addr).await;
+    c.batch_execute("SELECT pg_sleep(0.15)").await.unwrap();
+    c.batch_execute("SELECT 1").await.unwrap();
+    let pools = || psql(admin, "app", "pgshard", "SHOW POOLS");
+    assert!(pools().contains("|4|"), "{}", pools());
+
+    // A bad file is refused; the running configuration stays.
+    std::fs::write(&path, "users: [").unwrap();
+    signal(&child, libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(300));
+    c.batch_execute("SELECT 1").await.unwrap();
+    assert!(pools().contains("|4|"));
+    std::fs::write(&path, yaml.replace("size: 4", "size: 7")).unwrap();
+    signal(&child, libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pools().contains("|7|") {
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not reload: {}",
+            pools()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.batch_execute("SELECT 1").await.unwrap();
+    signal(&child, libc::SIGTERM);
+    assert!(wait_exit(&mut child, Duration::from_secs(20)).success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("slow query") && text.contains("pg_sleep(0.15)"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("SELECT 1\""),
+        "fast queries are not logged as slow"
+    );
+    assert!(text.contains("configuration refused"), "{text}");
+    assert!(text.contains("configuration reloaded"), "{text}");
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&log);
+}

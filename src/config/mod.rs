@@ -638,6 +638,29 @@ impl Config {
             if !d.reference_tables.is_empty() {
                 let _ = writeln!(s, "  reference tables: {}", d.reference_tables.join(", "));
             }
+            let f = &d.failover;
+            let _ = writeln!(
+                s,
+                "  reads: {:?} ({:?}, {:?}, max lag {} ms); failover {} (check every {} ms, down after {} failures)",
+                d.read_from,
+                d.load_balance,
+                d.consistency,
+                d.max_replica_lag_ms.unwrap_or(DEFAULT_MAX_LAG_MS),
+                if f.enabled { "on" } else { "off" },
+                f.check_interval_ms,
+                f.failures_before_down
+            );
+        }
+        if let Some(a) = &self.admin {
+            let _ = writeln!(
+                s,
+                "admin console: {} (users {})",
+                a.listen,
+                a.users.join(", ")
+            );
+        }
+        if let Some(m) = &self.metrics {
+            let _ = writeln!(s, "metrics: http://{}/metrics", m.listen);
         }
         s
     }

@@ -351,6 +351,9 @@ impl Server {
         );
         let (stop_id, stop) = self.register_stop();
         session.shutdown = Some(stop);
+        session.slow = Some(state.config.slow_query_ms)
+            .filter(|&ms| ms > 0)
+            .map(Duration::from_millis);
         session.ops = Some(session::Ops {
             server: self.clone(),
             database: ready.database,

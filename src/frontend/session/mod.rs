@@ -91,6 +91,9 @@ pub struct Session {
     route: route::RouteState,
     reads: replica::ReadState,
     pub ops: Option<Ops>,
+    /// `slow_query_ms`: requests slower than this are logged, with their text.
+    pub slow: Option<std::time::Duration>,
+    slow_text: Option<Bytes>,
 }
 
 /// Fingerprint of a settings list; 0 means "server defaults".
@@ -151,6 +154,8 @@ impl Session {
             route: route::RouteState::default(),
             reads: replica::ReadState::default(),
             ops: None,
+            slow: None,
+            slow_text: None,
         }
     }
 
@@ -276,7 +281,27 @@ impl Session {
         self.cancel.set_status(status);
         let stats = &self.db.shards[self.shard].stats;
         if let Some(t) = self.req_start.take() {
-            stats.latency.observe(t.elapsed());
+            let took = t.elapsed();
+            stats.latency.observe(took);
+            tracing::debug!(
+                shard = self.shard,
+                replica = self.reads.on_replica,
+                micros = took.as_micros() as u64,
+                "request done"
+            );
+            if self.slow.is_some_and(|s| took >= s) {
+                let text = self.slow_text.take();
+                let text = text
+                    .as_deref()
+                    .map(|t| String::from_utf8_lossy(&t[..t.len().min(500)]).into_owned());
+                tracing::warn!(
+                    shard = self.shard,
+                    replica = self.reads.on_replica,
+                    ms = took.as_millis() as u64,
+                    statement = text.as_deref().unwrap_or("(extended protocol batch)"),
+                    "slow query"
+                );
+            }
         }
         crate::metrics::inc(&stats.queries);
         if status == b'I' {
@@ -421,6 +446,9 @@ impl Session {
 
     async fn on_query(&mut self, frame: Bytes) -> Result<(), SessionError> {
         let sql = protocol::parse_query(&frame)?;
+        if self.slow.is_some() {
+            self.slow_text = Some(frame.slice_ref(sql.as_bytes()));
+        }
         let mut local_answer: Option<Vec<u8>> = None;
         let statements = router::split_statements(sql);
         for st in &statements {
@@ -509,6 +537,12 @@ impl Session {
 
     /// Parse, Bind, Describe, Close, Execute, Flush.
     async fn on_extended(&mut self, frame: Bytes) -> Result<(), SessionError> {
+        if self.slow.is_some()
+            && frame[0] == b'P'
+            && let Ok(p) = protocol::parse_parse(&frame)
+        {
+            self.slow_text = Some(frame.slice_ref(p.query));
+        }
         if self.routed() {
             self.route_extended(frame).await
         } else {
