@@ -118,6 +118,31 @@ pub fn render(server: &Server) -> String {
             &format!("database=\"{d}\""),
             db.last_failover_ms.load(Ordering::Relaxed) as f64 / 1000.0,
         );
+        let dl = format!("database=\"{d}\"");
+        o.counter(
+            "pgshard_2pc_prepared_total",
+            "Multi-shard transactions prepared on every shard.",
+            &dl,
+            db.two_phase_prepared.load(Ordering::Relaxed),
+        );
+        o.counter(
+            "pgshard_2pc_committed_total",
+            "Multi-shard transactions whose commit decision was recorded.",
+            &dl,
+            db.two_phase_commits.load(Ordering::Relaxed),
+        );
+        o.counter(
+            "pgshard_2pc_recovered_total",
+            "In-doubt prepared transactions finished by recovery.",
+            &format!("{dl},outcome=\"commit\""),
+            db.recovered_commits.load(Ordering::Relaxed),
+        );
+        o.counter(
+            "pgshard_2pc_recovered_total",
+            "In-doubt prepared transactions finished by recovery.",
+            &format!("{dl},outcome=\"rollback\""),
+            db.recovered_rollbacks.load(Ordering::Relaxed),
+        );
         for (s, shard) in db.shards.iter().enumerate() {
             let sl = format!("database=\"{d}\",shard=\"{s}\"");
             let view = shard.view();

@@ -116,6 +116,13 @@ pub struct Database {
     /// dead primary to the new one taking writes).
     pub failovers: std::sync::atomic::AtomicU64,
     pub last_failover_ms: std::sync::atomic::AtomicU64,
+    /// The 2PC decision table exists on the coordinator (created on first use).
+    pub decisions_ready: std::sync::atomic::AtomicBool,
+    /// Transactions committed with two-phase commit, and in-doubt ones recovery finished.
+    pub two_phase_prepared: std::sync::atomic::AtomicU64,
+    pub two_phase_commits: std::sync::atomic::AtomicU64,
+    pub recovered_commits: std::sync::atomic::AtomicU64,
+    pub recovered_rollbacks: std::sync::atomic::AtomicU64,
 }
 
 /// Why no node can serve a request.
@@ -352,6 +359,11 @@ impl Topology {
                     roles: tokio::sync::Mutex::new(()),
                     failovers: Default::default(),
                     last_failover_ms: Default::default(),
+                    decisions_ready: Default::default(),
+                    two_phase_prepared: Default::default(),
+                    two_phase_commits: Default::default(),
+                    recovered_commits: Default::default(),
+                    recovered_rollbacks: Default::default(),
                 };
                 (d.name.clone(), Arc::new(db))
             })
@@ -364,6 +376,7 @@ impl Topology {
     pub fn start_monitors(&self) {
         for db in self.databases.values() {
             health::spawn(Arc::downgrade(db));
+            crate::exec::twophase::spawn_recovery(Arc::downgrade(db));
         }
     }
 }

@@ -238,6 +238,28 @@ pub struct DatabaseConfig {
     /// Health checks and automatic failover.
     #[serde(default)]
     pub failover: FailoverConfig,
+    /// How a transaction that wrote on several shards commits.
+    #[serde(default)]
+    pub two_phase_commit: TwoPhaseCommit,
+    /// A prepared transaction with no recorded decision older than this is rolled back by
+    /// recovery (its coordinator died before deciding).
+    #[serde(default = "default_in_doubt_ms")]
+    pub two_phase_timeout_ms: u64,
+}
+
+fn default_in_doubt_ms() -> u64 {
+    60_000
+}
+
+/// `two_phase_commit: on | off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TwoPhaseCommit {
+    /// PREPARE TRANSACTION everywhere, the decision recorded, then COMMIT PREPARED.
+    #[default]
+    On,
+    /// COMMIT shard by shard: a failure in between leaves some shards committed.
+    Off,
 }
 
 /// Policy for writes that need every shard.
@@ -529,6 +551,12 @@ impl Config {
                 }
             }
             replication::validate(d, &key)?;
+            if d.two_phase_timeout_ms == 0 {
+                return Err(invalid(
+                    format!("{key}.two_phase_timeout_ms"),
+                    "must be positive",
+                ));
+            }
             if d.default_shard >= d.shards.len() {
                 return Err(invalid(
                     format!("{key}.default_shard"),

@@ -15,6 +15,7 @@ use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
 
 pub mod scatter;
+pub mod twophase;
 
 /// Checks out a server connection to a node of a shard.
 pub async fn checkout(db: &Database, shard: usize, node: usize) -> Result<Pooled, PoolError> {

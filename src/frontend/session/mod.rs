@@ -7,6 +7,7 @@
 //! direction: writes are batched until the peer would wait.
 
 mod cross;
+mod multi;
 mod prepared;
 mod replica;
 mod route;
@@ -90,6 +91,7 @@ pub struct Session {
     req_start: Option<std::time::Instant>,
     route: route::RouteState,
     reads: replica::ReadState,
+    multi: multi::MultiState,
     pub ops: Option<Ops>,
     /// `slow_query_ms`: requests slower than this are logged, with their text.
     pub slow: Option<std::time::Duration>,
@@ -153,6 +155,7 @@ impl Session {
             req_start: None,
             route: route::RouteState::default(),
             reads: replica::ReadState::default(),
+            multi: multi::MultiState::default(),
             ops: None,
             slow: None,
             slow_text: None,
@@ -719,6 +722,7 @@ impl Session {
                     self.in_copy = false;
                     if s == b'I' {
                         self.route.movable_begin = None;
+                        self.transaction_over();
                     }
                 }
                 Event::CopyIn => self.in_copy = true,

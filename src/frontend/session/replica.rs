@@ -139,6 +139,18 @@ impl Session {
             .collect()
     }
 
+    /// After a commit on `shard` whose WAL position was not read (a multi-shard commit):
+    /// the next reads there go to the primary until its next check, which bounds it.
+    pub(super) fn wrote_unknown(&mut self, shard: usize) {
+        if !self.splits_reads() {
+            return;
+        }
+        if let Ok(p) = self.db.primary(shard) {
+            let n = self.db.shards.len();
+            self.reads.floor(n, shard).pending = Some((p, std::time::Instant::now()));
+        }
+    }
+
     /// Before a primary connection goes back to the pool in `read_your_writes`: its WAL
     /// position becomes the floor of this client's later reads on the shard. False when
     /// the connection failed.

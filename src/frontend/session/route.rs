@@ -61,7 +61,7 @@ pub(super) fn cross_shard_txn(from: usize, to: &[usize]) -> PgError {
             "this transaction runs on shard {from}; the statement needs shard(s) {to:?}"
         ),
     )
-    .with_hint("Transactions over several shards need two-phase commit, which pgshard does not have yet; keep a transaction's statements on one shard key.")
+    .with_hint("A transaction joins further shards between statements in transaction pooling mode; not in session mode, and not within one pipelined batch or multi-statement string.")
 }
 
 /// `SET pgshard.shard = N` / `RESET pgshard.shard`: Some(Some(n)), Some(None), or None if
@@ -310,9 +310,19 @@ impl Session {
                 self.detach().await;
             }
         }
+        if !self.multi.parked.is_empty() && single == Some(router::StatementKind::EndTransaction) {
+            return self.end_multi_query(sql).await;
+        }
         if self.backend.is_none()
             && let Some(kind) = &single
             && self.deferred_transaction(sql, kind)
+        {
+            return Ok(());
+        }
+        if self.status == b'T'
+            && single.is_some()
+            && self.mode == PoolMode::Transaction
+            && !self.savepoint(sql).await?
         {
             return Ok(());
         }
@@ -321,9 +331,15 @@ impl Session {
             Ok(Dest::Shard(s)) => {
                 if self.backend.is_some() && self.shard != s && self.status != b'I' {
                     if !self.move_transaction(s).await? {
-                        let e = cross_shard_txn(self.shard, &[s]);
-                        self.answer_error(e);
-                        return Ok(());
+                        if !self.can_join() {
+                            let e = cross_shard_txn(self.shard, &[s]);
+                            self.answer_error(e);
+                            return Ok(());
+                        }
+                        if !self.join_shard(s).await? {
+                            protocol::write_ready(&mut self.cout, self.status);
+                            return Ok(());
+                        }
                     }
                 } else if !self.use_shard(s).await? {
                     protocol::write_ready(&mut self.cout, self.status);
@@ -378,7 +394,10 @@ impl Session {
         {
             return Ok(());
         }
-        if self.backend.is_none() {
+        // In a transaction, a batch's frames wait for its Bind as well: it may need
+        // another shard, which then joins the transaction.
+        let hold_in_tx = self.can_join() && (self.holding() || matches!(tag, b'P' | b'D' | b'B'));
+        if self.backend.is_none() || hold_in_tx {
             match tag {
                 b'P' | b'D' => {
                     self.route.held.push(frame);
@@ -393,7 +412,8 @@ impl Session {
                     return self.forward_extended(frame).await;
                 }
                 b'B' => {
-                    if self.transaction_control_bind(&frame)? {
+                    if self.transaction_control_bind(&frame)? || self.multi_end_bind(&frame).await?
+                    {
                         return Ok(());
                     }
                     let dest = self.decide_bind(&frame)?;
@@ -438,6 +458,12 @@ impl Session {
                 }
                 Ok(Dest::Shard(s)) if !self.in_batch && self.route.movable_begin.is_some() => {
                     if !self.move_transaction(s).await? {
+                        self.local_skip = true;
+                        return Ok(());
+                    }
+                }
+                Ok(Dest::Shard(s)) if self.can_join() => {
+                    if !self.join_shard(s).await? {
                         self.local_skip = true;
                         return Ok(());
                     }
@@ -542,6 +568,23 @@ impl Session {
             }
             _ => return Ok(false),
         };
+        let mut complete = bytes::BytesMut::new();
+        protocol::write_msg(&mut complete, b'C', format!("{tag}\0").as_bytes());
+        self.answer_control_bind(complete.freeze())?;
+        if tag == "BEGIN" {
+            self.route.deferred_begin = Some(one.to_string());
+            self.status = b'T';
+        } else {
+            self.route.deferred_begin = None;
+            self.status = b'I';
+        }
+        Ok(true)
+    }
+
+    /// Answers a Bind of a transaction-control statement pgshard carries out itself: the
+    /// batch's held Parse/Describe/Close as a server would, BindComplete, and `reply` (its
+    /// CommandComplete, or an error) at Execute.
+    fn answer_control_bind(&mut self, reply: Bytes) -> Result<(), SessionError> {
         // The batch's held Parse/Describe/Close are answered as a server would.
         for f in std::mem::take(&mut self.route.held) {
             let reply = match f[0] {
@@ -581,19 +624,39 @@ impl Session {
             undo: None,
         });
         self.relay.drain_local(&mut self.cout);
-        let mut complete = bytes::BytesMut::new();
-        protocol::write_msg(&mut complete, b'C', format!("{tag}\0").as_bytes());
         self.route.virtual_portal = Some(VirtualPortal {
             description: crate::exec::empty_frame(b'n'),
-            rows: Some(complete.freeze()),
+            rows: Some(reply),
         });
-        if tag == "BEGIN" {
-            self.route.deferred_begin = Some(one.to_string());
-            self.status = b'T';
-        } else {
-            self.route.deferred_begin = None;
-            self.status = b'I';
+        Ok(())
+    }
+
+    /// COMMIT or ROLLBACK in the extended protocol while shards are parked: ended by
+    /// pgshard on every shard. True when answered.
+    async fn multi_end_bind(&mut self, frame: &Bytes) -> Result<bool, SessionError> {
+        if self.multi.parked.is_empty() {
+            return Ok(false);
         }
+        let b = protocol::parse_bind(frame)?;
+        let Some((query, _)) = self.route.texts.get(b.stmt).cloned() else {
+            return Ok(false);
+        };
+        let sql = std::str::from_utf8(&query).unwrap_or("");
+        let [one] = router::split_statements(sql)[..] else {
+            return Ok(false);
+        };
+        if router::classify(one) != router::StatementKind::EndTransaction {
+            return Ok(false);
+        }
+        let reply = match self.end_multi(one).await? {
+            Ok(tag) => {
+                let mut c = bytes::BytesMut::new();
+                protocol::write_msg(&mut c, b'C', format!("{tag}\0").as_bytes());
+                c.freeze()
+            }
+            Err(frame) => frame.freeze(),
+        };
+        self.answer_control_bind(reply)?;
         Ok(true)
     }
 
@@ -610,6 +673,17 @@ impl Session {
     /// Attaches `shard` and sends the held frames to it. False when attaching failed (the
     /// client got the error and the batch is skipped until Sync).
     pub(super) async fn release_held(&mut self, shard: usize) -> Result<bool, SessionError> {
+        if self.backend.is_some() && self.shard != shard && self.can_join() {
+            if !self.join_shard(shard).await? {
+                self.route.held.clear();
+                self.local_skip = true;
+                return Ok(false);
+            }
+            for f in std::mem::take(&mut self.route.held) {
+                self.forward_extended(f).await?;
+            }
+            return Ok(true);
+        }
         if !self.attach(shard).await {
             self.route.held.clear();
             self.local_skip = true;

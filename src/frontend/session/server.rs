@@ -32,6 +32,7 @@ impl Session {
     pub(super) async fn attach_new(&mut self, shard: usize) -> bool {
         if let Some(ops) = &self.ops
             && ops.gate.is_paused()
+            && self.multi.parked.is_empty()
         {
             // PAUSE: a new transaction waits for RESUME.
             let gate = ops.gate.clone();
@@ -68,6 +69,7 @@ impl Session {
                 if let Some(begin) = self.route.deferred_begin.take() {
                     self.relay.push(Pending::Internal);
                     protocol::write_query(&mut self.bout, &begin);
+                    self.multi.begin.get_or_insert_with(|| begin.clone());
                     self.route.movable_begin = Some(begin);
                 }
                 self.cancel.set(Some((b.addr, b.pid, b.secret)));
@@ -142,6 +144,7 @@ impl Session {
     /// in progress) and is closing.
     pub(super) fn backend_fatal(&mut self) {
         tracing::warn!("server connection ended with FATAL");
+        self.drop_parked();
         if let Some(mut b) = self.backend.take() {
             b.broken = true;
         }
@@ -170,6 +173,7 @@ impl Session {
     /// The server connection failed under this client.
     pub(super) fn backend_lost(&mut self, why: String) {
         tracing::warn!(error = %why, "server connection lost");
+        self.drop_parked();
         if let Some(mut b) = self.backend.take() {
             b.broken = true;
         }
@@ -201,6 +205,11 @@ impl Session {
 
     /// Gives the server connection back clean when the client leaves.
     pub(super) async fn finish(&mut self) {
+        for (_, mut b) in std::mem::take(&mut self.multi.parked) {
+            if !matches!(b.run_quiet("ROLLBACK").await, Ok(None)) {
+                b.broken = true;
+            }
+        }
         let Some(mut b) = self.backend.take() else {
             return;
         };

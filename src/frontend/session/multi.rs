@@ -1,0 +1,302 @@
+//! Transactions over several shards (transaction pooling mode): a shard joins the
+//! transaction the first time a statement needs it (with the same BEGIN, so the same
+//! isolation level and read-only mode, and the savepoints made so far); its connection is
+//! parked while statements run elsewhere. COMMIT of a transaction that touched one shard
+//! is the server's; over several, pgshard runs two-phase commit (or one-phase, when
+//! `two_phase_commit: off`). ROLLBACK and savepoints apply on every shard touched.
+
+use super::{Pending, Session, SessionError};
+use crate::config::{PoolMode, TwoPhaseCommit};
+use crate::exec::twophase::{self, CommitError};
+use crate::pool::Pooled;
+use crate::protocol::{self, PgError};
+
+/// The multi-shard part of a session's transaction.
+#[derive(Default)]
+pub(super) struct MultiState {
+    /// Participants other than the attached connection, with their transaction open.
+    pub(super) parked: Vec<(usize, Pooled)>,
+    /// The BEGIN that started the transaction (replayed on joining shards).
+    pub(super) begin: Option<String>,
+    /// Savepoints alive, in order (created on joining shards right after BEGIN).
+    pub(super) savepoints: Vec<String>,
+}
+
+/// A savepoint statement: (kind, name).
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum SavepointOp {
+    Create,
+    Release,
+    RollbackTo,
+}
+
+pub(super) fn savepoint_op(sql: &str) -> Option<(SavepointOp, String)> {
+    let words: Vec<String> = sql
+        .trim()
+        .trim_end_matches(';')
+        .split_whitespace()
+        .map(|w| w.to_ascii_lowercase())
+        .collect();
+    let w: Vec<&str> = words.iter().map(String::as_str).collect();
+    let name = |rest: &[&str]| -> Option<String> {
+        let n = match rest {
+            ["savepoint", n] | [n] => *n,
+            _ => return None,
+        };
+        Some(n.trim_matches('"').to_string())
+    };
+    match w.as_slice() {
+        ["savepoint", n] => Some((SavepointOp::Create, n.trim_matches('"').to_string())),
+        ["release", rest @ ..] => name(rest).map(|n| (SavepointOp::Release, n)),
+        ["rollback" | "abort", "to", rest @ ..] => name(rest).map(|n| (SavepointOp::RollbackTo, n)),
+        [
+            "rollback" | "abort",
+            "transaction" | "work",
+            "to",
+            rest @ ..,
+        ] => name(rest).map(|n| (SavepointOp::RollbackTo, n)),
+        _ => None,
+    }
+}
+
+impl Session {
+    /// Whether a statement for another shard may join the open transaction.
+    pub(super) fn can_join(&self) -> bool {
+        self.mode == PoolMode::Transaction
+            && self.status == b'T'
+            && self.backend.is_some()
+            && !self.in_batch
+            && !self.in_copy
+    }
+
+    /// Makes `to` the attached shard of the open transaction: a participant already, or
+    /// a new one (BEGIN and savepoints replayed). False when the client got an error.
+    pub(super) async fn join_shard(&mut self, to: usize) -> Result<bool, SessionError> {
+        self.settle().await?;
+        let Some(current) = self.backend.take() else {
+            return Ok(false);
+        };
+        if self.status != b'T' {
+            self.backend = Some(current);
+            return Ok(false);
+        }
+        self.cancel.set(None);
+        self.multi.parked.push((self.shard, current));
+        if let Some(i) = self.multi.parked.iter().position(|(s, _)| *s == to) {
+            let (s, b) = self.multi.parked.swap_remove(i);
+            self.cancel.set(Some((b.addr, b.pid, b.secret)));
+            self.backend = Some(b);
+            self.shard = s;
+            return Ok(true);
+        }
+        let begin = self
+            .multi
+            .begin
+            .clone()
+            .unwrap_or_else(|| "BEGIN".to_string());
+        self.route.deferred_begin = Some(begin);
+        self.reads.read_ok = false;
+        if !self.attach(to).await {
+            // The client got the error. As after any error in a transaction, the rest of
+            // it fails until ROLLBACK: the shard it was on is told so.
+            self.route.deferred_begin = None;
+            let (s, b) = self.multi.parked.pop().expect("pushed above");
+            self.cancel.set(Some((b.addr, b.pid, b.secret)));
+            self.backend = Some(b);
+            self.shard = s;
+            self.relay.push(Pending::Internal);
+            protocol::write_query(
+                &mut self.bout,
+                "DO $pgshard$ BEGIN RAISE EXCEPTION 'shard unavailable'; END $pgshard$",
+            );
+            self.status = b'E';
+            return Ok(false);
+        }
+        self.route.movable_begin = None;
+        for sp in self.multi.savepoints.clone() {
+            self.relay.push(Pending::Internal);
+            protocol::write_query(&mut self.bout, &format!("SAVEPOINT {}", quote_ident(&sp)));
+        }
+        tracing::debug!(shard = to, "shard joined the transaction");
+        Ok(true)
+    }
+
+    /// Keeps savepoints in step: recorded for shards that join later, and run on the
+    /// parked participants now. False when a participant failed (the client got the
+    /// error and the transaction is aborted).
+    pub(super) async fn savepoint(&mut self, sql: &str) -> Result<bool, SessionError> {
+        let head = sql.trim_start().as_bytes();
+        let starts = |kw: &str| {
+            head.len() >= kw.len() && head[..kw.len()].eq_ignore_ascii_case(kw.as_bytes())
+        };
+        if !(starts("savepoint") || starts("release") || starts("rollback") || starts("abort")) {
+            return Ok(true);
+        }
+        let Some((op, name)) = savepoint_op(sql) else {
+            return Ok(true);
+        };
+        match op {
+            SavepointOp::Create => self.multi.savepoints.push(name),
+            SavepointOp::Release => {
+                if let Some(i) = self.multi.savepoints.iter().rposition(|s| *s == name) {
+                    self.multi.savepoints.truncate(i);
+                }
+            }
+            SavepointOp::RollbackTo => {
+                if let Some(i) = self.multi.savepoints.iter().rposition(|s| *s == name) {
+                    self.multi.savepoints.truncate(i + 1);
+                }
+            }
+        }
+        for (s, b) in self.multi.parked.iter_mut() {
+            match b.run_quiet(sql).await {
+                Ok(None) => {}
+                other => {
+                    let why = match other {
+                        Ok(Some((code, msg))) => format!("{code}: {msg}"),
+                        Err(e) => {
+                            b.broken = true;
+                            e.to_string()
+                        }
+                        Ok(None) => unreachable!(),
+                    };
+                    let e = PgError::new(
+                        "25P02",
+                        format!("savepoint failed on shard {s} of this transaction ({why})"),
+                    );
+                    self.status = b'E';
+                    self.answer_error(e);
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// COMMIT / ROLLBACK of a transaction with parked participants, answered by pgshard.
+    /// Returns the CommandComplete tag, or the error frame the client gets.
+    pub(super) async fn end_multi(
+        &mut self,
+        sql: &str,
+    ) -> Result<Result<&'static str, bytes::BytesMut>, SessionError> {
+        self.settle().await?;
+        let mut parts = std::mem::take(&mut self.multi.parked);
+        if let Some(b) = self.backend.take() {
+            parts.push((self.shard, b));
+        }
+        self.cancel.set(None);
+        parts.sort_by_key(|(s, _)| *s);
+        let first = sql.trim_start().to_ascii_lowercase();
+        let rollback =
+            self.status == b'E' || first.starts_with("rollback") || first.starts_with("abort");
+        let shards: Vec<usize> = parts.iter().map(|(s, _)| *s).collect();
+        let out = if rollback {
+            for (_, b) in parts.iter_mut() {
+                if !matches!(b.run_quiet("ROLLBACK").await, Ok(None)) {
+                    b.broken = true;
+                }
+            }
+            Ok("ROLLBACK")
+        } else {
+            let r = match self.db.config.two_phase_commit {
+                TwoPhaseCommit::On => twophase::commit(&self.db, &mut parts).await,
+                TwoPhaseCommit::Off => twophase::commit_one_phase(&mut parts).await,
+            };
+            match r {
+                Ok(()) => {
+                    for &s in &shards {
+                        self.wrote_unknown(s);
+                    }
+                    Ok("COMMIT")
+                }
+                Err(CommitError::Aborted(frame)) => Err(frame),
+                Err(CommitError::Unknown(why)) => {
+                    let mut f = bytes::BytesMut::new();
+                    PgError::new(
+                        "08007",
+                        format!("the outcome of this transaction is not known yet ({why}); pgshard's recovery will commit or roll it back on every shard"),
+                    )
+                    .write(&mut f);
+                    Err(f)
+                }
+            }
+        };
+        drop(parts);
+        self.status = b'I';
+        self.multi.begin = None;
+        self.multi.savepoints.clear();
+        self.route.movable_begin = None;
+        tracing::debug!(shards = ?shards, outcome = ?out.as_ref().ok(), "multi-shard transaction ended");
+        Ok(out)
+    }
+
+    /// `end_multi` for a simple Query: the answer and ReadyForQuery.
+    pub(super) async fn end_multi_query(&mut self, sql: &str) -> Result<(), SessionError> {
+        let r = self.end_multi(sql).await?;
+        self.relay.drain_local(&mut self.cout);
+        match r {
+            Ok(tag) => protocol::write_msg(&mut self.cout, b'C', format!("{tag}\0").as_bytes()),
+            Err(frame) => self.cout.extend_from_slice(&frame),
+        }
+        protocol::write_ready(&mut self.cout, b'I');
+        Ok(())
+    }
+
+    /// The client left or its connection failed: parked participants are rolled back
+    /// (closing them does it).
+    pub(super) fn drop_parked(&mut self) {
+        for (_, mut b) in std::mem::take(&mut self.multi.parked) {
+            b.broken = true;
+        }
+        self.multi.begin = None;
+        self.multi.savepoints.clear();
+    }
+
+    /// A transaction ended on the attached server (ReadyForQuery `I`).
+    pub(super) fn transaction_over(&mut self) {
+        if !self.multi.parked.is_empty() {
+            // Only COMMIT/ROLLBACK end a transaction, and pgshard answers those itself when
+            // shards are parked; anything else ending it is a bug: never leave the other
+            // shards' work hanging half done.
+            tracing::error!("transaction ended on one shard with others parked; rolling them back");
+            self.drop_parked();
+        }
+        self.multi.begin = None;
+        self.multi.savepoints.clear();
+    }
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn savepoint_statements() {
+        assert_eq!(
+            savepoint_op("SAVEPOINT a"),
+            Some((SavepointOp::Create, "a".into()))
+        );
+        assert_eq!(
+            savepoint_op("release savepoint a;"),
+            Some((SavepointOp::Release, "a".into()))
+        );
+        assert_eq!(
+            savepoint_op("RELEASE a"),
+            Some((SavepointOp::Release, "a".into()))
+        );
+        assert_eq!(
+            savepoint_op("ROLLBACK TO SAVEPOINT a"),
+            Some((SavepointOp::RollbackTo, "a".into()))
+        );
+        assert_eq!(
+            savepoint_op("rollback work to a"),
+            Some((SavepointOp::RollbackTo, "a".into()))
+        );
+        assert_eq!(savepoint_op("ROLLBACK"), None);
+        assert_eq!(savepoint_op("SELECT 1"), None);
+    }
+}

@@ -1,0 +1,409 @@
+//! Transactions over several shards: two-phase commit, atomic under ROLLBACK, errors,
+//! savepoints, pgshard crashing before and after its decision (failpoints in a real
+//! `pgshard serve`), a shard's primary killed during PREPARE; and 32 concurrent clients
+//! moving money between shards with the total kept.
+
+mod common;
+
+use common::*;
+use pgshard::local::{ClusterOptions, LocalCluster};
+use pgshard::sharding::hash::{HashKey, partition_of};
+use std::net::SocketAddr;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+const RULES: &str = "    sharded_tables:\n      - { table: tp_accounts, column: id, method: hash }\n    two_phase_timeout_ms: 1000\n";
+
+fn two_shards() -> LocalCluster {
+    LocalCluster::start(ClusterOptions {
+        shards: 2,
+        replicas: 0,
+        ..ClusterOptions::default()
+    })
+    .expect("starting local PostgreSQL")
+}
+
+/// Two keys on different shards.
+fn keys() -> (i64, i64) {
+    let a = 1i64;
+    let b = (2..)
+        .find(|k| partition_of(&HashKey::Int(*k), 2) != partition_of(&HashKey::Int(a), 2))
+        .unwrap();
+    (a, b)
+}
+
+async fn setup(addr: SocketAddr) -> tokio_postgres::Client {
+    let c = connect(addr).await;
+    c.batch_execute(
+        "CREATE TABLE tp_accounts (id bigint PRIMARY KEY, balance bigint NOT NULL CHECK (balance >= 0))",
+    )
+    .await
+    .unwrap();
+    let (a, b) = keys();
+    c.batch_execute(&format!(
+        "INSERT INTO tp_accounts (id, balance) VALUES ({a}, 100), ({b}, 100)"
+    ))
+    .await
+    .unwrap();
+    c
+}
+
+async fn balances(c: &tokio_postgres::Client) -> (i64, i64) {
+    let (a, b) = keys();
+    let get = async |k: i64| -> i64 {
+        c.query_one("SELECT balance FROM tp_accounts WHERE id = $1", &[&k])
+            .await
+            .unwrap()
+            .get(0)
+    };
+    (get(a).await, get(b).await)
+}
+
+/// Prepared transactions left on the servers, per shard.
+fn prepared(c: &LocalCluster) -> Vec<String> {
+    c.shards
+        .iter()
+        .map(|s| {
+            c.psql(
+                s.primary.port,
+                "app",
+                "SELECT count(*) FROM pg_prepared_xacts",
+            )
+            .unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn commit_rollback_errors_and_savepoints_across_shards() {
+    let c = two_shards();
+    let addr = start_proxy_yaml(&(c.config_yaml("127.0.0.1:0", "transaction", 4) + RULES));
+    let mut app = setup(addr).await;
+    let (a, b) = keys();
+
+    // COMMIT: both shards or none.
+    app.batch_execute(&format!(
+        "BEGIN; UPDATE tp_accounts SET balance = balance - 10 WHERE id = {a}"
+    ))
+    .await
+    .unwrap();
+    app.batch_execute(&format!(
+        "UPDATE tp_accounts SET balance = balance + 10 WHERE id = {b}"
+    ))
+    .await
+    .unwrap();
+    app.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(balances(&app).await, (90, 110));
+    assert_eq!(prepared(&c), ["0", "0"]);
+    let decisions = c
+        .psql(
+            c.shards[0].primary.port,
+            "app",
+            "SELECT count(*) FROM pgshard_decisions",
+        )
+        .unwrap();
+    assert_eq!(
+        decisions, "0",
+        "decision rows are removed once committed everywhere"
+    );
+
+    // ROLLBACK undoes both.
+    app.batch_execute(&format!(
+        "BEGIN; UPDATE tp_accounts SET balance = 0 WHERE id = {a}; \
+         UPDATE tp_accounts SET balance = 0 WHERE id = {b}; ROLLBACK"
+    ))
+    .await
+    .unwrap_err();
+    // (one string over two shards is refused; statement by statement it works)
+    app.batch_execute("BEGIN").await.unwrap();
+    app.batch_execute(&format!(
+        "UPDATE tp_accounts SET balance = 0 WHERE id = {a}"
+    ))
+    .await
+    .unwrap();
+    app.batch_execute(&format!(
+        "UPDATE tp_accounts SET balance = 0 WHERE id = {b}"
+    ))
+    .await
+    .unwrap();
+    app.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(balances(&app).await, (90, 110));
+
+    // An error on the second shard: 25P02 until ROLLBACK; COMMIT then rolls back.
+    app.batch_execute("BEGIN").await.unwrap();
+    app.batch_execute(&format!(
+        "UPDATE tp_accounts SET balance = 1 WHERE id = {a}"
+    ))
+    .await
+    .unwrap();
+    let e = app
+        .batch_execute(&format!(
+            "UPDATE tp_accounts SET balance = -1 WHERE id = {b}"
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "23514");
+    for k in [a, b] {
+        let e = app
+            .batch_execute(&format!("SELECT balance FROM tp_accounts WHERE id = {k}"))
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&e), "25P02");
+    }
+    let r = app.simple_query("COMMIT").await.unwrap();
+    assert!(matches!(
+        r.last(),
+        Some(tokio_postgres::SimpleQueryMessage::CommandComplete(_))
+    ));
+    assert_eq!(balances(&app).await, (90, 110));
+
+    // The isolation level follows the transaction to the shard that joins later.
+    app.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .unwrap();
+    app.batch_execute(&format!(
+        "UPDATE tp_accounts SET balance = balance WHERE id = {a}"
+    ))
+    .await
+    .unwrap();
+    let r = rows(
+        &app.simple_query(&format!(
+            "SELECT current_setting('transaction_isolation') FROM tp_accounts WHERE id = {b}"
+        ))
+        .await
+        .unwrap(),
+    );
+    assert_eq!(r[0][0].as_deref(), Some("repeatable read"));
+    app.batch_execute("COMMIT").await.unwrap();
+
+    // Savepoints apply on every shard, including one that joins after them.
+    app.batch_execute("BEGIN").await.unwrap();
+    app.batch_execute(&format!(
+        "UPDATE tp_accounts SET balance = 50 WHERE id = {a}"
+    ))
+    .await
+    .unwrap();
+    app.batch_execute("SAVEPOINT s1").await.unwrap();
+    app.batch_execute(&format!(
+        "UPDATE tp_accounts SET balance = 51 WHERE id = {b}"
+    ))
+    .await
+    .unwrap();
+    app.batch_execute(&format!(
+        "UPDATE tp_accounts SET balance = 52 WHERE id = {a}"
+    ))
+    .await
+    .unwrap();
+    app.batch_execute("ROLLBACK TO SAVEPOINT s1").await.unwrap();
+    app.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(balances(&app).await, (50, 110));
+
+    // The extended protocol, with parameters (tokio-postgres' transaction API).
+    let tx = app.transaction().await.unwrap();
+    tx.execute(
+        "UPDATE tp_accounts SET balance = balance + $2 WHERE id = $1",
+        &[&a, &5i64],
+    )
+    .await
+    .unwrap();
+    tx.execute(
+        "UPDATE tp_accounts SET balance = balance - $2 WHERE id = $1",
+        &[&b, &5i64],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(balances(&app).await, (55, 105));
+    let tx = app.transaction().await.unwrap();
+    tx.execute("UPDATE tp_accounts SET balance = 0 WHERE id = $1", &[&a])
+        .await
+        .unwrap();
+    tx.execute("UPDATE tp_accounts SET balance = 0 WHERE id = $1", &[&b])
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(balances(&app).await, (55, 105));
+    assert_eq!(prepared(&c), ["0", "0"]);
+}
+
+struct Serve {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(c: &LocalCluster, failpoint: Option<&str>) -> Serve {
+    let port = pgshard::local::free_port();
+    let yaml = c.config_yaml(&format!("127.0.0.1:{port}"), "transaction", 4) + RULES;
+    let path = c.root.join(format!("pgshard-{port}.yaml"));
+    std::fs::write(&path, yaml).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgshard"));
+    cmd.args(["serve", "--config"]).arg(&path);
+    match failpoint {
+        Some(f) => cmd.env("PGSHARD_FAILPOINT", f),
+        None => cmd.env_remove("PGSHARD_FAILPOINT"),
+    };
+    let child = cmd.stdout(std::process::Stdio::null()).spawn().unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "pgshard serve did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Serve { child, addr }
+}
+
+/// BEGIN; move 10 from a to b; COMMIT (whose result is returned).
+async fn transfer(addr: SocketAddr) -> Result<(), tokio_postgres::Error> {
+    let (a, b) = keys();
+    let c = connect(addr).await;
+    c.batch_execute(&format!(
+        "BEGIN; UPDATE tp_accounts SET balance = balance - 10 WHERE id = {a}"
+    ))
+    .await?;
+    c.batch_execute(&format!(
+        "UPDATE tp_accounts SET balance = balance + 10 WHERE id = {b}"
+    ))
+    .await?;
+    c.batch_execute("COMMIT").await
+}
+
+/// Waits until recovery (in a fresh pgshard) left no prepared transaction.
+async fn recovered(c: &LocalCluster) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while prepared(c) != ["0", "0"] {
+        assert!(
+            Instant::now() < deadline,
+            "in-doubt transactions left: {:?}",
+            prepared(c)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn crashes_of_pgshard_and_of_a_shard_leave_all_or_nothing() {
+    let mut c = two_shards();
+    {
+        let s = serve(&c, None);
+        setup(s.addr).await;
+    }
+
+    // pgshard dies after PREPARE, before deciding: recovery rolls back (after the
+    // in-doubt timeout), everywhere.
+    {
+        let s = serve(&c, Some("crash_after_prepare"));
+        assert!(transfer(s.addr).await.is_err());
+        assert_eq!(prepared(&c), ["1", "1"], "both shards prepared");
+    }
+    {
+        let s = serve(&c, None);
+        recovered(&c).await;
+        assert_eq!(balances(&connect(s.addr).await).await, (100, 100));
+    }
+
+    // pgshard dies after recording commit, before COMMIT PREPARED: recovery commits.
+    {
+        let s = serve(&c, Some("crash_after_decision"));
+        assert!(transfer(s.addr).await.is_err());
+        assert_eq!(prepared(&c), ["1", "1"]);
+    }
+    {
+        let s = serve(&c, None);
+        recovered(&c).await;
+        assert_eq!(balances(&connect(s.addr).await).await, (90, 110));
+    }
+
+    // A shard's primary dies while the transaction prepares: nothing commits.
+    {
+        let s = serve(&c, Some("sleep_before_prepare"));
+        let addr = s.addr;
+        let t = tokio::spawn(transfer(addr));
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        c.shards[1].primary.stop_with(libc::SIGKILL);
+        let r = t.await.unwrap();
+        assert!(r.is_err(), "COMMIT succeeded with a shard dead");
+        c.restart(1, None).unwrap();
+    }
+    {
+        let s = serve(&c, None);
+        recovered(&c).await;
+        assert_eq!(balances(&connect(s.addr).await).await, (90, 110));
+    }
+}
+
+#[tokio::test]
+async fn thirty_two_clients_move_money_between_shards_and_the_total_stays() {
+    let c = two_shards();
+    let addr = start_proxy_yaml(&(c.config_yaml("127.0.0.1:0", "transaction", 40) + RULES));
+    let app = connect(addr).await;
+    app.batch_execute("CREATE TABLE tp_accounts (id bigint PRIMARY KEY, balance bigint NOT NULL)")
+        .await
+        .unwrap();
+    // 1000 accounts of 1000 each, through pgshard (the INSERT is split per shard).
+    let values: Vec<String> = (1..=1000).map(|i| format!("({i}, 1000)")).collect();
+    app.batch_execute(&format!(
+        "INSERT INTO tp_accounts (id, balance) VALUES {}",
+        values.join(", ")
+    ))
+    .await
+    .unwrap();
+    let script = c.root.join("transfer.sql");
+    // Rows are locked in id order, so that concurrent transfers never wait for each other
+    // in a cycle across shards (no server can see such a deadlock).
+    std::fs::write(
+        &script,
+        "\\set a random(1, 1000)\n\\set b random(1, 1000)\n\\set lo least(:a, :b)\n\\set hi greatest(:a, :b)\n\\set amt random(1, 100)\n\
+         BEGIN;\n\
+         UPDATE tp_accounts SET balance = balance - :amt WHERE id = :lo;\n\
+         UPDATE tp_accounts SET balance = balance + :amt WHERE id = :hi;\n\
+         COMMIT;\n",
+    )
+    .unwrap();
+    let out = pgbench(
+        addr.port(),
+        &[
+            "-n",
+            "-c",
+            "32",
+            "-j",
+            "2",
+            "-T",
+            "30",
+            "-f",
+            script.to_str().unwrap(),
+        ],
+    );
+    assert!(out.contains("number of failed transactions: 0"), "{out}");
+    let committed: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(committed > 100, "{out}");
+    // Directly on the shards: the total is unchanged, nothing is left prepared.
+    let total: i64 = c
+        .shards
+        .iter()
+        .map(|s| {
+            c.psql(
+                s.primary.port,
+                "app",
+                "SELECT coalesce(sum(balance), 0) FROM tp_accounts",
+            )
+            .unwrap()
+            .parse::<i64>()
+            .unwrap()
+        })
+        .sum();
+    assert_eq!(total, 1_000_000);
+    assert_eq!(prepared(&c), ["0", "0"]);
+    eprintln!("2PC transfers: {committed} committed in 30 s by 32 clients");
+}
