@@ -36,6 +36,10 @@ enum Cmd {
         /// The YAML configuration.
         #[arg(long, short)]
         config: PathBuf,
+        /// Only validate the file: do not connect to the primaries to check the settings
+        /// pgshard relies on (max_prepared_transactions for two-phase commit).
+        #[arg(long)]
+        offline: bool,
     },
     /// Start a local sharded, replicated cluster of real PostgreSQL servers behind pgshard.
     Demo {
@@ -76,9 +80,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logs(cli.log_format);
     let result = match cli.command {
-        Cmd::Check { config } => match Config::load(&config) {
+        Cmd::Check { config, offline } => match Config::load(&config) {
             Ok(c) => {
                 print!("{}", c.describe());
+                if !offline {
+                    runtime().block_on(probe_primaries(&c));
+                }
                 println!("configuration OK");
                 Ok(())
             }
@@ -192,6 +199,57 @@ fn demo(
     cluster.stop();
     eprintln!("pgshard demo: stopped; removed {}", cluster.root.display());
     result
+}
+
+/// Connects to every primary (1 s each, all at once) and reports what two-phase commit
+/// needs: `max_prepared_transactions > 0` where it is on.
+async fn probe_primaries(c: &Config) {
+    let mut tasks = Vec::new();
+    for d in &c.databases {
+        let two_phase =
+            d.two_phase_commit == pgshard::config::TwoPhaseCommit::On && d.shards.len() > 1;
+        for (s, shard) in d.shards.iter().enumerate() {
+            let Ok(addr) = pgshard::config::parse_addr(&shard.primary) else {
+                continue;
+            };
+            let mut cfg = tokio_postgres::Config::new();
+            cfg.host(addr.ip().to_string())
+                .port(addr.port())
+                .dbname(d.server_database())
+                .user(&d.server_user)
+                .connect_timeout(std::time::Duration::from_secs(1));
+            if let Some(p) = &d.server_password {
+                cfg.password(p.as_bytes());
+            }
+            let label = format!("database {} shard {s} primary {}", d.name, shard.primary);
+            tasks.push(tokio::spawn(async move {
+                let probe = async {
+                    let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
+                    tokio::spawn(conn);
+                    let row = client
+                        .query_one("SELECT current_setting('max_prepared_transactions')", &[])
+                        .await?;
+                    Ok::<String, tokio_postgres::Error>(row.get(0))
+                };
+                match tokio::time::timeout(std::time::Duration::from_secs(2), probe).await {
+                    Ok(Ok(n)) if n == "0" && two_phase => format!(
+                        "  ERROR {label}: max_prepared_transactions is 0: transactions over several shards will fail to commit (set it above 0 and restart the server, or two_phase_commit: off)"
+                    ),
+                    Ok(Ok(n)) => format!("  {label}: reachable, max_prepared_transactions = {n}"),
+                    Ok(Err(e)) => format!("  {label}: not reachable now ({e})"),
+                    Err(_) => format!("  {label}: not reachable now (timed out)"),
+                }
+            }));
+        }
+    }
+    if !tasks.is_empty() {
+        println!("servers:");
+    }
+    for t in tasks {
+        if let Ok(line) = t.await {
+            println!("{line}");
+        }
+    }
 }
 
 /// The demo's sharding rules: users by id (hash), orders co-located by user id, accounts by

@@ -407,3 +407,38 @@ async fn thirty_two_clients_move_money_between_shards_and_the_total_stays() {
     assert_eq!(prepared(&c), ["0", "0"]);
     eprintln!("2PC transfers: {committed} committed in 30 s by 32 clients");
 }
+
+#[test]
+fn check_says_when_a_primary_cannot_prepare() {
+    let c = LocalCluster::start(ClusterOptions {
+        shards: 2,
+        replicas: 0,
+        extra_conf: vec!["max_prepared_transactions = 0".into()],
+        ..ClusterOptions::default()
+    })
+    .unwrap();
+    let path = c.root.join("check.yaml");
+    std::fs::write(
+        &path,
+        c.config_yaml("127.0.0.1:0", "transaction", 4) + RULES,
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pgshard"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert_eq!(
+        text.matches("max_prepared_transactions is 0").count(),
+        2,
+        "{text}"
+    );
+    let off = Command::new(env!("CARGO_BIN_EXE_pgshard"))
+        .args(["check", "--offline", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&off.stdout).contains("max_prepared"));
+}

@@ -753,7 +753,8 @@ databases:
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/pgshard.example.yaml");
         let c = Config::load(&path).unwrap();
         assert_eq!(c.databases[0].shards.len(), 2);
-        assert_eq!(c.users.len(), 3);
+        assert_eq!(c.users.len(), 4);
+        assert_eq!(c.admin.as_ref().unwrap().users, ["admin"]);
         let d = c.describe();
         assert!(
             d.contains("sharded table events by created_at (Range, timestamp)"),
