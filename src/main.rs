@@ -258,6 +258,8 @@ const DEMO_RULES: &str = "    reference_tables: [countries]
     sharded_tables:
       - { table: users, column: id, method: hash }
       - { table: orders, column: user_id, method: hash }
+      - { table: shop_customers, column: id, method: hash }   # used by examples/
+      - { table: shop_orders, column: customer_id, method: hash }
       - table: accounts
         column: region
         method: list
