@@ -127,14 +127,20 @@ async fn drill(sync: bool) {
             let mut client = connect_retry(addr).await;
             while !stop.load(Ordering::Relaxed) {
                 let id = next_id.fetch_add(1, Ordering::Relaxed) as i64;
-                match client
-                    .execute("INSERT INTO t_drill VALUES ($1)", &[&id])
-                    .await
-                {
-                    Ok(_) => {
+                let r = client
+                    .query_one(
+                        "INSERT INTO t_drill VALUES ($1) RETURNING inet_server_port()",
+                        &[&id],
+                    )
+                    .await;
+                match r {
+                    Ok(row) => {
                         // Acknowledged: COMMIT (autocommit) returned.
                         acked.lock().unwrap().push(id);
-                        if killed_at.lock().unwrap().is_some() {
+                        // Backends of a SIGKILLed postmaster may still commit for a moment:
+                        // the clock stops at the first write on another node.
+                        let port: i32 = row.get(0);
+                        if killed_at.lock().unwrap().is_some() && port != old_port {
                             first_after.lock().unwrap().get_or_insert_with(Instant::now);
                         }
                     }
@@ -274,10 +280,12 @@ async fn drill(sync: bool) {
         reads.load(Ordering::Relaxed),
         read_errors.load(Ordering::Relaxed)
     );
-    assert_eq!(
-        missing, 0,
-        "acknowledged writes lost with a synchronous standby"
-    );
+    if sync {
+        assert_eq!(
+            missing, 0,
+            "acknowledged writes lost with a synchronous standby"
+        );
+    }
     assert!(
         recovery < Duration::from_secs(5),
         "first write after {recovery:?}"

@@ -338,3 +338,27 @@ async fn manual_failover_promotes_the_chosen_replica_and_fences_the_old_primary(
     assert_eq!(v.primary, Some(2));
     assert!(v.nodes[0].fenced, "the old primary must be fenced");
 }
+
+#[tokio::test]
+async fn least_outstanding_avoids_the_busy_replica() {
+    let c = replicated(2);
+    let addr = proxy(
+        &c,
+        "    read_from: replicas\n    consistency: eventual\n    load_balance: least_outstanding\n",
+    );
+    let app = connect(addr).await;
+    wait_for_replica_reads(&app).await;
+    // Two long READ ONLY transactions hold server connections on one replica...
+    let busy = connect(addr).await;
+    busy.batch_execute("BEGIN READ ONLY").await.unwrap();
+    let busy_port = port_of(&busy, "SELECT inet_server_port()").await;
+    // ... then every new read goes to the other one, which has nothing in flight.
+    for _ in 0..10 {
+        let p = port_of(&app, "SELECT inet_server_port()").await;
+        assert_ne!(
+            p, busy_port,
+            "a read went to the replica with a transaction in flight"
+        );
+    }
+    busy.batch_execute("COMMIT").await.unwrap();
+}

@@ -130,6 +130,7 @@ impl Session {
         }
         let prelude = self.settings_sql();
         let nodes = self.read_nodes(&shards);
+        let started = std::time::Instant::now();
         let out = match &plan {
             Multi::Merge(spec) => scatter::run_on_shards(
                 &self.db,
@@ -154,13 +155,32 @@ impl Session {
                     })
             }
         };
+        let kind = match plan {
+            Multi::Merge(_) => "merge",
+            Multi::SplitInsert(_) => "split insert",
+            Multi::Ddl => "broadcast ddl",
+            Multi::Write { .. } => "broadcast write",
+        };
+        self.cross_shard_done(&shards, kind, started.elapsed(), sql);
         self.relay.drain_local(&mut self.cout);
         match out {
             Ok(bytes) => self.cout.extend_from_slice(&bytes),
-            Err(e) => e.write(&mut self.cout),
+            Err(e) => {
+                self.db.shards[self.home_shard()].stats.error(e.code);
+                e.write(&mut self.cout)
+            }
         }
         protocol::write_ready(&mut self.cout, self.status);
         Ok(())
+    }
+
+    /// Logs a request pgshard ran over several shards (debug; warn when slow).
+    fn cross_shard_done(&self, shards: &[usize], kind: &str, took: std::time::Duration, sql: &str) {
+        tracing::debug!(shards = ?shards, kind, micros = took.as_micros() as u64, "request done");
+        if self.slow.is_some_and(|s| took >= s) {
+            let head: String = sql.chars().take(500).collect();
+            tracing::warn!(shards = ?shards, kind, ms = took.as_millis() as u64, statement = %head, "slow query");
+        }
     }
 
     /// A Bind whose statement reads several shards: runs it on each (with the client's

@@ -289,6 +289,7 @@ impl Session {
             tracing::debug!(
                 shard = self.shard,
                 replica = self.reads.on_replica,
+                kind = "single shard",
                 micros = took.as_micros() as u64,
                 "request done"
             );
