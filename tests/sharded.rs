@@ -463,10 +463,17 @@ async fn reference_tables_and_cross_shard_writes() {
         .simple_query("INSERT INTO countries VALUES ('fr', 'France') ON CONFLICT (code) DO UPDATE SET name = 'France'")
         .await
         .unwrap();
-    assert!(matches!(
-        msgs.last(),
-        Some(SimpleQueryMessage::CommandComplete(1))
-    ));
+    assert!(
+        matches!(msgs.last(), Some(SimpleQueryMessage::CommandComplete(1))),
+        "{:?}",
+        msgs.iter()
+            .map(|m| match m {
+                SimpleQueryMessage::CommandComplete(n) => format!("complete {n}"),
+                SimpleQueryMessage::Row(_) => "row".to_string(),
+                _ => "other".to_string(),
+            })
+            .collect::<Vec<_>>()
+    );
     for p in [p0, p1] {
         let n: i64 = connect_server(p, "app")
             .await

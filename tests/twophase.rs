@@ -224,6 +224,60 @@ async fn commit_rollback_errors_and_savepoints_across_shards() {
     tx.rollback().await.unwrap();
     assert_eq!(balances(&app).await, (55, 105));
     assert_eq!(prepared(&c), ["0", "0"]);
+
+    // Statements over several shards inside a transaction: a split INSERT, a cross-shard
+    // read that sees the transaction's own rows, DDL; ROLLBACK undoes all of it.
+    app.batch_execute("BEGIN").await.unwrap();
+    app.batch_execute(
+        "INSERT INTO tp_accounts (id, balance) VALUES (1000, 1), (1001, 1), (1002, 1), (1003, 1)",
+    )
+    .await
+    .unwrap();
+    let r = rows(
+        &app.simple_query("SELECT count(*), sum(balance) FROM tp_accounts")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(r[0], [Some("6".to_string()), Some("164".to_string())]);
+    app.batch_execute("ALTER TABLE tp_accounts ADD COLUMN note text")
+        .await
+        .unwrap();
+    app.batch_execute("ROLLBACK").await.unwrap();
+    let r = rows(
+        &app.simple_query("SELECT count(*) FROM tp_accounts")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(r[0][0].as_deref(), Some("2"));
+    for s in &c.shards {
+        let cols = c
+            .psql(
+                s.primary.port,
+                "app",
+                "SELECT count(*) FROM information_schema.columns WHERE table_name = 'tp_accounts'",
+            )
+            .unwrap();
+        assert_eq!(cols, "2", "the rolled-back ALTER left a column");
+    }
+    // Outside a transaction, a split INSERT commits on both shards at once (2PC), and a
+    // failing one commits nowhere.
+    app.batch_execute(
+        "INSERT INTO tp_accounts (id, balance) VALUES (2000, 1), (2001, 1), (2002, 1), (2003, 1)",
+    )
+    .await
+    .unwrap();
+    let e = app
+        .batch_execute("INSERT INTO tp_accounts (id, balance) VALUES (3000, 1), (3001, -1), (3002, 1), (3003, -1)")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "23514");
+    let r = rows(
+        &app.simple_query("SELECT count(*) FROM tp_accounts")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(r[0][0].as_deref(), Some("6"));
+    assert_eq!(prepared(&c), ["0", "0"]);
 }
 
 struct Serve {

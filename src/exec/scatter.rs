@@ -131,7 +131,7 @@ fn first_error(results: &[Vec<BytesMut>]) -> Option<BytesMut> {
 }
 
 /// Whether PostgreSQL refuses to run a statement inside a transaction block.
-fn needs_autocommit(sql: &str) -> bool {
+pub fn needs_autocommit(sql: &str) -> bool {
     let up = sql.trim_start().to_ascii_uppercase();
     up.starts_with("VACUUM")
         || up.starts_with("ALTER SYSTEM")

@@ -16,7 +16,7 @@ pub(super) struct VirtualPortal {
 }
 
 /// How a statement over several shards runs.
-enum Multi {
+pub(super) enum Multi {
     /// A SELECT whose rows are merged.
     Merge(crate::router::merge::MergeSpec),
     /// DDL, all or none.
@@ -67,7 +67,7 @@ impl Session {
         shards: Vec<usize>,
         a: &Analysis,
     ) -> Result<(), SessionError> {
-        if self.status != b'I' {
+        if self.status != b'I' && !self.can_run_in_transaction() {
             let e = cross_shard_txn(self.home_shard(), &shards);
             self.answer_error(e);
             return Ok(());
@@ -120,6 +120,17 @@ impl Session {
                 return Ok(());
             }
         };
+        // Inside a transaction the statement joins every shard it needs; outside one, a
+        // write runs in an implicit transaction over them, committed with two-phase commit.
+        // Reads outside a transaction need no transaction: they run in parallel below.
+        let transactional = self.status != b'I'
+            || (!matches!(plan, Multi::Merge(_))
+                && self.db.config.two_phase_commit == crate::config::TwoPhaseCommit::On
+                && self.mode == PoolMode::Transaction
+                && !scatter::needs_autocommit(sql));
+        if transactional {
+            return self.run_multi_tx(sql, shards, plan, a).await;
+        }
         self.settle().await?;
         for &s in &shards {
             let st = &self.db.shards[s].stats;
@@ -175,7 +186,13 @@ impl Session {
     }
 
     /// Logs a request pgshard ran over several shards (debug; warn when slow).
-    fn cross_shard_done(&self, shards: &[usize], kind: &str, took: std::time::Duration, sql: &str) {
+    pub(super) fn cross_shard_done(
+        &self,
+        shards: &[usize],
+        kind: &str,
+        took: std::time::Duration,
+        sql: &str,
+    ) {
         tracing::debug!(shards = ?shards, kind, micros = took.as_micros() as u64, "request done");
         if self.slow.is_some_and(|s| took >= s) {
             let head: String = sql.chars().take(500).collect();

@@ -22,6 +22,35 @@ pub(super) struct MultiState {
     pub(super) savepoints: Vec<String>,
 }
 
+/// A statement's frames from one shard, up to ReadyForQuery, and that status.
+async fn run_on(
+    b: &mut crate::backend::BackendConn,
+    sql: &str,
+) -> Result<(Vec<bytes::BytesMut>, u8), crate::backend::BackendError> {
+    let mut out = bytes::BytesMut::new();
+    protocol::write_query(&mut out, sql);
+    b.send(&out).await?;
+    let mut frames = Vec::new();
+    loop {
+        let f = b.read_frame().await?;
+        match f[0] {
+            b'Z' => return Ok((frames, f.get(5).copied().unwrap_or(b'I'))),
+            // COPY is carried out elsewhere; here it would desynchronize the connection.
+            b'G' | b'H' | b'W' => {
+                b.broken = true;
+                return Err(crate::backend::BackendError::Protocol {
+                    addr: b.addr,
+                    source: crate::protocol::ProtocolError::Malformed {
+                        what: "backend",
+                        detail: "unexpected COPY in a multi-shard statement".into(),
+                    },
+                });
+            }
+            _ => frames.push(f),
+        }
+    }
+}
+
 /// A savepoint statement: (kind, name).
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum SavepointOp {
@@ -199,6 +228,7 @@ impl Session {
             Ok("ROLLBACK")
         } else {
             let r = match self.db.config.two_phase_commit {
+                _ if parts.len() == 1 => twophase::commit_one_phase(&mut parts).await,
                 TwoPhaseCommit::On => twophase::commit(&self.db, &mut parts).await,
                 TwoPhaseCommit::Off => twophase::commit_one_phase(&mut parts).await,
             };
@@ -228,6 +258,122 @@ impl Session {
         self.route.movable_begin = None;
         tracing::debug!(shards = ?shards, outcome = ?out.as_ref().ok(), "multi-shard transaction ended");
         Ok(out)
+    }
+
+    /// Whether a statement over several shards may run inside the open transaction.
+    pub(super) fn can_run_in_transaction(&self) -> bool {
+        self.mode == PoolMode::Transaction && self.status == b'T' && !self.in_batch && !self.in_copy
+    }
+
+    /// A statement over several shards in a transaction: the client's (every shard joins
+    /// it), or an implicit one around this statement alone (committed with two-phase
+    /// commit, rolled back on any error). Each shard runs its part in turn.
+    pub(super) async fn run_multi_tx(
+        &mut self,
+        sql: &str,
+        shards: Vec<usize>,
+        plan: super::cross::Multi,
+        a: &crate::router::Analysis,
+    ) -> Result<(), SessionError> {
+        use super::cross::Multi;
+        use crate::exec::scatter;
+        let implicit = self.status == b'I';
+        if implicit {
+            // A connection kept only for answers in flight must not take part unbegun.
+            self.settle().await?;
+            self.detach().await;
+            self.route.deferred_begin = Some("BEGIN".to_string());
+            self.status = b'T';
+        }
+        let started = std::time::Instant::now();
+        let mut results = Vec::with_capacity(shards.len());
+        let mut failed = false;
+        for &s in &shards {
+            let joined = if self.backend.is_none() {
+                self.reads.read_ok = false;
+                let ok = self.attach(s).await;
+                if !ok {
+                    self.route.deferred_begin = None;
+                }
+                ok
+            } else if self.shard == s {
+                true
+            } else {
+                self.join_shard(s).await?
+            };
+            if !joined {
+                // The client got the error (a shard unavailable).
+                failed = true;
+                break;
+            }
+            self.route.movable_begin = None;
+            self.settle().await?;
+            let stmt: &str = match &plan {
+                Multi::SplitInsert(parts) => parts
+                    .iter()
+                    .find(|(p, _)| *p == s)
+                    .map(|(_, q)| q.as_str())
+                    .unwrap_or(sql),
+                Multi::Merge(_) => a.shard_sql.as_deref().unwrap_or(sql),
+                _ => sql,
+            };
+            let Some(b) = self.backend.as_mut() else {
+                failed = true;
+                break;
+            };
+            self.reads.executed = true;
+            match run_on(b, stmt).await {
+                Ok((frames, status)) => {
+                    let error = frames.iter().any(|f| f[0] == b'E');
+                    results.push(frames);
+                    if error || status == b'E' {
+                        self.status = b'E';
+                        break;
+                    }
+                }
+                Err(e) => {
+                    self.backend_lost(e.to_string());
+                    return Ok(());
+                }
+            }
+        }
+        for &s in &shards {
+            crate::metrics::inc(&self.db.shards[s].stats.cross_shard);
+        }
+        let mut out = if failed {
+            self.status = b'E';
+            Ok(bytes::BytesMut::new())
+        } else {
+            match &plan {
+                Multi::Merge(spec) => scatter::merge_select(results, spec, &[]),
+                Multi::SplitInsert(_) => Ok(scatter::combine_writes(results, true)),
+                Multi::Write { sum } => Ok(scatter::combine_writes(results, *sum)),
+                Multi::Ddl => Ok(scatter::broadcast_result(results)),
+            }
+        };
+        if let Err(e) = &out {
+            // A merge that failed: the transaction is over, as after any error.
+            self.status = b'E';
+            let mut f = bytes::BytesMut::new();
+            e.write(&mut f);
+            out = Ok(f);
+        }
+        let mut out = out.expect("errors turned into frames");
+        if implicit {
+            let end = if self.status == b'E' {
+                "ROLLBACK"
+            } else {
+                "COMMIT"
+            };
+            if let Err(frame) = self.end_multi(end).await? {
+                out = frame;
+            }
+        }
+        self.cross_shard_done(&shards, "transaction", started.elapsed(), sql);
+        self.relay.drain_local(&mut self.cout);
+        self.cout.extend_from_slice(&out);
+        protocol::write_ready(&mut self.cout, self.status);
+        Ok(())
     }
 
     /// `end_multi` for a simple Query: the answer and ReadyForQuery.
