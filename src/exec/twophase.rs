@@ -166,7 +166,13 @@ pub async fn commit(
         format!("COMMIT PREPARED {}", quote(&part(s)))
     })
     .await;
-    if done.iter().all(|r| matches!(r, Ok(None))) {
+    // "does not exist": a recovery pass finished it first, as the decision said.
+    let finished = |r: &Result<Option<BytesMut>, String>| match r {
+        Ok(None) => true,
+        Ok(Some(f)) => crate::metrics::sqlstate_of(f) == Some("42704"),
+        Err(_) => false,
+    };
+    if done.iter().all(finished) {
         // Best effort: recovery also removes old decision rows nobody needs.
         let _ = forget(db, &gid).await;
     } else {
@@ -277,6 +283,9 @@ pub struct Recovered {
 /// first). Safe to run in several pgshard processes at once.
 pub async fn recover(db: &Database) -> Result<Recovered, String> {
     let timeout_s = db.config.two_phase_timeout_ms as f64 / 1000.0;
+    // Young ones belong to a coordinator still at work: left alone (a decided one after a
+    // short grace, an undecided one until the in-doubt timeout).
+    let grace_s = timeout_s.min(2.0);
     let mut found: Vec<(usize, String, bool)> = Vec::new();
     for s in 0..db.shards.len() {
         let mut c = crate::exec::checkout_primary(db, s)
@@ -286,7 +295,8 @@ pub async fn recover(db: &Database) -> Result<Recovered, String> {
             .query_rows(&format!(
                 "SELECT gid, (now() - prepared > make_interval(secs => {timeout_s}))::text \
                  FROM pg_catalog.pg_prepared_xacts \
-                 WHERE gid LIKE 'pgshard\\_%' AND database = current_database()"
+                 WHERE gid LIKE 'pgshard\\_%' AND database = current_database() \
+                 AND now() - prepared > make_interval(secs => {grace_s})"
             ))
             .await
             .map_err(|e| format!("shard {s}: {e}"))?;

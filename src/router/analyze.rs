@@ -231,9 +231,27 @@ fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
             kind = Kind::Write;
             ddl_names(t.table_names.iter().map(|t| &t.name), rules, &mut c);
         }
+        // COPY (query) TO: where the query reads. COPY of a reference table TO: any shard.
+        // (COPY into sharded or reference tables, and out of sharded ones, is carried out
+        // by the session over every shard before routing gets here.)
+        Statement::Copy {
+            source: sqlparser::ast::CopySource::Query(q),
+            to: true,
+            ..
+        } => {
+            kind = Kind::Read;
+            query(q, rules, &mut c);
+        }
+        Statement::Copy {
+            source: sqlparser::ast::CopySource::Table { table_name, .. },
+            to: true,
+            ..
+        } if name_of(table_name).is_some_and(|n| rules.is_reference(&n)) => {
+            kind = Kind::Read;
+        }
         Statement::Copy { .. } if rules.mentioned_in(&st.to_string()) => {
             return Err(
-                "COPY to or from a sharded or reference table is not supported yet (rows would go to one shard); use INSERT, or COPY per shard with a /* pgshard: shard=N */ hint"
+                "this COPY of a sharded or reference table needs several shards, which pgshard does for COPY ... FROM STDIN and ... TO STDOUT only; COPY to or from a server file runs per shard with a /* pgshard: shard=N */ hint"
                     .into(),
             );
         }

@@ -21,6 +21,18 @@ pub struct MergeSpec {
     pub hidden: Vec<Expr>,
 }
 
+impl MergeSpec {
+    /// Whether the shards' rows, one shard after the other, are the answer.
+    pub fn is_concatenation(&self) -> bool {
+        self.order.is_empty()
+            && self.limit.is_none()
+            && self.offset == 0
+            && !self.distinct
+            && self.aggregates.is_none()
+            && self.hidden.is_empty()
+    }
+}
+
 /// An output column of an aggregate query.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Column {

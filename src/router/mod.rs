@@ -3,6 +3,7 @@
 //! is the never-failing classifier used for pooling and for routing hints.
 
 pub mod analyze;
+pub mod copy;
 pub mod lexer;
 pub mod merge;
 pub mod split;

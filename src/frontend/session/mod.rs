@@ -6,6 +6,7 @@
 //! Everything read in one go is handled, and what it produced is written with one write per
 //! direction: writes are batched until the peer would wait.
 
+mod copy;
 mod cross;
 mod multi;
 mod prepared;
@@ -417,6 +418,7 @@ impl Session {
                 self.in_batch = false;
                 // The unnamed portal ends with the implicit transaction.
                 self.route.virtual_portal = None;
+                self.route.pending_copy = None;
                 if self.backend.is_some() {
                     self.started();
                     self.relay.push(Pending::Sync);

@@ -37,6 +37,8 @@ pub(super) struct RouteState {
     /// The merged result of a cross-shard Bind, answered by pgshard to the client's
     /// Describe (portal) and Execute until Sync.
     pub(super) virtual_portal: Option<VirtualPortal>,
+    /// A bound COPY over several shards that pgshard runs at Execute.
+    pub(super) pending_copy: Option<(String, crate::router::copy::CopyStmt, super::copy::CopyPlan)>,
 }
 
 /// Where a statement goes.
@@ -62,6 +64,42 @@ pub(super) fn cross_shard_txn(from: usize, to: &[usize]) -> PgError {
         ),
     )
     .with_hint("A transaction joins further shards between statements in transaction pooling mode; not in session mode, and not within one pipelined batch or multi-statement string.")
+}
+
+/// Statements that, naming a sharded or reference table, belong on every shard even when
+/// the parser cannot read them: maintenance and DDL.
+fn broadcast_unparsed(sql: &str) -> bool {
+    let first = sql
+        .trim_start()
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    matches!(
+        first.as_str(),
+        "vacuum"
+            | "analyze"
+            | "analyse"
+            | "reindex"
+            | "cluster"
+            | "grant"
+            | "revoke"
+            | "comment"
+            | "alter"
+            | "create"
+            | "drop"
+            | "truncate"
+            | "security"
+    )
+}
+
+/// Whether a statement starts with COPY (after blanks and comments).
+fn is_copy(sql: &str) -> bool {
+    let mut s = sql.trim_start();
+    while let Some(rest) = s.strip_prefix("/*") {
+        s = rest.split_once("*/").map_or("", |x| x.1).trim_start();
+    }
+    s.len() >= 4 && s[..4].eq_ignore_ascii_case("copy")
 }
 
 /// `SET pgshard.shard = N` / `RESET pgshard.shard`: Some(Some(n)), Some(None), or None if
@@ -90,6 +128,7 @@ impl RouteState {
             && self.deferred_begin.is_none()
             && self.movable_begin.is_none()
             && self.virtual_portal.is_none()
+            && self.pending_copy.is_none()
     }
 
     /// After the session moved to a new configuration: analyses depend on the sharding
@@ -152,6 +191,26 @@ impl Session {
                 {
                     self.set_read_ok(sql, None);
                     return Ok(Dest::Shard(self.home_shard()));
+                }
+                if broadcast_unparsed(sql) {
+                    // Maintenance and DDL the parser cannot read (VACUUM ANALYZE t, ...):
+                    // every shard, as DDL.
+                    let all = Analysis {
+                        target: router::Target::All,
+                        kind: Kind::Ddl,
+                        key_update: None,
+                        writes_reference: false,
+                        statements: 1,
+                        merge: None,
+                        shard_sql: None,
+                        inserts_sharded: false,
+                        insert_split: None,
+                        replica_safe: false,
+                    };
+                    return Ok(Dest::Multi(
+                        (0..self.db.router.shards()).collect(),
+                        Arc::new(all),
+                    ));
                 }
                 let head: String = sql.chars().take(80).collect();
                 return Err(PgError::new(
@@ -236,7 +295,7 @@ impl Session {
 
     /// Makes `shard`'s server the attached one. False when the client already got an
     /// error (a transaction open elsewhere, or no server connection).
-    async fn use_shard(&mut self, shard: usize) -> Result<bool, SessionError> {
+    pub(super) async fn use_shard(&mut self, shard: usize) -> Result<bool, SessionError> {
         let role_change = self.reads.on_replica != self.reads.read_ok;
         if self.backend.is_some() && (self.shard != shard || role_change) {
             if self.status != b'I' || self.in_batch {
@@ -326,6 +385,15 @@ impl Session {
         {
             return Ok(());
         }
+        if single.is_some()
+            && self.db.router.is_sharded()
+            && self.route.forced.is_none()
+            && is_copy(sql)
+            && router::hint(sql).is_none()
+            && self.copy_routed(&frame, sql).await?
+        {
+            return Ok(());
+        }
         match self.decide(sql, &Params::default()) {
             Err(e) => self.answer_error(e),
             Ok(Dest::Shard(s)) => {
@@ -359,6 +427,11 @@ impl Session {
     /// Parse, Bind, Describe, Close, Execute, Flush on a sharded database.
     pub(super) async fn route_extended(&mut self, frame: Bytes) -> Result<(), SessionError> {
         let tag = frame[0];
+        if (self.route.pending_copy.is_some() || (tag == b'B' && self.db.router.is_sharded()))
+            && self.extended_copy(&frame).await?
+        {
+            return Ok(());
+        }
         if tag == b'P' {
             let p = protocol::parse_parse(&frame)?;
             if self.route.texts.len() >= CACHE_LIMIT {
@@ -373,6 +446,7 @@ impl Session {
             let sql = std::str::from_utf8(p.query).unwrap_or("");
             if self.route.forced.is_none()
                 && router::hint(sql).is_none()
+                && !is_copy(sql)
                 && let Err(router::AnalyzeError::Unroutable(why)) = self.analysis(sql)
             {
                 if self.holding() {
@@ -629,6 +703,59 @@ impl Session {
             rows: Some(reply),
         });
         Ok(())
+    }
+
+    /// A COPY over several shards in the extended protocol: its Bind and Describe are
+    /// answered here, its Execute runs it. True when the frame was handled.
+    async fn extended_copy(&mut self, frame: &Bytes) -> Result<bool, SessionError> {
+        match frame[0] {
+            b'B' => {
+                let b = protocol::parse_bind(frame)?;
+                let Some((query, _)) = self.route.texts.get(b.stmt).cloned() else {
+                    return Ok(false);
+                };
+                let sql = std::str::from_utf8(&query).unwrap_or("").to_string();
+                if !is_copy(&sql) {
+                    return Ok(false);
+                }
+                let Some((cs, plan)) = self.multi_copy(&sql) else {
+                    return Ok(false);
+                };
+                if self.holding() {
+                    let home = self.home_shard();
+                    if !self.release_held(home).await? {
+                        return Ok(true);
+                    }
+                }
+                self.route.pending_copy = Some((sql, cs, plan));
+                self.relay.push(Pending::Synth {
+                    frame: crate::exec::empty_frame(b'2'),
+                    undo: None,
+                });
+                self.relay.drain_local(&mut self.cout);
+                Ok(true)
+            }
+            b'D' if self.route.pending_copy.is_some() => {
+                self.relay.push(Pending::Synth {
+                    frame: crate::exec::empty_frame(b'n'),
+                    undo: None,
+                });
+                self.relay.drain_local(&mut self.cout);
+                Ok(true)
+            }
+            b'E' => {
+                let Some((sql, cs, plan)) = self.route.pending_copy.take() else {
+                    return Ok(false);
+                };
+                self.execute_copy(&sql, cs, plan).await?;
+                Ok(true)
+            }
+            b'H' => Ok(self.route.pending_copy.is_some()),
+            _ => {
+                self.route.pending_copy = None;
+                Ok(false)
+            }
+        }
     }
 
     /// COMMIT or ROLLBACK in the extended protocol while shards are parked: ended by
