@@ -162,6 +162,25 @@ fn corpus() -> Vec<String> {
             "SELECT DISTINCT qty % {m} AS d FROM orders ORDER BY d"
         ));
     }
+    for m in [2, 3, 7] {
+        // HAVING on merged groups (aggregates shown or not), DISTINCT ON.
+        q.push(format!(
+            "SELECT user_id % {m} AS g, sum(total) FROM orders GROUP BY g HAVING sum(total) > 1000 ORDER BY g"
+        ));
+        q.push(format!(
+            "SELECT qty % {m} AS g, count(*) FROM orders GROUP BY g HAVING count(*) >= 10 AND max(total) < 90 OR min(total) = 0 ORDER BY g"
+        ));
+        q.push(format!(
+            "SELECT id % {m} AS g FROM users GROUP BY g HAVING NOT (count(*) < 50) ORDER BY g"
+        ));
+        q.push(format!(
+            "SELECT DISTINCT ON (qty % {m}) qty % {m} AS d, id, total FROM orders ORDER BY qty % {m}, total DESC, id"
+        ));
+        q.push(format!(
+            "SELECT DISTINCT ON (r) id % {m} AS r, name FROM users ORDER BY r, name LIMIT 2"
+        ));
+    }
+    q.push("SELECT user_id, count(*) FROM orders GROUP BY user_id HAVING count(*) > 2".into());
     q.push("SELECT count(*), sum(score), min(score), max(score) FROM users".into());
     q.push("SELECT count(*), sum(weight), max(tag) FROM tags".into());
     q.push("SELECT kind, count(*), min(at), max(at) FROM ev GROUP BY kind ORDER BY kind".into());

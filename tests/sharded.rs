@@ -240,8 +240,8 @@ async fn cross_shard_selects_merge_like_one_database() {
     for q in [
         "SELECT avg(score) FROM users",
         "SELECT count(DISTINCT name) FROM users",
-        "SELECT user_id, sum(total) FROM orders GROUP BY user_id HAVING sum(total) > 3",
-        "SELECT DISTINCT ON (name) name, id FROM users",
+        "SELECT user_id, sum(total) FROM orders GROUP BY user_id HAVING sum(total) > avg(total)",
+        "SELECT DISTINCT ON (lower(name)) name, id FROM users",
         "SELECT count(*) FROM users OFFSET 1",
         "SELECT count(*) FROM users GROUP BY name ORDER BY name",
     ] {

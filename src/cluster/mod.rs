@@ -123,6 +123,7 @@ pub struct Database {
     pub two_phase_commits: std::sync::atomic::AtomicU64,
     pub recovered_commits: std::sync::atomic::AtomicU64,
     pub recovered_rollbacks: std::sync::atomic::AtomicU64,
+    splits_reads: bool,
 }
 
 /// Why no node can serve a request.
@@ -133,9 +134,10 @@ pub enum NodeError {
 }
 
 impl Database {
-    /// Whether reads may go to other nodes than the primary.
+    /// Whether reads may go to other nodes than the primary (decided at build: this is
+    /// asked for every query).
     pub fn splits_reads(&self) -> bool {
-        self.config.read_from != ReadFrom::Primary && self.shards.iter().any(|s| s.nodes.len() > 1)
+        self.splits_reads
     }
 
     /// The node that takes a shard's writes.
@@ -303,7 +305,7 @@ impl Topology {
             .databases
             .iter()
             .map(|d| {
-                let shards = d
+                let shards: Vec<Shard> = d
                     .shards
                     .iter()
                     .map(|s| {
@@ -352,7 +354,10 @@ impl Topology {
                         }
                     })
                     .collect();
+                let splits_reads = d.read_from != ReadFrom::Primary
+                    && shards.iter().any(|s: &Shard| s.nodes.len() > 1);
                 let db = Database {
+                    splits_reads,
                     config: d.clone(),
                     router: Router::new(d),
                     shards,

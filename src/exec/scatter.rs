@@ -661,6 +661,15 @@ pub fn merge_select(
     if let Some(roles) = &spec.aggregates {
         rows = aggregate(rows, roles, &cols, &binary_at)?;
     }
+    if let Some(h) = &spec.having {
+        if (0..cols.len()).any(&binary_at) {
+            return Err(PgError::new(
+                "0A000",
+                "HAVING across shards with binary results is not supported yet",
+            ));
+        }
+        rows.retain(|r| h.eval(&fields(r)) == Some(true));
+    }
     if spec.distinct {
         // Equal values in the same format are equal bytes.
         let mut seen = std::collections::HashSet::new();
@@ -733,6 +742,23 @@ pub fn merge_select(
                 }
             }
             Ordering::Equal
+        });
+    }
+    if !spec.distinct_on.is_empty() {
+        // Sorted with the DISTINCT ON columns first: the first row of each run is kept.
+        let key = |r: &BytesMut| -> Vec<Option<Vec<u8>>> {
+            let f = fields(r);
+            spec.distinct_on
+                .iter()
+                .map(|&i| f.get(i).copied().flatten().map(<[u8]>::to_vec))
+                .collect()
+        };
+        let mut last = None;
+        rows.retain(|r| {
+            let k = key(r);
+            let keep = last.as_ref() != Some(&k);
+            last = Some(k);
+            keep
         });
     }
     let skip = (spec.offset as usize).min(rows.len());

@@ -16,9 +16,106 @@ pub struct MergeSpec {
     pub distinct: bool,
     /// For an aggregate query: what each output column is. None: plain rows.
     pub aggregates: Option<Vec<Column>>,
-    /// ORDER BY expressions that are not output columns: each shard returns them as extra
-    /// trailing columns, which pgshard sorts on and strips.
+    /// ORDER BY expressions that are not output columns (or aggregates HAVING needs):
+    /// each shard returns them as extra trailing columns, which pgshard uses and strips.
     pub hidden: Vec<Expr>,
+    /// SELECT DISTINCT ON: the output columns whose values make a row's group; the first
+    /// row of each group in ORDER BY order is kept.
+    pub distinct_on: Vec<usize>,
+    /// HAVING, evaluated on the merged groups (shards return every group).
+    pub having: Option<Pred>,
+}
+
+/// A HAVING condition pgshard evaluates: comparisons of aggregate columns with numbers,
+/// combined with AND, OR and NOT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pred {
+    And(Box<Pred>, Box<Pred>),
+    Or(Box<Pred>, Box<Pred>),
+    Not(Box<Pred>),
+    /// Column (position in the full row, hidden columns included) `op` number.
+    Cmp {
+        col: usize,
+        op: CmpOp,
+        value: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CmpOp {
+    Eq,
+    NotEq,
+    Lt,
+    LtEq,
+    Gt,
+    GtEq,
+}
+
+impl Pred {
+    /// The condition on a merged row's text values (SQL: NULL compares to nothing).
+    pub fn eval(&self, row: &[Option<&[u8]>]) -> Option<bool> {
+        match self {
+            Pred::And(a, b) => match (a.eval(row), b.eval(row)) {
+                (Some(false), _) | (_, Some(false)) => Some(false),
+                (Some(true), Some(true)) => Some(true),
+                _ => None,
+            },
+            Pred::Or(a, b) => match (a.eval(row), b.eval(row)) {
+                (Some(true), _) | (_, Some(true)) => Some(true),
+                (Some(false), Some(false)) => Some(false),
+                _ => None,
+            },
+            Pred::Not(a) => a.eval(row).map(|v| !v),
+            Pred::Cmp { col, op, value } => {
+                let v = std::str::from_utf8(row.get(*col).copied().flatten()?).ok()?;
+                let o = compare_decimal(v, value)?;
+                Some(match op {
+                    CmpOp::Eq => o.is_eq(),
+                    CmpOp::NotEq => o.is_ne(),
+                    CmpOp::Lt => o.is_lt(),
+                    CmpOp::LtEq => o.is_le(),
+                    CmpOp::Gt => o.is_gt(),
+                    CmpOp::GtEq => o.is_ge(),
+                })
+            }
+        }
+    }
+}
+
+/// Compares two decimal numbers written in text, exactly (no floating point).
+pub fn compare_decimal(a: &str, b: &str) -> Option<std::cmp::Ordering> {
+    use std::cmp::Ordering;
+    let parse = |s: &str| -> Option<(bool, String, String)> {
+        let s = s.trim();
+        let (neg, s) = match s.strip_prefix('-') {
+            Some(r) => (true, r),
+            None => (false, s.strip_prefix('+').unwrap_or(s)),
+        };
+        let (i, f) = s.split_once('.').unwrap_or((s, ""));
+        if i.is_empty() && f.is_empty()
+            || !i.bytes().all(|c| c.is_ascii_digit())
+            || !f.bytes().all(|c| c.is_ascii_digit())
+        {
+            return None;
+        }
+        let i = i.trim_start_matches('0').to_string();
+        let f = f.trim_end_matches('0').to_string();
+        let zero = i.is_empty() && f.is_empty();
+        Some((neg && !zero, i, f))
+    };
+    let (na, ia, fa) = parse(a)?;
+    let (nb, ib, fb) = parse(b)?;
+    let magnitude = ia
+        .len()
+        .cmp(&ib.len())
+        .then_with(|| ia.cmp(&ib))
+        .then_with(|| fa.cmp(&fb));
+    Some(match (na, nb) {
+        (false, true) => Ordering::Greater,
+        (true, false) => Ordering::Less,
+        (false, false) => magnitude,
+        (true, true) => magnitude.reverse(),
+    })
 }
 
 impl MergeSpec {
@@ -30,6 +127,7 @@ impl MergeSpec {
             && !self.distinct
             && self.aggregates.is_none()
             && self.hidden.is_empty()
+            && self.distinct_on.is_empty()
     }
 }
 
@@ -81,11 +179,13 @@ pub(super) fn merge_spec(q: &Query) -> Result<MergeSpec, String> {
 /// The statement each shard runs: the client's, with `LIMIT offset+limit` and no OFFSET
 /// when an OFFSET must be applied after merging. None when the client's text serves.
 pub(super) fn shard_statement(q: &Query, spec: &MergeSpec) -> Option<String> {
-    if spec.offset == 0 && spec.hidden.is_empty() {
+    if spec.offset == 0 && spec.hidden.is_empty() && spec.having.is_none() {
         return None;
     }
     let mut q = q.clone();
     if let SetExpr::Select(sel) = &mut *q.body {
+        // Every group comes back: HAVING applies to the merged totals.
+        sel.having = None;
         for (k, e) in spec.hidden.iter().enumerate() {
             sel.projection
                 .push(sqlparser::ast::SelectItem::ExprWithAlias {
@@ -119,18 +219,17 @@ fn plan(q: &Query) -> Result<MergeSpec, String> {
     let SetExpr::Select(sel) = &*q.body else {
         return unsupported("a set operation (UNION/INTERSECT/EXCEPT)");
     };
-    let distinct = match &sel.distinct {
-        None => false,
-        Some(sqlparser::ast::Distinct::Distinct) => true,
-        Some(_) => return unsupported("DISTINCT ON"),
+    let (distinct, distinct_on) = match &sel.distinct {
+        None => (false, None),
+        Some(sqlparser::ast::Distinct::Distinct) => (true, None),
+        Some(sqlparser::ast::Distinct::On(exprs)) => (false, Some(exprs)),
+        #[allow(unreachable_patterns)]
+        Some(_) => return unsupported("this DISTINCT form"),
     };
     let group_exprs: Vec<String> = match &sel.group_by {
         sqlparser::ast::GroupByExpr::All(_) => return unsupported("GROUP BY ALL"),
         sqlparser::ast::GroupByExpr::Expressions(e, _) => e.iter().map(|x| x.to_string()).collect(),
     };
-    if sel.having.is_some() {
-        return unsupported("HAVING");
-    }
     let mut items = Vec::new();
     let mut columns = Vec::new();
     let wildcard = sel.projection.iter().any(|i| {
@@ -178,7 +277,39 @@ fn plan(q: &Query) -> Result<MergeSpec, String> {
                 return unsupported("GROUP BY an expression that is not an output column");
             }
         }
+        if let Some(h) = &sel.having {
+            let mut extra = Vec::new();
+            let pred = having(h, &items, &mut extra)?;
+            for (e, c) in extra {
+                spec.hidden.push(e);
+                columns.push(c);
+            }
+            spec.having = Some(pred);
+        }
         spec.aggregates = Some(columns);
+    } else if sel.having.is_some() {
+        return unsupported("HAVING without aggregates");
+    }
+    if let Some(exprs) = distinct_on {
+        if spec.aggregates.is_some() {
+            return unsupported("DISTINCT ON with aggregates");
+        }
+        for e in exprs {
+            let text = e.to_string();
+            let by_position = text.parse::<usize>().ok();
+            let p = items
+                .iter()
+                .enumerate()
+                .position(|(i, (t, alias))| {
+                    *t == text
+                        || alias.as_deref() == Some(text.to_ascii_lowercase().as_str())
+                        || by_position == Some(i + 1)
+                })
+                .ok_or_else(|| {
+                    "DISTINCT ON an expression that is not an output column across shards is not supported yet; add it to the select list".to_string()
+                })?;
+            spec.distinct_on.push(p);
+        }
     }
     if let Some(ob) = &q.order_by {
         let sqlparser::ast::OrderByKind::Expressions(exprs) = &ob.kind else {
@@ -201,7 +332,8 @@ fn plan(q: &Query) -> Result<MergeSpec, String> {
                             .iter()
                             .position(|(t, alias)| t == n || alias.as_deref() == Some(n))
                     };
-                    let no_hidden = spec.aggregates.is_some() || spec.distinct;
+                    let no_hidden =
+                        spec.aggregates.is_some() || spec.distinct || !spec.distinct_on.is_empty();
                     if let Some(p) = items.iter().position(|(t, _)| *t == text) {
                         OrderCol::Position(p)
                     } else if let Expr::Identifier(id) = e {
@@ -264,7 +396,110 @@ fn plan(q: &Query) -> Result<MergeSpec, String> {
     if q.fetch.is_some() {
         return unsupported("FETCH FIRST");
     }
+    if !spec.distinct_on.is_empty() {
+        // Groups are found after sorting: the DISTINCT ON columns lead the order (as
+        // PostgreSQL requires of a query's ORDER BY), ascending when there is none.
+        let leads = spec
+            .order
+            .iter()
+            .zip(&spec.distinct_on)
+            .all(|(o, d)| o.col == OrderCol::Position(*d));
+        if spec.order.is_empty() {
+            spec.order = spec
+                .distinct_on
+                .iter()
+                .map(|&d| OrderKey {
+                    col: OrderCol::Position(d),
+                    desc: false,
+                    nulls_first: false,
+                })
+                .collect();
+        } else if !leads || spec.order.len() < spec.distinct_on.len() {
+            return unsupported(
+                "DISTINCT ON whose expressions do not lead the ORDER BY by output position",
+            );
+        }
+    }
     Ok(spec)
+}
+
+/// A HAVING condition as a [`Pred`]; aggregates that are not output columns become hidden
+/// aggregate columns (`extra`).
+fn having(
+    e: &Expr,
+    items: &[(String, Option<String>)],
+    extra: &mut Vec<(Expr, Column)>,
+) -> Result<Pred, String> {
+    use sqlparser::ast::{BinaryOperator as B, UnaryOperator};
+    let refuse = || {
+        Err("this HAVING condition across shards is not supported yet (pgshard evaluates comparisons of aggregates with numbers, AND, OR, NOT)".to_string())
+    };
+    match e {
+        Expr::Nested(x) => having(x, items, extra),
+        Expr::UnaryOp {
+            op: UnaryOperator::Not,
+            expr,
+        } => Ok(Pred::Not(Box::new(having(expr, items, extra)?))),
+        Expr::BinaryOp {
+            left,
+            op: B::And,
+            right,
+        } => Ok(Pred::And(
+            Box::new(having(left, items, extra)?),
+            Box::new(having(right, items, extra)?),
+        )),
+        Expr::BinaryOp {
+            left,
+            op: B::Or,
+            right,
+        } => Ok(Pred::Or(
+            Box::new(having(left, items, extra)?),
+            Box::new(having(right, items, extra)?),
+        )),
+        Expr::BinaryOp { left, op, right } => {
+            let op = match op {
+                B::Eq => CmpOp::Eq,
+                B::NotEq => CmpOp::NotEq,
+                B::Lt => CmpOp::Lt,
+                B::LtEq => CmpOp::LtEq,
+                B::Gt => CmpOp::Gt,
+                B::GtEq => CmpOp::GtEq,
+                _ => return refuse(),
+            };
+            let number = |x: &Expr| match value_of(x) {
+                Some(KeyRef::Literal(n)) if compare_decimal(&n, "0").is_some() => Some(n),
+                _ => None,
+            };
+            let flip = |op: CmpOp| match op {
+                CmpOp::Lt => CmpOp::Gt,
+                CmpOp::LtEq => CmpOp::GtEq,
+                CmpOp::Gt => CmpOp::Lt,
+                CmpOp::GtEq => CmpOp::LtEq,
+                o => o,
+            };
+            let (agg, value, op) = match (number(left), number(right)) {
+                (None, Some(v)) => (left, v, op),
+                (Some(v), None) => (right, v, flip(op)),
+                _ => return refuse(),
+            };
+            let Some(Ok(kind)) = top_aggregate(agg) else {
+                return refuse();
+            };
+            let text = agg.to_string();
+            let col = match items.iter().position(|(t, _)| *t == text) {
+                Some(p) => p,
+                None => match extra.iter().position(|(x, _)| x.to_string() == text) {
+                    Some(k) => items.len() + k,
+                    None => {
+                        extra.push(((**agg).clone(), kind));
+                        items.len() + extra.len() - 1
+                    }
+                },
+            };
+            Ok(Pred::Cmp { col, op, value })
+        }
+        _ => refuse(),
+    }
 }
 /// The aggregate an output column is, when it is one call of count/sum/min/max.
 fn top_aggregate(e: &Expr) -> Option<Result<Column, &'static str>> {
@@ -377,7 +612,47 @@ mod tests {
                 distinct: false,
                 aggregates: None,
                 hidden: Vec::new(),
+                distinct_on: Vec::new(),
+                having: None,
             }
+        );
+        // HAVING: every group comes back from the shards, the condition is applied after
+        // merging, on hidden aggregate columns when they are not output columns.
+        let a = analyze(
+            "SELECT user_id FROM orders GROUP BY user_id HAVING count(*) > 2 AND sum(total) <= 10.5",
+            &rules(),
+        )
+        .unwrap();
+        let spec = a.merge.clone().unwrap().unwrap();
+        assert_eq!(
+            spec.aggregates,
+            Some(vec![Column::Key, Column::Count, Column::Sum])
+        );
+        assert_eq!(spec.hidden.len(), 2);
+        assert_eq!(
+            a.shard_sql.as_deref(),
+            Some(
+                "SELECT user_id, count(*) AS \"__pgshard_sort_0\", sum(total) AS \"__pgshard_sort_1\" FROM orders GROUP BY user_id"
+            )
+        );
+        let row: Vec<Option<&[u8]>> = vec![Some(b"1"), Some(b"3"), Some(b"10.50")];
+        assert_eq!(spec.having.as_ref().unwrap().eval(&row), Some(true));
+        let row: Vec<Option<&[u8]>> = vec![Some(b"1"), Some(b"2"), Some(b"1")];
+        assert_eq!(spec.having.as_ref().unwrap().eval(&row), Some(false));
+        assert!(
+            m("SELECT user_id FROM orders GROUP BY user_id HAVING sum(total) > avg(total)")
+                .is_err()
+        );
+        // DISTINCT ON: sorted by its columns first, then the first row of each run kept.
+        let d = m("SELECT DISTINCT ON (name) name, id FROM users ORDER BY name, id DESC").unwrap();
+        assert_eq!(d.distinct_on, vec![0]);
+        assert!(m("SELECT DISTINCT ON (name) name, id FROM users ORDER BY id").is_err());
+        assert_eq!(
+            m("SELECT DISTINCT ON (id) id, name FROM users")
+                .unwrap()
+                .order
+                .len(),
+            1
         );
         let a = m("SELECT user_id, count(*), sum(total) AS t, min(id), max(id) FROM orders GROUP BY user_id ORDER BY t DESC LIMIT 3").unwrap();
         assert_eq!(
@@ -445,10 +720,10 @@ mod tests {
         for bad in [
             "SELECT avg(id) FROM users",
             "SELECT count(DISTINCT name) FROM users",
-            "SELECT user_id, sum(total) FROM orders GROUP BY user_id HAVING sum(total) > 1",
+            "SELECT user_id, sum(total) FROM orders GROUP BY user_id HAVING sum(total) > max(id)",
             "SELECT sum(total) FROM orders GROUP BY user_id + 1",
             "SELECT count(*)::int FROM users",
-            "SELECT DISTINCT ON (name) name, id FROM users",
+            "SELECT DISTINCT ON (lower(name)) name, id FROM users",
             "SELECT count(*) FROM users OFFSET 1",
             "SELECT id FROM users LIMIT $1",
             "SELECT id FROM users UNION SELECT user_id FROM orders",
@@ -457,5 +732,25 @@ mod tests {
         ] {
             assert!(m(bad).is_err(), "{bad}");
         }
+    }
+}
+
+#[cfg(test)]
+mod decimal_tests {
+    use super::compare_decimal;
+    use std::cmp::Ordering::*;
+
+    #[test]
+    fn decimals_compare_exactly() {
+        assert_eq!(compare_decimal("10.50", "10.5"), Some(Equal));
+        assert_eq!(compare_decimal("-1", "0"), Some(Less));
+        assert_eq!(compare_decimal("-0.0", "0"), Some(Equal));
+        assert_eq!(
+            compare_decimal("123456789012345678901234567890", "99"),
+            Some(Greater)
+        );
+        assert_eq!(compare_decimal("-2.5", "-2.45"), Some(Less));
+        assert_eq!(compare_decimal("0.1", ".09"), Some(Greater));
+        assert_eq!(compare_decimal("x", "1"), None);
     }
 }
