@@ -181,6 +181,21 @@ fn corpus() -> Vec<String> {
         ));
     }
     q.push("SELECT user_id, count(*) FROM orders GROUP BY user_id HAVING count(*) > 2".into());
+    // avg: PostgreSQL's result type and scale (numeric division; float8 for floats).
+    q.push("SELECT avg(score), avg(id) FROM users WHERE id = 7".into());
+    q.push("SELECT avg(total), avg(qty) FROM orders WHERE user_id = 7".into());
+    q.push("SELECT avg(score) FROM users".into());
+    q.push("SELECT avg(qty), avg(total), count(*) FROM orders".into());
+    q.push("SELECT avg(weight) AS w FROM tags".into());
+    for m in [2, 5] {
+        q.push(format!(
+            "SELECT user_id % {m} AS g, avg(total), avg(qty) FROM orders GROUP BY g ORDER BY g"
+        ));
+        q.push(format!(
+            "SELECT id % {m} AS g, avg(CASE WHEN id % 3 = 0 THEN NULL ELSE score END) AS a FROM users GROUP BY g ORDER BY a DESC"
+        ));
+    }
+    q.push("SELECT avg(qty) FROM orders WHERE qty < 0".into());
     q.push("SELECT count(*), sum(score), min(score), max(score) FROM users".into());
     q.push("SELECT count(*), sum(weight), max(tag) FROM tags".into());
     q.push("SELECT kind, count(*), min(at), max(at) FROM ev GROUP BY kind ORDER BY kind".into());

@@ -238,7 +238,7 @@ async fn cross_shard_selects_merge_like_one_database() {
     assert_eq!(a.len(), 200);
     // What cannot be merged yet is refused, never answered wrongly.
     for q in [
-        "SELECT avg(score) FROM users",
+        "SELECT avg(DISTINCT score) FROM users",
         "SELECT count(DISTINCT name) FROM users",
         "SELECT user_id, sum(total) FROM orders GROUP BY user_id HAVING sum(total) > avg(total)",
         "SELECT DISTINCT ON (lower(name)) name, id FROM users",

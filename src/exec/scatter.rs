@@ -325,6 +325,93 @@ fn columns(t: &[u8]) -> Vec<(String, u32)> {
     out
 }
 
+/// Turns each avg column's merged sum into the average (with its hidden count), and its
+/// type into avg's: numeric for integer and numeric input, float8 for floating point.
+fn finish_avg(
+    t: BytesMut,
+    rows: Vec<BytesMut>,
+    avg: &[(usize, usize)],
+    cols: &[(String, u32)],
+    binary_at: &dyn Fn(usize) -> bool,
+) -> Result<(BytesMut, Vec<BytesMut>), PgError> {
+    let mut kinds = Vec::with_capacity(avg.len());
+    for &(col, _) in avg {
+        if binary_at(col) {
+            return Err(PgError::new(
+                "0A000",
+                "avg across shards with binary results is not supported yet",
+            ));
+        }
+        let float = match cols.get(col).map(|c| c.1) {
+            Some(20 | 1700) => false,
+            Some(700 | 701) => true,
+            other => {
+                return Err(PgError::new(
+                    "0A000",
+                    format!(
+                        "avg across shards over this type (oid {other:?}) is not supported yet"
+                    ),
+                ));
+            }
+        };
+        kinds.push(float);
+    }
+    let mut out_rows = Vec::with_capacity(rows.len());
+    for r in rows {
+        let f = fields(&r);
+        let mut values: Vec<Option<Vec<u8>>> = f.iter().map(|x| x.map(<[u8]>::to_vec)).collect();
+        for (&(col, count_col), &float) in avg.iter().zip(&kinds) {
+            let count: u64 = f
+                .get(count_col)
+                .copied()
+                .flatten()
+                .and_then(|c| std::str::from_utf8(c).ok()?.parse().ok())
+                .unwrap_or(0);
+            let sum = f
+                .get(col)
+                .copied()
+                .flatten()
+                .and_then(|s| std::str::from_utf8(s).ok());
+            let value = match sum {
+                None => None,
+                Some(sum) if float => super::numeric::float_avg(sum, count),
+                Some(sum) => super::numeric::numeric_avg(sum, count),
+            };
+            values[col] = value.map(String::into_bytes);
+        }
+        let mut body = BytesMut::new();
+        body.put_u16(values.len() as u16);
+        for v in &values {
+            match v {
+                None => body.put_i32(-1),
+                Some(b) => {
+                    body.put_i32(b.len() as i32);
+                    body.put_slice(b);
+                }
+            }
+        }
+        let mut row = BytesMut::with_capacity(body.len() + 5);
+        protocol::write_msg(&mut row, b'D', &body);
+        out_rows.push(row);
+    }
+    // The RowDescription: avg's type in place of sum's.
+    let mut b = protocol::body(&t).to_vec();
+    let mut pos = 2;
+    for i in 0..cols.len() {
+        let end = pos + b[pos..].iter().position(|&c| c == 0).unwrap_or(0) + 1;
+        if let Some(k) = avg.iter().position(|(c, _)| *c == i) {
+            let (oid, len): (u32, i16) = if kinds[k] { (701, 8) } else { (1700, -1) };
+            b[end + 6..end + 10].copy_from_slice(&oid.to_be_bytes());
+            b[end + 10..end + 12].copy_from_slice(&len.to_be_bytes());
+            b[end + 12..end + 16].copy_from_slice(&(-1i32).to_be_bytes());
+        }
+        pos = end + 18;
+    }
+    let mut desc = BytesMut::new();
+    protocol::write_msg(&mut desc, b'T', &b);
+    Ok((desc, out_rows))
+}
+
 /// The fields of a DataRow (None = NULL).
 fn fields(d: &[u8]) -> Vec<Option<&[u8]>> {
     let b = protocol::body(d);
@@ -453,7 +540,7 @@ fn aggregate(
                     let merged = match (role, acc[i].take(), f[i].clone()) {
                         (Column::Key, a, _) => a,
                         (_, None, b) | (_, b, None) => b,
-                        (Column::Count | Column::Sum, Some(a), Some(b)) => {
+                        (Column::Count | Column::Sum | Column::Avg, Some(a), Some(b)) => {
                             Some(add(oid, bin, &a, &b)?)
                         }
                         (Column::Min | Column::Max, Some(a), Some(b)) => {
@@ -649,17 +736,26 @@ pub fn merge_select(
             }
         }
     }
-    let Some(t) = description else {
+    let Some(mut t) = description else {
         return Err(PgError::new("XX000", "no row description from any shard"));
     };
-    let cols = columns(&t);
+    let mut cols = columns(&t);
     let binary_at = |i: usize| match binary.len() {
         0 => false,
         1 => binary[0],
         _ => binary.get(i).copied().unwrap_or(false),
     };
     if let Some(roles) = &spec.aggregates {
-        rows = aggregate(rows, roles, &cols, &binary_at)?;
+        // An avg column carries sums until the division below.
+        let roles: Vec<Column> = roles
+            .iter()
+            .map(|c| if *c == Column::Avg { Column::Sum } else { *c })
+            .collect();
+        rows = aggregate(rows, &roles, &cols, &binary_at)?;
+    }
+    if !spec.avg.is_empty() {
+        (t, rows) = finish_avg(t, rows, &spec.avg, &cols, &binary_at)?;
+        cols = columns(&t);
     }
     if let Some(h) = &spec.having {
         if (0..cols.len()).any(&binary_at) {

@@ -24,6 +24,9 @@ pub struct MergeSpec {
     pub distinct_on: Vec<usize>,
     /// HAVING, evaluated on the merged groups (shards return every group).
     pub having: Option<Pred>,
+    /// avg columns: (output position, position of their hidden count column). Shards
+    /// return the sum in the avg's place; pgshard divides after merging.
+    pub avg: Vec<(usize, usize)>,
 }
 
 /// A HAVING condition pgshard evaluates: comparisons of aggregate columns with numbers,
@@ -140,6 +143,8 @@ pub enum Column {
     Count,
     /// sum(...): per-shard sums add up.
     Sum,
+    /// avg(...): shards return sum(...) here and count(...) in a hidden column.
+    Avg,
     Min,
     Max,
 }
@@ -179,13 +184,32 @@ pub(super) fn merge_spec(q: &Query) -> Result<MergeSpec, String> {
 /// The statement each shard runs: the client's, with `LIMIT offset+limit` and no OFFSET
 /// when an OFFSET must be applied after merging. None when the client's text serves.
 pub(super) fn shard_statement(q: &Query, spec: &MergeSpec) -> Option<String> {
-    if spec.offset == 0 && spec.hidden.is_empty() && spec.having.is_none() {
+    if spec.offset == 0 && spec.hidden.is_empty() && spec.having.is_none() && spec.avg.is_empty() {
         return None;
     }
     let mut q = q.clone();
     if let SetExpr::Select(sel) = &mut *q.body {
         // Every group comes back: HAVING applies to the merged totals.
         sel.having = None;
+        // avg(x) becomes sum(x), under the name avg(x) would have had.
+        for &(col, _) in &spec.avg {
+            let item = &mut sel.projection[col];
+            let (expr, alias) = match item.clone() {
+                sqlparser::ast::SelectItem::UnnamedExpr(e) => {
+                    (e, sqlparser::ast::Ident::new("avg"))
+                }
+                sqlparser::ast::SelectItem::ExprWithAlias { expr, alias } => (expr, alias),
+                _ => continue,
+            };
+            let Expr::Function(mut f) = expr else {
+                continue;
+            };
+            f.name = sqlparser::ast::ObjectName::from(vec![sqlparser::ast::Ident::new("sum")]);
+            *item = sqlparser::ast::SelectItem::ExprWithAlias {
+                expr: Expr::Function(f),
+                alias,
+            };
+        }
         for (k, e) in spec.hidden.iter().enumerate() {
             sel.projection
                 .push(sqlparser::ast::SelectItem::ExprWithAlias {
@@ -240,6 +264,9 @@ fn plan(q: &Query) -> Result<MergeSpec, String> {
         )
     });
     let mut any_aggregate = false;
+    // Hidden aggregate columns: avg's counts, then HAVING's aggregates.
+    let mut extra: Vec<(Expr, Column)> = Vec::new();
+    let mut avg = Vec::new();
     for item in &sel.projection {
         let (e, alias) = match item {
             sqlparser::ast::SelectItem::UnnamedExpr(e) => (e, None),
@@ -258,6 +285,16 @@ fn plan(q: &Query) -> Result<MergeSpec, String> {
             }
             None => Column::Key,
         };
+        if column == Column::Avg {
+            let Expr::Function(f) = e else {
+                unreachable!("top_aggregate")
+            };
+            let mut count = f.clone();
+            count.name =
+                sqlparser::ast::ObjectName::from(vec![sqlparser::ast::Ident::new("count")]);
+            avg.push((columns.len(), extra.len()));
+            extra.push((Expr::Function(count), Column::Count));
+        }
         columns.push(column);
         items.push((e.to_string(), alias.map(|a| a.value.to_ascii_lowercase())));
     }
@@ -278,13 +315,15 @@ fn plan(q: &Query) -> Result<MergeSpec, String> {
             }
         }
         if let Some(h) = &sel.having {
-            let mut extra = Vec::new();
-            let pred = having(h, &items, &mut extra)?;
-            for (e, c) in extra {
-                spec.hidden.push(e);
-                columns.push(c);
-            }
-            spec.having = Some(pred);
+            spec.having = Some(having(h, &items, &mut extra)?);
+        }
+        spec.avg = avg
+            .into_iter()
+            .map(|(col, k)| (col, items.len() + k))
+            .collect();
+        for (e, c) in extra {
+            spec.hidden.push(e);
+            columns.push(c);
         }
         spec.aggregates = Some(columns);
     } else if sel.having.is_some() {
@@ -485,6 +524,9 @@ fn having(
             let Some(Ok(kind)) = top_aggregate(agg) else {
                 return refuse();
             };
+            if kind == Column::Avg {
+                return refuse();
+            }
             let text = agg.to_string();
             let col = match items.iter().position(|(t, _)| *t == text) {
                 Some(p) => p,
@@ -514,7 +556,7 @@ fn top_aggregate(e: &Expr) -> Option<Result<Column, &'static str>> {
         "sum" => Column::Sum,
         "min" => Column::Min,
         "max" => Column::Max,
-        "avg" => return Some(Err("avg (use sum() and count())")),
+        "avg" => Column::Avg,
         _ => return has_aggregate(e).then_some(Err("this aggregate")),
     };
     if let sqlparser::ast::FunctionArguments::List(l) = &f.args
@@ -614,8 +656,21 @@ mod tests {
                 hidden: Vec::new(),
                 distinct_on: Vec::new(),
                 having: None,
+                avg: Vec::new(),
             }
         );
+        let a = analyze(
+            "SELECT user_id, avg(total) FROM orders GROUP BY user_id",
+            &rules(),
+        )
+        .unwrap();
+        assert_eq!(
+            a.shard_sql.as_deref(),
+            Some(
+                "SELECT user_id, sum(total) AS avg, count(total) AS \"__pgshard_sort_0\" FROM orders GROUP BY user_id"
+            )
+        );
+        assert_eq!(a.merge.unwrap().unwrap().avg, vec![(1, 2)]);
         // HAVING: every group comes back from the shards, the condition is applied after
         // merging, on hidden aggregate columns when they are not output columns.
         let a = analyze(
@@ -718,7 +773,7 @@ mod tests {
             OrderCol::Position(0)
         );
         for bad in [
-            "SELECT avg(id) FROM users",
+            "SELECT avg(DISTINCT id) FROM users",
             "SELECT count(DISTINCT name) FROM users",
             "SELECT user_id, sum(total) FROM orders GROUP BY user_id HAVING sum(total) > max(id)",
             "SELECT sum(total) FROM orders GROUP BY user_id + 1",
