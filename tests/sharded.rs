@@ -127,21 +127,15 @@ async fn ddl_is_all_or_none() {
     let addr = setup().await;
     let c = connect(addr).await;
     let [p0, p1] = ports();
-    // The table already exists on shard 1 only: the CREATE fails there and is rolled back
-    // on shard 0.
+    // The index already exists on shard 1 only: the CREATE fails there and is rolled
+    // back on shard 0.
     connect_server(p1, "app")
         .await
-        .batch_execute("DROP TABLE IF EXISTS t_ddl; CREATE TABLE t_ddl (x int)")
+        .batch_execute("DROP INDEX IF EXISTS users_dup; CREATE INDEX users_dup ON users (id)")
         .await
         .unwrap();
-    connect_server(p0, "app")
-        .await
-        .batch_execute("DROP TABLE IF EXISTS t_ddl")
-        .await
-        .unwrap();
-    // t_ddl is not sharded; naming the sharded users table makes the string go everywhere.
     let e = c
-        .batch_execute("CREATE TABLE t_ddl (x int); CREATE INDEX ON users (name)")
+        .batch_execute("CREATE INDEX users_dup ON users (name)")
         .await
         .unwrap_err();
     assert_eq!(sqlstate(&e), "42P07");
@@ -153,9 +147,14 @@ async fn ddl_is_all_or_none() {
             .unwrap()
             .get::<_, bool>(0)
     };
-    let t = "SELECT to_regclass('t_ddl') IS NOT NULL";
+    let t = "SELECT to_regclass('users_dup') IS NOT NULL";
     assert!(!exists(p0, t).await, "rolled back on shard 0");
     assert!(exists(p1, t).await);
+    connect_server(p1, "app")
+        .await
+        .batch_execute("DROP INDEX users_dup")
+        .await
+        .unwrap();
     // Statements that cannot run in a transaction block still broadcast.
     c.batch_execute("VACUUM users").await.unwrap();
     c.batch_execute("CREATE INDEX CONCURRENTLY IF NOT EXISTS users_name_c ON users (name)")

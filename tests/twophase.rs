@@ -107,14 +107,14 @@ async fn commit_rollback_errors_and_savepoints_across_shards() {
         "decision rows are removed once committed everywhere"
     );
 
-    // ROLLBACK undoes both.
+    // ROLLBACK undoes both, in one query string or statement by statement.
     app.batch_execute(&format!(
         "BEGIN; UPDATE tp_accounts SET balance = 0 WHERE id = {a}; \
          UPDATE tp_accounts SET balance = 0 WHERE id = {b}; ROLLBACK"
     ))
     .await
-    .unwrap_err();
-    // (one string over two shards is refused; statement by statement it works)
+    .unwrap();
+    assert_eq!(balances(&app).await, (90, 110));
     app.batch_execute("BEGIN").await.unwrap();
     app.batch_execute(&format!(
         "UPDATE tp_accounts SET balance = 0 WHERE id = {a}"
@@ -128,6 +128,61 @@ async fn commit_rollback_errors_and_savepoints_across_shards() {
     .unwrap();
     app.batch_execute("ROLLBACK").await.unwrap();
     assert_eq!(balances(&app).await, (90, 110));
+
+    // One query string over both shards is one implicit transaction: its statements'
+    // results come back in order, and an error rolls back all of it.
+    let msgs = app
+        .simple_query(&format!(
+            "UPDATE tp_accounts SET balance = balance - 1 WHERE id = {a}; \
+             UPDATE tp_accounts SET balance = balance + 1 WHERE id = {b}; \
+             SELECT sum(balance) FROM tp_accounts"
+        ))
+        .await
+        .unwrap();
+    let r = rows(&msgs);
+    assert_eq!(r, vec![vec![Some("200".to_string())]]);
+    let tags = msgs
+        .iter()
+        .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::CommandComplete(1)))
+        .count();
+    assert_eq!(tags, 3, "UPDATE 1, UPDATE 1, SELECT 1");
+    assert_eq!(balances(&app).await, (89, 111));
+    let e = app
+        .batch_execute(&format!(
+            "UPDATE tp_accounts SET balance = balance - 1 WHERE id = {a}; \
+             UPDATE tp_accounts SET balance = -5 WHERE id = {b}; \
+             UPDATE tp_accounts SET balance = 0 WHERE id = {a}"
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "23514");
+    assert_eq!(
+        balances(&app).await,
+        (89, 111),
+        "the failed string left changes"
+    );
+    // With its own BEGIN: COMMIT at the end commits; an error leaves the transaction
+    // aborted until ROLLBACK, as in PostgreSQL.
+    app.batch_execute(&format!(
+        "BEGIN; UPDATE tp_accounts SET balance = balance + 1 WHERE id = {a}; \
+         UPDATE tp_accounts SET balance = balance - 1 WHERE id = {b}; COMMIT"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(balances(&app).await, (90, 110));
+    let e = app
+        .batch_execute(&format!(
+            "BEGIN; UPDATE tp_accounts SET balance = 1 WHERE id = {a}; \
+             UPDATE tp_accounts SET balance = -1 WHERE id = {b}; COMMIT"
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "23514");
+    let e = app.batch_execute("SELECT 1").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "25P02");
+    app.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(balances(&app).await, (90, 110));
+    assert_eq!(prepared(&c), ["0", "0"]);
 
     // An error on the second shard: 25P02 until ROLLBACK; COMMIT then rolls back.
     app.batch_execute("BEGIN").await.unwrap();

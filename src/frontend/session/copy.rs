@@ -209,19 +209,9 @@ impl Session {
     /// new implicit one). False when the client got an error.
     async fn enter_shards(&mut self, shards: &[usize]) -> Result<bool, SessionError> {
         for &s in shards {
-            let ok = if self.backend.is_none() {
-                self.reads.read_ok = false;
-                self.attach(s).await
-            } else if self.shard == s {
-                true
-            } else {
-                self.join_shard(s).await?
-            };
-            if !ok {
+            if !self.enter_shard(s).await? {
                 return Ok(false);
             }
-            self.route.movable_begin = None;
-            self.settle().await?;
         }
         Ok(true)
     }
@@ -256,18 +246,6 @@ impl Session {
                 self.multi.parked.push((s, b));
             }
         }
-    }
-
-    /// Starts a transaction for a statement outside one (implicit), as `run_multi_tx` does.
-    async fn begin_implicit(&mut self) -> Result<bool, SessionError> {
-        if self.status != b'I' {
-            return Ok(false);
-        }
-        self.settle().await?;
-        self.detach().await;
-        self.route.deferred_begin = Some("BEGIN".to_string());
-        self.status = b'T';
-        Ok(true)
     }
 
     /// Ends the statement: the implicit transaction commits (or rolls back after an

@@ -60,6 +60,47 @@ pub(super) fn frame_tags(b: &[u8]) -> Vec<u8> {
 }
 
 impl Session {
+    /// How a statement over several shards runs, or why it cannot.
+    pub(super) fn multi_plan(&self, shards: &[usize], a: &Analysis) -> Result<Multi, PgError> {
+        let sharded_writes_allowed =
+            self.db.config.cross_shard_writes == crate::config::CrossShardWrites::Allow;
+        Ok(match (a.kind, &a.merge) {
+            (Kind::Ddl, _) => Multi::Ddl,
+            (Kind::Read | Kind::Other, Some(Ok(spec))) => Multi::Merge(spec.clone()),
+            (Kind::Read | Kind::Other, Some(Err(why))) => {
+                return Err(PgError::new("0A000", why.clone()));
+            }
+            (Kind::Read | Kind::Other, None) => {
+                return Err(PgError::new(
+                    "0A000",
+                    "this statement over several shards cannot be merged",
+                ));
+            }
+            (Kind::Write, _) if a.inserts_sharded => match &a.insert_split {
+                Some(split) => match self.db.router.split_insert(split, &Default::default()) {
+                    Ok(parts) => Multi::SplitInsert(parts),
+                    Err(e) => return Err(PgError::new(e.sqlstate(), e.to_string())),
+                },
+                None => {
+                    return Err(PgError::new(
+                        "0A000",
+                        format!("this INSERT needs shards {shards:?}, and only INSERT ... VALUES can be split over shards"),
+                    )
+                    .with_hint("Insert the rows of each shard key separately."));
+                }
+            },
+            (Kind::Write, _) if a.writes_reference => Multi::Write { sum: false },
+            (Kind::Write, _) if sharded_writes_allowed => Multi::Write { sum: true },
+            (Kind::Write, _) => {
+                return Err(PgError::new(
+                    "0A000",
+                    format!("this write needs shards {shards:?}, and cross_shard_writes is deny"),
+                )
+                .with_hint("Add a shard key condition, or set cross_shard_writes: allow for this database (all or none, with two-phase commit)."));
+            }
+        })
+    }
+
     /// A statement over several shards (simple protocol, outside a transaction).
     pub(super) async fn run_multi(
         &mut self,
@@ -72,51 +113,10 @@ impl Session {
             self.answer_error(e);
             return Ok(());
         }
-        let sharded_writes_allowed =
-            self.db.config.cross_shard_writes == crate::config::CrossShardWrites::Allow;
-        let plan = match (a.kind, &a.merge) {
-            (Kind::Ddl, _) => Multi::Ddl,
-            (Kind::Read | Kind::Other, Some(Ok(spec))) => Multi::Merge(spec.clone()),
-            (Kind::Read | Kind::Other, Some(Err(why))) => {
-                self.answer_error(PgError::new("0A000", why.clone()));
-                return Ok(());
-            }
-            (Kind::Read | Kind::Other, None) => {
-                self.answer_error(PgError::new(
-                    "0A000",
-                    "a query string with several statements over several shards is not supported yet; send them one by one",
-                ));
-                return Ok(());
-            }
-            (Kind::Write, _) if a.inserts_sharded => match &a.insert_split {
-                Some(split) => match self.db.router.split_insert(split, &Default::default()) {
-                    Ok(parts) => Multi::SplitInsert(parts),
-                    Err(e) => {
-                        self.answer_error(PgError::new(e.sqlstate(), e.to_string()));
-                        return Ok(());
-                    }
-                },
-                None => {
-                    self.answer_error(
-                        PgError::new(
-                            "0A000",
-                            format!("this INSERT needs shards {shards:?}, and only INSERT ... VALUES can be split over shards"),
-                        )
-                        .with_hint("Insert the rows of each shard key separately."),
-                    );
-                    return Ok(());
-                }
-            },
-            (Kind::Write, _) if a.writes_reference => Multi::Write { sum: false },
-            (Kind::Write, _) if sharded_writes_allowed => Multi::Write { sum: true },
-            (Kind::Write, _) => {
-                self.answer_error(
-                    PgError::new(
-                        "0A000",
-                        format!("this write needs shards {shards:?}, and cross_shard_writes is deny"),
-                    )
-                    .with_hint("Add a shard key condition, or set cross_shard_writes: allow for this database (until two-phase commit, all or none as far as one-phase commit allows)."),
-                );
+        let plan = match self.multi_plan(&shards, a) {
+            Ok(p) => p,
+            Err(e) => {
+                self.answer_error(e);
                 return Ok(());
             }
         };

@@ -12,6 +12,7 @@ mod multi;
 mod prepared;
 mod replica;
 mod route;
+mod script;
 mod server;
 
 use prepared::{Stmt, missing_statement, server_name};

@@ -275,90 +275,11 @@ impl Session {
         plan: super::cross::Multi,
         a: &crate::router::Analysis,
     ) -> Result<(), SessionError> {
-        use super::cross::Multi;
-        use crate::exec::scatter;
-        let implicit = self.status == b'I';
-        if implicit {
-            // A connection kept only for answers in flight must not take part unbegun.
-            self.settle().await?;
-            self.detach().await;
-            self.route.deferred_begin = Some("BEGIN".to_string());
-            self.status = b'T';
-        }
+        let implicit = self.begin_implicit().await?;
         let started = std::time::Instant::now();
-        let mut results = Vec::with_capacity(shards.len());
-        let mut failed = false;
-        for &s in &shards {
-            let joined = if self.backend.is_none() {
-                self.reads.read_ok = false;
-                let ok = self.attach(s).await;
-                if !ok {
-                    self.route.deferred_begin = None;
-                }
-                ok
-            } else if self.shard == s {
-                true
-            } else {
-                self.join_shard(s).await?
-            };
-            if !joined {
-                // The client got the error (a shard unavailable).
-                failed = true;
-                break;
-            }
-            self.route.movable_begin = None;
-            self.settle().await?;
-            let stmt: &str = match &plan {
-                Multi::SplitInsert(parts) => parts
-                    .iter()
-                    .find(|(p, _)| *p == s)
-                    .map(|(_, q)| q.as_str())
-                    .unwrap_or(sql),
-                Multi::Merge(_) => a.shard_sql.as_deref().unwrap_or(sql),
-                _ => sql,
-            };
-            let Some(b) = self.backend.as_mut() else {
-                failed = true;
-                break;
-            };
-            self.reads.executed = true;
-            match run_on(b, stmt).await {
-                Ok((frames, status)) => {
-                    let error = frames.iter().any(|f| f[0] == b'E');
-                    results.push(frames);
-                    if error || status == b'E' {
-                        self.status = b'E';
-                        break;
-                    }
-                }
-                Err(e) => {
-                    self.backend_lost(e.to_string());
-                    return Ok(());
-                }
-            }
-        }
-        for &s in &shards {
-            crate::metrics::inc(&self.db.shards[s].stats.cross_shard);
-        }
-        let mut out = if failed {
-            self.status = b'E';
-            Ok(bytes::BytesMut::new())
-        } else {
-            match &plan {
-                Multi::Merge(spec) => scatter::merge_select(results, spec, &[]),
-                Multi::SplitInsert(_) => Ok(scatter::combine_writes(results, true)),
-                Multi::Write { sum } => Ok(scatter::combine_writes(results, *sum)),
-                Multi::Ddl => Ok(scatter::broadcast_result(results)),
-            }
+        let Some(mut out) = self.multi_tx_out(sql, &shards, &plan, a).await? else {
+            return Ok(());
         };
-        if let Err(e) = &out {
-            // A merge that failed: the transaction is over, as after any error.
-            self.status = b'E';
-            let mut f = bytes::BytesMut::new();
-            e.write(&mut f);
-            out = Ok(f);
-        }
-        let mut out = out.expect("errors turned into frames");
         if implicit {
             let end = if self.status == b'E' {
                 "ROLLBACK"
@@ -374,6 +295,134 @@ impl Session {
         self.cout.extend_from_slice(&out);
         protocol::write_ready(&mut self.cout, self.status);
         Ok(())
+    }
+
+    /// Starts an implicit transaction when the session is outside one (true then): the
+    /// next attach sends BEGIN.
+    pub(super) async fn begin_implicit(&mut self) -> Result<bool, SessionError> {
+        if self.status != b'I' {
+            return Ok(false);
+        }
+        // A connection kept only for answers in flight must not take part unbegun.
+        self.settle().await?;
+        self.detach().await;
+        self.route.deferred_begin = Some("BEGIN".to_string());
+        self.status = b'T';
+        Ok(true)
+    }
+
+    /// Runs a statement over several shards inside the current transaction, each shard in
+    /// turn (joining it first); its results, combined, for the client. None when a server
+    /// connection was lost (the client got that error).
+    pub(super) async fn multi_tx_out(
+        &mut self,
+        sql: &str,
+        shards: &[usize],
+        plan: &super::cross::Multi,
+        a: &crate::router::Analysis,
+    ) -> Result<Option<bytes::BytesMut>, SessionError> {
+        use super::cross::Multi;
+        use crate::exec::scatter;
+        let mut results = Vec::with_capacity(shards.len());
+        let mut failed = false;
+        for &s in shards {
+            if !self.enter_shard(s).await? {
+                // The client got the error (a shard unavailable).
+                failed = true;
+                break;
+            }
+            let stmt: &str = match plan {
+                Multi::SplitInsert(parts) => parts
+                    .iter()
+                    .find(|(p, _)| *p == s)
+                    .map(|(_, q)| q.as_str())
+                    .unwrap_or(sql),
+                Multi::Merge(_) => a.shard_sql.as_deref().unwrap_or(sql),
+                _ => sql,
+            };
+            match self.run_here(stmt).await? {
+                None => return Ok(None),
+                Some(frames) => {
+                    let error = frames.iter().any(|f| f[0] == b'E');
+                    results.push(frames);
+                    if error {
+                        break;
+                    }
+                }
+            }
+        }
+        for &s in shards {
+            crate::metrics::inc(&self.db.shards[s].stats.cross_shard);
+        }
+        let out = if failed {
+            self.status = b'E';
+            Ok(bytes::BytesMut::new())
+        } else {
+            match plan {
+                Multi::Merge(spec) => scatter::merge_select(results, spec, &[]),
+                Multi::SplitInsert(_) => Ok(scatter::combine_writes(results, true)),
+                Multi::Write { sum } => Ok(scatter::combine_writes(results, *sum)),
+                Multi::Ddl => Ok(scatter::broadcast_result(results)),
+            }
+        };
+        Ok(Some(match out {
+            Ok(f) => f,
+            Err(e) => {
+                // A merge that failed: the transaction is over, as after any error.
+                self.status = b'E';
+                let mut f = bytes::BytesMut::new();
+                e.write(&mut f);
+                f
+            }
+        }))
+    }
+
+    /// Makes shard `s` the attached participant of the transaction (attaching with the
+    /// pending BEGIN, or joining it). False when the client got an error.
+    pub(super) async fn enter_shard(&mut self, s: usize) -> Result<bool, SessionError> {
+        let ok = if self.backend.is_none() {
+            self.reads.read_ok = false;
+            let ok = self.attach(s).await;
+            if !ok {
+                self.route.deferred_begin = None;
+            }
+            ok
+        } else if self.shard == s {
+            true
+        } else {
+            self.join_shard(s).await?
+        };
+        if ok {
+            self.route.movable_begin = None;
+            self.settle().await?;
+        }
+        Ok(ok)
+    }
+
+    /// Runs one statement on the attached connection: its frames up to ReadyForQuery
+    /// (the status goes to the session). None when the connection was lost.
+    pub(super) async fn run_here(
+        &mut self,
+        stmt: &str,
+    ) -> Result<Option<Vec<bytes::BytesMut>>, SessionError> {
+        let Some(b) = self.backend.as_mut() else {
+            return Ok(None);
+        };
+        self.reads.executed = true;
+        match run_on(b, stmt).await {
+            Ok((frames, status)) => {
+                if status == b'E' || frames.iter().any(|f| f[0] == b'E') {
+                    self.status = b'E';
+                } else {
+                    self.status = status;
+                }
+                Ok(Some(frames))
+            }
+            Err(e) => {
+                self.backend_lost(e.to_string());
+                Ok(None)
+            }
+        }
     }
 
     /// `end_multi` for a simple Query: the answer and ReadyForQuery.

@@ -164,7 +164,7 @@ impl Session {
     }
 
     /// Where a statement must run.
-    fn decide(&mut self, sql: &str, params: &Params<'_>) -> Result<Dest, PgError> {
+    pub(super) fn decide(&mut self, sql: &str, params: &Params<'_>) -> Result<Dest, PgError> {
         self.reads.read_ok = false;
         if let Some(h) = router::hint(sql) {
             let s = h
@@ -419,6 +419,7 @@ impl Session {
                 self.relay.push(Pending::Query);
                 self.bout.extend_from_slice(&frame);
             }
+            Ok(Dest::Multi(_, a)) if a.statements > 1 => self.run_script(sql).await?,
             Ok(Dest::Multi(shards, a)) => self.run_multi(sql, shards, &a).await?,
         }
         Ok(())
