@@ -440,17 +440,45 @@ async fn reference_tables_and_cross_shard_writes() {
     let addr = setup().await;
     let c = connect(addr).await;
     let [p0, p1] = ports();
-    // Reference tables: a write goes to every shard (one row, as the tag says).
+    // Reference tables: a write goes to every shard (one row, as the tag says), in the
+    // extended protocol with parameters too, and inside a transaction.
     let n = c
         .execute(
-            "INSERT INTO countries VALUES ('fr', 'France') ON CONFLICT DO NOTHING",
-            &[],
+            "INSERT INTO countries VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            &[&"zz", &"Zed"],
         )
-        .await;
-    assert!(
-        n.is_err(),
-        "extended-protocol writes to several shards are not supported yet"
-    );
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let mut tx_client = connect(addr).await;
+    let tx = tx_client.transaction().await.unwrap();
+    tx.execute("INSERT INTO countries VALUES ($1, 'Why')", &[&"yy"])
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    for p in [p0, p1] {
+        let r = rows(
+            &connect_server(p, "app")
+                .await
+                .simple_query("SELECT string_agg(code, ',' ORDER BY code) FROM countries WHERE code IN ('yy', 'zz')")
+                .await
+                .unwrap(),
+        );
+        assert_eq!(r[0][0].as_deref(), Some("zz"), "shard on port {p}");
+    }
+    // DDL over the extended protocol goes everywhere; a keyless UPDATE is refused there
+    // too, by default.
+    c.execute(
+        "CREATE INDEX IF NOT EXISTS countries_name ON countries (name)",
+        &[],
+    )
+    .await
+    .unwrap();
+    let e = c
+        .execute("UPDATE orders SET total = total WHERE id > $1", &[&0i64])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000");
     let msgs = c
         .simple_query("INSERT INTO countries VALUES ('fr', 'France') ON CONFLICT (code) DO UPDATE SET name = 'France'")
         .await
@@ -494,6 +522,13 @@ async fn reference_tables_and_cross_shard_writes() {
     via.sort();
     direct.sort();
     assert_eq!(via, direct);
+    let n = w
+        .execute(
+            "UPDATE orders SET total = total WHERE id >= $1",
+            &[&-1000i64],
+        )
+        .await
+        .unwrap();
     let msgs = w
         .simple_query("UPDATE orders SET total = total")
         .await
@@ -506,6 +541,10 @@ async fn reference_tables_and_cross_shard_writes() {
     assert!(
         matches!(msgs.last(), Some(SimpleQueryMessage::CommandComplete(n)) if *n == total as u64),
         "{msgs:?}"
+    );
+    assert_eq!(
+        n, total as u64,
+        "extended-protocol keyless UPDATE: counts add up"
     );
 }
 

@@ -36,7 +36,7 @@ pub(super) fn multi_shard_error(shards: &[usize], a: &Analysis) -> PgError {
         (_, Kind::Write | Kind::Ddl) => PgError::new(
             "0A000",
             format!(
-                "this write needs shards {shards:?}; writes over several shards need two-phase commit, which pgshard does not have yet"
+                "this write needs shards {shards:?}, which pgshard runs in the extended protocol only in transaction pooling mode, outside a failed transaction and at the start of a batch"
             ),
         ),
         _ => PgError::new(
@@ -198,6 +198,150 @@ impl Session {
             let head: String = sql.chars().take(500).collect();
             tracing::warn!(shards = ?shards, kind, ms = took.as_millis() as u64, statement = %head, "slow query");
         }
+    }
+
+    /// A Bind whose statement writes on several shards (DDL, a reference-table write, a
+    /// keyless UPDATE/DELETE, a split INSERT without parameters): runs it with the
+    /// client's parameters on each shard inside a transaction over them (the client's, or
+    /// an implicit one committed with two-phase commit), and holds the combined result as
+    /// a portal.
+    pub(super) async fn write_bind(
+        &mut self,
+        frame: &Bytes,
+        shards: &[usize],
+        a: &Analysis,
+    ) -> Result<(), SessionError> {
+        let plan = match self.multi_plan(shards, a) {
+            Ok(Multi::Merge(_)) => {
+                self.local_error(multi_shard_error(shards, a));
+                return Ok(());
+            }
+            Ok(p) => p,
+            Err(e) => {
+                self.local_error(e);
+                return Ok(());
+            }
+        };
+        let b = protocol::parse_bind(frame)?;
+        let Some((query, types)) = self.route.texts.get(b.stmt).cloned() else {
+            self.local_error(multi_shard_error(shards, a));
+            return Ok(());
+        };
+        let (_, values) = protocol::bind_params(b.rest)?;
+        if matches!(plan, Multi::SplitInsert(_)) && !values.is_empty() {
+            self.local_error(
+                PgError::new(
+                    "0A000",
+                    "an INSERT over several shards with parameters is not supported yet in the extended protocol",
+                )
+                .with_hint("Insert each shard key's rows with its own statement, or use literal values."),
+            );
+            return Ok(());
+        }
+        let bind_rest = b.rest.to_vec();
+        // Statements the client parsed or described in this batch are answered by a real
+        // server first.
+        if self.holding() {
+            let home = self.home_shard();
+            if !self.release_held(home).await? {
+                return Ok(());
+            }
+            protocol::write_msg(&mut self.bout, b'H', &[]);
+            self.settle().await?;
+        }
+        let implicit = self.begin_implicit().await?;
+        let mut results = Vec::with_capacity(shards.len());
+        let mut description: Option<Bytes> = None;
+        for &s in shards {
+            if !self.enter_shard(s).await? {
+                self.status = b'E';
+                break;
+            }
+            let q: &[u8] = match &plan {
+                Multi::SplitInsert(parts) => parts
+                    .iter()
+                    .find(|(p, _)| *p == s)
+                    .map_or(&query[..], |(_, q)| q.as_bytes()),
+                _ => &query[..],
+            };
+            let mut req = bytes::BytesMut::new();
+            protocol::write_parse(&mut req, b"", q, &types);
+            protocol::write_bind(&mut req, b"", b"", &bind_rest);
+            protocol::write_target(&mut req, b'D', b'P', b"");
+            protocol::write_msg(&mut req, b'E', &[0, 0, 0, 0, 0]);
+            protocol::write_msg(&mut req, b'S', &[]);
+            let Some(conn) = self.backend.as_mut() else {
+                break;
+            };
+            self.reads.executed = true;
+            let got = async {
+                conn.send(&req).await?;
+                let mut frames = Vec::new();
+                loop {
+                    let f = conn.read_frame().await?;
+                    match f[0] {
+                        b'Z' => return Ok::<_, crate::backend::BackendError>((frames, f[5])),
+                        b'1' | b'2' => {}
+                        _ => frames.push(f),
+                    }
+                }
+            }
+            .await;
+            match got {
+                Ok((mut frames, status)) => {
+                    if let Some(i) = frames.iter().position(|f| matches!(f[0], b'T' | b'n')) {
+                        let d = frames.remove(i).freeze();
+                        description.get_or_insert(d);
+                    }
+                    let error = status == b'E' || frames.iter().any(|f| f[0] == b'E');
+                    results.push(frames);
+                    if error {
+                        self.status = b'E';
+                        break;
+                    }
+                    self.status = status;
+                }
+                Err(e) => {
+                    self.backend_lost(e.to_string());
+                    return Ok(());
+                }
+            }
+        }
+        let mut out = match &plan {
+            Multi::Ddl => scatter::broadcast_result(results),
+            Multi::Write { sum } => scatter::combine_writes(results, *sum),
+            _ => scatter::combine_writes(results, true),
+        };
+        if implicit {
+            let end = if self.status == b'E' {
+                "ROLLBACK"
+            } else {
+                "COMMIT"
+            };
+            if let Err(f) = self.end_multi(end).await? {
+                out = f;
+            }
+        }
+        if frame_tags(&out).contains(&b'E') {
+            // As PostgreSQL, the rest of the batch is skipped.
+            self.relay.push(Pending::Synth {
+                frame: out.freeze(),
+                undo: None,
+            });
+            self.relay.drain_local(&mut self.cout);
+            self.local_skip = true;
+            return Ok(());
+        }
+        self.relay.push(Pending::Synth {
+            frame: crate::exec::empty_frame(b'2'),
+            undo: None,
+        });
+        self.relay.drain_local(&mut self.cout);
+        self.route.virtual_portal = Some(VirtualPortal {
+            description: description.unwrap_or_else(|| crate::exec::empty_frame(b'n')),
+            rows: Some(out.freeze()),
+        });
+        Ok(())
     }
 
     /// A Bind whose statement reads several shards: runs it on each (with the client's

@@ -463,10 +463,7 @@ impl Session {
                 return Ok(());
             }
         }
-        if self.backend.is_none()
-            && self.route.virtual_portal.is_some()
-            && self.answer_from_portal(&frame)?
-        {
+        if self.route.virtual_portal.is_some() && self.answer_from_portal(&frame)? {
             return Ok(());
         }
         // In a transaction, a batch's frames wait for its Bind as well: it may need
@@ -498,6 +495,14 @@ impl Session {
                     {
                         let (shards, a) = (shards.clone(), a.clone());
                         return self.scatter_bind(&frame, &shards, &a).await;
+                    }
+                    if let Ok(Dest::Multi(shards, a)) = &dest
+                        && a.kind >= Kind::Write
+                        && (self.status == b'I' || self.can_run_in_transaction())
+                        && self.mode == PoolMode::Transaction
+                    {
+                        let (shards, a) = (shards.clone(), a.clone());
+                        return self.write_bind(&frame, &shards, &a).await;
                     }
                     let shard = match &dest {
                         Ok(Dest::Shard(s)) => *s,
@@ -549,6 +554,14 @@ impl Session {
                     self.settle().await?;
                     self.detach().await;
                     return self.scatter_bind(&frame, &shards, &a).await;
+                }
+                Ok(Dest::Multi(shards, a))
+                    if a.kind >= Kind::Write
+                        && !self.in_batch
+                        && self.mode == PoolMode::Transaction
+                        && (self.status == b'I' || self.can_run_in_transaction()) =>
+                {
+                    return self.write_bind(&frame, &shards, &a).await;
                 }
                 refused => {
                     self.refuse_bind(refused);
