@@ -283,7 +283,7 @@ pub enum ShardMethod {
     Range,
     /// Lists of key values.
     List,
-    /// A key -> shard lookup table kept in PostgreSQL (not implemented yet).
+    /// A key -> shard lookup table kept in PostgreSQL.
     Directory,
 }
 
@@ -306,8 +306,47 @@ pub struct ShardedTableConfig {
     /// Where keys outside every range/list go; without it they are an error.
     #[serde(default)]
     pub default_shard: Option<usize>,
+    /// For `method: directory`: where the key -> shard table is and how new keys get a
+    /// shard.
     #[serde(default)]
-    pub directory: Option<yaml_serde::Value>,
+    pub directory: Option<DirectoryConfig>,
+}
+
+/// A directory-sharded table's lookup table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectoryConfig {
+    /// The lookup table (created by pgshard if missing); one table can serve several
+    /// sharded tables.
+    #[serde(default = "default_directory_table")]
+    pub table: String,
+    /// How a key not in the directory gets its shard when first inserted.
+    #[serde(default)]
+    pub on_new_key: NewKey,
+    /// The shard whose primary holds the lookup table (default: the database's
+    /// default_shard).
+    #[serde(default)]
+    pub shard: Option<usize>,
+    /// Keys kept in memory per sharded table.
+    #[serde(default = "default_directory_cache")]
+    pub cache_size: usize,
+}
+
+fn default_directory_table() -> String {
+    "pgshard_directory".into()
+}
+
+fn default_directory_cache() -> usize {
+    100_000
+}
+
+/// `on_new_key`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NewKey {
+    /// PostgreSQL's hash partitioning of the key.
+    #[default]
+    Hash,
 }
 
 /// `[from, to)`; a missing end is open.
@@ -336,7 +375,7 @@ impl ShardedTableConfig {
         if let Some(t) = self.key_type.as_deref().and_then(KeyType::from_name) {
             return t;
         }
-        if self.method == ShardMethod::Hash {
+        if matches!(self.method, ShardMethod::Hash | ShardMethod::Directory) {
             return KeyType::Int;
         }
         let values: Vec<&yaml_serde::Value> = self
@@ -529,11 +568,36 @@ impl Config {
                         ),
                     ));
                 }
-                if st.method == ShardMethod::Directory {
-                    return Err(invalid(
-                        format!("{tkey}.method"),
-                        "directory sharding is not implemented yet (hash, range and list are)",
-                    ));
+                if let Some(dir) = &st.directory {
+                    if st.method != ShardMethod::Directory {
+                        return Err(invalid(
+                            format!("{tkey}.directory"),
+                            "only for method: directory",
+                        ));
+                    }
+                    if dir.table.is_empty()
+                        || !dir
+                            .table
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    {
+                        return Err(invalid(
+                            format!("{tkey}.directory.table"),
+                            "must be a plain table name (letters, digits, _)",
+                        ));
+                    }
+                    if dir.shard.is_some_and(|s| s >= d.shards.len()) {
+                        return Err(invalid(
+                            format!("{tkey}.directory.shard"),
+                            format!("shard {} does not exist", dir.shard.unwrap_or(0)),
+                        ));
+                    }
+                    if dir.cache_size == 0 {
+                        return Err(invalid(
+                            format!("{tkey}.directory.cache_size"),
+                            "must be positive",
+                        ));
+                    }
                 }
                 crate::sharding::ShardFn::new(st, d.shards.len(), &tkey).map_err(|e| {
                     ConfigError::Invalid {

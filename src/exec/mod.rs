@@ -14,6 +14,7 @@ use crate::protocol::{self, PgError};
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
 
+pub mod directory;
 pub mod numeric;
 pub mod scatter;
 pub mod twophase;

@@ -1,6 +1,7 @@
 //! Shard functions: which shard a key belongs to. Keys are typed values (integers,
 //! numerics, text, dates, timestamps, uuids), compared as such, never as strings of digits.
 
+pub mod directory;
 pub mod hash;
 pub mod value;
 
@@ -23,6 +24,10 @@ pub enum ShardError {
     },
     #[error("shard key {0} is NULL")]
     Null(String),
+    /// A directory-sharded key not in the cache: the directory must be read (by the
+    /// session, which then asks again).
+    #[error("the directory has no cached shard for {table} key {key}")]
+    DirectoryMiss { table: String, key: String },
 }
 
 /// How one table is sharded.
@@ -46,6 +51,8 @@ enum Kind {
         map: HashMap<Value, usize>,
         default: Option<usize>,
     },
+    /// A lookup table in PostgreSQL, cached here.
+    Directory(std::sync::Arc<directory::DirectoryCache>),
 }
 
 impl ShardFn {
@@ -76,9 +83,26 @@ impl ShardFn {
         }
         let kind = match cfg.method {
             ShardMethod::Directory => {
-                return Err(format!(
-                    "{key}.method: directory sharding is not implemented yet (hash, range and list are)"
-                ));
+                if !matches!(ty, KeyType::Int | KeyType::Text | KeyType::Uuid) {
+                    return Err(format!(
+                        "{key}.type: directory sharding supports bigint/integer/smallint, text/varchar and uuid keys (new keys are hashed), not {}",
+                        ty.name()
+                    ));
+                }
+                let d = cfg
+                    .directory
+                    .clone()
+                    .unwrap_or(crate::config::DirectoryConfig {
+                        table: "pgshard_directory".into(),
+                        on_new_key: crate::config::NewKey::Hash,
+                        shard: None,
+                        cache_size: 100_000,
+                    });
+                Kind::Directory(std::sync::Arc::new(directory::DirectoryCache::new(
+                    d.table,
+                    d.shard,
+                    d.cache_size,
+                )))
             }
             ShardMethod::Hash => {
                 if !matches!(ty, KeyType::Int | KeyType::Text | KeyType::Uuid) {
@@ -211,6 +235,16 @@ impl ShardFn {
                         value: v.to_string(),
                     })
             }
+            Kind::Directory(cache) => {
+                if *v == Value::Null {
+                    return Err(ShardError::Null(self.column.clone()));
+                }
+                let key = directory::canonical(v);
+                cache.get(&key).ok_or_else(|| ShardError::DirectoryMiss {
+                    table: self.table.clone(),
+                    key,
+                })
+            }
             Kind::List { map, default } => {
                 map.get(v)
                     .copied()
@@ -221,6 +255,33 @@ impl ShardFn {
                     })
             }
         }
+    }
+
+    /// For a directory-sharded table, its directory.
+    pub fn directory(&self) -> Option<&std::sync::Arc<directory::DirectoryCache>> {
+        match &self.kind {
+            Kind::Directory(d) => Some(d),
+            _ => None,
+        }
+    }
+
+    /// The shard PostgreSQL's hash partitioning gives a key (a directory's new keys).
+    pub fn hash_shard(&self, key: &str, shards: usize) -> Result<usize, ShardError> {
+        let v = self
+            .ty
+            .parse_text(key)
+            .map_err(|detail| ShardError::BadValue {
+                column: self.column.clone(),
+                ty: self.ty.name(),
+                detail,
+            })?;
+        let k = match &v {
+            Value::Int(i) => hash::HashKey::Int(*i),
+            Value::Text(t) => hash::HashKey::Text(t.as_bytes()),
+            Value::Uuid(u) => hash::HashKey::Uuid(*u),
+            _ => return Ok(0),
+        };
+        Ok(hash::partition_of(&k, shards as u64) as usize)
     }
 
     /// The shard of a key given as text (a literal or a text-format parameter).

@@ -282,6 +282,18 @@ impl Session {
         table: Option<usize>,
         extended: bool,
     ) -> Result<(), SessionError> {
+        if let Some(t) = table
+            && self.db.router.rules.tables[t].directory().is_some()
+        {
+            self.copy_error(
+                PgError::new(
+                    "0A000",
+                    "COPY into a directory-sharded table is not supported yet; use INSERT",
+                ),
+                extended,
+            );
+            return Ok(());
+        }
         if table.is_some() && cs.format == Format::Binary {
             self.copy_error(
                 PgError::new(

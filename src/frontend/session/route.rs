@@ -37,6 +37,9 @@ pub(super) struct RouteState {
     /// The merged result of a cross-shard Bind, answered by pgshard to the client's
     /// Describe (portal) and Execute until Sync.
     pub(super) virtual_portal: Option<VirtualPortal>,
+    /// A directory-sharded key `decide` needs read from the directory first: (table
+    /// index, key, record a new entry).
+    pub(super) lookup: Option<(usize, String, bool)>,
     /// A bound COPY over several shards that pgshard runs at Execute.
     pub(super) pending_copy: Option<(String, crate::router::copy::CopyStmt, super::copy::CopyPlan)>,
 }
@@ -220,7 +223,14 @@ impl Session {
                 .with_hint("Add a /* pgshard: shard=N */ comment, or SET pgshard.shard = N."));
             }
         };
-        let route = self.db.router.resolve(&a, params).map_err(route_err)?;
+        let route = match self.db.router.resolve(&a, params) {
+            Err(RouteError::Key(crate::sharding::ShardError::DirectoryMiss { table, key })) => {
+                let t = self.db.router.rules.table(&table).unwrap_or(0);
+                self.route.lookup = Some((t, key, a.inserts_sharded));
+                return Err(PgError::new("XX000", "directory lookup pending"));
+            }
+            r => r.map_err(route_err)?,
+        };
         if let Some((t, new)) = &a.key_update {
             let f = &self.db.router.rules.tables[*t];
             let new_shard = match new {
@@ -254,6 +264,46 @@ impl Session {
             Route::Shards(v) if v.len() == 1 => Dest::Shard(v[0]),
             Route::Shards(v) => Dest::Multi(v, a),
         })
+    }
+
+    /// `decide`, reading the directory for directory-sharded keys it has not cached (an
+    /// INSERT records new keys).
+    pub(super) async fn decide_async(
+        &mut self,
+        sql: &str,
+        params: &Params<'_>,
+    ) -> Result<Dest, PgError> {
+        let mut temporary = Vec::new();
+        let result = loop {
+            let r = self.decide(sql, params);
+            let Some((t, key, record)) = self.route.lookup.take() else {
+                break r;
+            };
+            let f = self.db.router.rules.tables[t].clone();
+            match crate::exec::directory::lookup(&self.db, &f, &key, record).await {
+                Ok((_, true)) => {}
+                Ok((shard, false)) => {
+                    // No entry: the key lives where on_new_key puts it; remembered only
+                    // for this statement.
+                    if let Some(d) = f.directory() {
+                        d.put(key.clone(), shard);
+                    }
+                    temporary.push((t, key));
+                }
+                Err(e) => {
+                    break Err(PgError::new(
+                        "58000",
+                        format!("directory lookup failed: {e}"),
+                    ));
+                }
+            }
+        };
+        for (t, key) in temporary {
+            if let Some(d) = self.db.router.rules.tables[t].directory() {
+                d.forget(&key);
+            }
+        }
+        result
     }
 
     /// Waits until the attached server has answered everything sent to it.
@@ -394,7 +444,7 @@ impl Session {
         {
             return Ok(());
         }
-        match self.decide(sql, &Params::default()) {
+        match self.decide_async(sql, &Params::default()).await {
             Err(e) => self.answer_error(e),
             Ok(Dest::Shard(s)) => {
                 if self.backend.is_some() && self.shard != s && self.status != b'I' {
@@ -488,7 +538,7 @@ impl Session {
                     {
                         return Ok(());
                     }
-                    let dest = self.decide_bind(&frame)?;
+                    let dest = self.decide_bind(&frame).await?;
                     if let Ok(Dest::Multi(shards, a)) = &dest
                         && self.status == b'I'
                         && mergeable(a)
@@ -524,7 +574,7 @@ impl Session {
                 }
             }
         } else if tag == b'B' {
-            match self.decide_bind(&frame)? {
+            match self.decide_bind(&frame).await? {
                 Ok(Dest::Shard(s))
                     if s == self.shard
                         && (self.reads.on_replica == self.reads.read_ok
@@ -866,7 +916,7 @@ impl Session {
     }
 
     /// Where a Bind's statement goes, with its parameter values.
-    fn decide_bind(&mut self, frame: &Bytes) -> Result<Result<Dest, PgError>, SessionError> {
+    async fn decide_bind(&mut self, frame: &Bytes) -> Result<Result<Dest, PgError>, SessionError> {
         let b = protocol::parse_bind(frame)?;
         let Some((query, types)) = self.route.texts.get(b.stmt).cloned() else {
             return Ok(Ok(Dest::Shard(self.home_shard())));
@@ -880,7 +930,7 @@ impl Session {
         let Ok(sql) = std::str::from_utf8(&query) else {
             return Ok(Ok(Dest::Shard(self.home_shard())));
         };
-        Ok(self.decide(sql, &params))
+        Ok(self.decide_async(sql, &params).await)
     }
 }
 

@@ -52,7 +52,7 @@ impl Session {
         let body =
             &statements[usize::from(explicit_begin)..statements.len() - usize::from(explicit_end)];
         for st in body {
-            let dest = self.decide(st, &Params::default());
+            let dest = self.decide_async(st, &Params::default()).await;
             let frames = match dest {
                 Err(e) => {
                     e.write(&mut out);
