@@ -219,6 +219,49 @@ pub fn parse_bind(frame: &[u8]) -> Result<Bind<'_>, ProtocolError> {
 pub type BindParams<'a> = (Vec<bool>, Vec<Option<&'a [u8]>>);
 
 /// Decodes the parameters in the `rest` of a Bind (after the two names).
+/// A Bind's parameters kept to `keep` (0-based indexes into the original ones, in the new
+/// order): the new Bind body after the portal and statement names. Per-parameter format
+/// codes follow their parameters; result format codes are kept.
+pub fn select_bind_params(rest: &[u8], keep: &[usize]) -> Result<Vec<u8>, ProtocolError> {
+    let (binary, values) = bind_params(rest)?;
+    // Where the result format codes start: after formats and values.
+    let nfmt = u16::from_be_bytes([rest[0], rest[1]]) as usize;
+    let mut pos = 2 + 2 * nfmt + 2;
+    for v in &values {
+        pos += 4 + v.map_or(0, <[u8]>::len);
+    }
+    let tail = &rest[pos..];
+    let mut out = Vec::with_capacity(rest.len());
+    out.extend_from_slice(&(keep.len() as u16).to_be_bytes());
+    for &k in keep {
+        let b = binary.get(k).copied().unwrap_or(false);
+        out.extend_from_slice(&(i16::from(b)).to_be_bytes());
+    }
+    out.extend_from_slice(&(keep.len() as u16).to_be_bytes());
+    for &k in keep {
+        match values.get(k).copied().flatten() {
+            None => out.extend_from_slice(&(-1i32).to_be_bytes()),
+            Some(v) => {
+                out.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                out.extend_from_slice(v);
+            }
+        }
+    }
+    out.extend_from_slice(tail);
+    Ok(out)
+}
+
+/// A Parse's parameter type list kept to `keep` (as [`select_bind_params`]).
+pub fn select_param_types(types: &[u8], keep: &[usize]) -> Vec<u8> {
+    let oids = parse_oids(types);
+    let mut out = Vec::with_capacity(2 + 4 * keep.len());
+    out.extend_from_slice(&(keep.len() as u16).to_be_bytes());
+    for &k in keep {
+        out.extend_from_slice(&oids.get(k).copied().unwrap_or(0).to_be_bytes());
+    }
+    out
+}
+
 pub fn bind_params(rest: &[u8]) -> Result<BindParams<'_>, ProtocolError> {
     let bad = |d: &str| malformed("Bind", d.to_string());
     let mut b = rest;

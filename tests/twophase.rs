@@ -333,6 +333,44 @@ async fn commit_rollback_errors_and_savepoints_across_shards() {
     );
     assert_eq!(r[0][0].as_deref(), Some("6"));
     assert_eq!(prepared(&c), ["0", "0"]);
+
+    // The same with parameters (extended protocol): each shard gets its rows and only
+    // their parameters; RETURNING rows come from both.
+    let ids: Vec<i64> = (4000..4006).collect();
+    let r = app
+        .query(
+            "INSERT INTO tp_accounts (id, balance) VALUES ($1, $7), ($2, $7), ($3, $7), ($4, $7), ($5, $7), ($6, $7) RETURNING id",
+            &[&ids[0], &ids[1], &ids[2], &ids[3], &ids[4], &ids[5], &3i64],
+        )
+        .await
+        .unwrap();
+    let mut back: Vec<i64> = r.iter().map(|row| row.get(0)).collect();
+    back.sort_unstable();
+    assert_eq!(back, ids);
+    for (s, shard) in c.shards.iter().enumerate() {
+        let there = c
+            .psql(
+                shard.primary.port,
+                "app",
+                "SELECT coalesce(string_agg(id::text, ',' ORDER BY id), '') FROM tp_accounts WHERE id >= 4000 AND balance = 3",
+            )
+            .unwrap();
+        let want: Vec<String> = ids
+            .iter()
+            .filter(|id| partition_of(&HashKey::Int(**id), 2) as usize == s)
+            .map(|id| id.to_string())
+            .collect();
+        assert_eq!(there, want.join(","), "shard {s}");
+    }
+    let e = app
+        .execute(
+            "INSERT INTO tp_accounts (id, balance) VALUES ($1, 1), ($2, -1)",
+            &[&ids[0], &9999i64],
+        )
+        .await
+        .unwrap_err();
+    assert!(["23505", "23514"].contains(&sqlstate(&e).as_str()), "{e}");
+    assert_eq!(prepared(&c), ["0", "0"]);
 }
 
 struct Serve {

@@ -62,8 +62,56 @@ impl Router {
     }
 }
 
+/// Renumbers a statement's `$n` parameters from `$1` in order of first use: the new text
+/// and, for each new parameter, the old one's 0-based index (a shard's part of a split
+/// INSERT uses only its rows' parameters, and PostgreSQL refuses unused gaps).
+pub fn renumber_params(sql: &str) -> Result<(String, Vec<usize>), String> {
+    use sqlparser::dialect::PostgreSqlDialect;
+    use sqlparser::tokenizer::{Token, Tokenizer};
+    let tokens = Tokenizer::new(&PostgreSqlDialect {}, sql)
+        .tokenize()
+        .map_err(|e| e.to_string())?;
+    let mut map: Vec<usize> = Vec::new();
+    let mut out = String::with_capacity(sql.len());
+    for t in tokens {
+        match &t {
+            Token::Placeholder(p) if p.len() > 1 && p.starts_with('$') => {
+                let old: usize = p[1..]
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|&n| n >= 1)
+                    .ok_or_else(|| format!("bad parameter {p}"))?
+                    - 1;
+                let new = match map.iter().position(|&o| o == old) {
+                    Some(k) => k,
+                    None => {
+                        map.push(old);
+                        map.len() - 1
+                    }
+                };
+                out.push_str(&format!("${}", new + 1));
+            }
+            other => out.push_str(&other.to_string()),
+        }
+    }
+    Ok((out, map))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn parameters_are_renumbered_by_first_use() {
+        let (sql, map) = super::renumber_params(
+            "INSERT INTO t (id, n) VALUES ($3, '$9 stays'), ($4, $3) RETURNING $7",
+        )
+        .unwrap();
+        assert_eq!(
+            sql,
+            "INSERT INTO t (id, n) VALUES ($1, '$9 stays'), ($2, $1) RETURNING $3"
+        );
+        assert_eq!(map, vec![2, 3, 6]);
+    }
+
     use crate::config::DatabaseConfig;
     use crate::router::analyze::analyze;
     use crate::sharding::hash::{HashKey, partition_of};

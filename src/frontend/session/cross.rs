@@ -15,6 +15,10 @@ pub(super) struct VirtualPortal {
     pub(super) rows: Option<Bytes>,
 }
 
+/// One shard's part of a split statement in the extended protocol: its query, parameter
+/// types and Bind body.
+type ShardRequest = (Vec<u8>, Vec<u8>, Vec<u8>);
+
 /// How a statement over several shards runs.
 pub(super) enum Multi {
     /// A SELECT whose rows are merged.
@@ -211,34 +215,71 @@ impl Session {
         shards: &[usize],
         a: &Analysis,
     ) -> Result<(), SessionError> {
-        let plan = match self.multi_plan(shards, a) {
-            Ok(Multi::Merge(_)) => {
-                self.local_error(multi_shard_error(shards, a));
-                return Ok(());
-            }
-            Ok(p) => p,
-            Err(e) => {
-                self.local_error(e);
-                return Ok(());
-            }
-        };
         let b = protocol::parse_bind(frame)?;
         let Some((query, types)) = self.route.texts.get(b.stmt).cloned() else {
             self.local_error(multi_shard_error(shards, a));
             return Ok(());
         };
-        let (_, values) = protocol::bind_params(b.rest)?;
-        if matches!(plan, Multi::SplitInsert(_)) && !values.is_empty() {
-            self.local_error(
-                PgError::new(
-                    "0A000",
-                    "an INSERT over several shards with parameters is not supported yet in the extended protocol",
-                )
-                .with_hint("Insert each shard key's rows with its own statement, or use literal values."),
-            );
-            return Ok(());
-        }
+        let (binary, values) = protocol::bind_params(b.rest)?;
+        // A split INSERT's rows go by their keys, parameters included: each shard gets its
+        // rows with only their parameters, renumbered.
+        let split = match &a.insert_split {
+            Some(split) if a.inserts_sharded => {
+                let params = crate::router::Params {
+                    values: values.clone(),
+                    binary: binary.clone(),
+                    oids: protocol::parse_oids(&types),
+                };
+                match self.db.router.split_insert(split, &params) {
+                    Ok(parts) => Some(parts),
+                    Err(e) => {
+                        self.local_error(PgError::new(e.sqlstate(), e.to_string()));
+                        return Ok(());
+                    }
+                }
+            }
+            _ => None,
+        };
+        let plan = match split {
+            Some(parts) => Multi::SplitInsert(parts),
+            None => match self.multi_plan(shards, a) {
+                Ok(Multi::Merge(_)) => {
+                    self.local_error(multi_shard_error(shards, a));
+                    return Ok(());
+                }
+                Ok(p) => p,
+                Err(e) => {
+                    self.local_error(e);
+                    return Ok(());
+                }
+            },
+        };
         let bind_rest = b.rest.to_vec();
+        let mut per_shard: std::collections::HashMap<usize, ShardRequest> =
+            std::collections::HashMap::new();
+        if let Multi::SplitInsert(parts) = &plan {
+            for (s, sql) in parts {
+                let (sql, keep) = match crate::router::split::renumber_params(sql) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        self.local_error(PgError::new(
+                            "0A000",
+                            format!("cannot split this INSERT: {e}"),
+                        ));
+                        return Ok(());
+                    }
+                };
+                let rest = protocol::select_bind_params(&bind_rest, &keep)?;
+                per_shard.insert(
+                    *s,
+                    (
+                        sql.into_bytes(),
+                        protocol::select_param_types(&types, &keep),
+                        rest,
+                    ),
+                );
+            }
+        }
         // Statements the client parsed or described in this batch are answered by a real
         // server first.
         if self.holding() {
@@ -257,16 +298,13 @@ impl Session {
                 self.status = b'E';
                 break;
             }
-            let q: &[u8] = match &plan {
-                Multi::SplitInsert(parts) => parts
-                    .iter()
-                    .find(|(p, _)| *p == s)
-                    .map_or(&query[..], |(_, q)| q.as_bytes()),
-                _ => &query[..],
+            let (q, ty, rest): (&[u8], &[u8], &[u8]) = match per_shard.get(&s) {
+                Some((q, t, r)) => (q, t, r),
+                None => (&query[..], &types[..], &bind_rest[..]),
             };
             let mut req = bytes::BytesMut::new();
-            protocol::write_parse(&mut req, b"", q, &types);
-            protocol::write_bind(&mut req, b"", b"", &bind_rest);
+            protocol::write_parse(&mut req, b"", q, ty);
+            protocol::write_bind(&mut req, b"", b"", rest);
             protocol::write_target(&mut req, b'D', b'P', b"");
             protocol::write_msg(&mut req, b'E', &[0, 0, 0, 0, 0]);
             protocol::write_msg(&mut req, b'S', &[]);

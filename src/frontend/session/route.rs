@@ -368,6 +368,11 @@ impl Session {
     ) -> Result<(), SessionError> {
         use router::StatementKind::{Begin, SessionSetting};
         let sql = protocol::parse_query(&frame)?;
+        if self.backend.is_some() && !self.relay.idle() {
+            // The previous statement's outcome (an error aborts the transaction on every
+            // shard) decides where this one may go: wait for it.
+            self.settle().await?;
+        }
         if let Some(SessionSetting) = single
             && let Some(set) = super::replica::target_set(sql)
         {
@@ -478,6 +483,10 @@ impl Session {
     /// Parse, Bind, Describe, Close, Execute, Flush on a sharded database.
     pub(super) async fn route_extended(&mut self, frame: Bytes) -> Result<(), SessionError> {
         let tag = frame[0];
+        if !self.in_batch && !self.holding() && self.backend.is_some() && !self.relay.idle() {
+            // A new batch: the previous one's outcome decides where it may go.
+            self.settle().await?;
+        }
         if (self.route.pending_copy.is_some() || (tag == b'B' && self.db.router.is_sharded()))
             && self.extended_copy(&frame).await?
         {
