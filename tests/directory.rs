@@ -164,3 +164,27 @@ async fn two_routers_inserting_the_same_new_keys_agree() {
         assert_eq!(shard_holding(id).await, vec![e], "key {id}");
     }
 }
+
+#[tokio::test]
+async fn copy_into_a_directory_sharded_table_records_new_keys() {
+    use futures_util::SinkExt;
+    let a = proxy();
+    schema(a).await;
+    let c = connect(a).await;
+    let sink = c
+        .copy_in::<_, bytes::Bytes>("COPY tenants (id, name) FROM STDIN")
+        .await
+        .unwrap();
+    let mut sink = Box::pin(sink);
+    let mut data = String::new();
+    for id in 20_000..20_050i64 {
+        data.push_str(&format!("{id}\tcopied\n"));
+    }
+    sink.send(bytes::Bytes::from(data)).await.unwrap();
+    assert_eq!(sink.as_mut().finish().await.unwrap(), 50);
+    for id in 20_000..20_050i64 {
+        let e = entry(id).await.expect("recorded") as usize;
+        assert_eq!(e, partition_of(&HashKey::Int(id), 2) as usize);
+        assert_eq!(shard_holding(id).await, vec![e], "key {id}");
+    }
+}

@@ -35,6 +35,40 @@ enum Into {
     Every,
 }
 
+/// Routes one piece of COPY data into the shards' batches. A directory key that is not
+/// cached is put aside with its row (`misses`), for a lookup.
+fn route_piece(
+    p: Piece<'_>,
+    into: &Into,
+    rules: &router::Rules,
+    n: usize,
+    batches: &mut [BytesMut],
+    misses: &mut Vec<(Vec<u8>, String)>,
+) -> Result<(), RouteError> {
+    match p {
+        Piece::Header(h) => batches.iter_mut().for_each(|b| b.put_slice(h)),
+        Piece::End => {}
+        Piece::Row(r) => match into {
+            Into::Every => batches.iter_mut().for_each(|b| b.put_slice(r.bytes)),
+            Into::Split { table, .. } => {
+                let f = &rules.tables[*table];
+                let s = match &r.key {
+                    Some(k) => f.shard_of_text(k, n),
+                    None => f.shard_of(&crate::sharding::Value::Null, n),
+                };
+                match s {
+                    Ok(s) => batches[s].put_slice(r.bytes),
+                    Err(crate::sharding::ShardError::DirectoryMiss { key, .. }) => {
+                        misses.push((r.bytes.to_vec(), key))
+                    }
+                    Err(e) => return Err(RouteError::Key(e)),
+                }
+            }
+        },
+    }
+    Ok(())
+}
+
 fn copy_data(out: &mut BytesMut, data: &[u8]) {
     out.put_u8(b'd');
     out.put_i32(4 + data.len() as i32);
@@ -282,18 +316,6 @@ impl Session {
         table: Option<usize>,
         extended: bool,
     ) -> Result<(), SessionError> {
-        if let Some(t) = table
-            && self.db.router.rules.tables[t].directory().is_some()
-        {
-            self.copy_error(
-                PgError::new(
-                    "0A000",
-                    "COPY into a directory-sharded table is not supported yet; use INSERT",
-                ),
-                extended,
-            );
-            return Ok(());
-        }
         if table.is_some() && cs.format == Format::Binary {
             self.copy_error(
                 PgError::new(
@@ -411,67 +433,40 @@ impl Session {
                 Err(e) => break Err(PgError::new("08P01", e.to_string())),
             };
             match frame[0] {
-                b'd' => {
+                b'd' | b'c' => {
+                    let done = frame[0] == b'c';
                     let mut bad = None;
+                    let mut misses = Vec::new();
                     let mut route = |p: Piece<'_>| {
-                        if bad.is_some() {
-                            return;
-                        }
-                        match p {
-                            Piece::Header(h) => batches.iter_mut().for_each(|b| b.put_slice(h)),
-                            Piece::End => {}
-                            Piece::Row(r) => match &into {
-                                Into::Every => {
-                                    batches.iter_mut().for_each(|b| b.put_slice(r.bytes))
-                                }
-                                Into::Split { table, .. } => {
-                                    let f = &rules.tables[*table];
-                                    let s = match &r.key {
-                                        Some(k) => f.shard_of_text(k, n),
-                                        None => f.shard_of(&crate::sharding::Value::Null, n),
-                                    };
-                                    match s {
-                                        Ok(s) => batches[s].put_slice(r.bytes),
-                                        Err(e) => bad = Some(RouteError::Key(e)),
-                                    }
-                                }
-                            },
+                        if bad.is_none()
+                            && let Err(e) =
+                                route_piece(p, &into, &rules, n, &mut batches, &mut misses)
+                        {
+                            bad = Some(e);
                         }
                     };
-                    if let Err(e) = splitter.feed(protocol::body(&frame), &mut route) {
+                    let fed = if done {
+                        splitter.finish(&mut route)
+                    } else {
+                        splitter.feed(protocol::body(&frame), &mut route)
+                    };
+                    if let Err(e) = fed {
                         break Err(PgError::new("22P04", e));
                     }
                     if let Some(e) = bad {
                         break Err(PgError::new(e.sqlstate(), e.to_string()));
                     }
-                    if let Err(e) = self.send_batches(&mut batches, BATCH).await {
+                    // Directory keys not cached: read (new keys recorded), then routed.
+                    if let Err(e) = self.route_misses(&into, misses, &mut batches).await {
                         break Err(e);
                     }
-                }
-                b'c' => {
-                    let mut bad = None;
-                    let mut route = |p: Piece<'_>| {
-                        if let (Piece::Row(r), Into::Split { table, .. }) = (&p, &into) {
-                            let f = &rules.tables[*table];
-                            let s = match &r.key {
-                                Some(k) => f.shard_of_text(k, n),
-                                None => f.shard_of(&crate::sharding::Value::Null, n),
-                            };
-                            match s {
-                                Ok(s) => batches[s].put_slice(r.bytes),
-                                Err(e) => bad = Some(RouteError::Key(e)),
-                            }
-                        } else if let (Piece::Row(r), Into::Every) = (&p, &into) {
-                            batches.iter_mut().for_each(|b| b.put_slice(r.bytes));
-                        }
-                    };
-                    if let Err(e) = splitter.finish(&mut route) {
-                        break Err(PgError::new("22P04", e));
+                    let min = if done { 0 } else { BATCH };
+                    if let Err(e) = self.send_batches(&mut batches, min).await {
+                        break Err(e);
                     }
-                    if let Some(e) = bad {
-                        break Err(PgError::new(e.sqlstate(), e.to_string()));
+                    if done {
+                        break Ok(());
                     }
-                    break self.send_batches(&mut batches, 0).await;
                 }
                 b'f' => {
                     let msg = String::from_utf8_lossy(protocol::body(&frame))
@@ -527,6 +522,35 @@ impl Session {
         };
         self.reads.executed = true;
         self.finish_statement(implicit, out, extended).await
+    }
+
+    /// Routes rows whose directory key was not cached: the directory is read, and keys it
+    /// does not have are recorded (these rows are inserted).
+    async fn route_misses(
+        &mut self,
+        into: &Into,
+        misses: Vec<(Vec<u8>, String)>,
+        batches: &mut [BytesMut],
+    ) -> Result<(), PgError> {
+        let Into::Split { table, .. } = into else {
+            return Ok(());
+        };
+        let f = self.db.router.rules.tables[*table].clone();
+        for (row, key) in misses {
+            let s = match f.directory().and_then(|d| d.get(&key)) {
+                Some(s) => s,
+                None => {
+                    crate::exec::directory::lookup(&self.db, &f, &key, true)
+                        .await
+                        .map_err(|e| {
+                            PgError::new("58000", format!("directory lookup failed: {e}"))
+                        })?
+                        .0
+                }
+            };
+            batches[s].put_slice(&row);
+        }
+        Ok(())
     }
 
     /// Sends each shard's buffered rows when more than `min` bytes are waiting.
