@@ -253,6 +253,46 @@ async fn commit_rollback_errors_and_savepoints_across_shards() {
     app.batch_execute("COMMIT").await.unwrap();
     assert_eq!(balances(&app).await, (50, 110));
 
+    // After an error, ROLLBACK TO SAVEPOINT recovers the transaction on every shard.
+    app.batch_execute("BEGIN").await.unwrap();
+    app.batch_execute(&format!(
+        "UPDATE tp_accounts SET balance = 60 WHERE id = {a}"
+    ))
+    .await
+    .unwrap();
+    app.batch_execute("SAVEPOINT s2").await.unwrap();
+    app.batch_execute(&format!(
+        "UPDATE tp_accounts SET balance = 61 WHERE id = {b}"
+    ))
+    .await
+    .unwrap();
+    let e = app
+        .batch_execute(&format!(
+            "UPDATE tp_accounts SET balance = -1 WHERE id = {a}"
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "23514");
+    let e = app
+        .batch_execute(&format!("SELECT 1 FROM tp_accounts WHERE id = {b}"))
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "25P02");
+    app.batch_execute("ROLLBACK TO SAVEPOINT s2").await.unwrap();
+    app.batch_execute(&format!(
+        "UPDATE tp_accounts SET balance = 62 WHERE id = {b}"
+    ))
+    .await
+    .unwrap();
+    app.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(balances(&app).await, (60, 62));
+    app.batch_execute(&format!(
+        "UPDATE tp_accounts SET balance = 50 WHERE id = {a}; UPDATE tp_accounts SET balance = 110 WHERE id = {b}"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(balances(&app).await, (50, 110));
+
     // The extended protocol, with parameters (tokio-postgres' transaction API).
     let tx = app.transaction().await.unwrap();
     tx.execute(

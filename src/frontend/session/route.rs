@@ -96,6 +96,14 @@ fn broadcast_unparsed(sql: &str) -> bool {
     )
 }
 
+/// The error of a statement in an aborted transaction.
+fn aborted() -> PgError {
+    PgError::new(
+        "25P02",
+        "current transaction is aborted, commands ignored until end of transaction block",
+    )
+}
+
 /// Whether a statement starts with COPY (after blanks and comments).
 fn is_copy(sql: &str) -> bool {
     let mut s = sql.trim_start();
@@ -433,7 +441,21 @@ impl Session {
         {
             return Ok(());
         }
-        if self.status == b'T'
+        if self.status == b'E'
+            && !self.multi.parked.is_empty()
+            && !matches!(
+                super::multi::savepoint_op(sql),
+                Some((super::multi::SavepointOp::RollbackTo, _))
+            )
+        {
+            // Aborted over several shards (some of which may not know it yet): only
+            // ROLLBACK (handled above) and ROLLBACK TO SAVEPOINT run, as in PostgreSQL.
+            self.relay.drain_local(&mut self.cout);
+            aborted().write(&mut self.cout);
+            protocol::write_ready(&mut self.cout, b'E');
+            return Ok(());
+        }
+        if matches!(self.status, b'T' | b'E')
             && single.is_some()
             && self.mode == PoolMode::Transaction
             && !self.savepoint(sql).await?
@@ -583,6 +605,12 @@ impl Session {
                 }
             }
         } else if tag == b'B' {
+            if self.status == b'E' && !self.multi.parked.is_empty() {
+                if !self.multi_end_bind(&frame).await? {
+                    self.local_error(aborted());
+                }
+                return Ok(());
+            }
             match self.decide_bind(&frame).await? {
                 Ok(Dest::Shard(s))
                     if s == self.shard
