@@ -635,6 +635,40 @@ async fn cross_shard_selects_over_the_extended_protocol() {
     let addr = setup().await;
     let c = connect(addr).await;
     let plain = connect_server(ports()[0], "plain").await;
+    // Binary results of merged aggregates (sum, avg, HAVING) are the bytes PostgreSQL
+    // itself sends for the same query on the same data.
+    struct Raw(Option<Vec<u8>>);
+    impl<'a> tokio_postgres::types::FromSql<'a> for Raw {
+        fn from_sql(
+            _: &tokio_postgres::types::Type,
+            raw: &'a [u8],
+        ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+            Ok(Raw(Some(raw.to_vec())))
+        }
+        fn from_sql_null(
+            _: &tokio_postgres::types::Type,
+        ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+            Ok(Raw(None))
+        }
+        fn accepts(_: &tokio_postgres::types::Type) -> bool {
+            true
+        }
+    }
+    for q in [
+        "SELECT user_id % 3 AS g, sum(total), avg(total), avg(id), count(*) FROM orders WHERE id > $1 GROUP BY g ORDER BY g",
+        "SELECT user_id % 5 AS g, avg(total) FROM orders WHERE id > $1 GROUP BY g HAVING sum(total) > 100 AND count(*) > 3 ORDER BY g",
+        "SELECT avg(score), sum(score) FROM users WHERE id > $1",
+    ] {
+        let raw = |rows: Vec<tokio_postgres::Row>| -> Vec<Vec<Option<Vec<u8>>>> {
+            rows.iter()
+                .map(|r| (0..r.len()).map(|i| r.get::<_, Raw>(i).0).collect())
+                .collect()
+        };
+        let ours = raw(c.query(q, &[&0i64]).await.unwrap());
+        let theirs = raw(plain.query(q, &[&0i64]).await.unwrap());
+        assert!(!theirs.is_empty(), "{q}");
+        assert_eq!(ours, theirs, "{q}");
+    }
     type Row = (i64, String);
     let fetch = |rows: Vec<tokio_postgres::Row>| -> Vec<Row> {
         rows.iter().map(|r| (r.get(0), r.get(1))).collect()
@@ -693,11 +727,6 @@ async fn cross_shard_selects_over_the_extended_protocol() {
         let direct: i64 = plain.query_one(q, &[&p]).await.unwrap().get(0);
         assert_eq!(via, direct, "{q}");
     }
-    let e = c
-        .query("SELECT sum(total) FROM orders WHERE user_id > $1", &[&0i64])
-        .await
-        .unwrap_err();
-    assert_eq!(sqlstate(&e), "0A000");
     let n: i64 = c
         .query_one("SELECT count(*) FROM users WHERE id = $1", &[&5i64])
         .await

@@ -188,8 +188,158 @@ pub fn float8out(v: f64) -> String {
     out
 }
 
+/// A binary `numeric` (ndigits, weight, sign, dscale, base-10000 digits) as text.
+pub fn numeric_from_binary(b: &[u8]) -> Option<String> {
+    let word =
+        |i: usize| -> Option<i32> { Some(i16::from_be_bytes([*b.get(i)?, *b.get(i + 1)?]) as i32) };
+    let ndigits = word(0)? as usize;
+    let weight = word(2)?;
+    let sign = u16::from_be_bytes([*b.get(4)?, *b.get(5)?]);
+    let dscale = word(6)?.max(0) as usize;
+    match sign {
+        0xC000 => return Some("NaN".into()),
+        0xD000 => return Some("Infinity".into()),
+        0xF000 => return Some("-Infinity".into()),
+        _ => {}
+    }
+    let digits: Vec<u16> = (0..ndigits)
+        .map(|k| Some(u16::from_be_bytes([*b.get(8 + 2 * k)?, *b.get(9 + 2 * k)?])))
+        .collect::<Option<_>>()?;
+    // Integer part: groups at weights weight..=0.
+    let mut int = String::new();
+    for w in (0..=weight).rev() {
+        let idx = weight - w;
+        let g = digits.get(idx as usize).copied().unwrap_or(0);
+        if int.is_empty() {
+            if g != 0 {
+                int = g.to_string();
+            }
+        } else {
+            int.push_str(&format!("{g:04}"));
+        }
+    }
+    if int.is_empty() {
+        int.push('0');
+    }
+    let mut frac = String::new();
+    let mut w = -1;
+    while frac.len() < dscale {
+        let idx = weight - w;
+        let g = if idx >= 0 {
+            digits.get(idx as usize).copied().unwrap_or(0)
+        } else {
+            0
+        };
+        frac.push_str(&format!("{g:04}"));
+        w -= 1;
+    }
+    frac.truncate(dscale);
+    let negative = sign == 0x4000 && (int != "0" || frac.bytes().any(|c| c != b'0'));
+    let mut out = String::new();
+    if negative {
+        out.push('-');
+    }
+    out.push_str(&int);
+    if dscale > 0 {
+        out.push('.');
+        out.push_str(&frac);
+    }
+    Some(out)
+}
+
+/// Text (a decimal number) as a binary `numeric`.
+pub fn numeric_to_binary(text: &str) -> Option<Vec<u8>> {
+    let d = parse(text)?;
+    let scale = d.scale;
+    // Digits as a string with the point placed: integer part, fraction part.
+    let all: String = d.digits.iter().map(|x| (b'0' + x) as char).collect();
+    let (int, frac) = if all.len() > scale {
+        (
+            all[..all.len() - scale].to_string(),
+            all[all.len() - scale..].to_string(),
+        )
+    } else {
+        (
+            String::new(),
+            format!("{}{}", "0".repeat(scale - all.len()), all),
+        )
+    };
+    // Base-10000 groups: integer part padded on the left, fraction on the right.
+    let ipad = (4 - int.len() % 4) % 4;
+    let int = format!("{}{}", "0".repeat(ipad), int);
+    let fpad = (4 - frac.len() % 4) % 4;
+    let frac = format!("{}{}", frac, "0".repeat(fpad));
+    let mut groups: Vec<u16> = int
+        .as_bytes()
+        .chunks(4)
+        .chain(frac.as_bytes().chunks(4))
+        .map(|c| std::str::from_utf8(c).ok()?.parse().ok())
+        .collect::<Option<_>>()?;
+    let mut weight = (int.len() / 4) as i32 - 1;
+    while groups.first() == Some(&0) {
+        groups.remove(0);
+        weight -= 1;
+    }
+    while groups.last() == Some(&0) {
+        groups.pop();
+    }
+    if groups.is_empty() {
+        weight = 0;
+    }
+    let mut out = Vec::with_capacity(8 + 2 * groups.len());
+    out.extend_from_slice(&(groups.len() as i16).to_be_bytes());
+    out.extend_from_slice(&(weight as i16).to_be_bytes());
+    let sign: u16 = if d.negative && !groups.is_empty() {
+        0x4000
+    } else {
+        0
+    };
+    out.extend_from_slice(&sign.to_be_bytes());
+    out.extend_from_slice(&(scale as i16).to_be_bytes());
+    for g in groups {
+        out.extend_from_slice(&g.to_be_bytes());
+    }
+    Some(out)
+}
+
+/// A binary integer, float or numeric value as decimal text.
+pub fn binary_as_text(oid: u32, b: &[u8]) -> Option<String> {
+    Some(match (oid, b.len()) {
+        (21, 2) => i16::from_be_bytes(b.try_into().ok()?).to_string(),
+        (23, 4) => i32::from_be_bytes(b.try_into().ok()?).to_string(),
+        (20, 8) => i64::from_be_bytes(b.try_into().ok()?).to_string(),
+        (700, 4) => float8out(f32::from_be_bytes(b.try_into().ok()?) as f64),
+        (701, 8) => float8out(f64::from_be_bytes(b.try_into().ok()?)),
+        (1700, _) => numeric_from_binary(b)?,
+        _ => return None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn numeric_binary_round_trips() {
+        for t in [
+            "0",
+            "1",
+            "-1",
+            "12345.678",
+            "0.0001",
+            "10000",
+            "-0.5",
+            "123456789.000000000000",
+            "0.00",
+        ] {
+            let b = super::numeric_to_binary(t).unwrap();
+            assert_eq!(super::numeric_from_binary(&b).as_deref(), Some(t), "{t}");
+        }
+        // As PostgreSQL sends 12345.678: ndigits 3, weight 1, sign 0, dscale 3, 1 2345 6780.
+        assert_eq!(
+            super::numeric_to_binary("12345.678").unwrap(),
+            [0, 3, 0, 1, 0, 0, 0, 3, 0, 1, 0x09, 0x29, 0x1A, 0x7C]
+        );
+    }
+
     use super::*;
 
     #[test]

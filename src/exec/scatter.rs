@@ -336,12 +336,6 @@ fn finish_avg(
 ) -> Result<(BytesMut, Vec<BytesMut>), PgError> {
     let mut kinds = Vec::with_capacity(avg.len());
     for &(col, _) in avg {
-        if binary_at(col) {
-            return Err(PgError::new(
-                "0A000",
-                "avg across shards with binary results is not supported yet",
-            ));
-        }
         let float = match cols.get(col).map(|c| c.1) {
             Some(20 | 1700) => false,
             Some(700 | 701) => true,
@@ -361,23 +355,29 @@ fn finish_avg(
         let f = fields(&r);
         let mut values: Vec<Option<Vec<u8>>> = f.iter().map(|x| x.map(<[u8]>::to_vec)).collect();
         for (&(col, count_col), &float) in avg.iter().zip(&kinds) {
-            let count: u64 = f
-                .get(count_col)
-                .copied()
-                .flatten()
-                .and_then(|c| std::str::from_utf8(c).ok()?.parse().ok())
-                .unwrap_or(0);
-            let sum = f
-                .get(col)
-                .copied()
-                .flatten()
-                .and_then(|s| std::str::from_utf8(s).ok());
-            let value = match sum {
-                None => None,
-                Some(sum) if float => super::numeric::float_avg(sum, count),
-                Some(sum) => super::numeric::numeric_avg(sum, count),
+            // Merged sums and counts, as text whatever their format.
+            let as_text = |i: usize| -> Option<String> {
+                let v = f.get(i).copied().flatten()?;
+                if binary_at(i) {
+                    super::numeric::binary_as_text(cols[i].1, v)
+                } else {
+                    std::str::from_utf8(v).ok().map(str::to_string)
+                }
             };
-            values[col] = value.map(String::into_bytes);
+            let count: u64 = as_text(count_col).and_then(|c| c.parse().ok()).unwrap_or(0);
+            let value = match as_text(col) {
+                None => None,
+                Some(sum) if float => super::numeric::float_avg(&sum, count),
+                Some(sum) => super::numeric::numeric_avg(&sum, count),
+            };
+            values[col] = match (value, binary_at(col)) {
+                (None, _) => None,
+                (Some(v), false) => Some(v.into_bytes()),
+                (Some(v), true) if float => {
+                    Some(v.parse::<f64>().unwrap_or(f64::NAN).to_be_bytes().to_vec())
+                }
+                (Some(v), true) => super::numeric::numeric_to_binary(&v),
+            };
         }
         let mut body = BytesMut::new();
         body.put_u16(values.len() as u16);
@@ -615,6 +615,16 @@ fn add(oid: u32, binary: bool, a: &[u8], b: &[u8]) -> Result<Vec<u8>, PgError> {
                 let y = f32::from_be_bytes(b.try_into().expect("4"));
                 Ok((x + y).to_be_bytes().to_vec())
             }
+            (1700, _, _) => {
+                let (x, y) = (
+                    super::numeric::numeric_from_binary(a),
+                    super::numeric::numeric_from_binary(b),
+                );
+                x.zip(y)
+                    .and_then(|(x, y)| add_decimal(&x, &y))
+                    .and_then(|t| super::numeric::numeric_to_binary(&t))
+                    .ok_or_else(|| unmergeable(oid))
+            }
             _ => Err(unmergeable(oid)),
         };
     }
@@ -758,13 +768,26 @@ pub fn merge_select(
         cols = columns(&t);
     }
     if let Some(h) = &spec.having {
-        if (0..cols.len()).any(&binary_at) {
-            return Err(PgError::new(
-                "0A000",
-                "HAVING across shards with binary results is not supported yet",
-            ));
+        // The condition reads text: binary columns are shown as text first.
+        let mut keep = Vec::with_capacity(rows.len());
+        for r in rows {
+            let f = fields(&r);
+            let texts: Vec<Option<Vec<u8>>> = f
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    Some(b) if binary_at(i) => {
+                        super::numeric::binary_as_text(cols[i].1, b).map(String::into_bytes)
+                    }
+                    v => v.map(<[u8]>::to_vec),
+                })
+                .collect();
+            let view: Vec<Option<&[u8]>> = texts.iter().map(|t| t.as_deref()).collect();
+            if h.eval(&view) == Some(true) {
+                keep.push(r);
+            }
         }
-        rows.retain(|r| h.eval(&fields(r)) == Some(true));
+        rows = keep;
     }
     if spec.distinct {
         // Equal values in the same format are equal bytes.
