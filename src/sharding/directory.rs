@@ -3,18 +3,19 @@
 //! of the table itself is `exec::directory`'s.
 
 use super::Value;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Mutex;
 
-/// A directory's cached entries (one lock per lookup of a directory-sharded key; other
-/// tables never take it).
+/// A directory's cached entries, least recently used evicted first (one lock per lookup
+/// of a directory-sharded key; other tables never take it).
 pub struct DirectoryCache {
     /// The lookup table.
     pub table: String,
     /// The shard holding the lookup table (None: the database's default shard).
     pub shard: Option<usize>,
     capacity: usize,
-    entries: Mutex<(HashMap<String, usize>, VecDeque<String>)>,
+    /// key -> (shard, last use).
+    entries: Mutex<(HashMap<String, (usize, u64)>, u64)>,
 }
 
 impl std::fmt::Debug for DirectoryCache {
@@ -31,29 +32,32 @@ impl DirectoryCache {
             table,
             shard,
             capacity,
-            entries: Mutex::new((HashMap::new(), VecDeque::new())),
+            entries: Mutex::new((HashMap::new(), 0)),
         }
     }
 
     pub fn get(&self, key: &str) -> Option<usize> {
-        self.entries
-            .lock()
-            .expect("not poisoned")
-            .0
-            .get(key)
-            .copied()
+        let mut e = self.entries.lock().expect("not poisoned");
+        e.1 += 1;
+        let tick = e.1;
+        let entry = e.0.get_mut(key)?;
+        entry.1 = tick;
+        Some(entry.0)
     }
 
-    /// Records an entry; the oldest go first when full.
+    /// Records an entry; when full, the least recently used tenth goes (so that eviction
+    /// costs O(log n) per insert, amortized).
     pub fn put(&self, key: String, shard: usize) {
         let mut e = self.entries.lock().expect("not poisoned");
-        if e.0.insert(key.clone(), shard).is_none() {
-            e.1.push_back(key);
-            while e.1.len() > self.capacity {
-                if let Some(old) = e.1.pop_front() {
-                    e.0.remove(&old);
-                }
-            }
+        e.1 += 1;
+        let tick = e.1;
+        e.0.insert(key, (shard, tick));
+        if e.0.len() > self.capacity {
+            let mut ticks: Vec<u64> = e.0.values().map(|v| v.1).collect();
+            ticks.sort_unstable();
+            let drop = (self.capacity / 10).max(1) + (e.0.len() - self.capacity - 1);
+            let cutoff = ticks[drop.min(ticks.len() - 1)];
+            e.0.retain(|_, v| v.1 >= cutoff);
         }
     }
 
@@ -84,16 +88,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_cache_is_bounded() {
-        let c = DirectoryCache::new("d".into(), None, 2);
+    fn the_cache_is_bounded_and_keeps_what_is_used() {
+        let c = DirectoryCache::new("d".into(), None, 3);
         c.put("a".into(), 0);
         c.put("b".into(), 1);
         c.put("c".into(), 1);
-        assert_eq!(c.len(), 2);
+        assert_eq!(c.get("a"), Some(0)); // a is now the most recently used
+        c.put("d".into(), 0);
+        assert!(c.len() <= 3);
+        assert_eq!(c.get("a"), Some(0));
+        assert_eq!(c.get("b"), None, "the least recently used went first");
+        c.forget("a");
         assert_eq!(c.get("a"), None);
-        assert_eq!(c.get("c"), Some(1));
-        c.forget("c");
-        assert_eq!(c.get("c"), None);
         assert_eq!(canonical(&Value::Text("x'y".into())), "x'y");
         assert_eq!(canonical(&Value::Int(-5)), "-5");
     }
