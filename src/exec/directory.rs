@@ -29,11 +29,14 @@ pub async fn lookup(
     let create = format!(
         "CREATE TABLE IF NOT EXISTS {table} (tbl text NOT NULL, key text NOT NULL, shard int NOT NULL, PRIMARY KEY (tbl, key))"
     );
-    match c.run_quiet(&create).await.map_err(|e| e.to_string())? {
-        None => {}
-        // Two creators at once.
-        Some((code, _)) if code == "23505" || code == "42P07" => {}
-        Some((code, msg)) => return Err(format!("creating {table}: {code}: {msg}")),
+    if !dir.ready.load(std::sync::atomic::Ordering::Relaxed) {
+        match c.run_quiet(&create).await.map_err(|e| e.to_string())? {
+            // Two creators at once: the loser fails on a catalog unique index.
+            None => {}
+            Some((code, _)) if ["23505", "42P07", "42710"].contains(&code.as_str()) => {}
+            Some((code, msg)) => return Err(format!("creating {table}: {code}: {msg}")),
+        }
+        dir.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     let select = format!(
         "SELECT shard FROM {table} WHERE tbl = {} AND key = {}",

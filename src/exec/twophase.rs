@@ -227,7 +227,7 @@ async fn coordinator(db: &Database) -> Result<Pooled, String> {
                 .decisions_ready
                 .store(true, std::sync::atomic::Ordering::Relaxed),
             // Two creators at once: one fails on the catalog's unique index; the table is there.
-            Ok(Some((code, _))) if code == "23505" || code == "42P07" => {}
+            Ok(Some((code, _))) if ["23505", "42P07", "42710"].contains(&code.as_str()) => {}
             Ok(Some((code, msg))) => return Err(format!("creating {DECISIONS}: {code}: {msg}")),
             Err(e) => return Err(e.to_string()),
         }

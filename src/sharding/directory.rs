@@ -14,9 +14,13 @@ pub struct DirectoryCache {
     /// The shard holding the lookup table (None: the database's default shard).
     pub shard: Option<usize>,
     capacity: usize,
-    /// key -> (shard, last use).
-    entries: Mutex<(HashMap<String, (usize, u64)>, u64)>,
+    entries: Mutex<Entries>,
+    /// The lookup table is known to exist.
+    pub ready: std::sync::atomic::AtomicBool,
 }
+
+/// key -> (shard, last use), and the use counter.
+type Entries = (HashMap<String, (usize, u64)>, u64);
 
 impl std::fmt::Debug for DirectoryCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -33,6 +37,7 @@ impl DirectoryCache {
             shard,
             capacity,
             entries: Mutex::new((HashMap::new(), 0)),
+            ready: Default::default(),
         }
     }
 
