@@ -8,6 +8,7 @@
 
 mod copy;
 mod cross;
+mod extended;
 mod multi;
 mod prepared;
 mod replica;

@@ -1,12 +1,12 @@
-//! Routing inside a session: which shard each statement (or extended-protocol batch) runs
-//! on, switching server connections between transactions, and statements that need
+//! Routing inside a session: which shard each statement runs on (extended-protocol
+//! batches: extended.rs), switching server connections between transactions, and statements that need
 //! several shards. Only used when the database has sharding rules.
 //!
 //! Extended-protocol messages are held while no server connection is attached, until a
 //! message tells where the batch goes (a Bind, with its parameter values), so that the
 //! whole batch reaches one server in order and PostgreSQL itself answers every message.
 
-use super::cross::{VirtualPortal, multi_shard_error};
+use super::cross::VirtualPortal;
 use super::{Pending, Session, SessionError};
 use crate::config::PoolMode;
 use crate::protocol::{self, PgError};
@@ -16,16 +16,16 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Statements analyses kept per session (the analysis is a pure function of the text).
-const CACHE_LIMIT: usize = 1024;
+pub(super) const CACHE_LIMIT: usize = 1024;
 
 /// A session's routing state.
 #[derive(Default)]
 pub(super) struct RouteState {
     cache: HashMap<String, Result<Arc<Analysis>, router::AnalyzeError>>,
     /// `SET pgshard.shard = N`, until `RESET pgshard.shard`.
-    forced: Option<usize>,
+    pub(super) forced: Option<usize>,
     /// Extended-protocol frames waiting for a routing decision.
-    held: Vec<Bytes>,
+    pub(super) held: Vec<Bytes>,
     /// Statement name -> (query, parameter types), to route Binds; "" is the unnamed one.
     pub(super) texts: HashMap<Bytes, (Bytes, Bytes)>,
     /// A BEGIN answered by pgshard, sent to the shard the transaction's first statement
@@ -55,7 +55,7 @@ fn route_err(e: RouteError) -> PgError {
 }
 
 /// Whether a statement over several shards is a read pgshard can merge.
-fn mergeable(a: &Analysis) -> bool {
+pub(super) fn mergeable(a: &Analysis) -> bool {
     a.kind <= Kind::Read && a.merge.as_ref().is_some_and(|m| m.is_ok())
 }
 
@@ -97,7 +97,7 @@ fn broadcast_unparsed(sql: &str) -> bool {
 }
 
 /// The error of a statement in an aborted transaction.
-fn aborted() -> PgError {
+pub(super) fn aborted() -> PgError {
     PgError::new(
         "25P02",
         "current transaction is aborted, commands ignored until end of transaction block",
@@ -105,7 +105,7 @@ fn aborted() -> PgError {
 }
 
 /// Whether a statement starts with COPY (after blanks and comments).
-fn is_copy(sql: &str) -> bool {
+pub(super) fn is_copy(sql: &str) -> bool {
     let mut s = sql.trim_start();
     while let Some(rest) = s.strip_prefix("/*") {
         s = rest.split_once("*/").map_or("", |x| x.1).trim_start();
@@ -153,7 +153,7 @@ impl RouteState {
 }
 
 impl Session {
-    fn analysis(&mut self, sql: &str) -> Result<Arc<Analysis>, router::AnalyzeError> {
+    pub(super) fn analysis(&mut self, sql: &str) -> Result<Arc<Analysis>, router::AnalyzeError> {
         if let Some(a) = self.route.cache.get(sql) {
             return a.clone();
         }
@@ -502,163 +502,6 @@ impl Session {
         Ok(())
     }
 
-    /// Parse, Bind, Describe, Close, Execute, Flush on a sharded database.
-    pub(super) async fn route_extended(&mut self, frame: Bytes) -> Result<(), SessionError> {
-        let tag = frame[0];
-        if !self.in_batch && !self.holding() && self.backend.is_some() && !self.relay.idle() {
-            // A new batch: the previous one's outcome decides where it may go.
-            self.settle().await?;
-        }
-        if (self.route.pending_copy.is_some() || (tag == b'B' && self.db.router.is_sharded()))
-            && self.extended_copy(&frame).await?
-        {
-            return Ok(());
-        }
-        if tag == b'P' {
-            let p = protocol::parse_parse(&frame)?;
-            if self.route.texts.len() >= CACHE_LIMIT {
-                self.route.texts.clear();
-            }
-            self.route.texts.insert(
-                Bytes::copy_from_slice(p.name),
-                (frame.slice_ref(p.query), frame.slice_ref(p.types)),
-            );
-            // A statement that can never be routed fails at Parse, as statement errors do
-            // in PostgreSQL (drivers do not expect them at Bind).
-            let sql = std::str::from_utf8(p.query).unwrap_or("");
-            if self.route.forced.is_none()
-                && router::hint(sql).is_none()
-                && !is_copy(sql)
-                && let Err(router::AnalyzeError::Unroutable(why)) = self.analysis(sql)
-            {
-                if self.holding() {
-                    let home = self.home_shard();
-                    if !self.release_held(home).await? {
-                        return Ok(());
-                    }
-                }
-                self.local_error(
-                    PgError::new("0A000", why)
-                        .with_hint("Or choose the shard with a /* pgshard: shard=N */ comment."),
-                );
-                return Ok(());
-            }
-        }
-        if self.route.virtual_portal.is_some() && self.answer_from_portal(&frame)? {
-            return Ok(());
-        }
-        // In a transaction, a batch's frames wait for its Bind as well: it may need
-        // another shard, which then joins the transaction.
-        let hold_in_tx = self.can_join() && (self.holding() || matches!(tag, b'P' | b'D' | b'B'));
-        if self.backend.is_none() || hold_in_tx {
-            match tag {
-                b'P' | b'D' => {
-                    self.route.held.push(frame);
-                    return Ok(());
-                }
-                b'C' if !self.route.held.is_empty() => {
-                    self.route.held.push(frame);
-                    return Ok(());
-                }
-                // Closing a client statement needs no server (transaction mode).
-                b'C' if self.mode == PoolMode::Transaction => {
-                    return self.forward_extended(frame).await;
-                }
-                b'B' => {
-                    if self.transaction_control_bind(&frame)? || self.multi_end_bind(&frame).await?
-                    {
-                        return Ok(());
-                    }
-                    let dest = self.decide_bind(&frame).await?;
-                    if let Ok(Dest::Multi(shards, a)) = &dest
-                        && self.status == b'I'
-                        && mergeable(a)
-                    {
-                        let (shards, a) = (shards.clone(), a.clone());
-                        return self.scatter_bind(&frame, &shards, &a).await;
-                    }
-                    if let Ok(Dest::Multi(shards, a)) = &dest
-                        && a.kind >= Kind::Write
-                        && (self.status == b'I' || self.can_run_in_transaction())
-                        && self.mode == PoolMode::Transaction
-                    {
-                        let (shards, a) = (shards.clone(), a.clone());
-                        return self.write_bind(&frame, &shards, &a).await;
-                    }
-                    let shard = match &dest {
-                        Ok(Dest::Shard(s)) => *s,
-                        _ => self.home_shard(),
-                    };
-                    if !self.release_held(shard).await? {
-                        return Ok(());
-                    }
-                    if !matches!(dest, Ok(Dest::Shard(_))) {
-                        self.refuse_bind(dest);
-                        return Ok(());
-                    }
-                }
-                _ => {
-                    let home = self.home_shard();
-                    if !self.release_held(home).await? {
-                        return Ok(());
-                    }
-                }
-            }
-        } else if tag == b'B' {
-            if self.status == b'E' && !self.multi.parked.is_empty() {
-                if !self.multi_end_bind(&frame).await? {
-                    self.local_error(aborted());
-                }
-                return Ok(());
-            }
-            match self.decide_bind(&frame).await? {
-                Ok(Dest::Shard(s))
-                    if s == self.shard
-                        && (self.reads.on_replica == self.reads.read_ok
-                            || self.status != b'I'
-                            || self.in_batch) => {}
-                Ok(Dest::Shard(s)) if self.status == b'I' && !self.in_batch => {
-                    if !self.use_shard(s).await? {
-                        self.local_skip = true;
-                        return Ok(());
-                    }
-                }
-                Ok(Dest::Shard(s)) if !self.in_batch && self.route.movable_begin.is_some() => {
-                    if !self.move_transaction(s).await? {
-                        self.local_skip = true;
-                        return Ok(());
-                    }
-                }
-                Ok(Dest::Shard(s)) if self.can_join() => {
-                    if !self.join_shard(s).await? {
-                        self.local_skip = true;
-                        return Ok(());
-                    }
-                }
-                Ok(Dest::Multi(shards, a))
-                    if self.status == b'I' && !self.in_batch && mergeable(&a) =>
-                {
-                    self.settle().await?;
-                    self.detach().await;
-                    return self.scatter_bind(&frame, &shards, &a).await;
-                }
-                Ok(Dest::Multi(shards, a))
-                    if a.kind >= Kind::Write
-                        && !self.in_batch
-                        && self.mode == PoolMode::Transaction
-                        && (self.status == b'I' || self.can_run_in_transaction()) =>
-                {
-                    return self.write_bind(&frame, &shards, &a).await;
-                }
-                refused => {
-                    self.refuse_bind(refused);
-                    return Ok(());
-                }
-            }
-        }
-        self.forward_extended(frame).await
-    }
-
     /// BEGIN, COMMIT and ROLLBACK of a transaction that has not touched a shard yet are
     /// answered here. True when the statement was answered.
     fn deferred_transaction(&mut self, sql: &str, kind: &router::StatementKind) -> bool {
@@ -702,7 +545,7 @@ impl Session {
     /// Moves a transaction that has executed nothing yet to another shard: rolls it back
     /// where it is (invisibly) and begins it again on `to`. False when it cannot move, or
     /// when attaching failed (the client then got the error).
-    async fn move_transaction(&mut self, to: usize) -> Result<bool, SessionError> {
+    pub(super) async fn move_transaction(&mut self, to: usize) -> Result<bool, SessionError> {
         let Some(begin) = self.route.movable_begin.take() else {
             return Ok(false);
         };
@@ -715,259 +558,6 @@ impl Session {
         self.detach().await;
         self.route.deferred_begin = Some(begin);
         Ok(self.attach(to).await)
-    }
-
-    /// BEGIN, COMMIT or ROLLBACK in the extended protocol while no shard is chosen yet
-    /// (pgjdbc sends BEGIN this way, pipelined with the first statement): answered here, as
-    /// [`Self::deferred_transaction`] does for simple queries. True when answered.
-    fn transaction_control_bind(&mut self, frame: &Bytes) -> Result<bool, SessionError> {
-        let b = protocol::parse_bind(frame)?;
-        let Some((query, _)) = self.route.texts.get(b.stmt).cloned() else {
-            return Ok(false);
-        };
-        let sql = std::str::from_utf8(&query).unwrap_or("");
-        let [one] = router::split_statements(sql)[..] else {
-            return Ok(false);
-        };
-        let kind = router::classify(one);
-        let deferred = self.route.deferred_begin.is_some();
-        let tag = match kind {
-            router::StatementKind::Begin if self.status == b'I' && !deferred => "BEGIN",
-            router::StatementKind::EndTransaction if deferred => {
-                let l = one.to_ascii_lowercase();
-                if self.status == b'E' || l.starts_with("rollback") || l.starts_with("abort") {
-                    "ROLLBACK"
-                } else {
-                    "COMMIT"
-                }
-            }
-            _ => return Ok(false),
-        };
-        let mut complete = bytes::BytesMut::new();
-        protocol::write_msg(&mut complete, b'C', format!("{tag}\0").as_bytes());
-        self.answer_control_bind(complete.freeze())?;
-        if tag == "BEGIN" {
-            self.route.deferred_begin = Some(one.to_string());
-            self.status = b'T';
-        } else {
-            self.route.deferred_begin = None;
-            self.status = b'I';
-        }
-        Ok(true)
-    }
-
-    /// Answers a Bind of a transaction-control statement pgshard carries out itself: the
-    /// batch's held Parse/Describe/Close as a server would, BindComplete, and `reply` (its
-    /// CommandComplete, or an error) at Execute.
-    fn answer_control_bind(&mut self, reply: Bytes) -> Result<(), SessionError> {
-        // The batch's held Parse/Describe/Close are answered as a server would.
-        for f in std::mem::take(&mut self.route.held) {
-            let reply = match f[0] {
-                b'P' => {
-                    let p = protocol::parse_parse(&f)?;
-                    if self.mode == PoolMode::Transaction && !p.name.is_empty() {
-                        self.statements.insert(
-                            Bytes::copy_from_slice(p.name),
-                            super::Stmt {
-                                global: super::prepared::statement_id(p.query, p.types),
-                                query: f.slice_ref(p.query),
-                                types: f.slice_ref(p.types),
-                                kind_is_setting: false,
-                            },
-                        );
-                    }
-                    crate::exec::empty_frame(b'1')
-                }
-                b'D' => {
-                    let mut r = bytes::BytesMut::new();
-                    if protocol::parse_target(&f, "Describe")?.0 == b'S' {
-                        protocol::write_msg(&mut r, b't', &[0, 0]);
-                    }
-                    protocol::write_msg(&mut r, b'n', &[]);
-                    r.freeze()
-                }
-                _ => crate::exec::empty_frame(b'3'),
-            };
-            self.relay.push(Pending::Synth {
-                frame: reply,
-                undo: None,
-            });
-        }
-
-        self.relay.push(Pending::Synth {
-            frame: crate::exec::empty_frame(b'2'),
-            undo: None,
-        });
-        self.relay.drain_local(&mut self.cout);
-        self.route.virtual_portal = Some(VirtualPortal {
-            description: crate::exec::empty_frame(b'n'),
-            rows: Some(reply),
-        });
-        Ok(())
-    }
-
-    /// A COPY over several shards in the extended protocol: its Bind and Describe are
-    /// answered here, its Execute runs it. True when the frame was handled.
-    async fn extended_copy(&mut self, frame: &Bytes) -> Result<bool, SessionError> {
-        match frame[0] {
-            b'B' => {
-                let b = protocol::parse_bind(frame)?;
-                let Some((query, _)) = self.route.texts.get(b.stmt).cloned() else {
-                    return Ok(false);
-                };
-                let sql = std::str::from_utf8(&query).unwrap_or("").to_string();
-                if !is_copy(&sql) {
-                    return Ok(false);
-                }
-                let Some((cs, plan)) = self.multi_copy(&sql) else {
-                    return Ok(false);
-                };
-                if self.holding() {
-                    let home = self.home_shard();
-                    if !self.release_held(home).await? {
-                        return Ok(true);
-                    }
-                }
-                self.route.pending_copy = Some((sql, cs, plan));
-                self.relay.push(Pending::Synth {
-                    frame: crate::exec::empty_frame(b'2'),
-                    undo: None,
-                });
-                self.relay.drain_local(&mut self.cout);
-                Ok(true)
-            }
-            b'D' if self.route.pending_copy.is_some() => {
-                self.relay.push(Pending::Synth {
-                    frame: crate::exec::empty_frame(b'n'),
-                    undo: None,
-                });
-                self.relay.drain_local(&mut self.cout);
-                Ok(true)
-            }
-            b'E' => {
-                let Some((sql, cs, plan)) = self.route.pending_copy.take() else {
-                    return Ok(false);
-                };
-                self.execute_copy(&sql, cs, plan).await?;
-                Ok(true)
-            }
-            b'H' => Ok(self.route.pending_copy.is_some()),
-            _ => {
-                self.route.pending_copy = None;
-                Ok(false)
-            }
-        }
-    }
-
-    /// COMMIT or ROLLBACK in the extended protocol while shards are parked: ended by
-    /// pgshard on every shard. True when answered.
-    async fn multi_end_bind(&mut self, frame: &Bytes) -> Result<bool, SessionError> {
-        if self.multi.parked.is_empty() {
-            return Ok(false);
-        }
-        let b = protocol::parse_bind(frame)?;
-        let Some((query, _)) = self.route.texts.get(b.stmt).cloned() else {
-            return Ok(false);
-        };
-        let sql = std::str::from_utf8(&query).unwrap_or("");
-        let [one] = router::split_statements(sql)[..] else {
-            return Ok(false);
-        };
-        if router::classify(one) != router::StatementKind::EndTransaction {
-            return Ok(false);
-        }
-        let reply = match self.end_multi(one).await? {
-            Ok(tag) => {
-                let mut c = bytes::BytesMut::new();
-                protocol::write_msg(&mut c, b'C', format!("{tag}\0").as_bytes());
-                c.freeze()
-            }
-            Err(frame) => frame.freeze(),
-        };
-        self.answer_control_bind(reply)?;
-        Ok(true)
-    }
-
-    /// The error for a Bind that cannot run as routed (skips the batch until Sync).
-    fn refuse_bind(&mut self, dest: Result<Dest, PgError>) {
-        let e = match dest {
-            Ok(Dest::Multi(shards, a)) => multi_shard_error(&shards, &a),
-            Ok(Dest::Shard(s)) => cross_shard_txn(self.shard, &[s]),
-            Err(e) => e,
-        };
-        self.local_error(e);
-    }
-
-    /// Attaches `shard` and sends the held frames to it. False when attaching failed (the
-    /// client got the error and the batch is skipped until Sync).
-    pub(super) async fn release_held(&mut self, shard: usize) -> Result<bool, SessionError> {
-        if self.backend.is_some() && self.shard != shard && self.can_join() {
-            if !self.join_shard(shard).await? {
-                self.route.held.clear();
-                self.local_skip = true;
-                return Ok(false);
-            }
-            for f in std::mem::take(&mut self.route.held) {
-                self.forward_extended(f).await?;
-            }
-            return Ok(true);
-        }
-        if !self.attach(shard).await {
-            self.route.held.clear();
-            self.local_skip = true;
-            return Ok(false);
-        }
-        for f in std::mem::take(&mut self.route.held) {
-            self.forward_extended(f).await?;
-        }
-        Ok(true)
-    }
-
-    /// A batch of Parse/Describe/Close without Bind may go to a replica when every
-    /// statement it parses could (describing needs only the catalog).
-    pub(super) fn held_read_ok(&mut self) {
-        let texts: Vec<Bytes> = self
-            .route
-            .held
-            .iter()
-            .filter(|f| f[0] == b'P')
-            .filter_map(|f| protocol::parse_parse(f).ok().map(|p| f.slice_ref(p.query)))
-            .collect();
-        let mut ok = self.read_free() && self.reads.target != Some(false);
-        for t in texts {
-            if !ok {
-                break;
-            }
-            let sql = std::str::from_utf8(&t).unwrap_or("");
-            let safe = self.analysis(sql).is_ok_and(|a| a.replica_safe);
-            ok = router::target_hint(sql)
-                .or(self.reads.target)
-                .unwrap_or(safe);
-        }
-        self.reads.read_ok = ok;
-    }
-
-    /// Whether any frames wait for a routing decision.
-    pub(super) fn holding(&self) -> bool {
-        !self.route.held.is_empty()
-    }
-
-    /// Where a Bind's statement goes, with its parameter values.
-    async fn decide_bind(&mut self, frame: &Bytes) -> Result<Result<Dest, PgError>, SessionError> {
-        let b = protocol::parse_bind(frame)?;
-        let Some((query, types)) = self.route.texts.get(b.stmt).cloned() else {
-            return Ok(Ok(Dest::Shard(self.home_shard())));
-        };
-        let (binary, values) = protocol::bind_params(b.rest)?;
-        let params = Params {
-            values,
-            binary,
-            oids: protocol::parse_oids(&types),
-        };
-        let Ok(sql) = std::str::from_utf8(&query) else {
-            return Ok(Ok(Dest::Shard(self.home_shard())));
-        };
-        Ok(self.decide_async(sql, &params).await)
     }
 }
 
