@@ -1,0 +1,630 @@
+//! Merging the rows of a SELECT run on several shards into one result, as PostgreSQL
+//! would have returned it: aggregates combined per group (count, sum, min, max, avg),
+//! HAVING, DISTINCT (ON), ORDER BY on typed values (text and binary formats), OFFSET and
+//! LIMIT, and hidden columns stripped. Only here are rows decoded.
+
+use super::scatter::first_error;
+use crate::protocol::{self, PgError};
+use crate::router::analyze::{MergeSpec, OrderCol};
+use crate::router::merge::Column;
+use crate::sharding::value::Decimal;
+use bytes::{BufMut, BytesMut};
+use std::cmp::Ordering;
+use std::collections::HashMap;
+
+/// The byte offset in a RowDescription (`row` false) or DataRow (`row` true) just after
+/// its first `n` fields.
+fn prefix_end(frame: &[u8], n: usize, row: bool) -> usize {
+    let mut i = 7;
+    for _ in 0..n {
+        if i >= frame.len() {
+            break;
+        }
+        if row {
+            let Some(l) = frame.get(i..i + 4) else { break };
+            let len = i32::from_be_bytes([l[0], l[1], l[2], l[3]]);
+            i += 4 + len.max(0) as usize;
+        } else {
+            let name_end = frame[i..]
+                .iter()
+                .position(|&c| c == 0)
+                .map_or(frame.len(), |p| i + p);
+            i = name_end + 1 + 18;
+        }
+    }
+    i.min(frame.len())
+}
+
+/// Field names and type OIDs of a RowDescription.
+fn columns(t: &[u8]) -> Vec<(String, u32)> {
+    let mut b = protocol::body(t);
+    if b.len() < 2 {
+        return Vec::new();
+    }
+    let n = u16::from_be_bytes([b[0], b[1]]) as usize;
+    b = &b[2..];
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let Ok(name) = protocol::read_cstr(&mut b, "RowDescription") else {
+            break;
+        };
+        if b.len() < 18 {
+            break;
+        }
+        let oid = u32::from_be_bytes([b[6], b[7], b[8], b[9]]);
+        b = &b[18..];
+        out.push((name, oid));
+    }
+    out
+}
+
+/// Turns each avg column's merged sum into the average (with its hidden count), and its
+/// type into avg's: numeric for integer and numeric input, float8 for floating point.
+fn finish_avg(
+    t: BytesMut,
+    rows: Vec<BytesMut>,
+    avg: &[(usize, usize)],
+    cols: &[(String, u32)],
+    binary_at: &dyn Fn(usize) -> bool,
+) -> Result<(BytesMut, Vec<BytesMut>), PgError> {
+    let mut kinds = Vec::with_capacity(avg.len());
+    for &(col, _) in avg {
+        let float = match cols.get(col).map(|c| c.1) {
+            Some(20 | 1700) => false,
+            Some(700 | 701) => true,
+            other => {
+                return Err(PgError::new(
+                    "0A000",
+                    format!(
+                        "avg across shards over this type (oid {other:?}) is not supported yet"
+                    ),
+                ));
+            }
+        };
+        kinds.push(float);
+    }
+    let mut out_rows = Vec::with_capacity(rows.len());
+    for r in rows {
+        let f = fields(&r);
+        let mut values: Vec<Option<Vec<u8>>> = f.iter().map(|x| x.map(<[u8]>::to_vec)).collect();
+        for (&(col, count_col), &float) in avg.iter().zip(&kinds) {
+            // Merged sums and counts, as text whatever their format.
+            let as_text = |i: usize| -> Option<String> {
+                let v = f.get(i).copied().flatten()?;
+                if binary_at(i) {
+                    super::numeric::binary_as_text(cols[i].1, v)
+                } else {
+                    std::str::from_utf8(v).ok().map(str::to_string)
+                }
+            };
+            let count: u64 = as_text(count_col).and_then(|c| c.parse().ok()).unwrap_or(0);
+            let value = match as_text(col) {
+                None => None,
+                Some(sum) if float => super::numeric::float_avg(&sum, count),
+                Some(sum) => super::numeric::numeric_avg(&sum, count),
+            };
+            values[col] = match (value, binary_at(col)) {
+                (None, _) => None,
+                (Some(v), false) => Some(v.into_bytes()),
+                (Some(v), true) if float => {
+                    Some(v.parse::<f64>().unwrap_or(f64::NAN).to_be_bytes().to_vec())
+                }
+                (Some(v), true) => super::numeric::numeric_to_binary(&v),
+            };
+        }
+        let mut body = BytesMut::new();
+        body.put_u16(values.len() as u16);
+        for v in &values {
+            match v {
+                None => body.put_i32(-1),
+                Some(b) => {
+                    body.put_i32(b.len() as i32);
+                    body.put_slice(b);
+                }
+            }
+        }
+        let mut row = BytesMut::with_capacity(body.len() + 5);
+        protocol::write_msg(&mut row, b'D', &body);
+        out_rows.push(row);
+    }
+    // The RowDescription: avg's type in place of sum's.
+    let mut b = protocol::body(&t).to_vec();
+    let mut pos = 2;
+    for i in 0..cols.len() {
+        let end = pos + b[pos..].iter().position(|&c| c == 0).unwrap_or(0) + 1;
+        if let Some(k) = avg.iter().position(|(c, _)| *c == i) {
+            let (oid, len): (u32, i16) = if kinds[k] { (701, 8) } else { (1700, -1) };
+            b[end + 6..end + 10].copy_from_slice(&oid.to_be_bytes());
+            b[end + 10..end + 12].copy_from_slice(&len.to_be_bytes());
+            b[end + 12..end + 16].copy_from_slice(&(-1i32).to_be_bytes());
+        }
+        pos = end + 18;
+    }
+    let mut desc = BytesMut::new();
+    protocol::write_msg(&mut desc, b'T', &b);
+    Ok((desc, out_rows))
+}
+
+/// The fields of a DataRow (None = NULL).
+fn fields(d: &[u8]) -> Vec<Option<&[u8]>> {
+    let b = protocol::body(d);
+    if b.len() < 2 {
+        return Vec::new();
+    }
+    let n = u16::from_be_bytes([b[0], b[1]]) as usize;
+    let mut i = 2;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        if i + 4 > b.len() {
+            break;
+        }
+        let len = i32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        i += 4;
+        if len < 0 {
+            out.push(None);
+        } else {
+            let end = (i + len as usize).min(b.len());
+            out.push(Some(&b[i..end]));
+            i = end;
+        }
+    }
+    out
+}
+
+/// Compares two binary-format values of a PostgreSQL type; None for types pgshard does
+/// not decode (numeric, arrays, ...).
+fn compare_binary(oid: u32, a: &[u8], b: &[u8]) -> Option<Ordering> {
+    fn int(x: &[u8]) -> Option<i64> {
+        Some(match x.len() {
+            2 => i16::from_be_bytes(x.try_into().ok()?) as i64,
+            4 => i32::from_be_bytes(x.try_into().ok()?) as i64,
+            8 => i64::from_be_bytes(x.try_into().ok()?),
+            _ => return None,
+        })
+    }
+    fn float(x: &[u8]) -> Option<f64> {
+        Some(match x.len() {
+            4 => f32::from_be_bytes(x.try_into().ok()?) as f64,
+            8 => f64::from_be_bytes(x.try_into().ok()?),
+            _ => return None,
+        })
+    }
+    match oid {
+        // int2, int4, int8, oid, date, time, timestamp, timestamptz (all big-endian integers)
+        20 | 21 | 23 | 26 | 1082 | 1083 | 1114 | 1184 => Some(int(a)?.cmp(&int(b)?)),
+        700 | 701 => Some(float(a)?.total_cmp(&float(b)?)),
+        // bool, text, varchar, bpchar, name, uuid, bytea: byte order
+        16 | 25 | 1043 | 1042 | 19 | 2950 | 17 => Some(a.cmp(b)),
+        _ => None,
+    }
+}
+
+/// Whether pgshard can order a column of this type in this format.
+fn sortable(oid: u32, binary: bool) -> bool {
+    !binary
+        || compare_binary(oid, &[], &[]).is_some()
+        || matches!(
+            oid,
+            20 | 21 | 23 | 26 | 1082 | 1083 | 1114 | 1184 | 700 | 701
+        )
+}
+
+/// Compares two text-format values of a PostgreSQL type.
+fn compare(oid: u32, a: &[u8], b: &[u8]) -> Ordering {
+    let text = |x: &[u8]| std::str::from_utf8(x).unwrap_or("").trim().to_string();
+    match oid {
+        // int2, int4, int8, oid
+        20 | 21 | 23 | 26 => {
+            let p = |x: &[u8]| text(x).parse::<i64>().unwrap_or(0);
+            p(a).cmp(&p(b))
+        }
+        // numeric
+        1700 => match (Decimal::parse(&text(a)), Decimal::parse(&text(b))) {
+            (Ok(x), Ok(y)) => x.cmp(&y),
+            _ => a.cmp(b),
+        },
+        // float4, float8 (NaN sorts last, as in PostgreSQL)
+        700 | 701 => {
+            let p = |x: &[u8]| text(x).parse::<f64>().unwrap_or(f64::NAN);
+            p(a).total_cmp(&p(b))
+        }
+        // Text, dates and timestamps in ISO style: byte order (C collation).
+        _ => a.cmp(b),
+    }
+}
+
+/// Combines per-shard aggregate rows: rows with equal GROUP BY keys become one, counts and
+/// sums add up, min/max pick.
+fn aggregate(
+    rows: Vec<BytesMut>,
+    roles: &[Column],
+    cols: &[(String, u32)],
+    binary_at: &dyn Fn(usize) -> bool,
+) -> Result<Vec<BytesMut>, PgError> {
+    type Fields = Vec<Option<Vec<u8>>>;
+    let mut groups: Vec<Fields> = Vec::new();
+    let mut index: HashMap<Fields, usize> = HashMap::new();
+    for row in &rows {
+        let f: Fields = fields(row)
+            .into_iter()
+            .map(|x| x.map(<[u8]>::to_vec))
+            .collect();
+        if f.len() != roles.len() || f.len() != cols.len() {
+            return Err(PgError::new(
+                "XX000",
+                "shards returned rows of different shapes",
+            ));
+        }
+        let key: Fields = roles
+            .iter()
+            .zip(&f)
+            .filter(|(r, _)| **r == Column::Key)
+            .map(|(_, v)| v.clone())
+            .collect();
+        match index.get(&key) {
+            None => {
+                index.insert(key, groups.len());
+                groups.push(f);
+            }
+            Some(&g) => {
+                let acc = &mut groups[g];
+                for (i, role) in roles.iter().enumerate() {
+                    let (oid, bin) = (cols[i].1, binary_at(i));
+                    let merged = match (role, acc[i].take(), f[i].clone()) {
+                        (Column::Key, a, _) => a,
+                        (_, None, b) | (_, b, None) => b,
+                        (Column::Count | Column::Sum | Column::Avg, Some(a), Some(b)) => {
+                            Some(add(oid, bin, &a, &b)?)
+                        }
+                        (Column::Min | Column::Max, Some(a), Some(b)) => {
+                            let o = if bin {
+                                compare_binary(oid, &a, &b).ok_or_else(|| unmergeable(oid))?
+                            } else {
+                                compare(oid, &a, &b)
+                            };
+                            let keep_a = (o == Ordering::Greater) == (*role == Column::Max)
+                                || o == Ordering::Equal;
+                            Some(if keep_a { a } else { b })
+                        }
+                    };
+                    acc[i] = merged;
+                }
+            }
+        }
+    }
+    Ok(groups
+        .into_iter()
+        .map(|f| {
+            let mut b = BytesMut::new();
+            let len: usize = 4
+                + 2
+                + f.iter()
+                    .map(|x| 4 + x.as_ref().map_or(0, Vec::len))
+                    .sum::<usize>();
+            b.put_u8(b'D');
+            b.put_i32(len as i32);
+            b.put_u16(f.len() as u16);
+            for x in f {
+                match x {
+                    None => b.put_i32(-1),
+                    Some(v) => {
+                        b.put_i32(v.len() as i32);
+                        b.put_slice(&v);
+                    }
+                }
+            }
+            b
+        })
+        .collect())
+}
+
+fn unmergeable(oid: u32) -> PgError {
+    PgError::new(
+        "0A000",
+        format!("merging aggregates of type oid {oid} across shards is not supported yet"),
+    )
+}
+
+/// Adds two counts or sums of a PostgreSQL type, exactly.
+fn add(oid: u32, binary: bool, a: &[u8], b: &[u8]) -> Result<Vec<u8>, PgError> {
+    let overflow = || PgError::new("22003", "sum out of range when merging shards");
+    if binary {
+        return match (oid, a.len(), b.len()) {
+            (20, 8, 8) => {
+                let x = i64::from_be_bytes(a.try_into().expect("8"));
+                let y = i64::from_be_bytes(b.try_into().expect("8"));
+                Ok(x.checked_add(y)
+                    .ok_or_else(overflow)?
+                    .to_be_bytes()
+                    .to_vec())
+            }
+            (701, 8, 8) => {
+                let x = f64::from_be_bytes(a.try_into().expect("8"));
+                let y = f64::from_be_bytes(b.try_into().expect("8"));
+                Ok((x + y).to_be_bytes().to_vec())
+            }
+            (700, 4, 4) => {
+                let x = f32::from_be_bytes(a.try_into().expect("4"));
+                let y = f32::from_be_bytes(b.try_into().expect("4"));
+                Ok((x + y).to_be_bytes().to_vec())
+            }
+            (1700, _, _) => {
+                let (x, y) = (
+                    super::numeric::numeric_from_binary(a),
+                    super::numeric::numeric_from_binary(b),
+                );
+                x.zip(y)
+                    .and_then(|(x, y)| add_decimal(&x, &y))
+                    .and_then(|t| super::numeric::numeric_to_binary(&t))
+                    .ok_or_else(|| unmergeable(oid))
+            }
+            _ => Err(unmergeable(oid)),
+        };
+    }
+    let text = |x: &[u8]| std::str::from_utf8(x).unwrap_or("").trim().to_string();
+    let (x, y) = (text(a), text(b));
+    match oid {
+        20 | 21 | 23 => {
+            let p = |v: &str| v.parse::<i64>().map_err(|_| unmergeable(oid));
+            Ok(p(&x)?
+                .checked_add(p(&y)?)
+                .ok_or_else(overflow)?
+                .to_string()
+                .into_bytes())
+        }
+        700 | 701 => {
+            let p = |v: &str| v.parse::<f64>().map_err(|_| unmergeable(oid));
+            Ok((p(&x)? + p(&y)?).to_string().into_bytes())
+        }
+        1700 => add_decimal(&x, &y)
+            .ok_or_else(overflow)
+            .map(String::into_bytes),
+        _ => Err(unmergeable(oid)),
+    }
+}
+
+/// Exact decimal addition on text (numeric's output form), up to 38 significant digits.
+fn add_decimal(a: &str, b: &str) -> Option<String> {
+    fn parse(s: &str) -> Option<(i128, u32)> {
+        let (neg, body) = match s.strip_prefix('-') {
+            Some(r) => (true, r),
+            None => (false, s),
+        };
+        let (int, frac) = body.split_once('.').unwrap_or((body, ""));
+        if !int.bytes().chain(frac.bytes()).all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        let m: i128 = format!("{int}{frac}").parse().ok()?;
+        Some((if neg { -m } else { m }, frac.len() as u32))
+    }
+    let ((ma, sa), (mb, sb)) = (parse(a)?, parse(b)?);
+    let scale = sa.max(sb);
+    let m = ma
+        .checked_mul(10i128.checked_pow(scale - sa)?)?
+        .checked_add(mb.checked_mul(10i128.checked_pow(scale - sb)?)?)?;
+    let digits = m.unsigned_abs().to_string();
+    let digits = format!("{digits:0>width$}", width = scale as usize + 1);
+    let (i, f) = digits.split_at(digits.len() - scale as usize);
+    let sign = if m < 0 { "-" } else { "" };
+    Some(if scale == 0 {
+        format!("{sign}{i}")
+    } else {
+        format!("{sign}{i}.{f}")
+    })
+}
+
+/// Merges the shards' results of a SELECT into one result: RowDescription (when the
+/// shards sent one), the rows, and CommandComplete. `binary` gives the result formats
+/// (empty: all text; one entry: all columns).
+pub fn merge_select(
+    results: Vec<Vec<BytesMut>>,
+    spec: &MergeSpec,
+    binary: &[bool],
+) -> Result<BytesMut, PgError> {
+    if let Some(e) = first_error(&results) {
+        return Ok(e);
+    }
+    let mut out = BytesMut::new();
+    let mut description = None;
+    let mut rows: Vec<BytesMut> = Vec::new();
+    for frames in results {
+        for f in frames {
+            match f[0] {
+                b'T' if description.is_none() => description = Some(f),
+                b'D' => rows.push(f),
+                b'N' => out.extend_from_slice(&f),
+                _ => {}
+            }
+        }
+    }
+    let Some(mut t) = description else {
+        return Err(PgError::new("XX000", "no row description from any shard"));
+    };
+    let mut cols = columns(&t);
+    let binary_at = |i: usize| match binary.len() {
+        0 => false,
+        1 => binary[0],
+        _ => binary.get(i).copied().unwrap_or(false),
+    };
+    if let Some(roles) = &spec.aggregates {
+        // An avg column carries sums until the division below.
+        let roles: Vec<Column> = roles
+            .iter()
+            .map(|c| if *c == Column::Avg { Column::Sum } else { *c })
+            .collect();
+        rows = aggregate(rows, &roles, &cols, &binary_at)?;
+    }
+    if !spec.avg.is_empty() {
+        (t, rows) = finish_avg(t, rows, &spec.avg, &cols, &binary_at)?;
+        cols = columns(&t);
+    }
+    if let Some(h) = &spec.having {
+        // The condition reads text: binary columns are shown as text first.
+        let mut keep = Vec::with_capacity(rows.len());
+        for r in rows {
+            let f = fields(&r);
+            let texts: Vec<Option<Vec<u8>>> = f
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    Some(b) if binary_at(i) => {
+                        super::numeric::binary_as_text(cols[i].1, b).map(String::into_bytes)
+                    }
+                    v => v.map(<[u8]>::to_vec),
+                })
+                .collect();
+            let view: Vec<Option<&[u8]>> = texts.iter().map(|t| t.as_deref()).collect();
+            if h.eval(&view) == Some(true) {
+                keep.push(r);
+            }
+        }
+        rows = keep;
+    }
+    if spec.distinct {
+        // Equal values in the same format are equal bytes.
+        let mut seen = std::collections::HashSet::new();
+        rows.retain(|r| seen.insert(r.clone()));
+    }
+    if !spec.order.is_empty() {
+        let mut keys = Vec::with_capacity(spec.order.len());
+        for k in &spec.order {
+            let visible = cols.len().saturating_sub(spec.hidden.len());
+            let by_name = |n: &str| cols[..visible].iter().position(|(c, _)| c == n);
+            let idx = match &k.col {
+                OrderCol::Position(p) => Some(*p),
+                OrderCol::Name(n) => by_name(n),
+                OrderCol::Hidden(h) => Some(visible + h),
+                OrderCol::NameOr(n, h) => by_name(n).or(Some(visible + h)),
+            }
+            .filter(|&i| i < cols.len())
+            .ok_or_else(|| {
+                PgError::new(
+                    "0A000",
+                    "ORDER BY across shards must name an output column; add it to the select list",
+                )
+            })?;
+            let is_binary = match binary.len() {
+                0 => false,
+                1 => binary[0],
+                _ => binary.get(idx).copied().unwrap_or(false),
+            };
+            if !sortable(cols[idx].1, is_binary) {
+                return Err(PgError::new(
+                    "0A000",
+                    format!(
+                        "ORDER BY across shards on a column of type oid {} in binary format is not supported yet",
+                        cols[idx].1
+                    ),
+                ));
+            }
+            keys.push((idx, cols[idx].1, k.desc, k.nulls_first, is_binary));
+        }
+        rows.sort_by(|x, y| {
+            let (fx, fy) = (fields(x), fields(y));
+            for &(i, oid, desc, nulls_first, is_binary) in &keys {
+                let o = match (fx.get(i).copied().flatten(), fy.get(i).copied().flatten()) {
+                    (None, None) => Ordering::Equal,
+                    (None, Some(_)) => {
+                        if nulls_first {
+                            Ordering::Less
+                        } else {
+                            Ordering::Greater
+                        }
+                    }
+                    (Some(_), None) => {
+                        if nulls_first {
+                            Ordering::Greater
+                        } else {
+                            Ordering::Less
+                        }
+                    }
+                    (Some(a), Some(b)) => {
+                        let o = if is_binary {
+                            compare_binary(oid, a, b).unwrap_or(Ordering::Equal)
+                        } else {
+                            compare(oid, a, b)
+                        };
+                        if desc { o.reverse() } else { o }
+                    }
+                };
+                if o != Ordering::Equal {
+                    return o;
+                }
+            }
+            Ordering::Equal
+        });
+    }
+    if !spec.distinct_on.is_empty() {
+        // Sorted with the DISTINCT ON columns first: the first row of each run is kept.
+        let key = |r: &BytesMut| -> Vec<Option<Vec<u8>>> {
+            let f = fields(r);
+            spec.distinct_on
+                .iter()
+                .map(|&i| f.get(i).copied().flatten().map(<[u8]>::to_vec))
+                .collect()
+        };
+        let mut last = None;
+        rows.retain(|r| {
+            let k = key(r);
+            let keep = last.as_ref() != Some(&k);
+            last = Some(k);
+            keep
+        });
+    }
+    let skip = (spec.offset as usize).min(rows.len());
+    rows.drain(..skip);
+    if let Some(l) = spec.limit {
+        rows.truncate(l as usize);
+    }
+    // Hidden sort columns are the trailing ones: the client never sees them.
+    let keep = cols.len().saturating_sub(spec.hidden.len());
+    let strip = |frame: &[u8], row: bool| -> BytesMut {
+        if spec.hidden.is_empty() || frame.len() < 7 {
+            return BytesMut::from(frame);
+        }
+        let end = prefix_end(frame, keep, row);
+        let mut b = BytesMut::with_capacity(end + 7);
+        b.put_u8(frame[0]);
+        b.put_i32((4 + 2 + end - 7) as i32);
+        b.put_u16(keep as u16);
+        b.put_slice(&frame[7..end]);
+        b
+    };
+    out.extend_from_slice(&strip(&t, false));
+    let n = rows.len();
+    for r in rows {
+        out.extend_from_slice(&strip(&r, true));
+    }
+    let tag = format!("SELECT {n}");
+    out.put_u8(b'C');
+    out.put_i32((4 + tag.len() + 1) as i32);
+    out.put_slice(tag.as_bytes());
+    out.put_u8(0);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal_sums_are_exact() {
+        assert_eq!(add_decimal("1.25", "2.5").as_deref(), Some("3.75"));
+        assert_eq!(add_decimal("-1.25", "0.05").as_deref(), Some("-1.20"));
+        assert_eq!(add_decimal("0.1", "0.2").as_deref(), Some("0.3"));
+        assert_eq!(add_decimal("100", "-0.001").as_deref(), Some("99.999"));
+        assert_eq!(add_decimal("-0.5", "0.25").as_deref(), Some("-0.25"));
+        assert_eq!(add_decimal("NaN", "1"), None);
+    }
+
+    #[test]
+    fn binary_and_text_additions() {
+        assert_eq!(add(20, false, b"40", b"2").unwrap(), b"42");
+        assert_eq!(
+            add(20, true, &40i64.to_be_bytes(), &2i64.to_be_bytes()).unwrap(),
+            42i64.to_be_bytes()
+        );
+        assert!(add(20, false, b"9223372036854775807", b"1").is_err());
+        assert!(add(1700, true, b"x", b"y").is_err());
+    }
+}
