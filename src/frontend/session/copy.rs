@@ -291,14 +291,7 @@ impl Session {
         extended: bool,
     ) -> Result<(), SessionError> {
         if implicit {
-            let end = if self.status == b'E' {
-                "ROLLBACK"
-            } else {
-                "COMMIT"
-            };
-            if let Err(frame) = self.end_multi(end).await? {
-                out = frame;
-            }
+            self.end_implicit(&mut out).await?;
         }
         self.relay.drain_local(&mut self.cout);
         self.cout.extend_from_slice(&out);

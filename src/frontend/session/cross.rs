@@ -280,15 +280,8 @@ impl Session {
                 );
             }
         }
-        // Statements the client parsed or described in this batch are answered by a real
-        // server first.
-        if self.holding() {
-            let home = self.home_shard();
-            if !self.release_held(home).await? {
-                return Ok(());
-            }
-            protocol::write_msg(&mut self.bout, b'H', &[]);
-            self.settle().await?;
+        if !self.answer_held().await? {
+            return Ok(());
         }
         let implicit = self.begin_implicit().await?;
         let mut results = Vec::with_capacity(shards.len());
@@ -312,20 +305,7 @@ impl Session {
                 break;
             };
             self.reads.executed = true;
-            let got = async {
-                conn.send(&req).await?;
-                let mut frames = Vec::new();
-                loop {
-                    let f = conn.read_frame().await?;
-                    match f[0] {
-                        b'Z' => return Ok::<_, crate::backend::BackendError>((frames, f[5])),
-                        b'1' | b'2' => {}
-                        _ => frames.push(f),
-                    }
-                }
-            }
-            .await;
-            match got {
+            match super::multi::send_and_collect(conn, &req).await {
                 Ok((mut frames, status)) => {
                     if let Some(i) = frames.iter().position(|f| matches!(f[0], b'T' | b'n')) {
                         let d = frames.remove(i).freeze();
@@ -351,14 +331,7 @@ impl Session {
             _ => scatter::combine_writes(results, true),
         };
         if implicit {
-            let end = if self.status == b'E' {
-                "ROLLBACK"
-            } else {
-                "COMMIT"
-            };
-            if let Err(f) = self.end_multi(end).await? {
-                out = f;
-            }
+            self.end_implicit(&mut out).await?;
         }
         if frame_tags(&out).contains(&b'E') {
             // As PostgreSQL, the rest of the batch is skipped.
@@ -394,15 +367,13 @@ impl Session {
             self.local_error(multi_shard_error(shards, a));
             return Ok(());
         };
-        // Statements the client parsed or described in this batch are answered by a real
-        // server first (ParseComplete, ParameterDescription, RowDescription).
-        if self.holding() {
-            let home = self.home_shard();
-            if !self.release_held(home).await? {
-                return Ok(());
-            }
-            protocol::write_msg(&mut self.bout, b'H', &[]);
-            self.settle().await?;
+        // The merged rows come from fresh connections: the one that answered the held
+        // frames goes back.
+        let held = self.holding();
+        if !self.answer_held().await? {
+            return Ok(());
+        }
+        if held {
             self.detach().await;
         }
         let b = protocol::parse_bind(frame)?;

@@ -170,18 +170,27 @@ impl Session {
         self.forward_extended(frame).await
     }
 
+    /// The statement a Bind binds, when pgshard knows its text and it is one statement.
+    fn bound_statement(&self, frame: &Bytes) -> Result<Option<String>, SessionError> {
+        let b = protocol::parse_bind(frame)?;
+        let Some((query, _)) = self.route.texts.get(b.stmt) else {
+            return Ok(None);
+        };
+        let sql = std::str::from_utf8(query).unwrap_or("");
+        Ok(match router::split_statements(sql)[..] {
+            [one] => Some(one.to_string()),
+            _ => None,
+        })
+    }
+
     /// BEGIN, COMMIT or ROLLBACK in the extended protocol while no shard is chosen yet
     /// (pgjdbc sends BEGIN this way, pipelined with the first statement): answered here, as
     /// [`Self::deferred_transaction`] does for simple queries. True when answered.
     fn transaction_control_bind(&mut self, frame: &Bytes) -> Result<bool, SessionError> {
-        let b = protocol::parse_bind(frame)?;
-        let Some((query, _)) = self.route.texts.get(b.stmt).cloned() else {
+        let Some(one) = self.bound_statement(frame)? else {
             return Ok(false);
         };
-        let sql = std::str::from_utf8(&query).unwrap_or("");
-        let [one] = router::split_statements(sql)[..] else {
-            return Ok(false);
-        };
+        let one = one.as_str();
         let kind = router::classify(one);
         let deferred = self.route.deferred_begin.is_some();
         let tag = match kind {
@@ -318,18 +327,13 @@ impl Session {
         if self.multi.parked.is_empty() {
             return Ok(false);
         }
-        let b = protocol::parse_bind(frame)?;
-        let Some((query, _)) = self.route.texts.get(b.stmt).cloned() else {
+        let Some(one) = self.bound_statement(frame)? else {
             return Ok(false);
         };
-        let sql = std::str::from_utf8(&query).unwrap_or("");
-        let [one] = router::split_statements(sql)[..] else {
-            return Ok(false);
-        };
-        if router::classify(one) != router::StatementKind::EndTransaction {
+        if router::classify(&one) != router::StatementKind::EndTransaction {
             return Ok(false);
         }
-        let reply = match self.end_multi(one).await? {
+        let reply = match self.end_multi(&one).await? {
             Ok(tag) => {
                 let mut c = bytes::BytesMut::new();
                 protocol::write_msg(&mut c, b'C', format!("{tag}\0").as_bytes());
@@ -398,6 +402,21 @@ impl Session {
                 .unwrap_or(safe);
         }
         self.reads.read_ok = ok;
+    }
+
+    /// Statements the client parsed or described in this batch are answered by a real
+    /// server first (ParseComplete, ParameterDescription, RowDescription), before pgshard
+    /// answers the batch's Bind itself. False when that failed (the client got the error).
+    pub(super) async fn answer_held(&mut self) -> Result<bool, SessionError> {
+        if self.holding() {
+            let home = self.home_shard();
+            if !self.release_held(home).await? {
+                return Ok(false);
+            }
+            protocol::write_msg(&mut self.bout, b'H', &[]);
+            self.settle().await?;
+        }
+        Ok(true)
     }
 
     /// Whether any frames wait for a routing decision.

@@ -29,12 +29,23 @@ async fn run_on(
 ) -> Result<(Vec<bytes::BytesMut>, u8), crate::backend::BackendError> {
     let mut out = bytes::BytesMut::new();
     protocol::write_query(&mut out, sql);
-    b.send(&out).await?;
+    send_and_collect(b, &out).await
+}
+
+/// Sends a request (a Query, or Parse/Bind/Describe/Execute/Sync) and returns the
+/// server's frames up to ReadyForQuery, without ParseComplete and BindComplete, and the
+/// transaction status.
+pub(super) async fn send_and_collect(
+    b: &mut crate::backend::BackendConn,
+    request: &[u8],
+) -> Result<(Vec<bytes::BytesMut>, u8), crate::backend::BackendError> {
+    b.send(request).await?;
     let mut frames = Vec::new();
     loop {
         let f = b.read_frame().await?;
         match f[0] {
             b'Z' => return Ok((frames, f.get(5).copied().unwrap_or(b'I'))),
+            b'1' | b'2' => {}
             // COPY is carried out elsewhere; here it would desynchronize the connection.
             b'G' | b'H' | b'W' => {
                 b.broken = true;
@@ -281,14 +292,7 @@ impl Session {
             return Ok(());
         };
         if implicit {
-            let end = if self.status == b'E' {
-                "ROLLBACK"
-            } else {
-                "COMMIT"
-            };
-            if let Err(frame) = self.end_multi(end).await? {
-                out = frame;
-            }
+            self.end_implicit(&mut out).await?;
         }
         self.cross_shard_done(&shards, "transaction", started.elapsed(), sql);
         self.relay.drain_local(&mut self.cout);
@@ -423,6 +427,23 @@ impl Session {
                 Ok(None)
             }
         }
+    }
+
+    /// Ends the implicit transaction a statement ran in: COMMIT, or ROLLBACK after an
+    /// error; a commit that fails puts its error in place of the statement's result.
+    pub(super) async fn end_implicit(
+        &mut self,
+        out: &mut bytes::BytesMut,
+    ) -> Result<(), SessionError> {
+        let end = if self.status == b'E' {
+            "ROLLBACK"
+        } else {
+            "COMMIT"
+        };
+        if let Err(frame) = self.end_multi(end).await? {
+            *out = frame;
+        }
+        Ok(())
     }
 
     /// `end_multi` for a simple Query: the answer and ReadyForQuery.

@@ -49,23 +49,11 @@ impl ReadState {
 /// `SET pgshard.target = primary|replica` / `RESET pgshard.target`: Some(Ok(..)) or None
 /// when the statement is something else.
 pub(super) fn target_set(sql: &str) -> Option<Result<Option<bool>, String>> {
-    let s = sql.trim().trim_end_matches(';').trim();
-    let lower = s.to_ascii_lowercase();
-    if lower == "reset pgshard.target" {
-        return Some(Ok(None));
-    }
-    let rest = lower.strip_prefix("set ")?.trim_start();
-    let rest = rest.strip_prefix("session ").unwrap_or(rest).trim_start();
-    let v = rest.strip_prefix("pgshard.target")?.trim_start();
-    let v = v
-        .strip_prefix('=')
-        .or_else(|| v.strip_prefix("to "))?
-        .trim()
-        .trim_matches('\'');
-    Some(match v {
-        "primary" => Ok(Some(false)),
-        "replica" => Ok(Some(true)),
-        other => Err(other.to_string()),
+    super::route::pgshard_setting(sql, "target").map(|v| match v.as_deref() {
+        None => Ok(None),
+        Some("primary") => Ok(Some(false)),
+        Some("replica") => Ok(Some(true)),
+        Some(other) => Err(other.to_string()),
     })
 }
 

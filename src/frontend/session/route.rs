@@ -116,20 +116,30 @@ pub(super) fn is_copy(sql: &str) -> bool {
 /// `SET pgshard.shard = N` / `RESET pgshard.shard`: Some(Some(n)), Some(None), or None if
 /// the statement is something else.
 fn pgshard_set(sql: &str) -> Option<Result<Option<usize>, String>> {
+    pgshard_setting(sql, "shard").map(|v| match v {
+        None => Ok(None),
+        Some(v) => v.parse::<usize>().map(Some).map_err(|_| v),
+    })
+}
+
+/// `SET [SESSION] pgshard.<name> = v` (or `TO v`) and `RESET pgshard.<name>`: Some(Some(v))
+/// and Some(None); None for any other statement.
+pub(super) fn pgshard_setting(sql: &str, name: &str) -> Option<Option<String>> {
     let s = sql.trim().trim_end_matches(';').trim();
     let lower = s.to_ascii_lowercase();
-    if lower == "reset pgshard.shard" {
-        return Some(Ok(None));
+    let key = format!("pgshard.{name}");
+    if lower == format!("reset {key}") {
+        return Some(None);
     }
     let rest = lower.strip_prefix("set ")?.trim_start();
     let rest = rest.strip_prefix("session ").unwrap_or(rest).trim_start();
-    let v = rest.strip_prefix("pgshard.shard")?.trim_start();
+    let v = rest.strip_prefix(key.as_str())?.trim_start();
     let v = v
         .strip_prefix('=')
         .or_else(|| v.strip_prefix("to "))?
         .trim()
         .trim_matches('\'');
-    Some(v.parse::<usize>().map(Some).map_err(|_| v.to_string()))
+    Some(Some(v.to_string()))
 }
 
 impl RouteState {
@@ -329,6 +339,14 @@ impl Session {
         Ok(())
     }
 
+    /// Answers a `SET`/`RESET` of a pgshard setting, which no server sees.
+    fn answer_set(&mut self, set: bool) {
+        let tag: &[u8] = if set { b"SET\0" } else { b"RESET\0" };
+        self.relay.drain_local(&mut self.cout);
+        protocol::write_msg(&mut self.cout, b'C', tag);
+        protocol::write_ready(&mut self.cout, self.status);
+    }
+
     /// Gives back the attached server connection between transactions.
     pub(super) async fn detach(&mut self) {
         let Some(mut b) = self.backend.take() else {
@@ -387,10 +405,7 @@ impl Session {
             match set {
                 Ok(v) => {
                     self.reads.target = v;
-                    let tag: &[u8] = if v.is_some() { b"SET\0" } else { b"RESET\0" };
-                    self.relay.drain_local(&mut self.cout);
-                    protocol::write_msg(&mut self.cout, b'C', tag);
-                    protocol::write_ready(&mut self.cout, self.status);
+                    self.answer_set(v.is_some());
                 }
                 Err(v) => self.answer_error(PgError::new(
                     "22023",
@@ -408,10 +423,7 @@ impl Session {
                 )),
                 Ok(v) => {
                     self.route.forced = v;
-                    let tag: &[u8] = if v.is_some() { b"SET\0" } else { b"RESET\0" };
-                    self.relay.drain_local(&mut self.cout);
-                    protocol::write_msg(&mut self.cout, b'C', tag);
-                    protocol::write_ready(&mut self.cout, self.status);
+                    self.answer_set(v.is_some());
                 }
                 Err(v) => self.answer_error(PgError::new(
                     "22023",

@@ -140,10 +140,9 @@ impl Session {
         drop(b);
     }
 
-    /// The server sent FATAL (already relayed to the client as the error of the request
-    /// in progress) and is closing.
-    pub(super) fn backend_fatal(&mut self) {
-        tracing::warn!("server connection ended with FATAL");
+    /// Lets go of a failed server connection (closed, never reused) and of the other
+    /// shards of its transaction; returns how many ReadyForQuery the client is still owed.
+    fn drop_failed_backend(&mut self) -> usize {
         self.drop_parked();
         if let Some(mut b) = self.backend.take() {
             b.broken = true;
@@ -151,6 +150,14 @@ impl Session {
         self.cancel.set(None);
         let due = self.relay.ready_due();
         self.relay = Relay::default();
+        due
+    }
+
+    /// The server sent FATAL (already relayed to the client as the error of the request
+    /// in progress) and is closing.
+    pub(super) fn backend_fatal(&mut self) {
+        tracing::warn!("server connection ended with FATAL");
+        let due = self.drop_failed_backend();
         if self.mode == PoolMode::Session || due == 0 {
             // As PostgreSQL: after FATAL the connection is over.
             self.client_eof = true;
@@ -173,13 +180,7 @@ impl Session {
     /// The server connection failed under this client.
     pub(super) fn backend_lost(&mut self, why: String) {
         tracing::warn!(error = %why, "server connection lost");
-        self.drop_parked();
-        if let Some(mut b) = self.backend.take() {
-            b.broken = true;
-        }
-        self.cancel.set(None);
-        let due = self.relay.ready_due();
-        self.relay = Relay::default();
+        let due = self.drop_failed_backend();
         let message = format!("server connection lost: {why}");
         if self.mode == PoolMode::Session || (due == 0 && !self.in_batch) {
             // Nothing is in flight: an unsolicited ERROR would be taken as the answer to the
