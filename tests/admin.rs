@@ -4,20 +4,11 @@
 mod common;
 
 use common::*;
-use pgshard::local::{ClusterOptions, LocalCluster};
+use pgshard::local::LocalCluster;
 use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-fn replicated(replicas: usize) -> LocalCluster {
-    LocalCluster::start(ClusterOptions {
-        shards: 1,
-        replicas,
-        ..ClusterOptions::default()
-    })
-    .expect("starting local PostgreSQL")
-}
 
 /// The YAML of a proxy with an admin console and a metrics endpoint on free ports.
 fn yaml(c: &LocalCluster, extra: &str) -> String {
@@ -99,7 +90,7 @@ async fn wait_until<F: AsyncFnMut() -> bool>(what: &str, mut f: F) {
 
 #[tokio::test]
 async fn console_shows_everything_and_metrics_move_with_traffic() {
-    let c = replicated(1);
+    let c = own_cluster(1, 1);
     let p = proxy(&yaml(&c, "    read_from: replicas\n"));
     let primary = c.shards[0].primary.addr();
     let replica = c.shards[0].replicas[0].addr();
@@ -248,7 +239,7 @@ async fn console_shows_everything_and_metrics_move_with_traffic() {
 
 #[tokio::test]
 async fn a_dead_node_shows_down_and_failover_from_the_console() {
-    let mut c = replicated(1);
+    let mut c = own_cluster(1, 1);
     let p = proxy(&yaml(&c, "").replace(
         "failover: { user: postgres,",
         "failover: { enabled: false, user: postgres,",
@@ -302,7 +293,7 @@ async fn a_dead_node_shows_down_and_failover_from_the_console() {
 
 #[tokio::test]
 async fn reload_changes_pools_and_adds_a_replica_without_client_errors() {
-    let c = replicated(2);
+    let c = own_cluster(1, 2);
     let second = c.shards[0].replicas[1].addr();
     let full = yaml(&c, "    read_from: replicas\n    consistency: eventual\n");
     // Start without the second replica.

@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use pgshard::local::{ClusterOptions, LocalCluster};
+use pgshard::local::LocalCluster;
 use std::net::SocketAddr;
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -40,11 +40,7 @@ fn serve(c: &LocalCluster) -> Proxy {
         .spawn()
         .unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "pgshard serve did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_listening(addr);
     Proxy { child, addr }
 }
 
@@ -86,12 +82,7 @@ async fn failover_drill_with_asynchronous_replicas() {
 }
 
 async fn drill(sync: bool) {
-    let mut c = LocalCluster::start(ClusterOptions {
-        shards: 1,
-        replicas: 2,
-        ..ClusterOptions::default()
-    })
-    .unwrap();
+    let mut c = own_cluster(1, 2);
     if sync {
         // One synchronous standby: no acknowledged write may be lost.
         c.set_and_reload(&c.shards[0].primary, "synchronous_standby_names", "*")
@@ -319,12 +310,7 @@ async fn drill(sync: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_promotion_when_failover_is_disabled() {
-    let mut c = LocalCluster::start(ClusterOptions {
-        shards: 1,
-        replicas: 1,
-        ..ClusterOptions::default()
-    })
-    .unwrap();
+    let mut c = own_cluster(1, 1);
     let yaml = c.config_yaml("127.0.0.1:0", "transaction", 4)
         + "    failover: { enabled: false, user: postgres, check_interval_ms: 100 }\n";
     let addr = start_proxy_yaml(&yaml);

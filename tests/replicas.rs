@@ -5,19 +5,10 @@
 mod common;
 
 use common::*;
-use pgshard::local::{ClusterOptions, LocalCluster};
+use pgshard::local::LocalCluster;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-
-fn replicated(replicas: usize) -> LocalCluster {
-    LocalCluster::start(ClusterOptions {
-        shards: 1,
-        replicas,
-        ..ClusterOptions::default()
-    })
-    .expect("starting local PostgreSQL")
-}
 
 /// A proxy over `c` with these extra database keys (indented YAML lines).
 fn proxy(c: &LocalCluster, extra: &str) -> SocketAddr {
@@ -63,7 +54,7 @@ async fn wait_replayed(c: &LocalCluster, port: u16, sql: &str) {
 
 #[tokio::test]
 async fn reads_go_to_replicas_and_writes_to_the_primary() {
-    let c = replicated(2);
+    let c = own_cluster(1, 2);
     let primary = c.shards[0].primary.port as i32;
     let replicas: HashSet<i32> = c.shards[0].replicas.iter().map(|r| r.port as i32).collect();
     let addr = proxy(
@@ -149,7 +140,7 @@ async fn reads_go_to_replicas_and_writes_to_the_primary() {
 
 #[tokio::test]
 async fn read_your_writes_under_a_delayed_replica() {
-    let c = replicated(1);
+    let c = own_cluster(1, 1);
     let replica = &c.shards[0].replicas[0];
     // The replica may lag by 10 s and still take reads, so that only the consistency
     // mode decides whether a read sees a write made just before it.
@@ -227,7 +218,7 @@ async fn read_your_writes_under_a_delayed_replica() {
 
 #[tokio::test]
 async fn a_replica_leaves_and_rejoins_the_rotation() {
-    let mut c = replicated(2);
+    let mut c = own_cluster(1, 2);
     let addr = proxy(&c, "    read_from: replicas\n    consistency: eventual\n");
     let app = connect(addr).await;
     wait_for_replica_reads(&app).await;
@@ -296,7 +287,7 @@ async fn a_replica_leaves_and_rejoins_the_rotation() {
 
 #[tokio::test]
 async fn manual_failover_promotes_the_chosen_replica_and_fences_the_old_primary() {
-    let c = replicated(2);
+    let c = own_cluster(1, 2);
     let old = c.shards[0].primary.port as i32;
     let chosen = c.shards[0].replicas[1].port as i32;
     let other = c.shards[0].replicas[0].port;
@@ -341,7 +332,7 @@ async fn manual_failover_promotes_the_chosen_replica_and_fences_the_old_primary(
 
 #[tokio::test]
 async fn least_outstanding_avoids_the_busy_replica() {
-    let c = replicated(2);
+    let c = own_cluster(1, 2);
     let addr = proxy(
         &c,
         "    read_from: replicas\n    consistency: eventual\n    load_balance: least_outstanding\n",

@@ -21,11 +21,7 @@ fn serve() -> (Child, SocketAddr, std::path::PathBuf) {
         .spawn()
         .unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "pgshard serve did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_listening(addr);
     (child, addr, path)
 }
 
@@ -123,11 +119,7 @@ async fn sighup_reloads_and_slow_queries_are_logged() {
         .spawn()
         .unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "pgshard serve did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_listening(addr);
     let c = connect(addr).await;
     c.batch_execute("SELECT pg_sleep(0.15)").await.unwrap();
     c.batch_execute("SELECT 1").await.unwrap();

@@ -14,15 +14,6 @@ use std::time::{Duration, Instant};
 
 const RULES: &str = "    sharded_tables:\n      - { table: tp_accounts, column: id, method: hash }\n    two_phase_timeout_ms: 1000\n";
 
-fn two_shards() -> LocalCluster {
-    LocalCluster::start(ClusterOptions {
-        shards: 2,
-        replicas: 0,
-        ..ClusterOptions::default()
-    })
-    .expect("starting local PostgreSQL")
-}
-
 /// Two keys on different shards.
 fn keys() -> (i64, i64) {
     let a = 1i64;
@@ -76,7 +67,7 @@ fn prepared(c: &LocalCluster) -> Vec<String> {
 
 #[tokio::test]
 async fn commit_rollback_errors_and_savepoints_across_shards() {
-    let c = two_shards();
+    let c = own_cluster(2, 0);
     let addr = start_proxy_yaml(&(c.config_yaml("127.0.0.1:0", "transaction", 4) + RULES));
     let mut app = setup(addr).await;
     let (a, b) = keys();
@@ -438,11 +429,7 @@ fn serve(c: &LocalCluster, failpoint: Option<&str>) -> Serve {
     };
     let child = cmd.stdout(std::process::Stdio::null()).spawn().unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "pgshard serve did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_listening(addr);
     Serve { child, addr }
 }
 
@@ -476,7 +463,7 @@ async fn recovered(c: &LocalCluster) {
 
 #[tokio::test]
 async fn crashes_of_pgshard_and_of_a_shard_leave_all_or_nothing() {
-    let mut c = two_shards();
+    let mut c = own_cluster(2, 0);
     {
         let s = serve(&c, None);
         setup(s.addr).await;
@@ -527,7 +514,7 @@ async fn crashes_of_pgshard_and_of_a_shard_leave_all_or_nothing() {
 
 #[tokio::test]
 async fn thirty_two_clients_move_money_between_shards_and_the_total_stays() {
-    let c = two_shards();
+    let c = own_cluster(2, 0);
     let addr = start_proxy_yaml(&(c.config_yaml("127.0.0.1:0", "transaction", 40) + RULES));
     let app = connect(addr).await;
     app.batch_execute("CREATE TABLE tp_accounts (id bigint PRIMARY KEY, balance bigint NOT NULL)")

@@ -12,17 +12,32 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// A cluster of its own, for a test that kills, restarts or reconfigures servers.
+pub fn own_cluster(shards: usize, replicas: usize) -> LocalCluster {
+    LocalCluster::start(ClusterOptions {
+        shards,
+        replicas,
+        ..ClusterOptions::default()
+    })
+    .expect("starting local PostgreSQL")
+}
+
+/// Waits until something accepts connections at `addr` (a `pgshard serve` just started).
+pub fn wait_listening(addr: SocketAddr) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pgshard serve did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The cluster shared by every test of this binary: one shard, no replicas.
 pub fn cluster() -> &'static LocalCluster {
     static C: OnceLock<LocalCluster> = OnceLock::new();
-    C.get_or_init(|| {
-        LocalCluster::start(ClusterOptions {
-            shards: 1,
-            replicas: 0,
-            ..ClusterOptions::default()
-        })
-        .expect("starting local PostgreSQL")
-    })
+    C.get_or_init(|| own_cluster(1, 0))
 }
 
 fn runtime() -> &'static tokio::runtime::Runtime {
@@ -279,14 +294,7 @@ pub mod msg {
 /// A two-shard cluster (no replicas), for routing tests.
 pub fn cluster2() -> &'static LocalCluster {
     static C: OnceLock<LocalCluster> = OnceLock::new();
-    C.get_or_init(|| {
-        LocalCluster::start(ClusterOptions {
-            shards: 2,
-            replicas: 0,
-            ..ClusterOptions::default()
-        })
-        .expect("starting local PostgreSQL")
-    })
+    C.get_or_init(|| own_cluster(2, 0))
 }
 
 /// Connects as the superuser straight to one server's database.
@@ -359,14 +367,7 @@ pub fn proxy_on_own_database(server_db: &str, mode: &str, pool_size: u32) -> Soc
 /// A three-shard cluster (no replicas), for differential tests.
 pub fn cluster3() -> &'static LocalCluster {
     static C: OnceLock<LocalCluster> = OnceLock::new();
-    C.get_or_init(|| {
-        LocalCluster::start(ClusterOptions {
-            shards: 3,
-            replicas: 0,
-            ..ClusterOptions::default()
-        })
-        .expect("starting local PostgreSQL")
-    })
+    C.get_or_init(|| own_cluster(3, 0))
 }
 
 /// The rows of a simple-query result, as text (None for NULL).
