@@ -28,8 +28,10 @@ impl Histogram {
             .position(|&b| s <= b)
             .unwrap_or(BUCKETS.len());
         self.counts[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_ns
-            .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+        let ns = d.as_nanos().min(u64::MAX as u128) as u64;
+        if ns > 0 {
+            self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+        }
     }
 
     /// Cumulative counts per bucket (the last is +Inf = the total), and the sum in seconds.

@@ -91,6 +91,91 @@ async fn checkout_timeout_is_53300() {
     b.batch_execute("SELECT 1").await.unwrap();
 }
 
+/// The process ids of pgshard's server connections to a server database.
+async fn server_pids(direct: &tokio_postgres::Client, db: &str) -> Vec<i32> {
+    let rows = direct
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name = 'pgshard' \
+             ORDER BY pid",
+            &[&db],
+        )
+        .await
+        .unwrap();
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+/// Polls until `check` holds for the server connections' pids, or fails after 10 s.
+async fn until_pids(
+    direct: &tokio_postgres::Client,
+    db: &str,
+    what: &str,
+    check: impl Fn(&[i32]) -> bool,
+) -> Vec<i32> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let pids = server_pids(direct, db).await;
+        if check(&pids) {
+            return pids;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: server connections {pids:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn pool_keeps_min_idle_and_recycles_idle_and_old_connections() {
+    let c = cluster();
+    let db = "pool_recycling";
+    c.psql(
+        c.shards[0].primary.port,
+        "postgres",
+        &format!("CREATE DATABASE {db} OWNER app"),
+    )
+    .unwrap();
+    let direct = connect_server(c.shards[0].primary.port, "postgres").await;
+    let yaml = base_yaml("transaction", 4)
+        .replace(
+            "checkout_timeout_ms: 5000",
+            "checkout_timeout_ms: 5000, min_idle: 2, idle_timeout_ms: 400, max_lifetime_ms: 3000",
+        )
+        .replace(
+            "  - name: app\n",
+            &format!("  - name: app\n    server_database: {db}\n"),
+        );
+    let addr = start_proxy_yaml(&yaml);
+
+    // min_idle: opened without any client.
+    until_pids(&direct, db, "min_idle", |p| p.len() == 2).await;
+
+    // Four clients in transactions at once need four connections...
+    let clients = futures_util::future::join_all((0..4).map(|_| connect(addr))).await;
+    for cl in &clients {
+        cl.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    }
+    assert_eq!(server_pids(&direct, db).await.len(), 4);
+    for cl in &clients {
+        cl.batch_execute("COMMIT").await.unwrap();
+    }
+    // ...and the two beyond min_idle close once idle for idle_timeout_ms.
+    let kept = until_pids(&direct, db, "idle timeout", |p| p.len() == 2).await;
+
+    // max_lifetime_ms: both are replaced, the one in use and the idle one, and min_idle
+    // still holds.
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_millis(3500) {
+        let n: i32 = clients[0].query_one("SELECT 1", &[]).await.unwrap().get(0);
+        assert_eq!(n, 1);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    until_pids(&direct, db, "max lifetime", |p| {
+        p.len() == 2 && p.iter().all(|pid| !kept.contains(pid))
+    })
+    .await;
+}
+
 async fn trust_session(addr: SocketAddr) -> Raw {
     let mut r = Raw::startup(addr, "trusty", "app").await;
     assert!(r.until_ready().await.ends_with('Z'));

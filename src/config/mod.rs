@@ -139,9 +139,10 @@ pub struct PoolConfig {
     pub min_idle: u32,
     /// How long a client waits for a server connection before getting SQLSTATE 53300.
     pub checkout_timeout_ms: u64,
-    /// Idle connections are closed after this long.
+    /// Idle connections beyond `min_idle` are closed after this long (0: never).
     pub idle_timeout_ms: u64,
-    /// Connections are replaced after this long, whatever their use.
+    /// Connections are replaced after this long, whatever their use (0: never); one in use
+    /// is closed when it is returned.
     pub max_lifetime_ms: u64,
     /// Time allowed to open one server connection (TCP + startup + auth).
     pub connect_timeout_ms: u64,

@@ -23,19 +23,10 @@ pub enum StatementKind {
 /// Splits a query string into statements (outside quotes, comments and dollar quotes) and
 /// returns each statement's text, trimmed, without empty ones.
 pub fn split_statements(sql: &str) -> Vec<&str> {
-    let b = sql.as_bytes();
-    // Fast path, the common case: one statement, at most a trailing semicolon, no quoting
-    // character at all. Lexing is only needed when one of these bytes occurs.
-    let quoting =
-        memchr::memchr3(b'\'', b'"', b'$', b).is_some() || memchr::memchr2(b'-', b'/', b).is_some();
-    if !quoting {
-        let t = sql.trim_ascii();
-        let t = t.strip_suffix(';').unwrap_or(t);
-        if memchr::memchr(b';', t.as_bytes()).is_none() {
-            let t = t.trim_ascii_end();
-            return if t.is_empty() { Vec::new() } else { vec![t] };
-        }
+    if let Some(t) = single_statement(sql) {
+        return vec![t];
     }
+    let b = sql.as_bytes();
     let mut out = Vec::new();
     let mut start = 0;
     let mut i = 0;
@@ -52,6 +43,35 @@ pub fn split_statements(sql: &str) -> Vec<&str> {
     }
     push_trimmed(&mut out, &sql[start..]);
     out
+}
+
+/// The common case without lexing (or allocating): one non-empty statement, at most a
+/// trailing semicolon, no quote, dollar quote or comment. `None` when [`split_statements`]
+/// must look closer.
+pub fn single_statement(sql: &str) -> Option<&str> {
+    let b = sql.as_bytes();
+    if memchr::memchr2(b'\'', b'"', b).is_some() {
+        return None;
+    }
+    // `$1` is a parameter, `-` and `/` alone are operators (as in `skip_token`).
+    for i in memchr::memchr3_iter(b'$', b'-', b'/', b) {
+        let next = b.get(i + 1).copied();
+        let starts_token = match b[i] {
+            b'$' => !next.is_some_and(|c| c.is_ascii_digit()),
+            b'-' => next == Some(b'-'),
+            _ => next == Some(b'*'),
+        };
+        if starts_token {
+            return None;
+        }
+    }
+    let t = sql.trim_ascii();
+    let t = t.strip_suffix(';').unwrap_or(t);
+    if memchr::memchr(b';', t.as_bytes()).is_some() {
+        return None;
+    }
+    let t = t.trim_ascii_end();
+    (!t.is_empty()).then_some(t)
 }
 
 fn push_trimmed<'a>(out: &mut Vec<&'a str>, s: &'a str) {
@@ -245,6 +265,35 @@ fn mentions_set_config(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fast_path_agrees_with_the_lexer() {
+        for sql in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = $1;",
+            "select 1 - 2 / 3",
+            "  select $1 -$2  ;  ",
+            "select 1; select 2",
+            "select '$1;'",
+            "select $$a;b$$",
+            "select $t$;$t$;",
+            "select 1 -- x;",
+            "-- only a comment",
+            "/* c */ select 1",
+            ";",
+            "",
+        ] {
+            if let Some(one) = single_statement(sql) {
+                assert_eq!(split_statements(sql), vec![one], "{sql}");
+            }
+        }
+        assert_eq!(
+            single_statement("SELECT abalance FROM pgbench_accounts WHERE aid = $1;"),
+            Some("SELECT abalance FROM pgbench_accounts WHERE aid = $1")
+        );
+        assert_eq!(single_statement("select $$a;b$$"), None);
+        assert_eq!(single_statement("select 1 -- x;"), None);
+        assert_eq!(single_statement(";"), None);
+    }
 
     #[test]
     fn splits_outside_quotes_and_comments() {

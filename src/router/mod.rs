@@ -11,7 +11,7 @@ pub mod split;
 use crate::config::DatabaseConfig;
 use crate::sharding::{ShardError, ShardFn};
 pub use analyze::{Analysis, AnalyzeError, KeyRef, Kind, Target};
-pub use lexer::{StatementKind, classify, split_statements};
+pub use lexer::{StatementKind, classify, single_statement, split_statements};
 
 /// The sharding rules of one database.
 #[derive(Debug, Clone, Default)]

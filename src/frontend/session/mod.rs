@@ -458,8 +458,19 @@ impl Session {
             self.slow_text = Some(frame.slice_ref(sql.as_bytes()));
         }
         let mut local_answer: Option<Vec<u8>> = None;
-        let statements = router::split_statements(sql);
-        for st in &statements {
+        // One statement (the common case) without allocating.
+        let (one, split);
+        let statements: &[&str] = match router::single_statement(sql) {
+            Some(t) => {
+                one = [t];
+                &one
+            }
+            None => {
+                split = router::split_statements(sql);
+                &split
+            }
+        };
+        for st in statements {
             match router::classify(st) {
                 StatementKind::SessionSetting => self.settings_dirty = true,
                 StatementKind::Listen if self.mode == PoolMode::Transaction => {
@@ -502,7 +513,7 @@ impl Session {
         }
         if self.routed() {
             // The classification above serves routing too: the hot path parses once.
-            let single = match statements.as_slice() {
+            let single = match statements {
                 [one] => Some(router::classify(one)),
                 _ => None,
             };
@@ -588,7 +599,7 @@ impl Session {
                     self.settings_dirty = true;
                 }
             }
-            self.push_forward(tag, frame);
+            self.push_forward(tag, &frame);
             return Ok(());
         }
         match tag {
@@ -596,14 +607,14 @@ impl Session {
             b'B' => {
                 let protocol::Bind { portal, stmt, rest } = protocol::parse_bind(&frame)?;
                 if stmt.is_empty() {
-                    self.push_forward(tag, frame.clone());
+                    self.push_forward(tag, &frame);
                 } else if let Some(global) = self.ensure_prepared(stmt) {
                     if self.statements.get(stmt).is_some_and(|s| s.kind_is_setting) {
                         self.settings_dirty = true;
                     }
                     self.relay.push(Pending::Bind);
                     let name = server_name(global);
-                    protocol::write_bind(&mut self.bout, portal, name.as_bytes(), rest);
+                    protocol::write_bind(&mut self.bout, portal, &name, rest);
                 } else {
                     self.local_error(missing_statement(stmt));
                 }
@@ -614,12 +625,12 @@ impl Session {
                     if let Some(global) = self.ensure_prepared(name) {
                         self.relay.push(Pending::Describe);
                         let sname = server_name(global);
-                        protocol::write_target(&mut self.bout, b'D', b'S', sname.as_bytes());
+                        protocol::write_target(&mut self.bout, b'D', b'S', &sname);
                     } else {
                         self.local_error(missing_statement(name));
                     }
                 } else {
-                    self.push_forward(tag, frame);
+                    self.push_forward(tag, &frame);
                 }
             }
             b'C' => {
@@ -633,10 +644,10 @@ impl Session {
                     });
                     self.relay.drain_local(&mut self.cout);
                 } else {
-                    self.push_forward(tag, frame);
+                    self.push_forward(tag, &frame);
                 }
             }
-            _ => self.push_forward(tag, frame),
+            _ => self.push_forward(tag, &frame),
         }
         Ok(())
     }
@@ -650,7 +661,7 @@ impl Session {
         }
     }
 
-    fn push_forward(&mut self, tag: u8, frame: Bytes) {
+    fn push_forward(&mut self, tag: u8, frame: &[u8]) {
         self.executed(tag);
         self.started();
         let p = match tag {
@@ -664,12 +675,12 @@ impl Session {
             b'E' => Pending::Execute,
             _ => {
                 // Flush: no response of its own.
-                self.bout.extend_from_slice(&frame);
+                self.bout.extend_from_slice(frame);
                 return;
             }
         };
         self.relay.push(p);
-        self.bout.extend_from_slice(&frame);
+        self.bout.extend_from_slice(frame);
     }
 
     /// An error raised by pgshard inside an extended-protocol batch.
@@ -742,10 +753,10 @@ impl Session {
 }
 
 fn classify_bytes(q: &[u8]) -> bool {
-    std::str::from_utf8(q).is_ok_and(|s| {
-        router::split_statements(s)
-            .iter()
-            .any(|st| router::classify(st) == StatementKind::SessionSetting)
+    let setting = |st: &str| router::classify(st) == StatementKind::SessionSetting;
+    std::str::from_utf8(q).is_ok_and(|s| match router::single_statement(s) {
+        Some(one) => setting(one),
+        None => router::split_statements(s).into_iter().any(setting),
     })
 }
 

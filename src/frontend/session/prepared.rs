@@ -20,8 +20,13 @@ pub(super) fn statement_id(query: &[u8], types: &[u8]) -> u64 {
     h.finish()
 }
 
-pub(super) fn server_name(global: u64) -> String {
-    format!("pgshard_{global:016x}")
+/// `pgshard_` and 16 hex digits, without allocating (this is written for every Bind).
+pub(super) fn server_name(global: u64) -> [u8; 24] {
+    let mut out = *b"pgshard_0000000000000000";
+    for (i, d) in out[8..].iter_mut().enumerate() {
+        *d = b"0123456789abcdef"[((global >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    out
 }
 
 pub(super) fn missing_statement(name: &[u8]) -> PgError {
@@ -44,7 +49,7 @@ impl Session {
             self.settings_dirty = true;
         }
         if p.name.is_empty() {
-            self.push_forward(b'P', frame.clone());
+            self.push_forward(b'P', &frame);
             return Ok(());
         }
         let name = Bytes::copy_from_slice(p.name);
@@ -87,7 +92,7 @@ impl Session {
                 }),
             });
             let sname = server_name(global);
-            protocol::write_parse(&mut self.bout, sname.as_bytes(), &stmt.query, &stmt.types);
+            protocol::write_parse(&mut self.bout, &sname, &stmt.query, &stmt.types);
         }
         self.statements.insert(name, stmt);
         Ok(())
@@ -108,7 +113,7 @@ impl Session {
                 }),
             });
             let sname = server_name(stmt.global);
-            protocol::write_parse(&mut self.bout, sname.as_bytes(), &stmt.query, &stmt.types);
+            protocol::write_parse(&mut self.bout, &sname, &stmt.query, &stmt.types);
         }
         Some(stmt.global)
     }
@@ -121,6 +126,19 @@ impl Session {
             if let (Some(g), Some(b)) = (u.global, self.backend.as_mut()) {
                 b.prepared.remove(&g);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn server_names_are_sixteen_hex_digits() {
+        for g in [0u64, 1, 0xdead_beef, u64::MAX, 0x0123_4567_89ab_cdef] {
+            assert_eq!(
+                super::server_name(g),
+                format!("pgshard_{g:016x}").as_bytes()
+            );
         }
     }
 }

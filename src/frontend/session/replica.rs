@@ -101,8 +101,7 @@ impl Session {
 
     /// Records what attaching `node` for `read` means for the session.
     pub(super) fn attached_node(&mut self, shard: usize, node: usize, read: bool) {
-        let primary = self.db.primary(shard).ok();
-        self.reads.on_replica = read && Some(node) != primary;
+        self.reads.on_replica = read && self.db.primary(shard).ok() != Some(node);
         self.reads.executed = false;
         self.reads.capture_lsn = !read
             && self.splits_reads()

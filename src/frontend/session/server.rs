@@ -9,9 +9,22 @@ impl Session {
         if self.backend.is_some() {
             return true;
         }
+        let paused = self.ops.as_ref().is_some_and(|o| o.gate.is_paused());
+        if paused {
+            return Box::pin(self.attach_new(shard, None)).await;
+        }
+        let picked = self.pick_node(shard);
+        // The common case, without a future: an idle connection to the node picked.
+        if let Ok((node, read)) = picked
+            && let Some(b) = self.db.shards[shard].nodes[node].pool.try_get()
+        {
+            self.attached_node(shard, node, read);
+            self.install(b, shard);
+            return true;
+        }
         // Boxed: the checkout future is large, and building it in place would make every
         // per-frame future as large (and as costly to move).
-        Box::pin(self.attach_new(shard)).await
+        Box::pin(self.attach_new(shard, Some(picked))).await
     }
 
     /// The statement that gives a server connection this client's session settings.
@@ -29,7 +42,12 @@ impl Session {
         sql
     }
 
-    pub(super) async fn attach_new(&mut self, shard: usize) -> bool {
+    /// Attaches with a checkout that may wait; `picked` is the node already chosen, if any.
+    pub(super) async fn attach_new(
+        &mut self,
+        shard: usize,
+        picked: Option<Result<(usize, bool), crate::cluster::NodeError>>,
+    ) -> bool {
         if let Some(ops) = &self.ops
             && ops.gate.is_paused()
             && self.multi.parked.is_empty()
@@ -39,7 +57,11 @@ impl Session {
             let _ = self.flush_client().await;
             gate.wait().await;
         }
-        let checkout = match self.pick_node(shard) {
+        let picked = match picked {
+            Some(p) => p,
+            None => self.pick_node(shard),
+        };
+        let checkout = match picked {
             Ok((node, read)) => {
                 let mut r = exec::checkout(&self.db, shard, node).await;
                 self.attached_node(shard, node, read);
@@ -59,22 +81,8 @@ impl Session {
             Err(e) => Err(PoolError::Down(e.to_string())),
         };
         match checkout {
-            Ok(mut b) => {
-                if b.settings != self.settings_fp {
-                    let sql = self.settings_sql();
-                    self.relay.push(Pending::Internal);
-                    protocol::write_query(&mut self.bout, &sql);
-                    b.settings = self.settings_fp;
-                }
-                if let Some(begin) = self.route.deferred_begin.take() {
-                    self.relay.push(Pending::Internal);
-                    protocol::write_query(&mut self.bout, &begin);
-                    self.multi.begin.get_or_insert_with(|| begin.clone());
-                    self.route.movable_begin = Some(begin);
-                }
-                self.cancel.set(Some((b.addr, b.pid, b.secret)));
-                self.backend = Some(b);
-                self.shard = shard;
+            Ok(b) => {
+                self.install(b, shard);
                 true
             }
             Err(e) => {
@@ -88,6 +96,26 @@ impl Session {
                 false
             }
         }
+    }
+
+    /// Makes a checked-out connection the session's: the client's settings and a deferred
+    /// BEGIN go first.
+    fn install(&mut self, mut b: Pooled, shard: usize) {
+        if b.settings != self.settings_fp {
+            let sql = self.settings_sql();
+            self.relay.push(Pending::Internal);
+            protocol::write_query(&mut self.bout, &sql);
+            b.settings = self.settings_fp;
+        }
+        if let Some(begin) = self.route.deferred_begin.take() {
+            self.relay.push(Pending::Internal);
+            protocol::write_query(&mut self.bout, &begin);
+            self.multi.begin.get_or_insert_with(|| begin.clone());
+            self.route.movable_begin = Some(begin);
+        }
+        self.cancel.set(Some((b.addr, b.pid, b.secret)));
+        self.backend = Some(b);
+        self.shard = shard;
     }
 
     /// In transaction mode, returns the server connection once the client is between
