@@ -59,13 +59,14 @@ impl Drop for Pooled {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
             let p = &self.pool;
-            if conn.broken || !p.reusable(&conn) {
+            let now = Instant::now();
+            if conn.broken || !p.reusable(&conn, now) {
                 p.close(conn);
             } else {
-                p.idle.lock().expect("not poisoned").push(Idle {
-                    conn,
-                    since: Instant::now(),
-                });
+                p.idle
+                    .lock()
+                    .expect("not poisoned")
+                    .push(Idle { conn, since: now });
             }
             // After the push: the waiter this permit goes to finds the connection.
             p.permits.add_permits(1);
@@ -95,11 +96,16 @@ struct Inner {
 }
 
 impl Inner {
-    /// Not from before an invalidation and not past its lifetime.
-    fn reusable(&self, c: &BackendConn) -> bool {
-        let lifetime = self.cfg.max_lifetime_ms;
+    /// Not from before an invalidation.
+    fn current(&self, c: &BackendConn) -> bool {
         c.epoch >= self.epoch.load(Ordering::Relaxed)
-            && (lifetime == 0 || c.created.elapsed() < Duration::from_millis(lifetime))
+    }
+
+    /// Current and, at `now`, not past its lifetime.
+    fn reusable(&self, c: &BackendConn, now: Instant) -> bool {
+        let lifetime = self.cfg.max_lifetime_ms;
+        self.current(c)
+            && (lifetime == 0 || now.duration_since(c.created) < Duration::from_millis(lifetime))
     }
 
     fn close(&self, conn: BackendConn) {
@@ -110,11 +116,13 @@ impl Inner {
         }
     }
 
-    /// An idle connection that can be reused, closing stale ones on the way.
+    /// An idle connection that can be reused, closing invalidated ones on the way. (Its
+    /// lifetime was checked when it was returned, and maintenance checks idle ones: no
+    /// clock is read here.)
     fn pop_idle(&self) -> Option<BackendConn> {
         loop {
             let c = self.idle.lock().expect("not poisoned").pop()?.conn;
-            if self.reusable(&c) {
+            if self.current(&c) {
                 return Some(c);
             }
             self.close(c);
@@ -149,6 +157,7 @@ impl Inner {
             ms => Duration::from_millis(ms),
         };
         let keep = self.cfg.min_idle as usize;
+        let now = Instant::now();
         let expired: Vec<BackendConn> = {
             let mut idle = self.idle.lock().expect("not poisoned");
             let mut out = Vec::new();
@@ -157,8 +166,8 @@ impl Inner {
             let mut i = idle.len();
             while i > 0 {
                 i -= 1;
-                let stale = !self.reusable(&idle[i].conn);
-                if stale || (kept >= keep && idle[i].since.elapsed() >= idle_timeout) {
+                let stale = !self.reusable(&idle[i].conn, now);
+                if stale || (kept >= keep && now.duration_since(idle[i].since) >= idle_timeout) {
                     out.push(idle.remove(i).conn);
                 } else {
                     kept += 1;

@@ -3,25 +3,58 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Where a client's running query executes (for its cancel requests and `SHOW CLIENTS`),
 /// and its transaction status.
+///
+/// Written at every checkout and return, so without a lock on that path: the server's key
+/// is one atomic word, and the address is locked and written only when it is not the one
+/// written last (a client mostly stays on one node). The session is the only writer.
 #[derive(Default)]
 pub struct CancelSlot {
-    server: Mutex<Option<(SocketAddr, i32, i32)>>,
+    /// pid (high half) and secret (low half); 0 when no server connection is attached.
+    key: AtomicU64,
+    addr: Mutex<Option<SocketAddr>>,
+    /// `addr` packed (IPv4) or hashed (IPv6), compared without the lock.
+    addr_hash: AtomicU64,
     status: AtomicU8,
 }
 
 impl CancelSlot {
     /// Updated when a server connection is attached or released (never per message).
     pub fn set(&self, v: Option<(SocketAddr, i32, i32)>) {
-        *self.server.lock().expect("not poisoned") = v;
+        let Some((addr, pid, secret)) = v else {
+            self.key.store(0, Ordering::Release);
+            return;
+        };
+        // Never 0, the value before the first write.
+        let h = match addr {
+            SocketAddr::V4(a) => 1 << 63 | (u32::from(*a.ip()) as u64) << 16 | a.port() as u64,
+            SocketAddr::V6(_) => {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                std::hash::Hash::hash(&addr, &mut h);
+                std::hash::Hasher::finish(&h) | 1
+            }
+        };
+        if self.addr_hash.load(Ordering::Relaxed) != h {
+            *self.addr.lock().expect("not poisoned") = Some(addr);
+            self.addr_hash.store(h, Ordering::Relaxed);
+        }
+        // After the address: a reader that sees this key sees its address (or a later one,
+        // whose server ignores a key it does not know).
+        let key = ((pid as u32 as u64) << 32) | secret as u32 as u64;
+        self.key.store(key, Ordering::Release);
     }
 
     pub fn get(&self) -> Option<(SocketAddr, i32, i32)> {
-        *self.server.lock().expect("not poisoned")
+        let key = self.key.load(Ordering::Acquire);
+        if key == 0 {
+            return None;
+        }
+        let addr = (*self.addr.lock().expect("not poisoned"))?;
+        Some((addr, (key >> 32) as u32 as i32, key as u32 as i32))
     }
 
     /// The status of the client's last ReadyForQuery (`I`, `T`, `E`).
@@ -75,5 +108,26 @@ impl CancelRegistry {
             .get(&(pid, secret))
             .cloned()?;
         slot.get()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_slot_keeps_key_and_address_together() {
+        let s = CancelSlot::default();
+        assert_eq!(s.get(), None);
+        let a: SocketAddr = "127.0.0.1:5432".parse().unwrap();
+        let b: SocketAddr = "[::1]:5433".parse().unwrap();
+        s.set(Some((a, 4242, -7)));
+        assert_eq!(s.get(), Some((a, 4242, -7)));
+        s.set(None);
+        assert_eq!(s.get(), None);
+        s.set(Some((b, i32::MAX, i32::MIN)));
+        assert_eq!(s.get(), Some((b, i32::MAX, i32::MIN)));
+        s.set(Some((a, 1, 2)));
+        assert_eq!(s.get(), Some((a, 1, 2)));
     }
 }

@@ -200,6 +200,29 @@ fn leading_words<const N: usize>(s: &str) -> ([&str; N], usize) {
 
 /// Classifies one statement.
 pub fn classify(stmt: &str) -> StatementKind {
+    // Most statements are decided by their first word (SELECT, INSERT...): the next two
+    // are read only after one of the keywords below.
+    let (first, one) = leading_words::<1>(stmt);
+    const LEADS: [&str; 11] = [
+        "SET",
+        "RESET",
+        "LISTEN",
+        "BEGIN",
+        "START",
+        "COMMIT",
+        "END",
+        "ROLLBACK",
+        "ABORT",
+        "DISCARD",
+        "DEALLOCATE",
+    ];
+    if one == 0 || !LEADS.iter().any(|k| first[0].eq_ignore_ascii_case(k)) {
+        return if mentions_set_config(stmt) {
+            StatementKind::SessionSetting
+        } else {
+            StatementKind::Other
+        };
+    }
     let (w, n) = leading_words::<3>(stmt);
     let is = |i: usize, kw: &str| i < n && w[i].eq_ignore_ascii_case(kw);
     if is(0, "SET") {
