@@ -6,9 +6,11 @@
 //! Everything read in one go is handled, and what it produced is written with one write per
 //! direction: writes are batched until the peer would wait.
 
+mod accounting;
 mod copy;
 mod cross;
 mod extended;
+mod io;
 mod multi;
 mod prepared;
 mod replica;
@@ -16,7 +18,7 @@ mod route;
 mod script;
 mod server;
 
-use prepared::{Stmt, missing_statement, server_name};
+use prepared::Stmt;
 
 use super::{CancelSlot, ClientReader, ClientWriter};
 use crate::cluster::Database;
@@ -29,7 +31,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Why a session ended abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -253,11 +255,6 @@ impl Session {
         }
     }
 
-    /// A request goes to the server now (the first of a pipeline starts the clock).
-    fn started(&mut self) {
-        self.req_start.get_or_insert_with(std::time::Instant::now);
-    }
-
     /// Between transactions, with no server connection: after a reload, the session moves
     /// to the new configuration of its database (one atomic load when nothing changed).
     fn maybe_refresh(&mut self) {
@@ -282,40 +279,6 @@ impl Session {
         self.reads.reset();
     }
 
-    /// The server answered a request with ReadyForQuery.
-    fn finished(&mut self, status: u8) {
-        self.cancel.set_status(status);
-        let stats = &self.db.shards[self.shard].stats;
-        if let Some(t) = self.req_start.take() {
-            let took = t.elapsed();
-            stats.latency.observe(took);
-            tracing::debug!(
-                shard = self.shard,
-                replica = self.reads.on_replica,
-                kind = "single shard",
-                micros = took.as_micros() as u64,
-                "request done"
-            );
-            if self.slow.is_some_and(|s| took >= s) {
-                let text = self.slow_text.take();
-                let text = text
-                    .as_deref()
-                    .map(|t| String::from_utf8_lossy(&t[..t.len().min(500)]).into_owned());
-                tracing::warn!(
-                    shard = self.shard,
-                    replica = self.reads.on_replica,
-                    ms = took.as_millis() as u64,
-                    statement = text.as_deref().unwrap_or("(extended protocol batch)"),
-                    "slow query"
-                );
-            }
-        }
-        crate::metrics::inc(&stats.queries);
-        if status == b'I' {
-            crate::metrics::inc(&stats.transactions);
-        }
-    }
-
     /// Whether statements are analyzed and routed (sharding rules, or reads split over
     /// replicas); otherwise everything goes to the default shard's primary unparsed.
     fn routed(&self) -> bool {
@@ -329,45 +292,6 @@ impl Session {
             && !self.in_batch
             && !self.in_copy
             && self.route.deferred_begin.is_none()
-    }
-
-    /// Writes what is pending in both directions.
-    async fn flush(&mut self) -> Result<(), SessionError> {
-        if !self.bout.is_empty() {
-            if let Some(b) = self.backend.as_mut() {
-                let b: &mut crate::backend::BackendConn = b;
-                let r =
-                    write_draining(&mut b.writer, &mut self.bout, &mut b.reader, &mut b.rbuf).await;
-                if let Err(e) = r {
-                    b.broken = true;
-                    self.bout.clear();
-                    self.backend_lost(format!("server connection lost: {e}"));
-                }
-            } else {
-                self.bout.clear();
-            }
-        }
-        // Frames the server sent while we were writing to it.
-        if self.backend.as_ref().is_some_and(|b| !b.rbuf.is_empty()) {
-            self.handle_backend_frames();
-            self.maybe_release().await;
-        }
-        self.flush_client().await
-    }
-
-    /// Writes what is pending towards the client.
-    async fn flush_client(&mut self) -> Result<(), SessionError> {
-        if !self.cout.is_empty() {
-            write_draining(
-                &mut self.writer,
-                &mut self.cout,
-                &mut self.reader,
-                &mut self.crbuf,
-            )
-            .await
-            .map_err(SessionError::ClientIo)?;
-        }
-        Ok(())
     }
 
     /// Handles every complete client frame in the buffer. Returns true on Terminate.
@@ -569,89 +493,6 @@ impl Session {
         }
     }
 
-    /// An extended-protocol message for the attached server (attaching the home shard's
-    /// when none is).
-    async fn forward_extended(&mut self, frame: Bytes) -> Result<(), SessionError> {
-        let tag = frame[0];
-        if self.backend.is_none() {
-            // A Close of a client statement needs no server in transaction mode.
-            if tag == b'C' && self.mode == PoolMode::Transaction {
-                let (kind, name) = protocol::parse_target(&frame, "Close")?;
-                if kind == b'S' && !name.is_empty() {
-                    self.statements.remove(name);
-                    self.cout.extend_from_slice(&empty_frame(b'3'));
-                    return Ok(());
-                }
-            }
-            if tag == b'H' {
-                return Ok(());
-            }
-            if !self.attach(self.home_shard()).await {
-                self.local_skip = true;
-                return Ok(());
-            }
-        }
-        self.in_batch = true;
-        if self.mode == PoolMode::Session {
-            if tag == b'P' {
-                let p = protocol::parse_parse(&frame)?;
-                if classify_bytes(p.query) {
-                    self.settings_dirty = true;
-                }
-            }
-            self.push_forward(tag, &frame);
-            return Ok(());
-        }
-        match tag {
-            b'P' => self.tx_parse(frame)?,
-            b'B' => {
-                let protocol::Bind { portal, stmt, rest } = protocol::parse_bind(&frame)?;
-                if stmt.is_empty() {
-                    self.push_forward(tag, &frame);
-                } else if let Some(global) = self.ensure_prepared(stmt) {
-                    if self.statements.get(stmt).is_some_and(|s| s.kind_is_setting) {
-                        self.settings_dirty = true;
-                    }
-                    self.relay.push(Pending::Bind);
-                    let name = server_name(global);
-                    protocol::write_bind(&mut self.bout, portal, &name, rest);
-                } else {
-                    self.local_error(missing_statement(stmt));
-                }
-            }
-            b'D' => {
-                let (kind, name) = protocol::parse_target(&frame, "Describe")?;
-                if kind == b'S' && !name.is_empty() {
-                    if let Some(global) = self.ensure_prepared(name) {
-                        self.relay.push(Pending::Describe);
-                        let sname = server_name(global);
-                        protocol::write_target(&mut self.bout, b'D', b'S', &sname);
-                    } else {
-                        self.local_error(missing_statement(name));
-                    }
-                } else {
-                    self.push_forward(tag, &frame);
-                }
-            }
-            b'C' => {
-                let (kind, name) = protocol::parse_target(&frame, "Close")?;
-                if kind == b'S' && !name.is_empty() {
-                    // The server keeps its copy for other clients; the client's name goes.
-                    self.statements.remove(name);
-                    self.relay.push(Pending::Synth {
-                        frame: empty_frame(b'3'),
-                        undo: None,
-                    });
-                    self.relay.drain_local(&mut self.cout);
-                } else {
-                    self.push_forward(tag, &frame);
-                }
-            }
-            _ => self.push_forward(tag, &frame),
-        }
-        Ok(())
-    }
-
     /// Marks that the transaction executed something (it can no longer move shards, and
     /// on a primary it may have written).
     fn executed(&mut self, tag: u8) {
@@ -750,66 +591,4 @@ impl Session {
             self.apply_undo();
         }
     }
-}
-
-fn classify_bytes(q: &[u8]) -> bool {
-    let setting = |st: &str| router::classify(st) == StatementKind::SessionSetting;
-    std::str::from_utf8(q).is_ok_and(|s| match router::single_statement(s) {
-        Some(one) => setting(one),
-        None => router::split_statements(s).into_iter().any(setting),
-    })
-}
-
-/// Writes `data` fully while reading from the same peer into `rbuf`, so that a peer that
-/// is itself blocked writing to us cannot deadlock the two of us.
-async fn write_draining<W, R>(
-    w: &mut W,
-    data: &mut BytesMut,
-    r: &mut R,
-    rbuf: &mut BytesMut,
-) -> std::io::Result<()>
-where
-    W: AsyncWrite + Unpin + ?Sized,
-    R: AsyncRead + Unpin + ?Sized,
-{
-    // Almost always the socket takes everything at once, without waiting.
-    let first = std::future::poll_fn(|cx| {
-        std::task::Poll::Ready(match std::pin::Pin::new(&mut *w).poll_write(cx, data) {
-            std::task::Poll::Ready(r) => Some(r),
-            std::task::Poll::Pending => None,
-        })
-    })
-    .await;
-    if let Some(n) = first {
-        let n = n?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        data.advance(n);
-        if data.is_empty() {
-            data.clear();
-            // A no-op for TCP; TLS may hold records back until flushed.
-            return w.flush().await;
-        }
-    }
-    let mut r_open = true;
-    while !data.is_empty() {
-        tokio::select! {
-            n = w.write(data) => {
-                let n = n?;
-                if n == 0 {
-                    return Err(std::io::ErrorKind::WriteZero.into());
-                }
-                data.advance(n);
-            }
-            n = r.read_buf(rbuf), if r_open && rbuf.len() < 256 << 20 => {
-                if n? == 0 {
-                    r_open = false;
-                }
-            }
-        }
-    }
-    w.flush().await?;
-    data.clear();
-    Ok(())
 }

@@ -1,6 +1,7 @@
-//! Named prepared statements in transaction mode: a client's statement `s1` becomes the
-//! server statement `pgshard_<hash of text and types>`, prepared on a server connection the
-//! first time the client uses it there; what the server did not do is undone here.
+//! Extended-protocol frames for the attached server (an unsharded database), and named
+//! prepared statements in transaction mode: a client's statement `s1` becomes the server
+//! statement `pgshard_<hash of text and types>`, prepared on a server connection the first
+//! time the client uses it there; what the server did not do is undone here.
 
 use super::*;
 
@@ -40,6 +41,89 @@ pub(super) fn missing_statement(name: &[u8]) -> PgError {
 }
 
 impl Session {
+    /// An extended-protocol message for the attached server (attaching the home shard's
+    /// when none is).
+    pub(super) async fn forward_extended(&mut self, frame: Bytes) -> Result<(), SessionError> {
+        let tag = frame[0];
+        if self.backend.is_none() {
+            // A Close of a client statement needs no server in transaction mode.
+            if tag == b'C' && self.mode == PoolMode::Transaction {
+                let (kind, name) = protocol::parse_target(&frame, "Close")?;
+                if kind == b'S' && !name.is_empty() {
+                    self.statements.remove(name);
+                    self.cout.extend_from_slice(&empty_frame(b'3'));
+                    return Ok(());
+                }
+            }
+            if tag == b'H' {
+                return Ok(());
+            }
+            if !self.attach(self.home_shard()).await {
+                self.local_skip = true;
+                return Ok(());
+            }
+        }
+        self.in_batch = true;
+        if self.mode == PoolMode::Session {
+            if tag == b'P' {
+                let p = protocol::parse_parse(&frame)?;
+                if classify_bytes(p.query) {
+                    self.settings_dirty = true;
+                }
+            }
+            self.push_forward(tag, &frame);
+            return Ok(());
+        }
+        match tag {
+            b'P' => self.tx_parse(frame)?,
+            b'B' => {
+                let protocol::Bind { portal, stmt, rest } = protocol::parse_bind(&frame)?;
+                if stmt.is_empty() {
+                    self.push_forward(tag, &frame);
+                } else if let Some(global) = self.ensure_prepared(stmt) {
+                    if self.statements.get(stmt).is_some_and(|s| s.kind_is_setting) {
+                        self.settings_dirty = true;
+                    }
+                    self.relay.push(Pending::Bind);
+                    let name = server_name(global);
+                    protocol::write_bind(&mut self.bout, portal, &name, rest);
+                } else {
+                    self.local_error(missing_statement(stmt));
+                }
+            }
+            b'D' => {
+                let (kind, name) = protocol::parse_target(&frame, "Describe")?;
+                if kind == b'S' && !name.is_empty() {
+                    if let Some(global) = self.ensure_prepared(name) {
+                        self.relay.push(Pending::Describe);
+                        let sname = server_name(global);
+                        protocol::write_target(&mut self.bout, b'D', b'S', &sname);
+                    } else {
+                        self.local_error(missing_statement(name));
+                    }
+                } else {
+                    self.push_forward(tag, &frame);
+                }
+            }
+            b'C' => {
+                let (kind, name) = protocol::parse_target(&frame, "Close")?;
+                if kind == b'S' && !name.is_empty() {
+                    // The server keeps its copy for other clients; the client's name goes.
+                    self.statements.remove(name);
+                    self.relay.push(Pending::Synth {
+                        frame: empty_frame(b'3'),
+                        undo: None,
+                    });
+                    self.relay.drain_local(&mut self.cout);
+                } else {
+                    self.push_forward(tag, &frame);
+                }
+            }
+            _ => self.push_forward(tag, &frame),
+        }
+        Ok(())
+    }
+
     /// Parse in transaction mode: named statements get a server-side name derived from
     /// their text, and are prepared once per server connection.
     pub(super) fn tx_parse(&mut self, frame: Bytes) -> Result<(), SessionError> {
@@ -128,6 +212,15 @@ impl Session {
             }
         }
     }
+}
+
+/// Whether a statement text changes session settings (it is replayed on other servers).
+pub(super) fn classify_bytes(q: &[u8]) -> bool {
+    let setting = |st: &str| router::classify(st) == StatementKind::SessionSetting;
+    std::str::from_utf8(q).is_ok_and(|s| match router::single_statement(s) {
+        Some(one) => setting(one),
+        None => router::split_statements(s).into_iter().any(setting),
+    })
 }
 
 #[cfg(test)]
