@@ -306,16 +306,22 @@ impl NodePool {
 
     async fn get_slow(&self) -> Result<Pooled, PoolError> {
         self.start_maintenance();
-        let inner = &self.inner;
         let started = Instant::now();
-        let wait = Duration::from_millis(inner.cfg.checkout_timeout_ms);
         self.stats.waiting.fetch_add(1, Ordering::Relaxed);
-        let permit = tokio::time::timeout(wait, inner.permits.acquire()).await;
+        let r = self.wait_and_open().await;
         self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        // Waiting for a permit and opening a connection: the client waited for both.
         self.stats.checkout.observe(started.elapsed());
-        let permit = match permit {
+        r
+    }
+
+    async fn wait_and_open(&self) -> Result<Pooled, PoolError> {
+        let inner = &self.inner;
+        let wait = Duration::from_millis(inner.cfg.checkout_timeout_ms);
+        let permit = match tokio::time::timeout(wait, inner.permits.acquire()).await {
             Ok(Ok(p)) => p,
-            Ok(Err(_)) => unreachable!("the semaphore is never closed"),
+            // The semaphore is never closed; an error rather than a panic all the same.
+            Ok(Err(e)) => return Err(PoolError::Down(e.to_string())),
             Err(_) => {
                 let last = inner.last_failure.lock().expect("not poisoned").clone();
                 return Err(
