@@ -73,7 +73,7 @@ impl Session {
                 }
                 // Closing a client statement needs no server (transaction mode).
                 b'C' if self.mode == PoolMode::Transaction => {
-                    return self.forward_extended(frame).await;
+                    return self.forward_extended(&frame).await;
                 }
                 b'B' => {
                     if self.transaction_control_bind(&frame)? || self.multi_end_bind(&frame).await?
@@ -167,7 +167,7 @@ impl Session {
                 }
             }
         }
-        self.forward_extended(frame).await
+        self.forward_extended(&frame).await
     }
 
     /// The statement a Bind binds, when pgshard knows its text and it is one statement.
@@ -365,7 +365,7 @@ impl Session {
                 return Ok(false);
             }
             for f in std::mem::take(&mut self.route.held) {
-                self.forward_extended(f).await?;
+                self.forward_extended(&f).await?;
             }
             return Ok(true);
         }
@@ -375,7 +375,7 @@ impl Session {
             return Ok(false);
         }
         for f in std::mem::take(&mut self.route.held) {
-            self.forward_extended(f).await?;
+            self.forward_extended(&f).await?;
         }
         Ok(true)
     }

@@ -43,12 +43,12 @@ pub(super) fn missing_statement(name: &[u8]) -> PgError {
 impl Session {
     /// An extended-protocol message for the attached server (attaching the home shard's
     /// when none is).
-    pub(super) async fn forward_extended(&mut self, frame: Bytes) -> Result<(), SessionError> {
+    pub(super) async fn forward_extended(&mut self, frame: &[u8]) -> Result<(), SessionError> {
         let tag = frame[0];
         if self.backend.is_none() {
             // A Close of a client statement needs no server in transaction mode.
             if tag == b'C' && self.mode == PoolMode::Transaction {
-                let (kind, name) = protocol::parse_target(&frame, "Close")?;
+                let (kind, name) = protocol::parse_target(frame, "Close")?;
                 if kind == b'S' && !name.is_empty() {
                     self.statements.remove(name);
                     self.cout.extend_from_slice(&empty_frame(b'3'));
@@ -66,20 +66,20 @@ impl Session {
         self.in_batch = true;
         if self.mode == PoolMode::Session {
             if tag == b'P' {
-                let p = protocol::parse_parse(&frame)?;
+                let p = protocol::parse_parse(frame)?;
                 if classify_bytes(p.query) {
                     self.settings_dirty = true;
                 }
             }
-            self.push_forward(tag, &frame);
+            self.push_forward(tag, frame);
             return Ok(());
         }
         match tag {
             b'P' => self.tx_parse(frame)?,
             b'B' => {
-                let protocol::Bind { portal, stmt, rest } = protocol::parse_bind(&frame)?;
+                let protocol::Bind { portal, stmt, rest } = protocol::parse_bind(frame)?;
                 if stmt.is_empty() {
-                    self.push_forward(tag, &frame);
+                    self.push_forward(tag, frame);
                 } else if let Some(global) = self.ensure_prepared(stmt) {
                     if self.statements.get(stmt).is_some_and(|s| s.kind_is_setting) {
                         self.settings_dirty = true;
@@ -92,7 +92,7 @@ impl Session {
                 }
             }
             b'D' => {
-                let (kind, name) = protocol::parse_target(&frame, "Describe")?;
+                let (kind, name) = protocol::parse_target(frame, "Describe")?;
                 if kind == b'S' && !name.is_empty() {
                     if let Some(global) = self.ensure_prepared(name) {
                         self.relay.push(Pending::Describe);
@@ -102,11 +102,11 @@ impl Session {
                         self.local_error(missing_statement(name));
                     }
                 } else {
-                    self.push_forward(tag, &frame);
+                    self.push_forward(tag, frame);
                 }
             }
             b'C' => {
-                let (kind, name) = protocol::parse_target(&frame, "Close")?;
+                let (kind, name) = protocol::parse_target(frame, "Close")?;
                 if kind == b'S' && !name.is_empty() {
                     // The server keeps its copy for other clients; the client's name goes.
                     self.statements.remove(name);
@@ -116,24 +116,24 @@ impl Session {
                     });
                     self.relay.drain_local(&mut self.cout);
                 } else {
-                    self.push_forward(tag, &frame);
+                    self.push_forward(tag, frame);
                 }
             }
-            _ => self.push_forward(tag, &frame),
+            _ => self.push_forward(tag, frame),
         }
         Ok(())
     }
 
     /// Parse in transaction mode: named statements get a server-side name derived from
     /// their text, and are prepared once per server connection.
-    pub(super) fn tx_parse(&mut self, frame: Bytes) -> Result<(), SessionError> {
-        let p = protocol::parse_parse(&frame)?;
+    pub(super) fn tx_parse(&mut self, frame: &[u8]) -> Result<(), SessionError> {
+        let p = protocol::parse_parse(frame)?;
         let is_setting = classify_bytes(p.query);
         if is_setting {
             self.settings_dirty = true;
         }
         if p.name.is_empty() {
-            self.push_forward(b'P', &frame);
+            self.push_forward(b'P', frame);
             return Ok(());
         }
         let name = Bytes::copy_from_slice(p.name);
@@ -149,10 +149,12 @@ impl Session {
             return Ok(());
         }
         let global = statement_id(p.query, p.types);
+        // Copied: once per statement a client names, and the read buffer it came in is
+        // then free for the next reads.
         let stmt = Stmt {
             global,
-            query: frame.slice_ref(p.query),
-            types: frame.slice_ref(p.types),
+            query: Bytes::copy_from_slice(p.query),
+            types: Bytes::copy_from_slice(p.types),
             kind_is_setting: is_setting,
         };
         let undo = Some(Undo {
