@@ -402,6 +402,113 @@ async fn commit_rollback_errors_and_savepoints_across_shards() {
         .unwrap_err();
     assert!(["23505", "23514"].contains(&sqlstate(&e).as_str()), "{e}");
     assert_eq!(prepared(&c), ["0", "0"]);
+
+    settings_follow_multi_shard_transactions(addr, &app).await;
+}
+
+/// A setting as the server holding `key`'s row sees it (simple protocol, routed by key).
+async fn setting_on(app: &tokio_postgres::Client, key: i64, name: &str) -> String {
+    let m = app
+        .simple_query(&format!(
+            "SELECT current_setting('{name}') FROM tp_accounts WHERE id = {key}"
+        ))
+        .await
+        .unwrap();
+    rows(&m)[0][0].clone().unwrap()
+}
+
+/// SET and SET LOCAL inside a transaction over several shards reach every shard of it,
+/// those that join later included, follow ROLLBACK TO SAVEPOINT, and a session SET stays
+/// with the client after COMMIT (and only with it).
+async fn settings_follow_multi_shard_transactions(addr: SocketAddr, app: &tokio_postgres::Client) {
+    let (a, b) = keys();
+    let both = async |name: &str| {
+        (
+            setting_on(app, a, name).await,
+            setting_on(app, b, name).await,
+        )
+    };
+    let same = |v: &str| (v.to_string(), v.to_string());
+    app.batch_execute(&format!(
+        "BEGIN; UPDATE tp_accounts SET balance = balance WHERE id = {a}"
+    ))
+    .await
+    .unwrap();
+    app.batch_execute("SET LOCAL work_mem = '7MB'")
+        .await
+        .unwrap();
+    assert_eq!(
+        setting_on(app, b, "work_mem").await,
+        "7MB",
+        "replayed on the shard that joins"
+    );
+    app.batch_execute("SET LOCAL work_mem = '9MB'")
+        .await
+        .unwrap();
+    assert_eq!(both("work_mem").await, same("9MB"));
+    app.batch_execute("SAVEPOINT s; SET LOCAL work_mem = '11MB'")
+        .await
+        .unwrap();
+    assert_eq!(both("work_mem").await, same("11MB"));
+    app.batch_execute("ROLLBACK TO SAVEPOINT s").await.unwrap();
+    assert_eq!(both("work_mem").await, same("9MB"));
+    app.batch_execute("SET statement_timeout = '54321ms'")
+        .await
+        .unwrap();
+    app.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(both("statement_timeout").await, same("54321ms"));
+    assert_eq!(both("work_mem").await, same("4MB"));
+
+    // Rolled back: as if it had not happened, on every shard.
+    app.batch_execute(&format!(
+        "BEGIN; UPDATE tp_accounts SET balance = balance WHERE id = {a}"
+    ))
+    .await
+    .unwrap();
+    app.batch_execute(&format!(
+        "UPDATE tp_accounts SET balance = balance WHERE id = {b}"
+    ))
+    .await
+    .unwrap();
+    app.batch_execute("SET statement_timeout = '1111ms'")
+        .await
+        .unwrap();
+    assert_eq!(both("statement_timeout").await, same("1111ms"));
+    app.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(both("statement_timeout").await, same("54321ms"));
+
+    // The extended protocol (tokio-postgres' execute) keeps them in step too.
+    app.batch_execute(&format!(
+        "BEGIN; UPDATE tp_accounts SET balance = balance WHERE id = {a}"
+    ))
+    .await
+    .unwrap();
+    app.batch_execute(&format!(
+        "UPDATE tp_accounts SET balance = balance WHERE id = {b}"
+    ))
+    .await
+    .unwrap();
+    app.execute("SET LOCAL work_mem = '13MB'", &[])
+        .await
+        .unwrap();
+    assert_eq!(both("work_mem").await, same("13MB"));
+    app.execute("SAVEPOINT e", &[]).await.unwrap();
+    app.execute("SET LOCAL work_mem = '15MB'", &[])
+        .await
+        .unwrap();
+    assert_eq!(both("work_mem").await, same("15MB"));
+    app.execute("ROLLBACK TO SAVEPOINT e", &[]).await.unwrap();
+    assert_eq!(both("work_mem").await, same("13MB"));
+    app.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(both("work_mem").await, same("4MB"));
+
+    // The servers' connections do not carry it to other clients.
+    let others = futures_util::future::join_all((0..4).map(|_| connect(addr))).await;
+    for o in &others {
+        assert_eq!(setting_on(o, a, "statement_timeout").await, "0");
+        assert_eq!(setting_on(o, b, "statement_timeout").await, "0");
+    }
+    app.batch_execute("RESET statement_timeout").await.unwrap();
 }
 
 struct Serve {

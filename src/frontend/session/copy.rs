@@ -6,6 +6,7 @@
 //! (or a query over several shards that plain concatenation answers) gathers the shards'
 //! rows one shard after the other.
 
+use super::multi::quote_ident;
 use super::{Session, SessionError};
 use crate::config::PoolMode;
 use crate::pool::Pooled;
@@ -73,10 +74,6 @@ fn copy_data(out: &mut BytesMut, data: &[u8]) {
     out.put_u8(b'd');
     out.put_i32(4 + data.len() as i32);
     out.put_slice(data);
-}
-
-fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
 }
 
 impl Session {

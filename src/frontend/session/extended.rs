@@ -80,6 +80,18 @@ impl Session {
                     {
                         return Ok(());
                     }
+                    if self.status == b'T'
+                        && self.mode == PoolMode::Transaction
+                        && let Some(one) = self.bound_statement(&frame)?
+                        && let Some(e) = self.keep_in_step_quiet(&one).await?
+                    {
+                        // A participant failed: the Bind fails; COMMIT will roll back.
+                        let home = self.home_shard();
+                        if self.release_held(home).await? {
+                            self.local_error(e);
+                        }
+                        return Ok(());
+                    }
                     let dest = self.decide_bind(&frame).await?;
                     if let Ok(Dest::Multi(shards, a)) = &dest
                         && self.status == b'I'

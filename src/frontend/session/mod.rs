@@ -13,6 +13,7 @@ mod extended;
 mod io;
 mod multi;
 mod prepared;
+mod replay;
 mod replica;
 mod route;
 mod script;

@@ -1,10 +1,12 @@
 //! Transactions over several shards (transaction pooling mode): a shard joins the
 //! transaction the first time a statement needs it (with the same BEGIN, so the same
-//! isolation level and read-only mode, and the savepoints made so far); its connection is
+//! isolation level and read-only mode, and the savepoints and settings made so far: see
+//! `replay.rs`); its connection is
 //! parked while statements run elsewhere. COMMIT of a transaction that touched one shard
 //! is the server's; over several, pgshard runs two-phase commit (or one-phase, when
 //! `two_phase_commit: off`). ROLLBACK and savepoints apply on every shard touched.
 
+use super::replay::Replay;
 use super::{Pending, Session, SessionError};
 use crate::config::{PoolMode, TwoPhaseCommit};
 use crate::exec::twophase::{self, CommitError};
@@ -18,8 +20,9 @@ pub(super) struct MultiState {
     pub(super) parked: Vec<(usize, Pooled)>,
     /// The BEGIN that started the transaction (replayed on joining shards).
     pub(super) begin: Option<String>,
-    /// Savepoints alive, in order (created on joining shards right after BEGIN).
-    pub(super) savepoints: Vec<String>,
+    /// Savepoints alive and settings made in the transaction, in order: run on joining
+    /// shards right after BEGIN.
+    pub(super) replay: Vec<Replay>,
 }
 
 /// A statement's frames from one shard, up to ReadyForQuery, and that status.
@@ -62,43 +65,6 @@ pub(super) async fn send_and_collect(
     }
 }
 
-/// A savepoint statement: (kind, name).
-#[derive(Debug, PartialEq, Eq)]
-pub(super) enum SavepointOp {
-    Create,
-    Release,
-    RollbackTo,
-}
-
-pub(super) fn savepoint_op(sql: &str) -> Option<(SavepointOp, String)> {
-    let words: Vec<String> = sql
-        .trim()
-        .trim_end_matches(';')
-        .split_whitespace()
-        .map(|w| w.to_ascii_lowercase())
-        .collect();
-    let w: Vec<&str> = words.iter().map(String::as_str).collect();
-    let name = |rest: &[&str]| -> Option<String> {
-        let n = match rest {
-            ["savepoint", n] | [n] => *n,
-            _ => return None,
-        };
-        Some(n.trim_matches('"').to_string())
-    };
-    match w.as_slice() {
-        ["savepoint", n] => Some((SavepointOp::Create, n.trim_matches('"').to_string())),
-        ["release", rest @ ..] => name(rest).map(|n| (SavepointOp::Release, n)),
-        ["rollback" | "abort", "to", rest @ ..] => name(rest).map(|n| (SavepointOp::RollbackTo, n)),
-        [
-            "rollback" | "abort",
-            "transaction" | "work",
-            "to",
-            rest @ ..,
-        ] => name(rest).map(|n| (SavepointOp::RollbackTo, n)),
-        _ => None,
-    }
-}
-
 impl Session {
     /// Whether a statement for another shard may join the open transaction.
     pub(super) fn can_join(&self) -> bool {
@@ -110,7 +76,8 @@ impl Session {
     }
 
     /// Makes `to` the attached shard of the open transaction: a participant already, or
-    /// a new one (BEGIN and savepoints replayed). False when the client got an error.
+    /// a new one (BEGIN, savepoints and settings replayed). False when the client got an
+    /// error.
     pub(super) async fn join_shard(&mut self, to: usize) -> Result<bool, SessionError> {
         self.settle().await?;
         let Some(current) = self.backend.take() else {
@@ -153,63 +120,17 @@ impl Session {
             return Ok(false);
         }
         self.route.movable_begin = None;
-        for sp in self.multi.savepoints.clone() {
+        for step in self.multi.replay.clone() {
             self.relay.push(Pending::Internal);
-            protocol::write_query(&mut self.bout, &format!("SAVEPOINT {}", quote_ident(&sp)));
+            match step {
+                Replay::Savepoint(sp) => protocol::write_query(
+                    &mut self.bout,
+                    &format!("SAVEPOINT {}", quote_ident(&sp)),
+                ),
+                Replay::Set(sql) => protocol::write_query(&mut self.bout, &sql),
+            }
         }
         tracing::debug!(shard = to, "shard joined the transaction");
-        Ok(true)
-    }
-
-    /// Keeps savepoints in step: recorded for shards that join later, and run on the
-    /// parked participants now. False when a participant failed (the client got the
-    /// error and the transaction is aborted).
-    pub(super) async fn savepoint(&mut self, sql: &str) -> Result<bool, SessionError> {
-        let head = sql.trim_start().as_bytes();
-        let starts = |kw: &str| {
-            head.len() >= kw.len() && head[..kw.len()].eq_ignore_ascii_case(kw.as_bytes())
-        };
-        if !(starts("savepoint") || starts("release") || starts("rollback") || starts("abort")) {
-            return Ok(true);
-        }
-        let Some((op, name)) = savepoint_op(sql) else {
-            return Ok(true);
-        };
-        match op {
-            SavepointOp::Create => self.multi.savepoints.push(name),
-            SavepointOp::Release => {
-                if let Some(i) = self.multi.savepoints.iter().rposition(|s| *s == name) {
-                    self.multi.savepoints.truncate(i);
-                }
-            }
-            SavepointOp::RollbackTo => {
-                if let Some(i) = self.multi.savepoints.iter().rposition(|s| *s == name) {
-                    self.multi.savepoints.truncate(i + 1);
-                }
-            }
-        }
-        for (s, b) in self.multi.parked.iter_mut() {
-            match b.run_quiet(sql).await {
-                Ok(None) => {}
-                other => {
-                    let why = match other {
-                        Ok(Some((code, msg))) => format!("{code}: {msg}"),
-                        Err(e) => {
-                            b.broken = true;
-                            e.to_string()
-                        }
-                        Ok(None) => unreachable!(),
-                    };
-                    let e = PgError::new(
-                        "25P02",
-                        format!("savepoint failed on shard {s} of this transaction ({why})"),
-                    );
-                    self.status = b'E';
-                    self.answer_error(e);
-                    return Ok(false);
-                }
-            }
-        }
         Ok(true)
     }
 
@@ -230,6 +151,11 @@ impl Session {
         let rollback =
             self.status == b'E' || first.starts_with("rollback") || first.starts_with("abort");
         let shards: Vec<usize> = parts.iter().map(|(s, _)| *s).collect();
+        let set_here = self
+            .multi
+            .replay
+            .iter()
+            .any(|r| matches!(r, Replay::Set(_)));
         let out = if rollback {
             for (_, b) in parts.iter_mut() {
                 if !matches!(b.run_quiet("ROLLBACK").await, Ok(None)) {
@@ -248,6 +174,9 @@ impl Session {
                     for &s in &shards {
                         self.wrote_unknown(s);
                     }
+                    if set_here {
+                        self.settings_after_commit(&mut parts).await;
+                    }
                     Ok("COMMIT")
                 }
                 Err(CommitError::Aborted(frame)) => Err(frame),
@@ -265,10 +194,35 @@ impl Session {
         drop(parts);
         self.status = b'I';
         self.multi.begin = None;
-        self.multi.savepoints.clear();
+        self.multi.replay.clear();
         self.route.movable_begin = None;
         tracing::debug!(shards = ?shards, outcome = ?out.as_ref().ok(), "multi-shard transaction ended");
         Ok(out)
+    }
+
+    /// After a COMMIT over several shards in which the client changed settings: every
+    /// participant has them now; the client keeps them (read from one participant), and
+    /// the connections are marked with them so that the next client gets its own.
+    async fn settings_after_commit(&mut self, parts: &mut [(usize, Pooled)]) {
+        let Some((_, first)) = parts.first_mut() else {
+            return;
+        };
+        match super::server::capture_settings(first).await {
+            Ok(s) => {
+                self.settings = s;
+                self.settings_fp = super::fingerprint(&self.settings);
+                self.settings_dirty = false;
+                for (_, b) in parts.iter_mut() {
+                    b.settings = self.settings_fp;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read session settings; closing server connections");
+                for (_, b) in parts.iter_mut() {
+                    b.broken = true;
+                }
+            }
+        }
     }
 
     /// Whether a statement over several shards may run inside the open transaction.
@@ -465,7 +419,7 @@ impl Session {
             b.broken = true;
         }
         self.multi.begin = None;
-        self.multi.savepoints.clear();
+        self.multi.replay.clear();
     }
 
     /// A transaction ended on the attached server (ReadyForQuery `I`).
@@ -478,41 +432,11 @@ impl Session {
             self.drop_parked();
         }
         self.multi.begin = None;
-        self.multi.savepoints.clear();
+        self.multi.replay.clear();
     }
 }
 
-fn quote_ident(s: &str) -> String {
+/// A quoted identifier (savepoint and table names pgshard writes into statements).
+pub(super) fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn savepoint_statements() {
-        assert_eq!(
-            savepoint_op("SAVEPOINT a"),
-            Some((SavepointOp::Create, "a".into()))
-        );
-        assert_eq!(
-            savepoint_op("release savepoint a;"),
-            Some((SavepointOp::Release, "a".into()))
-        );
-        assert_eq!(
-            savepoint_op("RELEASE a"),
-            Some((SavepointOp::Release, "a".into()))
-        );
-        assert_eq!(
-            savepoint_op("ROLLBACK TO SAVEPOINT a"),
-            Some((SavepointOp::RollbackTo, "a".into()))
-        );
-        assert_eq!(
-            savepoint_op("rollback work to a"),
-            Some((SavepointOp::RollbackTo, "a".into()))
-        );
-        assert_eq!(savepoint_op("ROLLBACK"), None);
-        assert_eq!(savepoint_op("SELECT 1"), None);
-    }
 }

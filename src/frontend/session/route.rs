@@ -456,8 +456,8 @@ impl Session {
         if self.status == b'E'
             && !self.multi.parked.is_empty()
             && !matches!(
-                super::multi::savepoint_op(sql),
-                Some((super::multi::SavepointOp::RollbackTo, _))
+                super::replay::savepoint_op(sql),
+                Some((super::replay::SavepointOp::RollbackTo, _))
             )
         {
             // Aborted over several shards (some of which may not know it yet): only
@@ -470,9 +470,19 @@ impl Session {
         if matches!(self.status, b'T' | b'E')
             && single.is_some()
             && self.mode == PoolMode::Transaction
-            && !self.savepoint(sql).await?
+            && !self.keep_in_step(sql).await?
         {
             return Ok(());
+        }
+        if self.status == b'T' && single.is_none() && self.mode == PoolMode::Transaction {
+            // Settings and savepoints in a query string reach the other shards of the
+            // transaction first (should a statement before them fail, the transaction is
+            // aborted everywhere all the same).
+            for st in router::split_statements(sql) {
+                if !self.keep_in_step(st).await? {
+                    return Ok(());
+                }
+            }
         }
         if single.is_some()
             && self.db.router.is_sharded()

@@ -23,7 +23,7 @@ impl Session {
             .any(|k| matches!(k, StatementKind::Begin | StatementKind::EndTransaction))
             || statements
                 .iter()
-                .any(|s| super::multi::savepoint_op(s).is_some());
+                .any(|s| super::replay::savepoint_op(s).is_some());
         if self.mode != PoolMode::Transaction
             || self.status == b'E'
             || self.in_batch
