@@ -8,6 +8,7 @@
 
 mod accounting;
 mod copy;
+mod copy_out;
 mod cross;
 mod extended;
 mod io;
