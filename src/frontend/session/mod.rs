@@ -201,6 +201,10 @@ impl Session {
                 let _ = self.writer.write_all(&out).await;
                 return Ok(());
             }
+            // Shutdown matters only between transactions (sessions drain at the next
+            // boundary): not watched while a request is in flight, which spares the
+            // per-query wait a third future and its waker.
+            let watch_stop = self.at_transaction_boundary();
             let Self {
                 reader,
                 crbuf,
@@ -216,7 +220,7 @@ impl Session {
             }
             let stop = async {
                 match shutdown {
-                    Some(rx) if !*draining => {
+                    Some(rx) if !*draining && watch_stop => {
                         let _ = rx.await;
                     }
                     _ => std::future::pending::<()>().await,
