@@ -417,6 +417,17 @@ async fn setting_on(app: &tokio_postgres::Client, key: i64, name: &str) -> Strin
     rows(&m)[0][0].clone().unwrap()
 }
 
+/// Opens a transaction that has both shards in it.
+async fn begin_on_both(app: &tokio_postgres::Client) {
+    let (a, b) = keys();
+    for sql in [
+        format!("BEGIN; UPDATE tp_accounts SET balance = balance WHERE id = {a}"),
+        format!("UPDATE tp_accounts SET balance = balance WHERE id = {b}"),
+    ] {
+        app.batch_execute(&sql).await.unwrap();
+    }
+}
+
 /// SET and SET LOCAL inside a transaction over several shards reach every shard of it,
 /// those that join later included, follow ROLLBACK TO SAVEPOINT, and a session SET stays
 /// with the client after COMMIT (and only with it).
@@ -460,16 +471,7 @@ async fn settings_follow_multi_shard_transactions(addr: SocketAddr, app: &tokio_
     assert_eq!(both("work_mem").await, same("4MB"));
 
     // Rolled back: as if it had not happened, on every shard.
-    app.batch_execute(&format!(
-        "BEGIN; UPDATE tp_accounts SET balance = balance WHERE id = {a}"
-    ))
-    .await
-    .unwrap();
-    app.batch_execute(&format!(
-        "UPDATE tp_accounts SET balance = balance WHERE id = {b}"
-    ))
-    .await
-    .unwrap();
+    begin_on_both(app).await;
     app.batch_execute("SET statement_timeout = '1111ms'")
         .await
         .unwrap();
@@ -478,16 +480,7 @@ async fn settings_follow_multi_shard_transactions(addr: SocketAddr, app: &tokio_
     assert_eq!(both("statement_timeout").await, same("54321ms"));
 
     // The extended protocol (tokio-postgres' execute) keeps them in step too.
-    app.batch_execute(&format!(
-        "BEGIN; UPDATE tp_accounts SET balance = balance WHERE id = {a}"
-    ))
-    .await
-    .unwrap();
-    app.batch_execute(&format!(
-        "UPDATE tp_accounts SET balance = balance WHERE id = {b}"
-    ))
-    .await
-    .unwrap();
+    begin_on_both(app).await;
     app.execute("SET LOCAL work_mem = '13MB'", &[])
         .await
         .unwrap();
