@@ -96,6 +96,45 @@ impl ShardStats {
 pub struct PoolStats {
     pub waiting: AtomicU64,
     pub checkout: Histogram,
+    /// Checkouts that gave up after the checkout timeout (the client got 53300).
+    pub timeouts: AtomicU64,
+    /// Server connections opened, and attempts that failed (refused, auth, timeout).
+    pub opened: AtomicU64,
+    pub connect_failures: AtomicU64,
+    /// Server connections closed, by [`CloseReason`].
+    pub closed: [AtomicU64; CloseReason::ALL.len()],
+}
+
+/// Why pgshard closed a server connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Idle beyond `min_idle` for `idle_timeout_ms`.
+    Idle,
+    /// Older than `max_lifetime_ms`.
+    Lifetime,
+    /// Opened before its node failed a health check.
+    Invalidated,
+    /// Left in an unknown state (lost, mid-COPY, a failed reset...).
+    Broken,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 4] = [
+        CloseReason::Idle,
+        CloseReason::Lifetime,
+        CloseReason::Invalidated,
+        CloseReason::Broken,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            CloseReason::Idle => "idle",
+            CloseReason::Lifetime => "lifetime",
+            CloseReason::Invalidated => "invalidated",
+            CloseReason::Broken => "broken",
+        }
+    }
 }
 
 /// Adds one to a counter.

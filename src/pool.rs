@@ -13,6 +13,7 @@
 
 use crate::backend::{BackendConn, BackendError, BackendTarget};
 use crate::config::PoolConfig;
+use crate::metrics::{CloseReason, PoolStats};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
@@ -60,8 +61,8 @@ impl Drop for Pooled {
         if let Some(conn) = self.conn.take() {
             let p = &self.pool;
             let now = Instant::now();
-            if conn.broken || !p.reusable(&conn, now) {
-                p.close(conn);
+            if let Some(why) = p.retire(&conn, now) {
+                p.close(conn, why);
             } else {
                 p.idle
                     .lock()
@@ -93,6 +94,7 @@ struct Inner {
     server_params: OnceLock<Vec<(String, String)>>,
     epoch: AtomicU64,
     maintained: AtomicBool,
+    stats: Arc<PoolStats>,
 }
 
 impl Inner {
@@ -101,15 +103,23 @@ impl Inner {
         c.epoch >= self.epoch.load(Ordering::Relaxed)
     }
 
-    /// Current and, at `now`, not past its lifetime.
-    fn reusable(&self, c: &BackendConn, now: Instant) -> bool {
+    /// Why a connection must not be reused at `now`, if it must not.
+    fn retire(&self, c: &BackendConn, now: Instant) -> Option<CloseReason> {
         let lifetime = self.cfg.max_lifetime_ms;
-        self.current(c)
-            && (lifetime == 0 || now.duration_since(c.created) < Duration::from_millis(lifetime))
+        if c.broken {
+            Some(CloseReason::Broken)
+        } else if !self.current(c) {
+            Some(CloseReason::Invalidated)
+        } else if lifetime > 0 && now.duration_since(c.created) >= Duration::from_millis(lifetime) {
+            Some(CloseReason::Lifetime)
+        } else {
+            None
+        }
     }
 
-    fn close(&self, conn: BackendConn) {
+    fn close(&self, conn: BackendConn, why: CloseReason) {
         self.open.fetch_sub(1, Ordering::Relaxed);
+        self.stats.closed[why as usize].fetch_add(1, Ordering::Relaxed);
         if !conn.broken {
             // Terminate, so the server does not log an unexpected EOF; best effort.
             let _ = conn.writer.try_write(&[b'X', 0, 0, 0, 4]);
@@ -125,7 +135,7 @@ impl Inner {
             if self.current(&c) {
                 return Some(c);
             }
-            self.close(c);
+            self.close(c, CloseReason::Invalidated);
         }
     }
 
@@ -136,6 +146,7 @@ impl Inner {
             Ok(mut c) => {
                 c.epoch = self.epoch.load(Ordering::Relaxed);
                 self.open.fetch_add(1, Ordering::Relaxed);
+                self.stats.opened.fetch_add(1, Ordering::Relaxed);
                 let _ = self.server_params.set(c.initial_params.clone());
                 tracing::debug!(server = %self.target.addr, pid = c.pid, "server connection opened");
                 Ok(c)
@@ -143,6 +154,7 @@ impl Inner {
             Err(e) => {
                 tracing::warn!(server = %self.target.addr, error = %e, "server connection failed");
                 *self.last_failure.lock().expect("not poisoned") = e.to_string();
+                self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
                 Err(e)
             }
         }
@@ -158,7 +170,7 @@ impl Inner {
         };
         let keep = self.cfg.min_idle as usize;
         let now = Instant::now();
-        let expired: Vec<BackendConn> = {
+        let expired: Vec<(BackendConn, CloseReason)> = {
             let mut idle = self.idle.lock().expect("not poisoned");
             let mut out = Vec::new();
             let mut kept = 0;
@@ -166,18 +178,21 @@ impl Inner {
             let mut i = idle.len();
             while i > 0 {
                 i -= 1;
-                let stale = !self.reusable(&idle[i].conn, now);
-                if stale || (kept >= keep && now.duration_since(idle[i].since) >= idle_timeout) {
-                    out.push(idle.remove(i).conn);
+                let why = self.retire(&idle[i].conn, now).or_else(|| {
+                    (kept >= keep && now.duration_since(idle[i].since) >= idle_timeout)
+                        .then_some(CloseReason::Idle)
+                });
+                if let Some(why) = why {
+                    out.push((idle.remove(i).conn, why));
                 } else {
                     kept += 1;
                 }
             }
             out
         };
-        for c in expired {
-            tracing::debug!(server = %self.target.addr, pid = c.pid, "idle server connection closed");
-            self.close(c);
+        for (c, why) in expired {
+            tracing::debug!(server = %self.target.addr, pid = c.pid, reason = why.label(), "idle server connection closed");
+            self.close(c, why);
         }
         while self.open.load(Ordering::Relaxed) < keep {
             let Ok(permit) = self.permits.try_acquire() else {
@@ -211,7 +226,7 @@ impl Inner {
 pub struct NodePool {
     pub target: BackendTarget,
     inner: Arc<Inner>,
-    pub stats: Arc<crate::metrics::PoolStats>,
+    pub stats: Arc<PoolStats>,
 }
 
 impl NodePool {
@@ -227,11 +242,12 @@ impl NodePool {
             server_params: OnceLock::new(),
             epoch: AtomicU64::new(0),
             maintained: AtomicBool::new(false),
+            stats: Default::default(),
         });
         let pool = NodePool {
             target,
+            stats: inner.stats.clone(),
             inner,
-            stats: Default::default(),
         };
         pool.start_maintenance();
         pool
@@ -323,6 +339,7 @@ impl NodePool {
             // The semaphore is never closed; an error rather than a panic all the same.
             Ok(Err(e)) => return Err(PoolError::Down(e.to_string())),
             Err(_) => {
+                self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
                 let last = inner.last_failure.lock().expect("not poisoned").clone();
                 return Err(
                     if inner.open.load(Ordering::Relaxed) == 0 && !last.is_empty() {

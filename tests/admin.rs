@@ -71,15 +71,6 @@ async fn metrics(addr: SocketAddr) -> String {
     body
 }
 
-/// The value of the first sample of `metric` whose line contains all of `parts`.
-fn sample(text: &str, metric: &str, parts: &[&str]) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(metric) && parts.iter().all(|p| l.contains(p)))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no sample {metric} {parts:?} in\n{text}"))
-}
-
 async fn wait_until<F: AsyncFnMut() -> bool>(what: &str, mut f: F) {
     let deadline = Instant::now() + Duration::from_secs(15);
     while !f().await {

@@ -62,7 +62,7 @@ async fn server_down_gives_08006_to_that_client_only() {
         &cluster().shards[0].primary.addr(),
         &format!("127.0.0.1:{dead}"),
     );
-    let addr = start_proxy_yaml(&yaml);
+    let (addr, server) = start_proxy_server(pgshard::config::Config::from_yaml(&yaml).unwrap());
     let t = std::time::Instant::now();
     let e = try_connect(addr, "app", "app", "app").await.err().unwrap();
     assert_eq!(sqlstate(&e), "08006");
@@ -70,6 +70,14 @@ async fn server_down_gives_08006_to_that_client_only() {
         t.elapsed() < Duration::from_secs(4),
         "fails fast, not at the checkout timeout"
     );
+    // What an operator pages on.
+    let m = pgshard::admin::metrics::render(&server);
+    assert!(sample(&m, "pgshard_pool_connect_failures_total", &[]) >= 1.0);
+    assert_eq!(
+        sample(&m, "pgshard_pool_connections_opened_total", &[]),
+        0.0
+    );
+    assert!(sample(&m, "pgshard_errors_total", &["class=\"08\""]) >= 1.0);
     connect(tx_proxy())
         .await
         .batch_execute("SELECT 1")
@@ -81,12 +89,15 @@ async fn server_down_gives_08006_to_that_client_only() {
 async fn checkout_timeout_is_53300() {
     let yaml = base_yaml("transaction", 1)
         .replace("checkout_timeout_ms: 5000", "checkout_timeout_ms: 300");
-    let addr = start_proxy_yaml(&yaml);
+    let (addr, server) = start_proxy_server(pgshard::config::Config::from_yaml(&yaml).unwrap());
     let a = connect(addr).await;
     let b = connect(addr).await;
     a.batch_execute("BEGIN; SELECT 1").await.unwrap(); // holds the only server connection
     let e = b.batch_execute("SELECT 1").await.unwrap_err();
     assert_eq!(sqlstate(&e), "53300");
+    let m = pgshard::admin::metrics::render(&server);
+    assert_eq!(sample(&m, "pgshard_pool_checkout_timeouts_total", &[]), 1.0);
+    assert_eq!(sample(&m, "pgshard_errors_total", &["class=\"53\""]), 1.0);
     a.batch_execute("COMMIT").await.unwrap();
     b.batch_execute("SELECT 1").await.unwrap();
 }
@@ -145,7 +156,7 @@ async fn pool_keeps_min_idle_and_recycles_idle_and_old_connections() {
             "  - name: app\n",
             &format!("  - name: app\n    server_database: {db}\n"),
         );
-    let addr = start_proxy_yaml(&yaml);
+    let (addr, server) = start_proxy_server(pgshard::config::Config::from_yaml(&yaml).unwrap());
 
     // min_idle: opened without any client.
     until_pids(&direct, db, "min_idle", |p| p.len() == 2).await;
@@ -174,6 +185,18 @@ async fn pool_keeps_min_idle_and_recycles_idle_and_old_connections() {
         p.len() == 2 && p.iter().all(|pid| !kept.contains(pid))
     })
     .await;
+    let m = pgshard::admin::metrics::render(&server);
+    let closed = |why: &str| {
+        sample(
+            &m,
+            "pgshard_pool_connections_closed_total",
+            &[&format!("reason=\"{why}\"")],
+        )
+    };
+    assert!(closed("idle") >= 2.0, "{m}");
+    assert!(closed("lifetime") >= 2.0, "{m}");
+    assert_eq!(closed("broken"), 0.0);
+    assert!(sample(&m, "pgshard_pool_connections_opened_total", &[]) >= 6.0);
 }
 
 async fn trust_session(addr: SocketAddr) -> Raw {

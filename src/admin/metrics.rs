@@ -244,6 +244,33 @@ pub fn render(server: &Server) -> String {
                         &pl,
                         &p.stats.checkout,
                     );
+                    let st = &p.stats;
+                    o.counter(
+                        "pgshard_pool_checkout_timeouts_total",
+                        "Checkouts that waited the whole checkout timeout (clients got 53300).",
+                        &pl,
+                        st.timeouts.load(Ordering::Relaxed),
+                    );
+                    o.counter(
+                        "pgshard_pool_connections_opened_total",
+                        "Server connections opened.",
+                        &pl,
+                        st.opened.load(Ordering::Relaxed),
+                    );
+                    o.counter(
+                        "pgshard_pool_connect_failures_total",
+                        "Server connections that could not be opened (refused, auth, timeout).",
+                        &pl,
+                        st.connect_failures.load(Ordering::Relaxed),
+                    );
+                    for why in crate::metrics::CloseReason::ALL {
+                        o.counter(
+                            "pgshard_pool_connections_closed_total",
+                            "Server connections closed by pgshard, by reason.",
+                            &format!("{pl},reason=\"{}\"", why.label()),
+                            st.closed[why as usize].load(Ordering::Relaxed),
+                        );
+                    }
                 }
             }
             let st = &shard.stats;

@@ -30,13 +30,15 @@ async fn greeting_params(
             Err(e) => last = Some(e),
         }
     }
-    Err(StartupError::Client(match last {
+    let e = match last {
         Some(e @ crate::pool::PoolError::Timeout(..)) => PgError::fatal("53300", e.to_string()),
         Some(crate::pool::PoolError::Down(m)) => {
             PgError::fatal("08006", format!("server unavailable: {m}"))
         }
         None => PgError::fatal("08006", "server unavailable"),
-    }))
+    };
+    shard.stats.error(e.code);
+    Err(StartupError::Client(e))
 }
 
 impl Server {

@@ -393,3 +393,13 @@ pub async fn connect_with(addr: SocketAddr, extra: &str) -> tokio_postgres::Clie
     tokio::spawn(conn);
     c
 }
+
+/// The value of the first sample of `metric` (Prometheus text) whose line contains all of
+/// `parts`.
+pub fn sample(text: &str, metric: &str, parts: &[&str]) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(metric) && parts.iter().all(|p| l.contains(p)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {metric} {parts:?} in\n{text}"))
+}

@@ -91,6 +91,8 @@ impl Session {
                     PoolError::Timeout(..) => PgError::new("53300", e.to_string()),
                     PoolError::Down(m) => PgError::new("08006", format!("server unavailable: {m}")),
                 };
+                // Counted like the servers' errors: an operator pages on these.
+                self.db.shards[shard].stats.error(err.code);
                 self.relay.drain_local(&mut self.cout);
                 err.write(&mut self.cout);
                 false
