@@ -68,7 +68,10 @@ fn prepared(c: &LocalCluster) -> Vec<String> {
 #[tokio::test]
 async fn commit_rollback_errors_and_savepoints_across_shards() {
     let c = own_cluster(2, 0);
-    let addr = start_proxy_yaml(&(c.config_yaml("127.0.0.1:0", "transaction", 4) + RULES));
+    let yaml = c.config_yaml("127.0.0.1:0", "transaction", 4) + RULES;
+    // `trusty` (trust) for the raw protocol client.
+    let yaml = yaml.replace("users:\n", "users:\n  - { name: trusty, auth: trust }\n");
+    let addr = start_proxy_yaml(&yaml);
     let mut app = setup(addr).await;
     let (a, b) = keys();
 
@@ -494,6 +497,45 @@ async fn settings_follow_multi_shard_transactions(addr: SocketAddr, app: &tokio_
     assert_eq!(both("work_mem").await, same("13MB"));
     app.batch_execute("COMMIT").await.unwrap();
     assert_eq!(both("work_mem").await, same("4MB"));
+
+    // A SET later in a pipelined batch (one Sync for several statements) too.
+    let mut raw = Raw::startup(addr, "trusty", "app").await;
+    assert!(raw.until_ready().await.ends_with('Z'));
+    for sql in [
+        format!("BEGIN; UPDATE tp_accounts SET balance = balance WHERE id = {a}"),
+        format!("UPDATE tp_accounts SET balance = balance WHERE id = {b}"),
+    ] {
+        raw.send(&msg::query(&sql)).await;
+        assert!(!raw.until_ready().await.contains('E'));
+    }
+    let mut batch = Vec::new();
+    for sql in ["SELECT 1", "SET LOCAL work_mem = '17MB'"] {
+        batch.extend(msg::parse("", sql));
+        batch.extend(msg::bind("", "", &[]));
+        batch.extend(msg::execute(""));
+    }
+    batch.extend(msg::sync());
+    raw.send(&batch).await;
+    assert_eq!(raw.until_ready().await, "12DC12CZ");
+    for key in [a, b] {
+        raw.send(&msg::query(&format!(
+            "SELECT current_setting('work_mem') FROM tp_accounts WHERE id = {key}"
+        )))
+        .await;
+        let mut value = None;
+        while let Some((t, body)) = raw.recv().await {
+            if t == b'D' {
+                // One text column: count (2 bytes), length (4), the value.
+                value = Some(String::from_utf8_lossy(&body[6..]).into_owned());
+            }
+            if t == b'Z' {
+                break;
+            }
+        }
+        assert_eq!(value.as_deref(), Some("17MB"), "shard of {key}");
+    }
+    raw.send(&msg::query("ROLLBACK")).await;
+    raw.until_ready().await;
 
     // The servers' connections do not carry it to other clients.
     let others = futures_util::future::join_all((0..4).map(|_| connect(addr))).await;

@@ -134,6 +134,16 @@ impl Session {
                 }
                 return Ok(());
             }
+            // Later in a batch (no shard can join here): the other participants still
+            // take the batch's settings and savepoints.
+            if self.status == b'T'
+                && self.mode == PoolMode::Transaction
+                && let Some(one) = self.bound_statement(&frame)?
+                && let Some(e) = self.keep_in_step_quiet(&one).await?
+            {
+                self.local_error(e);
+                return Ok(());
+            }
             match self.decide_bind(&frame).await? {
                 Ok(Dest::Shard(s))
                     if s == self.shard
