@@ -80,11 +80,7 @@ impl Session {
                     {
                         return Ok(());
                     }
-                    if self.status == b'T'
-                        && self.mode == PoolMode::Transaction
-                        && let Some(one) = self.bound_statement(&frame)?
-                        && let Some(e) = self.keep_in_step_quiet(&one).await?
-                    {
+                    if let Some(e) = self.keep_bind_in_step(&frame).await? {
                         // A participant failed: the Bind fails; COMMIT will roll back.
                         let home = self.home_shard();
                         if self.release_held(home).await? {
@@ -136,11 +132,7 @@ impl Session {
             }
             // Later in a batch (no shard can join here): the other participants still
             // take the batch's settings and savepoints.
-            if self.status == b'T'
-                && self.mode == PoolMode::Transaction
-                && let Some(one) = self.bound_statement(&frame)?
-                && let Some(e) = self.keep_in_step_quiet(&one).await?
-            {
+            if let Some(e) = self.keep_bind_in_step(&frame).await? {
                 self.local_error(e);
                 return Ok(());
             }
@@ -203,6 +195,18 @@ impl Session {
             [one] => Some(one.to_string()),
             _ => None,
         })
+    }
+
+    /// A Bind of a `SET` or savepoint statement in a transaction: it runs on the other
+    /// participants first (see `replay.rs`); the error if one of them failed.
+    async fn keep_bind_in_step(&mut self, frame: &Bytes) -> Result<Option<PgError>, SessionError> {
+        if self.status != b'T' || self.mode != PoolMode::Transaction {
+            return Ok(None);
+        }
+        let Some(one) = self.bound_statement(frame)? else {
+            return Ok(None);
+        };
+        self.keep_in_step_quiet(&one).await
     }
 
     /// BEGIN, COMMIT or ROLLBACK in the extended protocol while no shard is chosen yet
