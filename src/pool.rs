@@ -226,7 +226,6 @@ impl Inner {
 pub struct NodePool {
     pub target: BackendTarget,
     inner: Arc<Inner>,
-    pub stats: Arc<PoolStats>,
 }
 
 impl NodePool {
@@ -244,11 +243,7 @@ impl NodePool {
             maintained: AtomicBool::new(false),
             stats: Default::default(),
         });
-        let pool = NodePool {
-            target,
-            stats: inner.stats.clone(),
-            inner,
-        };
+        let pool = NodePool { target, inner };
         pool.start_maintenance();
         pool
     }
@@ -282,6 +277,11 @@ impl NodePool {
         });
     }
 
+    /// Its checkout and connection counters.
+    pub fn stats(&self) -> &PoolStats {
+        &self.inner.stats
+    }
+
     /// The settings the pool was built with.
     pub fn config(&self) -> &PoolConfig {
         &self.inner.cfg
@@ -299,7 +299,7 @@ impl NodePool {
         match self.inner.pop_idle() {
             Some(conn) => {
                 permit.forget();
-                self.stats.checkout.observe(Duration::ZERO);
+                self.inner.stats.checkout.observe(Duration::ZERO);
                 Some(Pooled {
                     conn: Some(conn),
                     pool: self.inner.clone(),
@@ -323,11 +323,11 @@ impl NodePool {
     async fn get_slow(&self) -> Result<Pooled, PoolError> {
         self.start_maintenance();
         let started = Instant::now();
-        self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+        self.inner.stats.waiting.fetch_add(1, Ordering::Relaxed);
         let r = self.wait_and_open().await;
-        self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        self.inner.stats.waiting.fetch_sub(1, Ordering::Relaxed);
         // Waiting for a permit and opening a connection: the client waited for both.
-        self.stats.checkout.observe(started.elapsed());
+        self.inner.stats.checkout.observe(started.elapsed());
         r
     }
 
@@ -339,7 +339,7 @@ impl NodePool {
             // The semaphore is never closed; an error rather than a panic all the same.
             Ok(Err(e)) => return Err(PoolError::Down(e.to_string())),
             Err(_) => {
-                self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                self.inner.stats.timeouts.fetch_add(1, Ordering::Relaxed);
                 let last = inner.last_failure.lock().expect("not poisoned").clone();
                 return Err(
                     if inner.open.load(Ordering::Relaxed) == 0 && !last.is_empty() {

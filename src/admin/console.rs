@@ -322,7 +322,7 @@ fn pools(server: &Server) -> Table {
                 }
                 let ps = p.state();
                 let q = |x: f64| {
-                    p.stats
+                    p.stats()
                         .checkout
                         .quantile(x)
                         .map(|v| format!("{:.3}", v * 1000.0))
@@ -337,7 +337,7 @@ fn pools(server: &Server) -> Table {
                         .saturating_sub(ps.idle_connections)
                         .to_string(),
                     ps.idle_connections.to_string(),
-                    p.stats
+                    p.stats()
                         .waiting
                         .load(std::sync::atomic::Ordering::Relaxed)
                         .to_string(),

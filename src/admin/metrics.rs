@@ -236,15 +236,15 @@ pub fn render(server: &Server) -> String {
                         "pgshard_pool_waiting",
                         "Checkouts waiting for a server connection now.",
                         &pl,
-                        p.stats.waiting.load(Ordering::Relaxed) as f64,
+                        p.stats().waiting.load(Ordering::Relaxed) as f64,
                     );
                     o.histogram(
                         "pgshard_pool_checkout_wait_seconds",
                         "Time to get a server connection.",
                         &pl,
-                        &p.stats.checkout,
+                        &p.stats().checkout,
                     );
-                    let st = &p.stats;
+                    let st = p.stats();
                     o.counter(
                         "pgshard_pool_checkout_timeouts_total",
                         "Checkouts that waited the whole checkout timeout (clients got 53300).",

@@ -76,11 +76,14 @@ impl Session {
                     return self.forward_extended(&frame).await;
                 }
                 b'B' => {
-                    if self.transaction_control_bind(&frame)? || self.multi_end_bind(&frame).await?
-                    {
+                    // Read once: transaction control, the end of a multi-shard transaction
+                    // and the statements kept in step all look at it.
+                    let one = self.bound_statement(&frame)?;
+                    let one = one.as_deref();
+                    if self.transaction_control_bind(one)? || self.multi_end_bind(one).await? {
                         return Ok(());
                     }
-                    if let Some(e) = self.keep_bind_in_step(&frame).await? {
+                    if let Some(e) = self.keep_bind_in_step(one).await? {
                         // A participant failed: the Bind fails; COMMIT will roll back.
                         let home = self.home_shard();
                         if self.release_held(home).await? {
@@ -125,14 +128,19 @@ impl Session {
             }
         } else if tag == b'B' {
             if self.status == b'E' && !self.multi.parked.is_empty() {
-                if !self.multi_end_bind(&frame).await? {
+                let one = self.bound_statement(&frame)?;
+                if !self.multi_end_bind(one.as_deref()).await? {
                     self.local_error(aborted());
                 }
                 return Ok(());
             }
             // Later in a batch (no shard can join here): the other participants still
             // take the batch's settings and savepoints.
-            if let Some(e) = self.keep_bind_in_step(&frame).await? {
+            if self.status == b'T'
+                && let Some(e) = self
+                    .keep_bind_in_step(self.bound_statement(&frame)?.as_deref())
+                    .await?
+            {
                 self.local_error(e);
                 return Ok(());
             }
@@ -199,24 +207,25 @@ impl Session {
 
     /// A Bind of a `SET` or savepoint statement in a transaction: it runs on the other
     /// participants first (see `replay.rs`); the error if one of them failed.
-    async fn keep_bind_in_step(&mut self, frame: &Bytes) -> Result<Option<PgError>, SessionError> {
-        if self.status != b'T' || self.mode != PoolMode::Transaction {
-            return Ok(None);
+    async fn keep_bind_in_step(
+        &mut self,
+        one: Option<&str>,
+    ) -> Result<Option<PgError>, SessionError> {
+        match one {
+            Some(one) if self.status == b'T' && self.mode == PoolMode::Transaction => {
+                self.keep_in_step_quiet(one).await
+            }
+            _ => Ok(None),
         }
-        let Some(one) = self.bound_statement(frame)? else {
-            return Ok(None);
-        };
-        self.keep_in_step_quiet(&one).await
     }
 
     /// BEGIN, COMMIT or ROLLBACK in the extended protocol while no shard is chosen yet
     /// (pgjdbc sends BEGIN this way, pipelined with the first statement): answered here, as
     /// [`Self::deferred_transaction`] does for simple queries. True when answered.
-    fn transaction_control_bind(&mut self, frame: &Bytes) -> Result<bool, SessionError> {
-        let Some(one) = self.bound_statement(frame)? else {
+    fn transaction_control_bind(&mut self, one: Option<&str>) -> Result<bool, SessionError> {
+        let Some(one) = one else {
             return Ok(false);
         };
-        let one = one.as_str();
         let kind = router::classify(one);
         let deferred = self.route.deferred_begin.is_some();
         let tag = match kind {
@@ -349,17 +358,14 @@ impl Session {
 
     /// COMMIT or ROLLBACK in the extended protocol while shards are parked: ended by
     /// pgshard on every shard. True when answered.
-    async fn multi_end_bind(&mut self, frame: &Bytes) -> Result<bool, SessionError> {
-        if self.multi.parked.is_empty() {
-            return Ok(false);
-        }
-        let Some(one) = self.bound_statement(frame)? else {
+    async fn multi_end_bind(&mut self, one: Option<&str>) -> Result<bool, SessionError> {
+        let Some(one) = one.filter(|_| !self.multi.parked.is_empty()) else {
             return Ok(false);
         };
-        if router::classify(&one) != router::StatementKind::EndTransaction {
+        if router::classify(one) != router::StatementKind::EndTransaction {
             return Ok(false);
         }
-        let reply = match self.end_multi(&one).await? {
+        let reply = match self.end_multi(one).await? {
             Ok(tag) => {
                 let mut c = bytes::BytesMut::new();
                 protocol::write_msg(&mut c, b'C', format!("{tag}\0").as_bytes());

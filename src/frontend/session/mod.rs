@@ -345,11 +345,9 @@ impl Session {
         r
     }
 
+    /// One client frame (the caller moved the session to a reloaded configuration first).
     async fn handle_client_frame(&mut self, frame: Bytes) -> Result<bool, SessionError> {
         let tag = frame[0];
-        if self.ops.is_some() {
-            self.maybe_refresh();
-        }
         if self.local_skip && tag != b'S' && tag != b'X' {
             return Ok(false);
         }
