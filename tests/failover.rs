@@ -9,39 +9,20 @@ mod common;
 use common::*;
 use pgshard::local::LocalCluster;
 use std::net::SocketAddr;
-use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-struct Proxy {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// `pgshard serve` with default health-check and failover settings.
-fn serve(c: &LocalCluster) -> Proxy {
-    let port = pgshard::local::free_port();
-    let yaml = c.config_yaml(&format!("127.0.0.1:{port}"), "transaction", 10)
-        + "    read_from: replicas\n    failover: { user: postgres }\n";
-    let path = c.root.join(format!("pgshard-{port}.yaml"));
-    std::fs::write(&path, yaml).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_pgshard"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    wait_listening(addr);
-    Proxy { child, addr }
+fn serve(c: &LocalCluster) -> ServeProcess {
+    serve_process(
+        c,
+        |listen| {
+            c.config_yaml(listen, "transaction", 10)
+                + "    read_from: replicas\n    failover: { user: postgres }\n"
+        },
+        None,
+    )
 }
 
 async fn connect_retry(addr: SocketAddr) -> tokio_postgres::Client {

@@ -9,7 +9,7 @@ use common::*;
 use pgshard::local::{ClusterOptions, LocalCluster};
 use pgshard::sharding::hash::{HashKey, partition_of};
 use std::net::SocketAddr;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const RULES: &str = "    sharded_tables:\n      - { table: tp_accounts, column: id, method: hash }\n    two_phase_timeout_ms: 1000\n";
@@ -546,33 +546,12 @@ async fn settings_follow_multi_shard_transactions(addr: SocketAddr, app: &tokio_
     app.batch_execute("RESET statement_timeout").await.unwrap();
 }
 
-struct Serve {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(c: &LocalCluster, failpoint: Option<&str>) -> Serve {
-    let port = pgshard::local::free_port();
-    let yaml = c.config_yaml(&format!("127.0.0.1:{port}"), "transaction", 4) + RULES;
-    let path = c.root.join(format!("pgshard-{port}.yaml"));
-    std::fs::write(&path, yaml).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgshard"));
-    cmd.args(["serve", "--config"]).arg(&path);
-    match failpoint {
-        Some(f) => cmd.env("PGSHARD_FAILPOINT", f),
-        None => cmd.env_remove("PGSHARD_FAILPOINT"),
-    };
-    let child = cmd.stdout(std::process::Stdio::null()).spawn().unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    wait_listening(addr);
-    Serve { child, addr }
+fn serve(c: &LocalCluster, failpoint: Option<&str>) -> ServeProcess {
+    serve_process(
+        c,
+        |listen| c.config_yaml(listen, "transaction", 4) + RULES,
+        failpoint,
+    )
 }
 
 /// BEGIN; move 10 from a to b; COMMIT (whose result is returned).

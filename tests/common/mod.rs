@@ -403,3 +403,40 @@ pub fn sample(text: &str, metric: &str, parts: &[&str]) -> f64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no sample {metric} {parts:?} in\n{text}"))
 }
+
+/// A `pgshard serve` process, killed when dropped.
+pub struct ServeProcess {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `pgshard serve` on a free port with the configuration `yaml_for(listen)` (written
+/// into the cluster's directory), with the failpoint given or none, and waits until it
+/// listens.
+pub fn serve_process(
+    c: &LocalCluster,
+    yaml_for: impl FnOnce(&str) -> String,
+    failpoint: Option<&str>,
+) -> ServeProcess {
+    let port = pgshard::local::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let path = c.root.join(format!("pgshard-{port}.yaml"));
+    std::fs::write(&path, yaml_for(&listen)).unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pgshard"));
+    cmd.args(["serve", "--config"]).arg(&path);
+    match failpoint {
+        Some(f) => cmd.env("PGSHARD_FAILPOINT", f),
+        None => cmd.env_remove("PGSHARD_FAILPOINT"),
+    };
+    let child = cmd.stdout(std::process::Stdio::null()).spawn().unwrap();
+    let addr: SocketAddr = listen.parse().unwrap();
+    wait_listening(addr);
+    ServeProcess { child, addr }
+}
