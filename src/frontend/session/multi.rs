@@ -158,9 +158,7 @@ impl Session {
             .any(|r| matches!(r, Replay::Set(_)));
         let out = if rollback {
             for (_, b) in parts.iter_mut() {
-                if !matches!(b.run_quiet("ROLLBACK").await, Ok(None)) {
-                    b.broken = true;
-                }
+                roll_back(b).await;
             }
             Ok("ROLLBACK")
         } else {
@@ -433,6 +431,14 @@ impl Session {
         }
         self.multi.begin = None;
         self.multi.replay.clear();
+    }
+}
+
+/// Rolls back a participant's transaction; a connection that did not roll back cleanly is
+/// not reused.
+pub(super) async fn roll_back(b: &mut Pooled) {
+    if !matches!(b.run_quiet("ROLLBACK").await, Ok(None)) {
+        b.broken = true;
     }
 }
 

@@ -237,9 +237,7 @@ impl Session {
     /// Gives the server connection back clean when the client leaves.
     pub(super) async fn finish(&mut self) {
         for (_, mut b) in std::mem::take(&mut self.multi.parked) {
-            if !matches!(b.run_quiet("ROLLBACK").await, Ok(None)) {
-                b.broken = true;
-            }
+            super::multi::roll_back(&mut b).await;
         }
         let Some(mut b) = self.backend.take() else {
             return;
