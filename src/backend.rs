@@ -2,16 +2,14 @@
 //! user (SCRAM-SHA-256, md5, cleartext or trust), and the per-connection state pgshard keeps
 //! (prepared statements it holds, session parameters applied to it).
 
+use crate::net::{ServerAddr, ServerRead, ServerWrite};
 use crate::protocol::{self, ProtocolError};
 use bytes::{BufMut, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
 use postgres_protocol::message::frontend;
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 /// Backend messages are bounded by PostgreSQL itself (1 GiB); this is only a sanity cap.
 pub const MAX_BACKEND_MESSAGE: usize = 1 << 30;
@@ -21,29 +19,29 @@ pub const MAX_BACKEND_MESSAGE: usize = 1 << 30;
 pub enum BackendError {
     #[error("could not connect to server {addr}: {source}")]
     Connect {
-        addr: SocketAddr,
+        addr: ServerAddr,
         source: std::io::Error,
     },
     #[error("timed out connecting to server {0}")]
-    ConnectTimeout(SocketAddr),
+    ConnectTimeout(ServerAddr),
     #[error("server {addr} refused the connection: {code} {message}")]
     Refused {
-        addr: SocketAddr,
+        addr: ServerAddr,
         code: String,
         message: String,
     },
     #[error("server {addr} asked for authentication pgshard cannot do: {what}")]
-    UnsupportedAuth { addr: SocketAddr, what: String },
+    UnsupportedAuth { addr: ServerAddr, what: String },
     #[error("server {addr} asked for a password but none is configured for the server user")]
-    NoPassword { addr: SocketAddr },
+    NoPassword { addr: ServerAddr },
     #[error("protocol error from server {addr}: {source}")]
     Protocol {
-        addr: SocketAddr,
+        addr: ServerAddr,
         source: ProtocolError,
     },
     #[error("connection to server {addr} lost: {source}")]
     Io {
-        addr: SocketAddr,
+        addr: ServerAddr,
         source: std::io::Error,
     },
 }
@@ -51,7 +49,7 @@ pub enum BackendError {
 /// Where and as whom to connect.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct BackendTarget {
-    pub addr: SocketAddr,
+    pub addr: ServerAddr,
     pub database: String,
     pub user: String,
     pub password: Option<String>,
@@ -59,9 +57,9 @@ pub struct BackendTarget {
 
 /// A live, authenticated server connection.
 pub struct BackendConn {
-    pub addr: SocketAddr,
-    pub reader: OwnedReadHalf,
-    pub writer: OwnedWriteHalf,
+    pub addr: ServerAddr,
+    pub reader: ServerRead,
+    pub writer: ServerWrite,
     /// Bytes read from the server and not yet handled.
     pub rbuf: BytesMut,
     /// The server's BackendKeyData, for forwarding cancel requests.
@@ -89,19 +87,21 @@ impl BackendConn {
     ) -> Result<BackendConn, BackendError> {
         match tokio::time::timeout(timeout, Self::connect_inner(target)).await {
             Ok(r) => r,
-            Err(_) => Err(BackendError::ConnectTimeout(target.addr)),
+            Err(_) => Err(BackendError::ConnectTimeout(target.addr.clone())),
         }
     }
 
     async fn connect_inner(t: &BackendTarget) -> Result<BackendConn, BackendError> {
-        let addr = t.addr;
-        let stream = TcpStream::connect(addr)
+        let addr = &t.addr;
+        let (reader, writer) = addr
+            .connect()
             .await
-            .map_err(|source| BackendError::Connect { addr, source })?;
-        let _ = stream.set_nodelay(true);
-        let (reader, writer) = stream.into_split();
+            .map_err(|source| BackendError::Connect {
+                addr: addr.clone(),
+                source,
+            })?;
         let mut c = BackendConn {
-            addr,
+            addr: addr.clone(),
             reader,
             writer,
             rbuf: BytesMut::with_capacity(16 * 1024),
@@ -123,7 +123,10 @@ impl BackendConn {
             ],
             &mut out,
         )
-        .map_err(|source| BackendError::Io { addr, source })?;
+        .map_err(|source| BackendError::Io {
+            addr: addr.clone(),
+            source,
+        })?;
         c.send(&out).await?;
         let mut scram: Option<ScramSha256> = None;
         loop {
@@ -131,7 +134,7 @@ impl BackendConn {
             match frame[0] {
                 b'R' => {
                     let short = || BackendError::Protocol {
-                        addr,
+                        addr: addr.clone(),
                         source: ProtocolError::Malformed {
                             what: "Authentication",
                             detail: "too short".into(),
@@ -147,15 +150,19 @@ impl BackendConn {
                             let pw = t
                                 .password
                                 .as_deref()
-                                .ok_or(BackendError::NoPassword { addr })?;
-                            frontend::password_message(pw.as_bytes(), &mut out)
-                                .map_err(|source| BackendError::Io { addr, source })?;
+                                .ok_or_else(|| BackendError::NoPassword { addr: addr.clone() })?;
+                            frontend::password_message(pw.as_bytes(), &mut out).map_err(
+                                |source| BackendError::Io {
+                                    addr: addr.clone(),
+                                    source,
+                                },
+                            )?;
                         }
                         5 => {
                             let pw = t
                                 .password
                                 .as_deref()
-                                .ok_or(BackendError::NoPassword { addr })?;
+                                .ok_or_else(|| BackendError::NoPassword { addr: addr.clone() })?;
                             let salt = data.get(..4).ok_or_else(short)?;
                             let salt = [salt[0], salt[1], salt[2], salt[3]];
                             let h = postgres_protocol::authentication::md5_hash(
@@ -163,19 +170,23 @@ impl BackendConn {
                                 pw.as_bytes(),
                                 salt,
                             );
-                            frontend::password_message(h.as_bytes(), &mut out)
-                                .map_err(|source| BackendError::Io { addr, source })?;
+                            frontend::password_message(h.as_bytes(), &mut out).map_err(
+                                |source| BackendError::Io {
+                                    addr: addr.clone(),
+                                    source,
+                                },
+                            )?;
                         }
                         10 => {
                             let pw = t
                                 .password
                                 .as_deref()
-                                .ok_or(BackendError::NoPassword { addr })?;
+                                .ok_or_else(|| BackendError::NoPassword { addr: addr.clone() })?;
                             let mechs: Vec<&[u8]> =
                                 data.split(|&b| b == 0).filter(|m| !m.is_empty()).collect();
                             if !mechs.contains(&SCRAM_SHA_256.as_bytes()) {
                                 return Err(BackendError::UnsupportedAuth {
-                                    addr,
+                                    addr: addr.clone(),
                                     what: format!(
                                         "SASL mechanisms {:?}",
                                         mechs
@@ -187,37 +198,48 @@ impl BackendConn {
                             }
                             let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
                             frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)
-                                .map_err(|source| BackendError::Io { addr, source })?;
+                                .map_err(|source| BackendError::Io {
+                                addr: addr.clone(),
+                                source,
+                            })?;
                             scram = Some(s);
                         }
                         11 => {
                             let s = scram.as_mut().ok_or_else(|| BackendError::Protocol {
-                                addr,
+                                addr: addr.clone(),
                                 source: ProtocolError::Malformed {
                                     what: "SASLContinue",
                                     detail: "without SASL start".into(),
                                 },
                             })?;
-                            s.update(data)
-                                .map_err(|source| BackendError::Io { addr, source })?;
-                            frontend::sasl_response(s.message(), &mut out)
-                                .map_err(|source| BackendError::Io { addr, source })?;
+                            s.update(data).map_err(|source| BackendError::Io {
+                                addr: addr.clone(),
+                                source,
+                            })?;
+                            frontend::sasl_response(s.message(), &mut out).map_err(|source| {
+                                BackendError::Io {
+                                    addr: addr.clone(),
+                                    source,
+                                }
+                            })?;
                         }
                         12 => {
                             let s = scram.as_mut().ok_or_else(|| BackendError::Protocol {
-                                addr,
+                                addr: addr.clone(),
                                 source: ProtocolError::Malformed {
                                     what: "SASLFinal",
                                     detail: "without SASL start".into(),
                                 },
                             })?;
-                            s.finish(data)
-                                .map_err(|source| BackendError::Io { addr, source })?;
+                            s.finish(data).map_err(|source| BackendError::Io {
+                                addr: addr.clone(),
+                                source,
+                            })?;
                             continue;
                         }
                         other => {
                             return Err(BackendError::UnsupportedAuth {
-                                addr,
+                                addr: addr.clone(),
                                 what: format!("authentication request code {other}"),
                             });
                         }
@@ -243,7 +265,7 @@ impl BackendConn {
                 b'E' => {
                     let (code, message) = protocol::error_fields(&frame);
                     return Err(BackendError::Refused {
-                        addr,
+                        addr: addr.clone(),
                         code,
                         message,
                     });
@@ -255,28 +277,32 @@ impl BackendConn {
 
     /// Writes bytes to the server.
     pub async fn send(&mut self, data: &[u8]) -> Result<(), BackendError> {
-        let addr = self.addr;
         self.writer.write_all(data).await.map_err(|source| {
             self.broken = true;
-            BackendError::Io { addr, source }
+            BackendError::Io {
+                addr: self.addr.clone(),
+                source,
+            }
         })
     }
 
     /// Reads more bytes from the server into `rbuf`; an EOF is an error.
     pub async fn fill(&mut self) -> Result<(), BackendError> {
-        let addr = self.addr;
         match self.reader.read_buf(&mut self.rbuf).await {
             Ok(0) => {
                 self.broken = true;
                 Err(BackendError::Io {
-                    addr,
+                    addr: self.addr.clone(),
                     source: std::io::ErrorKind::UnexpectedEof.into(),
                 })
             }
             Ok(_) => Ok(()),
             Err(source) => {
                 self.broken = true;
-                Err(BackendError::Io { addr, source })
+                Err(BackendError::Io {
+                    addr: self.addr.clone(),
+                    source,
+                })
             }
         }
     }
@@ -286,7 +312,7 @@ impl BackendConn {
         protocol::frame_len(&self.rbuf, MAX_BACKEND_MESSAGE).map_err(|source| {
             self.broken = true;
             BackendError::Protocol {
-                addr: self.addr,
+                addr: self.addr.clone(),
                 source,
             }
         })
@@ -319,7 +345,7 @@ impl BackendConn {
                 b'G' | b'H' | b'W' => {
                     self.broken = true;
                     return Err(BackendError::Protocol {
-                        addr: self.addr,
+                        addr: self.addr.clone(),
                         source: ProtocolError::Malformed {
                             what: "reset",
                             detail: "unexpected COPY".into(),
@@ -359,7 +385,7 @@ impl BackendConn {
                 b'D' => {
                     // A malformed row from the server is an error, not a panic.
                     let bad = || BackendError::Protocol {
-                        addr: self.addr,
+                        addr: self.addr.clone(),
                         source: ProtocolError::Malformed {
                             what: "DataRow",
                             detail: "truncated".into(),
@@ -392,7 +418,7 @@ impl BackendConn {
         match err {
             None => Ok(rows),
             Some((code, message)) => Err(BackendError::Refused {
-                addr: self.addr,
+                addr: self.addr.clone(),
                 code,
                 message,
             }),
@@ -400,17 +426,17 @@ impl BackendConn {
     }
 
     /// Sends a CancelRequest for this connection's running query.
-    pub async fn cancel(addr: SocketAddr, pid: i32, secret: i32) -> std::io::Result<()> {
-        let mut s = TcpStream::connect(addr).await?;
+    pub async fn cancel(addr: &ServerAddr, pid: i32, secret: i32) -> std::io::Result<()> {
+        let (mut r, mut w) = addr.connect().await?;
         let mut b = BytesMut::with_capacity(16);
         b.put_i32(16);
         b.put_i32(protocol::CANCEL_REQUEST);
         b.put_i32(pid);
         b.put_i32(secret);
-        s.write_all(&b).await?;
+        w.write_all(&b).await?;
         // The server closes the connection when it has handled the request.
         let mut sink = [0u8; 1];
-        let _ = tokio::time::timeout(Duration::from_secs(5), s.read(&mut sink)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), r.read(&mut sink)).await;
         Ok(())
     }
 }

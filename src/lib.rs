@@ -10,6 +10,7 @@ pub mod exec;
 pub mod frontend;
 pub mod local;
 pub mod metrics;
+pub mod net;
 pub mod pool;
 pub mod protocol;
 pub mod router;

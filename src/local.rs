@@ -190,6 +190,16 @@ impl Node {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// `<socket directory>:port`: the server's Unix-domain socket, as pgshard's
+    /// configuration names it (the servers keep their sockets in the cluster's directory).
+    pub fn socket_addr(&self) -> String {
+        let dir = self
+            .data
+            .parent()
+            .expect("data directories are in the cluster root");
+        format!("{}:{}", dir.display(), self.port)
+    }
+
     /// The server's PID (postmaster).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())

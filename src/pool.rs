@@ -23,7 +23,7 @@ use tokio::sync::Semaphore;
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
     #[error("timed out after {0} ms waiting for a server connection to {1}")]
-    Timeout(u64, std::net::SocketAddr),
+    Timeout(u64, crate::net::ServerAddr),
     #[error("{0}")]
     Down(String),
 }
@@ -345,7 +345,7 @@ impl NodePool {
                     if inner.open.load(Ordering::Relaxed) == 0 && !last.is_empty() {
                         PoolError::Down(last)
                     } else {
-                        PoolError::Timeout(inner.cfg.checkout_timeout_ms, self.target.addr)
+                        PoolError::Timeout(inner.cfg.checkout_timeout_ms, self.target.addr.clone())
                     },
                 );
             }

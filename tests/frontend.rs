@@ -416,3 +416,115 @@ async fn scram_user_with_a_stored_verifier() {
         .unwrap();
     assert_eq!(sqlstate(&e), "28P01");
 }
+
+#[tokio::test]
+async fn unix_domain_sockets_to_clients_and_servers() {
+    let dir = std::env::temp_dir().join(format!("pgshard-unix-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let d = dir.to_str().unwrap();
+    let primary = &cluster().shards[0].primary;
+    // pgshard reaches the server on its socket and listens on one of its own; the monitor
+    // checks the node on the socket too.
+    let yaml = format!("unix_socket_dir: {d}\n{}", base_yaml("transaction", 4))
+        .replace(&primary.addr(), &primary.socket_addr())
+        .replace(
+            "    default_shard: 0\n",
+            "    default_shard: 0\n    failover: { enabled: false, check_interval_ms: 100 }\n",
+        );
+    assert!(yaml.contains(&format!("primary: {}", primary.socket_addr())));
+    let (addr, server) = start_proxy_server(pgshard::config::Config::from_yaml(&yaml).unwrap());
+    let socket = dir.join(format!(".s.PGSQL.{}", addr.port()));
+    assert!(socket.exists(), "{} is missing", socket.display());
+
+    // tokio-postgres over pgshard's socket, simple and extended; the server sees a Unix
+    // socket client (no server address).
+    let conn = format!(
+        "host={d} port={} user=app password=app dbname=app",
+        addr.port()
+    );
+    let (c, task) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+        .await
+        .expect("connect on pgshard's socket");
+    tokio::spawn(task);
+    let msgs = c
+        .simple_query("SELECT inet_server_addr() IS NULL")
+        .await
+        .unwrap();
+    let on_socket = msgs.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+        _ => None,
+    });
+    assert_eq!(
+        on_socket.as_deref(),
+        Some("t"),
+        "pgshard -> server on the socket"
+    );
+    let row = c.query_one("SELECT $1::int + 1", &[&41i32]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 42);
+
+    // A cancel request arrives on pgshard's socket and goes to the server on its socket.
+    let token = c.cancel_token();
+    let sleeper = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(30)").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(10), sleeper)
+        .await
+        .expect("cancelled, not slept")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "57014");
+
+    // psql with -h <dir>, as on a database host.
+    let out = std::process::Command::new("psql")
+        .args([
+            "-X",
+            "-At",
+            "-h",
+            d,
+            "-p",
+            &addr.port().to_string(),
+            "-U",
+            "app",
+            "app",
+        ])
+        .args([
+            "-c",
+            "SELECT 'via ' || coalesce(inet_client_addr()::text, 'socket')",
+        ])
+        .env("PGPASSWORD", "app")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "via socket",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // No TLS on a Unix socket, as in PostgreSQL: SSLRequest is declined.
+    let mut s = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    s.write_all(&[0, 0, 0, 8, 4, 210, 22, 47]).await.unwrap();
+    let mut one = [0u8; 1];
+    s.read_exact(&mut one).await.unwrap();
+    assert_eq!(one[0], b'N');
+
+    // The monitor checked the node on its socket.
+    let db = server.state.load().topology.databases["app"].clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while db.shards[0].view().nodes[0].in_recovery != Some(false) {
+        assert!(std::time::Instant::now() < deadline, "node never checked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // At shutdown the socket file goes with the listener.
+    server.shut_down();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while socket.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "socket file left behind"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -314,7 +314,7 @@ fn pools(server: &Server) -> Table {
             for node in &shard.nodes {
                 let p = &node.pool;
                 if !seen.insert((
-                    p.target.addr,
+                    p.target.addr.clone(),
                     p.target.database.clone(),
                     p.target.user.clone(),
                 )) {

@@ -206,7 +206,7 @@ pub fn render(server: &Server) -> String {
                 }
                 let p = &node.pool;
                 let key = (
-                    p.target.addr,
+                    p.target.addr.clone(),
                     p.target.database.clone(),
                     p.target.user.clone(),
                 );

@@ -224,8 +224,8 @@ async fn repoint(c: &mut Control, primary: &str) -> Result<(), String> {
         .query("SELECT pg_catalog.current_setting('primary_conninfo')")
         .await?;
     let old = rows.first().and_then(|r| r[0].clone()).unwrap_or_default();
-    let sa = crate::config::parse_addr(primary)?;
-    let new = with_host(&old, &sa.ip().to_string(), sa.port());
+    let sa = crate::net::ServerAddr::parse(primary)?;
+    let new = with_host(&old, &sa.host(), sa.port());
     c.query(&format!(
         "ALTER SYSTEM SET primary_conninfo = '{}'",
         new.replace('\'', "''")
@@ -235,14 +235,16 @@ async fn repoint(c: &mut Control, primary: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// A libpq connection string with its host and port replaced.
+/// A libpq connection string with its host (an address or a socket directory) and port
+/// replaced.
 pub(super) fn with_host(conninfo: &str, host: &str, port: u16) -> String {
+    let quote = |v: &str| format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"));
     let mut out: Vec<String> = parse_conninfo(conninfo)
         .into_iter()
         .filter(|(k, _)| !matches!(k.as_str(), "host" | "hostaddr" | "port"))
-        .map(|(k, v)| format!("{k}='{}'", v.replace('\\', "\\\\").replace('\'', "\\'")))
+        .map(|(k, v)| format!("{k}={}", quote(&v)))
         .collect();
-    out.push(format!("host='{host}'"));
+    out.push(format!("host={}", quote(host)));
     out.push(format!("port={port}"));
     out.join(" ")
 }
@@ -331,6 +333,8 @@ mod tests {
         assert!(parsed.contains(&("host".into(), "127.0.0.1".into())));
         assert!(parsed.contains(&("passfile".into(), "/root/.pgpass".into())));
         assert_eq!(parsed.iter().filter(|(k, _)| k == "port").count(), 1);
+        let on_socket = parse_conninfo(&with_host(old, "/run/it's", 5432));
+        assert!(on_socket.contains(&("host".into(), "/run/it's".into())));
         let q = parse_conninfo(r"password='a \'b\' c' dbname=x");
         assert_eq!(q[0], ("password".into(), "a 'b' c".into()));
         assert_eq!(q[1], ("dbname".into(), "x".into()));

@@ -48,10 +48,11 @@ pub(super) struct Control {
 impl Control {
     pub(super) fn new(db: &Database, addr: &str) -> Control {
         let f = &db.config.failover;
-        let sa = crate::config::parse_addr(addr).expect("validated at load");
+        let sa = crate::net::ServerAddr::parse(addr).expect("validated at load");
         let mut config = tokio_postgres::Config::new();
+        // A host starting with '/' is a socket directory to tokio-postgres, as to libpq.
         config
-            .host(sa.ip().to_string())
+            .host(sa.host())
             .port(sa.port())
             .dbname(db.config.server_database())
             .user(f.user.as_deref().unwrap_or(&db.config.server_user))

@@ -9,7 +9,7 @@ mod health;
 
 use crate::backend::BackendTarget;
 use crate::config::{
-    Config, Consistency, DEFAULT_MAX_LAG_MS, DatabaseConfig, LoadBalance, ReadFrom, parse_addr,
+    Config, Consistency, DEFAULT_MAX_LAG_MS, DatabaseConfig, LoadBalance, ReadFrom,
 };
 use crate::pool::NodePool;
 use crate::router::Router;
@@ -312,7 +312,7 @@ impl Topology {
         }
         let mut pool_for = |addr: &str, d: &DatabaseConfig| {
             let target = BackendTarget {
-                addr: parse_addr(addr).expect("validated at load"),
+                addr: crate::net::ServerAddr::parse(addr).expect("validated at load"),
                 database: d.server_database().to_string(),
                 user: d.server_user.clone(),
                 password: d.server_password.clone(),

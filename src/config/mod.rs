@@ -41,6 +41,10 @@ pub struct Config {
     /// Address clients connect to.
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// A directory where pgshard also listens on a Unix-domain socket, `.s.PGSQL.<port of
+    /// listen>` as PostgreSQL names it (`psql -h <dir> -p <port>`).
+    #[serde(default)]
+    pub unix_socket_dir: Option<String>,
     /// TLS for client connections; without it SSLRequest is answered 'N'.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
@@ -456,6 +460,10 @@ impl Config {
         use std::fmt::Write;
         let mut s = String::new();
         let _ = writeln!(s, "listen: {}", self.listen);
+        if let (Some(dir), Ok(a)) = (&self.unix_socket_dir, parse_addr(&self.listen)) {
+            let path = crate::net::socket_path(dir, a.port());
+            let _ = writeln!(s, "unix socket: {}", path.display());
+        }
         let _ = writeln!(
             s,
             "tls: {}",
@@ -586,6 +594,26 @@ databases:
         assert!(e.contains("unknown field `bogus`"), "{e}");
         let e = err(&BASE.replace("password: app }", "password: 'SCRAM-SHA-256$x' }"));
         assert!(e.contains("bad SCRAM verifier"), "{e}");
+        let e = err(&BASE.replace("127.0.0.1:5434", "/var/run/postgresql"));
+        assert!(e.starts_with("databases[0].shards[0].replicas[0]:"), "{e}");
+        assert!(e.contains("without a port"), "{e}");
+        let e = err(&format!("unix_socket_dir: tmp\n{BASE}"));
+        assert!(e.starts_with("unix_socket_dir:"), "{e}");
+        let e = err(&format!("unix_socket_dir: /nonexistent/dir\n{BASE}"));
+        assert!(e.contains("not a directory"), "{e}");
+    }
+
+    #[test]
+    fn servers_on_unix_sockets() {
+        let c = Config::from_yaml(&format!(
+            "unix_socket_dir: /tmp\n{}",
+            BASE.replace("127.0.0.1:5434", "/tmp:5434")
+        ))
+        .unwrap();
+        assert_eq!(c.databases[0].shards[0].replicas[0], "/tmp:5434");
+        let d = c.describe();
+        assert!(d.contains("unix socket: /tmp/.s.PGSQL.6432"), "{d}");
+        assert!(d.contains("/tmp:5434"), "{d}");
     }
 
     #[test]

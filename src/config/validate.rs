@@ -6,7 +6,19 @@ use super::*;
 impl Config {
     /// Checks everything that serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        parse_addr(&self.listen).map_err(|p| invalid("listen", p))?;
+        let listen = parse_addr(&self.listen).map_err(|p| invalid("listen", p))?;
+        if let Some(dir) = &self.unix_socket_dir {
+            let key = "unix_socket_dir";
+            if !dir.starts_with('/') {
+                return Err(invalid(key, format!("'{dir}' is not an absolute path")));
+            }
+            if !std::path::Path::new(dir).is_dir() {
+                return Err(invalid(key, format!("{dir} is not a directory")));
+            }
+            // The socket is named after the TCP port, so that clients name both the same.
+            crate::net::ServerAddr::parse(&format!("{dir}:{}", listen.port().max(1)))
+                .map_err(|p| invalid(key, p))?;
+        }
         if self.users.is_empty() {
             return Err(invalid("users", "at least one user is required"));
         }
@@ -102,7 +114,7 @@ impl Config {
                             .map(|(r, a)| (format!("{skey}.replicas[{r}]"), a)),
                     )
                 {
-                    let sa = parse_addr(addr).map_err(|p| invalid(&nkey, p))?;
+                    let sa = crate::net::ServerAddr::parse(addr).map_err(|p| invalid(&nkey, p))?;
                     if !nodes.insert(sa) {
                         return Err(invalid(
                             nkey,

@@ -1,8 +1,8 @@
 //! Cancel requests: each client gets its own BackendKeyData from pgshard; the registry
 //! maps it to the server connection running that client's query, if any.
 
+use crate::net::ServerAddr;
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI32, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -16,30 +16,32 @@ use std::sync::{Arc, Mutex};
 pub struct CancelSlot {
     /// pid (high half) and secret (low half); 0 when no server connection is attached.
     key: AtomicU64,
-    addr: Mutex<Option<SocketAddr>>,
-    /// `addr` packed (IPv4) or hashed (IPv6), compared without the lock.
+    addr: Mutex<Option<ServerAddr>>,
+    /// `addr` packed (IPv4) or hashed (others), compared without the lock.
     addr_hash: AtomicU64,
     status: AtomicU8,
 }
 
 impl CancelSlot {
     /// Updated when a server connection is attached or released (never per message).
-    pub fn set(&self, v: Option<(SocketAddr, i32, i32)>) {
+    pub fn set(&self, v: Option<(&ServerAddr, i32, i32)>) {
         let Some((addr, pid, secret)) = v else {
             self.key.store(0, Ordering::Release);
             return;
         };
         // Never 0, the value before the first write.
         let h = match addr {
-            SocketAddr::V4(a) => 1 << 63 | (u32::from(*a.ip()) as u64) << 16 | a.port() as u64,
-            SocketAddr::V6(_) => {
+            ServerAddr::Tcp(std::net::SocketAddr::V4(a)) => {
+                1 << 63 | (u32::from(*a.ip()) as u64) << 16 | a.port() as u64
+            }
+            _ => {
                 let mut h = std::collections::hash_map::DefaultHasher::new();
-                std::hash::Hash::hash(&addr, &mut h);
+                std::hash::Hash::hash(addr, &mut h);
                 std::hash::Hasher::finish(&h) | 1
             }
         };
         if self.addr_hash.load(Ordering::Relaxed) != h {
-            *self.addr.lock().expect("not poisoned") = Some(addr);
+            *self.addr.lock().expect("not poisoned") = Some(addr.clone());
             self.addr_hash.store(h, Ordering::Relaxed);
         }
         // After the address: a reader that sees this key sees its address (or a later one,
@@ -48,12 +50,12 @@ impl CancelSlot {
         self.key.store(key, Ordering::Release);
     }
 
-    pub fn get(&self) -> Option<(SocketAddr, i32, i32)> {
+    pub fn get(&self) -> Option<(ServerAddr, i32, i32)> {
         let key = self.key.load(Ordering::Acquire);
         if key == 0 {
             return None;
         }
-        let addr = (*self.addr.lock().expect("not poisoned"))?;
+        let addr = self.addr.lock().expect("not poisoned").clone()?;
         Some((addr, (key >> 32) as u32 as i32, key as u32 as i32))
     }
 
@@ -100,7 +102,7 @@ impl CancelRegistry {
         (CancelGuard { reg: self, key }, key, slot)
     }
 
-    pub(super) fn lookup(&self, pid: i32, secret: i32) -> Option<(SocketAddr, i32, i32)> {
+    pub(super) fn lookup(&self, pid: i32, secret: i32) -> Option<(ServerAddr, i32, i32)> {
         let slot = self
             .map
             .lock()
@@ -119,15 +121,18 @@ mod tests {
     fn the_slot_keeps_key_and_address_together() {
         let s = CancelSlot::default();
         assert_eq!(s.get(), None);
-        let a: SocketAddr = "127.0.0.1:5432".parse().unwrap();
-        let b: SocketAddr = "[::1]:5433".parse().unwrap();
-        s.set(Some((a, 4242, -7)));
-        assert_eq!(s.get(), Some((a, 4242, -7)));
+        let a = ServerAddr::parse("127.0.0.1:5432").unwrap();
+        let b = ServerAddr::parse("[::1]:5433").unwrap();
+        let c = ServerAddr::parse("/tmp:5432").unwrap();
+        s.set(Some((&a, 4242, -7)));
+        assert_eq!(s.get(), Some((a.clone(), 4242, -7)));
         s.set(None);
         assert_eq!(s.get(), None);
-        s.set(Some((b, i32::MAX, i32::MIN)));
+        s.set(Some((&b, i32::MAX, i32::MIN)));
         assert_eq!(s.get(), Some((b, i32::MAX, i32::MIN)));
-        s.set(Some((a, 1, 2)));
+        s.set(Some((&c, 3, 4)));
+        assert_eq!(s.get(), Some((c, 3, 4)));
+        s.set(Some((&a, 1, 2)));
         assert_eq!(s.get(), Some((a, 1, 2)));
     }
 }

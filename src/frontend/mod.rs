@@ -11,6 +11,7 @@ pub use cancel::{CancelRegistry, CancelSlot};
 
 use crate::cluster::Topology;
 use crate::config::{AuthMethod, Config};
+use crate::net::{LocalListener, Peer};
 use crate::protocol::{self, PgError};
 use arc_swap::ArcSwap;
 use auth::ScramVerifier;
@@ -22,7 +23,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
@@ -126,6 +127,38 @@ pub struct Server {
     side_addrs: Mutex<(Option<SocketAddr>, Option<SocketAddr>)>,
 }
 
+/// Where clients connect.
+enum Listener {
+    Tcp(TcpListener),
+    Local(LocalListener),
+}
+
+impl Listener {
+    async fn accept(&self) -> std::io::Result<(Conn, Peer)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (sock, peer) = l.accept().await?;
+                // Requests and replies are small and latency-bound.
+                let _ = sock.set_nodelay(true);
+                Ok((Conn::Plain(sock), Peer::Tcp(peer)))
+            }
+            Listener::Local(l) => Ok((Conn::Unix(l.accept().await?), Peer::Local)),
+        }
+    }
+}
+
+/// pgshard's Unix-domain socket, when `unix_socket_dir` is set: named after the port the
+/// TCP listener is bound to.
+fn bind_local(config: &Config, port: u16) -> anyhow::Result<Option<LocalListener>> {
+    let Some(dir) = &config.unix_socket_dir else {
+        return Ok(None);
+    };
+    let l = LocalListener::bind(dir, port)
+        .map_err(|e| anyhow::anyhow!("unix_socket_dir: cannot listen in {dir}: {e}"))?;
+    tracing::info!(socket = %l.path().display(), "listening on a Unix-domain socket");
+    Ok(Some(l))
+}
+
 /// Counts a client session while it lives.
 struct SessionGuard<'a>(&'a std::sync::atomic::AtomicUsize);
 
@@ -188,25 +221,38 @@ impl Server {
 
     /// Accepts clients until shutdown; then waits for the sessions to end, at most
     /// `limits.shutdown_timeout_ms`.
-    pub async fn run(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
-        self.accept_loop(listener, false).await;
+    /// Clients connect on `listener` and, when given, on pgshard's Unix-domain socket.
+    pub async fn run(
+        self: Arc<Self>,
+        listener: TcpListener,
+        local: Option<LocalListener>,
+    ) -> std::io::Result<()> {
+        let local = local.map(|l| {
+            let this = self.clone();
+            // The socket file is removed when its loop ends, at shutdown.
+            tokio::spawn(async move { this.accept_loop(Listener::Local(l), false).await })
+        });
+        self.accept_loop(Listener::Tcp(listener), false).await;
+        if let Some(l) = local {
+            let _ = l.await;
+        }
         self.drain().await;
         Ok(())
     }
 
     /// Accepts admin console clients until shutdown.
     pub async fn run_admin(self: Arc<Self>, listener: TcpListener) {
-        self.accept_loop(listener, true).await;
+        self.accept_loop(Listener::Tcp(listener), true).await;
     }
 
-    async fn accept_loop(self: &Arc<Self>, listener: TcpListener, admin: bool) {
+    async fn accept_loop(self: &Arc<Self>, listener: Listener, admin: bool) {
         let mut stop = self.shutdown.subscribe();
         loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
                 _ = stop.wait_for(|s| *s) => break,
             };
-            let (sock, peer) = match accepted {
+            let (conn, peer) = match accepted {
                 Ok(x) => x,
                 Err(e) => {
                     // Out of file descriptors and the like: keep serving the others.
@@ -215,12 +261,11 @@ impl Server {
                     continue;
                 }
             };
-            let _ = sock.set_nodelay(true);
             let this = self.clone();
             let span = tracing::info_span!("client", %peer, admin, user = tracing::field::Empty, database = tracing::field::Empty);
             tokio::spawn(
                 async move {
-                    if let Err(e) = this.handle(sock, peer, admin).await {
+                    if let Err(e) = this.handle(conn, peer, admin).await {
                         tracing::info!(error = %e, "client session ended with an error");
                     }
                 }
@@ -251,15 +296,14 @@ impl Server {
 
     async fn handle(
         self: Arc<Self>,
-        sock: TcpStream,
-        peer: SocketAddr,
+        mut conn: Conn,
+        peer: Peer,
         admin: bool,
     ) -> anyhow::Result<()> {
         self.sessions.fetch_add(1, Ordering::Relaxed);
         let _counted = SessionGuard(&self.sessions);
         let state = self.state.load_full();
         let startup_timeout = Duration::from_millis(state.config.limits.startup_timeout_ms);
-        let mut conn = Conn::Plain(sock);
         let mut buf = BytesMut::with_capacity(8 * 1024);
         let started = tokio::time::timeout(
             startup_timeout,
@@ -350,6 +394,7 @@ pub async fn serve(config: Config, config_path: Option<std::path::PathBuf>) -> a
     let listener = TcpListener::bind(&config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("listen: cannot bind {}: {e}", config.listen))?;
+    let local = bind_local(&config, listener.local_addr()?.port())?;
     tracing::info!(listen = %config.listen, "pgshard ready");
     let admin = match &config.admin {
         Some(a) => Some(
@@ -403,7 +448,7 @@ pub async fn serve(config: Config, config_path: Option<std::path::PathBuf>) -> a
         tracing::warn!("second signal: exiting now");
         std::process::exit(1);
     });
-    server.run(listener).await?;
+    server.run(listener, local).await?;
     Ok(())
 }
 
@@ -422,9 +467,10 @@ pub fn spawn(config: Config, listener: TcpListener) -> anyhow::Result<Arc<Server
         .as_ref()
         .map(|m| bind(&m.listen))
         .transpose()?;
+    let local = bind_local(&config, listener.local_addr()?.port())?;
     let server = Server::new(State::new(config)?);
     start_side_listeners(&server, admin, metrics);
-    tokio::spawn(server.clone().run(listener));
+    tokio::spawn(server.clone().run(listener, local));
     Ok(server)
 }
 

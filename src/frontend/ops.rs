@@ -4,7 +4,6 @@
 
 use super::{CancelSlot, Server, State};
 use crate::config::Config;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -12,7 +11,7 @@ use tokio::sync::Notify;
 
 /// A connected client, as `SHOW CLIENTS` lists it.
 pub struct ClientInfo {
-    pub peer: SocketAddr,
+    pub peer: crate::net::Peer,
     pub user: String,
     pub database: String,
     pub since: SystemTime,

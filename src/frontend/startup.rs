@@ -89,7 +89,7 @@ impl Server {
                     if let Some((addr, bpid, bsecret)) = self.cancels.lookup(pid, secret) {
                         tracing::info!(server = %addr, "forwarding cancel request");
                         if let Err(e) =
-                            crate::backend::BackendConn::cancel(addr, bpid, bsecret).await
+                            crate::backend::BackendConn::cancel(&addr, bpid, bsecret).await
                         {
                             tracing::warn!(error = %e, "cancel request failed");
                         }
@@ -361,6 +361,8 @@ async fn read_password(conn: &mut Conn, buf: &mut BytesMut) -> Result<Vec<u8>, S
 /// A client connection during startup.
 pub(super) enum Conn {
     Plain(TcpStream),
+    /// pgshard's Unix-domain socket: SSLRequest is answered 'N' there, as PostgreSQL does.
+    Unix(tokio::net::UnixStream),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     Closed,
 }
@@ -369,6 +371,7 @@ impl Conn {
     pub(super) async fn read_buf(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
         match self {
             Conn::Plain(s) => s.read_buf(buf).await,
+            Conn::Unix(s) => s.read_buf(buf).await,
             Conn::Tls(s) => s.read_buf(buf).await,
             Conn::Closed => Ok(0),
         }
@@ -376,6 +379,7 @@ impl Conn {
     pub(super) async fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
         match self {
             Conn::Plain(s) => s.write_all(data).await,
+            Conn::Unix(s) => s.write_all(data).await,
             Conn::Tls(s) => {
                 s.write_all(data).await?;
                 s.flush().await
@@ -386,6 +390,7 @@ impl Conn {
     pub(super) async fn shutdown(&mut self) -> std::io::Result<()> {
         match self {
             Conn::Plain(s) => s.shutdown().await,
+            Conn::Unix(s) => s.shutdown().await,
             Conn::Tls(s) => s.shutdown().await,
             Conn::Closed => Ok(()),
         }
@@ -393,6 +398,10 @@ impl Conn {
     pub(super) fn split(self) -> (ClientReader, ClientWriter) {
         match self {
             Conn::Plain(s) => {
+                let (r, w) = s.into_split();
+                (Box::new(r), Box::new(w))
+            }
+            Conn::Unix(s) => {
                 let (r, w) = s.into_split();
                 (Box::new(r), Box::new(w))
             }

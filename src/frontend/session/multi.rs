@@ -53,7 +53,7 @@ pub(super) async fn send_and_collect(
             b'G' | b'H' | b'W' => {
                 b.broken = true;
                 return Err(crate::backend::BackendError::Protocol {
-                    addr: b.addr,
+                    addr: b.addr.clone(),
                     source: crate::protocol::ProtocolError::Malformed {
                         what: "backend",
                         detail: "unexpected COPY in a multi-shard statement".into(),
@@ -91,7 +91,7 @@ impl Session {
         self.multi.parked.push((self.shard, current));
         if let Some(i) = self.multi.parked.iter().position(|(s, _)| *s == to) {
             let (s, b) = self.multi.parked.swap_remove(i);
-            self.cancel.set(Some((b.addr, b.pid, b.secret)));
+            self.cancel.set(Some((&b.addr, b.pid, b.secret)));
             self.backend = Some(b);
             self.shard = s;
             return Ok(true);
@@ -108,7 +108,7 @@ impl Session {
             // it fails until ROLLBACK: the shard it was on is told so.
             self.route.deferred_begin = None;
             let (s, b) = self.multi.parked.pop().expect("pushed above");
-            self.cancel.set(Some((b.addr, b.pid, b.secret)));
+            self.cancel.set(Some((&b.addr, b.pid, b.secret)));
             self.backend = Some(b);
             self.shard = s;
             self.relay.push(Pending::Internal);

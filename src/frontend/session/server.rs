@@ -115,7 +115,7 @@ impl Session {
             self.multi.begin.get_or_insert_with(|| begin.clone());
             self.route.movable_begin = Some(begin);
         }
-        self.cancel.set(Some((b.addr, b.pid, b.secret)));
+        self.cancel.set(Some((&b.addr, b.pid, b.secret)));
         self.backend = Some(b);
         self.shard = shard;
     }
