@@ -473,6 +473,26 @@ async fn settings_follow_multi_shard_transactions(addr: SocketAddr, app: &tokio_
     assert_eq!(both("statement_timeout").await, same("54321ms"));
     assert_eq!(both("work_mem").await, same("4MB"));
 
+    // Leading comments (as ORMs and sqlcommenter write them) and a quoted savepoint name,
+    // replayed on a shard that joins later.
+    app.batch_execute(&format!(
+        "BEGIN; UPDATE tp_accounts SET balance = balance WHERE id = {a}"
+    ))
+    .await
+    .unwrap();
+    app.batch_execute("/* app:checkout */ SAVEPOINT \"Retry\"")
+        .await
+        .unwrap();
+    app.batch_execute("-- tune\nSET LOCAL work_mem = '12MB'")
+        .await
+        .unwrap();
+    assert_eq!(setting_on(app, b, "work_mem").await, "12MB", "replayed");
+    app.batch_execute("/* app */ ROLLBACK TO SAVEPOINT \"Retry\"")
+        .await
+        .unwrap();
+    assert_eq!(both("work_mem").await, same("4MB"));
+    app.batch_execute("COMMIT").await.unwrap();
+
     // Rolled back: as if it had not happened, on every shard.
     begin_on_both(app).await;
     app.batch_execute("SET statement_timeout = '1111ms'")

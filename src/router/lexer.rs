@@ -170,8 +170,8 @@ fn skip_space(b: &[u8], mut i: usize) -> usize {
 }
 
 /// The first words of a statement (up to `N`), skipping comments; quoted identifiers keep
-/// their quotes.
-fn leading_words<const N: usize>(s: &str) -> ([&str; N], usize) {
+/// their quotes. Returns the words and how many there are.
+pub fn leading_words<const N: usize>(s: &str) -> ([&str; N], usize) {
     let b = s.as_bytes();
     let mut words = [""; N];
     let mut n = 0;
@@ -184,7 +184,11 @@ fn leading_words<const N: usize>(s: &str) -> ([&str; N], usize) {
         }
         if st == i {
             if i < b.len() && b[i] == b'"' {
-                let e = skip_token(b, i);
+                let mut e = skip_token(b, i);
+                // A doubled quote inside the identifier: still the same word.
+                while e < b.len() && b[e] == b'"' {
+                    e = skip_token(b, e);
+                }
                 words[n] = &s[i..e];
                 n += 1;
                 i = e;

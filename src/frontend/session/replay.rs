@@ -5,6 +5,7 @@
 
 use super::{Session, SessionError};
 use crate::protocol::PgError;
+use crate::router::lexer::leading_words;
 
 /// What a shard joining the transaction runs after BEGIN.
 #[derive(Debug, Clone)]
@@ -18,7 +19,7 @@ pub(super) enum Replay {
 /// CONSTRAINTS, SESSION CHARACTERISTICS) or a `RESET`: each shard of the transaction must
 /// run it. (`set_config()` is not followed: it comes inside a query.)
 fn sets_parameter(sql: &str) -> bool {
-    let first = sql.split_ascii_whitespace().next().unwrap_or("");
+    let ([first], _) = leading_words::<1>(sql);
     first.eq_ignore_ascii_case("set") || first.eq_ignore_ascii_case("reset")
 }
 
@@ -30,23 +31,34 @@ pub(super) enum SavepointOp {
     RollbackTo,
 }
 
+/// The savepoint statement `sql` is, if any, with the savepoint's name as the server
+/// knows it (folded to lower case unless quoted). Comments may come anywhere.
 pub(super) fn savepoint_op(sql: &str) -> Option<(SavepointOp, String)> {
-    let words: Vec<String> = sql
-        .trim()
-        .trim_end_matches(';')
-        .split_whitespace()
-        .map(|w| w.to_ascii_lowercase())
+    let (words, n) = leading_words::<5>(sql);
+    // Keywords compare in lower case; the name keeps its case until `ident` folds it.
+    let lower: Vec<String> = words[..n]
+        .iter()
+        .map(|w| {
+            if w.starts_with('"') {
+                w.to_string()
+            } else {
+                w.to_ascii_lowercase()
+            }
+        })
         .collect();
-    let w: Vec<&str> = words.iter().map(String::as_str).collect();
+    let w: Vec<&str> = lower.iter().map(String::as_str).collect();
+    let ident = |n: &str| match n.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+        Some(q) => q.replace("\"\"", "\""),
+        None => n.to_string(),
+    };
     let name = |rest: &[&str]| -> Option<String> {
-        let n = match rest {
-            ["savepoint", n] | [n] => *n,
-            _ => return None,
-        };
-        Some(n.trim_matches('"').to_string())
+        match rest {
+            ["savepoint", n] | [n] => Some(ident(n)),
+            _ => None,
+        }
     };
     match w.as_slice() {
-        ["savepoint", n] => Some((SavepointOp::Create, n.trim_matches('"').to_string())),
+        ["savepoint", n] => Some((SavepointOp::Create, ident(n))),
         ["release", rest @ ..] => name(rest).map(|n| (SavepointOp::Release, n)),
         ["rollback" | "abort", "to", rest @ ..] => name(rest).map(|n| (SavepointOp::RollbackTo, n)),
         [
@@ -81,10 +93,6 @@ impl Session {
         &mut self,
         sql: &str,
     ) -> Result<Option<PgError>, SessionError> {
-        let head = sql.trim_start().as_bytes();
-        let starts = |kw: &str| {
-            head.len() >= kw.len() && head[..kw.len()].eq_ignore_ascii_case(kw.as_bytes())
-        };
         if sets_parameter(sql) {
             if self.status != b'T' {
                 // It fails where it runs, as the transaction is aborted.
@@ -94,7 +102,12 @@ impl Session {
             self.multi.replay.push(Replay::Set(sql.clone()));
             return self.run_on_parked(&sql, "setting").await;
         }
-        if !(starts("savepoint") || starts("release") || starts("rollback") || starts("abort")) {
+        // Most statements in a transaction are none of these: no allocation for them.
+        let ([first], _) = leading_words::<1>(sql);
+        if !["savepoint", "release", "rollback", "abort"]
+            .iter()
+            .any(|k| first.eq_ignore_ascii_case(k))
+        {
             return Ok(None);
         }
         let Some((op, name)) = savepoint_op(sql) else {
@@ -178,5 +191,22 @@ mod tests {
         );
         assert_eq!(savepoint_op("ROLLBACK"), None);
         assert_eq!(savepoint_op("SELECT 1"), None);
+        // The server folds unquoted names and keeps quoted ones as written.
+        assert_eq!(
+            savepoint_op("/* app */ SAVEPOINT Sp1"),
+            Some((SavepointOp::Create, "sp1".into()))
+        );
+        assert_eq!(
+            savepoint_op("-- retry\nROLLBACK TO SAVEPOINT \"My \"\"Sp\"\"\";"),
+            Some((SavepointOp::RollbackTo, "My \"Sp\"".into()))
+        );
+    }
+
+    #[test]
+    fn settings_after_comments() {
+        assert!(sets_parameter("/* sqlcommenter */ SET search_path = x"));
+        assert!(sets_parameter("-- c\nreset all"));
+        assert!(!sets_parameter("SELECT 'SET x'"));
+        assert!(!sets_parameter("/* SET */ SELECT 1"));
     }
 }
