@@ -53,6 +53,8 @@ pub struct BackendTarget {
     pub database: String,
     pub user: String,
     pub password: Option<String>,
+    /// TLS towards the server (None: plain).
+    pub tls: Option<std::sync::Arc<crate::net::TlsClient>>,
 }
 
 /// A live, authenticated server connection.
@@ -93,13 +95,13 @@ impl BackendConn {
 
     async fn connect_inner(t: &BackendTarget) -> Result<BackendConn, BackendError> {
         let addr = &t.addr;
-        let (reader, writer) = addr
-            .connect()
-            .await
-            .map_err(|source| BackendError::Connect {
-                addr: addr.clone(),
-                source,
-            })?;
+        let (reader, writer) =
+            addr.connect(t.tls.as_deref())
+                .await
+                .map_err(|source| BackendError::Connect {
+                    addr: addr.clone(),
+                    source,
+                })?;
         let mut c = BackendConn {
             addr: addr.clone(),
             reader,
@@ -427,7 +429,8 @@ impl BackendConn {
 
     /// Sends a CancelRequest for this connection's running query.
     pub async fn cancel(addr: &ServerAddr, pid: i32, secret: i32) -> std::io::Result<()> {
-        let (mut r, mut w) = addr.connect().await?;
+        // Plain, as libpq: servers take cancel requests without TLS.
+        let (mut r, mut w) = addr.connect(None).await?;
         let mut b = BytesMut::with_capacity(16);
         b.put_i32(16);
         b.put_i32(protocol::CANCEL_REQUEST);

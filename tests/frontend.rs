@@ -528,3 +528,190 @@ async fn unix_domain_sockets_to_clients_and_servers() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Runs openssl in `dir`; panics with its stderr when it fails.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA (`<name>.crt`/`.key`) in `dir`.
+fn test_ca(dir: &std::path::Path, name: &str) {
+    let (crt, key) = (format!("{name}.crt"), format!("{name}.key"));
+    openssl(
+        dir,
+        &[
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ]
+        .into_iter()
+        .chain([
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            &key,
+            "-out",
+            &crt,
+        ])
+        .chain(["-addext", "basicConstraints=critical,CA:TRUE"])
+        .chain(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+        .collect::<Vec<_>>(),
+    );
+}
+
+/// A server certificate `<name>.crt`/`.key` issued by the CA `ca`, for the IP address `ip`.
+fn test_server_cert(dir: &std::path::Path, ca: &str, name: &str, ip: &str) {
+    let (crt, key, csr, ext) = (
+        format!("{name}.crt"),
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.ext"),
+    );
+    std::fs::write(
+        dir.join(&ext),
+        format!("subjectAltName=IP:{ip}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"),
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=server",
+        ]
+        .into_iter()
+        .chain(["-keyout", &key, "-out", &csr])
+        .collect::<Vec<_>>(),
+    );
+    openssl(
+        dir,
+        &["x509", "-req", "-in", &csr, "-days", "2", "-CAcreateserial"]
+            .into_iter()
+            .chain(["-CA", &format!("{ca}.crt"), "-CAkey", &format!("{ca}.key")])
+            .chain(["-extfile", &ext, "-out", &crt])
+            .collect::<Vec<_>>(),
+    );
+}
+
+/// Whether the server connection behind pgshard is encrypted, or why there is none.
+async fn server_ssl(addr: SocketAddr) -> Result<bool, String> {
+    let describe = |e: tokio_postgres::Error| match e.as_db_error() {
+        Some(d) => format!("{} {}", d.code().code(), d.message()),
+        None => e.to_string(),
+    };
+    let c = try_connect(addr, "app", "app", "app")
+        .await
+        .map_err(describe)?;
+    let row = c
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .map_err(describe)?;
+    Ok(row.get(0))
+}
+
+#[tokio::test]
+async fn tls_to_the_servers() {
+    let c = own_cluster(1, 0);
+    let dir = c.root.join("tls");
+    std::fs::create_dir_all(&dir).unwrap();
+    test_ca(&dir, "ca");
+    test_ca(&dir, "other-ca");
+    test_server_cert(&dir, "ca", "right", "127.0.0.1");
+    test_server_cert(&dir, "ca", "elsewhere", "127.0.0.2");
+    // The server's key must belong to the server's user, unreadable by others.
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let owner = std::fs::metadata(&c.root).unwrap();
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        std::os::unix::fs::chown(&p, Some(owner.uid()), Some(owner.gid())).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let primary = &c.shards[0].primary;
+    let serve_cert = |name: &str| {
+        c.set_and_reload(
+            primary,
+            "ssl_cert_file",
+            &format!("{}/{name}.crt", dir.display()),
+        )
+        .unwrap();
+        c.set_and_reload(
+            primary,
+            "ssl_key_file",
+            &format!("{}/{name}.key", dir.display()),
+        )
+        .unwrap();
+        c.set_and_reload(primary, "ssl", "on").unwrap();
+    };
+    serve_cert("right");
+    let proxy = |tls: &str| {
+        let yaml = format!(
+            "server_tls: {tls}\n{}",
+            c.config_yaml("127.0.0.1:0", "transaction", 4)
+        )
+        .replace(
+            "    default_shard: 0\n",
+            "    default_shard: 0\n    failover: { enabled: false, check_interval_ms: 100 }\n",
+        );
+        start_proxy_server(pgshard::config::Config::from_yaml(&yaml).unwrap())
+    };
+    let ca = dir.join("ca.crt");
+    let other = dir.join("other-ca.crt");
+    let full = format!("{{ mode: verify-full, ca: {} }}", ca.display());
+
+    // Verified, and the monitor's checks go over TLS with the same verification.
+    let (addr, server) = proxy(&full);
+    assert_eq!(server_ssl(addr).await, Ok(true));
+    let db = server.state.load().topology.databases["app"].clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while db.shards[0].view().nodes[0].in_recovery != Some(false) {
+        assert!(std::time::Instant::now() < deadline, "node never checked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // prefer (the default) encrypts when the server offers it; disable does not.
+    assert_eq!(server_ssl(proxy("{}").0).await, Ok(true));
+    assert_eq!(server_ssl(proxy("{ mode: disable }").0).await, Ok(false));
+
+    // A certificate from another CA: no server connection (08006), no health check.
+    let (addr, server) = proxy(&format!("{{ mode: verify-ca, ca: {} }}", other.display()));
+    let e = server_ssl(addr).await.unwrap_err();
+    assert!(e.contains("08006") && e.contains("certificate"), "{e}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let db = server.state.load().topology.databases["app"].clone();
+    let v = db.shards[0].view();
+    assert!(
+        v.nodes[0].failures > 0 && v.nodes[0].in_recovery.is_none(),
+        "{:?}",
+        v.nodes[0]
+    );
+    // require with a CA checks the chain, as libpq.
+    let e = server_ssl(proxy(&format!("{{ mode: require, ca: {} }}", other.display())).0)
+        .await
+        .unwrap_err();
+    assert!(e.contains("certificate"), "{e}");
+
+    // A certificate for another address: verify-full refuses it, verify-ca takes it.
+    serve_cert("elsewhere");
+    let e = server_ssl(proxy(&full).0).await.unwrap_err();
+    assert!(e.contains("certificate"), "{e}");
+    let ca_only = format!("{{ mode: verify-ca, ca: {} }}", ca.display());
+    assert_eq!(server_ssl(proxy(&ca_only).0).await, Ok(true));
+
+    // Without TLS on the server: prefer falls back to plain, require refuses.
+    c.set_and_reload(primary, "ssl", "off").unwrap();
+    assert_eq!(server_ssl(proxy("{ mode: prefer }").0).await, Ok(false));
+    let e = server_ssl(proxy("{ mode: require }").0).await.unwrap_err();
+    assert!(e.contains("does not support TLS"), "{e}");
+}

@@ -311,11 +311,7 @@ impl Database {
             .shards
             .get(shard)
             .ok_or(FailoverError::NoSuchShard(shard))?;
-        let mut controls: Vec<Control> = s
-            .nodes
-            .iter()
-            .map(|n| Control::new(self, &n.addr))
-            .collect();
+        let mut controls: Vec<Control> = s.nodes.iter().map(|n| Control::new(self, n)).collect();
         run(self, shard, to, &mut controls).await
     }
 }

@@ -41,14 +41,16 @@ pub fn parse_lsn(s: &str) -> Option<u64> {
 /// A control connection to one node.
 pub(super) struct Control {
     config: tokio_postgres::Config,
+    /// TLS as the node's pool speaks it (None: plain).
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     client: Option<tokio_postgres::Client>,
     timeout: Duration,
 }
 
 impl Control {
-    pub(super) fn new(db: &Database, addr: &str) -> Control {
+    pub(super) fn new(db: &Database, node: &super::Node) -> Control {
         let f = &db.config.failover;
-        let sa = crate::net::ServerAddr::parse(addr).expect("validated at load");
+        let sa = &node.pool.target.addr;
         let mut config = tokio_postgres::Config::new();
         // A host starting with '/' is a socket directory to tokio-postgres, as to libpq.
         config
@@ -65,8 +67,25 @@ impl Control {
         }) {
             config.password(p.as_bytes());
         }
+        // The pool's target has TLS only for TCP nodes and a mode other than disable.
+        let tls = match (&node.pool.target.tls, sa) {
+            (Some(t), crate::net::ServerAddr::Tcp(_)) => {
+                config.ssl_mode(match t.mode {
+                    crate::config::ServerTlsMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+                    _ => tokio_postgres::config::SslMode::Require,
+                });
+                Some(tokio_postgres_rustls::MakeRustlsConnect::new(
+                    (*t.config()).clone(),
+                ))
+            }
+            _ => {
+                config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+                None
+            }
+        };
         Control {
             config,
+            tls,
             client: None,
             timeout: Duration::from_millis(f.check_timeout_ms),
         }
@@ -74,14 +93,26 @@ impl Control {
 
     async fn client(&mut self) -> Result<&tokio_postgres::Client, String> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
-            let (client, conn) = self
-                .config
-                .connect(tokio_postgres::NoTls)
-                .await
-                .map_err(|e| e.to_string())?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
+            let client = match &self.tls {
+                Some(tls) => {
+                    let (client, conn) = self
+                        .config
+                        .connect(tls.clone())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    tokio::spawn(conn);
+                    client
+                }
+                None => {
+                    let (client, conn) = self
+                        .config
+                        .connect(tokio_postgres::NoTls)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    tokio::spawn(conn);
+                    client
+                }
+            };
             self.client = Some(client);
         }
         Ok(self.client.as_ref().expect("just set"))
@@ -153,7 +184,7 @@ pub(super) fn spawn(db: Weak<Database>) {
         let mut controls: Vec<Vec<Control>> = d
             .shards
             .iter()
-            .map(|s| s.nodes.iter().map(|n| Control::new(&d, &n.addr)).collect())
+            .map(|s| s.nodes.iter().map(|n| Control::new(&d, n)).collect())
             .collect();
         let mut history: Vec<VecDeque<(Instant, u64)>> = vec![VecDeque::new(); d.shards.len()];
         drop(d);
@@ -202,7 +233,7 @@ async fn round(
         controls[s] = shard
             .into_iter()
             .enumerate()
-            .map(|(n, c)| c.unwrap_or_else(|| Control::new(db, &db.shards[s].nodes[n].addr)))
+            .map(|(n, c)| c.unwrap_or_else(|| Control::new(db, &db.shards[s].nodes[n])))
             .collect();
     }
     for (s, probes) in probes.into_iter().enumerate() {

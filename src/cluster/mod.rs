@@ -289,13 +289,25 @@ impl Topology {
     /// between logical databases. Until the first health check, each shard's configured
     /// primary is taken at its word.
     pub fn build(cfg: &Config) -> Topology {
-        Topology::build_from(cfg, None)
+        let tls = crate::net::TlsClient::new(&cfg.server_tls)
+            .ok()
+            .map(Arc::new);
+        Topology::build_from(cfg, None, tls)
     }
 
     /// Builds the topology of a (re)loaded configuration, keeping from `old`: the pools of
     /// nodes whose target and pool settings did not change, and the health view,
-    /// statistics and bans of shards whose nodes did not change.
-    pub fn build_from(cfg: &Config, old: Option<&Topology>) -> Topology {
+    /// statistics and bans of shards whose nodes did not change. `tls` is how to reach
+    /// the servers over TCP (built from `cfg.server_tls`; None: plain).
+    // A target's TLS client hashes by its immutable fingerprint, not by its rustls
+    // session cache, which is the interior mutability clippy sees.
+    #[allow(clippy::mutable_key_type)]
+    pub fn build_from(
+        cfg: &Config,
+        old: Option<&Topology>,
+        tls: Option<Arc<crate::net::TlsClient>>,
+    ) -> Topology {
+        let tls = tls.filter(|t| t.mode != crate::config::ServerTlsMode::Disable);
         let mut pools: HashMap<BackendTarget, NodePool> = HashMap::new();
         let mut kept: HashMap<Vec<String>, &Shard> = HashMap::new();
         let mut banned: HashMap<String, Arc<std::sync::atomic::AtomicBool>> = HashMap::new();
@@ -316,6 +328,7 @@ impl Topology {
                 database: d.server_database().to_string(),
                 user: d.server_user.clone(),
                 password: d.server_password.clone(),
+                tls: tls.clone(),
             };
             pools
                 .entry(target.clone())

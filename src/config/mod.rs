@@ -45,6 +45,9 @@ pub struct Config {
     /// listen>` as PostgreSQL names it (`psql -h <dir> -p <port>`).
     #[serde(default)]
     pub unix_socket_dir: Option<String>,
+    /// TLS towards the servers (default: `prefer`, as libpq).
+    #[serde(default)]
+    pub server_tls: ServerTlsConfig,
     /// TLS for client connections; without it SSLRequest is answered 'N'.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
@@ -95,6 +98,54 @@ fn default_listen() -> String {
 pub struct TlsConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
+}
+
+/// TLS towards the servers, with libpq's `sslmode` semantics. Not used on Unix-domain
+/// sockets (as libpq).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsConfig {
+    #[serde(default)]
+    pub mode: ServerTlsMode,
+    /// CA certificates (PEM) server certificates must chain to: for `verify-ca` and
+    /// `verify-full`, and for `require` when given (as libpq with a root certificate).
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// A client certificate chain and its key (PEM), for servers that authenticate pgshard
+    /// by certificate.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+}
+
+/// libpq's `sslmode` values pgshard implements.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerTlsMode {
+    /// Plain connections.
+    Disable,
+    /// TLS when the server offers it, without checking its certificate.
+    #[default]
+    Prefer,
+    /// TLS or no connection; the certificate is checked against `ca` when given.
+    Require,
+    /// TLS, with a certificate issued under `ca`.
+    VerifyCa,
+    /// As `verify-ca`, and the certificate names the node's address.
+    VerifyFull,
+}
+
+impl std::fmt::Display for ServerTlsMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ServerTlsMode::Disable => "disable",
+            ServerTlsMode::Prefer => "prefer",
+            ServerTlsMode::Require => "require",
+            ServerTlsMode::VerifyCa => "verify-ca",
+            ServerTlsMode::VerifyFull => "verify-full",
+        })
+    }
 }
 
 /// How a user proves who they are.
@@ -424,25 +475,30 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        let cfg = Config::from_yaml(&text)?;
-        if let Some(tls) = &cfg.tls {
-            // Relative certificate paths are relative to the config file, not the cwd.
-            let base = path.parent().unwrap_or(Path::new("."));
-            let mut cfg = cfg.clone();
-            let t = cfg.tls.as_mut().expect("checked");
-            t.cert = base.join(&tls.cert);
-            t.key = base.join(&tls.key);
-            return Ok(cfg);
+        let mut cfg = Config::from_yaml_unchecked(&text)?;
+        // Relative certificate paths are relative to the config file, not the cwd.
+        let base = path.parent().unwrap_or(Path::new("."));
+        if let Some(t) = cfg.tls.as_mut() {
+            t.cert = base.join(&t.cert);
+            t.key = base.join(&t.key);
         }
+        let s = &mut cfg.server_tls;
+        for p in [&mut s.ca, &mut s.cert, &mut s.key].into_iter().flatten() {
+            *p = base.join(&*p);
+        }
+        cfg.validate()?;
         Ok(cfg)
     }
 
     /// Parses and validates YAML text.
     pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
-        let cfg: Config =
-            yaml_serde::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let cfg = Config::from_yaml_unchecked(text)?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    fn from_yaml_unchecked(text: &str) -> Result<Config, ConfigError> {
+        yaml_serde::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))
     }
 
     /// The user entry for a name.
@@ -460,6 +516,7 @@ impl Config {
         use std::fmt::Write;
         let mut s = String::new();
         let _ = writeln!(s, "listen: {}", self.listen);
+        let _ = writeln!(s, "server tls: {}", self.server_tls.mode);
         if let (Some(dir), Ok(a)) = (&self.unix_socket_dir, parse_addr(&self.listen)) {
             let path = crate::net::socket_path(dir, a.port());
             let _ = writeln!(s, "unix socket: {}", path.display());
@@ -601,6 +658,19 @@ databases:
         assert!(e.starts_with("unix_socket_dir:"), "{e}");
         let e = err(&format!("unix_socket_dir: /nonexistent/dir\n{BASE}"));
         assert!(e.contains("not a directory"), "{e}");
+        let e = err(&format!("server_tls: {{ mode: verify-full }}\n{BASE}"));
+        assert_eq!(e, "server_tls.ca: required with mode verify-full");
+        let e = err(&format!(
+            "server_tls: {{ mode: require, ca: /nonexistent.crt }}\n{BASE}"
+        ));
+        assert!(
+            e.starts_with("server_tls.ca: cannot read /nonexistent.crt"),
+            "{e}"
+        );
+        let e = err(&format!("server_tls: {{ cert: /etc/hostname }}\n{BASE}"));
+        assert!(e.starts_with("server_tls.key:"), "{e}");
+        let e = err(&format!("server_tls: {{ mode: verify }}\n{BASE}"));
+        assert!(e.contains("unknown variant `verify`"), "{e}");
     }
 
     #[test]

@@ -7,6 +7,8 @@ impl Config {
     /// Checks everything that serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let listen = parse_addr(&self.listen).map_err(|p| invalid("listen", p))?;
+        // Reads the certificate files: a bad one is a load error, not a failure later.
+        crate::net::TlsClient::new(&self.server_tls).map_err(|(k, p)| invalid(k, p))?;
         if let Some(dir) = &self.unix_socket_dir {
             let key = "unix_socket_dir";
             if !dir.starts_with('/') {

@@ -77,8 +77,10 @@ impl State {
             Some(t) => Some(tls_acceptor(&t.cert, &t.key)?),
             None => None,
         };
+        let server_tls = crate::net::TlsClient::new(&config.server_tls)
+            .map_err(|(key, problem)| anyhow::anyhow!("{key}: {problem}"))?;
         Ok(State {
-            topology: Topology::build_from(&config, old),
+            topology: Topology::build_from(&config, old, Some(Arc::new(server_tls))),
             config,
             users,
             tls,

@@ -12,8 +12,12 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::{TcpStream, UnixListener, UnixStream, tcp, unix};
+use tokio_rustls::client::TlsStream;
+
+pub mod tls;
+pub use tls::TlsClient;
 
 /// The longest socket path the kernel takes (`sun_path` holds 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;
@@ -96,13 +100,23 @@ impl ServerAddr {
         }
     }
 
-    /// Opens a stream to the server, split into its two directions.
-    pub async fn connect(&self) -> io::Result<(ServerRead, ServerWrite)> {
+    /// Opens a stream to the server, split into its two directions; over TCP with TLS
+    /// as `tls` says (never on a Unix-domain socket, as libpq).
+    pub async fn connect(&self, tls: Option<&TlsClient>) -> io::Result<(ServerRead, ServerWrite)> {
         match self {
             ServerAddr::Tcp(a) => {
-                let s = TcpStream::connect(a).await?;
+                let mut s = TcpStream::connect(a).await?;
                 // Requests and replies are small and latency-bound.
                 let _ = s.set_nodelay(true);
+                if let Some(t) = tls.filter(|t| t.mode != crate::config::ServerTlsMode::Disable) {
+                    match t.negotiate(s, a.ip()).await? {
+                        Ok(tls) => {
+                            let (r, w) = tokio::io::split(*tls);
+                            return Ok((ServerRead::Tls(r), ServerWrite::Tls(w)));
+                        }
+                        Err(plain) => s = plain,
+                    }
+                }
                 let (r, w) = s.into_split();
                 Ok((ServerRead::Tcp(r), ServerWrite::Tcp(w)))
             }
@@ -130,20 +144,25 @@ impl std::fmt::Display for ServerAddr {
 pub enum ServerRead {
     Tcp(tcp::OwnedReadHalf),
     Unix(unix::OwnedReadHalf),
+    Tls(ReadHalf<TlsStream<TcpStream>>),
 }
 
 /// The writing half of a server connection.
 pub enum ServerWrite {
     Tcp(tcp::OwnedWriteHalf),
     Unix(unix::OwnedWriteHalf),
+    Tls(WriteHalf<TlsStream<TcpStream>>),
 }
 
 impl ServerWrite {
-    /// Writes what the socket takes now, without waiting.
+    /// Writes what the socket takes now, without waiting. Not on TLS, where bytes must
+    /// go through the session (the server then sees the connection close without a
+    /// Terminate).
     pub fn try_write(&self, data: &[u8]) -> io::Result<usize> {
         match self {
             ServerWrite::Tcp(w) => w.try_write(data),
             ServerWrite::Unix(w) => w.try_write(data),
+            ServerWrite::Tls(_) => Err(io::ErrorKind::WouldBlock.into()),
         }
     }
 }
@@ -157,6 +176,7 @@ impl AsyncRead for ServerRead {
         match self.get_mut() {
             ServerRead::Tcp(r) => Pin::new(r).poll_read(cx, buf),
             ServerRead::Unix(r) => Pin::new(r).poll_read(cx, buf),
+            ServerRead::Tls(r) => Pin::new(r).poll_read(cx, buf),
         }
     }
 }
@@ -170,6 +190,7 @@ impl AsyncWrite for ServerWrite {
         match self.get_mut() {
             ServerWrite::Tcp(w) => Pin::new(w).poll_write(cx, data),
             ServerWrite::Unix(w) => Pin::new(w).poll_write(cx, data),
+            ServerWrite::Tls(w) => Pin::new(w).poll_write(cx, data),
         }
     }
 
@@ -177,6 +198,7 @@ impl AsyncWrite for ServerWrite {
         match self.get_mut() {
             ServerWrite::Tcp(w) => Pin::new(w).poll_flush(cx),
             ServerWrite::Unix(w) => Pin::new(w).poll_flush(cx),
+            ServerWrite::Tls(w) => Pin::new(w).poll_flush(cx),
         }
     }
 
@@ -184,6 +206,7 @@ impl AsyncWrite for ServerWrite {
         match self.get_mut() {
             ServerWrite::Tcp(w) => Pin::new(w).poll_shutdown(cx),
             ServerWrite::Unix(w) => Pin::new(w).poll_shutdown(cx),
+            ServerWrite::Tls(w) => Pin::new(w).poll_shutdown(cx),
         }
     }
 }
