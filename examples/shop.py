@@ -30,11 +30,25 @@ def main() -> None:
             cid = base + i
             # Each row goes to its customer's shard.
             db.execute("INSERT INTO shop_customers (id, name) VALUES (%s, %s)", (cid, f"customer {i}"))
-            for k in range(3):
-                db.execute(
-                    "INSERT INTO shop_orders (id, customer_id, amount) VALUES (%s, %s, %s)",
-                    (cid * 10 + k, cid, f"{10 + k}.50"),
+        # executemany pipelines the rows with one Sync: a batch over both shards, all or
+        # nothing (pgshard commits it with two-phase commit).
+        with db.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO shop_orders (id, customer_id, amount) VALUES (%s, %s, %s)",
+                [((base + i) * 10 + k, base + i, f"{10 + k}.50") for i in range(1, 21) for k in range(3)],
+            )
+            try:
+                cur.executemany(
+                    "INSERT INTO shop_customers (id, name) VALUES (%s, %s)",
+                    [(base + 21 + j, "new") for j in range(4)] + [(base + 1, "duplicate")],
                 )
+                raise AssertionError("a duplicate key must fail the batch")
+            except psycopg.errors.UniqueViolation:
+                pass
+        kept = db.execute(
+            "SELECT count(*) FROM shop_customers WHERE id > %s AND id <= %s", (base + 20, base + 24)
+        ).fetchone()[0]
+        assert kept == 0, f"{kept} rows of a failed batch were kept"
 
         # One customer with its orders: a join of co-located tables, on one shard.
         me = base + 7

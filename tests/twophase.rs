@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const RULES: &str = "    sharded_tables:\n      - { table: tp_accounts, column: id, method: hash }\n    two_phase_timeout_ms: 1000\n";
+const RULES: &str = "    sharded_tables:\n      - { table: tp_accounts, column: id, method: hash }\n      - { table: tp_batch, column: id, method: hash }\n    two_phase_timeout_ms: 1000\n";
 
 /// Two keys on different shards.
 fn keys() -> (i64, i64) {
@@ -407,6 +407,174 @@ async fn commit_rollback_errors_and_savepoints_across_shards() {
     assert_eq!(prepared(&c), ["0", "0"]);
 
     settings_follow_multi_shard_transactions(addr, &app).await;
+    pipelined_batches_over_several_shards(addr, &app, &c).await;
+}
+
+/// Sends a batch; the tags of the answers up to ReadyForQuery, and its status.
+async fn run_batch(raw: &mut Raw, batch: &[u8]) -> (String, u8) {
+    raw.send(batch).await;
+    let mut tags = String::new();
+    loop {
+        let (t, body) = raw.recv().await.expect("an answer");
+        tags.push(t as char);
+        if t == b'Z' {
+            return (tags, body[0]);
+        }
+    }
+}
+
+/// A pipelined batch (one Sync) whose statements go to several shards, as pgjdbc's
+/// executeBatch, asyncpg's executemany and psycopg's pipeline mode send them: outside a
+/// transaction all of it commits or none does (two-phase), inside one the shards join.
+/// Each batch is also run on one plain PostgreSQL: the client sees the same answers.
+async fn pipelined_batches_over_several_shards(
+    addr: SocketAddr,
+    app: &tokio_postgres::Client,
+    c: &LocalCluster,
+) {
+    app.batch_execute("CREATE TABLE tp_batch (id bigint PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let direct_port = c.shards[0].primary.port;
+    c.psql(direct_port, "postgres", "CREATE DATABASE batch_ref")
+        .unwrap();
+    c.psql(
+        direct_port,
+        "batch_ref",
+        "CREATE TABLE tp_batch (id bigint PRIMARY KEY, v text)",
+    )
+    .unwrap();
+    let direct_addr: SocketAddr = format!("127.0.0.1:{direct_port}").parse().unwrap();
+    let mut raw = Raw::startup(addr, "trusty", "app").await;
+    assert!(raw.until_ready().await.ends_with('Z'));
+    let mut plain = Raw::startup(direct_addr, "postgres", "batch_ref").await;
+    assert!(plain.until_ready().await.ends_with('Z'));
+    let shard_of = |k: i64| partition_of(&HashKey::Int(k), 2) as usize;
+    // Keys 1.. alternate between the shards often enough; pick them by shard.
+    let on = |s: usize, n: usize| -> Vec<i64> {
+        (1000..).filter(|k| shard_of(*k) == s).take(n).collect()
+    };
+    let (x, y) = (on(0, 8), on(1, 8));
+    let rows_on = |s: usize| {
+        c.psql(
+            c.shards[s].primary.port,
+            "app",
+            "SELECT coalesce(string_agg(id || v, ',' ORDER BY id), '') FROM tp_batch",
+        )
+        .unwrap()
+    };
+    let insert = "INSERT INTO tp_batch (id, v) VALUES ($1, $2)";
+    // Parse, Bind, Execute per row (the unnamed statement), then one Sync.
+    let unnamed = |rows: &[(i64, &str)]| {
+        let mut b = Vec::new();
+        for (id, v) in rows {
+            b.extend(msg::parse("", insert));
+            b.extend(msg::bind("", "", &[&id.to_string(), v]));
+            b.extend(msg::execute(""));
+        }
+        b.extend(msg::sync());
+        b
+    };
+    let both = async |raw: &mut Raw, plain: &mut Raw, batch: &[u8]| {
+        let got = run_batch(raw, batch).await;
+        assert_eq!(
+            got,
+            run_batch(plain, batch).await,
+            "as one PostgreSQL answers"
+        );
+        got
+    };
+
+    // Outside a transaction: one implicit transaction over both shards, committed.
+    let got = both(
+        &mut raw,
+        &mut plain,
+        &unnamed(&[(x[0], "a"), (y[0], "a"), (x[1], "a")]),
+    )
+    .await;
+    assert_eq!(got, ("12C12C12CZ".to_string(), b'I'));
+    assert_eq!(rows_on(0), format!("{}a,{}a", x[0], x[1]));
+    assert_eq!(rows_on(1), format!("{}a", y[0]));
+    assert_eq!(prepared(c), ["0", "0"]);
+
+    // A Flush after the Sync (psycopg's pipeline sends one) starts no batch: a read over
+    // every shard still may follow.
+    let mut count = msg::flush();
+    count.extend(msg::parse("", "SELECT count(*) FROM tp_batch"));
+    count.extend(msg::bind("", "", &[]));
+    count.extend(msg::execute(""));
+    count.extend(msg::sync());
+    assert_eq!(
+        both(&mut raw, &mut plain, &count).await,
+        ("12DCZ".to_string(), b'I')
+    );
+
+    // A failure on the second shard: the rows before it, on the first, are not kept;
+    // what follows the error is skipped, as by PostgreSQL.
+    let batch = unnamed(&[(x[2], "b"), (y[0], "dup"), (x[3], "b")]);
+    let got = both(&mut raw, &mut plain, &batch).await;
+    assert_eq!(got, ("12C12EZ".to_string(), b'I'));
+    assert_eq!(rows_on(0), format!("{}a,{}a", x[0], x[1]));
+    assert_eq!(prepared(c), ["0", "0"]);
+
+    // A failure on the first shard before the batch moves on: skipped as well.
+    let batch = unnamed(&[(x[0], "dup"), (y[1], "c")]);
+    assert_eq!(
+        both(&mut raw, &mut plain, &batch).await,
+        ("12EZ".to_string(), b'I')
+    );
+    assert_eq!(rows_on(1), format!("{}a", y[0]));
+
+    // A named statement bound again and again (asyncpg, pgjdbc past its threshold), and
+    // the unnamed statement bound twice after one Parse.
+    let mut prep = msg::parse("ins", insert);
+    prep.extend(msg::sync());
+    assert_eq!(
+        both(&mut raw, &mut plain, &prep).await,
+        ("1Z".to_string(), b'I')
+    );
+    let mut batch = Vec::new();
+    for id in [x[4], y[2], x[5]] {
+        batch.extend(msg::bind("", "ins", &[&id.to_string(), "d"]));
+        batch.extend(msg::execute(""));
+    }
+    batch.extend(msg::parse("", insert));
+    for id in [y[3], x[6]] {
+        batch.extend(msg::bind("", "", &[&id.to_string(), "e"]));
+        batch.extend(msg::execute(""));
+    }
+    batch.extend(msg::sync());
+    assert_eq!(
+        both(&mut raw, &mut plain, &batch).await,
+        ("2C2C2C12C2CZ".to_string(), b'I')
+    );
+    assert_eq!(
+        rows_on(0),
+        format!("{}a,{}a,{}d,{}d,{}e", x[0], x[1], x[4], x[5], x[6])
+    );
+    assert_eq!(rows_on(1), format!("{}a,{}d,{}e", y[0], y[2], y[3]));
+
+    // Inside the client's transaction, the batch's shards join it; COMMIT is two-phase.
+    for r in [&mut raw, &mut plain] {
+        assert_eq!(
+            run_batch(r, &msg::query("BEGIN")).await,
+            ("CZ".to_string(), b'T')
+        );
+    }
+    let batch = unnamed(&[(y[4], "f"), (x[7], "f")]);
+    assert_eq!(
+        both(&mut raw, &mut plain, &batch).await,
+        ("12C12CZ".to_string(), b'T')
+    );
+    for r in [&mut raw, &mut plain] {
+        assert_eq!(
+            run_batch(r, &msg::query("COMMIT")).await,
+            ("CZ".to_string(), b'I')
+        );
+    }
+    assert!(rows_on(0).ends_with(&format!("{}f", x[7])));
+    assert!(rows_on(1).ends_with(&format!("{}f", y[4])));
+    assert_eq!(prepared(c), ["0", "0"]);
 }
 
 /// A setting as the server holding `key`'s row sees it (simple protocol, routed by key).

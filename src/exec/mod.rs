@@ -51,6 +51,10 @@ pub enum Pending {
     /// A query pgshard sent itself: its whole response is swallowed.
     Internal,
     Sync,
+    /// A Sync pgshard sent itself, ending the part of a client's batch one shard ran
+    /// before the batch moved to another: it ends the server's skipping like any Sync,
+    /// but its ReadyForQuery is not the client's.
+    InternalSync,
     /// A Parse; `swallow` when pgshard injected it and the client expects no ParseComplete.
     Parse {
         swallow: bool,
@@ -76,6 +80,8 @@ pub enum Event {
     None,
     /// ReadyForQuery with this transaction status reached the client.
     Ready(u8),
+    /// The ReadyForQuery of an [`Pending::InternalSync`], with the server's status.
+    InternalReady(u8),
     /// The server started COPY FROM STDIN ('G') or ended it.
     CopyIn,
 }
@@ -95,7 +101,7 @@ impl Relay {
     pub fn push(&mut self, p: Pending) {
         if self.skipping {
             match p {
-                Pending::Sync => self.skipping = false,
+                Pending::Sync | Pending::InternalSync => self.skipping = false,
                 Pending::Query | Pending::Internal => {}
                 // The server skips these: no response will come.
                 Pending::Parse { undo, .. } | Pending::Synth { undo, .. } => {
@@ -137,7 +143,9 @@ impl Relay {
     fn skip_to_sync(&mut self) {
         while let Some(front) = self.queue.front() {
             match front {
-                Pending::Sync | Pending::Query | Pending::Internal => break,
+                Pending::Sync | Pending::InternalSync | Pending::Query | Pending::Internal => {
+                    break;
+                }
                 _ => match self.queue.pop_front() {
                     Some(Pending::Parse { undo, .. }) | Some(Pending::Synth { undo, .. }) => {
                         self.undo.extend(undo)
@@ -146,14 +154,20 @@ impl Relay {
                 },
             }
         }
-        self.skipping = !self.queue.iter().any(|p| matches!(p, Pending::Sync));
+        self.skipping = !self
+            .queue
+            .iter()
+            .any(|p| matches!(p, Pending::Sync | Pending::InternalSync));
     }
 
     /// Handles one frame from the server, appending what the client must see to `out`.
     pub fn on_frame(&mut self, frame: &[u8], out: &mut BytesMut) -> Event {
         self.drain_local(out);
         let tag = frame[0];
-        let internal = matches!(self.queue.front(), Some(Pending::Internal));
+        let internal = matches!(
+            self.queue.front(),
+            Some(Pending::Internal | Pending::InternalSync)
+        );
         // Asynchronous messages can come at any time; they belong to no request.
         if matches!(tag, b'N' | b'A' | b'S') {
             if internal {
@@ -179,6 +193,12 @@ impl Relay {
                 if tag == b'E' {
                     let (code, msg) = protocol::error_fields(frame);
                     tracing::warn!(%code, %msg, "internal query failed");
+                }
+                tag == b'Z'
+            }
+            Pending::InternalSync => {
+                if tag == b'Z' {
+                    event = Event::InternalReady(frame.get(5).copied().unwrap_or(b'I'));
                 }
                 tag == b'Z'
             }
@@ -235,7 +255,7 @@ impl Relay {
         if done {
             let was_extended = !matches!(
                 self.queue.pop_front(),
-                Some(Pending::Query | Pending::Sync | Pending::Internal)
+                Some(Pending::Query | Pending::Sync | Pending::Internal | Pending::InternalSync)
             );
             if tag == b'E' && was_extended {
                 self.skip_to_sync();
@@ -374,12 +394,27 @@ mod tests {
         assert_eq!(tags(&out), "EZ");
     }
 
+    #[test]
+    fn internal_sync_ends_the_skip_without_telling_the_client() {
+        let mut r = Relay::default();
+        let mut out = BytesMut::new();
+        r.push(Pending::Execute);
+        r.on_frame(&f(b'E'), &mut out);
+        assert!(r.skipping);
+        r.push(Pending::InternalSync);
+        assert!(!r.skipping);
+        assert_eq!(r.ready_due(), 0);
+        assert_eq!(r.on_frame(&f(b'Z'), &mut out), Event::InternalReady(b'I'));
+        assert_eq!(tags(&out), "E");
+        assert!(r.idle());
+    }
+
     proptest::proptest! {
         /// Any interleaving of requests and server frames keeps the relay consistent: it
         /// never panics and only ever emits whole frames.
         #[test]
         fn relay_never_panics(
-            steps in proptest::collection::vec((0u8..12, proptest::prelude::any::<bool>()), 0..60),
+            steps in proptest::collection::vec((0u8..13, proptest::prelude::any::<bool>()), 0..60),
         ) {
             let mut r = Relay::default();
             let mut out = BytesMut::new();
@@ -396,6 +431,7 @@ mod tests {
                         7 => Pending::Close,
                         8 => Pending::Execute,
                         9 => Pending::Synth { frame: empty_frame(b'1'), undo: None },
+                        10 => Pending::InternalSync,
                         _ => Pending::Error(Box::new(PgError::new("XX000", "x"))),
                     });
                     r.drain_local(&mut out);

@@ -71,6 +71,11 @@ impl Session {
                     self.route.held.push(frame);
                     return Ok(());
                 }
+                // Nothing to flush (psycopg sends a Flush after a pipeline's Sync): no
+                // server is taken, and no batch begins.
+                b'H' if self.route.held.is_empty() && self.backend.is_none() => {
+                    return Ok(());
+                }
                 // Closing a client statement needs no server (transaction mode).
                 b'C' if self.mode == PoolMode::Transaction => {
                     return self.forward_extended(&frame).await;
@@ -164,6 +169,13 @@ impl Session {
                 }
                 Ok(Dest::Shard(s)) if self.can_join() => {
                     if !self.join_shard(s).await? {
+                        self.local_skip = true;
+                        return Ok(());
+                    }
+                }
+                // Later in a pipelined batch (see `batch.rs`).
+                Ok(Dest::Shard(s)) if self.can_move_batch() => {
+                    if !self.move_batch(s, &frame).await? {
                         self.local_skip = true;
                         return Ok(());
                     }

@@ -7,6 +7,7 @@
 //! direction: writes are batched until the peer would wait.
 
 mod accounting;
+mod batch;
 mod copy;
 mod copy_out;
 mod cross;
@@ -381,7 +382,9 @@ impl Session {
                 // The unnamed portal ends with the implicit transaction.
                 self.route.virtual_portal = None;
                 self.route.pending_copy = None;
-                if self.backend.is_some() {
+                if self.multi.batch_commit {
+                    self.end_moved_batch().await?;
+                } else if self.backend.is_some() {
                     self.started();
                     self.relay.push(Pending::Sync);
                     self.bout.extend_from_slice(&frame);
@@ -618,6 +621,8 @@ impl Session {
                         self.transaction_over();
                     }
                 }
+                // A batch's part on one shard ended; the client's batch goes on.
+                Event::InternalReady(s) => self.status = s,
                 Event::CopyIn => self.in_copy = true,
                 Event::None => {}
             }

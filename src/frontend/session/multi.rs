@@ -23,6 +23,9 @@ pub(super) struct MultiState {
     /// Savepoints alive and settings made in the transaction, in order: run on joining
     /// shards right after BEGIN.
     pub(super) replay: Vec<Replay>,
+    /// The client's pipelined batch, begun outside a transaction, went to several
+    /// shards: it is one transaction over them, committed at the batch's Sync.
+    pub(super) batch_commit: bool,
 }
 
 /// A statement's frames from one shard, up to ReadyForQuery, and that status.
