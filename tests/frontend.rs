@@ -279,28 +279,15 @@ async fn tls_with_psql() {
     let dir = std::env::temp_dir().join(format!("pgshard-tls-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
-    let st = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=localhost",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
+    openssl(
+        &dir,
+        &[
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ]
+        .into_iter()
+        .chain(["-subj", "/CN=localhost", "-keyout", "server.key"])
+        .chain(["-out", "server.crt"])
+        .collect::<Vec<_>>(),
     );
     let addr = start_proxy_yaml(&yaml_with(&format!(
         "tls: {{ cert: {}, key: {} }}\n",
@@ -531,15 +518,10 @@ async fn unix_domain_sockets_to_clients_and_servers() {
 
 /// Runs openssl in `dir`; panics with its stderr when it fails.
 fn openssl(dir: &std::path::Path, args: &[&str]) {
-    let out = std::process::Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        std::process::Command::new("openssl")
+            .current_dir(dir)
+            .args(args),
     );
 }
 

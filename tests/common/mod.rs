@@ -333,18 +333,25 @@ pub fn pgbench(port: u16, args: &[&str]) -> String {
 /// Runs SQL with psql (unaligned, tuples only) as `user` (password `app`) on `db`; panics
 /// when psql fails, and returns its trimmed output.
 pub fn psql(port: u16, user: &str, db: &str, sql: &str) -> String {
-    let out = std::process::Command::new("psql")
-        .args(["-X", "-At", "-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(["-U", user, "-d", db, "-c", sql])
-        .env("PGPASSWORD", "app")
-        .output()
-        .unwrap();
+    run_ok(
+        std::process::Command::new("psql")
+            .args(["-X", "-At", "-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-U", user, "-d", db, "-c", sql])
+            .env("PGPASSWORD", "app"),
+    )
+    .trim()
+    .to_string()
+}
+
+/// Runs a command; its stdout. Panics with its stderr when it fails.
+pub fn run_ok(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
-        "{}",
+        "{cmd:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A proxy whose `app` database is a server database of its own (created here), for tests
