@@ -1,5 +1,5 @@
 //! Operating pgshard: the admin console (through psql), the Prometheus endpoint, PAUSE /
-//! RESUME, BAN / UNBAN, FAILOVER and RELOAD, against running clusters.
+//! RESUME, BAN / UNBAN, FAILOVER, SWITCHOVER and RELOAD, against running clusters.
 
 mod common;
 
@@ -358,4 +358,100 @@ async fn reload_changes_pools_and_adds_a_replica_without_client_errors() {
     for t in clients {
         assert!(t.await.unwrap() > 0, "a client made no progress");
     }
+}
+
+/// A planned switchover with the primary running: writers keep going through it without
+/// an error, every write acknowledged before, during and after it is on the new primary,
+/// and the old primary refuses writes.
+#[tokio::test]
+async fn switchover_loses_no_acknowledged_write() {
+    let c = own_cluster(1, 1);
+    let p = proxy(&yaml(&c, "").replace(
+        "failover: { user: postgres,",
+        "failover: { enabled: false, user: postgres,",
+    ));
+    let primary = c.shards[0].primary.addr();
+    let replica = c.shards[0].replicas[0].addr();
+    let app = connect(p.addr).await;
+    app.batch_execute("CREATE TABLE t_sw (id bigint PRIMARY KEY)")
+        .await
+        .unwrap();
+    // Refused without a replica to take over, and with nothing changed.
+    let (ok, _, err) = admin_try(
+        p.admin,
+        "admin",
+        "pgshard",
+        &format!("SWITCHOVER 0 TO {primary}"),
+    );
+    assert!(!ok && err.contains("is not a replica"), "{err}");
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..4i64)
+        .map(|w| {
+            let (stop, addr) = (stop.clone(), p.addr);
+            tokio::spawn(async move {
+                let c = connect(addr).await;
+                let mut acked = Vec::new();
+                let mut id = w;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    c.execute("INSERT INTO t_sw (id) VALUES ($1)", &[&id])
+                        .await
+                        .expect("no write fails during a switchover");
+                    acked.push(id);
+                    id += 4;
+                }
+                acked
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = tokio::task::spawn_blocking(move || admin(p.admin, "SWITCHOVER 0"))
+        .await
+        .unwrap();
+    let _ = out;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut acked = Vec::new();
+    for w in writers {
+        acked.extend(w.await.unwrap());
+    }
+    assert!(acked.len() > 20, "writes went on: {}", acked.len());
+
+    let db = p.server.state.load().topology.databases["app"].clone();
+    let v = db.shards[0].view();
+    assert_eq!(v.primary, Some(1), "the replica is the primary");
+    assert!(v.nodes[0].fenced, "the old primary is fenced");
+    let m = metrics(p.metrics).await;
+    assert_eq!(sample(&m, "pgshard_node_primary", &[&replica]), 1.0);
+    let on_new = c
+        .psql(
+            c.shards[0].replicas[0].port,
+            "app",
+            "SELECT count(*) FROM t_sw",
+        )
+        .unwrap();
+    assert_eq!(
+        on_new,
+        acked.len().to_string(),
+        "every acknowledged write is there"
+    );
+    let missing = c
+        .psql(
+            c.shards[0].replicas[0].port,
+            "app",
+            &format!(
+                "SELECT count(*) FROM unnest(ARRAY[{}]::bigint[]) a(id) WHERE id NOT IN (SELECT id FROM t_sw)",
+                acked.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+            ),
+        )
+        .unwrap();
+    assert_eq!(missing, "0");
+    let e = c
+        .psql(
+            c.shards[0].primary.port,
+            "app",
+            "INSERT INTO t_sw VALUES (-1)",
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("read-only transaction"), "{e}");
 }

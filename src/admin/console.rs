@@ -19,7 +19,7 @@ pub const GREETING: &[(&str, &str)] = &[
 ];
 
 const COMMANDS: &str = "SHOW SHARDS | SERVERS | POOLS | CLIENTS | STATS | CONFIG | VERSION, \
-     RELOAD, PAUSE [db], RESUME [db], FAILOVER [db] <shard> [TO <node>], BAN <node>, UNBAN <node>";
+     RELOAD, PAUSE [db], RESUME [db], FAILOVER [db] <shard> [TO <node>], SWITCHOVER [db] <shard> [TO <node>], BAN <node>, UNBAN <node>";
 
 /// A result set.
 struct Table {
@@ -163,12 +163,17 @@ async fn execute(server: &Arc<Server>, cmd: &str, out: &mut BytesMut) -> Result<
             complete(out, "RESUME");
         }
         ["FAILOVER", ..] => {
-            let msg = failover(server, &words[1..]).await?;
+            let msg = super::nodes::failover(server, &words[1..]).await?;
             PgError::new("00000", msg).write_notice(out);
             complete(out, "FAILOVER");
         }
+        ["SWITCHOVER", ..] => {
+            let msg = super::nodes::switchover(server, &words[1..]).await?;
+            PgError::new("00000", msg).write_notice(out);
+            complete(out, "SWITCHOVER");
+        }
         ["BAN", _] | ["UNBAN", _] => {
-            ban(server, words[1], up[0] == "BAN")?;
+            super::nodes::ban(server, words[1], up[0] == "BAN")?;
             complete(out, up[0]);
         }
         _ => return Err(unknown(cmd)),
@@ -200,7 +205,7 @@ fn health_of(st: &crate::cluster::NodeState) -> &'static str {
     }
 }
 
-fn dbs(server: &Server) -> Vec<(String, Arc<crate::cluster::Database>)> {
+pub(super) fn dbs(server: &Server) -> Vec<(String, Arc<crate::cluster::Database>)> {
     let state = server.state.load();
     let mut v: Vec<_> = state
         .topology
@@ -495,100 +500,4 @@ fn flatten(prefix: &str, v: &yaml_serde::Value, rows: &mut Vec<Vec<String>>) {
             rows.push(vec![prefix.to_string(), text]);
         }
     }
-}
-
-/// `FAILOVER [db] <shard> [TO <node>]`: node by address or index.
-async fn failover(server: &Arc<Server>, args: &[&str]) -> Result<String, PgError> {
-    let usage = || {
-        PgError::new(
-            "42601",
-            "usage: FAILOVER [database] <shard> [TO <node address or index>]",
-        )
-    };
-    let all = dbs(server);
-    let (db, rest) = match args.first().map(|a| a.parse::<usize>()) {
-        Some(Ok(_)) => match all.as_slice() {
-            [one] => (one.1.clone(), args),
-            _ => {
-                return Err(PgError::new(
-                    "42601",
-                    "several databases: name one (FAILOVER <database> <shard>)",
-                ));
-            }
-        },
-        Some(Err(_)) => {
-            let name = args[0];
-            let db = all
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|x| x.1.clone())
-                .ok_or_else(|| {
-                    PgError::new("3D000", format!("database \"{name}\" does not exist"))
-                })?;
-            (db, &args[1..])
-        }
-        None => return Err(usage()),
-    };
-    let shard: usize = rest
-        .first()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(usage)?;
-    if shard >= db.shards.len() {
-        return Err(PgError::new(
-            "22023",
-            format!("shard {shard} does not exist"),
-        ));
-    }
-    let to = match rest.get(1..) {
-        Some([]) | None => None,
-        Some([kw, node]) if kw.eq_ignore_ascii_case("to") => Some(
-            db.shards[shard]
-                .nodes
-                .iter()
-                .position(|n| n.addr == *node)
-                .or_else(|| node.parse().ok())
-                .ok_or_else(|| {
-                    PgError::new("22023", format!("shard {shard} has no node {node}"))
-                })?,
-        ),
-        _ => return Err(usage()),
-    };
-    let n = db
-        .failover(shard, to)
-        .await
-        .map_err(|e| PgError::new("55000", e.to_string()))?;
-    Ok(format!(
-        "shard {shard}: {} is the primary",
-        db.shards[shard].nodes[n].addr
-    ))
-}
-
-/// `BAN <node>` / `UNBAN <node>`: by address, in every database that has the node.
-fn ban(server: &Server, addr: &str, banned: bool) -> Result<(), PgError> {
-    let mut found = false;
-    for (_, db) in dbs(server) {
-        for (s, shard) in db.shards.iter().enumerate() {
-            for (n, node) in shard.nodes.iter().enumerate() {
-                if node.addr != addr {
-                    continue;
-                }
-                if banned && shard.view().primary == Some(n) {
-                    return Err(PgError::new(
-                        "55000",
-                        format!("{addr} is the primary of shard {s}: FAILOVER first"),
-                    ));
-                }
-                node.banned
-                    .store(banned, std::sync::atomic::Ordering::Relaxed);
-                found = true;
-            }
-        }
-    }
-    if !found {
-        return Err(PgError::new(
-            "22023",
-            format!("no node {addr} in the configuration"),
-        ));
-    }
-    Ok(())
 }

@@ -4,6 +4,7 @@
 pub mod console;
 pub mod http;
 pub mod metrics;
+mod nodes;
 
 /// The database name admin clients connect to.
 pub const DATABASE: &str = "pgshard";

@@ -28,6 +28,8 @@ pub enum FailoverError {
     NotReplica(String),
     #[error("promoting {0} failed: {1}")]
     Promote(String, String),
+    #[error("switchover refused: {0}")]
+    Switchover(String),
 }
 
 /// Decides the primary of a shard after a round of checks; fences and unfences nodes.

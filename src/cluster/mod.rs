@@ -6,6 +6,7 @@
 
 mod failover;
 mod health;
+mod switchover;
 
 use crate::backend::BackendTarget;
 use crate::config::{
