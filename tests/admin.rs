@@ -327,9 +327,17 @@ async fn reload_changes_pools_and_adds_a_replica_without_client_errors() {
     assert!(!ok && err.contains("configuration refused"), "{err}");
     assert!(admin(p.admin, "SHOW POOLS").contains("|app|app|4|"));
 
-    // Bigger pools and the second replica.
-    std::fs::write(&path, full.replace("size: 4", "size: 6")).unwrap();
-    admin(p.admin, "RELOAD");
+    // Bigger pools and the second replica (a new socket directory waits for a restart).
+    let bigger = format!(
+        "unix_socket_dir: /tmp\n{}",
+        full.replace("size: 4", "size: 6")
+    );
+    std::fs::write(&path, bigger).unwrap();
+    let (ok, _, notice) = admin_try(p.admin, "admin", "pgshard", "RELOAD");
+    assert!(
+        ok && notice.contains("unix_socket_dir changes need a restart"),
+        "{notice}"
+    );
     let pools = admin(p.admin, "SHOW POOLS");
     assert!(
         pools.contains("|app|app|6|") && !pools.contains("|app|app|4|"),

@@ -150,6 +150,9 @@ impl Server {
                 old.config.listen
             ));
         }
+        if config.unix_socket_dir != old.config.unix_socket_dir {
+            notes.push("unix_socket_dir changes need a restart".to_string());
+        }
         if config.tls.is_some() != old.config.tls.is_some() {
             notes.push("TLS on/off changes need a restart".to_string());
         }
