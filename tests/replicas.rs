@@ -1,6 +1,7 @@
 //! Replicas behind pgshard: the read/write split, load balancing, lag bounds,
 //! read-your-writes under a replica delayed on purpose, and a replica that dies and comes
-//! back. Each test has its own cluster (1 shard: a primary and two streaming replicas).
+//! back. Each test has its own cluster (1 shard: a primary and two streaming replicas; 2 shards
+//! with a replica each for a batch over shards).
 
 mod common;
 
@@ -352,4 +353,63 @@ async fn least_outstanding_avoids_the_busy_replica() {
         );
     }
     busy.batch_execute("COMMIT").await.unwrap();
+}
+
+/// A pipelined batch of reads over two shards (psycopg's pipeline mode sends them so)
+/// starts on one shard's replica and moves to the other's, reading replicas throughout.
+#[tokio::test]
+async fn a_pipelined_batch_of_reads_moves_between_shards_on_replicas() {
+    let c = own_cluster(2, 1);
+    let yaml = c
+        .config_yaml("127.0.0.1:0", "transaction", 4)
+        .replace("users:\n", "users:\n  - { name: trusty, auth: trust }\n")
+        + "    failover: { user: postgres, check_interval_ms: 200 }\n"
+        + "    read_from: replicas\n    consistency: eventual\n"
+        + "    sharded_tables:\n      - { table: rb, column: id, method: hash }\n";
+    let addr = start_proxy_yaml(&yaml);
+    let app = connect(addr).await;
+    app.batch_execute("CREATE TABLE rb (id bigint PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    use pgshard::sharding::hash::{HashKey, partition_of};
+    let key_on = |s: usize| {
+        (1..)
+            .find(|k| partition_of(&HashKey::Int(*k), 2) as usize == s)
+            .unwrap()
+    };
+    let (x, y) = (key_on(0), key_on(1));
+    for (k, v) in [(x, "on 0"), (y, "on 1")] {
+        app.execute("INSERT INTO rb (id, v) VALUES ($1, $2)", &[&k, &v])
+            .await
+            .unwrap();
+    }
+    c.wait_replicas_caught_up().unwrap();
+    wait_for_replica_reads(&app).await;
+
+    let mut raw = Raw::startup(addr, "trusty", "app").await;
+    assert!(raw.until_ready().await.ends_with('Z'));
+    let mut batch = msg::parse(
+        "",
+        "SELECT v, pg_is_in_recovery()::text FROM rb WHERE id = $1",
+    );
+    for k in [x, y, x] {
+        batch.extend(msg::bind("", "", &[&k.to_string()]));
+        batch.extend(msg::execute(""));
+    }
+    batch.extend(msg::sync());
+    raw.send(&batch).await;
+    let (mut tags, mut rows) = (String::new(), Vec::new());
+    while let Some((t, body)) = raw.recv().await {
+        tags.push(t as char);
+        if t == b'D' {
+            rows.push(data_row(&body));
+        }
+        if t == b'Z' {
+            assert_eq!(body[0], b'I');
+            break;
+        }
+    }
+    assert_eq!(tags, "12DC2DC2DCZ");
+    let want = |v: &str| vec![Some(v.to_string()), Some("true".to_string())];
+    assert_eq!(rows, [want("on 0"), want("on 1"), want("on 0")]);
 }

@@ -227,6 +227,25 @@ impl Raw {
     }
 }
 
+/// The text values of a DataRow's body.
+pub fn data_row(body: &[u8]) -> Vec<Option<String>> {
+    let n = i16::from_be_bytes([body[0], body[1]]) as usize;
+    let mut i = 2;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let len = i32::from_be_bytes([body[i], body[i + 1], body[i + 2], body[i + 3]]);
+        i += 4;
+        if len < 0 {
+            out.push(None);
+        } else {
+            let end = i + len as usize;
+            out.push(Some(String::from_utf8_lossy(&body[i..end]).into_owned()));
+            i = end;
+        }
+    }
+    out
+}
+
 /// Message builders for raw tests.
 pub mod msg {
     use bytes::{BufMut, BytesMut};

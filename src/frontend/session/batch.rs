@@ -7,7 +7,8 @@
 //! shards: the client's, or, for a batch begun outside a transaction, one begun for the
 //! batch (a BEGIN makes the server's implicit transaction, with the batch's statements so
 //! far, an explicit one), committed with two-phase commit at the batch's Sync. So the
-//! batch is all or nothing, as on one server.
+//! batch is all or nothing, as on one server. A batch of reads on a replica has nothing
+//! to keep atomic: it just moves to the other shard's node.
 
 use super::{Pending, Session, SessionError};
 use crate::config::PoolMode;
@@ -17,15 +18,19 @@ const FLUSH: [u8; 5] = [b'H', 0, 0, 0, 4];
 const SYNC: [u8; 5] = [b'S', 0, 0, 0, 4];
 
 impl Session {
-    /// Whether a Bind for another shard may move the batch there. Not from a replica's
-    /// connection: a transaction needs the primaries.
+    /// Whether a Bind for another shard may move the batch there. From a replica's
+    /// connection, only outside a transaction (the batch's reads so far need no
+    /// transaction over the shards).
     pub(super) fn can_move_batch(&self) -> bool {
         self.mode == PoolMode::Transaction
             && self.in_batch
             && !self.in_copy
-            && matches!(self.status, b'I' | b'T')
             && self.backend.is_some()
-            && !self.reads.on_replica
+            && match self.status {
+                b'I' => true,
+                b'T' => !self.reads.on_replica,
+                _ => false,
+            }
     }
 
     /// Moves the batch to shard `to` for the Bind `frame`. False when the batch is to be
@@ -39,6 +44,9 @@ impl Session {
         self.settle().await?;
         if self.backend.is_none() || self.relay.skipping {
             return Ok(false);
+        }
+        if self.reads.on_replica {
+            return self.move_reads(to, frame).await;
         }
         if self.status == b'I' {
             self.relay.push(Pending::Internal);
@@ -55,10 +63,34 @@ impl Session {
         }
         let joined = self.join_shard(to).await?;
         self.in_batch = true;
-        if !joined {
+        Ok(joined && self.parse_unnamed_again(frame)?)
+    }
+
+    /// A batch of reads on a replica moving to another shard: nothing there needs to stay
+    /// atomic with what follows, so the replica's part simply ends and the other shard's
+    /// node is chosen as at the start of a batch (a replica for a read).
+    async fn move_reads(&mut self, to: usize, frame: &[u8]) -> Result<bool, SessionError> {
+        self.relay.push(Pending::InternalSync);
+        self.bout.extend_from_slice(&SYNC);
+        self.settle().await?;
+        if self.backend.is_none() || self.status != b'I' {
             return Ok(false);
         }
-        // The unnamed statement the Bind names was parsed where the batch was before.
+        self.detach().await;
+        let b = protocol::parse_bind(frame)?;
+        if let Some((query, _)) = self.route.texts.get(b.stmt).cloned() {
+            let sql = std::str::from_utf8(&query).unwrap_or("");
+            let a = self.analysis(sql).ok();
+            self.set_read_ok(sql, a.as_deref());
+        }
+        let attached = self.attach(to).await;
+        self.in_batch = true;
+        Ok(attached && self.parse_unnamed_again(frame)?)
+    }
+
+    /// The unnamed statement a Bind names was parsed where the batch was before: parsed
+    /// again here (its ParseComplete is not the client's). True (for chaining).
+    fn parse_unnamed_again(&mut self, frame: &[u8]) -> Result<bool, SessionError> {
         let b = protocol::parse_bind(frame)?;
         if b.stmt.is_empty()
             && let Some((query, types)) = self.route.texts.get(&b""[..]).cloned()
