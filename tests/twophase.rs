@@ -71,7 +71,7 @@ async fn commit_rollback_errors_and_savepoints_across_shards() {
     let yaml = c.config_yaml("127.0.0.1:0", "transaction", 4) + RULES;
     // `trusty` (trust) for the raw protocol client.
     let yaml = yaml.replace("users:\n", "users:\n  - { name: trusty, auth: trust }\n");
-    let addr = start_proxy_yaml(&yaml);
+    let (addr, server) = start_proxy_server(pgshard::config::Config::from_yaml(&yaml).unwrap());
     let mut app = setup(addr).await;
     let (a, b) = keys();
 
@@ -407,7 +407,50 @@ async fn commit_rollback_errors_and_savepoints_across_shards() {
     assert_eq!(prepared(&c), ["0", "0"]);
 
     settings_follow_multi_shard_transactions(addr, &app).await;
+    settings_do_not_pin_a_transaction(&app, &server).await;
     pipelined_batches_over_several_shards(addr, &app, &c).await;
+}
+
+/// `BEGIN; SET LOCAL ...` then statements on one shard (as multi-tenant applications
+/// start their transactions): the SET ran on the default shard, but the transaction moves
+/// to its data's shard with the setting replayed, and commits there in one phase.
+async fn settings_do_not_pin_a_transaction(
+    app: &tokio_postgres::Client,
+    server: &pgshard::frontend::Server,
+) {
+    let prepared_2pc = || {
+        sample(
+            &pgshard::admin::metrics::render(server),
+            "pgshard_2pc_prepared_total",
+            &[],
+        )
+    };
+    let before = prepared_2pc();
+    // A key away from the default shard (0), where the SET runs.
+    let k = (1..)
+        .find(|k| partition_of(&HashKey::Int(*k), 2) != 0)
+        .unwrap();
+    app.batch_execute("BEGIN").await.unwrap();
+    app.batch_execute("SET LOCAL work_mem = '21MB'")
+        .await
+        .unwrap();
+    app.batch_execute("RESET statement_timeout").await.unwrap();
+    assert_eq!(setting_on(app, k, "work_mem").await, "21MB");
+    app.batch_execute(&format!(
+        "UPDATE tp_accounts SET balance = balance WHERE id = {k}"
+    ))
+    .await
+    .unwrap();
+    app.batch_execute("COMMIT").await.unwrap();
+    // The extended protocol (a SET bound and executed) likewise.
+    app.batch_execute("BEGIN").await.unwrap();
+    app.execute("SET LOCAL work_mem = '22MB'", &[])
+        .await
+        .unwrap();
+    assert_eq!(setting_on(app, k, "work_mem").await, "22MB");
+    app.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(prepared_2pc(), before, "one shard, one phase");
+    assert_eq!(setting_on(app, k, "work_mem").await, "4MB");
 }
 
 /// Sends a batch; the tags of the answers up to ReadyForQuery, and its status.

@@ -16,6 +16,14 @@ impl Session {
     /// Parse, Bind, Describe, Close, Execute, Flush on a sharded database.
     pub(super) async fn route_extended(&mut self, frame: Bytes) -> Result<(), SessionError> {
         let tag = frame[0];
+        if tag == b'B'
+            && (self.route.movable_begin.is_some() || self.route.deferred_begin.is_some())
+        {
+            // A SET keeps the transaction movable (see `route_query`).
+            self.route.setting_bind = self
+                .bound_statement(&frame)?
+                .is_some_and(|s| super::replay::sets_parameter(&s));
+        }
         if !self.in_batch && !self.holding() && self.backend.is_some() && !self.relay.idle() {
             // A new batch: the previous one's outcome decides where it may go.
             self.settle().await?;

@@ -536,7 +536,9 @@ impl Session {
     /// on a primary it may have written).
     fn executed(&mut self, tag: u8) {
         if tag == b'E' {
-            self.route.movable_begin = None;
+            if !std::mem::take(&mut self.route.setting_bind) {
+                self.route.movable_begin = None;
+            }
             self.reads.executed = true;
         }
     }

@@ -123,18 +123,23 @@ impl Session {
             return Ok(false);
         }
         self.route.movable_begin = None;
-        for step in self.multi.replay.clone() {
-            self.relay.push(Pending::Internal);
-            match step {
-                Replay::Savepoint(sp) => protocol::write_query(
-                    &mut self.bout,
-                    &format!("SAVEPOINT {}", quote_ident(&sp)),
-                ),
-                Replay::Set(sql) => protocol::write_query(&mut self.bout, &sql),
-            }
-        }
+        self.write_replay();
         tracing::debug!(shard = to, "shard joined the transaction");
         Ok(true)
+    }
+
+    /// Queues the transaction's savepoints and settings, in order, for the connection just
+    /// attached (after its BEGIN); their answers are pgshard's.
+    pub(super) fn write_replay(&mut self) {
+        for step in &self.multi.replay {
+            self.relay.push(Pending::Internal);
+            match step {
+                Replay::Savepoint(sp) => {
+                    protocol::write_query(&mut self.bout, &format!("SAVEPOINT {}", quote_ident(sp)))
+                }
+                Replay::Set(sql) => protocol::write_query(&mut self.bout, sql),
+            }
+        }
     }
 
     /// COMMIT / ROLLBACK of a transaction with parked participants, answered by pgshard.

@@ -18,7 +18,7 @@ pub(super) enum Replay {
 /// Whether a statement is a `SET` (of any kind: a parameter, LOCAL, TRANSACTION,
 /// CONSTRAINTS, SESSION CHARACTERISTICS) or a `RESET`: each shard of the transaction must
 /// run it. (`set_config()` is not followed: it comes inside a query.)
-fn sets_parameter(sql: &str) -> bool {
+pub(super) fn sets_parameter(sql: &str) -> bool {
     let ([first], _) = leading_words::<1>(sql);
     first.eq_ignore_ascii_case("set") || first.eq_ignore_ascii_case("reset")
 }

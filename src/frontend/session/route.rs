@@ -31,9 +31,11 @@ pub(super) struct RouteState {
     /// A BEGIN answered by pgshard, sent to the shard the transaction's first statement
     /// goes to (so that BEGIN does not pin the default shard).
     pub(super) deferred_begin: Option<String>,
-    /// The BEGIN of the attached transaction while it has executed nothing (only described
-    /// statements): it can still move to another shard.
+    /// The BEGIN of the attached transaction while it has executed nothing but settings
+    /// (`SET`/`RESET`, replayed where it moves): it can still move to another shard.
     pub(super) movable_begin: Option<String>,
+    /// The last Bind, in a still movable transaction, bound a `SET` or `RESET`.
+    pub(super) setting_bind: bool,
     /// The merged result of a cross-shard Bind, answered by pgshard to the client's
     /// Describe (portal) and Execute until Sync.
     pub(super) virtual_portal: Option<VirtualPortal>,
@@ -512,7 +514,12 @@ impl Session {
                     protocol::write_ready(&mut self.cout, self.status);
                     return Ok(());
                 }
-                self.route.movable_begin = None;
+                // Settings alone (`BEGIN; SET LOCAL app.tenant = ...`, as multi-tenant
+                // applications start) do not pin the transaction: they are replayed
+                // where it moves.
+                if single.is_none() || !super::replay::sets_parameter(sql) {
+                    self.route.movable_begin = None;
+                }
                 self.reads.executed = true;
                 self.started();
                 self.relay.push(Pending::Query);
@@ -579,7 +586,12 @@ impl Session {
         }
         self.detach().await;
         self.route.deferred_begin = Some(begin);
-        Ok(self.attach(to).await)
+        if !self.attach(to).await {
+            return Ok(false);
+        }
+        // Still movable (the BEGIN was deferred again); the settings made so far follow.
+        self.write_replay();
+        Ok(true)
     }
 }
 
