@@ -449,6 +449,24 @@ async fn settings_do_not_pin_a_transaction(
         .unwrap();
     assert_eq!(setting_on(app, k, "work_mem").await, "22MB");
     app.batch_execute("COMMIT").await.unwrap();
+    // set_config, as PostgREST sets a request's role and claims: simple protocol, and
+    // extended with parameters (tokio-postgres binds them in binary).
+    app.batch_execute("BEGIN").await.unwrap();
+    app.batch_execute("SELECT set_config('work_mem', '23MB', true)")
+        .await
+        .unwrap();
+    assert_eq!(setting_on(app, k, "work_mem").await, "23MB");
+    app.batch_execute("COMMIT").await.unwrap();
+    app.batch_execute("BEGIN").await.unwrap();
+    app.query(
+        "SELECT set_config($1, $2, true), set_config('app.tenant', $3, true)",
+        &[&"work_mem", &"24MB", &"acme"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(setting_on(app, k, "work_mem").await, "24MB");
+    assert_eq!(setting_on(app, k, "app.tenant").await, "acme");
+    app.batch_execute("COMMIT").await.unwrap();
     assert_eq!(prepared_2pc(), before, "one shard, one phase");
     assert_eq!(setting_on(app, k, "work_mem").await, "4MB");
 }
@@ -702,6 +720,23 @@ async fn settings_follow_multi_shard_transactions(addr: SocketAddr, app: &tokio_
         .await
         .unwrap();
     assert_eq!(both("work_mem").await, same("4MB"));
+    app.batch_execute("COMMIT").await.unwrap();
+
+    // set_config with bound parameters in a transaction over both shards reaches both,
+    // and a shard that joins later.
+    app.batch_execute(&format!(
+        "BEGIN; UPDATE tp_accounts SET balance = balance WHERE id = {a}"
+    ))
+    .await
+    .unwrap();
+    app.query("SELECT set_config('work_mem', $1, true)", &[&"26MB"])
+        .await
+        .unwrap();
+    assert_eq!(setting_on(app, b, "work_mem").await, "26MB", "replayed");
+    app.query("SELECT set_config('work_mem', $1, true)", &[&"27MB"])
+        .await
+        .unwrap();
+    assert_eq!(both("work_mem").await, same("27MB"));
     app.batch_execute("COMMIT").await.unwrap();
 
     // Rolled back: as if it had not happened, on every shard.

@@ -279,6 +279,78 @@ fn unquote(w: &str) -> String {
 
 /// Whether the text calls `set_config` (case-insensitively); cheap because it only looks
 /// around underscores.
+/// Whether a statement does nothing but call `set_config` (`SELECT set_config(...), ...`,
+/// as PostgREST starts each transaction): a setting, like `SET`.
+pub fn sets_config_only(stmt: &str) -> bool {
+    let b = stmt.as_bytes();
+    let word_at = |i: usize, w: &str| {
+        b.len() >= i + w.len()
+            && b[i..i + w.len()].eq_ignore_ascii_case(w.as_bytes())
+            && b.get(i + w.len())
+                .is_none_or(|c| !(c.is_ascii_alphanumeric() || *c == b'_'))
+    };
+    let mut i = skip_space(b, 0);
+    if !word_at(i, "select") {
+        return false;
+    }
+    i += "select".len();
+    loop {
+        i = skip_space(b, i);
+        if word_at(i, "pg_catalog") && b.get(i + 10) == Some(&b'.') {
+            i += 11;
+        }
+        if !word_at(i, "set_config") {
+            return false;
+        }
+        i = skip_space(b, i + "set_config".len());
+        if b.get(i) != Some(&b'(') {
+            return false;
+        }
+        let mut depth = 0usize;
+        loop {
+            match b.get(i) {
+                None => return false,
+                Some(b'(') => {
+                    depth += 1;
+                    i += 1;
+                }
+                Some(b')') => {
+                    depth -= 1;
+                    i += 1;
+                    if depth == 0 {
+                        break;
+                    }
+                }
+                Some(_) => i = skip_token(b, i),
+            }
+        }
+        i = skip_space(b, i);
+        if word_at(i, "as") {
+            i = skip_space(b, i + 2);
+            let st = i;
+            i = match b.get(i) {
+                Some(b'"') => skip_token(b, i),
+                _ => {
+                    while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
+                        i += 1;
+                    }
+                    i
+                }
+            };
+            if i == st {
+                return false;
+            }
+            i = skip_space(b, i);
+        }
+        match b.get(i) {
+            None => return true,
+            Some(b',') => i += 1,
+            Some(b';') => return skip_space(b, i + 1) >= b.len(),
+            Some(_) => return false,
+        }
+    }
+}
+
 fn mentions_set_config(s: &str) -> bool {
     const NEEDLE: &[u8] = b"set_config";
     let b = s.as_bytes();
@@ -292,6 +364,27 @@ fn mentions_set_config(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statements_that_only_set_configuration() {
+        for yes in [
+            "select set_config('search_path', $1, true), set_config('role', $2, true)",
+            "SELECT pg_catalog.set_config('request.jwt.claims', '{\"a\": \")\"}', true) AS c;",
+            "/* app */ SELECT set_config('x.y', lower('A'), false)",
+        ] {
+            assert!(sets_config_only(yes), "{yes}");
+        }
+        for no in [
+            "SELECT set_config('x.y', 'z', true) FROM t",
+            "SELECT set_config('x.y', 'z', true), nextval('s')",
+            "SELECT 1",
+            "SELECT set_config('x.y', 'z', true); DELETE FROM t",
+            "SELECT set_config('x.y', 'z'",
+            "SET x.y = 1",
+        ] {
+            assert!(!sets_config_only(no), "{no}");
+        }
+    }
 
     #[test]
     fn the_fast_path_agrees_with_the_lexer() {

@@ -22,7 +22,7 @@ impl Session {
             // A SET keeps the transaction movable (see `route_query`).
             self.route.setting_bind = self
                 .bound_statement(&frame)?
-                .is_some_and(|s| super::replay::sets_parameter(&s));
+                .is_some_and(|s| super::replay::is_setting(&s));
         }
         if !self.in_batch && !self.holding() && self.backend.is_some() && !self.relay.idle() {
             // A new batch: the previous one's outcome decides where it may go.
@@ -96,7 +96,7 @@ impl Session {
                     if self.transaction_control_bind(one)? || self.multi_end_bind(one).await? {
                         return Ok(());
                     }
-                    if let Some(e) = self.keep_bind_in_step(one).await? {
+                    if let Some(e) = self.keep_bind_in_step(one, &frame).await? {
                         // A participant failed: the Bind fails; COMMIT will roll back.
                         let home = self.home_shard();
                         if self.release_held(home).await? {
@@ -151,7 +151,7 @@ impl Session {
             // take the batch's settings and savepoints.
             if self.status == b'T'
                 && let Some(e) = self
-                    .keep_bind_in_step(self.bound_statement(&frame)?.as_deref())
+                    .keep_bind_in_step(self.bound_statement(&frame)?.as_deref(), &frame)
                     .await?
             {
                 self.local_error(e);
@@ -230,9 +230,21 @@ impl Session {
     async fn keep_bind_in_step(
         &mut self,
         one: Option<&str>,
+        frame: &[u8],
     ) -> Result<Option<PgError>, SessionError> {
         match one {
             Some(one) if self.status == b'T' && self.mode == PoolMode::Transaction => {
+                // A setting runs on the other shards as the client bound it (parameters
+                // and their formats included).
+                if super::replay::is_setting(one) {
+                    let b = protocol::parse_bind(frame)?;
+                    if let Some((query, types)) = self.route.texts.get(b.stmt) {
+                        let req = super::replay::bound_request(query, types, b.rest);
+                        return self
+                            .keep_setting_in_step(super::replay::Replay::Bound(req))
+                            .await;
+                    }
+                }
                 self.keep_in_step_quiet(one).await
             }
             _ => Ok(None),

@@ -133,12 +133,7 @@ impl Session {
     pub(super) fn write_replay(&mut self) {
         for step in &self.multi.replay {
             self.relay.push(Pending::Internal);
-            match step {
-                Replay::Savepoint(sp) => {
-                    protocol::write_query(&mut self.bout, &format!("SAVEPOINT {}", quote_ident(sp)))
-                }
-                Replay::Set(sql) => protocol::write_query(&mut self.bout, sql),
-            }
+            self.bout.extend_from_slice(&step.request());
         }
     }
 
@@ -163,7 +158,7 @@ impl Session {
             .multi
             .replay
             .iter()
-            .any(|r| matches!(r, Replay::Set(_)));
+            .any(|r| matches!(r, Replay::Set(_) | Replay::Bound(_)));
         let out = if rollback {
             for (_, b) in parts.iter_mut() {
                 roll_back(b).await;

@@ -4,7 +4,7 @@
 //! made since, as on a server.
 
 use super::{Session, SessionError};
-use crate::protocol::PgError;
+use crate::protocol::{self, PgError};
 use crate::router::lexer::leading_words;
 
 /// What a shard joining the transaction runs after BEGIN.
@@ -13,12 +13,46 @@ pub(super) enum Replay {
     Savepoint(String),
     /// A `SET` or `RESET` statement, as the client wrote it.
     Set(String),
+    /// A setting bound in the extended protocol (`SELECT set_config($1, $2, true)`):
+    /// Parse, Bind (the client's parameters, in their formats), Execute and Sync.
+    Bound(bytes::Bytes),
+}
+
+impl Replay {
+    /// The messages that replay this step on a server; one ReadyForQuery ends their answer.
+    pub(super) fn request(&self) -> bytes::BytesMut {
+        let mut out = bytes::BytesMut::new();
+        match self {
+            Replay::Savepoint(sp) => protocol::write_query(
+                &mut out,
+                &format!("SAVEPOINT {}", super::multi::quote_ident(sp)),
+            ),
+            Replay::Set(sql) => protocol::write_query(&mut out, sql),
+            Replay::Bound(req) => out.extend_from_slice(req),
+        }
+        out
+    }
+}
+
+/// A bound setting's replay: the statement parsed and bound unnamed, as the client bound it.
+pub(super) fn bound_request(query: &[u8], types: &[u8], bind_rest: &[u8]) -> bytes::Bytes {
+    let mut out = bytes::BytesMut::new();
+    protocol::write_parse(&mut out, b"", query, types);
+    protocol::write_bind(&mut out, b"", b"", bind_rest);
+    protocol::write_msg(&mut out, b'E', &[0, 0, 0, 0, 0]);
+    protocol::write_msg(&mut out, b'S', &[]);
+    out.freeze()
+}
+
+/// Whether a statement only changes settings: a `SET`/`RESET`, or a `SELECT` of
+/// `set_config(...)` calls alone. Each shard of the transaction must run it.
+pub(super) fn is_setting(sql: &str) -> bool {
+    sets_parameter(sql) || crate::router::lexer::sets_config_only(sql)
 }
 
 /// Whether a statement is a `SET` (of any kind: a parameter, LOCAL, TRANSACTION,
-/// CONSTRAINTS, SESSION CHARACTERISTICS) or a `RESET`: each shard of the transaction must
-/// run it. (`set_config()` is not followed: it comes inside a query.)
-pub(super) fn sets_parameter(sql: &str) -> bool {
+/// CONSTRAINTS, SESSION CHARACTERISTICS) or a `RESET`.
+fn sets_parameter(sql: &str) -> bool {
     let ([first], _) = leading_words::<1>(sql);
     first.eq_ignore_ascii_case("set") || first.eq_ignore_ascii_case("reset")
 }
@@ -93,14 +127,9 @@ impl Session {
         &mut self,
         sql: &str,
     ) -> Result<Option<PgError>, SessionError> {
-        if sets_parameter(sql) {
-            if self.status != b'T' {
-                // It fails where it runs, as the transaction is aborted.
-                return Ok(None);
-            }
+        if is_setting(sql) {
             let sql = sql.trim().trim_end_matches(';').to_string();
-            self.multi.replay.push(Replay::Set(sql.clone()));
-            return self.run_on_parked(&sql, "setting").await;
+            return self.keep_setting_in_step(Replay::Set(sql)).await;
         }
         // Most statements in a transaction are none of these: no allocation for them.
         let ([first], _) = leading_words::<1>(sql);
@@ -125,7 +154,7 @@ impl Session {
                     let mut k = 0;
                     self.multi.replay.retain(|x| {
                         k += 1;
-                        k <= i || matches!(x, Replay::Set(_))
+                        k <= i || matches!(x, Replay::Set(_) | Replay::Bound(_))
                     });
                 }
             }
@@ -136,19 +165,42 @@ impl Session {
                 }
             }
         }
-        self.run_on_parked(sql, "savepoint").await
+        let mut req = bytes::BytesMut::new();
+        protocol::write_query(&mut req, sql);
+        self.run_on_parked(&req, "savepoint").await
     }
 
-    /// Runs a statement on every parked participant; the error when one failed.
+    /// A setting in a transaction: recorded for shards that join later, and run on the
+    /// parked participants now; the error when one of them failed.
+    pub(super) async fn keep_setting_in_step(
+        &mut self,
+        step: Replay,
+    ) -> Result<Option<PgError>, SessionError> {
+        if self.status != b'T' {
+            // It fails where it runs, as the transaction is aborted.
+            return Ok(None);
+        }
+        let req = step.request();
+        self.multi.replay.push(step);
+        self.run_on_parked(&req, "setting").await
+    }
+
+    /// Runs a request (up to its ReadyForQuery) on every parked participant; the error
+    /// when one failed.
     async fn run_on_parked(
         &mut self,
-        sql: &str,
+        req: &[u8],
         what: &str,
     ) -> Result<Option<PgError>, SessionError> {
         for (s, b) in self.multi.parked.iter_mut() {
-            let why = match b.run_quiet(sql).await {
-                Ok(None) => continue,
-                Ok(Some((code, msg))) => format!("{code}: {msg}"),
+            let why = match super::multi::send_and_collect(b, req).await {
+                Ok((frames, _)) => match frames.iter().find(|f| f[0] == b'E') {
+                    None => continue,
+                    Some(f) => {
+                        let (code, msg) = protocol::error_fields(f);
+                        format!("{code}: {msg}")
+                    }
+                },
                 Err(e) => {
                     b.broken = true;
                     e.to_string()

@@ -517,7 +517,7 @@ impl Session {
                 // Settings alone (`BEGIN; SET LOCAL app.tenant = ...`, as multi-tenant
                 // applications start) do not pin the transaction: they are replayed
                 // where it moves.
-                if single.is_none() || !super::replay::sets_parameter(sql) {
+                if single.is_none() || !super::replay::is_setting(sql) {
                     self.route.movable_begin = None;
                 }
                 self.reads.executed = true;
