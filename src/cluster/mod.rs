@@ -286,17 +286,18 @@ pub struct Topology {
 }
 
 impl Topology {
+    /// A topology of its own for unit tests (see [`Topology::build_from`]).
+    #[cfg(test)]
+    pub(crate) fn build(cfg: &Config) -> Topology {
+        let tls = crate::net::TlsClient::new(&cfg.server_tls).expect("test TLS settings");
+        Topology::build_from(cfg, None, Some(Arc::new(tls)))
+    }
+
     /// Builds pools for every node; pools of the same (node, database, user) are shared
     /// between logical databases. Until the first health check, each shard's configured
     /// primary is taken at its word.
-    pub fn build(cfg: &Config) -> Topology {
-        let tls = crate::net::TlsClient::new(&cfg.server_tls)
-            .ok()
-            .map(Arc::new);
-        Topology::build_from(cfg, None, tls)
-    }
-
-    /// Builds the topology of a (re)loaded configuration, keeping from `old`: the pools of
+    ///
+    /// For a (re)loaded configuration, keeps from `old`: the pools of
     /// nodes whose target and pool settings did not change, and the health view,
     /// statistics and bans of shards whose nodes did not change. `tls` is how to reach
     /// the servers over TCP (built from `cfg.server_tls`; None: plain).

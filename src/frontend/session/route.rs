@@ -32,9 +32,10 @@ pub(super) struct RouteState {
     /// goes to (so that BEGIN does not pin the default shard).
     pub(super) deferred_begin: Option<String>,
     /// The BEGIN of the attached transaction while it has executed nothing but settings
-    /// (`SET`/`RESET`, replayed where it moves): it can still move to another shard.
+    /// (`SET`, `RESET`, `set_config` selects: replayed where it moves): it can still move
+    /// to another shard.
     pub(super) movable_begin: Option<String>,
-    /// The last Bind, in a still movable transaction, bound a `SET` or `RESET`.
+    /// The last Bind, in a still movable transaction, bound such a setting.
     pub(super) setting_bind: bool,
     /// The merged result of a cross-shard Bind, answered by pgshard to the client's
     /// Describe (portal) and Execute until Sync.
