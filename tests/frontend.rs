@@ -548,19 +548,16 @@ fn test_ca(dir: &std::path::Path, name: &str) {
     );
 }
 
-/// A server certificate `<name>.crt`/`.key` issued by the CA `ca`, for the IP address `ip`.
-fn test_server_cert(dir: &std::path::Path, ca: &str, name: &str, ip: &str) {
-    let (crt, key, csr, ext) = (
+/// A certificate `<name>.crt`/`.key` for `cn`, issued by the CA `ca`, with these
+/// extensions (openssl's `-extfile` lines).
+fn test_cert(dir: &std::path::Path, ca: &str, name: &str, cn: &str, ext: &str) {
+    let (crt, key, csr, extfile) = (
         format!("{name}.crt"),
         format!("{name}.key"),
         format!("{name}.csr"),
         format!("{name}.ext"),
     );
-    std::fs::write(
-        dir.join(&ext),
-        format!("subjectAltName=IP:{ip}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"),
-    )
-    .unwrap();
+    std::fs::write(dir.join(&extfile), ext).unwrap();
     openssl(
         dir,
         &[
@@ -569,7 +566,7 @@ fn test_server_cert(dir: &std::path::Path, ca: &str, name: &str, ip: &str) {
             "rsa:2048",
             "-nodes",
             "-subj",
-            "/CN=server",
+            &format!("/CN={cn}"),
         ]
         .into_iter()
         .chain(["-keyout", &key, "-out", &csr])
@@ -580,9 +577,16 @@ fn test_server_cert(dir: &std::path::Path, ca: &str, name: &str, ip: &str) {
         &["x509", "-req", "-in", &csr, "-days", "2", "-CAcreateserial"]
             .into_iter()
             .chain(["-CA", &format!("{ca}.crt"), "-CAkey", &format!("{ca}.key")])
-            .chain(["-extfile", &ext, "-out", &crt])
+            .chain(["-extfile", &extfile, "-out", &crt])
             .collect::<Vec<_>>(),
     );
+}
+
+/// A server certificate issued by `ca` for the IP address `ip`.
+fn test_server_cert(dir: &std::path::Path, ca: &str, name: &str, ip: &str) {
+    let ext =
+        format!("subjectAltName=IP:{ip}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n");
+    test_cert(dir, ca, name, "server", &ext);
 }
 
 /// Whether the server connection behind pgshard is encrypted, or why there is none.
@@ -690,6 +694,42 @@ async fn tls_to_the_servers() {
     assert!(e.contains("certificate"), "{e}");
     let ca_only = format!("{{ mode: verify-ca, ca: {} }}", ca.display());
     assert_eq!(server_ssl(proxy(&ca_only).0).await, Ok(true));
+
+    // A server that authenticates app by certificate: pgshard presents its client
+    // certificate (the monitor, connecting as app too, as well).
+    test_cert(
+        &dir,
+        "ca",
+        "client",
+        "app",
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+    );
+    let hba = primary.data.join("pg_hba.conf");
+    let plain_hba = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!("hostssl all app 127.0.0.1/32 cert\n{plain_hba}"),
+    )
+    .unwrap();
+    c.set_and_reload(primary, "ssl_ca_file", &ca.display().to_string())
+        .unwrap();
+    let with_cert = format!(
+        "{{ mode: verify-ca, ca: {}, cert: {}, key: {} }}",
+        ca.display(),
+        dir.join("client.crt").display(),
+        dir.join("client.key").display()
+    );
+    let (addr, server) = proxy(&with_cert);
+    assert_eq!(server_ssl(addr).await, Ok(true));
+    let db = server.state.load().topology.databases["app"].clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while db.shards[0].view().nodes[0].in_recovery != Some(false) {
+        assert!(std::time::Instant::now() < deadline, "node never checked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let e = server_ssl(proxy(&ca_only).0).await.unwrap_err();
+    assert!(e.contains("certificate"), "{e}");
+    std::fs::write(&hba, plain_hba).unwrap();
 
     // Without TLS on the server: prefer falls back to plain, require refuses.
     c.set_and_reload(primary, "ssl", "off").unwrap();
