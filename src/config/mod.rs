@@ -6,11 +6,12 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+mod net;
 mod replication;
 mod validate;
+pub use net::{AdminConfig, MetricsConfig, ServerTlsConfig, ServerTlsMode, TlsConfig, parse_addr};
 pub use replication::{Consistency, DEFAULT_MAX_LAG_MS, FailoverConfig, LoadBalance, ReadFrom};
 
 /// A configuration problem, naming the key and what is wrong with it.
@@ -39,7 +40,7 @@ fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Address clients connect to.
-    #[serde(default = "default_listen")]
+    #[serde(default = "net::default_listen")]
     pub listen: String,
     /// A directory where pgshard also listens on a Unix-domain socket, `.s.PGSQL.<port of
     /// listen>` as PostgreSQL names it (`psql -h <dir> -p <port>`).
@@ -70,82 +71,6 @@ pub struct Config {
     /// Statements slower than this are logged (with their shard and duration); 0: off.
     #[serde(default)]
     pub slow_query_ms: u64,
-}
-
-/// The admin console.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AdminConfig {
-    pub listen: String,
-    /// Users (from `users`) allowed in; they connect to the database `pgshard`.
-    pub users: Vec<String>,
-}
-
-/// The Prometheus endpoint.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MetricsConfig {
-    pub listen: String,
-}
-
-fn default_listen() -> String {
-    "127.0.0.1:6432".into()
-}
-
-/// Certificate and key (PEM files) for TLS towards clients.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
-
-/// TLS towards the servers, with libpq's `sslmode` semantics. Not used on Unix-domain
-/// sockets (as libpq).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServerTlsConfig {
-    #[serde(default)]
-    pub mode: ServerTlsMode,
-    /// CA certificates (PEM) server certificates must chain to: for `verify-ca` and
-    /// `verify-full`, and for `require` when given (as libpq with a root certificate).
-    #[serde(default)]
-    pub ca: Option<PathBuf>,
-    /// A client certificate chain and its key (PEM), for servers that authenticate pgshard
-    /// by certificate.
-    #[serde(default)]
-    pub cert: Option<PathBuf>,
-    #[serde(default)]
-    pub key: Option<PathBuf>,
-}
-
-/// libpq's `sslmode` values pgshard implements.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ServerTlsMode {
-    /// Plain connections.
-    Disable,
-    /// TLS when the server offers it, without checking its certificate.
-    #[default]
-    Prefer,
-    /// TLS or no connection; the certificate is checked against `ca` when given.
-    Require,
-    /// TLS, with a certificate issued under `ca`.
-    VerifyCa,
-    /// As `verify-ca`, and the certificate names the node's address.
-    VerifyFull,
-}
-
-impl std::fmt::Display for ServerTlsMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            ServerTlsMode::Disable => "disable",
-            ServerTlsMode::Prefer => "prefer",
-            ServerTlsMode::Require => "require",
-            ServerTlsMode::VerifyCa => "verify-ca",
-            ServerTlsMode::VerifyFull => "verify-full",
-        })
-    }
 }
 
 /// How a user proves who they are.
@@ -597,14 +522,6 @@ impl Config {
         }
         s
     }
-}
-
-/// Parses `host:port`; only numeric addresses and `localhost` are accepted, so that the
-/// configuration never depends on DNS.
-pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
-    let t = s.replace("localhost:", "127.0.0.1:");
-    t.parse::<SocketAddr>()
-        .map_err(|_| format!("'{s}' is not an address of the form host:port (e.g. 127.0.0.1:5432)"))
 }
 
 #[cfg(test)]
