@@ -558,8 +558,17 @@ async fn pipelined_batches_over_several_shards(
     assert_eq!(rows_on(1), format!("{}a", y[0]));
     assert_eq!(prepared(c), ["0", "0"]);
 
-    // A Flush after the Sync (psycopg's pipeline sends one) starts no batch: a read over
-    // every shard still may follow.
+    // A Flush after the Sync (psycopg's pipeline sends one), with the Sync still in
+    // flight or after it, starts no batch: a read over every shard still may follow.
+    let mut one = msg::parse("", "SELECT count(*) FROM tp_batch WHERE id = $1");
+    one.extend(msg::bind("", "", &[&x[0].to_string()]));
+    one.extend(msg::execute(""));
+    one.extend(msg::sync());
+    one.extend(msg::flush());
+    assert_eq!(
+        both(&mut raw, &mut plain, &one).await,
+        ("12DCZ".to_string(), b'I')
+    );
     let mut count = msg::flush();
     count.extend(msg::parse("", "SELECT count(*) FROM tp_batch"));
     count.extend(msg::bind("", "", &[]));

@@ -27,6 +27,9 @@ impl Session {
         if !self.in_batch && !self.holding() && self.backend.is_some() && !self.relay.idle() {
             // A new batch: the previous one's outcome decides where it may go.
             self.settle().await?;
+            // Between transactions the connection goes back: the batch is routed afresh
+            // (its frames wait for its Bind), not forwarded to the last batch's shard.
+            self.maybe_release().await;
         }
         if (self.route.pending_copy.is_some() || (tag == b'B' && self.db.router.is_sharded()))
             && self.extended_copy(&frame).await?

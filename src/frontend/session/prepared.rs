@@ -63,7 +63,10 @@ impl Session {
                 return Ok(());
             }
         }
-        self.in_batch = true;
+        // A Flush alone begins no batch (psycopg sends one right after a pipeline's Sync).
+        if tag != b'H' {
+            self.in_batch = true;
+        }
         if self.mode == PoolMode::Session {
             if tag == b'P' {
                 let p = protocol::parse_parse(frame)?;
