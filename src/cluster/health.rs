@@ -8,6 +8,7 @@ use super::failover;
 use super::{Database, NodeState, ShardView};
 use crate::config::ReadFrom;
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -204,6 +205,9 @@ async fn round(
     controls: &mut [Vec<Control>],
     history: &mut [VecDeque<(Instant, u64)>],
 ) {
+    // Probes taken before a failover or switchover are stale once it has published its
+    // view: they would undo it (a just-promoted node still seen in recovery).
+    let roles_changed = db.failovers.load(Ordering::Relaxed);
     let mut tasks = tokio::task::JoinSet::new();
     for (s, shard) in controls.iter_mut().enumerate() {
         for (n, c) in std::mem::take(shard).into_iter().enumerate() {
@@ -239,6 +243,9 @@ async fn round(
     for (s, probes) in probes.into_iter().enumerate() {
         let now = Instant::now();
         let _guard = db.roles.lock().await;
+        if db.failovers.load(Ordering::Relaxed) != roles_changed {
+            continue;
+        }
         let prev = db.shards[s].view();
         let mut nodes = prev.nodes.clone();
         for (n, p) in probes.into_iter().enumerate() {
