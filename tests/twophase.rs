@@ -408,7 +408,16 @@ async fn commit_rollback_errors_and_savepoints_across_shards() {
 
     settings_follow_multi_shard_transactions(addr, &app).await;
     settings_do_not_pin_a_transaction(&app, &server).await;
-    pipelined_batches_over_several_shards(addr, &app, &c).await;
+    pipelined_batches_over_several_shards(addr, &app, &c, &server).await;
+}
+
+/// Multi-shard transactions prepared so far (`pgshard_2pc_prepared_total`).
+fn two_phase_commits(server: &pgshard::frontend::Server) -> f64 {
+    sample(
+        &pgshard::admin::metrics::render(server),
+        "pgshard_2pc_prepared_total",
+        &[],
+    )
 }
 
 /// `BEGIN; SET LOCAL ...` then statements on one shard (as multi-tenant applications
@@ -418,13 +427,7 @@ async fn settings_do_not_pin_a_transaction(
     app: &tokio_postgres::Client,
     server: &pgshard::frontend::Server,
 ) {
-    let prepared_2pc = || {
-        sample(
-            &pgshard::admin::metrics::render(server),
-            "pgshard_2pc_prepared_total",
-            &[],
-        )
-    };
+    let prepared_2pc = || two_phase_commits(server);
     let before = prepared_2pc();
     // A key away from the default shard (0), where the SET runs.
     let k = (1..)
@@ -492,6 +495,7 @@ async fn pipelined_batches_over_several_shards(
     addr: SocketAddr,
     app: &tokio_postgres::Client,
     c: &LocalCluster,
+    server: &pgshard::frontend::Server,
 ) {
     app.batch_execute("CREATE TABLE tp_batch (id bigint PRIMARY KEY, v text)")
         .await
@@ -578,6 +582,21 @@ async fn pipelined_batches_over_several_shards(
         both(&mut raw, &mut plain, &count).await,
         ("12DCZ".to_string(), b'I')
     );
+
+    // Reads only, over both shards: the batch moves without a transaction over them (no
+    // two-phase commit, which servers without prepared transactions would refuse).
+    let before = two_phase_commits(server);
+    let mut reads = msg::parse("", "SELECT v FROM tp_batch WHERE id = $1");
+    for k in [x[0], y[0], x[1]] {
+        reads.extend(msg::bind("", "", &[&k.to_string()]));
+        reads.extend(msg::execute(""));
+    }
+    reads.extend(msg::sync());
+    assert_eq!(
+        both(&mut raw, &mut plain, &reads).await,
+        ("12DC2DC2DCZ".to_string(), b'I')
+    );
+    assert_eq!(two_phase_commits(server), before, "no two-phase commit");
 
     // A failure on the second shard: the rows before it, on the first, are not kept;
     // what follows the error is skipped, as by PostgreSQL.

@@ -7,8 +7,8 @@
 //! shards: the client's, or, for a batch begun outside a transaction, one begun for the
 //! batch (a BEGIN makes the server's implicit transaction, with the batch's statements so
 //! far, an explicit one), committed with two-phase commit at the batch's Sync. So the
-//! batch is all or nothing, as on one server. A batch of reads on a replica has nothing
-//! to keep atomic: it just moves to the other shard's node.
+//! batch is all or nothing, as on one server. A batch that has only read so far has
+//! nothing to keep atomic: it just moves to the other shard's node.
 
 use super::{Pending, Session, SessionError};
 use crate::config::PoolMode;
@@ -45,7 +45,7 @@ impl Session {
         if self.backend.is_none() || self.relay.skipping {
             return Ok(false);
         }
-        if self.reads.on_replica {
+        if self.reads.on_replica || (self.status == b'I' && !self.route.wrote_before_bind) {
             return self.move_reads(to, frame).await;
         }
         if self.status == b'I' {
@@ -66,9 +66,10 @@ impl Session {
         Ok(joined && self.parse_unnamed_again(frame)?)
     }
 
-    /// A batch of reads on a replica moving to another shard: nothing there needs to stay
-    /// atomic with what follows, so the replica's part simply ends and the other shard's
-    /// node is chosen as at the start of a batch (a replica for a read).
+    /// A batch that has only read so far (on a replica, or outside a transaction on a
+    /// primary) moving to another shard: nothing needs to stay atomic with what follows,
+    /// so its part simply ends and the other shard's node is chosen as at the start of a
+    /// batch (a replica for a read). No two-phase commit for a batch of reads.
     async fn move_reads(&mut self, to: usize, frame: &[u8]) -> Result<bool, SessionError> {
         self.relay.push(Pending::InternalSync);
         self.bout.extend_from_slice(&SYNC);

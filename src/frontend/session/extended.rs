@@ -16,6 +16,19 @@ impl Session {
     /// Parse, Bind, Describe, Close, Execute, Flush on a sharded database.
     pub(super) async fn route_extended(&mut self, frame: Bytes) -> Result<(), SessionError> {
         let tag = frame[0];
+        if tag == b'B' {
+            // Whether the batch so far only read decides how it may move (see `batch.rs`).
+            let b = protocol::parse_bind(&frame)?;
+            let reads = match self.route.texts.get(b.stmt).cloned() {
+                Some((query, _)) => std::str::from_utf8(&query)
+                    .ok()
+                    .and_then(|sql| self.analysis(sql).ok())
+                    .is_some_and(|a| a.replica_safe),
+                None => false,
+            };
+            self.route.wrote_before_bind = self.route.batch_writes;
+            self.route.batch_writes |= !reads;
+        }
         if tag == b'B'
             && (self.route.movable_begin.is_some() || self.route.deferred_begin.is_some())
         {

@@ -379,6 +379,7 @@ impl Session {
                 }
                 self.local_skip = false;
                 self.in_batch = false;
+                self.route.batch_writes = false;
                 // The unnamed portal ends with the implicit transaction.
                 self.route.virtual_portal = None;
                 self.route.pending_copy = None;

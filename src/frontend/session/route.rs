@@ -37,6 +37,10 @@ pub(super) struct RouteState {
     pub(super) movable_begin: Option<String>,
     /// The last Bind, in a still movable transaction, bound such a setting.
     pub(super) setting_bind: bool,
+    /// The batch (up to its Sync) has bound a statement that may write or lock; and
+    /// whether it had before the Bind being routed (see `batch.rs`).
+    pub(super) batch_writes: bool,
+    pub(super) wrote_before_bind: bool,
     /// The merged result of a cross-shard Bind, answered by pgshard to the client's
     /// Describe (portal) and Execute until Sync.
     pub(super) virtual_portal: Option<VirtualPortal>,
