@@ -496,12 +496,7 @@ async fn unix_domain_sockets_to_clients_and_servers() {
     assert_eq!(one[0], b'N');
 
     // The monitor checked the node on its socket.
-    let db = server.state.load().topology.databases["app"].clone();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while db.shards[0].view().nodes[0].in_recovery != Some(false) {
-        assert!(std::time::Instant::now() < deadline, "node never checked");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_checked(&server).await;
 
     // At shutdown the socket file goes with the listener.
     server.shut_down();
@@ -589,6 +584,16 @@ fn test_server_cert(dir: &std::path::Path, ca: &str, name: &str, ip: &str) {
     test_cert(dir, ca, name, "server", &ext);
 }
 
+/// Waits until the monitor has checked the shard's primary (as a primary).
+async fn until_checked(server: &pgshard::frontend::Server) {
+    let db = server.state.load().topology.databases["app"].clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while db.shards[0].view().nodes[0].in_recovery != Some(false) {
+        assert!(std::time::Instant::now() < deadline, "node never checked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Whether the server connection behind pgshard is encrypted, or why there is none.
 async fn server_ssl(addr: SocketAddr) -> Result<bool, String> {
     let describe = |e: tokio_postgres::Error| match e.as_db_error() {
@@ -660,12 +665,7 @@ async fn tls_to_the_servers() {
     // Verified, and the monitor's checks go over TLS with the same verification.
     let (addr, server) = proxy(&full);
     assert_eq!(server_ssl(addr).await, Ok(true));
-    let db = server.state.load().topology.databases["app"].clone();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while db.shards[0].view().nodes[0].in_recovery != Some(false) {
-        assert!(std::time::Instant::now() < deadline, "node never checked");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_checked(&server).await;
     // prefer (the default) encrypts when the server offers it; disable does not.
     assert_eq!(server_ssl(proxy("{}").0).await, Ok(true));
     assert_eq!(server_ssl(proxy("{ mode: disable }").0).await, Ok(false));
@@ -721,12 +721,7 @@ async fn tls_to_the_servers() {
     );
     let (addr, server) = proxy(&with_cert);
     assert_eq!(server_ssl(addr).await, Ok(true));
-    let db = server.state.load().topology.databases["app"].clone();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while db.shards[0].view().nodes[0].in_recovery != Some(false) {
-        assert!(std::time::Instant::now() < deadline, "node never checked");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_checked(&server).await;
     let e = server_ssl(proxy(&ca_only).0).await.unwrap_err();
     assert!(e.contains("certificate"), "{e}");
     std::fs::write(&hba, plain_hba).unwrap();
