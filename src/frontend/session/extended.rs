@@ -18,24 +18,9 @@ impl Session {
         let tag = frame[0];
         if tag == b'B' {
             // Whether the batch so far only read decides how it may move (see `batch.rs`).
-            let b = protocol::parse_bind(&frame)?;
-            let reads = match self.route.texts.get(b.stmt).cloned() {
-                Some((query, _)) => std::str::from_utf8(&query)
-                    .ok()
-                    .and_then(|sql| self.analysis(sql).ok())
-                    .is_some_and(|a| a.replica_safe),
-                None => false,
-            };
+            // A Bind counts as a write unless `decide_bind` finds a plain read.
             self.route.wrote_before_bind = self.route.batch_writes;
-            self.route.batch_writes |= !reads;
-        }
-        if tag == b'B'
-            && (self.route.movable_begin.is_some() || self.route.deferred_begin.is_some())
-        {
-            // A SET keeps the transaction movable (see `route_query`).
-            self.route.setting_bind = self
-                .bound_statement(&frame)?
-                .is_some_and(|s| super::replay::is_setting(&s));
+            self.route.batch_writes = true;
         }
         if !self.in_batch && !self.holding() && self.backend.is_some() && !self.relay.idle() {
             // A new batch: the previous one's outcome decides where it may go.
@@ -109,6 +94,8 @@ impl Session {
                     // and the statements kept in step all look at it.
                     let one = self.bound_statement(&frame)?;
                     let one = one.as_deref();
+                    // A SET keeps the transaction movable (see `route_query`).
+                    self.route.setting_bind = one.is_some_and(super::replay::is_setting);
                     if self.transaction_control_bind(one)? || self.multi_end_bind(one).await? {
                         return Ok(());
                     }
@@ -165,13 +152,13 @@ impl Session {
             }
             // Later in a batch (no shard can join here): the other participants still
             // take the batch's settings and savepoints.
-            if self.status == b'T'
-                && let Some(e) = self
-                    .keep_bind_in_step(self.bound_statement(&frame)?.as_deref(), &frame)
-                    .await?
-            {
-                self.local_error(e);
-                return Ok(());
+            if self.status == b'T' {
+                let one = self.bound_statement(&frame)?;
+                self.route.setting_bind = one.as_deref().is_some_and(super::replay::is_setting);
+                if let Some(e) = self.keep_bind_in_step(one.as_deref(), &frame).await? {
+                    self.local_error(e);
+                    return Ok(());
+                }
             }
             match self.decide_bind(&frame).await? {
                 Ok(Dest::Shard(s))
@@ -519,6 +506,9 @@ impl Session {
         let Ok(sql) = std::str::from_utf8(&query) else {
             return Ok(Ok(Dest::Shard(self.home_shard())));
         };
-        Ok(self.decide_async(sql, &params).await)
+        self.route.decided_read = false;
+        let dest = self.decide_async(sql, &params).await;
+        self.route.batch_writes = self.route.wrote_before_bind || !self.route.decided_read;
+        Ok(dest)
     }
 }

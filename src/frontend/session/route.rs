@@ -41,6 +41,8 @@ pub(super) struct RouteState {
     /// whether it had before the Bind being routed (see `batch.rs`).
     pub(super) batch_writes: bool,
     pub(super) wrote_before_bind: bool,
+    /// Set by `decide`: the statement it routed is a plain read (replica-safe).
+    pub(super) decided_read: bool,
     /// The merged result of a cross-shard Bind, answered by pgshard to the client's
     /// Describe (portal) and Execute until Sync.
     pub(super) virtual_portal: Option<VirtualPortal>,
@@ -284,6 +286,7 @@ impl Session {
             }
         }
         self.set_read_ok(sql, Some(&a));
+        self.route.decided_read = a.replica_safe;
         Ok(match route {
             Route::Default => Dest::Shard(self.home_shard()),
             Route::Shards(v) if v.len() == 1 => Dest::Shard(v[0]),
