@@ -19,6 +19,14 @@ fn yaml(c: &LocalCluster, extra: &str) -> String {
         + extra
 }
 
+/// As [`yaml`], with the monitor checking but not failing over by itself.
+fn yaml_manual_failover(c: &LocalCluster) -> String {
+    yaml(c, "").replace(
+        "failover: { user: postgres,",
+        "failover: { enabled: false, user: postgres,",
+    )
+}
+
 struct Proxy {
     addr: SocketAddr,
     admin: u16,
@@ -231,10 +239,7 @@ async fn console_shows_everything_and_metrics_move_with_traffic() {
 #[tokio::test]
 async fn a_dead_node_shows_down_and_failover_from_the_console() {
     let mut c = own_cluster(1, 1);
-    let p = proxy(&yaml(&c, "").replace(
-        "failover: { user: postgres,",
-        "failover: { enabled: false, user: postgres,",
-    ));
+    let p = proxy(&yaml_manual_failover(&c));
     let primary = c.shards[0].primary.addr();
     let replica = c.shards[0].replicas[0].addr();
     let app = connect(p.addr).await;
@@ -374,10 +379,7 @@ async fn reload_changes_pools_and_adds_a_replica_without_client_errors() {
 #[tokio::test]
 async fn switchover_loses_no_acknowledged_write() {
     let c = own_cluster(1, 1);
-    let p = proxy(&yaml(&c, "").replace(
-        "failover: { user: postgres,",
-        "failover: { enabled: false, user: postgres,",
-    ));
+    let p = proxy(&yaml_manual_failover(&c));
     let primary = c.shards[0].primary.addr();
     let replica = c.shards[0].replicas[0].addr();
     let app = connect(p.addr).await;

@@ -420,7 +420,7 @@ async fn unix_domain_sockets_to_clients_and_servers() {
         );
     assert!(yaml.contains(&format!("primary: {}", primary.socket_addr())));
     let (addr, server) = start_proxy_server(pgshard::config::Config::from_yaml(&yaml).unwrap());
-    let socket = dir.join(format!(".s.PGSQL.{}", addr.port()));
+    let socket = pgshard::net::socket_path(d, addr.port());
     assert!(socket.exists(), "{} is missing", socket.display());
 
     // tokio-postgres over pgshard's socket, simple and extended; the server sees a Unix

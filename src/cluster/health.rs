@@ -39,6 +39,17 @@ pub fn parse_lsn(s: &str) -> Option<u64> {
     Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
 }
 
+/// Connects, and drives the connection in a task of its own.
+async fn open<T>(config: &tokio_postgres::Config, tls: T) -> Result<tokio_postgres::Client, String>
+where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
+    T::Stream: Send + 'static,
+{
+    let (client, conn) = config.connect(tls).await.map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
 /// A control connection to one node.
 pub(super) struct Control {
     config: tokio_postgres::Config,
@@ -95,24 +106,8 @@ impl Control {
     async fn client(&mut self) -> Result<&tokio_postgres::Client, String> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
             let client = match &self.tls {
-                Some(tls) => {
-                    let (client, conn) = self
-                        .config
-                        .connect(tls.clone())
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    tokio::spawn(conn);
-                    client
-                }
-                None => {
-                    let (client, conn) = self
-                        .config
-                        .connect(tokio_postgres::NoTls)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    tokio::spawn(conn);
-                    client
-                }
+                Some(tls) => open(&self.config, tls.clone()).await?,
+                None => open(&self.config, tokio_postgres::NoTls).await?,
             };
             self.client = Some(client);
         }

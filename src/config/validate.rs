@@ -18,8 +18,7 @@ impl Config {
                 return Err(invalid(key, format!("{dir} is not a directory")));
             }
             // The socket is named after the TCP port, so that clients name both the same.
-            crate::net::ServerAddr::parse(&format!("{dir}:{}", listen.port().max(1)))
-                .map_err(|p| invalid(key, p))?;
+            crate::net::check_socket_path(dir, listen.port()).map_err(|p| invalid(key, p))?;
         }
         if self.users.is_empty() {
             return Err(invalid("users", "at least one user is required"));

@@ -43,7 +43,8 @@ pub fn socket_path(dir: &str, port: u16) -> PathBuf {
     Path::new(dir).join(format!(".s.PGSQL.{port}"))
 }
 
-fn check_socket_path(dir: &str, port: u16) -> Result<PathBuf, String> {
+/// [`socket_path`], refused when the kernel would not take it.
+pub fn check_socket_path(dir: &str, port: u16) -> Result<PathBuf, String> {
     let path = socket_path(dir, port);
     if path.as_os_str().len() > MAX_SOCKET_PATH {
         return Err(format!(

@@ -139,7 +139,10 @@ impl TlsClient {
         mut s: TcpStream,
         ip: IpAddr,
     ) -> io::Result<Result<Box<TlsStream<TcpStream>>, TcpStream>> {
-        s.write_all(&[0, 0, 0, 8, 4, 210, 22, 47]).await?;
+        let mut request = [0u8; 8];
+        request[..4].copy_from_slice(&8i32.to_be_bytes());
+        request[4..].copy_from_slice(&crate::protocol::SSL_REQUEST.to_be_bytes());
+        s.write_all(&request).await?;
         // One byte exactly: anything the server sends after 'S' belongs to the handshake.
         match s.read_u8().await? {
             b'S' => {

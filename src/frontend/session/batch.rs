@@ -14,9 +14,6 @@ use super::{Pending, Session, SessionError};
 use crate::config::PoolMode;
 use crate::protocol;
 
-const FLUSH: [u8; 5] = [b'H', 0, 0, 0, 4];
-const SYNC: [u8; 5] = [b'S', 0, 0, 0, 4];
-
 impl Session {
     /// Whether a Bind for another shard may move the batch there. From a replica's
     /// connection, only outside a transaction (the batch's reads so far need no
@@ -40,7 +37,7 @@ impl Session {
         to: usize,
         frame: &[u8],
     ) -> Result<bool, SessionError> {
-        self.bout.extend_from_slice(&FLUSH);
+        protocol::write_msg(&mut self.bout, b'H', &[]);
         self.settle().await?;
         if self.backend.is_none() || self.relay.skipping {
             return Ok(false);
@@ -56,7 +53,7 @@ impl Session {
         }
         // The shard's part of the batch ends here; its transaction stays open.
         self.relay.push(Pending::InternalSync);
-        self.bout.extend_from_slice(&SYNC);
+        protocol::write_msg(&mut self.bout, b'S', &[]);
         self.settle().await?;
         if self.backend.is_none() || self.status != b'T' {
             return Ok(false);
@@ -72,7 +69,7 @@ impl Session {
     /// batch (a replica for a read). No two-phase commit for a batch of reads.
     async fn move_reads(&mut self, to: usize, frame: &[u8]) -> Result<bool, SessionError> {
         self.relay.push(Pending::InternalSync);
-        self.bout.extend_from_slice(&SYNC);
+        protocol::write_msg(&mut self.bout, b'S', &[]);
         self.settle().await?;
         if self.backend.is_none() || self.status != b'I' {
             return Ok(false);
@@ -112,7 +109,7 @@ impl Session {
         self.multi.batch_commit = false;
         if self.backend.is_some() {
             self.relay.push(Pending::InternalSync);
-            self.bout.extend_from_slice(&SYNC);
+            protocol::write_msg(&mut self.bout, b'S', &[]);
             self.settle().await?;
         } else {
             self.relay.sync_local();

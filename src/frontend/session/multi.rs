@@ -133,7 +133,7 @@ impl Session {
     pub(super) fn write_replay(&mut self) {
         for step in &self.multi.replay {
             self.relay.push(Pending::Internal);
-            self.bout.extend_from_slice(&step.request());
+            step.write(&mut self.bout);
         }
     }
 

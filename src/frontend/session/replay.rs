@@ -19,18 +19,16 @@ pub(super) enum Replay {
 }
 
 impl Replay {
-    /// The messages that replay this step on a server; one ReadyForQuery ends their answer.
-    pub(super) fn request(&self) -> bytes::BytesMut {
-        let mut out = bytes::BytesMut::new();
+    /// Writes the messages that replay this step on a server; one ReadyForQuery ends
+    /// their answer.
+    pub(super) fn write(&self, out: &mut bytes::BytesMut) {
         match self {
-            Replay::Savepoint(sp) => protocol::write_query(
-                &mut out,
-                &format!("SAVEPOINT {}", super::multi::quote_ident(sp)),
-            ),
-            Replay::Set(sql) => protocol::write_query(&mut out, sql),
+            Replay::Savepoint(sp) => {
+                protocol::write_query(out, &format!("SAVEPOINT {}", super::multi::quote_ident(sp)))
+            }
+            Replay::Set(sql) => protocol::write_query(out, sql),
             Replay::Bound(req) => out.extend_from_slice(req),
         }
-        out
     }
 }
 
@@ -180,7 +178,8 @@ impl Session {
             // It fails where it runs, as the transaction is aborted.
             return Ok(None);
         }
-        let req = step.request();
+        let mut req = bytes::BytesMut::new();
+        step.write(&mut req);
         self.multi.replay.push(step);
         self.run_on_parked(&req, "setting").await
     }
