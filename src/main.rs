@@ -41,6 +41,21 @@ enum Cmd {
         #[arg(long)]
         offline: bool,
     },
+    /// Check, install (--apply) or print (--sql) on every shard primary what makes the
+    /// shards generate the keys of tables with `generate_keys: true`: the `pgshard` schema's
+    /// functions, a sequence per table, the key column's default and a CHECK constraint
+    /// that refuses rows whose key belongs to another shard.
+    Keys {
+        /// The YAML configuration.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Install (or reinstall) everything, then check it.
+        #[arg(long, conflicts_with = "sql")]
+        apply: bool,
+        /// Only print each shard's SQL, to review or run by hand.
+        #[arg(long)]
+        sql: bool,
+    },
     /// Start a local sharded, replicated cluster of real PostgreSQL servers behind pgshard.
     Demo {
         /// Number of shards.
@@ -84,11 +99,22 @@ fn main() -> ExitCode {
             Ok(c) => {
                 print!("{}", c.describe());
                 if !offline {
-                    runtime().block_on(probe_primaries(&c));
+                    runtime().block_on(async {
+                        probe_primaries(&c).await;
+                        check_keys(&c).await;
+                    });
                 }
                 println!("configuration OK");
                 Ok(())
             }
+            Err(e) => Err(anyhow::anyhow!("{}: {e}", config.display())),
+        },
+        Cmd::Keys { config, apply, sql } => match Config::load(&config) {
+            Ok(c) if sql => {
+                print_keys_sql(&c);
+                Ok(())
+            }
+            Ok(c) => runtime().block_on(keys(c, apply)),
             Err(e) => Err(anyhow::anyhow!("{}: {e}", config.display())),
         },
         Cmd::Serve { config } => Config::load(&config)
@@ -199,6 +225,91 @@ fn demo(
     cluster.stop();
     eprintln!("pgshard demo: stopped; removed {}", cluster.root.display());
     result
+}
+
+/// Each shard's key setup SQL, per database.
+fn print_keys_sql(c: &Config) {
+    for d in &c.databases {
+        let router = pgshard::router::Router::new(d);
+        for s in 0..d.shards.len() {
+            if let Some(sql) =
+                pgshard::sharding::keys::shard_sql(&router.rules.tables, s, d.shards.len())
+            {
+                println!(
+                    "-- database {} shard {s} (primary {})",
+                    d.name, d.shards[s].primary
+                );
+                println!("{sql}");
+            }
+        }
+    }
+}
+
+/// `pgshard keys`: installs (with `apply`) and checks the generated keys of every database;
+/// an error when a shard is not ready.
+async fn keys(c: Config, apply: bool) -> anyhow::Result<()> {
+    let state = pgshard::frontend::State::new(c)?;
+    let mut ready = true;
+    for (name, db) in &state.topology.databases {
+        if !db.router.rules.tables.iter().any(|t| t.generate_keys) {
+            continue;
+        }
+        if apply {
+            for r in pgshard::cluster::keys::apply(db).await {
+                if let Some((_, Err(e))) = r.tables.first() {
+                    anyhow::bail!("database {name} shard {} ({}): {e}", r.shard, r.primary);
+                }
+                println!("database {name} shard {}: installed", r.shard);
+            }
+        }
+        for line in key_report(name, db).await {
+            ready &= !line.starts_with("  NOT READY");
+            println!("{line}");
+        }
+    }
+    if !ready {
+        anyhow::bail!("some shards do not generate keys yet; run `pgshard keys --apply`");
+    }
+    Ok(())
+}
+
+/// `check`: whether the shards generate the keys of `generate_keys` tables.
+async fn check_keys(c: &Config) {
+    let generating = c
+        .databases
+        .iter()
+        .any(|d| d.sharded_tables.iter().any(|t| t.generate_keys));
+    if !generating {
+        return;
+    }
+    match pgshard::frontend::State::new(c.clone()) {
+        Ok(state) => {
+            println!("generated keys:");
+            for (name, db) in &state.topology.databases {
+                for line in key_report(name, db).await {
+                    println!("{line}");
+                }
+            }
+        }
+        Err(e) => println!("generated keys: not checked ({e})"),
+    }
+}
+
+/// One line per shard and generating table: ready, or what is wrong.
+async fn key_report(name: &str, db: &pgshard::cluster::Database) -> Vec<String> {
+    let mut out = Vec::new();
+    for r in pgshard::cluster::keys::check(db).await {
+        for (table, res) in &r.tables {
+            out.push(match res {
+                Ok(()) => format!("  database {name} shard {} {table}: keys ready", r.shard),
+                Err(e) => format!(
+                    "  NOT READY database {name} shard {} ({}) {table}: {e}",
+                    r.shard, r.primary
+                ),
+            });
+        }
+    }
+    out
 }
 
 /// Connects to every primary (1 s each, all at once) and reports what two-phase commit

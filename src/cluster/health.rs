@@ -51,7 +51,7 @@ where
 }
 
 /// A control connection to one node.
-pub(super) struct Control {
+pub struct Control {
     config: tokio_postgres::Config,
     /// TLS as the node's pool speaks it (None: plain).
     tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
@@ -60,8 +60,34 @@ pub(super) struct Control {
 }
 
 impl Control {
+    /// A connection as the failover user (the server user by default).
     pub(super) fn new(db: &Database, node: &super::Node) -> Control {
         let f = &db.config.failover;
+        let (user, password) = match &f.user {
+            Some(u) => (u.as_str(), f.password.as_deref()),
+            None => (
+                db.config.server_user.as_str(),
+                db.config.server_password.as_deref(),
+            ),
+        };
+        let timeout = Duration::from_millis(f.check_timeout_ms);
+        Control::with_login(db, node, user, password, "pgshard monitor", timeout)
+    }
+
+    /// A connection as the server user, for setup commands (`pgshard keys`).
+    pub fn as_server_user(db: &Database, node: &super::Node, timeout: Duration) -> Control {
+        let (user, password) = (&db.config.server_user, &db.config.server_password);
+        Control::with_login(db, node, user, password.as_deref(), "pgshard", timeout)
+    }
+
+    fn with_login(
+        db: &Database,
+        node: &super::Node,
+        user: &str,
+        password: Option<&str>,
+        application: &str,
+        timeout: Duration,
+    ) -> Control {
         let sa = &node.pool.target.addr;
         let mut config = tokio_postgres::Config::new();
         // A host starting with '/' is a socket directory to tokio-postgres, as to libpq.
@@ -69,14 +95,10 @@ impl Control {
             .host(sa.host())
             .port(sa.port())
             .dbname(db.config.server_database())
-            .user(f.user.as_deref().unwrap_or(&db.config.server_user))
-            .application_name("pgshard monitor")
-            .connect_timeout(Duration::from_millis(f.check_timeout_ms));
-        if let Some(p) = f.password.as_ref().or(if f.user.is_none() {
-            db.config.server_password.as_ref()
-        } else {
-            None
-        }) {
+            .user(user)
+            .application_name(application)
+            .connect_timeout(timeout);
+        if let Some(p) = password {
             config.password(p.as_bytes());
         }
         // The pool's target has TLS only for TCP nodes and a mode other than disable.
@@ -99,7 +121,7 @@ impl Control {
             config,
             tls,
             client: None,
-            timeout: Duration::from_millis(f.check_timeout_ms),
+            timeout,
         }
     }
 
@@ -115,7 +137,7 @@ impl Control {
     }
 
     /// Runs a simple query; the rows' text values. The connection is dropped on failure.
-    pub(super) async fn query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, String> {
+    pub async fn query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, String> {
         let timeout = self.timeout;
         let run = async {
             let c = self.client().await?;

@@ -6,6 +6,7 @@
 
 mod failover;
 mod health;
+pub mod keys;
 mod switchover;
 
 use crate::backend::BackendTarget;
@@ -21,7 +22,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 pub use failover::FailoverError;
-pub use health::parse_lsn;
+pub use health::{Control, parse_lsn};
 
 /// One server of a shard.
 pub struct Node {
@@ -146,6 +147,8 @@ pub struct Database {
     pub recovered_commits: std::sync::atomic::AtomicU64,
     pub recovered_rollbacks: std::sync::atomic::AtomicU64,
     splits_reads: bool,
+    /// Turns for rows that may go to any shard (`next_shard`).
+    turn: std::sync::atomic::AtomicUsize,
 }
 
 /// Why no node can serve a request.
@@ -160,6 +163,22 @@ impl Database {
     /// asked for every query).
     pub fn splits_reads(&self) -> bool {
         self.splits_reads
+    }
+
+    /// The shard for rows that may go to any shard (their keys made there): the next in
+    /// turn whose primary the monitor has not seen down, so that such INSERTs spread over
+    /// the shards and keep working while one shard's primary is down.
+    pub fn next_shard(&self) -> usize {
+        let n = self.shards.len();
+        let first = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let up = |s: usize| {
+            self.primary(s)
+                .is_ok_and(|p| self.shards[s].view().nodes.get(p).is_none_or(|st| st.up))
+        };
+        (0..n)
+            .map(|i| (first + i) % n)
+            .find(|&s| up(s))
+            .unwrap_or(first % n)
     }
 
     /// The node that takes a shard's writes.
@@ -395,6 +414,7 @@ impl Topology {
                     two_phase_commits: Default::default(),
                     recovered_commits: Default::default(),
                     recovered_rollbacks: Default::default(),
+                    turn: Default::default(),
                 };
                 (d.name.clone(), Arc::new(db))
             })

@@ -292,6 +292,12 @@ pub struct ShardedTableConfig {
     /// shard.
     #[serde(default)]
     pub directory: Option<DirectoryConfig>,
+    /// The shards make the key of a row an INSERT leaves it out of (hash-sharded integer
+    /// keys): pgshard sends such an INSERT to one shard, whose column default
+    /// `pgshard.next_key(...)` (installed by `pgshard keys --apply`) draws a key that
+    /// hashes to that shard.
+    #[serde(default)]
+    pub generate_keys: bool,
 }
 
 /// A directory-sharded table's lookup table.

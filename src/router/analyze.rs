@@ -32,6 +32,9 @@ pub enum Target {
     Keys(Vec<(usize, KeyRef)>),
     /// Sharded (or reference) tables without a usable key: every shard.
     All,
+    /// Rows whose keys the shards generate (an INSERT that leaves out the key of a
+    /// `generate_keys` table): any one shard, the session's own if it has one.
+    Any,
 }
 
 /// What kind of statement.
@@ -94,6 +97,11 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
         insert_split: None,
         replica_safe: false,
     };
+    // `Any` joins whatever the other statements need (the first statement's target for
+    // one statement); with no statement, the default shard.
+    if !stmts.is_empty() {
+        out.target = Target::Any;
+    }
     if let [Statement::Query(q)] = stmts.as_slice() {
         let spec = merge_spec(q);
         if let Ok(spec) = &spec {
@@ -112,6 +120,9 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
             a.target,
         ) {
             (Target::All, _) | (_, Target::All) => Target::All,
+            // Rows whose keys the shards make may go wherever the other statements go
+            // (statements of a string over several shards are routed one by one).
+            (Target::Any, t) | (t, Target::Any) => t,
             (Target::Default, t) | (t, Target::Default) => t,
             (Target::Keys(mut a), Target::Keys(b)) => {
                 a.extend(b);
@@ -132,6 +143,10 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
     Ok(out)
 }
 
+/// Why a statement with an INSERT whose keys the shards generate cannot be routed: its
+/// other parts need particular shards, and the new rows must all go to one.
+const KEYLESS_ALONE: &str = "an INSERT that leaves its shard key to the shards runs on one shard of pgshard's choosing; it cannot be part of a statement that needs other shards (send it on its own)";
+
 /// Collects the sharded tables a statement reads or writes, and key predicates on them.
 #[derive(Default)]
 struct Collector {
@@ -140,6 +155,10 @@ struct Collector {
     keys: Vec<(usize, KeyRef)>,
     reference: bool,
     kind: Option<Kind>,
+    /// An INSERT whose keys the shards generate (see `Target::Any`).
+    any_shard: bool,
+    /// Why a nested statement (a data-modifying CTE) cannot be routed.
+    error: Option<String>,
 }
 
 pub(super) fn name_of(n: &ObjectName) -> Option<String> {
@@ -273,8 +292,16 @@ fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
             }
         }
     }
+    if let Some(e) = c.error {
+        return Err(e);
+    }
     let kind = c.kind.map_or(kind, |k| k.max(kind));
-    let target = if c.reference && kind >= Kind::Write {
+    let target = if c.any_shard {
+        if !c.seen.is_empty() || c.reference && kind >= Kind::Write {
+            return Err(KEYLESS_ALONE.into());
+        }
+        Target::Any
+    } else if c.reference && kind >= Kind::Write {
         Target::All
     } else if c.seen.is_empty() {
         Target::Default
@@ -293,7 +320,7 @@ fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
         statements: 1,
         merge: None,
         shard_sql: None,
-        inserts_sharded: matches!(st, Statement::Insert(_)) && !c.seen.is_empty(),
+        inserts_sharded: matches!(st, Statement::Insert(_)) && (!c.seen.is_empty() || c.any_shard),
         insert_split: None,
         replica_safe: false,
     })
@@ -327,27 +354,52 @@ fn insert(ins: &sqlparser::ast::Insert, rules: &Rules, c: &mut Collector) -> Res
         }
         return Ok(());
     };
-    c.seen.push(idx);
-    let col = &rules.tables[idx].column;
+    let rule = &rules.tables[idx];
+    let col = &rule.column;
     let pos = ins
         .columns
         .iter()
         .position(|cn| name_of(cn).as_deref() == Some(col.as_str()));
+    let generated = rule.generate_keys;
+    let missing = || {
+        format!(
+            "INSERT into sharded table {n} must give its shard key {col} (or set generate_keys on the table, so that the shards make keys)"
+        )
+    };
     let Some(src) = &ins.source else {
-        return Ok(());
+        // DEFAULT VALUES.
+        return if generated {
+            c.any_shard = true;
+            Ok(())
+        } else {
+            Err(missing())
+        };
     };
     match (&*src.body, pos) {
         (SetExpr::Values(v), Some(pos)) => {
+            let mut defaults = 0;
             for row in &v.rows {
-                match row.content.get(pos).and_then(value_of) {
-                    Some(k) => c.keys.push((idx, k)),
-                    // A computed key: we cannot tell its shard.
-                    None => {
-                        return Err(format!(
-                            "cannot route INSERT into sharded table {n}: its shard key {col} must be a literal or a parameter"
-                        ));
-                    }
+                match row.content.get(pos) {
+                    Some(e) if generated && is_default(e) => defaults += 1,
+                    e => match e.and_then(value_of) {
+                        Some(k) => c.keys.push((idx, k)),
+                        // A computed key: we cannot tell its shard.
+                        None => {
+                            return Err(format!(
+                                "cannot route INSERT into sharded table {n}: its shard key {col} must be a literal or a parameter"
+                            ));
+                        }
+                    },
                 }
+            }
+            if defaults == v.rows.len() {
+                c.any_shard = true;
+            } else if defaults > 0 {
+                return Err(format!(
+                    "INSERT into sharded table {n} gives the shard key {col} in some rows and DEFAULT in others; send them as separate INSERTs"
+                ));
+            } else {
+                c.seen.push(idx);
             }
         }
         (SetExpr::Values(_), None) if ins.columns.is_empty() => {
@@ -355,11 +407,19 @@ fn insert(ins: &sqlparser::ast::Insert, rules: &Rules, c: &mut Collector) -> Res
                 "INSERT into sharded table {n} must name its columns (pgshard finds the shard key {col} by name)"
             ));
         }
-        (SetExpr::Values(_), None) => {
-            return Err(format!(
-                "INSERT into sharded table {n} must give its shard key {col}"
-            ));
+        (_, None) if generated => {
+            // The rows' keys come from the shard they land on; a query that makes the rows
+            // must then read nothing that lives on other shards.
+            let mut source = Collector::default();
+            query(src, rules, &mut source);
+            if !source.seen.is_empty() || source.any_shard || source.error.is_some() {
+                return Err(format!(
+                    "INSERT ... SELECT into sharded table {n} reads sharded tables: pgshard runs it on one shard, which holds only part of their rows"
+                ));
+            }
+            c.any_shard = true;
         }
+        (SetExpr::Values(_), None) => return Err(missing()),
         _ => {
             // The new rows' keys come out of a query: their shards are unknown here, and
             // routing by the query's own keys would put rows on the wrong shard.
@@ -369,6 +429,11 @@ fn insert(ins: &sqlparser::ast::Insert, rules: &Rules, c: &mut Collector) -> Res
         }
     }
     Ok(())
+}
+
+/// `DEFAULT` in a VALUES row.
+fn is_default(e: &Expr) -> bool {
+    matches!(e, Expr::Identifier(id) if id.quote_style.is_none() && id.value.eq_ignore_ascii_case("default"))
 }
 
 /// A query: its CTEs, its body, and (for the target) nothing else.
@@ -395,16 +460,22 @@ fn set_expr(s: &SetExpr, rules: &Rules, c: &mut Collector) {
         SetExpr::Insert(st) | SetExpr::Update(st) | SetExpr::Delete(st) | SetExpr::Merge(st) => {
             // A data-modifying CTE.
             c.kind = Some(Kind::Write);
-            if let Ok(a) = statement(st, rules) {
-                match a.target {
-                    Target::Keys(k) => {
-                        c.seen.extend(k.iter().map(|x| x.0));
-                        c.keys.extend(k);
+            match statement(st, rules) {
+                Ok(a) => {
+                    match a.target {
+                        Target::Keys(k) => {
+                            c.seen.extend(k.iter().map(|x| x.0));
+                            c.keys.extend(k);
+                        }
+                        Target::All => c.seen.push(usize::MAX),
+                        Target::Any => c.any_shard = true,
+                        Target::Default => {}
                     }
-                    Target::All => c.seen.push(usize::MAX),
-                    Target::Default => {}
+                    c.reference |= a.writes_reference;
                 }
-                c.reference |= a.writes_reference;
+                Err(e) => {
+                    c.error.get_or_insert(e);
+                }
             }
         }
         _ => {}

@@ -112,6 +112,9 @@ pub enum Route {
     Default,
     /// Exactly these shards (sorted, at least one).
     Shards(Vec<usize>),
+    /// Any one shard (rows whose keys the shard generates): the session's own if it has
+    /// one, else the next in turn.
+    Any,
 }
 
 /// Why a statement cannot be routed.
@@ -215,6 +218,7 @@ impl Router {
     pub fn resolve(&self, a: &Analysis, p: &Params<'_>) -> Result<Route, RouteError> {
         match &a.target {
             Target::Default => Ok(Route::Default),
+            Target::Any => Ok(Route::Any),
             Target::All => Ok(Route::Shards((0..self.shards).collect())),
             Target::Keys(keys) => {
                 let mut out = Vec::with_capacity(1);

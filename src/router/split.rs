@@ -36,7 +36,9 @@ impl Router {
             };
             match self.resolve(&one, params)? {
                 super::Route::Shards(v) => shard_of_row.push(v[0]),
-                super::Route::Default => shard_of_row.push(self.default_shard()),
+                super::Route::Default | super::Route::Any => {
+                    shard_of_row.push(self.default_shard())
+                }
             }
         }
         let mut shards: Vec<usize> = shard_of_row.clone();

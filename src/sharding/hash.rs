@@ -109,10 +109,13 @@ pub fn hash_int8_extended(v: i64, seed: u64) -> u64 {
 }
 
 /// `hash_combine64`.
+/// The constant `hash_combine64` adds.
+pub const HASH_COMBINE: u64 = 0x49a0_f4dd_15e5_a8e3;
+
 #[inline]
 pub fn hash_combine64(a: u64, b: u64) -> u64 {
     a ^ b
-        .wrapping_add(0x49a0_f4dd_15e5_a8e3)
+        .wrapping_add(HASH_COMBINE)
         .wrapping_add(a << 54)
         .wrapping_add(a >> 7)
 }

@@ -3,6 +3,7 @@
 
 pub mod directory;
 pub mod hash;
+pub mod keys;
 pub mod value;
 
 use crate::config::{ShardMethod, ShardedTableConfig};
@@ -36,6 +37,8 @@ pub struct ShardFn {
     pub table: String,
     pub column: String,
     pub ty: KeyType,
+    /// The shards generate keys left out of INSERTs (see `keys`).
+    pub generate_keys: bool,
     kind: Kind,
 }
 
@@ -191,10 +194,23 @@ impl ShardFn {
                 }
             }
         };
+        if cfg.generate_keys && !(matches!(kind, Kind::Hash) && ty == KeyType::Int) {
+            return Err(format!(
+                "{key}.generate_keys: the shards generate only hash-sharded bigint/integer/smallint keys (this table is {} by {})",
+                match kind {
+                    Kind::Hash => "hashed",
+                    Kind::Range { .. } => "ranged",
+                    Kind::List { .. } => "listed",
+                    Kind::Directory(_) => "in a directory",
+                },
+                ty.name()
+            ));
+        }
         Ok(ShardFn {
             table: cfg.table.to_ascii_lowercase(),
             column: cfg.column.to_ascii_lowercase(),
             ty,
+            generate_keys: cfg.generate_keys,
             kind,
         })
     }

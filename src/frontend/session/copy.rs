@@ -137,7 +137,7 @@ impl Session {
                     }
                 };
                 match route {
-                    router::Route::Default => return Ok(false),
+                    router::Route::Default | router::Route::Any => return Ok(false),
                     router::Route::Shards(v) if v.len() == 1 => {
                         self.copy_forward(frame, v[0]).await?
                     }

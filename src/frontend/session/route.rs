@@ -268,7 +268,7 @@ impl Session {
                     };
                     match self.db.router.resolve(&only, params).map_err(route_err)? {
                         Route::Shards(v) => v.first().copied(),
-                        Route::Default => None,
+                        Route::Default | Route::Any => None,
                     }
                 }
                 None => None,
@@ -289,6 +289,10 @@ impl Session {
         self.route.decided_read = a.replica_safe;
         Ok(match route {
             Route::Default => Dest::Shard(self.home_shard()),
+            Route::Any => Dest::Shard(match &self.backend {
+                Some(_) => self.shard,
+                None => self.db.next_shard(),
+            }),
             Route::Shards(v) if v.len() == 1 => Dest::Shard(v[0]),
             Route::Shards(v) => Dest::Multi(v, a),
         })
