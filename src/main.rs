@@ -202,7 +202,7 @@ fn demo(
         let server = pgshard::frontend::spawn(config, listener)?;
         server.set_config_path(path.clone());
         if shards >= 2 {
-            load_demo_data(listen, shards).await?;
+            load_demo_data(listen, shards, &server).await?;
         }
         // So that the first reads, served by replicas, see the example data.
         cluster.wait_replicas_caught_up()?;
@@ -211,6 +211,9 @@ fn demo(
         println!("  psql \"postgres://app:app@{listen}/app\"");
         if shards >= 2 {
             println!("Try: SELECT * FROM users WHERE id = 42;   (one shard, on a replica)");
+            println!(
+                "     INSERT INTO users (name) VALUES ('you') RETURNING id;   (the shard makes the id)"
+            );
             println!("     SELECT region, count(*) FROM accounts GROUP BY region ORDER BY region;");
             println!(
                 "     SELECT id, name FROM users ORDER BY name LIMIT 5;   (all shards, merged)"
@@ -367,7 +370,7 @@ async fn probe_primaries(c: &Config) {
 /// region (list: geographic sharding), countries as a reference table.
 const DEMO_RULES: &str = "    reference_tables: [countries]
     sharded_tables:
-      - { table: users, column: id, method: hash }
+      - { table: users, column: id, method: hash, generate_keys: true }
       - { table: orders, column: user_id, method: hash }
       - { table: shop_customers, column: id, method: hash }   # used by examples/
       - { table: shop_orders, column: customer_id, method: hash }
@@ -381,7 +384,11 @@ const DEMO_RULES: &str = "    reference_tables: [countries]
 
 /// Creates the example tables through pgshard (DDL goes to every shard) and loads a little
 /// data (each row to its shard; the reference table to every shard by hint).
-async fn load_demo_data(listen: &str, shards: usize) -> anyhow::Result<()> {
+async fn load_demo_data(
+    listen: &str,
+    shards: usize,
+    server: &pgshard::frontend::Server,
+) -> anyhow::Result<()> {
     let (host, port) = listen.rsplit_once(':').unwrap_or(("127.0.0.1", "6432"));
     let (c, conn) = tokio_postgres::connect(
         &format!("host={host} port={port} user=app password=app dbname=app"),
@@ -397,6 +404,7 @@ async fn load_demo_data(listen: &str, shards: usize) -> anyhow::Result<()> {
          CREATE TABLE countries (code text PRIMARY KEY, name text);",
     )
     .await?;
+
     for s in 0..shards {
         c.batch_execute(&format!(
             "/* pgshard: shard={s} */ INSERT INTO countries VALUES
@@ -430,6 +438,16 @@ async fn load_demo_data(listen: &str, shards: usize) -> anyhow::Result<()> {
             &[&(id as i64), region],
         )
         .await?;
+    }
+    // From now on users' ids may be left out: the shards make them (`generate_keys`),
+    // past the ids loaded above.
+    let state = server.state.load();
+    if let Some(db) = state.topology.databases.get("app") {
+        for r in pgshard::cluster::keys::apply(db).await {
+            if let Some((table, Err(e))) = r.tables.first() {
+                anyhow::bail!("generated keys for {table} on shard {}: {e}", r.shard);
+            }
+        }
     }
     Ok(())
 }

@@ -98,6 +98,26 @@ fn demo_serves_a_replicated_cluster_and_cleans_up_on_ctrl_c() {
         assert_eq!(psql(p, "postgres", "SELECT count(*) FROM countries"), "4");
     }
     assert_eq!(total, 100);
+    // A user without an id gets one from the shard it goes to, past the loaded ids.
+    let id: i64 = psql(
+        port,
+        "app",
+        "INSERT INTO users (name) VALUES ('you') RETURNING id",
+    )
+    .lines()
+    .next()
+    .unwrap()
+    .parse()
+    .unwrap();
+    assert!(id > 100, "{id}");
+    assert_eq!(
+        psql(
+            port,
+            "app",
+            &format!("SELECT name FROM users WHERE id = {id}")
+        ),
+        "you"
+    );
     // Each primary streams to its replica, which is in recovery and receives the writes.
     for shard in &cfg.databases[0].shards {
         let p: u16 = shard.primary.rsplit(':').next().unwrap().parse().unwrap();
