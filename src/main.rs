@@ -98,14 +98,12 @@ fn main() -> ExitCode {
         Cmd::Check { config, offline } => match Config::load(&config) {
             Ok(c) => {
                 print!("{}", c.describe());
-                if !offline {
-                    runtime().block_on(async {
-                        probe_primaries(&c).await;
-                        check_keys(&c).await;
-                    });
-                }
-                println!("configuration OK");
-                Ok(())
+                let online = if offline {
+                    Ok(())
+                } else {
+                    runtime().block_on(check_servers(c))
+                };
+                online.map(|()| println!("configuration OK"))
             }
             Err(e) => Err(anyhow::anyhow!("{}: {e}", config.display())),
         },
@@ -276,26 +274,25 @@ async fn keys(c: Config, apply: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `check`: whether the shards generate the keys of `generate_keys` tables.
-async fn check_keys(c: &Config) {
-    let generating = c
-        .databases
-        .iter()
-        .any(|d| d.sharded_tables.iter().any(|t| t.generate_keys));
-    if !generating {
-        return;
-    }
-    match pgshard::frontend::State::new(c.clone()) {
-        Ok(state) => {
-            println!("generated keys:");
-            for (name, db) in &state.topology.databases {
-                for line in key_report(name, db).await {
-                    println!("{line}");
-                }
-            }
+/// `check` online: the primaries' settings, and whether the shards generate the keys of
+/// `generate_keys` tables.
+async fn check_servers(c: Config) -> anyhow::Result<()> {
+    let state = pgshard::frontend::State::new(c)?;
+    probe_primaries(&state).await;
+    let mut header = false;
+    for (name, db) in &state.topology.databases {
+        if !db.router.rules.tables.iter().any(|t| t.generate_keys) {
+            continue;
         }
-        Err(e) => println!("generated keys: not checked ({e})"),
+        if !header {
+            println!("generated keys:");
+            header = true;
+        }
+        for line in key_report(name, db).await {
+            println!("{line}");
+        }
     }
+    Ok(())
 }
 
 /// One line per shard and generating table: ready, or what is wrong.
@@ -315,43 +312,38 @@ async fn key_report(name: &str, db: &pgshard::cluster::Database) -> Vec<String> 
     out
 }
 
-/// Connects to every primary (1 s each, all at once) and reports what two-phase commit
-/// needs: `max_prepared_transactions > 0` where it is on.
-async fn probe_primaries(c: &Config) {
+/// Connects to every primary (all at once, 2 s each; over TLS or a Unix socket as the
+/// pools would) and reports what two-phase commit needs: `max_prepared_transactions > 0`
+/// where it is on.
+async fn probe_primaries(state: &pgshard::frontend::State) {
     let mut tasks = Vec::new();
-    for d in &c.databases {
-        let two_phase =
-            d.two_phase_commit == pgshard::config::TwoPhaseCommit::On && d.shards.len() > 1;
-        for (s, shard) in d.shards.iter().enumerate() {
-            let Ok(addr) = pgshard::config::parse_addr(&shard.primary) else {
-                continue;
-            };
-            let mut cfg = tokio_postgres::Config::new();
-            cfg.host(addr.ip().to_string())
-                .port(addr.port())
-                .dbname(d.server_database())
-                .user(&d.server_user)
-                .connect_timeout(std::time::Duration::from_secs(1));
-            if let Some(p) = &d.server_password {
-                cfg.password(p.as_bytes());
-            }
-            let label = format!("database {} shard {s} primary {}", d.name, shard.primary);
+    for db in state.topology.databases.values() {
+        let two_phase = db.config.two_phase_commit == pgshard::config::TwoPhaseCommit::On
+            && db.shards.len() > 1;
+        for (s, shard) in db.shards.iter().enumerate() {
+            let node = &shard.nodes[0];
+            let label = format!(
+                "database {} shard {s} primary {}",
+                db.config.name, node.addr
+            );
+            let mut control = pgshard::cluster::Control::as_server_user(
+                db,
+                node,
+                std::time::Duration::from_secs(2),
+            );
             tasks.push(tokio::spawn(async move {
-                let probe = async {
-                    let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
-                    tokio::spawn(conn);
-                    let row = client
-                        .query_one("SELECT current_setting('max_prepared_transactions')", &[])
-                        .await?;
-                    Ok::<String, tokio_postgres::Error>(row.get(0))
-                };
-                match tokio::time::timeout(std::time::Duration::from_secs(2), probe).await {
-                    Ok(Ok(n)) if n == "0" && two_phase => format!(
+                let probe = control
+                    .query("SELECT current_setting('max_prepared_transactions')")
+                    .await;
+                match probe.map(|rows| rows.first().and_then(|r| r[0].clone())) {
+                    Ok(Some(n)) if n == "0" && two_phase => format!(
                         "  ERROR {label}: max_prepared_transactions is 0: transactions over several shards will fail to commit (set it above 0 and restart the server, or two_phase_commit: off)"
                     ),
-                    Ok(Ok(n)) => format!("  {label}: reachable, max_prepared_transactions = {n}"),
-                    Ok(Err(e)) => format!("  {label}: not reachable now ({e})"),
-                    Err(_) => format!("  {label}: not reachable now (timed out)"),
+                    Ok(n) => format!(
+                        "  {label}: reachable, max_prepared_transactions = {}",
+                        n.unwrap_or_default()
+                    ),
+                    Err(e) => format!("  {label}: not reachable now ({e})"),
                 }
             }));
         }

@@ -419,6 +419,21 @@ async fn unix_domain_sockets_to_clients_and_servers() {
             "    default_shard: 0\n    failover: { enabled: false, check_interval_ms: 100 }\n",
         );
     assert!(yaml.contains(&format!("primary: {}", primary.socket_addr())));
+    // `pgshard check` reaches the primary on its socket as the pools do.
+    let path = dir.join("check.yaml");
+    std::fs::write(&path, &yaml).unwrap();
+    let out = run_ok(
+        std::process::Command::new(env!("CARGO_BIN_EXE_pgshard"))
+            .args(["check", "--config"])
+            .arg(&path),
+    );
+    assert!(
+        out.contains(&format!(
+            "primary {}: reachable, max_prepared_transactions",
+            primary.socket_addr()
+        )),
+        "{out}"
+    );
     let (addr, server) = start_proxy_server(pgshard::config::Config::from_yaml(&yaml).unwrap());
     let socket = pgshard::net::socket_path(d, addr.port());
     assert!(socket.exists(), "{} is missing", socket.display());

@@ -699,6 +699,7 @@ pub(super) mod tests {
             vec![
                 t("{ table: users, column: id, method: hash }"),
                 t("{ table: orders, column: user_id, method: hash }"),
+                t("{ table: tickets, column: id, method: hash, generate_keys: true }"),
             ],
             vec!["countries".into()],
         )
@@ -706,6 +707,48 @@ pub(super) mod tests {
 
     fn target(sql: &str) -> Target {
         analyze(sql, &rules()).unwrap().target
+    }
+
+    #[test]
+    fn rows_whose_keys_the_shards_make_go_to_any_shard() {
+        for sql in [
+            "INSERT INTO tickets (title) VALUES ('a'), ('b') RETURNING id",
+            "INSERT INTO tickets (id, title) VALUES (DEFAULT, $1)",
+            "INSERT INTO tickets DEFAULT VALUES",
+            "INSERT INTO tickets (title) SELECT 'x' || g FROM generate_series(1, 3) g",
+            "INSERT INTO tickets (title) SELECT code FROM countries",
+            "INSERT INTO tickets (title) VALUES ('a'); INSERT INTO tickets (title) VALUES ('b')",
+        ] {
+            assert_eq!(target(sql), Target::Any, "{sql}");
+            assert!(analyze(sql, &rules()).unwrap().inserts_sharded, "{sql}");
+        }
+        // With a key it is routed by the key like any row; with other statements it goes
+        // where they go.
+        assert_eq!(
+            target("INSERT INTO tickets (id, title) VALUES (5, 'a')"),
+            Target::Keys(vec![(2, lit("5"))])
+        );
+        assert_eq!(
+            target("INSERT INTO users (id) VALUES (1); INSERT INTO tickets (title) VALUES ('a')"),
+            Target::Keys(vec![(0, lit("1"))])
+        );
+        assert_eq!(
+            target("SELECT 1; INSERT INTO tickets (title) VALUES ('a')"),
+            Target::Default
+        );
+        assert_eq!(target(""), Target::Default);
+        for sql in [
+            "INSERT INTO users (name) VALUES ('a')",
+            "INSERT INTO users DEFAULT VALUES",
+            "INSERT INTO tickets (title) SELECT name FROM users",
+            "INSERT INTO tickets (id) VALUES (DEFAULT), (3)",
+            "WITH x AS (INSERT INTO users (name) VALUES ('a') RETURNING id) SELECT * FROM x",
+        ] {
+            assert!(
+                matches!(analyze(sql, &rules()), Err(AnalyzeError::Unroutable(_))),
+                "{sql}"
+            );
+        }
     }
 
     fn lit(s: &str) -> KeyRef {
