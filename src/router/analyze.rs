@@ -7,7 +7,7 @@ pub use super::merge::{MergeSpec, OrderCol, OrderKey};
 use super::merge::{merge_spec, shard_statement};
 use sqlparser::ast::{
     AssignmentTarget, BinaryOperator, Expr, FromTable, ObjectName, ObjectNamePart, Query, Select,
-    SetExpr, Statement, TableFactor, TableObject, TableWithJoins, UnaryOperator, Value,
+    SetExpr, Statement, TableFactor, TableWithJoins, UnaryOperator, Value,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -67,7 +67,7 @@ pub struct Analysis {
     pub inserts_sharded: bool,
     /// For a single INSERT ... VALUES into a sharded table: the statement and each row's
     /// key, so that it can be split per shard.
-    pub insert_split: Option<std::sync::Arc<super::split::InsertSplit>>,
+    pub insert_split: Option<std::sync::Arc<super::insert::InsertSplit>>,
     /// Only reads, with no locking clause, data-modifying CTE or writing function: may run
     /// on a replica.
     pub replica_safe: bool,
@@ -135,7 +135,7 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
         && let Target::Keys(keys) = &out.target
         && out.inserts_sharded
     {
-        out.insert_split = Some(std::sync::Arc::new(super::split::InsertSplit {
+        out.insert_split = Some(std::sync::Arc::new(super::insert::InsertSplit {
             statement: st.clone(),
             keys: keys.clone(),
         }));
@@ -149,16 +149,16 @@ const KEYLESS_ALONE: &str = "an INSERT that leaves its shard key to the shards r
 
 /// Collects the sharded tables a statement reads or writes, and key predicates on them.
 #[derive(Default)]
-struct Collector {
+pub(super) struct Collector {
     /// Sharded tables seen (by rule index).
-    seen: Vec<usize>,
-    keys: Vec<(usize, KeyRef)>,
-    reference: bool,
+    pub(super) seen: Vec<usize>,
+    pub(super) keys: Vec<(usize, KeyRef)>,
+    pub(super) reference: bool,
     kind: Option<Kind>,
     /// An INSERT whose keys the shards generate (see `Target::Any`).
-    any_shard: bool,
+    pub(super) any_shard: bool,
     /// Why a nested statement (a data-modifying CTE) cannot be routed.
-    error: Option<String>,
+    pub(super) error: Option<String>,
 }
 
 pub(super) fn name_of(n: &ObjectName) -> Option<String> {
@@ -187,7 +187,7 @@ fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
         }
         Statement::Insert(ins) => {
             kind = Kind::Write;
-            insert(ins, rules, &mut c)?;
+            super::insert::insert(ins, rules, &mut c)?;
         }
         Statement::Update(u) => {
             kind = Kind::Write;
@@ -338,106 +338,8 @@ fn ddl_names<'a>(names: impl Iterator<Item = &'a ObjectName>, rules: &Rules, c: 
     }
 }
 
-fn insert(ins: &sqlparser::ast::Insert, rules: &Rules, c: &mut Collector) -> Result<(), String> {
-    let TableObject::TableName(name) = &ins.table else {
-        return Ok(());
-    };
-    let Some(n) = name_of(name) else {
-        return Ok(());
-    };
-    if rules.is_reference(&n) {
-        c.reference = true;
-    }
-    let Some(idx) = rules.table(&n) else {
-        if let Some(src) = &ins.source {
-            query(src, rules, c);
-        }
-        return Ok(());
-    };
-    let rule = &rules.tables[idx];
-    let col = &rule.column;
-    let pos = ins
-        .columns
-        .iter()
-        .position(|cn| name_of(cn).as_deref() == Some(col.as_str()));
-    let generated = rule.generate_keys;
-    let missing = || {
-        format!(
-            "INSERT into sharded table {n} must give its shard key {col} (or set generate_keys on the table, so that the shards make keys)"
-        )
-    };
-    let Some(src) = &ins.source else {
-        // DEFAULT VALUES.
-        return if generated {
-            c.any_shard = true;
-            Ok(())
-        } else {
-            Err(missing())
-        };
-    };
-    match (&*src.body, pos) {
-        (SetExpr::Values(v), Some(pos)) => {
-            let mut defaults = 0;
-            for row in &v.rows {
-                match row.content.get(pos) {
-                    Some(e) if generated && is_default(e) => defaults += 1,
-                    e => match e.and_then(value_of) {
-                        Some(k) => c.keys.push((idx, k)),
-                        // A computed key: we cannot tell its shard.
-                        None => {
-                            return Err(format!(
-                                "cannot route INSERT into sharded table {n}: its shard key {col} must be a literal or a parameter"
-                            ));
-                        }
-                    },
-                }
-            }
-            if defaults == v.rows.len() {
-                c.any_shard = true;
-            } else if defaults > 0 {
-                return Err(format!(
-                    "INSERT into sharded table {n} gives the shard key {col} in some rows and DEFAULT in others; send them as separate INSERTs"
-                ));
-            } else {
-                c.seen.push(idx);
-            }
-        }
-        (SetExpr::Values(_), None) if ins.columns.is_empty() => {
-            return Err(format!(
-                "INSERT into sharded table {n} must name its columns (pgshard finds the shard key {col} by name)"
-            ));
-        }
-        (_, None) if generated => {
-            // The rows' keys come from the shard they land on; a query that makes the rows
-            // must then read nothing that lives on other shards.
-            let mut source = Collector::default();
-            query(src, rules, &mut source);
-            if !source.seen.is_empty() || source.any_shard || source.error.is_some() {
-                return Err(format!(
-                    "INSERT ... SELECT into sharded table {n} reads sharded tables: pgshard runs it on one shard, which holds only part of their rows"
-                ));
-            }
-            c.any_shard = true;
-        }
-        (SetExpr::Values(_), None) => return Err(missing()),
-        _ => {
-            // The new rows' keys come out of a query: their shards are unknown here, and
-            // routing by the query's own keys would put rows on the wrong shard.
-            return Err(format!(
-                "INSERT ... SELECT into sharded table {n} is not supported: pgshard cannot tell the shards of the new rows; use INSERT ... VALUES"
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// `DEFAULT` in a VALUES row.
-fn is_default(e: &Expr) -> bool {
-    matches!(e, Expr::Identifier(id) if id.quote_style.is_none() && id.value.eq_ignore_ascii_case("default"))
-}
-
 /// A query: its CTEs, its body, and (for the target) nothing else.
-fn query(q: &Query, rules: &Rules, c: &mut Collector) {
+pub(super) fn query(q: &Query, rules: &Rules, c: &mut Collector) {
     if let Some(with) = &q.with {
         for cte in &with.cte_tables {
             query(&cte.query, rules, c);
@@ -707,48 +609,6 @@ pub(super) mod tests {
 
     fn target(sql: &str) -> Target {
         analyze(sql, &rules()).unwrap().target
-    }
-
-    #[test]
-    fn rows_whose_keys_the_shards_make_go_to_any_shard() {
-        for sql in [
-            "INSERT INTO tickets (title) VALUES ('a'), ('b') RETURNING id",
-            "INSERT INTO tickets (id, title) VALUES (DEFAULT, $1)",
-            "INSERT INTO tickets DEFAULT VALUES",
-            "INSERT INTO tickets (title) SELECT 'x' || g FROM generate_series(1, 3) g",
-            "INSERT INTO tickets (title) SELECT code FROM countries",
-            "INSERT INTO tickets (title) VALUES ('a'); INSERT INTO tickets (title) VALUES ('b')",
-        ] {
-            assert_eq!(target(sql), Target::Any, "{sql}");
-            assert!(analyze(sql, &rules()).unwrap().inserts_sharded, "{sql}");
-        }
-        // With a key it is routed by the key like any row; with other statements it goes
-        // where they go.
-        assert_eq!(
-            target("INSERT INTO tickets (id, title) VALUES (5, 'a')"),
-            Target::Keys(vec![(2, lit("5"))])
-        );
-        assert_eq!(
-            target("INSERT INTO users (id) VALUES (1); INSERT INTO tickets (title) VALUES ('a')"),
-            Target::Keys(vec![(0, lit("1"))])
-        );
-        assert_eq!(
-            target("SELECT 1; INSERT INTO tickets (title) VALUES ('a')"),
-            Target::Default
-        );
-        assert_eq!(target(""), Target::Default);
-        for sql in [
-            "INSERT INTO users (name) VALUES ('a')",
-            "INSERT INTO users DEFAULT VALUES",
-            "INSERT INTO tickets (title) SELECT name FROM users",
-            "INSERT INTO tickets (id) VALUES (DEFAULT), (3)",
-            "WITH x AS (INSERT INTO users (name) VALUES ('a') RETURNING id) SELECT * FROM x",
-        ] {
-            assert!(
-                matches!(analyze(sql, &rules()), Err(AnalyzeError::Unroutable(_))),
-                "{sql}"
-            );
-        }
     }
 
     fn lit(s: &str) -> KeyRef {

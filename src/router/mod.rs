@@ -4,9 +4,9 @@
 
 pub mod analyze;
 pub mod copy;
+pub mod insert;
 pub mod lexer;
 pub mod merge;
-pub mod split;
 
 use crate::config::DatabaseConfig;
 use crate::sharding::{ShardError, ShardFn};

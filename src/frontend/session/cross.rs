@@ -259,7 +259,7 @@ impl Session {
             std::collections::HashMap::new();
         if let Multi::SplitInsert(parts) = &plan {
             for (s, sql) in parts {
-                let (sql, keep) = match crate::router::split::renumber_params(sql) {
+                let (sql, keep) = match crate::router::insert::renumber_params(sql) {
                     Ok(x) => x,
                     Err(e) => {
                         self.local_error(PgError::new(
