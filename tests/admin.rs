@@ -244,6 +244,11 @@ async fn a_dead_node_shows_down_and_failover_from_the_console() {
     let replica = c.shards[0].replicas[0].addr();
     let app = connect(p.addr).await;
     app.batch_execute("SELECT 1").await.unwrap();
+    let (listener, mut notes) = listening_client(p.addr).await;
+    listener
+        .batch_execute("LISTEN after_failover")
+        .await
+        .unwrap();
     c.shards[0].primary.stop_with(libc::SIGKILL);
     wait_until("primary down", async || {
         admin(p.admin, "SHOW SERVERS").contains(&format!("{primary}|primary|down|"))
@@ -262,6 +267,20 @@ async fn a_dead_node_shows_down_and_failover_from_the_console() {
                 .is_ok(),
             Err(_) => false,
         }
+    })
+    .await;
+    // pgshard's listener connection followed the primary: a NOTIFY there reaches the
+    // client that listened before the failover.
+    wait_until("a notification from the new primary", async || {
+        if let Ok(c) = try_connect(p.addr, "app", "app", "app").await {
+            let _ = c
+                .batch_execute("NOTIFY after_failover, 'new primary'")
+                .await;
+        }
+        matches!(
+            tokio::time::timeout(std::time::Duration::from_millis(300), notes.recv()).await,
+            Ok(Some((ch, payload))) if ch == "after_failover" && payload == "new primary"
+        )
     })
     .await;
     let m = metrics(p.metrics).await;

@@ -259,17 +259,113 @@ async fn listen_notify_in_session_mode() {
 }
 
 #[tokio::test]
-async fn listen_is_refused_in_transaction_mode() {
-    let c = connect(tx_proxy()).await;
-    let e = c.batch_execute("LISTEN chan").await.unwrap_err();
+async fn listen_notify_in_transaction_mode() {
+    // A pool of two server connections: one for the listening client's transaction below,
+    // one for the other client; a LISTEN that held one would starve the other client.
+    let addr = start_proxy_yaml(&base_yaml("transaction", 2));
+    let (l, mut rx) = listening_client(addr).await;
+    l.batch_execute("LISTEN tx_jobs").await.unwrap();
+    l.batch_execute("LISTEN \"Mixed Chan\"").await.unwrap();
+    let other = connect(addr).await;
+    other.batch_execute("NOTIFY tx_jobs, 'one'").await.unwrap();
+    other
+        .batch_execute("SELECT pg_notify('Mixed Chan', 'two')")
+        .await
+        .unwrap();
+    assert_eq!(
+        next_notification(&mut rx).await,
+        ("tx_jobs".into(), "one".into())
+    );
+    assert_eq!(
+        next_notification(&mut rx).await,
+        ("Mixed Chan".into(), "two".into())
+    );
+    // The listening client goes on using the pool like any other.
+    let one: i32 = l.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+    // Notifications wait while the client is in a transaction, as PostgreSQL delivers them.
+    l.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    other
+        .batch_execute("NOTIFY tx_jobs, 'three'")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(rx.try_recv().is_err(), "delivered inside a transaction");
+    // LISTEN inside a transaction block is refused (it would take effect at COMMIT).
+    let e = l.batch_execute("LISTEN later").await.unwrap_err();
     assert_eq!(sqlstate(&e), "0A000");
-    // Inside a transaction the error puts the transaction in the failed state, as PostgreSQL would.
-    c.batch_execute("BEGIN").await.unwrap();
-    let e = c.batch_execute("LISTEN chan").await.unwrap_err();
+    l.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(
+        next_notification(&mut rx).await,
+        ("tx_jobs".into(), "three".into())
+    );
+    // UNLISTEN stops one channel; the other still arrives.
+    l.batch_execute("UNLISTEN tx_jobs").await.unwrap();
+    other.batch_execute("NOTIFY tx_jobs, 'four'").await.unwrap();
+    other
+        .batch_execute("NOTIFY \"Mixed Chan\", 'five'")
+        .await
+        .unwrap();
+    assert_eq!(
+        next_notification(&mut rx).await,
+        ("Mixed Chan".into(), "five".into())
+    );
+    // The listener connection is killed: pgshard reconnects and listens again.
+    other
+        .batch_execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'pgshard listener'",
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no notification after the reconnect"
+        );
+        other
+            .batch_execute("NOTIFY \"Mixed Chan\", 'again'")
+            .await
+            .unwrap();
+        match tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {
+            Ok(Some(n)) => {
+                assert_eq!(n, ("Mixed Chan".into(), "again".into()));
+                break;
+            }
+            _ => continue,
+        }
+    }
+    // Refused: LISTEN in the extended protocol, or with other statements; bad names.
+    for (sql, code) in [
+        ("LISTEN a; SELECT 1", "0A000"),
+        ("LISTEN 1abc", "42601"),
+        ("UNLISTEN", "42601"),
+    ] {
+        let e = l.batch_execute(sql).await.unwrap_err();
+        assert_eq!(sqlstate(&e), code, "{sql}");
+    }
+    let e = l.query("LISTEN extended_chan", &[]).await.unwrap_err();
     assert_eq!(sqlstate(&e), "0A000");
-    let e = c.batch_execute("SELECT 1").await.unwrap_err();
-    assert_eq!(sqlstate(&e), "25P02");
-    c.batch_execute("ROLLBACK").await.unwrap();
+    // DISCARD ALL ends every LISTEN, as on a server.
+    l.batch_execute("DISCARD ALL").await.unwrap();
+    other
+        .batch_execute("NOTIFY \"Mixed Chan\", 'gone'")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    while let Ok(n) = rx.try_recv() {
+        assert_eq!(n.1, "again", "{n:?} after DISCARD ALL");
+    }
+    // No server connection is left listening for clients.
+    let listening: i64 = other
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name <> 'pgshard listener' AND query ILIKE 'LISTEN%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(listening, 0);
 }
 
 #[tokio::test]

@@ -788,3 +788,43 @@ async fn extended_protocol_begin_waits_for_the_first_statement() {
         assert_eq!(n, 1, "key {key} committed on shard {shard}");
     }
 }
+
+#[tokio::test]
+async fn listen_hears_every_shard_once() {
+    let addr = setup().await;
+    let (l, mut rx) = listening_client(addr).await;
+    l.batch_execute("LISTEN shard_news").await.unwrap();
+    let c = connect(addr).await;
+    for s in 0..2 {
+        c.batch_execute(&format!(
+            "/* pgshard: shard={s} */ NOTIFY shard_news, 'from shard {s}'"
+        ))
+        .await
+        .unwrap();
+    }
+    // From a statement routed by its key, as a trigger on a sharded table would send it.
+    let id = (1..)
+        .find(|k| partition_of(&HashKey::Int(*k), 2) == 1)
+        .unwrap();
+    c.query(
+        "SELECT pg_notify('shard_news', 'user ' || id) FROM users WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(next_notification(&mut rx).await.1);
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "from shard 0".to_string(),
+            "from shard 1".to_string(),
+            format!("user {id}")
+        ]
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(rx.try_recv().is_err(), "a notification arrived twice");
+}

@@ -50,6 +50,29 @@ where
     Ok(client)
 }
 
+/// Connects; the connection runs in a task of its own that sends its notifications to `tx`.
+async fn notifying<T>(
+    config: &tokio_postgres::Config,
+    tls: T,
+    tx: tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>,
+) -> Result<tokio_postgres::Client, String>
+where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
+    T::Stream: Send + 'static,
+{
+    let (client, mut conn) = config.connect(tls).await.map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = m
+                && tx.send(n).is_err()
+            {
+                return;
+            }
+        }
+    });
+    Ok(client)
+}
+
 /// A control connection to one node.
 pub struct Control {
     config: tokio_postgres::Config,
@@ -123,6 +146,28 @@ impl Control {
             client: None,
             timeout,
         }
+    }
+
+    /// A connection of its own whose notifications (LISTEN) arrive on the receiver, which
+    /// ends when the connection does.
+    pub async fn listen_connection(
+        &self,
+        application: &str,
+    ) -> Result<
+        (
+            tokio_postgres::Client,
+            tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>,
+        ),
+        String,
+    > {
+        let mut config = self.config.clone();
+        config.application_name(application);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let client = match &self.tls {
+            Some(tls) => notifying(&config, tls.clone(), tx).await?,
+            None => notifying(&config, tokio_postgres::NoTls, tx).await?,
+        };
+        Ok((client, rx))
     }
 
     async fn client(&mut self) -> Result<&tokio_postgres::Client, String> {

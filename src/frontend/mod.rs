@@ -3,6 +3,7 @@
 
 pub mod auth;
 mod cancel;
+pub mod listen;
 pub mod ops;
 pub mod session;
 mod startup;
@@ -110,6 +111,8 @@ fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result
 pub struct Server {
     pub state: ArcSwap<State>,
     pub cancels: CancelRegistry,
+    /// LISTEN in transaction pooling mode: pgshard's listener connections.
+    pub listeners: listen::Listeners,
     /// Set on shutdown: the listener stops.
     shutdown: tokio::sync::watch::Sender<bool>,
     sessions: std::sync::atomic::AtomicUsize,
@@ -176,6 +179,7 @@ impl Server {
         Arc::new(Server {
             state: ArcSwap::from_pointee(state),
             cancels: CancelRegistry::default(),
+            listeners: listen::Listeners::default(),
             shutdown: tokio::sync::watch::Sender::new(false),
             sessions: std::sync::atomic::AtomicUsize::new(0),
             stops: Mutex::new(HashMap::new()),

@@ -9,6 +9,7 @@ pub enum StatementKind {
     /// `SET`/`RESET` of a session parameter (or a call of `set_config`).
     SessionSetting,
     Listen,
+    Unlisten,
     /// `DISCARD ALL` or `DEALLOCATE ALL`: every prepared statement of the session is gone.
     DropsAllStatements,
     /// `DEALLOCATE [PREPARE] name`.
@@ -207,10 +208,11 @@ pub fn classify(stmt: &str) -> StatementKind {
     // Most statements are decided by their first word (SELECT, INSERT...): the next two
     // are read only after one of the keywords below.
     let (first, one) = leading_words::<1>(stmt);
-    const LEADS: [&str; 11] = [
+    const LEADS: [&str; 12] = [
         "SET",
         "RESET",
         "LISTEN",
+        "UNLISTEN",
         "BEGIN",
         "START",
         "COMMIT",
@@ -240,6 +242,9 @@ pub fn classify(stmt: &str) -> StatementKind {
     }
     if is(0, "LISTEN") {
         return StatementKind::Listen;
+    }
+    if is(0, "UNLISTEN") {
+        return StatementKind::Unlisten;
     }
     if is(0, "BEGIN") || (is(0, "START") && is(1, "TRANSACTION")) {
         return StatementKind::Begin;
@@ -461,6 +466,7 @@ mod tests {
             SessionSetting
         );
         assert_eq!(classify("LISTEN chan"), Listen);
+        assert_eq!(classify("unlisten *"), Unlisten);
         assert_eq!(classify("discard all"), DropsAllStatements);
         assert_eq!(classify("DEALLOCATE PREPARE s1"), Deallocate("s1".into()));
         assert_eq!(classify("deallocate \"S1\""), Deallocate("S1".into()));

@@ -466,3 +466,35 @@ pub fn serve_process(
     wait_listening(addr);
     ServeProcess { child, addr }
 }
+
+/// A client whose notifications (channel, payload) arrive on the receiver.
+pub async fn listening_client(
+    addr: SocketAddr,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+) {
+    let (client, mut conn) =
+        tokio_postgres::connect(&conn_str(addr, "app", "app", "app"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                let _ = tx.send((n.channel().to_string(), n.payload().to_string()));
+            }
+        }
+    });
+    (client, rx)
+}
+
+/// The next notification, within 10 s.
+pub async fn next_notification(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+) -> (String, String) {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("a notification within 10 s")
+        .expect("the connection is open")
+}

@@ -13,6 +13,7 @@ mod copy_out;
 mod cross;
 mod extended;
 mod io;
+mod listen;
 mod multi;
 mod prepared;
 mod replay;
@@ -104,6 +105,8 @@ pub struct Session {
     /// `slow_query_ms`: requests slower than this are logged, with their text.
     pub slow: Option<std::time::Duration>,
     slow_text: Option<Bytes>,
+    /// LISTEN in transaction pooling mode: the session's channels and notifications.
+    listen: Option<Box<crate::frontend::listen::Subscriber>>,
 }
 
 /// Fingerprint of a settings list; 0 means "server defaults".
@@ -167,6 +170,7 @@ impl Session {
             ops: None,
             slow: None,
             slow_text: None,
+            listen: None,
         }
     }
 
@@ -190,6 +194,7 @@ impl Session {
             if self.handle_client_frames().await? {
                 return Ok(());
             }
+            self.deliver_notifications();
             self.flush().await?;
             if self.client_eof {
                 return Ok(());
@@ -212,13 +217,23 @@ impl Session {
                 backend,
                 shutdown,
                 draining,
+                listen,
                 ..
             } = self;
             enum Got {
                 Client(std::io::Result<usize>),
                 Backend(Result<(), crate::backend::BackendError>),
                 Shutdown,
+                Notification,
             }
+            // Only sessions that LISTEN (transaction mode) wait for notifications.
+            let listening = listen.as_ref().is_some_and(|l| !l.is_empty());
+            let note = async {
+                match listen {
+                    Some(l) => l.rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             let stop = async {
                 match shutdown {
                     Some(rx) if !*draining && watch_stop => {
@@ -234,15 +249,28 @@ impl Session {
                         r = reader.read_buf(crbuf) => Got::Client(r),
                         r = b.fill() => Got::Backend(r),
                         _ = stop => Got::Shutdown,
+                        Some(frame) = note, if listening => {
+                            if let Some(l) = listen.as_mut() {
+                                l.backlog.extend_from_slice(&frame);
+                            }
+                            Got::Notification
+                        }
                     }
                 }
                 None => tokio::select! {
                     r = reader.read_buf(crbuf) => Got::Client(r),
                     _ = stop => Got::Shutdown,
+                    Some(frame) = note, if listening => {
+                        if let Some(l) = listen.as_mut() {
+                            l.backlog.extend_from_slice(&frame);
+                        }
+                        Got::Notification
+                    }
                 },
             };
             match got {
                 Got::Shutdown => self.draining = true,
+                Got::Notification => {}
                 Got::Client(Ok(0)) => {
                     self.client_eof = true;
                     return Ok(());
@@ -255,6 +283,7 @@ impl Session {
                 }
                 Got::Backend(Err(e)) => self.backend_lost(e.to_string()),
             }
+            self.deliver_notifications();
             self.flush().await?;
             if self.client_eof {
                 return Ok(());
@@ -437,16 +466,21 @@ impl Session {
         for st in statements {
             match router::classify(st) {
                 StatementKind::SessionSetting => self.settings_dirty = true,
-                StatementKind::Listen if self.mode == PoolMode::Transaction => {
-                    let e = PgError::new(
-                        "0A000",
-                        "LISTEN is not supported in transaction pooling mode",
-                    )
-                    .with_hint("Use a database with pool mode session for LISTEN/NOTIFY.");
-                    self.answer_error(e);
-                    return Ok(());
+                kind @ (StatementKind::Listen | StatementKind::Unlisten)
+                    if self.mode == PoolMode::Transaction =>
+                {
+                    return self
+                        .listen_statement(st, statements.len() == 1, &kind)
+                        .await;
                 }
                 StatementKind::DropsAllStatements if self.mode == PoolMode::Transaction => {
+                    // DISCARD ALL includes UNLISTEN *.
+                    if let Some(l) = self.listen.as_mut()
+                        && router::lexer::leading_words::<1>(st).0[0]
+                            .eq_ignore_ascii_case("discard")
+                    {
+                        l.unlisten(None);
+                    }
                     self.statements.clear();
                     self.settings_dirty = true;
                     if let Some(b) = self.backend.as_mut() {

@@ -70,7 +70,7 @@ impl Session {
         if self.mode == PoolMode::Session {
             if tag == b'P' {
                 let p = protocol::parse_parse(frame)?;
-                if classify_bytes(p.query) {
+                if classify_bytes(p.query).setting {
                     self.settings_dirty = true;
                 }
             }
@@ -131,7 +131,20 @@ impl Session {
     /// their text, and are prepared once per server connection.
     pub(super) fn tx_parse(&mut self, frame: &[u8]) -> Result<(), SessionError> {
         let p = protocol::parse_parse(frame)?;
-        let is_setting = classify_bytes(p.query);
+        let kind = classify_bytes(p.query);
+        if kind.listen {
+            // pgshard listens for clients in the simple protocol only (a LISTEN left on a
+            // pooled server connection would deliver to nobody, or to the wrong client).
+            self.local_error(
+                PgError::new(
+                    "0A000",
+                    "LISTEN and UNLISTEN in the extended query protocol are not supported in transaction pooling mode",
+                )
+                .with_hint("Send them as simple queries (as psql, asyncpg and node-postgres send them; pgjdbc with preferQueryMode=simple)."),
+            );
+            return Ok(());
+        }
+        let is_setting = kind.setting;
         if is_setting {
             self.settings_dirty = true;
         }
@@ -219,13 +232,29 @@ impl Session {
     }
 }
 
-/// Whether a statement text changes session settings (it is replayed on other servers).
-pub(super) fn classify_bytes(q: &[u8]) -> bool {
-    let setting = |st: &str| router::classify(st) == StatementKind::SessionSetting;
-    std::str::from_utf8(q).is_ok_and(|s| match router::single_statement(s) {
-        Some(one) => setting(one),
-        None => router::split_statements(s).into_iter().any(setting),
-    })
+/// What the session must know of a statement text it is asked to prepare.
+#[derive(Default)]
+pub(super) struct ParseKind {
+    /// It changes session settings (they are replayed on other servers).
+    pub(super) setting: bool,
+    /// LISTEN or UNLISTEN.
+    pub(super) listen: bool,
+}
+
+pub(super) fn classify_bytes(q: &[u8]) -> ParseKind {
+    let mut out = ParseKind::default();
+    let mut note = |st: &str| match router::classify(st) {
+        StatementKind::SessionSetting => out.setting = true,
+        StatementKind::Listen | StatementKind::Unlisten => out.listen = true,
+        _ => {}
+    };
+    if let Ok(s) = std::str::from_utf8(q) {
+        match router::single_statement(s) {
+            Some(one) => note(one),
+            None => router::split_statements(s).into_iter().for_each(note),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
