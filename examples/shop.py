@@ -1,6 +1,7 @@
 """A small shop on pgshard with psycopg 3: creates a sharded schema (customers by id,
 their orders co-located by customer id), writes and reads customers with their orders,
-runs a cross-shard report and a transaction over two shards.
+runs a cross-shard report and a transaction over two shards, and hears about it with
+LISTEN/NOTIFY (in transaction pooling mode, pgshard listens for its clients).
 
     cargo run -- demo                  # in another terminal
     pip install 'psycopg[binary]'
@@ -78,6 +79,14 @@ def main() -> None:
         b = db.execute("SELECT credit::text FROM shop_customers WHERE id = %s", (dst,)).fetchone()[0]
         print(f"transfer: {src} has {a}, {dst} has {b}")
         assert (a, b) == ("75.00", "125.00")
+
+        # A listener hears about it, whichever shard the NOTIFY runs on.
+        with psycopg.connect(URL, autocommit=True) as listener:
+            listener.execute("LISTEN shop_transfers")
+            db.execute("SELECT pg_notify('shop_transfers', %s)", (f"{src}->{dst}",))
+            heard = [n.payload for n in listener.notifies(timeout=10, stop_after=1)]
+            print(f"heard: {heard}")
+            assert heard == [f"{src}->{dst}"], heard
         print("shop example OK")
 
 

@@ -140,7 +140,7 @@ impl Session {
                     "0A000",
                     "LISTEN and UNLISTEN in the extended query protocol are not supported in transaction pooling mode",
                 )
-                .with_hint("Send them as simple queries (as psql, asyncpg and node-postgres send them; pgjdbc with preferQueryMode=simple)."),
+                .with_hint("Send them as simple queries (as psql, psycopg, asyncpg and node-postgres send them; pgjdbc with preferQueryMode=simple)."),
             );
             return Ok(());
         }
