@@ -335,7 +335,21 @@ async fn listen_notify_in_transaction_mode() {
             _ => continue,
         }
     }
-    // Refused: LISTEN in the extended protocol, or with other statements; bad names.
+    // In the extended protocol (a prepared statement, as pgjdbc and Npgsql send it).
+    let st = l.prepare("LISTEN extended_chan").await.unwrap();
+    assert_eq!(l.execute(&st, &[]).await.unwrap(), 0);
+    other
+        .batch_execute("NOTIFY extended_chan, 'ext'")
+        .await
+        .unwrap();
+    assert_eq!(
+        next_notification(&mut rx).await,
+        ("extended_chan".into(), "ext".into())
+    );
+    l.execute("UNLISTEN extended_chan", &[]).await.unwrap();
+    let one: i32 = l.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1, "the unnamed statement is a query again");
+    // Refused: LISTEN with other statements; bad names.
     for (sql, code) in [
         ("LISTEN a; SELECT 1", "0A000"),
         ("LISTEN 1abc", "42601"),
@@ -344,8 +358,8 @@ async fn listen_notify_in_transaction_mode() {
         let e = l.batch_execute(sql).await.unwrap_err();
         assert_eq!(sqlstate(&e), code, "{sql}");
     }
-    let e = l.query("LISTEN extended_chan", &[]).await.unwrap_err();
-    assert_eq!(sqlstate(&e), "0A000");
+    let e = l.execute("LISTEN \"\"", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "42601");
     // DISCARD ALL ends every LISTEN, as on a server.
     l.batch_execute("DISCARD ALL").await.unwrap();
     other

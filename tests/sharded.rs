@@ -827,4 +827,13 @@ async fn listen_hears_every_shard_once() {
     );
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(rx.try_recv().is_err(), "a notification arrived twice");
+    // LISTEN in the extended protocol on a sharded database.
+    l.execute("LISTEN shard_ext", &[]).await.unwrap();
+    c.batch_execute("/* pgshard: shard=1 */ NOTIFY shard_ext, 'ext'")
+        .await
+        .unwrap();
+    assert_eq!(
+        next_notification(&mut rx).await,
+        ("shard_ext".to_string(), "ext".to_string())
+    );
 }

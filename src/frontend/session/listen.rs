@@ -4,6 +4,30 @@
 
 use super::*;
 
+/// LISTEN and UNLISTEN prepared in the extended protocol (transaction mode): statement
+/// and portal names -> statement text. pgshard answers their messages itself.
+#[derive(Default)]
+pub(super) struct ListenStatements {
+    stmts: HashMap<Bytes, String>,
+    portals: HashMap<Bytes, String>,
+}
+
+impl ListenStatements {
+    pub(super) fn is_empty(&self) -> bool {
+        self.stmts.is_empty() && self.portals.is_empty()
+    }
+
+    pub(super) fn forget_unnamed(&mut self) {
+        self.stmts.remove(&b""[..]);
+    }
+}
+
+/// The portal name of an Execute.
+fn execute_portal(frame: &[u8]) -> &[u8] {
+    let body = frame.get(5..).unwrap_or_default();
+    &body[..memchr::memchr(0, body).unwrap_or(body.len())]
+}
+
 impl Session {
     /// A simple-query LISTEN or UNLISTEN (`st`, the string's only statement when
     /// `alone`) in transaction pooling mode.
@@ -11,63 +35,67 @@ impl Session {
         &mut self,
         st: &str,
         alone: bool,
-        kind: &StatementKind,
     ) -> Result<(), SessionError> {
-        let verb = if *kind == StatementKind::Listen {
+        // Answers in order: whatever the client sent before comes back first.
+        self.settle().await?;
+        let r = if alone {
+            self.apply_listen(st).await
+        } else {
+            Err(PgError::new(
+                "0A000",
+                "LISTEN and UNLISTEN must be sent on their own in transaction pooling mode",
+            )
+            .with_hint("Send it as a query string of its own."))
+        };
+        match r {
+            Ok(tag) => {
+                self.relay.drain_local(&mut self.cout);
+                protocol::write_msg(&mut self.cout, b'C', format!("{tag}\0").as_bytes());
+                protocol::write_ready(&mut self.cout, self.status);
+            }
+            Err(e) => self.answer_error(e),
+        }
+        Ok(())
+    }
+
+    /// Subscribes or unsubscribes the session; the command tag.
+    async fn apply_listen(&mut self, st: &str) -> Result<&'static str, PgError> {
+        let verb = if router::classify(st) == StatementKind::Listen {
             "LISTEN"
         } else {
             "UNLISTEN"
         };
-        // Answers in order: whatever the client sent before comes back first.
-        self.settle().await?;
-        if !alone {
-            self.answer_error(
-                PgError::new(
-                    "0A000",
-                    format!("{verb} must be sent on its own in transaction pooling mode"),
-                )
-                .with_hint("Send it as a query string of its own."),
-            );
-            return Ok(());
-        }
         if self.status != b'I' || self.route.deferred_begin.is_some() {
-            self.answer_error(
-                PgError::new(
-                    "0A000",
-                    format!("{verb} inside a transaction block is not supported in transaction pooling mode"),
-                )
-                .with_hint("Send it outside a transaction (in autocommit mode)."),
-            );
-            return Ok(());
+            return Err(PgError::new(
+                "0A000",
+                format!(
+                    "{verb} inside a transaction block is not supported in transaction pooling mode"
+                ),
+            )
+            .with_hint("Send it outside a transaction (in autocommit mode)."));
         }
         let Some(channel) = crate::frontend::listen::channel_of(st) else {
-            self.answer_error(PgError::new(
+            return Err(PgError::new(
                 "42601",
                 format!(
                     "syntax error in {verb}: a channel name{} is expected",
                     if verb == "UNLISTEN" { " or *" } else { "" }
                 ),
             ));
-            return Ok(());
         };
         match channel {
             Some(channel) if verb == "LISTEN" => {
                 if self.listen.is_none() {
                     let Some(ops) = &self.ops else {
-                        self.answer_error(PgError::new("0A000", "LISTEN is not available here"));
-                        return Ok(());
+                        return Err(PgError::new("0A000", "LISTEN is not available here"));
                     };
                     let sub = ops.server.listeners.subscriber(&ops.server, &ops.database);
                     self.listen = Some(Box::new(sub));
                 }
                 let sub = self.listen.as_mut().expect("just set");
-                if let Err(e) = sub.listen(&channel).await {
-                    self.answer_error(PgError::new(
-                        "08006",
-                        format!("could not listen on \"{channel}\": {e}"),
-                    ));
-                    return Ok(());
-                }
+                sub.listen(&channel).await.map_err(|e| {
+                    PgError::new("08006", format!("could not listen on \"{channel}\": {e}"))
+                })?;
             }
             channel => {
                 if let Some(sub) = self.listen.as_mut() {
@@ -75,10 +103,118 @@ impl Session {
                 }
             }
         }
+        Ok(verb)
+    }
+
+    /// A Parse of LISTEN or UNLISTEN (transaction mode): kept here, never on a server.
+    pub(super) fn parse_listen(&mut self, name: &[u8], query: &[u8]) {
+        let text = String::from_utf8_lossy(query).trim().to_string();
+        if router::split_statements(&text).len() > 1 {
+            self.local_error(PgError::new(
+                "42601",
+                "cannot insert multiple commands into a prepared statement",
+            ));
+            return;
+        }
+        if !name.is_empty()
+            && (self.statements.contains_key(name) || self.listen_ext.stmts.contains_key(name))
+        {
+            self.local_error(PgError::new(
+                "42P05",
+                format!(
+                    "prepared statement \"{}\" already exists",
+                    String::from_utf8_lossy(name)
+                ),
+            ));
+            return;
+        }
+        self.listen_ext
+            .stmts
+            .insert(Bytes::copy_from_slice(name), text);
+        self.synth(empty_frame(b'1'));
+    }
+
+    fn synth(&mut self, frame: Bytes) {
+        self.relay.push(Pending::Synth { frame, undo: None });
         self.relay.drain_local(&mut self.cout);
-        protocol::write_msg(&mut self.cout, b'C', format!("{verb}\0").as_bytes());
-        protocol::write_ready(&mut self.cout, self.status);
-        Ok(())
+    }
+
+    /// Bind, Describe, Execute and Close of a LISTEN statement or portal (transaction
+    /// mode), answered here; false for other messages (a Bind reusing a LISTEN portal's
+    /// name for another statement ends that portal here).
+    pub(super) async fn extended_listen(
+        &mut self,
+        tag: u8,
+        frame: &[u8],
+    ) -> Result<bool, SessionError> {
+        match tag {
+            b'B' => {
+                let b = protocol::parse_bind(frame)?;
+                match self.listen_ext.stmts.get(b.stmt) {
+                    Some(text) => {
+                        let text = text.clone();
+                        self.listen_ext
+                            .portals
+                            .insert(Bytes::copy_from_slice(b.portal), text);
+                        self.synth(empty_frame(b'2'));
+                        Ok(true)
+                    }
+                    None => {
+                        self.listen_ext.portals.remove(b.portal);
+                        Ok(false)
+                    }
+                }
+            }
+            b'D' => {
+                let (kind, name) = protocol::parse_target(frame, "Describe")?;
+                let known = match kind {
+                    b'S' => self.listen_ext.stmts.contains_key(name),
+                    _ => self.listen_ext.portals.contains_key(name),
+                };
+                if !known {
+                    return Ok(false);
+                }
+                let mut out = BytesMut::new();
+                if kind == b'S' {
+                    // No parameters, no rows.
+                    protocol::write_msg(&mut out, b't', &[0, 0]);
+                }
+                protocol::write_msg(&mut out, b'n', &[]);
+                self.synth(out.freeze());
+                Ok(true)
+            }
+            b'C' => {
+                let (kind, name) = protocol::parse_target(frame, "Close")?;
+                let removed = match kind {
+                    b'S' => self.listen_ext.stmts.remove(name).is_some(),
+                    _ => self.listen_ext.portals.remove(name).is_some(),
+                };
+                if removed {
+                    self.synth(empty_frame(b'3'));
+                }
+                Ok(removed)
+            }
+            b'E' => {
+                let Some(text) = self.listen_ext.portals.get(execute_portal(frame)).cloned() else {
+                    return Ok(false);
+                };
+                // In order, and only if nothing before it in the batch failed.
+                self.settle().await?;
+                if self.relay.skipping || self.local_skip {
+                    return Ok(true);
+                }
+                match self.apply_listen(&text).await {
+                    Ok(tag) => {
+                        let mut out = BytesMut::new();
+                        protocol::write_msg(&mut out, b'C', format!("{tag}\0").as_bytes());
+                        self.synth(out.freeze());
+                    }
+                    Err(e) => self.local_error(e),
+                }
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     /// Notifications received so far go to the client if it is between transactions.

@@ -107,6 +107,7 @@ pub struct Session {
     slow_text: Option<Bytes>,
     /// LISTEN in transaction pooling mode: the session's channels and notifications.
     listen: Option<Box<crate::frontend::listen::Subscriber>>,
+    listen_ext: listen::ListenStatements,
 }
 
 /// Fingerprint of a settings list; 0 means "server defaults".
@@ -171,6 +172,7 @@ impl Session {
             slow: None,
             slow_text: None,
             listen: None,
+            listen_ext: listen::ListenStatements::default(),
         }
     }
 
@@ -466,12 +468,10 @@ impl Session {
         for st in statements {
             match router::classify(st) {
                 StatementKind::SessionSetting => self.settings_dirty = true,
-                kind @ (StatementKind::Listen | StatementKind::Unlisten)
+                StatementKind::Listen | StatementKind::Unlisten
                     if self.mode == PoolMode::Transaction =>
                 {
-                    return self
-                        .listen_statement(st, statements.len() == 1, &kind)
-                        .await;
+                    return self.listen_statement(st, statements.len() == 1).await;
                 }
                 StatementKind::DropsAllStatements if self.mode == PoolMode::Transaction => {
                     // DISCARD ALL includes UNLISTEN *.

@@ -77,6 +77,9 @@ impl Session {
             self.push_forward(tag, frame);
             return Ok(());
         }
+        if tag != b'P' && !self.listen_ext.is_empty() && self.extended_listen(tag, frame).await? {
+            return Ok(());
+        }
         match tag {
             b'P' => self.tx_parse(frame)?,
             b'B' => {
@@ -133,16 +136,14 @@ impl Session {
         let p = protocol::parse_parse(frame)?;
         let kind = classify_bytes(p.query);
         if kind.listen {
-            // pgshard listens for clients in the simple protocol only (a LISTEN left on a
-            // pooled server connection would deliver to nobody, or to the wrong client).
-            self.local_error(
-                PgError::new(
-                    "0A000",
-                    "LISTEN and UNLISTEN in the extended query protocol are not supported in transaction pooling mode",
-                )
-                .with_hint("Send them as simple queries (as psql, psycopg, asyncpg and node-postgres send them; pgjdbc with preferQueryMode=simple)."),
-            );
+            // pgshard listens for the client: a LISTEN left on a pooled server connection
+            // would deliver to nobody, or to the wrong client.
+            self.parse_listen(p.name, p.query);
             return Ok(());
+        }
+        if p.name.is_empty() && !self.listen_ext.is_empty() {
+            // The unnamed statement is no longer a LISTEN.
+            self.listen_ext.forget_unnamed();
         }
         let is_setting = kind.setting;
         if is_setting {
