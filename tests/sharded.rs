@@ -251,6 +251,55 @@ async fn cross_shard_selects_merge_like_one_database() {
 }
 
 #[tokio::test]
+async fn unions_across_shards_match_plain_postgres() {
+    let addr = setup().await;
+    let c = connect(addr).await;
+    let plain = connect_server(ports()[0], "plain").await;
+    for q in [
+        // A keyed SELECT with one that has no key: every shard (not the key's alone).
+        "SELECT id FROM users WHERE id = 1 UNION ALL SELECT user_id FROM orders WHERE user_id < 6 ORDER BY 1",
+        "SELECT id FROM users WHERE id < 20 UNION ALL SELECT user_id FROM orders WHERE user_id < 10 ORDER BY 1",
+        "SELECT name FROM users UNION SELECT name FROM users ORDER BY name",
+        "SELECT id, name FROM users WHERE id <= 5 UNION SELECT user_id, 'o' FROM orders WHERE user_id <= 3 ORDER BY id DESC, name LIMIT 4 OFFSET 1",
+        "SELECT total FROM orders UNION SELECT score FROM users ORDER BY 1 LIMIT 10",
+        "(SELECT id FROM users WHERE id > 190) UNION ALL (SELECT user_id FROM orders WHERE user_id > 195) ORDER BY id",
+        "SELECT name FROM users WHERE id = 3 UNION SELECT 'constant' ORDER BY 1",
+    ] {
+        let a = rows(&c.simple_query(q).await.unwrap());
+        let b = rows(&plain.simple_query(q).await.unwrap());
+        assert_eq!(a, b, "{q}");
+        assert!(!a.is_empty(), "{q}");
+    }
+    // Extended protocol, with parameters in both SELECTs.
+    let q = "SELECT id FROM users WHERE id < $1 UNION SELECT user_id FROM orders WHERE user_id < $2 ORDER BY 1 DESC";
+    let a: Vec<i64> = c
+        .query(q, &[&30i64, &40i64])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let b: Vec<i64> = plain
+        .query(q, &[&30i64, &40i64])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(a, b);
+    // What would not combine is refused, never answered wrongly.
+    for q in [
+        "SELECT id FROM users UNION ALL SELECT 5",
+        "SELECT id FROM users INTERSECT SELECT user_id FROM orders",
+        "SELECT count(*) FROM users UNION ALL SELECT count(*) FROM orders",
+        "SELECT id FROM users UNION ALL SELECT user_id FROM orders UNION SELECT 1",
+    ] {
+        let e = c.simple_query(q).await.unwrap_err();
+        assert_eq!(sqlstate(&e), "0A000", "{q}");
+    }
+}
+
+#[tokio::test]
 async fn writes_and_transactions_over_shards() {
     let addr = setup().await;
     let mut c = connect(addr).await;

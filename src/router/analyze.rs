@@ -103,7 +103,8 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
         out.target = Target::Any;
     }
     if let [Statement::Query(q)] = stmts.as_slice() {
-        let spec = merge_spec(q);
+        let spec =
+            merge_spec(q).and_then(|spec| union_rows_partitioned(q, &spec, rules).map(|()| spec));
         if let Ok(spec) = &spec {
             out.shard_sql = shard_statement(q, spec);
         }
@@ -143,6 +144,24 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
     Ok(out)
 }
 
+/// A UNION ALL over several shards concatenates what each shard's run of it returns: right
+/// only when every SELECT in it reads a sharded table (whose rows the shards partition);
+/// the rows of any other SELECT would come back once per shard.
+fn union_rows_partitioned(q: &Query, spec: &MergeSpec, rules: &Rules) -> Result<(), String> {
+    if matches!(*q.body, SetExpr::Select(_)) || spec.distinct {
+        return Ok(());
+    }
+    let (leaves, _) = super::merge::union_leaves(&q.body)?;
+    for leaf in leaves {
+        let mut c = Collector::default();
+        select(leaf, rules, &mut c);
+        if c.seen.is_empty() {
+            return Err("UNION ALL across shards of a SELECT that reads no sharded table would repeat its rows once per shard; use UNION, or run that SELECT on its own".into());
+        }
+    }
+    Ok(())
+}
+
 /// Why a statement with an INSERT whose keys the shards generate cannot be routed: its
 /// other parts need particular shards, and the new rows must all go to one.
 const KEYLESS_ALONE: &str = "an INSERT that leaves its shard key to the shards runs on one shard of pgshard's choosing; it cannot be part of a statement that needs other shards (send it on its own)";
@@ -159,6 +178,10 @@ pub(super) struct Collector {
     pub(super) any_shard: bool,
     /// Why a nested statement (a data-modifying CTE) cannot be routed.
     pub(super) error: Option<String>,
+    /// A part that is not joined to the others (a branch of UNION, INTERSECT, EXCEPT)
+    /// reads sharded tables without a key: it needs every shard, whatever keys the other
+    /// parts have (co-location does not apply).
+    unkeyed: bool,
 }
 
 pub(super) fn name_of(n: &ObjectName) -> Option<String> {
@@ -305,7 +328,7 @@ fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
         Target::All
     } else if c.seen.is_empty() {
         Target::Default
-    } else if c.keys.is_empty() || kind == Kind::Ddl {
+    } else if c.keys.is_empty() || c.unkeyed || kind == Kind::Ddl {
         Target::All
     } else {
         // Tables without a key of their own are taken to be co-located with the keyed ones
@@ -356,8 +379,19 @@ fn set_expr(s: &SetExpr, rules: &Rules, c: &mut Collector) {
         SetExpr::Select(sel) => select(sel, rules, c),
         SetExpr::Query(q) => query(q, rules, c),
         SetExpr::SetOperation { left, right, .. } => {
-            set_expr(left, rules, c);
-            set_expr(right, rules, c);
+            for side in [left, right] {
+                let mut part = Collector::default();
+                set_expr(side, rules, &mut part);
+                c.unkeyed |= part.unkeyed || (!part.seen.is_empty() && part.keys.is_empty());
+                c.seen.extend(part.seen);
+                c.keys.extend(part.keys);
+                c.reference |= part.reference;
+                c.kind = c.kind.max(part.kind);
+                c.any_shard |= part.any_shard;
+                if c.error.is_none() {
+                    c.error = part.error;
+                }
+            }
         }
         SetExpr::Insert(st) | SetExpr::Update(st) | SetExpr::Delete(st) | SetExpr::Merge(st) => {
             // A data-modifying CTE.
@@ -662,6 +696,30 @@ pub(super) mod tests {
         let a = analyze("SELECT * FROM users WHERE id = 1 FOR UPDATE", &rules()).unwrap();
         assert_eq!(a.kind, Kind::Write);
         assert_eq!(a.target, Target::Keys(vec![(0, lit("1"))]));
+    }
+
+    #[test]
+    fn set_operation_branches_are_not_co_located() {
+        // A branch without a key needs every shard: the other branch's key does not
+        // bring it to one shard (it is no join on the key).
+        for sql in [
+            "SELECT id FROM users WHERE id = 1 UNION ALL SELECT user_id FROM orders",
+            "SELECT user_id FROM orders UNION SELECT id FROM users WHERE id = 1",
+            "SELECT id FROM users WHERE id = 1 EXCEPT SELECT user_id FROM orders",
+            "SELECT 1 UNION ALL (SELECT id FROM users WHERE id = 1 UNION ALL SELECT id FROM users)",
+        ] {
+            assert_eq!(target(sql), Target::All, "{sql}");
+        }
+        assert_eq!(
+            target(
+                "SELECT id FROM users WHERE id = 1 UNION ALL SELECT user_id FROM orders WHERE user_id = 2"
+            ),
+            Target::Keys(vec![(0, lit("1")), (1, lit("2"))])
+        );
+        assert_eq!(
+            target("SELECT id FROM users WHERE id = 1 UNION SELECT 5"),
+            Target::Keys(vec![(0, lit("1"))])
+        );
     }
 
     #[test]

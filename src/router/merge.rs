@@ -3,7 +3,7 @@
 //! reason rather than answered wrongly.
 
 use super::analyze::{KeyRef, name_of, value_of};
-use sqlparser::ast::{Expr, Query, SetExpr, Value};
+use sqlparser::ast::{Expr, Query, Select, SetExpr, Value};
 
 /// How rows from several shards combine into the client's result.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -240,8 +240,12 @@ fn plan(q: &Query) -> Result<MergeSpec, String> {
             "{what} across shards is not supported yet; add a shard key condition or a /* pgshard: shard=N */ hint"
         ))
     };
-    let SetExpr::Select(sel) = &*q.body else {
-        return unsupported("a set operation (UNION/INTERSECT/EXCEPT)");
+    let (sel, union_all) = match &*q.body {
+        SetExpr::Select(sel) => (sel.as_ref(), None),
+        body => {
+            let (leaves, all) = union_leaves(body)?;
+            (leaves[0], Some(all))
+        }
     };
     let (distinct, distinct_on) = match &sel.distinct {
         None => (false, None),
@@ -299,7 +303,8 @@ fn plan(q: &Query) -> Result<MergeSpec, String> {
         items.push((e.to_string(), alias.map(|a| a.value.to_ascii_lowercase())));
     }
     let mut spec = MergeSpec {
-        distinct,
+        // UNION removes duplicates over every shard's rows; UNION ALL keeps them.
+        distinct: union_all.map_or(distinct, |all| !all),
         ..MergeSpec::default()
     };
     if any_aggregate || !group_exprs.is_empty() {
@@ -371,8 +376,11 @@ fn plan(q: &Query) -> Result<MergeSpec, String> {
                             .iter()
                             .position(|(t, alias)| t == n || alias.as_deref() == Some(n))
                     };
-                    let no_hidden =
-                        spec.aggregates.is_some() || spec.distinct || !spec.distinct_on.is_empty();
+                    // A UNION's ORDER BY names result columns only (PostgreSQL's rule).
+                    let no_hidden = spec.aggregates.is_some()
+                        || spec.distinct
+                        || !spec.distinct_on.is_empty()
+                        || union_all.is_some();
                     if let Some(p) = items.iter().position(|(t, _)| *t == text) {
                         OrderCol::Position(p)
                     } else if let Expr::Identifier(id) = e {
@@ -460,6 +468,86 @@ fn plan(q: &Query) -> Result<MergeSpec, String> {
         }
     }
     Ok(spec)
+}
+
+/// The SELECTs of a UNION (or UNION ALL) tree, left to right, and whether it is ALL: what
+/// every shard's run of the whole query gives, concatenated (ALL) or de-duplicated, is the
+/// answer when each SELECT is plain (no aggregates, grouping, window functions, and for
+/// ALL no DISTINCT, whose per-shard results would not combine). INTERSECT and EXCEPT
+/// need rows of other shards: refused.
+pub(super) fn union_leaves(body: &SetExpr) -> Result<(Vec<&Select>, bool), String> {
+    fn walk<'a>(
+        e: &'a SetExpr,
+        all: &mut Option<bool>,
+        out: &mut Vec<&'a Select>,
+    ) -> Result<(), String> {
+        let refuse = |what: &str| {
+            Err(format!(
+                "{what} across shards is not supported yet; add a shard key condition or a /* pgshard: shard=N */ hint"
+            ))
+        };
+        match e {
+            SetExpr::SetOperation {
+                op: sqlparser::ast::SetOperator::Union,
+                set_quantifier,
+                left,
+                right,
+            } => {
+                let this = match set_quantifier {
+                    sqlparser::ast::SetQuantifier::All => true,
+                    sqlparser::ast::SetQuantifier::Distinct
+                    | sqlparser::ast::SetQuantifier::None => false,
+                    _ => return refuse("UNION BY NAME"),
+                };
+                if all.is_some_and(|a| a != this) {
+                    return refuse("UNION mixed with UNION ALL");
+                }
+                *all = Some(this);
+                walk(left, all, out)?;
+                walk(right, all, out)
+            }
+            SetExpr::SetOperation { .. } => refuse("INTERSECT or EXCEPT"),
+            SetExpr::Query(q)
+                if q.order_by.is_none()
+                    && q.limit_clause.is_none()
+                    && q.fetch.is_none()
+                    && q.with.is_none() =>
+            {
+                walk(&q.body, all, out)
+            }
+            SetExpr::Select(s) => {
+                let plain = matches!(s.group_by, sqlparser::ast::GroupByExpr::Expressions(ref g, _) if g.is_empty())
+                    && s.having.is_none()
+                    && !matches!(s.distinct, Some(sqlparser::ast::Distinct::On(_)))
+                    && s.projection.iter().all(|i| match i {
+                        sqlparser::ast::SelectItem::UnnamedExpr(e)
+                        | sqlparser::ast::SelectItem::ExprWithAlias { expr: e, .. } => {
+                            !has_aggregate(e)
+                        }
+                        _ => true,
+                    });
+                if !plain {
+                    return refuse("a UNION of grouped, aggregated or windowed SELECTs");
+                }
+                out.push(s);
+                Ok(())
+            }
+            _ => refuse(
+                "this part of a UNION (VALUES, or a parenthesized query with ORDER BY or LIMIT)",
+            ),
+        }
+    }
+    let mut all = None;
+    let mut out = Vec::new();
+    walk(body, &mut all, &mut out)?;
+    let all = all.unwrap_or(false);
+    if all && out.iter().any(|s| s.distinct.is_some()) {
+        return Err(
+            "a DISTINCT SELECT inside UNION ALL across shards is not supported yet; use UNION"
+                .into(),
+        );
+    }
+    Ok((out, all))
 }
 
 /// A HAVING condition as a [`Pred`]; aggregates that are not output columns become hidden
@@ -781,12 +869,30 @@ mod tests {
             "SELECT DISTINCT ON (lower(name)) name, id FROM users",
             "SELECT count(*) FROM users OFFSET 1",
             "SELECT id FROM users LIMIT $1",
-            "SELECT id FROM users UNION SELECT user_id FROM orders",
+            "SELECT id FROM users INTERSECT SELECT user_id FROM orders",
+            "SELECT id FROM users UNION ALL SELECT user_id FROM orders UNION SELECT 1",
+            "SELECT count(*) FROM users UNION ALL SELECT count(*) FROM orders",
+            "SELECT DISTINCT id FROM users UNION ALL SELECT user_id FROM orders",
+            "SELECT id FROM users UNION ALL (SELECT user_id FROM orders LIMIT 1)",
+            "SELECT id FROM users UNION SELECT id FROM users ORDER BY lower(name)",
             "SELECT row_number() OVER () FROM users",
             "SELECT 1 + max(id) FROM users",
         ] {
             assert!(m(bad).is_err(), "{bad}");
         }
+        // UNION: the shards' rows de-duplicated; UNION ALL: concatenated; ORDER BY and
+        // LIMIT over the result.
+        let u =
+            m("SELECT id FROM users UNION SELECT user_id FROM orders ORDER BY 1 LIMIT 3").unwrap();
+        assert!(u.distinct);
+        assert_eq!(u.limit, Some(3));
+        assert_eq!(u.order.len(), 1);
+        let a = m("SELECT id FROM users UNION ALL (SELECT user_id FROM orders)").unwrap();
+        assert!(a.is_concatenation());
+        // A SELECT of no sharded table would come back from every shard.
+        let e = m("SELECT id FROM users UNION ALL SELECT 7").unwrap_err();
+        assert!(e.contains("once per shard"), "{e}");
+        assert!(m("SELECT id FROM users UNION SELECT 7").unwrap().distinct);
     }
 }
 
