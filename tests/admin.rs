@@ -254,6 +254,15 @@ async fn a_dead_node_shows_down_and_failover_from_the_console() {
         admin(p.admin, "SHOW SERVERS").contains(&format!("{primary}|primary|down|"))
     })
     .await;
+    // The listener connection is down with the primary, and the metric says so.
+    wait_until("listener down in the metrics", async || {
+        sample(
+            &metrics(p.metrics).await,
+            "pgshard_listener_connected",
+            &["shard=\"0\""],
+        ) == 0.0
+    })
+    .await;
     let m = metrics(p.metrics).await;
     assert_eq!(sample(&m, "pgshard_node_up", &[&primary]), 0.0);
     assert!(admin(p.admin, "SHOW SHARDS").contains("|degraded"));
@@ -284,6 +293,12 @@ async fn a_dead_node_shows_down_and_failover_from_the_console() {
     })
     .await;
     let m = metrics(p.metrics).await;
+    assert_eq!(sample(&m, "pgshard_listen_channels", &["app"]), 1.0);
+    assert_eq!(
+        sample(&m, "pgshard_listener_connected", &["shard=\"0\""]),
+        1.0
+    );
+    assert!(sample(&m, "pgshard_notifications_total", &["app"]) >= 1.0);
     assert_eq!(sample(&m, "pgshard_failovers_total", &[]), 1.0);
     assert_eq!(sample(&m, "pgshard_node_primary", &[&replica]), 1.0);
     assert!(sample(&m, "pgshard_last_failover_duration_seconds", &[]) > 0.0);

@@ -101,6 +101,29 @@ pub fn render(server: &Server) -> String {
         "",
         server.clients().len() as f64,
     );
+    for l in server.listeners.stats() {
+        let d = format!("database=\"{}\"", esc(&l.database));
+        o.gauge(
+            "pgshard_listen_channels",
+            "Channels clients LISTEN on through pgshard (transaction pooling).",
+            &d,
+            l.channels as f64,
+        );
+        o.counter(
+            "pgshard_notifications_total",
+            "Notifications pgshard's listener connections received.",
+            &d,
+            l.notifications,
+        );
+        for (shard, up) in l.connected.iter().enumerate() {
+            o.gauge(
+                "pgshard_listener_connected",
+                "Whether the listener connection to the shard's primary is up (0: notifications from that shard are lost).",
+                &format!("{d},shard=\"{shard}\""),
+                if *up { 1.0 } else { 0.0 },
+            );
+        }
+    }
     let mut pools_seen = HashSet::new();
     let mut dbs: Vec<_> = state.topology.databases.iter().collect();
     dbs.sort_by_key(|(n, _)| n.as_str());

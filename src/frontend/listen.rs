@@ -13,7 +13,7 @@
 use super::Server;
 use bytes::{BufMut, Bytes, BytesMut};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -82,7 +82,25 @@ pub struct Hub {
     /// Channel -> (session id -> where its notifications go).
     subs: Mutex<HashMap<String, HashMap<u64, mpsc::UnboundedSender<Bytes>>>>,
     /// One listener task per shard, started with the first LISTEN.
-    shards: Mutex<Vec<mpsc::UnboundedSender<Cmd>>>,
+    shards: Mutex<Vec<ShardListener>>,
+    /// Notifications received from the servers.
+    notifications: AtomicU64,
+}
+
+/// A shard's listener task: its commands, and whether its connection is up (metrics).
+struct ShardListener {
+    cmds: mpsc::UnboundedSender<Cmd>,
+    connected: Arc<AtomicBool>,
+}
+
+/// What the metrics show of one database's listeners.
+pub struct ListenStats {
+    pub database: String,
+    /// Channels some client listens on.
+    pub channels: usize,
+    /// Per started shard listener: connected now.
+    pub connected: Vec<bool>,
+    pub notifications: u64,
 }
 
 enum Cmd {
@@ -113,6 +131,7 @@ impl Listeners {
                     server: Arc::downgrade(server),
                     subs: Mutex::new(HashMap::new()),
                     shards: Mutex::new(Vec::new()),
+                    notifications: AtomicU64::new(0),
                 })
             })
             .clone();
@@ -125,6 +144,30 @@ impl Listeners {
             channels: Vec::new(),
             backlog: BytesMut::new(),
         }
+    }
+}
+
+impl Listeners {
+    /// Per database with listeners: channels, connections, notifications.
+    pub fn stats(&self) -> Vec<ListenStats> {
+        let hubs = self.hubs.lock().expect("not poisoned");
+        let mut out: Vec<ListenStats> = hubs
+            .values()
+            .map(|h| ListenStats {
+                database: h.database.clone(),
+                channels: h.subs.lock().expect("not poisoned").len(),
+                connected: h
+                    .shards
+                    .lock()
+                    .expect("not poisoned")
+                    .iter()
+                    .map(|s| s.connected.load(Ordering::Relaxed))
+                    .collect(),
+                notifications: h.notifications.load(Ordering::Relaxed),
+            })
+            .collect();
+        out.sort_by(|a, b| a.database.cmp(&b.database));
+        out
     }
 }
 
@@ -178,7 +221,7 @@ impl Hub {
         if entry.is_empty() {
             subs.remove(channel);
             for shard in self.shards.lock().expect("not poisoned").iter() {
-                let _ = shard.send(Cmd::Unlisten(channel.to_string()));
+                let _ = shard.cmds.send(Cmd::Unlisten(channel.to_string()));
             }
         }
     }
@@ -197,14 +240,19 @@ impl Hub {
         let mut tasks = self.shards.lock().expect("not poisoned");
         while tasks.len() < shards {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(listener(self.clone(), tasks.len(), rx));
-            tasks.push(tx);
+            let connected = Arc::new(AtomicBool::new(false));
+            tokio::spawn(listener(self.clone(), tasks.len(), rx, connected.clone()));
+            tasks.push(ShardListener {
+                cmds: tx,
+                connected,
+            });
         }
-        tasks.clone()
+        tasks.iter().map(|t| t.cmds.clone()).collect()
     }
 
     /// Hands a notification to the sessions listening on its channel.
     fn deliver(&self, n: &tokio_postgres::Notification) {
+        self.notifications.fetch_add(1, Ordering::Relaxed);
         let subs = self.subs.lock().expect("not poisoned");
         let Some(entry) = subs.get(n.channel()) else {
             return;
@@ -241,8 +289,14 @@ fn quoted(channel: &str) -> String {
 /// One shard's listener connection: connects to the shard's current primary, LISTENs on
 /// every channel with subscribers, relays notifications; reconnects when the connection
 /// drops or the primary changes. Ends when pgshard (or the hub) is gone.
-async fn listener(hub: Arc<Hub>, shard: usize, mut cmds: mpsc::UnboundedReceiver<Cmd>) {
+async fn listener(
+    hub: Arc<Hub>,
+    shard: usize,
+    mut cmds: mpsc::UnboundedReceiver<Cmd>,
+    connected: Arc<AtomicBool>,
+) {
     'connect: loop {
+        connected.store(false, Ordering::Relaxed);
         let Some(server) = hub.server.upgrade() else {
             return;
         };
@@ -296,6 +350,7 @@ async fn listener(hub: Arc<Hub>, shard: usize, mut cmds: mpsc::UnboundedReceiver
             }
         }
         tracing::debug!(database = %hub.database, shard, channels = channels.len(), "listener connected");
+        connected.store(true, Ordering::Relaxed);
         let mut check = tokio::time::interval(PRIMARY_CHECK);
         loop {
             tokio::select! {
