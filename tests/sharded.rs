@@ -300,6 +300,47 @@ async fn unions_across_shards_match_plain_postgres() {
 }
 
 #[tokio::test]
+async fn subqueries_see_every_row_they_need_or_are_refused() {
+    let addr = setup().await;
+    let c = connect(addr).await;
+    let plain = connect_server(ports()[0], "plain").await;
+    let on = |s: u64| {
+        (1..200)
+            .find(|k| partition_of(&HashKey::Int(*k), 2) == s)
+            .unwrap()
+    };
+    let (a, b) = (on(0), on(1));
+    for q in [
+        // Correlated with the outer row (co-located): each shard answers for its rows.
+        "SELECT u.id, (SELECT count(*) FROM orders o WHERE o.user_id = u.id) FROM users u ORDER BY 1".to_string(),
+        "SELECT id FROM users u WHERE EXISTS (SELECT 1 FROM orders o WHERE o.user_id = u.id AND o.total > 3) ORDER BY id".to_string(),
+        // Grouped by the shard key: each group on one shard.
+        "WITH t AS (SELECT user_id, sum(total) AS s FROM orders GROUP BY user_id) SELECT user_id, s FROM t WHERE s > 3 ORDER BY user_id".to_string(),
+        // Keyed alike: one shard.
+        format!("SELECT id, total FROM orders WHERE user_id = {a} AND total >= (SELECT max(total) FROM orders WHERE user_id = {a})"),
+        format!("SELECT name FROM users WHERE id = {b} AND score <= (SELECT max(score) FROM users WHERE id = {b})"),
+    ] {
+        let x = rows(&c.simple_query(&q).await.unwrap());
+        let y = rows(&plain.simple_query(&q).await.unwrap());
+        assert_eq!(x, y, "{q}");
+        assert!(!x.is_empty(), "{q}");
+    }
+    // Aggregates over every shard's rows, which no shard has alone: refused, where they
+    // used to be answered from one shard.
+    for q in [
+        "SELECT id FROM users WHERE score > (SELECT avg(score) FROM users)".to_string(),
+        format!("SELECT id FROM users WHERE id = {a} AND score > (SELECT avg(score) FROM users)"),
+        format!("SELECT id, (SELECT count(*) FROM orders) FROM users WHERE id = {a}"),
+        format!(
+            "SELECT id FROM users WHERE id = {a} AND score > (SELECT min(score) FROM users WHERE id = {b})"
+        ),
+    ] {
+        let e = c.simple_query(&q).await.unwrap_err();
+        assert_eq!(sqlstate(&e), "0A000", "{q}");
+    }
+}
+
+#[tokio::test]
 async fn writes_and_transactions_over_shards() {
     let addr = setup().await;
     let mut c = connect(addr).await;

@@ -71,6 +71,9 @@ pub struct Analysis {
     /// Only reads, with no locking clause, data-modifying CTE or writing function: may run
     /// on a replica.
     pub replica_safe: bool,
+    /// A nested query needs every row of a sharded table and names its key (see
+    /// `nested`): the statement is right on one shard only.
+    pub one_shard: bool,
 }
 
 /// Why a statement has no analysis.
@@ -96,6 +99,7 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
         inserts_sharded: false,
         insert_split: None,
         replica_safe: false,
+        one_shard: false,
     };
     // `Any` joins whatever the other statements need (the first statement's target for
     // one statement); with no statement, the default shard.
@@ -116,6 +120,7 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
         out.inserts_sharded |= a.inserts_sharded;
         out.key_update = out.key_update.or(a.key_update);
         out.writes_reference |= a.writes_reference;
+        out.one_shard |= a.one_shard;
         out.target = match (
             std::mem::replace(&mut out.target, Target::Default),
             a.target,
@@ -182,6 +187,8 @@ pub(super) struct Collector {
     /// reads sharded tables without a key: it needs every shard, whatever keys the other
     /// parts have (co-location does not apply).
     unkeyed: bool,
+    /// Nested queries (by address) collected on their own (`nested::independent`).
+    skip: Vec<usize>,
 }
 
 pub(super) fn name_of(n: &ObjectName) -> Option<String> {
@@ -196,7 +203,11 @@ pub(super) fn name_of(n: &ObjectName) -> Option<String> {
 }
 
 fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
-    let mut c = Collector::default();
+    let independent = super::nested::independent(st, rules);
+    let mut c = Collector {
+        skip: independent.iter().map(|i| i.addr).collect(),
+        ..Collector::default()
+    };
     let mut key_update = None;
     let mut kind = Kind::Other;
     match st {
@@ -315,6 +326,24 @@ fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
             }
         }
     }
+    // Nested queries that need all rows of their sharded tables: each must name its key,
+    // and the outer query's tables do not get their shard from it.
+    let one_shard = !independent.is_empty();
+    if one_shard {
+        c.unkeyed |= !c.seen.is_empty() && c.keys.is_empty();
+        for i in independent {
+            if i.part.keys.is_empty() {
+                let t = i.part.seen.iter().find_map(|&t| rules.tables.get(t));
+                return Err(format!(
+                    "a subquery that aggregates, groups, de-duplicates or limits rows of sharded table {} without its shard key {} would see one shard's rows only",
+                    t.map_or("?", |t| t.table.as_str()),
+                    t.map_or("?", |t| t.column.as_str()),
+                ));
+            }
+            c.seen.extend(i.part.seen);
+            c.keys.extend(i.part.keys);
+        }
+    }
     if let Some(e) = c.error {
         return Err(e);
     }
@@ -346,6 +375,7 @@ fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
         inserts_sharded: matches!(st, Statement::Insert(_)) && (!c.seen.is_empty() || c.any_shard),
         insert_split: None,
         replica_safe: false,
+        one_shard,
     })
 }
 
@@ -363,6 +393,9 @@ fn ddl_names<'a>(names: impl Iterator<Item = &'a ObjectName>, rules: &Rules, c: 
 
 /// A query: its CTEs, its body, and (for the target) nothing else.
 pub(super) fn query(q: &Query, rules: &Rules, c: &mut Collector) {
+    if c.skip.contains(&(q as *const Query as usize)) {
+        return;
+    }
     if let Some(with) = &q.with {
         for cte in &with.cte_tables {
             query(&cte.query, rules, c);

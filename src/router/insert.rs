@@ -138,6 +138,7 @@ impl Router {
                 inserts_sharded: true,
                 insert_split: None,
                 replica_safe: false,
+                one_shard: false,
             };
             match self.resolve(&one, params)? {
                 super::Route::Shards(v) => shard_of_row.push(v[0]),

@@ -658,7 +658,7 @@ fn top_aggregate(e: &Expr) -> Option<Result<Column, &'static str>> {
     Some(Ok(column))
 }
 
-fn has_aggregate(e: &Expr) -> bool {
+pub(super) fn has_aggregate(e: &Expr) -> bool {
     const AGGREGATES: &[&str] = &[
         "count",
         "sum",
@@ -878,7 +878,8 @@ mod tests {
             "SELECT row_number() OVER () FROM users",
             "SELECT 1 + max(id) FROM users",
         ] {
-            assert!(m(bad).is_err(), "{bad}");
+            let refused = analyze(bad, &rules()).map_or(true, |a| a.merge.unwrap().is_err());
+            assert!(refused, "{bad}");
         }
         // UNION: the shards' rows de-duplicated; UNION ALL: concatenated; ORDER BY and
         // LIMIT over the result.

@@ -7,6 +7,7 @@ pub mod copy;
 pub mod insert;
 pub mod lexer;
 pub mod merge;
+mod nested;
 
 use crate::config::DatabaseConfig;
 use crate::sharding::{ShardError, ShardFn};

@@ -236,6 +236,7 @@ impl Session {
                         inserts_sharded: false,
                         insert_split: None,
                         replica_safe: false,
+                        one_shard: false,
                     };
                     return Ok(Dest::Multi(
                         (0..self.db.router.shards()).collect(),
@@ -294,6 +295,15 @@ impl Session {
                 None => self.db.next_shard(),
             }),
             Route::Shards(v) if v.len() == 1 => Dest::Shard(v[0]),
+            Route::Shards(v) if a.one_shard => {
+                return Err(PgError::new(
+                    "0A000",
+                    format!(
+                        "this statement needs shards {v:?}, and a subquery in it aggregates, groups or limits rows of one shard: it can run on one shard only"
+                    ),
+                )
+                .with_hint("Give the outer query the same shard key as the subquery, or run the subquery first."));
+            }
             Route::Shards(v) => Dest::Multi(v, a),
         })
     }
