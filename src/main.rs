@@ -251,10 +251,12 @@ fn print_keys_sql(c: &Config) {
 async fn keys(c: Config, apply: bool) -> anyhow::Result<()> {
     let state = pgshard::frontend::State::new(c)?;
     let mut ready = true;
+    let mut any = false;
     for (name, db) in &state.topology.databases {
         if !db.router.rules.tables.iter().any(|t| t.generate_keys) {
             continue;
         }
+        any = true;
         if apply {
             for r in pgshard::cluster::keys::apply(db).await {
                 if let Some((_, Err(e))) = r.tables.first() {
@@ -267,6 +269,9 @@ async fn keys(c: Config, apply: bool) -> anyhow::Result<()> {
             ready &= !line.starts_with("  NOT READY");
             println!("{line}");
         }
+    }
+    if !any {
+        println!("no sharded table has generate_keys: true");
     }
     if !ready {
         anyhow::bail!("some shards do not generate keys yet; run `pgshard keys --apply`");

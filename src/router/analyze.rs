@@ -674,11 +674,11 @@ pub(super) mod tests {
         )
     }
 
-    fn target(sql: &str) -> Target {
+    pub(in crate::router) fn target(sql: &str) -> Target {
         analyze(sql, &rules()).unwrap().target
     }
 
-    fn lit(s: &str) -> KeyRef {
+    pub(in crate::router) fn lit(s: &str) -> KeyRef {
         KeyRef::Literal(s.into())
     }
 

@@ -208,17 +208,9 @@ pub fn renumber_params(sql: &str) -> Result<(String, Vec<usize>), String> {
 #[cfg(test)]
 mod tests {
     use crate::config::DatabaseConfig;
-    use crate::router::analyze::tests::rules;
-    use crate::router::analyze::{AnalyzeError, KeyRef, Target, analyze};
+    use crate::router::analyze::tests::{lit, rules, target};
+    use crate::router::analyze::{AnalyzeError, Target, analyze};
     use crate::sharding::hash::{HashKey, partition_of};
-
-    fn target(sql: &str) -> Target {
-        analyze(sql, &rules()).unwrap().target
-    }
-
-    fn lit(s: &str) -> KeyRef {
-        KeyRef::Literal(s.into())
-    }
 
     #[test]
     fn rows_whose_keys_the_shards_make_go_to_any_shard() {

@@ -179,12 +179,8 @@ fn correlated(q: &Query) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use crate::router::analyze::tests::rules;
-    use crate::router::analyze::{AnalyzeError, KeyRef, Target, analyze};
-
-    fn lit(s: &str) -> KeyRef {
-        KeyRef::Literal(s.into())
-    }
+    use crate::router::analyze::tests::{lit, rules};
+    use crate::router::analyze::{AnalyzeError, Target, analyze};
 
     #[test]
     fn aggregating_subqueries_need_their_own_key() {
