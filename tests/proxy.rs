@@ -259,6 +259,37 @@ async fn listen_notify_in_session_mode() {
 }
 
 #[tokio::test]
+async fn notifications_waiting_on_a_transaction_are_bounded() {
+    let yaml = base_yaml("transaction", 4) + "limits: { max_message_size: 65536 }\n";
+    let addr = start_proxy_yaml(&yaml);
+    let (l, _rx) = listening_client(addr).await;
+    l.batch_execute("LISTEN flood").await.unwrap();
+    l.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let other = connect(addr).await;
+    // 20 notifications of 4000 bytes wait for the end of the transaction: over 64 KiB.
+    for _ in 0..20 {
+        other
+            .batch_execute("SELECT pg_notify('flood', repeat('x', 4000))")
+            .await
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let e = loop {
+        assert!(Instant::now() < deadline, "the session is still open");
+        match l.batch_execute("SELECT 1").await {
+            Ok(()) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        e.as_db_error().is_some_and(|d| d.code().code() == "53200") || e.is_closed(),
+        "{e:?}"
+    );
+    // Other clients are not affected.
+    other.batch_execute("SELECT 1").await.unwrap();
+}
+
+#[tokio::test]
 async fn listen_notify_in_transaction_mode() {
     // A pool of two server connections: one for the listening client's transaction below,
     // one for the other client; a LISTEN that held one would starve the other client.

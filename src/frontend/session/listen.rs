@@ -218,18 +218,31 @@ impl Session {
     }
 
     /// Notifications received so far go to the client if it is between transactions.
-    pub(super) fn deliver_notifications(&mut self) {
+    /// An error when more is waiting than `limits.max_message_size`: the client has been
+    /// in a transaction while that much arrived (the session ends rather than dropping
+    /// notifications or growing without bound).
+    pub(super) fn deliver_notifications(&mut self) -> Result<(), PgError> {
         let Some(sub) = self.listen.as_mut() else {
-            return;
+            return Ok(());
         };
         while let Ok(frame) = sub.rx.try_recv() {
             sub.backlog.extend_from_slice(&frame);
         }
+        if sub.backlog.len() > self.max_message {
+            return Err(PgError::fatal(
+                "53200",
+                format!(
+                    "too many notifications are waiting for the end of this transaction (more than {} bytes, limits.max_message_size)",
+                    self.max_message
+                ),
+            ));
+        }
         if sub.backlog.is_empty() || !self.at_transaction_boundary() {
-            return;
+            return Ok(());
         }
         let sub = self.listen.as_mut().expect("checked above");
         self.cout.extend_from_slice(&sub.backlog);
         sub.backlog.clear();
+        Ok(())
     }
 }

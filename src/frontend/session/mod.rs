@@ -196,18 +196,21 @@ impl Session {
             if self.handle_client_frames().await? {
                 return Ok(());
             }
-            self.deliver_notifications();
+            if let Err(e) = self.deliver_notifications() {
+                return self.end_with(e).await;
+            }
             self.flush().await?;
             if self.client_eof {
                 return Ok(());
             }
             if self.draining && self.at_transaction_boundary() {
                 // As PostgreSQL's fast shutdown, but only between transactions.
-                let mut out = BytesMut::new();
-                PgError::fatal("57P01", "terminating connection: pgshard is shutting down")
-                    .write(&mut out);
-                let _ = self.writer.write_all(&out).await;
-                return Ok(());
+                return self
+                    .end_with(PgError::fatal(
+                        "57P01",
+                        "terminating connection: pgshard is shutting down",
+                    ))
+                    .await;
             }
             // Shutdown matters only between transactions (sessions drain at the next
             // boundary): not watched while a request is in flight, which spares the
@@ -285,12 +288,22 @@ impl Session {
                 }
                 Got::Backend(Err(e)) => self.backend_lost(e.to_string()),
             }
-            self.deliver_notifications();
+            if let Err(e) = self.deliver_notifications() {
+                return self.end_with(e).await;
+            }
             self.flush().await?;
             if self.client_eof {
                 return Ok(());
             }
         }
+    }
+
+    /// Ends the session with a FATAL error, after what the client was already due.
+    async fn end_with(&mut self, e: PgError) -> Result<(), SessionError> {
+        e.write(&mut self.cout);
+        let _ = self.writer.write_all(&self.cout).await;
+        self.cout.clear();
+        Ok(())
     }
 
     /// Between transactions, with no server connection: after a reload, the session moves
