@@ -304,7 +304,7 @@ async fn unions_across_shards_match_plain_postgres() {
 }
 
 #[tokio::test]
-async fn subqueries_see_every_row_they_need_or_are_refused() {
+async fn joins_and_subqueries_see_every_row_they_need_or_are_refused() {
     let addr = setup().await;
     let c = connect(addr).await;
     let plain = connect_server(ports()[0], "plain").await;
@@ -318,6 +318,10 @@ async fn subqueries_see_every_row_they_need_or_are_refused() {
         // Correlated with the outer row (co-located): each shard answers for its rows.
         "SELECT u.id, (SELECT count(*) FROM orders o WHERE o.user_id = u.id) FROM users u ORDER BY 1".to_string(),
         "SELECT id FROM users u WHERE EXISTS (SELECT 1 FROM orders o WHERE o.user_id = u.id AND o.total > 3) ORDER BY id".to_string(),
+        // Joined on the shard keys (co-located), over every shard; or each side pinned to
+        // the same key.
+        "SELECT u.id, o.total FROM users u JOIN orders o ON o.user_id = u.id WHERE u.id < 30 ORDER BY o.id".to_string(),
+        format!("SELECT u.name, o.total FROM users u, orders o WHERE u.id = {a} AND o.user_id = {a} ORDER BY o.id"),
         // Grouped by the shard key: each group on one shard.
         "WITH t AS (SELECT user_id, sum(total) AS s FROM orders GROUP BY user_id) SELECT user_id, s FROM t WHERE s > 3 ORDER BY user_id".to_string(),
         // Keyed alike: one shard.
@@ -335,6 +339,11 @@ async fn subqueries_see_every_row_they_need_or_are_refused() {
         format!(
             "SELECT id FROM users WHERE id = {a} AND score > (SELECT min(score) FROM users WHERE id = {b})"
         ),
+        // Joined on something else than the shard keys: pairs across shards would be
+        // missed.
+        "SELECT u.id, o.id FROM users u JOIN orders o ON o.total = u.score".to_string(),
+        format!("SELECT u.id, o.id FROM users u, orders o WHERE u.id = {a}"),
+        format!("SELECT u.id, o.id FROM users u, orders o WHERE u.id = {a} AND o.user_id = {b}"),
     ] {
         let e = c.simple_query(&q).await.unwrap_err();
         assert_eq!(sqlstate(&e), "0A000", "{q}");

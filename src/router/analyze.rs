@@ -189,6 +189,8 @@ pub(super) struct Collector {
     unkeyed: bool,
     /// Nested queries (by address) collected on their own (`nested::independent`).
     skip: Vec<usize>,
+    /// Tables not joined on their keys but each pinned to key values (`colocation`).
+    one_shard: bool,
 }
 
 pub(super) fn name_of(n: &ObjectName) -> Option<String> {
@@ -342,6 +344,9 @@ fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
             }
             c.seen.extend(i.part.seen);
             c.keys.extend(i.part.keys);
+            if c.error.is_none() {
+                c.error = i.part.error;
+            }
         }
     }
     if let Some(e) = c.error {
@@ -375,7 +380,7 @@ fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
         inserts_sharded: matches!(st, Statement::Insert(_)) && (!c.seen.is_empty() || c.any_shard),
         insert_split: None,
         replica_safe: false,
-        one_shard,
+        one_shard: one_shard || c.one_shard,
     })
 }
 
@@ -421,6 +426,7 @@ fn set_expr(s: &SetExpr, rules: &Rules, c: &mut Collector) {
                 c.reference |= part.reference;
                 c.kind = c.kind.max(part.kind);
                 c.any_shard |= part.any_shard;
+                c.one_shard |= part.one_shard;
                 if c.error.is_none() {
                     c.error = part.error;
                 }
@@ -458,6 +464,12 @@ fn select(sel: &Select, rules: &Rules, c: &mut Collector) {
     }
     if let Some(w) = &sel.selection {
         where_keys(w, rules, &scope, c);
+    }
+    match super::colocation::check(sel, rules) {
+        Ok(one_shard) => c.one_shard |= one_shard,
+        Err(e) => {
+            c.error.get_or_insert(e);
+        }
     }
 }
 

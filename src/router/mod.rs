@@ -3,6 +3,7 @@
 //! is the never-failing classifier used for pooling and for routing hints.
 
 pub mod analyze;
+mod colocation;
 pub mod copy;
 pub mod insert;
 pub mod lexer;

@@ -1,0 +1,255 @@
+//! Whether the sharded tables joined in one SELECT are joined on their shard keys. Each
+//! shard runs a statement on its own rows, which is right only when related rows live on
+//! one shard: tables sharded alike and equated on their keys (`o.user_id = u.id`), as
+//! Citus's co-located joins. Tables joined on anything else (`o.total = u.score`, or not
+//! at all) would be joined shard by shard and miss the pairs across shards, unless each of
+//! them is pinned to one key value, and then the statement must run on one shard.
+
+use super::Rules;
+use super::analyze::{name_of, value_of};
+use sqlparser::ast::{
+    BinaryOperator, Expr, Ident, JoinConstraint, JoinOperator, Select, TableFactor, TableWithJoins,
+};
+
+/// One occurrence of a sharded table in a FROM clause.
+struct Instance {
+    /// Names it is referred to by: its alias, and its table name.
+    names: Vec<String>,
+    table: usize,
+}
+
+fn norm(id: &Ident) -> String {
+    if id.quote_style.is_some() {
+        id.value.clone()
+    } else {
+        id.value.to_ascii_lowercase()
+    }
+}
+
+/// Checks a SELECT's sharded tables: Ok(false) when they are joined on their keys (or
+/// there are fewer than two), Ok(true) when they are not but each is pinned to key values
+/// (the statement must then run on one shard), Err naming the tables otherwise.
+pub(super) fn check(sel: &Select, rules: &Rules) -> Result<bool, String> {
+    let mut inst = Vec::new();
+    let mut conjuncts: Vec<&Expr> = Vec::new();
+    let mut using: Vec<(usize, &[sqlparser::ast::ObjectName])> = Vec::new();
+    for t in &sel.from {
+        from_item(t, rules, &mut inst, &mut conjuncts, &mut using);
+    }
+    if inst.len() < 2 {
+        return Ok(false);
+    }
+    if let Some(w) = &sel.selection {
+        split_and(w, &mut conjuncts);
+    }
+    let mut parent: Vec<usize> = (0..inst.len()).collect();
+    fn root(p: &mut [usize], mut i: usize) -> usize {
+        while p[i] != i {
+            p[i] = p[p[i]];
+            i = p[i];
+        }
+        i
+    }
+    let mut pinned = vec![false; inst.len()];
+    for e in &conjuncts {
+        match e {
+            Expr::BinaryOp {
+                left,
+                op: BinaryOperator::Eq,
+                right,
+            } => match (key_of(left, rules, &inst), key_of(right, rules, &inst)) {
+                (Some(a), Some(b)) => {
+                    let (ra, rb) = (root(&mut parent, a), root(&mut parent, b));
+                    parent[ra] = rb;
+                }
+                (Some(a), None) if value_of(right).is_some() => pinned[a] = true,
+                (None, Some(b)) if value_of(left).is_some() => pinned[b] = true,
+                _ => {}
+            },
+            Expr::InList {
+                expr,
+                list,
+                negated: false,
+            } => {
+                if let Some(a) = key_of(expr, rules, &inst)
+                    && list.iter().all(|v| value_of(v).is_some())
+                {
+                    pinned[a] = true;
+                }
+            }
+            _ => {}
+        }
+    }
+    // JOIN ... USING (col): the joined table with any earlier one, both keyed by col.
+    for (right, cols) in using {
+        for c in cols {
+            let Some(col) = name_of(c) else { continue };
+            if rules.tables[inst[right].table].column != col {
+                continue;
+            }
+            for (left, l) in inst.iter().enumerate().take(right) {
+                if rules.tables[l.table].column == col {
+                    let (ra, rb) = (root(&mut parent, left), root(&mut parent, right));
+                    parent[ra] = rb;
+                }
+            }
+        }
+    }
+    let mut groups: Vec<(usize, bool, usize)> = Vec::new(); // (root, pinned, an instance)
+    for (i, &pin) in pinned.iter().enumerate() {
+        let r = root(&mut parent, i);
+        match groups.iter_mut().find(|g| g.0 == r) {
+            Some(g) => g.1 |= pin,
+            None => groups.push((r, pin, i)),
+        }
+    }
+    if groups.len() == 1 {
+        return Ok(false);
+    }
+    if groups.iter().all(|g| g.1) {
+        return Ok(true);
+    }
+    let t = |i: usize| &rules.tables[inst[i].table];
+    let (a, b) = (t(groups[0].2), t(groups[1].2));
+    Err(format!(
+        "tables {} and {} are not joined on their shard keys ({}.{} = {}.{}): each shard would join only its own rows",
+        a.table, b.table, a.table, a.column, b.table, b.column
+    ))
+}
+
+/// The sharded tables of a FROM item, their ON conditions, and USING joins.
+fn from_item<'a>(
+    t: &'a TableWithJoins,
+    rules: &Rules,
+    inst: &mut Vec<Instance>,
+    conjuncts: &mut Vec<&'a Expr>,
+    using: &mut Vec<(usize, &'a [sqlparser::ast::ObjectName])>,
+) {
+    factor(&t.relation, rules, inst, conjuncts, using);
+    for j in &t.joins {
+        factor(&j.relation, rules, inst, conjuncts, using);
+        let constraint = match &j.join_operator {
+            JoinOperator::Join(c)
+            | JoinOperator::Inner(c)
+            | JoinOperator::Left(c)
+            | JoinOperator::LeftOuter(c)
+            | JoinOperator::Right(c)
+            | JoinOperator::RightOuter(c)
+            | JoinOperator::FullOuter(c) => Some(c),
+            _ => None,
+        };
+        match constraint {
+            Some(JoinConstraint::On(e)) => split_and(e, conjuncts),
+            Some(JoinConstraint::Using(cols)) if !inst.is_empty() => {
+                using.push((inst.len() - 1, cols));
+            }
+            _ => {}
+        }
+    }
+}
+
+fn factor<'a>(
+    f: &'a TableFactor,
+    rules: &Rules,
+    inst: &mut Vec<Instance>,
+    conjuncts: &mut Vec<&'a Expr>,
+    using: &mut Vec<(usize, &'a [sqlparser::ast::ObjectName])>,
+) {
+    match f {
+        TableFactor::Table { name, alias, .. } => {
+            let Some(n) = name_of(name) else { return };
+            if let Some(table) = rules.table(&n) {
+                let mut names = vec![n];
+                if let Some(a) = alias {
+                    names.push(norm(&a.name));
+                }
+                inst.push(Instance { names, table });
+            }
+        }
+        TableFactor::NestedJoin {
+            table_with_joins, ..
+        } => from_item(table_with_joins, rules, inst, conjuncts, using),
+        _ => {}
+    }
+}
+
+fn split_and<'a>(e: &'a Expr, out: &mut Vec<&'a Expr>) {
+    match e {
+        Expr::BinaryOp {
+            left,
+            op: BinaryOperator::And,
+            right,
+        } => {
+            split_and(left, out);
+            split_and(right, out);
+        }
+        Expr::Nested(x) => split_and(x, out),
+        other => out.push(other),
+    }
+}
+
+/// The instance whose shard-key column `e` is: `alias.key`, or an unqualified name that
+/// is the key of exactly one instance.
+fn key_of(e: &Expr, rules: &Rules, inst: &[Instance]) -> Option<usize> {
+    match e {
+        Expr::Nested(x) | Expr::Cast { expr: x, .. } => key_of(x, rules, inst),
+        Expr::Identifier(id) => {
+            let col = norm(id);
+            let mut hits = (0..inst.len()).filter(|&i| rules.tables[inst[i].table].column == col);
+            let first = hits.next()?;
+            hits.next().is_none().then_some(first)
+        }
+        Expr::CompoundIdentifier(ids) if ids.len() >= 2 => {
+            let col = norm(&ids[ids.len() - 1]);
+            let qual = norm(&ids[ids.len() - 2]);
+            (0..inst.len()).find(|&i| {
+                inst[i].names.contains(&qual) && rules.tables[inst[i].table].column == col
+            })
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::router::analyze::tests::rules;
+    use crate::router::analyze::{AnalyzeError, analyze};
+
+    #[test]
+    fn joins_must_be_on_the_shard_keys() {
+        for sql in [
+            "SELECT * FROM users u JOIN orders o ON o.user_id = u.id",
+            "SELECT * FROM users u JOIN orders o ON u.id = o.user_id AND o.total > 5 WHERE u.id = 3",
+            "SELECT * FROM users u, orders o WHERE o.user_id = u.id",
+            "SELECT * FROM users JOIN orders ON user_id = id",
+            "SELECT * FROM users u LEFT JOIN orders o ON o.user_id = u.id LEFT JOIN countries c ON c.code = u.name",
+            "SELECT * FROM users a JOIN users b ON a.id = b.id",
+        ] {
+            let a = analyze(sql, &rules()).unwrap();
+            assert!(!a.one_shard, "{sql}");
+        }
+        // Pinned to keys on each side: right on one shard only.
+        for sql in [
+            "SELECT * FROM users u, orders o WHERE u.id = 5 AND o.user_id = 5",
+            "SELECT * FROM users u JOIN orders o ON o.total = u.score WHERE u.id = 1 AND o.user_id IN (1, 2)",
+        ] {
+            let a = analyze(sql, &rules()).unwrap();
+            assert!(a.one_shard, "{sql}");
+        }
+        for sql in [
+            "SELECT * FROM users u JOIN orders o ON o.total = u.score",
+            "SELECT * FROM users u JOIN orders o ON o.total = u.score WHERE u.id = 1",
+            "SELECT * FROM users u, orders o WHERE u.id = 5",
+            "SELECT * FROM users a JOIN users b ON a.name = b.name WHERE a.id = 1",
+            "SELECT * FROM users u JOIN orders o ON o.user_id = u.id OR o.total > 1",
+        ] {
+            let e = analyze(sql, &rules());
+            assert!(
+                matches!(&e, Err(AnalyzeError::Unroutable(m)) if m.contains("not joined on their shard keys")),
+                "{sql}: {e:?}"
+            );
+        }
+        // USING a column that is not both tables' key.
+        assert!(analyze("SELECT * FROM users u JOIN orders o USING (id)", &rules()).is_err());
+    }
+}
