@@ -72,6 +72,19 @@ async fn setup() -> SocketAddr {
                 && out.contains("tickets.id: its default is nextval('tickets_id_seq'::regclass)"),
             "{out}"
         );
+        // Before the setup, rows without keys are refused: the table's own bigserial
+        // default would store them wherever its key does not belong.
+        let c = connect(addr).await;
+        let e = c
+            .batch_execute("INSERT INTO tickets (title) VALUES ('too early')")
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&e), "0A000", "{e:?}");
+        assert!(
+            e.as_db_error().unwrap().message().contains("pgshard keys"),
+            "{e:?}"
+        );
+        assert!(tickets().await.is_empty());
         let (ok, out) = keys_command(&["--apply"]);
         assert!(ok, "{out}");
         for s in 0..2 {

@@ -81,6 +81,60 @@ pub async fn check(db: &Database) -> Vec<ShardReport> {
     out
 }
 
+/// Why a shard's generated keys could not be confirmed.
+#[derive(Debug, thiserror::Error)]
+pub enum KeysError {
+    /// The shard's primary did not answer.
+    #[error("shard {0}: {1}")]
+    Unreachable(usize, String),
+    #[error("{0}")]
+    NotReady(String),
+}
+
+impl KeysError {
+    /// The SQLSTATE a client gets.
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            KeysError::Unreachable(..) => "08006",
+            KeysError::NotReady(_) => "0A000",
+        }
+    }
+}
+
+/// Checks that `shard` generates the keys of `tables` (indexes of sharded tables), and
+/// remembers it; an error saying what is missing otherwise.
+pub async fn verify(db: &Database, shard: usize, tables: &[usize]) -> Result<(), KeysError> {
+    let shards = db.shards.len();
+    let unreachable = |e: String| KeysError::Unreachable(shard, e);
+    let (mut c, _) = control(db, shard, CHECK_TIMEOUT).map_err(unreachable)?;
+    for &t in tables {
+        if db.keys_ready(t, shard) {
+            continue;
+        }
+        let f = &db.router.rules.tables[t];
+        let rows = c
+            .query(&keys::default_query(f))
+            .await
+            .map_err(unreachable)?;
+        match rows.first().map(|r| r[0].as_deref()) {
+            Some(Some(d)) if keys::is_default_for(d, shard, shards) => db.set_keys_ready(t, shard),
+            found => {
+                return Err(KeysError::NotReady(format!(
+                    "shard {shard} does not generate the keys of {}.{} ({}); run `pgshard keys --config FILE --apply`",
+                    f.table,
+                    f.column,
+                    match found {
+                        None => "no such table or column".to_string(),
+                        Some(None) => "the column has no default".to_string(),
+                        Some(Some(d)) => format!("its default is {d}"),
+                    }
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Installs the functions, sequences, defaults and constraints on every shard primary (each
 /// shard in one transaction; running it again is harmless).
 pub async fn apply(db: &Database) -> Vec<ShardReport> {

@@ -149,6 +149,9 @@ pub struct Database {
     splits_reads: bool,
     /// Turns for rows that may go to any shard (`next_shard`).
     turn: std::sync::atomic::AtomicUsize,
+    /// Per (sharded table, shard): the shard was seen to generate the table's keys
+    /// (`keys::verify`); rows without keys go only to such shards.
+    keys_ready: Vec<std::sync::atomic::AtomicBool>,
 }
 
 /// Why no node can serve a request.
@@ -179,6 +182,19 @@ impl Database {
             .map(|i| (first + i) % n)
             .find(|&s| up(s))
             .unwrap_or(first % n)
+    }
+
+    /// Whether `shard` was seen to generate the keys of sharded table `table`.
+    pub fn keys_ready(&self, table: usize, shard: usize) -> bool {
+        self.keys_ready
+            .get(table * self.shards.len() + shard)
+            .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    pub(crate) fn set_keys_ready(&self, table: usize, shard: usize) {
+        if let Some(f) = self.keys_ready.get(table * self.shards.len() + shard) {
+            f.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// The node that takes a shard's writes.
@@ -415,6 +431,9 @@ impl Topology {
                     recovered_commits: Default::default(),
                     recovered_rollbacks: Default::default(),
                     turn: Default::default(),
+                    keys_ready: (0..d.sharded_tables.len() * d.shards.len())
+                        .map(|_| Default::default())
+                        .collect(),
                 };
                 (d.name.clone(), Arc::new(db))
             })

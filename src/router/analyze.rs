@@ -74,6 +74,9 @@ pub struct Analysis {
     /// A nested query needs every row of a sharded table and names its key (see
     /// `nested`): the statement is right on one shard only.
     pub one_shard: bool,
+    /// The tables whose keys the shards make for this statement's rows (`Target::Any`):
+    /// the shard it runs on must be set up for them.
+    pub keyless: Vec<usize>,
 }
 
 /// Why a statement has no analysis.
@@ -100,6 +103,7 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
         insert_split: None,
         replica_safe: false,
         one_shard: false,
+        keyless: Vec::new(),
     };
     // `Any` joins whatever the other statements need (the first statement's target for
     // one statement); with no statement, the default shard.
@@ -121,6 +125,7 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
         out.key_update = out.key_update.or(a.key_update);
         out.writes_reference |= a.writes_reference;
         out.one_shard |= a.one_shard;
+        out.keyless.extend(&a.keyless);
         out.target = match (
             std::mem::replace(&mut out.target, Target::Default),
             a.target,
@@ -191,6 +196,8 @@ pub(super) struct Collector {
     skip: Vec<usize>,
     /// Tables not joined on their keys but each pinned to key values (`colocation`).
     one_shard: bool,
+    /// Tables whose keys the shards make (with `any_shard`).
+    pub(super) keyless: Vec<usize>,
 }
 
 pub(super) fn name_of(n: &ObjectName) -> Option<String> {
@@ -381,6 +388,7 @@ fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
         insert_split: None,
         replica_safe: false,
         one_shard: one_shard || c.one_shard,
+        keyless: c.keyless,
     })
 }
 
@@ -427,6 +435,7 @@ fn set_expr(s: &SetExpr, rules: &Rules, c: &mut Collector) {
                 c.kind = c.kind.max(part.kind);
                 c.any_shard |= part.any_shard;
                 c.one_shard |= part.one_shard;
+                c.keyless.extend(part.keyless);
                 if c.error.is_none() {
                     c.error = part.error;
                 }
@@ -443,7 +452,10 @@ fn set_expr(s: &SetExpr, rules: &Rules, c: &mut Collector) {
                             c.keys.extend(k);
                         }
                         Target::All => c.seen.push(usize::MAX),
-                        Target::Any => c.any_shard = true,
+                        Target::Any => {
+                            c.any_shard = true;
+                            c.keyless.extend(&a.keyless);
+                        }
                         Target::Default => {}
                     }
                     c.reference |= a.writes_reference;
@@ -681,6 +693,9 @@ pub(super) mod tests {
                 t("{ table: users, column: id, method: hash }"),
                 t("{ table: orders, column: user_id, method: hash }"),
                 t("{ table: tickets, column: id, method: hash, generate_keys: true }"),
+                t(
+                    "{ table: events, column: id, method: range, ranges: [ { to: 100, shard: 0 }, { from: 100, shard: 1 } ] }",
+                ),
             ],
             vec!["countries".into()],
         )

@@ -58,7 +58,9 @@ pub(super) fn check(sel: &Select, rules: &Rules) -> Result<bool, String> {
                 op: BinaryOperator::Eq,
                 right,
             } => match (key_of(left, rules, &inst), key_of(right, rules, &inst)) {
-                (Some(a), Some(b)) => {
+                (Some(a), Some(b))
+                    if rules.tables[inst[a].table].co_located(&rules.tables[inst[b].table]) =>
+                {
                     let (ra, rb) = (root(&mut parent, a), root(&mut parent, b));
                     parent[ra] = rb;
                 }
@@ -88,7 +90,9 @@ pub(super) fn check(sel: &Select, rules: &Rules) -> Result<bool, String> {
                 continue;
             }
             for (left, l) in inst.iter().enumerate().take(right) {
-                if rules.tables[l.table].column == col {
+                if rules.tables[l.table].column == col
+                    && rules.tables[l.table].co_located(&rules.tables[inst[right].table])
+                {
                     let (ra, rb) = (root(&mut parent, left), root(&mut parent, right));
                     parent[ra] = rb;
                 }
@@ -242,6 +246,8 @@ mod tests {
             "SELECT * FROM users u, orders o WHERE u.id = 5",
             "SELECT * FROM users a JOIN users b ON a.name = b.name WHERE a.id = 1",
             "SELECT * FROM users u JOIN orders o ON o.user_id = u.id OR o.total > 1",
+            // Equal keys, but hashed on one side and ranged on the other.
+            "SELECT * FROM users u JOIN events e ON e.id = u.id",
         ] {
             let e = analyze(sql, &rules());
             assert!(

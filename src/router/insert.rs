@@ -44,6 +44,7 @@ pub(super) fn insert(
         // DEFAULT VALUES.
         return if generated {
             c.any_shard = true;
+            c.keyless.push(idx);
             Ok(())
         } else {
             Err(missing())
@@ -68,6 +69,7 @@ pub(super) fn insert(
             }
             if defaults == v.rows.len() {
                 c.any_shard = true;
+                c.keyless.push(idx);
             } else if defaults > 0 {
                 return Err(format!(
                     "INSERT into sharded table {n} gives the shard key {col} in some rows and DEFAULT in others; send them as separate INSERTs"
@@ -92,6 +94,7 @@ pub(super) fn insert(
                 ));
             }
             c.any_shard = true;
+            c.keyless.push(idx);
         }
         (SetExpr::Values(_), None) => return Err(missing()),
         _ => {
@@ -139,6 +142,7 @@ impl Router {
                 insert_split: None,
                 replica_safe: false,
                 one_shard: false,
+                keyless: Vec::new(),
             };
             match self.resolve(&one, params)? {
                 super::Route::Shards(v) => shard_of_row.push(v[0]),

@@ -59,6 +59,36 @@ enum Kind {
 }
 
 impl ShardFn {
+    /// Whether equal keys of the two tables are always on the same shard: the same shard
+    /// function over the same key type (directories only for the same table).
+    pub fn co_located(&self, other: &ShardFn) -> bool {
+        self.ty == other.ty
+            && match (&self.kind, &other.kind) {
+                (Kind::Hash, Kind::Hash) => true,
+                (
+                    Kind::Range {
+                        ranges: a,
+                        default: da,
+                    },
+                    Kind::Range {
+                        ranges: b,
+                        default: db,
+                    },
+                ) => a == b && da == db,
+                (
+                    Kind::List {
+                        map: a,
+                        default: da,
+                    },
+                    Kind::List {
+                        map: b,
+                        default: db,
+                    },
+                ) => a == b && da == db,
+                _ => self.table == other.table,
+            }
+    }
+
     /// Builds and validates a table's shard function; `key` names the config entry in errors.
     pub fn new(cfg: &ShardedTableConfig, shards: usize, key: &str) -> Result<ShardFn, String> {
         let ty = cfg.key_type();

@@ -49,6 +49,8 @@ pub(super) struct RouteState {
     /// A directory-sharded key `decide` needs read from the directory first: (table
     /// index, key, record a new entry).
     pub(super) lookup: Option<(usize, String, bool)>,
+    /// Tables whose generated keys `decide` needs checked on a shard first: (shard, tables).
+    pub(super) keys_check: Option<(usize, Vec<usize>)>,
     /// A bound COPY over several shards that pgshard runs at Execute.
     pub(super) pending_copy: Option<(String, crate::router::copy::CopyStmt, super::copy::CopyPlan)>,
 }
@@ -237,6 +239,7 @@ impl Session {
                         insert_split: None,
                         replica_safe: false,
                         one_shard: false,
+                        keyless: Vec::new(),
                     };
                     return Ok(Dest::Multi(
                         (0..self.db.router.shards()).collect(),
@@ -288,7 +291,9 @@ impl Session {
         }
         self.set_read_ok(sql, Some(&a));
         self.route.decided_read = a.replica_safe;
-        Ok(match route {
+        // (Empty for all but INSERTs whose keys the shard makes: no allocation.)
+        let keyless = a.keyless.clone();
+        let dest = match route {
             Route::Default => Dest::Shard(self.home_shard()),
             Route::Any => Dest::Shard(match &self.backend {
                 Some(_) => self.shard,
@@ -305,7 +310,23 @@ impl Session {
                 .with_hint("Give the outer query the same shard key as the subquery, or run the subquery first."));
             }
             Route::Shards(v) => Dest::Multi(v, a),
-        })
+        };
+        // Rows whose keys the shard makes: only on a shard seen to make them (a shard
+        // without the setup would store them under its table's own default, wherever that
+        // key belongs).
+        if let Dest::Shard(s) = dest
+            && !keyless.is_empty()
+        {
+            let missing: Vec<usize> = keyless
+                .into_iter()
+                .filter(|&t| !self.db.keys_ready(t, s))
+                .collect();
+            if !missing.is_empty() {
+                self.route.keys_check = Some((s, missing));
+                return Err(PgError::new("XX000", "generated keys check pending"));
+            }
+        }
+        Ok(dest)
     }
 
     /// `decide`, reading the directory for directory-sharded keys it has not cached (an
@@ -318,6 +339,12 @@ impl Session {
         let mut temporary = Vec::new();
         let result = loop {
             let r = self.decide(sql, params);
+            if let Some((shard, tables)) = self.route.keys_check.take() {
+                match crate::cluster::keys::verify(&self.db, shard, &tables).await {
+                    Ok(()) => continue,
+                    Err(e) => break Err(PgError::new(e.sqlstate(), e.to_string())),
+                }
+            }
             let Some((t, key, record)) = self.route.lookup.take() else {
                 break r;
             };
