@@ -322,6 +322,7 @@ async fn joins_and_subqueries_see_every_row_they_need_or_are_refused() {
         // the same key.
         "SELECT u.id, o.total FROM users u JOIN orders o ON o.user_id = u.id WHERE u.id < 30 ORDER BY o.id".to_string(),
         format!("SELECT u.name, o.total FROM users u, orders o WHERE u.id = {a} AND o.user_id = {a} ORDER BY o.id"),
+        "SELECT id FROM users WHERE id IN (SELECT user_id FROM orders WHERE total > 3) ORDER BY id".to_string(),
         // Grouped by the shard key: each group on one shard.
         "WITH t AS (SELECT user_id, sum(total) AS s FROM orders GROUP BY user_id) SELECT user_id, s FROM t WHERE s > 3 ORDER BY user_id".to_string(),
         // Keyed alike: one shard.
@@ -342,6 +343,9 @@ async fn joins_and_subqueries_see_every_row_they_need_or_are_refused() {
         // Joined on something else than the shard keys: pairs across shards would be
         // missed.
         "SELECT u.id, o.id FROM users u JOIN orders o ON o.total = u.score".to_string(),
+        // Subqueries related by other columns than the keys, or not at all.
+        "SELECT id FROM users WHERE name IN (SELECT name FROM users WHERE score > 5)".to_string(),
+        "SELECT id FROM users WHERE EXISTS (SELECT 1 FROM orders WHERE total > 100)".to_string(),
         format!("SELECT u.id, o.id FROM users u, orders o WHERE u.id = {a}"),
         format!("SELECT u.id, o.id FROM users u, orders o WHERE u.id = {a} AND o.user_id = {b}"),
     ] {

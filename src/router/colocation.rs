@@ -36,11 +36,12 @@ pub(super) fn check(sel: &Select, rules: &Rules) -> Result<bool, String> {
     for t in &sel.from {
         from_item(t, rules, &mut inst, &mut conjuncts, &mut using);
     }
-    if inst.len() < 2 {
-        return Ok(false);
-    }
     if let Some(w) = &sel.selection {
         split_and(w, &mut conjuncts);
+    }
+    let one_shard = subqueries(sel, rules, &inst, &conjuncts)?;
+    if inst.len() < 2 {
+        return Ok(one_shard);
     }
     let mut parent: Vec<usize> = (0..inst.len()).collect();
     fn root(p: &mut [usize], mut i: usize) -> usize {
@@ -108,7 +109,7 @@ pub(super) fn check(sel: &Select, rules: &Rules) -> Result<bool, String> {
         }
     }
     if groups.len() == 1 {
-        return Ok(false);
+        return Ok(one_shard);
     }
     if groups.iter().all(|g| g.1) {
         return Ok(true);
@@ -119,6 +120,158 @@ pub(super) fn check(sel: &Select, rules: &Rules) -> Result<bool, String> {
         "tables {} and {} are not joined on their shard keys ({}.{} = {}.{}): each shard would join only its own rows",
         a.table, b.table, a.table, a.column, b.table, b.column
     ))
+}
+
+/// Whether any instance is pinned to key values by one of the conjuncts.
+fn any_pinned(conjuncts: &[&Expr], rules: &Rules, inst: &[Instance]) -> bool {
+    conjuncts.iter().any(|e| match e {
+        Expr::BinaryOp {
+            left,
+            op: BinaryOperator::Eq,
+            right,
+        } => {
+            (key_of(left, rules, inst).is_some() && value_of(right).is_some())
+                || (key_of(right, rules, inst).is_some() && value_of(left).is_some())
+        }
+        Expr::InList {
+            expr,
+            list,
+            negated: false,
+        } => key_of(expr, rules, inst).is_some() && list.iter().all(|v| value_of(v).is_some()),
+        _ => false,
+    })
+}
+
+/// The subqueries of a SELECT's WHERE and select list that read sharded tables row by row
+/// (those that aggregate without being correlated are `nested`'s): each must be related
+/// to the outer tables by their shard keys, `key IN (SELECT key ...)` or a correlation
+/// `inner.key = outer.key`; or both sides pinned to key values (then Ok(true): one
+/// shard only).
+fn subqueries(
+    sel: &Select,
+    rules: &Rules,
+    outer: &[Instance],
+    conjuncts: &[&Expr],
+) -> Result<bool, String> {
+    // The subquery expressions of this SELECT, not those of the subqueries themselves.
+    let mut exprs: Vec<&Expr> = Vec::new();
+    if let Some(w) = &sel.selection {
+        exprs.push(w);
+    }
+    for item in &sel.projection {
+        if let sqlparser::ast::SelectItem::UnnamedExpr(e)
+        | sqlparser::ast::SelectItem::ExprWithAlias { expr: e, .. } = item
+        {
+            exprs.push(e);
+        }
+    }
+    let mut found: Vec<&Expr> = Vec::new();
+    for e in exprs {
+        top_subqueries(e, &mut found);
+    }
+    let outer_pinned = !outer.is_empty() && any_pinned(conjuncts, rules, outer);
+    let mut one_shard = false;
+    for e in found {
+        let (q, lhs) = match e {
+            Expr::InSubquery { expr, subquery, .. } => (&**subquery, Some(&**expr)),
+            Expr::Exists { subquery, .. } | Expr::Subquery(subquery) => (&**subquery, None),
+            _ => continue,
+        };
+        let sqlparser::ast::SetExpr::Select(inner) = &*q.body else {
+            continue;
+        };
+        if super::nested::cross_row(q, rules) && !super::nested::correlated(q) {
+            continue;
+        }
+        let mut inner_inst = Vec::new();
+        let mut inner_conj: Vec<&Expr> = Vec::new();
+        let mut using = Vec::new();
+        for t in &inner.from {
+            from_item(t, rules, &mut inner_inst, &mut inner_conj, &mut using);
+        }
+        if inner_inst.is_empty() {
+            continue;
+        }
+        if let Some(w) = &inner.selection {
+            split_and(w, &mut inner_conj);
+        }
+        let co = |a: usize, b: usize| {
+            rules.tables[outer[a].table].co_located(&rules.tables[inner_inst[b].table])
+        };
+        // key IN (SELECT key ...)
+        let by_in = lhs.is_some_and(|l| {
+            let out_key = key_of(l, rules, outer);
+            let in_key = match inner.projection.first() {
+                Some(
+                    sqlparser::ast::SelectItem::UnnamedExpr(p)
+                    | sqlparser::ast::SelectItem::ExprWithAlias { expr: p, .. },
+                ) if inner.projection.len() == 1 => key_of(p, rules, &inner_inst),
+                _ => None,
+            };
+            matches!((out_key, in_key), (Some(a), Some(b)) if co(a, b))
+        });
+        // inner.key = outer.key in the subquery's WHERE (outer names qualified).
+        let by_correlation = inner_conj.iter().any(|c| match c {
+            Expr::BinaryOp {
+                left,
+                op: BinaryOperator::Eq,
+                right,
+            } => [(left, right), (right, left)].into_iter().any(|(x, y)| {
+                matches!(&**y, Expr::CompoundIdentifier(_))
+                    && matches!(
+                        (key_of(x, rules, &inner_inst), key_of(y, rules, outer)),
+                        (Some(b), Some(a)) if co(a, b)
+                    )
+            }),
+            _ => false,
+        });
+        if by_in || by_correlation {
+            continue;
+        }
+        if (outer.is_empty() || outer_pinned) && any_pinned(&inner_conj, rules, &inner_inst) {
+            one_shard = true;
+            continue;
+        }
+        let t = &rules.tables[inner_inst[0].table];
+        return Err(format!(
+            "a subquery on sharded table {} is not related to the outer query by its shard key {} (key IN (SELECT key ...), or a correlation on the keys): each shard would see only its own rows",
+            t.table, t.column
+        ));
+    }
+    Ok(one_shard)
+}
+
+/// Subquery expressions in `e`, not looking inside subqueries.
+fn top_subqueries<'a>(e: &'a Expr, out: &mut Vec<&'a Expr>) {
+    match e {
+        Expr::InSubquery { expr, .. } => {
+            out.push(e);
+            top_subqueries(expr, out);
+        }
+        Expr::Exists { .. } | Expr::Subquery(_) => out.push(e),
+        Expr::BinaryOp { left, right, .. } => {
+            top_subqueries(left, out);
+            top_subqueries(right, out);
+        }
+        Expr::Nested(x)
+        | Expr::UnaryOp { expr: x, .. }
+        | Expr::Cast { expr: x, .. }
+        | Expr::IsNull(x)
+        | Expr::IsNotNull(x) => top_subqueries(x, out),
+        Expr::Function(f) => {
+            if let sqlparser::ast::FunctionArguments::List(l) = &f.args {
+                for a in &l.args {
+                    if let sqlparser::ast::FunctionArg::Unnamed(
+                        sqlparser::ast::FunctionArgExpr::Expr(x),
+                    ) = a
+                    {
+                        top_subqueries(x, out);
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
 }
 
 /// The sharded tables of a FROM item, their ON conditions, and USING joins.
@@ -252,6 +405,35 @@ mod tests {
             let e = analyze(sql, &rules());
             assert!(
                 matches!(&e, Err(AnalyzeError::Unroutable(m)) if m.contains("not joined on their shard keys")),
+                "{sql}: {e:?}"
+            );
+        }
+        // Subqueries: related by the keys, pinned alike, or refused.
+        for sql in [
+            "SELECT * FROM users WHERE id IN (SELECT user_id FROM orders WHERE total > 1)",
+            "SELECT * FROM users WHERE id NOT IN (SELECT user_id FROM orders)",
+            "SELECT * FROM users u WHERE EXISTS (SELECT 1 FROM orders o WHERE o.user_id = u.id)",
+            "SELECT u.id, (SELECT count(*) FROM orders o WHERE o.user_id = u.id) FROM users u",
+            "SELECT * FROM users WHERE score > coalesce((SELECT max(score) FROM countries), 0)",
+        ] {
+            assert!(!analyze(sql, &rules()).unwrap().one_shard, "{sql}");
+        }
+        let a = analyze(
+            "SELECT * FROM users WHERE id = 1 AND EXISTS (SELECT 1 FROM orders WHERE user_id = 1)",
+            &rules(),
+        )
+        .unwrap();
+        assert!(a.one_shard);
+        for sql in [
+            "SELECT * FROM users WHERE name IN (SELECT name FROM users WHERE score > 1)",
+            "SELECT * FROM users u WHERE EXISTS (SELECT 1 FROM orders o WHERE o.total = u.score)",
+            "SELECT * FROM users WHERE EXISTS (SELECT 1 FROM orders WHERE total > 100)",
+            "SELECT u.id, (SELECT count(*) FROM orders o WHERE o.total = u.score) FROM users u",
+            "SELECT * FROM users WHERE id IN (SELECT id FROM events)",
+        ] {
+            let e = analyze(sql, &rules());
+            assert!(
+                matches!(&e, Err(AnalyzeError::Unroutable(m)) if m.contains("not related to the outer query")),
                 "{sql}: {e:?}"
             );
         }

@@ -66,7 +66,7 @@ pub(super) fn independent(st: &Statement, rules: &Rules) -> Vec<Independent> {
 /// Whether a query's result depends on all its rows at once: aggregates, GROUP BY, HAVING,
 /// DISTINCT, LIMIT/OFFSET/FETCH, set operations, window functions. Grouping by the shard
 /// key of every sharded table it reads does not: each group lives on one shard.
-fn cross_row(q: &Query, rules: &Rules) -> bool {
+pub(super) fn cross_row(q: &Query, rules: &Rules) -> bool {
     if q.limit_clause.is_some() || q.fetch.is_some() {
         return true;
     }
@@ -122,7 +122,7 @@ fn groups_by_key(s: &sqlparser::ast::Select, rules: &Rules) -> bool {
 /// Whether a query refers to a table it does not name itself (a correlated subquery):
 /// a qualified column `t.col` whose `t` is none of its own tables, aliases or CTEs.
 /// Unqualified columns are taken to be its own (SQL resolves them innermost first).
-fn correlated(q: &Query) -> bool {
+pub(super) fn correlated(q: &Query) -> bool {
     #[derive(Default)]
     struct Names {
         defined: HashSet<String>,
