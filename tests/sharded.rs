@@ -346,6 +346,9 @@ async fn joins_and_subqueries_see_every_row_they_need_or_are_refused() {
         // Subqueries related by other columns than the keys, or not at all.
         "SELECT id FROM users WHERE name IN (SELECT name FROM users WHERE score > 5)".to_string(),
         "SELECT id FROM users WHERE EXISTS (SELECT 1 FROM orders WHERE total > 100)".to_string(),
+        format!(
+            "UPDATE users SET score = score WHERE id = {a} AND name IN (SELECT name FROM users WHERE score > 5)"
+        ),
         format!("SELECT u.id, o.id FROM users u, orders o WHERE u.id = {a}"),
         format!("SELECT u.id, o.id FROM users u, orders o WHERE u.id = {a} AND o.user_id = {b}"),
     ] {

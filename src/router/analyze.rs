@@ -335,6 +335,14 @@ fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
             }
         }
     }
+    if matches!(st, Statement::Update(_) | Statement::Delete(_)) {
+        match super::colocation::check_write(st, rules) {
+            Ok(one) => c.one_shard |= one,
+            Err(e) => {
+                c.error.get_or_insert(e);
+            }
+        }
+    }
     // Nested queries that need all rows of their sharded tables: each must name its key,
     // and the outer query's tables do not get their shard from it.
     let one_shard = !independent.is_empty();

@@ -30,16 +30,66 @@ fn norm(id: &Ident) -> String {
 /// there are fewer than two), Ok(true) when they are not but each is pinned to key values
 /// (the statement must then run on one shard), Err naming the tables otherwise.
 pub(super) fn check(sel: &Select, rules: &Rules) -> Result<bool, String> {
+    let items = sel.projection.iter().filter_map(|item| match item {
+        sqlparser::ast::SelectItem::UnnamedExpr(e)
+        | sqlparser::ast::SelectItem::ExprWithAlias { expr: e, .. } => Some(e),
+        _ => None,
+    });
+    check_parts(sel.from.iter(), sel.selection.as_ref(), items, rules)
+}
+
+/// The same for an UPDATE (its table, FROM, WHERE and SET values) or a DELETE (its
+/// tables, USING and WHERE).
+pub(super) fn check_write(st: &sqlparser::ast::Statement, rules: &Rules) -> Result<bool, String> {
+    match st {
+        sqlparser::ast::Statement::Update(u) => {
+            let from: &[TableWithJoins] = match &u.from {
+                Some(
+                    sqlparser::ast::UpdateTableFromKind::BeforeSet(t)
+                    | sqlparser::ast::UpdateTableFromKind::AfterSet(t),
+                ) => t,
+                None => &[],
+            };
+            check_parts(
+                std::iter::once(&u.table).chain(from),
+                u.selection.as_ref(),
+                u.assignments.iter().map(|a| &a.value),
+                rules,
+            )
+        }
+        sqlparser::ast::Statement::Delete(d) => {
+            let tables = match &d.from {
+                sqlparser::ast::FromTable::WithFromKeyword(t)
+                | sqlparser::ast::FromTable::WithoutKeyword(t) => t,
+            };
+            check_parts(
+                tables.iter().chain(d.using.iter().flatten()),
+                d.selection.as_ref(),
+                std::iter::empty(),
+                rules,
+            )
+        }
+        _ => Ok(false),
+    }
+}
+
+fn check_parts<'a>(
+    from: impl Iterator<Item = &'a TableWithJoins>,
+    selection: Option<&'a Expr>,
+    items: impl Iterator<Item = &'a Expr>,
+    rules: &Rules,
+) -> Result<bool, String> {
     let mut inst = Vec::new();
     let mut conjuncts: Vec<&Expr> = Vec::new();
     let mut using: Vec<(usize, &[sqlparser::ast::ObjectName])> = Vec::new();
-    for t in &sel.from {
+    for t in from {
         from_item(t, rules, &mut inst, &mut conjuncts, &mut using);
     }
-    if let Some(w) = &sel.selection {
+    if let Some(w) = selection {
         split_and(w, &mut conjuncts);
     }
-    let one_shard = subqueries(sel, rules, &inst, &conjuncts)?;
+    let exprs: Vec<&Expr> = selection.into_iter().chain(items).collect();
+    let one_shard = subqueries(&exprs, rules, &inst, &conjuncts)?;
     if inst.len() < 2 {
         return Ok(one_shard);
     }
@@ -148,23 +198,13 @@ fn any_pinned(conjuncts: &[&Expr], rules: &Rules, inst: &[Instance]) -> bool {
 /// `inner.key = outer.key`; or both sides pinned to key values (then Ok(true): one
 /// shard only).
 fn subqueries(
-    sel: &Select,
+    exprs: &[&Expr],
     rules: &Rules,
     outer: &[Instance],
     conjuncts: &[&Expr],
 ) -> Result<bool, String> {
-    // The subquery expressions of this SELECT, not those of the subqueries themselves.
-    let mut exprs: Vec<&Expr> = Vec::new();
-    if let Some(w) = &sel.selection {
-        exprs.push(w);
-    }
-    for item in &sel.projection {
-        if let sqlparser::ast::SelectItem::UnnamedExpr(e)
-        | sqlparser::ast::SelectItem::ExprWithAlias { expr: e, .. } = item
-        {
-            exprs.push(e);
-        }
-    }
+    // The subquery expressions of the WHERE and select list (or SET values), not those of
+    // the subqueries themselves.
     let mut found: Vec<&Expr> = Vec::new();
     for e in exprs {
         top_subqueries(e, &mut found);
@@ -435,6 +475,24 @@ mod tests {
             assert!(
                 matches!(&e, Err(AnalyzeError::Unroutable(m)) if m.contains("not related to the outer query")),
                 "{sql}: {e:?}"
+            );
+        }
+        // UPDATE and DELETE: their tables, FROM/USING and subqueries alike.
+        for sql in [
+            "UPDATE orders o SET total = 1 FROM users u WHERE o.user_id = u.id AND u.id = 3",
+            "DELETE FROM orders WHERE user_id IN (SELECT id FROM users WHERE score < 0)",
+            "UPDATE users u SET score = (SELECT sum(o.total) FROM orders o WHERE o.user_id = u.id)",
+        ] {
+            assert!(analyze(sql, &rules()).is_ok(), "{sql}");
+        }
+        for sql in [
+            "UPDATE users SET score = 0 WHERE name IN (SELECT name FROM users WHERE score > 1)",
+            "DELETE FROM orders o USING users u WHERE o.total = u.score",
+            "UPDATE users u SET score = (SELECT sum(o.total) FROM orders o WHERE o.total = u.score)",
+        ] {
+            assert!(
+                matches!(analyze(sql, &rules()), Err(AnalyzeError::Unroutable(_))),
+                "{sql}"
             );
         }
         // USING a column that is not both tables' key.
