@@ -477,6 +477,17 @@ mod tests {
                 "{sql}: {e:?}"
             );
         }
+        // The shapes ORMs write (quoted, schema-qualified, aliased, parenthesized) pass.
+        for sql in [
+            r#"SELECT "orders"."id" FROM "orders" INNER JOIN "users" ON ("orders"."user_id" = "users"."id") WHERE "users"."id" = 5"#,
+            r#"SELECT "orders".* FROM "orders" INNER JOIN "users" ON "users"."id" = "orders"."user_id" WHERE "users"."id" = $1"#,
+            "SELECT users_1.id FROM users AS users_1 JOIN orders AS orders_1 ON users_1.id = orders_1.user_id",
+            r#"SELECT "public"."users"."id" FROM "public"."users" WHERE ("public"."users"."id") IN (SELECT "t0"."id" FROM "public"."users" AS "t0" INNER JOIN "public"."orders" AS "j0" ON ("j0"."user_id") = ("t0"."id") WHERE "j0"."total" > $1)"#,
+            r#"SELECT u.id FROM users u LEFT OUTER JOIN orders o ON (o.user_id = u.id AND o.total > 0) WHERE u.id IN (1, 2, 3)"#,
+        ] {
+            let a = analyze(sql, &rules());
+            assert!(a.as_ref().is_ok_and(|a| !a.one_shard), "{sql}: {a:?}");
+        }
         // UPDATE and DELETE: their tables, FROM/USING and subqueries alike.
         for sql in [
             "UPDATE orders o SET total = 1 FROM users u WHERE o.user_id = u.id AND u.id = 3",
