@@ -15,3 +15,4 @@ pub mod pool;
 pub mod protocol;
 pub mod router;
 pub mod sharding;
+pub mod sql;

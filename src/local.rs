@@ -7,6 +7,7 @@
 //! [`LocalCluster`] is dropped, at process exit (atexit), and — should this process be
 //! killed — by the kernel (parent-death signal), so no test run leaves servers behind.
 
+use crate::sql::{quote_ident, quote_literal};
 use std::fs;
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
@@ -364,11 +365,11 @@ impl LocalCluster {
         let node = self.launch(name, data)?;
         let o = &self.options;
         let u = quote_ident(&o.user);
-        let p = o.password.replace('\'', "''");
+        let p = quote_literal(&o.password);
         self.psql(
             node.port,
             "postgres",
-            &format!("CREATE ROLE {u} LOGIN PASSWORD '{p}'"),
+            &format!("CREATE ROLE {u} LOGIN PASSWORD {p}"),
         )?;
         let d = quote_ident(&o.database);
         self.psql(
@@ -452,7 +453,7 @@ impl LocalCluster {
         self.psql(
             node.port,
             "postgres",
-            &format!("ALTER SYSTEM SET {name} = '{}'", value.replace('\'', "''")),
+            &format!("ALTER SYSTEM SET {name} = {}", quote_literal(value)),
         )?;
         self.psql(node.port, "postgres", "SELECT pg_reload_conf()")?;
         Ok(())
@@ -602,8 +603,4 @@ fn append(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     let mut f = fs::OpenOptions::new().append(true).open(path)?;
     writeln!(f, "\n# pgshard local cluster\n{text}")
-}
-
-fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
 }

@@ -229,8 +229,8 @@ async fn repoint(c: &mut Control, primary: &str) -> Result<(), String> {
     let sa = crate::net::ServerAddr::parse(primary)?;
     let new = with_host(&old, &sa.host(), sa.port());
     c.query(&format!(
-        "ALTER SYSTEM SET primary_conninfo = '{}'",
-        new.replace('\'', "''")
+        "ALTER SYSTEM SET primary_conninfo = {}",
+        crate::sql::quote_literal(&new)
     ))
     .await?;
     c.query("SELECT pg_catalog.pg_reload_conf()").await?;

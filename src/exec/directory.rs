@@ -6,10 +6,7 @@
 
 use crate::cluster::Database;
 use crate::sharding::ShardFn;
-
-fn lit(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
+use crate::sql::quote_literal;
 
 /// The shard of `key` in `f`'s directory, cached when the directory has an entry (with
 /// `record`, one is made for a key that has none).
@@ -40,8 +37,8 @@ pub async fn lookup(
     }
     let select = format!(
         "SELECT shard FROM {table} WHERE tbl = {} AND key = {}",
-        lit(&f.table),
-        lit(key)
+        quote_literal(&f.table),
+        quote_literal(key)
     );
     let read = |rows: Vec<Vec<Option<String>>>| -> Option<usize> {
         rows.first()?.first()?.as_deref()?.parse().ok()
@@ -62,8 +59,8 @@ pub async fn lookup(
     }
     let insert = format!(
         "INSERT INTO {table} (tbl, key, shard) VALUES ({}, {}, {new}) ON CONFLICT DO NOTHING",
-        lit(&f.table),
-        lit(key)
+        quote_literal(&f.table),
+        quote_literal(key)
     );
     if let Some((code, msg)) = c.run_quiet(&insert).await.map_err(|e| e.to_string())? {
         return Err(format!(

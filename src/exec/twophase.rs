@@ -12,6 +12,7 @@
 use crate::backend::BackendConn;
 use crate::cluster::Database;
 use crate::pool::Pooled;
+use crate::sql::quote_literal;
 use bytes::BytesMut;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, OnceLock, Weak};
@@ -100,10 +101,6 @@ async fn read_result(c: &mut BackendConn) -> Result<Option<BytesMut>, String> {
     }
 }
 
-fn quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
-
 /// Commits the participants' open transactions atomically. On return every connection is
 /// idle (or marked broken).
 pub async fn commit(
@@ -114,7 +111,7 @@ pub async fn commit(
     let part = |s: usize| format!("{gid}_{s}");
     failpoint("sleep_before_prepare").await;
     let prepared = on_all(participants, |s| {
-        format!("PREPARE TRANSACTION {}", quote(&part(s)))
+        format!("PREPARE TRANSACTION {}", quote_literal(&part(s)))
     })
     .await;
     let failed = prepared.iter().position(|r| !matches!(r, Ok(None)));
@@ -125,7 +122,7 @@ pub async fn commit(
         for (k, (s, c)) in participants.iter_mut().enumerate() {
             if ok[k] && !c.broken {
                 let _ = c
-                    .run_quiet(&format!("ROLLBACK PREPARED {}", quote(&part(*s))))
+                    .run_quiet(&format!("ROLLBACK PREPARED {}", quote_literal(&part(*s))))
                     .await;
             }
         }
@@ -149,7 +146,7 @@ pub async fn commit(
             // Recovery decided 'abort' first (we were slower than the in-doubt timeout).
             for (s, c) in participants.iter_mut() {
                 let _ = c
-                    .run_quiet(&format!("ROLLBACK PREPARED {}", quote(&part(*s))))
+                    .run_quiet(&format!("ROLLBACK PREPARED {}", quote_literal(&part(*s))))
                     .await;
             }
             return Err(CommitError::Aborted(error_frame(
@@ -163,7 +160,7 @@ pub async fn commit(
     crate::metrics::inc(&db.two_phase_commits);
     failpoint("crash_after_decision").await;
     let done = on_all(participants, |s| {
-        format!("COMMIT PREPARED {}", quote(&part(s)))
+        format!("COMMIT PREPARED {}", quote_literal(&part(s)))
     })
     .await;
     // "does not exist": a recovery pass finished it first, as the decision said.
@@ -243,9 +240,9 @@ async fn decide(db: &Database, gid: &str, outcome: &str) -> Result<bool, String>
         .query_rows(&format!(
             "WITH i AS (INSERT INTO {DECISIONS} (gid, outcome) VALUES ({}, {}) ON CONFLICT (gid) DO NOTHING RETURNING outcome) \
              SELECT outcome FROM i UNION ALL SELECT outcome FROM {DECISIONS} WHERE gid = {} LIMIT 1",
-            quote(gid),
-            quote(outcome),
-            quote(gid)
+            quote_literal(gid),
+            quote_literal(outcome),
+            quote_literal(gid)
         ))
         .await
         .map_err(|e| {
@@ -263,7 +260,7 @@ async fn forget(db: &Database, gid: &str) -> Result<(), String> {
     let mut c = coordinator(db).await?;
     c.run_quiet(&format!(
         "DELETE FROM {DECISIONS} WHERE gid = {}",
-        quote(gid)
+        quote_literal(gid)
     ))
     .await
     .map_err(|e| e.to_string())?;
@@ -334,7 +331,7 @@ pub async fn recover(db: &Database) -> Result<Recovered, String> {
             .await
             .map_err(|e| format!("shard {s}: {e}"))?;
         match c
-            .run_quiet(&format!("{verb} PREPARED {}", quote(gid)))
+            .run_quiet(&format!("{verb} PREPARED {}", quote_literal(gid)))
             .await
             .map_err(|e| e.to_string())?
         {
@@ -368,7 +365,10 @@ pub async fn recover(db: &Database) -> Result<Recovered, String> {
                 && !live.contains(g.as_str())
             {
                 let _ = c
-                    .run_quiet(&format!("DELETE FROM {DECISIONS} WHERE gid = {}", quote(g)))
+                    .run_quiet(&format!(
+                        "DELETE FROM {DECISIONS} WHERE gid = {}",
+                        quote_literal(g)
+                    ))
                     .await;
             }
         }
@@ -387,7 +387,7 @@ async fn lookup(db: &Database, gid: &str) -> Result<Option<String>, String> {
     let rows = c
         .query_rows(&format!(
             "SELECT outcome FROM {DECISIONS} WHERE gid = {}",
-            quote(gid)
+            quote_literal(gid)
         ))
         .await
         .map_err(|e| e.to_string())?;

@@ -281,11 +281,6 @@ impl Hub {
     }
 }
 
-/// A channel name as an SQL identifier.
-fn quoted(channel: &str) -> String {
-    format!("\"{}\"", channel.replace('"', "\"\""))
-}
-
 /// One shard's listener connection: connects to the shard's current primary, LISTENs on
 /// every channel with subscribers, relays notifications; reconnects when the connection
 /// drops or the primary changes. Ends when pgshard (or the hub) is gone.
@@ -341,7 +336,7 @@ async fn listener(
         if !channels.is_empty() {
             let sql: String = channels
                 .iter()
-                .map(|c| format!("LISTEN {};", quoted(c)))
+                .map(|c| format!("LISTEN {};", crate::sql::quote_ident(c)))
                 .collect();
             if let Err(e) = client.batch_execute(&sql).await {
                 tracing::warn!(database = %hub.database, shard, error = %e, "listener LISTEN failed; reconnecting");
@@ -360,7 +355,7 @@ async fn listener(
                 },
                 cmd = cmds.recv() => match cmd {
                     Some(Cmd::Listen(c, ack)) => {
-                        let r = client.batch_execute(&format!("LISTEN {}", quoted(&c))).await;
+                        let r = client.batch_execute(&format!("LISTEN {}", crate::sql::quote_ident(&c))).await;
                         let failed = r.is_err();
                         let _ = ack.send(r.map_err(|e| e.to_string()));
                         if failed {
@@ -368,7 +363,7 @@ async fn listener(
                         }
                     }
                     Some(Cmd::Unlisten(c)) => {
-                        if client.batch_execute(&format!("UNLISTEN {}", quoted(&c))).await.is_err() {
+                        if client.batch_execute(&format!("UNLISTEN {}", crate::sql::quote_ident(&c))).await.is_err() {
                             break;
                         }
                     }

@@ -9,6 +9,7 @@
 
 use super::ShardFn;
 use super::hash::{HASH_COMBINE, HASH_PARTITION_SEED};
+use crate::sql::{quote_ident, quote_literal};
 
 /// The functions every shard needs, in schema `pgshard`. `key_shard` is `partition_of`
 /// (PostgreSQL's hash partitioning) for integer keys, written in SQL.
@@ -39,16 +40,6 @@ $$;
     )
 }
 
-/// An identifier, quoted.
-fn ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// A string literal.
-fn literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
-
 /// The sequence a table's keys come from (one per shard, same name everywhere).
 pub fn sequence(t: &ShardFn) -> String {
     format!("{}_{}_pgshard_seq", t.table, t.column)
@@ -63,7 +54,7 @@ pub fn constraint(t: &ShardFn) -> String {
 pub fn default_expr(t: &ShardFn, shard: usize, shards: usize) -> String {
     format!(
         "pgshard.next_key({}::regclass, {shard}, {shards})",
-        literal(&ident(&sequence(t)))
+        quote_literal(&quote_ident(&sequence(t)))
     )
 }
 
@@ -77,9 +68,13 @@ pub fn is_default_for(expr: &str, shard: usize, shards: usize) -> bool {
 /// there), the column default and the CHECK constraint (NOT VALID: rows already there are
 /// not scanned). Runs again safely.
 pub fn table_sql(t: &ShardFn, shard: usize, shards: usize) -> String {
-    let (table, column, seq) = (ident(&t.table), ident(&t.column), ident(&sequence(t)));
-    let check = ident(&constraint(t));
-    let seq_lit = literal(&seq);
+    let (table, column, seq) = (
+        quote_ident(&t.table),
+        quote_ident(&t.column),
+        quote_ident(&sequence(t)),
+    );
+    let check = quote_ident(&constraint(t));
+    let seq_lit = quote_literal(&seq);
     format!(
         "CREATE SEQUENCE IF NOT EXISTS {seq} OWNED BY {table}.{column};
 SELECT setval({seq_lit}, m) FROM (SELECT max({column}) AS m FROM {table}) x
@@ -113,8 +108,8 @@ pub fn default_query(t: &ShardFn) -> String {
         "SELECT pg_get_expr(d.adbin, d.adrelid) FROM pg_attribute a
            LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
          WHERE a.attrelid = to_regclass({}) AND a.attname = {} AND NOT a.attisdropped",
-        literal(&ident(&t.table)),
-        literal(&t.column)
+        quote_literal(&quote_ident(&t.table)),
+        quote_literal(&t.column)
     )
 }
 

@@ -5,13 +5,13 @@
 //! reference table every row goes to every shard. COPY ... TO STDOUT over several shards
 //! is in `copy_out.rs`; the planning and the participants' bookkeeping here serve both.
 
-use super::multi::quote_ident;
 use super::{Session, SessionError};
 use crate::config::PoolMode;
 use crate::pool::Pooled;
 use crate::protocol::{self, PgError};
 use crate::router::copy::{CopyStmt, Format, Piece, RowSplitter};
 use crate::router::{self, RouteError};
+use crate::sql::{quote_ident, quote_literal};
 use bytes::{BufMut, BytesMut};
 use tokio::io::AsyncReadExt;
 
@@ -602,8 +602,8 @@ impl Session {
     async fn table_columns(&mut self, table: &str) -> Result<Vec<String>, PgError> {
         let b = self.backend.as_mut().expect("entered");
         let sql = format!(
-            "SELECT attname FROM pg_catalog.pg_attribute WHERE attrelid = to_regclass('{}') AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-            quote_ident(table).replace('\'', "''")
+            "SELECT attname FROM pg_catalog.pg_attribute WHERE attrelid = to_regclass({}) AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            quote_literal(&quote_ident(table))
         );
         let rows = b
             .query_rows(&sql)

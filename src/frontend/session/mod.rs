@@ -31,6 +31,7 @@ use crate::exec::{self, Event, Pending, Relay, Undo, empty_frame};
 use crate::pool::{PoolError, Pooled};
 use crate::protocol::{self, PgError, ProtocolError};
 use crate::router::{self, StatementKind};
+use crate::sql::quote_literal;
 use bytes::{Buf, Bytes, BytesMut};
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -118,11 +119,6 @@ fn fingerprint(settings: &[(String, String)]) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     settings.hash(&mut h);
     h.finish() | 1
-}
-
-/// SQL string literal.
-fn lit(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }
 
 impl Session {
@@ -547,9 +543,9 @@ impl Session {
         if self.backend.is_some() && self.status != b'I' {
             let sql = format!(
                 "DO $pgshard$ BEGIN RAISE EXCEPTION USING ERRCODE = {}, MESSAGE = {}, HINT = {}; END $pgshard$",
-                lit(e.code),
-                lit(&e.message),
-                lit(e.hint.as_deref().unwrap_or(""))
+                quote_literal(e.code),
+                quote_literal(&e.message),
+                quote_literal(e.hint.as_deref().unwrap_or(""))
             );
             self.started();
             self.relay.push(Pending::Query);

@@ -444,8 +444,3 @@ pub(super) async fn roll_back(b: &mut Pooled) {
         b.broken = true;
     }
 }
-
-/// A quoted identifier (savepoint and table names pgshard writes into statements).
-pub(super) fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}

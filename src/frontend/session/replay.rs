@@ -24,7 +24,7 @@ impl Replay {
     pub(super) fn write(&self, out: &mut bytes::BytesMut) {
         match self {
             Replay::Savepoint(sp) => {
-                protocol::write_query(out, &format!("SAVEPOINT {}", super::multi::quote_ident(sp)))
+                protocol::write_query(out, &format!("SAVEPOINT {}", crate::sql::quote_ident(sp)))
             }
             Replay::Set(sql) => protocol::write_query(out, sql),
             Replay::Bound(req) => out.extend_from_slice(req),

@@ -35,7 +35,13 @@ impl Session {
             let calls: Vec<String> = self
                 .settings
                 .iter()
-                .map(|(k, v)| format!("pg_catalog.set_config({}, {}, false)", lit(k), lit(v)))
+                .map(|(k, v)| {
+                    format!(
+                        "pg_catalog.set_config({}, {}, false)",
+                        quote_literal(k),
+                        quote_literal(v)
+                    )
+                })
                 .collect();
             sql.push_str(&calls.join(", "));
         }
