@@ -202,12 +202,17 @@ pub(super) struct Collector {
 
 pub(super) fn name_of(n: &ObjectName) -> Option<String> {
     match n.0.last()? {
-        ObjectNamePart::Identifier(id) => Some(if id.quote_style.is_some() {
-            id.value.clone()
-        } else {
-            id.value.to_ascii_lowercase()
-        }),
+        ObjectNamePart::Identifier(id) => Some(ident(id)),
         _ => None,
+    }
+}
+
+/// An identifier as PostgreSQL resolves it: folded to lower case unless quoted.
+pub(super) fn ident(id: &sqlparser::ast::Ident) -> String {
+    if id.quote_style.is_some() {
+        id.value.clone()
+    } else {
+        id.value.to_ascii_lowercase()
     }
 }
 
@@ -513,7 +518,7 @@ fn factor(f: &TableFactor, rules: &Rules, c: &mut Collector, scope: &mut Vec<(St
             if let Some(idx) = rules.table(&n) {
                 c.seen.push(idx);
                 if let Some(a) = alias {
-                    scope.push((a.name.value.to_ascii_lowercase(), idx));
+                    scope.push((ident(&a.name), idx));
                 }
                 scope.push((n, idx));
             } else if rules.is_reference(&n) {
@@ -620,25 +625,18 @@ fn constraints(e: &Expr, rules: &Rules, scope: &[(String, usize)]) -> HashMap<us
 
 /// The sharded table whose key column `e` names, if it does.
 fn key_column(e: &Expr, rules: &Rules, scope: &[(String, usize)]) -> Option<usize> {
-    let norm = |id: &sqlparser::ast::Ident| {
-        if id.quote_style.is_some() {
-            id.value.clone()
-        } else {
-            id.value.to_ascii_lowercase()
-        }
-    };
     match e {
         Expr::Nested(x) => key_column(x, rules, scope),
         Expr::Identifier(id) => {
-            let col = norm(id);
+            let col = ident(id);
             // Unqualified: the one sharded table in scope with that key column.
             let mut hits = scope.iter().filter(|(_, i)| rules.tables[*i].column == col);
             let first = hits.next()?.1;
             hits.all(|(_, i)| *i == first).then_some(first)
         }
         Expr::CompoundIdentifier(ids) if ids.len() >= 2 => {
-            let col = norm(&ids[ids.len() - 1]);
-            let qual = norm(&ids[ids.len() - 2]);
+            let col = ident(&ids[ids.len() - 1]);
+            let qual = ident(&ids[ids.len() - 2]);
             scope
                 .iter()
                 .find(|(n, i)| *n == qual && rules.tables[*i].column == col)
@@ -760,6 +758,11 @@ pub(super) mod tests {
         assert_eq!(
             target("WITH x AS (SELECT * FROM orders WHERE user_id = 4) SELECT * FROM x"),
             Target::Keys(vec![(1, lit("4"))])
+        );
+        // A quoted alias keeps its case, where it is declared and where it is used.
+        assert_eq!(
+            target(r#"SELECT * FROM users AS "U" WHERE "U".id = 5"#),
+            Target::Keys(vec![(0, lit("5"))])
         );
         let a = analyze("SELECT * FROM users WHERE id = 1 FOR UPDATE", &rules()).unwrap();
         assert_eq!(a.kind, Kind::Write);

@@ -6,9 +6,9 @@
 //! them is pinned to one key value, and then the statement must run on one shard.
 
 use super::Rules;
-use super::analyze::{name_of, value_of};
+use super::analyze::{ident, name_of, value_of};
 use sqlparser::ast::{
-    BinaryOperator, Expr, Ident, JoinConstraint, JoinOperator, Select, TableFactor, TableWithJoins,
+    BinaryOperator, Expr, JoinConstraint, JoinOperator, Select, TableFactor, TableWithJoins,
 };
 
 /// One occurrence of a sharded table in a FROM clause.
@@ -16,14 +16,6 @@ struct Instance {
     /// Names it is referred to by: its alias, and its table name.
     names: Vec<String>,
     table: usize,
-}
-
-fn norm(id: &Ident) -> String {
-    if id.quote_style.is_some() {
-        id.value.clone()
-    } else {
-        id.value.to_ascii_lowercase()
-    }
 }
 
 /// Checks a SELECT's sharded tables: Ok(false) when they are joined on their keys (or
@@ -101,36 +93,25 @@ fn check_parts<'a>(
         }
         i
     }
+    fn union(p: &mut [usize], a: usize, b: usize) {
+        let (ra, rb) = (root(p, a), root(p, b));
+        p[ra] = rb;
+    }
+    let co =
+        |a: usize, b: usize| rules.tables[inst[a].table].co_located(&rules.tables[inst[b].table]);
     let mut pinned = vec![false; inst.len()];
     for e in &conjuncts {
-        match e {
-            Expr::BinaryOp {
-                left,
-                op: BinaryOperator::Eq,
-                right,
-            } => match (key_of(left, rules, &inst), key_of(right, rules, &inst)) {
-                (Some(a), Some(b))
-                    if rules.tables[inst[a].table].co_located(&rules.tables[inst[b].table]) =>
-                {
-                    let (ra, rb) = (root(&mut parent, a), root(&mut parent, b));
-                    parent[ra] = rb;
-                }
-                (Some(a), None) if value_of(right).is_some() => pinned[a] = true,
-                (None, Some(b)) if value_of(left).is_some() => pinned[b] = true,
-                _ => {}
-            },
-            Expr::InList {
-                expr,
-                list,
-                negated: false,
-            } => {
-                if let Some(a) = key_of(expr, rules, &inst)
-                    && list.iter().all(|v| value_of(v).is_some())
-                {
-                    pinned[a] = true;
-                }
-            }
-            _ => {}
+        if let Some(i) = pin_of(e, rules, &inst) {
+            pinned[i] = true;
+        } else if let Expr::BinaryOp {
+            left,
+            op: BinaryOperator::Eq,
+            right,
+        } = e
+            && let (Some(a), Some(b)) = (key_of(left, rules, &inst), key_of(right, rules, &inst))
+            && co(a, b)
+        {
+            union(&mut parent, a, b);
         }
     }
     // JOIN ... USING (col): the joined table with any earlier one, both keyed by col.
@@ -141,11 +122,8 @@ fn check_parts<'a>(
                 continue;
             }
             for (left, l) in inst.iter().enumerate().take(right) {
-                if rules.tables[l.table].column == col
-                    && rules.tables[l.table].co_located(&rules.tables[inst[right].table])
-                {
-                    let (ra, rb) = (root(&mut parent, left), root(&mut parent, right));
-                    parent[ra] = rb;
+                if rules.tables[l.table].column == col && co(left, right) {
+                    union(&mut parent, left, right);
                 }
             }
         }
@@ -172,24 +150,28 @@ fn check_parts<'a>(
     ))
 }
 
-/// Whether any instance is pinned to key values by one of the conjuncts.
-fn any_pinned(conjuncts: &[&Expr], rules: &Rules, inst: &[Instance]) -> bool {
-    conjuncts.iter().any(|e| match e {
+/// The instance a conjunct pins to key values (`key = v`, `key IN (v, ...)`), if any.
+fn pin_of(e: &Expr, rules: &Rules, inst: &[Instance]) -> Option<usize> {
+    match e {
         Expr::BinaryOp {
             left,
             op: BinaryOperator::Eq,
             right,
-        } => {
-            (key_of(left, rules, inst).is_some() && value_of(right).is_some())
-                || (key_of(right, rules, inst).is_some() && value_of(left).is_some())
-        }
+        } => [(left, right), (right, left)]
+            .into_iter()
+            .find_map(|(k, v)| key_of(k, rules, inst).filter(|_| value_of(v).is_some())),
         Expr::InList {
             expr,
             list,
             negated: false,
-        } => key_of(expr, rules, inst).is_some() && list.iter().all(|v| value_of(v).is_some()),
-        _ => false,
-    })
+        } => key_of(expr, rules, inst).filter(|_| list.iter().all(|v| value_of(v).is_some())),
+        _ => None,
+    }
+}
+
+/// Whether any instance is pinned to key values by one of the conjuncts.
+fn any_pinned(conjuncts: &[&Expr], rules: &Rules, inst: &[Instance]) -> bool {
+    conjuncts.iter().any(|e| pin_of(e, rules, inst).is_some())
 }
 
 /// The subqueries of a SELECT's WHERE and select list that read sharded tables row by row
@@ -358,7 +340,7 @@ fn factor<'a>(
             if let Some(table) = rules.table(&n) {
                 let mut names = vec![n];
                 if let Some(a) = alias {
-                    names.push(norm(&a.name));
+                    names.push(ident(&a.name));
                 }
                 inst.push(Instance { names, table });
             }
@@ -391,14 +373,14 @@ fn key_of(e: &Expr, rules: &Rules, inst: &[Instance]) -> Option<usize> {
     match e {
         Expr::Nested(x) | Expr::Cast { expr: x, .. } => key_of(x, rules, inst),
         Expr::Identifier(id) => {
-            let col = norm(id);
+            let col = ident(id);
             let mut hits = (0..inst.len()).filter(|&i| rules.tables[inst[i].table].column == col);
             let first = hits.next()?;
             hits.next().is_none().then_some(first)
         }
         Expr::CompoundIdentifier(ids) if ids.len() >= 2 => {
-            let col = norm(&ids[ids.len() - 1]);
-            let qual = norm(&ids[ids.len() - 2]);
+            let col = ident(&ids[ids.len() - 1]);
+            let qual = ident(&ids[ids.len() - 2]);
             (0..inst.len()).find(|&i| {
                 inst[i].names.contains(&qual) && rules.tables[inst[i].table].column == col
             })

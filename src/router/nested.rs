@@ -7,7 +7,7 @@
 //! a query must name the shard key, and then the statement runs on that one shard only.
 
 use super::Rules;
-use super::analyze::{Collector, query};
+use super::analyze::{Collector, ident, query};
 use super::merge::has_aggregate;
 use sqlparser::ast::{
     Expr, GroupByExpr, Query, SelectItem, SetExpr, Statement, TableFactor, Visit, Visitor,
@@ -98,8 +98,8 @@ fn groups_by_key(s: &sqlparser::ast::Select, rules: &Rules) -> bool {
     let grouped: Vec<String> = groups
         .iter()
         .filter_map(|g| match g {
-            Expr::Identifier(id) => Some(id.value.to_ascii_lowercase()),
-            Expr::CompoundIdentifier(parts) => parts.last().map(|p| p.value.to_ascii_lowercase()),
+            Expr::Identifier(id) => Some(ident(id)),
+            Expr::CompoundIdentifier(parts) => parts.last().map(ident),
             _ => None,
         })
         .collect();
@@ -133,8 +133,7 @@ pub(super) fn correlated(q: &Query) -> bool {
         fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
             if let Some(with) = &q.with {
                 for cte in &with.cte_tables {
-                    self.defined
-                        .insert(cte.alias.name.value.to_ascii_lowercase());
+                    self.defined.insert(ident(&cte.alias.name));
                 }
             }
             ControlFlow::Continue(())
@@ -146,13 +145,13 @@ pub(super) fn correlated(q: &Query) -> bool {
                         self.defined.insert(n);
                     }
                     if let Some(a) = alias {
-                        self.defined.insert(a.name.value.to_ascii_lowercase());
+                        self.defined.insert(ident(&a.name));
                     }
                 }
                 TableFactor::Derived { alias: Some(a), .. }
                 | TableFactor::Function { alias: Some(a), .. }
                 | TableFactor::UNNEST { alias: Some(a), .. } => {
-                    self.defined.insert(a.name.value.to_ascii_lowercase());
+                    self.defined.insert(ident(&a.name));
                 }
                 _ => {}
             }
@@ -162,12 +161,7 @@ pub(super) fn correlated(q: &Query) -> bool {
             if let Expr::CompoundIdentifier(parts) = e
                 && parts.len() >= 2
             {
-                let t = &parts[parts.len() - 2];
-                self.qualifiers.insert(if t.quote_style.is_some() {
-                    t.value.clone()
-                } else {
-                    t.value.to_ascii_lowercase()
-                });
+                self.qualifiers.insert(ident(&parts[parts.len() - 2]));
             }
             ControlFlow::Continue(())
         }
