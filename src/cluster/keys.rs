@@ -40,6 +40,25 @@ fn control(db: &Database, shard: usize, timeout: Duration) -> Result<(Control, S
     ))
 }
 
+/// Whether `shard` makes the keys of table `t`: Ok(Ok(())), Ok(Err(what is wrong)), or
+/// Err when the shard could not be asked.
+async fn table_keys(
+    c: &mut Control,
+    t: &crate::sharding::ShardFn,
+    shard: usize,
+    shards: usize,
+) -> Result<Result<(), String>, String> {
+    let rows = c.query(&keys::default_query(t)).await?;
+    Ok(match rows.first().map(|r| r[0].as_deref()) {
+        None => Err("no such table or column".to_string()),
+        Some(Some(d)) if keys::is_default_for(d, shard, shards) => Ok(()),
+        Some(Some(d)) => Err(format!(
+            "its default is {d}, not pgshard.next_key(.., {shard}, {shards})"
+        )),
+        Some(None) => Err("it has no default".to_string()),
+    })
+}
+
 /// Whether every shard's default and constraint are in place for each generating table.
 pub async fn check(db: &Database) -> Vec<ShardReport> {
     let shards = db.shards.len();
@@ -59,17 +78,7 @@ pub async fn check(db: &Database) -> Vec<ShardReport> {
         let mut tables = Vec::new();
         for t in generating(db) {
             let name = format!("{}.{}", t.table, t.column);
-            let r = match c.query(&keys::default_query(t)).await {
-                Err(e) => Err(e),
-                Ok(rows) => match rows.first().map(|r| r[0].as_deref()) {
-                    None => Err("no such table or column".to_string()),
-                    Some(Some(d)) if keys::is_default_for(d, s, shards) => Ok(()),
-                    Some(Some(d)) => Err(format!(
-                        "its default is {d}, not pgshard.next_key(.., {s}, {shards})"
-                    )),
-                    Some(None) => Err("it has no default".to_string()),
-                },
-            };
+            let r = table_keys(&mut c, t, s, shards).await.and_then(|r| r);
             tables.push((name, r));
         }
         out.push(ShardReport {
@@ -112,22 +121,15 @@ pub async fn verify(db: &Database, shard: usize, tables: &[usize]) -> Result<(),
             continue;
         }
         let f = &db.router.rules.tables[t];
-        let rows = c
-            .query(&keys::default_query(f))
+        match table_keys(&mut c, f, shard, shards)
             .await
-            .map_err(unreachable)?;
-        match rows.first().map(|r| r[0].as_deref()) {
-            Some(Some(d)) if keys::is_default_for(d, shard, shards) => db.set_keys_ready(t, shard),
-            found => {
+            .map_err(unreachable)?
+        {
+            Ok(()) => db.set_keys_ready(t, shard),
+            Err(why) => {
                 return Err(KeysError::NotReady(format!(
-                    "shard {shard} does not generate the keys of {}.{} ({}); run `pgshard keys --config FILE --apply`",
-                    f.table,
-                    f.column,
-                    match found {
-                        None => "no such table or column".to_string(),
-                        Some(None) => "the column has no default".to_string(),
-                        Some(Some(d)) => format!("its default is {d}"),
-                    }
+                    "shard {shard} does not generate the keys of {}.{} ({why}); run `pgshard keys --config FILE --apply`",
+                    f.table, f.column
                 )));
             }
         }
