@@ -234,12 +234,14 @@ pub(super) fn shard_statement(q: &Query, spec: &MergeSpec) -> Option<String> {
     Some(q.to_string())
 }
 
+/// Why a statement over several shards is refused: `what` is not supported there yet.
+fn unsupported<T>(what: &str) -> Result<T, String> {
+    Err(format!(
+        "{what} across shards is not supported yet; add a shard key condition or a /* pgshard: shard=N */ hint"
+    ))
+}
+
 fn plan(q: &Query) -> Result<MergeSpec, String> {
-    let unsupported = |what: &str| {
-        Err(format!(
-            "{what} across shards is not supported yet; add a shard key condition or a /* pgshard: shard=N */ hint"
-        ))
-    };
     let (sel, union_all) = match &*q.body {
         SetExpr::Select(sel) => (sel.as_ref(), None),
         body => {
@@ -481,11 +483,6 @@ pub(super) fn union_leaves(body: &SetExpr) -> Result<(Vec<&Select>, bool), Strin
         all: &mut Option<bool>,
         out: &mut Vec<&'a Select>,
     ) -> Result<(), String> {
-        let refuse = |what: &str| {
-            Err(format!(
-                "{what} across shards is not supported yet; add a shard key condition or a /* pgshard: shard=N */ hint"
-            ))
-        };
         match e {
             SetExpr::SetOperation {
                 op: sqlparser::ast::SetOperator::Union,
@@ -497,16 +494,16 @@ pub(super) fn union_leaves(body: &SetExpr) -> Result<(Vec<&Select>, bool), Strin
                     sqlparser::ast::SetQuantifier::All => true,
                     sqlparser::ast::SetQuantifier::Distinct
                     | sqlparser::ast::SetQuantifier::None => false,
-                    _ => return refuse("UNION BY NAME"),
+                    _ => return unsupported("UNION BY NAME"),
                 };
                 if all.is_some_and(|a| a != this) {
-                    return refuse("UNION mixed with UNION ALL");
+                    return unsupported("UNION mixed with UNION ALL");
                 }
                 *all = Some(this);
                 walk(left, all, out)?;
                 walk(right, all, out)
             }
-            SetExpr::SetOperation { .. } => refuse("INTERSECT or EXCEPT"),
+            SetExpr::SetOperation { .. } => unsupported("INTERSECT or EXCEPT"),
             SetExpr::Query(q)
                 if q.order_by.is_none()
                     && q.limit_clause.is_none()
@@ -527,12 +524,12 @@ pub(super) fn union_leaves(body: &SetExpr) -> Result<(Vec<&Select>, bool), Strin
                         _ => true,
                     });
                 if !plain {
-                    return refuse("a UNION of grouped, aggregated or windowed SELECTs");
+                    return unsupported("a UNION of grouped, aggregated or windowed SELECTs");
                 }
                 out.push(s);
                 Ok(())
             }
-            _ => refuse(
+            _ => unsupported(
                 "this part of a UNION (VALUES, or a parenthesized query with ORDER BY or LIMIT)",
             ),
         }
