@@ -143,6 +143,12 @@ pub fn render(server: &Server) -> String {
         );
         let dl = format!("database=\"{d}\"");
         o.counter(
+            "pgshard_deadlocks_total",
+            "Deadlocks across shards pgshard broke by cancelling a transaction's wait.",
+            &dl,
+            db.deadlocks.load(Ordering::Relaxed),
+        );
+        o.counter(
             "pgshard_2pc_prepared_total",
             "Multi-shard transactions prepared on every shard.",
             &dl,

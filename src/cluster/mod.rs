@@ -4,6 +4,7 @@
 //! What the monitor learns is published as an immutable [`ShardView`] per shard, swapped
 //! in whole (arc-swap): sessions read it when they pick a node, without a lock.
 
+pub mod deadlock;
 mod failover;
 mod health;
 pub mod keys;
@@ -139,6 +140,8 @@ pub struct Database {
     /// dead primary to the new one taking writes).
     pub failovers: std::sync::atomic::AtomicU64,
     pub last_failover_ms: std::sync::atomic::AtomicU64,
+    /// Deadlocks across shards this process broke (`deadlock`).
+    pub deadlocks: std::sync::atomic::AtomicU64,
     /// The 2PC decision table exists on the coordinator (created on first use).
     pub decisions_ready: std::sync::atomic::AtomicBool,
     /// Transactions committed with two-phase commit, and in-doubt ones recovery finished.
@@ -425,6 +428,7 @@ impl Topology {
                     roles: tokio::sync::Mutex::new(()),
                     failovers: Default::default(),
                     last_failover_ms: Default::default(),
+                    deadlocks: Default::default(),
                     decisions_ready: Default::default(),
                     two_phase_prepared: Default::default(),
                     two_phase_commits: Default::default(),
@@ -447,6 +451,7 @@ impl Topology {
         for db in self.databases.values() {
             health::spawn(Arc::downgrade(db));
             crate::exec::twophase::spawn_recovery(Arc::downgrade(db));
+            deadlock::spawn(Arc::downgrade(db));
         }
     }
 }

@@ -227,6 +227,14 @@ pub struct DatabaseConfig {
     /// recovery (its coordinator died before deciding).
     #[serde(default = "default_in_doubt_ms")]
     pub two_phase_timeout_ms: u64,
+    /// How often pgshard looks for transactions waiting for each other across shards (a
+    /// deadlock no server sees); 0 turns the detector off.
+    #[serde(default = "default_deadlock_ms")]
+    pub deadlock_detection_ms: u64,
+}
+
+fn default_deadlock_ms() -> u64 {
+    1000
 }
 
 fn default_in_doubt_ms() -> u64 {
@@ -571,6 +579,11 @@ databases:
         assert!(e.starts_with("databases[0].default_shard:"), "{e}");
         let e = err(&BASE.replace("127.0.0.1:5434", "127.0.0.1:5433"));
         assert!(e.contains("used by another node"), "{e}");
+        let e = err(&format!("{BASE}    deadlock_detection_ms: 5\n"));
+        assert_eq!(
+            e,
+            "databases[0].deadlock_detection_ms: must be 0 (off) or at least 100"
+        );
         let e = err(&format!("{BASE}pool: {{ size: 0 }}\n"));
         assert!(e.starts_with("pool.size:"), "{e}");
         let e = err(&BASE.replace("{ name: app, password: app }", "{ name: app }"));

@@ -199,6 +199,13 @@ impl Config {
                     "must be positive",
                 ));
             }
+            if (1..100).contains(&d.deadlock_detection_ms) {
+                // Each round queries every primary; more often than this only loads them.
+                return Err(invalid(
+                    format!("{key}.deadlock_detection_ms"),
+                    "must be 0 (off) or at least 100",
+                ));
+            }
             if d.default_shard >= d.shards.len() {
                 return Err(invalid(
                     format!("{key}.default_shard"),

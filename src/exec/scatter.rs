@@ -186,10 +186,26 @@ pub async fn run_each_all_or_none(
         protocol::write_query(&mut out, sql);
         c.send(&out).await.map_err(lost)?;
     }
+    // Each shard's part holds its locks while another part waits: the deadlock detector
+    // must know these backends are one transaction.
+    let txn = crate::cluster::deadlock::TRANSACTIONS.register(
+        conns
+            .iter()
+            .map(|(s, c)| crate::cluster::deadlock::Participant {
+                shard: *s,
+                addr: c.addr.clone(),
+                pid: c.pid,
+                secret: c.secret,
+            })
+            .collect(),
+    );
     for (_, c) in conns.iter_mut() {
         c.read_until_ready().await.map_err(lost)?; // BEGIN
-        results.push(c.read_until_ready().await.map_err(lost)?);
+        let mut frames = c.read_until_ready().await.map_err(lost)?;
+        txn.rewrite(&mut frames);
+        results.push(frames);
     }
+    drop(txn);
     let failed = first_error(&results);
     let finish = if failed.is_some() {
         "ROLLBACK"

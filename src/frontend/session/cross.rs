@@ -307,6 +307,7 @@ impl Session {
             self.reads.executed = true;
             match super::multi::send_and_collect(conn, &req).await {
                 Ok((mut frames, status)) => {
+                    self.deadlock_frames(&mut frames);
                     if let Some(i) = frames.iter().position(|f| matches!(f[0], b'T' | b'n')) {
                         let d = frames.remove(i).freeze();
                         description.get_or_insert(d);

@@ -645,11 +645,17 @@ impl Session {
                 continue;
             }
             let fatal = tag == b'E' && protocol::is_fatal(&b.rbuf[..n]);
+            // A deadlock victim's cancelled statement, told as the deadlock it was.
+            let deadlock = match &self.multi.txn {
+                Some(r) if tag == b'E' => r.deadlock_error(&b.rbuf[..n]),
+                _ => None,
+            };
+            let frame = deadlock.as_deref().unwrap_or(&b.rbuf[..n]);
             if tag == b'E' {
-                let code = crate::metrics::sqlstate_of(&b.rbuf[..n]).unwrap_or("XX000");
+                let code = crate::metrics::sqlstate_of(frame).unwrap_or("XX000");
                 self.db.shards[self.shard].stats.error(code);
             }
-            let event = self.relay.on_frame(&b.rbuf[..n], &mut self.cout);
+            let event = self.relay.on_frame(frame, &mut self.cout);
             b.rbuf.advance(n);
             if fatal {
                 // The server closes after a FATAL: nothing more may be sent to it, and the

@@ -26,6 +26,9 @@ pub(super) struct MultiState {
     /// The client's pipelined batch, begun outside a transaction, went to several
     /// shards: it is one transaction over them, committed at the batch's Sync.
     pub(super) batch_commit: bool,
+    /// The transaction's backends as the deadlock detector knows them (from the second
+    /// shard on).
+    pub(super) txn: Option<crate::cluster::deadlock::Registration>,
 }
 
 /// A statement's frames from one shard, up to ReadyForQuery, and that status.
@@ -124,8 +127,42 @@ impl Session {
         }
         self.route.movable_begin = None;
         self.write_replay();
+        self.register_participants();
         tracing::debug!(shard = to, "shard joined the transaction");
         Ok(true)
+    }
+
+    /// Tells the deadlock detector which backends the transaction holds: it can wait on
+    /// one shard while holding locks on another, a cycle no server sees.
+    fn register_participants(&mut self) {
+        use crate::cluster::deadlock::{Participant, TRANSACTIONS};
+        let participant = |shard: usize, b: &Pooled| Participant {
+            shard,
+            addr: b.addr.clone(),
+            pid: b.pid,
+            secret: b.secret,
+        };
+        let mut parts: Vec<Participant> = self
+            .multi
+            .parked
+            .iter()
+            .map(|(s, b)| participant(*s, b))
+            .collect();
+        if let Some(b) = &self.backend {
+            parts.push(participant(self.shard, b));
+        }
+        match &self.multi.txn {
+            Some(r) => r.update(parts),
+            None => self.multi.txn = Some(TRANSACTIONS.register(parts)),
+        }
+    }
+
+    /// Replaces the cancellation of a deadlock's victim, among a statement's frames, by the
+    /// deadlock error its client must see.
+    pub(super) fn deadlock_frames(&self, frames: &mut [bytes::BytesMut]) {
+        if let Some(r) = &self.multi.txn {
+            r.rewrite(frames);
+        }
     }
 
     /// Queues the transaction's savepoints and settings, in order, for the connection just
@@ -193,6 +230,7 @@ impl Session {
             }
         };
         drop(parts);
+        self.multi.txn = None;
         self.status = b'I';
         self.multi.begin = None;
         self.multi.replay.clear();
@@ -369,7 +407,8 @@ impl Session {
         };
         self.reads.executed = true;
         match run_on(b, stmt).await {
-            Ok((frames, status)) => {
+            Ok((mut frames, status)) => {
+                self.deadlock_frames(&mut frames);
                 if status == b'E' || frames.iter().any(|f| f[0] == b'E') {
                     self.status = b'E';
                 } else {
@@ -419,6 +458,7 @@ impl Session {
         for (_, mut b) in std::mem::take(&mut self.multi.parked) {
             b.broken = true;
         }
+        self.multi.txn = None;
         self.multi.begin = None;
         self.multi.replay.clear();
     }
@@ -432,6 +472,7 @@ impl Session {
             tracing::error!("transaction ended on one shard with others parked; rolling them back");
             self.drop_parked();
         }
+        self.multi.txn = None;
         self.multi.begin = None;
         self.multi.replay.clear();
     }
