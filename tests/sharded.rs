@@ -14,6 +14,7 @@ const RULES: &str = "    reference_tables: [countries]
       - { table: users, column: id, method: hash }
       - { table: orders, column: user_id, method: hash }
       - { table: split_t, column: id, method: hash }
+      - { table: orders_archive, column: user_id, method: hash }
       - table: events
         column: created_at
         method: range
@@ -355,6 +356,107 @@ async fn joins_and_subqueries_see_every_row_they_need_or_are_refused() {
         let e = c.simple_query(&q).await.unwrap_err();
         assert_eq!(sqlstate(&e), "0A000", "{q}");
     }
+}
+
+/// The command tag's row count of a simple query.
+fn affected(msgs: &[SimpleQueryMessage]) -> u64 {
+    msgs.iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::CommandComplete(n) => Some(*n),
+            _ => None,
+        })
+        .sum()
+}
+
+/// INSERT ... SELECT into a sharded table from a co-located one runs on every shard the
+/// SELECT needs, each shard inserting rows made from its own rows: the same rows as on one
+/// plain PostgreSQL, each on its hash shard.
+#[tokio::test]
+async fn insert_select_from_co_located_tables_matches_plain_postgres() {
+    let addr = setup().await;
+    let c = connect(addr).await;
+    let plain = connect_server(ports()[0], "plain").await;
+    let ddl = "DROP TABLE IF EXISTS orders_archive; CREATE TABLE orders_archive (id bigint, user_id bigint, total numeric)";
+    c.batch_execute(ddl).await.unwrap();
+    plain.batch_execute(ddl).await.unwrap();
+    for q in [
+        // Every shard.
+        "INSERT INTO orders_archive (id, user_id, total) SELECT id, user_id, total FROM orders WHERE total > 3",
+        "INSERT INTO orders_archive (total, user_id, id) SELECT sum(total), user_id, max(id) + 1 FROM orders GROUP BY user_id HAVING sum(total) < 2",
+        // Joined on the keys.
+        "INSERT INTO orders_archive (id, user_id, total) SELECT o.id + 1000000, u.id, u.score FROM users u JOIN orders o ON o.user_id = u.id WHERE u.name LIKE 'user1%'",
+        // One shard.
+        "INSERT INTO orders_archive (user_id, id, total) SELECT u.id, u.id * 100, u.score FROM users u WHERE u.id = 42",
+        // A constant key.
+        "INSERT INTO orders_archive (id, user_id, total) SELECT 1, 77, 2.5",
+    ] {
+        let a = affected(&c.simple_query(q).await.unwrap());
+        let b = affected(&plain.simple_query(q).await.unwrap());
+        assert_eq!(a, b, "{q}");
+        assert!(a > 0, "{q}");
+    }
+    // RETURNING, from every shard.
+    let q = "INSERT INTO orders_archive (id, user_id, total) SELECT id + 2000000, user_id, 0 FROM orders WHERE total = 1.25 RETURNING id, user_id";
+    let mut a = rows(&c.simple_query(q).await.unwrap());
+    let mut b = rows(&plain.simple_query(q).await.unwrap());
+    a.sort();
+    b.sort();
+    assert_eq!(a, b);
+    // The extended protocol, with a parameter for the key.
+    for db in [&c, &plain] {
+        let n = db
+            .execute(
+                "INSERT INTO orders_archive (id, user_id, total) SELECT id + 3000000, user_id, total FROM orders WHERE user_id = $1",
+                &[&7i64],
+            )
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+    // Inside a transaction, rolled back on every shard.
+    let before = same_as_plain(&c, &plain, "SELECT count(*) FROM orders_archive").await;
+    c.batch_execute(
+        "BEGIN; INSERT INTO orders_archive (id, user_id, total) SELECT id, user_id, total FROM orders; ROLLBACK",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        rows(
+            &c.simple_query("SELECT count(*) FROM orders_archive")
+                .await
+                .unwrap()
+        ),
+        before
+    );
+    same_as_plain(
+        &c,
+        &plain,
+        "SELECT id, user_id, total FROM orders_archive ORDER BY id, user_id",
+    )
+    .await;
+    // Each row on its key's shard.
+    for (shard, port) in ports().into_iter().enumerate() {
+        let direct = connect_server(port, "app").await;
+        for r in rows(
+            &direct
+                .simple_query("SELECT user_id FROM orders_archive")
+                .await
+                .unwrap(),
+        ) {
+            let k: i64 = r[0].as_deref().unwrap().parse().unwrap();
+            assert_eq!(partition_of(&HashKey::Int(k), 2) as usize, shard, "{k}");
+        }
+    }
+    // New keys that are not keys of a co-located table: refused, nothing inserted.
+    for q in [
+        "INSERT INTO orders_archive (id, user_id, total) SELECT id, id, total FROM orders",
+        "INSERT INTO orders_archive (id, user_id, total) SELECT g, g, 0 FROM generate_series(1, 5) g",
+        "INSERT INTO orders_archive SELECT * FROM orders",
+    ] {
+        let e = c.batch_execute(q).await.unwrap_err();
+        assert_eq!(sqlstate(&e), "0A000", "{q}: {e}");
+    }
+    c.batch_execute("DROP TABLE orders_archive").await.unwrap();
 }
 
 #[tokio::test]

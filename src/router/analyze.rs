@@ -68,6 +68,10 @@ pub struct Analysis {
     /// For a single INSERT ... VALUES into a sharded table: the statement and each row's
     /// key, so that it can be split per shard.
     pub insert_split: Option<std::sync::Arc<super::insert::InsertSplit>>,
+    /// An INSERT ... SELECT into a sharded table whose rows each shard makes from its own
+    /// rows (the new key is the key of a co-located table read): it runs as written on
+    /// every shard the SELECT needs.
+    pub insert_select: bool,
     /// Only reads, with no locking clause, data-modifying CTE or writing function: may run
     /// on a replica.
     pub replica_safe: bool,
@@ -101,6 +105,7 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
         shard_sql: None,
         inserts_sharded: false,
         insert_split: None,
+        insert_select: false,
         replica_safe: false,
         one_shard: false,
         keyless: Vec::new(),
@@ -122,6 +127,7 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
         let a = statement(st, rules).map_err(AnalyzeError::Unroutable)?;
         out.kind = out.kind.max(a.kind);
         out.inserts_sharded |= a.inserts_sharded;
+        out.insert_select |= a.insert_select;
         out.key_update = out.key_update.or(a.key_update);
         out.writes_reference |= a.writes_reference;
         out.one_shard |= a.one_shard;
@@ -145,6 +151,7 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
     if let [st @ Statement::Insert(_)] = stmts.as_slice()
         && let Target::Keys(keys) = &out.target
         && out.inserts_sharded
+        && !out.insert_select
     {
         out.insert_split = Some(std::sync::Arc::new(super::insert::InsertSplit {
             statement: st.clone(),
@@ -198,6 +205,8 @@ pub(super) struct Collector {
     one_shard: bool,
     /// Tables whose keys the shards make (with `any_shard`).
     pub(super) keyless: Vec<usize>,
+    /// A co-located INSERT ... SELECT (`Analysis::insert_select`).
+    pub(super) insert_select: bool,
 }
 
 pub(super) fn name_of(n: &ObjectName) -> Option<String> {
@@ -397,8 +406,10 @@ fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
         statements: 1,
         merge: None,
         shard_sql: None,
-        inserts_sharded: matches!(st, Statement::Insert(_)) && (!c.seen.is_empty() || c.any_shard),
+        inserts_sharded: matches!(st, Statement::Insert(_))
+            && (!c.seen.is_empty() || c.any_shard || c.insert_select),
         insert_split: None,
+        insert_select: c.insert_select,
         replica_safe: false,
         one_shard: one_shard || c.one_shard,
         keyless: c.keyless,

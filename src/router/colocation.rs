@@ -296,6 +296,47 @@ fn top_subqueries<'a>(e: &'a Expr, out: &mut Vec<&'a Expr>) {
     }
 }
 
+/// For `INSERT INTO target (..) SELECT ...`: the occurrence, in the SELECT's FROM, of a
+/// table co-located with `target` whose shard key is the SELECT's column `pos` (the new
+/// rows' key). Some(table) when there is one: each shard then inserts rows made from its
+/// own rows, which belong to it. None when the column is something else (a constant, an
+/// expression, another column). Err when the SELECT's columns cannot be counted.
+pub(super) fn insert_source(
+    sel: &Select,
+    pos: usize,
+    target: usize,
+    rules: &Rules,
+) -> Result<Option<usize>, String> {
+    use sqlparser::ast::SelectItem;
+    let mut expr = None;
+    for (i, item) in sel.projection.iter().enumerate().take(pos + 1) {
+        match item {
+            SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => {
+                if i == pos {
+                    expr = Some(e);
+                }
+            }
+            _ => {
+                return Err(
+                    "name the SELECT's columns instead of * (pgshard must see which one becomes the shard key)"
+                        .into(),
+                );
+            }
+        }
+    }
+    let Some(e) = expr else {
+        return Err("the SELECT has fewer columns than the INSERT names".into());
+    };
+    let mut inst = Vec::new();
+    let (mut conjuncts, mut using) = (Vec::new(), Vec::new());
+    for t in &sel.from {
+        from_item(t, rules, &mut inst, &mut conjuncts, &mut using);
+    }
+    Ok(key_of(e, rules, &inst)
+        .map(|i| inst[i].table)
+        .filter(|&t| rules.tables[t].co_located(&rules.tables[target])))
+}
+
 /// The sharded tables of a FROM item, their ON conditions, and USING joins.
 fn from_item<'a>(
     t: &'a TableWithJoins,

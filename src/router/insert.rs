@@ -4,7 +4,7 @@
 
 use super::analyze::{Collector, KeyRef, name_of, query, value_of};
 use super::{Params, RouteError, Router, Rules};
-use sqlparser::ast::{Expr, SetExpr, Statement, TableObject};
+use sqlparser::ast::{Expr, SelectItem, SetExpr, Statement, TableObject};
 
 /// Collects an INSERT's target: each VALUES row's key; rows whose keys the shards make
 /// (`generate_keys`, the key left out or DEFAULT); or why its rows cannot be placed.
@@ -97,11 +97,59 @@ pub(super) fn insert(
             c.keyless.push(idx);
         }
         (SetExpr::Values(_), None) => return Err(missing()),
+        (SetExpr::Select(sel), Some(pos)) => {
+            let mut source = Collector::default();
+            query(src, rules, &mut source);
+            match super::colocation::insert_source(sel, pos, idx, rules) {
+                // A constant key and a SELECT that reads no sharded table: one row
+                // source, routed by the key like VALUES.
+                Ok(None) if source.seen.is_empty() => {
+                    let item = sel.projection.get(pos).and_then(|i| match i {
+                        SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => {
+                            value_of(e)
+                        }
+                        _ => None,
+                    });
+                    let Some(k) = item else {
+                        return Err(format!(
+                            "cannot route INSERT ... SELECT into sharded table {n}: the SELECT reads no sharded table, so its column for the shard key {col} must be a literal or a parameter"
+                        ));
+                    };
+                    c.keys.push((idx, k));
+                    c.seen.push(idx);
+                    query(src, rules, c);
+                    c.insert_select = true;
+                }
+                // Each shard makes its new rows from its own rows of a co-located table:
+                // the statement runs as written on the shards the SELECT needs.
+                Ok(Some(_)) => {
+                    // The target is not "seen" here: its shards are the SELECT's (which
+                    // may be one, for a nested query that must run on one shard).
+                    query(src, rules, c);
+                    c.insert_select = true;
+                }
+                Ok(None) => {
+                    return Err(format!(
+                        "INSERT ... SELECT into sharded table {n} is supported when the SELECT's column for the shard key {col} is the shard key of a table sharded like {n} (each shard then inserts its own rows); here it is not"
+                    ));
+                }
+                Err(why) => {
+                    return Err(format!(
+                        "INSERT ... SELECT into sharded table {n} is not supported here: {why}"
+                    ));
+                }
+            }
+        }
+        (_, None) => {
+            return Err(format!(
+                "INSERT ... SELECT into sharded table {n} must name its columns (pgshard finds the shard key {col} by name)"
+            ));
+        }
         _ => {
             // The new rows' keys come out of a query: their shards are unknown here, and
             // routing by the query's own keys would put rows on the wrong shard.
             return Err(format!(
-                "INSERT ... SELECT into sharded table {n} is not supported: pgshard cannot tell the shards of the new rows; use INSERT ... VALUES"
+                "INSERT into sharded table {n} from a set operation or a nested query is not supported: pgshard cannot tell the shards of the new rows; use INSERT ... VALUES, or a plain SELECT that reads the shard key of a table sharded like {n}"
             ));
         }
     }
@@ -140,6 +188,7 @@ impl Router {
                 shard_sql: None,
                 inserts_sharded: true,
                 insert_split: None,
+                insert_select: false,
                 replica_safe: false,
                 one_shard: false,
                 keyless: Vec::new(),
@@ -254,6 +303,72 @@ mod tests {
             assert!(
                 matches!(analyze(sql, &rules()), Err(AnalyzeError::Unroutable(_))),
                 "{sql}"
+            );
+        }
+    }
+
+    #[test]
+    fn insert_select_runs_where_the_rows_it_reads_are() {
+        let a = |sql: &str| analyze(sql, &rules()).unwrap();
+        // The new key is the key of a co-located table read: every shard the SELECT
+        // needs, the statement as written.
+        for (sql, t) in [
+            (
+                "INSERT INTO orders (user_id, total) SELECT id, score FROM users",
+                Target::All,
+            ),
+            (
+                "INSERT INTO orders (total, user_id) SELECT o.total * 2, o.user_id FROM orders o WHERE o.total > 5 RETURNING user_id",
+                Target::All,
+            ),
+            (
+                "INSERT INTO orders (user_id, total) SELECT u.id, 1 FROM users u WHERE u.id = 5 ON CONFLICT DO NOTHING",
+                Target::Keys(vec![(0, lit("5"))]),
+            ),
+            (
+                "INSERT INTO users (id, name) SELECT o.user_id, count(*) FROM orders o GROUP BY o.user_id",
+                Target::All,
+            ),
+            (
+                "INSERT INTO users (id, name) SELECT user_id, 'x' FROM orders WHERE user_id = 3 LIMIT 1",
+                Target::Keys(vec![(1, lit("3"))]),
+            ),
+            // A constant key, and no sharded table read: routed by the key.
+            (
+                "INSERT INTO users (id, name) SELECT 7, 'x'",
+                Target::Keys(vec![(0, lit("7"))]),
+            ),
+            (
+                "INSERT INTO users (id, name) SELECT 7, name FROM countries",
+                Target::Keys(vec![(0, lit("7"))]),
+            ),
+        ] {
+            let an = a(sql);
+            assert_eq!(an.target, t, "{sql}");
+            assert!(an.insert_select && an.inserts_sharded, "{sql}");
+            assert!(an.insert_split.is_none(), "{sql}");
+        }
+        for sql in [
+            // The new key is not a key of a co-located table.
+            "INSERT INTO users (id, name) SELECT score, name FROM users",
+            "INSERT INTO events (id) SELECT id FROM users",
+            "INSERT INTO users (id) SELECT g FROM generate_series(1, 3) g",
+            // A constant key for rows read on other shards.
+            "INSERT INTO users (id, name) SELECT 5, name FROM users WHERE id = 7",
+            // Columns pgshard cannot count or name.
+            "INSERT INTO users (id) SELECT * FROM orders",
+            "INSERT INTO users SELECT * FROM users",
+            "INSERT INTO users (name, id) SELECT name FROM users",
+            // Rows that do not combine shard by shard.
+            "INSERT INTO users (id) SELECT user_id FROM orders UNION SELECT id FROM users",
+            "INSERT INTO users (id) SELECT DISTINCT user_id FROM orders",
+            "INSERT INTO users (id) SELECT user_id FROM orders LIMIT 5",
+            "INSERT INTO users (id) SELECT u.id FROM users u JOIN orders o ON o.total = u.score",
+        ] {
+            assert!(
+                matches!(analyze(sql, &rules()), Err(AnalyzeError::Unroutable(_))),
+                "{sql}: {:?}",
+                analyze(sql, &rules()).map(|a| a.target)
             );
         }
     }

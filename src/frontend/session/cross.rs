@@ -80,6 +80,8 @@ impl Session {
                     "this statement over several shards cannot be merged",
                 ));
             }
+            // Each shard inserts the rows it makes from its own rows.
+            (Kind::Write, _) if a.insert_select => Multi::Write { sum: true },
             (Kind::Write, _) if a.inserts_sharded => match &a.insert_split {
                 Some(split) => match self.db.router.split_insert(split, &Default::default()) {
                     Ok(parts) => Multi::SplitInsert(parts),

@@ -237,6 +237,7 @@ impl Session {
                         shard_sql: None,
                         inserts_sharded: false,
                         insert_split: None,
+                        insert_select: false,
                         replica_safe: false,
                         one_shard: false,
                         keyless: Vec::new(),
