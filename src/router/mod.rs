@@ -9,6 +9,7 @@ pub mod insert;
 pub mod lexer;
 pub mod merge;
 mod nested;
+mod predicate;
 
 use crate::config::DatabaseConfig;
 use crate::sharding::{ShardError, ShardFn};

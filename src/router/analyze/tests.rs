@@ -1,0 +1,172 @@
+//! Analysis tests, and the rules and helpers the other router tests share.
+
+use super::*;
+use crate::config::ShardedTableConfig;
+
+pub(in crate::router) fn rules() -> Rules {
+    let t = |y: &str| {
+        let c: ShardedTableConfig = yaml_serde::from_str(y).unwrap();
+        crate::sharding::ShardFn::new(&c, 2, "t").unwrap()
+    };
+    Rules::new(
+        vec![
+            t("{ table: users, column: id, method: hash }"),
+            t("{ table: orders, column: user_id, method: hash }"),
+            t("{ table: tickets, column: id, method: hash, generate_keys: true }"),
+            t(
+                "{ table: events, column: id, method: range, ranges: [ { to: 100, shard: 0 }, { from: 100, shard: 1 } ] }",
+            ),
+        ],
+        vec!["countries".into()],
+    )
+}
+
+pub(in crate::router) fn target(sql: &str) -> Target {
+    analyze(sql, &rules()).unwrap().target
+}
+
+pub(in crate::router) fn lit(s: &str) -> KeyRef {
+    KeyRef::Literal(s.into())
+}
+
+#[test]
+fn keys_from_where_clauses() {
+    assert_eq!(
+        target("SELECT * FROM users WHERE id = 5"),
+        Target::Keys(vec![(0, lit("5"))])
+    );
+    assert_eq!(
+        target("select * from public.\"users\" u where u.id = $1 and u.name = 'x'"),
+        Target::Keys(vec![(0, KeyRef::Param(0, None))])
+    );
+    assert_eq!(
+        target("SELECT * FROM users WHERE name = 'x' AND (id IN (1, 2, -3))"),
+        Target::Keys(vec![(0, lit("1")), (0, lit("2")), (0, lit("-3"))])
+    );
+    assert_eq!(
+        target("SELECT * FROM users WHERE id = $1::bigint OR id = 7"),
+        Target::Keys(vec![
+            (0, KeyRef::Param(0, Some("bigint".into()))),
+            (0, lit("7"))
+        ])
+    );
+    assert_eq!(
+        target("SELECT * FROM users WHERE id = 1 OR name = 'x'"),
+        Target::All
+    );
+    assert_eq!(target("SELECT count(*) FROM users"), Target::All);
+    assert_eq!(target("SELECT 1"), Target::Default);
+    assert_eq!(target("SELECT * FROM countries"), Target::Default);
+    assert_eq!(
+        target("SELECT * FROM other_table WHERE id = 1"),
+        Target::Default
+    );
+}
+
+#[test]
+fn joins_ctes_and_locking() {
+    assert_eq!(
+        target("SELECT * FROM users u JOIN orders o ON o.user_id = u.id WHERE u.id = 9"),
+        Target::Keys(vec![(0, lit("9"))])
+    );
+    assert_eq!(
+        target("WITH x AS (SELECT * FROM orders WHERE user_id = 4) SELECT * FROM x"),
+        Target::Keys(vec![(1, lit("4"))])
+    );
+    // A quoted alias keeps its case, where it is declared and where it is used.
+    assert_eq!(
+        target(r#"SELECT * FROM users AS "U" WHERE "U".id = 5"#),
+        Target::Keys(vec![(0, lit("5"))])
+    );
+    let a = analyze("SELECT * FROM users WHERE id = 1 FOR UPDATE", &rules()).unwrap();
+    assert_eq!(a.kind, Kind::Write);
+    assert_eq!(a.target, Target::Keys(vec![(0, lit("1"))]));
+}
+
+#[test]
+fn set_operation_branches_are_not_co_located() {
+    // A branch without a key needs every shard: the other branch's key does not
+    // bring it to one shard (it is no join on the key).
+    for sql in [
+        "SELECT id FROM users WHERE id = 1 UNION ALL SELECT user_id FROM orders",
+        "SELECT user_id FROM orders UNION SELECT id FROM users WHERE id = 1",
+        "SELECT id FROM users WHERE id = 1 EXCEPT SELECT user_id FROM orders",
+        "SELECT 1 UNION ALL (SELECT id FROM users WHERE id = 1 UNION ALL SELECT id FROM users)",
+    ] {
+        assert_eq!(target(sql), Target::All, "{sql}");
+    }
+    assert_eq!(
+        target(
+            "SELECT id FROM users WHERE id = 1 UNION ALL SELECT user_id FROM orders WHERE user_id = 2"
+        ),
+        Target::Keys(vec![(0, lit("1")), (1, lit("2"))])
+    );
+    assert_eq!(
+        target("SELECT id FROM users WHERE id = 1 UNION SELECT 5"),
+        Target::Keys(vec![(0, lit("1"))])
+    );
+}
+
+#[test]
+fn writes() {
+    assert_eq!(
+        target("INSERT INTO users (name, id) VALUES ('a', 1), ('b', $2)"),
+        Target::Keys(vec![(0, lit("1")), (0, KeyRef::Param(1, None))])
+    );
+    assert!(matches!(
+        analyze("INSERT INTO users VALUES (1, 'a')", &rules()),
+        Err(AnalyzeError::Unroutable(m)) if m.contains("must name its columns")
+    ));
+    assert!(analyze("INSERT INTO users (id) VALUES (random())", &rules()).is_err());
+    assert!(matches!(
+        analyze("INSERT INTO users (id, name) SELECT id + 1, name FROM users WHERE id = 1", &rules()),
+        Err(AnalyzeError::Unroutable(m)) if m.contains("INSERT ... SELECT")
+    ));
+    // Into an unsharded table it is fine (it runs where that table lives).
+    assert_eq!(
+        target("INSERT INTO local_t SELECT * FROM users WHERE id = 3"),
+        Target::Keys(vec![(0, lit("3"))])
+    );
+    assert_eq!(
+        target("UPDATE users SET name = 'x' WHERE id = 3"),
+        Target::Keys(vec![(0, lit("3"))])
+    );
+    let a = analyze("UPDATE users SET id = 4 WHERE id = 3", &rules()).unwrap();
+    assert_eq!(a.key_update, Some((0, Some(lit("4")))));
+    assert_eq!(
+        target("DELETE FROM orders WHERE user_id = 2"),
+        Target::Keys(vec![(1, lit("2"))])
+    );
+    assert_eq!(target("DELETE FROM orders"), Target::All);
+    assert_eq!(target("INSERT INTO countries VALUES ('fr')"), Target::All);
+    assert_eq!(
+        target("CREATE TABLE users (id bigint primary key)"),
+        Target::All
+    );
+    assert_eq!(target("CREATE TABLE local_t (id int)"), Target::Default);
+    assert_eq!(target("CREATE INDEX ON orders (user_id)"), Target::All);
+    assert_eq!(target("DROP TABLE IF EXISTS users, orders"), Target::All);
+    assert!(matches!(
+        analyze("COPY users FROM STDIN", &rules()),
+        Err(AnalyzeError::Unroutable(m)) if m.contains("COPY")
+    ));
+    assert_eq!(target("COPY other_table FROM STDIN"), Target::Default);
+    assert_eq!(target("GRANT SELECT ON users TO public"), Target::All);
+    assert_eq!(target("COMMENT ON TABLE orders IS 'x'"), Target::All);
+    assert_eq!(
+        target("GRANT SELECT ON other_table TO public"),
+        Target::Default
+    );
+    assert_eq!(target("SET search_path = users"), Target::Default);
+}
+
+#[test]
+fn several_statements_combine() {
+    let a = analyze(
+        "BEGIN; UPDATE users SET n = 1 WHERE id = 1; COMMIT",
+        &rules(),
+    )
+    .unwrap();
+    assert_eq!(a.statements, 3);
+    assert_eq!(a.target, Target::Keys(vec![(0, lit("1"))]));
+}

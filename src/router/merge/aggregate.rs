@@ -1,0 +1,172 @@
+//! Aggregates in a cross-shard SELECT: which calls merge (count, sum, min, max, avg),
+//! whether an expression aggregates at all, and HAVING conditions translated into
+//! [`Pred`]s pgshard evaluates on the merged groups.
+
+use super::{CmpOp, Column, Pred, compare_decimal};
+use crate::router::analyze::{KeyRef, name_of, value_of};
+use sqlparser::ast::Expr;
+
+/// A HAVING condition as a [`Pred`]; aggregates that are not output columns become hidden
+/// aggregate columns (`extra`).
+pub(super) fn having(
+    e: &Expr,
+    items: &[(String, Option<String>)],
+    extra: &mut Vec<(Expr, Column)>,
+) -> Result<Pred, String> {
+    use sqlparser::ast::{BinaryOperator as B, UnaryOperator};
+    let refuse = || {
+        Err("this HAVING condition across shards is not supported yet (pgshard evaluates comparisons of aggregates with numbers, AND, OR, NOT)".to_string())
+    };
+    match e {
+        Expr::Nested(x) => having(x, items, extra),
+        Expr::UnaryOp {
+            op: UnaryOperator::Not,
+            expr,
+        } => Ok(Pred::Not(Box::new(having(expr, items, extra)?))),
+        Expr::BinaryOp {
+            left,
+            op: B::And,
+            right,
+        } => Ok(Pred::And(
+            Box::new(having(left, items, extra)?),
+            Box::new(having(right, items, extra)?),
+        )),
+        Expr::BinaryOp {
+            left,
+            op: B::Or,
+            right,
+        } => Ok(Pred::Or(
+            Box::new(having(left, items, extra)?),
+            Box::new(having(right, items, extra)?),
+        )),
+        Expr::BinaryOp { left, op, right } => {
+            let op = match op {
+                B::Eq => CmpOp::Eq,
+                B::NotEq => CmpOp::NotEq,
+                B::Lt => CmpOp::Lt,
+                B::LtEq => CmpOp::LtEq,
+                B::Gt => CmpOp::Gt,
+                B::GtEq => CmpOp::GtEq,
+                _ => return refuse(),
+            };
+            let number = |x: &Expr| match value_of(x) {
+                Some(KeyRef::Literal(n)) if compare_decimal(&n, "0").is_some() => Some(n),
+                _ => None,
+            };
+            let flip = |op: CmpOp| match op {
+                CmpOp::Lt => CmpOp::Gt,
+                CmpOp::LtEq => CmpOp::GtEq,
+                CmpOp::Gt => CmpOp::Lt,
+                CmpOp::GtEq => CmpOp::LtEq,
+                o => o,
+            };
+            let (agg, value, op) = match (number(left), number(right)) {
+                (None, Some(v)) => (left, v, op),
+                (Some(v), None) => (right, v, flip(op)),
+                _ => return refuse(),
+            };
+            let Some(Ok(kind)) = top_aggregate(agg) else {
+                return refuse();
+            };
+            if kind == Column::Avg {
+                return refuse();
+            }
+            let text = agg.to_string();
+            let col = match items.iter().position(|(t, _)| *t == text) {
+                Some(p) => p,
+                None => match extra.iter().position(|(x, _)| x.to_string() == text) {
+                    Some(k) => items.len() + k,
+                    None => {
+                        extra.push(((**agg).clone(), kind));
+                        items.len() + extra.len() - 1
+                    }
+                },
+            };
+            Ok(Pred::Cmp { col, op, value })
+        }
+        _ => refuse(),
+    }
+}
+/// The aggregate an output column is, when it is one call of count/sum/min/max.
+pub(super) fn top_aggregate(e: &Expr) -> Option<Result<Column, &'static str>> {
+    let Expr::Function(f) = e else {
+        return None;
+    };
+    if f.over.is_some() {
+        return Some(Err("a window function"));
+    }
+    let column = match name_of(&f.name)?.as_str() {
+        "count" => Column::Count,
+        "sum" => Column::Sum,
+        "min" => Column::Min,
+        "max" => Column::Max,
+        "avg" => Column::Avg,
+        _ => return has_aggregate(e).then_some(Err("this aggregate")),
+    };
+    if let sqlparser::ast::FunctionArguments::List(l) = &f.args
+        && matches!(
+            l.duplicate_treatment,
+            Some(sqlparser::ast::DuplicateTreatment::Distinct)
+        )
+    {
+        return Some(Err("an aggregate over DISTINCT values"));
+    }
+    Some(Ok(column))
+}
+
+/// Whether an expression calls an aggregate (or window) function.
+pub(crate) fn has_aggregate(e: &Expr) -> bool {
+    const AGGREGATES: &[&str] = &[
+        "count",
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "array_agg",
+        "string_agg",
+        "bool_and",
+        "bool_or",
+        "every",
+        "json_agg",
+        "jsonb_agg",
+        "json_object_agg",
+        "jsonb_object_agg",
+        "bit_and",
+        "bit_or",
+        "stddev",
+        "stddev_pop",
+        "stddev_samp",
+        "variance",
+        "var_pop",
+        "var_samp",
+        "percentile_cont",
+        "percentile_disc",
+        "mode",
+        "corr",
+        "covar_pop",
+        "covar_samp",
+        "regr_count",
+        "xmlagg",
+        "range_agg",
+    ];
+    match e {
+        Expr::Function(f) => {
+            f.over.is_some()
+                || name_of(&f.name).is_some_and(|n| AGGREGATES.contains(&n.as_str()))
+                || match &f.args {
+                    sqlparser::ast::FunctionArguments::List(l) => l.args.iter().any(|a| match a {
+                        sqlparser::ast::FunctionArg::Unnamed(
+                            sqlparser::ast::FunctionArgExpr::Expr(x),
+                        ) => has_aggregate(x),
+                        _ => false,
+                    }),
+                    _ => false,
+                }
+        }
+        Expr::BinaryOp { left, right, .. } => has_aggregate(left) || has_aggregate(right),
+        Expr::Nested(x) | Expr::UnaryOp { expr: x, .. } | Expr::Cast { expr: x, .. } => {
+            has_aggregate(x)
+        }
+        _ => false,
+    }
+}

@@ -1,0 +1,188 @@
+//! What a cross-shard SELECT's merge does, as planned (`super::plan`) and carried out
+//! by `exec::merge`: order, limit, offset, DISTINCT, aggregate columns, HAVING.
+
+use sqlparser::ast::Expr;
+
+/// How rows from several shards combine into the client's result.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MergeSpec {
+    pub order: Vec<OrderKey>,
+    pub limit: Option<u64>,
+    /// Rows to skip after merging (each shard is asked for `offset + limit` rows instead).
+    pub offset: u64,
+    /// SELECT DISTINCT: rows equal across shards are kept once.
+    pub distinct: bool,
+    /// For an aggregate query: what each output column is. None: plain rows.
+    pub aggregates: Option<Vec<Column>>,
+    /// ORDER BY expressions that are not output columns (or aggregates HAVING needs):
+    /// each shard returns them as extra trailing columns, which pgshard uses and strips.
+    pub hidden: Vec<Expr>,
+    /// SELECT DISTINCT ON: the output columns whose values make a row's group; the first
+    /// row of each group in ORDER BY order is kept.
+    pub distinct_on: Vec<usize>,
+    /// HAVING, evaluated on the merged groups (shards return every group).
+    pub having: Option<Pred>,
+    /// avg columns: (output position, position of their hidden count column). Shards
+    /// return the sum in the avg's place; pgshard divides after merging.
+    pub avg: Vec<(usize, usize)>,
+}
+
+/// A HAVING condition pgshard evaluates: comparisons of aggregate columns with numbers,
+/// combined with AND, OR and NOT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pred {
+    And(Box<Pred>, Box<Pred>),
+    Or(Box<Pred>, Box<Pred>),
+    Not(Box<Pred>),
+    /// Column (position in the full row, hidden columns included) `op` number.
+    Cmp {
+        col: usize,
+        op: CmpOp,
+        value: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CmpOp {
+    Eq,
+    NotEq,
+    Lt,
+    LtEq,
+    Gt,
+    GtEq,
+}
+
+impl Pred {
+    /// The condition on a merged row's text values (SQL: NULL compares to nothing).
+    pub fn eval(&self, row: &[Option<&[u8]>]) -> Option<bool> {
+        match self {
+            Pred::And(a, b) => match (a.eval(row), b.eval(row)) {
+                (Some(false), _) | (_, Some(false)) => Some(false),
+                (Some(true), Some(true)) => Some(true),
+                _ => None,
+            },
+            Pred::Or(a, b) => match (a.eval(row), b.eval(row)) {
+                (Some(true), _) | (_, Some(true)) => Some(true),
+                (Some(false), Some(false)) => Some(false),
+                _ => None,
+            },
+            Pred::Not(a) => a.eval(row).map(|v| !v),
+            Pred::Cmp { col, op, value } => {
+                let v = std::str::from_utf8(row.get(*col).copied().flatten()?).ok()?;
+                let o = compare_decimal(v, value)?;
+                Some(match op {
+                    CmpOp::Eq => o.is_eq(),
+                    CmpOp::NotEq => o.is_ne(),
+                    CmpOp::Lt => o.is_lt(),
+                    CmpOp::LtEq => o.is_le(),
+                    CmpOp::Gt => o.is_gt(),
+                    CmpOp::GtEq => o.is_ge(),
+                })
+            }
+        }
+    }
+}
+
+/// Compares two decimal numbers written in text, exactly (no floating point).
+pub fn compare_decimal(a: &str, b: &str) -> Option<std::cmp::Ordering> {
+    use std::cmp::Ordering;
+    let parse = |s: &str| -> Option<(bool, String, String)> {
+        let s = s.trim();
+        let (neg, s) = match s.strip_prefix('-') {
+            Some(r) => (true, r),
+            None => (false, s.strip_prefix('+').unwrap_or(s)),
+        };
+        let (i, f) = s.split_once('.').unwrap_or((s, ""));
+        if i.is_empty() && f.is_empty()
+            || !i.bytes().all(|c| c.is_ascii_digit())
+            || !f.bytes().all(|c| c.is_ascii_digit())
+        {
+            return None;
+        }
+        let i = i.trim_start_matches('0').to_string();
+        let f = f.trim_end_matches('0').to_string();
+        let zero = i.is_empty() && f.is_empty();
+        Some((neg && !zero, i, f))
+    };
+    let (na, ia, fa) = parse(a)?;
+    let (nb, ib, fb) = parse(b)?;
+    let magnitude = ia
+        .len()
+        .cmp(&ib.len())
+        .then_with(|| ia.cmp(&ib))
+        .then_with(|| fa.cmp(&fb));
+    Some(match (na, nb) {
+        (false, true) => Ordering::Greater,
+        (true, false) => Ordering::Less,
+        (false, false) => magnitude,
+        (true, true) => magnitude.reverse(),
+    })
+}
+
+impl MergeSpec {
+    /// Whether the shards' rows, one shard after the other, are the answer.
+    pub fn is_concatenation(&self) -> bool {
+        self.order.is_empty()
+            && self.limit.is_none()
+            && self.offset == 0
+            && !self.distinct
+            && self.aggregates.is_none()
+            && self.hidden.is_empty()
+            && self.distinct_on.is_empty()
+    }
+}
+
+/// An output column of an aggregate query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Column {
+    /// A GROUP BY key.
+    Key,
+    /// count(...): per-shard counts add up.
+    Count,
+    /// sum(...): per-shard sums add up.
+    Sum,
+    /// avg(...): shards return sum(...) here and count(...) in a hidden column.
+    Avg,
+    Min,
+    Max,
+}
+
+/// One ORDER BY key, by output column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderKey {
+    pub col: OrderCol,
+    pub desc: bool,
+    pub nulls_first: bool,
+}
+
+/// An output column, by 0-based position or by name (resolved against RowDescription).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OrderCol {
+    Position(usize),
+    Name(String),
+    /// The k-th hidden sort column.
+    Hidden(usize),
+    /// A bare name: the output column of that name if there is one (PostgreSQL's rule),
+    /// else the k-th hidden sort column (the input column of that name).
+    NameOr(String, usize),
+}
+
+#[cfg(test)]
+mod decimal_tests {
+    use super::compare_decimal;
+    use std::cmp::Ordering::*;
+
+    #[test]
+    fn decimals_compare_exactly() {
+        assert_eq!(compare_decimal("10.50", "10.5"), Some(Equal));
+        assert_eq!(compare_decimal("-1", "0"), Some(Less));
+        assert_eq!(compare_decimal("-0.0", "0"), Some(Equal));
+        assert_eq!(
+            compare_decimal("123456789012345678901234567890", "99"),
+            Some(Greater)
+        );
+        assert_eq!(compare_decimal("-2.5", "-2.45"), Some(Less));
+        assert_eq!(compare_decimal("0.1", ".09"), Some(Greater));
+        assert_eq!(compare_decimal("x", "1"), None);
+    }
+}

@@ -1,0 +1,140 @@
+//! Shard-key values in expressions: the values a WHERE clause allows each sharded table's
+//! key (`constraints`), and a literal or parameter as a key (`value_of`).
+
+use super::Rules;
+use super::analyze::{KeyRef, ident};
+use sqlparser::ast::{BinaryOperator, Expr, UnaryOperator, Value};
+use std::collections::HashMap;
+
+/// For each sharded table constrained by `e`: the key values it allows (`e` true implies
+/// the row's key is one of them).
+pub(super) fn constraints(
+    e: &Expr,
+    rules: &Rules,
+    scope: &[(String, usize)],
+) -> HashMap<usize, Vec<KeyRef>> {
+    let mut out = HashMap::new();
+    match e {
+        Expr::Nested(x) => return constraints(x, rules, scope),
+        Expr::BinaryOp {
+            left,
+            op: BinaryOperator::And,
+            right,
+        } => {
+            // Either side's constraint holds; keep the narrower one per table.
+            let l = constraints(left, rules, scope);
+            let r = constraints(right, rules, scope);
+            out = l;
+            for (t, keys) in r {
+                match out.get(&t) {
+                    Some(existing) if existing.len() <= keys.len() => {}
+                    _ => {
+                        out.insert(t, keys);
+                    }
+                }
+            }
+        }
+        Expr::BinaryOp {
+            left,
+            op: BinaryOperator::Or,
+            right,
+        } => {
+            // Both sides must constrain a table for the disjunction to.
+            let l = constraints(left, rules, scope);
+            let mut r = constraints(right, rules, scope);
+            for (t, mut keys) in l {
+                if let Some(more) = r.remove(&t) {
+                    keys.extend(more);
+                    out.insert(t, keys);
+                }
+            }
+        }
+        Expr::BinaryOp {
+            left,
+            op: BinaryOperator::Eq,
+            right,
+        } => {
+            for (col, val) in [(left, right), (right, left)] {
+                if let (Some(t), Some(v)) = (key_column(col, rules, scope), value_of(val)) {
+                    out.insert(t, vec![v]);
+                    break;
+                }
+            }
+        }
+        Expr::InList {
+            expr,
+            list,
+            negated: false,
+        } => {
+            if let Some(t) = key_column(expr, rules, scope) {
+                let vals: Option<Vec<KeyRef>> = list.iter().map(value_of).collect();
+                if let Some(v) = vals {
+                    out.insert(t, v);
+                }
+            }
+        }
+        _ => {}
+    }
+    out
+}
+
+/// The sharded table whose key column `e` names, if it does.
+fn key_column(e: &Expr, rules: &Rules, scope: &[(String, usize)]) -> Option<usize> {
+    match e {
+        Expr::Nested(x) => key_column(x, rules, scope),
+        Expr::Identifier(id) => {
+            let col = ident(id);
+            // Unqualified: the one sharded table in scope with that key column.
+            let mut hits = scope.iter().filter(|(_, i)| rules.tables[*i].column == col);
+            let first = hits.next()?.1;
+            hits.all(|(_, i)| *i == first).then_some(first)
+        }
+        Expr::CompoundIdentifier(ids) if ids.len() >= 2 => {
+            let col = ident(&ids[ids.len() - 1]);
+            let qual = ident(&ids[ids.len() - 2]);
+            scope
+                .iter()
+                .find(|(n, i)| *n == qual && rules.tables[*i].column == col)
+                .map(|x| x.1)
+        }
+        _ => None,
+    }
+}
+
+/// A literal, parameter or NULL, through casts and parentheses.
+pub(super) fn value_of(e: &Expr) -> Option<KeyRef> {
+    match e {
+        Expr::Nested(x) => value_of(x),
+        Expr::Cast {
+            expr, data_type, ..
+        } => match value_of(expr)? {
+            KeyRef::Param(i, None) => Some(KeyRef::Param(
+                i,
+                Some(data_type.to_string().to_ascii_lowercase()),
+            )),
+            other => Some(other),
+        },
+        Expr::UnaryOp {
+            op: UnaryOperator::Minus,
+            expr,
+        } => match value_of(expr)? {
+            KeyRef::Literal(s) => Some(KeyRef::Literal(format!("-{s}"))),
+            _ => None,
+        },
+        Expr::Value(v) => match &v.value {
+            Value::Number(n, _) => Some(KeyRef::Literal(n.to_string())),
+            Value::SingleQuotedString(s)
+            | Value::EscapedStringLiteral(s)
+            | Value::DoubleQuotedString(s) => Some(KeyRef::Literal(s.clone())),
+            Value::Boolean(b) => Some(KeyRef::Literal(b.to_string())),
+            Value::Null => Some(KeyRef::Null),
+            Value::Placeholder(p) => p
+                .strip_prefix('$')
+                .and_then(|n| n.parse::<usize>().ok())
+                .filter(|n| *n >= 1)
+                .map(|n| KeyRef::Param(n - 1, None)),
+            _ => None,
+        },
+        _ => None,
+    }
+}
