@@ -236,6 +236,14 @@ async fn cross_shard_selects_merge_like_one_database() {
         "SELECT DISTINCT name FROM users ORDER BY name",
         "SELECT DISTINCT total FROM orders ORDER BY total DESC LIMIT 4 OFFSET 1",
         "SELECT DISTINCT user_id % 3 AS r, total FROM orders ORDER BY 1, 2",
+        // Grouped by the shard key: each shard computes whole groups, any aggregate.
+        "SELECT user_id, sum(total) FROM orders GROUP BY user_id HAVING sum(total) > avg(total) ORDER BY user_id",
+        "SELECT u.id, count(DISTINCT u.name), string_agg(u.name, ',' ORDER BY u.name), avg(u.score) FROM users u GROUP BY u.id HAVING count(*) = 1 ORDER BY 4 DESC, 1 LIMIT 7 OFFSET 3",
+        "SELECT user_id, percentile_cont(0.5) WITHIN GROUP (ORDER BY total) FROM orders GROUP BY user_id ORDER BY max(total) DESC, user_id LIMIT 5",
+        // Distinct shard keys: counted on each shard, added up.
+        "SELECT count(DISTINCT user_id) FROM orders",
+        "SELECT total, count(DISTINCT o.user_id), count(*) FROM orders o GROUP BY total ORDER BY total",
+        "SELECT count(DISTINCT u.id) FROM users u JOIN orders o ON o.user_id = u.id WHERE o.total > 2",
     ] {
         same_as_plain(&c, &plain, q).await;
     }
@@ -247,7 +255,9 @@ async fn cross_shard_selects_merge_like_one_database() {
     for q in [
         "SELECT avg(DISTINCT score) FROM users",
         "SELECT count(DISTINCT name) FROM users",
-        "SELECT user_id, sum(total) FROM orders GROUP BY user_id HAVING sum(total) > avg(total)",
+        "SELECT total, sum(id) FROM orders GROUP BY total HAVING sum(total) > avg(total)",
+        "SELECT count(DISTINCT o.total) FROM users u JOIN orders o ON o.user_id = u.id",
+        "SELECT user_id, rank() OVER (ORDER BY count(*)) FROM orders GROUP BY user_id",
         "SELECT DISTINCT ON (lower(name)) name, id FROM users",
         "SELECT count(*) FROM users OFFSET 1",
         "SELECT count(*) FROM users GROUP BY name ORDER BY name",

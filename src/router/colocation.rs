@@ -327,14 +327,25 @@ pub(super) fn insert_source(
     let Some(e) = expr else {
         return Err("the SELECT has fewer columns than the INSERT names".into());
     };
+    let inst = instances(sel, rules);
+    Ok(key_of(e, rules, &inst)
+        .map(|i| inst[i].table)
+        .filter(|&t| rules.tables[t].co_located(&rules.tables[target])))
+}
+
+/// Whether `e` is the shard-key column of a sharded table in `sel`'s FROM.
+pub(super) fn is_shard_key(sel: &Select, e: &Expr, rules: &Rules) -> bool {
+    key_of(e, rules, &instances(sel, rules)).is_some()
+}
+
+/// The sharded tables of a SELECT's FROM.
+fn instances(sel: &Select, rules: &Rules) -> Vec<Instance> {
     let mut inst = Vec::new();
     let (mut conjuncts, mut using) = (Vec::new(), Vec::new());
     for t in &sel.from {
         from_item(t, rules, &mut inst, &mut conjuncts, &mut using);
     }
-    Ok(key_of(e, rules, &inst)
-        .map(|i| inst[i].table)
-        .filter(|&t| rules.tables[t].co_located(&rules.tables[target])))
+    inst
 }
 
 /// The sharded tables of a FROM item, their ON conditions, and USING joins.

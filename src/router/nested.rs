@@ -91,7 +91,7 @@ pub(super) fn cross_row(q: &Query, rules: &Rules) -> bool {
 
 /// Whether a SELECT groups by the shard key of each sharded table in its FROM (by column
 /// name, bare or qualified).
-fn groups_by_key(s: &sqlparser::ast::Select, rules: &Rules) -> bool {
+pub(super) fn groups_by_key(s: &sqlparser::ast::Select, rules: &Rules) -> bool {
     let GroupByExpr::Expressions(groups, _) = &s.group_by else {
         return false;
     };

@@ -117,8 +117,8 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
         out.target = Target::Any;
     }
     if let [Statement::Query(q)] = stmts.as_slice() {
-        let spec =
-            merge_spec(q).and_then(|spec| union_rows_partitioned(q, &spec, rules).map(|()| spec));
+        let spec = merge_spec(q, rules)
+            .and_then(|spec| union_rows_partitioned(q, &spec, rules).map(|()| spec));
         if let Ok(spec) = &spec {
             out.shard_sql = shard_statement(q, spec);
         }

@@ -114,6 +114,40 @@ pub(super) fn top_aggregate(e: &Expr) -> Option<Result<Column, &'static str>> {
     Some(Ok(column))
 }
 
+/// Whether an expression calls a window function (whose result depends on rows of every
+/// shard, even when each group lives on one).
+pub(super) fn has_window(e: &Expr) -> bool {
+    sqlparser::ast::visit_expressions(e, |x| match x {
+        Expr::Function(f) if f.over.is_some() => std::ops::ControlFlow::Break(()),
+        _ => std::ops::ControlFlow::Continue(()),
+    })
+    .is_break()
+}
+
+/// `count(DISTINCT k)` where `k` is the shard key of a sharded table `sel` reads: each
+/// distinct value lives on one shard, so the shards' counts add up.
+pub(super) fn counts_distinct_keys(
+    e: &Expr,
+    sel: &sqlparser::ast::Select,
+    rules: &crate::router::Rules,
+) -> bool {
+    use sqlparser::ast::{DuplicateTreatment, FunctionArg, FunctionArgExpr, FunctionArguments};
+    let Expr::Function(f) = e else { return false };
+    if f.over.is_some() || f.filter.is_some() || name_of(&f.name).as_deref() != Some("count") {
+        return false;
+    }
+    let FunctionArguments::List(l) = &f.args else {
+        return false;
+    };
+    matches!(l.duplicate_treatment, Some(DuplicateTreatment::Distinct))
+        && l.clauses.is_empty()
+        && matches!(
+            l.args.as_slice(),
+            [FunctionArg::Unnamed(FunctionArgExpr::Expr(arg))]
+                if crate::router::colocation::is_shard_key(sel, arg, rules)
+        )
+}
+
 /// Whether an expression calls an aggregate (or window) function.
 pub(crate) fn has_aggregate(e: &Expr) -> bool {
     const AGGREGATES: &[&str] = &[

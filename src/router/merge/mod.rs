@@ -2,6 +2,7 @@
 //! ORDER BY on output columns and LIMIT, and which do not (yet): those are refused with a
 //! reason rather than answered wrongly.
 
+use super::Rules;
 use super::analyze::{KeyRef, value_of};
 use sqlparser::ast::{Expr, Query, Select, SetExpr, Value};
 
@@ -9,15 +10,15 @@ mod aggregate;
 mod spec;
 
 pub(crate) use aggregate::has_aggregate;
-use aggregate::{having, top_aggregate};
+use aggregate::{counts_distinct_keys, has_window, having, top_aggregate};
 pub use spec::*;
 
 /// What pgshard can merge today: plain rows; count/sum/min/max with or without GROUP BY on
 /// output columns; ORDER BY output columns; LIMIT. Anything whose per-shard results do not
 /// simply combine (avg, HAVING, DISTINCT, OFFSET, set operations, window functions,
 /// expressions over aggregates) is refused rather than answered wrongly.
-pub(super) fn merge_spec(q: &Query) -> Result<MergeSpec, String> {
-    let spec = plan(q)?;
+pub(super) fn merge_spec(q: &Query, rules: &Rules) -> Result<MergeSpec, String> {
+    let spec = plan(q, rules)?;
     if spec.offset > 0 && spec.aggregates.is_some() {
         return Err("OFFSET with aggregates across shards is not supported yet".into());
     }
@@ -84,7 +85,7 @@ fn unsupported<T>(what: &str) -> Result<T, String> {
     ))
 }
 
-fn plan(q: &Query) -> Result<MergeSpec, String> {
+fn plan(q: &Query, rules: &Rules) -> Result<MergeSpec, String> {
     let (sel, union_all) = match &*q.body {
         SetExpr::Select(sel) => (sel.as_ref(), None),
         body => {
@@ -112,6 +113,10 @@ fn plan(q: &Query) -> Result<MergeSpec, String> {
                 | sqlparser::ast::SelectItem::QualifiedWildcard(..)
         )
     });
+    // Grouped by the shard key of every sharded table read: each group's rows, so each
+    // output row, live on one shard. Shards compute whole groups (any aggregate, HAVING),
+    // and their rows merge as plain rows.
+    let whole_groups = union_all.is_none() && super::nested::groups_by_key(sel, rules);
     let mut any_aggregate = false;
     // Hidden aggregate columns: avg's counts, then HAVING's aggregates.
     let mut extra: Vec<(Expr, Column)> = Vec::new();
@@ -120,10 +125,24 @@ fn plan(q: &Query) -> Result<MergeSpec, String> {
         let (e, alias) = match item {
             sqlparser::ast::SelectItem::UnnamedExpr(e) => (e, None),
             sqlparser::ast::SelectItem::ExprWithAlias { expr, alias } => (expr, Some(alias)),
-            _ if group_exprs.is_empty() => continue,
+            _ if group_exprs.is_empty() || whole_groups => continue,
             _ => return unsupported("SELECT * with GROUP BY"),
         };
+        if whole_groups {
+            if has_window(e) {
+                return unsupported("a window function");
+            }
+            columns.push(Column::Key);
+            items.push((e.to_string(), alias.map(|a| a.value.to_ascii_lowercase())));
+            continue;
+        }
+        // Distinct values of the shard key are on one shard each: the shards' counts of
+        // them add up.
         let column = match top_aggregate(e) {
+            Some(Err(_)) if counts_distinct_keys(e, sel, rules) => {
+                any_aggregate = true;
+                Column::Count
+            }
             Some(Ok(c)) => {
                 any_aggregate = true;
                 c
@@ -152,7 +171,9 @@ fn plan(q: &Query) -> Result<MergeSpec, String> {
         distinct: union_all.map_or(distinct, |all| !all),
         ..MergeSpec::default()
     };
-    if any_aggregate || !group_exprs.is_empty() {
+    if whole_groups {
+        // HAVING stays in each shard's statement.
+    } else if any_aggregate || !group_exprs.is_empty() {
         // Every non-aggregate output column must be a GROUP BY key (PostgreSQL requires it
         // too), and every key an output column, so that groups can be matched by value.
         for g in &group_exprs {
@@ -205,6 +226,9 @@ fn plan(q: &Query) -> Result<MergeSpec, String> {
             return unsupported("ORDER BY ALL");
         };
         for o in exprs {
+            if has_window(&o.expr) {
+                return unsupported("ORDER BY a window function");
+            }
             let desc = matches!(o.options.sort, Some(sqlparser::ast::OrderBySort::Desc));
             let col = match &o.expr {
                 Expr::Value(v) => match &v.value {
@@ -396,6 +420,43 @@ mod tests {
     use crate::router::analyze::{analyze, tests::rules};
 
     #[test]
+    fn groups_of_one_shard_and_distinct_keys() {
+        let m = |sql: &str| analyze(sql, &rules()).unwrap().merge.unwrap();
+        // Grouped by the shard key: shards compute whole groups, merged as rows.
+        let spec = m(
+            "SELECT id, count(DISTINCT name), string_agg(name, ','), avg(score) FROM users GROUP BY id HAVING count(*) > 0 ORDER BY 2 DESC LIMIT 3 OFFSET 1",
+        )
+        .unwrap();
+        assert_eq!(spec.aggregates, None);
+        assert_eq!(spec.having, None);
+        assert_eq!((spec.limit, spec.offset), (Some(3), 1));
+        let spec = m("SELECT o.user_id, sum(total) FROM orders o GROUP BY o.user_id ORDER BY max(total) LIMIT 5").unwrap();
+        assert_eq!(spec.hidden.len(), 1);
+        assert_eq!(spec.order[0].col, OrderCol::Hidden(0));
+        // count(DISTINCT key): the shards' counts add up.
+        for sql in [
+            "SELECT count(DISTINCT user_id) FROM orders",
+            "SELECT total, count(DISTINCT o.user_id) FROM orders o GROUP BY total",
+            "SELECT count(DISTINCT o.user_id), count(DISTINCT u.id) FROM users u JOIN orders o ON o.user_id = u.id",
+        ] {
+            let spec = m(sql).unwrap();
+            let a = spec.aggregates.unwrap();
+            assert_eq!(a.last(), Some(&Column::Count), "{sql}");
+        }
+        for sql in [
+            "SELECT count(DISTINCT name) FROM users",
+            "SELECT count(DISTINCT o.total) FROM users u JOIN orders o ON o.user_id = u.id",
+            "SELECT sum(DISTINCT user_id) FROM orders",
+            "SELECT id, rank() OVER (ORDER BY count(*)) FROM users GROUP BY id",
+            "SELECT id FROM users GROUP BY id ORDER BY rank() OVER (ORDER BY id)",
+            "SELECT user_id, count(*) FROM orders GROUP BY ROLLUP (user_id)",
+            "SELECT name, count(*) FROM users GROUP BY name, score ORDER BY 2",
+        ] {
+            assert!(m(sql).is_err(), "{sql}");
+        }
+    }
+
+    #[test]
     fn merge_specs() {
         let m = |sql: &str| analyze(sql, &rules()).unwrap().merge.unwrap();
         assert_eq!(
@@ -423,22 +484,18 @@ mod tests {
                 avg: Vec::new(),
             }
         );
-        let a = analyze(
-            "SELECT user_id, avg(total) FROM orders GROUP BY user_id",
-            &rules(),
-        )
-        .unwrap();
+        let a = analyze("SELECT id, avg(total) FROM orders GROUP BY id", &rules()).unwrap();
         assert_eq!(
             a.shard_sql.as_deref(),
             Some(
-                "SELECT user_id, sum(total) AS avg, count(total) AS \"__pgshard_sort_0\" FROM orders GROUP BY user_id"
+                "SELECT id, sum(total) AS avg, count(total) AS \"__pgshard_sort_0\" FROM orders GROUP BY id"
             )
         );
         assert_eq!(a.merge.unwrap().unwrap().avg, vec![(1, 2)]);
         // HAVING: every group comes back from the shards, the condition is applied after
         // merging, on hidden aggregate columns when they are not output columns.
         let a = analyze(
-            "SELECT user_id FROM orders GROUP BY user_id HAVING count(*) > 2 AND sum(total) <= 10.5",
+            "SELECT id FROM orders GROUP BY id HAVING count(*) > 2 AND sum(total) <= 10.5",
             &rules(),
         )
         .unwrap();
@@ -451,17 +508,14 @@ mod tests {
         assert_eq!(
             a.shard_sql.as_deref(),
             Some(
-                "SELECT user_id, count(*) AS \"__pgshard_sort_0\", sum(total) AS \"__pgshard_sort_1\" FROM orders GROUP BY user_id"
+                "SELECT id, count(*) AS \"__pgshard_sort_0\", sum(total) AS \"__pgshard_sort_1\" FROM orders GROUP BY id"
             )
         );
         let row: Vec<Option<&[u8]>> = vec![Some(b"1"), Some(b"3"), Some(b"10.50")];
         assert_eq!(spec.having.as_ref().unwrap().eval(&row), Some(true));
         let row: Vec<Option<&[u8]>> = vec![Some(b"1"), Some(b"2"), Some(b"1")];
         assert_eq!(spec.having.as_ref().unwrap().eval(&row), Some(false));
-        assert!(
-            m("SELECT user_id FROM orders GROUP BY user_id HAVING sum(total) > avg(total)")
-                .is_err()
-        );
+        assert!(m("SELECT id FROM orders GROUP BY id HAVING sum(total) > avg(total)").is_err());
         // DISTINCT ON: sorted by its columns first, then the first row of each run kept.
         let d = m("SELECT DISTINCT ON (name) name, id FROM users ORDER BY name, id DESC").unwrap();
         assert_eq!(d.distinct_on, vec![0]);
@@ -473,7 +527,7 @@ mod tests {
                 .len(),
             1
         );
-        let a = m("SELECT user_id, count(*), sum(total) AS t, min(id), max(id) FROM orders GROUP BY user_id ORDER BY t DESC LIMIT 3").unwrap();
+        let a = m("SELECT total, count(*), sum(total) AS t, min(id), max(id) FROM orders GROUP BY total ORDER BY t DESC LIMIT 3").unwrap();
         assert_eq!(
             a.aggregates,
             Some(vec![
@@ -539,7 +593,7 @@ mod tests {
         for bad in [
             "SELECT avg(DISTINCT id) FROM users",
             "SELECT count(DISTINCT name) FROM users",
-            "SELECT user_id, sum(total) FROM orders GROUP BY user_id HAVING sum(total) > max(id)",
+            "SELECT id, sum(total) FROM orders GROUP BY id HAVING sum(total) > max(id)",
             "SELECT sum(total) FROM orders GROUP BY user_id + 1",
             "SELECT count(*)::int FROM users",
             "SELECT DISTINCT ON (lower(name)) name, id FROM users",
