@@ -240,6 +240,11 @@ async fn cross_shard_selects_merge_like_one_database() {
         "SELECT user_id, sum(total) FROM orders GROUP BY user_id HAVING sum(total) > avg(total) ORDER BY user_id",
         "SELECT u.id, count(DISTINCT u.name), string_agg(u.name, ',' ORDER BY u.name), avg(u.score) FROM users u GROUP BY u.id HAVING count(*) = 1 ORDER BY 4 DESC, 1 LIMIT 7 OFFSET 3",
         "SELECT user_id, percentile_cont(0.5) WITHIN GROUP (ORDER BY total) FROM orders GROUP BY user_id ORDER BY max(total) DESC, user_id LIMIT 5",
+        // Windows partitioned by the shard key: each partition whole on one shard.
+        "SELECT id, user_id, row_number() OVER (PARTITION BY user_id ORDER BY id DESC) AS rn FROM orders ORDER BY user_id, id",
+        "SELECT user_id, id FROM (SELECT user_id, id, row_number() OVER (PARTITION BY user_id ORDER BY total DESC, id) AS rn FROM orders) t WHERE rn = 1 ORDER BY user_id LIMIT 20",
+        "SELECT u.id, u.name, sum(o.total) OVER (PARTITION BY u.id) AS t FROM users u JOIN orders o ON o.user_id = u.id ORDER BY t DESC, u.id LIMIT 10",
+        "SELECT user_id, count(*), rank() OVER (PARTITION BY user_id ORDER BY count(*)) FROM orders GROUP BY user_id ORDER BY 1 LIMIT 10",
         // Distinct shard keys: counted on each shard, added up.
         "SELECT count(DISTINCT user_id) FROM orders",
         "SELECT total, count(DISTINCT o.user_id), count(*) FROM orders o GROUP BY total ORDER BY total",
@@ -258,6 +263,8 @@ async fn cross_shard_selects_merge_like_one_database() {
         "SELECT total, sum(id) FROM orders GROUP BY total HAVING sum(total) > avg(total)",
         "SELECT count(DISTINCT o.total) FROM users u JOIN orders o ON o.user_id = u.id",
         "SELECT user_id, rank() OVER (ORDER BY count(*)) FROM orders GROUP BY user_id",
+        "SELECT id, row_number() OVER (ORDER BY id) FROM orders",
+        "SELECT * FROM (SELECT id, row_number() OVER (PARTITION BY total ORDER BY id) AS rn FROM orders) t WHERE rn = 1",
         "SELECT DISTINCT ON (lower(name)) name, id FROM users",
         "SELECT count(*) FROM users OFFSET 1",
         "SELECT count(*) FROM users GROUP BY name ORDER BY name",

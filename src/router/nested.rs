@@ -8,7 +8,7 @@
 
 use super::Rules;
 use super::analyze::{Collector, ident, query};
-use super::merge::has_aggregate;
+use super::merge::{has_plain_aggregate, has_window, windows_by_key};
 use sqlparser::ast::{
     Expr, GroupByExpr, Query, SelectItem, SetExpr, Statement, TableFactor, Visit, Visitor,
 };
@@ -65,23 +65,27 @@ pub(super) fn independent(st: &Statement, rules: &Rules) -> Vec<Independent> {
 
 /// Whether a query's result depends on all its rows at once: aggregates, GROUP BY, HAVING,
 /// DISTINCT, LIMIT/OFFSET/FETCH, set operations, window functions. Grouping by the shard
-/// key of every sharded table it reads does not: each group lives on one shard.
+/// key of every sharded table it reads does not: each group lives on one shard; nor does
+/// a window partitioned by a shard key.
 pub(super) fn cross_row(q: &Query, rules: &Rules) -> bool {
     if q.limit_clause.is_some() || q.fetch.is_some() {
         return true;
     }
+    let items = |s: &sqlparser::ast::Select, hit: &dyn Fn(&Expr) -> bool| {
+        s.projection.iter().any(|i| match i {
+            SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => hit(e),
+            _ => false,
+        })
+    };
     match &*q.body {
+        // A window whose partitions span shards, over rows or over groups.
+        SetExpr::Select(s) if items(s, &|e| has_window(e) && !windows_by_key(e, s, rules)) => true,
         SetExpr::Select(s) if groups_by_key(s, rules) => s.distinct.is_some(),
         SetExpr::Select(s) => {
             !matches!(&s.group_by, GroupByExpr::Expressions(g, _) if g.is_empty())
                 || s.having.is_some()
                 || s.distinct.is_some()
-                || s.projection.iter().any(|i| match i {
-                    SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => {
-                        has_aggregate(e)
-                    }
-                    _ => false,
-                })
+                || items(s, &has_plain_aggregate)
         }
         SetExpr::Query(inner) => cross_row(inner, rules),
         SetExpr::SetOperation { .. } => true,

@@ -115,13 +115,9 @@ pub(super) fn top_aggregate(e: &Expr) -> Option<Result<Column, &'static str>> {
 }
 
 /// Whether an expression calls a window function (whose result depends on rows of every
-/// shard, even when each group lives on one).
-pub(super) fn has_window(e: &Expr) -> bool {
-    sqlparser::ast::visit_expressions(e, |x| match x {
-        Expr::Function(f) if f.over.is_some() => std::ops::ControlFlow::Break(()),
-        _ => std::ops::ControlFlow::Continue(()),
-    })
-    .is_break()
+/// shard, unless its partitions live on one: `windows_by_key`).
+pub(crate) fn has_window(e: &Expr) -> bool {
+    calls(e, &|f| f.over.is_some())
 }
 
 /// `count(DISTINCT k)` where `k` is the shard key of a sharded table `sel` reads: each
@@ -148,59 +144,101 @@ pub(super) fn counts_distinct_keys(
         )
 }
 
-/// Whether an expression calls an aggregate (or window) function.
-pub(crate) fn has_aggregate(e: &Expr) -> bool {
-    const AGGREGATES: &[&str] = &[
-        "count",
-        "sum",
-        "min",
-        "max",
-        "avg",
-        "array_agg",
-        "string_agg",
-        "bool_and",
-        "bool_or",
-        "every",
-        "json_agg",
-        "jsonb_agg",
-        "json_object_agg",
-        "jsonb_object_agg",
-        "bit_and",
-        "bit_or",
-        "stddev",
-        "stddev_pop",
-        "stddev_samp",
-        "variance",
-        "var_pop",
-        "var_samp",
-        "percentile_cont",
-        "percentile_disc",
-        "mode",
-        "corr",
-        "covar_pop",
-        "covar_samp",
-        "regr_count",
-        "xmlagg",
-        "range_agg",
-    ];
+/// Aggregate functions (a call without OVER aggregates rows).
+const AGGREGATES: &[&str] = &[
+    "count",
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "array_agg",
+    "string_agg",
+    "bool_and",
+    "bool_or",
+    "every",
+    "json_agg",
+    "jsonb_agg",
+    "json_object_agg",
+    "jsonb_object_agg",
+    "bit_and",
+    "bit_or",
+    "stddev",
+    "stddev_pop",
+    "stddev_samp",
+    "variance",
+    "var_pop",
+    "var_samp",
+    "percentile_cont",
+    "percentile_disc",
+    "mode",
+    "corr",
+    "covar_pop",
+    "covar_samp",
+    "regr_count",
+    "xmlagg",
+    "range_agg",
+];
+
+/// Whether `e` calls a function `hit` accepts, at its top or in arguments, operators,
+/// parentheses and casts (not in nested queries, which are checked on their own).
+fn calls(e: &Expr, hit: &dyn Fn(&sqlparser::ast::Function) -> bool) -> bool {
     match e {
         Expr::Function(f) => {
-            f.over.is_some()
-                || name_of(&f.name).is_some_and(|n| AGGREGATES.contains(&n.as_str()))
+            hit(f)
                 || match &f.args {
                     sqlparser::ast::FunctionArguments::List(l) => l.args.iter().any(|a| match a {
                         sqlparser::ast::FunctionArg::Unnamed(
                             sqlparser::ast::FunctionArgExpr::Expr(x),
-                        ) => has_aggregate(x),
+                        ) => calls(x, hit),
                         _ => false,
                     }),
                     _ => false,
                 }
         }
-        Expr::BinaryOp { left, right, .. } => has_aggregate(left) || has_aggregate(right),
+        Expr::BinaryOp { left, right, .. } => calls(left, hit) || calls(right, hit),
         Expr::Nested(x) | Expr::UnaryOp { expr: x, .. } | Expr::Cast { expr: x, .. } => {
-            has_aggregate(x)
+            calls(x, hit)
         }
         _ => false,
     }
+}
+
+fn is_aggregate(f: &sqlparser::ast::Function) -> bool {
+    name_of(&f.name).is_some_and(|n| AGGREGATES.contains(&n.as_str()))
+}
+
+/// Whether an expression calls an aggregate (or window) function.
+pub(crate) fn has_aggregate(e: &Expr) -> bool {
+    calls(e, &|f| f.over.is_some() || is_aggregate(f))
+}
+
+/// Whether an expression aggregates rows outside a window (`count(*)`, not
+/// `count(*) OVER (...)`).
+pub(crate) fn has_plain_aggregate(e: &Expr) -> bool {
+    calls(e, &|f| f.over.is_none() && is_aggregate(f))
+}
+
+/// Whether every window function in `e` is partitioned by a shard key of `sel`'s tables:
+/// each window partition then lives on one shard, where the shard computes it whole.
+pub(crate) fn windows_by_key(
+    e: &Expr,
+    sel: &sqlparser::ast::Select,
+    rules: &crate::router::Rules,
+) -> bool {
+    use sqlparser::ast::WindowType;
+    sqlparser::ast::visit_expressions(e, |x| match x {
+        Expr::Function(f) => match &f.over {
+            None => std::ops::ControlFlow::Continue(()),
+            Some(WindowType::WindowSpec(w))
+                if w.partition_by
+                    .iter()
+                    .any(|p| crate::router::colocation::is_shard_key(sel, p, rules)) =>
+            {
+                std::ops::ControlFlow::Continue(())
+            }
+            Some(_) => std::ops::ControlFlow::Break(()),
+        },
+        _ => std::ops::ControlFlow::Continue(()),
+    })
+    .is_continue()
 }

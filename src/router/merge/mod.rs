@@ -9,8 +9,8 @@ use sqlparser::ast::{Expr, Query, Select, SetExpr, Value};
 mod aggregate;
 mod spec;
 
-pub(crate) use aggregate::has_aggregate;
-use aggregate::{counts_distinct_keys, has_window, having, top_aggregate};
+use aggregate::{counts_distinct_keys, having, top_aggregate};
+pub(crate) use aggregate::{has_aggregate, has_plain_aggregate, has_window, windows_by_key};
 pub use spec::*;
 
 /// What pgshard can merge today: plain rows; count/sum/min/max with or without GROUP BY on
@@ -118,6 +118,7 @@ fn plan(q: &Query, rules: &Rules) -> Result<MergeSpec, String> {
     // and their rows merge as plain rows.
     let whole_groups = union_all.is_none() && super::nested::groups_by_key(sel, rules);
     let mut any_aggregate = false;
+    let mut windows = false;
     // Hidden aggregate columns: avg's counts, then HAVING's aggregates.
     let mut extra: Vec<(Expr, Column)> = Vec::new();
     let mut avg = Vec::new();
@@ -128,10 +129,17 @@ fn plan(q: &Query, rules: &Rules) -> Result<MergeSpec, String> {
             _ if group_exprs.is_empty() || whole_groups => continue,
             _ => return unsupported("SELECT * with GROUP BY"),
         };
-        if whole_groups {
-            if has_window(e) {
-                return unsupported("a window function");
-            }
+        // A window partitioned by the shard key: each partition is whole on one shard.
+        // Over groups, only when the groups are whole too.
+        let window = has_window(e);
+        if window
+            && (!windows_by_key(e, sel, rules)
+                || !whole_groups && (has_plain_aggregate(e) || !group_exprs.is_empty()))
+        {
+            return unsupported("a window function not partitioned by the shard key");
+        }
+        windows |= window;
+        if whole_groups || window {
             columns.push(Column::Key);
             items.push((e.to_string(), alias.map(|a| a.value.to_ascii_lowercase())));
             continue;
@@ -171,6 +179,9 @@ fn plan(q: &Query, rules: &Rules) -> Result<MergeSpec, String> {
         distinct: union_all.map_or(distinct, |all| !all),
         ..MergeSpec::default()
     };
+    if windows && any_aggregate && !whole_groups {
+        return unsupported("window functions with aggregates");
+    }
     if whole_groups {
         // HAVING stays in each shard's statement.
     } else if any_aggregate || !group_exprs.is_empty() {
@@ -226,8 +237,8 @@ fn plan(q: &Query, rules: &Rules) -> Result<MergeSpec, String> {
             return unsupported("ORDER BY ALL");
         };
         for o in exprs {
-            if has_window(&o.expr) {
-                return unsupported("ORDER BY a window function");
+            if has_window(&o.expr) && !windows_by_key(&o.expr, sel, rules) {
+                return unsupported("ORDER BY a window function not partitioned by the shard key");
             }
             let desc = matches!(o.options.sort, Some(sqlparser::ast::OrderBySort::Desc));
             let col = match &o.expr {
@@ -453,6 +464,43 @@ mod tests {
             "SELECT name, count(*) FROM users GROUP BY name, score ORDER BY 2",
         ] {
             assert!(m(sql).is_err(), "{sql}");
+        }
+    }
+
+    #[test]
+    fn windows_partitioned_by_the_shard_key() {
+        let m = |sql: &str| analyze(sql, &rules()).map(|a| a.merge.unwrap());
+        for sql in [
+            "SELECT id, user_id, row_number() OVER (PARTITION BY user_id ORDER BY id DESC) AS rn FROM orders ORDER BY rn, id LIMIT 5",
+            "SELECT u.id, sum(o.total) OVER (PARTITION BY u.id) FROM users u JOIN orders o ON o.user_id = u.id",
+            "SELECT user_id, count(*), rank() OVER (PARTITION BY user_id ORDER BY count(*)) FROM orders GROUP BY user_id",
+            "SELECT id FROM orders ORDER BY row_number() OVER (PARTITION BY user_id ORDER BY id)",
+        ] {
+            let spec = m(sql).unwrap().unwrap();
+            assert_eq!(spec.aggregates, None, "{sql}");
+        }
+        // In a derived table: the outer query's rows are each shard's.
+        let a = analyze(
+            "SELECT * FROM (SELECT id, user_id, row_number() OVER (PARTITION BY user_id ORDER BY id DESC) AS rn FROM orders) t WHERE rn = 1",
+            &rules(),
+        )
+        .unwrap();
+        assert!(!a.one_shard);
+        assert!(a.merge.unwrap().unwrap().is_concatenation());
+        for sql in [
+            "SELECT id, row_number() OVER (ORDER BY id) FROM orders",
+            "SELECT id, row_number() OVER (PARTITION BY total) FROM orders",
+            "SELECT total, count(*), rank() OVER (PARTITION BY total ORDER BY count(*)) FROM orders GROUP BY total",
+            "SELECT id, rank() OVER (ORDER BY count(*)) FROM users GROUP BY id",
+            "SELECT id FROM orders ORDER BY row_number() OVER (ORDER BY id)",
+        ] {
+            assert!(!matches!(m(sql), Ok(Ok(_))), "{sql}");
+        }
+        for sql in [
+            "SELECT * FROM (SELECT id, row_number() OVER (ORDER BY id) AS rn FROM orders) t WHERE rn = 1",
+            "SELECT * FROM (SELECT id, rank() OVER (ORDER BY count(*)) FROM users GROUP BY id) t",
+        ] {
+            assert!(analyze(sql, &rules()).is_err(), "{sql}");
         }
     }
 
