@@ -146,7 +146,7 @@ fn finish_avg(
 }
 
 /// The fields of a DataRow (None = NULL).
-fn fields(d: &[u8]) -> Vec<Option<&[u8]>> {
+pub(crate) fn fields(d: &[u8]) -> Vec<Option<&[u8]>> {
     let b = protocol::body(d);
     if b.len() < 2 {
         return Vec::new();

@@ -97,63 +97,80 @@ pub(super) fn insert(
             c.keyless.push(idx);
         }
         (SetExpr::Values(_), None) => return Err(missing()),
-        (SetExpr::Select(sel), Some(pos)) => {
-            let mut source = Collector::default();
-            query(src, rules, &mut source);
-            match super::colocation::insert_source(sel, pos, idx, rules) {
-                // A constant key and a SELECT that reads no sharded table: one row
-                // source, routed by the key like VALUES.
-                Ok(None) if source.seen.is_empty() => {
-                    let item = sel.projection.get(pos).and_then(|i| match i {
-                        SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => {
-                            value_of(e)
+        (body, Some(pos)) => {
+            if let SetExpr::Select(sel) = body {
+                let mut source = Collector::default();
+                query(src, rules, &mut source);
+                match super::colocation::insert_source(sel, pos, idx, rules) {
+                    // Each shard makes its new rows from its own rows of a co-located
+                    // table: the statement runs as written on the shards the SELECT needs.
+                    // The target is not "seen" here: its shards are the SELECT's.
+                    Ok(Some(_)) if !super::nested::cross_row(src, rules) => {
+                        query(src, rules, c);
+                        c.insert_select = true;
+                        return Ok(());
+                    }
+                    // A constant key and a SELECT that reads no sharded table: one row
+                    // source, routed by the key like VALUES.
+                    Ok(None) if source.seen.is_empty() => {
+                        if let Some(k) = sel.projection.get(pos).and_then(|i| match i {
+                            SelectItem::UnnamedExpr(e)
+                            | SelectItem::ExprWithAlias { expr: e, .. } => value_of(e),
+                            _ => None,
+                        }) {
+                            c.keys.push((idx, k));
+                            c.seen.push(idx);
+                            query(src, rules, c);
+                            c.insert_select = true;
+                            return Ok(());
                         }
-                        _ => None,
-                    });
-                    let Some(k) = item else {
-                        return Err(format!(
-                            "cannot route INSERT ... SELECT into sharded table {n}: the SELECT reads no sharded table, so its column for the shard key {col} must be a literal or a parameter"
-                        ));
-                    };
-                    c.keys.push((idx, k));
-                    c.seen.push(idx);
-                    query(src, rules, c);
-                    c.insert_select = true;
-                }
-                // Each shard makes its new rows from its own rows of a co-located table:
-                // the statement runs as written on the shards the SELECT needs.
-                Ok(Some(_)) => {
-                    // The target is not "seen" here: its shards are the SELECT's (which
-                    // may be one, for a nested query that must run on one shard).
-                    query(src, rules, c);
-                    c.insert_select = true;
-                }
-                Ok(None) => {
-                    return Err(format!(
-                        "INSERT ... SELECT into sharded table {n} is supported when the SELECT's column for the shard key {col} is the shard key of a table sharded like {n} (each shard then inserts its own rows); here it is not"
-                    ));
-                }
-                Err(why) => {
-                    return Err(format!(
-                        "INSERT ... SELECT into sharded table {n} is not supported here: {why}"
-                    ));
+                    }
+                    _ => {}
                 }
             }
+            // Otherwise only the rows' values tell their shards: pgshard reads them, then
+            // inserts them split by key.
+            c.insert_via = Some(via(ins, src, rules, idx, pos, &n)?);
+            c.seen.push(idx);
         }
         (_, None) => {
             return Err(format!(
                 "INSERT ... SELECT into sharded table {n} must name its columns (pgshard finds the shard key {col} by name)"
             ));
         }
-        _ => {
-            // The new rows' keys come out of a query: their shards are unknown here, and
-            // routing by the query's own keys would put rows on the wrong shard.
-            return Err(format!(
-                "INSERT into sharded table {n} from a set operation or a nested query is not supported: pgshard cannot tell the shards of the new rows; use INSERT ... VALUES, or a plain SELECT that reads the shard key of a table sharded like {n}"
-            ));
-        }
     }
     Ok(())
+}
+
+/// An INSERT ... SELECT through pgshard: the SELECT must be a read pgshard can run (on one
+/// shard, or merged over several).
+fn via(
+    ins: &sqlparser::ast::Insert,
+    src: &sqlparser::ast::Query,
+    rules: &Rules,
+    table: usize,
+    key: usize,
+    n: &str,
+) -> Result<super::analyze::InsertVia, String> {
+    use super::analyze::{AnalyzeError, Kind, analyze};
+    let select_sql = src.to_string();
+    let select = analyze(&select_sql, rules).map_err(|e| match e {
+        AnalyzeError::Parse(m) | AnalyzeError::Unroutable(m) => {
+            format!("INSERT ... SELECT into sharded table {n}: {m}")
+        }
+    })?;
+    if select.kind != Kind::Read {
+        return Err(format!(
+            "INSERT ... SELECT into sharded table {n}: its SELECT locks or writes rows, which pgshard does not run ahead of the INSERT"
+        ));
+    }
+    Ok(super::analyze::InsertVia {
+        insert: Statement::Insert(ins.clone()),
+        select_sql,
+        select,
+        table,
+        key,
+    })
 }
 
 /// `DEFAULT` in a VALUES row.
@@ -189,6 +206,7 @@ impl Router {
                 inserts_sharded: true,
                 insert_split: None,
                 insert_select: false,
+                insert_via: None,
                 replica_safe: false,
                 one_shard: false,
                 keyless: Vec::new(),
@@ -329,10 +347,6 @@ mod tests {
                 "INSERT INTO users (id, name) SELECT o.user_id, count(*) FROM orders o GROUP BY o.user_id",
                 Target::All,
             ),
-            (
-                "INSERT INTO users (id, name) SELECT user_id, 'x' FROM orders WHERE user_id = 3 LIMIT 1",
-                Target::Keys(vec![(1, lit("3"))]),
-            ),
             // A constant key, and no sharded table read: routed by the key.
             (
                 "INSERT INTO users (id, name) SELECT 7, 'x'",
@@ -348,22 +362,30 @@ mod tests {
             assert!(an.insert_select && an.inserts_sharded, "{sql}");
             assert!(an.insert_split.is_none(), "{sql}");
         }
+        // Otherwise pgshard reads the rows and inserts them split by key.
         for sql in [
-            // The new key is not a key of a co-located table.
             "INSERT INTO users (id, name) SELECT score, name FROM users",
             "INSERT INTO events (id) SELECT id FROM users",
             "INSERT INTO users (id) SELECT g FROM generate_series(1, 3) g",
-            // A constant key for rows read on other shards.
             "INSERT INTO users (id, name) SELECT 5, name FROM users WHERE id = 7",
-            // Columns pgshard cannot count or name.
             "INSERT INTO users (id) SELECT * FROM orders",
-            "INSERT INTO users SELECT * FROM users",
-            "INSERT INTO users (name, id) SELECT name FROM users",
-            // Rows that do not combine shard by shard.
             "INSERT INTO users (id) SELECT user_id FROM orders UNION SELECT id FROM users",
             "INSERT INTO users (id) SELECT DISTINCT user_id FROM orders",
             "INSERT INTO users (id) SELECT user_id FROM orders LIMIT 5",
+            "INSERT INTO users (id, name) SELECT count(*), name FROM users GROUP BY name",
+        ] {
+            let an = a(sql);
+            let via = an.insert_via.as_ref().unwrap_or_else(|| panic!("{sql}"));
+            assert_eq!(an.target, Target::All, "{sql}");
+            assert!(!an.insert_select && an.insert_split.is_none(), "{sql}");
+            assert_eq!(via.select.kind, crate::router::Kind::Read, "{sql}");
+        }
+        for sql in [
+            // Columns pgshard cannot name.
+            "INSERT INTO users SELECT * FROM users",
+            // A SELECT pgshard would refuse on its own, or one that locks rows.
             "INSERT INTO users (id) SELECT u.id FROM users u JOIN orders o ON o.total = u.score",
+            "INSERT INTO users (id) SELECT score FROM users FOR UPDATE",
         ] {
             assert!(
                 matches!(analyze(sql, &rules()), Err(AnalyzeError::Unroutable(_))),

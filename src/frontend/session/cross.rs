@@ -30,6 +30,8 @@ pub(super) enum Multi {
     Write { sum: bool },
     /// An INSERT split per shard (shard, its statement), all or none.
     SplitInsert(Vec<(usize, String)>),
+    /// An INSERT ... SELECT whose rows pgshard reads first, then inserts split by key.
+    InsertVia(std::sync::Arc<crate::router::analyze::InsertVia>),
 }
 
 /// Why a statement over several shards cannot run (in the extended protocol or a
@@ -82,6 +84,9 @@ impl Session {
             }
             // Each shard inserts the rows it makes from its own rows.
             (Kind::Write, _) if a.insert_select => Multi::Write { sum: true },
+            (Kind::Write, _) if a.insert_via.is_some() => {
+                Multi::InsertVia(a.insert_via.clone().expect("checked"))
+            }
             (Kind::Write, _) if a.inserts_sharded => match &a.insert_split {
                 Some(split) => match self.db.router.split_insert(split, &Default::default()) {
                     Ok(parts) => Multi::SplitInsert(parts),
@@ -129,11 +134,14 @@ impl Session {
         // Inside a transaction the statement joins every shard it needs; outside one, a
         // write runs in an implicit transaction over them, committed with two-phase commit.
         // Reads outside a transaction need no transaction: they run in parallel below.
+        // An INSERT ... SELECT through pgshard reads, then writes: one transaction, whatever
+        // the commit protocol.
         let transactional = self.status != b'I'
             || (!matches!(plan, Multi::Merge(_))
                 && self.db.config.two_phase_commit == crate::config::TwoPhaseCommit::On
                 && self.mode == PoolMode::Transaction
-                && !scatter::needs_autocommit(sql));
+                && !scatter::needs_autocommit(sql))
+            || matches!(plan, Multi::InsertVia(_)) && self.mode == PoolMode::Transaction;
         if transactional {
             return self.run_multi_tx(sql, shards, plan, a).await;
         }
@@ -163,6 +171,10 @@ impl Session {
                     .await
                     .map(|r| scatter::combine_writes(r, true))
             }
+            Multi::InsertVia(_) => Err(PgError::new(
+                "0A000",
+                "INSERT ... SELECT whose rows pgshard must split by key needs transaction pooling mode",
+            )),
             Multi::Ddl | Multi::Write { .. } => {
                 scatter::run_all_or_none(&self.db, &shards, sql, Some(&prelude), self.settings_fp)
                     .await
@@ -177,6 +189,7 @@ impl Session {
             Multi::SplitInsert(_) => "split insert",
             Multi::Ddl => "broadcast ddl",
             Multi::Write { .. } => "broadcast write",
+            Multi::InsertVia(_) => "insert select",
         };
         self.cross_shard_done(&shards, kind, started.elapsed(), sql);
         self.relay.drain_local(&mut self.cout);
@@ -247,6 +260,13 @@ impl Session {
             None => match self.multi_plan(shards, a) {
                 Ok(Multi::Merge(_)) => {
                     self.local_error(multi_shard_error(shards, a));
+                    return Ok(());
+                }
+                Ok(Multi::InsertVia(_)) => {
+                    self.local_error(PgError::new(
+                        "0A000",
+                        "INSERT ... SELECT whose rows pgshard must split by key is not supported in the extended protocol yet; send it as a simple query",
+                    ).with_hint("Or make the SELECT read the shard key of a table sharded like the target, so that each shard inserts its own rows."));
                     return Ok(());
                 }
                 Ok(p) => p,

@@ -12,6 +12,7 @@ mod copy;
 mod copy_out;
 mod cross;
 mod extended;
+mod insert_select;
 mod io;
 mod listen;
 mod multi;

@@ -320,6 +320,9 @@ impl Session {
     ) -> Result<Option<bytes::BytesMut>, SessionError> {
         use super::cross::Multi;
         use crate::exec::scatter;
+        if let Multi::InsertVia(via) = plan {
+            return self.insert_via_out(sql, via, a).await;
+        }
         let mut results = Vec::with_capacity(shards.len());
         let mut failed = false;
         for &s in shards {
@@ -360,6 +363,7 @@ impl Session {
                 Multi::SplitInsert(_) => Ok(scatter::combine_writes(results, true)),
                 Multi::Write { sum } => Ok(scatter::combine_writes(results, *sum)),
                 Multi::Ddl => Ok(scatter::broadcast_result(results)),
+                Multi::InsertVia(_) => unreachable!("carried out by insert_via_out above"),
             }
         };
         Ok(Some(match out {

@@ -238,6 +238,7 @@ impl Session {
                         inserts_sharded: false,
                         insert_split: None,
                         insert_select: false,
+                        insert_via: None,
                         replica_safe: false,
                         one_shard: false,
                         keyless: Vec::new(),

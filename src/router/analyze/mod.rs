@@ -73,6 +73,9 @@ pub struct Analysis {
     /// rows (the new key is the key of a co-located table read): it runs as written on
     /// every shard the SELECT needs.
     pub insert_select: bool,
+    /// An INSERT ... SELECT whose new rows' shards only their values tell: pgshard runs the
+    /// SELECT, then inserts its rows split by key (see [`InsertVia`]).
+    pub insert_via: Option<std::sync::Arc<InsertVia>>,
     /// Only reads, with no locking clause, data-modifying CTE or writing function: may run
     /// on a replica.
     pub replica_safe: bool,
@@ -82,6 +85,20 @@ pub struct Analysis {
     /// The tables whose keys the shards make for this statement's rows (`Target::Any`):
     /// the shard it runs on must be set up for them.
     pub keyless: Vec<usize>,
+}
+
+/// An INSERT ... SELECT carried out through pgshard: the SELECT's rows are read (merged
+/// over the shards it needs), then inserted as VALUES rows, each on its key's shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InsertVia {
+    /// The INSERT; its source is replaced by the rows.
+    pub insert: Statement,
+    /// The SELECT that makes the rows, and its own analysis.
+    pub select_sql: String,
+    pub select: Analysis,
+    /// The sharded table inserted into, and its key's position among the INSERT's columns.
+    pub table: usize,
+    pub key: usize,
 }
 
 /// Why a statement has no analysis.
@@ -107,6 +124,7 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
         inserts_sharded: false,
         insert_split: None,
         insert_select: false,
+        insert_via: None,
         replica_safe: false,
         one_shard: false,
         keyless: Vec::new(),
@@ -129,6 +147,9 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
         out.kind = out.kind.max(a.kind);
         out.inserts_sharded |= a.inserts_sharded;
         out.insert_select |= a.insert_select;
+        if a.insert_via.is_some() {
+            out.insert_via = a.insert_via;
+        }
         out.key_update = out.key_update.or(a.key_update);
         out.writes_reference |= a.writes_reference;
         out.one_shard |= a.one_shard;
@@ -153,6 +174,7 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
         && let Target::Keys(keys) = &out.target
         && out.inserts_sharded
         && !out.insert_select
+        && out.insert_via.is_none()
     {
         out.insert_split = Some(std::sync::Arc::new(super::insert::InsertSplit {
             statement: st.clone(),
@@ -208,6 +230,8 @@ pub(super) struct Collector {
     pub(super) keyless: Vec<usize>,
     /// A co-located INSERT ... SELECT (`Analysis::insert_select`).
     pub(super) insert_select: bool,
+    /// An INSERT ... SELECT through pgshard (`Analysis::insert_via`).
+    pub(super) insert_via: Option<InsertVia>,
 }
 
 pub(super) fn name_of(n: &ObjectName) -> Option<String> {
@@ -227,7 +251,7 @@ pub(super) fn ident(id: &sqlparser::ast::Ident) -> String {
 }
 
 fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
-    let independent = super::nested::independent(st, rules);
+    let mut independent = super::nested::independent(st, rules);
     let mut c = Collector {
         skip: independent.iter().map(|i| i.addr).collect(),
         ..Collector::default()
@@ -246,6 +270,11 @@ fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
         Statement::Insert(ins) => {
             kind = Kind::Write;
             super::insert::insert(ins, rules, &mut c)?;
+            if c.insert_via.is_some() {
+                // The SELECT runs on its own, where its own analysis checked its nested
+                // queries.
+                independent.clear();
+            }
         }
         Statement::Update(u) => {
             kind = Kind::Write;
@@ -411,6 +440,7 @@ fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
             && (!c.seen.is_empty() || c.any_shard || c.insert_select),
         insert_split: None,
         insert_select: c.insert_select,
+        insert_via: c.insert_via.map(std::sync::Arc::new),
         replica_safe: false,
         one_shard: one_shard || c.one_shard,
         keyless: c.keyless,

@@ -118,10 +118,19 @@ fn writes() {
         Err(AnalyzeError::Unroutable(m)) if m.contains("must name its columns")
     ));
     assert!(analyze("INSERT INTO users (id) VALUES (random())", &rules()).is_err());
-    assert!(matches!(
-        analyze("INSERT INTO users (id, name) SELECT id + 1, name FROM users WHERE id = 1", &rules()),
-        Err(AnalyzeError::Unroutable(m)) if m.contains("INSERT ... SELECT")
-    ));
+    // A computed key: pgshard reads the rows, then splits them by key.
+    let a = analyze(
+        "INSERT INTO users (id, name) SELECT id + 1, name FROM users WHERE id = 1",
+        &rules(),
+    )
+    .unwrap();
+    assert_eq!(a.target, Target::All);
+    let via = a.insert_via.unwrap();
+    assert_eq!(via.select.target, Target::Keys(vec![(0, lit("1"))]));
+    assert_eq!(
+        via.select_sql,
+        "SELECT id + 1, name FROM users WHERE id = 1"
+    );
     // Into an unsharded table it is fine (it runs where that table lives).
     assert_eq!(
         target("INSERT INTO local_t SELECT * FROM users WHERE id = 3"),
