@@ -1036,6 +1036,59 @@ async fn deadlock_with_a_one_phase_write(c: &LocalCluster, first: &pgshard::fron
     assert!(broken[0] + broken[1] >= 2.0, "{broken:?}");
 }
 
+/// The two transactions through two pgshard processes: neither knows the other's
+/// transaction, but both find the cycle from the ids marked on the servers' backends, and
+/// the process of the younger one cancels it.
+async fn deadlock_across_two_pgshard_processes(
+    c: &LocalCluster,
+    first: &pgshard::frontend::Server,
+    first_addr: SocketAddr,
+) {
+    let broken = || {
+        sample(
+            &pgshard::admin::metrics::render(first),
+            "pgshard_deadlocks_total",
+            &[],
+        )
+    };
+    let before_here = broken();
+    let other = serve(c, None);
+    let (a, b) = keys();
+    let older = connect(first_addr).await;
+    let younger = connect(other.addr).await;
+    let bump = |k: i64| format!("UPDATE tp_accounts SET balance = balance + 1 WHERE id = {k}");
+    older
+        .batch_execute(&format!("BEGIN; {}", bump(a)))
+        .await
+        .unwrap();
+    younger
+        .batch_execute(&format!("BEGIN; {}", bump(b)))
+        .await
+        .unwrap();
+    let waiting = tokio::spawn({
+        let sql = bump(b);
+        async move {
+            let r = older.batch_execute(&sql).await;
+            (older, r)
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let e = tokio::time::timeout(Duration::from_secs(30), younger.batch_execute(&bump(a)))
+        .await
+        .expect("the deadlock across two pgshard processes was not broken within 30 s")
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "40P01", "{e}");
+    younger.batch_execute("ROLLBACK").await.unwrap();
+    let (older, r) = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .unwrap()
+        .unwrap();
+    r.unwrap();
+    older.batch_execute("COMMIT").await.unwrap();
+    // The victim was the other process's: this one left it alone.
+    assert_eq!(broken(), before_here);
+}
+
 /// Runs pgbench, failing (not hanging) after `limit`.
 fn pgbench_within(limit: Duration, port: u16, args: &[&str]) -> String {
     let mut child = Command::new("pgbench")
@@ -1077,6 +1130,7 @@ async fn thirty_two_clients_move_money_between_shards_and_the_total_stays() {
     let app = setup(addr).await;
     deadlock_across_shards(addr, &server).await;
     deadlock_with_a_one_phase_write(&c, &server).await;
+    deadlock_across_two_pgshard_processes(&c, &server, addr).await;
     app.batch_execute(
         "DROP TABLE tp_accounts; CREATE TABLE tp_accounts (id bigint PRIMARY KEY, balance bigint NOT NULL)",
     )

@@ -172,22 +172,9 @@ pub async fn run_each_all_or_none(
     for &s in shards {
         conns.push((s, checkout_shard(db, s, None).await?));
     }
-    let mut results = Vec::with_capacity(conns.len());
-    for ((_, c), (_, sql)) in conns.iter_mut().zip(per_shard) {
-        let mut out = BytesMut::new();
-        if let Some(p) = prelude.filter(|_| c.settings != settings_fp) {
-            protocol::write_query(&mut out, p);
-            c.settings = settings_fp;
-            c.send(&out).await.map_err(lost)?;
-            c.read_until_ready().await.map_err(lost)?;
-            out.clear();
-        }
-        protocol::write_query(&mut out, "BEGIN");
-        protocol::write_query(&mut out, sql);
-        c.send(&out).await.map_err(lost)?;
-    }
-    // Each shard's part holds its locks while another part waits: the deadlock detector
-    // must know these backends are one transaction.
+    // Each shard's part holds its locks while another part waits: the deadlock detectors
+    // must know these backends are one transaction (registered here, marked on the
+    // servers right after BEGIN).
     let txn = crate::cluster::deadlock::TRANSACTIONS.register(
         conns
             .iter()
@@ -199,8 +186,25 @@ pub async fn run_each_all_or_none(
             })
             .collect(),
     );
+    let tag = txn.tag_sql();
+    let mut results = Vec::with_capacity(conns.len());
+    for ((_, c), (_, sql)) in conns.iter_mut().zip(per_shard) {
+        let mut out = BytesMut::new();
+        if let Some(p) = prelude.filter(|_| c.settings != settings_fp) {
+            protocol::write_query(&mut out, p);
+            c.settings = settings_fp;
+            c.send(&out).await.map_err(lost)?;
+            c.read_until_ready().await.map_err(lost)?;
+            out.clear();
+        }
+        protocol::write_query(&mut out, "BEGIN");
+        protocol::write_query(&mut out, &tag);
+        protocol::write_query(&mut out, sql);
+        c.send(&out).await.map_err(lost)?;
+    }
     for (_, c) in conns.iter_mut() {
         c.read_until_ready().await.map_err(lost)?; // BEGIN
+        c.read_until_ready().await.map_err(lost)?; // the mark
         let mut frames = c.read_until_ready().await.map_err(lost)?;
         txn.rewrite(&mut frames);
         results.push(frames);

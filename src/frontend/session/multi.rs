@@ -127,14 +127,17 @@ impl Session {
         }
         self.route.movable_begin = None;
         self.write_replay();
-        self.register_participants();
+        self.register_participants().await;
         tracing::debug!(shard = to, "shard joined the transaction");
         Ok(true)
     }
 
-    /// Tells the deadlock detector which backends the transaction holds: it can wait on
-    /// one shard while holding locks on another, a cycle no server sees.
-    fn register_participants(&mut self) {
+    /// Tells the deadlock detectors which backends the transaction holds: it can wait on
+    /// one shard while holding locks on another, a cycle no server sees. The backends are
+    /// registered in this process and marked on the servers with the transaction's id (for
+    /// every pgshard process): the first participant now, the one just joined after its
+    /// BEGIN and replay.
+    async fn register_participants(&mut self) {
         use crate::cluster::deadlock::{Participant, TRANSACTIONS};
         let participant = |shard: usize, b: &Pooled| Participant {
             shard,
@@ -151,10 +154,29 @@ impl Session {
         if let Some(b) = &self.backend {
             parts.push(participant(self.shard, b));
         }
-        match &self.multi.txn {
-            Some(r) => r.update(parts),
-            None => self.multi.txn = Some(TRANSACTIONS.register(parts)),
+        let first = self.multi.txn.is_none();
+        let r = match self.multi.txn.take() {
+            Some(r) => {
+                r.update(parts);
+                r
+            }
+            None => TRANSACTIONS.register(parts),
+        };
+        let tag = r.tag_sql();
+        self.multi.txn = Some(r);
+        if first {
+            for (s, b) in self.multi.parked.iter_mut() {
+                // Without the mark, only this process's detector can find cycles through
+                // this transaction: not worth failing the statement for.
+                if let Err(e) | Ok(Some((_, e))) =
+                    b.run_quiet(&tag).await.map_err(|e| e.to_string())
+                {
+                    tracing::debug!(shard = *s, error = %e, "cannot mark a backend with its transaction");
+                }
+            }
         }
+        self.relay.push(Pending::Internal);
+        protocol::write_query(&mut self.bout, &tag);
     }
 
     /// Replaces the cancellation of a deadlock's victim, among a statement's frames, by the
