@@ -1,0 +1,208 @@
+//! Extended-query messages pgshard reads or writes: Parse, Bind (and its parameters),
+//! Describe/Close/Execute targets.
+
+use super::{ProtocolError, body, malformed, read_cbytes};
+use bytes::{BufMut, BytesMut};
+
+/// A Parse message's parts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parse<'a> {
+    pub name: &'a [u8],
+    pub query: &'a [u8],
+    /// Parameter type OIDs, raw (count-prefixed) as on the wire.
+    pub types: &'a [u8],
+}
+
+/// Decodes a Parse ('P') frame without copying.
+pub fn parse_parse(frame: &[u8]) -> Result<Parse<'_>, ProtocolError> {
+    let mut b = body(frame);
+    let name = read_cbytes(&mut b, "Parse")?;
+    let query = read_cbytes(&mut b, "Parse")?;
+    if b.len() < 2 {
+        return Err(malformed("Parse", "missing parameter count"));
+    }
+    let n = u16::from_be_bytes([b[0], b[1]]) as usize;
+    if b.len() != 2 + 4 * n {
+        return Err(malformed(
+            "Parse",
+            "parameter type list does not match its count",
+        ));
+    }
+    Ok(Parse {
+        name,
+        query,
+        types: b,
+    })
+}
+
+/// Builds a Parse frame.
+pub fn write_parse(out: &mut BytesMut, name: &[u8], query: &[u8], types: &[u8]) {
+    let len = 4 + name.len() + 1 + query.len() + 1 + types.len();
+    out.reserve(len + 1);
+    out.put_u8(b'P');
+    out.put_i32(len as i32);
+    out.put_slice(name);
+    out.put_u8(0);
+    out.put_slice(query);
+    out.put_u8(0);
+    out.put_slice(types);
+}
+
+/// A Bind message's names; `rest` is the remainder of the body (formats, values).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Bind<'a> {
+    pub portal: &'a [u8],
+    pub stmt: &'a [u8],
+    pub rest: &'a [u8],
+}
+
+/// Splits a Bind ('B') frame into portal name, statement name and the rest of the body.
+pub fn parse_bind(frame: &[u8]) -> Result<Bind<'_>, ProtocolError> {
+    let mut b = body(frame);
+    let portal = read_cbytes(&mut b, "Bind")?;
+    let stmt = read_cbytes(&mut b, "Bind")?;
+    Ok(Bind {
+        portal,
+        stmt,
+        rest: b,
+    })
+}
+
+/// A Bind's parameters: per parameter whether it is binary, and its value (None = NULL).
+pub type BindParams<'a> = (Vec<bool>, Vec<Option<&'a [u8]>>);
+
+/// Decodes the parameters in the `rest` of a Bind (after the two names).
+/// A Bind's parameters kept to `keep` (0-based indexes into the original ones, in the new
+/// order): the new Bind body after the portal and statement names. Per-parameter format
+/// codes follow their parameters; result format codes are kept.
+pub fn select_bind_params(rest: &[u8], keep: &[usize]) -> Result<Vec<u8>, ProtocolError> {
+    let (binary, values) = bind_params(rest)?;
+    // Where the result format codes start: after formats and values.
+    let nfmt = u16::from_be_bytes([rest[0], rest[1]]) as usize;
+    let mut pos = 2 + 2 * nfmt + 2;
+    for v in &values {
+        pos += 4 + v.map_or(0, <[u8]>::len);
+    }
+    let tail = &rest[pos..];
+    let mut out = Vec::with_capacity(rest.len());
+    out.extend_from_slice(&(keep.len() as u16).to_be_bytes());
+    for &k in keep {
+        let b = binary.get(k).copied().unwrap_or(false);
+        out.extend_from_slice(&(i16::from(b)).to_be_bytes());
+    }
+    out.extend_from_slice(&(keep.len() as u16).to_be_bytes());
+    for &k in keep {
+        match values.get(k).copied().flatten() {
+            None => out.extend_from_slice(&(-1i32).to_be_bytes()),
+            Some(v) => {
+                out.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                out.extend_from_slice(v);
+            }
+        }
+    }
+    out.extend_from_slice(tail);
+    Ok(out)
+}
+
+/// A Parse's parameter type list kept to `keep` (as [`select_bind_params`]).
+pub fn select_param_types(types: &[u8], keep: &[usize]) -> Vec<u8> {
+    let oids = parse_oids(types);
+    let mut out = Vec::with_capacity(2 + 4 * keep.len());
+    out.extend_from_slice(&(keep.len() as u16).to_be_bytes());
+    for &k in keep {
+        out.extend_from_slice(&oids.get(k).copied().unwrap_or(0).to_be_bytes());
+    }
+    out
+}
+
+pub fn bind_params(rest: &[u8]) -> Result<BindParams<'_>, ProtocolError> {
+    let bad = |d: &str| malformed("Bind", d.to_string());
+    let mut b = rest;
+    let mut take = |n: usize| -> Result<&[u8], ProtocolError> {
+        if b.len() < n {
+            return Err(bad("truncated"));
+        }
+        let (x, r) = b.split_at(n);
+        b = r;
+        Ok(x)
+    };
+    let nfmt = u16::from_be_bytes(take(2)?.try_into().expect("2")) as usize;
+    let mut fmts = Vec::with_capacity(nfmt);
+    for _ in 0..nfmt {
+        fmts.push(i16::from_be_bytes(take(2)?.try_into().expect("2")) == 1);
+    }
+    let n = u16::from_be_bytes(take(2)?.try_into().expect("2")) as usize;
+    let mut values = Vec::with_capacity(n);
+    for _ in 0..n {
+        let len = i32::from_be_bytes(take(4)?.try_into().expect("4"));
+        values.push(if len < 0 {
+            None
+        } else {
+            Some(take(len as usize)?)
+        });
+    }
+    let binary = match fmts.len() {
+        0 => vec![false; n],
+        1 => vec![fmts[0]; n],
+        k if k == n => fmts,
+        _ => {
+            return Err(bad(
+                "format count matches neither 0, 1 nor the parameter count",
+            ));
+        }
+    };
+    Ok((binary, values))
+}
+
+/// The parameter type OIDs of a Parse's raw type list.
+pub fn parse_oids(types: &[u8]) -> Vec<u32> {
+    types
+        .get(2..)
+        .unwrap_or_default()
+        .chunks_exact(4)
+        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// Builds a Bind frame from its parts.
+pub fn write_bind(out: &mut BytesMut, portal: &[u8], stmt: &[u8], rest: &[u8]) {
+    let len = 4 + portal.len() + 1 + stmt.len() + 1 + rest.len();
+    out.reserve(len + 1);
+    out.put_u8(b'B');
+    out.put_i32(len as i32);
+    out.put_slice(portal);
+    out.put_u8(0);
+    out.put_slice(stmt);
+    out.put_u8(0);
+    out.put_slice(rest);
+}
+
+/// Decodes a Describe ('D') or Close ('C') frame: the kind byte ('S' or 'P') and the name.
+pub fn parse_target<'a>(
+    frame: &'a [u8],
+    what: &'static str,
+) -> Result<(u8, &'a [u8]), ProtocolError> {
+    let mut b = body(frame);
+    if b.is_empty() {
+        return Err(malformed(what, "empty"));
+    }
+    let kind = b[0];
+    if kind != b'S' && kind != b'P' {
+        return Err(malformed(
+            what,
+            format!("unknown target kind {:?}", kind as char),
+        ));
+    }
+    b = &b[1..];
+    let name = read_cbytes(&mut b, what)?;
+    Ok((kind, name))
+}
+
+/// Builds a Describe or Close frame.
+pub fn write_target(out: &mut BytesMut, tag: u8, kind: u8, name: &[u8]) {
+    out.put_u8(tag);
+    out.put_i32((4 + 1 + name.len() + 1) as i32);
+    out.put_u8(kind);
+    out.put_slice(name);
+    out.put_u8(0);
+}

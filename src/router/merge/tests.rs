@@ -1,0 +1,250 @@
+//! Merge plans of cross-shard SELECTs, from their analysis.
+
+use super::*;
+use crate::router::analyze::{analyze, tests::rules};
+
+#[test]
+fn groups_of_one_shard_and_distinct_keys() {
+    let m = |sql: &str| analyze(sql, &rules()).unwrap().merge.unwrap();
+    // Grouped by the shard key: shards compute whole groups, merged as rows.
+    let spec = m(
+        "SELECT id, count(DISTINCT name), string_agg(name, ','), avg(score) FROM users GROUP BY id HAVING count(*) > 0 ORDER BY 2 DESC LIMIT 3 OFFSET 1",
+    )
+    .unwrap();
+    assert_eq!(spec.aggregates, None);
+    assert_eq!(spec.having, None);
+    assert_eq!((spec.limit, spec.offset), (Some(3), 1));
+    let spec = m(
+        "SELECT o.user_id, sum(total) FROM orders o GROUP BY o.user_id ORDER BY max(total) LIMIT 5",
+    )
+    .unwrap();
+    assert_eq!(spec.hidden.len(), 1);
+    assert_eq!(spec.order[0].col, OrderCol::Hidden(0));
+    // count(DISTINCT key): the shards' counts add up.
+    for sql in [
+        "SELECT count(DISTINCT user_id) FROM orders",
+        "SELECT total, count(DISTINCT o.user_id) FROM orders o GROUP BY total",
+        "SELECT count(DISTINCT o.user_id), count(DISTINCT u.id) FROM users u JOIN orders o ON o.user_id = u.id",
+    ] {
+        let spec = m(sql).unwrap();
+        let a = spec.aggregates.unwrap();
+        assert_eq!(a.last(), Some(&Column::Count), "{sql}");
+    }
+    for sql in [
+        "SELECT count(DISTINCT name) FROM users",
+        "SELECT count(DISTINCT o.total) FROM users u JOIN orders o ON o.user_id = u.id",
+        "SELECT sum(DISTINCT user_id) FROM orders",
+        "SELECT id, rank() OVER (ORDER BY count(*)) FROM users GROUP BY id",
+        "SELECT id FROM users GROUP BY id ORDER BY rank() OVER (ORDER BY id)",
+        "SELECT user_id, count(*) FROM orders GROUP BY ROLLUP (user_id)",
+        "SELECT name, count(*) FROM users GROUP BY name, score ORDER BY 2",
+    ] {
+        assert!(m(sql).is_err(), "{sql}");
+    }
+}
+
+#[test]
+fn windows_partitioned_by_the_shard_key() {
+    let m = |sql: &str| analyze(sql, &rules()).map(|a| a.merge.unwrap());
+    for sql in [
+        "SELECT id, user_id, row_number() OVER (PARTITION BY user_id ORDER BY id DESC) AS rn FROM orders ORDER BY rn, id LIMIT 5",
+        "SELECT u.id, sum(o.total) OVER (PARTITION BY u.id) FROM users u JOIN orders o ON o.user_id = u.id",
+        "SELECT user_id, count(*), rank() OVER (PARTITION BY user_id ORDER BY count(*)) FROM orders GROUP BY user_id",
+        "SELECT id FROM orders ORDER BY row_number() OVER (PARTITION BY user_id ORDER BY id)",
+    ] {
+        let spec = m(sql).unwrap().unwrap();
+        assert_eq!(spec.aggregates, None, "{sql}");
+    }
+    // In a derived table: the outer query's rows are each shard's.
+    let a = analyze(
+        "SELECT * FROM (SELECT id, user_id, row_number() OVER (PARTITION BY user_id ORDER BY id DESC) AS rn FROM orders) t WHERE rn = 1",
+        &rules(),
+    )
+    .unwrap();
+    assert!(!a.one_shard);
+    assert!(a.merge.unwrap().unwrap().is_concatenation());
+    for sql in [
+        "SELECT id, row_number() OVER (ORDER BY id) FROM orders",
+        "SELECT id, row_number() OVER (PARTITION BY total) FROM orders",
+        "SELECT total, count(*), rank() OVER (PARTITION BY total ORDER BY count(*)) FROM orders GROUP BY total",
+        "SELECT id, rank() OVER (ORDER BY count(*)) FROM users GROUP BY id",
+        "SELECT id FROM orders ORDER BY row_number() OVER (ORDER BY id)",
+    ] {
+        assert!(!matches!(m(sql), Ok(Ok(_))), "{sql}");
+    }
+    for sql in [
+        "SELECT * FROM (SELECT id, row_number() OVER (ORDER BY id) AS rn FROM orders) t WHERE rn = 1",
+        "SELECT * FROM (SELECT id, rank() OVER (ORDER BY count(*)) FROM users GROUP BY id) t",
+    ] {
+        assert!(analyze(sql, &rules()).is_err(), "{sql}");
+    }
+}
+
+#[test]
+fn merge_specs() {
+    let m = |sql: &str| analyze(sql, &rules()).unwrap().merge.unwrap();
+    assert_eq!(
+        m("SELECT id, name FROM users ORDER BY name DESC, 1 LIMIT 5").unwrap(),
+        MergeSpec {
+            order: vec![
+                OrderKey {
+                    col: OrderCol::Position(1),
+                    desc: true,
+                    nulls_first: true
+                },
+                OrderKey {
+                    col: OrderCol::Position(0),
+                    desc: false,
+                    nulls_first: false
+                },
+            ],
+            limit: Some(5),
+            offset: 0,
+            distinct: false,
+            aggregates: None,
+            hidden: Vec::new(),
+            distinct_on: Vec::new(),
+            having: None,
+            avg: Vec::new(),
+        }
+    );
+    let a = analyze("SELECT id, avg(total) FROM orders GROUP BY id", &rules()).unwrap();
+    assert_eq!(
+        a.shard_sql.as_deref(),
+        Some(
+            "SELECT id, sum(total) AS avg, count(total) AS \"__pgshard_sort_0\" FROM orders GROUP BY id"
+        )
+    );
+    assert_eq!(a.merge.unwrap().unwrap().avg, vec![(1, 2)]);
+    // HAVING: every group comes back from the shards, the condition is applied after
+    // merging, on hidden aggregate columns when they are not output columns.
+    let a = analyze(
+        "SELECT id FROM orders GROUP BY id HAVING count(*) > 2 AND sum(total) <= 10.5",
+        &rules(),
+    )
+    .unwrap();
+    let spec = a.merge.clone().unwrap().unwrap();
+    assert_eq!(
+        spec.aggregates,
+        Some(vec![Column::Key, Column::Count, Column::Sum])
+    );
+    assert_eq!(spec.hidden.len(), 2);
+    assert_eq!(
+        a.shard_sql.as_deref(),
+        Some(
+            "SELECT id, count(*) AS \"__pgshard_sort_0\", sum(total) AS \"__pgshard_sort_1\" FROM orders GROUP BY id"
+        )
+    );
+    let row: Vec<Option<&[u8]>> = vec![Some(b"1"), Some(b"3"), Some(b"10.50")];
+    assert_eq!(spec.having.as_ref().unwrap().eval(&row), Some(true));
+    let row: Vec<Option<&[u8]>> = vec![Some(b"1"), Some(b"2"), Some(b"1")];
+    assert_eq!(spec.having.as_ref().unwrap().eval(&row), Some(false));
+    assert!(m("SELECT id FROM orders GROUP BY id HAVING sum(total) > avg(total)").is_err());
+    // DISTINCT ON: sorted by its columns first, then the first row of each run kept.
+    let d = m("SELECT DISTINCT ON (name) name, id FROM users ORDER BY name, id DESC").unwrap();
+    assert_eq!(d.distinct_on, vec![0]);
+    assert!(m("SELECT DISTINCT ON (name) name, id FROM users ORDER BY id").is_err());
+    assert_eq!(
+        m("SELECT DISTINCT ON (id) id, name FROM users")
+            .unwrap()
+            .order
+            .len(),
+        1
+    );
+    let a = m("SELECT total, count(*), sum(total) AS t, min(id), max(id) FROM orders GROUP BY total ORDER BY t DESC LIMIT 3").unwrap();
+    assert_eq!(
+        a.aggregates,
+        Some(vec![
+            Column::Key,
+            Column::Count,
+            Column::Sum,
+            Column::Min,
+            Column::Max
+        ])
+    );
+    assert_eq!(a.limit, Some(3));
+    assert_eq!(
+        m("SELECT count(*) FROM users").unwrap().aggregates,
+        Some(vec![Column::Count])
+    );
+    assert!(m("SELECT name, count(*) FROM users GROUP BY 1").is_ok());
+    assert!(
+        m("SELECT DISTINCT name FROM users ORDER BY name")
+            .unwrap()
+            .distinct
+    );
+    let a = analyze(
+        "SELECT id FROM users ORDER BY id LIMIT 5 OFFSET 10",
+        &rules(),
+    )
+    .unwrap();
+    let spec = a.merge.clone().unwrap().unwrap();
+    assert_eq!((spec.limit, spec.offset), (Some(5), 10));
+    assert_eq!(
+        a.shard_sql.as_deref(),
+        Some("SELECT id FROM users ORDER BY id LIMIT 15")
+    );
+    let a = analyze(
+        "SELECT id FROM users u ORDER BY lower(u.name) DESC LIMIT 2",
+        &rules(),
+    )
+    .unwrap();
+    let spec = a.merge.clone().unwrap().unwrap();
+    assert_eq!(spec.order[0].col, OrderCol::Hidden(0));
+    assert_eq!(
+        a.shard_sql.as_deref(),
+        Some(
+            "SELECT id, lower(u.name) AS \"__pgshard_sort_0\" FROM users u ORDER BY lower(u.name) DESC LIMIT 2"
+        )
+    );
+    // A bare name is an output column name first (found in the RowDescription), else an
+    // input column (hidden); aliases resolve directly.
+    let a = analyze(
+        "SELECT u.id, name AS n FROM users u ORDER BY id, n",
+        &rules(),
+    )
+    .unwrap();
+    let spec = a.merge.unwrap().unwrap();
+    assert_eq!(spec.order[0].col, OrderCol::NameOr("id".into(), 0));
+    assert_eq!(spec.order[1].col, OrderCol::Position(1));
+    assert_eq!(
+        m("SELECT lower(name) FROM users ORDER BY lower(name)")
+            .unwrap()
+            .order[0]
+            .col,
+        OrderCol::Position(0)
+    );
+    for bad in [
+        "SELECT avg(DISTINCT id) FROM users",
+        "SELECT count(DISTINCT name) FROM users",
+        "SELECT id, sum(total) FROM orders GROUP BY id HAVING sum(total) > max(id)",
+        "SELECT sum(total) FROM orders GROUP BY user_id + 1",
+        "SELECT count(*)::int FROM users",
+        "SELECT DISTINCT ON (lower(name)) name, id FROM users",
+        "SELECT count(*) FROM users OFFSET 1",
+        "SELECT id FROM users LIMIT $1",
+        "SELECT id FROM users INTERSECT SELECT user_id FROM orders",
+        "SELECT id FROM users UNION ALL SELECT user_id FROM orders UNION SELECT 1",
+        "SELECT count(*) FROM users UNION ALL SELECT count(*) FROM orders",
+        "SELECT DISTINCT id FROM users UNION ALL SELECT user_id FROM orders",
+        "SELECT id FROM users UNION ALL (SELECT user_id FROM orders LIMIT 1)",
+        "SELECT id FROM users UNION SELECT id FROM users ORDER BY lower(name)",
+        "SELECT row_number() OVER () FROM users",
+        "SELECT 1 + max(id) FROM users",
+    ] {
+        let refused = analyze(bad, &rules()).map_or(true, |a| a.merge.unwrap().is_err());
+        assert!(refused, "{bad}");
+    }
+    // UNION: the shards' rows de-duplicated; UNION ALL: concatenated; ORDER BY and
+    // LIMIT over the result.
+    let u = m("SELECT id FROM users UNION SELECT user_id FROM orders ORDER BY 1 LIMIT 3").unwrap();
+    assert!(u.distinct);
+    assert_eq!(u.limit, Some(3));
+    assert_eq!(u.order.len(), 1);
+    let a = m("SELECT id FROM users UNION ALL (SELECT user_id FROM orders)").unwrap();
+    assert!(a.is_concatenation());
+    // A SELECT of no sharded table would come back from every shard.
+    let e = m("SELECT id FROM users UNION ALL SELECT 7").unwrap_err();
+    assert!(e.contains("once per shard"), "{e}");
+    assert!(m("SELECT id FROM users UNION SELECT 7").unwrap().distinct);
+}
