@@ -508,14 +508,46 @@ async fn insert_select_matches_plain_postgres() {
         .await
         .unwrap_err();
     assert_eq!(sqlstate(&e), "0A000", "{e}");
+    // The extended protocol: the client's parameters go to the steps that use them, and
+    // RETURNING's rows come in the client's (binary) formats.
+    for db in [&c, &plain] {
+        let n = db
+            .execute(
+                "INSERT INTO orders_archive (id, user_id, total) SELECT id + 5000000, id, total FROM orders WHERE user_id = $1",
+                &[&3i64],
+            )
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+    let returning = async |db: &tokio_postgres::Client, q: &str| {
+        let mut v: Vec<(i64, i64)> = db
+            .query(q, &[&6_000_000i64, &"1.5"])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        v.sort();
+        v
+    };
+    for q in [
+        "INSERT INTO orders_archive (id, user_id, total) SELECT g + $1::bigint, g, $2::text::numeric FROM generate_series(1, 9) g RETURNING id, user_id",
+        "INSERT INTO orders_archive (id, user_id, total) SELECT max(id), count(*), sum(total) FROM orders WHERE total > $2::text::numeric AND id < $1 RETURNING id, user_id",
+        "INSERT INTO orders_archive (id, user_id, total) SELECT id + $1, id, total FROM orders WHERE total > $2::text::numeric * 1000 RETURNING id, user_id",
+    ] {
+        let a = returning(&c, q).await;
+        assert_eq!(a, returning(&plain, q).await, "{q}");
+    }
+    // In a transaction, with the error of a statement PostgreSQL refuses.
     let e = c
         .execute(
-            "INSERT INTO orders_archive (id, user_id, total) SELECT id, id, total FROM orders WHERE user_id = $1",
-            &[&3i64],
+            "INSERT INTO orders_archive (user_id, id, total) SELECT id, id, $1::text FROM orders",
+            &[&"x"],
         )
         .await
         .unwrap_err();
-    assert_eq!(sqlstate(&e), "0A000", "{e}");
+    assert_eq!(sqlstate(&e), "42804", "{e}");
     c.batch_execute("DROP TABLE orders_archive").await.unwrap();
 }
 

@@ -77,13 +77,7 @@ pub type BindParams<'a> = (Vec<bool>, Vec<Option<&'a [u8]>>);
 /// codes follow their parameters; result format codes are kept.
 pub fn select_bind_params(rest: &[u8], keep: &[usize]) -> Result<Vec<u8>, ProtocolError> {
     let (binary, values) = bind_params(rest)?;
-    // Where the result format codes start: after formats and values.
-    let nfmt = u16::from_be_bytes([rest[0], rest[1]]) as usize;
-    let mut pos = 2 + 2 * nfmt + 2;
-    for v in &values {
-        pos += 4 + v.map_or(0, <[u8]>::len);
-    }
-    let tail = &rest[pos..];
+    let tail = &rest[result_formats_at(rest, &values)..];
     let mut out = Vec::with_capacity(rest.len());
     out.extend_from_slice(&(keep.len() as u16).to_be_bytes());
     for &k in keep {
@@ -101,6 +95,24 @@ pub fn select_bind_params(rest: &[u8], keep: &[usize]) -> Result<Vec<u8>, Protoc
         }
     }
     out.extend_from_slice(tail);
+    Ok(out)
+}
+
+/// Where a Bind body's result format codes start: after the parameter formats and values.
+fn result_formats_at(rest: &[u8], values: &[Option<&[u8]>]) -> usize {
+    let nfmt = u16::from_be_bytes([rest[0], rest[1]]) as usize;
+    let mut pos = 2 + 2 * nfmt + 2;
+    for v in values {
+        pos += 4 + v.map_or(0, <[u8]>::len);
+    }
+    pos
+}
+
+/// A Bind body with the same parameters and every result column in text.
+pub fn with_text_results(rest: &[u8]) -> Result<Vec<u8>, ProtocolError> {
+    let (_, values) = bind_params(rest)?;
+    let mut out = rest[..result_formats_at(rest, &values)].to_vec();
+    out.extend_from_slice(&0u16.to_be_bytes());
     Ok(out)
 }
 

@@ -34,6 +34,17 @@ pub(super) enum Multi {
     InsertVia(std::sync::Arc<crate::router::analyze::InsertVia>),
 }
 
+/// Parse, Bind, Describe (portal), Execute and Sync of an unnamed statement.
+pub(super) fn extended_request(query: &[u8], types: &[u8], bind_rest: &[u8]) -> bytes::BytesMut {
+    let mut req = bytes::BytesMut::new();
+    protocol::write_parse(&mut req, b"", query, types);
+    protocol::write_bind(&mut req, b"", b"", bind_rest);
+    protocol::write_target(&mut req, b'D', b'P', b"");
+    protocol::write_msg(&mut req, b'E', &[0, 0, 0, 0, 0]);
+    protocol::write_msg(&mut req, b'S', &[]);
+    req
+}
+
 /// Why a statement over several shards cannot run (in the extended protocol or a
 /// transaction).
 pub(super) fn multi_shard_error(shards: &[usize], a: &Analysis) -> PgError {
@@ -262,12 +273,9 @@ impl Session {
                     self.local_error(multi_shard_error(shards, a));
                     return Ok(());
                 }
-                Ok(Multi::InsertVia(_)) => {
-                    self.local_error(PgError::new(
-                        "0A000",
-                        "INSERT ... SELECT whose rows pgshard must split by key is not supported in the extended protocol yet; send it as a simple query",
-                    ).with_hint("Or make the SELECT read the shard key of a table sharded like the target, so that each shard inserts its own rows."));
-                    return Ok(());
+                Ok(Multi::InsertVia(via)) => {
+                    let bind_rest = b.rest.to_vec();
+                    return self.insert_via_bind(&via, &types, &bind_rest).await;
                 }
                 Ok(p) => p,
                 Err(e) => {
@@ -317,12 +325,7 @@ impl Session {
                 Some((q, t, r)) => (q, t, r),
                 None => (&query[..], &types[..], &bind_rest[..]),
             };
-            let mut req = bytes::BytesMut::new();
-            protocol::write_parse(&mut req, b"", q, ty);
-            protocol::write_bind(&mut req, b"", b"", rest);
-            protocol::write_target(&mut req, b'D', b'P', b"");
-            protocol::write_msg(&mut req, b'E', &[0, 0, 0, 0, 0]);
-            protocol::write_msg(&mut req, b'S', &[]);
+            let req = extended_request(q, ty, rest);
             let Some(conn) = self.backend.as_mut() else {
                 break;
             };
@@ -348,11 +351,23 @@ impl Session {
                 }
             }
         }
-        let mut out = match &plan {
+        let out = match &plan {
             Multi::Ddl => scatter::broadcast_result(results),
             Multi::Write { sum } => scatter::combine_writes(results, *sum),
             _ => scatter::combine_writes(results, true),
         };
+        self.hold_write_result(out, description, implicit).await
+    }
+
+    /// Ends a write over several shards begun at a Bind: the implicit transaction it ran
+    /// in, if any, then its result held as the portal the client executes (or its error,
+    /// skipping the rest of the batch).
+    pub(super) async fn hold_write_result(
+        &mut self,
+        mut out: bytes::BytesMut,
+        description: Option<Bytes>,
+        implicit: bool,
+    ) -> Result<(), SessionError> {
         if implicit {
             self.end_implicit(&mut out).await?;
         }

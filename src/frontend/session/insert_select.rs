@@ -1,114 +1,249 @@
 //! INSERT ... SELECT into a sharded table whose new rows' shards only their values tell
 //! (`generate_series`, another table's non-key column, a merge over shards): pgshard runs
 //! the SELECT in the client's transaction, then inserts its rows as VALUES, split per
-//! shard by key, in the same transaction (two-phase commit over the shards).
+//! shard by key, in the same transaction (two-phase commit over the shards). In the simple
+//! and the extended protocol: each step goes to the servers as an extended-protocol
+//! request carrying the client's parameters it uses.
 
-use super::cross::Multi;
+use super::cross::extended_request;
 use super::{Session, SessionError};
-use crate::protocol::PgError;
-use crate::router::analyze::{Analysis, InsertVia};
-use crate::router::{KeyRef, Route};
-use bytes::BytesMut;
+use crate::protocol::{self, PgError};
+use crate::router::analyze::InsertVia;
+use crate::router::{KeyRef, Params, Route};
+use bytes::{Bytes, BytesMut};
 use sqlparser::ast::{Expr, SetExpr, Statement, Value};
 
+/// A Bind body with no parameters and text results (the simple protocol's).
+const NO_PARAMETERS: &[u8] = &[0, 0, 0, 0, 0, 0];
+
 impl Session {
-    /// Carries out an INSERT ... SELECT through pgshard inside the current transaction:
-    /// the answer for the client (None when a server connection was lost).
+    /// A simple-protocol INSERT ... SELECT through pgshard, inside the current
+    /// transaction: the answer for the client (None when a server connection was lost).
     pub(super) async fn insert_via_out(
         &mut self,
-        sql: &str,
         via: &InsertVia,
-        a: &Analysis,
     ) -> Result<Option<BytesMut>, SessionError> {
-        let fail = |s: &mut Session, e: PgError| {
+        let Some(results) = self
+            .insert_via_steps(via, &[], NO_PARAMETERS, &Params::default())
+            .await?
+        else {
+            return Ok(None);
+        };
+        // The simple protocol has no NoData.
+        let results = results
+            .into_iter()
+            .map(|r| r.into_iter().filter(|f| f[0] != b'n').collect())
+            .collect();
+        Ok(Some(crate::exec::scatter::combine_writes(results, true)))
+    }
+
+    /// The same at a Bind (`types` from its Parse): the result is held as the portal the
+    /// client executes.
+    pub(super) async fn insert_via_bind(
+        &mut self,
+        via: &InsertVia,
+        types: &[u8],
+        rest: &[u8],
+    ) -> Result<(), SessionError> {
+        let (binary, values) = protocol::bind_params(rest)?;
+        let params = Params {
+            values,
+            binary,
+            oids: protocol::parse_oids(types),
+        };
+        if !self.answer_held().await? {
+            return Ok(());
+        }
+        let implicit = self.begin_implicit().await?;
+        let Some(mut results) = self.insert_via_steps(via, types, rest, &params).await? else {
+            return Ok(());
+        };
+        let mut description: Option<Bytes> = None;
+        for r in results.iter_mut() {
+            if let Some(i) = r.iter().position(|f| matches!(f[0], b'T' | b'n')) {
+                let d = r.remove(i).freeze();
+                description.get_or_insert(d);
+            }
+        }
+        let out = crate::exec::scatter::combine_writes(results, true);
+        self.hold_write_result(out, description, implicit).await
+    }
+
+    /// The three steps, in the current transaction:
+    /// 1. the INSERT with none of its rows, on one shard: PostgreSQL checks it as written
+    ///    (column types, counts, names), so that what it would refuse is refused with its
+    ///    own error rather than taken as literals; with no rows this is the answer (its
+    ///    tag, and RETURNING's description);
+    /// 2. the SELECT, on its shard or merged over several (it sees the transaction's
+    ///    writes);
+    /// 3. its rows as literals in an INSERT ... VALUES split by key.
+    ///
+    /// The results of the last step run, per shard (with Describe's answer); an error as
+    /// the only result. None when a server connection was lost (the client got that).
+    async fn insert_via_steps(
+        &mut self,
+        via: &InsertVia,
+        types: &[u8],
+        rest: &[u8],
+        params: &Params<'_>,
+    ) -> Result<Option<Vec<Vec<BytesMut>>>, SessionError> {
+        let failed = |s: &mut Session, e: PgError| {
             s.status = b'E';
             let mut f = BytesMut::new();
             e.write(&mut f);
-            Ok(Some(f))
+            Ok(Some(vec![vec![f]]))
         };
-        // First the INSERT with none of its rows, on one shard: PostgreSQL checks it as
-        // written (column types, counts, names), so that what it would refuse is refused,
-        // with its own error; and with no rows this is the answer (its tag, and
-        // RETURNING's description).
+        let request = |sql: &str, text: bool| -> Result<BytesMut, PgError> {
+            let bad = |e: String| PgError::new("08P01", e);
+            let (sql, keep) = crate::router::insert::renumber_params(sql)
+                .map_err(|e| PgError::new("42601", e))?;
+            let mut r =
+                protocol::select_bind_params(rest, &keep).map_err(|e| bad(e.to_string()))?;
+            if text {
+                r = protocol::with_text_results(&r).map_err(|e| bad(e.to_string()))?;
+            }
+            Ok(extended_request(
+                sql.as_bytes(),
+                &protocol::select_param_types(types, &keep),
+                &r,
+            ))
+        };
+        // 1.
         let none = match empty_insert(via) {
-            Ok(s) => s,
-            Err(e) => return fail(self, PgError::new("XX000", e)),
+            Ok(sql) => sql,
+            Err(e) => return failed(self, PgError::new("XX000", e)),
+        };
+        let req = match request(&none, false) {
+            Ok(r) => r,
+            Err(e) => return failed(self, e),
         };
         let home = self.home_shard();
-        if !self.enter_shard(home).await? {
-            self.status = b'E';
-            return Ok(Some(BytesMut::new()));
-        }
-        let checked = match self.run_here(&none).await? {
-            Some(frames) => frames,
-            None => return Ok(None),
+        let Some(checked) = self.run_request_on(home, &req).await? else {
+            return Ok(None);
         };
         if self.status == b'E' {
-            return Ok(Some(BytesMut::from(&checked.concat()[..])));
+            return Ok(Some(vec![checked]));
         }
-        // The rows, read in this transaction (they see its own writes).
-        let read = match self.db.router.resolve(&via.select, &Default::default()) {
+        // 2.
+        let read = match self.db.router.resolve(&via.select, params) {
             Ok(Route::Shards(v)) => v,
-            Ok(Route::Default | Route::Any) => vec![self.home_shard()],
-            Err(e) => return fail(self, PgError::new(e.sqlstate(), e.to_string())),
+            Ok(Route::Default | Route::Any) => vec![home],
+            Err(e) => return failed(self, PgError::new(e.sqlstate(), e.to_string())),
         };
-        let out = if let [s] = read[..] {
-            if !self.enter_shard(s).await? {
-                self.status = b'E';
-                return Ok(Some(BytesMut::new()));
+        let merged = read.len() > 1;
+        let select_sql = match (&via.select.merge, merged) {
+            (_, false) => via.select_sql.as_str(),
+            (Some(Ok(_)), true) => via.select.shard_sql.as_deref().unwrap_or(&via.select_sql),
+            (Some(Err(why)), true) => return failed(self, PgError::new("0A000", why.clone())),
+            (None, true) => {
+                return failed(
+                    self,
+                    PgError::new("0A000", "this SELECT over several shards cannot be merged"),
+                );
             }
-            match self.run_here(&via.select_sql).await? {
-                Some(frames) => BytesMut::from(&frames.concat()[..]),
-                None => return Ok(None),
-            }
-        } else {
-            let spec = match &via.select.merge {
-                Some(Ok(spec)) => spec.clone(),
-                Some(Err(why)) => return fail(self, PgError::new("0A000", why.clone())),
-                None => {
-                    return fail(
-                        self,
-                        PgError::new("0A000", "this SELECT over several shards cannot be merged"),
-                    );
-                }
+        };
+        let req = match request(select_sql, true) {
+            Ok(r) => r,
+            Err(e) => return failed(self, e),
+        };
+        let mut parts = Vec::with_capacity(read.len());
+        for &s in &read {
+            let Some(frames) = self.run_request_on(s, &req).await? else {
+                return Ok(None);
             };
-            let plan = Multi::Merge(spec);
-            match Box::pin(self.multi_tx_out(&via.select_sql, &read, &plan, &via.select)).await? {
-                Some(out) => out,
-                None => return Ok(None),
+            if self.status == b'E' {
+                return Ok(Some(vec![frames]));
             }
-        };
-        let mut rows: Vec<Vec<Option<String>>> = Vec::new();
-        for f in frames(&out) {
-            match f[0] {
-                b'E' => {
-                    self.status = b'E';
-                    return Ok(Some(BytesMut::from(f)));
-                }
-                b'D' => rows.push(
-                    crate::exec::merge::fields(f)
-                        .into_iter()
-                        .map(|v| v.map(|b| String::from_utf8_lossy(b).into_owned()))
-                        .collect(),
-                ),
-                _ => {}
-            }
+            parts.push(frames);
         }
+        let out = match (&via.select.merge, merged) {
+            (Some(Ok(spec)), true) => match crate::exec::scatter::merge_select(parts, spec, &[]) {
+                Ok(out) => out,
+                Err(e) => return failed(self, e),
+            },
+            _ => BytesMut::from(&parts.concat().concat()[..]),
+        };
+        let rows: Vec<Vec<Option<String>>> = frames(&out)
+            .filter(|f| f[0] == b'D')
+            .map(|f| {
+                crate::exec::merge::fields(f)
+                    .into_iter()
+                    .map(|v| v.map(|b| String::from_utf8_lossy(b).into_owned()))
+                    .collect()
+            })
+            .collect();
+        // 3.
         let (statement, keys) = match with_rows(via, &rows) {
             Ok(x) => x,
-            Err(e) => return fail(self, PgError::new("XX000", e)),
+            Err(e) => return failed(self, PgError::new("XX000", e)),
         };
         let Some(statement) = statement else {
-            return Ok(Some(BytesMut::from(&checked.concat()[..])));
+            return Ok(Some(vec![checked]));
         };
         let split = crate::router::insert::InsertSplit { statement, keys };
-        let parts = match self.db.router.split_insert(&split, &Default::default()) {
+        let inserts = match self.db.router.split_insert(&split, params) {
             Ok(p) => p,
-            Err(e) => return fail(self, PgError::new(e.sqlstate(), e.to_string())),
+            Err(e) => return failed(self, PgError::new(e.sqlstate(), e.to_string())),
         };
-        let shards: Vec<usize> = parts.iter().map(|(s, _)| *s).collect();
-        let plan = Multi::SplitInsert(parts);
-        Box::pin(self.multi_tx_out(sql, &shards, &plan, a)).await
+        let mut results = Vec::with_capacity(inserts.len());
+        for (s, sql) in inserts {
+            if crate::router::insert::renumber_params(&sql).is_ok_and(|(_, k)| !k.is_empty()) {
+                return failed(
+                    self,
+                    PgError::new(
+                        "0A000",
+                        "an INSERT ... SELECT that pgshard carries out may use parameters in its SELECT only",
+                    ),
+                );
+            }
+            let req = match request(&sql, false) {
+                Ok(r) => r,
+                Err(e) => return failed(self, e),
+            };
+            let Some(frames) = self.run_request_on(s, &req).await? else {
+                return Ok(None);
+            };
+            let error = self.status == b'E';
+            results.push(frames);
+            if error {
+                break;
+            }
+        }
+        Ok(Some(results))
+    }
+
+    /// Runs an extended-protocol request on shard `s`'s participant (joining it): its
+    /// frames, without ParseComplete and BindComplete; the session's status follows. None
+    /// when the connection was lost (the client got that error).
+    async fn run_request_on(
+        &mut self,
+        s: usize,
+        req: &[u8],
+    ) -> Result<Option<Vec<BytesMut>>, SessionError> {
+        if !self.enter_shard(s).await? {
+            // The client got the error.
+            self.status = b'E';
+            return Ok(Some(Vec::new()));
+        }
+        let Some(conn) = self.backend.as_mut() else {
+            return Ok(None);
+        };
+        self.reads.executed = true;
+        match super::multi::send_and_collect(conn, req).await {
+            Ok((mut frames, status)) => {
+                self.deadlock_frames(&mut frames);
+                self.status = if frames.iter().any(|f| f[0] == b'E') {
+                    b'E'
+                } else {
+                    status
+                };
+                Ok(Some(frames))
+            }
+            Err(e) => {
+                self.backend_lost(e.to_string());
+                Ok(None)
+            }
+        }
     }
 }
 

@@ -343,7 +343,7 @@ impl Session {
         use super::cross::Multi;
         use crate::exec::scatter;
         if let Multi::InsertVia(via) = plan {
-            return self.insert_via_out(sql, via, a).await;
+            return self.insert_via_out(via).await;
         }
         let mut results = Vec::with_capacity(shards.len());
         let mut failed = false;
