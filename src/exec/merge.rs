@@ -112,28 +112,56 @@ fn finish_avg(
                 (Some(v), true) => super::numeric::numeric_to_binary(&v),
             };
         }
-        let mut body = BytesMut::new();
-        body.put_u16(values.len() as u16);
-        for v in &values {
-            match v {
-                None => body.put_i32(-1),
-                Some(b) => {
-                    body.put_i32(b.len() as i32);
-                    body.put_slice(b);
-                }
-            }
-        }
-        let mut row = BytesMut::with_capacity(body.len() + 5);
-        protocol::write_msg(&mut row, b'D', &body);
-        out_rows.push(row);
+        out_rows.push(data_row(&values));
     }
     // The RowDescription: avg's type in place of sum's.
-    let mut b = protocol::body(&t).to_vec();
+    let types: Vec<(usize, u32, i16)> = avg
+        .iter()
+        .zip(&kinds)
+        .map(|(&(col, _), &float)| {
+            if float {
+                (col, 701, 8)
+            } else {
+                (col, 1700, -1)
+            }
+        })
+        .collect();
+    Ok((retype(&t, &types), out_rows))
+}
+
+/// A DataRow of these values (None = NULL).
+fn data_row(values: &[Option<Vec<u8>>]) -> BytesMut {
+    let mut body = BytesMut::new();
+    body.put_u16(values.len() as u16);
+    for v in values {
+        match v {
+            None => body.put_i32(-1),
+            Some(b) => {
+                body.put_i32(b.len() as i32);
+                body.put_slice(b);
+            }
+        }
+    }
+    let mut row = BytesMut::with_capacity(body.len() + 5);
+    protocol::write_msg(&mut row, b'D', &body);
+    row
+}
+
+/// A RowDescription with columns given another type: (position, type OID, type length).
+fn retype(t: &[u8], types: &[(usize, u32, i16)]) -> BytesMut {
+    let mut b = protocol::body(t).to_vec();
+    let n = b
+        .get(..2)
+        .map_or(0, |n| u16::from_be_bytes([n[0], n[1]]) as usize);
     let mut pos = 2;
-    for i in 0..cols.len() {
-        let end = pos + b[pos..].iter().position(|&c| c == 0).unwrap_or(0) + 1;
-        if let Some(k) = avg.iter().position(|(c, _)| *c == i) {
-            let (oid, len): (u32, i16) = if kinds[k] { (701, 8) } else { (1700, -1) };
+    for i in 0..n {
+        let Some(end) = b[pos..].iter().position(|&c| c == 0).map(|p| pos + p + 1) else {
+            break;
+        };
+        if end + 18 > b.len() {
+            break;
+        }
+        if let Some(&(_, oid, len)) = types.iter().find(|(c, _, _)| *c == i) {
             b[end + 6..end + 10].copy_from_slice(&oid.to_be_bytes());
             b[end + 10..end + 12].copy_from_slice(&len.to_be_bytes());
             b[end + 12..end + 16].copy_from_slice(&(-1i32).to_be_bytes());
@@ -142,7 +170,40 @@ fn finish_avg(
     }
     let mut desc = BytesMut::new();
     protocol::write_msg(&mut desc, b'T', &b);
-    Ok((desc, out_rows))
+    desc
+}
+
+/// count(DISTINCT x), between the two merges: each row is one distinct x of its group
+/// now, so x becomes a count of 1 (0 for NULL, which count ignores), typed bigint.
+fn distinct_as_counts(
+    t: &[u8],
+    rows: Vec<BytesMut>,
+    roles: &[Column],
+    binary_at: &dyn Fn(usize) -> bool,
+) -> (BytesMut, Vec<BytesMut>) {
+    let at: Vec<usize> = (0..roles.len())
+        .filter(|&i| roles[i] == Column::DistinctCount)
+        .collect();
+    let rows = rows
+        .iter()
+        .map(|r| {
+            let mut values: Vec<Option<Vec<u8>>> =
+                fields(r).iter().map(|x| x.map(<[u8]>::to_vec)).collect();
+            for &i in &at {
+                let one = i64::from(values.get(i).is_some_and(Option::is_some));
+                if let Some(v) = values.get_mut(i) {
+                    *v = Some(if binary_at(i) {
+                        one.to_be_bytes().to_vec()
+                    } else {
+                        one.to_string().into_bytes()
+                    });
+                }
+            }
+            data_row(&values)
+        })
+        .collect();
+    let types: Vec<(usize, u32, i16)> = at.iter().map(|&i| (i, 20, 8)).collect();
+    (retype(t, &types), rows)
 }
 
 /// The fields of a DataRow (None = NULL).
@@ -271,7 +332,9 @@ fn aggregate(
                 for (i, role) in roles.iter().enumerate() {
                     let (oid, bin) = (cols[i].1, binary_at(i));
                     let merged = match (role, acc[i].take(), f[i].clone()) {
-                        (Column::Key, a, _) => a,
+                        // (DistinctCount is a key in the first merge, a count in the
+                        // second: `merge_select`.)
+                        (Column::Key | Column::DistinctCount, a, _) => a,
                         (_, None, b) | (_, b, None) => b,
                         (Column::Count | Column::Sum | Column::Avg, Some(a), Some(b)) => {
                             Some(add(oid, bin, &a, &b)?)
@@ -292,30 +355,7 @@ fn aggregate(
             }
         }
     }
-    Ok(groups
-        .into_iter()
-        .map(|f| {
-            let mut b = BytesMut::new();
-            let len: usize = 4
-                + 2
-                + f.iter()
-                    .map(|x| 4 + x.as_ref().map_or(0, Vec::len))
-                    .sum::<usize>();
-            b.put_u8(b'D');
-            b.put_i32(len as i32);
-            b.put_u16(f.len() as u16);
-            for x in f {
-                match x {
-                    None => b.put_i32(-1),
-                    Some(v) => {
-                        b.put_i32(v.len() as i32);
-                        b.put_slice(&v);
-                    }
-                }
-            }
-            b
-        })
-        .collect())
+    Ok(groups.into_iter().map(|f| data_row(&f)).collect())
 }
 
 fn unmergeable(oid: u32) -> PgError {
@@ -452,7 +492,21 @@ pub fn merge_select(
             .iter()
             .map(|c| if *c == Column::Avg { Column::Sum } else { *c })
             .collect();
-        rows = aggregate(rows, &roles, &cols, &binary_at)?;
+        if roles.contains(&Column::DistinctCount) {
+            // Groups with each distinct x first (x a key), then each row counts once.
+            let with = |to: Column| -> Vec<Column> {
+                roles
+                    .iter()
+                    .map(|c| if *c == Column::DistinctCount { to } else { *c })
+                    .collect()
+            };
+            rows = aggregate(rows, &with(Column::Key), &cols, &binary_at)?;
+            (t, rows) = distinct_as_counts(&t, rows, &roles, &binary_at);
+            cols = columns(&t);
+            rows = aggregate(rows, &with(Column::Count), &cols, &binary_at)?;
+        } else {
+            rows = aggregate(rows, &roles, &cols, &binary_at)?;
+        }
     }
     if !spec.avg.is_empty() {
         (t, rows) = finish_avg(t, rows, &spec.avg, &cols, &binary_at)?;

@@ -120,6 +120,26 @@ pub(crate) fn has_window(e: &Expr) -> bool {
     calls(e, &|f| f.over.is_some())
 }
 
+/// The argument of `count(DISTINCT x)` (no FILTER, ORDER BY or window).
+pub(super) fn count_distinct_arg(e: &Expr) -> Option<&Expr> {
+    use sqlparser::ast::{DuplicateTreatment, FunctionArg, FunctionArgExpr, FunctionArguments};
+    let Expr::Function(f) = e else { return None };
+    if f.over.is_some() || f.filter.is_some() || name_of(&f.name).as_deref() != Some("count") {
+        return None;
+    }
+    let FunctionArguments::List(l) = &f.args else {
+        return None;
+    };
+    if !matches!(l.duplicate_treatment, Some(DuplicateTreatment::Distinct)) || !l.clauses.is_empty()
+    {
+        return None;
+    }
+    match l.args.as_slice() {
+        [FunctionArg::Unnamed(FunctionArgExpr::Expr(arg))] => Some(arg),
+        _ => None,
+    }
+}
+
 /// `count(DISTINCT k)` where `k` is the shard key of a sharded table `sel` reads: each
 /// distinct value lives on one shard, so the shards' counts add up.
 pub(super) fn counts_distinct_keys(
@@ -127,21 +147,8 @@ pub(super) fn counts_distinct_keys(
     sel: &sqlparser::ast::Select,
     rules: &crate::router::Rules,
 ) -> bool {
-    use sqlparser::ast::{DuplicateTreatment, FunctionArg, FunctionArgExpr, FunctionArguments};
-    let Expr::Function(f) = e else { return false };
-    if f.over.is_some() || f.filter.is_some() || name_of(&f.name).as_deref() != Some("count") {
-        return false;
-    }
-    let FunctionArguments::List(l) = &f.args else {
-        return false;
-    };
-    matches!(l.duplicate_treatment, Some(DuplicateTreatment::Distinct))
-        && l.clauses.is_empty()
-        && matches!(
-            l.args.as_slice(),
-            [FunctionArg::Unnamed(FunctionArgExpr::Expr(arg))]
-                if crate::router::colocation::is_shard_key(sel, arg, rules)
-        )
+    count_distinct_arg(e)
+        .is_some_and(|arg| crate::router::colocation::is_shard_key(sel, arg, rules))
 }
 
 /// Aggregate functions (a call without OVER aggregates rows).

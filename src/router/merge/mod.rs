@@ -9,7 +9,7 @@ use sqlparser::ast::{Expr, Query, Select, SetExpr, Value};
 mod aggregate;
 mod spec;
 
-use aggregate::{counts_distinct_keys, having, top_aggregate};
+use aggregate::{count_distinct_arg, counts_distinct_keys, having, top_aggregate};
 pub(crate) use aggregate::{has_aggregate, has_plain_aggregate, has_window, windows_by_key};
 pub use spec::*;
 
@@ -26,13 +26,44 @@ pub(super) fn merge_spec(q: &Query, rules: &Rules) -> Result<MergeSpec, String> 
 }
 
 /// The statement each shard runs: the client's, with `LIMIT offset+limit` and no OFFSET
-/// when an OFFSET must be applied after merging. None when the client's text serves.
+/// when an OFFSET must be applied after merging, and no LIMIT (nor ORDER BY) when groups
+/// are merged. None when the client's text serves.
 pub(super) fn shard_statement(q: &Query, spec: &MergeSpec) -> Option<String> {
-    if spec.offset == 0 && spec.hidden.is_empty() && spec.having.is_none() && spec.avg.is_empty() {
+    // Groups merged over shards: a shard's top groups are not the top groups once their
+    // totals are added up, so every shard returns every group.
+    let all_groups = spec.aggregates.is_some() && q.limit_clause.is_some();
+    if spec.offset == 0
+        && spec.hidden.is_empty()
+        && spec.having.is_none()
+        && spec.avg.is_empty()
+        && spec.distinct_arg.is_none()
+        && !all_groups
+    {
         return None;
     }
     let mut q = q.clone();
     if let SetExpr::Select(sel) = &mut *q.body {
+        // count(DISTINCT x): x itself, under the name the count would have had, and the
+        // rows grouped by it too.
+        if let Some(arg) = &spec.distinct_arg {
+            let roles = spec.aggregates.as_deref().unwrap_or_default();
+            for (i, item) in sel.projection.iter_mut().enumerate() {
+                if roles.get(i) != Some(&Column::DistinctCount) {
+                    continue;
+                }
+                let alias = match item {
+                    sqlparser::ast::SelectItem::ExprWithAlias { alias, .. } => alias.clone(),
+                    _ => sqlparser::ast::Ident::new("count"),
+                };
+                *item = sqlparser::ast::SelectItem::ExprWithAlias {
+                    expr: (**arg).clone(),
+                    alias,
+                };
+            }
+            if let sqlparser::ast::GroupByExpr::Expressions(g, _) = &mut sel.group_by {
+                g.push((**arg).clone());
+            }
+        }
         // Every group comes back: HAVING applies to the merged totals.
         sel.having = None;
         // avg(x) becomes sum(x), under the name avg(x) would have had.
@@ -61,6 +92,11 @@ pub(super) fn shard_statement(q: &Query, spec: &MergeSpec) -> Option<String> {
                     alias: sqlparser::ast::Ident::with_quote('"', format!("__pgshard_sort_{k}")),
                 });
         }
+    }
+    if spec.aggregates.is_some() {
+        q.limit_clause = None;
+        q.order_by = None;
+        return Some(q.to_string());
     }
     if spec.offset == 0 {
         return Some(q.to_string());
@@ -119,6 +155,7 @@ fn plan(q: &Query, rules: &Rules) -> Result<MergeSpec, String> {
     let whole_groups = union_all.is_none() && super::nested::groups_by_key(sel, rules);
     let mut any_aggregate = false;
     let mut windows = false;
+    let mut distinct_arg: Option<Expr> = None;
     // Hidden aggregate columns: avg's counts, then HAVING's aggregates.
     let mut extra: Vec<(Expr, Column)> = Vec::new();
     let mut avg = Vec::new();
@@ -150,6 +187,15 @@ fn plan(q: &Query, rules: &Rules) -> Result<MergeSpec, String> {
             Some(Err(_)) if counts_distinct_keys(e, sel, rules) => {
                 any_aggregate = true;
                 Column::Count
+            }
+            Some(Err(_)) if count_distinct_arg(e).is_some() => {
+                let arg = count_distinct_arg(e).expect("checked");
+                if distinct_arg.as_ref().is_some_and(|a: &Expr| a != arg) {
+                    return unsupported("count(DISTINCT ...) of two different expressions");
+                }
+                distinct_arg = Some(arg.clone());
+                any_aggregate = true;
+                Column::DistinctCount
             }
             Some(Ok(c)) => {
                 any_aggregate = true;
@@ -207,6 +253,10 @@ fn plan(q: &Query, rules: &Rules) -> Result<MergeSpec, String> {
             spec.hidden.push(e);
             columns.push(c);
         }
+        if distinct_arg.is_some() && (!spec.avg.is_empty() || spec.having.is_some()) {
+            return unsupported("count(DISTINCT ...) with avg or HAVING");
+        }
+        spec.distinct_arg = distinct_arg.map(Box::new);
         spec.aggregates = Some(columns);
     } else if sel.having.is_some() {
         return unsupported("HAVING without aggregates");

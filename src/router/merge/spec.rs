@@ -25,6 +25,9 @@ pub struct MergeSpec {
     /// avg columns: (output position, position of their hidden count column). Shards
     /// return the sum in the avg's place; pgshard divides after merging.
     pub avg: Vec<(usize, usize)>,
+    /// The argument of the query's count(DISTINCT ...) columns ([`Column::DistinctCount`]):
+    /// each shard returns it in their place and groups by it as well.
+    pub distinct_arg: Option<Box<Expr>>,
 }
 
 /// A HAVING condition pgshard evaluates: comparisons of aggregate columns with numbers,
@@ -145,6 +148,10 @@ pub enum Column {
     Avg,
     Min,
     Max,
+    /// count(DISTINCT x) of a column that is not a shard key: shards return x here,
+    /// grouped by it too (`MergeSpec::distinct_arg`); pgshard merges the groups with x,
+    /// then counts the non-null x per group.
+    DistinctCount,
 }
 
 /// One ORDER BY key, by output column.

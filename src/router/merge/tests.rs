@@ -30,9 +30,35 @@ fn groups_of_one_shard_and_distinct_keys() {
         let a = spec.aggregates.unwrap();
         assert_eq!(a.last(), Some(&Column::Count), "{sql}");
     }
+    // count(DISTINCT x) of another column: shards return x, grouped by it too.
+    let a = analyze(
+        "SELECT total, count(DISTINCT name) AS n, count(*) FROM users u JOIN orders o ON o.user_id = u.id GROUP BY total",
+        &rules(),
+    )
+    .unwrap();
+    let spec = a.merge.unwrap().unwrap();
+    assert_eq!(
+        spec.aggregates,
+        Some(vec![Column::Key, Column::DistinctCount, Column::Count])
+    );
+    assert_eq!(
+        a.shard_sql.as_deref(),
+        Some(
+            "SELECT total, name AS n, count(*) FROM users u JOIN orders o ON o.user_id = u.id GROUP BY total, name"
+        )
+    );
+    assert_eq!(
+        analyze("SELECT count(DISTINCT name) FROM users", &rules())
+            .unwrap()
+            .shard_sql
+            .as_deref(),
+        Some("SELECT name AS count FROM users GROUP BY name")
+    );
     for sql in [
-        "SELECT count(DISTINCT name) FROM users",
-        "SELECT count(DISTINCT o.total) FROM users u JOIN orders o ON o.user_id = u.id",
+        "SELECT count(DISTINCT name), count(DISTINCT score) FROM users",
+        "SELECT count(DISTINCT name), avg(score) FROM users",
+        "SELECT id, count(DISTINCT name) FROM orders GROUP BY id HAVING count(*) > 1",
+        "SELECT count(DISTINCT name) FILTER (WHERE id > 3) FROM users",
         "SELECT sum(DISTINCT user_id) FROM orders",
         "SELECT id, rank() OVER (ORDER BY count(*)) FROM users GROUP BY id",
         "SELECT id FROM users GROUP BY id ORDER BY rank() OVER (ORDER BY id)",
@@ -106,6 +132,7 @@ fn merge_specs() {
             distinct_on: Vec::new(),
             having: None,
             avg: Vec::new(),
+            distinct_arg: None,
         }
     );
     let a = analyze("SELECT id, avg(total) FROM orders GROUP BY id", &rules()).unwrap();
@@ -216,7 +243,6 @@ fn merge_specs() {
     );
     for bad in [
         "SELECT avg(DISTINCT id) FROM users",
-        "SELECT count(DISTINCT name) FROM users",
         "SELECT id, sum(total) FROM orders GROUP BY id HAVING sum(total) > max(id)",
         "SELECT sum(total) FROM orders GROUP BY user_id + 1",
         "SELECT count(*)::int FROM users",
