@@ -181,6 +181,33 @@ fn corpus() -> Vec<String> {
         ));
     }
     q.push("SELECT user_id, count(*) FROM orders GROUP BY user_id HAVING count(*) > 2".into());
+    for m in [2, 3, 5, 7] {
+        // Merged groups ranked by their totals: every shard returns every group.
+        q.push(format!(
+            "SELECT user_id % {m} AS g, count(*) FROM orders GROUP BY g ORDER BY 2 DESC, g LIMIT 2"
+        ));
+        q.push(format!(
+            "SELECT qty % {m} AS g, sum(total), max(id) FROM orders GROUP BY g ORDER BY sum(total) DESC LIMIT 1"
+        ));
+        // count(DISTINCT) of a non-key column, beside other aggregates.
+        q.push(format!(
+            "SELECT user_id % {m} AS g, count(DISTINCT qty), count(*), sum(total) FROM orders GROUP BY g ORDER BY g"
+        ));
+        q.push(format!(
+            "SELECT qty, count(DISTINCT user_id % {m}) AS n FROM orders GROUP BY qty ORDER BY n DESC, qty LIMIT 3"
+        ));
+    }
+    // count(DISTINCT) of a key (added up) and of other columns (gathered, then counted).
+    q.push("SELECT count(DISTINCT tag), count(*) FROM tags".into());
+    q.push("SELECT count(DISTINCT user_id) FROM tags".into());
+    q.push("SELECT count(DISTINCT name) FROM users WHERE id % 3 = 0".into());
+    q.push("SELECT count(DISTINCT kind) FROM ev".into());
+    // Grouped by the key: whole groups on each shard, any aggregate.
+    q.push("SELECT user_id, string_agg(id::text, ',' ORDER BY id), avg(total), count(DISTINCT qty) FROM orders GROUP BY user_id ORDER BY user_id LIMIT 20".into());
+    q.push("SELECT user_id, sum(total) AS s FROM orders GROUP BY user_id HAVING count(*) > 1 ORDER BY s DESC, user_id LIMIT 7".into());
+    // Windows partitioned by the key.
+    q.push("SELECT user_id, id, row_number() OVER (PARTITION BY user_id ORDER BY total DESC, id) FROM orders ORDER BY user_id, id".into());
+    q.push("SELECT user_id, id FROM (SELECT user_id, id, rank() OVER (PARTITION BY user_id ORDER BY qty DESC, id) AS r FROM orders) t WHERE r = 1 ORDER BY id LIMIT 25".into());
     // avg: PostgreSQL's result type and scale (numeric division; float8 for floats).
     q.push("SELECT avg(score), avg(id) FROM users WHERE id = 7".into());
     q.push("SELECT avg(total), avg(qty) FROM orders WHERE user_id = 7".into());
