@@ -120,9 +120,29 @@ impl Inner {
     fn close(&self, conn: BackendConn, why: CloseReason) {
         self.open.fetch_sub(1, Ordering::Relaxed);
         self.stats.closed[why as usize].fetch_add(1, Ordering::Relaxed);
-        if !conn.broken {
-            // Terminate, so the server does not log an unexpected EOF; best effort.
-            let _ = conn.writer.try_write(&[b'X', 0, 0, 0, 4]);
+        if conn.broken {
+            return;
+        }
+        // Terminate, so the server does not log an unexpected EOF; best effort.
+        const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
+        match conn.writer {
+            // Through TLS the bytes must go through the session, and its close_notify
+            // after them: a short task of its own, not waited for.
+            crate::net::ServerWrite::Tls(mut w) => {
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move {
+                        use tokio::io::AsyncWriteExt;
+                        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                            w.write_all(&TERMINATE).await?;
+                            w.shutdown().await
+                        })
+                        .await;
+                    });
+                }
+            }
+            w => {
+                let _ = w.try_write(&TERMINATE);
+            }
         }
     }
 

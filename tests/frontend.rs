@@ -689,6 +689,51 @@ async fn tls_to_the_servers() {
     let (addr, server) = proxy(&full);
     assert_eq!(server_ssl(addr).await, Ok(true));
     until_checked(&server).await;
+    // Pool connections closed (here idle past idle_timeout_ms) end with a Terminate and
+    // TLS's close_notify: the server logs no broken connection.
+    let log = c.root.join("shard0-primary.log");
+    let broken = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("unexpected eof") || l.contains("could not receive data"))
+            .count()
+    };
+    let before = broken();
+    let idle = format!(
+        "server_tls: {full}\n{}",
+        c.config_yaml("127.0.0.1:0", "transaction", 4)
+    )
+    .replace(
+        "checkout_timeout_ms: 5000 }",
+        "checkout_timeout_ms: 5000, idle_timeout_ms: 200 }",
+    )
+    .replace(
+        "    default_shard: 0\n",
+        "    default_shard: 0\n    failover: { enabled: false }\n",
+    );
+    let (idle_addr, idle_server) =
+        start_proxy_server(pgshard::config::Config::from_yaml(&idle).unwrap());
+    assert_eq!(server_ssl(idle_addr).await, Ok(true));
+    let open = || {
+        sample(
+            &pgshard::admin::metrics::render(&idle_server),
+            "pgshard_pool_connections",
+            &["state=\"idle\""],
+        )
+    };
+    let start = std::time::Instant::now();
+    while open() > 0.0 && start.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(open(), 0.0, "the idle connection was not closed");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        broken(),
+        before,
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
     // prefer (the default) encrypts when the server offers it; disable does not.
     assert_eq!(server_ssl(proxy("{}").0).await, Ok(true));
     assert_eq!(server_ssl(proxy("{ mode: disable }").0).await, Ok(false));

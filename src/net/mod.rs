@@ -157,8 +157,7 @@ pub enum ServerWrite {
 
 impl ServerWrite {
     /// Writes what the socket takes now, without waiting. Not on TLS, where bytes must
-    /// go through the session (the server then sees the connection close without a
-    /// Terminate).
+    /// go through the session (the pool's close writes its Terminate from a task).
     pub fn try_write(&self, data: &[u8]) -> io::Result<usize> {
         match self {
             ServerWrite::Tcp(w) => w.try_write(data),
