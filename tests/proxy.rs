@@ -294,7 +294,7 @@ async fn listen_notify_in_transaction_mode() {
     // A pool of two server connections: one for the listening client's transaction below,
     // one for the other client; a LISTEN that held one would starve the other client.
     let addr = start_proxy_yaml(&base_yaml("transaction", 2));
-    let (l, mut rx) = listening_client(addr).await;
+    let (mut l, mut rx) = listening_client(addr).await;
     l.batch_execute("LISTEN tx_jobs").await.unwrap();
     l.batch_execute("LISTEN \"Mixed Chan\"").await.unwrap();
     let other = connect(addr).await;
@@ -322,14 +322,48 @@ async fn listen_notify_in_transaction_mode() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(rx.try_recv().is_err(), "delivered inside a transaction");
-    // LISTEN inside a transaction block is refused (it would take effect at COMMIT).
-    let e = l.batch_execute("LISTEN later").await.unwrap_err();
-    assert_eq!(sqlstate(&e), "0A000");
+    // LISTEN inside a transaction block takes effect at COMMIT, as in PostgreSQL: not
+    // after ROLLBACK.
+    l.batch_execute("LISTEN later").await.unwrap();
     l.batch_execute("ROLLBACK").await.unwrap();
     assert_eq!(
         next_notification(&mut rx).await,
         ("tx_jobs".into(), "three".into())
     );
+    other.batch_execute("NOTIFY later, 'lost'").await.unwrap();
+    // In a transaction that commits (on a server, and answered by pgshard when it touched
+    // no server; simple and extended protocol), from the COMMIT on.
+    l.batch_execute("BEGIN").await.unwrap();
+    l.batch_execute("LISTEN later").await.unwrap();
+    l.batch_execute("SELECT 1").await.unwrap();
+    other.batch_execute("NOTIFY later, 'early'").await.unwrap();
+    l.batch_execute("COMMIT").await.unwrap();
+    other.batch_execute("NOTIFY later, 'one'").await.unwrap();
+    assert_eq!(
+        next_notification(&mut rx).await,
+        ("later".into(), "one".into())
+    );
+    l.batch_execute("BEGIN; UNLISTEN later").await.unwrap_err();
+    l.batch_execute("ROLLBACK").await.unwrap();
+    let tx = l.transaction().await.unwrap();
+    tx.execute("UNLISTEN later", &[]).await.unwrap();
+    tx.execute("LISTEN later_too", &[]).await.unwrap();
+    tx.commit().await.unwrap();
+    other
+        .batch_execute("NOTIFY later, 'gone'; NOTIFY later_too, 'two'")
+        .await
+        .unwrap();
+    assert_eq!(
+        next_notification(&mut rx).await,
+        ("later_too".into(), "two".into())
+    );
+    // After an error in the block: 25P02, and nothing at the end.
+    l.batch_execute("BEGIN").await.unwrap();
+    l.batch_execute("SELECT 1/0").await.unwrap_err();
+    let e = l.batch_execute("LISTEN never").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "25P02");
+    l.batch_execute("COMMIT").await.unwrap();
+    l.batch_execute("UNLISTEN later_too").await.unwrap();
     // UNLISTEN stops one channel; the other still arrives.
     l.batch_execute("UNLISTEN tx_jobs").await.unwrap();
     other.batch_execute("NOTIFY tx_jobs, 'four'").await.unwrap();

@@ -284,6 +284,7 @@ impl Session {
         } else {
             self.route.deferred_begin = None;
             self.status = b'I';
+            self.listen_ext.ended(Some(tag == "COMMIT"));
         }
         Ok(true)
     }

@@ -33,6 +33,9 @@ impl Session {
 
     /// Writes what is pending towards the client.
     pub(super) async fn flush_client(&mut self) -> Result<(), SessionError> {
+        if self.listen_ext.due {
+            self.apply_committed_listens().await;
+        }
         if !self.cout.is_empty() {
             write_draining(
                 &mut self.writer,

@@ -10,9 +10,43 @@ use super::*;
 pub(super) struct ListenStatements {
     stmts: HashMap<Bytes, String>,
     portals: HashMap<Bytes, String>,
+    /// LISTEN (true) and UNLISTEN (false) run inside the open transaction block: they take
+    /// effect when it commits, as in PostgreSQL (None: UNLISTEN *).
+    pending: Vec<(bool, Option<String>)>,
+    /// The transaction block with `pending` saw COMMIT's tag (not ROLLBACK's).
+    committed: bool,
+    /// It committed: `pending` is applied before the client hears of it.
+    pub(super) due: bool,
 }
 
 impl ListenStatements {
+    /// A CommandComplete of the transaction block that has LISTENs pending.
+    pub(super) fn saw_tag(&mut self, frame: &[u8]) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let tag = frame.get(5..).unwrap_or_default();
+        if tag.starts_with(b"COMMIT") {
+            self.committed = true;
+        } else if tag.starts_with(b"ROLLBACK") {
+            self.committed = false;
+        }
+    }
+
+    /// The transaction block ended, committed or not (with `committed` from its tags when
+    /// None).
+    pub(super) fn ended(&mut self, committed: Option<bool>) {
+        if self.pending.is_empty() {
+            return;
+        }
+        if committed.unwrap_or(self.committed) {
+            self.due = true;
+        } else {
+            self.pending.clear();
+        }
+        self.committed = false;
+    }
+
     pub(super) fn is_empty(&self) -> bool {
         self.stmts.is_empty() && self.portals.is_empty()
     }
@@ -65,14 +99,12 @@ impl Session {
         } else {
             "UNLISTEN"
         };
-        if self.status != b'I' || self.route.deferred_begin.is_some() {
+        let in_block = self.status != b'I' || self.route.deferred_begin.is_some();
+        if self.status == b'E' {
             return Err(PgError::new(
-                "0A000",
-                format!(
-                    "{verb} inside a transaction block is not supported in transaction pooling mode"
-                ),
-            )
-            .with_hint("Send it outside a transaction (in autocommit mode)."));
+                "25P02",
+                "current transaction is aborted, commands ignored until end of transaction block",
+            ));
         }
         let Some(channel) = crate::frontend::listen::channel_of(st) else {
             return Err(PgError::new(
@@ -83,8 +115,22 @@ impl Session {
                 ),
             ));
         };
+        if verb == "LISTEN" && self.listen.is_none() && self.ops.is_none() {
+            return Err(PgError::new("0A000", "LISTEN is not available here"));
+        }
+        if in_block {
+            // As PostgreSQL: it takes effect at COMMIT, and not at all after ROLLBACK.
+            self.listen_ext.pending.push((verb == "LISTEN", channel));
+            return Ok(verb);
+        }
+        self.listen_now(verb == "LISTEN", channel).await?;
+        Ok(verb)
+    }
+
+    /// Subscribes (`listen`) or unsubscribes the session now.
+    async fn listen_now(&mut self, listen: bool, channel: Option<String>) -> Result<(), PgError> {
         match channel {
-            Some(channel) if verb == "LISTEN" => {
+            Some(channel) if listen => {
                 if self.listen.is_none() {
                     let Some(ops) = &self.ops else {
                         return Err(PgError::new("0A000", "LISTEN is not available here"));
@@ -103,7 +149,22 @@ impl Session {
                 }
             }
         }
-        Ok(verb)
+        Ok(())
+    }
+
+    /// The LISTEN and UNLISTEN of a transaction block that committed, before the client
+    /// hears of the COMMIT: notifications committed after it reach the client. A failure
+    /// (the listener connection down) cannot undo the COMMIT: the client gets a warning.
+    pub(super) async fn apply_committed_listens(&mut self) {
+        self.listen_ext.due = false;
+        for (listen, channel) in std::mem::take(&mut self.listen_ext.pending) {
+            if let Err(e) = self.listen_now(listen, channel).await {
+                tracing::warn!(error = %e.message, "LISTEN at COMMIT failed");
+                let mut w = PgError::new(e.code, e.message);
+                w.severity = "WARNING";
+                w.write_notice(&mut self.cout);
+            }
+        }
     }
 
     /// A Parse of LISTEN or UNLISTEN (transaction mode): kept here, never on a server.

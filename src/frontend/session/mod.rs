@@ -655,6 +655,8 @@ impl Session {
             if tag == b'E' {
                 let code = crate::metrics::sqlstate_of(frame).unwrap_or("XX000");
                 self.db.shards[self.shard].stats.error(code);
+            } else if tag == b'C' {
+                self.listen_ext.saw_tag(frame);
             }
             let event = self.relay.on_frame(frame, &mut self.cout);
             b.rbuf.advance(n);
@@ -672,6 +674,7 @@ impl Session {
                     if s == b'I' {
                         self.route.movable_begin = None;
                         self.transaction_over();
+                        self.listen_ext.ended(None);
                     }
                 }
                 // A batch's part on one shard ended; the client's batch goes on.

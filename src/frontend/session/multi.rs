@@ -253,6 +253,7 @@ impl Session {
         };
         drop(parts);
         self.multi.txn = None;
+        self.listen_ext.ended(Some(matches!(out, Ok("COMMIT"))));
         self.status = b'I';
         self.multi.begin = None;
         self.multi.replay.clear();

@@ -606,6 +606,7 @@ impl Session {
                     || first.starts_with("abort");
                 self.route.deferred_begin = None;
                 answer(self, if rollback { "ROLLBACK" } else { "COMMIT" }, b'I');
+                self.listen_ext.ended(Some(!rollback));
                 true
             }
             (_, true) if self.status == b'E' => {
