@@ -187,9 +187,7 @@ impl Registration {
             .write(&mut out);
         Some(out)
     }
-}
 
-impl Registration {
     /// [`Registration::deadlock_error`] over a statement's frames, in place.
     pub fn rewrite(&self, frames: &mut [BytesMut]) {
         for f in frames.iter_mut().filter(|f| f[0] == b'E') {

@@ -187,6 +187,7 @@ pub async fn run_each_all_or_none(
             .collect(),
     );
     let tag = txn.tag_sql();
+    let marked = db.config.deadlock_detection_ms > 0;
     let mut results = Vec::with_capacity(conns.len());
     for ((_, c), (_, sql)) in conns.iter_mut().zip(per_shard) {
         let mut out = BytesMut::new();
@@ -198,13 +199,17 @@ pub async fn run_each_all_or_none(
             out.clear();
         }
         protocol::write_query(&mut out, "BEGIN");
-        protocol::write_query(&mut out, &tag);
+        if marked {
+            protocol::write_query(&mut out, &tag);
+        }
         protocol::write_query(&mut out, sql);
         c.send(&out).await.map_err(lost)?;
     }
     for (_, c) in conns.iter_mut() {
         c.read_until_ready().await.map_err(lost)?; // BEGIN
-        c.read_until_ready().await.map_err(lost)?; // the mark
+        if marked {
+            c.read_until_ready().await.map_err(lost)?;
+        }
         let mut frames = c.read_until_ready().await.map_err(lost)?;
         txn.rewrite(&mut frames);
         results.push(frames);

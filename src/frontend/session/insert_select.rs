@@ -131,6 +131,17 @@ impl Session {
             Err(e) => return failed(self, PgError::new(e.sqlstate(), e.to_string())),
         };
         let merged = read.len() > 1;
+        if merged && via.select.one_shard {
+            return failed(
+                self,
+                PgError::new(
+                    "0A000",
+                    format!(
+                        "this SELECT needs shards {read:?}, and a subquery in it aggregates, groups or limits rows of one shard: it can run on one shard only"
+                    ),
+                ),
+            );
+        }
         let select_sql = match (&via.select.merge, merged) {
             (_, false) => via.select_sql.as_str(),
             (Some(Ok(_)), true) => via.select.shard_sql.as_deref().unwrap_or(&via.select_sql),

@@ -164,6 +164,10 @@ impl Session {
         };
         let tag = r.tag_sql();
         self.multi.txn = Some(r);
+        // Marks are for the detectors; without detection they would only cost a round trip.
+        if self.db.config.deadlock_detection_ms == 0 {
+            return;
+        }
         if first {
             for (s, b) in self.multi.parked.iter_mut() {
                 // Without the mark, only this process's detector can find cycles through
