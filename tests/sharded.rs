@@ -566,6 +566,8 @@ async fn insert_select_matches_plain_postgres() {
 
 #[tokio::test]
 async fn writes_and_transactions_over_shards() {
+    // On split_t, whose rows other tests read only by key ranges: users' rows are compared
+    // whole by concurrent tests.
     let addr = setup().await;
     let mut c = connect(addr).await;
     let a = 1001i64;
@@ -574,15 +576,18 @@ async fn writes_and_transactions_over_shards() {
         .unwrap();
     // A transaction over both shards: ROLLBACK undoes the work on both.
     let tx = c.transaction().await.unwrap();
-    tx.execute("INSERT INTO users (id, name) VALUES ($1, 'a')", &[&a])
+    tx.execute("INSERT INTO split_t (id, name) VALUES ($1, 'a')", &[&a])
         .await
         .unwrap();
-    tx.execute("INSERT INTO users (id, name) VALUES ($1, 'b')", &[&b])
+    tx.execute("INSERT INTO split_t (id, name) VALUES ($1, 'b')", &[&b])
         .await
         .unwrap();
     tx.rollback().await.unwrap();
     let n: i64 = c
-        .query_one("SELECT count(*) FROM users WHERE id IN ($1, $2)", &[&a, &b])
+        .query_one(
+            "SELECT count(*) FROM split_t WHERE id IN ($1, $2)",
+            &[&a, &b],
+        )
         .await
         .unwrap()
         .get(0);
@@ -590,15 +595,15 @@ async fn writes_and_transactions_over_shards() {
     // Committed single-shard transactions work, on either shard.
     for k in [a, b] {
         let tx = c.transaction().await.unwrap();
-        tx.execute("INSERT INTO users (id, name) VALUES ($1, 'x')", &[&k])
+        tx.execute("INSERT INTO split_t (id, name) VALUES ($1, 'x')", &[&k])
             .await
             .unwrap();
-        tx.execute("UPDATE users SET name = 'y' WHERE id = $1", &[&k])
+        tx.execute("UPDATE split_t SET name = 'y' WHERE id = $1", &[&k])
             .await
             .unwrap();
         tx.commit().await.unwrap();
         let n: String = c
-            .query_one("SELECT name FROM users WHERE id = $1", &[&k])
+            .query_one("SELECT name FROM split_t WHERE id = $1", &[&k])
             .await
             .unwrap()
             .get(0);
@@ -606,22 +611,22 @@ async fn writes_and_transactions_over_shards() {
     }
     // Moving a row to another shard through its key is refused; staying is fine.
     let e = c
-        .batch_execute(&format!("UPDATE users SET id = {b} WHERE id = {a}"))
+        .batch_execute(&format!("UPDATE split_t SET id = {b} WHERE id = {a}"))
         .await
         .unwrap_err();
     assert_eq!(sqlstate(&e), "0A000");
-    c.batch_execute(&format!("UPDATE users SET id = {a} WHERE id = {a}"))
+    c.batch_execute(&format!("UPDATE split_t SET id = {a} WHERE id = {a}"))
         .await
         .unwrap();
-    c.batch_execute(&format!("DELETE FROM users WHERE id IN ({a})"))
+    c.batch_execute(&format!("DELETE FROM split_t WHERE id IN ({a})"))
         .await
         .unwrap();
-    c.batch_execute(&format!("DELETE FROM users WHERE id = {b}"))
+    c.batch_execute(&format!("DELETE FROM split_t WHERE id = {b}"))
         .await
         .unwrap();
     // A write without a key would touch every shard: refused until 2PC.
     let e = c
-        .batch_execute("UPDATE users SET name = name")
+        .batch_execute("UPDATE split_t SET name = name")
         .await
         .unwrap_err();
     assert_eq!(sqlstate(&e), "0A000");

@@ -927,13 +927,19 @@ async fn crashes_of_pgshard_and_of_a_shard_leave_all_or_nothing() {
     }
 }
 
-/// Two transactions that each lock a row on one shard, then wait for the other's row on
-/// the other shard: a deadlock no server sees. pgshard's detector cancels the younger
-/// one's wait and its client gets 40P01; the older one goes on and commits.
-async fn deadlock_across_shards(addr: SocketAddr, server: &pgshard::frontend::Server) {
+/// Two transactions, through `older_at` and `younger_at`, that each lock a row on one
+/// shard, then wait for the other's row on the other shard: a deadlock no server sees.
+/// The younger one's wait is cancelled and its client gets 40P01 (asked in the extended
+/// protocol when `extended`; the older one waits in the simple protocol); the older one
+/// goes on and commits. The error the younger one got.
+async fn deadlock_between(
+    older_at: SocketAddr,
+    younger_at: SocketAddr,
+    extended: bool,
+) -> tokio_postgres::error::DbError {
     let (a, b) = keys();
-    let older = connect(addr).await;
-    let younger = connect(addr).await;
+    let older = connect(older_at).await;
+    let younger = connect(younger_at).await;
     let bump = |k: i64| format!("UPDATE tp_accounts SET balance = balance + 1 WHERE id = {k}");
     older
         .batch_execute(&format!("BEGIN; {}", bump(a)))
@@ -943,7 +949,7 @@ async fn deadlock_across_shards(addr: SocketAddr, server: &pgshard::frontend::Se
         .batch_execute(&format!("BEGIN; {}", bump(b)))
         .await
         .unwrap();
-    let before = balances(&connect(addr).await).await;
+    let before = balances(&connect(older_at).await).await;
     // The older transaction spans both shards first, and waits for the younger's row.
     let waiting = tokio::spawn({
         let sql = bump(b);
@@ -955,15 +961,18 @@ async fn deadlock_across_shards(addr: SocketAddr, server: &pgshard::frontend::Se
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!waiting.is_finished());
     let started = Instant::now();
-    // The extended protocol this time (the older one waits in the simple protocol).
-    let e = tokio::time::timeout(Duration::from_secs(30), younger.execute(&bump(a), &[]))
+    let last = async {
+        if extended {
+            younger.execute(&bump(a), &[]).await.map(|_| ())
+        } else {
+            younger.batch_execute(&bump(a)).await
+        }
+    };
+    let e = tokio::time::timeout(Duration::from_secs(30), last)
         .await
         .expect("the deadlock was not broken within 30 s")
         .unwrap_err();
     assert_eq!(sqlstate(&e), "40P01", "{e}");
-    let db = e.as_db_error().unwrap();
-    assert_eq!(db.message(), "deadlock detected");
-    assert!(db.detail().unwrap().contains("shards [0, 1]"), "{db:?}");
     younger.batch_execute("ROLLBACK").await.unwrap();
     let (older, r) = tokio::time::timeout(Duration::from_secs(10), waiting)
         .await
@@ -973,9 +982,17 @@ async fn deadlock_across_shards(addr: SocketAddr, server: &pgshard::frontend::Se
     older.batch_execute("COMMIT").await.unwrap();
     eprintln!("deadlock across shards broken in {:?}", started.elapsed());
     assert_eq!(
-        balances(&connect(addr).await).await,
+        balances(&connect(older_at).await).await,
         (before.0 + 1, before.1 + 1)
     );
+    e.as_db_error().unwrap().clone()
+}
+
+/// Both clients through one pgshard: its detector breaks the cycle.
+async fn deadlock_across_shards(addr: SocketAddr, server: &pgshard::frontend::Server) {
+    let db = deadlock_between(addr, addr, true).await;
+    assert_eq!(db.message(), "deadlock detected");
+    assert!(db.detail().unwrap().contains("shards [0, 1]"), "{db:?}");
     let metrics = pgshard::admin::metrics::render(server);
     assert_eq!(sample(&metrics, "pgshard_deadlocks_total", &[]), 1.0);
 }
@@ -1053,73 +1070,9 @@ async fn deadlock_across_two_pgshard_processes(
     };
     let before_here = broken();
     let other = serve(c, None);
-    let (a, b) = keys();
-    let older = connect(first_addr).await;
-    let younger = connect(other.addr).await;
-    let bump = |k: i64| format!("UPDATE tp_accounts SET balance = balance + 1 WHERE id = {k}");
-    older
-        .batch_execute(&format!("BEGIN; {}", bump(a)))
-        .await
-        .unwrap();
-    younger
-        .batch_execute(&format!("BEGIN; {}", bump(b)))
-        .await
-        .unwrap();
-    let waiting = tokio::spawn({
-        let sql = bump(b);
-        async move {
-            let r = older.batch_execute(&sql).await;
-            (older, r)
-        }
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let e = tokio::time::timeout(Duration::from_secs(30), younger.batch_execute(&bump(a)))
-        .await
-        .expect("the deadlock across two pgshard processes was not broken within 30 s")
-        .unwrap_err();
-    assert_eq!(sqlstate(&e), "40P01", "{e}");
-    younger.batch_execute("ROLLBACK").await.unwrap();
-    let (older, r) = tokio::time::timeout(Duration::from_secs(10), waiting)
-        .await
-        .unwrap()
-        .unwrap();
-    r.unwrap();
-    older.batch_execute("COMMIT").await.unwrap();
+    deadlock_between(first_addr, other.addr, false).await;
     // The victim was the other process's: this one left it alone.
     assert_eq!(broken(), before_here);
-}
-
-/// Runs pgbench, failing (not hanging) after `limit`.
-fn pgbench_within(limit: Duration, port: u16, args: &[&str]) -> String {
-    let mut child = Command::new("pgbench")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "app"])
-        .args(args)
-        .arg("app")
-        .env("PGPASSWORD", "app")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > limit {
-            child.kill().unwrap();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "pgbench {args:?} still running after {limit:?} (clients waiting forever?): {}",
-                String::from_utf8_lossy(&out.stdout)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = child.wait_with_output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "pgbench {args:?}: {text}");
-    text
 }
 
 #[tokio::test]

@@ -196,20 +196,11 @@ impl Router {
         let mut shard_of_row = Vec::with_capacity(split.keys.len());
         for (t, k) in &split.keys {
             let one = super::Analysis {
-                target: super::Target::Keys(vec![(*t, k.clone())]),
-                kind: super::Kind::Write,
-                key_update: None,
-                writes_reference: false,
-                statements: 1,
-                merge: None,
-                shard_sql: None,
                 inserts_sharded: true,
-                insert_split: None,
-                insert_select: false,
-                insert_via: None,
-                replica_safe: false,
-                one_shard: false,
-                keyless: Vec::new(),
+                ..super::Analysis::of(
+                    super::Target::Keys(vec![(*t, k.clone())]),
+                    super::Kind::Write,
+                )
             };
             match self.resolve(&one, params)? {
                 super::Route::Shards(v) => shard_of_row.push(v[0]),

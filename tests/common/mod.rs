@@ -333,19 +333,50 @@ pub async fn connect_server(port: u16, db: &str) -> tokio_postgres::Client {
 /// Runs pgbench against `port` as app/app on database `app`; panics with its output when
 /// it fails, and returns that output.
 pub fn pgbench(port: u16, args: &[&str]) -> String {
-    let out = std::process::Command::new("pgbench")
+    pgbench_within(Duration::from_secs(600), port, args)
+}
+
+/// Runs pgbench, failing (not hanging) after `limit`: clients waiting forever (a deadlock
+/// nothing breaks) fail the test.
+pub fn pgbench_within(limit: Duration, port: u16, args: &[&str]) -> String {
+    let mut child = std::process::Command::new("pgbench")
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "app"])
         .args(args)
         .arg("app")
         .env("PGPASSWORD", "app")
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "pgbench {args:?}: {text}");
+    // Both pipes drained as pgbench writes, so that it never blocks on a full one.
+    let drain = |r: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            if let Some(mut r) = r {
+                let _ = std::io::Read::read_to_string(&mut r, &mut s);
+            }
+            s
+        })
+    };
+    let out = drain(child.stdout.take().map(|r| Box::new(r) as _));
+    let err = drain(child.stderr.take().map(|r| Box::new(r) as _));
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > limit {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!(
+                "pgbench {args:?} still running after {limit:?}: {}",
+                out.join().unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let text = format!("{}{}", out.join().unwrap(), err.join().unwrap());
+    assert!(status.success(), "pgbench {args:?}: {text}");
     text
 }
 

@@ -227,22 +227,7 @@ impl Session {
                 if broadcast_unparsed(sql) {
                     // Maintenance and DDL the parser cannot read (VACUUM ANALYZE t, ...):
                     // every shard, as DDL.
-                    let all = Analysis {
-                        target: router::Target::All,
-                        kind: Kind::Ddl,
-                        key_update: None,
-                        writes_reference: false,
-                        statements: 1,
-                        merge: None,
-                        shard_sql: None,
-                        inserts_sharded: false,
-                        insert_split: None,
-                        insert_select: false,
-                        insert_via: None,
-                        replica_safe: false,
-                        one_shard: false,
-                        keyless: Vec::new(),
-                    };
+                    let all = Analysis::of(router::Target::All, Kind::Ddl);
                     return Ok(Dest::Multi(
                         (0..self.db.router.shards()).collect(),
                         Arc::new(all),

@@ -101,6 +101,28 @@ pub struct InsertVia {
     pub key: usize,
 }
 
+impl Analysis {
+    /// One statement going to `target` and doing `kind`, with nothing else known.
+    pub fn of(target: Target, kind: Kind) -> Analysis {
+        Analysis {
+            target,
+            kind,
+            key_update: None,
+            writes_reference: false,
+            statements: 1,
+            merge: None,
+            shard_sql: None,
+            inserts_sharded: false,
+            insert_split: None,
+            insert_select: false,
+            insert_via: None,
+            replica_safe: false,
+            one_shard: false,
+            keyless: Vec::new(),
+        }
+    }
+}
+
 /// Why a statement has no analysis.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AnalyzeError {
@@ -114,20 +136,8 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
     let stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql)
         .map_err(|e| AnalyzeError::Parse(e.to_string()))?;
     let mut out = Analysis {
-        target: Target::Default,
-        kind: Kind::Other,
-        key_update: None,
-        writes_reference: false,
         statements: stmts.len(),
-        merge: None,
-        shard_sql: None,
-        inserts_sharded: false,
-        insert_split: None,
-        insert_select: false,
-        insert_via: None,
-        replica_safe: false,
-        one_shard: false,
-        keyless: Vec::new(),
+        ..Analysis::of(Target::Default, Kind::Other)
     };
     // `Any` joins whatever the other statements need (the first statement's target for
     // one statement); with no statement, the default shard.
