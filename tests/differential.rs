@@ -196,6 +196,14 @@ fn corpus() -> Vec<String> {
         q.push(format!(
             "SELECT qty, count(DISTINCT user_id % {m}) AS n FROM orders GROUP BY qty ORDER BY n DESC, qty LIMIT 3"
         ));
+        // With avg (sums and counts merged twice, then divided) and HAVING (after both
+        // merges).
+        q.push(format!(
+            "SELECT user_id % {m} AS g, count(DISTINCT qty), avg(total), avg(qty) FROM orders GROUP BY g ORDER BY g"
+        ));
+        q.push(format!(
+            "SELECT qty % {m} AS g, count(DISTINCT total) FROM orders GROUP BY g HAVING count(*) > 20 AND sum(total) > 100 ORDER BY g"
+        ));
     }
     // count(DISTINCT) of a key (added up) and of other columns (gathered, then counted).
     q.push("SELECT count(DISTINCT tag), count(*) FROM tags".into());

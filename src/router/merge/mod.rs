@@ -253,9 +253,6 @@ fn plan(q: &Query, rules: &Rules) -> Result<MergeSpec, String> {
             spec.hidden.push(e);
             columns.push(c);
         }
-        if distinct_arg.is_some() && (!spec.avg.is_empty() || spec.having.is_some()) {
-            return unsupported("count(DISTINCT ...) with avg or HAVING");
-        }
         spec.distinct_arg = distinct_arg.map(Box::new);
         spec.aggregates = Some(columns);
     } else if sel.having.is_some() {

@@ -56,8 +56,6 @@ fn groups_of_one_shard_and_distinct_keys() {
     );
     for sql in [
         "SELECT count(DISTINCT name), count(DISTINCT score) FROM users",
-        "SELECT count(DISTINCT name), avg(score) FROM users",
-        "SELECT id, count(DISTINCT name) FROM orders GROUP BY id HAVING count(*) > 1",
         "SELECT count(DISTINCT name) FILTER (WHERE id > 3) FROM users",
         "SELECT sum(DISTINCT user_id) FROM orders",
         "SELECT id, rank() OVER (ORDER BY count(*)) FROM users GROUP BY id",
