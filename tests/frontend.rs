@@ -670,17 +670,18 @@ async fn tls_to_the_servers() {
         c.set_and_reload(primary, "ssl", "on").unwrap();
     };
     serve_cert("right");
-    let proxy = |tls: &str| {
-        let yaml = format!(
+    let yaml = |tls: &str| {
+        format!(
             "server_tls: {tls}\n{}",
             c.config_yaml("127.0.0.1:0", "transaction", 4)
         )
         .replace(
             "    default_shard: 0\n",
             "    default_shard: 0\n    failover: { enabled: false, check_interval_ms: 100 }\n",
-        );
-        start_proxy_server(pgshard::config::Config::from_yaml(&yaml).unwrap())
+        )
     };
+    let proxy =
+        |tls: &str| start_proxy_server(pgshard::config::Config::from_yaml(&yaml(tls)).unwrap());
     let ca = dir.join("ca.crt");
     let other = dir.join("other-ca.crt");
     let full = format!("{{ mode: verify-full, ca: {} }}", ca.display());
@@ -700,17 +701,9 @@ async fn tls_to_the_servers() {
             .count()
     };
     let before = broken();
-    let idle = format!(
-        "server_tls: {full}\n{}",
-        c.config_yaml("127.0.0.1:0", "transaction", 4)
-    )
-    .replace(
+    let idle = yaml(&full).replace(
         "checkout_timeout_ms: 5000 }",
         "checkout_timeout_ms: 5000, idle_timeout_ms: 200 }",
-    )
-    .replace(
-        "    default_shard: 0\n",
-        "    default_shard: 0\n    failover: { enabled: false }\n",
     );
     let (idle_addr, idle_server) =
         start_proxy_server(pgshard::config::Config::from_yaml(&idle).unwrap());

@@ -208,6 +208,18 @@ pub fn write_backend_key(out: &mut BytesMut, pid: i32, secret: i32) {
     out.put_i32(secret);
 }
 
+/// The frames of a buffer of whole messages (a truncated last one is left out).
+pub fn frames(b: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        let len = b.get(i + 1..i + 5)?;
+        let end = i + 1 + u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        let f = b.get(i..end)?;
+        i = end;
+        Some(f)
+    })
+}
+
 /// Appends a frame taken from `src` (already a whole frame) to `out`.
 #[inline]
 pub fn copy_frame(out: &mut BytesMut, frame: &[u8]) {

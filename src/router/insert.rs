@@ -99,8 +99,6 @@ pub(super) fn insert(
         (SetExpr::Values(_), None) => return Err(missing()),
         (body, Some(pos)) => {
             if let SetExpr::Select(sel) = body {
-                let mut source = Collector::default();
-                query(src, rules, &mut source);
                 match super::colocation::insert_source(sel, pos, idx, rules) {
                     // Each shard makes its new rows from its own rows of a co-located
                     // table: the statement runs as written on the shards the SELECT needs.
@@ -112,17 +110,22 @@ pub(super) fn insert(
                     }
                     // A constant key and a SELECT that reads no sharded table: one row
                     // source, routed by the key like VALUES.
-                    Ok(None) if source.seen.is_empty() => {
-                        if let Some(k) = sel.projection.get(pos).and_then(|i| match i {
+                    Ok(None) => {
+                        let key = sel.projection.get(pos).and_then(|i| match i {
                             SelectItem::UnnamedExpr(e)
                             | SelectItem::ExprWithAlias { expr: e, .. } => value_of(e),
                             _ => None,
-                        }) {
-                            c.keys.push((idx, k));
-                            c.seen.push(idx);
-                            query(src, rules, c);
-                            c.insert_select = true;
-                            return Ok(());
+                        });
+                        if let Some(k) = key {
+                            let mut source = Collector::default();
+                            query(src, rules, &mut source);
+                            if source.seen.is_empty() {
+                                c.keys.push((idx, k));
+                                c.seen.push(idx);
+                                query(src, rules, c);
+                                c.insert_select = true;
+                                return Ok(());
+                            }
                         }
                     }
                     _ => {}

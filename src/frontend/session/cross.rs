@@ -65,17 +65,6 @@ pub(super) fn multi_shard_error(shards: &[usize], a: &Analysis) -> PgError {
     }
 }
 
-/// The tags of the frames in a buffer.
-pub(super) fn frame_tags(b: &[u8]) -> Vec<u8> {
-    let mut tags = Vec::new();
-    let mut i = 0;
-    while i + 5 <= b.len() {
-        tags.push(b[i]);
-        i += 1 + i32::from_be_bytes([b[i + 1], b[i + 2], b[i + 3], b[i + 4]]) as usize;
-    }
-    tags
-}
-
 impl Session {
     /// How a statement over several shards runs, or why it cannot.
     pub(super) fn multi_plan(&self, shards: &[usize], a: &Analysis) -> Result<Multi, PgError> {
@@ -317,38 +306,25 @@ impl Session {
         let mut results = Vec::with_capacity(shards.len());
         let mut description: Option<Bytes> = None;
         for &s in shards {
-            if !self.enter_shard(s).await? {
-                self.status = b'E';
-                break;
-            }
             let (q, ty, rest): (&[u8], &[u8], &[u8]) = match per_shard.get(&s) {
                 Some((q, t, r)) => (q, t, r),
                 None => (&query[..], &types[..], &bind_rest[..]),
             };
             let req = extended_request(q, ty, rest);
-            let Some(conn) = self.backend.as_mut() else {
-                break;
+            let Some(mut frames) = self.run_request_on(s, &req).await? else {
+                return Ok(());
             };
-            self.reads.executed = true;
-            match super::multi::send_and_collect(conn, &req).await {
-                Ok((mut frames, status)) => {
-                    self.deadlock_frames(&mut frames);
-                    if let Some(i) = frames.iter().position(|f| matches!(f[0], b'T' | b'n')) {
-                        let d = frames.remove(i).freeze();
-                        description.get_or_insert(d);
-                    }
-                    let error = status == b'E' || frames.iter().any(|f| f[0] == b'E');
-                    results.push(frames);
-                    if error {
-                        self.status = b'E';
-                        break;
-                    }
-                    self.status = status;
-                }
-                Err(e) => {
-                    self.backend_lost(e.to_string());
-                    return Ok(());
-                }
+            if frames.is_empty() {
+                // The shard could not join (the client got that error).
+                break;
+            }
+            if let Some(i) = frames.iter().position(|f| matches!(f[0], b'T' | b'n')) {
+                let d = frames.remove(i).freeze();
+                description.get_or_insert(d);
+            }
+            results.push(frames);
+            if self.status == b'E' {
+                break;
             }
         }
         let out = match &plan {
@@ -371,7 +347,7 @@ impl Session {
         if implicit {
             self.end_implicit(&mut out).await?;
         }
-        if frame_tags(&out).contains(&b'E') {
+        if protocol::frames(&out).any(|f| f[0] == b'E') {
             // As PostgreSQL, the rest of the batch is skipped.
             self.relay.push(Pending::Synth {
                 frame: out.freeze(),
@@ -439,7 +415,7 @@ impl Session {
         .await;
         let formats = scatter::result_formats(&bind_rest);
         match results.and_then(|r| scatter::merge_select(r, &spec, &formats)) {
-            Ok(out) if frame_tags(&out).contains(&b'E') => {
+            Ok(out) if protocol::frames(&out).any(|f| f[0] == b'E') => {
                 // A shard's error: as PostgreSQL, the rest of the batch is skipped.
                 self.relay.push(Pending::Synth {
                     frame: out.freeze(),

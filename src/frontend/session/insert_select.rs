@@ -174,7 +174,7 @@ impl Session {
             },
             _ => BytesMut::from(&parts.concat().concat()[..]),
         };
-        let rows: Vec<Vec<Option<String>>> = frames(&out)
+        let rows: Vec<Vec<Option<String>>> = protocol::frames(&out)
             .filter(|f| f[0] == b'D')
             .map(|f| {
                 crate::exec::merge::fields(f)
@@ -222,52 +222,6 @@ impl Session {
         }
         Ok(Some(results))
     }
-
-    /// Runs an extended-protocol request on shard `s`'s participant (joining it): its
-    /// frames, without ParseComplete and BindComplete; the session's status follows. None
-    /// when the connection was lost (the client got that error).
-    async fn run_request_on(
-        &mut self,
-        s: usize,
-        req: &[u8],
-    ) -> Result<Option<Vec<BytesMut>>, SessionError> {
-        if !self.enter_shard(s).await? {
-            // The client got the error.
-            self.status = b'E';
-            return Ok(Some(Vec::new()));
-        }
-        let Some(conn) = self.backend.as_mut() else {
-            return Ok(None);
-        };
-        self.reads.executed = true;
-        match super::multi::send_and_collect(conn, req).await {
-            Ok((mut frames, status)) => {
-                self.deadlock_frames(&mut frames);
-                self.status = if frames.iter().any(|f| f[0] == b'E') {
-                    b'E'
-                } else {
-                    status
-                };
-                Ok(Some(frames))
-            }
-            Err(e) => {
-                self.backend_lost(e.to_string());
-                Ok(None)
-            }
-        }
-    }
-}
-
-/// The frames of a buffer of whole messages.
-fn frames(b: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let mut i = 0;
-    std::iter::from_fn(move || {
-        let len = b.get(i + 1..i + 5)?;
-        let end = i + 1 + u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
-        let f = b.get(i..end)?;
-        i = end;
-        Some(f)
-    })
 }
 
 /// The INSERT with the rows as its VALUES (their text as literals, which PostgreSQL

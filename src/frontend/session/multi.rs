@@ -454,6 +454,40 @@ impl Session {
         }
     }
 
+    /// Runs an extended-protocol request on shard `s`'s participant (joining it): its
+    /// frames, without ParseComplete and BindComplete; the session's status follows. None
+    /// when the connection was lost (the client got that error).
+    pub(super) async fn run_request_on(
+        &mut self,
+        s: usize,
+        req: &[u8],
+    ) -> Result<Option<Vec<bytes::BytesMut>>, SessionError> {
+        if !self.enter_shard(s).await? {
+            // The client got the error.
+            self.status = b'E';
+            return Ok(Some(Vec::new()));
+        }
+        let Some(conn) = self.backend.as_mut() else {
+            return Ok(None);
+        };
+        self.reads.executed = true;
+        match send_and_collect(conn, req).await {
+            Ok((mut frames, status)) => {
+                self.deadlock_frames(&mut frames);
+                self.status = if frames.iter().any(|f| f[0] == b'E') {
+                    b'E'
+                } else {
+                    status
+                };
+                Ok(Some(frames))
+            }
+            Err(e) => {
+                self.backend_lost(e.to_string());
+                Ok(None)
+            }
+        }
+    }
+
     /// Ends the implicit transaction a statement ran in: COMMIT, or ROLLBACK after an
     /// error; a commit that fails puts its error in place of the statement's result.
     pub(super) async fn end_implicit(
