@@ -137,7 +137,47 @@ async fn copy_splits_rows_by_key_and_gathers_them_back() {
         .unwrap();
         assert_eq!(n, 201);
     }
-    assert_eq!(placement().await, 3201);
+    // Binary format (as asyncpg's copy_records_to_table and psycopg's binary copy send
+    // it): each row's key field decoded from its bytes.
+    for db in [&c, &plain] {
+        use tokio_postgres::binary_copy::BinaryCopyInWriter;
+        use tokio_postgres::types::Type;
+        let sink = db
+            .copy_in("COPY cp (id, name, note) FROM STDIN (FORMAT binary)")
+            .await
+            .unwrap();
+        let w = BinaryCopyInWriter::new(sink, &[Type::INT8, Type::TEXT, Type::TEXT]);
+        let mut w = Box::pin(w);
+        for id in 3202..=3400i64 {
+            let note = (id % 3 != 0).then(|| format!("bin {id}"));
+            w.as_mut()
+                .write(&[&id, &format!("b{id}"), &note])
+                .await
+                .unwrap();
+        }
+        assert_eq!(w.as_mut().finish().await.unwrap(), 199);
+    }
+    assert_eq!(placement().await, 3400);
+    // And out: one binary stream (one header, one trailer) with every shard's rows.
+    let binary_out = async |db: &tokio_postgres::Client| {
+        use futures_util::TryStreamExt;
+        use tokio_postgres::binary_copy::BinaryCopyOutStream;
+        use tokio_postgres::types::Type;
+        let stream = db
+            .copy_out("COPY cp (id, note) TO STDOUT (FORMAT binary)")
+            .await
+            .unwrap();
+        let rows: Vec<_> = BinaryCopyOutStream::new(stream, &[Type::INT8, Type::TEXT])
+            .try_collect()
+            .await
+            .unwrap();
+        let mut v: Vec<(i64, Option<String>)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        v.sort();
+        v
+    };
+    let ours = binary_out(&c).await;
+    assert_eq!(ours.len(), 3400);
+    assert_eq!(ours, binary_out(&plain).await);
 
     // Gathered back: the same rows as the plain database.
     let ours = copy_out(&c, "COPY cp TO STDOUT").await.unwrap();
@@ -226,9 +266,10 @@ async fn failed_copies_leave_nothing_behind() {
     .unwrap_err();
     assert_eq!(sqlstate(&e), "22P04", "{e}");
     assert_eq!(count(&c).await, 0);
-    // The key column must be there; binary is refused. (These fail before COPY starts,
-    // where tokio-postgres then sends a CopyFail and a Sync of its own, which PostgreSQL
-    // answers with an extra ReadyForQuery as pgshard does: a fresh client for each.)
+    // The key column must be there; binary data must start with its signature. (The first
+    // fails before COPY starts, where tokio-postgres then sends a CopyFail and a Sync of
+    // its own, which PostgreSQL answers with an extra ReadyForQuery as pgshard does: a
+    // fresh client for each.)
     let e = copy_in(
         &connect(addr).await,
         "COPY cp (name) FROM STDIN",
@@ -241,12 +282,13 @@ async fn failed_copies_leave_nothing_behind() {
     let e = copy_in(
         &connect(addr).await,
         "COPY cp FROM STDIN (FORMAT binary)",
-        b"",
+        b"100006\tx\t\\N\n",
         10,
     )
     .await
     .unwrap_err();
-    assert_eq!(sqlstate(&e), "0A000");
+    assert_eq!(sqlstate(&e), "22P04", "{e:?}");
+    assert_eq!(count(&c).await, 0);
     // The client gives up: CopyFail.
     {
         let sink = c

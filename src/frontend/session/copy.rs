@@ -5,11 +5,12 @@
 //! reference table every row goes to every shard. COPY ... TO STDOUT over several shards
 //! is in `copy_out.rs`; the planning and the participants' bookkeeping here serve both.
 
+use super::copy_out::Joined;
 use super::{Session, SessionError};
 use crate::config::PoolMode;
 use crate::pool::Pooled;
 use crate::protocol::{self, PgError};
-use crate::router::copy::{CopyStmt, Format, Piece, RowSplitter};
+use crate::router::copy::{CopyStmt, Key, Piece, RowSplitter};
 use crate::router::{self, RouteError};
 use crate::sql::{quote_ident, quote_literal};
 use bytes::{BufMut, BytesMut};
@@ -47,13 +48,14 @@ fn route_piece(
 ) -> Result<(), RouteError> {
     match p {
         Piece::Header(h) => batches.iter_mut().for_each(|b| b.put_slice(h)),
-        Piece::End => {}
+        Piece::End(trailer) => batches.iter_mut().for_each(|b| b.put_slice(trailer)),
         Piece::Row(r) => match into {
             Into::Every => batches.iter_mut().for_each(|b| b.put_slice(r.bytes)),
             Into::Split { table, .. } => {
                 let f = &rules.tables[*table];
                 let s = match &r.key {
-                    Some(k) => f.shard_of_text(k, n),
+                    Some(Key::Text(k)) => f.shard_of_text(k, n),
+                    Some(Key::Binary(k)) => f.shard_of_binary(k, n),
                     None => f.shard_of(&crate::sharding::Value::Null, n),
                 };
                 match s {
@@ -100,13 +102,8 @@ impl Session {
                 self.copy_in(sql, cs, None, false).await?
             }
             (Some(t), _, false) if rules.table(t).is_some() => {
-                self.copy_out(
-                    sql,
-                    (0..n).collect(),
-                    cs.header && cs.format == Format::Csv,
-                    false,
-                )
-                .await?
+                self.copy_out(sql, (0..n).collect(), Joined::of(&cs), false)
+                    .await?
             }
             (Some(t), _, false) if rules.is_reference(t) => {
                 // Any shard has all of it.
@@ -149,8 +146,7 @@ impl Session {
                                 "COPY (query) TO STDOUT over several shards only concatenates rows: a query with ORDER BY, LIMIT, DISTINCT or aggregates is not supported there",
                             ).with_hint("Run the query itself (pgshard merges it), or COPY from each shard with a /* pgshard: shard=N */ hint."));
                         } else {
-                            self.copy_out(sql, v, cs.header && cs.format == Format::Csv, false)
-                                .await?;
+                            self.copy_out(sql, v, Joined::of(&cs), false).await?;
                         }
                     }
                 }
@@ -206,10 +202,9 @@ impl Session {
     ) -> Result<(), SessionError> {
         self.settle().await?;
         self.relay.drain_local(&mut self.cout);
-        let header = cs.header && cs.format == Format::Csv;
         match plan {
+            CopyPlan::Out(shards) => self.copy_out(sql, shards, Joined::of(&cs), true).await,
             CopyPlan::In(table) => self.copy_in(sql, cs, table, true).await,
-            CopyPlan::Out(shards) => self.copy_out(sql, shards, header, true).await,
         }
     }
 
@@ -305,16 +300,6 @@ impl Session {
         table: Option<usize>,
         extended: bool,
     ) -> Result<(), SessionError> {
-        if table.is_some() && cs.format == Format::Binary {
-            self.copy_error(
-                PgError::new(
-                    "0A000",
-                    "binary COPY into a sharded table is not supported: pgshard reads each row's shard key (use text or csv)",
-                ),
-                extended,
-            );
-            return Ok(());
-        }
         if self.mode != PoolMode::Transaction
             || (self.status != b'I' && !self.can_run_in_transaction())
         {

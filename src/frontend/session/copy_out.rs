@@ -1,21 +1,43 @@
 //! COPY ... TO STDOUT of a sharded table (or of a query over several shards that plain
 //! concatenation answers): the shards' rows gathered one shard after the other, with the
-//! CSV header from the first shard only.
+//! CSV header from the first shard only, and in the binary format one header and one
+//! trailer.
 
 use super::copy::BATCH;
 use super::{Session, SessionError};
 use crate::pool::Pooled;
 use crate::protocol::{self, PgError};
+use crate::router::copy::{CopyStmt, Format};
 use bytes::BytesMut;
 
+/// What each shard's output has that the joined output must have once.
+#[derive(Clone, Copy, PartialEq)]
+pub(super) enum Joined {
+    /// Nothing: rows only.
+    Rows,
+    /// The CSV header line.
+    CsvHeader,
+    /// The binary format's header and trailer.
+    Binary,
+}
+
+impl Joined {
+    pub(super) fn of(cs: &CopyStmt) -> Joined {
+        match cs.format {
+            Format::Binary => Joined::Binary,
+            Format::Csv if cs.header => Joined::CsvHeader,
+            _ => Joined::Rows,
+        }
+    }
+}
+
 impl Session {
-    /// COPY ... TO STDOUT gathered from `shards`, one after the other (`csv_header`: the
-    /// header line comes from the first shard only).
+    /// COPY ... TO STDOUT gathered from `shards`, one after the other.
     pub(super) async fn copy_out(
         &mut self,
         sql: &str,
         shards: Vec<usize>,
-        csv_header: bool,
+        joined: Joined,
         extended: bool,
     ) -> Result<(), SessionError> {
         let in_tx = self.status != b'I';
@@ -75,6 +97,10 @@ impl Session {
             }
             let mut first_row = true;
             let mut failed = false;
+            // Binary: a shard's last CopyData ends with the trailer, which only the last
+            // shard's keeps; so each waits for the next (or CopyDone).
+            let mut held: Option<Vec<u8>> = None;
+            let last = i + 1 == shards.len();
             loop {
                 let f = match b.read_frame().await {
                     Ok(f) => f,
@@ -89,9 +115,28 @@ impl Session {
                         started = true;
                         self.cout.extend_from_slice(&f);
                     }
-                    b'H' | b'c' => {}
+                    b'c' => {
+                        if let Some(mut data) = held.take() {
+                            if !last {
+                                data.truncate(data.len().saturating_sub(2));
+                            }
+                            copy_data(&mut self.cout, &data);
+                        }
+                    }
+                    b'H' => {}
+                    b'd' if joined == Joined::Binary => {
+                        let mut data = protocol::body(&f);
+                        if i > 0 && first_row {
+                            let n = crate::router::copy::binary_header_len(data).unwrap_or(0);
+                            data = &data[n..];
+                        }
+                        if let Some(prev) = held.replace(data.to_vec()) {
+                            copy_data(&mut self.cout, &prev);
+                        }
+                        first_row = false;
+                    }
                     b'd' => {
-                        if !(csv_header && i > 0 && first_row) {
+                        if !(joined == Joined::CsvHeader && i > 0 && first_row) {
                             self.cout.extend_from_slice(&f);
                         }
                         first_row = false;
@@ -148,5 +193,12 @@ impl Session {
             protocol::write_ready(&mut self.cout, self.status);
         }
         Ok(())
+    }
+}
+
+/// A CopyData message, unless `data` is empty.
+fn copy_data(out: &mut BytesMut, data: &[u8]) {
+    if !data.is_empty() {
+        protocol::write_msg(out, b'd', data);
     }
 }

@@ -2,9 +2,10 @@
 //! every option real clients send, such as pgbench's `WITH (freeze on)`); `rows.rs`
 //! splits a COPY FROM STDIN data stream into rows with their shard key.
 
+mod binary;
 mod rows;
 
-pub use rows::{Piece, Row, RowSplitter};
+pub use rows::{Key, Piece, Row, RowSplitter};
 
 /// Data format of a COPY.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,6 +153,11 @@ fn ident(t: &Tok) -> Option<String> {
         Tok::Ident(s) => Some(s.clone()),
         _ => None,
     }
+}
+
+/// The length of the binary COPY header at the start of `data`, when all of it is there.
+pub fn binary_header_len(data: &[u8]) -> Option<usize> {
+    binary::header(data).ok().flatten()
 }
 
 /// Reads a COPY statement. None when `sql` is not one; Err when it is but cannot be read.

@@ -1,6 +1,6 @@
-//! Splitting a COPY FROM STDIN data stream into rows with their shard key, in text and
-//! CSV formats, whatever the chunking of the CopyData messages. Rows are passed on as the
-//! client sent them; only the key field is decoded.
+//! Splitting a COPY FROM STDIN data stream into rows with their shard key, in text, CSV
+//! and binary formats, whatever the chunking of the CopyData messages. Rows are passed on
+//! as the client sent them; only the key field is decoded.
 
 use super::{CopyStmt, Format};
 
@@ -8,17 +8,27 @@ use super::{CopyStmt, Format};
 pub struct Row<'a> {
     /// The row's bytes, end of line included, as the client sent them.
     pub bytes: &'a [u8],
-    /// The key field: None for NULL, else its decoded text.
-    pub key: Option<String>,
+    /// The key field: None for NULL.
+    pub key: Option<Key<'a>>,
+}
+
+/// A row's key field.
+#[derive(Debug, PartialEq)]
+pub enum Key<'a> {
+    /// Decoded text (text and CSV formats).
+    Text(String),
+    /// The field's bytes in the binary format.
+    Binary(&'a [u8]),
 }
 
 /// What a chunk of COPY data held.
 pub enum Piece<'a> {
-    /// The header line (CSV HEADER): every shard gets it.
+    /// The header (CSV HEADER, the binary format's header): every shard gets it.
     Header(&'a [u8]),
     Row(Row<'a>),
-    /// The end-of-data marker `\.`: nothing after it is data.
-    End,
+    /// The end of the data: text's `\.` (nothing after it is data; not passed on, so
+    /// empty) or binary's trailer, which every shard gets.
+    End(&'a [u8]),
 }
 
 /// Splits a COPY FROM STDIN data stream into rows, across CopyData boundaries.
@@ -36,7 +46,7 @@ impl RowSplitter {
     /// `key`: the position of the key column in the rows.
     pub fn new(c: CopyStmt, key: usize, max_row: usize) -> RowSplitter {
         RowSplitter {
-            header_pending: c.header,
+            header_pending: c.header || c.format == Format::Binary,
             c,
             key,
             partial: Vec::new(),
@@ -48,6 +58,9 @@ impl RowSplitter {
     /// Feeds a chunk; calls `f` for each complete piece. Errors name the problem (a row
     /// longer than the limit, a key field missing).
     pub fn feed(&mut self, data: &[u8], f: &mut dyn FnMut(Piece<'_>)) -> Result<(), String> {
+        if self.c.format == Format::Binary {
+            return self.feed_binary(data, f);
+        }
         let mut rest = data;
         while !rest.is_empty() && !self.ended {
             // Where the current row ends (in CSV, newlines inside quotes are data).
@@ -76,6 +89,9 @@ impl RowSplitter {
     pub fn finish(&mut self, f: &mut dyn FnMut(Piece<'_>)) -> Result<(), String> {
         if self.partial.is_empty() || self.ended {
             return Ok(());
+        }
+        if self.c.format == Format::Binary {
+            return Err("the binary COPY data ends in the middle of a row".into());
         }
         let row = std::mem::take(&mut self.partial);
         self.piece(&row, f)
@@ -132,7 +148,7 @@ impl RowSplitter {
         }
         if self.c.format == Format::Text && body == b"\\." {
             self.ended = true;
-            f(Piece::End);
+            f(Piece::End(&[]));
             return Ok(());
         }
         let key = match self.c.format {
@@ -146,8 +162,44 @@ impl RowSplitter {
                 String::from_utf8_lossy(&body[..body.len().min(80)])
             )
         })?;
-        f(Piece::Row(Row { bytes: line, key }));
+        f(Piece::Row(Row {
+            bytes: line,
+            key: key.map(Key::Text),
+        }));
         Ok(())
+    }
+
+    /// Binary format: the header, then rows of length-prefixed fields, then the trailer.
+    fn feed_binary(&mut self, data: &[u8], f: &mut dyn FnMut(Piece<'_>)) -> Result<(), String> {
+        if self.ended {
+            return Ok(());
+        }
+        self.partial.extend_from_slice(data);
+        let mut used = 0;
+        let result = loop {
+            let buf = &self.partial[used..];
+            let next = if self.header_pending {
+                super::binary::header(buf)?.map(|n| (Piece::Header(&buf[..n]), n))
+            } else {
+                super::binary::row(buf, self.key)?
+            };
+            let Some((piece, n)) = next else {
+                break if buf.len() > self.max_row {
+                    Err(format!("a COPY row is longer than {} bytes", self.max_row))
+                } else {
+                    Ok(())
+                };
+            };
+            self.header_pending = false;
+            self.ended = matches!(piece, Piece::End(_));
+            f(piece);
+            used += n;
+            if self.ended {
+                break Ok(());
+            }
+        };
+        self.partial.drain(..used);
+        result
     }
 }
 
@@ -292,12 +344,18 @@ mod tests {
         let mut s = RowSplitter::new(c, key, 1 << 20);
         let mut out = Vec::new();
         let mut f = |p: Piece<'_>| match p {
-            Piece::Row(r) => out.push((String::from_utf8_lossy(r.bytes).into_owned(), r.key)),
+            Piece::Row(r) => out.push((
+                String::from_utf8_lossy(r.bytes).into_owned(),
+                r.key.map(|k| match k {
+                    Key::Text(t) => t,
+                    Key::Binary(b) => format!("{b:?}"),
+                }),
+            )),
             Piece::Header(h) => out.push((
                 String::from_utf8_lossy(h).into_owned(),
                 Some("HEADER".into()),
             )),
-            Piece::End => out.push(("END".into(), None)),
+            Piece::End(_) => out.push(("END".into(), None)),
         };
         for ch in chunks {
             s.feed(ch, &mut f).unwrap();
