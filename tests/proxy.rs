@@ -343,7 +343,7 @@ async fn listen_notify_in_transaction_mode() {
         next_notification(&mut rx).await,
         ("later".into(), "one".into())
     );
-    l.batch_execute("BEGIN; UNLISTEN later").await.unwrap_err();
+    l.batch_execute("BEGIN; UNLISTEN later").await.unwrap();
     l.batch_execute("ROLLBACK").await.unwrap();
     let tx = l.transaction().await.unwrap();
     tx.execute("UNLISTEN later", &[]).await.unwrap();
@@ -414,12 +414,8 @@ async fn listen_notify_in_transaction_mode() {
     l.execute("UNLISTEN extended_chan", &[]).await.unwrap();
     let one: i32 = l.query_one("SELECT 1", &[]).await.unwrap().get(0);
     assert_eq!(one, 1, "the unnamed statement is a query again");
-    // Refused: LISTEN with other statements; bad names.
-    for (sql, code) in [
-        ("LISTEN a; SELECT 1", "0A000"),
-        ("LISTEN 1abc", "42601"),
-        ("UNLISTEN", "42601"),
-    ] {
+    // Refused: bad names.
+    for (sql, code) in [("LISTEN 1abc", "42601"), ("UNLISTEN", "42601")] {
         let e = l.batch_execute(sql).await.unwrap_err();
         assert_eq!(sqlstate(&e), code, "{sql}");
     }
@@ -435,6 +431,39 @@ async fn listen_notify_in_transaction_mode() {
     while let Ok(n) = rx.try_recv() {
         assert_eq!(n.1, "again", "{n:?} after DISCARD ALL");
     }
+    // LISTEN among other statements in one string: as in PostgreSQL, the string is one
+    // implicit transaction and its LISTENs take effect when it commits, not after an error.
+    let e = l
+        .batch_execute("LISTEN multi_a; SELECT 1/0")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "22012");
+    l.batch_execute("LISTEN multi_b; SELECT 1; LISTEN \"multi c\"")
+        .await
+        .unwrap();
+    other
+        .batch_execute("NOTIFY multi_a, 'lost'; NOTIFY multi_b, 'b'; NOTIFY \"multi c\", 'c'")
+        .await
+        .unwrap();
+    assert_eq!(
+        next_notification(&mut rx).await,
+        ("multi_b".into(), "b".into())
+    );
+    assert_eq!(
+        next_notification(&mut rx).await,
+        ("multi c".into(), "c".into())
+    );
+    // asyncpg's reset of a connection its pool takes back.
+    l.batch_execute("SELECT pg_advisory_unlock_all();\nCLOSE ALL;\nUNLISTEN *;\nRESET ALL;")
+        .await
+        .unwrap();
+    other
+        .batch_execute("NOTIFY multi_b, 'gone'; NOTIFY \"multi c\", 'gone'")
+        .await
+        .unwrap();
+    l.batch_execute("SELECT 1").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(rx.try_recv().is_err(), "a notification after UNLISTEN *");
     // No server connection is left listening for clients.
     let listening: i64 = other
         .query_one(

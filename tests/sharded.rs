@@ -996,6 +996,7 @@ async fn cross_shard_selects_over_the_extended_protocol() {
         assert_eq!(ours, theirs, "{q}");
     }
     type Row = (i64, String);
+    let mut parts: Vec<Vec<Row>> = Vec::new();
     let fetch = |rows: Vec<tokio_postgres::Row>| -> Vec<Row> {
         rows.iter().map(|r| (r.get(0), r.get(1))).collect()
     };
@@ -1035,15 +1036,21 @@ async fn cross_shard_selects_over_the_extended_protocol() {
         assert_eq!(fetch(c.query(&st, &[&p]).await.unwrap()), direct, "{q}");
         assert_eq!(fetch(c.query(&st, &[&p]).await.unwrap()), direct, "{q}");
     }
-    // Binary numeric cannot be ordered by pgshard yet: refused, not misordered.
-    let e = c
-        .query(
-            "SELECT id, score FROM users WHERE id > $1 ORDER BY score",
-            &[&0i64],
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(sqlstate(&e), "0A000");
+    // Ordered by binary numerics (as asyncpg receives them), negative ones too.
+    for q in [
+        "SELECT id, score FROM users WHERE id > $1 ORDER BY score DESC, id",
+        "SELECT id, -score * 1.5 AS neg FROM users WHERE id > $1 ORDER BY neg, id LIMIT 30",
+    ] {
+        let raw = |rows: Vec<tokio_postgres::Row>| -> Vec<(i64, Option<Vec<u8>>)> {
+            rows.iter()
+                .map(|r| (r.get(0), r.get::<_, Raw>(1).0))
+                .collect()
+        };
+        let ours = raw(c.query(q, &[&0i64]).await.unwrap());
+        let theirs = raw(plain.query(q, &[&0i64]).await.unwrap());
+        assert!(theirs.len() >= 30, "{q}");
+        assert_eq!(ours, theirs, "{q}");
+    }
     // Aggregates over binary results: counts (int8) merge; a binary numeric sum is refused.
     for (q, p) in [
         ("SELECT count(*) FROM users WHERE id > $1", 0i64),
@@ -1059,17 +1066,39 @@ async fn cross_shard_selects_over_the_extended_protocol() {
         .unwrap()
         .get(0);
     assert_eq!(n, 1);
-    // Inside a transaction, a cross-shard read is refused (one shard per transaction).
-    let mut c = c;
-    let tx = c.transaction().await.unwrap();
-    tx.query_one("SELECT name FROM users WHERE id = $1", &[&5i64])
+    // Inside a transaction the shards join it: the read sees the transaction's own
+    // uncommitted write, and a portal fetched in parts (tokio-postgres names its portals)
+    // returns what PostgreSQL returns, part by part.
+    let (mut c, mut plain) = (c, plain);
+    for client in [&mut c, &mut plain] {
+        let tx = client.transaction().await.unwrap();
+        tx.execute("UPDATE users SET name = 'in tx' WHERE id = $1", &[&5i64])
+            .await
+            .unwrap();
+        let q = "SELECT id, name FROM users WHERE id < $1 ORDER BY name, id";
+        let rows = fetch(tx.query(q, &[&40i64]).await.unwrap());
+        assert!(rows.contains(&(5, "in tx".to_string())), "{rows:?}");
+        parts.push(rows);
+        let portal = tx.bind(q, &[&40i64]).await.unwrap();
+        loop {
+            let part = tx.query_portal(&portal, 7).await.unwrap();
+            let done = part.len() < 7;
+            parts.push(fetch(part));
+            if done {
+                break;
+            }
+        }
+        tx.rollback().await.unwrap();
+    }
+    let (ours, theirs) = parts.split_at(parts.len() / 2);
+    assert_eq!(ours, theirs);
+    assert!(ours.len() > 3, "fetched in parts");
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM users WHERE name = 'in tx'", &[])
         .await
-        .unwrap();
-    let e = tx
-        .query("SELECT id FROM users WHERE id > $1 ORDER BY id", &[&0i64])
-        .await
-        .unwrap_err();
-    assert_eq!(sqlstate(&e), "0A000");
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "rolled back");
 }
 
 #[tokio::test]

@@ -233,7 +233,7 @@ pub(crate) fn fields(d: &[u8]) -> Vec<Option<&[u8]>> {
 }
 
 /// Compares two binary-format values of a PostgreSQL type; None for types pgshard does
-/// not decode (numeric, arrays, ...).
+/// not decode (arrays, ...).
 fn compare_binary(oid: u32, a: &[u8], b: &[u8]) -> Option<Ordering> {
     fn int(x: &[u8]) -> Option<i64> {
         Some(match x.len() {
@@ -256,6 +256,10 @@ fn compare_binary(oid: u32, a: &[u8], b: &[u8]) -> Option<Ordering> {
         700 | 701 => Some(float(a)?.total_cmp(&float(b)?)),
         // bool, text, varchar, bpchar, name, uuid, bytea: byte order
         16 | 25 | 1043 | 1042 | 19 | 2950 | 17 => Some(a.cmp(b)),
+        1700 => Some(compare_numeric(
+            &super::numeric::numeric_from_binary(a)?,
+            &super::numeric::numeric_from_binary(b)?,
+        )),
         _ => None,
     }
 }
@@ -266,7 +270,7 @@ fn sortable(oid: u32, binary: bool) -> bool {
         || compare_binary(oid, &[], &[]).is_some()
         || matches!(
             oid,
-            20 | 21 | 23 | 26 | 1082 | 1083 | 1114 | 1184 | 700 | 701
+            20 | 21 | 23 | 26 | 1082 | 1083 | 1114 | 1184 | 700 | 701 | 1700
         )
 }
 
@@ -279,11 +283,7 @@ fn compare(oid: u32, a: &[u8], b: &[u8]) -> Ordering {
             let p = |x: &[u8]| text(x).parse::<i64>().unwrap_or(0);
             p(a).cmp(&p(b))
         }
-        // numeric
-        1700 => match (Decimal::parse(&text(a)), Decimal::parse(&text(b))) {
-            (Ok(x), Ok(y)) => x.cmp(&y),
-            _ => a.cmp(b),
-        },
+        1700 => compare_numeric(&text(a), &text(b)),
         // float4, float8 (NaN sorts last, as in PostgreSQL)
         700 | 701 => {
             let p = |x: &[u8]| text(x).parse::<f64>().unwrap_or(f64::NAN);
@@ -291,6 +291,24 @@ fn compare(oid: u32, a: &[u8], b: &[u8]) -> Ordering {
         }
         // Text, dates and timestamps in ISO style: byte order (C collation).
         _ => a.cmp(b),
+    }
+}
+
+/// Compares two `numeric` values in text as PostgreSQL orders them: -Infinity, the
+/// numbers (exactly), Infinity, NaN.
+fn compare_numeric(a: &str, b: &str) -> Ordering {
+    let rank = |s: &str| match s {
+        "-Infinity" => 0,
+        "Infinity" => 2,
+        "NaN" => 3,
+        _ => 1,
+    };
+    match (rank(a), rank(b)) {
+        (1, 1) => match (Decimal::parse(a), Decimal::parse(b)) {
+            (Ok(x), Ok(y)) => x.cmp(&y),
+            _ => a.cmp(b),
+        },
+        (x, y) => x.cmp(&y),
     }
 }
 
@@ -669,6 +687,43 @@ mod tests {
         assert_eq!(add_decimal("100", "-0.001").as_deref(), Some("99.999"));
         assert_eq!(add_decimal("-0.5", "0.25").as_deref(), Some("-0.25"));
         assert_eq!(add_decimal("NaN", "1"), None);
+    }
+
+    #[test]
+    fn numerics_order_as_in_postgresql() {
+        let mut v = [
+            "NaN",
+            "2.50",
+            "-Infinity",
+            "10",
+            "-3.1",
+            "Infinity",
+            "2.5",
+            "0",
+        ];
+        v.sort_by(|a, b| compare_numeric(a, b));
+        assert_eq!(
+            v,
+            [
+                "-Infinity",
+                "-3.1",
+                "0",
+                "2.50",
+                "2.5",
+                "10",
+                "Infinity",
+                "NaN"
+            ]
+        );
+        let bin = |t: &str| crate::exec::numeric::numeric_to_binary(t).unwrap();
+        assert_eq!(
+            compare_binary(1700, &bin("-12.5"), &bin("3")),
+            Some(Ordering::Less)
+        );
+        assert_eq!(
+            compare_binary(1700, &bin("100000.0001"), &bin("100000")),
+            Some(Ordering::Greater)
+        );
     }
 
     #[test]

@@ -7,14 +7,6 @@ use super::*;
 use crate::exec::scatter;
 use crate::router::{Analysis, Kind};
 
-/// A portal whose rows pgshard holds (merged from several shards).
-pub(super) struct VirtualPortal {
-    /// RowDescription (or NoData).
-    pub(super) description: Bytes,
-    /// DataRows and CommandComplete (with notices).
-    pub(super) rows: Option<Bytes>,
-}
-
 /// One shard's part of a split statement in the extended protocol: its query, parameter
 /// types and Bind body.
 type ShardRequest = (Vec<u8>, Vec<u8>, Vec<u8>);
@@ -223,7 +215,8 @@ impl Session {
     /// keyless UPDATE/DELETE, a split INSERT without parameters): runs it with the
     /// client's parameters on each shard inside a transaction over them (the client's, or
     /// an implicit one committed with two-phase commit), and holds the combined result as
-    /// a portal.
+    /// a portal. A read over several shards inside the client's transaction runs the same
+    /// way (`merge_bind_in_transaction`).
     pub(super) async fn write_bind(
         &mut self,
         frame: &Bytes,
@@ -258,6 +251,11 @@ impl Session {
         let plan = match split {
             Some(parts) => Multi::SplitInsert(parts),
             None => match self.multi_plan(shards, a) {
+                Ok(Multi::Merge(spec)) if self.status == b'T' => {
+                    return self
+                        .merge_bind_in_transaction(&spec, &query, &types, b.rest, shards, a)
+                        .await;
+                }
                 Ok(Multi::Merge(_)) => {
                     self.local_error(multi_shard_error(shards, a));
                     return Ok(());
@@ -348,24 +346,11 @@ impl Session {
             self.end_implicit(&mut out).await?;
         }
         if protocol::frames(&out).any(|f| f[0] == b'E') {
-            // As PostgreSQL, the rest of the batch is skipped.
-            self.relay.push(Pending::Synth {
-                frame: out.freeze(),
-                undo: None,
-            });
-            self.relay.drain_local(&mut self.cout);
-            self.local_skip = true;
+            self.bind_failed(out.freeze());
             return Ok(());
         }
-        self.relay.push(Pending::Synth {
-            frame: crate::exec::empty_frame(b'2'),
-            undo: None,
-        });
-        self.relay.drain_local(&mut self.cout);
-        self.route.virtual_portal = Some(VirtualPortal {
-            description: description.unwrap_or_else(|| crate::exec::empty_frame(b'n')),
-            rows: Some(out.freeze()),
-        });
+        let description = description.unwrap_or_else(|| crate::exec::empty_frame(b'n'));
+        self.hold_portal(description, out.freeze());
         Ok(())
     }
 
@@ -414,15 +399,63 @@ impl Session {
         )
         .await;
         let formats = scatter::result_formats(&bind_rest);
-        match results.and_then(|r| scatter::merge_select(r, &spec, &formats)) {
+        self.hold_merged(results.and_then(|r| scatter::merge_select(r, &spec, &formats)));
+        Ok(())
+    }
+
+    /// A Bind of a read over several shards inside the client's transaction: every shard
+    /// joins the transaction and runs the Bind (with the client's parameters and result
+    /// formats) in turn, so the read sees the transaction's own writes; the merged rows
+    /// are held as the portal.
+    async fn merge_bind_in_transaction(
+        &mut self,
+        spec: &crate::router::merge::MergeSpec,
+        query: &[u8],
+        types: &[u8],
+        rest: &[u8],
+        shards: &[usize],
+        a: &Analysis,
+    ) -> Result<(), SessionError> {
+        if !self.answer_held().await? {
+            return Ok(());
+        }
+        let bind_rest = scatter::with_extra_result_columns(rest, spec.hidden.len());
+        let req = extended_request(
+            a.shard_sql.as_deref().map_or(query, str::as_bytes),
+            types,
+            &bind_rest,
+        );
+        let mut results = Vec::with_capacity(shards.len());
+        for &s in shards {
+            crate::metrics::inc(&self.db.shards[s].stats.cross_shard);
+            let Some(frames) = self.run_request_on(s, &req).await? else {
+                return Ok(());
+            };
+            if frames.is_empty() {
+                // The shard could not join (the client got that error).
+                return Ok(());
+            }
+            results.push(frames);
+            if self.status == b'E' {
+                break;
+            }
+        }
+        let merged = scatter::merge_select(results, spec, &scatter::result_formats(&bind_rest));
+        if merged.is_err() {
+            // As after any error, the transaction is aborted.
+            self.status = b'E';
+        }
+        self.hold_merged(merged);
+        Ok(())
+    }
+
+    /// Holds the merged rows of a Bind as its portal, or fails the Bind with the merge's
+    /// or a shard's error.
+    fn hold_merged(&mut self, merged: Result<bytes::BytesMut, PgError>) {
+        match merged {
+            // A shard's error.
             Ok(out) if protocol::frames(&out).any(|f| f[0] == b'E') => {
-                // A shard's error: as PostgreSQL, the rest of the batch is skipped.
-                self.relay.push(Pending::Synth {
-                    frame: out.freeze(),
-                    undo: None,
-                });
-                self.relay.drain_local(&mut self.cout);
-                self.local_skip = true;
+                self.bind_failed(out.freeze())
             }
             Ok(mut out) => {
                 let description = if out.first() == Some(&b'T') {
@@ -431,61 +464,9 @@ impl Session {
                 } else {
                     crate::exec::empty_frame(b'n')
                 };
-                self.relay.push(Pending::Synth {
-                    frame: crate::exec::empty_frame(b'2'),
-                    undo: None,
-                });
-                self.relay.drain_local(&mut self.cout);
-                self.route.virtual_portal = Some(VirtualPortal {
-                    description,
-                    rows: Some(out.freeze()),
-                });
+                self.hold_portal(description, out.freeze());
             }
             Err(e) => self.local_error(e),
-        }
-        Ok(())
-    }
-
-    /// Answers the client's Describe, Execute or Close of the portal pgshard holds; false
-    /// when the message is for something else (the portal is then dropped).
-    pub(super) fn answer_from_portal(&mut self, frame: &Bytes) -> Result<bool, SessionError> {
-        let tag = frame[0];
-        match tag {
-            b'D' | b'C' if protocol::parse_target(frame, "Describe")? == (b'P', &b""[..]) => {
-                let vp = self.route.virtual_portal.as_mut().expect("checked");
-                let reply = if tag == b'D' {
-                    vp.description.clone()
-                } else {
-                    self.route.virtual_portal = None;
-                    crate::exec::empty_frame(b'3')
-                };
-                self.relay.push(Pending::Synth {
-                    frame: reply,
-                    undo: None,
-                });
-                self.relay.drain_local(&mut self.cout);
-                Ok(true)
-            }
-            b'E' => {
-                let vp = self.route.virtual_portal.as_mut().expect("checked");
-                // Executing again returns no more rows, as for an exhausted portal.
-                let reply = vp.rows.take().unwrap_or_else(|| {
-                    let mut b = bytes::BytesMut::new();
-                    protocol::write_msg(&mut b, b'C', b"SELECT 0\0");
-                    b.freeze()
-                });
-                self.relay.push(Pending::Synth {
-                    frame: reply,
-                    undo: None,
-                });
-                self.relay.drain_local(&mut self.cout);
-                Ok(true)
-            }
-            b'H' => Ok(true),
-            _ => {
-                self.route.virtual_portal = None;
-                Ok(false)
-            }
         }
     }
 }

@@ -4,7 +4,7 @@
 //! control, COPY and COMMIT of multi-shard transactions bound here are answered by
 //! pgshard.
 
-use super::cross::{VirtualPortal, multi_shard_error};
+use super::cross::multi_shard_error;
 use super::route::{CACHE_LIMIT, Dest, aborted, cross_shard_txn, is_copy, mergeable};
 use super::{Pending, Session, SessionError};
 use crate::config::PoolMode;
@@ -17,6 +17,7 @@ impl Session {
     pub(super) async fn route_extended(&mut self, frame: Bytes) -> Result<(), SessionError> {
         let tag = frame[0];
         if tag == b'B' {
+            self.route.bind_portal = frame.slice_ref(protocol::parse_bind(&frame)?.portal);
             // Whether the batch so far only read decides how it may move (see `batch.rs`).
             // A Bind counts as a write unless `decide_bind` finds a plain read.
             self.route.wrote_before_bind = self.route.batch_writes;
@@ -64,7 +65,7 @@ impl Session {
                 return Ok(());
             }
         }
-        if self.route.virtual_portal.is_some() && self.answer_from_portal(&frame)? {
+        if !self.route.portals.is_empty() && self.answer_from_portal(&frame)? {
             return Ok(());
         }
         // In a transaction, a batch's frames wait for its Bind as well: it may need
@@ -115,9 +116,10 @@ impl Session {
                         let (shards, a) = (shards.clone(), a.clone());
                         return self.scatter_bind(&frame, &shards, &a).await;
                     }
+                    // Writes, and reads inside a transaction (the shards join it).
                     if let Ok(Dest::Multi(shards, a)) = &dest
-                        && a.kind >= Kind::Write
-                        && (self.status == b'I' || self.can_run_in_transaction())
+                        && ((a.kind >= Kind::Write && self.status == b'I')
+                            || self.can_run_in_transaction())
                         && self.mode == PoolMode::Transaction
                     {
                         let (shards, a) = (shards.clone(), a.clone());
@@ -160,7 +162,11 @@ impl Session {
                     return Ok(());
                 }
             }
-            match self.decide_bind(&frame).await? {
+            let dest = self.decide_bind(&frame).await?;
+            if matches!(dest, Ok(Dest::Multi(..))) && self.in_batch && !self.route.batch_ran {
+                self.described_only().await?;
+            }
+            match dest {
                 Ok(Dest::Shard(s))
                     if s == self.shard
                         && (self.reads.on_replica == self.reads.read_ok
@@ -199,7 +205,7 @@ impl Session {
                     return self.scatter_bind(&frame, &shards, &a).await;
                 }
                 Ok(Dest::Multi(shards, a))
-                    if a.kind >= Kind::Write
+                    if (a.kind >= Kind::Write || mergeable(&a))
                         && !self.in_batch
                         && self.mode == PoolMode::Transaction
                         && (self.status == b'I' || self.can_run_in_transaction()) =>
@@ -213,6 +219,21 @@ impl Session {
             }
         }
         self.forward_extended(&frame).await
+    }
+
+    /// A Bind over several shards after a batch that only parsed, described or closed on
+    /// the attached server (asyncpg describes a new statement, with a Flush, before it
+    /// binds it): once the server answered, nothing of the batch is pending there, so the
+    /// Bind may run as at the start of a batch.
+    async fn described_only(&mut self) -> Result<(), SessionError> {
+        if self.backend.is_some() && !self.relay.idle() {
+            protocol::write_msg(&mut self.bout, b'H', &[]);
+            self.settle().await?;
+        }
+        if self.relay.idle() && !self.route.batch_failed && !self.local_skip {
+            self.in_batch = false;
+        }
+        Ok(())
     }
 
     /// The statement a Bind binds, when pgshard knows its text and it is one statement.
@@ -327,15 +348,7 @@ impl Session {
             });
         }
 
-        self.relay.push(Pending::Synth {
-            frame: crate::exec::empty_frame(b'2'),
-            undo: None,
-        });
-        self.relay.drain_local(&mut self.cout);
-        self.route.virtual_portal = Some(VirtualPortal {
-            description: crate::exec::empty_frame(b'n'),
-            rows: Some(reply),
-        });
+        self.hold_portal(crate::exec::empty_frame(b'n'), reply);
         Ok(())
     }
 

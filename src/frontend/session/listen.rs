@@ -63,24 +63,12 @@ fn execute_portal(frame: &[u8]) -> &[u8] {
 }
 
 impl Session {
-    /// A simple-query LISTEN or UNLISTEN (`st`, the string's only statement when
-    /// `alone`) in transaction pooling mode.
-    pub(super) async fn listen_statement(
-        &mut self,
-        st: &str,
-        alone: bool,
-    ) -> Result<(), SessionError> {
+    /// A simple-query LISTEN or UNLISTEN, the string's only statement, in transaction
+    /// pooling mode.
+    pub(super) async fn listen_statement(&mut self, st: &str) -> Result<(), SessionError> {
         // Answers in order: whatever the client sent before comes back first.
         self.settle().await?;
-        let r = if alone {
-            self.apply_listen(st).await
-        } else {
-            Err(PgError::new(
-                "0A000",
-                "LISTEN and UNLISTEN must be sent on their own in transaction pooling mode",
-            )
-            .with_hint("Send it as a query string of its own."))
-        };
+        let r = self.apply_listen(st).await;
         match r {
             Ok(tag) => {
                 self.relay.drain_local(&mut self.cout);
@@ -93,7 +81,7 @@ impl Session {
     }
 
     /// Subscribes or unsubscribes the session; the command tag.
-    async fn apply_listen(&mut self, st: &str) -> Result<&'static str, PgError> {
+    pub(super) async fn apply_listen(&mut self, st: &str) -> Result<&'static str, PgError> {
         let verb = if router::classify(st) == StatementKind::Listen {
             "LISTEN"
         } else {

@@ -16,6 +16,7 @@ mod insert_select;
 mod io;
 mod listen;
 mod multi;
+mod portal;
 mod prepared;
 mod replay;
 mod replica;
@@ -421,11 +422,18 @@ impl Session {
                 self.local_skip = false;
                 self.in_batch = false;
                 self.route.batch_writes = false;
-                // The unnamed portal ends with the implicit transaction.
-                self.route.virtual_portal = None;
+                self.route.batch_ran = false;
+                self.route.batch_failed = false;
+                // Portals end with the implicit transaction; in a transaction block they
+                // live on until its end.
+                if self.status == b'I' {
+                    self.route.portals.clear();
+                }
                 self.route.pending_copy = None;
                 if self.multi.batch_commit {
                     self.end_moved_batch().await?;
+                    // Its errors were this batch's (a forwarded Sync's end at ReadyForQuery).
+                    self.route.batch_failed = false;
                 } else if self.backend.is_some() {
                     self.started();
                     self.relay.push(Pending::Sync);
@@ -459,6 +467,13 @@ impl Session {
 
     async fn on_query(&mut self, frame: Bytes) -> Result<(), SessionError> {
         let sql = protocol::parse_query(&frame)?;
+        if !self.route.portals.is_empty() {
+            // A simple Query ends the unnamed portal, as on a server.
+            self.route.portals.remove(b"");
+            if self.move_portal(sql).await? {
+                return Ok(());
+            }
+        }
         if self.slow.is_some() {
             self.slow_text = Some(frame.slice_ref(sql.as_bytes()));
         }
@@ -481,7 +496,12 @@ impl Session {
                 StatementKind::Listen | StatementKind::Unlisten
                     if self.mode == PoolMode::Transaction =>
                 {
-                    return self.listen_statement(st, statements.len() == 1).await;
+                    // Several statements run one by one, LISTEN answered here (`run_script`).
+                    return if statements.len() == 1 {
+                        self.listen_statement(st).await
+                    } else {
+                        self.run_script(sql).await
+                    };
                 }
                 StatementKind::DropsAllStatements if self.mode == PoolMode::Transaction => {
                     // DISCARD ALL includes UNLISTEN *.
@@ -653,6 +673,7 @@ impl Session {
             };
             let frame = deadlock.as_deref().unwrap_or(&b.rbuf[..n]);
             if tag == b'E' {
+                self.route.batch_failed = true;
                 let code = crate::metrics::sqlstate_of(frame).unwrap_or("XX000");
                 self.db.shards[self.shard].stats.error(code);
             } else if tag == b'C' {
@@ -668,6 +689,7 @@ impl Session {
             }
             match event {
                 Event::Ready(s) => {
+                    self.route.batch_failed = false;
                     self.finished(s);
                     self.status = s;
                     self.in_copy = false;

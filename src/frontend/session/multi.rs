@@ -256,6 +256,7 @@ impl Session {
             }
         };
         drop(parts);
+        self.route.portals.clear();
         self.multi.txn = None;
         self.listen_ext.ended(Some(matches!(out, Ok("COMMIT"))));
         self.status = b'I';
@@ -537,6 +538,7 @@ impl Session {
             tracing::error!("transaction ended on one shard with others parked; rolling them back");
             self.drop_parked();
         }
+        self.route.portals.clear();
         self.multi.txn = None;
         self.multi.begin = None;
         self.multi.replay.clear();

@@ -67,6 +67,9 @@ impl Session {
         if tag != b'H' {
             self.in_batch = true;
         }
+        if !matches!(tag, b'P' | b'D' | b'C' | b'H') {
+            self.route.batch_ran = true;
+        }
         if self.mode == PoolMode::Session {
             if tag == b'P' {
                 let p = protocol::parse_parse(frame)?;

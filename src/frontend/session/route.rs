@@ -6,7 +6,6 @@
 //! message tells where the batch goes (a Bind, with its parameter values), so that the
 //! whole batch reaches one server in order and PostgreSQL itself answers every message.
 
-use super::cross::VirtualPortal;
 use super::{Pending, Session, SessionError};
 use crate::config::PoolMode;
 use crate::protocol::{self, PgError};
@@ -40,12 +39,17 @@ pub(super) struct RouteState {
     /// The batch (up to its Sync) has bound a statement that may write or lock; and
     /// whether it had before the Bind being routed (see `batch.rs`).
     pub(super) batch_writes: bool,
+    /// Since the client's last Sync, a server got more of the batch than Parse, Describe
+    /// and Close (a statement ran); or a server answered part of it with an error.
+    pub(super) batch_ran: bool,
+    pub(super) batch_failed: bool,
     pub(super) wrote_before_bind: bool,
     /// Set by `decide`: the statement it routed is a plain read (replica-safe).
     pub(super) decided_read: bool,
-    /// The merged result of a cross-shard Bind, answered by pgshard to the client's
-    /// Describe (portal) and Execute until Sync.
-    pub(super) virtual_portal: Option<VirtualPortal>,
+    /// Portals pgshard holds (merged rows, its own answers), see `portal.rs`.
+    pub(super) portals: super::portal::VirtualPortals,
+    /// The portal name of the Bind being routed.
+    pub(super) bind_portal: bytes::Bytes,
     /// A directory-sharded key `decide` needs read from the directory first: (table
     /// index, key, record a new entry).
     pub(super) lookup: Option<(usize, String, bool)>,
@@ -159,7 +163,7 @@ impl RouteState {
         self.held.is_empty()
             && self.deferred_begin.is_none()
             && self.movable_begin.is_none()
-            && self.virtual_portal.is_none()
+            && self.portals.is_empty()
             && self.pending_copy.is_none()
     }
 

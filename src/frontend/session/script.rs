@@ -1,4 +1,5 @@
-//! A simple Query string of several statements that need several shards: each statement
+//! A simple Query string of several statements that need several shards, or that has
+//! LISTEN or UNLISTEN (which pgshard answers in transaction pooling mode): each statement
 //! is routed on its own, with PostgreSQL's semantics for such strings. The string is one
 //! implicit transaction unless it has its own BEGIN (then its COMMIT or ROLLBACK, if any,
 //! must end it); after an error the rest of the string is skipped and, in an implicit
@@ -33,7 +34,7 @@ impl Session {
             self.answer_error(
                 PgError::new(
                     "0A000",
-                    "this query string has statements for several shards, which pgshard runs one by one only in transaction pooling mode, outside a failed transaction, with BEGIN first and COMMIT/ROLLBACK last if at all (no savepoints)",
+                    "pgshard runs this query string's statements one by one (they need several shards, or LISTEN is among them), which it does only in transaction pooling mode, outside a failed transaction, with BEGIN first and COMMIT/ROLLBACK last if at all (no savepoints)",
                 )
                 .with_hint("Send the statements one by one."),
             );
@@ -51,7 +52,19 @@ impl Session {
         }
         let body =
             &statements[usize::from(explicit_begin)..statements.len() - usize::from(explicit_end)];
-        for st in body {
+        for (st, kind) in body.iter().zip(&kinds[usize::from(explicit_begin)..]) {
+            if matches!(kind, StatementKind::Listen | StatementKind::Unlisten) {
+                // Pending until the string's transaction commits, as in PostgreSQL.
+                match self.apply_listen(st).await {
+                    Ok(tag) => protocol::write_msg(&mut out, b'C', format!("{tag}\0").as_bytes()),
+                    Err(e) => {
+                        e.write(&mut out);
+                        self.status = b'E';
+                        break;
+                    }
+                }
+                continue;
+            }
             let dest = self.decide_async(st, &Params::default()).await;
             let frames = match dest {
                 Err(e) => {
@@ -102,7 +115,20 @@ impl Session {
             } else {
                 "COMMIT"
             };
-            match self.end_multi(end).await? {
+            let outcome = if self.backend.is_none() && self.multi.parked.is_empty() {
+                // No server took part (only LISTEN and UNLISTEN ran): nothing to end there.
+                let first = end.trim_start().to_ascii_lowercase();
+                let rollback =
+                    failed || first.starts_with("rollback") || first.starts_with("abort");
+                self.route.deferred_begin = None;
+                self.route.movable_begin = None;
+                self.status = b'I';
+                self.listen_ext.ended(Some(!rollback));
+                Ok(if rollback { "ROLLBACK" } else { "COMMIT" })
+            } else {
+                self.end_multi(end).await?
+            };
+            match outcome {
                 Ok(tag) if explicit_end => {
                     protocol::write_msg(&mut out, b'C', format!("{tag}\0").as_bytes())
                 }

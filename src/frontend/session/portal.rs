@@ -1,0 +1,384 @@
+//! Portals whose rows pgshard holds: the merged rows of a Bind over several shards, or
+//! pgshard's own answer to a statement it carries out (BEGIN, COMMIT, a write over several
+//! shards). pgshard answers the client's Describe, Execute and Close of them, as a server
+//! would: Execute with a row limit returns that many rows and PortalSuspended (as cursors
+//! in pgjdbc, node-postgres and asyncpg fetch), and a portal lives until it is closed,
+//! replaced by a Bind of its name, or its transaction ends.
+
+use super::{Pending, Session, SessionError};
+use crate::protocol;
+use bytes::{Bytes, BytesMut};
+
+/// One portal's answers.
+pub(super) struct VirtualPortal {
+    /// RowDescription (or NoData).
+    description: Bytes,
+    /// The frames not returned yet: DataRows, notices and the CommandComplete.
+    rest: Bytes,
+    /// An Execute returned rows and PortalSuspended before.
+    suspended: bool,
+    /// Every frame was returned.
+    done: bool,
+}
+
+impl VirtualPortal {
+    /// The frames an Execute with `max_rows` (0: no limit) returns.
+    fn execute(&mut self, max_rows: u32) -> BytesMut {
+        let mut out = BytesMut::new();
+        if self.done {
+            // Executing again returns no more rows, as for an exhausted portal.
+            protocol::write_msg(&mut out, b'C', b"SELECT 0\0");
+            return out;
+        }
+        let limit = u64::from(max_rows);
+        let mut rows = 0u64;
+        let mut used = 0;
+        let rest = self.rest.clone();
+        for f in protocol::frames(&rest) {
+            if limit > 0 && rows == limit && matches!(f[0], b'D' | b'C') {
+                // As a server: `max_rows` rows, then suspended, even when no row is left
+                // (the next Execute then completes with none).
+                out.extend_from_slice(&empty(b's'));
+                self.rest = self.rest.slice(used..);
+                self.suspended = true;
+                return out;
+            }
+            match f[0] {
+                b'D' => rows += 1,
+                // A portal fetched in parts reports the rows of the last part, as
+                // PostgreSQL does.
+                b'C' if self.suspended => {
+                    write_tag_with_count(&mut out, f, rows);
+                    used += f.len();
+                    continue;
+                }
+                _ => {}
+            }
+            out.extend_from_slice(f);
+            used += f.len();
+        }
+        self.rest = Bytes::new();
+        self.done = true;
+        out
+    }
+}
+
+impl VirtualPortal {
+    /// Skips up to `n` rows (None: all), as `MOVE`; how many it skipped.
+    fn skip(&mut self, n: Option<u64>) -> u64 {
+        let mut skipped = 0;
+        let mut used = 0;
+        let rest = self.rest.clone();
+        for f in protocol::frames(&rest) {
+            if f[0] != b'D' || n.is_some_and(|n| skipped == n) {
+                break;
+            }
+            skipped += 1;
+            used += f.len();
+        }
+        self.rest = self.rest.slice(used..);
+        // The tag at the end counts only the rows an Execute returns.
+        self.suspended = true;
+        skipped
+    }
+}
+
+/// `MOVE [FORWARD | NEXT] [count | ALL] [FROM | IN] portal`: (count, None for all; the
+/// portal's name). None for other statements and other directions.
+fn parse_move(sql: &str) -> Option<(Option<u64>, String)> {
+    let words: Vec<&str> = sql
+        .trim()
+        .trim_end_matches(';')
+        .split_whitespace()
+        .collect();
+    let (first, mut rest) = words.split_first()?;
+    if !first.eq_ignore_ascii_case("move") {
+        return None;
+    }
+    let mut count = Some(1);
+    if let Some((w, r)) = rest.split_first()
+        && (w.eq_ignore_ascii_case("forward") || w.eq_ignore_ascii_case("next"))
+    {
+        rest = r;
+    }
+    if let Some((w, r)) = rest.split_first() {
+        if w.eq_ignore_ascii_case("all") {
+            count = None;
+            rest = r;
+        } else if let Ok(n) = w.parse::<u64>() {
+            count = Some(n);
+            rest = r;
+        }
+    }
+    if let Some((w, r)) = rest.split_first()
+        && (w.eq_ignore_ascii_case("from") || w.eq_ignore_ascii_case("in"))
+    {
+        rest = r;
+    }
+    let name = rest.join(" ");
+    let name = match name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+        Some(quoted) => quoted.replace("\"\"", "\""),
+        None if !name.is_empty() && !name.contains(['"', ' ']) => name.to_lowercase(),
+        None => return None,
+    };
+    Some((count, name))
+}
+
+fn empty(tag: u8) -> Bytes {
+    crate::exec::empty_frame(tag)
+}
+
+/// A CommandComplete with its row count (the tag's last word) replaced by `rows`.
+fn write_tag_with_count(out: &mut BytesMut, frame: &[u8], rows: u64) {
+    let tag = frame
+        .get(5..frame.len().saturating_sub(1))
+        .unwrap_or_default();
+    let tag = String::from_utf8_lossy(tag);
+    let head = match tag.rsplit_once(' ') {
+        Some((head, n)) if n.bytes().all(|b| b.is_ascii_digit()) => head,
+        _ => {
+            out.extend_from_slice(frame);
+            return;
+        }
+    };
+    protocol::write_msg(out, b'C', format!("{head} {rows}\0").as_bytes());
+}
+
+/// The portals a session's client has with pgshard (few at a time: a list).
+#[derive(Default)]
+pub(super) struct VirtualPortals(Vec<(Bytes, VirtualPortal)>);
+
+impl VirtualPortals {
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Holds `rows` (DataRows and CommandComplete) as portal `name`, replacing any of
+    /// that name.
+    pub(super) fn insert(&mut self, name: &[u8], description: Bytes, rows: Bytes) {
+        self.remove(name);
+        self.0.push((
+            Bytes::copy_from_slice(name),
+            VirtualPortal {
+                description,
+                rest: rows,
+                suspended: false,
+                done: false,
+            },
+        ));
+    }
+
+    /// The transaction ended: its portals are gone.
+    pub(super) fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    /// The unnamed portal is gone (a simple Query or a Bind of it replaces it).
+    pub(super) fn remove(&mut self, name: &[u8]) -> bool {
+        let before = self.0.len();
+        self.0.retain(|(n, _)| n != name);
+        self.0.len() != before
+    }
+
+    fn get_mut(&mut self, name: &[u8]) -> Option<&mut VirtualPortal> {
+        self.0.iter_mut().find(|(n, _)| n == name).map(|(_, p)| p)
+    }
+}
+
+/// The portal name and row limit of an Execute.
+fn parse_execute(frame: &[u8]) -> Result<(&[u8], u32), SessionError> {
+    let body = frame.get(5..).unwrap_or_default();
+    let malformed = || crate::protocol::ProtocolError::Malformed {
+        what: "Execute",
+        detail: "truncated".into(),
+    };
+    let nul = memchr::memchr(0, body).ok_or_else(malformed)?;
+    let n = body
+        .get(nul + 1..nul + 5)
+        .ok_or_else(malformed)?
+        .try_into()
+        .expect("four bytes");
+    Ok((&body[..nul], u32::from_be_bytes(n).min(i32::MAX as u32)))
+}
+
+impl Session {
+    /// Answers the client's Describe, Execute or Close of a portal pgshard holds; false
+    /// when the frame is for something else (a Bind replacing such a portal drops it).
+    pub(super) fn answer_from_portal(&mut self, frame: &Bytes) -> Result<bool, SessionError> {
+        let reply = match frame[0] {
+            b'D' | b'C' => {
+                let (kind, name) = protocol::parse_target(frame, "Describe")?;
+                if kind != b'P' {
+                    return Ok(false);
+                }
+                if frame[0] == b'C' {
+                    if !self.route.portals.remove(name) {
+                        return Ok(false);
+                    }
+                    empty(b'3')
+                } else {
+                    match self.route.portals.get_mut(name) {
+                        Some(p) => p.description.clone(),
+                        None => return Ok(false),
+                    }
+                }
+            }
+            b'E' => {
+                let (name, max_rows) = parse_execute(frame)?;
+                if !self.route.portals.0.iter().any(|(n, _)| n == name) {
+                    return Ok(false);
+                }
+                if self.status == b'E' {
+                    self.local_error(super::route::aborted());
+                    return Ok(true);
+                }
+                let p = self.route.portals.get_mut(name).expect("checked");
+                p.execute(max_rows).freeze()
+            }
+            b'B' => {
+                let b = protocol::parse_bind(frame)?;
+                self.route.portals.remove(b.portal);
+                return Ok(false);
+            }
+            _ => return Ok(false),
+        };
+        self.relay.push(Pending::Synth {
+            frame: reply,
+            undo: None,
+        });
+        self.relay.drain_local(&mut self.cout);
+        Ok(true)
+    }
+
+    /// A simple-query `MOVE` of a portal pgshard holds (asyncpg's `Cursor.forward`),
+    /// answered here; false for any other query.
+    pub(super) async fn move_portal(&mut self, sql: &str) -> Result<bool, SessionError> {
+        let Some((count, name)) = parse_move(sql) else {
+            return Ok(false);
+        };
+        if self.route.portals.get_mut(name.as_bytes()).is_none() {
+            return Ok(false);
+        }
+        // Answers in order: whatever the client sent before comes back first.
+        self.settle().await?;
+        let Some(p) = self.route.portals.get_mut(name.as_bytes()) else {
+            return Ok(false);
+        };
+        let moved = p.skip(count);
+        self.relay.drain_local(&mut self.cout);
+        if self.status == b'E' {
+            super::route::aborted().write(&mut self.cout);
+        } else {
+            protocol::write_msg(&mut self.cout, b'C', format!("MOVE {moved}\0").as_bytes());
+        }
+        protocol::write_ready(&mut self.cout, self.status);
+        Ok(true)
+    }
+
+    /// A Bind's result held as its portal: BindComplete now, the rows at Execute.
+    pub(super) fn hold_portal(&mut self, description: Bytes, rows: Bytes) {
+        let portal = std::mem::take(&mut self.route.bind_portal);
+        self.route.portals.insert(&portal, description, rows);
+        self.relay.push(Pending::Synth {
+            frame: empty(b'2'),
+            undo: None,
+        });
+        self.relay.drain_local(&mut self.cout);
+    }
+
+    /// An error for the client in place of a Bind's result: as PostgreSQL, the rest of
+    /// the batch is skipped.
+    pub(super) fn bind_failed(&mut self, frames: Bytes) {
+        self.relay.push(Pending::Synth {
+            frame: frames,
+            undo: None,
+        });
+        self.relay.drain_local(&mut self.cout);
+        self.local_skip = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(n: usize) -> Bytes {
+        let mut b = BytesMut::new();
+        for i in 0..n {
+            let v = i.to_string();
+            let mut body = vec![0, 1];
+            body.extend_from_slice(&(v.len() as i32).to_be_bytes());
+            body.extend_from_slice(v.as_bytes());
+            protocol::write_msg(&mut b, b'D', &body);
+        }
+        protocol::write_msg(&mut b, b'C', format!("SELECT {n}\0").as_bytes());
+        b.freeze()
+    }
+
+    fn tags(b: &[u8]) -> Vec<String> {
+        protocol::frames(b)
+            .map(|f| match f[0] {
+                b'C' => String::from_utf8_lossy(&f[5..f.len() - 1]).into_owned(),
+                t => (t as char).to_string(),
+            })
+            .collect()
+    }
+
+    fn portal(n: usize) -> VirtualPortal {
+        VirtualPortal {
+            description: empty(b'n'),
+            rest: rows(n),
+            suspended: false,
+            done: false,
+        }
+    }
+
+    #[test]
+    fn executes_in_parts_as_a_server() {
+        let mut p = portal(5);
+        assert_eq!(tags(&p.execute(2)), ["D", "D", "s"]);
+        assert_eq!(tags(&p.execute(2)), ["D", "D", "s"]);
+        // The last part's count, as PostgreSQL reports it.
+        assert_eq!(tags(&p.execute(2)), ["D", "SELECT 1"]);
+        assert_eq!(tags(&p.execute(2)), ["SELECT 0"]);
+        // Exactly the rows left: suspended, then complete with none.
+        let mut p = portal(2);
+        assert_eq!(tags(&p.execute(2)), ["D", "D", "s"]);
+        assert_eq!(tags(&p.execute(2)), ["SELECT 0"]);
+        // No limit: all, with the original tag.
+        let mut p = portal(3);
+        assert_eq!(tags(&p.execute(0)), ["D", "D", "D", "SELECT 3"]);
+        let mut p = portal(3);
+        assert_eq!(tags(&p.execute(1)), ["D", "s"]);
+        assert_eq!(tags(&p.execute(0)), ["D", "D", "SELECT 2"]);
+    }
+
+    #[test]
+    fn moves_forward() {
+        assert_eq!(
+            parse_move("MOVE FORWARD 4 \"__asyncpg_portal_1__\""),
+            Some((Some(4), "__asyncpg_portal_1__".into()))
+        );
+        assert_eq!(parse_move("move all in C1"), Some((None, "c1".into())));
+        assert_eq!(parse_move("MOVE c"), Some((Some(1), "c".into())));
+        assert_eq!(parse_move("MOVE BACKWARD 2 c"), None);
+        assert_eq!(parse_move("FETCH 2 c"), None);
+        let mut p = portal(5);
+        assert_eq!(p.skip(Some(2)), 2);
+        assert_eq!(tags(&p.execute(2)), ["D", "D", "s"]);
+        assert_eq!(p.skip(None), 1);
+        assert_eq!(tags(&p.execute(2)), ["SELECT 0"]);
+    }
+
+    #[test]
+    fn portals_by_name() {
+        let mut ps = VirtualPortals::default();
+        ps.insert(b"C_1", empty(b'n'), rows(1));
+        ps.insert(b"", empty(b'n'), rows(2));
+        ps.insert(b"C_1", empty(b'n'), rows(3));
+        assert_eq!(ps.0.len(), 2);
+        assert_eq!(tags(&ps.get_mut(b"C_1").unwrap().execute(0)).len(), 4);
+        assert!(ps.remove(b""));
+        assert!(!ps.remove(b""));
+    }
+}

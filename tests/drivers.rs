@@ -1,0 +1,98 @@
+//! Real drivers through pgshard, compared with the same driver on one plain PostgreSQL:
+//! asyncpg (Python), node-postgres with pg-cursor (Node.js) and pgjdbc (Java) each run a
+//! script of their common usage (tests/drivers/) against a two-shard pgshard and against a
+//! plain database; the outputs must be the same line for line. `scripts/test` installs the
+//! drivers.
+
+mod common;
+
+use common::*;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The tables the scripts create, sharded by `id` (each driver has its own).
+const RULES: &str = "    sharded_tables:
+      - { table: asyncpg_items, column: id, method: hash }
+      - { table: node_items, column: id, method: hash }
+      - { table: jdbc_items, column: id, method: hash }
+";
+
+fn proxy() -> SocketAddr {
+    static P: std::sync::OnceLock<SocketAddr> = std::sync::OnceLock::new();
+    *P.get_or_init(|| {
+        let yaml = cluster2().config_yaml("127.0.0.1:0", "transaction", 6);
+        start_proxy_yaml(&format!("{yaml}{RULES}"))
+    })
+}
+
+/// The port of the plain database (`plain_<driver>` on the first shard's server; a
+/// database per driver, so that the drivers' tests run side by side).
+fn plain(driver: &str) -> (u16, String) {
+    let port = cluster2().shards[0].primary.port;
+    let db = format!("plain_{driver}");
+    cluster2()
+        .psql(port, "postgres", &format!("CREATE DATABASE {db} OWNER app"))
+        .unwrap();
+    (port, db)
+}
+
+fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/drivers")
+}
+
+/// Runs `cmd` with `url` appended; its standard output (it must succeed and say `done`).
+fn run(cmd: &[&str], url: &str) -> String {
+    let out = Command::new(cmd[0])
+        .args(&cmd[1..])
+        .arg(url)
+        .current_dir(dir())
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e} (scripts/test installs the drivers)", cmd[0]));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && stdout.ends_with("done\n"),
+        "{cmd:?} {url}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The script's output through pgshard equals its output on the plain database.
+fn same_through_pgshard(driver: &str, cmd: &[&str], url: impl Fn(u16, &str) -> String) {
+    let (port, db) = plain(driver);
+    let expected = run(cmd, &url(port, &db));
+    let got = run(cmd, &url(proxy().port(), "app"));
+    for (i, (a, b)) in got.lines().zip(expected.lines()).enumerate() {
+        assert_eq!(a, b, "{driver}, line {}: through pgshard vs plain", i + 1);
+    }
+    assert_eq!(got.lines().count(), expected.lines().count(), "{driver}");
+}
+
+#[test]
+fn asyncpg() {
+    same_through_pgshard("asyncpg", &["python3", "asyncpg_client.py"], |port, db| {
+        format!("postgresql://app:app@127.0.0.1:{port}/{db}")
+    });
+}
+
+#[test]
+fn node_postgres() {
+    same_through_pgshard("node", &["node", "node_client.js"], |port, db| {
+        format!("postgresql://app:app@127.0.0.1:{port}/{db}")
+    });
+}
+
+#[test]
+fn pgjdbc() {
+    same_through_pgshard(
+        "jdbc",
+        &[
+            "java",
+            "-cp",
+            "/usr/share/java/postgresql.jar",
+            "JdbcClient.java",
+        ],
+        |port, db| format!("jdbc:postgresql://127.0.0.1:{port}/{db}?user=app&password=app"),
+    );
+}
