@@ -1,5 +1,6 @@
 //! Real drivers through pgshard, compared with the same driver on one plain PostgreSQL:
-//! asyncpg (Python), node-postgres with pg-cursor (Node.js) and pgjdbc (Java) each run a
+//! asyncpg and psycopg 3 (Python), node-postgres with pg-cursor (Node.js) and pgjdbc
+//! (Java) each run a
 //! script of their common usage (tests/drivers/) against a two-shard pgshard and against a
 //! plain database; the outputs must be the same line for line. `scripts/test` installs the
 //! drivers.
@@ -16,6 +17,7 @@ const RULES: &str = "    sharded_tables:
       - { table: asyncpg_items, column: id, method: hash }
       - { table: node_items, column: id, method: hash }
       - { table: jdbc_items, column: id, method: hash }
+      - { table: psycopg_items, column: id, method: hash }
 ";
 
 fn proxy() -> SocketAddr {
@@ -95,4 +97,11 @@ fn pgjdbc() {
         ],
         |port, db| format!("jdbc:postgresql://127.0.0.1:{port}/{db}?user=app&password=app"),
     );
+}
+
+#[test]
+fn psycopg() {
+    same_through_pgshard("psycopg", &["python3", "psycopg_client.py"], |port, db| {
+        format!("host=127.0.0.1 port={port} user=app password=app dbname={db}")
+    });
 }

@@ -1192,3 +1192,107 @@ async fn listen_hears_every_shard_once() {
         ("shard_ext".to_string(), "ext".to_string())
     );
 }
+
+#[tokio::test]
+async fn cursors_over_shards_return_every_row() {
+    let addr = setup().await;
+    let c = connect(addr).await;
+    let plain = connect_server(ports()[0], "plain").await;
+    // DECLARE over both shards, then FETCH and MOVE forward and CLOSE, in the simple
+    // protocol: the same rows, row counts and tags as on one database (a cursor per
+    // shard, read from one of them, used to return one shard's rows).
+    let script = [
+        "BEGIN",
+        "DECLARE cur CURSOR FOR SELECT id, name FROM users WHERE id > 20 ORDER BY name, id",
+        "FETCH 5 FROM cur",
+        "MOVE FORWARD 10 IN cur",
+        "FETCH NEXT FROM cur",
+        "FETCH cur",
+        "FETCH FORWARD ALL FROM cur",
+        "FETCH 3 FROM cur",
+        "MOVE ALL FROM cur",
+        "CLOSE cur",
+        "DECLARE \"Agg\" NO SCROLL CURSOR FOR SELECT name, count(*) FROM users u JOIN orders o ON o.user_id = u.id GROUP BY name ORDER BY 2 DESC, 1 LIMIT 7",
+        "FETCH ALL FROM \"Agg\"",
+        "COMMIT",
+    ];
+    for q in script {
+        let tags = |m: &[SimpleQueryMessage]| -> Vec<String> {
+            m.iter()
+                .filter_map(|m| match m {
+                    SimpleQueryMessage::CommandComplete(n) => Some(n.to_string()),
+                    _ => None,
+                })
+                .collect()
+        };
+        let a = c.simple_query(q).await.unwrap();
+        let b = plain.simple_query(q).await.unwrap();
+        assert_eq!(rows(&a), rows(&b), "{q}");
+        assert_eq!(tags(&a), tags(&b), "{q}");
+    }
+    let fetched = rows(
+        &c.simple_query("BEGIN; DECLARE c2 CURSOR FOR SELECT id FROM users; FETCH ALL FROM c2")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(fetched.len(), 200, "every shard's rows");
+    c.batch_execute("COMMIT").await.unwrap();
+    // WITH HOLD outlives the transaction (and may be declared outside one); without it, a
+    // cursor needs a transaction block, as in PostgreSQL.
+    c.batch_execute(
+        "DECLARE held CURSOR WITH HOLD FOR SELECT id FROM users WHERE id <= 4 ORDER BY id",
+    )
+    .await
+    .unwrap();
+    c.batch_execute("BEGIN; SELECT 1; COMMIT").await.unwrap();
+    let r = rows(&c.simple_query("FETCH 3 FROM held").await.unwrap());
+    assert_eq!(
+        r,
+        [["1"], ["2"], ["3"]].map(|r| r.map(|v| Some(v.to_string())).to_vec())
+    );
+    c.batch_execute("CLOSE held").await.unwrap();
+    for (q, code) in [
+        ("DECLARE nope CURSOR FOR SELECT id FROM users", "25P01"),
+        ("FETCH 1 FROM held", "34000"),
+    ] {
+        let e = c.batch_execute(q).await.unwrap_err();
+        assert_eq!(sqlstate(&e), code, "{q}");
+    }
+    // Backward movement and BINARY cursors are refused, and the transaction fails as
+    // after any error.
+    for (q, code) in [
+        ("FETCH BACKWARD 1 FROM b", "0A000"),
+        ("MOVE ABSOLUTE 2 IN b", "0A000"),
+    ] {
+        c.batch_execute("BEGIN; DECLARE b CURSOR FOR SELECT id FROM users")
+            .await
+            .unwrap();
+        let e = c.batch_execute(q).await.unwrap_err();
+        assert_eq!(sqlstate(&e), code, "{q}");
+        let e = c.batch_execute("SELECT 1").await.unwrap_err();
+        assert_eq!(sqlstate(&e), "25P02");
+        c.batch_execute("ROLLBACK").await.unwrap();
+    }
+    let e = c
+        .batch_execute("BEGIN; DECLARE bin BINARY CURSOR FOR SELECT id FROM users")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    // Over the extended protocol (as psycopg declares with parameters), FETCH in text; a
+    // FETCH asking for binary results is refused (pgshard holds the rows as text).
+    let mut c = c;
+    let tx = c.transaction().await.unwrap();
+    tx.execute(
+        "DECLARE ext CURSOR FOR SELECT id FROM users WHERE id > $1 ORDER BY id",
+        &[&190i64],
+    )
+    .await
+    .unwrap();
+    let r = rows(&tx.simple_query("FETCH 4 FROM ext").await.unwrap());
+    assert_eq!(r.len(), 4);
+    assert_eq!(r[0][0].as_deref(), Some("191"));
+    let e = tx.query("FETCH 2 FROM ext", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000");
+    tx.rollback().await.unwrap();
+}

@@ -318,6 +318,15 @@ pub fn with_extra_result_columns(bind_rest: &[u8], extra: usize) -> Vec<u8> {
     out
 }
 
+/// A Bind remainder asking for every result column in text (a DECLARE's query: the
+/// cursor's rows are text whatever formats the DECLARE's own Bind asked for).
+pub fn with_text_results(bind_rest: &[u8]) -> Vec<u8> {
+    let n = result_formats(bind_rest).len();
+    let mut out = bind_rest[..bind_rest.len() - 2 - 2 * n].to_vec();
+    out.extend([0u8, 0]);
+    out
+}
+
 /// Per-column result formats from a Bind's remainder (after the parameters): true for
 /// binary. Empty: all text.
 pub fn result_formats(bind_rest: &[u8]) -> Vec<bool> {

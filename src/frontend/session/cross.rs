@@ -57,6 +57,16 @@ pub(super) fn multi_shard_error(shards: &[usize], a: &Analysis) -> PgError {
     }
 }
 
+/// A Bind's remainder for the shards: a DECLARE's query returns text (its cursor's rows),
+/// whatever formats the DECLARE's Bind asked for.
+fn cursor_rest(a: &Analysis, rest: &[u8]) -> Vec<u8> {
+    if a.cursor.is_some() {
+        scatter::with_text_results(rest)
+    } else {
+        rest.to_vec()
+    }
+}
+
 impl Session {
     /// How a statement over several shards runs, or why it cannot.
     pub(super) fn multi_plan(&self, shards: &[usize], a: &Analysis) -> Result<Multi, PgError> {
@@ -64,6 +74,14 @@ impl Session {
             self.db.config.cross_shard_writes == crate::config::CrossShardWrites::Allow;
         Ok(match (a.kind, &a.merge) {
             (Kind::Ddl, _) => Multi::Ddl,
+            (Kind::Read | Kind::Other, Some(Ok(_)))
+                if a.cursor.as_ref().is_some_and(|c| c.binary) =>
+            {
+                return Err(PgError::new(
+                    "0A000",
+                    "a BINARY cursor over several shards is not supported (declare it without BINARY)",
+                ));
+            }
             (Kind::Read | Kind::Other, Some(Ok(spec))) => Multi::Merge(spec.clone()),
             (Kind::Read | Kind::Other, Some(Err(why))) => {
                 return Err(PgError::new("0A000", why.clone()));
@@ -123,6 +141,10 @@ impl Session {
                 return Ok(());
             }
         };
+        if let Some(e) = a.cursor.as_ref().and_then(|c| self.cursor_refused(c)) {
+            self.answer_error(e);
+            return Ok(());
+        }
         // Inside a transaction the statement joins every shard it needs; outside one, a
         // write runs in an implicit transaction over them, committed with two-phase commit.
         // Reads outside a transaction need no transaction: they run in parallel below.
@@ -157,7 +179,11 @@ impl Session {
                 self.settings_fp,
             )
             .await
-            .and_then(|r| scatter::merge_select(r, spec, &[])),
+            .and_then(|r| scatter::merge_select(r, spec, &[]))
+            .map(|out| match &a.cursor {
+                Some(c) => self.declare_cursor(c, out),
+                None => out,
+            }),
             Multi::SplitInsert(parts) => {
                 scatter::run_each_all_or_none(&self.db, parts, Some(&prelude), self.settings_fp)
                     .await
@@ -362,10 +388,21 @@ impl Session {
         shards: &[usize],
         a: &Analysis,
     ) -> Result<(), SessionError> {
-        let Some(Ok(spec)) = a.merge.clone() else {
-            self.local_error(multi_shard_error(shards, a));
-            return Ok(());
+        let spec = match self.multi_plan(shards, a) {
+            Ok(Multi::Merge(spec)) => spec,
+            Ok(_) => {
+                self.local_error(multi_shard_error(shards, a));
+                return Ok(());
+            }
+            Err(e) => {
+                self.local_error(e);
+                return Ok(());
+            }
         };
+        if let Some(e) = a.cursor.as_ref().and_then(|c| self.cursor_refused(c)) {
+            self.local_error(e);
+            return Ok(());
+        }
         // The merged rows come from fresh connections: the one that answered the held
         // frames goes back.
         let held = self.holding();
@@ -381,7 +418,8 @@ impl Session {
             return Ok(());
         };
         let prelude = self.settings_sql();
-        let bind_rest = scatter::with_extra_result_columns(b.rest, spec.hidden.len());
+        let bind_rest =
+            scatter::with_extra_result_columns(&cursor_rest(a, b.rest), spec.hidden.len());
         for &s in shards {
             crate::metrics::inc(&self.db.shards[s].stats.cross_shard);
         }
@@ -399,7 +437,8 @@ impl Session {
         )
         .await;
         let formats = scatter::result_formats(&bind_rest);
-        self.hold_merged(results.and_then(|r| scatter::merge_select(r, &spec, &formats)));
+        let merged = results.and_then(|r| scatter::merge_select(r, &spec, &formats));
+        self.hold_merged(merged, a);
         Ok(())
     }
 
@@ -419,7 +458,8 @@ impl Session {
         if !self.answer_held().await? {
             return Ok(());
         }
-        let bind_rest = scatter::with_extra_result_columns(rest, spec.hidden.len());
+        let bind_rest =
+            scatter::with_extra_result_columns(&cursor_rest(a, rest), spec.hidden.len());
         let req = extended_request(
             a.shard_sql.as_deref().map_or(query, str::as_bytes),
             types,
@@ -445,13 +485,18 @@ impl Session {
             // As after any error, the transaction is aborted.
             self.status = b'E';
         }
-        self.hold_merged(merged);
+        self.hold_merged(merged, a);
         Ok(())
     }
 
-    /// Holds the merged rows of a Bind as its portal, or fails the Bind with the merge's
-    /// or a shard's error.
-    fn hold_merged(&mut self, merged: Result<bytes::BytesMut, PgError>) {
+    /// Holds the merged rows of a Bind as its portal (of a DECLARE: as its cursor, the
+    /// portal answering the DECLARE), or fails the Bind with the merge's or a shard's
+    /// error.
+    fn hold_merged(&mut self, merged: Result<bytes::BytesMut, PgError>, a: &Analysis) {
+        let merged = match (merged, &a.cursor) {
+            (Ok(out), Some(c)) => Ok(self.declare_cursor(c, out)),
+            (m, _) => m,
+        };
         match merged {
             // A shard's error.
             Ok(out) if protocol::frames(&out).any(|f| f[0] == b'E') => {

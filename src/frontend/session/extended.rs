@@ -65,8 +65,21 @@ impl Session {
                 return Ok(());
             }
         }
-        if !self.route.portals.is_empty() && self.answer_from_portal(&frame)? {
-            return Ok(());
+        if !self.route.portals.is_empty() {
+            if self.answer_from_portal(&frame)? {
+                return Ok(());
+            }
+            // FETCH, MOVE or CLOSE of a cursor pgshard holds.
+            if tag == b'B' {
+                let b = protocol::parse_bind(&frame)?;
+                if let Some((query, _)) = self.route.texts.get(b.stmt).cloned()
+                    && self
+                        .cursor_bind(std::str::from_utf8(&query).unwrap_or(""), b.rest)
+                        .await?
+                {
+                    return Ok(());
+                }
+            }
         }
         // In a transaction, a batch's frames wait for its Bind as well: it may need
         // another shard, which then joins the transaction.
@@ -163,8 +176,15 @@ impl Session {
                 }
             }
             let dest = self.decide_bind(&frame).await?;
-            if matches!(dest, Ok(Dest::Multi(..))) && self.in_batch && !self.route.batch_ran {
-                self.described_only().await?;
+            // Inside a transaction block a batch's statements so far can be answered
+            // first (an internal Sync ends nothing there); outside one, only a batch that
+            // ran nothing yet (its implicit transaction must stay whole).
+            if matches!(dest, Ok(Dest::Multi(..)))
+                && self.in_batch
+                && (!self.route.batch_ran || self.status == b'T')
+                && self.settle_batch().await?
+            {
+                return Ok(());
             }
             match dest {
                 Ok(Dest::Shard(s))
@@ -221,19 +241,26 @@ impl Session {
         self.forward_extended(&frame).await
     }
 
-    /// A Bind over several shards after a batch that only parsed, described or closed on
-    /// the attached server (asyncpg describes a new statement, with a Flush, before it
-    /// binds it): once the server answered, nothing of the batch is pending there, so the
-    /// Bind may run as at the start of a batch.
-    async fn described_only(&mut self) -> Result<(), SessionError> {
+    /// A Bind over several shards later in a batch: after a batch that only parsed,
+    /// described or closed on the attached server (asyncpg describes a new statement, with
+    /// a Flush, before it binds it), or inside a transaction block (psycopg's pipeline
+    /// mode, pgjdbc's batches), the server answers what it got first; then nothing of the
+    /// batch is pending there, and the Bind may run as at the start of a batch, unless the
+    /// server failed a statement (then it skips the rest, as PostgreSQL does).
+    /// True when the Bind is to be skipped.
+    async fn settle_batch(&mut self) -> Result<bool, SessionError> {
         if self.backend.is_some() && !self.relay.idle() {
             protocol::write_msg(&mut self.bout, b'H', &[]);
             self.settle().await?;
         }
-        if self.relay.idle() && !self.route.batch_failed && !self.local_skip {
+        if self.route.batch_failed {
+            self.local_skip = true;
+            return Ok(true);
+        }
+        if self.relay.idle() && !self.local_skip {
             self.in_batch = false;
         }
-        Ok(())
+        Ok(false)
     }
 
     /// The statement a Bind binds, when pgshard knows its text and it is one statement.

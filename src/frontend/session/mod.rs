@@ -11,6 +11,7 @@ mod batch;
 mod copy;
 mod copy_out;
 mod cross;
+mod cursor;
 mod extended;
 mod insert_select;
 mod io;
@@ -470,7 +471,7 @@ impl Session {
         if !self.route.portals.is_empty() {
             // A simple Query ends the unnamed portal, as on a server.
             self.route.portals.remove(b"");
-            if self.move_portal(sql).await? {
+            if self.cursor_query(sql).await? {
                 return Ok(());
             }
         }

@@ -387,7 +387,12 @@ impl Session {
             Ok(bytes::BytesMut::new())
         } else {
             match plan {
-                Multi::Merge(spec) => scatter::merge_select(results, spec, &[]),
+                Multi::Merge(spec) => {
+                    scatter::merge_select(results, spec, &[]).map(|out| match &a.cursor {
+                        Some(c) => self.declare_cursor(c, out),
+                        None => out,
+                    })
+                }
                 Multi::SplitInsert(_) => Ok(scatter::combine_writes(results, true)),
                 Multi::Write { sum } => Ok(scatter::combine_writes(results, *sum)),
                 Multi::Ddl => Ok(scatter::broadcast_result(results)),

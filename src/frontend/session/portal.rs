@@ -19,6 +19,8 @@ pub(super) struct VirtualPortal {
     suspended: bool,
     /// Every frame was returned.
     done: bool,
+    /// A cursor declared WITH HOLD: it outlives its transaction.
+    hold: bool,
 }
 
 impl VirtualPortal {
@@ -64,67 +66,32 @@ impl VirtualPortal {
 }
 
 impl VirtualPortal {
-    /// Skips up to `n` rows (None: all), as `MOVE`; how many it skipped.
-    fn skip(&mut self, n: Option<u64>) -> u64 {
-        let mut skipped = 0;
+    /// The description: RowDescription, or NoData.
+    pub(super) fn description(&self) -> &Bytes {
+        &self.description
+    }
+
+    /// Takes up to `n` rows (None: all) with the notices between them, as a cursor's FETCH
+    /// or MOVE; and how many.
+    pub(super) fn take(&mut self, n: Option<u64>) -> (Bytes, u64) {
+        let mut taken = 0;
         let mut used = 0;
         let rest = self.rest.clone();
         for f in protocol::frames(&rest) {
-            if f[0] != b'D' || n.is_some_and(|n| skipped == n) {
+            if !matches!(f[0], b'D' | b'N') || (f[0] == b'D' && n.is_some_and(|n| taken == n)) {
                 break;
             }
-            skipped += 1;
+            taken += u64::from(f[0] == b'D');
             used += f.len();
         }
-        self.rest = self.rest.slice(used..);
+        self.rest = rest.slice(used..);
         // The tag at the end counts only the rows an Execute returns.
         self.suspended = true;
-        skipped
+        (rest.slice(..used), taken)
     }
 }
 
-/// `MOVE [FORWARD | NEXT] [count | ALL] [FROM | IN] portal`: (count, None for all; the
-/// portal's name). None for other statements and other directions.
-fn parse_move(sql: &str) -> Option<(Option<u64>, String)> {
-    let words: Vec<&str> = sql
-        .trim()
-        .trim_end_matches(';')
-        .split_whitespace()
-        .collect();
-    let (first, mut rest) = words.split_first()?;
-    if !first.eq_ignore_ascii_case("move") {
-        return None;
-    }
-    let mut count = Some(1);
-    if let Some((w, r)) = rest.split_first()
-        && (w.eq_ignore_ascii_case("forward") || w.eq_ignore_ascii_case("next"))
-    {
-        rest = r;
-    }
-    if let Some((w, r)) = rest.split_first() {
-        if w.eq_ignore_ascii_case("all") {
-            count = None;
-            rest = r;
-        } else if let Ok(n) = w.parse::<u64>() {
-            count = Some(n);
-            rest = r;
-        }
-    }
-    if let Some((w, r)) = rest.split_first()
-        && (w.eq_ignore_ascii_case("from") || w.eq_ignore_ascii_case("in"))
-    {
-        rest = r;
-    }
-    let name = rest.join(" ");
-    let name = match name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
-        Some(quoted) => quoted.replace("\"\"", "\""),
-        None if !name.is_empty() && !name.contains(['"', ' ']) => name.to_lowercase(),
-        None => return None,
-    };
-    Some((count, name))
-}
-
-fn empty(tag: u8) -> Bytes {
+pub(super) fn empty(tag: u8) -> Bytes {
     crate::exec::empty_frame(tag)
 }
 
@@ -154,8 +121,8 @@ impl VirtualPortals {
     }
 
     /// Holds `rows` (DataRows and CommandComplete) as portal `name`, replacing any of
-    /// that name.
-    pub(super) fn insert(&mut self, name: &[u8], description: Bytes, rows: Bytes) {
+    /// that name (`hold`: it outlives the transaction).
+    pub(super) fn insert(&mut self, name: &[u8], description: Bytes, rows: Bytes, hold: bool) {
         self.remove(name);
         self.0.push((
             Bytes::copy_from_slice(name),
@@ -164,12 +131,18 @@ impl VirtualPortals {
                 rest: rows,
                 suspended: false,
                 done: false,
+                hold,
             },
         ));
     }
 
-    /// The transaction ended: its portals are gone.
+    /// The transaction ended: its portals are gone (not cursors declared WITH HOLD).
     pub(super) fn clear(&mut self) {
+        self.0.retain(|(_, p)| p.hold);
+    }
+
+    /// `CLOSE ALL`.
+    pub(super) fn clear_all(&mut self) {
         self.0.clear();
     }
 
@@ -180,7 +153,7 @@ impl VirtualPortals {
         self.0.len() != before
     }
 
-    fn get_mut(&mut self, name: &[u8]) -> Option<&mut VirtualPortal> {
+    pub(super) fn get_mut(&mut self, name: &[u8]) -> Option<&mut VirtualPortal> {
         self.0.iter_mut().find(|(n, _)| n == name).map(|(_, p)| p)
     }
 }
@@ -250,35 +223,10 @@ impl Session {
         Ok(true)
     }
 
-    /// A simple-query `MOVE` of a portal pgshard holds (asyncpg's `Cursor.forward`),
-    /// answered here; false for any other query.
-    pub(super) async fn move_portal(&mut self, sql: &str) -> Result<bool, SessionError> {
-        let Some((count, name)) = parse_move(sql) else {
-            return Ok(false);
-        };
-        if self.route.portals.get_mut(name.as_bytes()).is_none() {
-            return Ok(false);
-        }
-        // Answers in order: whatever the client sent before comes back first.
-        self.settle().await?;
-        let Some(p) = self.route.portals.get_mut(name.as_bytes()) else {
-            return Ok(false);
-        };
-        let moved = p.skip(count);
-        self.relay.drain_local(&mut self.cout);
-        if self.status == b'E' {
-            super::route::aborted().write(&mut self.cout);
-        } else {
-            protocol::write_msg(&mut self.cout, b'C', format!("MOVE {moved}\0").as_bytes());
-        }
-        protocol::write_ready(&mut self.cout, self.status);
-        Ok(true)
-    }
-
     /// A Bind's result held as its portal: BindComplete now, the rows at Execute.
     pub(super) fn hold_portal(&mut self, description: Bytes, rows: Bytes) {
         let portal = std::mem::take(&mut self.route.bind_portal);
-        self.route.portals.insert(&portal, description, rows);
+        self.route.portals.insert(&portal, description, rows, false);
         self.relay.push(Pending::Synth {
             frame: empty(b'2'),
             undo: None,
@@ -330,6 +278,7 @@ mod tests {
             rest: rows(n),
             suspended: false,
             done: false,
+            hold: false,
         }
     }
 
@@ -354,28 +303,26 @@ mod tests {
     }
 
     #[test]
-    fn moves_forward() {
-        assert_eq!(
-            parse_move("MOVE FORWARD 4 \"__asyncpg_portal_1__\""),
-            Some((Some(4), "__asyncpg_portal_1__".into()))
-        );
-        assert_eq!(parse_move("move all in C1"), Some((None, "c1".into())));
-        assert_eq!(parse_move("MOVE c"), Some((Some(1), "c".into())));
-        assert_eq!(parse_move("MOVE BACKWARD 2 c"), None);
-        assert_eq!(parse_move("FETCH 2 c"), None);
+    fn takes_rows_as_fetch_does() {
         let mut p = portal(5);
-        assert_eq!(p.skip(Some(2)), 2);
+        assert_eq!(p.take(Some(2)).1, 2);
         assert_eq!(tags(&p.execute(2)), ["D", "D", "s"]);
-        assert_eq!(p.skip(None), 1);
+        let (rows, n) = p.take(None);
+        assert_eq!((tags(&rows), n), (vec!["D".to_string()], 1));
+        assert_eq!(p.take(Some(3)).1, 0);
         assert_eq!(tags(&p.execute(2)), ["SELECT 0"]);
     }
 
     #[test]
     fn portals_by_name() {
         let mut ps = VirtualPortals::default();
-        ps.insert(b"C_1", empty(b'n'), rows(1));
-        ps.insert(b"", empty(b'n'), rows(2));
-        ps.insert(b"C_1", empty(b'n'), rows(3));
+        ps.insert(b"C_1", empty(b'n'), rows(1), false);
+        ps.insert(b"", empty(b'n'), rows(2), false);
+        ps.insert(b"C_1", empty(b'n'), rows(3), true);
+        ps.insert(b"other", empty(b'n'), rows(3), false);
+        ps.clear();
+        assert_eq!(ps.0.len(), 1, "held past the transaction");
+        ps.insert(b"", empty(b'n'), rows(2), false);
         assert_eq!(ps.0.len(), 2);
         assert_eq!(tags(&ps.get_mut(b"C_1").unwrap().execute(0)).len(), 4);
         assert!(ps.remove(b""));

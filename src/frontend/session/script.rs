@@ -65,6 +65,19 @@ impl Session {
                 }
                 continue;
             }
+            if !self.route.portals.is_empty()
+                && let Some(answer) = self.cursor_answer(st, true)
+            {
+                match answer {
+                    Ok(frames) => out.extend_from_slice(&frames),
+                    Err(e) => {
+                        e.write(&mut out);
+                        self.status = b'E';
+                        break;
+                    }
+                }
+                continue;
+            }
             let dest = self.decide_async(st, &Params::default()).await;
             let frames = match dest {
                 Err(e) => {

@@ -85,6 +85,21 @@ pub struct Analysis {
     /// The tables whose keys the shards make for this statement's rows (`Target::Any`):
     /// the shard it runs on must be set up for them.
     pub keyless: Vec<usize>,
+    /// A `DECLARE ... CURSOR FOR query`: the rest of the analysis is the query's (and
+    /// `shard_sql` its text), so that over several shards pgshard runs the query merged
+    /// and holds its rows as the cursor.
+    pub cursor: Option<std::sync::Arc<Cursor>>,
+}
+
+/// A cursor declared with SQL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    /// As PostgreSQL resolves it (folded unless quoted).
+    pub name: String,
+    /// WITH HOLD: it outlives its transaction.
+    pub hold: bool,
+    /// BINARY: its rows in binary format.
+    pub binary: bool,
 }
 
 /// An INSERT ... SELECT carried out through pgshard: the SELECT's rows are read (merged
@@ -119,6 +134,7 @@ impl Analysis {
             replica_safe: false,
             one_shard: false,
             keyless: Vec::new(),
+            cursor: None,
         }
     }
 }
@@ -144,11 +160,23 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
     if !stmts.is_empty() {
         out.target = Target::Any;
     }
-    if let [Statement::Query(q)] = stmts.as_slice() {
+    let cursor = declared_cursor(&stmts);
+    if let Some((c, q)) = &cursor {
+        out.cursor = Some(std::sync::Arc::new(c.clone()));
+        // The shards run the query, never the DECLARE.
+        out.shard_sql = Some(q.to_string());
+    }
+    let query = match stmts.as_slice() {
+        [Statement::Query(q)] => Some(q),
+        _ => cursor.as_ref().map(|(_, q)| q),
+    };
+    if let Some(q) = query {
         let spec = merge_spec(q, rules)
             .and_then(|spec| union_rows_partitioned(q, &spec, rules).map(|()| spec));
-        if let Ok(spec) = &spec {
-            out.shard_sql = shard_statement(q, spec);
+        if let Ok(spec) = &spec
+            && let Some(sql) = shard_statement(q, spec)
+        {
+            out.shard_sql = Some(sql);
         }
         out.merge = Some(spec);
     }
@@ -192,6 +220,27 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
         }));
     }
     Ok(out)
+}
+
+/// The cursor and query of a `DECLARE name CURSOR FOR query` (the only statement).
+fn declared_cursor(stmts: &[Statement]) -> Option<(Cursor, Box<Query>)> {
+    let [Statement::Declare { stmts }] = stmts else {
+        return None;
+    };
+    let [d] = stmts.as_slice() else {
+        return None;
+    };
+    let (Some(q), [name]) = (&d.for_query, d.names.as_slice()) else {
+        return None;
+    };
+    Some((
+        Cursor {
+            name: ident(name),
+            hold: d.hold == Some(true),
+            binary: d.binary == Some(true),
+        },
+        q.clone(),
+    ))
 }
 
 /// A UNION ALL over several shards concatenates what each shard's run of it returns: right
@@ -261,6 +310,10 @@ pub(super) fn ident(id: &sqlparser::ast::Ident) -> String {
 }
 
 fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
+    // A cursor goes where its query goes.
+    if let Some((_, q)) = declared_cursor(std::slice::from_ref(st)) {
+        return statement(&Statement::Query(q), rules);
+    }
     let mut independent = super::nested::independent(st, rules);
     let mut c = Collector {
         skip: independent.iter().map(|i| i.addr).collect(),
@@ -454,6 +507,7 @@ fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
         replica_safe: false,
         one_shard: one_shard || c.one_shard,
         keyless: c.keyless,
+        cursor: None,
     })
 }
 

@@ -1,0 +1,295 @@
+//! SQL cursors over several shards. `DECLARE name CURSOR FOR query` whose query needs
+//! several shards would otherwise run on each shard as a cursor of its own, and a FETCH
+//! would read one of them: one shard's rows. Instead pgshard runs the query merged (inside
+//! the transaction, whose shards join it) and holds its rows as the cursor, answering
+//! FETCH, MOVE and CLOSE of it, and Describe of its portal (psycopg's server-side cursors,
+//! Django's `.iterator()`, SQLAlchemy's `stream_results`). Only forward movement.
+
+use super::portal::empty;
+use super::{Session, SessionError};
+use crate::protocol::{self, PgError};
+use crate::router::analyze::Cursor;
+use bytes::BytesMut;
+
+/// A cursor statement.
+#[derive(Debug, PartialEq)]
+enum Command {
+    /// FETCH of n rows (None: ALL).
+    Fetch(Option<u64>),
+    Move(Option<u64>),
+    Close,
+    CloseAll,
+    /// A direction pgshard cannot follow on rows it holds (backward, absolute, ...).
+    Other,
+}
+
+/// Words and quoted identifiers (unquoted, with their quotes' escapes undone).
+fn tokens(sql: &str) -> Option<Vec<(String, bool)>> {
+    let mut out = Vec::new();
+    let mut chars = sql.trim().trim_end_matches(';').chars().peekable();
+    while let Some(&c) = chars.peek() {
+        if c.is_whitespace() {
+            chars.next();
+        } else if c == '"' {
+            chars.next();
+            let mut s = String::new();
+            loop {
+                match chars.next()? {
+                    '"' if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        s.push('"');
+                    }
+                    '"' => break,
+                    c => s.push(c),
+                }
+            }
+            out.push((s, true));
+        } else {
+            let mut s = String::new();
+            while let Some(&c) = chars.peek() {
+                if c.is_whitespace() || c == '"' {
+                    break;
+                }
+                s.push(c);
+                chars.next();
+            }
+            out.push((s, false));
+        }
+    }
+    Some(out)
+}
+
+/// A FETCH, MOVE or CLOSE statement and the cursor it names (as PostgreSQL resolves it).
+fn parse_command(sql: &str) -> Option<(Command, String)> {
+    let t = tokens(sql)?;
+    let ((verb, false), rest) = t.split_first()? else {
+        return None;
+    };
+    let verb = verb.to_ascii_lowercase();
+    if !matches!(verb.as_str(), "fetch" | "move" | "close") {
+        return None;
+    }
+    let ((name, quoted), middle) = rest.split_last()?;
+    let name = if *quoted {
+        name.clone()
+    } else {
+        name.to_lowercase()
+    };
+    let mut words: Vec<String> = middle
+        .iter()
+        .map(|(w, q)| if *q { "\"".into() } else { w.to_lowercase() })
+        .collect();
+    if verb == "close" {
+        return match (words.is_empty(), name.as_str(), quoted) {
+            (true, "all", false) => Some((Command::CloseAll, String::new())),
+            (true, _, _) => Some((Command::Close, name)),
+            _ => None,
+        };
+    }
+    if matches!(words.last().map(String::as_str), Some("from" | "in")) {
+        words.pop();
+    }
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    let count = match words.as_slice() {
+        [] | ["next"] | ["forward"] => Some(Some(1)),
+        ["all"] | ["forward", "all"] => Some(None),
+        [n] | ["forward", n] => n.parse::<u64>().ok().filter(|n| *n > 0).map(Some),
+        _ => None,
+    };
+    Some((
+        match (count, verb.as_str()) {
+            (Some(n), "fetch") => Command::Fetch(n),
+            (Some(n), _) => Command::Move(n),
+            (None, _) => Command::Other,
+        },
+        name,
+    ))
+}
+
+fn command_complete(out: &mut BytesMut, tag: &str) {
+    protocol::write_msg(out, b'C', format!("{tag}\0").as_bytes());
+}
+
+impl Session {
+    /// Why a DECLARE over several shards cannot run outside a transaction, if it cannot.
+    pub(super) fn cursor_refused(&self, c: &Cursor) -> Option<PgError> {
+        (self.status == b'I' && !c.hold).then(|| {
+            PgError::new(
+                "25P01",
+                "DECLARE CURSOR can only be used in transaction blocks",
+            )
+        })
+    }
+
+    /// The merged rows of a DECLARE's query (RowDescription, rows, CommandComplete) held
+    /// as its cursor; what the client gets for the DECLARE (or the error in `merged`).
+    pub(super) fn declare_cursor(&mut self, c: &Cursor, mut merged: BytesMut) -> BytesMut {
+        if protocol::frames(&merged).any(|f| f[0] == b'E') {
+            return merged;
+        }
+        let description = if merged.first() == Some(&b'T') {
+            let n = i32::from_be_bytes([merged[1], merged[2], merged[3], merged[4]]) as usize + 1;
+            merged.split_to(n).freeze()
+        } else {
+            empty(b'n')
+        };
+        self.route
+            .portals
+            .insert(c.name.as_bytes(), description, merged.freeze(), c.hold);
+        let mut out = BytesMut::new();
+        command_complete(&mut out, "DECLARE CURSOR");
+        out
+    }
+
+    /// The answer to a cursor statement on a cursor pgshard holds (`described`: a FETCH
+    /// starts with the RowDescription, as in a simple Query). None when the statement is
+    /// not one, or names a cursor pgshard does not hold; `CLOSE ALL` forgets them all and
+    /// goes on to the server.
+    pub(super) fn cursor_answer(
+        &mut self,
+        sql: &str,
+        described: bool,
+    ) -> Option<Result<BytesMut, PgError>> {
+        let (cmd, name) = parse_command(sql)?;
+        if cmd == Command::CloseAll {
+            self.route.portals.clear_all();
+            return None;
+        }
+        let p = self.route.portals.get_mut(name.as_bytes())?;
+        let mut out = BytesMut::new();
+        match cmd {
+            Command::Fetch(n) => {
+                let (rows, k) = p.take(n);
+                if described {
+                    out.extend_from_slice(p.description());
+                }
+                out.extend_from_slice(&rows);
+                command_complete(&mut out, &format!("FETCH {k}"));
+            }
+            Command::Move(n) => command_complete(&mut out, &format!("MOVE {}", p.take(n).1)),
+            Command::Close => {
+                self.route.portals.remove(name.as_bytes());
+                command_complete(&mut out, "CLOSE CURSOR");
+            }
+            Command::CloseAll | Command::Other => {
+                return Some(Err(PgError::new(
+                    "0A000",
+                    format!(
+                        "cursor \"{name}\" reads several shards: pgshard holds its rows and moves only forward (FETCH or MOVE NEXT, FORWARD n, ALL)"
+                    ),
+                )));
+            }
+        }
+        Some(Ok(out))
+    }
+
+    /// A simple Query that is a FETCH, MOVE or CLOSE of a cursor pgshard holds: answered
+    /// here (true).
+    pub(super) async fn cursor_query(&mut self, sql: &str) -> Result<bool, SessionError> {
+        // Answers in order: whatever the client sent before comes back first.
+        if parse_command(sql).is_some() {
+            self.settle().await?;
+        }
+        let answer = match self.cursor_answer(sql, true) {
+            None => return Ok(false),
+            Some(_) if self.status == b'E' => Err(super::route::aborted()),
+            Some(a) => a,
+        };
+        match answer {
+            Ok(out) => {
+                self.relay.drain_local(&mut self.cout);
+                self.cout.extend_from_slice(&out);
+                protocol::write_ready(&mut self.cout, self.status);
+            }
+            Err(e) => self.answer_error(e),
+        }
+        Ok(true)
+    }
+
+    /// A Bind of a FETCH, MOVE or CLOSE of a cursor pgshard holds (`text`, the statement
+    /// bound): its answer held as the Bind's portal (true). Rows are held as text: a
+    /// FETCH asking for binary results is refused.
+    pub(super) async fn cursor_bind(
+        &mut self,
+        text: &str,
+        bind_rest: &[u8],
+    ) -> Result<bool, SessionError> {
+        let binary = crate::exec::scatter::result_formats(bind_rest)
+            .iter()
+            .any(|b| *b);
+        let named = parse_command(text).is_some_and(|(c, name)| {
+            c != Command::CloseAll && self.route.portals.get_mut(name.as_bytes()).is_some()
+        });
+        if !named {
+            return Ok(false);
+        }
+        if !self.answer_held().await? {
+            return Ok(true);
+        }
+        let description = parse_command(text)
+            .and_then(|(c, name)| {
+                let p = self.route.portals.get_mut(name.as_bytes())?;
+                matches!(c, Command::Fetch(_)).then(|| p.description().clone())
+            })
+            .unwrap_or_else(|| empty(b'n'));
+        if binary && description[0] == b'T' {
+            self.local_error(PgError::new(
+                "0A000",
+                "this cursor reads several shards and pgshard holds its rows as text: FETCH them in text format",
+            ));
+            return Ok(true);
+        }
+        if self.status == b'E' {
+            self.local_error(super::route::aborted());
+            return Ok(true);
+        }
+        match self.cursor_answer(text, false) {
+            Some(Ok(out)) => self.hold_portal(description, out.freeze()),
+            Some(Err(e)) => {
+                if self.status == b'T' {
+                    self.status = b'E';
+                }
+                self.local_error(e)
+            }
+            None => return Ok(false),
+        }
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_cursor_statements() {
+        let p = |s: &str| parse_command(s);
+        assert_eq!(
+            p("FETCH FORWARD 7 FROM \"sc\""),
+            Some((Command::Fetch(Some(7)), "sc".into()))
+        );
+        assert_eq!(
+            p("fetch all in C1;"),
+            Some((Command::Fetch(None), "c1".into()))
+        );
+        assert_eq!(p("FETCH c"), Some((Command::Fetch(Some(1)), "c".into())));
+        assert_eq!(
+            p("FETCH NEXT FROM \"My \"\"x\"\"\""),
+            Some((Command::Fetch(Some(1)), "My \"x\"".into()))
+        );
+        assert_eq!(
+            p("MOVE FORWARD 4 \"__asyncpg_portal_1__\""),
+            Some((Command::Move(Some(4)), "__asyncpg_portal_1__".into()))
+        );
+        assert_eq!(p("MOVE -2 FROM c"), Some((Command::Other, "c".into())));
+        assert_eq!(p("FETCH BACKWARD 2 c"), Some((Command::Other, "c".into())));
+        assert_eq!(
+            p("MOVE ABSOLUTE 3 FROM c"),
+            Some((Command::Other, "c".into()))
+        );
+        assert_eq!(p("CLOSE \"sc\""), Some((Command::Close, "sc".into())));
+        assert_eq!(p("CLOSE ALL"), Some((Command::CloseAll, String::new())));
+        assert_eq!(p("SELECT 1"), None);
+        assert_eq!(p("FETCH \"unterminated"), None);
+    }
+}
