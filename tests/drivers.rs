@@ -8,9 +8,11 @@
 mod common;
 
 use common::*;
+use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// The tables the scripts create, sharded by `id` (each driver has its own).
 const RULES: &str = "    sharded_tables:
@@ -43,19 +45,47 @@ fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/drivers")
 }
 
-/// Runs `cmd` with `url` appended; its standard output (it must succeed and say `done`).
+/// Runs `cmd` with `url` appended; its standard output (it must succeed and say `done`
+/// within two minutes: a client waiting forever on pgshard fails the test).
 fn run(cmd: &[&str], url: &str) -> String {
-    let out = Command::new(cmd[0])
+    let mut child = Command::new(cmd[0])
         .args(&cmd[1..])
         .arg(url)
         .current_dir(dir())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap_or_else(|e| panic!("{}: {e} (scripts/test installs the drivers)", cmd[0]));
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let (stdout, stderr) = (out.join().unwrap(), err.join().unwrap());
     assert!(
-        out.status.success() && stdout.ends_with("done\n"),
-        "{cmd:?} {url}: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
+        status.is_some_and(|s| s.success()) && stdout.ends_with("done\n"),
+        "{cmd:?} {url} ({}): {stdout}{stderr}",
+        if status.is_none() {
+            "still running after 2 minutes"
+        } else {
+            "failed"
+        }
     );
     stdout
 }

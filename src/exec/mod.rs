@@ -270,6 +270,25 @@ impl Relay {
         self.queue.is_empty()
     }
 
+    /// Whether the server may hold answers back: extended-protocol messages went to it
+    /// after the last Sync or Query, and it answers those only at a Flush or a Sync.
+    pub fn awaits_flush(&self) -> bool {
+        self.queue
+            .iter()
+            .rev()
+            .find(|p| !matches!(p, Pending::Synth { .. } | Pending::Error(_)))
+            .is_some_and(|p| {
+                matches!(
+                    p,
+                    Pending::Parse { .. }
+                        | Pending::Bind
+                        | Pending::Describe
+                        | Pending::Close
+                        | Pending::Execute
+                )
+            })
+    }
+
     /// The number of ReadyForQuery messages the client still expects.
     pub fn ready_due(&self) -> usize {
         self.queue

@@ -177,6 +177,57 @@ public class JdbcClient {
             }
             return out;
         });
+        // After an error in a transaction over both shards: 25P02, and COMMIT ends it (as
+        // a rollback) instead of waiting forever.
+        c.setAutoCommit(false);
+        step("commit after an error", () -> {
+            List<String> out = new ArrayList<>();
+            try (Statement s = c.createStatement()) {
+                s.executeUpdate("UPDATE " + T + " SET name = 'lost' WHERE id = 5");
+                out.addAll(rows(s.executeQuery("SELECT count(*) FROM " + T)));
+                for (String q : new String[] {"SELECT 1 / 0", "SELECT 1"}) {
+                    try {
+                        s.executeQuery(q);
+                    } catch (SQLException e) {
+                        out.add(e.getSQLState());
+                    }
+                }
+            }
+            c.commit();
+            return out;
+        });
+        c.setAutoCommit(true);
+        step("lost", () -> {
+            try (Statement s = c.createStatement()) {
+                return rows(s.executeQuery("SELECT count(*) FROM " + T + " WHERE name = 'lost'"));
+            }
+        });
+        // autosave=always: a savepoint before each statement, rolled back to after an
+        // error, pipelined with the next statement; the transaction goes on.
+        try (Connection a = DriverManager.getConnection(args[0] + "&autosave=always")) {
+            a.setAutoCommit(false);
+            step("autosave", () -> {
+                List<String> out = new ArrayList<>();
+                try (Statement s = a.createStatement()) {
+                    s.executeUpdate("UPDATE " + T + " SET name = 'kept' WHERE id = 6");
+                    out.addAll(rows(s.executeQuery("SELECT count(*) FROM " + T + " WHERE id > 3")));
+                    try {
+                        s.executeQuery("SELECT 1 / 0");
+                    } catch (SQLException e) {
+                        out.add(e.getSQLState());
+                    }
+                    s.executeUpdate("UPDATE " + T + " SET name = 'kept' WHERE id = 7");
+                    out.addAll(rows(s.executeQuery("SELECT id FROM " + T + " WHERE name = 'kept' ORDER BY id")));
+                }
+                a.commit();
+                return out;
+            });
+        }
+        step("kept", () -> {
+            try (Statement s = c.createStatement()) {
+                return rows(s.executeQuery("SELECT id FROM " + T + " WHERE name = 'kept' ORDER BY id"));
+            }
+        });
         try (Statement s = c.createStatement()) {
             s.execute("DROP TABLE " + T);
         }

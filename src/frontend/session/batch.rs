@@ -37,7 +37,6 @@ impl Session {
         to: usize,
         frame: &[u8],
     ) -> Result<bool, SessionError> {
-        protocol::write_msg(&mut self.bout, b'H', &[]);
         self.settle().await?;
         if self.backend.is_none() || self.relay.skipping {
             return Ok(false);

@@ -159,7 +159,24 @@ impl Session {
             }
         } else if tag == b'B' {
             if self.status == b'E' && !self.multi.parked.is_empty() {
+                // Aborted over several shards: only ROLLBACK and ROLLBACK TO SAVEPOINT run
+                // (pgjdbc's autosave sends the latter pipelined with its next statement).
                 let one = self.bound_statement(&frame)?;
+                if let Some(one) = one.as_deref()
+                    && matches!(
+                        super::replay::savepoint_op(one),
+                        Some((super::replay::SavepointOp::RollbackTo, _))
+                    )
+                {
+                    if let Some(e) = self.keep_in_step_quiet(one).await? {
+                        self.local_error(e);
+                        return Ok(());
+                    }
+                    // The rest of the batch runs as after the rollback (should the
+                    // attached server fail it, it skips the rest and reports the error).
+                    self.status = b'T';
+                    return self.forward_extended(&frame).await;
+                }
                 if !self.multi_end_bind(one.as_deref()).await? {
                     self.local_error(aborted());
                 }
@@ -249,11 +266,8 @@ impl Session {
     /// server failed a statement (then it skips the rest, as PostgreSQL does).
     /// True when the Bind is to be skipped.
     async fn settle_batch(&mut self) -> Result<bool, SessionError> {
-        if self.backend.is_some() && !self.relay.idle() {
-            protocol::write_msg(&mut self.bout, b'H', &[]);
-            self.settle().await?;
-        }
-        if self.route.batch_failed {
+        self.settle().await?;
+        if self.relay.skipping {
             self.local_skip = true;
             return Ok(true);
         }
@@ -521,7 +535,6 @@ impl Session {
             if !self.release_held(home).await? {
                 return Ok(false);
             }
-            protocol::write_msg(&mut self.bout, b'H', &[]);
             self.settle().await?;
         }
         Ok(true)

@@ -424,7 +424,6 @@ impl Session {
                 self.in_batch = false;
                 self.route.batch_writes = false;
                 self.route.batch_ran = false;
-                self.route.batch_failed = false;
                 // Portals end with the implicit transaction; in a transaction block they
                 // live on until its end.
                 if self.status == b'I' {
@@ -433,8 +432,6 @@ impl Session {
                 self.route.pending_copy = None;
                 if self.multi.batch_commit {
                     self.end_moved_batch().await?;
-                    // Its errors were this batch's (a forwarded Sync's end at ReadyForQuery).
-                    self.route.batch_failed = false;
                 } else if self.backend.is_some() {
                     self.started();
                     self.relay.push(Pending::Sync);
@@ -674,7 +671,6 @@ impl Session {
             };
             let frame = deadlock.as_deref().unwrap_or(&b.rbuf[..n]);
             if tag == b'E' {
-                self.route.batch_failed = true;
                 let code = crate::metrics::sqlstate_of(frame).unwrap_or("XX000");
                 self.db.shards[self.shard].stats.error(code);
             } else if tag == b'C' {
@@ -690,7 +686,6 @@ impl Session {
             }
             match event {
                 Event::Ready(s) => {
-                    self.route.batch_failed = false;
                     self.finished(s);
                     self.status = s;
                     self.in_copy = false;

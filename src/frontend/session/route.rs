@@ -40,9 +40,8 @@ pub(super) struct RouteState {
     /// whether it had before the Bind being routed (see `batch.rs`).
     pub(super) batch_writes: bool,
     /// Since the client's last Sync, a server got more of the batch than Parse, Describe
-    /// and Close (a statement ran); or a server answered part of it with an error.
+    /// and Close (a statement ran).
     pub(super) batch_ran: bool,
-    pub(super) batch_failed: bool,
     pub(super) wrote_before_bind: bool,
     /// Set by `decide`: the statement it routed is a plain read (replica-safe).
     pub(super) decided_read: bool,
@@ -368,6 +367,11 @@ impl Session {
 
     /// Waits until the attached server has answered everything sent to it.
     pub(super) async fn settle(&mut self) -> Result<(), SessionError> {
+        if self.backend.is_some() && self.relay.awaits_flush() {
+            // Without it the server would keep those answers until the client's Sync,
+            // which comes only after pgshard answers what it is settling for.
+            protocol::write_msg(&mut self.bout, b'H', &[]);
+        }
         while self.backend.is_some() && !self.relay.idle() {
             self.flush().await?;
             let Some(b) = self.backend.as_mut() else {
