@@ -232,6 +232,9 @@ fn corpus() -> Vec<String> {
     }
     q.push("SELECT avg(qty) FROM orders WHERE qty < 0".into());
     q.push("SELECT count(*), sum(score), min(score), max(score) FROM users".into());
+    // bool_and/every and bool_or: a minimum and a maximum of booleans (NULLs ignored).
+    q.push("SELECT bool_and(score > 1), bool_or(score > 22), every(id > 0), bool_and(NULL::bool) FROM users".into());
+    q.push("SELECT id % 4 AS g, bool_and(score < 20), bool_or(name LIKE 'u1%') FROM users GROUP BY g HAVING count(*) > 10 ORDER BY g".into());
     q.push("SELECT count(*), sum(weight), max(tag) FROM tags".into());
     q.push("SELECT kind, count(*), min(at), max(at) FROM ev GROUP BY kind ORDER BY kind".into());
     q.push("SELECT DISTINCT tag FROM tags ORDER BY tag".into());

@@ -87,7 +87,8 @@ pub(super) fn having(
         _ => refuse(),
     }
 }
-/// The aggregate an output column is, when it is one call of count/sum/min/max.
+/// The aggregate an output column is, when it is one call of count/sum/min/max/avg (or
+/// of bool_and/every and bool_or: a minimum and a maximum of booleans).
 pub(super) fn top_aggregate(e: &Expr) -> Option<Result<Column, &'static str>> {
     let Expr::Function(f) = e else {
         return None;
@@ -98,8 +99,8 @@ pub(super) fn top_aggregate(e: &Expr) -> Option<Result<Column, &'static str>> {
     let column = match name_of(&f.name)?.as_str() {
         "count" => Column::Count,
         "sum" => Column::Sum,
-        "min" => Column::Min,
-        "max" => Column::Max,
+        "min" | "bool_and" | "every" => Column::Min,
+        "max" | "bool_or" => Column::Max,
         "avg" => Column::Avg,
         _ => return has_aggregate(e).then_some(Err("this aggregate")),
     };
