@@ -1296,3 +1296,90 @@ async fn cursors_over_shards_return_every_row() {
     assert_eq!(sqlstate(&e), "0A000");
     tx.rollback().await.unwrap();
 }
+
+#[tokio::test]
+async fn explain_shows_the_plans_of_the_shards_that_run_the_statement() {
+    let addr = setup().await;
+    let c = connect(addr).await;
+    let plan = async |q: &str| -> Vec<String> {
+        rows(&c.simple_query(q).await.unwrap())
+            .into_iter()
+            .map(|r| r[0].clone().unwrap())
+            .collect()
+    };
+    // One key: that key's shard (ANALYZE finds the row there; on the other shard it
+    // would find none).
+    for id in [5, 6, 7, 8] {
+        let p = plan(&format!(
+            "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) SELECT * FROM users WHERE id = {id}"
+        ))
+        .await;
+        assert!(p[0].contains("rows=1"), "{p:?}");
+        assert!(!p.iter().any(|l| l.starts_with("Shard")), "{p:?}");
+    }
+    // Several shards: each one's plan under its name, never one shard's plan alone.
+    let p = plan("EXPLAIN (COSTS OFF) SELECT count(*) FROM users").await;
+    assert_eq!(
+        p.iter().filter(|l| l.starts_with("Shard ")).count(),
+        2,
+        "{p:?}"
+    );
+    assert_eq!(
+        p.iter().filter(|l| l.contains("Aggregate")).count(),
+        2,
+        "{p:?}"
+    );
+    let p = plan("EXPLAIN (COSTS OFF, FORMAT JSON) SELECT id FROM users").await;
+    assert_eq!(p.len(), 2, "one JSON plan per shard");
+    // In the extended protocol, with parameters.
+    let p: Vec<String> = c
+        .query(
+            "EXPLAIN (COSTS OFF) SELECT id FROM users WHERE id > $1",
+            &[&3i64],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(p.contains(&"Shard 1".to_string()), "{p:?}");
+    // Without ANALYZE a write over every shard only plans (allowed); with it, it runs
+    // (cross_shard_writes is deny here).
+    let p = plan("EXPLAIN (COSTS OFF) UPDATE users SET name = name").await;
+    assert_eq!(
+        p.iter().filter(|l| l.starts_with("Shard ")).count(),
+        2,
+        "{p:?}"
+    );
+    let e = c
+        .simple_query("EXPLAIN ANALYZE UPDATE users SET name = name")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000");
+    // An INSERT whose rows go to both shards: planned on each, never run on each (every
+    // shard would insert every row).
+    let a = 910_001i64;
+    let b = (a + 1..)
+        .find(|b| partition_of(&HashKey::Int(*b), 2) != partition_of(&HashKey::Int(a), 2))
+        .unwrap();
+    let insert = format!("INSERT INTO split_t (id, name) VALUES ({a}, 'a'), ({b}, 'b')");
+    let p = plan(&format!("EXPLAIN (COSTS OFF) {insert}")).await;
+    assert_eq!(
+        p.iter().filter(|l| l.starts_with("Shard ")).count(),
+        2,
+        "{p:?}"
+    );
+    let e = c
+        .simple_query(&format!("EXPLAIN ANALYZE {insert}"))
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000");
+    let n = rows(
+        &c.simple_query(&format!(
+            "SELECT count(*) FROM split_t WHERE id IN ({a}, {b})"
+        ))
+        .await
+        .unwrap(),
+    );
+    assert_eq!(n[0][0].as_deref(), Some("0"));
+}

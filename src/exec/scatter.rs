@@ -301,6 +301,46 @@ pub fn broadcast_result(results: Vec<Vec<BytesMut>>) -> BytesMut {
     out
 }
 
+/// The shards' EXPLAIN output, one shard after the other (in the text format under a
+/// `Shard N` line each; JSON, YAML and XML plans are one row per shard).
+pub fn explain_result(results: Vec<Vec<BytesMut>>, shards: &[usize]) -> BytesMut {
+    if let Some(e) = first_error(&results) {
+        return e;
+    }
+    let mut out = BytesMut::new();
+    let mut text = false;
+    if let Some(t) = results.iter().flatten().find(|f| f[0] == b'T') {
+        out.extend_from_slice(t);
+        // One column of type text (oid 25); json, xml and yaml plans are not text.
+        text = crate::protocol::body(t)
+            .get(2..)
+            .and_then(|c| memchr::memchr(0, c).map(|n| &c[n + 1..]))
+            .and_then(|c| c.get(6..10))
+            == Some(&25u32.to_be_bytes()[..]);
+    }
+    let mut tag = None;
+    for (frames, s) in results.into_iter().zip(shards) {
+        if text {
+            let line = format!("Shard {s}");
+            let mut body = 1u16.to_be_bytes().to_vec();
+            body.extend((line.len() as i32).to_be_bytes());
+            body.extend(line.as_bytes());
+            protocol::write_msg(&mut out, b'D', &body);
+        }
+        for f in frames {
+            match f[0] {
+                b'T' => {}
+                b'C' => tag = Some(f),
+                _ => out.extend_from_slice(&f),
+            }
+        }
+    }
+    if let Some(t) = tag {
+        out.extend_from_slice(&t);
+    }
+    out
+}
+
 /// A Bind remainder whose result-format list also covers `extra` trailing (text)
 /// columns: needed when pgshard adds hidden sort columns and the client gave one format
 /// per column.

@@ -24,6 +24,8 @@ pub(super) enum Multi {
     SplitInsert(Vec<(usize, String)>),
     /// An INSERT ... SELECT whose rows pgshard reads first, then inserts split by key.
     InsertVia(std::sync::Arc<crate::router::analyze::InsertVia>),
+    /// EXPLAIN: each shard's plan (ANALYZE of a write runs it on each, all or none).
+    Explain,
 }
 
 /// Parse, Bind, Describe (portal), Execute and Sync of an unnamed statement.
@@ -72,7 +74,21 @@ impl Session {
     pub(super) fn multi_plan(&self, shards: &[usize], a: &Analysis) -> Result<Multi, PgError> {
         let sharded_writes_allowed =
             self.db.config.cross_shard_writes == crate::config::CrossShardWrites::Allow;
+        if a.explain && a.kind >= Kind::Write {
+            // EXPLAIN ANALYZE runs the write as written on each shard: only where that is
+            // the write itself (not an INSERT whose rows pgshard splits), and as allowed.
+            let mut write = a.clone();
+            write.explain = false;
+            return match self.multi_plan(shards, &write)? {
+                Multi::SplitInsert(_) | Multi::InsertVia(_) => Err(PgError::new(
+                    "0A000",
+                    "EXPLAIN ANALYZE of an INSERT whose rows go to several shards is not supported (explain it without ANALYZE)",
+                )),
+                _ => Ok(Multi::Explain),
+            };
+        }
         Ok(match (a.kind, &a.merge) {
+            _ if a.explain => Multi::Explain,
             (Kind::Ddl, _) => Multi::Ddl,
             (Kind::Read | Kind::Other, Some(Ok(_)))
                 if a.cursor.as_ref().is_some_and(|c| c.binary) =>
@@ -150,8 +166,10 @@ impl Session {
         // Reads outside a transaction need no transaction: they run in parallel below.
         // An INSERT ... SELECT through pgshard reads, then writes: one transaction, whatever
         // the commit protocol.
+        let reads = matches!(plan, Multi::Merge(_))
+            || (matches!(plan, Multi::Explain) && a.kind <= Kind::Read);
         let transactional = self.status != b'I'
-            || (!matches!(plan, Multi::Merge(_))
+            || (!reads
                 && self.db.config.two_phase_commit == crate::config::TwoPhaseCommit::On
                 && self.mode == PoolMode::Transaction
                 && !scatter::needs_autocommit(sql))
@@ -193,11 +211,21 @@ impl Session {
                 "0A000",
                 "INSERT ... SELECT whose rows pgshard must split by key needs transaction pooling mode",
             )),
-            Multi::Ddl | Multi::Write { .. } => {
+            Multi::Explain if reads => scatter::run_on_shards(
+                &self.db,
+                &nodes,
+                scatter::Request::Simple(sql),
+                Some(&prelude),
+                self.settings_fp,
+            )
+            .await
+            .map(|r| scatter::explain_result(r, &shards)),
+            Multi::Ddl | Multi::Write { .. } | Multi::Explain => {
                 scatter::run_all_or_none(&self.db, &shards, sql, Some(&prelude), self.settings_fp)
                     .await
                     .map(|r| match plan {
                         Multi::Write { sum } => scatter::combine_writes(r, sum),
+                        Multi::Explain => scatter::explain_result(r, &shards),
                         _ => scatter::broadcast_result(r),
                     })
             }
@@ -208,6 +236,7 @@ impl Session {
             Multi::Ddl => "broadcast ddl",
             Multi::Write { .. } => "broadcast write",
             Multi::InsertVia(_) => "insert select",
+            Multi::Explain => "explain",
         };
         self.cross_shard_done(&shards, kind, started.elapsed(), sql);
         self.relay.drain_local(&mut self.cout);
@@ -342,7 +371,10 @@ impl Session {
                 // The shard could not join (the client got that error).
                 break;
             }
-            if let Some(i) = frames.iter().position(|f| matches!(f[0], b'T' | b'n')) {
+            // (EXPLAIN's description tells how its rows are combined: kept.)
+            if !matches!(plan, Multi::Explain)
+                && let Some(i) = frames.iter().position(|f| matches!(f[0], b'T' | b'n'))
+            {
                 let d = frames.remove(i).freeze();
                 description.get_or_insert(d);
             }
@@ -353,6 +385,14 @@ impl Session {
         }
         let out = match &plan {
             Multi::Ddl => scatter::broadcast_result(results),
+            Multi::Explain => {
+                let mut out = scatter::explain_result(results, shards);
+                if out.first() == Some(&b'T') {
+                    let n = i32::from_be_bytes([out[1], out[2], out[3], out[4]]) as usize + 1;
+                    description = Some(out.split_to(n).freeze());
+                }
+                out
+            }
             Multi::Write { sum } => scatter::combine_writes(results, *sum),
             _ => scatter::combine_writes(results, true),
         };

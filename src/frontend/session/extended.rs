@@ -131,7 +131,7 @@ impl Session {
                     }
                     // Writes, and reads inside a transaction (the shards join it).
                     if let Ok(Dest::Multi(shards, a)) = &dest
-                        && ((a.kind >= Kind::Write && self.status == b'I')
+                        && (((a.kind >= Kind::Write || a.explain) && self.status == b'I')
                             || self.can_run_in_transaction())
                         && self.mode == PoolMode::Transaction
                     {
@@ -242,7 +242,7 @@ impl Session {
                     return self.scatter_bind(&frame, &shards, &a).await;
                 }
                 Ok(Dest::Multi(shards, a))
-                    if (a.kind >= Kind::Write || mergeable(&a))
+                    if (a.kind >= Kind::Write || mergeable(&a) || a.explain)
                         && !self.in_batch
                         && self.mode == PoolMode::Transaction
                         && (self.status == b'I' || self.can_run_in_transaction()) =>

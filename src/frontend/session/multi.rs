@@ -396,6 +396,7 @@ impl Session {
                 Multi::SplitInsert(_) => Ok(scatter::combine_writes(results, true)),
                 Multi::Write { sum } => Ok(scatter::combine_writes(results, *sum)),
                 Multi::Ddl => Ok(scatter::broadcast_result(results)),
+                Multi::Explain => Ok(scatter::explain_result(results, shards)),
                 Multi::InsertVia(_) => unreachable!("carried out by insert_via_out above"),
             }
         };

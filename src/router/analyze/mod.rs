@@ -89,6 +89,9 @@ pub struct Analysis {
     /// `shard_sql` its text), so that over several shards pgshard runs the query merged
     /// and holds its rows as the cursor.
     pub cursor: Option<std::sync::Arc<Cursor>>,
+    /// An EXPLAIN: routed as the statement it explains (a read unless ANALYZE runs it);
+    /// over several shards each shard's plan is shown, never merged.
+    pub explain: bool,
 }
 
 /// A cursor declared with SQL.
@@ -135,6 +138,7 @@ impl Analysis {
             one_shard: false,
             keyless: Vec::new(),
             cursor: None,
+            explain: false,
         }
     }
 }
@@ -182,6 +186,7 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
     }
     for st in &stmts {
         let a = statement(st, rules).map_err(AnalyzeError::Unroutable)?;
+        out.explain |= a.explain;
         out.kind = out.kind.max(a.kind);
         out.inserts_sharded |= a.inserts_sharded;
         out.insert_select |= a.insert_select;
@@ -313,6 +318,32 @@ fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
     // A cursor goes where its query goes.
     if let Some((_, q)) = declared_cursor(std::slice::from_ref(st)) {
         return statement(&Statement::Query(q), rules);
+    }
+    // EXPLAIN goes where the statement goes; it runs it only with ANALYZE.
+    if let Statement::Explain {
+        statement: inner,
+        analyze,
+        options,
+        ..
+    } = st
+    {
+        let mut a = statement(inner, rules)?;
+        let runs = *analyze
+            || options.iter().flatten().any(|o| {
+                ident(&o.name) == "analyze"
+                    && o.arg.as_ref().is_none_or(|v| {
+                        !matches!(
+                            v.to_string().to_ascii_lowercase().as_str(),
+                            "false" | "off" | "0"
+                        )
+                    })
+            });
+        if !runs {
+            a.kind = a.kind.min(Kind::Read);
+            a.inserts_sharded = false;
+        }
+        a.explain = true;
+        return Ok(a);
     }
     let mut independent = super::nested::independent(st, rules);
     let mut c = Collector {
@@ -508,6 +539,7 @@ fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
         one_shard: one_shard || c.one_shard,
         keyless: c.keyless,
         cursor: None,
+        explain: false,
     })
 }
 
