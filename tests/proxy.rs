@@ -124,6 +124,33 @@ async fn prepared_statements_survive_server_connection_changes_in_transaction_mo
 }
 
 #[tokio::test]
+async fn statements_prepared_after_a_client_drops_all_of_its_own() {
+    // One server connection for every client: what one client's DEALLOCATE ALL or
+    // DISCARD ALL drops on it, the next client's statements must find prepared again
+    // (psycopg sends DEALLOCATE ALL after every ROLLBACK once it has prepared).
+    let addr = start_proxy_yaml(&base_yaml("transaction", 1));
+    for drop_all in [
+        "DEALLOCATE ALL",
+        "DISCARD ALL",
+        "BEGIN; SELECT 1; ROLLBACK; DEALLOCATE ALL",
+    ] {
+        for _ in 0..2 {
+            let c = connect(addr).await;
+            let st = c
+                .prepare("SELECT $1::int + 1 AS dropped_all")
+                .await
+                .unwrap();
+            let n: i32 = c.query_one(&st, &[&41]).await.unwrap().get(0);
+            assert_eq!(n, 42, "{drop_all}");
+            c.batch_execute(drop_all).await.unwrap();
+            // The client's own statement is gone, as on a server.
+            let e = c.query_one(&st, &[&1]).await.unwrap_err();
+            assert_eq!(sqlstate(&e), "26000", "{drop_all}");
+        }
+    }
+}
+
+#[tokio::test]
 async fn transactions_commit_rollback_errors_and_savepoints() {
     let mut c = connect(tx_proxy()).await;
     c.batch_execute("DROP TABLE IF EXISTS t_tx; CREATE TABLE t_tx (x int)")

@@ -673,11 +673,26 @@ impl Session {
             if tag == b'E' {
                 let code = crate::metrics::sqlstate_of(frame).unwrap_or("XX000");
                 self.db.shards[self.shard].stats.error(code);
-            } else if tag == b'C' {
+            }
+            // The server dropped every prepared statement, pgshard's own too (a client's
+            // DISCARD ALL, psycopg's DEALLOCATE ALL after ROLLBACK): they must be prepared
+            // again on this connection (and after DISCARD its settings are the defaults).
+            let mut dropped = None;
+            if tag == b'C' {
                 self.listen_ext.saw_tag(frame);
+                let done = frame.get(5..).unwrap_or_default();
+                if done.starts_with(b"DISCARD ALL") || done.starts_with(b"DEALLOCATE ALL") {
+                    dropped = Some(done.starts_with(b"DISCARD"));
+                }
             }
             let event = self.relay.on_frame(frame, &mut self.cout);
             b.rbuf.advance(n);
+            if let Some(discard) = dropped {
+                b.prepared.clear();
+                if discard {
+                    b.settings = 0;
+                }
+            }
             if fatal {
                 // The server closes after a FATAL: nothing more may be sent to it, and the
                 // requests it will not answer are answered now.
