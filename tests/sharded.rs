@@ -1383,3 +1383,65 @@ async fn explain_shows_the_plans_of_the_shards_that_run_the_statement() {
     );
     assert_eq!(n[0][0].as_deref(), Some("0"));
 }
+
+#[tokio::test]
+async fn limit_and_offset_parameters_over_shards() {
+    // ORMs send LIMIT and OFFSET as parameters (SQLAlchemy's .limit(), Hibernate's
+    // setMaxResults): merged with the values bound, as one database answers.
+    let addr = setup().await;
+    let mut c = connect(addr).await;
+    let mut plain = connect_server(ports()[0], "plain").await;
+    let ids =
+        |rows: Vec<tokio_postgres::Row>| -> Vec<i64> { rows.iter().map(|r| r.get(0)).collect() };
+    let cases: [(&str, Vec<Option<i64>>); 7] = [
+        (
+            "SELECT id FROM users ORDER BY name, id LIMIT $1",
+            vec![Some(7)],
+        ),
+        (
+            "SELECT id FROM users ORDER BY id DESC LIMIT $1 OFFSET $2",
+            vec![Some(5), Some(10)],
+        ),
+        (
+            "SELECT id FROM users ORDER BY score, id LIMIT 4 OFFSET $1",
+            vec![Some(150)],
+        ),
+        (
+            "SELECT id FROM users ORDER BY id OFFSET $1",
+            vec![Some(195)],
+        ),
+        ("SELECT id FROM users ORDER BY id LIMIT $1", vec![None]),
+        (
+            "SELECT id FROM users WHERE id > $2 ORDER BY id LIMIT $1",
+            vec![Some(3), Some(50)],
+        ),
+        (
+            "SELECT user_id FROM orders GROUP BY user_id ORDER BY count(*) DESC, user_id LIMIT $1",
+            vec![Some(6)],
+        ),
+    ];
+    for (q, params) in &cases {
+        let p: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+            .iter()
+            .map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect();
+        let ours = ids(c.query(*q, &p).await.unwrap());
+        let theirs = ids(plain.query(*q, &p).await.unwrap());
+        assert_eq!(ours, theirs, "{q} {params:?}");
+        // Inside a transaction too.
+        for client in [&mut c, &mut plain] {
+            let tx = client.transaction().await.unwrap();
+            assert_eq!(
+                ids(tx.query(*q, &p).await.unwrap()),
+                theirs,
+                "{q} in a transaction"
+            );
+            tx.rollback().await.unwrap();
+        }
+    }
+    let e = c
+        .query("SELECT id FROM users ORDER BY id LIMIT $1", &[&-1i64])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "2201W");
+}

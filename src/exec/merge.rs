@@ -482,6 +482,13 @@ pub fn merge_select(
     if let Some(e) = first_error(&results) {
         return Ok(e);
     }
+    if spec.limit_param.is_some() || spec.offset_param.is_some() {
+        // A path that did not bind them would merge without the client's LIMIT.
+        return Err(PgError::new(
+            "0A000",
+            "LIMIT or OFFSET given as a parameter across shards is supported only in the extended protocol",
+        ));
+    }
     let mut out = BytesMut::new();
     let mut description = None;
     let mut rows: Vec<BytesMut> = Vec::new();

@@ -98,6 +98,13 @@ public class JdbcClient {
                 return rows(p.executeQuery());
             }
         });
+        step("limit and offset parameters (as Hibernate sends them)", () -> {
+            try (PreparedStatement p = c.prepareStatement("SELECT id FROM " + T + " ORDER BY amount DESC LIMIT ? OFFSET ?")) {
+                p.setInt(1, 3);
+                p.setInt(2, 5);
+                return rows(p.executeQuery());
+            }
+        });
         step("generated keys", () -> {
             try (PreparedStatement p = c.prepareStatement("INSERT INTO " + T + " (id, name) VALUES (?, ?)", Statement.RETURN_GENERATED_KEYS)) {
                 p.setLong(1, 500);

@@ -41,6 +41,9 @@ def main():
         )
     c.commit()
     step(c, "count", lambda: c.execute(f"SELECT count(*), sum(price) FROM {T}").fetchone())
+    # LIMIT and OFFSET as parameters, as SQLAlchemy's .limit() and .offset() send them.
+    step(c, "limit offset", lambda: c.execute(f"SELECT id FROM {T} ORDER BY price DESC, id LIMIT %s OFFSET %s", (4, 2)).fetchall())
+    c.rollback()
 
     # Server-side cursors: DECLARE and FETCH inside the transaction psycopg began.
     def server_cursor():

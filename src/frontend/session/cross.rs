@@ -14,7 +14,7 @@ type ShardRequest = (Vec<u8>, Vec<u8>, Vec<u8>);
 /// How a statement over several shards runs.
 pub(super) enum Multi {
     /// A SELECT whose rows are merged.
-    Merge(crate::router::merge::MergeSpec),
+    Merge(Box<crate::router::merge::MergeSpec>),
     /// DDL, all or none.
     Ddl,
     /// A write allowed on several shards, all or none; `sum` adds up the row counts (not
@@ -69,6 +69,48 @@ fn cursor_rest(a: &Analysis, rest: &[u8]) -> Vec<u8> {
     }
 }
 
+/// The merge with the LIMIT and OFFSET parameter values of a Bind (`bind_rest`).
+fn bound_spec(
+    spec: &crate::router::merge::MergeSpec,
+    bind_rest: &[u8],
+) -> Result<crate::router::merge::MergeSpec, PgError> {
+    if spec.limit_param.is_none() && spec.offset_param.is_none() {
+        return Ok(spec.clone());
+    }
+    let (binary, values) =
+        protocol::bind_params(bind_rest).map_err(|e| PgError::new("08P01", e.to_string()))?;
+    bound_by(spec, &binary, &values)
+}
+
+/// The merge with its LIMIT and OFFSET parameters taken from `values` (each binary or
+/// text, as `binary` says).
+pub(super) fn bound_by(
+    spec: &crate::router::merge::MergeSpec,
+    binary: &[bool],
+    values: &[Option<&[u8]>],
+) -> Result<crate::router::merge::MergeSpec, PgError> {
+    spec.bound(|i| {
+        let Some(v) = *values.get(i).ok_or("there is no such parameter")? else {
+            return Ok(None);
+        };
+        let n = if binary.get(i).copied().unwrap_or(false) {
+            match v.len() {
+                2 => i16::from_be_bytes([v[0], v[1]]).into(),
+                4 => i32::from_be_bytes(v.try_into().expect("4")).into(),
+                8 => i64::from_be_bytes(v.try_into().expect("8")),
+                _ => return Err("not an integer".into()),
+            }
+        } else {
+            std::str::from_utf8(v)
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+                .ok_or("not an integer")?
+        };
+        Ok(Some(n))
+    })
+    .map_err(|(code, msg)| PgError::new(code, msg))
+}
+
 impl Session {
     /// How a statement over several shards runs, or why it cannot.
     pub(super) fn multi_plan(&self, shards: &[usize], a: &Analysis) -> Result<Multi, PgError> {
@@ -98,7 +140,7 @@ impl Session {
                     "a BINARY cursor over several shards is not supported (declare it without BINARY)",
                 ));
             }
-            (Kind::Read | Kind::Other, Some(Ok(spec))) => Multi::Merge(spec.clone()),
+            (Kind::Read | Kind::Other, Some(Ok(spec))) => Multi::Merge(Box::new(spec.clone())),
             (Kind::Read | Kind::Other, Some(Err(why))) => {
                 return Err(PgError::new("0A000", why.clone()));
             }
@@ -307,6 +349,14 @@ impl Session {
             Some(parts) => Multi::SplitInsert(parts),
             None => match self.multi_plan(shards, a) {
                 Ok(Multi::Merge(spec)) if self.status == b'T' => {
+                    let spec = match bound_spec(&spec, b.rest) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            self.status = b'E';
+                            self.local_error(e);
+                            return Ok(());
+                        }
+                    };
                     return self
                         .merge_bind_in_transaction(&spec, &query, &types, b.rest, shards, a)
                         .await;
@@ -429,7 +479,13 @@ impl Session {
         a: &Analysis,
     ) -> Result<(), SessionError> {
         let spec = match self.multi_plan(shards, a) {
-            Ok(Multi::Merge(spec)) => spec,
+            Ok(Multi::Merge(spec)) => match bound_spec(&spec, protocol::parse_bind(frame)?.rest) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.local_error(e);
+                    return Ok(());
+                }
+            },
             Ok(_) => {
                 self.local_error(multi_shard_error(shards, a));
                 return Ok(());

@@ -168,10 +168,14 @@ impl Session {
             parts.push(frames);
         }
         let out = match (&via.select.merge, merged) {
-            (Some(Ok(spec)), true) => match crate::exec::scatter::merge_select(parts, spec, &[]) {
-                Ok(out) => out,
-                Err(e) => return failed(self, e),
-            },
+            (Some(Ok(spec)), true) => {
+                let merged = super::cross::bound_by(spec, &params.binary, &params.values)
+                    .and_then(|spec| crate::exec::scatter::merge_select(parts, &spec, &[]));
+                match merged {
+                    Ok(out) => out,
+                    Err(e) => return failed(self, e),
+                }
+            }
             _ => BytesMut::from(&parts.concat().concat()[..]),
         };
         let rows: Vec<Vec<Option<String>>> = protocol::frames(&out)

@@ -13,13 +13,44 @@ use aggregate::{count_distinct_arg, counts_distinct_keys, having, top_aggregate}
 pub(crate) use aggregate::{has_aggregate, has_plain_aggregate, has_window, windows_by_key};
 pub use spec::*;
 
+fn number(n: u64) -> Expr {
+    Expr::value(Value::Number(n.to_string(), false))
+}
+
+fn bigint(e: Expr) -> Expr {
+    Expr::Cast {
+        kind: sqlparser::ast::CastKind::DoubleColon,
+        expr: Box::new(e),
+        data_type: sqlparser::ast::DataType::BigInt(None),
+        format: None,
+    }
+}
+
+/// `OFFSET ($n::BIGINT * 0)` for a LIMIT or OFFSET parameter the shards' statement no
+/// longer applies: it must still use it, to take the client's Bind as it is.
+fn unused_params(param: Option<Expr>) -> Option<sqlparser::ast::LimitClause> {
+    let zero = Expr::Nested(Box::new(Expr::BinaryOp {
+        left: Box::new(bigint(param?)),
+        op: sqlparser::ast::BinaryOperator::Multiply,
+        right: Box::new(number(0)),
+    }));
+    Some(sqlparser::ast::LimitClause::LimitOffset {
+        limit: None,
+        offset: Some(sqlparser::ast::Offset {
+            value: zero,
+            rows: sqlparser::ast::OffsetRows::None,
+        }),
+        limit_by: Vec::new(),
+    })
+}
+
 /// What pgshard can merge today: plain rows; count/sum/min/max with or without GROUP BY on
 /// output columns; ORDER BY output columns; LIMIT. Anything whose per-shard results do not
 /// simply combine (avg, HAVING, DISTINCT, OFFSET, set operations, window functions,
 /// expressions over aggregates) is refused rather than answered wrongly.
 pub(super) fn merge_spec(q: &Query, rules: &Rules) -> Result<MergeSpec, String> {
     let spec = plan(q, rules)?;
-    if spec.offset > 0 && spec.aggregates.is_some() {
+    if (spec.offset > 0 || spec.offset_param.is_some()) && spec.aggregates.is_some() {
         return Err("OFFSET with aggregates across shards is not supported yet".into());
     }
     Ok(spec)
@@ -33,6 +64,7 @@ pub(super) fn shard_statement(q: &Query, spec: &MergeSpec) -> Option<String> {
     // totals are added up, so every shard returns every group.
     let all_groups = spec.aggregates.is_some() && q.limit_clause.is_some();
     if spec.offset == 0
+        && spec.offset_param.is_none()
         && spec.hidden.is_empty()
         && spec.having.is_none()
         && spec.avg.is_empty()
@@ -93,21 +125,43 @@ pub(super) fn shard_statement(q: &Query, spec: &MergeSpec) -> Option<String> {
                 });
         }
     }
+    // The client's LIMIT and OFFSET expressions.
+    let (limit, offset) = match &q.limit_clause {
+        Some(sqlparser::ast::LimitClause::LimitOffset { limit, offset, .. }) => {
+            (limit.clone(), offset.as_ref().map(|o| o.value.clone()))
+        }
+        _ => (None, None),
+    };
     if spec.aggregates.is_some() {
-        q.limit_clause = None;
+        q.limit_clause = unused_params(limit.filter(|_| spec.limit_param.is_some()));
         q.order_by = None;
         return Some(q.to_string());
     }
-    if spec.offset == 0 {
+    if spec.offset == 0 && spec.offset_param.is_none() {
         return Some(q.to_string());
     }
+    // Each shard returns offset + limit rows (the client's expressions when they are
+    // parameters: `LIMIT $1 + $2`), and pgshard skips the offset after merging.
+    if limit.is_none() {
+        q.limit_clause = unused_params(offset.filter(|_| spec.offset_param.is_some()));
+        return Some(q.to_string());
+    }
+    let shard_limit = match (spec.limit, spec.limit_param, limit) {
+        (Some(l), None, _) if spec.offset_param.is_none() => Some(Expr::value(Value::Number(
+            l.saturating_add(spec.offset).to_string(),
+            false,
+        ))),
+        (None, None, _) => None,
+        // Typed: `$1 + $2` alone is ambiguous to PostgreSQL's parser.
+        (_, _, Some(l)) => Some(Expr::Nested(Box::new(Expr::BinaryOp {
+            left: Box::new(bigint(l)),
+            op: sqlparser::ast::BinaryOperator::Plus,
+            right: Box::new(bigint(offset.unwrap_or_else(|| number(0)))),
+        }))),
+        (_, _, None) => None,
+    };
     q.limit_clause = Some(sqlparser::ast::LimitClause::LimitOffset {
-        limit: spec.limit.map(|l| {
-            Expr::value(Value::Number(
-                (l.saturating_add(spec.offset)).to_string(),
-                false,
-            ))
-        }),
+        limit: shard_limit,
         offset: None,
         limit_by: Vec::new(),
     });
@@ -339,15 +393,18 @@ fn plan(q: &Query, rules: &Rules) -> Result<MergeSpec, String> {
             });
         }
     }
-    let number = |e: &Expr, what: &'static str| -> Result<Option<u64>, String> {
+    // A number, or the parameter that gives it.
+    type Count = (Option<u64>, Option<usize>);
+    let number = |e: &Expr, what: &'static str| -> Result<Count, String> {
         match value_of(e) {
             Some(KeyRef::Literal(n)) => n
                 .parse()
-                .map(Some)
+                .map(|n| (Some(n), None))
                 .map_err(|_| format!("{what} must be a whole number")),
-            Some(KeyRef::Null) => Ok(None),
+            Some(KeyRef::Null) => Ok((None, None)),
+            Some(KeyRef::Param(i, _)) => Ok((None, Some(i))),
             _ => Err(format!(
-                "{what} with a parameter or expression across shards is not supported yet"
+                "{what} with an expression across shards is not supported yet"
             )),
         }
     };
@@ -359,10 +416,11 @@ fn plan(q: &Query, rules: &Rules) -> Result<MergeSpec, String> {
             limit_by,
         }) if limit_by.is_empty() => {
             if let Some(l) = limit {
-                spec.limit = number(l, "LIMIT")?;
+                (spec.limit, spec.limit_param) = number(l, "LIMIT")?;
             }
             if let Some(o) = offset {
-                spec.offset = number(&o.value, "OFFSET")?.unwrap_or(0);
+                let (n, param) = number(&o.value, "OFFSET")?;
+                (spec.offset, spec.offset_param) = (n.unwrap_or(0), param);
             }
         }
         Some(_) => return unsupported("this LIMIT form"),

@@ -28,6 +28,10 @@ pub struct MergeSpec {
     /// The argument of the query's count(DISTINCT ...) columns ([`Column::DistinctCount`]):
     /// each shard returns it in their place and groups by it as well.
     pub distinct_arg: Option<Box<Expr>>,
+    /// LIMIT and OFFSET given as parameters (`$n`, 0-based), as ORMs send them: their
+    /// values come with each Bind ([`MergeSpec::bound`]).
+    pub limit_param: Option<usize>,
+    pub offset_param: Option<usize>,
 }
 
 /// A HAVING condition pgshard evaluates: comparisons of aggregate columns with numbers,
@@ -123,10 +127,34 @@ pub fn compare_decimal(a: &str, b: &str) -> Option<std::cmp::Ordering> {
 }
 
 impl MergeSpec {
+    /// The merge with LIMIT and OFFSET parameters replaced by the values bound
+    /// (`value(i)`: parameter i as an integer, None for NULL, which means no limit and no
+    /// offset, as in PostgreSQL).
+    pub fn bound(
+        &self,
+        value: impl Fn(usize) -> Result<Option<i64>, String>,
+    ) -> Result<MergeSpec, (&'static str, String)> {
+        let mut s = self.clone();
+        let count = |i: usize, what: &str, code: &'static str| match value(i) {
+            Ok(Some(n)) if n < 0 => Err((code, format!("{what} must not be negative"))),
+            Ok(n) => Ok(n.map(|n| n as u64)),
+            Err(e) => Err(("22023", format!("{what}: {e}"))),
+        };
+        if let Some(i) = s.limit_param.take() {
+            s.limit = count(i, "LIMIT", "2201W")?;
+        }
+        if let Some(i) = s.offset_param.take() {
+            s.offset = count(i, "OFFSET", "2201X")?.unwrap_or(0);
+        }
+        Ok(s)
+    }
+
     /// Whether the shards' rows, one shard after the other, are the answer.
     pub fn is_concatenation(&self) -> bool {
         self.order.is_empty()
             && self.limit.is_none()
+            && self.limit_param.is_none()
+            && self.offset_param.is_none()
             && self.offset == 0
             && !self.distinct
             && self.aggregates.is_none()

@@ -131,6 +131,8 @@ fn merge_specs() {
             having: None,
             avg: Vec::new(),
             distinct_arg: None,
+            limit_param: None,
+            offset_param: None,
         }
     );
     let a = analyze("SELECT id, avg(total) FROM orders GROUP BY id", &rules()).unwrap();
@@ -246,7 +248,7 @@ fn merge_specs() {
         "SELECT count(*)::int FROM users",
         "SELECT DISTINCT ON (lower(name)) name, id FROM users",
         "SELECT count(*) FROM users OFFSET 1",
-        "SELECT id FROM users LIMIT $1",
+        "SELECT id FROM users LIMIT $1 + 1",
         "SELECT id FROM users INTERSECT SELECT user_id FROM orders",
         "SELECT id FROM users UNION ALL SELECT user_id FROM orders UNION SELECT 1",
         "SELECT count(*) FROM users UNION ALL SELECT count(*) FROM orders",
@@ -271,4 +273,63 @@ fn merge_specs() {
     let e = m("SELECT id FROM users UNION ALL SELECT 7").unwrap_err();
     assert!(e.contains("once per shard"), "{e}");
     assert!(m("SELECT id FROM users UNION SELECT 7").unwrap().distinct);
+}
+
+#[test]
+fn limit_and_offset_parameters() {
+    let a = |sql: &str| analyze(sql, &rules()).unwrap();
+    // LIMIT $1 alone: each shard returns up to $1 rows; the merge takes $1.
+    let q = a("SELECT id FROM users ORDER BY id LIMIT $1");
+    let spec = q.merge.clone().unwrap().unwrap();
+    assert_eq!((spec.limit_param, spec.offset_param), (Some(0), None));
+    assert_eq!(q.shard_sql, None);
+    // With OFFSET: each shard returns limit + offset rows.
+    for (sql, shard) in [
+        (
+            "SELECT id FROM users ORDER BY id LIMIT $1 OFFSET $2",
+            "SELECT id FROM users ORDER BY id LIMIT ($1::BIGINT + $2::BIGINT)",
+        ),
+        (
+            "SELECT id FROM users ORDER BY id LIMIT 5 OFFSET $1",
+            "SELECT id FROM users ORDER BY id LIMIT (5::BIGINT + $1::BIGINT)",
+        ),
+        (
+            "SELECT id FROM users ORDER BY id LIMIT $2 OFFSET 3",
+            "SELECT id FROM users ORDER BY id LIMIT ($2::BIGINT + 3::BIGINT)",
+        ),
+        (
+            "SELECT id FROM users ORDER BY id OFFSET $1",
+            "SELECT id FROM users ORDER BY id OFFSET ($1::BIGINT * 0)",
+        ),
+    ] {
+        assert_eq!(a(sql).shard_sql.as_deref(), Some(shard), "{sql}");
+    }
+    let spec = a("SELECT id FROM users ORDER BY id LIMIT $2 OFFSET $1")
+        .merge
+        .unwrap()
+        .unwrap();
+    let bound = spec.bound(|i| Ok([Some(7), Some(3)][i])).unwrap();
+    assert_eq!((bound.limit, bound.offset), (Some(3), 7));
+    assert_eq!((bound.limit_param, bound.offset_param), (None, None));
+    // NULL: no limit; negative: PostgreSQL's errors.
+    let none = spec.bound(|_| Ok(None)).unwrap();
+    assert_eq!((none.limit, none.offset), (None, 0));
+    assert_eq!(
+        spec.bound(|i| Ok(Some(i as i64 - 1))).unwrap_err().0,
+        "2201X"
+    );
+    assert_eq!(spec.bound(|_| Ok(Some(-1))).unwrap_err().0, "2201W");
+    // Aggregates: every shard returns every group; OFFSET with them is refused.
+    assert_eq!(
+        a("SELECT name, count(*) FROM users GROUP BY name ORDER BY 2 DESC LIMIT $1")
+            .shard_sql
+            .as_deref(),
+        Some("SELECT name, count(*) FROM users GROUP BY name OFFSET ($1::BIGINT * 0)")
+    );
+    assert!(
+        a("SELECT count(*) FROM users OFFSET $1")
+            .merge
+            .unwrap()
+            .is_err()
+    );
 }
