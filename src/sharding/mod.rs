@@ -332,27 +332,24 @@ impl ShardFn {
 
     /// The shard of a key in PostgreSQL's binary format (a binary COPY field).
     pub fn shard_of_binary(&self, b: &[u8], shards: usize) -> Result<usize, ShardError> {
-        let v = self
-            .ty
-            .parse_binary(b, 0)
-            .map_err(|detail| ShardError::BadValue {
-                column: self.column.clone(),
-                ty: self.ty.name(),
-                detail,
-            })?;
-        self.shard_of(&v, shards)
+        self.shard_of_parsed(self.ty.parse_binary(b, 0), shards)
     }
 
     /// The shard of a key given as text (a literal or a text-format parameter).
     pub fn shard_of_text(&self, text: &str, shards: usize) -> Result<usize, ShardError> {
-        let v = self
-            .ty
-            .parse_text(text)
-            .map_err(|detail| ShardError::BadValue {
-                column: self.column.clone(),
-                ty: self.ty.name(),
-                detail,
-            })?;
+        self.shard_of_parsed(self.ty.parse_text(text), shards)
+    }
+
+    fn shard_of_parsed(
+        &self,
+        v: Result<Value, String>,
+        shards: usize,
+    ) -> Result<usize, ShardError> {
+        let v = v.map_err(|detail| ShardError::BadValue {
+            column: self.column.clone(),
+            ty: self.ty.name(),
+            detail,
+        })?;
         self.shard_of(&v, shards)
     }
 }

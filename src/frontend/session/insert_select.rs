@@ -169,7 +169,7 @@ impl Session {
         }
         let out = match (&via.select.merge, merged) {
             (Some(Ok(spec)), true) => {
-                let merged = super::cross::bound_by(spec, &params.binary, &params.values)
+                let merged = super::cross_bind::bound_by(spec, &params.binary, &params.values)
                     .and_then(|spec| crate::exec::scatter::merge_select(parts, &spec, &[]));
                 match merged {
                     Ok(out) => out,

@@ -11,6 +11,7 @@ mod batch;
 mod copy;
 mod copy_out;
 mod cross;
+mod cross_bind;
 mod cursor;
 mod extended;
 mod insert_select;

@@ -1,0 +1,370 @@
+//! A Bind over several shards: its statement runs on each shard with the client's
+//! parameters and result formats (inside the client's transaction, whose shards join it,
+//! or an implicit one for writes), and the combined result is held as the client's
+//! portal, which pgshard then answers (`portal.rs`).
+
+use super::cross::{Multi, extended_request, multi_shard_error};
+use super::*;
+use crate::exec::scatter;
+use crate::router::Analysis;
+
+/// One shard's part of a split statement in the extended protocol: its query, parameter
+/// types and Bind body.
+type ShardRequest = (Vec<u8>, Vec<u8>, Vec<u8>);
+
+/// A Bind's remainder for the shards: a DECLARE's query returns text (its cursor's rows),
+/// whatever formats the DECLARE's Bind asked for.
+fn cursor_rest(a: &Analysis, rest: &[u8]) -> Vec<u8> {
+    if a.cursor.is_some() {
+        scatter::with_text_results(rest)
+    } else {
+        rest.to_vec()
+    }
+}
+
+/// The merge with the LIMIT and OFFSET parameter values of a Bind (`bind_rest`).
+fn bound_spec(
+    spec: &crate::router::merge::MergeSpec,
+    bind_rest: &[u8],
+) -> Result<crate::router::merge::MergeSpec, PgError> {
+    if spec.limit_param.is_none() && spec.offset_param.is_none() {
+        return Ok(spec.clone());
+    }
+    let (binary, values) =
+        protocol::bind_params(bind_rest).map_err(|e| PgError::new("08P01", e.to_string()))?;
+    bound_by(spec, &binary, &values)
+}
+
+/// The merge with its LIMIT and OFFSET parameters taken from `values` (each binary or
+/// text, as `binary` says).
+pub(super) fn bound_by(
+    spec: &crate::router::merge::MergeSpec,
+    binary: &[bool],
+    values: &[Option<&[u8]>],
+) -> Result<crate::router::merge::MergeSpec, PgError> {
+    spec.bound(|i| {
+        let Some(v) = *values.get(i).ok_or("there is no such parameter")? else {
+            return Ok(None);
+        };
+        let n = if binary.get(i).copied().unwrap_or(false) {
+            match v.len() {
+                2 => i16::from_be_bytes([v[0], v[1]]).into(),
+                4 => i32::from_be_bytes(v.try_into().expect("4")).into(),
+                8 => i64::from_be_bytes(v.try_into().expect("8")),
+                _ => return Err("not an integer".into()),
+            }
+        } else {
+            std::str::from_utf8(v)
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+                .ok_or("not an integer")?
+        };
+        Ok(Some(n))
+    })
+    .map_err(|(code, msg)| PgError::new(code, msg))
+}
+
+impl Session {
+    /// A Bind whose statement writes on several shards (DDL, a reference-table write, a
+    /// keyless UPDATE/DELETE, a split INSERT without parameters): runs it with the
+    /// client's parameters on each shard inside a transaction over them (the client's, or
+    /// an implicit one committed with two-phase commit), and holds the combined result as
+    /// a portal. A read over several shards inside the client's transaction runs the same
+    /// way (`merge_bind_in_transaction`).
+    pub(super) async fn write_bind(
+        &mut self,
+        frame: &Bytes,
+        shards: &[usize],
+        a: &Analysis,
+    ) -> Result<(), SessionError> {
+        let b = protocol::parse_bind(frame)?;
+        let Some((query, types)) = self.route.texts.get(b.stmt).cloned() else {
+            self.local_error(multi_shard_error(shards, a));
+            return Ok(());
+        };
+        let (binary, values) = protocol::bind_params(b.rest)?;
+        // A split INSERT's rows go by their keys, parameters included: each shard gets its
+        // rows with only their parameters, renumbered.
+        let split = match &a.insert_split {
+            Some(split) if a.inserts_sharded => {
+                let params = crate::router::Params {
+                    values: values.clone(),
+                    binary: binary.clone(),
+                    oids: protocol::parse_oids(&types),
+                };
+                match self.db.router.split_insert(split, &params) {
+                    Ok(parts) => Some(parts),
+                    Err(e) => {
+                        self.local_error(PgError::new(e.sqlstate(), e.to_string()));
+                        return Ok(());
+                    }
+                }
+            }
+            _ => None,
+        };
+        let plan = match split {
+            Some(parts) => Multi::SplitInsert(parts),
+            None => match self.multi_plan(shards, a) {
+                Ok(Multi::Merge(spec)) if self.status == b'T' => {
+                    let spec = match bound_spec(&spec, b.rest) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            self.status = b'E';
+                            self.local_error(e);
+                            return Ok(());
+                        }
+                    };
+                    return self
+                        .merge_bind_in_transaction(&spec, &query, &types, b.rest, shards, a)
+                        .await;
+                }
+                Ok(Multi::Merge(_)) => {
+                    self.local_error(multi_shard_error(shards, a));
+                    return Ok(());
+                }
+                Ok(Multi::InsertVia(via)) => {
+                    let bind_rest = b.rest.to_vec();
+                    return self.insert_via_bind(&via, &types, &bind_rest).await;
+                }
+                Ok(p) => p,
+                Err(e) => {
+                    self.local_error(e);
+                    return Ok(());
+                }
+            },
+        };
+        let bind_rest = b.rest.to_vec();
+        let mut per_shard: std::collections::HashMap<usize, ShardRequest> =
+            std::collections::HashMap::new();
+        if let Multi::SplitInsert(parts) = &plan {
+            for (s, sql) in parts {
+                let (sql, keep) = match crate::router::insert::renumber_params(sql) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        self.local_error(PgError::new(
+                            "0A000",
+                            format!("cannot split this INSERT: {e}"),
+                        ));
+                        return Ok(());
+                    }
+                };
+                let rest = protocol::select_bind_params(&bind_rest, &keep)?;
+                per_shard.insert(
+                    *s,
+                    (
+                        sql.into_bytes(),
+                        protocol::select_param_types(&types, &keep),
+                        rest,
+                    ),
+                );
+            }
+        }
+        if !self.answer_held().await? {
+            return Ok(());
+        }
+        let implicit = self.begin_implicit().await?;
+        let mut results = Vec::with_capacity(shards.len());
+        let mut description: Option<Bytes> = None;
+        for &s in shards {
+            let (q, ty, rest): (&[u8], &[u8], &[u8]) = match per_shard.get(&s) {
+                Some((q, t, r)) => (q, t, r),
+                None => (&query[..], &types[..], &bind_rest[..]),
+            };
+            let req = extended_request(q, ty, rest);
+            let Some(mut frames) = self.run_request_on(s, &req).await? else {
+                return Ok(());
+            };
+            if frames.is_empty() {
+                // The shard could not join (the client got that error).
+                break;
+            }
+            // (EXPLAIN's description tells how its rows are combined: kept.)
+            if !matches!(plan, Multi::Explain)
+                && let Some(i) = frames.iter().position(|f| matches!(f[0], b'T' | b'n'))
+            {
+                let d = frames.remove(i).freeze();
+                description.get_or_insert(d);
+            }
+            results.push(frames);
+            if self.status == b'E' {
+                break;
+            }
+        }
+        let out = match &plan {
+            Multi::Ddl => scatter::broadcast_result(results),
+            Multi::Explain => {
+                let mut out = scatter::explain_result(results, shards);
+                if out.first() == Some(&b'T') {
+                    let n = i32::from_be_bytes([out[1], out[2], out[3], out[4]]) as usize + 1;
+                    description = Some(out.split_to(n).freeze());
+                }
+                out
+            }
+            Multi::Write { sum } => scatter::combine_writes(results, *sum),
+            _ => scatter::combine_writes(results, true),
+        };
+        self.hold_write_result(out, description, implicit).await
+    }
+
+    /// Ends a write over several shards begun at a Bind: the implicit transaction it ran
+    /// in, if any, then its result held as the portal the client executes (or its error,
+    /// skipping the rest of the batch).
+    pub(super) async fn hold_write_result(
+        &mut self,
+        mut out: bytes::BytesMut,
+        description: Option<Bytes>,
+        implicit: bool,
+    ) -> Result<(), SessionError> {
+        if implicit {
+            self.end_implicit(&mut out).await?;
+        }
+        if protocol::frames(&out).any(|f| f[0] == b'E') {
+            self.bind_failed(out.freeze());
+            return Ok(());
+        }
+        let description = description.unwrap_or_else(|| crate::exec::empty_frame(b'n'));
+        self.hold_portal(description, out.freeze());
+        Ok(())
+    }
+
+    /// A Bind whose statement reads several shards: runs it on each (with the client's
+    /// parameters and result formats) and holds the merged rows as a virtual portal.
+    pub(super) async fn scatter_bind(
+        &mut self,
+        frame: &Bytes,
+        shards: &[usize],
+        a: &Analysis,
+    ) -> Result<(), SessionError> {
+        let spec = match self.multi_plan(shards, a) {
+            Ok(Multi::Merge(spec)) => match bound_spec(&spec, protocol::parse_bind(frame)?.rest) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.local_error(e);
+                    return Ok(());
+                }
+            },
+            Ok(_) => {
+                self.local_error(multi_shard_error(shards, a));
+                return Ok(());
+            }
+            Err(e) => {
+                self.local_error(e);
+                return Ok(());
+            }
+        };
+        if let Some(e) = a.cursor.as_ref().and_then(|c| self.cursor_refused(c)) {
+            self.local_error(e);
+            return Ok(());
+        }
+        // The merged rows come from fresh connections: the one that answered the held
+        // frames goes back.
+        let held = self.holding();
+        if !self.answer_held().await? {
+            return Ok(());
+        }
+        if held {
+            self.detach().await;
+        }
+        let b = protocol::parse_bind(frame)?;
+        let Some((query, types)) = self.route.texts.get(b.stmt).cloned() else {
+            self.local_error(multi_shard_error(shards, a));
+            return Ok(());
+        };
+        let prelude = self.settings_sql();
+        let bind_rest =
+            scatter::with_extra_result_columns(&cursor_rest(a, b.rest), spec.hidden.len());
+        for &s in shards {
+            crate::metrics::inc(&self.db.shards[s].stats.cross_shard);
+        }
+        let nodes = self.read_nodes(shards);
+        let results = scatter::run_on_shards(
+            &self.db,
+            &nodes,
+            scatter::Request::Extended {
+                query: a.shard_sql.as_deref().map_or(&query[..], str::as_bytes),
+                types: &types,
+                bind_rest: &bind_rest,
+            },
+            Some(&prelude),
+            self.settings_fp,
+        )
+        .await;
+        let formats = scatter::result_formats(&bind_rest);
+        let merged = results.and_then(|r| scatter::merge_select(r, &spec, &formats));
+        self.hold_merged(merged, a);
+        Ok(())
+    }
+
+    /// A Bind of a read over several shards inside the client's transaction: every shard
+    /// joins the transaction and runs the Bind (with the client's parameters and result
+    /// formats) in turn, so the read sees the transaction's own writes; the merged rows
+    /// are held as the portal.
+    async fn merge_bind_in_transaction(
+        &mut self,
+        spec: &crate::router::merge::MergeSpec,
+        query: &[u8],
+        types: &[u8],
+        rest: &[u8],
+        shards: &[usize],
+        a: &Analysis,
+    ) -> Result<(), SessionError> {
+        if !self.answer_held().await? {
+            return Ok(());
+        }
+        let bind_rest =
+            scatter::with_extra_result_columns(&cursor_rest(a, rest), spec.hidden.len());
+        let req = extended_request(
+            a.shard_sql.as_deref().map_or(query, str::as_bytes),
+            types,
+            &bind_rest,
+        );
+        let mut results = Vec::with_capacity(shards.len());
+        for &s in shards {
+            crate::metrics::inc(&self.db.shards[s].stats.cross_shard);
+            let Some(frames) = self.run_request_on(s, &req).await? else {
+                return Ok(());
+            };
+            if frames.is_empty() {
+                // The shard could not join (the client got that error).
+                return Ok(());
+            }
+            results.push(frames);
+            if self.status == b'E' {
+                break;
+            }
+        }
+        let merged = scatter::merge_select(results, spec, &scatter::result_formats(&bind_rest));
+        if merged.is_err() {
+            // As after any error, the transaction is aborted.
+            self.status = b'E';
+        }
+        self.hold_merged(merged, a);
+        Ok(())
+    }
+
+    /// Holds the merged rows of a Bind as its portal (of a DECLARE: as its cursor, the
+    /// portal answering the DECLARE), or fails the Bind with the merge's or a shard's
+    /// error.
+    fn hold_merged(&mut self, merged: Result<bytes::BytesMut, PgError>, a: &Analysis) {
+        let merged = match (merged, &a.cursor) {
+            (Ok(out), Some(c)) => Ok(self.declare_cursor(c, out)),
+            (m, _) => m,
+        };
+        match merged {
+            // A shard's error.
+            Ok(out) if protocol::frames(&out).any(|f| f[0] == b'E') => {
+                self.bind_failed(out.freeze())
+            }
+            Ok(mut out) => {
+                let description = if out.first() == Some(&b'T') {
+                    let n = i32::from_be_bytes([out[1], out[2], out[3], out[4]]) as usize + 1;
+                    out.split_to(n).freeze()
+                } else {
+                    crate::exec::empty_frame(b'n')
+                };
+                self.hold_portal(description, out.freeze());
+            }
+            Err(e) => self.local_error(e),
+        }
+    }
+}
