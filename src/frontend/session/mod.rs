@@ -20,11 +20,13 @@ mod listen;
 mod multi;
 mod portal;
 mod prepared;
+mod query;
 mod replay;
 mod replica;
 mod route;
 mod script;
 mod server;
+mod server_frames;
 
 use prepared::Stmt;
 
@@ -464,123 +466,6 @@ impl Session {
         Ok(false)
     }
 
-    async fn on_query(&mut self, frame: Bytes) -> Result<(), SessionError> {
-        let sql = protocol::parse_query(&frame)?;
-        if !self.route.portals.is_empty() {
-            // A simple Query ends the unnamed portal, as on a server.
-            self.route.portals.remove(b"");
-            if self.cursor_query(sql).await? {
-                return Ok(());
-            }
-        }
-        if self.slow.is_some() {
-            self.slow_text = Some(frame.slice_ref(sql.as_bytes()));
-        }
-        let mut local_answer: Option<Vec<u8>> = None;
-        // One statement (the common case) without allocating.
-        let (one, split);
-        let statements: &[&str] = match router::single_statement(sql) {
-            Some(t) => {
-                one = [t];
-                &one
-            }
-            None => {
-                split = router::split_statements(sql);
-                &split
-            }
-        };
-        for st in statements {
-            match router::classify(st) {
-                StatementKind::SessionSetting => self.settings_dirty = true,
-                StatementKind::Listen | StatementKind::Unlisten
-                    if self.mode == PoolMode::Transaction =>
-                {
-                    // Several statements run one by one, LISTEN answered here (`run_script`).
-                    return if statements.len() == 1 {
-                        self.listen_statement(st).await
-                    } else {
-                        self.run_script(sql).await
-                    };
-                }
-                StatementKind::DropsAllStatements if self.mode == PoolMode::Transaction => {
-                    // DISCARD ALL includes UNLISTEN *.
-                    if let Some(l) = self.listen.as_mut()
-                        && router::lexer::leading_words::<1>(st).0[0]
-                            .eq_ignore_ascii_case("discard")
-                    {
-                        l.unlisten(None);
-                    }
-                    self.statements.clear();
-                    self.settings_dirty = true;
-                    if let Some(b) = self.backend.as_mut() {
-                        b.prepared.clear();
-                    }
-                }
-                StatementKind::Deallocate(name)
-                    if self.mode == PoolMode::Transaction && statements.len() == 1 =>
-                {
-                    // Client statement names do not exist on the server: answer here.
-                    if self.statements.remove(name.as_bytes()).is_none() {
-                        self.answer_error(PgError::new(
-                            "26000",
-                            format!("prepared statement \"{name}\" does not exist"),
-                        ));
-                        return Ok(());
-                    }
-                    local_answer = Some(b"DEALLOCATE\0".to_vec());
-                }
-                _ => {}
-            }
-        }
-        if let Some(tag) = local_answer {
-            self.relay.drain_local(&mut self.cout);
-            protocol::write_msg(&mut self.cout, b'C', &tag);
-            protocol::write_ready(&mut self.cout, self.status);
-            return Ok(());
-        }
-        if self.routed() {
-            // The classification above serves routing too: the hot path parses once.
-            let single = match statements {
-                [one] => Some(router::classify(one)),
-                _ => None,
-            };
-            return self.route_query(frame, single).await;
-        }
-        if !self.attach(self.home_shard()).await {
-            protocol::write_ready(&mut self.cout, self.status);
-            return Ok(());
-        }
-        self.started();
-        self.relay.push(Pending::Query);
-        self.bout.extend_from_slice(&frame);
-        Ok(())
-    }
-
-    /// Answers a simple query with an error in the right transaction state: when a server
-    /// transaction is open the server raises it, so that its state matches the client's.
-    fn answer_error(&mut self, e: PgError) {
-        self.db.shards[self.home_shard()].stats.error(e.code);
-        if self.backend.is_some() && self.status != b'I' {
-            let sql = format!(
-                "DO $pgshard$ BEGIN RAISE EXCEPTION USING ERRCODE = {}, MESSAGE = {}, HINT = {}; END $pgshard$",
-                quote_literal(e.code),
-                quote_literal(&e.message),
-                quote_literal(e.hint.as_deref().unwrap_or(""))
-            );
-            self.started();
-            self.relay.push(Pending::Query);
-            protocol::write_query(&mut self.bout, &sql);
-        } else {
-            if self.status == b'T' {
-                // A transaction pgshard holds back (deferred BEGIN) fails, as on a server.
-                self.status = b'E';
-            }
-            self.relay.drain_local(&mut self.cout);
-            e.write(&mut self.cout);
-            protocol::write_ready(&mut self.cout, self.status);
-        }
-    }
-
     /// Parse, Bind, Describe, Close, Execute, Flush.
     async fn on_extended(&mut self, frame: Bytes) -> Result<(), SessionError> {
         if self.slow.is_some()
@@ -636,90 +521,5 @@ impl Session {
         self.relay.drain_local(&mut self.cout);
         // Whatever the client sent after this point, up to Sync, must not run.
         self.local_skip = true;
-    }
-
-    /// Handles every complete frame the server sent.
-    fn handle_backend_frames(&mut self) {
-        loop {
-            let Some(b) = self.backend.as_mut() else {
-                return;
-            };
-            let n = match b.next_frame_len() {
-                Ok(Some(n)) => n,
-                Ok(None) => break,
-                Err(e) => {
-                    self.backend_lost(e.to_string());
-                    return;
-                }
-            };
-            let tag = b.rbuf[0];
-            // Rows are the bulk of the traffic: copy them through without looking further.
-            if tag == b'D'
-                && matches!(
-                    self.relay.queue.front(),
-                    Some(Pending::Query | Pending::Execute)
-                )
-            {
-                self.cout.extend_from_slice(&b.rbuf[..n]);
-                b.rbuf.advance(n);
-                continue;
-            }
-            let fatal = tag == b'E' && protocol::is_fatal(&b.rbuf[..n]);
-            // A deadlock victim's cancelled statement, told as the deadlock it was.
-            let deadlock = match &self.multi.txn {
-                Some(r) if tag == b'E' => r.deadlock_error(&b.rbuf[..n]),
-                _ => None,
-            };
-            let frame = deadlock.as_deref().unwrap_or(&b.rbuf[..n]);
-            if tag == b'E' {
-                let code = crate::metrics::sqlstate_of(frame).unwrap_or("XX000");
-                self.db.shards[self.shard].stats.error(code);
-            }
-            // The server dropped every prepared statement, pgshard's own too (a client's
-            // DISCARD ALL, psycopg's DEALLOCATE ALL after ROLLBACK): they must be prepared
-            // again on this connection (and after DISCARD its settings are the defaults).
-            let mut dropped = None;
-            if tag == b'C' {
-                self.listen_ext.saw_tag(frame);
-                let done = frame.get(5..).unwrap_or_default();
-                if done.starts_with(b"DISCARD ALL") || done.starts_with(b"DEALLOCATE ALL") {
-                    dropped = Some(done.starts_with(b"DISCARD"));
-                }
-            }
-            let event = self.relay.on_frame(frame, &mut self.cout);
-            b.rbuf.advance(n);
-            if let Some(discard) = dropped {
-                b.prepared.clear();
-                if discard {
-                    b.settings = 0;
-                }
-            }
-            if fatal {
-                // The server closes after a FATAL: nothing more may be sent to it, and the
-                // requests it will not answer are answered now.
-                self.backend_fatal();
-                return;
-            }
-            match event {
-                Event::Ready(s) => {
-                    self.finished(s);
-                    self.status = s;
-                    self.in_copy = false;
-                    if s == b'I' {
-                        self.route.movable_begin = None;
-                        self.transaction_over();
-                        self.listen_ext.ended(None);
-                    }
-                }
-                // A batch's part on one shard ended; the client's batch goes on.
-                Event::InternalReady(s) => self.status = s,
-                Event::CopyIn => self.in_copy = true,
-                Event::None => {}
-            }
-            if tag == b'E' || tag == b'C' {
-                self.in_copy = false;
-            }
-            self.apply_undo();
-        }
     }
 }

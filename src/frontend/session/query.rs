@@ -1,0 +1,125 @@
+//! A simple Query: the statements pgshard answers or must track itself in transaction
+//! pooling mode (LISTEN, DEALLOCATE, DISCARD, settings, cursor commands), then routing or
+//! forwarding to the server.
+
+use super::*;
+
+impl Session {
+    /// A simple Query from the client.
+    pub(super) async fn on_query(&mut self, frame: Bytes) -> Result<(), SessionError> {
+        let sql = protocol::parse_query(&frame)?;
+        if !self.route.portals.is_empty() {
+            // A simple Query ends the unnamed portal, as on a server.
+            self.route.portals.remove(b"");
+            if self.cursor_query(sql).await? {
+                return Ok(());
+            }
+        }
+        if self.slow.is_some() {
+            self.slow_text = Some(frame.slice_ref(sql.as_bytes()));
+        }
+        let mut local_answer: Option<Vec<u8>> = None;
+        // One statement (the common case) without allocating.
+        let (one, split);
+        let statements: &[&str] = match router::single_statement(sql) {
+            Some(t) => {
+                one = [t];
+                &one
+            }
+            None => {
+                split = router::split_statements(sql);
+                &split
+            }
+        };
+        for st in statements {
+            match router::classify(st) {
+                StatementKind::SessionSetting => self.settings_dirty = true,
+                StatementKind::Listen | StatementKind::Unlisten
+                    if self.mode == PoolMode::Transaction =>
+                {
+                    // Several statements run one by one, LISTEN answered here (`run_script`).
+                    return if statements.len() == 1 {
+                        self.listen_statement(st).await
+                    } else {
+                        self.run_script(sql).await
+                    };
+                }
+                StatementKind::DropsAllStatements if self.mode == PoolMode::Transaction => {
+                    // DISCARD ALL includes UNLISTEN *.
+                    if let Some(l) = self.listen.as_mut()
+                        && router::lexer::leading_words::<1>(st).0[0]
+                            .eq_ignore_ascii_case("discard")
+                    {
+                        l.unlisten(None);
+                    }
+                    self.statements.clear();
+                    self.settings_dirty = true;
+                    if let Some(b) = self.backend.as_mut() {
+                        b.prepared.clear();
+                    }
+                }
+                StatementKind::Deallocate(name)
+                    if self.mode == PoolMode::Transaction && statements.len() == 1 =>
+                {
+                    // Client statement names do not exist on the server: answer here.
+                    if self.statements.remove(name.as_bytes()).is_none() {
+                        self.answer_error(PgError::new(
+                            "26000",
+                            format!("prepared statement \"{name}\" does not exist"),
+                        ));
+                        return Ok(());
+                    }
+                    local_answer = Some(b"DEALLOCATE\0".to_vec());
+                }
+                _ => {}
+            }
+        }
+        if let Some(tag) = local_answer {
+            self.relay.drain_local(&mut self.cout);
+            protocol::write_msg(&mut self.cout, b'C', &tag);
+            protocol::write_ready(&mut self.cout, self.status);
+            return Ok(());
+        }
+        if self.routed() {
+            // The classification above serves routing too: the hot path parses once.
+            let single = match statements {
+                [one] => Some(router::classify(one)),
+                _ => None,
+            };
+            return self.route_query(frame, single).await;
+        }
+        if !self.attach(self.home_shard()).await {
+            protocol::write_ready(&mut self.cout, self.status);
+            return Ok(());
+        }
+        self.started();
+        self.relay.push(Pending::Query);
+        self.bout.extend_from_slice(&frame);
+        Ok(())
+    }
+
+    /// Answers a simple query with an error in the right transaction state: when a server
+    /// transaction is open the server raises it, so that its state matches the client's.
+    pub(super) fn answer_error(&mut self, e: PgError) {
+        self.db.shards[self.home_shard()].stats.error(e.code);
+        if self.backend.is_some() && self.status != b'I' {
+            let sql = format!(
+                "DO $pgshard$ BEGIN RAISE EXCEPTION USING ERRCODE = {}, MESSAGE = {}, HINT = {}; END $pgshard$",
+                quote_literal(e.code),
+                quote_literal(&e.message),
+                quote_literal(e.hint.as_deref().unwrap_or(""))
+            );
+            self.started();
+            self.relay.push(Pending::Query);
+            protocol::write_query(&mut self.bout, &sql);
+        } else {
+            if self.status == b'T' {
+                // A transaction pgshard holds back (deferred BEGIN) fails, as on a server.
+                self.status = b'E';
+            }
+            self.relay.drain_local(&mut self.cout);
+            e.write(&mut self.cout);
+            protocol::write_ready(&mut self.cout, self.status);
+        }
+    }
+}

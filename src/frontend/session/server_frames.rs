@@ -1,0 +1,92 @@
+//! Frames from the attached server: relayed to the client as bytes (rows without a
+//! look), with the bookkeeping a few of them need (errors, command tags, ReadyForQuery,
+//! FATAL).
+
+use super::*;
+
+impl Session {
+    /// Handles every complete frame the server sent.
+    pub(super) fn handle_backend_frames(&mut self) {
+        loop {
+            let Some(b) = self.backend.as_mut() else {
+                return;
+            };
+            let n = match b.next_frame_len() {
+                Ok(Some(n)) => n,
+                Ok(None) => break,
+                Err(e) => {
+                    self.backend_lost(e.to_string());
+                    return;
+                }
+            };
+            let tag = b.rbuf[0];
+            // Rows are the bulk of the traffic: copy them through without looking further.
+            if tag == b'D'
+                && matches!(
+                    self.relay.queue.front(),
+                    Some(Pending::Query | Pending::Execute)
+                )
+            {
+                self.cout.extend_from_slice(&b.rbuf[..n]);
+                b.rbuf.advance(n);
+                continue;
+            }
+            let fatal = tag == b'E' && protocol::is_fatal(&b.rbuf[..n]);
+            // A deadlock victim's cancelled statement, told as the deadlock it was.
+            let deadlock = match &self.multi.txn {
+                Some(r) if tag == b'E' => r.deadlock_error(&b.rbuf[..n]),
+                _ => None,
+            };
+            let frame = deadlock.as_deref().unwrap_or(&b.rbuf[..n]);
+            if tag == b'E' {
+                let code = crate::metrics::sqlstate_of(frame).unwrap_or("XX000");
+                self.db.shards[self.shard].stats.error(code);
+            }
+            // The server dropped every prepared statement, pgshard's own too (a client's
+            // DISCARD ALL, psycopg's DEALLOCATE ALL after ROLLBACK): they must be prepared
+            // again on this connection (and after DISCARD its settings are the defaults).
+            let mut dropped = None;
+            if tag == b'C' {
+                self.listen_ext.saw_tag(frame);
+                let done = frame.get(5..).unwrap_or_default();
+                if done.starts_with(b"DISCARD ALL") || done.starts_with(b"DEALLOCATE ALL") {
+                    dropped = Some(done.starts_with(b"DISCARD"));
+                }
+            }
+            let event = self.relay.on_frame(frame, &mut self.cout);
+            b.rbuf.advance(n);
+            if let Some(discard) = dropped {
+                b.prepared.clear();
+                if discard {
+                    b.settings = 0;
+                }
+            }
+            if fatal {
+                // The server closes after a FATAL: nothing more may be sent to it, and the
+                // requests it will not answer are answered now.
+                self.backend_fatal();
+                return;
+            }
+            match event {
+                Event::Ready(s) => {
+                    self.finished(s);
+                    self.status = s;
+                    self.in_copy = false;
+                    if s == b'I' {
+                        self.route.movable_begin = None;
+                        self.transaction_over();
+                        self.listen_ext.ended(None);
+                    }
+                }
+                // A batch's part on one shard ended; the client's batch goes on.
+                Event::InternalReady(s) => self.status = s,
+                Event::CopyIn => self.in_copy = true,
+                Event::None => {}
+            }
+            if tag == b'E' || tag == b'C' {
+                self.in_copy = false;
+            }
+            self.apply_undo();
+        }
+    }
+}
