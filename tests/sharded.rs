@@ -1251,6 +1251,22 @@ async fn cursors_over_shards_return_every_row() {
         [["1"], ["2"], ["3"]].map(|r| r.map(|v| Some(v.to_string())).to_vec())
     );
     c.batch_execute("CLOSE held").await.unwrap();
+    // Declared WITH HOLD in a transaction: kept after COMMIT, gone after ROLLBACK.
+    for end in ["COMMIT", "ROLLBACK"] {
+        c.batch_execute(&format!(
+            "BEGIN; DECLARE h CURSOR WITH HOLD FOR SELECT id FROM users ORDER BY id DESC; {end}"
+        ))
+        .await
+        .unwrap();
+        let r = c.simple_query("FETCH 1 FROM h").await;
+        match end {
+            "COMMIT" => {
+                assert_eq!(rows(&r.unwrap())[0][0].as_deref(), Some("200"));
+                c.batch_execute("CLOSE h").await.unwrap();
+            }
+            _ => assert_eq!(sqlstate(&r.unwrap_err()), "34000"),
+        }
+    }
     for (q, code) in [
         ("DECLARE nope CURSOR FOR SELECT id FROM users", "25P01"),
         ("FETCH 1 FROM held", "34000"),

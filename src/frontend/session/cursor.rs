@@ -5,7 +5,7 @@
 //! FETCH, MOVE and CLOSE of it, and Describe of its portal (psycopg's server-side cursors,
 //! Django's `.iterator()`, SQLAlchemy's `stream_results`). Only forward movement.
 
-use super::portal::empty;
+use super::portal::{Hold, empty};
 use super::{Session, SessionError};
 use crate::protocol::{self, PgError};
 use crate::router::analyze::Cursor;
@@ -133,9 +133,14 @@ impl Session {
         } else {
             empty(b'n')
         };
+        let hold = match (c.hold, self.status) {
+            (false, _) => Hold::No,
+            (true, b'I') => Hold::Yes,
+            (true, _) => Hold::IfCommitted,
+        };
         self.route
             .portals
-            .insert(c.name.as_bytes(), description, merged.freeze(), c.hold);
+            .insert(c.name.as_bytes(), description, merged.freeze(), hold);
         let mut out = BytesMut::new();
         command_complete(&mut out, "DECLARE CURSOR");
         out

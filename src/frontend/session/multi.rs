@@ -256,7 +256,9 @@ impl Session {
             }
         };
         drop(parts);
-        self.route.portals.clear();
+        self.route
+            .portals
+            .end_transaction(matches!(out, Ok("COMMIT")));
         self.multi.txn = None;
         self.listen_ext.ended(Some(matches!(out, Ok("COMMIT"))));
         self.status = b'I';

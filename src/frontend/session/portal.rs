@@ -19,8 +19,17 @@ pub(super) struct VirtualPortal {
     suspended: bool,
     /// Every frame was returned.
     done: bool,
-    /// A cursor declared WITH HOLD: it outlives its transaction.
-    hold: bool,
+    hold: Hold,
+}
+
+/// Whether a portal outlives its transaction: a cursor declared WITH HOLD does, once the
+/// transaction that declared it commits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Hold {
+    No,
+    /// Declared WITH HOLD in a transaction still open.
+    IfCommitted,
+    Yes,
 }
 
 impl VirtualPortal {
@@ -121,8 +130,8 @@ impl VirtualPortals {
     }
 
     /// Holds `rows` (DataRows and CommandComplete) as portal `name`, replacing any of
-    /// that name (`hold`: it outlives the transaction).
-    pub(super) fn insert(&mut self, name: &[u8], description: Bytes, rows: Bytes, hold: bool) {
+    /// that name.
+    pub(super) fn insert(&mut self, name: &[u8], description: Bytes, rows: Bytes, hold: Hold) {
         self.remove(name);
         self.0.push((
             Bytes::copy_from_slice(name),
@@ -136,9 +145,23 @@ impl VirtualPortals {
         ));
     }
 
-    /// The transaction ended: its portals are gone (not cursors declared WITH HOLD).
+    /// The transaction ended (committed, when not known): its portals are gone, not
+    /// cursors declared WITH HOLD.
     pub(super) fn clear(&mut self) {
-        self.0.retain(|(_, p)| p.hold);
+        self.end_transaction(true);
+    }
+
+    /// The transaction ended: after a rollback, cursors it declared WITH HOLD go too.
+    pub(super) fn end_transaction(&mut self, committed: bool) {
+        self.0.retain_mut(|(_, p)| match p.hold {
+            Hold::No => false,
+            Hold::IfCommitted if committed => {
+                p.hold = Hold::Yes;
+                true
+            }
+            Hold::IfCommitted => false,
+            Hold::Yes => true,
+        });
     }
 
     /// `CLOSE ALL`.
@@ -226,7 +249,9 @@ impl Session {
     /// A Bind's result held as its portal: BindComplete now, the rows at Execute.
     pub(super) fn hold_portal(&mut self, description: Bytes, rows: Bytes) {
         let portal = std::mem::take(&mut self.route.bind_portal);
-        self.route.portals.insert(&portal, description, rows, false);
+        self.route
+            .portals
+            .insert(&portal, description, rows, Hold::No);
         self.relay.push(Pending::Synth {
             frame: empty(b'2'),
             undo: None,
@@ -278,7 +303,7 @@ mod tests {
             rest: rows(n),
             suspended: false,
             done: false,
-            hold: false,
+            hold: Hold::No,
         }
     }
 
@@ -316,13 +341,19 @@ mod tests {
     #[test]
     fn portals_by_name() {
         let mut ps = VirtualPortals::default();
-        ps.insert(b"C_1", empty(b'n'), rows(1), false);
-        ps.insert(b"", empty(b'n'), rows(2), false);
-        ps.insert(b"C_1", empty(b'n'), rows(3), true);
-        ps.insert(b"other", empty(b'n'), rows(3), false);
+        ps.insert(b"C_1", empty(b'n'), rows(1), Hold::No);
+        ps.insert(b"", empty(b'n'), rows(2), Hold::No);
+        ps.insert(b"C_1", empty(b'n'), rows(3), Hold::IfCommitted);
+        ps.insert(b"other", empty(b'n'), rows(3), Hold::No);
+        ps.insert(b"gone", empty(b'n'), rows(3), Hold::IfCommitted);
+        ps.end_transaction(false);
+        assert_eq!(ps.0.len(), 0, "a rolled back WITH HOLD cursor is gone");
+        ps.insert(b"C_1", empty(b'n'), rows(3), Hold::IfCommitted);
         ps.clear();
         assert_eq!(ps.0.len(), 1, "held past the transaction");
-        ps.insert(b"", empty(b'n'), rows(2), false);
+        ps.end_transaction(false);
+        assert_eq!(ps.0.len(), 1, "and past later ones");
+        ps.insert(b"", empty(b'n'), rows(2), Hold::No);
         assert_eq!(ps.0.len(), 2);
         assert_eq!(tags(&ps.get_mut(b"C_1").unwrap().execute(0)).len(), 4);
         assert!(ps.remove(b""));
