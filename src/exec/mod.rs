@@ -19,6 +19,7 @@ pub mod merge;
 pub mod numeric;
 pub mod scatter;
 pub mod twophase;
+mod values;
 
 /// Checks out a server connection to a node of a shard.
 pub async fn checkout(db: &Database, shard: usize, node: usize) -> Result<Pooled, PoolError> {
