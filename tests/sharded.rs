@@ -1461,3 +1461,37 @@ async fn limit_and_offset_parameters_over_shards() {
         .unwrap_err();
     assert_eq!(sqlstate(&e), "2201W");
 }
+
+#[tokio::test]
+async fn decimal_literals_for_integer_keys() {
+    // `id = 5.0` compares numerically in PostgreSQL; an INSERT of 7.6 into a bigint key
+    // stores 8. pgshard routes both as PostgreSQL casts them (it used to refuse with 22P02).
+    let addr = setup().await;
+    let c = connect(addr).await;
+    let plain = connect_server(ports()[0], "plain").await;
+    for q in [
+        "SELECT id, name FROM users WHERE id = 5.0",
+        "SELECT id FROM users WHERE id IN (6.0, 7.00, 8.5) ORDER BY id",
+        "SELECT id FROM users WHERE id = 9.5",
+    ] {
+        same_as_plain(&c, &plain, q).await;
+    }
+    let key = 920_007i64;
+    c.batch_execute(&format!(
+        "INSERT INTO split_t (id, name) VALUES ({}.6, 'rounded')",
+        key - 1
+    ))
+    .await
+    .unwrap();
+    let s = partition_of(&HashKey::Int(key), 2) as usize;
+    let on_shard = connect_server(ports()[s], "app").await;
+    let n: i64 = on_shard
+        .query_one("SELECT count(*) FROM split_t WHERE id = $1", &[&key])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1, "the row is on its key's shard");
+    c.batch_execute(&format!("DELETE FROM split_t WHERE id = {key}"))
+        .await
+        .unwrap();
+}

@@ -107,8 +107,10 @@ impl KeyType {
             KeyType::Int => s
                 .trim()
                 .parse::<i64>()
+                .ok()
+                .or_else(|| round_decimal(s.trim()))
                 .map(Value::Int)
-                .map_err(|_| "not an integer".to_string()),
+                .ok_or_else(|| "not an integer".to_string()),
             KeyType::Numeric => Decimal::parse(s.trim()).map(Value::Numeric),
             KeyType::Date => parse_date(s.trim()).map(Value::Date),
             KeyType::Timestamp => parse_timestamp(s.trim()).map(Value::Timestamp),
@@ -147,6 +149,28 @@ impl KeyType {
             )),
         }
     }
+}
+
+/// A decimal number (`1.0`, `-7.5`) rounded to an integer as PostgreSQL casts numeric to
+/// bigint (half away from zero): where a numeric literal meets an integer key, the row it
+/// inserts has that key, and a comparison can only match the integer it equals.
+fn round_decimal(s: &str) -> Option<i64> {
+    let (neg, body) = match s.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, s.strip_prefix('+').unwrap_or(s)),
+    };
+    let (int, frac) = body.split_once('.')?;
+    if int.is_empty() && frac.is_empty()
+        || !int.bytes().all(|c| c.is_ascii_digit())
+        || !frac.bytes().all(|c| c.is_ascii_digit())
+    {
+        return None;
+    }
+    let mut n: i64 = if int.is_empty() { 0 } else { int.parse().ok()? };
+    if frac.as_bytes().first().is_some_and(|d| *d >= b'5') {
+        n = n.checked_add(1)?;
+    }
+    Some(if neg { -n } else { n })
 }
 
 /// An exact decimal, normalized so that equal values are equal structs.
@@ -348,6 +372,24 @@ fn parse_uuid(s: &str) -> Result<[u8; 16], String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decimal_literals_for_integer_keys_round_as_postgresql_casts() {
+        let int = |s: &str| KeyType::Int.parse_text(s);
+        for (s, n) in [
+            ("1.0", 1),
+            ("7.5", 8),
+            ("7.49", 7),
+            ("-2.5", -3),
+            (".6", 1),
+            ("42", 42),
+        ] {
+            assert_eq!(int(s), Ok(Value::Int(n)), "{s}");
+        }
+        for bad in ["1.x", ".", "abc", "9223372036854775807.9", "1e3"] {
+            assert!(int(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn dates_and_timestamps_round_trip() {
