@@ -22,10 +22,12 @@ const RULES: &str = "    sharded_tables:
       - { table: psycopg_items, column: id, method: hash }
 ";
 
+/// A small pool (three server connections per shard for four drivers at once), so that
+/// server connections pass between clients often.
 fn proxy() -> SocketAddr {
     static P: std::sync::OnceLock<SocketAddr> = std::sync::OnceLock::new();
     *P.get_or_init(|| {
-        let yaml = cluster2().config_yaml("127.0.0.1:0", "transaction", 6);
+        let yaml = cluster2().config_yaml("127.0.0.1:0", "transaction", 3);
         start_proxy_yaml(&format!("{yaml}{RULES}"))
     })
 }

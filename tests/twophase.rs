@@ -100,6 +100,30 @@ async fn commit_rollback_errors_and_savepoints_across_shards() {
         decisions, "0",
         "decision rows are removed once committed everywhere"
     );
+    // With one server connection per shard: the decision is recorded on the transaction's
+    // own connection to the coordinator shard. (It used to wait for a second one from the
+    // pool, which under load every committing transaction does at once, until the
+    // checkout timed out and the client heard that the outcome was unknown.)
+    let one = connect(start_proxy_yaml(
+        &(c.config_yaml("127.0.0.1:0", "transaction", 1) + RULES),
+    ))
+    .await;
+    for _ in 0..2 {
+        one.batch_execute(&format!(
+            "BEGIN; UPDATE tp_accounts SET balance = balance - 5 WHERE id = {a}; \
+             UPDATE tp_accounts SET balance = balance + 5 WHERE id = {b}; COMMIT"
+        ))
+        .await
+        .unwrap();
+    }
+    assert_eq!(balances(&app).await, (80, 120));
+    one.batch_execute(&format!(
+        "UPDATE tp_accounts SET balance = balance + 10 WHERE id = {a}; \
+         UPDATE tp_accounts SET balance = balance - 10 WHERE id = {b}"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(balances(&app).await, (90, 110));
 
     // ROLLBACK undoes both, in one query string or statement by statement.
     app.batch_execute(&format!(

@@ -140,7 +140,7 @@ pub async fn commit(
     }
     crate::metrics::inc(&db.two_phase_prepared);
     failpoint("crash_after_prepare").await;
-    match decide(db, &gid, "commit").await {
+    match decide(db, participants, &gid, "commit").await {
         Ok(true) => {}
         Ok(false) => {
             // Recovery decided 'abort' first (we were slower than the in-doubt timeout).
@@ -171,7 +171,7 @@ pub async fn commit(
     };
     if done.iter().all(finished) {
         // Best effort: recovery also removes old decision rows nobody needs.
-        let _ = forget(db, &gid).await;
+        let _ = forget(db, participants, &gid).await;
     } else {
         tracing::warn!(gid = %gid, "COMMIT PREPARED failed on a shard; recovery will finish it");
     }
@@ -215,6 +215,12 @@ async fn coordinator(db: &Database) -> Result<Pooled, String> {
     let mut c = crate::exec::checkout_primary(db, db.config.default_shard)
         .await
         .map_err(|e| e.to_string())?;
+    decisions_table(db, &mut c).await?;
+    Ok(c)
+}
+
+/// Creates the decision table on the coordinator the first time this process needs it.
+async fn decisions_table(db: &Database, c: &mut Pooled) -> Result<(), String> {
     if !db
         .decisions_ready
         .load(std::sync::atomic::Ordering::Relaxed)
@@ -229,13 +235,53 @@ async fn coordinator(db: &Database) -> Result<Pooled, String> {
             Err(e) => return Err(e.to_string()),
         }
     }
-    Ok(c)
+    Ok(())
+}
+
+/// The connection a committing transaction records its decision on: its own participant
+/// on the coordinator shard when it has one (idle once prepared or committed), else one
+/// from the pool. Never a second connection there while it holds one: under load every
+/// committing transaction would wait for another's, until their checkouts time out.
+enum Coordinator<'a> {
+    Participant(&'a mut Pooled),
+    Pooled(Box<Pooled>),
+}
+
+impl Coordinator<'_> {
+    async fn of<'a>(
+        db: &Database,
+        participants: &'a mut [(usize, Pooled)],
+    ) -> Result<Coordinator<'a>, String> {
+        match participants
+            .iter_mut()
+            .find(|(s, c)| *s == db.config.default_shard && !c.broken)
+        {
+            Some((_, c)) => {
+                decisions_table(db, c).await?;
+                Ok(Coordinator::Participant(c))
+            }
+            None => Ok(Coordinator::Pooled(Box::new(coordinator(db).await?))),
+        }
+    }
+
+    fn conn(&mut self) -> &mut Pooled {
+        match self {
+            Coordinator::Participant(c) => c,
+            Coordinator::Pooled(c) => c,
+        }
+    }
 }
 
 /// Records `outcome` for `gid` unless one is recorded; true when `outcome` is the one that
 /// stands.
-async fn decide(db: &Database, gid: &str, outcome: &str) -> Result<bool, String> {
-    let mut c = coordinator(db).await?;
+async fn decide(
+    db: &Database,
+    participants: &mut [(usize, Pooled)],
+    gid: &str,
+    outcome: &str,
+) -> Result<bool, String> {
+    let mut coordinator = Coordinator::of(db, participants).await?;
+    let c = coordinator.conn();
     let rows = c
         .query_rows(&format!(
             "WITH i AS (INSERT INTO {DECISIONS} (gid, outcome) VALUES ({}, {}) ON CONFLICT (gid) DO NOTHING RETURNING outcome) \
@@ -256,14 +302,20 @@ async fn decide(db: &Database, gid: &str, outcome: &str) -> Result<bool, String>
     Ok(stands == outcome)
 }
 
-async fn forget(db: &Database, gid: &str) -> Result<(), String> {
-    let mut c = coordinator(db).await?;
-    c.run_quiet(&format!(
-        "DELETE FROM {DECISIONS} WHERE gid = {}",
-        quote_literal(gid)
-    ))
-    .await
-    .map_err(|e| e.to_string())?;
+async fn forget(
+    db: &Database,
+    participants: &mut [(usize, Pooled)],
+    gid: &str,
+) -> Result<(), String> {
+    let mut coordinator = Coordinator::of(db, participants).await?;
+    coordinator
+        .conn()
+        .run_quiet(&format!(
+            "DELETE FROM {DECISIONS} WHERE gid = {}",
+            quote_literal(gid)
+        ))
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(())
 }
 
@@ -315,7 +367,7 @@ pub async fn recover(db: &Database) -> Result<Recovered, String> {
                 Some(o) => Some(o),
                 None if *old => {
                     // The coordinator never decided: abort (unless it just did).
-                    decide(db, base, "abort").await?;
+                    decide(db, &mut [], base, "abort").await?;
                     lookup(db, base).await?
                 }
                 None => None,
