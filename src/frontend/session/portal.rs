@@ -164,6 +164,12 @@ impl VirtualPortals {
         });
     }
 
+    /// Whether only cursors that outlive transactions are held (a session between
+    /// transactions may then move to a new configuration: their rows need no shard).
+    pub(super) fn only_held(&self) -> bool {
+        self.0.iter().all(|(_, p)| p.hold == Hold::Yes)
+    }
+
     /// `CLOSE ALL`.
     pub(super) fn clear_all(&mut self) {
         self.0.clear();
@@ -349,8 +355,10 @@ mod tests {
         ps.end_transaction(false);
         assert_eq!(ps.0.len(), 0, "a rolled back WITH HOLD cursor is gone");
         ps.insert(b"C_1", empty(b'n'), rows(3), Hold::IfCommitted);
+        assert!(!ps.only_held());
         ps.clear();
         assert_eq!(ps.0.len(), 1, "held past the transaction");
+        assert!(ps.only_held());
         ps.end_transaction(false);
         assert_eq!(ps.0.len(), 1, "and past later ones");
         ps.insert(b"", empty(b'n'), rows(2), Hold::No);

@@ -162,7 +162,7 @@ impl RouteState {
         self.held.is_empty()
             && self.deferred_begin.is_none()
             && self.movable_begin.is_none()
-            && self.portals.is_empty()
+            && self.portals.only_held()
             && self.pending_copy.is_none()
     }
 
