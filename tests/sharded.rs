@@ -834,6 +834,14 @@ async fn reference_tables_and_cross_shard_writes() {
     let yaml = cluster2().config_yaml("127.0.0.1:0", "transaction", 4);
     let allow = start_proxy_yaml(&format!("{yaml}{RULES}    cross_shard_writes: allow\n"));
     let w = connect(allow).await;
+    // A cursor that locks rows over several shards stays refused (each shard would
+    // declare its own, and a FETCH read one of them).
+    let e = w
+        .batch_execute("BEGIN; DECLARE locking CURSOR FOR SELECT id FROM users FOR UPDATE")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000", "{e:?}");
+    w.batch_execute("ROLLBACK").await.unwrap();
     let plain = connect_server(p0, "plain").await;
     let q = "UPDATE orders SET total = total WHERE user_id % 40 = 0 RETURNING user_id";
     let mut via = rows(&w.simple_query(q).await.unwrap());
@@ -1289,12 +1297,17 @@ async fn cursors_over_shards_return_every_row() {
         assert_eq!(sqlstate(&e), "25P02");
         c.batch_execute("ROLLBACK").await.unwrap();
     }
-    let e = c
-        .batch_execute("BEGIN; DECLARE bin BINARY CURSOR FOR SELECT id FROM users")
-        .await
-        .unwrap_err();
-    assert_eq!(sqlstate(&e), "0A000");
-    c.batch_execute("ROLLBACK").await.unwrap();
+    for declare in [
+        "DECLARE bin BINARY CURSOR FOR SELECT id FROM users",
+        "DECLARE locking CURSOR FOR SELECT id FROM users FOR UPDATE",
+    ] {
+        let e = c
+            .batch_execute(&format!("BEGIN; {declare}"))
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&e), "0A000", "{declare}");
+        c.batch_execute("ROLLBACK").await.unwrap();
+    }
     // Over the extended protocol (as psycopg declares with parameters), FETCH in text; a
     // FETCH asking for binary results is refused (pgshard holds the rows as text).
     let mut c = c;

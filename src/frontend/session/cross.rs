@@ -60,6 +60,13 @@ impl Session {
     pub(super) fn multi_plan(&self, shards: &[usize], a: &Analysis) -> Result<Multi, PgError> {
         let sharded_writes_allowed =
             self.db.config.cross_shard_writes == crate::config::CrossShardWrites::Allow;
+        if a.cursor.is_some() && a.kind >= Kind::Write {
+            // Each shard would declare a cursor of its own, and a FETCH read one of them.
+            return Err(PgError::new(
+                "0A000",
+                "a cursor over several shards whose query locks rows (FOR UPDATE/SHARE) is not supported",
+            ));
+        }
         if a.explain && a.kind >= Kind::Write {
             // EXPLAIN ANALYZE runs the write as written on each shard: only where that is
             // the write itself (not an INSERT whose rows pgshard splits), and as allowed.
