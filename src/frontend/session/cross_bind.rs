@@ -195,8 +195,7 @@ impl Session {
             Multi::Explain => {
                 let mut out = scatter::explain_result(results, shards);
                 if out.first() == Some(&b'T') {
-                    let n = i32::from_be_bytes([out[1], out[2], out[3], out[4]]) as usize + 1;
-                    description = Some(out.split_to(n).freeze());
+                    description = Some(super::portal::take_description(&mut out));
                 }
                 out
             }
@@ -356,12 +355,7 @@ impl Session {
                 self.bind_failed(out.freeze())
             }
             Ok(mut out) => {
-                let description = if out.first() == Some(&b'T') {
-                    let n = i32::from_be_bytes([out[1], out[2], out[3], out[4]]) as usize + 1;
-                    out.split_to(n).freeze()
-                } else {
-                    crate::exec::empty_frame(b'n')
-                };
+                let description = super::portal::take_description(&mut out);
                 self.hold_portal(description, out.freeze());
             }
             Err(e) => self.local_error(e),

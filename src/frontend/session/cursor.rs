@@ -5,7 +5,7 @@
 //! FETCH, MOVE and CLOSE of it, and Describe of its portal (psycopg's server-side cursors,
 //! Django's `.iterator()`, SQLAlchemy's `stream_results`). Only forward movement.
 
-use super::portal::{Hold, empty};
+use super::portal::{Hold, empty, take_description};
 use super::{Session, SessionError};
 use crate::protocol::{self, PgError};
 use crate::router::analyze::Cursor;
@@ -127,12 +127,7 @@ impl Session {
         if protocol::frames(&merged).any(|f| f[0] == b'E') {
             return merged;
         }
-        let description = if merged.first() == Some(&b'T') {
-            let n = i32::from_be_bytes([merged[1], merged[2], merged[3], merged[4]]) as usize + 1;
-            merged.split_to(n).freeze()
-        } else {
-            empty(b'n')
-        };
+        let description = take_description(&mut merged);
         let hold = match (c.hold, self.status) {
             (false, _) => Hold::No,
             (true, b'I') => Hold::Yes,

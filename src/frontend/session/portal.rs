@@ -100,6 +100,16 @@ impl VirtualPortal {
     }
 }
 
+/// The RowDescription that starts `out`, split off (NoData when it does not start with
+/// one): a merged result's description, held apart from its rows.
+pub(super) fn take_description(out: &mut BytesMut) -> Bytes {
+    if out.first() != Some(&b'T') {
+        return empty(b'n');
+    }
+    let n = protocol::frames(out).next().map_or(out.len(), <[u8]>::len);
+    out.split_to(n).freeze()
+}
+
 pub(super) fn empty(tag: u8) -> Bytes {
     crate::exec::empty_frame(tag)
 }
