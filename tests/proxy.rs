@@ -480,6 +480,27 @@ async fn listen_notify_in_transaction_mode() {
         next_notification(&mut rx).await,
         ("multi c".into(), "c".into())
     );
+    // Only LISTENs: no server takes part, and the string's transaction still commits.
+    l.batch_execute("LISTEN multi_d; LISTEN multi_e")
+        .await
+        .unwrap();
+    other
+        .batch_execute("NOTIFY multi_d, 'd'; NOTIFY multi_e, 'e'")
+        .await
+        .unwrap();
+    assert_eq!(
+        next_notification(&mut rx).await,
+        ("multi_d".into(), "d".into())
+    );
+    assert_eq!(
+        next_notification(&mut rx).await,
+        ("multi_e".into(), "e".into())
+    );
+    // No BEGIN left pending: each statement is its own transaction (now() moves).
+    let now = async || -> String { l.query_one("SELECT now()::text", &[]).await.unwrap().get(0) };
+    let first = now().await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_ne!(first, now().await, "a transaction left open");
     // asyncpg's reset of a connection its pool takes back.
     l.batch_execute("SELECT pg_advisory_unlock_all();\nCLOSE ALL;\nUNLISTEN *;\nRESET ALL;")
         .await

@@ -328,8 +328,7 @@ impl Session {
         let tag = match kind {
             router::StatementKind::Begin if self.status == b'I' && !deferred => "BEGIN",
             router::StatementKind::EndTransaction if deferred => {
-                let l = one.to_ascii_lowercase();
-                if self.status == b'E' || l.starts_with("rollback") || l.starts_with("abort") {
+                if self.status == b'E' || super::multi::rolls_back(one) {
                     "ROLLBACK"
                 } else {
                     "COMMIT"

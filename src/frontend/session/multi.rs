@@ -213,9 +213,7 @@ impl Session {
         }
         self.cancel.set(None);
         parts.sort_by_key(|(s, _)| *s);
-        let first = sql.trim_start().to_ascii_lowercase();
-        let rollback =
-            self.status == b'E' || first.starts_with("rollback") || first.starts_with("abort");
+        let rollback = self.status == b'E' || rolls_back(sql);
         let shards: Vec<usize> = parts.iter().map(|(s, _)| *s).collect();
         let set_here = self
             .multi
@@ -228,8 +226,9 @@ impl Session {
             }
             Ok("ROLLBACK")
         } else {
+            // One participant (or none: a string that ran only LISTEN) needs no 2PC.
             let r = match self.db.config.two_phase_commit {
-                _ if parts.len() == 1 => twophase::commit_one_phase(&mut parts).await,
+                _ if parts.len() <= 1 => twophase::commit_one_phase(&mut parts).await,
                 TwoPhaseCommit::On => twophase::commit(&self.db, &mut parts).await,
                 TwoPhaseCommit::Off => twophase::commit_one_phase(&mut parts).await,
             };
@@ -264,6 +263,8 @@ impl Session {
         self.status = b'I';
         self.multi.begin = None;
         self.multi.replay.clear();
+        // A BEGIN no statement attached (only LISTEN ran) ends with it.
+        self.route.deferred_begin = None;
         self.route.movable_begin = None;
         tracing::debug!(shards = ?shards, outcome = ?out.as_ref().ok(), "multi-shard transaction ended");
         Ok(out)
@@ -551,6 +552,12 @@ impl Session {
         self.multi.begin = None;
         self.multi.replay.clear();
     }
+}
+
+/// Whether an end-of-transaction statement is a ROLLBACK (or ABORT) rather than a COMMIT.
+pub(super) fn rolls_back(end: &str) -> bool {
+    let first = end.trim_start().to_ascii_lowercase();
+    first.starts_with("rollback") || first.starts_with("abort")
 }
 
 /// Rolls back a participant's transaction; a connection that did not roll back cleanly is

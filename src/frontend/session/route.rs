@@ -593,10 +593,7 @@ impl Session {
                 true
             }
             (router::StatementKind::EndTransaction, true) => {
-                let first = one().to_ascii_lowercase();
-                let rollback = self.status == b'E'
-                    || first.starts_with("rollback")
-                    || first.starts_with("abort");
+                let rollback = self.status == b'E' || super::multi::rolls_back(one());
                 self.route.deferred_begin = None;
                 answer(self, if rollback { "ROLLBACK" } else { "COMMIT" }, b'I');
                 self.listen_ext.ended(Some(!rollback));

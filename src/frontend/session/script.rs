@@ -128,20 +128,7 @@ impl Session {
             } else {
                 "COMMIT"
             };
-            let outcome = if self.backend.is_none() && self.multi.parked.is_empty() {
-                // No server took part (only LISTEN and UNLISTEN ran): nothing to end there.
-                let first = end.trim_start().to_ascii_lowercase();
-                let rollback =
-                    failed || first.starts_with("rollback") || first.starts_with("abort");
-                self.route.deferred_begin = None;
-                self.route.movable_begin = None;
-                self.status = b'I';
-                self.listen_ext.ended(Some(!rollback));
-                Ok(if rollback { "ROLLBACK" } else { "COMMIT" })
-            } else {
-                self.end_multi(end).await?
-            };
-            match outcome {
+            match self.end_multi(end).await? {
                 Ok(tag) if explicit_end => {
                     protocol::write_msg(&mut out, b'C', format!("{tag}\0").as_bytes())
                 }
