@@ -402,10 +402,12 @@ async fn listen_notify_in_transaction_mode() {
         next_notification(&mut rx).await,
         ("Mixed Chan".into(), "five".into())
     );
-    // The listener connection is killed: pgshard reconnects and listens again.
+    // The listener connection is killed: pgshard reconnects and listens again. (Waiting
+    // until it is gone: a notification it still delivered must not pass for one of the
+    // new connection's.)
     other
         .batch_execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'pgshard listener'",
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE application_name = 'pgshard listener'",
         )
         .await
         .unwrap();
