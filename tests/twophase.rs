@@ -146,6 +146,15 @@ async fn commit_rollback_errors_and_savepoints_across_shards() {
     .unwrap();
     app.batch_execute("ROLLBACK").await.unwrap();
     assert_eq!(balances(&app).await, (90, 110));
+    // A comment before ROLLBACK (as ORMs and query tags add) is still a ROLLBACK.
+    app.batch_execute(&format!(
+        "BEGIN; UPDATE tp_accounts SET balance = 0 WHERE id = {a}; \
+         UPDATE tp_accounts SET balance = 0 WHERE id = {b}"
+    ))
+    .await
+    .unwrap();
+    app.batch_execute("/* app: undo */ ROLLBACK").await.unwrap();
+    assert_eq!(balances(&app).await, (90, 110));
 
     // One query string over both shards is one implicit transaction: its statements'
     // results come back in order, and an error rolls back all of it.

@@ -554,10 +554,11 @@ impl Session {
     }
 }
 
-/// Whether an end-of-transaction statement is a ROLLBACK (or ABORT) rather than a COMMIT.
+/// Whether an end-of-transaction statement is a ROLLBACK (or ABORT) rather than a COMMIT;
+/// comments before it are skipped, as `classify` skips them.
 pub(super) fn rolls_back(end: &str) -> bool {
-    let first = end.trim_start().to_ascii_lowercase();
-    first.starts_with("rollback") || first.starts_with("abort")
+    let ([first], _) = crate::router::lexer::leading_words::<1>(end);
+    first.eq_ignore_ascii_case("rollback") || first.eq_ignore_ascii_case("abort")
 }
 
 /// Rolls back a participant's transaction; a connection that did not roll back cleanly is
