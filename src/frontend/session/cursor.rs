@@ -151,6 +151,16 @@ impl Session {
         described: bool,
     ) -> Option<Result<BytesMut, PgError>> {
         let (cmd, name) = parse_command(sql)?;
+        self.answer_command(cmd, &name, described)
+    }
+
+    /// [`Session::cursor_answer`] of a statement already read.
+    fn answer_command(
+        &mut self,
+        cmd: Command,
+        name: &str,
+        described: bool,
+    ) -> Option<Result<BytesMut, PgError>> {
         if cmd == Command::CloseAll {
             self.route.portals.clear_all();
             return None;
@@ -217,21 +227,23 @@ impl Session {
         let binary = crate::exec::scatter::result_formats(bind_rest)
             .iter()
             .any(|b| *b);
-        let named = parse_command(text).is_some_and(|(c, name)| {
-            c != Command::CloseAll && self.route.portals.get_mut(name.as_bytes()).is_some()
-        });
-        if !named {
+        let Some((cmd, name)) = parse_command(text).filter(|(c, name)| {
+            *c != Command::CloseAll && self.route.portals.get_mut(name.as_bytes()).is_some()
+        }) else {
             return Ok(false);
-        }
+        };
         if !self.answer_held().await? {
             return Ok(true);
         }
-        let description = parse_command(text)
-            .and_then(|(c, name)| {
-                let p = self.route.portals.get_mut(name.as_bytes())?;
-                matches!(c, Command::Fetch(_)).then(|| p.description().clone())
-            })
-            .unwrap_or_else(|| empty(b'n'));
+        let description = match cmd {
+            Command::Fetch(_) => self
+                .route
+                .portals
+                .get_mut(name.as_bytes())
+                .map(|p| p.description().clone()),
+            _ => None,
+        }
+        .unwrap_or_else(|| empty(b'n'));
         if binary && description[0] == b'T' {
             self.local_error(PgError::new(
                 "0A000",
@@ -243,7 +255,7 @@ impl Session {
             self.local_error(super::route::aborted());
             return Ok(true);
         }
-        match self.cursor_answer(text, false) {
+        match self.answer_command(cmd, &name, false) {
             Some(Ok(out)) => self.hold_portal(description, out.freeze()),
             Some(Err(e)) => {
                 if self.status == b'T' {
