@@ -286,6 +286,209 @@ fn corpus() -> Vec<String> {
     q
 }
 
+/// Aggregate queries whose merged groups PostgreSQL finishes: expressions over
+/// aggregates, any HAVING, ORDER BY aggregates not selected, GROUP BY what is not
+/// selected, DISTINCT and OFFSET over groups.
+fn finished() -> Vec<String> {
+    let mut q: Vec<String> = [
+        "SELECT coalesce(sum(qty), 0) AS s, max(total) - min(total), round(avg(total), 2) FROM orders",
+        "SELECT coalesce(sum(qty), 0), max(total) - min(total), count(*) + 1 FROM orders WHERE qty < 0",
+        "SELECT user_id % 5 AS g, sum(total) / count(*) AS mean, count(*)::int, sum(qty)::float8 / 3 FROM orders GROUP BY g ORDER BY g",
+        "SELECT qty, count(*) FROM orders GROUP BY qty ORDER BY count(*) DESC, qty LIMIT 3",
+        "SELECT qty FROM orders GROUP BY qty ORDER BY sum(total) DESC LIMIT 2",
+        "SELECT count(*) FROM orders GROUP BY qty ORDER BY 1",
+        "SELECT qty % 3 AS g, count(*) FROM orders GROUP BY g HAVING max(total) > 2 * min(total) OR count(*) < 5 ORDER BY g",
+        "SELECT qty, count(*) FROM orders GROUP BY qty ORDER BY qty OFFSET 2",
+        "SELECT qty, count(*), avg(total) FROM orders GROUP BY qty ORDER BY qty LIMIT 2 OFFSET 1",
+        "SELECT DISTINCT count(*) > 50 AS big FROM orders GROUP BY qty ORDER BY 1",
+        "SELECT max(at) - min(at) AS span, kind FROM ev GROUP BY kind ORDER BY kind",
+        "SELECT kind, extract(epoch FROM max(at) - min(at)) FROM ev GROUP BY kind ORDER BY 2 DESC, 1",
+        "SELECT count(*) FILTER (WHERE qty > 1), count(*) FILTER (WHERE qty = 0) * 2 FROM orders",
+        "SELECT tag, sum(weight) / nullif(count(*), 0) FROM tags GROUP BY tag ORDER BY 2 DESC NULLS LAST, tag LIMIT 5",
+        "SELECT CASE WHEN count(*) > 100 THEN 'many' ELSE 'few' END, qty FROM orders GROUP BY qty ORDER BY qty",
+        "SELECT count(DISTINCT name) + 0 AS names, count(*) FROM users",
+        "SELECT avg(score)::numeric(10,3), avg(id) * 2, avg(score) FROM users",
+        "SELECT sum(score) FROM users HAVING sum(score) > 0",
+        "SELECT sum(score) FROM users HAVING sum(score) < 0",
+        "SELECT date_trunc('year', born) AS y, count(*), max(score) - min(score) AS spread FROM users GROUP BY y ORDER BY spread DESC, y LIMIT 4",
+        "SELECT born < DATE '2005-01-01', max(name) || '!' FROM users GROUP BY 1 ORDER BY 1",
+        "SELECT upper(max(name)), min(id)::text FROM users WHERE id > 100",
+        "SELECT qty, sum(total) FROM orders GROUP BY qty HAVING sum(total) > 500 AND count(DISTINCT user_id) > 3 ORDER BY sum(total) DESC",
+        "SELECT bool_and(qty > 0) OR bool_or(qty > 2), count(*) FROM orders",
+        "SELECT length(max(tag)), sum(weight)::numeric(12,1) FROM tags",
+        "SELECT user_id % 4 AS g, count(*) FROM orders GROUP BY g HAVING count(*) > 10 ORDER BY g OFFSET 1",
+        "SELECT total, sum(id) FROM orders GROUP BY total HAVING sum(total) > avg(total) ORDER BY total",
+        "SELECT count(*) FROM users OFFSET 1",
+        "SELECT count(*) FROM users OFFSET 0",
+        "SELECT count(*) FROM users GROUP BY name ORDER BY name LIMIT 20",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    for m in [3, 7] {
+        q.push(format!(
+            "SELECT id % {m} AS g, round(avg(score), 1) AS a, max(born) - min(born) AS days FROM users GROUP BY g ORDER BY a DESC, g"
+        ));
+        q.push(format!(
+            "SELECT count(*) AS n FROM users GROUP BY id % {m} ORDER BY n, 1 LIMIT 2"
+        ));
+    }
+    q
+}
+
+/// Any value's bytes as the server sent them, to compare results exactly in binary.
+#[derive(Debug, PartialEq)]
+struct Raw(Vec<u8>);
+
+impl<'a> tokio_postgres::types::FromSql<'a> for Raw {
+    fn from_sql(
+        _: &tokio_postgres::types::Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Raw(raw.to_vec()))
+    }
+
+    fn accepts(_: &tokio_postgres::types::Type) -> bool {
+        true
+    }
+}
+
+/// Column names and rows of a simple query.
+fn named(msgs: &[tokio_postgres::SimpleQueryMessage]) -> (Vec<String>, Vec<Vec<Option<String>>>) {
+    let names = msgs
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::RowDescription(d) => {
+                Some(d.iter().map(|c| c.name().to_string()).collect())
+            }
+            _ => None,
+        })
+        .unwrap_or_default();
+    (names, rows(msgs))
+}
+
+/// Names, types and binary values in the extended protocol.
+type Typed = (Vec<(String, u32)>, Vec<Vec<Option<Raw>>>);
+
+async fn typed(c: &tokio_postgres::Client, q: &str) -> Result<Typed, tokio_postgres::Error> {
+    let st = c.prepare(q).await?;
+    let cols = st
+        .columns()
+        .iter()
+        .map(|c| (c.name().to_string(), c.type_().oid()))
+        .collect();
+    let rows = c
+        .query(&st, &[])
+        .await?
+        .iter()
+        .map(|r| (0..r.len()).map(|i| r.get::<_, Option<Raw>>(i)).collect())
+        .collect();
+    Ok((cols, rows))
+}
+
+#[tokio::test]
+async fn aggregates_postgresql_finishes() {
+    for shards in [2, 3] {
+        let via = connect(load(shards).await).await;
+        let plain = plain().await;
+        for q in finished() {
+            let a = named(
+                &via.simple_query(&q)
+                    .await
+                    .unwrap_or_else(|e| panic!("{q}: {e:?}")),
+            );
+            let b = named(&plain.simple_query(&q).await.unwrap());
+            assert_eq!(a, b, "{shards} shards: {q}");
+            let a = typed(&via, &q)
+                .await
+                .unwrap_or_else(|e| panic!("{q}: {e:?}"));
+            let b = typed(&plain, &q).await.unwrap();
+            assert_eq!(a, b, "{shards} shards, extended: {q}");
+        }
+        // Inside a transaction (the shards join it), simple and extended.
+        via.batch_execute("BEGIN").await.unwrap();
+        plain.batch_execute("BEGIN").await.unwrap();
+        for c in [&via, &plain] {
+            for k in [3, 4, 5] {
+                c.batch_execute(&format!(
+                    "UPDATE orders SET qty = qty + 10 WHERE user_id = {k}"
+                ))
+                .await
+                .unwrap();
+            }
+        }
+        for q in [
+            "SELECT qty, count(*) FROM orders GROUP BY qty ORDER BY count(*) DESC, qty LIMIT 4",
+            "SELECT max(qty) - min(qty) FROM orders",
+        ] {
+            let a = named(
+                &via.simple_query(q)
+                    .await
+                    .unwrap_or_else(|e| panic!("{q}: {e:?}")),
+            );
+            let b = named(&plain.simple_query(q).await.unwrap());
+            assert_eq!(a, b, "{shards} shards, in a transaction: {q}");
+            let a = typed(&via, q)
+                .await
+                .unwrap_or_else(|e| panic!("{q}: {e:?}"));
+            let b = typed(&plain, q).await.unwrap();
+            assert_eq!(a, b, "{shards} shards, extended in a transaction: {q}");
+        }
+        via.batch_execute("ROLLBACK").await.unwrap();
+        plain.batch_execute("ROLLBACK").await.unwrap();
+        // As a cursor's query.
+        let script = "BEGIN; DECLARE c CURSOR FOR SELECT qty, count(*) * 2 AS twice FROM orders GROUP BY qty ORDER BY qty; FETCH 2 FROM c; FETCH ALL FROM c; COMMIT";
+        let a = named(&via.simple_query(script).await.unwrap());
+        let b = named(&plain.simple_query(script).await.unwrap());
+        assert_eq!(a, b, "{shards} shards: {script}");
+        // LIMIT and OFFSET as parameters.
+        let q = "SELECT qty, count(*) FROM orders GROUP BY qty ORDER BY count(*) DESC, qty LIMIT $1 OFFSET $2";
+        for (l, o) in [(2i64, 0i64), (3, 1), (10, 2)] {
+            let get = |rs: Vec<tokio_postgres::Row>| -> Vec<(i32, i64)> {
+                rs.iter().map(|r| (r.get(0), r.get(1))).collect()
+            };
+            let a = get(via
+                .query(q, &[&l, &o])
+                .await
+                .unwrap_or_else(|e| panic!("{q}: {e:?}")));
+            let b = get(plain.query(q, &[&l, &o]).await.unwrap());
+            assert_eq!(a, b, "{shards} shards: {q} with {l}, {o}");
+        }
+        // The final query's errors are PostgreSQL's.
+        for q in [
+            "SELECT sum(qty) / 0 FROM orders",
+            "SELECT qty, count(*) / (count(*) - count(*)) FROM orders GROUP BY qty",
+        ] {
+            let a = via.simple_query(q).await.unwrap_err();
+            let b = plain.simple_query(q).await.unwrap_err();
+            assert_eq!(a.code(), b.code(), "{q}: {a:?}");
+        }
+        // What it cannot do is refused, never answered wrongly.
+        let q = "SELECT qty, count(*) FROM orders GROUP BY qty HAVING sum(total) > $1::int8";
+        let e = via.query(q, &[&1i64]).await.unwrap_err();
+        assert_eq!(
+            e.code(),
+            Some(&tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED),
+            "{q}: {e:?}"
+        );
+        let q = "SELECT sum(total) * 100.0 / (SELECT 1) FROM orders";
+        let e = via.simple_query(q).await.unwrap_err();
+        assert_eq!(
+            e.code(),
+            Some(&tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED),
+            "{q}: {e:?}"
+        );
+        for q in [
+            "SELECT qty, total, count(*) FROM orders GROUP BY qty ORDER BY 1",
+            "SELECT qty, count(*) FROM orders GROUP BY qty ORDER BY total",
+        ] {
+            let a = via.simple_query(q).await.unwrap_err();
+            let b = plain.simple_query(q).await.unwrap_err();
+            assert_eq!(a.code(), b.code(), "{q}: {a:?}");
+        }
+    }
+}
+
 /// A proxy over a cluster with the schema and data loaded through it; the plain database
 /// (on the 2-shard cluster's first server) gets the same statements once.
 async fn load(shards: usize) -> SocketAddr {

@@ -272,13 +272,10 @@ async fn cross_shard_selects_merge_like_one_database() {
     for q in [
         "SELECT avg(DISTINCT score) FROM users",
         "SELECT count(DISTINCT name), count(DISTINCT score) FROM users",
-        "SELECT total, sum(id) FROM orders GROUP BY total HAVING sum(total) > avg(total)",
         "SELECT user_id, rank() OVER (ORDER BY count(*)) FROM orders GROUP BY user_id",
         "SELECT id, row_number() OVER (ORDER BY id) FROM orders",
         "SELECT * FROM (SELECT id, row_number() OVER (PARTITION BY total ORDER BY id) AS rn FROM orders) t WHERE rn = 1",
         "SELECT DISTINCT ON (lower(name)) name, id FROM users",
-        "SELECT count(*) FROM users OFFSET 1",
-        "SELECT count(*) FROM users GROUP BY name ORDER BY name",
     ] {
         let e = c.simple_query(q).await.unwrap_err();
         assert_eq!(sqlstate(&e), "0A000", "{q}");
@@ -422,6 +419,9 @@ async fn insert_select_matches_plain_postgres() {
         "INSERT INTO orders_archive (id, user_id, total) SELECT id, id, total FROM orders WHERE total < 2",
         "INSERT INTO orders_archive (id, user_id, total) SELECT g, g * 7, 0 FROM generate_series(1, 40) g",
         "INSERT INTO orders_archive (id, user_id, total) SELECT max(id), count(*), sum(total) FROM orders",
+        // Aggregates PostgreSQL finishes over the merged groups.
+        "INSERT INTO orders_archive (id, user_id, total) SELECT count(*) + 5000000, max(user_id) - min(user_id), coalesce(sum(total), 0) FROM orders",
+        "INSERT INTO orders_archive (id, user_id, total) SELECT count(*) * 10 + 6000000, (total * 100)::bigint % 7, round(avg(total), 1) FROM orders GROUP BY 2 ORDER BY count(*) DESC, 2 LIMIT 3",
         "INSERT INTO orders_archive (user_id, id, total) SELECT DISTINCT user_id % 10, 0, NULL::numeric FROM orders",
         "INSERT INTO orders_archive (id, user_id, total) SELECT user_id, user_id + 1, 1 FROM orders WHERE user_id = 9 UNION ALL SELECT 2, 3, 4",
     ] {
@@ -496,7 +496,7 @@ async fn insert_select_matches_plain_postgres() {
     same_as_plain(
         &c,
         &plain,
-        "SELECT id, user_id, total FROM orders_archive ORDER BY id, user_id",
+        "SELECT id, user_id, total FROM orders_archive ORDER BY id, user_id, total",
     )
     .await;
     // Each row on its key's shard.

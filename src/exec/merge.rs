@@ -36,7 +36,7 @@ fn prefix_end(frame: &[u8], n: usize, row: bool) -> usize {
 }
 
 /// Field names and type OIDs of a RowDescription.
-fn columns(t: &[u8]) -> Vec<(String, u32)> {
+pub(super) fn columns(t: &[u8]) -> Vec<(String, u32)> {
     let mut b = protocol::body(t);
     if b.len() < 2 {
         return Vec::new();

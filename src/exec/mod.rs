@@ -15,6 +15,7 @@ use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
 
 pub mod directory;
+pub mod finalize;
 pub mod merge;
 pub mod numeric;
 pub mod scatter;

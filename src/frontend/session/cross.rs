@@ -182,19 +182,34 @@ impl Session {
         let nodes = self.read_nodes(&shards);
         let started = std::time::Instant::now();
         let out = match &plan {
-            Multi::Merge(spec) => scatter::run_on_shards(
-                &self.db,
-                &nodes,
-                scatter::Request::Simple(a.shard_sql.as_deref().unwrap_or(sql)),
-                Some(&prelude),
-                self.settings_fp,
-            )
-            .await
-            .and_then(|r| scatter::merge_select(r, spec, &[]))
-            .map(|out| match &a.cursor {
-                Some(c) => self.declare_cursor(c, out),
-                None => out,
-            }),
+            Multi::Merge(spec) => {
+                let mut merged = scatter::run_on_shards(
+                    &self.db,
+                    &nodes,
+                    scatter::Request::Simple(a.shard_sql.as_deref().unwrap_or(sql)),
+                    Some(&prelude),
+                    self.settings_fp,
+                )
+                .await
+                .and_then(|r| scatter::merge_select(r, spec, &[]));
+                if let (Ok(out), Some(fin)) = (&mut merged, &spec.finalize) {
+                    let out = std::mem::take(out);
+                    merged = crate::exec::finalize::run(
+                        &self.db,
+                        nodes[0],
+                        fin,
+                        out,
+                        &[],
+                        Some(&prelude),
+                        self.settings_fp,
+                    )
+                    .await;
+                }
+                merged.map(|out| match &a.cursor {
+                    Some(c) => self.declare_cursor(c, out),
+                    None => out,
+                })
+            }
             Multi::SplitInsert(parts) => {
                 scatter::run_each_all_or_none(&self.db, parts, Some(&prelude), self.settings_fp)
                     .await

@@ -7,18 +7,30 @@ use super::cross::{Multi, extended_request, multi_shard_error};
 use super::*;
 use crate::exec::scatter;
 use crate::router::Analysis;
+use crate::router::merge::MergeSpec;
 
 /// One shard's part of a split statement in the extended protocol: its query, parameter
 /// types and Bind body.
 type ShardRequest = (Vec<u8>, Vec<u8>, Vec<u8>);
 
 /// A Bind's remainder for the shards: a DECLARE's query returns text (its cursor's rows),
-/// whatever formats the DECLARE's Bind asked for.
-fn cursor_rest(a: &Analysis, rest: &[u8]) -> Vec<u8> {
-    if a.cursor.is_some() {
+/// whatever formats the DECLARE's Bind asked for, and so do the partial aggregates of a
+/// query PostgreSQL finishes (they become the final query's text parameters).
+fn shard_rest(a: &Analysis, spec: &MergeSpec, rest: &[u8]) -> Vec<u8> {
+    let rest = if a.cursor.is_some() || spec.finalize.is_some() {
         scatter::with_text_results(rest)
     } else {
         rest.to_vec()
+    };
+    scatter::with_extra_result_columns(&rest, spec.hidden.len())
+}
+
+/// The result formats of the merged result: the client's, text for a DECLARE's.
+fn client_formats(a: &Analysis, rest: &[u8]) -> Vec<bool> {
+    if a.cursor.is_some() {
+        Vec::new()
+    } else {
+        scatter::result_formats(rest)
     }
 }
 
@@ -27,7 +39,7 @@ fn bound_spec(
     spec: &crate::router::merge::MergeSpec,
     bind_rest: &[u8],
 ) -> Result<crate::router::merge::MergeSpec, PgError> {
-    if spec.limit_param.is_none() && spec.offset_param.is_none() {
+    if !spec.has_params() {
         return Ok(spec.clone());
     }
     let (binary, values) =
@@ -270,8 +282,7 @@ impl Session {
             return Ok(());
         };
         let prelude = self.settings_sql();
-        let bind_rest =
-            scatter::with_extra_result_columns(&cursor_rest(a, b.rest), spec.hidden.len());
+        let bind_rest = shard_rest(a, &spec, b.rest);
         for &s in shards {
             crate::metrics::inc(&self.db.shards[s].stats.cross_shard);
         }
@@ -289,7 +300,21 @@ impl Session {
         )
         .await;
         let formats = scatter::result_formats(&bind_rest);
-        let merged = results.and_then(|r| scatter::merge_select(r, &spec, &formats));
+        let mut merged = results.and_then(|r| scatter::merge_select(r, &spec, &formats));
+        if let (Ok(out), Some(fin)) = (&mut merged, &spec.finalize) {
+            let out = std::mem::take(out);
+            let formats = client_formats(a, b.rest);
+            merged = crate::exec::finalize::run(
+                &self.db,
+                nodes[0],
+                fin,
+                out,
+                &formats,
+                Some(&prelude),
+                self.settings_fp,
+            )
+            .await;
+        }
         self.hold_merged(merged, a);
         Ok(())
     }
@@ -310,8 +335,7 @@ impl Session {
         if !self.answer_held().await? {
             return Ok(());
         }
-        let bind_rest =
-            scatter::with_extra_result_columns(&cursor_rest(a, rest), spec.hidden.len());
+        let bind_rest = shard_rest(a, spec, rest);
         let req = extended_request(
             a.shard_sql.as_deref().map_or(query, str::as_bytes),
             types,
@@ -333,6 +357,12 @@ impl Session {
             }
         }
         let merged = scatter::merge_select(results, spec, &scatter::result_formats(&bind_rest));
+        let Some(merged) = self
+            .finish_in_transaction(shards[0], spec, merged, &client_formats(a, rest))
+            .await?
+        else {
+            return Ok(());
+        };
         if merged.is_err() {
             // As after any error, the transaction is aborted.
             self.status = b'E';
@@ -360,5 +390,30 @@ impl Session {
             }
             Err(e) => self.local_error(e),
         }
+    }
+
+    /// Finishes a merged result inside the client's transaction: the final query of an
+    /// aggregate PostgreSQL finishes runs on shard `s`'s participant. None when that
+    /// connection was lost (the client was told).
+    pub(super) async fn finish_in_transaction(
+        &mut self,
+        s: usize,
+        spec: &MergeSpec,
+        merged: Result<bytes::BytesMut, PgError>,
+        formats: &[bool],
+    ) -> Result<Option<Result<bytes::BytesMut, PgError>>, SessionError> {
+        let (Ok(out), Some(fin)) = (&merged, &spec.finalize) else {
+            return Ok(Some(merged));
+        };
+        let (notices, req) = match crate::exec::finalize::request(fin, out, formats) {
+            None => return Ok(Some(merged)),
+            Some(Err(e)) => return Ok(Some(Err(e))),
+            Some(Ok(r)) => r,
+        };
+        let req = extended_request(&req.query, &req.types, &req.bind_rest);
+        let Some(frames) = self.run_request_on(s, &req).await? else {
+            return Ok(None);
+        };
+        Ok(Some(Ok(crate::exec::finalize::answer(notices, frames))))
     }
 }

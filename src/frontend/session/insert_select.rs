@@ -169,9 +169,24 @@ impl Session {
         }
         let out = match (&via.select.merge, merged) {
             (Some(Ok(spec)), true) => {
-                let merged = super::cross_bind::bound_by(spec, &params.binary, &params.values)
-                    .and_then(|spec| crate::exec::scatter::merge_select(parts, &spec, &[]));
+                let spec = match super::cross_bind::bound_by(spec, &params.binary, &params.values) {
+                    Ok(spec) => spec,
+                    Err(e) => return failed(self, e),
+                };
+                let merged = crate::exec::scatter::merge_select(parts, &spec, &[]);
+                let Some(merged) = self
+                    .finish_in_transaction(read[0], &spec, merged, &[])
+                    .await?
+                else {
+                    return Ok(None);
+                };
                 match merged {
+                    // The final query's error, as a shard's.
+                    Ok(out) if self.status == b'E' => {
+                        return Ok(Some(vec![
+                            protocol::frames(&out).map(BytesMut::from).collect(),
+                        ]));
+                    }
                     Ok(out) => out,
                     Err(e) => return failed(self, e),
                 }

@@ -391,7 +391,14 @@ impl Session {
         } else {
             match plan {
                 Multi::Merge(spec) => {
-                    scatter::merge_select(results, spec, &[]).map(|out| match &a.cursor {
+                    let merged = scatter::merge_select(results, spec, &[]);
+                    let Some(merged) = self
+                        .finish_in_transaction(shards[0], spec, merged, &[])
+                        .await?
+                    else {
+                        return Ok(None);
+                    };
+                    merged.map(|out| match &a.cursor {
                         Some(c) => self.declare_cursor(c, out),
                         None => out,
                     })

@@ -187,31 +187,36 @@ const AGGREGATES: &[&str] = &[
     "range_agg",
 ];
 
-/// Whether `e` calls a function `hit` accepts, at its top or in arguments, operators,
-/// parentheses and casts (not in nested queries, which are checked on their own).
+/// Whether `e` calls a function `hit` accepts, anywhere in it but in nested queries
+/// (which are checked on their own).
 fn calls(e: &Expr, hit: &dyn Fn(&sqlparser::ast::Function) -> bool) -> bool {
-    match e {
-        Expr::Function(f) => {
-            hit(f)
-                || match &f.args {
-                    sqlparser::ast::FunctionArguments::List(l) => l.args.iter().any(|a| match a {
-                        sqlparser::ast::FunctionArg::Unnamed(
-                            sqlparser::ast::FunctionArgExpr::Expr(x),
-                        ) => calls(x, hit),
-                        _ => false,
-                    }),
-                    _ => false,
+    use sqlparser::ast::{VisitMut, VisitorMut};
+    use std::ops::ControlFlow;
+    /// Replaces nested queries (keeping the left side of `x IN (SELECT ...)`).
+    struct WithoutQueries;
+    impl VisitorMut for WithoutQueries {
+        type Break = ();
+        fn pre_visit_expr(&mut self, e: &mut Expr) -> ControlFlow<()> {
+            match e {
+                Expr::Subquery(_) | Expr::Exists { .. } => {
+                    *e = Expr::value(sqlparser::ast::Value::Null);
                 }
+                Expr::InSubquery { expr, .. } => *e = (**expr).clone(),
+                _ => {}
+            }
+            ControlFlow::Continue(())
         }
-        Expr::BinaryOp { left, right, .. } => calls(left, hit) || calls(right, hit),
-        Expr::Nested(x) | Expr::UnaryOp { expr: x, .. } | Expr::Cast { expr: x, .. } => {
-            calls(x, hit)
-        }
-        _ => false,
     }
+    let mut e = e.clone();
+    let _ = e.visit(&mut WithoutQueries);
+    sqlparser::ast::visit_expressions(&e, |x| match x {
+        Expr::Function(f) if hit(f) => ControlFlow::Break(()),
+        _ => ControlFlow::Continue(()),
+    })
+    .is_break()
 }
 
-fn is_aggregate(f: &sqlparser::ast::Function) -> bool {
+pub(super) fn is_aggregate(f: &sqlparser::ast::Function) -> bool {
     name_of(&f.name).is_some_and(|n| AGGREGATES.contains(&n.as_str()))
 }
 

@@ -7,10 +7,12 @@ use super::analyze::{KeyRef, value_of};
 use sqlparser::ast::{Expr, Query, Select, SetExpr, Value};
 
 mod aggregate;
+mod finalize;
 mod spec;
 
 use aggregate::{count_distinct_arg, counts_distinct_keys, having, top_aggregate};
 pub(crate) use aggregate::{has_aggregate, has_plain_aggregate, has_window, windows_by_key};
+pub use finalize::{Count, Finalize};
 pub use spec::*;
 
 fn number(n: u64) -> Expr {
@@ -48,18 +50,30 @@ fn unused_params(param: Option<Expr>) -> Option<sqlparser::ast::LimitClause> {
 /// output columns; ORDER BY output columns; LIMIT. Anything whose per-shard results do not
 /// simply combine (avg, HAVING, DISTINCT, OFFSET, set operations, window functions,
 /// expressions over aggregates) is refused rather than answered wrongly.
+///
+/// Aggregate queries beyond that (expressions over aggregates, any HAVING, ORDER BY an
+/// aggregate not selected, OFFSET, ...) are finished by PostgreSQL over the merged groups
+/// (`finalize`).
 pub(super) fn merge_spec(q: &Query, rules: &Rules) -> Result<MergeSpec, String> {
-    let spec = plan(q, rules)?;
-    if (spec.offset > 0 || spec.offset_param.is_some()) && spec.aggregates.is_some() {
-        return Err("OFFSET with aggregates across shards is not supported yet".into());
+    let spec = plan(q, rules).and_then(|spec| {
+        if (spec.offset > 0 || spec.offset_param.is_some()) && spec.aggregates.is_some() {
+            return Err("OFFSET with aggregates across shards is not supported yet".into());
+        }
+        Ok(spec)
+    });
+    match spec {
+        Ok(spec) => Ok(spec),
+        Err(why) => finalize::plan_final(q, rules).unwrap_or(Err(why)),
     }
-    Ok(spec)
 }
 
 /// The statement each shard runs: the client's, with `LIMIT offset+limit` and no OFFSET
 /// when an OFFSET must be applied after merging, and no LIMIT (nor ORDER BY) when groups
 /// are merged. None when the client's text serves.
 pub(super) fn shard_statement(q: &Query, spec: &MergeSpec) -> Option<String> {
+    if let Some(f) = &spec.finalize {
+        return Some(f.shard_sql.clone());
+    }
     // Groups merged over shards: a shard's top groups are not the top groups once their
     // totals are added up, so every shard returns every group.
     let all_groups = spec.aggregates.is_some() && q.limit_clause.is_some();

@@ -32,6 +32,9 @@ pub struct MergeSpec {
     /// values come with each Bind ([`MergeSpec::bound`]).
     pub limit_param: Option<usize>,
     pub offset_param: Option<usize>,
+    /// An aggregate query whose groups PostgreSQL finishes: the shards run its partial
+    /// query, pgshard merges the groups, and the final query does the rest.
+    pub finalize: Option<Box<super::Finalize>>,
 }
 
 /// A HAVING condition pgshard evaluates: comparisons of aggregate columns with numbers,
@@ -146,7 +149,30 @@ impl MergeSpec {
         if let Some(i) = s.offset_param.take() {
             s.offset = count(i, "OFFSET", "2201X")?.unwrap_or(0);
         }
+        if let Some(f) = s.finalize.as_mut() {
+            for (c, what, code) in [
+                (&mut f.limit, "LIMIT", "2201W"),
+                (&mut f.offset, "OFFSET", "2201X"),
+            ] {
+                if let Some(super::Count::Param(i)) = *c {
+                    let n = count(i, what, code)?;
+                    *c = Some(super::Count::Text(
+                        n.map_or_else(|| "NULL".into(), |n| n.to_string()),
+                    ));
+                }
+            }
+        }
         Ok(s)
+    }
+
+    /// Whether LIMIT or OFFSET are parameters, whose values each Bind gives.
+    pub fn has_params(&self) -> bool {
+        self.limit_param.is_some()
+            || self.offset_param.is_some()
+            || self
+                .finalize
+                .as_ref()
+                .is_some_and(|f| f.params().next().is_some())
     }
 
     /// Whether the shards' rows, one shard after the other, are the answer.

@@ -61,10 +61,12 @@ fn groups_of_one_shard_and_distinct_keys() {
         "SELECT id, rank() OVER (ORDER BY count(*)) FROM users GROUP BY id",
         "SELECT id FROM users GROUP BY id ORDER BY rank() OVER (ORDER BY id)",
         "SELECT user_id, count(*) FROM orders GROUP BY ROLLUP (user_id)",
-        "SELECT name, count(*) FROM users GROUP BY name, score ORDER BY 2",
     ] {
         assert!(m(sql).is_err(), "{sql}");
     }
+    // GROUP BY a column not selected: PostgreSQL finishes the groups.
+    let spec = m("SELECT name, count(*) FROM users GROUP BY name, score ORDER BY 2").unwrap();
+    assert!(spec.finalize.is_some());
 }
 
 #[test]
@@ -133,6 +135,7 @@ fn merge_specs() {
             distinct_arg: None,
             limit_param: None,
             offset_param: None,
+            finalize: None,
         }
     );
     let a = analyze("SELECT id, avg(total) FROM orders GROUP BY id", &rules()).unwrap();
@@ -166,7 +169,9 @@ fn merge_specs() {
     assert_eq!(spec.having.as_ref().unwrap().eval(&row), Some(true));
     let row: Vec<Option<&[u8]>> = vec![Some(b"1"), Some(b"2"), Some(b"1")];
     assert_eq!(spec.having.as_ref().unwrap().eval(&row), Some(false));
-    assert!(m("SELECT id FROM orders GROUP BY id HAVING sum(total) > avg(total)").is_err());
+    // A HAVING that compares aggregates: PostgreSQL finishes the groups.
+    let spec = m("SELECT id FROM orders GROUP BY id HAVING sum(total) > avg(total)").unwrap();
+    assert!(spec.finalize.is_some() && spec.having.is_none());
     // DISTINCT ON: sorted by its columns first, then the first row of each run kept.
     let d = m("SELECT DISTINCT ON (name) name, id FROM users ORDER BY name, id DESC").unwrap();
     assert_eq!(d.distinct_on, vec![0]);
@@ -243,11 +248,7 @@ fn merge_specs() {
     );
     for bad in [
         "SELECT avg(DISTINCT id) FROM users",
-        "SELECT id, sum(total) FROM orders GROUP BY id HAVING sum(total) > max(id)",
-        "SELECT sum(total) FROM orders GROUP BY user_id + 1",
-        "SELECT count(*)::int FROM users",
         "SELECT DISTINCT ON (lower(name)) name, id FROM users",
-        "SELECT count(*) FROM users OFFSET 1",
         "SELECT id FROM users LIMIT $1 + 1",
         "SELECT id FROM users INTERSECT SELECT user_id FROM orders",
         "SELECT id FROM users UNION ALL SELECT user_id FROM orders UNION SELECT 1",
@@ -256,10 +257,19 @@ fn merge_specs() {
         "SELECT id FROM users UNION ALL (SELECT user_id FROM orders LIMIT 1)",
         "SELECT id FROM users UNION SELECT id FROM users ORDER BY lower(name)",
         "SELECT row_number() OVER () FROM users",
-        "SELECT 1 + max(id) FROM users",
     ] {
         let refused = analyze(bad, &rules()).map_or(true, |a| a.merge.unwrap().is_err());
         assert!(refused, "{bad}");
+    }
+    // Finished by PostgreSQL over the merged groups.
+    for sql in [
+        "SELECT id, sum(total) FROM orders GROUP BY id HAVING sum(total) > max(id)",
+        "SELECT sum(total) FROM orders GROUP BY user_id + 1",
+        "SELECT count(*)::int FROM users",
+        "SELECT count(*) FROM users OFFSET 1",
+        "SELECT 1 + max(id) FROM users",
+    ] {
+        assert!(m(sql).unwrap().finalize.is_some(), "{sql}");
     }
     // UNION: the shards' rows de-duplicated; UNION ALL: concatenated; ORDER BY and
     // LIMIT over the result.
@@ -319,17 +329,115 @@ fn limit_and_offset_parameters() {
         "2201X"
     );
     assert_eq!(spec.bound(|_| Ok(Some(-1))).unwrap_err().0, "2201W");
-    // Aggregates: every shard returns every group; OFFSET with them is refused.
+    // Aggregates: every shard returns every group; OFFSET with them is the final
+    // query's.
     assert_eq!(
         a("SELECT name, count(*) FROM users GROUP BY name ORDER BY 2 DESC LIMIT $1")
             .shard_sql
             .as_deref(),
         Some("SELECT name, count(*) FROM users GROUP BY name OFFSET ($1::BIGINT * 0)")
     );
-    assert!(
-        a("SELECT count(*) FROM users OFFSET $1")
-            .merge
-            .unwrap()
-            .is_err()
+    let spec = a("SELECT count(*) FROM users OFFSET $1")
+        .merge
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        spec.finalize.unwrap().offset,
+        Some(crate::router::merge::Count::Param(0))
     );
+}
+
+#[test]
+fn groups_postgresql_finishes() {
+    let a = analyze(
+        "SELECT qty % 3 AS g, coalesce(sum(total), 0), round(avg(total), 2) AS mean FROM orders GROUP BY g HAVING max(total) > 2 * min(total) ORDER BY count(*) DESC, g LIMIT $1 OFFSET 2",
+        &rules(),
+    )
+    .unwrap();
+    let spec = a.merge.unwrap().unwrap();
+    // The shards' partial aggregates: group keys, then each aggregate once (avg as a sum
+    // and a hidden count), and the LIMIT parameter still used.
+    assert_eq!(
+        a.shard_sql.as_deref(),
+        Some(
+            "SELECT qty % 3 AS k0, sum(total) AS a0, sum(total) AS a1, max(total) AS a2, min(total) AS a3, count(*) AS a4, count(total) AS \"__pgshard_sort_0\" FROM orders GROUP BY qty % 3 OFFSET (($1::BIGINT * 0))"
+        )
+    );
+    assert_eq!(
+        spec.aggregates,
+        Some(vec![
+            Column::Key,
+            Column::Sum,
+            Column::Avg,
+            Column::Max,
+            Column::Min,
+            Column::Count,
+            Column::Count
+        ])
+    );
+    let fin = spec.finalize.as_deref().unwrap();
+    assert_eq!(
+        fin.sql,
+        "SELECT pgshard_m.k0 AS \"g\", coalesce(pgshard_m.a0, 0) AS \"coalesce\", round(pgshard_m.a1, 2) AS \"mean\" FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), pg_catalog.unnest($3), pg_catalog.unnest($4), pg_catalog.unnest($5), pg_catalog.unnest($6)) AS pgshard_m(k0, a0, a1, a2, a3, a4) WHERE pgshard_m.a2 > 2 * pgshard_m.a3 ORDER BY pgshard_m.a4 DESC, g"
+    );
+    assert_eq!(fin.text(), None);
+    let bound = spec.bound(|_| Ok(Some(7))).unwrap();
+    assert!(
+        bound
+            .finalize
+            .unwrap()
+            .text()
+            .unwrap()
+            .ends_with(" LIMIT 7 OFFSET 2")
+    );
+    assert!(spec.bound(|_| Ok(Some(-1))).is_err());
+    // What the final query cannot read is refused.
+    for sql in [
+        "SELECT qty, count(*) FROM orders GROUP BY qty HAVING sum(total) > $1",
+        "SELECT sum(total) / (SELECT 2) FROM orders",
+        "SELECT qty, total - max(total) FROM orders GROUP BY qty",
+        "SELECT qty, string_agg(id::text, ',') || '' FROM orders GROUP BY qty",
+        "SELECT qty, count(*) FROM orders GROUP BY ROLLUP (qty)",
+    ] {
+        let m = analyze(sql, &rules()).unwrap().merge.unwrap();
+        assert!(m.is_err(), "{sql}: {m:?}");
+    }
+}
+
+#[test]
+fn output_names_are_postgresqls() {
+    let name = |sql: &str| {
+        let stmts = sqlparser::parser::Parser::parse_sql(
+            &sqlparser::dialect::PostgreSqlDialect {},
+            &format!("SELECT {sql}"),
+        )
+        .unwrap();
+        let sqlparser::ast::Statement::Query(q) = &stmts[0] else {
+            panic!()
+        };
+        let SetExpr::Select(s) = &*q.body else {
+            panic!()
+        };
+        let sqlparser::ast::SelectItem::UnnamedExpr(e) = &s.projection[0] else {
+            panic!()
+        };
+        finalize::column_name(e).0
+    };
+    for (e, n) in [
+        ("sum(x)", "sum"),
+        ("t.x", "x"),
+        ("\"Mixed\"", "Mixed"),
+        ("count(*)::int", "count"),
+        ("(max(a) - min(a))::bigint", "int8"),
+        ("1 + 2", "?column?"),
+        ("CASE WHEN x THEN 1 END", "case"),
+        ("CASE WHEN x THEN 1 ELSE y END", "y"),
+        ("max(a) - min(a)", "?column?"),
+        ("5::float", "float8"),
+        ("'a'::varchar(3)", "varchar"),
+        ("(count(*))", "count"),
+        ("extract(epoch FROM x)", "extract"),
+    ] {
+        assert_eq!(name(e), n, "{e}");
+    }
 }

@@ -1,0 +1,458 @@
+//! Aggregate queries over shards that need more than adding groups up: expressions over
+//! aggregates (`coalesce(sum(x), 0)`, `max(x) - min(x)`, `round(avg(x), 2)`), any HAVING,
+//! ORDER BY an aggregate that is not selected, GROUP BY what is not selected, DISTINCT and
+//! OFFSET. Each shard computes its groups' partial aggregates (the *partial* query),
+//! pgshard adds the groups up as for any aggregate merge, and PostgreSQL itself evaluates
+//! the rest over the merged groups ([`Finalize::sql`], run by `exec::finalize`), so that
+//! everything above the aggregates has PostgreSQL's own types, arithmetic, collations and
+//! NULL rules rather than a re-implementation of them.
+
+use super::aggregate::is_aggregate;
+use super::{MergeSpec, plan, shard_statement};
+use crate::router::Rules;
+use crate::router::analyze::{KeyRef, ident, name_of, value_of};
+use crate::sql::quote_ident;
+use sqlparser::ast::{
+    Distinct, Expr, GroupByExpr, Ident, LimitClause, OrderByKind, Query, SelectItem, SetExpr,
+    Value, VisitMut, VisitorMut,
+};
+use std::ops::ControlFlow;
+
+/// What PostgreSQL evaluates over the merged groups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finalize {
+    /// The partial query: what each shard runs.
+    pub shard_sql: String,
+    /// The query over the merged groups, without LIMIT and OFFSET: it reads them as
+    /// `ROWS FROM (unnest($1), ..., unnest($n)) AS pgshard_m(k0, ..., a0, ...)`, one array parameter per
+    /// merged column (group keys, then aggregates).
+    pub sql: String,
+    /// The number of merged columns (array parameters).
+    pub columns: usize,
+    /// LIMIT and OFFSET, applied by the final query.
+    pub limit: Option<Count>,
+    pub offset: Option<Count>,
+}
+
+/// A LIMIT or OFFSET of the final query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Count {
+    /// As the client wrote it (a number, ALL, NULL).
+    Text(String),
+    /// The client's parameter (0-based), whose value each Bind gives.
+    Param(usize),
+}
+
+impl Finalize {
+    /// The final query's text with LIMIT and OFFSET; None while one is a parameter not
+    /// bound yet ([`MergeSpec::bound`]).
+    pub fn text(&self) -> Option<String> {
+        let mut sql = self.sql.clone();
+        for (count, what) in [(&self.limit, "LIMIT"), (&self.offset, "OFFSET")] {
+            match count {
+                None => {}
+                Some(Count::Text(t)) => sql.push_str(&format!(" {what} {t}")),
+                Some(Count::Param(_)) => return None,
+            }
+        }
+        Some(sql)
+    }
+
+    /// The client's parameters the final query needs.
+    pub fn params(&self) -> impl Iterator<Item = usize> + '_ {
+        [&self.limit, &self.offset]
+            .into_iter()
+            .filter_map(|c| match c {
+                Some(Count::Param(i)) => Some(*i),
+                _ => None,
+            })
+    }
+}
+
+/// The alias of the merged groups in the final query.
+const MERGED: &str = "pgshard_m";
+
+/// The merge of an aggregate query through a final query, with the statement the shards
+/// run: None when the query is not one this applies to.
+pub(super) fn plan_final(q: &Query, rules: &Rules) -> Option<Result<MergeSpec, String>> {
+    let SetExpr::Select(sel) = &*q.body else {
+        return None;
+    };
+    let GroupByExpr::Expressions(group_by, modifiers) = &sel.group_by else {
+        return None;
+    };
+    let mut items = Vec::new();
+    for item in &sel.projection {
+        match item {
+            SelectItem::UnnamedExpr(e) => items.push((e, None)),
+            SelectItem::ExprWithAlias { expr, alias } => items.push((expr, Some(alias))),
+            _ => return None,
+        }
+    }
+    let order: Vec<&sqlparser::ast::OrderByExpr> = match q.order_by.as_ref().map(|o| &o.kind) {
+        None => Vec::new(),
+        Some(OrderByKind::Expressions(e)) => e.iter().collect(),
+        Some(_) => return None,
+    };
+    let aggregates = items.iter().any(|(e, _)| super::has_plain_aggregate(e))
+        || sel.having.as_ref().is_some_and(super::has_plain_aggregate)
+        || order.iter().any(|o| super::has_plain_aggregate(&o.expr));
+    let windows = items.iter().any(|(e, _)| super::has_window(e))
+        || order.iter().any(|o| super::has_window(&o.expr));
+    if (!aggregates && group_by.is_empty())
+        || windows
+        || !modifiers.is_empty()
+        || !sel.named_window.is_empty()
+        || sel.qualify.is_some()
+        || q.fetch.is_some()
+        || !q.locks.is_empty()
+        || super::super::nested::groups_by_key(sel, rules)
+    {
+        return None;
+    }
+    Some(build(q, sel, &items, group_by, &order, rules))
+}
+
+fn build(
+    q: &Query,
+    sel: &sqlparser::ast::Select,
+    items: &[(&Expr, Option<&Ident>)],
+    group_by: &[Expr],
+    order: &[&sqlparser::ast::OrderByExpr],
+    rules: &Rules,
+) -> Result<MergeSpec, String> {
+    let refuse = |what: &str| {
+        Err(format!(
+            "{what} in an aggregate query across shards is not supported yet; add a shard key condition or a /* pgshard: shard=N */ hint"
+        ))
+    };
+    // GROUP BY 2 and GROUP BY an output name: the expression they stand for (PostgreSQL
+    // takes an input column of that name first; pgshard does not know the tables'
+    // columns, so a name that is a select alias is taken as the alias).
+    let mut groups: Vec<Expr> = Vec::new();
+    for g in group_by {
+        let resolved = match g {
+            Expr::Value(v) => match &v.value {
+                Value::Number(n, _) => match n.parse::<usize>() {
+                    Ok(k) if k >= 1 && k <= items.len() => items[k - 1].0.clone(),
+                    _ => return refuse("GROUP BY a position that is not an output column"),
+                },
+                _ => return refuse("GROUP BY a constant"),
+            },
+            Expr::Identifier(id) => items
+                .iter()
+                .find(|(e, alias)| {
+                    alias.is_some_and(|a| ident(a) == ident(id))
+                        && !matches!(e, Expr::Identifier(x) if ident(x) == ident(id))
+                })
+                .map_or_else(|| g.clone(), |(e, _)| (*e).clone()),
+            _ if has_rollup(g) => return refuse("GROUPING SETS, ROLLUP or CUBE"),
+            _ => g.clone(),
+        };
+        if super::has_aggregate(&resolved) {
+            return refuse("GROUP BY an aggregate");
+        }
+        if !groups.contains(&resolved) {
+            groups.push(resolved);
+        }
+    }
+    // The aggregate calls the final query needs, each computed once by the shards.
+    let mut calls: Vec<Expr> = Vec::new();
+    let mut collect = |e: &Expr| collect_aggregates(e, &mut calls);
+    for (e, _) in items {
+        collect(e);
+    }
+    if let Some(h) = &sel.having {
+        collect(h);
+    }
+    for o in order {
+        collect(&o.expr);
+    }
+    if let Some(Distinct::On(on)) = &sel.distinct {
+        on.iter().for_each(&mut collect);
+    }
+    // The partial query: the groups' keys, then their aggregates.
+    let mut partial = q.clone();
+    partial.order_by = None;
+    partial.limit_clause = None;
+    let SetExpr::Select(p) = &mut *partial.body else {
+        unreachable!("checked by plan_final")
+    };
+    p.distinct = None;
+    p.having = None;
+    p.projection = groups
+        .iter()
+        .enumerate()
+        .map(|(i, g)| (g, format!("k{i}")))
+        .chain(calls.iter().enumerate().map(|(j, a)| (a, format!("a{j}"))))
+        .map(|(e, name)| SelectItem::ExprWithAlias {
+            expr: e.clone(),
+            alias: Ident::new(name),
+        })
+        .collect();
+    p.group_by = GroupByExpr::Expressions(groups.clone(), Vec::new());
+    let mut spec = plan(&partial, rules)?;
+    let mut shard_sql = shard_statement(&partial, &spec).unwrap_or_else(|| partial.to_string());
+    // The final query, over the merged groups.
+    let group_texts: Vec<String> = groups.iter().map(ToString::to_string).collect();
+    let call_texts: Vec<String> = calls.iter().map(ToString::to_string).collect();
+    let mut sub = Substitute {
+        groups: &group_texts,
+        calls: &call_texts,
+        outputs: Vec::new(),
+        refused: None,
+    };
+    let mut out_items = Vec::with_capacity(items.len());
+    let mut names = Vec::with_capacity(items.len());
+    for (e, alias) in items {
+        let name = match alias {
+            Some(a) => ident(a),
+            None => column_name(e).0,
+        };
+        let mut x = (*e).clone();
+        let _ = x.visit(&mut sub);
+        out_items.push(format!("{x} AS {}", quote_ident(&name)));
+        names.push(name);
+    }
+    let having = sel.having.clone().map(|mut h| {
+        let _ = h.visit(&mut sub);
+        h
+    });
+    let distinct = match &sel.distinct {
+        None => String::new(),
+        Some(Distinct::Distinct) => "DISTINCT ".into(),
+        Some(Distinct::On(on)) => {
+            let on: Vec<String> = on
+                .iter()
+                .map(|e| {
+                    let mut x = e.clone();
+                    let _ = x.visit(&mut sub);
+                    x.to_string()
+                })
+                .collect();
+            format!("DISTINCT ON ({}) ", on.join(", "))
+        }
+        #[allow(unreachable_patterns)]
+        Some(_) => return refuse("this DISTINCT form"),
+    };
+    // A bare name in ORDER BY is an output column when one has that name (PostgreSQL's
+    // rule): it stays a name, which the final query resolves the same way.
+    sub.outputs = names;
+    let order_texts: Vec<String> = order
+        .iter()
+        .map(|o| {
+            let mut o = (*o).clone();
+            let _ = o.expr.visit(&mut sub);
+            o.to_string()
+        })
+        .collect();
+    if let Some(why) = sub.refused {
+        return Err(why);
+    }
+    let columns = groups.len() + calls.len();
+    let params: Vec<String> = (1..=columns)
+        .map(|i| format!("pg_catalog.unnest(${i})"))
+        .collect();
+    let names: Vec<String> = (0..groups.len())
+        .map(|i| format!("k{i}"))
+        .chain((0..calls.len()).map(|j| format!("a{j}")))
+        .collect();
+    let mut sql = format!(
+        "SELECT {distinct}{} FROM ROWS FROM ({}) AS {MERGED}({})",
+        out_items.join(", "),
+        params.join(", "),
+        names.join(", ")
+    );
+    if let Some(h) = having {
+        sql.push_str(&format!(" WHERE {h}"));
+    }
+    if !order_texts.is_empty() {
+        sql.push_str(&format!(" ORDER BY {}", order_texts.join(", ")));
+    }
+    let (limit, offset) = match &q.limit_clause {
+        None => (None, None),
+        Some(LimitClause::LimitOffset {
+            limit,
+            offset,
+            limit_by,
+        }) if limit_by.is_empty() => (
+            limit.as_ref().map(count),
+            offset.as_ref().map(|o| count(&o.value)),
+        ),
+        Some(_) => return refuse("this LIMIT form"),
+    };
+    let mut fin = Finalize {
+        shard_sql: String::new(),
+        sql,
+        columns,
+        limit: limit.transpose()?,
+        offset: offset.transpose()?,
+    };
+    // The shards' statement takes the client's Bind as it is: LIMIT and OFFSET parameters
+    // it no longer applies are still used.
+    let unused: Vec<String> = fin
+        .params()
+        .map(|i| format!("(${}::BIGINT * 0)", i + 1))
+        .collect();
+    if !unused.is_empty() {
+        shard_sql.push_str(&format!(" OFFSET ({})", unused.join(" + ")));
+    }
+    fin.shard_sql = shard_sql;
+    spec.finalize = Some(Box::new(fin));
+    Ok(spec)
+}
+
+/// A LIMIT or OFFSET expression of the final query.
+fn count(e: &Expr) -> Result<Count, String> {
+    match value_of(e) {
+        Some(KeyRef::Param(i, _)) => Ok(Count::Param(i)),
+        Some(KeyRef::Literal(_) | KeyRef::Null) => Ok(Count::Text(e.to_string())),
+        _ => Err("LIMIT or OFFSET with an expression across shards is not supported yet".into()),
+    }
+}
+
+fn has_rollup(e: &Expr) -> bool {
+    matches!(e, Expr::Rollup(_) | Expr::Cube(_) | Expr::GroupingSets(_))
+}
+
+/// The aggregate calls in `e` (outside windows), each once, in order of appearance.
+fn collect_aggregates(e: &Expr, out: &mut Vec<Expr>) {
+    let _ = sqlparser::ast::visit_expressions(e, |x| {
+        if let Expr::Function(f) = x
+            && f.over.is_none()
+            && is_aggregate(f)
+            && !out.contains(x)
+        {
+            out.push(x.clone());
+        }
+        ControlFlow::<()>::Continue(())
+    });
+}
+
+/// Rewrites an expression of the client's query into one over the merged groups: group
+/// keys and aggregate calls become the merged columns.
+struct Substitute<'a> {
+    groups: &'a [String],
+    calls: &'a [String],
+    /// Output column names (set for ORDER BY).
+    outputs: Vec<String>,
+    refused: Option<String>,
+}
+
+fn merged_column(name: String) -> Expr {
+    Expr::CompoundIdentifier(vec![Ident::new(MERGED), Ident::new(name)])
+}
+
+impl VisitorMut for Substitute<'_> {
+    type Break = ();
+
+    fn pre_visit_expr(&mut self, e: &mut Expr) -> ControlFlow<()> {
+        let text = e.to_string();
+        if let Some(i) = self.groups.iter().position(|g| *g == text) {
+            let bare_output =
+                matches!(e, Expr::Identifier(id) if self.outputs.contains(&ident(id)));
+            if !bare_output {
+                *e = merged_column(format!("k{i}"));
+            }
+            return ControlFlow::Continue(());
+        }
+        if let Some(j) = self.calls.iter().position(|c| *c == text) {
+            *e = merged_column(format!("a{j}"));
+            return ControlFlow::Continue(());
+        }
+        match e {
+            Expr::Identifier(id) if self.outputs.contains(&ident(id)) => {}
+            Expr::Identifier(_) | Expr::CompoundIdentifier(_) => {
+                self.refused.get_or_insert_with(|| {
+                    format!(
+                        "column {e} must appear in the GROUP BY clause or be used in an aggregate function"
+                    )
+                });
+            }
+            Expr::Subquery(_) | Expr::Exists { .. } | Expr::InSubquery { .. } => {
+                self.refused.get_or_insert_with(|| {
+                    "a subquery over an aggregate query's groups across shards is not supported yet".into()
+                });
+            }
+            Expr::Value(v) if matches!(v.value, Value::Placeholder(_)) => {
+                self.refused.get_or_insert_with(|| {
+                    "a parameter outside WHERE, GROUP BY, LIMIT and the aggregates' arguments of an aggregate query across shards is not supported yet".into()
+                });
+            }
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// The name PostgreSQL gives an output column without an alias (its `FigureColname`),
+/// with its strength: 2 for a column or function name, 1 for a type name or `case`, 0 for
+/// `?column?`.
+pub(crate) fn column_name(e: &Expr) -> (String, u8) {
+    match e {
+        Expr::Identifier(id) => (ident(id), 2),
+        Expr::CompoundIdentifier(ids) => ids
+            .last()
+            .map_or(("?column?".into(), 0), |id| (ident(id), 2)),
+        Expr::Function(f) => name_of(&f.name).map_or(("?column?".into(), 0), |n| (n, 2)),
+        Expr::Nested(x) => column_name(x),
+        Expr::Cast {
+            expr, data_type, ..
+        } => match column_name(expr) {
+            (n, 2) => (n, 2),
+            _ => (type_name(data_type), 1),
+        },
+        Expr::Case { else_result, .. } => match else_result.as_deref().map(column_name) {
+            Some((n, 2)) => (n, 2),
+            _ => ("case".into(), 1),
+        },
+        Expr::Ceil { .. } => ("ceil".into(), 2),
+        Expr::Floor { .. } => ("floor".into(), 2),
+        Expr::Extract { .. } => ("extract".into(), 2),
+        Expr::Substring { .. } => ("substring".into(), 2),
+        Expr::Position { .. } => ("position".into(), 2),
+        Expr::Array(_) => ("array".into(), 2),
+        Expr::Exists { .. } => ("exists".into(), 2),
+        Expr::TypedString(t) => (type_name(&t.data_type), 1),
+        _ => ("?column?".into(), 0),
+    }
+}
+
+/// The name PostgreSQL's grammar gives a type in a cast (`int` is `int4`).
+fn type_name(t: &sqlparser::ast::DataType) -> String {
+    use sqlparser::ast::{DataType as T, TimezoneInfo};
+    match t {
+        T::Int(_) | T::Integer(_) | T::Int4(_) => "int4",
+        T::BigInt(_) | T::Int8(_) => "int8",
+        T::SmallInt(_) | T::Int2(_) => "int2",
+        T::Real | T::Float4 => "float4",
+        T::Double(_) | T::DoublePrecision | T::Float8 => "float8",
+        T::Float(info) => match info {
+            sqlparser::ast::ExactNumberInfo::Precision(p)
+            | sqlparser::ast::ExactNumberInfo::PrecisionAndScale(p, _)
+                if *p <= 24 =>
+            {
+                "float4"
+            }
+            _ => "float8",
+        },
+        T::Numeric(_) | T::Decimal(_) | T::Dec(_) => "numeric",
+        T::Bool | T::Boolean => "bool",
+        T::Varchar(_) | T::CharacterVarying(_) | T::CharVarying(_) => "varchar",
+        T::Char(_) | T::Character(_) => "bpchar",
+        T::Timestamp(_, TimezoneInfo::WithTimeZone | TimezoneInfo::Tz) => "timestamptz",
+        T::Timestamp(..) => "timestamp",
+        T::Time(_, TimezoneInfo::WithTimeZone | TimezoneInfo::Tz) => "timetz",
+        T::Time(..) => "time",
+        T::Custom(name, _) => return name_of(name).unwrap_or_else(|| "?column?".into()),
+        other => {
+            return other
+                .to_string()
+                .split(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+                .next()
+                .unwrap_or("?column?")
+                .to_ascii_lowercase();
+        }
+    }
+    .into()
+}
