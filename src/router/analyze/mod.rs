@@ -423,6 +423,26 @@ fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
             kind = Kind::Ddl;
             ddl_names(std::iter::once(&at.name), rules, &mut c);
         }
+        // Objects the tables of every shard may use: types, domains, schemas, extensions.
+        // They go to every shard, as DDL of sharded tables does (a table of a type made
+        // on the default shard only could not be created on the others).
+        Statement::CreateType { .. }
+        | Statement::AlterType(_)
+        | Statement::CreateDomain(_)
+        | Statement::DropDomain(_)
+        | Statement::CreateSchema { .. }
+        | Statement::CreateExtension(_)
+        | Statement::DropExtension(_)
+        | Statement::Drop {
+            object_type:
+                sqlparser::ast::ObjectType::Type
+                | sqlparser::ast::ObjectType::Schema
+                | sqlparser::ast::ObjectType::Collation,
+            ..
+        } => {
+            kind = Kind::Ddl;
+            c.seen.push(usize::MAX);
+        }
         Statement::Drop { names, .. } => {
             kind = Kind::Ddl;
             ddl_names(names.iter(), rules, &mut c);

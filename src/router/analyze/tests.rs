@@ -155,6 +155,21 @@ fn writes() {
     assert_eq!(target("CREATE TABLE local_t (id int)"), Target::Default);
     assert_eq!(target("CREATE INDEX ON orders (user_id)"), Target::All);
     assert_eq!(target("DROP TABLE IF EXISTS users, orders"), Target::All);
+    // Types, domains, schemas and extensions that sharded tables may use: every shard.
+    for sql in [
+        "CREATE TYPE mood AS ENUM ('sad', 'ok')",
+        "CREATE TYPE pair AS (a int, b int)",
+        "ALTER TYPE mood ADD VALUE 'happy'",
+        "DROP TYPE IF EXISTS mood",
+        "CREATE DOMAIN positive AS int CHECK (VALUE > 0)",
+        "DROP DOMAIN positive",
+        "CREATE SCHEMA IF NOT EXISTS app",
+        "DROP SCHEMA app CASCADE",
+        "CREATE EXTENSION IF NOT EXISTS pgcrypto",
+        "DROP EXTENSION pgcrypto",
+    ] {
+        assert_eq!(target(sql), Target::All, "{sql}");
+    }
     assert!(matches!(
         analyze("COPY users FROM STDIN", &rules()),
         Err(AnalyzeError::Unroutable(m)) if m.contains("COPY")
