@@ -26,7 +26,8 @@ fn rules(shards: usize) -> String {
 const SCHEMA: &str = "
 CREATE TABLE users (id bigint PRIMARY KEY, name text, score numeric, born date);
 CREATE TABLE orders (id bigint, user_id bigint, total numeric(10,2), qty int);
-CREATE TABLE tags (tag text, user_id bigint, weight float8);
+CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+CREATE TABLE tags (tag text, user_id bigint, weight float8, mood mood);
 CREATE TABLE ev (id int, at timestamptz, kind text);
 ";
 
@@ -70,10 +71,17 @@ fn data() -> Vec<String> {
         ));
         let tags: Vec<String> = chunk
             .iter()
-            .map(|id| format!("('tag{}', {id}, {})", id % 40, (id % 9) as f64 / 4.0))
+            .map(|id| {
+                format!(
+                    "('tag{}', {id}, {}, '{}')",
+                    id % 40,
+                    (id % 9) as f64 / 4.0,
+                    ["sad", "ok", "happy"][(id % 3) as usize]
+                )
+            })
             .collect();
         out.push(format!(
-            "INSERT INTO tags (tag, user_id, weight) VALUES {}",
+            "INSERT INTO tags (tag, user_id, weight, mood) VALUES {}",
             tags.join(", ")
         ));
         let ev: Vec<String> = chunk
@@ -319,6 +327,9 @@ fn finished() -> Vec<String> {
         "SELECT user_id % 4 AS g, count(*) FROM orders GROUP BY g HAVING count(*) > 10 ORDER BY g OFFSET 1",
         "SELECT total, sum(id) FROM orders GROUP BY total HAVING sum(total) > avg(total) ORDER BY total",
         "SELECT count(*) FROM users OFFSET 1",
+        // A group key of a user-defined type (its array type is the server's).
+        "SELECT mood, count(*), sum(weight) / count(*) FROM tags GROUP BY mood ORDER BY count(*) DESC, mood",
+        "SELECT mood FROM tags GROUP BY mood ORDER BY max(weight) DESC, mood",
         "SELECT count(*) FROM users OFFSET 0",
         "SELECT count(*) FROM users GROUP BY name ORDER BY name LIMIT 20",
     ]
@@ -375,7 +386,8 @@ async fn typed(c: &tokio_postgres::Client, q: &str) -> Result<Typed, tokio_postg
     let cols = st
         .columns()
         .iter()
-        .map(|c| (c.name().to_string(), c.type_().oid()))
+        // User-defined types have each server's own OIDs.
+        .map(|c| (c.name().to_string(), c.type_().oid().min(16384)))
         .collect();
     let rows = c
         .query(&st, &[])
@@ -420,6 +432,7 @@ async fn aggregates_postgresql_finishes() {
         for q in [
             "SELECT qty, count(*) FROM orders GROUP BY qty ORDER BY count(*) DESC, qty LIMIT 4",
             "SELECT max(qty) - min(qty) FROM orders",
+            "SELECT mood FROM tags GROUP BY mood ORDER BY sum(weight), mood",
         ] {
             let a = named(
                 &via.simple_query(q)

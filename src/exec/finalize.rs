@@ -89,12 +89,58 @@ fn array_literal(values: &[Option<&[u8]>]) -> Vec<u8> {
     out
 }
 
+/// The column types of a merged result whose array types are not built in (enums,
+/// domains, extension types): the final query's server is asked for them
+/// ([`array_types_sql`]).
+pub fn unknown_types(merged: &[u8]) -> Vec<u32> {
+    let mut out: Vec<u32> = protocol::frames(merged)
+        .find(|f| f[0] == b'T')
+        .map(super::merge::columns)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(_, oid)| oid)
+        .filter(|&oid| array_of(oid).is_none())
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// The query that reads the array types of `oids`.
+pub fn array_types_sql(oids: &[u32]) -> String {
+    let list: Vec<String> = oids.iter().map(u32::to_string).collect();
+    format!(
+        "SELECT oid::pg_catalog.int8, typarray::pg_catalog.int8 FROM pg_catalog.pg_type WHERE oid IN ({})",
+        list.join(", ")
+    )
+}
+
+/// The answer of [`array_types_sql`]: element type to array type (0: none).
+pub fn array_types(frames: &[BytesMut]) -> Vec<(u32, u32)> {
+    frames
+        .iter()
+        .filter(|f| f[0] == b'D')
+        .filter_map(|f| {
+            let v = super::merge::fields(f);
+            let num = |i: usize| -> Option<u32> {
+                std::str::from_utf8(v.get(i).copied().flatten()?)
+                    .ok()?
+                    .parse()
+                    .ok()
+            };
+            Some((num(0)?, num(1)?))
+        })
+        .collect()
+}
+
 /// Splits a merged result (text format) into its notices and the final query that
-/// finishes it. None: the merged result is a shard's error, to be returned as it is.
+/// finishes it; `arrays` gives the array types of [`unknown_types`]. None: the merged
+/// result is a shard's error, to be returned as it is.
 pub fn request(
     fin: &Finalize,
     merged: &[u8],
     formats: &[bool],
+    arrays: &[(u32, u32)],
 ) -> Option<Result<(BytesMut, FinalRequest), PgError>> {
     let mut notices = BytesMut::new();
     let mut types = None;
@@ -108,7 +154,7 @@ pub fn request(
             _ => {}
         }
     }
-    Some(build(fin, types.unwrap_or_default(), &rows, formats).map(|r| (notices, r)))
+    Some(build(fin, types.unwrap_or_default(), &rows, formats, arrays).map(|r| (notices, r)))
 }
 
 fn build(
@@ -116,6 +162,7 @@ fn build(
     cols: Vec<(String, u32)>,
     rows: &[Vec<Option<&[u8]>>],
     formats: &[bool],
+    arrays: &[(u32, u32)],
 ) -> Result<FinalRequest, PgError> {
     if cols.len() != fin.columns || rows.iter().any(|r| r.len() != fin.columns) {
         return Err(PgError::new(
@@ -132,14 +179,21 @@ fn build(
     let mut types = BytesMut::new();
     types.put_u16(cols.len() as u16);
     for (_, oid) in &cols {
-        let array = array_of(*oid).ok_or_else(|| {
-            PgError::new(
-                "0A000",
-                format!(
-                    "an aggregate query across shards whose groups PostgreSQL finishes cannot carry a column of type oid {oid} yet (built-in scalar types only)"
-                ),
-            )
-        })?;
+        let array = array_of(*oid)
+            .or_else(|| {
+                arrays
+                    .iter()
+                    .find(|(e, a)| e == oid && *a != 0)
+                    .map(|(_, a)| *a)
+            })
+            .ok_or_else(|| {
+                PgError::new(
+                    "0A000",
+                    format!(
+                        "an aggregate query across shards whose groups PostgreSQL finishes cannot carry a column of type oid {oid} (it has no array type)"
+                    ),
+                )
+            })?;
         types.put_u32(array);
     }
     let mut bind = BytesMut::new();
@@ -184,7 +238,25 @@ pub async fn run(
     prelude: Option<&str>,
     settings_fp: u64,
 ) -> Result<BytesMut, PgError> {
-    let (notices, req) = match request(fin, &merged, formats) {
+    if protocol::frames(&merged).any(|f| f[0] == b'E') {
+        return Ok(merged);
+    }
+    let unknown = unknown_types(&merged);
+    let arrays = if unknown.is_empty() {
+        Vec::new()
+    } else {
+        let sql = array_types_sql(&unknown);
+        let mut r = super::scatter::run_on_shards(
+            db,
+            &[node],
+            super::scatter::Request::Simple(&sql),
+            None,
+            0,
+        )
+        .await?;
+        array_types(&r.pop().unwrap_or_default())
+    };
+    let (notices, req) = match request(fin, &merged, formats, &arrays) {
         None => return Ok(merged),
         Some(r) => r?,
     };

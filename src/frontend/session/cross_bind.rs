@@ -405,7 +405,21 @@ impl Session {
         let (Ok(out), Some(fin)) = (&merged, &spec.finalize) else {
             return Ok(Some(merged));
         };
-        let (notices, req) = match crate::exec::finalize::request(fin, out, formats) {
+        if protocol::frames(out).any(|f| f[0] == b'E') {
+            // A shard's error, as it is.
+            return Ok(Some(merged));
+        }
+        let unknown = crate::exec::finalize::unknown_types(out);
+        let mut arrays = Vec::new();
+        if !unknown.is_empty() {
+            let mut q = bytes::BytesMut::new();
+            protocol::write_query(&mut q, &crate::exec::finalize::array_types_sql(&unknown));
+            let Some(frames) = self.run_request_on(s, &q).await? else {
+                return Ok(None);
+            };
+            arrays = crate::exec::finalize::array_types(&frames);
+        }
+        let (notices, req) = match crate::exec::finalize::request(fin, out, formats, &arrays) {
             None => return Ok(Some(merged)),
             Some(Err(e)) => return Ok(Some(Err(e))),
             Some(Ok(r)) => r,
