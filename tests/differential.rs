@@ -327,6 +327,20 @@ fn finished() -> Vec<String> {
         "SELECT user_id % 4 AS g, count(*) FROM orders GROUP BY g HAVING count(*) > 10 ORDER BY g OFFSET 1",
         "SELECT total, sum(id) FROM orders GROUP BY total HAVING sum(total) > avg(total) ORDER BY total",
         "SELECT count(*) FROM users OFFSET 1",
+        // Aggregates whose partial results do not combine: the shards' rows are gathered
+        // and the final query aggregates them.
+        "SELECT string_agg(name, ',' ORDER BY name) FROM users WHERE id < 40",
+        "SELECT qty, string_agg(id::text, ' ' ORDER BY id) AS ids, count(*) FROM orders GROUP BY qty ORDER BY qty",
+        "SELECT qty, array_agg(user_id ORDER BY user_id DESC, id) FROM orders WHERE user_id < 50 GROUP BY qty ORDER BY qty",
+        "SELECT json_agg(tag ORDER BY tag, user_id), jsonb_agg(DISTINCT mood) FROM tags WHERE user_id < 30",
+        "SELECT mood, percentile_cont(0.5) WITHIN GROUP (ORDER BY weight), mode() WITHIN GROUP (ORDER BY tag) FROM tags GROUP BY mood ORDER BY mood",
+        "SELECT stddev(score), var_pop(score), stddev_samp(id), variance(id % 7) FROM users",
+        "SELECT qty, sum(DISTINCT total), avg(DISTINCT total), count(DISTINCT user_id % 7) FROM orders GROUP BY qty ORDER BY qty",
+        "SELECT count(DISTINCT name), count(DISTINCT score) FROM users",
+        "SELECT qty % 3 AS g, string_agg(DISTINCT qty::text, ',' ORDER BY qty::text) FROM orders GROUP BY g HAVING count(DISTINCT user_id) > 5 ORDER BY g",
+        "SELECT array_agg(id ORDER BY id) FILTER (WHERE qty = 2), count(*) FILTER (WHERE qty = 2) FROM orders WHERE user_id < 20",
+        "SELECT string_agg(name, ','), count(*), stddev(score) FROM users WHERE id < 0",
+        "SELECT kind, string_agg(id::text, ',' ORDER BY at DESC) AS ids FROM ev GROUP BY kind ORDER BY ids LIMIT 3",
         // A group key of a user-defined type (its array type is the server's).
         "SELECT mood, count(*), sum(weight) / count(*) FROM tags GROUP BY mood ORDER BY count(*) DESC, mood",
         "SELECT mood FROM tags GROUP BY mood ORDER BY max(weight) DESC, mood",
@@ -433,6 +447,7 @@ async fn aggregates_postgresql_finishes() {
             "SELECT qty, count(*) FROM orders GROUP BY qty ORDER BY count(*) DESC, qty LIMIT 4",
             "SELECT max(qty) - min(qty) FROM orders",
             "SELECT mood FROM tags GROUP BY mood ORDER BY sum(weight), mood",
+            "SELECT qty, string_agg(user_id::text, ',' ORDER BY user_id, id) FROM orders WHERE user_id < 12 GROUP BY qty ORDER BY qty",
         ] {
             let a = named(
                 &via.simple_query(q)

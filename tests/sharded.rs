@@ -270,8 +270,6 @@ async fn cross_shard_selects_merge_like_one_database() {
     assert_eq!(a.len(), 200);
     // What cannot be merged yet is refused, never answered wrongly.
     for q in [
-        "SELECT avg(DISTINCT score) FROM users",
-        "SELECT count(DISTINCT name), count(DISTINCT score) FROM users",
         "SELECT user_id, rank() OVER (ORDER BY count(*)) FROM orders GROUP BY user_id",
         "SELECT id, row_number() OVER (ORDER BY id) FROM orders",
         "SELECT * FROM (SELECT id, row_number() OVER (PARTITION BY total ORDER BY id) AS rn FROM orders) t WHERE rn = 1",

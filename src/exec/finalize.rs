@@ -14,6 +14,10 @@ pub struct FinalRequest {
     pub bind_rest: Vec<u8>,
 }
 
+/// The most pgshard sends to one server to finish an aggregate query (PostgreSQL takes
+/// messages up to 1 GiB; the rows are in pgshard's memory meanwhile).
+const MAX_FINAL_BYTES: usize = 256 << 20;
+
 /// The array type of a built-in element type (the same OIDs on every PostgreSQL server).
 fn array_of(oid: u32) -> Option<u32> {
     Some(match oid {
@@ -196,7 +200,20 @@ fn build(
             })?;
         types.put_u32(array);
     }
-    let mut bind = BytesMut::new();
+    let size: usize = rows
+        .iter()
+        .flatten()
+        .map(|v| v.map_or(5, |v| v.len() + 3))
+        .sum();
+    if size > MAX_FINAL_BYTES {
+        return Err(PgError::new(
+            "54000",
+            format!(
+                "the rows this aggregate query needs from the shards ({size} bytes) exceed the {MAX_FINAL_BYTES} bytes pgshard sends to one server to finish it; add a shard key condition or a /* pgshard: shard=N */ hint, or aggregate in a way whose partial results combine"
+            ),
+        ));
+    }
+    let mut bind = BytesMut::with_capacity(size + 16 * cols.len() + 8);
     // Parameters in text.
     bind.put_u16(0);
     bind.put_u16(cols.len() as u16);

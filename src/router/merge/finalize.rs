@@ -191,14 +191,48 @@ fn build(
         })
         .collect();
     p.group_by = GroupByExpr::Expressions(groups.clone(), Vec::new());
-    let mut spec = plan(&partial, rules)?;
-    let mut shard_sql = shard_statement(&partial, &spec).unwrap_or_else(|| partial.to_string());
-    // The final query, over the merged groups.
+    // Aggregates whose partial results do not combine (string_agg, percentile_cont,
+    // stddev, aggregates of DISTINCT values, ...): the shards return the rows they read
+    // instead (group keys and the columns the aggregates use), and the final query
+    // aggregates all of them.
+    let mut inputs: Vec<Expr> = Vec::new();
+    let (mut spec, mut shard_sql) = match plan(&partial, rules) {
+        Ok(spec) => {
+            let sql = shard_statement(&partial, &spec).unwrap_or_else(|| partial.to_string());
+            (spec, sql)
+        }
+        Err(why) => {
+            for c in &calls {
+                collect_inputs(c, &mut inputs).map_err(|()| why.clone())?;
+            }
+            let SetExpr::Select(p) = &mut *partial.body else {
+                unreachable!("checked by plan_final")
+            };
+            p.projection = groups
+                .iter()
+                .enumerate()
+                .map(|(i, g)| (g, format!("k{i}")))
+                .chain(inputs.iter().enumerate().map(|(j, v)| (v, format!("v{j}"))))
+                .map(|(e, name)| SelectItem::ExprWithAlias {
+                    expr: e.clone(),
+                    alias: Ident::new(name),
+                })
+                .collect();
+            p.group_by = GroupByExpr::Expressions(Vec::new(), Vec::new());
+            let spec = plan(&partial, rules).map_err(|_| why)?;
+            (spec, partial.to_string())
+        }
+    };
+    let gather = spec.aggregates.is_none();
+    // The final query, over the merged groups (or the gathered rows).
     let group_texts: Vec<String> = groups.iter().map(ToString::to_string).collect();
     let call_texts: Vec<String> = calls.iter().map(ToString::to_string).collect();
+    let input_texts: Vec<String> = inputs.iter().map(ToString::to_string).collect();
     let mut sub = Substitute {
         groups: &group_texts,
-        calls: &call_texts,
+        calls: if gather { &[] } else { &call_texts },
+        inputs: &input_texts,
+        inside: 0,
         outputs: Vec::new(),
         refused: None,
     };
@@ -249,13 +283,20 @@ fn build(
     if let Some(why) = sub.refused {
         return Err(why);
     }
-    let columns = groups.len() + calls.len();
+    let names: Vec<String> = if gather {
+        (0..groups.len())
+            .map(|i| format!("k{i}"))
+            .chain((0..inputs.len()).map(|j| format!("v{j}")))
+            .collect()
+    } else {
+        (0..groups.len())
+            .map(|i| format!("k{i}"))
+            .chain((0..calls.len()).map(|j| format!("a{j}")))
+            .collect()
+    };
+    let columns = names.len();
     let params: Vec<String> = (1..=columns)
         .map(|i| format!("pg_catalog.unnest(${i})"))
-        .collect();
-    let names: Vec<String> = (0..groups.len())
-        .map(|i| format!("k{i}"))
-        .chain((0..calls.len()).map(|j| format!("a{j}")))
         .collect();
     let mut sql = format!(
         "SELECT {distinct}{} FROM ROWS FROM ({}) AS {MERGED}({})",
@@ -263,7 +304,17 @@ fn build(
         params.join(", "),
         names.join(", ")
     );
-    if let Some(h) = having {
+    if gather {
+        if !groups.is_empty() {
+            let keys: Vec<String> = (0..groups.len())
+                .map(|i| format!("{MERGED}.k{i}"))
+                .collect();
+            sql.push_str(&format!(" GROUP BY {}", keys.join(", ")));
+        }
+        if let Some(h) = having {
+            sql.push_str(&format!(" HAVING {h}"));
+        }
+    } else if let Some(h) = having {
         sql.push_str(&format!(" WHERE {h}"));
     }
     if !order_texts.is_empty() {
@@ -329,14 +380,39 @@ fn collect_aggregates(e: &Expr, out: &mut Vec<Expr>) {
     });
 }
 
+/// The columns an aggregate call reads (in its arguments, ORDER BY, FILTER and WITHIN
+/// GROUP), each once. Err: it has a nested query.
+fn collect_inputs(call: &Expr, out: &mut Vec<Expr>) -> Result<(), ()> {
+    let flow = sqlparser::ast::visit_expressions(call, |x| match x {
+        Expr::Identifier(_) | Expr::CompoundIdentifier(_) => {
+            if !out.contains(x) {
+                out.push(x.clone());
+            }
+            ControlFlow::Continue(())
+        }
+        Expr::Subquery(_) | Expr::Exists { .. } | Expr::InSubquery { .. } => ControlFlow::Break(()),
+        _ => ControlFlow::Continue(()),
+    });
+    if flow.is_break() { Err(()) } else { Ok(()) }
+}
+
 /// Rewrites an expression of the client's query into one over the merged groups: group
-/// keys and aggregate calls become the merged columns.
+/// keys and aggregate calls become the merged columns. When the shards' rows are gathered
+/// instead (no `calls`), the aggregates stay and the columns they read become the
+/// gathered ones.
 struct Substitute<'a> {
     groups: &'a [String],
     calls: &'a [String],
+    inputs: &'a [String],
+    /// How many gathered aggregate calls the visit is inside.
+    inside: usize,
     /// Output column names (set for ORDER BY).
     outputs: Vec<String>,
     refused: Option<String>,
+}
+
+fn is_aggregate_call(e: &Expr) -> bool {
+    matches!(e, Expr::Function(f) if f.over.is_none() && is_aggregate(f))
 }
 
 fn merged_column(name: String) -> Expr {
@@ -360,6 +436,16 @@ impl VisitorMut for Substitute<'_> {
             *e = merged_column(format!("a{j}"));
             return ControlFlow::Continue(());
         }
+        if self.calls.is_empty() && is_aggregate_call(e) {
+            self.inside += 1;
+            return ControlFlow::Continue(());
+        }
+        if self.inside > 0
+            && let Some(j) = self.inputs.iter().position(|c| *c == text)
+        {
+            *e = merged_column(format!("v{j}"));
+            return ControlFlow::Continue(());
+        }
         match e {
             Expr::Identifier(id) if self.outputs.contains(&ident(id)) => {}
             Expr::Identifier(_) | Expr::CompoundIdentifier(_) => {
@@ -380,6 +466,13 @@ impl VisitorMut for Substitute<'_> {
                 });
             }
             _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_expr(&mut self, e: &mut Expr) -> ControlFlow<()> {
+        if self.calls.is_empty() && is_aggregate_call(e) {
+            self.inside -= 1;
         }
         ControlFlow::Continue(())
     }

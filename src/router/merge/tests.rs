@@ -55,9 +55,6 @@ fn groups_of_one_shard_and_distinct_keys() {
         Some("SELECT name AS count FROM users GROUP BY name")
     );
     for sql in [
-        "SELECT count(DISTINCT name), count(DISTINCT score) FROM users",
-        "SELECT count(DISTINCT name) FILTER (WHERE id > 3) FROM users",
-        "SELECT sum(DISTINCT user_id) FROM orders",
         "SELECT id, rank() OVER (ORDER BY count(*)) FROM users GROUP BY id",
         "SELECT id FROM users GROUP BY id ORDER BY rank() OVER (ORDER BY id)",
         "SELECT user_id, count(*) FROM orders GROUP BY ROLLUP (user_id)",
@@ -67,6 +64,18 @@ fn groups_of_one_shard_and_distinct_keys() {
     // GROUP BY a column not selected: PostgreSQL finishes the groups.
     let spec = m("SELECT name, count(*) FROM users GROUP BY name, score ORDER BY 2").unwrap();
     assert!(spec.finalize.is_some());
+    // Aggregates whose partial results do not combine: the shards' rows are gathered.
+    for sql in [
+        "SELECT count(DISTINCT name), count(DISTINCT score) FROM users",
+        "SELECT count(DISTINCT name) FILTER (WHERE id > 3) FROM users",
+        "SELECT sum(DISTINCT user_id) FROM orders",
+    ] {
+        let spec = m(sql).unwrap();
+        assert!(
+            spec.finalize.is_some() && spec.aggregates.is_none(),
+            "{sql}"
+        );
+    }
 }
 
 #[test]
@@ -247,7 +256,6 @@ fn merge_specs() {
         OrderCol::Position(0)
     );
     for bad in [
-        "SELECT avg(DISTINCT id) FROM users",
         "SELECT DISTINCT ON (lower(name)) name, id FROM users",
         "SELECT id FROM users LIMIT $1 + 1",
         "SELECT id FROM users INTERSECT SELECT user_id FROM orders",
@@ -396,12 +404,31 @@ fn groups_postgresql_finishes() {
         "SELECT qty, count(*) FROM orders GROUP BY qty HAVING sum(total) > $1",
         "SELECT sum(total) / (SELECT 2) FROM orders",
         "SELECT qty, total - max(total) FROM orders GROUP BY qty",
-        "SELECT qty, string_agg(id::text, ',') || '' FROM orders GROUP BY qty",
         "SELECT qty, count(*) FROM orders GROUP BY ROLLUP (qty)",
+        "SELECT qty, string_agg(name, (SELECT ',')) FROM orders GROUP BY qty",
     ] {
         let m = analyze(sql, &rules()).unwrap().merge.unwrap();
         assert!(m.is_err(), "{sql}: {m:?}");
     }
+    // Aggregates whose partial results do not combine: each shard returns the group keys
+    // and the columns the aggregates read, and the final query aggregates them.
+    let a = analyze(
+        "SELECT qty, string_agg(id::text, ',' ORDER BY o.total) FILTER (WHERE id > 2) || '' AS s, avg(DISTINCT total) FROM orders o WHERE user_id > 5 GROUP BY qty HAVING count(*) > 1 ORDER BY s",
+        &rules(),
+    )
+    .unwrap();
+    assert_eq!(
+        a.shard_sql.as_deref(),
+        Some(
+            "SELECT qty AS k0, id AS v0, o.total AS v1, total AS v2 FROM orders o WHERE user_id > 5"
+        )
+    );
+    let spec = a.merge.unwrap().unwrap();
+    assert_eq!(spec.aggregates, None);
+    assert_eq!(
+        spec.finalize.unwrap().sql,
+        "SELECT pgshard_m.k0 AS \"qty\", string_agg(pgshard_m.v0::TEXT, ',' ORDER BY pgshard_m.v1) FILTER (WHERE pgshard_m.v0 > 2) || '' AS \"s\", avg(DISTINCT pgshard_m.v2) AS \"avg\" FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), pg_catalog.unnest($3), pg_catalog.unnest($4)) AS pgshard_m(k0, v0, v1, v2) GROUP BY pgshard_m.k0 HAVING count(*) > 1 ORDER BY s"
+    );
 }
 
 #[test]
