@@ -217,6 +217,105 @@ async fn read_your_writes_under_a_delayed_replica() {
     wait_for_replica_reads(&d).await;
 }
 
+async fn count(c: &tokio_postgres::Client, id: i32) -> i64 {
+    c.query_one("SELECT count(*) FROM t_ack WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn acknowledged_writes_are_read_by_every_client() {
+    let c = own_cluster(2, 1);
+    let replicas: Vec<u16> = c.shards.iter().map(|s| s.replicas[0].port).collect();
+    // The replicas may lag by 10 s and still take reads: only the consistency mode
+    // decides whether a read sees another client's write made just before it.
+    let config = |consistency: &str| {
+        c.config_yaml("127.0.0.1:0", "transaction", 6)
+            + "    failover: { user: postgres, check_interval_ms: 200 }\n"
+            + "    read_from: replicas\n    max_replica_lag_ms: 10000\n"
+            + consistency
+            + "    sharded_tables:\n      - { table: t_ack, column: id, method: hash }\n"
+    };
+    let shared = start_proxy_yaml(&config("    consistency: read_acknowledged_writes\n"));
+    let own = start_proxy_yaml(&config(""));
+    use pgshard::sharding::hash::{HashKey, partition_of};
+    let keys_on = |s: u64| -> Vec<i32> {
+        (1..)
+            .filter(|k| partition_of(&HashKey::Int(i64::from(*k)), 2) == s)
+            .take(4)
+            .collect()
+    };
+    let (on0, on1) = (keys_on(0), keys_on(1));
+    let setup = connect(shared).await;
+    setup
+        .batch_execute("CREATE TABLE t_ack (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    for &r in &replicas {
+        wait_replayed(
+            &c,
+            r,
+            "SELECT count(*) FROM pg_class WHERE relname = 't_ack'",
+        )
+        .await;
+    }
+    let writer = connect(shared).await;
+    let reader = connect(shared).await;
+    let other = connect(own).await;
+    wait_for_replica_reads(&reader).await;
+    wait_for_replica_reads(&other).await;
+    // The replicas stop replaying: what is written now is on the primaries only.
+    for &r in &replicas {
+        c.psql(r, "postgres", "SELECT pg_wal_replay_pause()")
+            .unwrap();
+    }
+    // One shard per write: pgshard reads each commit's position.
+    for &id in &on0[..2] {
+        writer
+            .execute("INSERT INTO t_ack (id) VALUES ($1)", &[&id])
+            .await
+            .unwrap();
+        // Another client of the same pgshard, at once: it sees the write.
+        assert_eq!(
+            count(&reader, id).await,
+            1,
+            "a read missed a write acknowledged to another client"
+        );
+    }
+    // In per-client read-your-writes, a client that did not write reads the paused
+    // replica, where the rows are not: the setup does test something.
+    assert_eq!(
+        count(&other, on0[0]).await,
+        0,
+        "the per-client read should have gone to the paused replica"
+    );
+    // A transaction over both shards (two-phase commit, positions not read): its rows
+    // are seen on both.
+    writer
+        .batch_execute(&format!(
+            "BEGIN; INSERT INTO t_ack (id) VALUES ({}); INSERT INTO t_ack (id) VALUES ({}); COMMIT",
+            on0[2], on1[0]
+        ))
+        .await
+        .unwrap();
+    assert_eq!(count(&reader, on1[0]).await, 1);
+    assert_eq!(count(&reader, on0[2]).await, 1);
+    assert_eq!(count(&other, on1[0]).await, 0);
+    // Once the replicas have replayed everything, reads go back to them.
+    for &r in &replicas {
+        c.psql(r, "postgres", "SELECT pg_wal_replay_resume()")
+            .unwrap();
+    }
+    wait_replayed(
+        &c,
+        replicas[1],
+        &format!("SELECT count(*) FROM t_ack WHERE id = {}", on1[0]),
+    )
+    .await;
+    wait_for_replica_reads(&reader).await;
+}
+
 #[tokio::test]
 async fn a_replica_leaves_and_rejoins_the_rotation() {
     let mut c = own_cluster(1, 2);

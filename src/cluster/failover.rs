@@ -192,6 +192,8 @@ pub(super) async fn run(
     st.up = true;
     st.failures = 0;
     st.checked_at = Some(now);
+    // Its position was read before the promotion: the next check bounds reads.
+    st.check_started = None;
     st.lag_bytes = 0;
     st.lag_ms = 0;
     if let Some(o) = old.filter(|&o| o != chosen) {

@@ -270,6 +270,7 @@ async fn round(
     // Probes taken before a failover or switchover are stale once it has published its
     // view: they would undo it (a just-promoted node still seen in recovery).
     let roles_changed = db.failovers.load(Ordering::Relaxed);
+    let round_started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for (s, shard) in controls.iter_mut().enumerate() {
         for (n, c) in std::mem::take(shard).into_iter().enumerate() {
@@ -316,7 +317,7 @@ async fn round(
                 p.unwrap_or(Err("check did not run".into())),
                 db,
                 &db.shards[s].nodes[n],
-                now,
+                (round_started, now),
             );
         }
         let primary = failover::resolve_roles(db, s, &prev, &mut nodes);
@@ -355,7 +356,7 @@ fn apply_probe(
     r: Result<Probe, String>,
     db: &Database,
     node: &super::Node,
-    now: Instant,
+    (started, now): (Instant, Instant),
 ) {
     let addr = node.addr.as_str();
     let pool = &node.pool;
@@ -373,6 +374,7 @@ fn apply_probe(
                 st.timeline = p.timeline;
             }
             st.checked_at = Some(now);
+            st.check_started = Some(started);
             st.last_error = None;
         }
         Err(e) => {

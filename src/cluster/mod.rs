@@ -19,7 +19,7 @@ use crate::router::Router;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 pub use failover::FailoverError;
@@ -63,6 +63,9 @@ pub struct NodeState {
     pub fenced: bool,
     /// When the last successful check finished.
     pub checked_at: Option<Instant>,
+    /// When the last successful check began: what it read (`lsn`) was at least the
+    /// node's position at that instant.
+    pub check_started: Option<Instant>,
     pub last_error: Option<String>,
 }
 
@@ -85,6 +88,20 @@ pub struct Shard {
     primary: AtomicUsize,
     round_robin: AtomicUsize,
     pub stats: Arc<crate::metrics::ShardStats>,
+    /// In `read_acknowledged_writes`: the highest commit position acknowledged to any
+    /// client on this shard; every read must see it.
+    acked_lsn: AtomicU64,
+    /// In `read_acknowledged_writes`: when the latest commit whose position is not
+    /// known (one over several shards) was acknowledged, as nanoseconds after
+    /// [`epoch`] plus one (0: none). Reads go to the primary until a check of the
+    /// primary made after it gives a position that covers it.
+    acked_unknown: AtomicU64,
+}
+
+/// The instant `Shard::acked_unknown` counts from.
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
 }
 
 impl Shard {
@@ -99,6 +116,8 @@ impl Shard {
             view: ArcSwap::new(view),
             round_robin: AtomicUsize::new(0),
             stats,
+            acked_lsn: AtomicU64::new(0),
+            acked_unknown: AtomicU64::new(0),
         }
     }
 
@@ -216,11 +235,33 @@ impl Database {
         let s = &self.shards[shard];
         let v = s.view.load();
         let primary = v.primary;
-        let ryw = self.config.consistency == Consistency::ReadYourWrites;
+        let ryw = self.config.consistency != Consistency::Eventual;
+        if self.config.consistency == Consistency::ReadAcknowledgedWrites {
+            let unknown = s.acked_unknown.load(Ordering::Acquire);
+            if unknown != 0 {
+                let at = epoch() + std::time::Duration::from_nanos(unknown - 1);
+                let checked = primary
+                    .map(|p| &v.nodes[p])
+                    .filter(|p| p.check_started.is_some_and(|c| c > at));
+                match checked {
+                    Some(p) => {
+                        s.acked_lsn.fetch_max(p.lsn, Ordering::AcqRel);
+                        let _ = s.acked_unknown.compare_exchange(
+                            unknown,
+                            0,
+                            Ordering::AcqRel,
+                            Ordering::Relaxed,
+                        );
+                    }
+                    None => return primary.ok_or(NodeError::NoPrimary(shard)),
+                }
+            }
+            floor.min_lsn = floor.min_lsn.max(s.acked_lsn.load(Ordering::Acquire));
+        }
         let mut pinned = None;
         if ryw && let Some((n, at)) = floor.pending {
             let st = &v.nodes[n];
-            if st.checked_at.is_some_and(|c| c > at) {
+            if st.check_started.is_some_and(|c| c > at) {
                 // The check after the read bounds what the read saw.
                 floor.min_lsn = floor.min_lsn.max(st.lsn);
                 floor.pending = None;
@@ -297,10 +338,30 @@ impl Database {
         }
     }
 
-    /// After a client committed writes on a shard at `lsn`: its later reads see them.
-    pub fn wrote(&self, floor: &mut ReadFloor, lsn: u64) {
+    /// After a client committed writes on `shard` at `lsn`: its later reads see them (in
+    /// `read_acknowledged_writes`, everyone's do).
+    pub fn wrote(&self, shard: usize, floor: &mut ReadFloor, lsn: u64) {
         floor.min_lsn = floor.min_lsn.max(lsn);
         floor.pending = None;
+        if self.config.consistency == Consistency::ReadAcknowledgedWrites {
+            self.shards[shard]
+                .acked_lsn
+                .fetch_max(lsn, Ordering::AcqRel);
+        }
+    }
+
+    /// In `read_acknowledged_writes`, before a commit on `shard` whose position is not
+    /// known is acknowledged: reads there go to the primary until it is bounded.
+    pub fn wrote_unknown(&self, shard: usize) {
+        if self.config.consistency != Consistency::ReadAcknowledgedWrites {
+            return;
+        }
+        let now = Instant::now().saturating_duration_since(epoch()).as_nanos() as u64 + 1;
+        // The latest such commit counts: a check begun after it bounds the earlier ones
+        // too (a check begun after an earlier one alone might not cover this one).
+        self.shards[shard]
+            .acked_unknown
+            .fetch_max(now, Ordering::AcqRel);
     }
 
     /// Sets read weights (tests build databases without them).
@@ -487,6 +548,7 @@ mod tests {
                 in_recovery: Some(n != 0),
                 lsn,
                 checked_at: Some(Instant::now()),
+                check_started: Some(Instant::now()),
                 ..NodeState::default()
             })
             .collect();
@@ -528,7 +590,7 @@ mod tests {
         view(&db, &[100, 90, 50], &[1, 2]);
         let mut f = ReadFloor::default();
         // After a commit at 95, no replica has it yet: the primary.
-        db.wrote(&mut f, 95);
+        db.wrote(0, &mut f, 95);
         assert_eq!(db.pick_read(0, &mut f).unwrap(), 0);
         // The primary's next check bounds what that read saw (100); node 1 reaches it.
         std::thread::sleep(std::time::Duration::from_millis(2));

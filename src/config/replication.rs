@@ -37,6 +37,12 @@ pub enum Consistency {
     ReadYourWrites,
     /// Reads go to any replica within the lag bounds.
     Eventual,
+    /// Every read sees every commit this pgshard process acknowledged before the read
+    /// began, whichever client made it (and never goes back in time): read-your-writes
+    /// across an application's pooled connections. Commits are acknowledged only once
+    /// their WAL position is known, and reads go to the primary until a replica is
+    /// known to have replayed them.
+    ReadAcknowledgedWrites,
 }
 
 /// Health checks and automatic failover.

@@ -37,6 +37,15 @@ impl Session {
             self.apply_committed_listens().await;
         }
         if !self.cout.is_empty() {
+            if self.reads.capture_lsn
+                && self.reads.executed
+                && self.status == b'I'
+                && self.backend.is_some()
+            {
+                // A commit goes out before its position is read (the connection is
+                // still held): in `read_acknowledged_writes` reads are held to it anyway.
+                self.db.wrote_unknown(self.shard);
+            }
             write_draining(
                 &mut self.writer,
                 &mut self.cout,

@@ -103,9 +103,8 @@ impl Session {
     pub(super) fn attached_node(&mut self, shard: usize, node: usize, read: bool) {
         self.reads.on_replica = read && self.db.primary(shard).ok() != Some(node);
         self.reads.executed = false;
-        self.reads.capture_lsn = !read
-            && self.splits_reads()
-            && self.db.config.consistency == Consistency::ReadYourWrites;
+        self.reads.capture_lsn =
+            !read && self.splits_reads() && self.db.config.consistency != Consistency::Eventual;
     }
 
     /// The (shard, node) pairs a cross-shard read runs on.
@@ -132,6 +131,7 @@ impl Session {
         if !self.splits_reads() {
             return;
         }
+        self.db.wrote_unknown(shard);
         if let Ok(p) = self.db.primary(shard) {
             let n = self.db.shards.len();
             self.reads.floor(n, shard).pending = Some((p, std::time::Instant::now()));
@@ -157,12 +157,14 @@ impl Session {
                     .and_then(|t| crate::cluster::parse_lsn(&t));
                 if let Some(lsn) = lsn {
                     let n = self.db.shards.len();
-                    self.db.wrote(self.reads.floor(n, self.shard), lsn);
+                    let shard = self.shard;
+                    self.db.wrote(shard, self.reads.floor(n, shard), lsn);
                 }
                 true
             }
             Err(e) => {
                 tracing::warn!(error = %e, "could not read the commit WAL position");
+                self.db.wrote_unknown(self.shard);
                 false
             }
         }

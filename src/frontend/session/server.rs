@@ -143,8 +143,12 @@ impl Session {
         };
         self.cancel.set(None);
         if self.reads.capture_lsn && self.reads.executed {
-            // The client has its answer before pgshard asks for the WAL position.
-            if self.flush_client().await.is_err() {
+            // The client has its answer before pgshard asks for the WAL position; in
+            // `read_acknowledged_writes` after, so that no other client can have heard
+            // of the commit before reads are held to it.
+            let shared =
+                self.db.config.consistency == crate::config::Consistency::ReadAcknowledgedWrites;
+            if !shared && self.flush_client().await.is_err() {
                 self.client_eof = true;
             }
             if !Box::pin(self.note_commit_lsn(&mut b)).await {
