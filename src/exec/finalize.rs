@@ -14,6 +14,64 @@ pub struct FinalRequest {
     pub bind_rest: Vec<u8>,
 }
 
+/// The client's parameters of a Bind: their types (from its Parse; 0 unspecified),
+/// formats and values.
+pub struct ClientParams<'a> {
+    pub oids: Vec<u32>,
+    pub binary: Vec<bool>,
+    pub values: Vec<Option<&'a [u8]>>,
+}
+
+impl<'a> ClientParams<'a> {
+    /// From a Parse's parameter types and a Bind's body.
+    pub fn of(types: &[u8], bind_rest: &'a [u8]) -> Result<Self, PgError> {
+        let (binary, values) =
+            protocol::bind_params(bind_rest).map_err(|e| PgError::new("08P01", e.to_string()))?;
+        Ok(ClientParams {
+            oids: protocol::parse_oids(types),
+            binary,
+            values,
+        })
+    }
+}
+
+/// The shards' Parse types and Bind body for the partial query of `fin`: the client's,
+/// with NULL text for the parameters only the final query uses (the partial query does
+/// not name them, so the shards could not tell their types).
+pub fn shard_params(
+    fin: &Finalize,
+    types: &[u8],
+    bind_rest: &[u8],
+) -> Result<(Vec<u8>, Vec<u8>), PgError> {
+    if fin.final_only.is_empty() {
+        return Ok((types.to_vec(), bind_rest.to_vec()));
+    }
+    let p = ClientParams::of(types, bind_rest)?;
+    let n = p.values.len();
+    let mut oids = p.oids.clone();
+    oids.resize(oids.len().max(n), 0);
+    let mut binary = p.binary.clone();
+    let mut values = p.values.clone();
+    for &i in &fin.final_only {
+        if i < n {
+            oids[i] = TEXT;
+            binary[i] = false;
+            values[i] = None;
+        }
+    }
+    let rest = protocol::with_params(bind_rest, &binary, &values)
+        .map_err(|e| PgError::new("08P01", e.to_string()))?;
+    let mut t = Vec::with_capacity(2 + 4 * oids.len());
+    t.extend_from_slice(&(oids.len() as u16).to_be_bytes());
+    for o in oids {
+        t.extend_from_slice(&o.to_be_bytes());
+    }
+    Ok((t, rest))
+}
+
+/// The text type's OID.
+const TEXT: u32 = 25;
+
 /// The most pgshard sends to one server to finish an aggregate query (PostgreSQL takes
 /// messages up to 1 GiB; the rows are in pgshard's memory meanwhile).
 const MAX_FINAL_BYTES: usize = 256 << 20;
@@ -145,6 +203,7 @@ pub fn request(
     merged: &[u8],
     formats: &[bool],
     arrays: &[(u32, u32)],
+    client: Option<&ClientParams>,
 ) -> Option<Result<(BytesMut, FinalRequest), PgError>> {
     let mut notices = BytesMut::new();
     let mut types = None;
@@ -158,7 +217,17 @@ pub fn request(
             _ => {}
         }
     }
-    Some(build(fin, types.unwrap_or_default(), &rows, formats, arrays).map(|r| (notices, r)))
+    Some(
+        build(
+            fin,
+            types.unwrap_or_default(),
+            &rows,
+            formats,
+            arrays,
+            client,
+        )
+        .map(|r| (notices, r)),
+    )
 }
 
 fn build(
@@ -167,6 +236,7 @@ fn build(
     rows: &[Vec<Option<&[u8]>>],
     formats: &[bool],
     arrays: &[(u32, u32)],
+    client: Option<&ClientParams>,
 ) -> Result<FinalRequest, PgError> {
     if cols.len() != fin.columns || rows.iter().any(|r| r.len() != fin.columns) {
         return Err(PgError::new(
@@ -180,8 +250,33 @@ fn build(
             "LIMIT or OFFSET given as a parameter across shards is supported only in the extended protocol",
         )
     })?;
+    // The client's parameters, by their numbers: those the final query uses with their
+    // types and values, the others as NULL text.
+    let mut param_types = Vec::with_capacity(fin.params);
+    let mut param_values = Vec::with_capacity(fin.params);
+    for i in 0..fin.params {
+        if !fin.final_params.contains(&i) {
+            param_types.push((TEXT, false));
+            param_values.push(None);
+            continue;
+        }
+        let Some(c) = client.filter(|c| i < c.values.len()) else {
+            return Err(PgError::new(
+                "42P02",
+                format!("there is no parameter ${}", i + 1),
+            ));
+        };
+        param_types.push((
+            c.oids.get(i).copied().unwrap_or(0),
+            c.binary.get(i).copied().unwrap_or(false),
+        ));
+        param_values.push(c.values[i]);
+    }
     let mut types = BytesMut::new();
-    types.put_u16(cols.len() as u16);
+    types.put_u16((fin.params + cols.len()) as u16);
+    for (oid, _) in &param_types {
+        types.put_u32(*oid);
+    }
     for (_, oid) in &cols {
         let array = array_of(*oid)
             .or_else(|| {
@@ -214,9 +309,24 @@ fn build(
         ));
     }
     let mut bind = BytesMut::with_capacity(size + 16 * cols.len() + 8);
-    // Parameters in text.
-    bind.put_u16(0);
-    bind.put_u16(cols.len() as u16);
+    // The client's parameters in their formats, the arrays in text.
+    bind.put_u16((fin.params + cols.len()) as u16);
+    for (_, binary) in &param_types {
+        bind.put_u16(u16::from(*binary));
+    }
+    for _ in 0..cols.len() {
+        bind.put_u16(0);
+    }
+    bind.put_u16((fin.params + cols.len()) as u16);
+    for v in &param_values {
+        match v {
+            None => bind.put_i32(-1),
+            Some(v) => {
+                bind.put_i32(v.len() as i32);
+                bind.put_slice(v);
+            }
+        }
+    }
     for c in 0..cols.len() {
         let column: Vec<Option<&[u8]>> = rows.iter().map(|r| r[c]).collect();
         let lit = array_literal(&column);
@@ -244,16 +354,16 @@ pub fn answer(notices: BytesMut, frames: Vec<BytesMut>) -> BytesMut {
 }
 
 /// Runs the final query of `fin` over a merged result on `node` of a shard (outside a
-/// transaction: a connection of its own), or returns the merged result when it is an
-/// error.
+/// transaction: a connection of its own, given the client's settings and their
+/// fingerprint), or returns the merged result when it is an error.
 pub async fn run(
     db: &crate::cluster::Database,
     node: (usize, Option<usize>),
     fin: &Finalize,
     merged: BytesMut,
     formats: &[bool],
-    prelude: Option<&str>,
-    settings_fp: u64,
+    client: Option<&ClientParams<'_>>,
+    (prelude, settings_fp): (Option<&str>, u64),
 ) -> Result<BytesMut, PgError> {
     if protocol::frames(&merged).any(|f| f[0] == b'E') {
         return Ok(merged);
@@ -273,7 +383,7 @@ pub async fn run(
         .await?;
         array_types(&r.pop().unwrap_or_default())
     };
-    let (notices, req) = match request(fin, &merged, formats, &arrays) {
+    let (notices, req) = match request(fin, &merged, formats, &arrays, client) {
         None => return Ok(merged),
         Some(r) => r?,
     };

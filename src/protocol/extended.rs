@@ -108,6 +108,34 @@ fn result_formats_at(rest: &[u8], values: &[Option<&[u8]>]) -> usize {
     pos
 }
 
+/// A Bind body with these parameters (each binary or text) and `rest`'s result formats.
+pub fn with_params(
+    rest: &[u8],
+    binary: &[bool],
+    values: &[Option<&[u8]>],
+) -> Result<Vec<u8>, ProtocolError> {
+    let (_, old) = bind_params(rest)?;
+    let tail = &rest[result_formats_at(rest, &old)..];
+    let mut out = Vec::with_capacity(rest.len() + 4);
+    out.extend_from_slice(&(values.len() as u16).to_be_bytes());
+    for i in 0..values.len() {
+        let code: u16 = binary.get(i).copied().unwrap_or(false).into();
+        out.extend_from_slice(&code.to_be_bytes());
+    }
+    out.extend_from_slice(&(values.len() as u16).to_be_bytes());
+    for v in values {
+        match v {
+            None => out.extend_from_slice(&(-1i32).to_be_bytes()),
+            Some(v) => {
+                out.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                out.extend_from_slice(v);
+            }
+        }
+    }
+    out.extend_from_slice(tail);
+    Ok(out)
+}
+
 /// A Bind body with the same parameters and every result column in text.
 pub fn with_text_results(rest: &[u8]) -> Result<Vec<u8>, ProtocolError> {
     let (_, values) = bind_params(rest)?;

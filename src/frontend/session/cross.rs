@@ -200,8 +200,8 @@ impl Session {
                         fin,
                         out,
                         &[],
-                        Some(&prelude),
-                        self.settings_fp,
+                        None,
+                        (Some(&prelude), self.settings_fp),
                     )
                     .await;
                 }

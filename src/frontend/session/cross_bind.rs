@@ -16,13 +16,27 @@ type ShardRequest = (Vec<u8>, Vec<u8>, Vec<u8>);
 /// A Bind's remainder for the shards: a DECLARE's query returns text (its cursor's rows),
 /// whatever formats the DECLARE's Bind asked for, and so do the partial aggregates of a
 /// query PostgreSQL finishes (they become the final query's text parameters).
-fn shard_rest(a: &Analysis, spec: &MergeSpec, rest: &[u8]) -> Vec<u8> {
-    let rest = if a.cursor.is_some() || spec.finalize.is_some() {
-        scatter::with_text_results(rest)
-    } else {
-        rest.to_vec()
+/// The parameter types go along: those only a final query uses are NULL text for the
+/// shards (`exec::finalize::shard_params`).
+fn shard_request(
+    a: &Analysis,
+    spec: &MergeSpec,
+    types: &[u8],
+    rest: &[u8],
+) -> Result<(Vec<u8>, Vec<u8>), PgError> {
+    let (types, rest) = match &spec.finalize {
+        Some(fin) => crate::exec::finalize::shard_params(fin, types, rest)?,
+        None => (types.to_vec(), rest.to_vec()),
     };
-    scatter::with_extra_result_columns(&rest, spec.hidden.len())
+    let rest = if a.cursor.is_some() || spec.finalize.is_some() {
+        scatter::with_text_results(&rest)
+    } else {
+        rest
+    };
+    Ok((
+        types,
+        scatter::with_extra_result_columns(&rest, spec.hidden.len()),
+    ))
 }
 
 /// The result formats of the merged result: the client's, text for a DECLARE's.
@@ -282,7 +296,13 @@ impl Session {
             return Ok(());
         };
         let prelude = self.settings_sql();
-        let bind_rest = shard_rest(a, &spec, b.rest);
+        let (shard_types, bind_rest) = match shard_request(a, &spec, &types, b.rest) {
+            Ok(r) => r,
+            Err(e) => {
+                self.local_error(e);
+                return Ok(());
+            }
+        };
         for &s in shards {
             crate::metrics::inc(&self.db.shards[s].stats.cross_shard);
         }
@@ -292,7 +312,7 @@ impl Session {
             &nodes,
             scatter::Request::Extended {
                 query: a.shard_sql.as_deref().map_or(&query[..], str::as_bytes),
-                types: &types,
+                types: &shard_types,
                 bind_rest: &bind_rest,
             },
             Some(&prelude),
@@ -304,16 +324,21 @@ impl Session {
         if let (Ok(out), Some(fin)) = (&mut merged, &spec.finalize) {
             let out = std::mem::take(out);
             let formats = client_formats(a, b.rest);
-            merged = crate::exec::finalize::run(
-                &self.db,
-                nodes[0],
-                fin,
-                out,
-                &formats,
-                Some(&prelude),
-                self.settings_fp,
-            )
-            .await;
+            merged = match crate::exec::finalize::ClientParams::of(&types, b.rest) {
+                Ok(client) => {
+                    crate::exec::finalize::run(
+                        &self.db,
+                        nodes[0],
+                        fin,
+                        out,
+                        &formats,
+                        Some(&client),
+                        (Some(&prelude), self.settings_fp),
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
         }
         self.hold_merged(merged, a);
         Ok(())
@@ -335,10 +360,17 @@ impl Session {
         if !self.answer_held().await? {
             return Ok(());
         }
-        let bind_rest = shard_rest(a, spec, rest);
+        let (shard_types, bind_rest) = match shard_request(a, spec, types, rest) {
+            Ok(r) => r,
+            Err(e) => {
+                self.status = b'E';
+                self.local_error(e);
+                return Ok(());
+            }
+        };
         let req = extended_request(
             a.shard_sql.as_deref().map_or(query, str::as_bytes),
-            types,
+            &shard_types,
             &bind_rest,
         );
         let mut results = Vec::with_capacity(shards.len());
@@ -357,8 +389,22 @@ impl Session {
             }
         }
         let merged = scatter::merge_select(results, spec, &scatter::result_formats(&bind_rest));
+        let client = match crate::exec::finalize::ClientParams::of(types, rest) {
+            Ok(c) => c,
+            Err(e) => {
+                self.status = b'E';
+                self.local_error(e);
+                return Ok(());
+            }
+        };
         let Some(merged) = self
-            .finish_in_transaction(shards[0], spec, merged, &client_formats(a, rest))
+            .finish_in_transaction(
+                shards[0],
+                spec,
+                merged,
+                &client_formats(a, rest),
+                Some(&client),
+            )
             .await?
         else {
             return Ok(());
@@ -401,6 +447,7 @@ impl Session {
         spec: &MergeSpec,
         merged: Result<bytes::BytesMut, PgError>,
         formats: &[bool],
+        client: Option<&crate::exec::finalize::ClientParams<'_>>,
     ) -> Result<Option<Result<bytes::BytesMut, PgError>>, SessionError> {
         let (Ok(out), Some(fin)) = (&merged, &spec.finalize) else {
             return Ok(Some(merged));
@@ -419,11 +466,12 @@ impl Session {
             };
             arrays = crate::exec::finalize::array_types(&frames);
         }
-        let (notices, req) = match crate::exec::finalize::request(fin, out, formats, &arrays) {
-            None => return Ok(Some(merged)),
-            Some(Err(e)) => return Ok(Some(Err(e))),
-            Some(Ok(r)) => r,
-        };
+        let (notices, req) =
+            match crate::exec::finalize::request(fin, out, formats, &arrays, client) {
+                None => return Ok(Some(merged)),
+                Some(Err(e)) => return Ok(Some(Err(e))),
+                Some(Ok(r)) => r,
+            };
         let req = extended_request(&req.query, &req.types, &req.bind_rest);
         let Some(frames) = self.run_request_on(s, &req).await? else {
             return Ok(None);

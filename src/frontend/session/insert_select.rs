@@ -175,7 +175,17 @@ impl Session {
                 };
                 let merged = crate::exec::scatter::merge_select(parts, &spec, &[]);
                 let Some(merged) = self
-                    .finish_in_transaction(read[0], &spec, merged, &[])
+                    .finish_in_transaction(
+                        read[0],
+                        &spec,
+                        merged,
+                        &[],
+                        Some(&crate::exec::finalize::ClientParams {
+                            oids: params.oids.clone(),
+                            binary: params.binary.clone(),
+                            values: params.values.clone(),
+                        }),
+                    )
                     .await?
                 else {
                     return Ok(None);

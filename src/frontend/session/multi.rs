@@ -393,7 +393,7 @@ impl Session {
                 Multi::Merge(spec) => {
                     let merged = scatter::merge_select(results, spec, &[]);
                     let Some(merged) = self
-                        .finish_in_transaction(shards[0], spec, merged, &[])
+                        .finish_in_transaction(shards[0], spec, merged, &[], None)
                         .await?
                     else {
                         return Ok(None);

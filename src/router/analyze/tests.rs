@@ -194,3 +194,30 @@ fn several_statements_combine() {
     assert_eq!(a.statements, 3);
     assert_eq!(a.target, Target::Keys(vec![(0, lit("1"))]));
 }
+
+#[test]
+fn exists_over_shards_merges_booleans() {
+    use crate::router::merge::Column;
+    let a = analyze(
+        "SELECT EXISTS (SELECT 1 FROM orders WHERE total > 5) AS e, NOT EXISTS (SELECT * FROM users)",
+        &rules(),
+    )
+    .unwrap();
+    assert_eq!(a.target, Target::All);
+    assert_eq!(a.kind, Kind::Read);
+    assert!(a.replica_safe);
+    assert_eq!(
+        a.merge.unwrap().unwrap().aggregates,
+        Some(vec![Column::Max, Column::Min])
+    );
+    // One shard when the subquery names its key.
+    let a = analyze("SELECT EXISTS (SELECT 1 FROM users WHERE id = 42)", &rules()).unwrap();
+    assert!(matches!(a.target, Target::Keys(ref k) if k.len() == 1));
+    // Grouped or limited subqueries depend on the other shards' rows.
+    for sql in [
+        "SELECT EXISTS (SELECT user_id FROM orders GROUP BY user_id HAVING count(*) > 2)",
+        "SELECT EXISTS (SELECT 1 FROM orders OFFSET 3)",
+    ] {
+        assert!(analyze(sql, &rules()).is_err(), "{sql}");
+    }
+}

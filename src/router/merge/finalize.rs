@@ -32,6 +32,15 @@ pub struct Finalize {
     /// LIMIT and OFFSET, applied by the final query.
     pub limit: Option<Count>,
     pub offset: Option<Count>,
+    /// The client's parameters keep their numbers in the final query (`$1` to
+    /// `$params`); the arrays come after them.
+    pub params: usize,
+    /// The client's parameters (0-based) the final query uses: it gets their values and
+    /// types; the others are sent as NULL text.
+    pub final_params: Vec<usize>,
+    /// The client's parameters only the final query uses: the shards get NULL text for
+    /// them (the partial query does not name them, so their types could not be told).
+    pub final_only: Vec<usize>,
 }
 
 /// A LIMIT or OFFSET of the final query.
@@ -236,6 +245,8 @@ fn build(
         outputs: Vec::new(),
         refused: None,
     };
+    // The client's parameters the final query uses.
+    let mut final_params: Vec<usize> = Vec::new();
     let mut out_items = Vec::with_capacity(items.len());
     let mut names = Vec::with_capacity(items.len());
     for (e, alias) in items {
@@ -245,11 +256,13 @@ fn build(
         };
         let mut x = (*e).clone();
         let _ = x.visit(&mut sub);
+        placeholders(&x, &mut final_params);
         out_items.push(format!("{x} AS {}", quote_ident(&name)));
         names.push(name);
     }
     let having = sel.having.clone().map(|mut h| {
         let _ = h.visit(&mut sub);
+        placeholders(&h, &mut final_params);
         h
     });
     let distinct = match &sel.distinct {
@@ -261,6 +274,7 @@ fn build(
                 .map(|e| {
                     let mut x = e.clone();
                     let _ = x.visit(&mut sub);
+                    placeholders(&x, &mut final_params);
                     x.to_string()
                 })
                 .collect();
@@ -277,6 +291,7 @@ fn build(
         .map(|o| {
             let mut o = (*o).clone();
             let _ = o.expr.visit(&mut sub);
+            placeholders(&o.expr, &mut final_params);
             o.to_string()
         })
         .collect();
@@ -295,8 +310,12 @@ fn build(
             .collect()
     };
     let columns = names.len();
+    // The client's parameters keep their numbers; the arrays follow.
+    let mut all_params = Vec::new();
+    placeholders(q, &mut all_params);
+    let client_params = all_params.iter().max().map_or(0, |m| m + 1);
     let params: Vec<String> = (1..=columns)
-        .map(|i| format!("pg_catalog.unnest(${i})"))
+        .map(|i| format!("pg_catalog.unnest(${})", client_params + i))
         .collect();
     let mut sql = format!(
         "SELECT {distinct}{} FROM ROWS FROM ({}) AS {MERGED}({})",
@@ -332,12 +351,26 @@ fn build(
         ),
         Some(_) => return refuse("this LIMIT form"),
     };
+    final_params.sort_unstable();
+    let mut partial_params = Vec::new();
+    placeholders(&partial, &mut partial_params);
+    let final_only = final_params
+        .iter()
+        .copied()
+        .filter(|p| !partial_params.contains(p))
+        .collect();
     let mut fin = Finalize {
         shard_sql: String::new(),
         sql,
         columns,
         limit: limit.transpose()?,
         offset: offset.transpose()?,
+        params: client_params,
+        final_params: final_params
+            .into_iter()
+            .filter(|&p| p < client_params)
+            .collect(),
+        final_only,
     };
     // The shards' statement takes the client's Bind as it is: LIMIT and OFFSET parameters
     // it no longer applies are still used.
@@ -351,6 +384,21 @@ fn build(
     fin.shard_sql = shard_sql;
     spec.finalize = Some(Box::new(fin));
     Ok(spec)
+}
+
+/// The 0-based indexes of the `$n` parameters in `e`, each once.
+fn placeholders<V: sqlparser::ast::Visit>(e: &V, out: &mut Vec<usize>) {
+    let _ = sqlparser::ast::visit_expressions(e, |x| {
+        if let Expr::Value(v) = x
+            && let Value::Placeholder(p) = &v.value
+            && let Some(n) = p.strip_prefix('$').and_then(|n| n.parse::<usize>().ok())
+            && n >= 1
+            && !out.contains(&(n - 1))
+        {
+            out.push(n - 1);
+        }
+        ControlFlow::<()>::Continue(())
+    });
 }
 
 /// A LIMIT or OFFSET expression of the final query.
@@ -458,11 +506,6 @@ impl VisitorMut for Substitute<'_> {
             Expr::Subquery(_) | Expr::Exists { .. } | Expr::InSubquery { .. } => {
                 self.refused.get_or_insert_with(|| {
                     "a subquery over an aggregate query's groups across shards is not supported yet".into()
-                });
-            }
-            Expr::Value(v) if matches!(v.value, Value::Placeholder(_)) => {
-                self.refused.get_or_insert_with(|| {
-                    "a parameter outside WHERE, GROUP BY, LIMIT and the aggregates' arguments of an aggregate query across shards is not supported yet".into()
                 });
             }
             _ => {}
