@@ -1,6 +1,6 @@
 //! Real drivers through pgshard, compared with the same driver on one plain PostgreSQL:
-//! asyncpg and psycopg 3 (Python), node-postgres with pg-cursor (Node.js) and pgjdbc
-//! (Java) each run a
+//! asyncpg, psycopg 3 and the SQLAlchemy 2 ORM (Python), node-postgres with pg-cursor
+//! (Node.js) and pgjdbc (Java) each run a
 //! script of their common usage (tests/drivers/) against a two-shard pgshard and against a
 //! plain database; the outputs must be the same line for line. `scripts/test` installs the
 //! drivers.
@@ -20,6 +20,8 @@ const RULES: &str = "    sharded_tables:
       - { table: node_items, column: id, method: hash }
       - { table: jdbc_items, column: id, method: hash }
       - { table: psycopg_items, column: id, method: hash }
+      - { table: sqlalchemy_customers, column: id, method: hash }
+      - { table: sqlalchemy_orders, column: customer_id, method: hash }
 ";
 
 /// A small pool (three server connections per shard for four drivers at once), so that
@@ -92,8 +94,9 @@ fn run(cmd: &[&str], url: &str) -> String {
     stdout
 }
 
-/// The script's output through pgshard equals its output on the plain database.
-fn same_through_pgshard(driver: &str, cmd: &[&str], url: impl Fn(u16, &str) -> String) {
+/// The script's output through pgshard equals its output on the plain database (which is
+/// returned).
+fn same_through_pgshard(driver: &str, cmd: &[&str], url: impl Fn(u16, &str) -> String) -> String {
     let (port, db) = plain(driver);
     let expected = run(cmd, &url(port, &db));
     let got = run(cmd, &url(proxy().port(), "app"));
@@ -101,6 +104,7 @@ fn same_through_pgshard(driver: &str, cmd: &[&str], url: impl Fn(u16, &str) -> S
         assert_eq!(a, b, "{driver}, line {}: through pgshard vs plain", i + 1);
     }
     assert_eq!(got.lines().count(), expected.lines().count(), "{driver}");
+    got
 }
 
 #[test]
@@ -136,4 +140,16 @@ fn psycopg() {
     same_through_pgshard("psycopg", &["python3", "psycopg_client.py"], |port, db| {
         format!("host=127.0.0.1 port={port} user=app password=app dbname={db}")
     });
+}
+
+#[test]
+fn sqlalchemy() {
+    let out = same_through_pgshard(
+        "sqlalchemy",
+        &["python3", "sqlalchemy_client.py"],
+        |port, db| format!("app:app@127.0.0.1:{port}/{db}"),
+    );
+    // Every step works (on plain PostgreSQL too): none is an error on both sides.
+    assert!(!out.contains(": error"), "{out}");
+    assert!(out.contains("duplicate key: ('23505', 30)"), "{out}");
 }
