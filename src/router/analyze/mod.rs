@@ -14,6 +14,11 @@ use sqlparser::ast::{
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
+mod collect;
+mod exists;
+pub(super) use collect::{Collector, query};
+use collect::{ddl_names, relation, select, where_keys};
+
 /// A shard-key value as written in the statement.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum KeyRef {
@@ -176,7 +181,7 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
     };
     if cursor.is_none()
         && let Some(q) = query
-        && let Some(a) = exists_select(q, rules)
+        && let Some(a) = exists::exists_select(q, rules)
     {
         let mut a = a.map_err(AnalyzeError::Unroutable)?;
         a.replica_safe = !rules.calls_writing_function(sql);
@@ -235,98 +240,6 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
     Ok(out)
 }
 
-/// `SELECT EXISTS (subquery) [, NOT EXISTS (subquery) ...]` with nothing else (as
-/// SQLAlchemy's `exists()` sends it): the subqueries go where they read, and over several
-/// shards the answer is whether any shard has a row (for NOT EXISTS, whether none has):
-/// a maximum (minimum) of the shards' booleans. None for any other query.
-fn exists_select(q: &Query, rules: &Rules) -> Option<Result<Analysis, String>> {
-    let SetExpr::Select(sel) = &*q.body else {
-        return None;
-    };
-    let plain = sel.from.is_empty()
-        && sel.selection.is_none()
-        && sel.having.is_none()
-        && sel.distinct.is_none()
-        && matches!(&sel.group_by, sqlparser::ast::GroupByExpr::Expressions(g, _) if g.is_empty())
-        && q.with.is_none()
-        && q.limit_clause.is_none()
-        && q.fetch.is_none()
-        && q.order_by.is_none()
-        && !sel.projection.is_empty();
-    if !plain {
-        return None;
-    }
-    let mut subqueries = Vec::new();
-    for item in &sel.projection {
-        let mut e = match item {
-            sqlparser::ast::SelectItem::UnnamedExpr(e)
-            | sqlparser::ast::SelectItem::ExprWithAlias { expr: e, .. } => e,
-            _ => return None,
-        };
-        while let Expr::Nested(x) = e {
-            e = x;
-        }
-        let Expr::Exists { subquery, negated } = e else {
-            return None;
-        };
-        subqueries.push((subquery, *negated));
-    }
-    let mut target = Target::Default;
-    let mut columns = Vec::new();
-    for (sub, negated) in subqueries {
-        // Each shard's rows decide only for plain row sources: a grouped, limited or
-        // offset subquery's rows depend on the other shards' rows.
-        let grouped = match &*sub.body {
-            SetExpr::Select(s) => {
-                s.having.is_some()
-                    || !matches!(&s.group_by, sqlparser::ast::GroupByExpr::Expressions(g, _) if g.is_empty())
-                    || s.projection.iter().any(|i| match i {
-                        sqlparser::ast::SelectItem::UnnamedExpr(e)
-                        | sqlparser::ast::SelectItem::ExprWithAlias { expr: e, .. } => {
-                            super::merge::has_window(e)
-                        }
-                        _ => false,
-                    })
-            }
-            _ => false,
-        };
-        if grouped || sub.limit_clause.is_some() || sub.fetch.is_some() {
-            return Some(Err(
-                "EXISTS of a grouped, windowed or limited subquery across shards is not supported yet; add a shard key condition or a /* pgshard: shard=N */ hint".into(),
-            ));
-        }
-        let a = match statement(&Statement::Query(sub.clone()), rules) {
-            Ok(a) => a,
-            Err(e) => return Some(Err(e)),
-        };
-        if a.kind > Kind::Read {
-            return None;
-        }
-        target = match (target, a.target) {
-            (Target::All, _) | (_, Target::All) => Target::All,
-            (Target::Any, t) | (t, Target::Any) => t,
-            (Target::Default, t) | (t, Target::Default) => t,
-            (Target::Keys(mut x), Target::Keys(y)) => {
-                x.extend(y);
-                Target::Keys(x)
-            }
-        };
-        columns.push(if negated {
-            super::merge::Column::Min
-        } else {
-            super::merge::Column::Max
-        });
-    }
-    let spec = MergeSpec {
-        aggregates: Some(columns),
-        ..MergeSpec::default()
-    };
-    Some(Ok(Analysis {
-        merge: Some(Ok(spec)),
-        ..Analysis::of(target, Kind::Read)
-    }))
-}
-
 /// The cursor and query of a `DECLARE name CURSOR FOR query` (the only statement).
 fn declared_cursor(stmts: &[Statement]) -> Option<(Cursor, Box<Query>)> {
     let [Statement::Declare { stmts }] = stmts else {
@@ -369,34 +282,6 @@ fn union_rows_partitioned(q: &Query, spec: &MergeSpec, rules: &Rules) -> Result<
 /// Why a statement with an INSERT whose keys the shards generate cannot be routed: its
 /// other parts need particular shards, and the new rows must all go to one.
 const KEYLESS_ALONE: &str = "an INSERT that leaves its shard key to the shards runs on one shard of pgshard's choosing; it cannot be part of a statement that needs other shards (send it on its own)";
-
-/// Collects the sharded tables a statement reads or writes, and key predicates on them.
-#[derive(Default)]
-pub(super) struct Collector {
-    /// Sharded tables seen (by rule index).
-    pub(super) seen: Vec<usize>,
-    pub(super) keys: Vec<(usize, KeyRef)>,
-    pub(super) reference: bool,
-    kind: Option<Kind>,
-    /// An INSERT whose keys the shards generate (see `Target::Any`).
-    pub(super) any_shard: bool,
-    /// Why a nested statement (a data-modifying CTE) cannot be routed.
-    pub(super) error: Option<String>,
-    /// A part that is not joined to the others (a branch of UNION, INTERSECT, EXCEPT)
-    /// reads sharded tables without a key: it needs every shard, whatever keys the other
-    /// parts have (co-location does not apply).
-    unkeyed: bool,
-    /// Nested queries (by address) collected on their own (`nested::independent`).
-    skip: Vec<usize>,
-    /// Tables not joined on their keys but each pinned to key values (`colocation`).
-    one_shard: bool,
-    /// Tables whose keys the shards make (with `any_shard`).
-    pub(super) keyless: Vec<usize>,
-    /// A co-located INSERT ... SELECT (`Analysis::insert_select`).
-    pub(super) insert_select: bool,
-    /// An INSERT ... SELECT through pgshard (`Analysis::insert_via`).
-    pub(super) insert_via: Option<InsertVia>,
-}
 
 pub(super) fn name_of(n: &ObjectName) -> Option<String> {
     match n.0.last()? {
@@ -661,156 +546,6 @@ fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
         cursor: None,
         explain: false,
     })
-}
-
-fn ddl_names<'a>(names: impl Iterator<Item = &'a ObjectName>, rules: &Rules, c: &mut Collector) {
-    for n in names {
-        if let Some(n) = name_of(n) {
-            if let Some(i) = rules.table(&n) {
-                c.seen.push(i);
-            } else if rules.is_reference(&n) {
-                c.reference = true;
-            }
-        }
-    }
-}
-
-/// A query: its CTEs, its body, and (for the target) nothing else.
-pub(super) fn query(q: &Query, rules: &Rules, c: &mut Collector) {
-    if c.skip.contains(&(q as *const Query as usize)) {
-        return;
-    }
-    if let Some(with) = &q.with {
-        for cte in &with.cte_tables {
-            query(&cte.query, rules, c);
-        }
-    }
-    if !q.locks.is_empty() {
-        c.kind = Some(c.kind.map_or(Kind::Write, |k| k.max(Kind::Write)));
-    }
-    set_expr(&q.body, rules, c);
-}
-
-fn set_expr(s: &SetExpr, rules: &Rules, c: &mut Collector) {
-    match s {
-        SetExpr::Select(sel) => select(sel, rules, c),
-        SetExpr::Query(q) => query(q, rules, c),
-        SetExpr::SetOperation { left, right, .. } => {
-            for side in [left, right] {
-                let mut part = Collector::default();
-                set_expr(side, rules, &mut part);
-                c.unkeyed |= part.unkeyed || (!part.seen.is_empty() && part.keys.is_empty());
-                c.seen.extend(part.seen);
-                c.keys.extend(part.keys);
-                c.reference |= part.reference;
-                c.kind = c.kind.max(part.kind);
-                c.any_shard |= part.any_shard;
-                c.one_shard |= part.one_shard;
-                c.keyless.extend(part.keyless);
-                if c.error.is_none() {
-                    c.error = part.error;
-                }
-            }
-        }
-        SetExpr::Insert(st) | SetExpr::Update(st) | SetExpr::Delete(st) | SetExpr::Merge(st) => {
-            // A data-modifying CTE.
-            c.kind = Some(Kind::Write);
-            match statement(st, rules) {
-                Ok(a) => {
-                    match a.target {
-                        Target::Keys(k) => {
-                            c.seen.extend(k.iter().map(|x| x.0));
-                            c.keys.extend(k);
-                        }
-                        Target::All => c.seen.push(usize::MAX),
-                        Target::Any => {
-                            c.any_shard = true;
-                            c.keyless.extend(&a.keyless);
-                        }
-                        Target::Default => {}
-                    }
-                    c.reference |= a.writes_reference;
-                }
-                Err(e) => {
-                    c.error.get_or_insert(e);
-                }
-            }
-        }
-        _ => {}
-    }
-}
-
-fn select(sel: &Select, rules: &Rules, c: &mut Collector) {
-    let mut scope = Vec::new();
-    for t in &sel.from {
-        relation(t, rules, c, &mut scope);
-    }
-    if let Some(w) = &sel.selection {
-        where_keys(w, rules, &scope, c);
-    }
-    match super::colocation::check(sel, rules) {
-        Ok(one_shard) => c.one_shard |= one_shard,
-        Err(e) => {
-            c.error.get_or_insert(e);
-        }
-    }
-}
-
-/// Tables in a FROM item; sharded ones enter the scope under their alias and their name.
-fn relation(
-    t: &TableWithJoins,
-    rules: &Rules,
-    c: &mut Collector,
-    scope: &mut Vec<(String, usize)>,
-) {
-    factor(&t.relation, rules, c, scope);
-    for j in &t.joins {
-        factor(&j.relation, rules, c, scope);
-    }
-}
-
-fn factor(f: &TableFactor, rules: &Rules, c: &mut Collector, scope: &mut Vec<(String, usize)>) {
-    match f {
-        TableFactor::Table { name, alias, .. } => {
-            let Some(n) = name_of(name) else { return };
-            if let Some(idx) = rules.table(&n) {
-                c.seen.push(idx);
-                if let Some(a) = alias {
-                    scope.push((ident(&a.name), idx));
-                }
-                scope.push((n, idx));
-            } else if rules.is_reference(&n) {
-                // Reads of reference tables go anywhere: they do not widen the target.
-            }
-        }
-        TableFactor::Derived { subquery, .. } => query(subquery, rules, c),
-        TableFactor::NestedJoin {
-            table_with_joins, ..
-        } => relation(table_with_joins, rules, c, scope),
-        _ => {}
-    }
-}
-
-/// Shard-key constraints of a WHERE clause: per table, the key values a row may have.
-fn where_keys(e: &Expr, rules: &Rules, scope: &[(String, usize)], c: &mut Collector) {
-    // Subqueries contribute their own tables.
-    visit_subqueries(e, rules, c);
-    for (idx, keys) in constraints(e, rules, scope) {
-        c.keys.extend(keys.into_iter().map(|k| (idx, k)));
-    }
-}
-
-fn visit_subqueries(e: &Expr, rules: &Rules, c: &mut Collector) {
-    match e {
-        Expr::BinaryOp { left, right, .. } => {
-            visit_subqueries(left, rules, c);
-            visit_subqueries(right, rules, c);
-        }
-        Expr::Nested(x) | Expr::UnaryOp { expr: x, .. } => visit_subqueries(x, rules, c),
-        Expr::InSubquery { subquery, .. } => query(subquery, rules, c),
-        Expr::Exists { subquery, .. } | Expr::Subquery(subquery) => query(subquery, rules, c),
-        _ => {}
-    }
 }
 
 #[cfg(test)]

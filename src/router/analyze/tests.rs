@@ -211,7 +211,11 @@ fn exists_over_shards_merges_booleans() {
         Some(vec![Column::Max, Column::Min])
     );
     // One shard when the subquery names its key.
-    let a = analyze("SELECT EXISTS (SELECT 1 FROM users WHERE id = 42)", &rules()).unwrap();
+    let a = analyze(
+        "SELECT EXISTS (SELECT 1 FROM users WHERE id = 42)",
+        &rules(),
+    )
+    .unwrap();
     assert!(matches!(a.target, Target::Keys(ref k) if k.len() == 1));
     // Grouped or limited subqueries depend on the other shards' rows.
     for sql in [
