@@ -341,6 +341,10 @@ fn finished() -> Vec<String> {
         "SELECT array_agg(id ORDER BY id) FILTER (WHERE qty = 2), count(*) FILTER (WHERE qty = 2) FROM orders WHERE user_id < 20",
         "SELECT string_agg(name, ','), count(*), stddev(score) FROM users WHERE id < 0",
         "SELECT kind, string_agg(id::text, ',' ORDER BY at DESC) AS ids FROM ev GROUP BY kind ORDER BY ids LIMIT 3",
+        "SELECT string_agg('x', '-'), count(*) FROM orders WHERE qty = 2",
+        // Grouped by the key through an alias: whole groups on each shard, finished.
+        "SELECT user_id AS u, coalesce(sum(total), 0) AS s, max(qty) - min(qty) FROM orders GROUP BY u ORDER BY s DESC, u LIMIT 5",
+        "SELECT DISTINCT ON (g) qty % 2 AS g, qty, count(*) FROM orders GROUP BY qty ORDER BY g, count(*) DESC",
         // EXISTS over shards: whether any shard has a row (NOT EXISTS: whether none has).
         "SELECT EXISTS (SELECT 1 FROM orders WHERE total > 20)",
         "SELECT EXISTS (SELECT 1 FROM orders WHERE total > 1000) AS big, NOT EXISTS (SELECT * FROM users WHERE score < 0) AS none_negative, NOT EXISTS (SELECT 1 FROM tags WHERE mood = 'ok')",

@@ -205,14 +205,18 @@ fn build(
     // instead (group keys and the columns the aggregates use), and the final query
     // aggregates all of them.
     let mut inputs: Vec<Expr> = Vec::new();
-    let (mut spec, mut shard_sql) = match plan(&partial, rules) {
+    let (mut spec, mut shard_sql, gather) = match plan(&partial, rules) {
         Ok(spec) => {
             let sql = shard_statement(&partial, &spec).unwrap_or_else(|| partial.to_string());
-            (spec, sql)
+            (spec, sql, false)
         }
         Err(why) => {
             for c in &calls {
                 collect_inputs(c, &mut inputs).map_err(|()| why.clone())?;
+            }
+            if inputs.is_empty() && groups.is_empty() {
+                // Aggregates of constants still need a row per row read.
+                inputs.push(Expr::value(Value::Number("1".into(), false)));
             }
             let SetExpr::Select(p) = &mut *partial.body else {
                 unreachable!("checked by plan_final")
@@ -229,10 +233,9 @@ fn build(
                 .collect();
             p.group_by = GroupByExpr::Expressions(Vec::new(), Vec::new());
             let spec = plan(&partial, rules).map_err(|_| why)?;
-            (spec, partial.to_string())
+            (spec, partial.to_string(), true)
         }
     };
-    let gather = spec.aggregates.is_none();
     // The final query, over the merged groups (or the gathered rows).
     let group_texts: Vec<String> = groups.iter().map(ToString::to_string).collect();
     let call_texts: Vec<String> = calls.iter().map(ToString::to_string).collect();
@@ -265,6 +268,9 @@ fn build(
         placeholders(&h, &mut final_params);
         h
     });
+    // A bare name in DISTINCT ON and ORDER BY is an output column when one has that name
+    // (PostgreSQL's rule): it stays a name, which the final query resolves the same way.
+    sub.outputs = names;
     let distinct = match &sel.distinct {
         None => String::new(),
         Some(Distinct::Distinct) => "DISTINCT ".into(),
@@ -283,9 +289,6 @@ fn build(
         #[allow(unreachable_patterns)]
         Some(_) => return refuse("this DISTINCT form"),
     };
-    // A bare name in ORDER BY is an output column when one has that name (PostgreSQL's
-    // rule): it stays a name, which the final query resolves the same way.
-    sub.outputs = names;
     let order_texts: Vec<String> = order
         .iter()
         .map(|o| {
