@@ -412,14 +412,14 @@ async fn rows_of(c: &tokio_postgres::Client, q: &str, sep: &str, n: i64) -> Vec<
 
 /// Any value's bytes as the server sent them, to compare results exactly in binary.
 #[derive(Debug, PartialEq)]
-struct Raw(Vec<u8>);
+struct RawValue(Vec<u8>);
 
-impl<'a> tokio_postgres::types::FromSql<'a> for Raw {
+impl<'a> tokio_postgres::types::FromSql<'a> for RawValue {
     fn from_sql(
         _: &tokio_postgres::types::Type,
         raw: &'a [u8],
     ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-        Ok(Raw(raw.to_vec()))
+        Ok(RawValue(raw.to_vec()))
     }
 
     fn accepts(_: &tokio_postgres::types::Type) -> bool {
@@ -442,7 +442,7 @@ fn named(msgs: &[tokio_postgres::SimpleQueryMessage]) -> (Vec<String>, Vec<Vec<O
 }
 
 /// Names, types and binary values in the extended protocol.
-type Typed = (Vec<(String, u32)>, Vec<Vec<Option<Raw>>>);
+type Typed = (Vec<(String, u32)>, Vec<Vec<Option<RawValue>>>);
 
 async fn typed(c: &tokio_postgres::Client, q: &str) -> Result<Typed, tokio_postgres::Error> {
     let st = c.prepare(q).await?;
@@ -456,7 +456,11 @@ async fn typed(c: &tokio_postgres::Client, q: &str) -> Result<Typed, tokio_postg
         .query(&st, &[])
         .await?
         .iter()
-        .map(|r| (0..r.len()).map(|i| r.get::<_, Option<Raw>>(i)).collect())
+        .map(|r| {
+            (0..r.len())
+                .map(|i| r.get::<_, Option<RawValue>>(i))
+                .collect()
+        })
         .collect();
     Ok((cols, rows))
 }
@@ -536,9 +540,13 @@ async fn aggregates_postgresql_finishes() {
         let q = "SELECT qty, coalesce(sum(total), $1), round(avg(total), $2::int) FROM orders WHERE user_id > $3 GROUP BY qty HAVING count(*) > $4 AND max(user_id) > $3 ORDER BY qty";
         for (a1, a2, a3, a4) in [(0.5f64, 2i32, 10i64, 3i64), (1.0, 0, 250, 1)] {
             let n = rust_decimal_free(a1);
-            let get = |rs: Vec<tokio_postgres::Row>| -> Vec<Vec<Option<Raw>>> {
+            let get = |rs: Vec<tokio_postgres::Row>| -> Vec<Vec<Option<RawValue>>> {
                 rs.iter()
-                    .map(|r| (0..r.len()).map(|i| r.get::<_, Option<Raw>>(i)).collect())
+                    .map(|r| {
+                        (0..r.len())
+                            .map(|i| r.get::<_, Option<RawValue>>(i))
+                            .collect()
+                    })
                     .collect()
             };
             let a = get(via
@@ -581,6 +589,52 @@ async fn aggregates_postgresql_finishes() {
     }
 }
 
+/// The RowDescription (body) answering `frames`.
+async fn description(raw: &mut Raw, frames: &[u8]) -> Vec<u8> {
+    raw.send(frames).await;
+    let mut t = None;
+    while let Some((tag, body)) = raw.recv().await {
+        match tag {
+            b'T' => t = Some(body),
+            b'E' => panic!("{}", String::from_utf8_lossy(&body)),
+            b'Z' => break,
+            _ => {}
+        }
+    }
+    t.expect("a RowDescription")
+}
+
+/// The RowDescription of a portal of an aggregate PostgreSQL finishes is the one a shard
+/// gives for the statement (names, types, and the group keys' table, column number and
+/// type modifier, which drivers read for result metadata).
+#[tokio::test]
+async fn finished_descriptions_are_the_statements() {
+    use bytes::BytesMut;
+    use pgshard::protocol::{write_bind, write_msg, write_parse, write_target};
+    let addr = load(2).await;
+    let mut raw = Raw::startup(addr, "trusty", "app").await;
+    raw.until_ready().await;
+    for q in [
+        "SELECT qty, total, count(*) FROM orders GROUP BY qty, total ORDER BY max(id) DESC LIMIT 4",
+        "SELECT mood, tag, string_agg(user_id::text, ',' ORDER BY user_id) FROM tags GROUP BY mood, tag ORDER BY tag LIMIT 3",
+        "SELECT total AS t, coalesce(sum(qty), 0) FROM orders GROUP BY t ORDER BY t LIMIT 2",
+    ] {
+        let mut stmt = BytesMut::new();
+        write_parse(&mut stmt, b"", q.as_bytes(), &[0, 0]);
+        write_target(&mut stmt, b'D', b'S', b"");
+        write_msg(&mut stmt, b'S', &[]);
+        let of_statement = description(&mut raw, &stmt).await;
+        let mut portal = BytesMut::new();
+        write_parse(&mut portal, b"", q.as_bytes(), &[0, 0]);
+        write_bind(&mut portal, b"", b"", &[0, 0, 0, 0, 0, 0]);
+        write_target(&mut portal, b'D', b'P', b"");
+        write_msg(&mut portal, b'E', &[0, 0, 0, 0, 0]);
+        write_msg(&mut portal, b'S', &[]);
+        let of_portal = description(&mut raw, &portal).await;
+        assert_eq!(of_portal, of_statement, "{q}");
+    }
+}
+
 /// A proxy over a cluster with the schema and data loaded through it; the plain database
 /// (on the 2-shard cluster's first server) gets the same statements once.
 async fn load(shards: usize) -> SocketAddr {
@@ -593,7 +647,9 @@ async fn load(shards: usize) -> SocketAddr {
     };
     *cell
         .get_or_init(|| async {
-            let yaml = cluster.config_yaml("127.0.0.1:0", "transaction", 6);
+            let yaml = cluster
+                .config_yaml("127.0.0.1:0", "transaction", 6)
+                .replace("users:\n", "users:\n  - { name: trusty, auth: trust }\n");
             let addr = start_proxy_yaml(&format!("{yaml}{}", rules(shards)));
             let c = connect(addr).await;
             c.batch_execute(SCHEMA).await.unwrap();

@@ -12,6 +12,32 @@ pub struct FinalRequest {
     pub query: Vec<u8>,
     pub types: Vec<u8>,
     pub bind_rest: Vec<u8>,
+    /// Output columns that are group keys as they are: (position, the shards' table OID
+    /// and column number, their type modifier), for the final description
+    /// ([`answer`]).
+    pub keys: Vec<(usize, [u8; 6], [u8; 4])>,
+}
+
+/// Each field of a RowDescription: (start of its name, start of its 18 bytes of
+/// attributes).
+fn fields_of(t: &[u8]) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let Some(n) = t.get(5..7).map(|n| u16::from_be_bytes([n[0], n[1]])) else {
+        return out;
+    };
+    let mut i = 7;
+    for _ in 0..n {
+        let Some(end) = t.get(i..).and_then(|r| r.iter().position(|&c| c == 0)) else {
+            break;
+        };
+        let attrs = i + end + 1;
+        if t.len() < attrs + 18 {
+            break;
+        }
+        out.push((i, attrs));
+        i = attrs + 18;
+    }
+    out
 }
 
 /// The client's parameters of a Bind: their types (from its Parse; 0 unspecified),
@@ -207,12 +233,25 @@ pub fn request(
 ) -> Option<Result<(BytesMut, FinalRequest), PgError>> {
     let mut notices = BytesMut::new();
     let mut types = None;
+    let mut keys = Vec::new();
     let mut rows = Vec::new();
     for f in protocol::frames(merged) {
         match f[0] {
             b'E' => return None,
             b'N' => notices.extend_from_slice(f),
-            b'T' => types = Some(super::merge::columns(f)),
+            b'T' => {
+                types = Some(super::merge::columns(f));
+                let fields = fields_of(f);
+                for &(pos, k) in &fin.key_outputs {
+                    if let Some(&(_, a)) = fields.get(k) {
+                        let mut table = [0; 6];
+                        table.copy_from_slice(&f[a..a + 6]);
+                        let mut typmod = [0; 4];
+                        typmod.copy_from_slice(&f[a + 12..a + 16]);
+                        keys.push((pos, table, typmod));
+                    }
+                }
+            }
             b'D' => rows.push(super::merge::fields(f)),
             _ => {}
         }
@@ -226,7 +265,10 @@ pub fn request(
             arrays,
             client,
         )
-        .map(|r| (notices, r)),
+        .map(|mut r| {
+            r.keys = keys;
+            (notices, r)
+        }),
     )
 }
 
@@ -341,13 +383,24 @@ fn build(
         query: query.into_bytes(),
         types: types.to_vec(),
         bind_rest: bind.to_vec(),
+        keys: Vec::new(),
     })
 }
 
-/// The client's result: the merge's notices, then the final query's frames.
-pub fn answer(notices: BytesMut, frames: Vec<BytesMut>) -> BytesMut {
+/// The client's result: the merge's notices, then the final query's frames, its
+/// description given the group keys' table, column and type modifier.
+pub fn answer(notices: BytesMut, frames: Vec<BytesMut>, req: &FinalRequest) -> BytesMut {
     let mut out = notices;
-    for f in frames {
+    for mut f in frames {
+        if f[0] == b'T' {
+            let fields = fields_of(&f);
+            for (pos, table, typmod) in &req.keys {
+                if let Some(&(_, a)) = fields.get(*pos) {
+                    f[a..a + 6].copy_from_slice(table);
+                    f[a + 12..a + 16].copy_from_slice(typmod);
+                }
+            }
+        }
         out.extend_from_slice(&f);
     }
     out
@@ -399,7 +452,7 @@ pub async fn run(
         settings_fp,
     )
     .await?;
-    Ok(answer(notices, results.pop().unwrap_or_default()))
+    Ok(answer(notices, results.pop().unwrap_or_default(), &req))
 }
 
 #[cfg(test)]

@@ -472,10 +472,12 @@ impl Session {
                 Some(Err(e)) => return Ok(Some(Err(e))),
                 Some(Ok(r)) => r,
             };
-        let req = extended_request(&req.query, &req.types, &req.bind_rest);
-        let Some(frames) = self.run_request_on(s, &req).await? else {
+        let request = extended_request(&req.query, &req.types, &req.bind_rest);
+        let Some(frames) = self.run_request_on(s, &request).await? else {
             return Ok(None);
         };
-        Ok(Some(Ok(crate::exec::finalize::answer(notices, frames))))
+        Ok(Some(Ok(crate::exec::finalize::answer(
+            notices, frames, &req,
+        ))))
     }
 }

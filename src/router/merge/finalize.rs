@@ -29,6 +29,10 @@ pub struct Finalize {
     pub sql: String,
     /// The number of merged columns (array parameters).
     pub columns: usize,
+    /// For each output column that is a group key as it is (`k{i}`): its position and
+    /// i. The final query's description of it takes the shards' table, column number
+    /// and type modifier (an array parameter has none), as a plain query's has.
+    pub key_outputs: Vec<(usize, usize)>,
     /// LIMIT and OFFSET, applied by the final query.
     pub limit: Option<Count>,
     pub offset: Option<Count>,
@@ -250,6 +254,7 @@ fn build(
     };
     // The client's parameters the final query uses.
     let mut final_params: Vec<usize> = Vec::new();
+    let mut key_outputs = Vec::new();
     let mut out_items = Vec::with_capacity(items.len());
     let mut names = Vec::with_capacity(items.len());
     for (e, alias) in items {
@@ -260,6 +265,13 @@ fn build(
         let mut x = (*e).clone();
         let _ = x.visit(&mut sub);
         placeholders(&x, &mut final_params);
+        if let Expr::CompoundIdentifier(parts) = &x
+            && let [m, k] = parts.as_slice()
+            && m.value == MERGED
+            && let Some(i) = k.value.strip_prefix('k').and_then(|i| i.parse().ok())
+        {
+            key_outputs.push((out_items.len(), i));
+        }
         out_items.push(format!("{x} AS {}", quote_ident(&name)));
         names.push(name);
     }
@@ -366,6 +378,7 @@ fn build(
         shard_sql: String::new(),
         sql,
         columns,
+        key_outputs,
         limit: limit.transpose()?,
         offset: offset.transpose()?,
         params: client_params,
