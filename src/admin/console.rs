@@ -56,7 +56,7 @@ impl Table {
 }
 
 fn complete(out: &mut BytesMut, tag: &str) {
-    protocol::write_msg(out, b'C', format!("{tag}\0").as_bytes());
+    protocol::write_complete(out, tag);
 }
 
 /// Serves one admin client until it leaves.

@@ -177,6 +177,14 @@ pub fn write_msg(out: &mut BytesMut, tag: u8, body: &[u8]) {
     out.put_slice(body);
 }
 
+/// CommandComplete with its tag (`SELECT 3`, `COMMIT`).
+pub fn write_complete(out: &mut BytesMut, tag: &str) {
+    out.put_u8(b'C');
+    out.put_i32((4 + tag.len() + 1) as i32);
+    out.put_slice(tag.as_bytes());
+    out.put_u8(0);
+}
+
 /// ReadyForQuery with a transaction status byte (`I`, `T` or `E`).
 pub fn write_ready(out: &mut BytesMut, status: u8) {
     write_msg(out, b'Z', &[status]);

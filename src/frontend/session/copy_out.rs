@@ -185,7 +185,7 @@ impl Session {
             }
             None if !failed_any => {
                 protocol::write_msg(&mut self.cout, b'c', &[]);
-                protocol::write_msg(&mut self.cout, b'C', format!("COPY {total}\0").as_bytes());
+                protocol::write_complete(&mut self.cout, &format!("COPY {total}"));
             }
             None => {}
         }

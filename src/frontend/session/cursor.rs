@@ -106,10 +106,6 @@ fn parse_command(sql: &str) -> Option<(Command, String)> {
     ))
 }
 
-fn command_complete(out: &mut BytesMut, tag: &str) {
-    protocol::write_msg(out, b'C', format!("{tag}\0").as_bytes());
-}
-
 impl Session {
     /// Why a DECLARE over several shards cannot run outside a transaction, if it cannot.
     pub(super) fn cursor_refused(&self, c: &Cursor) -> Option<PgError> {
@@ -137,7 +133,7 @@ impl Session {
             .portals
             .insert(c.name.as_bytes(), description, merged.freeze(), hold);
         let mut out = BytesMut::new();
-        command_complete(&mut out, "DECLARE CURSOR");
+        protocol::write_complete(&mut out, "DECLARE CURSOR");
         out
     }
 
@@ -174,12 +170,14 @@ impl Session {
                     out.extend_from_slice(p.description());
                 }
                 out.extend_from_slice(&rows);
-                command_complete(&mut out, &format!("FETCH {k}"));
+                protocol::write_complete(&mut out, &format!("FETCH {k}"));
             }
-            Command::Move(n) => command_complete(&mut out, &format!("MOVE {}", p.take(n).1)),
+            Command::Move(n) => {
+                protocol::write_complete(&mut out, &format!("MOVE {}", p.take(n).1))
+            }
             Command::Close => {
                 self.route.portals.remove(name.as_bytes());
-                command_complete(&mut out, "CLOSE CURSOR");
+                protocol::write_complete(&mut out, "CLOSE CURSOR");
             }
             Command::CloseAll | Command::Other => {
                 return Some(Err(PgError::new(

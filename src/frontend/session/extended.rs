@@ -337,7 +337,7 @@ impl Session {
             _ => return Ok(false),
         };
         let mut complete = bytes::BytesMut::new();
-        protocol::write_msg(&mut complete, b'C', format!("{tag}\0").as_bytes());
+        protocol::write_complete(&mut complete, tag);
         self.answer_control_bind(complete.freeze())?;
         if tag == "BEGIN" {
             self.route.deferred_begin = Some(one.to_string());
@@ -457,7 +457,7 @@ impl Session {
         let reply = match self.end_multi(one).await? {
             Ok(tag) => {
                 let mut c = bytes::BytesMut::new();
-                protocol::write_msg(&mut c, b'C', format!("{tag}\0").as_bytes());
+                protocol::write_complete(&mut c, tag);
                 c.freeze()
             }
             Err(frame) => frame.freeze(),

@@ -72,7 +72,7 @@ impl Session {
         match r {
             Ok(tag) => {
                 self.relay.drain_local(&mut self.cout);
-                protocol::write_msg(&mut self.cout, b'C', format!("{tag}\0").as_bytes());
+                protocol::write_complete(&mut self.cout, tag);
                 protocol::write_ready(&mut self.cout, self.status);
             }
             Err(e) => self.answer_error(e),
@@ -255,7 +255,7 @@ impl Session {
                 match self.apply_listen(&text).await {
                     Ok(tag) => {
                         let mut out = BytesMut::new();
-                        protocol::write_msg(&mut out, b'C', format!("{tag}\0").as_bytes());
+                        protocol::write_complete(&mut out, tag);
                         self.synth(out.freeze());
                     }
                     Err(e) => self.local_error(e),

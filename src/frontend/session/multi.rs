@@ -527,7 +527,7 @@ impl Session {
         let r = self.end_multi(sql).await?;
         self.relay.drain_local(&mut self.cout);
         match r {
-            Ok(tag) => protocol::write_msg(&mut self.cout, b'C', format!("{tag}\0").as_bytes()),
+            Ok(tag) => protocol::write_complete(&mut self.cout, tag),
             Err(frame) => self.cout.extend_from_slice(&frame),
         }
         protocol::write_ready(&mut self.cout, b'I');

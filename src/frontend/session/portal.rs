@@ -38,7 +38,7 @@ impl VirtualPortal {
         let mut out = BytesMut::new();
         if self.done {
             // Executing again returns no more rows, as for an exhausted portal.
-            protocol::write_msg(&mut out, b'C', b"SELECT 0\0");
+            protocol::write_complete(&mut out, "SELECT 0");
             return out;
         }
         let limit = u64::from(max_rows);
@@ -127,7 +127,7 @@ fn write_tag_with_count(out: &mut BytesMut, frame: &[u8], rows: u64) {
             return;
         }
     };
-    protocol::write_msg(out, b'C', format!("{head} {rows}\0").as_bytes());
+    protocol::write_complete(out, &format!("{head} {rows}"));
 }
 
 /// The portals a session's client has with pgshard (few at a time: a list).
@@ -300,7 +300,7 @@ mod tests {
             body.extend_from_slice(v.as_bytes());
             protocol::write_msg(&mut b, b'D', &body);
         }
-        protocol::write_msg(&mut b, b'C', format!("SELECT {n}\0").as_bytes());
+        protocol::write_complete(&mut b, &format!("SELECT {n}"));
         b.freeze()
     }
 

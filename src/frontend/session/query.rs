@@ -18,7 +18,7 @@ impl Session {
         if self.slow.is_some() {
             self.slow_text = Some(frame.slice_ref(sql.as_bytes()));
         }
-        let mut local_answer: Option<Vec<u8>> = None;
+        let mut local_answer: Option<&str> = None;
         // One statement (the common case) without allocating.
         let (one, split);
         let statements: &[&str] = match router::single_statement(sql) {
@@ -69,14 +69,14 @@ impl Session {
                         ));
                         return Ok(());
                     }
-                    local_answer = Some(b"DEALLOCATE\0".to_vec());
+                    local_answer = Some("DEALLOCATE");
                 }
                 _ => {}
             }
         }
         if let Some(tag) = local_answer {
             self.relay.drain_local(&mut self.cout);
-            protocol::write_msg(&mut self.cout, b'C', &tag);
+            protocol::write_complete(&mut self.cout, tag);
             protocol::write_ready(&mut self.cout, self.status);
             return Ok(());
         }

@@ -387,9 +387,8 @@ impl Session {
 
     /// Answers a `SET`/`RESET` of a pgshard setting, which no server sees.
     fn answer_set(&mut self, set: bool) {
-        let tag: &[u8] = if set { b"SET\0" } else { b"RESET\0" };
         self.relay.drain_local(&mut self.cout);
-        protocol::write_msg(&mut self.cout, b'C', tag);
+        protocol::write_complete(&mut self.cout, if set { "SET" } else { "RESET" });
         protocol::write_ready(&mut self.cout, self.status);
     }
 
@@ -582,7 +581,7 @@ impl Session {
         let one = || router::split_statements(sql).first().copied().unwrap_or("");
         let answer = |s: &mut Session, tag: &str, status: u8| {
             s.relay.drain_local(&mut s.cout);
-            protocol::write_msg(&mut s.cout, b'C', format!("{tag}\0").as_bytes());
+            protocol::write_complete(&mut s.cout, tag);
             s.status = status;
             protocol::write_ready(&mut s.cout, status);
         };

@@ -47,7 +47,7 @@ impl Session {
             self.begin_implicit().await?;
             if explicit_begin {
                 self.route.deferred_begin = Some(statements[0].to_string());
-                protocol::write_msg(&mut out, b'C', b"BEGIN\0");
+                protocol::write_complete(&mut out, "BEGIN");
             }
         }
         let body =
@@ -56,7 +56,7 @@ impl Session {
             if matches!(kind, StatementKind::Listen | StatementKind::Unlisten) {
                 // Pending until the string's transaction commits, as in PostgreSQL.
                 match self.apply_listen(st).await {
-                    Ok(tag) => protocol::write_msg(&mut out, b'C', format!("{tag}\0").as_bytes()),
+                    Ok(tag) => protocol::write_complete(&mut out, tag),
                     Err(e) => {
                         e.write(&mut out);
                         self.status = b'E';
@@ -129,9 +129,7 @@ impl Session {
                 "COMMIT"
             };
             match self.end_multi(end).await? {
-                Ok(tag) if explicit_end => {
-                    protocol::write_msg(&mut out, b'C', format!("{tag}\0").as_bytes())
-                }
+                Ok(tag) if explicit_end => protocol::write_complete(&mut out, tag),
                 Ok(_) => {}
                 Err(frame) => out.extend_from_slice(&frame),
             }
