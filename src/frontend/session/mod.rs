@@ -27,6 +27,7 @@ mod route;
 mod script;
 mod server;
 mod server_frames;
+mod switch;
 
 use prepared::Stmt;
 
