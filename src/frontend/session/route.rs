@@ -535,7 +535,6 @@ impl Session {
         }
         Ok(())
     }
-
 }
 
 #[cfg(test)]
