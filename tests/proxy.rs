@@ -849,3 +849,29 @@ async fn a_server_connection_dying_affects_only_its_client() {
     assert_eq!(one, 1);
     connect(addr).await.batch_execute("SELECT 1").await.unwrap();
 }
+
+/// A query string pgshard runs statement by statement (here because of UNLISTEN) that
+/// resets settings, as asyncpg's pool does on every release: the client's settings follow
+/// the RESET to its next server connection, even after another client used the one it
+/// ran on.
+#[tokio::test]
+async fn a_reset_in_a_query_string_follows_the_client() {
+    let addr = proxy_on_own_database("reset_script", "transaction", 1);
+    let a = connect(addr).await;
+    let b = connect(addr).await;
+    a.batch_execute("SET application_name = 'pooled'; SET work_mem = '7MB'")
+        .await
+        .unwrap();
+    a.batch_execute("SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;")
+        .await
+        .unwrap();
+    // Another client's settings on the one server connection.
+    b.batch_execute("SET work_mem = '9MB'").await.unwrap();
+    let show = |sql: &'static str| {
+        let a = &a;
+        async move { a.query_one(sql, &[]).await.unwrap().get::<_, String>(0) }
+    };
+    assert_ne!(show("SHOW application_name").await, "pooled");
+    assert_ne!(show("SHOW work_mem").await, "7MB");
+    assert_ne!(show("SHOW work_mem").await, "9MB");
+}

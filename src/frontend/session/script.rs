@@ -118,6 +118,16 @@ impl Session {
             if self.status == b'E' {
                 break;
             }
+            // A SET or RESET (asyncpg's pool reset string ends with RESET ALL): on every
+            // shard of the string's transaction, and the client's settings read at its
+            // commit, so that its next server connection gets them.
+            if super::replay::is_setting(st)
+                && let Some(e) = self.keep_in_step_quiet(st).await?
+            {
+                e.write(&mut out);
+                self.status = b'E';
+                break;
+            }
         }
         let failed = self.status == b'E';
         if implicit || (explicit_end && !failed) {
