@@ -342,6 +342,10 @@ fn finished() -> Vec<String> {
         "SELECT string_agg(name, ','), count(*), stddev(score) FROM users WHERE id < 0",
         "SELECT kind, string_agg(id::text, ',' ORDER BY at DESC) AS ids FROM ev GROUP BY kind ORDER BY ids LIMIT 3",
         "SELECT string_agg('x', '-'), count(*) FROM orders WHERE qty = 2",
+        // GROUP BY a name that is an input column and an alias: PostgreSQL groups by the
+        // column (150 groups here, not the 15 values of the alias).
+        "SELECT left(name, 3) AS name, count(*) FROM users GROUP BY name ORDER BY 1, 2",
+        "SELECT left(name, 2) AS name, sum(score) FROM users WHERE name > 'u1' GROUP BY name ORDER BY 2 DESC, 1 LIMIT 5",
         // Grouped by the key through an alias: whole groups on each shard, finished.
         "SELECT user_id AS u, coalesce(sum(total), 0) AS s, max(qty) - min(qty) FROM orders GROUP BY u ORDER BY s DESC, u LIMIT 5",
         "SELECT DISTINCT ON (g) qty % 2 AS g, qty, count(*) FROM orders GROUP BY qty ORDER BY g, count(*) DESC",

@@ -139,9 +139,10 @@ fn build(
             "{what} in an aggregate query across shards is not supported yet; add a shard key condition or a /* pgshard: shard=N */ hint"
         ))
     };
-    // GROUP BY 2 and GROUP BY an output name: the expression they stand for (PostgreSQL
-    // takes an input column of that name first; pgshard does not know the tables'
-    // columns, so a name that is a select alias is taken as the alias).
+    // GROUP BY 2 and GROUP BY an output name: the expression they stand for. PostgreSQL
+    // takes an input column of that name first: a name the query uses as a column
+    // elsewhere is one (`input_column_names`); others are taken as the alias.
+    let inputs = super::input_column_names(sel);
     let mut groups: Vec<Expr> = Vec::new();
     for g in group_by {
         let resolved = match g {
@@ -152,7 +153,7 @@ fn build(
                 },
                 _ => return refuse("GROUP BY a constant"),
             },
-            Expr::Identifier(id) => items
+            Expr::Identifier(id) if !inputs.contains(&ident(id)) => items
                 .iter()
                 .find(|(e, alias)| {
                     alias.is_some_and(|a| ident(a) == ident(id))

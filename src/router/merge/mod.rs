@@ -182,6 +182,29 @@ pub(super) fn shard_statement(q: &Query, spec: &MergeSpec) -> Option<String> {
     Some(q.to_string())
 }
 
+/// The names `sel` uses as columns outside its GROUP BY (as PostgreSQL folds them). A
+/// GROUP BY name among them is an input column, which PostgreSQL takes before a select
+/// alias of the same name (`SELECT lower(name) AS name ... GROUP BY name` groups by the
+/// column); one that is not is taken as the alias.
+pub(super) fn input_column_names(sel: &Select) -> Vec<String> {
+    let mut s = sel.clone();
+    s.group_by = sqlparser::ast::GroupByExpr::Expressions(Vec::new(), Vec::new());
+    let mut out = Vec::new();
+    let _ = sqlparser::ast::visit_expressions(&s, |e| {
+        match e {
+            Expr::Identifier(id) => out.push(crate::router::analyze::ident(id)),
+            Expr::CompoundIdentifier(ids) => {
+                if let Some(id) = ids.last() {
+                    out.push(crate::router::analyze::ident(id));
+                }
+            }
+            _ => {}
+        }
+        std::ops::ControlFlow::<()>::Continue(())
+    });
+    out
+}
+
 /// Why a statement over several shards is refused: `what` is not supported there yet.
 fn unsupported<T>(what: &str) -> Result<T, String> {
     Err(format!(
@@ -301,10 +324,16 @@ fn plan(q: &Query, rules: &Rules) -> Result<MergeSpec, String> {
     } else if any_aggregate || !group_exprs.is_empty() {
         // Every non-aggregate output column must be a GROUP BY key (PostgreSQL requires it
         // too), and every key an output column, so that groups can be matched by value.
+        let inputs = input_column_names(sel);
         for g in &group_exprs {
             let by_position = g.parse::<usize>().ok();
+            // A name the query also uses as a column is that input column (PostgreSQL
+            // takes it before a select alias of the same name).
+            let input = inputs.contains(&g.to_ascii_lowercase());
             let found = items.iter().enumerate().any(|(i, (t, alias))| {
-                t == g || alias.as_deref() == Some(g.as_str()) || by_position == Some(i + 1)
+                t == g
+                    || (!input && alias.as_deref() == Some(g.as_str()))
+                    || by_position == Some(i + 1)
             });
             if !found {
                 return unsupported("GROUP BY an expression that is not an output column");
