@@ -84,9 +84,19 @@ pub fn select_bind_params(rest: &[u8], keep: &[usize]) -> Result<Vec<u8>, Protoc
         let b = binary.get(k).copied().unwrap_or(false);
         out.extend_from_slice(&(i16::from(b)).to_be_bytes());
     }
-    out.extend_from_slice(&(keep.len() as u16).to_be_bytes());
-    for &k in keep {
-        match values.get(k).copied().flatten() {
+    put_values(
+        &mut out,
+        keep.iter().map(|&k| values.get(k).copied().flatten()),
+    );
+    out.extend_from_slice(tail);
+    Ok(out)
+}
+
+/// Appends a Bind's parameter count and values (None: NULL).
+fn put_values<'a>(out: &mut Vec<u8>, values: impl ExactSizeIterator<Item = Option<&'a [u8]>>) {
+    out.extend_from_slice(&(values.len() as u16).to_be_bytes());
+    for v in values {
+        match v {
             None => out.extend_from_slice(&(-1i32).to_be_bytes()),
             Some(v) => {
                 out.extend_from_slice(&(v.len() as i32).to_be_bytes());
@@ -94,8 +104,6 @@ pub fn select_bind_params(rest: &[u8], keep: &[usize]) -> Result<Vec<u8>, Protoc
             }
         }
     }
-    out.extend_from_slice(tail);
-    Ok(out)
 }
 
 /// Where a Bind body's result format codes start: after the parameter formats and values.
@@ -122,16 +130,7 @@ pub fn with_params(
         let code: u16 = binary.get(i).copied().unwrap_or(false).into();
         out.extend_from_slice(&code.to_be_bytes());
     }
-    out.extend_from_slice(&(values.len() as u16).to_be_bytes());
-    for v in values {
-        match v {
-            None => out.extend_from_slice(&(-1i32).to_be_bytes()),
-            Some(v) => {
-                out.extend_from_slice(&(v.len() as i32).to_be_bytes());
-                out.extend_from_slice(v);
-            }
-        }
-    }
+    put_values(&mut out, values.iter().copied());
     out.extend_from_slice(tail);
     Ok(out)
 }

@@ -194,16 +194,7 @@ fn build(
     };
     p.distinct = None;
     p.having = None;
-    p.projection = groups
-        .iter()
-        .enumerate()
-        .map(|(i, g)| (g, format!("k{i}")))
-        .chain(calls.iter().enumerate().map(|(j, a)| (a, format!("a{j}"))))
-        .map(|(e, name)| SelectItem::ExprWithAlias {
-            expr: e.clone(),
-            alias: Ident::new(name),
-        })
-        .collect();
+    p.projection = projection(&groups, &calls, 'a');
     p.group_by = GroupByExpr::Expressions(groups.clone(), Vec::new());
     // Aggregates whose partial results do not combine (string_agg, percentile_cont,
     // stddev, aggregates of DISTINCT values, ...): the shards return the rows they read
@@ -226,16 +217,7 @@ fn build(
             let SetExpr::Select(p) = &mut *partial.body else {
                 unreachable!("checked by plan_final")
             };
-            p.projection = groups
-                .iter()
-                .enumerate()
-                .map(|(i, g)| (g, format!("k{i}")))
-                .chain(inputs.iter().enumerate().map(|(j, v)| (v, format!("v{j}"))))
-                .map(|(e, name)| SelectItem::ExprWithAlias {
-                    expr: e.clone(),
-                    alias: Ident::new(name),
-                })
-                .collect();
+            p.projection = projection(&groups, &inputs, 'v');
             p.group_by = GroupByExpr::Expressions(Vec::new(), Vec::new());
             let spec = plan(&partial, rules).map_err(|_| why)?;
             (spec, partial.to_string(), true)
@@ -416,6 +398,22 @@ fn placeholders<V: sqlparser::ast::Visit>(e: &V, out: &mut Vec<usize>) {
         }
         ControlFlow::<()>::Continue(())
     });
+}
+
+/// The partial query's select list: the group keys as `k0, k1, ...`, then `rest` as
+/// `{prefix}0, ...` (aggregates, or gathered columns).
+fn projection(groups: &[Expr], rest: &[Expr], prefix: char) -> Vec<SelectItem> {
+    let keys = groups.iter().enumerate().map(|(i, g)| (g, format!("k{i}")));
+    let others = rest
+        .iter()
+        .enumerate()
+        .map(|(j, e)| (e, format!("{prefix}{j}")));
+    keys.chain(others)
+        .map(|(e, name)| SelectItem::ExprWithAlias {
+            expr: e.clone(),
+            alias: Ident::new(name),
+        })
+        .collect()
 }
 
 /// A LIMIT or OFFSET expression of the final query.
