@@ -69,15 +69,7 @@ pub(super) fn exists_select(q: &Query, rules: &Rules) -> Option<Result<Analysis,
         if a.kind > Kind::Read {
             return None;
         }
-        target = match (target, a.target) {
-            (Target::All, _) | (_, Target::All) => Target::All,
-            (Target::Any, t) | (t, Target::Any) => t,
-            (Target::Default, t) | (t, Target::Default) => t,
-            (Target::Keys(mut x), Target::Keys(y)) => {
-                x.extend(y);
-                Target::Keys(x)
-            }
-        };
+        target = target.and(a.target);
         columns.push(if negated {
             crate::router::merge::Column::Min
         } else {

@@ -124,6 +124,23 @@ pub struct InsertVia {
     pub key: usize,
 }
 
+impl Target {
+    /// Where two statements (or parts) together need to go.
+    pub(super) fn and(self, other: Target) -> Target {
+        match (self, other) {
+            (Target::All, _) | (_, Target::All) => Target::All,
+            // Rows whose keys the shards make may go wherever the other statements go
+            // (statements of a string over several shards are routed one by one).
+            (Target::Any, t) | (t, Target::Any) => t,
+            (Target::Default, t) | (t, Target::Default) => t,
+            (Target::Keys(mut a), Target::Keys(b)) => {
+                a.extend(b);
+                Target::Keys(a)
+            }
+        }
+    }
+}
+
 impl Analysis {
     /// One statement going to `target` and doing `kind`, with nothing else known.
     pub fn of(target: Target, kind: Kind) -> Analysis {
@@ -210,20 +227,7 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
         out.writes_reference |= a.writes_reference;
         out.one_shard |= a.one_shard;
         out.keyless.extend(&a.keyless);
-        out.target = match (
-            std::mem::replace(&mut out.target, Target::Default),
-            a.target,
-        ) {
-            (Target::All, _) | (_, Target::All) => Target::All,
-            // Rows whose keys the shards make may go wherever the other statements go
-            // (statements of a string over several shards are routed one by one).
-            (Target::Any, t) | (t, Target::Any) => t,
-            (Target::Default, t) | (t, Target::Default) => t,
-            (Target::Keys(mut a), Target::Keys(b)) => {
-                a.extend(b);
-                Target::Keys(a)
-            }
-        };
+        out.target = std::mem::replace(&mut out.target, Target::Default).and(a.target);
     }
     out.replica_safe = out.kind == Kind::Read && !rules.calls_writing_function(sql);
     if let [st @ Statement::Insert(_)] = stmts.as_slice()
