@@ -70,6 +70,10 @@ pub struct ShardStats {
     /// Requests that needed several shards, and writes/DDL sent to every shard.
     pub cross_shard: AtomicU64,
     pub broadcast: AtomicU64,
+    /// Final queries of aggregates over shards run on this shard's servers, and the bytes
+    /// of merged groups or gathered rows sent to them.
+    pub finalized: AtomicU64,
+    pub finalized_bytes: AtomicU64,
     pub latency: Histogram,
     errors: Mutex<BTreeMap<String, u64>>,
 }

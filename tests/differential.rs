@@ -488,6 +488,19 @@ async fn aggregates_postgresql_finishes() {
             let b = typed(&plain, &q).await.unwrap();
             assert_eq!(a, b, "{shards} shards, extended: {q}");
         }
+        // The final queries show in the metrics (on the shards whose servers ran them).
+        let (_, server) = loaded(shards).await;
+        let m = pgshard::admin::metrics::render(&server);
+        let total = |name: &str| -> f64 {
+            (0..shards)
+                .map(|s| sample(&m, name, &[&format!("shard=\"{s}\"")]))
+                .sum()
+        };
+        assert!(
+            total("pgshard_finalized_total") >= finished().len() as f64,
+            "{m}"
+        );
+        assert!(total("pgshard_finalized_bytes_total") > 0.0, "{m}");
         // Inside a transaction (the shards join it), simple and extended.
         via.batch_execute("BEGIN").await.unwrap();
         plain.batch_execute("BEGIN").await.unwrap();
@@ -642,27 +655,34 @@ async fn finished_descriptions_are_the_statements() {
 /// A proxy over a cluster with the schema and data loaded through it; the plain database
 /// (on the 2-shard cluster's first server) gets the same statements once.
 async fn load(shards: usize) -> SocketAddr {
-    static TWO: tokio::sync::OnceCell<SocketAddr> = tokio::sync::OnceCell::const_new();
-    static THREE: tokio::sync::OnceCell<SocketAddr> = tokio::sync::OnceCell::const_new();
+    loaded(shards).await.0
+}
+
+/// As [`load`], with the proxy's server (for its metrics).
+async fn loaded(shards: usize) -> (SocketAddr, std::sync::Arc<pgshard::frontend::Server>) {
+    type Cell = tokio::sync::OnceCell<(SocketAddr, std::sync::Arc<pgshard::frontend::Server>)>;
+    static TWO: Cell = Cell::const_new();
+    static THREE: Cell = Cell::const_new();
     let (cell, cluster) = if shards == 2 {
         (&TWO, cluster2())
     } else {
         (&THREE, cluster3())
     };
-    *cell
-        .get_or_init(|| async {
-            let yaml = cluster
-                .config_yaml("127.0.0.1:0", "transaction", 6)
-                .replace("users:\n", "users:\n  - { name: trusty, auth: trust }\n");
-            let addr = start_proxy_yaml(&format!("{yaml}{}", rules(shards)));
-            let c = connect(addr).await;
-            c.batch_execute(SCHEMA).await.unwrap();
-            for s in data() {
-                c.batch_execute(&s).await.unwrap();
-            }
-            addr
-        })
-        .await
+    cell.get_or_init(|| async {
+        let yaml = cluster
+            .config_yaml("127.0.0.1:0", "transaction", 6)
+            .replace("users:\n", "users:\n  - { name: trusty, auth: trust }\n");
+        let cfg = pgshard::config::Config::from_yaml(&format!("{yaml}{}", rules(shards))).unwrap();
+        let (addr, server) = start_proxy_server(cfg);
+        let c = connect(addr).await;
+        c.batch_execute(SCHEMA).await.unwrap();
+        for s in data() {
+            c.batch_execute(&s).await.unwrap();
+        }
+        (addr, server)
+    })
+    .await
+    .clone()
 }
 
 async fn plain() -> tokio_postgres::Client {

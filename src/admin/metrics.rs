@@ -327,6 +327,18 @@ pub fn render(server: &Server) -> String {
                 &sl,
                 st.broadcast.load(Ordering::Relaxed),
             );
+            o.counter(
+                "pgshard_finalized_total",
+                "Final queries of aggregates over several shards run on this shard's servers.",
+                &sl,
+                st.finalized.load(Ordering::Relaxed),
+            );
+            o.counter(
+                "pgshard_finalized_bytes_total",
+                "Bytes of merged groups or gathered rows sent to this shard's servers for final queries.",
+                &sl,
+                st.finalized_bytes.load(Ordering::Relaxed),
+            );
             for (class, n) in st.errors() {
                 o.counter(
                     "pgshard_errors_total",

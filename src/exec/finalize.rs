@@ -16,6 +16,18 @@ pub struct FinalRequest {
     /// and column number, their type modifier), for the final description
     /// ([`answer`]).
     pub keys: Vec<(usize, [u8; 6], [u8; 4])>,
+    /// Bytes of merged groups or gathered rows it carries.
+    pub size: usize,
+}
+
+impl FinalRequest {
+    /// Counts the final query on `shard`'s statistics.
+    pub fn count(&self, db: &crate::cluster::Database, shard: usize) {
+        let st = &db.shards[shard].stats;
+        crate::metrics::inc(&st.finalized);
+        st.finalized_bytes
+            .fetch_add(self.size as u64, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Each field of a RowDescription: (start of its name, start of its 18 bytes of
@@ -384,6 +396,7 @@ fn build(
         types: types.to_vec(),
         bind_rest: bind.to_vec(),
         keys: Vec::new(),
+        size,
     })
 }
 
@@ -440,6 +453,7 @@ pub async fn run(
         None => return Ok(merged),
         Some(r) => r?,
     };
+    req.count(db, node.0);
     let mut results = super::scatter::run_on_shards(
         db,
         &[node],

@@ -472,6 +472,7 @@ impl Session {
                 Some(Err(e)) => return Ok(Some(Err(e))),
                 Some(Ok(r)) => r,
             };
+        req.count(&self.db, s);
         let request = extended_request(&req.query, &req.types, &req.bind_rest);
         let Some(frames) = self.run_request_on(s, &request).await? else {
             return Ok(None);
