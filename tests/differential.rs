@@ -652,6 +652,52 @@ async fn finished_descriptions_are_the_statements() {
     }
 }
 
+/// A user-defined aggregate over several shards is refused (pgshard would take it for a
+/// plain function and return each shard's row); grouped by the shard key, each shard
+/// computes it whole and the answer is PostgreSQL's.
+#[tokio::test]
+async fn user_defined_aggregates_over_shards() {
+    let _ = load(2).await;
+    let agg =
+        "CREATE AGGREGATE my_sum(numeric) (sfunc = numeric_add, stype = numeric, initcond = '0')";
+    for sh in &cluster2().shards {
+        connect_server(sh.primary.port, "app")
+            .await
+            .batch_execute(agg)
+            .await
+            .unwrap();
+    }
+    let plain = plain().await;
+    plain.batch_execute(agg).await.unwrap();
+    // A proxy of its own: its monitor reads the aggregates' names on its first round.
+    let yaml = cluster2().config_yaml("127.0.0.1:0", "transaction", 2);
+    let c = connect(start_proxy_yaml(&format!("{yaml}{}", rules(2)))).await;
+    let q = "SELECT my_sum(total) FROM orders";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        match c.simple_query(q).await {
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED) => {
+                let msg = e.as_db_error().map(|d| d.message().to_string());
+                assert!(
+                    msg.as_deref().is_some_and(|m| m.contains("my_sum")),
+                    "{msg:?}"
+                );
+                break;
+            }
+            Ok(r) if std::time::Instant::now() < deadline => {
+                // Before the monitor's first reading: one row per shard.
+                assert!(rows(&r).len() <= 2);
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            other => panic!("{q}: {other:?}"),
+        }
+    }
+    let q = "SELECT user_id, my_sum(total) FROM orders GROUP BY user_id ORDER BY user_id LIMIT 7";
+    let a = rows(&c.simple_query(q).await.unwrap());
+    let b = rows(&plain.simple_query(q).await.unwrap());
+    assert_eq!(a, b, "{q}");
+}
+
 /// A proxy over a cluster with the schema and data loaded through it; the plain database
 /// (on the 2-shard cluster's first server) gets the same statements once.
 async fn load(shards: usize) -> SocketAddr {

@@ -161,6 +161,12 @@ pub struct Database {
     pub last_failover_ms: std::sync::atomic::AtomicU64,
     /// Deadlocks across shards this process broke (`deadlock`).
     pub deadlocks: std::sync::atomic::AtomicU64,
+    /// The names of user-defined aggregates (CREATE AGGREGATE) on the default shard, as
+    /// the monitor last read them: pgshard cannot merge them over shards, and cannot tell
+    /// them from plain functions by their text.
+    pub user_aggregates: ArcSwap<Vec<String>>,
+    /// Changes whenever `user_aggregates` does (sessions drop their cached analyses).
+    pub user_aggregates_version: std::sync::atomic::AtomicU64,
     /// The 2PC decision table exists on the coordinator (created on first use).
     pub decisions_ready: std::sync::atomic::AtomicBool,
     /// Transactions committed with two-phase commit, and in-doubt ones recovery finished.
@@ -490,6 +496,8 @@ impl Topology {
                     failovers: Default::default(),
                     last_failover_ms: Default::default(),
                     deadlocks: Default::default(),
+                    user_aggregates: Default::default(),
+                    user_aggregates_version: Default::default(),
                     decisions_ready: Default::default(),
                     two_phase_prepared: Default::default(),
                     two_phase_commits: Default::default(),

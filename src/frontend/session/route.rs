@@ -14,6 +14,33 @@ use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+/// A merge over shards of a query that calls a user-defined aggregate (`names`, as the
+/// monitor read them) is refused: pgshard would take it for a plain function and return
+/// each shard's row. Grouped by the shard key, each shard computes it whole.
+fn refuse_user_aggregates(a: &mut Analysis, sql: &str, names: &[String]) {
+    let Some(Ok(spec)) = &a.merge else {
+        return;
+    };
+    if names.is_empty() || spec.aggregates_whole() {
+        return;
+    }
+    let lower = sql.to_ascii_lowercase();
+    let calls = |name: &str| {
+        let name = name.to_ascii_lowercase();
+        lower.match_indices(&name).any(|(i, _)| {
+            let before = lower[..i].chars().next_back();
+            let after = lower[i + name.len()..].trim_start();
+            !before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '"')
+                && after.starts_with('(')
+        })
+    };
+    if let Some(name) = names.iter().find(|n| calls(n)) {
+        a.merge = Some(Err(format!(
+            "{name} is a user-defined aggregate, which pgshard cannot merge across shards; group by the shard key, add a shard key condition or a /* pgshard: shard=N */ hint"
+        )));
+    }
+}
+
 /// Statements analyses kept per session (the analysis is a pure function of the text).
 pub(super) const CACHE_LIMIT: usize = 1024;
 
@@ -21,6 +48,8 @@ pub(super) const CACHE_LIMIT: usize = 1024;
 #[derive(Default)]
 pub(super) struct RouteState {
     cache: HashMap<String, Result<Arc<Analysis>, router::AnalyzeError>>,
+    /// The database's `user_aggregates_version` the cached analyses were made with.
+    aggregates_version: u64,
     /// `SET pgshard.shard = N`, until `RESET pgshard.shard`.
     pub(super) forced: Option<usize>,
     /// Extended-protocol frames waiting for a routing decision.
@@ -178,10 +207,24 @@ impl RouteState {
 
 impl Session {
     pub(super) fn analysis(&mut self, sql: &str) -> Result<Arc<Analysis>, router::AnalyzeError> {
+        let version = self
+            .db
+            .user_aggregates_version
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if version != self.route.aggregates_version {
+            // Analyses made before the monitor read new aggregates' names.
+            self.route.cache.clear();
+            self.route.aggregates_version = version;
+        }
         if let Some(a) = self.route.cache.get(sql) {
             return a.clone();
         }
-        let a = router::analyze::analyze(sql, &self.db.router.rules).map(Arc::new);
+        let a = router::analyze::analyze(sql, &self.db.router.rules)
+            .map(|mut a| {
+                refuse_user_aggregates(&mut a, sql, &self.db.user_aggregates.load());
+                a
+            })
+            .map(Arc::new);
         if self.route.cache.len() >= CACHE_LIMIT {
             self.route.cache.clear();
         }
@@ -540,6 +583,31 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_aggregates_refuse_merges_but_not_whole_groups() {
+        let rules = crate::router::Router::new(
+            &crate::config::Config::from_yaml(
+                "users: [{ name: a, password: a }]\ndatabases:\n  - name: a\n    server_user: a\n    shards:\n      - { primary: 127.0.0.1:6000 }\n      - { primary: 127.0.0.1:6001 }\n    sharded_tables:\n      - { table: t, column: k, method: hash }\n",
+            )
+            .unwrap()
+            .databases[0],
+        )
+        .rules;
+        let names = vec!["my_agg".to_string()];
+        let check = |sql: &str| {
+            let mut a = router::analyze::analyze(sql, &rules).unwrap();
+            refuse_user_aggregates(&mut a, sql, &names);
+            a.merge.unwrap().is_ok()
+        };
+        assert!(!check("SELECT my_agg(x) FROM t"));
+        assert!(!check("SELECT g, public.MY_AGG (x) + 1 FROM t GROUP BY g"));
+        assert!(check("SELECT k, my_agg(x) FROM t GROUP BY k"));
+        assert!(check("SELECT not_my_agg(x), my_agg FROM t"));
+        let mut a = router::analyze::analyze("SELECT my_agg(x) FROM t", &rules).unwrap();
+        refuse_user_aggregates(&mut a, "SELECT my_agg(x) FROM t", &[]);
+        assert!(a.merge.unwrap().is_ok());
+    }
 
     #[test]
     fn set_pgshard_shard_forms() {

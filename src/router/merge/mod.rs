@@ -321,6 +321,7 @@ fn plan(q: &Query, rules: &Rules) -> Result<MergeSpec, String> {
     }
     if whole_groups {
         // HAVING stays in each shard's statement.
+        spec.whole_groups = true;
     } else if any_aggregate || !group_exprs.is_empty() {
         // Every non-aggregate output column must be a GROUP BY key (PostgreSQL requires it
         // too), and every key an output column, so that groups can be matched by value.

@@ -35,6 +35,8 @@ pub struct MergeSpec {
     /// An aggregate query whose groups PostgreSQL finishes: the shards run its partial
     /// query, pgshard merges the groups, and the final query does the rest.
     pub finalize: Option<Box<super::Finalize>>,
+    /// Grouped by the shard key: each shard computes whole groups, with any aggregate.
+    pub whole_groups: bool,
 }
 
 /// A HAVING condition pgshard evaluates: comparisons of aggregate columns with numbers,
@@ -163,6 +165,12 @@ impl MergeSpec {
             }
         }
         Ok(s)
+    }
+
+    /// Whether every aggregate of the query is computed whole on one shard (so that any
+    /// aggregate, user-defined ones included, is right).
+    pub fn aggregates_whole(&self) -> bool {
+        self.whole_groups && self.finalize.is_none()
     }
 
     /// Whether LIMIT or OFFSET are parameters, whose values each Bind gives.

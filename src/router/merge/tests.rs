@@ -145,6 +145,7 @@ fn merge_specs() {
             limit_param: None,
             offset_param: None,
             finalize: None,
+            whole_groups: false,
         }
     );
     let a = analyze("SELECT id, avg(total) FROM orders GROUP BY id", &rules()).unwrap();
