@@ -342,6 +342,9 @@ fn finished() -> Vec<String> {
         "SELECT string_agg(name, ','), count(*), stddev(score) FROM users WHERE id < 0",
         "SELECT kind, string_agg(id::text, ',' ORDER BY at DESC) AS ids FROM ev GROUP BY kind ORDER BY ids LIMIT 3",
         "SELECT string_agg('x', '-'), count(*) FROM orders WHERE qty = 2",
+        // Built-in aggregates pgshard does not merge itself: gathered, then aggregated.
+        "SELECT bit_xor(qty), bit_xor(id) FILTER (WHERE qty > 1), rank(3) WITHIN GROUP (ORDER BY qty) FROM orders",
+        "SELECT qty % 2 AS g, bit_xor(user_id), cume_dist(2) WITHIN GROUP (ORDER BY qty) FROM orders GROUP BY g ORDER BY g",
         // GROUP BY a name that is an input column and an alias: PostgreSQL groups by the
         // column (150 groups here, not the 15 values of the alias).
         "SELECT left(name, 3) AS name, count(*) FROM users GROUP BY name ORDER BY 1, 2",

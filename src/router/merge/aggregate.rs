@@ -152,7 +152,8 @@ pub(super) fn counts_distinct_keys(
         .is_some_and(|arg| crate::router::colocation::is_shard_key(sel, arg, rules))
 }
 
-/// Aggregate functions (a call without OVER aggregates rows).
+/// Aggregate functions (a call without OVER aggregates rows): PostgreSQL's built-in ones.
+/// User-defined aggregates are read from the catalog (`Database::user_aggregates`).
 const AGGREGATES: &[&str] = &[
     "count",
     "sum",
@@ -185,6 +186,23 @@ const AGGREGATES: &[&str] = &[
     "regr_count",
     "xmlagg",
     "range_agg",
+    "range_intersect_agg",
+    "bit_xor",
+    "regr_avgx",
+    "regr_avgy",
+    "regr_intercept",
+    "regr_r2",
+    "regr_slope",
+    "regr_sxx",
+    "regr_sxy",
+    "regr_syy",
+    "any_value",
+    // Hypothetical-set aggregates (`rank(3) WITHIN GROUP (ORDER BY x)`); with OVER they
+    // are window functions, as before.
+    "rank",
+    "dense_rank",
+    "percent_rank",
+    "cume_dist",
 ];
 
 /// Whether `e` calls a function `hit` accepts, anywhere in it but in nested queries
