@@ -377,11 +377,6 @@ fn finished() -> Vec<String> {
     q
 }
 
-/// A numeric parameter, as text (the text type is accepted for any parameter type).
-fn rust_decimal_free(x: f64) -> Text {
-    Text(x.to_string())
-}
-
 /// A parameter sent in text format, whatever its type.
 #[derive(Debug)]
 struct Text(String);
@@ -559,7 +554,8 @@ async fn aggregates_postgresql_finishes() {
         // WHERE too, in text and binary.
         let q = "SELECT qty, coalesce(sum(total), $1), round(avg(total), $2::int) FROM orders WHERE user_id > $3 GROUP BY qty HAVING count(*) > $4 AND max(user_id) > $3 ORDER BY qty";
         for (a1, a2, a3, a4) in [(0.5f64, 2i32, 10i64, 3i64), (1.0, 0, 250, 1)] {
-            let n = rust_decimal_free(a1);
+            // A numeric parameter, sent as text.
+            let n = Text(a1.to_string());
             let get = |rs: Vec<tokio_postgres::Row>| -> Vec<Vec<Option<RawValue>>> {
                 rs.iter()
                     .map(|r| {

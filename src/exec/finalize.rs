@@ -233,23 +233,22 @@ pub fn array_types(frames: &[BytesMut]) -> Vec<(u32, u32)> {
         .collect()
 }
 
-/// Splits a merged result (text format) into its notices and the final query that
-/// finishes it; `arrays` gives the array types of [`unknown_types`]. None: the merged
-/// result is a shard's error, to be returned as it is.
+/// Splits a merged result (text format, not a shard's error: callers return that as it
+/// is) into its notices and the final query that finishes it; `arrays` gives the array
+/// types of [`unknown_types`].
 pub fn request(
     fin: &Finalize,
     merged: &[u8],
     formats: &[bool],
     arrays: &[(u32, u32)],
     client: Option<&ClientParams>,
-) -> Option<Result<(BytesMut, FinalRequest), PgError>> {
+) -> Result<(BytesMut, FinalRequest), PgError> {
     let mut notices = BytesMut::new();
     let mut types = None;
     let mut keys = Vec::new();
     let mut rows = Vec::new();
     for f in protocol::frames(merged) {
         match f[0] {
-            b'E' => return None,
             b'N' => notices.extend_from_slice(f),
             b'T' => {
                 types = Some(super::merge::columns(f));
@@ -268,20 +267,18 @@ pub fn request(
             _ => {}
         }
     }
-    Some(
-        build(
-            fin,
-            types.unwrap_or_default(),
-            &rows,
-            formats,
-            arrays,
-            client,
-        )
-        .map(|mut r| {
-            r.keys = keys;
-            (notices, r)
-        }),
+    build(
+        fin,
+        types.unwrap_or_default(),
+        &rows,
+        formats,
+        arrays,
+        client,
     )
+    .map(|mut r| {
+        r.keys = keys;
+        (notices, r)
+    })
 }
 
 fn build(
@@ -431,7 +428,7 @@ pub async fn run(
     client: Option<&ClientParams<'_>>,
     (prelude, settings_fp): (Option<&str>, u64),
 ) -> Result<BytesMut, PgError> {
-    if protocol::frames(&merged).any(|f| f[0] == b'E') {
+    if protocol::has_error(&merged) {
         return Ok(merged);
     }
     let unknown = unknown_types(&merged);
@@ -449,10 +446,7 @@ pub async fn run(
         .await?;
         array_types(&r.pop().unwrap_or_default())
     };
-    let (notices, req) = match request(fin, &merged, formats, &arrays, client) {
-        None => return Ok(merged),
-        Some(r) => r?,
-    };
+    let (notices, req) = request(fin, &merged, formats, &arrays, client)?;
     req.count(db, node.0);
     let mut results = super::scatter::run_on_shards(
         db,

@@ -228,6 +228,11 @@ pub fn frames(b: &[u8]) -> impl Iterator<Item = &[u8]> {
     })
 }
 
+/// Whether a buffer of whole frames holds an ErrorResponse.
+pub fn has_error(b: &[u8]) -> bool {
+    frames(b).any(|f| f[0] == b'E')
+}
+
 /// Appends a frame taken from `src` (already a whole frame) to `out`.
 #[inline]
 pub fn copy_frame(out: &mut BytesMut, frame: &[u8]) {

@@ -243,7 +243,7 @@ impl Session {
         if implicit {
             self.end_implicit(&mut out).await?;
         }
-        if protocol::frames(&out).any(|f| f[0] == b'E') {
+        if protocol::has_error(&out) {
             self.bind_failed(out.freeze());
             return Ok(());
         }
@@ -427,9 +427,7 @@ impl Session {
         };
         match merged {
             // A shard's error.
-            Ok(out) if protocol::frames(&out).any(|f| f[0] == b'E') => {
-                self.bind_failed(out.freeze())
-            }
+            Ok(out) if protocol::has_error(&out) => self.bind_failed(out.freeze()),
             Ok(mut out) => {
                 let description = super::portal::take_description(&mut out);
                 self.hold_portal(description, out.freeze());
@@ -452,7 +450,7 @@ impl Session {
         let (Ok(out), Some(fin)) = (&merged, &spec.finalize) else {
             return Ok(Some(merged));
         };
-        if protocol::frames(out).any(|f| f[0] == b'E') {
+        if protocol::has_error(out) {
             // A shard's error, as it is.
             return Ok(Some(merged));
         }
@@ -468,9 +466,8 @@ impl Session {
         }
         let (notices, req) =
             match crate::exec::finalize::request(fin, out, formats, &arrays, client) {
-                None => return Ok(Some(merged)),
-                Some(Err(e)) => return Ok(Some(Err(e))),
-                Some(Ok(r)) => r,
+                Err(e) => return Ok(Some(Err(e))),
+                Ok(r) => r,
             };
         req.count(&self.db, s);
         let request = extended_request(&req.query, &req.types, &req.bind_rest);

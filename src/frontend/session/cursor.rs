@@ -120,7 +120,7 @@ impl Session {
     /// The merged rows of a DECLARE's query (RowDescription, rows, CommandComplete) held
     /// as its cursor; what the client gets for the DECLARE (or the error in `merged`).
     pub(super) fn declare_cursor(&mut self, c: &Cursor, mut merged: BytesMut) -> BytesMut {
-        if protocol::frames(&merged).any(|f| f[0] == b'E') {
+        if protocol::has_error(&merged) {
             return merged;
         }
         let description = take_description(&mut merged);
