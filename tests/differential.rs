@@ -824,3 +824,171 @@ async fn rows_are_where_their_shard_function_says() {
     }
     assert_eq!(total, 300);
 }
+
+/// Values pgshard cannot order by their bytes: text in an ICU collation (the database's
+/// default, as `en_US.UTF-8` databases are), a column of its own collation, `COLLATE` in
+/// ORDER BY, enums, intervals and network addresses. PostgreSQL ranks them for the merge
+/// (ORDER BY, min/max, DISTINCT ON, UNION); compared with one plain PostgreSQL database of
+/// the same collation.
+#[tokio::test]
+async fn orders_values_as_postgresql_does() {
+    let c = cluster2();
+    let create =
+        "CREATE DATABASE icu OWNER app TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'";
+    for sh in &c.shards {
+        c.psql(sh.primary.port, "postgres", create).unwrap();
+    }
+    c.psql(
+        c.shards[0].primary.port,
+        "postgres",
+        "CREATE DATABASE icu_plain OWNER app TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'",
+    )
+    .unwrap();
+    let yaml = c.config_yaml("127.0.0.1:0", "transaction", 4).replace(
+        "  - name: app\n",
+        "  - name: app\n    server_database: icu\n",
+    );
+    let rules = "    sharded_tables:\n      - { table: people, column: id, method: hash }\n";
+    let via = connect(start_proxy_yaml(&format!("{yaml}{rules}"))).await;
+    let plain = connect_server(c.shards[0].primary.port, "icu_plain").await;
+    let schema = "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy'); \
+        CREATE TABLE people (id bigint PRIMARY KEY, name text, nick varchar(20) COLLATE \"C\", mood mood, span interval, ip inet)";
+    let names = [
+        "alice", "Bob", "émile", "Zoe", "zed", "Ángel", "bob", "ALICE", "Örjan", "_x", "10", "9",
+        "a b", "ab", "Émile", "angel", "Zoë", "z",
+    ];
+    let spans = ["1 day", "23 hours", "2 mons", "25 hours", "-1 day", "1 mon"];
+    let rows: Vec<String> = (1..=72)
+        .map(|i: usize| {
+            format!(
+                "({i}, {}, '{}', '{}', '{}', '{}.0.{}.1')",
+                if i.is_multiple_of(11) {
+                    "NULL".to_string()
+                } else {
+                    format!("'{}'", names[i % names.len()])
+                },
+                names[(i * 7) % names.len()],
+                ["sad", "ok", "happy"][i % 3],
+                spans[i % spans.len()],
+                (i * 13) % 40,
+                i % 3
+            )
+        })
+        .collect();
+    let insert = format!(
+        "INSERT INTO people (id, name, nick, mood, span, ip) VALUES {}",
+        rows.join(", ")
+    );
+    for db in [&via, &plain] {
+        db.batch_execute(schema).await.unwrap();
+        db.batch_execute(&insert).await.unwrap();
+    }
+    // (query, also in binary results)
+    let queries = [
+        ("SELECT id, name FROM people ORDER BY name, id", true),
+        (
+            "SELECT id, name FROM people ORDER BY name DESC, id LIMIT 7 OFFSET 3",
+            true,
+        ),
+        (
+            "SELECT id FROM people ORDER BY name NULLS FIRST, id LIMIT 9",
+            true,
+        ),
+        (
+            "SELECT id, nick FROM people ORDER BY nick, id LIMIT 12",
+            true,
+        ),
+        (
+            "SELECT id, name FROM people ORDER BY name COLLATE \"C\", id LIMIT 12",
+            true,
+        ),
+        (
+            "SELECT id, nick FROM people ORDER BY nick COLLATE \"en-x-icu\" DESC, id LIMIT 12",
+            true,
+        ),
+        (
+            "SELECT min(name), max(name), min(nick), max(nick) FROM people",
+            true,
+        ),
+        (
+            "SELECT mood, min(name), max(name), count(*) FROM people GROUP BY mood ORDER BY mood",
+            true,
+        ),
+        ("SELECT id, mood FROM people ORDER BY mood DESC, id", true),
+        ("SELECT min(mood), max(mood) FROM people", true),
+        ("SELECT DISTINCT name FROM people ORDER BY name", true),
+        (
+            "SELECT DISTINCT ON (mood) mood, name FROM people ORDER BY mood, name",
+            true,
+        ),
+        (
+            "SELECT lower(name) AS l, count(*) FROM people GROUP BY l ORDER BY l",
+            true,
+        ),
+        (
+            "SELECT name FROM people WHERE id < 20 UNION SELECT name FROM people WHERE id > 40 ORDER BY name",
+            true,
+        ),
+        ("SELECT id, span FROM people ORDER BY span, id", false),
+        ("SELECT min(span), max(span) FROM people", false),
+        ("SELECT id, ip FROM people ORDER BY ip DESC, id", false),
+    ];
+    // min and max of two rows on two shards: pgshard compares the shards' answers.
+    let on = |id: i64| {
+        pgshard::sharding::hash::partition_of(&pgshard::sharding::hash::HashKey::Int(id), 2)
+    };
+    let pair = |a: &[i64], b: &[i64]| -> (i64, i64) {
+        a.iter()
+            .flat_map(|&x| b.iter().map(move |&y| (x, y)))
+            .find(|&(x, y)| on(x) != on(y))
+            .expect("two rows on two shards")
+    };
+    // 'alice' against 'Bob' (names), 'sad' against 'happy' (moods), '2 mons' against
+    // '25 hours' (spans).
+    let (alice, bob) = pair(&[18, 36, 54, 72], &[1, 19, 37]);
+    let (sad, happy) = pair(&[3, 6, 9, 12, 15], &[2, 5, 8, 14, 17]);
+    let (months, hours) = pair(&[2, 8, 14, 20], &[3, 9, 15, 21]);
+    let pairs = [
+        format!("SELECT min(name), max(name), count(*) FROM people WHERE id IN ({alice}, {bob})"),
+        format!("SELECT min(mood), max(mood) FROM people WHERE id IN ({sad}, {happy})"),
+        format!("SELECT min(span), max(span) FROM people WHERE id IN ({months}, {hours})"),
+    ];
+    let queries = queries
+        .iter()
+        .map(|(q, b)| (q.to_string(), *b))
+        .chain(pairs.iter().map(|q| (q.clone(), !q.contains("span"))));
+    for (q, binary) in queries {
+        let q = &q[..];
+        let a = named(
+            &via.simple_query(q)
+                .await
+                .unwrap_or_else(|e| panic!("{q}: {e:?}")),
+        );
+        let b = named(&plain.simple_query(q).await.unwrap());
+        assert_eq!(a, b, "{q}");
+        if binary {
+            let a = typed(&via, q)
+                .await
+                .unwrap_or_else(|e| panic!("{q}: {e:?}"));
+            let b = typed(&plain, q).await.unwrap();
+            assert_eq!(a, b, "extended, binary: {q}");
+        }
+    }
+    // Inside a transaction (the shards join it; the ranks come from a connection of
+    // their own) and with a row limit per Execute (a portal pgshard holds).
+    for db in [&via, &plain] {
+        db.batch_execute("BEGIN; UPDATE people SET name = 'Aaron' WHERE id = 5")
+            .await
+            .unwrap();
+    }
+    let q = "SELECT id, name FROM people ORDER BY name DESC, id LIMIT 20";
+    let a = named(&via.simple_query(q).await.unwrap());
+    let b = named(&plain.simple_query(q).await.unwrap());
+    assert_eq!(a, b, "in a transaction: {q}");
+    let a = typed(&via, q).await.unwrap();
+    let b = typed(&plain, q).await.unwrap();
+    assert_eq!(a, b, "in a transaction, extended: {q}");
+    for db in [&via, &plain] {
+        db.batch_execute("ROLLBACK").await.unwrap();
+    }
+}

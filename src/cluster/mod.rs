@@ -167,6 +167,11 @@ pub struct Database {
     pub user_aggregates: ArcSwap<Vec<String>>,
     /// Changes whenever `user_aggregates` does (sessions drop their cached analyses).
     pub user_aggregates_version: std::sync::atomic::AtomicU64,
+    /// Types and collations of the columns merges ordered (`exec::order`): read from a
+    /// server once per column; None where the server knew none.
+    pub order_facts: std::sync::Mutex<
+        std::collections::HashMap<crate::exec::order::FactKey, Option<crate::exec::order::Fact>>,
+    >,
     /// The 2PC decision table exists on the coordinator (created on first use).
     pub decisions_ready: std::sync::atomic::AtomicBool,
     /// Transactions committed with two-phase commit, and in-doubt ones recovery finished.
@@ -498,6 +503,7 @@ impl Topology {
                     deadlocks: Default::default(),
                     user_aggregates: Default::default(),
                     user_aggregates_version: Default::default(),
+                    order_facts: Default::default(),
                     decisions_ready: Default::default(),
                     two_phase_prepared: Default::default(),
                     two_phase_commits: Default::default(),

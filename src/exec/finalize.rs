@@ -159,7 +159,7 @@ fn array_of(oid: u32) -> Option<u32> {
 }
 
 /// One text-format array literal of a column's values.
-fn array_literal(values: &[Option<&[u8]>]) -> Vec<u8> {
+pub(super) fn array_literal(values: &[Option<&[u8]>]) -> Vec<u8> {
     let mut out = Vec::with_capacity(
         2 + values
             .iter()

@@ -3,6 +3,7 @@
 //! HAVING, DISTINCT (ON), ORDER BY on typed values (text and binary formats), OFFSET and
 //! LIMIT, and hidden columns stripped. Only here are rows decoded.
 
+use super::order::{self, Orders};
 use super::scatter::first_error;
 use super::values::{add, compare, compare_binary, sortable, unmergeable};
 use crate::protocol::{self, PgError};
@@ -239,6 +240,7 @@ fn aggregate(
     roles: &[Column],
     cols: &[(String, u32)],
     binary_at: &dyn Fn(usize) -> bool,
+    order: &Ordered,
 ) -> Result<Vec<BytesMut>, PgError> {
     type Fields = Vec<Option<Vec<u8>>>;
     let mut groups: Vec<Fields> = Vec::new();
@@ -278,11 +280,10 @@ fn aggregate(
                             Some(add(oid, bin, &a, &b)?)
                         }
                         (Column::Min | Column::Max, Some(a), Some(b)) => {
-                            let o = if bin {
-                                compare_binary(oid, &a, &b).ok_or_else(|| unmergeable(oid))?
-                            } else {
-                                compare(oid, &a, &b)
-                            };
+                            let class = order.classes.get(i).and_then(Option::as_deref);
+                            let o = order
+                                .compare(class, oid, bin, &a, &b)
+                                .ok_or_else(|| unmergeable(oid))?;
                             let keep_a = (o == Ordering::Greater) == (*role == Column::Max)
                                 || o == Ordering::Equal;
                             Some(if keep_a { a } else { b })
@@ -296,13 +297,223 @@ fn aggregate(
     Ok(groups.into_iter().map(|f| data_row(&f)).collect())
 }
 
+/// One ORDER BY key of a merge: its column, direction, and the collation its item names.
+struct SortKey {
+    idx: usize,
+    desc: bool,
+    nulls_first: bool,
+    collation: Option<String>,
+}
+
+/// How a merge compares values: the class of each column PostgreSQL orders (min/max and
+/// ORDER BY columns that pgshard cannot compare itself; see `exec::order`) and the ranks
+/// it gave their values.
+struct Ordered {
+    classes: Vec<Option<String>>,
+    ranks: Orders,
+}
+
+impl Ordered {
+    fn compare(
+        &self,
+        class: Option<&str>,
+        oid: u32,
+        binary: bool,
+        a: &[u8],
+        b: &[u8],
+    ) -> Option<Ordering> {
+        if let Some(c) = class
+            && let (Some(x), Some(y)) = (self.ranks.rank(c, a), self.ranks.rank(c, b))
+        {
+            return Some(x.cmp(&y));
+        }
+        if binary {
+            compare_binary(oid, a, b)
+        } else {
+            Some(compare(oid, a, b))
+        }
+    }
+}
+
+/// The table OID and column number of each field of a RowDescription (0 for an
+/// expression).
+fn sources(t: &[u8]) -> Vec<(u32, i16)> {
+    let mut b = protocol::body(t);
+    if b.len() < 2 {
+        return Vec::new();
+    }
+    let n = u16::from_be_bytes([b[0], b[1]]) as usize;
+    b = &b[2..];
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        if protocol::read_cstr(&mut b, "RowDescription").is_err() || b.len() < 18 {
+            break;
+        }
+        out.push((
+            u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+            i16::from_be_bytes([b[4], b[5]]),
+        ));
+        b = &b[18..];
+    }
+    out
+}
+
+/// The columns the ORDER BY keys name.
+fn sort_keys(cols: &[(String, u32)], spec: &MergeSpec) -> Result<Vec<SortKey>, PgError> {
+    let visible = cols.len().saturating_sub(spec.hidden.len());
+    let by_name = |n: &str| cols[..visible].iter().position(|(c, _)| c == n);
+    spec.order
+        .iter()
+        .map(|k| {
+            let idx = match &k.col {
+                OrderCol::Position(p) => Some(*p),
+                OrderCol::Name(n) => by_name(n),
+                OrderCol::Hidden(h) => Some(visible + h),
+                OrderCol::NameOr(n, h) => by_name(n).or(Some(visible + h)),
+            }
+            .filter(|&i| i < cols.len())
+            .ok_or_else(|| {
+                PgError::new(
+                    "0A000",
+                    "ORDER BY across shards must name an output column; add it to the select list",
+                )
+            })?;
+            Ok(SortKey {
+                idx,
+                desc: k.desc,
+                nulls_first: k.nulls_first,
+                collation: k.collation.clone(),
+            })
+        })
+        .collect()
+}
+
 /// Merges the shards' results of a SELECT into one result: RowDescription (when the
 /// shards sent one), the rows, and CommandComplete. `binary` gives the result formats
-/// (empty: all text; one entry: all columns).
-pub fn merge_select(
+/// (empty: all text; one entry: all columns). Values pgshard cannot order itself (text in
+/// a collation other than C, enums, ...) are ranked by `node` of a shard first (None: its
+/// primary), in the client's `settings` (`exec::order`).
+pub async fn merge_select(
+    db: &crate::cluster::Database,
+    node: (usize, Option<usize>),
     results: Vec<Vec<BytesMut>>,
     spec: &MergeSpec,
     binary: &[bool],
+    settings: (Option<&str>, u64),
+) -> Result<BytesMut, PgError> {
+    if first_error(&results).is_some() {
+        return merge_ordered(results, spec, binary, &[], Ordered::default_for(0));
+    }
+    let Some(t) = results.iter().flatten().find(|f| f[0] == b'T') else {
+        return merge_ordered(results, spec, binary, &[], Ordered::default_for(0));
+    };
+    let cols = columns(t);
+    let src = sources(t);
+    let keys = sort_keys(&cols, spec)?;
+    let binary_at = |i: usize| match binary.len() {
+        0 => false,
+        1 => binary[0],
+        _ => binary.get(i).copied().unwrap_or(false),
+    };
+    // Columns holding values of their own type: group keys, min and max (counts, sums
+    // and averages are numbers).
+    let raw = |i: usize| match &spec.aggregates {
+        None => true,
+        Some(roles) => matches!(roles.get(i), Some(Column::Key | Column::Min | Column::Max)),
+    };
+    let mut uses: Vec<(usize, Option<&str>)> = Vec::new();
+    if let Some(roles) = &spec.aggregates {
+        for (i, r) in roles.iter().enumerate() {
+            if matches!(r, Column::Min | Column::Max) {
+                uses.push((i, None));
+            }
+        }
+    }
+    for k in &keys {
+        uses.push((k.idx, k.collation.as_deref()));
+    }
+    uses.retain(|&(i, _)| raw(i) && cols.get(i).is_some_and(|c| order::needs_fact(c.1)));
+    let mut classes: Vec<Option<String>> = vec![None; cols.len()];
+    let mut key_classes: Vec<Option<String>> = vec![None; keys.len()];
+    if !uses.is_empty() {
+        let fact_key = |i: usize| {
+            let (table, attnum) = src.get(i).copied().unwrap_or((0, 0));
+            (cols[i].1, table, attnum)
+        };
+        let wanted: Vec<order::FactKey> = uses.iter().map(|&(i, _)| fact_key(i)).collect();
+        let facts = order::facts(db, node, &wanted).await?;
+        let class_of = |i: usize, explicit: Option<&str>| {
+            order::class(cols[i].1, facts.get(&fact_key(i)), explicit, binary_at(i))
+        };
+        if let Some(roles) = &spec.aggregates {
+            for (i, r) in roles.iter().enumerate() {
+                if matches!(r, Column::Min | Column::Max) && uses.iter().any(|u| u.0 == i) {
+                    classes[i] = class_of(i, None);
+                }
+            }
+        }
+        for (k, c) in keys.iter().zip(key_classes.iter_mut()) {
+            if uses.iter().any(|u| u.0 == k.idx) {
+                *c = class_of(k.idx, k.collation.as_deref());
+            }
+        }
+    }
+    // The distinct values of each class, from the shards' rows (the merged rows hold no
+    // others).
+    let mut values: HashMap<String, std::collections::HashSet<Vec<u8>>> = HashMap::new();
+    let at: Vec<(usize, &String)> = classes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| c.as_ref().map(|c| (i, c)))
+        .chain(
+            keys.iter()
+                .zip(&key_classes)
+                .filter_map(|(k, c)| c.as_ref().map(|c| (k.idx, c))),
+        )
+        .collect();
+    if !at.is_empty() {
+        for r in results.iter().flatten().filter(|f| f[0] == b'D') {
+            let f = fields(r);
+            for &(i, class) in &at {
+                if let Some(Some(v)) = f.get(i) {
+                    let set = values.entry(class.clone()).or_default();
+                    if !set.contains(*v) {
+                        set.insert(v.to_vec());
+                    }
+                }
+            }
+        }
+    }
+    let values = values
+        .into_iter()
+        .map(|(c, s)| (c, s.into_iter().collect()))
+        .collect();
+    let ranks = order::rank(db, node, values, settings).await?;
+    merge_ordered(
+        results,
+        spec,
+        binary,
+        &key_classes,
+        Ordered { classes, ranks },
+    )
+}
+
+impl Ordered {
+    fn default_for(n: usize) -> Ordered {
+        Ordered {
+            classes: vec![None; n],
+            ranks: Orders::default(),
+        }
+    }
+}
+
+/// [`merge_select`] once the classes and ranks are known.
+fn merge_ordered(
+    results: Vec<Vec<BytesMut>>,
+    spec: &MergeSpec,
+    binary: &[bool],
+    key_classes: &[Option<String>],
+    order: Ordered,
 ) -> Result<BytesMut, PgError> {
     if let Some(e) = first_error(&results) {
         return Ok(e);
@@ -350,12 +561,12 @@ pub fn merge_select(
                     .map(|c| if *c == Column::DistinctCount { to } else { *c })
                     .collect()
             };
-            rows = aggregate(rows, &with(Column::Key), &cols, &binary_at)?;
+            rows = aggregate(rows, &with(Column::Key), &cols, &binary_at, &order)?;
             (t, rows) = distinct_as_counts(&t, rows, &roles, &binary_at);
             cols = columns(&t);
-            rows = aggregate(rows, &with(Column::Count), &cols, &binary_at)?;
+            rows = aggregate(rows, &with(Column::Count), &cols, &binary_at, &order)?;
         } else {
-            rows = aggregate(rows, &roles, &cols, &binary_at)?;
+            rows = aggregate(rows, &roles, &cols, &binary_at, &order)?;
         }
     }
     if !spec.avg.is_empty() {
@@ -390,65 +601,51 @@ pub fn merge_select(
         rows.retain(|r| seen.insert(r.clone()));
     }
     if !spec.order.is_empty() {
-        let mut keys = Vec::with_capacity(spec.order.len());
-        for k in &spec.order {
-            let visible = cols.len().saturating_sub(spec.hidden.len());
-            let by_name = |n: &str| cols[..visible].iter().position(|(c, _)| c == n);
-            let idx = match &k.col {
-                OrderCol::Position(p) => Some(*p),
-                OrderCol::Name(n) => by_name(n),
-                OrderCol::Hidden(h) => Some(visible + h),
-                OrderCol::NameOr(n, h) => by_name(n).or(Some(visible + h)),
-            }
-            .filter(|&i| i < cols.len())
-            .ok_or_else(|| {
-                PgError::new(
-                    "0A000",
-                    "ORDER BY across shards must name an output column; add it to the select list",
-                )
-            })?;
-            let is_binary = match binary.len() {
-                0 => false,
-                1 => binary[0],
-                _ => binary.get(idx).copied().unwrap_or(false),
-            };
-            if !sortable(cols[idx].1, is_binary) {
+        let keys = sort_keys(&cols, spec)?;
+        for (k, class) in keys
+            .iter()
+            .zip(key_classes.iter().chain(std::iter::repeat(&None)))
+        {
+            let oid = cols[k.idx].1;
+            if class.is_none() && !sortable(oid, binary_at(k.idx)) {
                 return Err(PgError::new(
                     "0A000",
                     format!(
-                        "ORDER BY across shards on a column of type oid {} in binary format is not supported yet",
-                        cols[idx].1
+                        "ORDER BY across shards on a column of type oid {oid} in binary format is not supported yet"
                     ),
                 ));
             }
-            keys.push((idx, cols[idx].1, k.desc, k.nulls_first, is_binary));
         }
         rows.sort_by(|x, y| {
             let (fx, fy) = (fields(x), fields(y));
-            for &(i, oid, desc, nulls_first, is_binary) in &keys {
-                let o = match (fx.get(i).copied().flatten(), fy.get(i).copied().flatten()) {
+            for (k, class) in keys
+                .iter()
+                .zip(key_classes.iter().chain(std::iter::repeat(&None)))
+            {
+                let o = match (
+                    fx.get(k.idx).copied().flatten(),
+                    fy.get(k.idx).copied().flatten(),
+                ) {
                     (None, None) => Ordering::Equal,
                     (None, Some(_)) => {
-                        if nulls_first {
+                        if k.nulls_first {
                             Ordering::Less
                         } else {
                             Ordering::Greater
                         }
                     }
                     (Some(_), None) => {
-                        if nulls_first {
+                        if k.nulls_first {
                             Ordering::Greater
                         } else {
                             Ordering::Less
                         }
                     }
                     (Some(a), Some(b)) => {
-                        let o = if is_binary {
-                            compare_binary(oid, a, b).unwrap_or(Ordering::Equal)
-                        } else {
-                            compare(oid, a, b)
-                        };
-                        if desc { o.reverse() } else { o }
+                        let o = order
+                            .compare(class.as_deref(), cols[k.idx].1, binary_at(k.idx), a, b)
+                            .unwrap_or(Ordering::Equal);
+                        if k.desc { o.reverse() } else { o }
                     }
                 };
                 if o != Ordering::Equal {

@@ -18,6 +18,7 @@ pub mod directory;
 pub mod finalize;
 pub mod merge;
 pub mod numeric;
+pub mod order;
 pub mod scatter;
 pub mod twophase;
 mod values;

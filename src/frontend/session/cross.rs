@@ -183,7 +183,7 @@ impl Session {
         let started = std::time::Instant::now();
         let out = match &plan {
             Multi::Merge(spec) => {
-                let mut merged = scatter::run_on_shards(
+                let mut merged = match scatter::run_on_shards(
                     &self.db,
                     &nodes,
                     scatter::Request::Simple(a.shard_sql.as_deref().unwrap_or(sql)),
@@ -191,7 +191,13 @@ impl Session {
                     self.settings_fp,
                 )
                 .await
-                .and_then(|r| scatter::merge_select(r, spec, &[]));
+                {
+                    Ok(r) => {
+                        let settings = (Some(&prelude[..]), self.settings_fp);
+                        scatter::merge_select(&self.db, nodes[0], r, spec, &[], settings).await
+                    }
+                    Err(e) => Err(e),
+                };
                 if let (Ok(out), Some(fin)) = (&mut merged, &spec.finalize) {
                     let out = std::mem::take(out);
                     merged = crate::exec::finalize::run(

@@ -320,7 +320,13 @@ impl Session {
         )
         .await;
         let formats = scatter::result_formats(&bind_rest);
-        let mut merged = results.and_then(|r| scatter::merge_select(r, &spec, &formats));
+        let mut merged = match results {
+            Ok(r) => {
+                let settings = (Some(&prelude[..]), self.settings_fp);
+                scatter::merge_select(&self.db, nodes[0], r, &spec, &formats, settings).await
+            }
+            Err(e) => Err(e),
+        };
         if let (Ok(out), Some(fin)) = (&mut merged, &spec.finalize) {
             let out = std::mem::take(out);
             let formats = client_formats(a, b.rest);
@@ -388,7 +394,16 @@ impl Session {
                 break;
             }
         }
-        let merged = scatter::merge_select(results, spec, &scatter::result_formats(&bind_rest));
+        let settings = self.settings_sql();
+        let merged = scatter::merge_select(
+            &self.db,
+            (shards[0], None),
+            results,
+            spec,
+            &scatter::result_formats(&bind_rest),
+            (Some(&settings), self.settings_fp),
+        )
+        .await;
         let client = match crate::exec::finalize::ClientParams::of(types, rest) {
             Ok(c) => c,
             Err(e) => {

@@ -386,7 +386,13 @@ fn plan(q: &Query, rules: &Rules) -> Result<MergeSpec, String> {
                 return unsupported("ORDER BY a window function not partitioned by the shard key");
             }
             let desc = matches!(o.options.sort, Some(sqlparser::ast::OrderBySort::Desc));
-            let col = match &o.expr {
+            // `x COLLATE c` orders the output column x by c: the merge needs c, the shards
+            // return x.
+            let (expr, collation) = match &o.expr {
+                Expr::Collate { expr, collation } => (&**expr, Some(collation.to_string())),
+                e => (e, None),
+            };
+            let col = match expr {
                 Expr::Value(v) => match &v.value {
                     Value::Number(n, _) => match n.parse::<usize>() {
                         Ok(k) if k >= 1 => OrderCol::Position(k - 1),
@@ -434,6 +440,7 @@ fn plan(q: &Query, rules: &Rules) -> Result<MergeSpec, String> {
                 desc,
                 // PostgreSQL's default: NULLs sort as larger than any value.
                 nulls_first: o.options.nulls_first.unwrap_or(desc),
+                collation,
             });
         }
     }
@@ -488,6 +495,7 @@ fn plan(q: &Query, rules: &Rules) -> Result<MergeSpec, String> {
                     col: OrderCol::Position(d),
                     desc: false,
                     nulls_first: false,
+                    collation: None,
                 })
                 .collect();
         } else if !leads || spec.order.len() < spec.distinct_on.len() {

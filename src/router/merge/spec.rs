@@ -222,6 +222,9 @@ pub struct OrderKey {
     pub col: OrderCol,
     pub desc: bool,
     pub nulls_first: bool,
+    /// The collation written in the ORDER BY item (`name COLLATE "C"`), as SQL; else the
+    /// column's own collation orders it.
+    pub collation: Option<String>,
 }
 
 /// An output column, by 0-based position or by name (resolved against RowDescription).

@@ -125,12 +125,14 @@ fn merge_specs() {
                 OrderKey {
                     col: OrderCol::Position(1),
                     desc: true,
-                    nulls_first: true
+                    nulls_first: true,
+                    collation: None,
                 },
                 OrderKey {
                     col: OrderCol::Position(0),
                     desc: false,
-                    nulls_first: false
+                    nulls_first: false,
+                    collation: None,
                 },
             ],
             limit: Some(5),
