@@ -933,6 +933,19 @@ async fn orders_values_as_postgresql_does() {
         ("SELECT min(span), max(span) FROM people", false),
         ("SELECT id, ip FROM people ORDER BY ip DESC, id", false),
     ];
+    // Finished by PostgreSQL over the merged groups (or gathered rows): group keys and
+    // inputs keep their column's collation in the final query.
+    let finished = [
+        "SELECT nick, count(*)::int AS n FROM people GROUP BY nick ORDER BY nick",
+        "SELECT nick, count(*)::int AS n FROM people GROUP BY nick HAVING nick > 'Z' ORDER BY nick DESC",
+        "SELECT string_agg(nick, ',' ORDER BY nick, id) FROM people WHERE id < 30",
+        "SELECT name, count(*)::int AS n FROM people GROUP BY name ORDER BY name",
+        "SELECT mood, string_agg(name, ',' ORDER BY name, id) FROM people GROUP BY mood ORDER BY mood",
+    ];
+    let queries: Vec<(&str, bool)> = queries
+        .into_iter()
+        .chain(finished.into_iter().map(|q| (q, true)))
+        .collect();
     // min and max of two rows on two shards: pgshard compares the shards' answers.
     let on = |id: i64| {
         pgshard::sharding::hash::partition_of(&pgshard::sharding::hash::HashKey::Int(id), 2)

@@ -240,7 +240,7 @@ pub fn request(
     fin: &Finalize,
     merged: &[u8],
     formats: &[bool],
-    arrays: &[(u32, u32)],
+    (arrays, collations): (&[(u32, u32)], &[Option<String>]),
     client: Option<&ClientParams>,
 ) -> Result<(BytesMut, FinalRequest), PgError> {
     let mut notices = BytesMut::new();
@@ -272,7 +272,7 @@ pub fn request(
         types.unwrap_or_default(),
         &rows,
         formats,
-        arrays,
+        (arrays, collations),
         client,
     )
     .map(|mut r| {
@@ -286,7 +286,7 @@ fn build(
     cols: Vec<(String, u32)>,
     rows: &[Vec<Option<&[u8]>>],
     formats: &[bool],
-    arrays: &[(u32, u32)],
+    (arrays, collations): (&[(u32, u32)], &[Option<String>]),
     client: Option<&ClientParams>,
 ) -> Result<FinalRequest, PgError> {
     if cols.len() != fin.columns || rows.iter().any(|r| r.len() != fin.columns) {
@@ -295,7 +295,7 @@ fn build(
             "the shards' partial aggregates do not have the expected columns",
         ));
     }
-    let query = fin.text().ok_or_else(|| {
+    let query = fin.text_collated(collations).ok_or_else(|| {
         PgError::new(
             "0A000",
             "LIMIT or OFFSET given as a parameter across shards is supported only in the extended protocol",
@@ -446,7 +446,8 @@ pub async fn run(
         .await?;
         array_types(&r.pop().unwrap_or_default())
     };
-    let (notices, req) = request(fin, &merged, formats, &arrays, client)?;
+    let collations = super::order::collations(db, node, &merged).await?;
+    let (notices, req) = request(fin, &merged, formats, (&arrays, &collations), client)?;
     req.count(db, node.0);
     let mut results = super::scatter::run_on_shards(
         db,

@@ -337,7 +337,7 @@ impl Ordered {
 
 /// The table OID and column number of each field of a RowDescription (0 for an
 /// expression).
-fn sources(t: &[u8]) -> Vec<(u32, i16)> {
+pub(super) fn sources(t: &[u8]) -> Vec<(u32, i16)> {
     let mut b = protocol::body(t);
     if b.len() < 2 {
         return Vec::new();

@@ -179,6 +179,42 @@ pub async fn facts(
     Ok(out)
 }
 
+/// The collation each column of a merged result must be read in by a final query
+/// (`exec::finalize`) where it is not the database's default: a column of the shards'
+/// tables declared with its own (`COLLATE "C"` in an ICU database).
+pub async fn collations(
+    db: &Database,
+    node: (usize, Option<usize>),
+    merged: &[u8],
+) -> Result<Vec<Option<String>>, PgError> {
+    let Some(t) = crate::protocol::frames(merged).find(|f| f[0] == b'T') else {
+        return Ok(Vec::new());
+    };
+    let keys: Vec<FactKey> = super::merge::columns(t)
+        .iter()
+        .zip(super::merge::sources(t))
+        .map(|((_, oid), (table, attnum))| (*oid, table, attnum))
+        .collect();
+    let wanted: Vec<FactKey> = keys
+        .iter()
+        .filter(|k| k.1 != 0 && needs_fact(k.0))
+        .copied()
+        .collect();
+    if wanted.is_empty() {
+        return Ok(vec![None; keys.len()]);
+    }
+    let facts = facts(db, node, &wanted).await?;
+    Ok(keys
+        .iter()
+        .map(|k| {
+            facts
+                .get(k)
+                .and_then(|f| f.collation.clone())
+                .filter(|c| c != "\"default\"")
+        })
+        .collect())
+}
+
 /// For each column (type, table, column number): the type's quoted name, category,
 /// collation and whether that collation is bytewise. `pg_database` and `pg_collation`
 /// are read as JSON so that one text serves PostgreSQL 13 to 17 (`datlocprovider`

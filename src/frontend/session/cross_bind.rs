@@ -479,8 +479,13 @@ impl Session {
             };
             arrays = crate::exec::finalize::array_types(&frames);
         }
+        let collations = match crate::exec::order::collations(&self.db, (s, None), out).await {
+            Ok(c) => c,
+            Err(e) => return Ok(Some(Err(e))),
+        };
         let (notices, req) =
-            match crate::exec::finalize::request(fin, out, formats, &arrays, client) {
+            match crate::exec::finalize::request(fin, out, formats, (&arrays, &collations), client)
+            {
                 Err(e) => return Ok(Some(Err(e))),
                 Ok(r) => r,
             };

@@ -71,6 +71,33 @@ impl Finalize {
         Some(sql)
     }
 
+    /// [`Finalize::text`] with merged columns read in the given collations (a group key
+    /// of a column declared `COLLATE "C"` compares and sorts as the column does, not in
+    /// the database's default collation): `unnest($n COLLATE c)`.
+    pub fn text_collated(&self, collations: &[Option<String>]) -> Option<String> {
+        let mut sql = self.text()?;
+        if collations.iter().all(Option::is_none) {
+            return Some(sql);
+        }
+        let unnest = |i: usize, c: Option<&String>| match c {
+            None => format!("pg_catalog.unnest(${})", self.params + i + 1),
+            Some(c) => format!("pg_catalog.unnest(${} COLLATE {c})", self.params + i + 1),
+        };
+        let from = |with: bool| {
+            let calls: Vec<String> = (0..self.columns)
+                .map(|i| {
+                    unnest(
+                        i,
+                        collations.get(i).and_then(Option::as_ref).filter(|_| with),
+                    )
+                })
+                .collect();
+            format!("ROWS FROM ({}) AS {MERGED}(", calls.join(", "))
+        };
+        sql = sql.replacen(&from(false), &from(true), 1);
+        Some(sql)
+    }
+
     /// The client's parameters the final query needs.
     pub fn params(&self) -> impl Iterator<Item = usize> + '_ {
         [&self.limit, &self.offset]
