@@ -3,9 +3,9 @@
 //! HAVING, DISTINCT (ON), ORDER BY on typed values (text and binary formats), OFFSET and
 //! LIMIT, and hidden columns stripped. Only here are rows decoded.
 
-use super::order::{self, Orders};
+use super::order::{self, Ordered};
 use super::scatter::first_error;
-use super::values::{add, compare, compare_binary, sortable, unmergeable};
+use super::values::{add, sortable, unmergeable};
 use crate::protocol::{self, PgError};
 use crate::router::analyze::{MergeSpec, OrderCol};
 use crate::router::merge::Column;
@@ -280,7 +280,7 @@ fn aggregate(
                             Some(add(oid, bin, &a, &b)?)
                         }
                         (Column::Min | Column::Max, Some(a), Some(b)) => {
-                            let class = order.classes.get(i).and_then(Option::as_deref);
+                            let class = order.column_class(i);
                             let o = order
                                 .compare(class, oid, bin, &a, &b)
                                 .ok_or_else(|| unmergeable(oid))?;
@@ -298,41 +298,11 @@ fn aggregate(
 }
 
 /// One ORDER BY key of a merge: its column, direction, and the collation its item names.
-struct SortKey {
-    idx: usize,
+pub(super) struct SortKey {
+    pub idx: usize,
     desc: bool,
     nulls_first: bool,
-    collation: Option<String>,
-}
-
-/// How a merge compares values: the class of each column PostgreSQL orders (min/max and
-/// ORDER BY columns that pgshard cannot compare itself; see `exec::order`) and the ranks
-/// it gave their values.
-struct Ordered {
-    classes: Vec<Option<String>>,
-    ranks: Orders,
-}
-
-impl Ordered {
-    fn compare(
-        &self,
-        class: Option<&str>,
-        oid: u32,
-        binary: bool,
-        a: &[u8],
-        b: &[u8],
-    ) -> Option<Ordering> {
-        if let Some(c) = class
-            && let (Some(x), Some(y)) = (self.ranks.rank(c, a), self.ranks.rank(c, b))
-        {
-            return Some(x.cmp(&y));
-        }
-        if binary {
-            compare_binary(oid, a, b)
-        } else {
-            Some(compare(oid, a, b))
-        }
-    }
+    pub collation: Option<String>,
 }
 
 /// The table OID and column number of each field of a RowDescription (0 for an
@@ -359,7 +329,7 @@ pub(super) fn sources(t: &[u8]) -> Vec<(u32, i16)> {
 }
 
 /// The columns the ORDER BY keys name.
-fn sort_keys(cols: &[(String, u32)], spec: &MergeSpec) -> Result<Vec<SortKey>, PgError> {
+pub(super) fn sort_keys(cols: &[(String, u32)], spec: &MergeSpec) -> Result<Vec<SortKey>, PgError> {
     let visible = cols.len().saturating_sub(spec.hidden.len());
     let by_name = |n: &str| cols[..visible].iter().position(|(c, _)| c == n);
     spec.order
@@ -401,110 +371,12 @@ pub async fn merge_select(
     binary: &[bool],
     settings: (Option<&str>, u64),
 ) -> Result<BytesMut, PgError> {
-    if first_error(&results).is_some() {
-        return merge_ordered(results, spec, binary, &[], Ordered::default_for(0));
-    }
-    let Some(t) = results.iter().flatten().find(|f| f[0] == b'T') else {
-        return merge_ordered(results, spec, binary, &[], Ordered::default_for(0));
+    let order = if first_error(&results).is_some() {
+        Ordered::default()
+    } else {
+        order::prepare(db, node, &results, spec, binary, settings).await?
     };
-    let cols = columns(t);
-    let src = sources(t);
-    let keys = sort_keys(&cols, spec)?;
-    let binary_at = |i: usize| match binary.len() {
-        0 => false,
-        1 => binary[0],
-        _ => binary.get(i).copied().unwrap_or(false),
-    };
-    // Columns holding values of their own type: group keys, min and max (counts, sums
-    // and averages are numbers).
-    let raw = |i: usize| match &spec.aggregates {
-        None => true,
-        Some(roles) => matches!(roles.get(i), Some(Column::Key | Column::Min | Column::Max)),
-    };
-    let mut uses: Vec<(usize, Option<&str>)> = Vec::new();
-    if let Some(roles) = &spec.aggregates {
-        for (i, r) in roles.iter().enumerate() {
-            if matches!(r, Column::Min | Column::Max) {
-                uses.push((i, None));
-            }
-        }
-    }
-    for k in &keys {
-        uses.push((k.idx, k.collation.as_deref()));
-    }
-    uses.retain(|&(i, _)| raw(i) && cols.get(i).is_some_and(|c| order::needs_fact(c.1)));
-    let mut classes: Vec<Option<String>> = vec![None; cols.len()];
-    let mut key_classes: Vec<Option<String>> = vec![None; keys.len()];
-    if !uses.is_empty() {
-        let fact_key = |i: usize| {
-            let (table, attnum) = src.get(i).copied().unwrap_or((0, 0));
-            (cols[i].1, table, attnum)
-        };
-        let wanted: Vec<order::FactKey> = uses.iter().map(|&(i, _)| fact_key(i)).collect();
-        let facts = order::facts(db, node, &wanted).await?;
-        let class_of = |i: usize, explicit: Option<&str>| {
-            order::class(cols[i].1, facts.get(&fact_key(i)), explicit, binary_at(i))
-        };
-        if let Some(roles) = &spec.aggregates {
-            for (i, r) in roles.iter().enumerate() {
-                if matches!(r, Column::Min | Column::Max) && uses.iter().any(|u| u.0 == i) {
-                    classes[i] = class_of(i, None);
-                }
-            }
-        }
-        for (k, c) in keys.iter().zip(key_classes.iter_mut()) {
-            if uses.iter().any(|u| u.0 == k.idx) {
-                *c = class_of(k.idx, k.collation.as_deref());
-            }
-        }
-    }
-    // The distinct values of each class, from the shards' rows (the merged rows hold no
-    // others).
-    let mut values: HashMap<String, std::collections::HashSet<Vec<u8>>> = HashMap::new();
-    let at: Vec<(usize, &String)> = classes
-        .iter()
-        .enumerate()
-        .filter_map(|(i, c)| c.as_ref().map(|c| (i, c)))
-        .chain(
-            keys.iter()
-                .zip(&key_classes)
-                .filter_map(|(k, c)| c.as_ref().map(|c| (k.idx, c))),
-        )
-        .collect();
-    if !at.is_empty() {
-        for r in results.iter().flatten().filter(|f| f[0] == b'D') {
-            let f = fields(r);
-            for &(i, class) in &at {
-                if let Some(Some(v)) = f.get(i) {
-                    let set = values.entry(class.clone()).or_default();
-                    if !set.contains(*v) {
-                        set.insert(v.to_vec());
-                    }
-                }
-            }
-        }
-    }
-    let values = values
-        .into_iter()
-        .map(|(c, s)| (c, s.into_iter().collect()))
-        .collect();
-    let ranks = order::rank(db, node, values, settings).await?;
-    merge_ordered(
-        results,
-        spec,
-        binary,
-        &key_classes,
-        Ordered { classes, ranks },
-    )
-}
-
-impl Ordered {
-    fn default_for(n: usize) -> Ordered {
-        Ordered {
-            classes: vec![None; n],
-            ranks: Orders::default(),
-        }
-    }
+    merge_ordered(results, spec, binary, order)
 }
 
 /// [`merge_select`] once the classes and ranks are known.
@@ -512,7 +384,6 @@ fn merge_ordered(
     results: Vec<Vec<BytesMut>>,
     spec: &MergeSpec,
     binary: &[bool],
-    key_classes: &[Option<String>],
     order: Ordered,
 ) -> Result<BytesMut, PgError> {
     if let Some(e) = first_error(&results) {
@@ -602,12 +473,9 @@ fn merge_ordered(
     }
     if !spec.order.is_empty() {
         let keys = sort_keys(&cols, spec)?;
-        for (k, class) in keys
-            .iter()
-            .zip(key_classes.iter().chain(std::iter::repeat(&None)))
-        {
+        for (n, k) in keys.iter().enumerate() {
             let oid = cols[k.idx].1;
-            if class.is_none() && !sortable(oid, binary_at(k.idx)) {
+            if order.key_class(n).is_none() && !sortable(oid, binary_at(k.idx)) {
                 return Err(PgError::new(
                     "0A000",
                     format!(
@@ -618,10 +486,7 @@ fn merge_ordered(
         }
         rows.sort_by(|x, y| {
             let (fx, fy) = (fields(x), fields(y));
-            for (k, class) in keys
-                .iter()
-                .zip(key_classes.iter().chain(std::iter::repeat(&None)))
-            {
+            for (n, k) in keys.iter().enumerate() {
                 let o = match (
                     fx.get(k.idx).copied().flatten(),
                     fy.get(k.idx).copied().flatten(),
@@ -643,7 +508,7 @@ fn merge_ordered(
                     }
                     (Some(a), Some(b)) => {
                         let o = order
-                            .compare(class.as_deref(), cols[k.idx].1, binary_at(k.idx), a, b)
+                            .compare(order.key_class(n), cols[k.idx].1, binary_at(k.idx), a, b)
                             .unwrap_or(Ordering::Equal);
                         if k.desc { o.reverse() } else { o }
                     }

@@ -9,11 +9,16 @@
 //! database's default. These facts are read from the server once per column and kept for
 //! the life of the database's configuration.
 
+use super::merge::{columns, fields, sort_keys, sources};
 use super::scatter::{Request, run_on_shards};
+use super::values::{compare, compare_binary};
 use crate::cluster::Database;
 use crate::protocol::PgError;
+use crate::router::analyze::MergeSpec;
+use crate::router::merge::Column;
 use bytes::{BufMut, BytesMut};
-use std::collections::HashMap;
+use std::cmp::Ordering;
+use std::collections::{HashMap, HashSet};
 
 /// A column whose type and collation the merge needs: (type OID, table OID, column
 /// number), the table 0 for an expression.
@@ -34,19 +39,144 @@ pub struct Fact {
     bytewise: bool,
 }
 
-/// How the merge orders each column it compares: by pgshard (no class) or by the rank
-/// PostgreSQL gives the value within its class, a SQL expression over `v`
-/// (`v::pg_catalog.text COLLATE "default"`).
+/// How a merge orders each column it compares (min/max columns and ORDER BY keys): by
+/// pgshard (no class) or by the rank PostgreSQL gave the value within its class, a SQL
+/// expression over `v` (`v::pg_catalog.text COLLATE "default"`).
 #[derive(Debug, Default)]
-pub struct Orders {
-    ranks: HashMap<String, HashMap<Vec<u8>, u32>>,
+pub struct Ordered {
+    /// By column: min and max.
+    columns: Vec<Option<String>>,
+    /// By ORDER BY key.
+    keys: Vec<Option<String>>,
+    ranks: Ranks,
 }
 
-impl Orders {
-    /// The value's rank in its class, when PostgreSQL ranked it.
-    pub fn rank(&self, class: &str, value: &[u8]) -> Option<u32> {
-        self.ranks.get(class)?.get(value).copied()
+impl Ordered {
+    pub fn column_class(&self, i: usize) -> Option<&str> {
+        self.columns.get(i).and_then(Option::as_deref)
     }
+
+    pub fn key_class(&self, k: usize) -> Option<&str> {
+        self.keys.get(k).and_then(Option::as_deref)
+    }
+
+    /// Compares two values of a column: by their ranks in `class`, else as pgshard
+    /// compares the type (None: it cannot, in binary).
+    pub fn compare(
+        &self,
+        class: Option<&str>,
+        oid: u32,
+        binary: bool,
+        a: &[u8],
+        b: &[u8],
+    ) -> Option<Ordering> {
+        if let Some(ranks) = class.and_then(|c| self.ranks.get(c))
+            && let (Some(x), Some(y)) = (ranks.get(a), ranks.get(b))
+        {
+            return Some(x.cmp(y));
+        }
+        if binary {
+            compare_binary(oid, a, b)
+        } else {
+            Some(compare(oid, a, b))
+        }
+    }
+}
+
+/// How a merge of these results orders its min/max columns and ORDER BY keys: the
+/// columns' facts (cached, else read from `node`), then one query on `node` ranking the
+/// distinct values of the columns pgshard cannot order itself.
+pub async fn prepare(
+    db: &Database,
+    node: (usize, Option<usize>),
+    results: &[Vec<BytesMut>],
+    spec: &MergeSpec,
+    binary: &[bool],
+    settings: (Option<&str>, u64),
+) -> Result<Ordered, PgError> {
+    let Some(t) = results.iter().flatten().find(|f| f[0] == b'T') else {
+        return Ok(Ordered::default());
+    };
+    let cols = columns(t);
+    let src = sources(t);
+    let keys = sort_keys(&cols, spec)?;
+    let binary_at = |i: usize| match binary.len() {
+        0 => false,
+        1 => binary[0],
+        _ => binary.get(i).copied().unwrap_or(false),
+    };
+    // Columns holding values of their own type: group keys, min and max (counts, sums
+    // and averages are numbers).
+    let min_max = |i: usize| {
+        spec.aggregates
+            .as_ref()
+            .is_some_and(|r| matches!(r.get(i), Some(Column::Min | Column::Max)))
+    };
+    let raw = |i: usize| match &spec.aggregates {
+        None => true,
+        Some(roles) => matches!(roles.get(i), Some(Column::Key | Column::Min | Column::Max)),
+    };
+    let wants = |i: usize| raw(i) && cols.get(i).is_some_and(|c| needs_fact(c.1));
+    let mut ordered = Ordered {
+        columns: vec![None; cols.len()],
+        keys: vec![None; keys.len()],
+        ranks: HashMap::new(),
+    };
+    let fact_key = |i: usize| {
+        let (table, attnum) = src.get(i).copied().unwrap_or((0, 0));
+        (cols[i].1, table, attnum)
+    };
+    let wanted: Vec<FactKey> = (0..cols.len())
+        .filter(|&i| min_max(i) && wants(i))
+        .chain(keys.iter().map(|k| k.idx).filter(|&i| wants(i)))
+        .map(fact_key)
+        .collect();
+    if wanted.is_empty() {
+        return Ok(ordered);
+    }
+    let facts = facts(db, node, &wanted).await?;
+    let class_of = |i: usize, explicit: Option<&str>| {
+        class(cols[i].1, facts.get(&fact_key(i)), explicit, binary_at(i))
+    };
+    for i in (0..cols.len()).filter(|&i| min_max(i) && wants(i)) {
+        ordered.columns[i] = class_of(i, None);
+    }
+    for (k, c) in keys.iter().zip(ordered.keys.iter_mut()) {
+        if wants(k.idx) {
+            *c = class_of(k.idx, k.collation.as_deref());
+        }
+    }
+    // The distinct values of each class, from the shards' rows (the merged rows hold no
+    // others).
+    let at: Vec<(usize, &String)> = ordered
+        .columns
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| c.as_ref().map(|c| (i, c)))
+        .chain(
+            keys.iter()
+                .zip(&ordered.keys)
+                .filter_map(|(k, c)| c.as_ref().map(|c| (k.idx, c))),
+        )
+        .collect();
+    let mut values: HashMap<String, HashSet<Vec<u8>>> = HashMap::new();
+    for r in results.iter().flatten().filter(|f| f[0] == b'D') {
+        let f = fields(r);
+        for &(i, class) in &at {
+            if let Some(Some(v)) = f.get(i) {
+                let set = values.entry(class.clone()).or_default();
+                if !set.contains(*v) {
+                    set.insert(v.to_vec());
+                }
+            }
+        }
+    }
+    let values = values
+        .into_iter()
+        .map(|(c, s)| (c, s.into_iter().collect()))
+        .collect();
+    ordered.ranks = rank(db, node, values, settings).await?;
+    Ok(ordered)
 }
 
 /// Types pgshard orders exactly itself (numbers, booleans, uuid, bytea, ISO dates and
@@ -147,7 +277,7 @@ pub async fn facts(
     .await?;
     let mut found: HashMap<usize, Fact> = HashMap::new();
     for r in frames.iter().filter(|f| f[0] == b'D') {
-        let v = super::merge::fields(r);
+        let v = fields(r);
         let text = |i: usize| {
             v.get(i)
                 .copied()
@@ -190,9 +320,9 @@ pub async fn collations(
     let Some(t) = crate::protocol::frames(merged).find(|f| f[0] == b'T') else {
         return Ok(Vec::new());
     };
-    let keys: Vec<FactKey> = super::merge::columns(t)
+    let keys: Vec<FactKey> = columns(t)
         .iter()
-        .zip(super::merge::sources(t))
+        .zip(sources(t))
         .map(|((_, oid), (table, attnum))| (*oid, table, attnum))
         .collect();
     let wanted: Vec<FactKey> = keys
@@ -230,6 +360,9 @@ LEFT JOIN pg_catalog.pg_attribute a ON k.rel <> 0 AND a.attrelid = k.rel AND a.a
 LEFT JOIN pg_catalog.pg_collation c ON t.typcollation <> 0 AND c.oid = coalesce(nullif(a.attcollation, 0), t.typcollation) \
 CROSS JOIN (SELECT pg_catalog.to_jsonb(x) AS j FROM pg_catalog.pg_database x WHERE x.datname = pg_catalog.current_database()) d";
 
+/// Each class's values and their ranks.
+type Ranks = HashMap<String, HashMap<Vec<u8>, u32>>;
+
 /// Ranks each class's values (distinct, non-null) on `node`, in the
 /// client's settings (a DateStyle or client encoding the values are written in).
 pub async fn rank(
@@ -237,10 +370,10 @@ pub async fn rank(
     node: (usize, Option<usize>),
     values: HashMap<String, Vec<Vec<u8>>>,
     settings: (Option<&str>, u64),
-) -> Result<Orders, PgError> {
-    let mut orders = Orders::default();
+) -> Result<Ranks, PgError> {
+    let mut out = Ranks::new();
     if values.is_empty() {
-        return Ok(orders);
+        return Ok(out);
     }
     let classes: Vec<(String, Vec<Vec<u8>>)> = values.into_iter().collect();
     let sql = classes
@@ -263,7 +396,7 @@ pub async fn rank(
         .collect();
     let frames = query_with(db, node, &sql, &params, settings).await?;
     for r in frames.iter().filter(|f| f[0] == b'D') {
-        let v = super::merge::fields(r);
+        let v = fields(r);
         let (Some(Some(i)), Some(Some(order))) = (v.first(), v.get(1)) else {
             continue;
         };
@@ -286,9 +419,9 @@ pub async fn rank(
                 ranks.insert(v.clone(), rank as u32);
             }
         }
-        orders.ranks.insert(class.clone(), ranks);
+        out.insert(class.clone(), ranks);
     }
-    Ok(orders)
+    Ok(out)
 }
 
 async fn query(
