@@ -7,6 +7,7 @@ use super::analyze::{KeyRef, value_of};
 use sqlparser::ast::{Expr, Query, Select, SetExpr, Value};
 
 mod aggregate;
+mod colname;
 mod finalize;
 mod spec;
 

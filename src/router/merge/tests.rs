@@ -462,7 +462,7 @@ fn output_names_are_postgresqls() {
         let sqlparser::ast::SelectItem::UnnamedExpr(e) = &s.projection[0] else {
             panic!()
         };
-        finalize::column_name(e).0
+        colname::column_name(e).0
     };
     for (e, n) in [
         ("sum(x)", "sum"),
