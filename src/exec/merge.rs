@@ -36,8 +36,9 @@ fn prefix_end(frame: &[u8], n: usize, row: bool) -> usize {
     i.min(frame.len())
 }
 
-/// Field names and type OIDs of a RowDescription.
-pub(super) fn columns(t: &[u8]) -> Vec<(String, u32)> {
+/// Each field of a RowDescription: its name and its 18 bytes of attributes (table OID,
+/// column number, type OID, length, modifier, format).
+fn described(t: &[u8]) -> Vec<(String, &[u8])> {
     let mut b = protocol::body(t);
     if b.len() < 2 {
         return Vec::new();
@@ -49,14 +50,19 @@ pub(super) fn columns(t: &[u8]) -> Vec<(String, u32)> {
         let Ok(name) = protocol::read_cstr(&mut b, "RowDescription") else {
             break;
         };
-        if b.len() < 18 {
-            break;
-        }
-        let oid = u32::from_be_bytes([b[6], b[7], b[8], b[9]]);
+        let Some(attributes) = b.get(..18) else { break };
+        out.push((name, attributes));
         b = &b[18..];
-        out.push((name, oid));
     }
     out
+}
+
+/// Field names and type OIDs of a RowDescription.
+pub(super) fn columns(t: &[u8]) -> Vec<(String, u32)> {
+    described(t)
+        .into_iter()
+        .map(|(name, a)| (name, u32::from_be_bytes([a[6], a[7], a[8], a[9]])))
+        .collect()
 }
 
 /// Turns each avg column's merged sum into the average (with its hidden count), and its
@@ -308,24 +314,15 @@ pub(super) struct SortKey {
 /// The table OID and column number of each field of a RowDescription (0 for an
 /// expression).
 pub(super) fn sources(t: &[u8]) -> Vec<(u32, i16)> {
-    let mut b = protocol::body(t);
-    if b.len() < 2 {
-        return Vec::new();
-    }
-    let n = u16::from_be_bytes([b[0], b[1]]) as usize;
-    b = &b[2..];
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        if protocol::read_cstr(&mut b, "RowDescription").is_err() || b.len() < 18 {
-            break;
-        }
-        out.push((
-            u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
-            i16::from_be_bytes([b[4], b[5]]),
-        ));
-        b = &b[18..];
-    }
-    out
+    described(t)
+        .into_iter()
+        .map(|(_, a)| {
+            (
+                u32::from_be_bytes([a[0], a[1], a[2], a[3]]),
+                i16::from_be_bytes([a[4], a[5]]),
+            )
+        })
+        .collect()
 }
 
 /// The columns the ORDER BY keys name.

@@ -394,16 +394,14 @@ impl Session {
                 break;
             }
         }
-        let settings = self.settings_sql();
-        let merged = scatter::merge_select(
-            &self.db,
-            (shards[0], None),
-            results,
-            spec,
-            &scatter::result_formats(&bind_rest),
-            (Some(&settings), self.settings_fp),
-        )
-        .await;
+        let merged = self
+            .merge_in_transaction(
+                shards[0],
+                results,
+                spec,
+                &scatter::result_formats(&bind_rest),
+            )
+            .await;
         let client = match crate::exec::finalize::ClientParams::of(types, rest) {
             Ok(c) => c,
             Err(e) => {
@@ -454,6 +452,20 @@ impl Session {
     /// Finishes a merged result inside the client's transaction: the final query of an
     /// aggregate PostgreSQL finishes runs on shard `s`'s participant. None when that
     /// connection was lost (the client was told).
+    /// Merges the results of a read inside the transaction; values pgshard cannot order
+    /// itself are ranked on the primary of shard `s`, in the client's settings.
+    pub(super) async fn merge_in_transaction(
+        &mut self,
+        s: usize,
+        results: Vec<Vec<bytes::BytesMut>>,
+        spec: &MergeSpec,
+        formats: &[bool],
+    ) -> Result<bytes::BytesMut, PgError> {
+        let settings = self.settings_sql();
+        let settings = (Some(&settings[..]), self.settings_fp);
+        scatter::merge_select(&self.db, (s, None), results, spec, formats, settings).await
+    }
+
     pub(super) async fn finish_in_transaction(
         &mut self,
         s: usize,

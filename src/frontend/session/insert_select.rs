@@ -173,16 +173,7 @@ impl Session {
                     Ok(spec) => spec,
                     Err(e) => return failed(self, e),
                 };
-                let settings = self.settings_sql();
-                let merged = crate::exec::scatter::merge_select(
-                    &self.db,
-                    (read[0], None),
-                    parts,
-                    &spec,
-                    &[],
-                    (Some(&settings), self.settings_fp),
-                )
-                .await;
+                let merged = self.merge_in_transaction(read[0], parts, &spec, &[]).await;
                 let Some(merged) = self
                     .finish_in_transaction(
                         read[0],

@@ -391,16 +391,9 @@ impl Session {
         } else {
             match plan {
                 Multi::Merge(spec) => {
-                    let settings = self.settings_sql();
-                    let merged = scatter::merge_select(
-                        &self.db,
-                        (shards[0], None),
-                        results,
-                        spec,
-                        &[],
-                        (Some(&settings), self.settings_fp),
-                    )
-                    .await;
+                    let merged = self
+                        .merge_in_transaction(shards[0], results, spec, &[])
+                        .await;
                     let Some(merged) = self
                         .finish_in_transaction(shards[0], spec, merged, &[], None)
                         .await?
