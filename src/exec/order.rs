@@ -70,10 +70,15 @@ impl Ordered {
         a: &[u8],
         b: &[u8],
     ) -> Option<Ordering> {
-        if let Some(ranks) = class.and_then(|c| self.ranks.get(c))
-            && let (Some(x), Some(y)) = (ranks.get(a), ranks.get(b))
-        {
-            return Some(x.cmp(y));
+        if let Some(ranks) = class.and_then(|c| self.ranks.get(c)) {
+            // Ranked values first, should one lack a rank: a total order either way (a
+            // sort may panic on one that is not).
+            match (ranks.get(a), ranks.get(b)) {
+                (Some(x), Some(y)) => return Some(x.cmp(y)),
+                (Some(_), None) => return Some(Ordering::Less),
+                (None, Some(_)) => return Some(Ordering::Greater),
+                (None, None) => {}
+            }
         }
         if binary {
             compare_binary(oid, a, b)
@@ -159,18 +164,21 @@ pub async fn prepare(
                 .filter_map(|(k, c)| c.as_ref().map(|c| (k.idx, c))),
         )
         .collect();
-    let mut values: HashMap<String, HashSet<Vec<u8>>> = HashMap::new();
+    let mut values: HashMap<String, HashSet<Vec<u8>>> = at
+        .iter()
+        .map(|(_, class)| ((*class).clone(), HashSet::new()))
+        .collect();
     for r in results.iter().flatten().filter(|f| f[0] == b'D') {
         let f = fields(r);
         for &(i, class) in &at {
-            if let Some(Some(v)) = f.get(i) {
-                let set = values.entry(class.clone()).or_default();
-                if !set.contains(*v) {
-                    set.insert(v.to_vec());
-                }
+            if let (Some(Some(v)), Some(set)) = (f.get(i), values.get_mut(class.as_str()))
+                && !set.contains(*v)
+            {
+                set.insert(v.to_vec());
             }
         }
     }
+    values.retain(|_, set| !set.is_empty());
     let values = values
         .into_iter()
         .map(|(c, s)| (c, s.into_iter().collect()))
@@ -363,8 +371,8 @@ CROSS JOIN (SELECT pg_catalog.to_jsonb(x) AS j FROM pg_catalog.pg_database x WHE
 /// Each class's values and their ranks.
 type Ranks = HashMap<String, HashMap<Vec<u8>, u32>>;
 
-/// Ranks each class's values (distinct, non-null) on `node`, in the
-/// client's settings (a DateStyle or client encoding the values are written in).
+/// Ranks each class's values (distinct, non-null) on `node`, in the client's settings
+/// (a DateStyle or client encoding the values are written in).
 pub async fn rank(
     db: &Database,
     node: (usize, Option<usize>),
