@@ -248,22 +248,11 @@ impl Router {
                                 Some(bytes)
                                     if p.binary.get(*i).copied().unwrap_or(false) && !textual =>
                                 {
-                                    let v = f.ty.parse_binary(bytes, oid).map_err(|detail| {
-                                        ShardError::BadValue {
-                                            column: f.column.clone(),
-                                            ty: f.ty.name(),
-                                            detail,
-                                        }
-                                    })?;
-                                    f.shard_of(&v, self.shards)?
+                                    f.shard_of_parsed(f.ty.parse_binary(bytes, oid), self.shards)?
                                 }
                                 Some(bytes) => {
                                     let text = std::str::from_utf8(bytes).map_err(|_| {
-                                        ShardError::BadValue {
-                                            column: f.column.clone(),
-                                            ty: f.ty.name(),
-                                            detail: "parameter is not valid UTF-8".into(),
-                                        }
+                                        f.bad_value("parameter is not valid UTF-8".into())
                                     })?;
                                     f.shard_of_text(text, self.shards)?
                                 }

@@ -256,11 +256,8 @@ impl ShardFn {
                     // PostgreSQL's hash partitioning ignores NULLs: the row hash is 0.
                     Value::Null => return Ok(0),
                     other => {
-                        return Err(ShardError::BadValue {
-                            column: self.column.clone(),
-                            ty: self.ty.name(),
-                            detail: format!("{other} cannot be hashed as {}", self.ty.name()),
-                        });
+                        let detail = format!("{other} cannot be hashed as {}", self.ty.name());
+                        return Err(self.bad_value(detail));
                     }
                 };
                 Ok(hash::partition_of(&key, shards as u64) as usize)
@@ -313,14 +310,7 @@ impl ShardFn {
 
     /// The shard PostgreSQL's hash partitioning gives a key (a directory's new keys).
     pub fn hash_shard(&self, key: &str, shards: usize) -> Result<usize, ShardError> {
-        let v = self
-            .ty
-            .parse_text(key)
-            .map_err(|detail| ShardError::BadValue {
-                column: self.column.clone(),
-                ty: self.ty.name(),
-                detail,
-            })?;
+        let v = self.ty.parse_text(key).map_err(|d| self.bad_value(d))?;
         let k = match &v {
             Value::Int(i) => hash::HashKey::Int(*i),
             Value::Text(t) => hash::HashKey::Text(t.as_bytes()),
@@ -340,17 +330,23 @@ impl ShardFn {
         self.shard_of_parsed(self.ty.parse_text(text), shards)
     }
 
-    fn shard_of_parsed(
+    /// The shard of a key parsed from text or binary, or the parse error for this key.
+    pub fn shard_of_parsed(
         &self,
         v: Result<Value, String>,
         shards: usize,
     ) -> Result<usize, ShardError> {
-        let v = v.map_err(|detail| ShardError::BadValue {
+        let v = v.map_err(|d| self.bad_value(d))?;
+        self.shard_of(&v, shards)
+    }
+
+    /// The error for a value this key's type does not accept.
+    pub fn bad_value(&self, detail: String) -> ShardError {
+        ShardError::BadValue {
             column: self.column.clone(),
             ty: self.ty.name(),
             detail,
-        })?;
-        self.shard_of(&v, shards)
+        }
     }
 }
 
