@@ -30,28 +30,6 @@ impl FinalRequest {
     }
 }
 
-/// Each field of a RowDescription: (start of its name, start of its 18 bytes of
-/// attributes).
-fn fields_of(t: &[u8]) -> Vec<(usize, usize)> {
-    let mut out = Vec::new();
-    let Some(n) = t.get(5..7).map(|n| u16::from_be_bytes([n[0], n[1]])) else {
-        return out;
-    };
-    let mut i = 7;
-    for _ in 0..n {
-        let Some(end) = t.get(i..).and_then(|r| r.iter().position(|&c| c == 0)) else {
-            break;
-        };
-        let attrs = i + end + 1;
-        if t.len() < attrs + 18 {
-            break;
-        }
-        out.push((i, attrs));
-        i = attrs + 18;
-    }
-    out
-}
-
 /// The client's parameters of a Bind: their types (from its Parse; 0 unspecified),
 /// formats and values.
 pub struct ClientParams<'a> {
@@ -252,7 +230,7 @@ pub fn request(
             b'N' => notices.extend_from_slice(f),
             b'T' => {
                 types = Some(super::merge::columns(f));
-                let fields = fields_of(f);
+                let fields = super::merge::field_offsets(f);
                 for &(pos, k) in &fin.key_outputs {
                     if let Some(&(_, a)) = fields.get(k) {
                         let mut table = [0; 6];
@@ -359,39 +337,32 @@ fn build(
             ),
         ));
     }
-    let mut bind = BytesMut::with_capacity(size + 16 * cols.len() + 8);
+    let arrays: Vec<Vec<u8>> = (0..cols.len())
+        .map(|c| {
+            let column: Vec<Option<&[u8]>> = rows.iter().map(|r| r[c]).collect();
+            array_literal(&column)
+        })
+        .collect();
     // The client's parameters in their formats, the arrays in text.
-    bind.put_u16((fin.params + cols.len()) as u16);
-    for (_, binary) in &param_types {
-        bind.put_u16(u16::from(*binary));
-    }
-    for _ in 0..cols.len() {
-        bind.put_u16(0);
-    }
-    bind.put_u16((fin.params + cols.len()) as u16);
-    for v in &param_values {
-        match v {
-            None => bind.put_i32(-1),
-            Some(v) => {
-                bind.put_i32(v.len() as i32);
-                bind.put_slice(v);
-            }
-        }
-    }
-    for c in 0..cols.len() {
-        let column: Vec<Option<&[u8]>> = rows.iter().map(|r| r[c]).collect();
-        let lit = array_literal(&column);
-        bind.put_i32(lit.len() as i32);
-        bind.put_slice(&lit);
-    }
-    bind.put_u16(formats.len() as u16);
+    let binary: Vec<bool> = param_types
+        .iter()
+        .map(|(_, binary)| *binary)
+        .chain(std::iter::repeat_n(false, cols.len()))
+        .collect();
+    let values: Vec<Option<&[u8]>> = param_values
+        .iter()
+        .copied()
+        .chain(arrays.iter().map(|a| Some(&a[..])))
+        .collect();
+    let mut bind = protocol::bind_params_body(&binary, &values);
+    bind.extend_from_slice(&(formats.len() as u16).to_be_bytes());
     for &b in formats {
-        bind.put_u16(u16::from(b));
+        bind.extend_from_slice(&u16::from(b).to_be_bytes());
     }
     Ok(FinalRequest {
         query: query.into_bytes(),
         types: types.to_vec(),
-        bind_rest: bind.to_vec(),
+        bind_rest: bind,
         keys: Vec::new(),
         size,
     })
@@ -403,7 +374,7 @@ pub fn answer(notices: BytesMut, frames: Vec<BytesMut>, req: &FinalRequest) -> B
     let mut out = notices;
     for mut f in frames {
         if f[0] == b'T' {
-            let fields = fields_of(&f);
+            let fields = super::merge::field_offsets(&f);
             for (pos, table, typmod) in &req.keys {
                 if let Some(&(_, a)) = fields.get(*pos) {
                     f[a..a + 6].copy_from_slice(table);

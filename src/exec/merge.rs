@@ -36,25 +36,38 @@ fn prefix_end(frame: &[u8], n: usize, row: bool) -> usize {
     i.min(frame.len())
 }
 
+/// Each field of a RowDescription: (start of its name, start of its 18 bytes of
+/// attributes).
+pub(super) fn field_offsets(t: &[u8]) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let Some(n) = t.get(5..7).map(|n| u16::from_be_bytes([n[0], n[1]])) else {
+        return out;
+    };
+    let mut i = 7;
+    for _ in 0..n {
+        let Some(end) = t.get(i..).and_then(|r| r.iter().position(|&c| c == 0)) else {
+            break;
+        };
+        let attrs = i + end + 1;
+        if t.len() < attrs + 18 {
+            break;
+        }
+        out.push((i, attrs));
+        i = attrs + 18;
+    }
+    out
+}
+
 /// Each field of a RowDescription: its name and its 18 bytes of attributes (table OID,
 /// column number, type OID, length, modifier, format).
 fn described(t: &[u8]) -> Vec<(String, &[u8])> {
-    let mut b = protocol::body(t);
-    if b.len() < 2 {
-        return Vec::new();
-    }
-    let n = u16::from_be_bytes([b[0], b[1]]) as usize;
-    b = &b[2..];
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        let Ok(name) = protocol::read_cstr(&mut b, "RowDescription") else {
-            break;
-        };
-        let Some(attributes) = b.get(..18) else { break };
-        out.push((name, attributes));
-        b = &b[18..];
-    }
-    out
+    field_offsets(t)
+        .into_iter()
+        .map_while(|(name, attributes)| {
+            let name = std::str::from_utf8(&t[name..attributes - 1]).ok()?;
+            Some((name.to_string(), &t[attributes..attributes + 18]))
+        })
+        .collect()
 }
 
 /// Field names and type OIDs of a RowDescription.

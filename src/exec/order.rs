@@ -16,7 +16,7 @@ use crate::cluster::Database;
 use crate::protocol::PgError;
 use crate::router::analyze::MergeSpec;
 use crate::router::merge::Column;
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use std::cmp::Ordering;
 use std::collections::{HashMap, HashSet};
 
@@ -451,14 +451,10 @@ async fn query_with(
     params: &[Vec<u8>],
     (prelude, settings_fp): (Option<&str>, u64),
 ) -> Result<Vec<BytesMut>, PgError> {
-    let mut bind = BytesMut::new();
-    bind.put_u16(0);
-    bind.put_u16(params.len() as u16);
-    for p in params {
-        bind.put_i32(p.len() as i32);
-        bind.put_slice(p);
-    }
-    bind.put_u16(0);
+    // All text; no result formats (text).
+    let values: Vec<Option<&[u8]>> = params.iter().map(|p| Some(&p[..])).collect();
+    let mut bind = crate::protocol::bind_params_body(&[], &values);
+    bind.extend_from_slice(&[0, 0]);
     let mut r = run_on_shards(
         db,
         &[node],

@@ -78,22 +78,28 @@ pub type BindParams<'a> = (Vec<bool>, Vec<Option<&'a [u8]>>);
 pub fn select_bind_params(rest: &[u8], keep: &[usize]) -> Result<Vec<u8>, ProtocolError> {
     let (binary, values) = bind_params(rest)?;
     let tail = &rest[result_formats_at(rest, &values)..];
-    let mut out = Vec::with_capacity(rest.len());
-    out.extend_from_slice(&(keep.len() as u16).to_be_bytes());
-    for &k in keep {
-        let b = binary.get(k).copied().unwrap_or(false);
-        out.extend_from_slice(&(i16::from(b)).to_be_bytes());
-    }
-    put_values(
-        &mut out,
-        keep.iter().map(|&k| values.get(k).copied().flatten()),
-    );
+    let kept_binary: Vec<bool> = keep
+        .iter()
+        .map(|&k| binary.get(k).copied().unwrap_or(false))
+        .collect();
+    let kept: Vec<Option<&[u8]>> = keep
+        .iter()
+        .map(|&k| values.get(k).copied().flatten())
+        .collect();
+    let mut out = bind_params_body(&kept_binary, &kept);
     out.extend_from_slice(tail);
     Ok(out)
 }
 
-/// Appends a Bind's parameter count and values (None: NULL).
-fn put_values<'a>(out: &mut Vec<u8>, values: impl ExactSizeIterator<Item = Option<&'a [u8]>>) {
+/// The parameters part of a Bind body (after the names, before the result formats): a
+/// format code per parameter (`binary`; none: all text), then the values (None: NULL).
+pub fn bind_params_body(binary: &[bool], values: &[Option<&[u8]>]) -> Vec<u8> {
+    let size: usize = values.iter().map(|v| 4 + v.map_or(0, <[u8]>::len)).sum();
+    let mut out = Vec::with_capacity(4 + 2 * binary.len() + size);
+    out.extend_from_slice(&(binary.len() as u16).to_be_bytes());
+    for &b in binary {
+        out.extend_from_slice(&u16::from(b).to_be_bytes());
+    }
     out.extend_from_slice(&(values.len() as u16).to_be_bytes());
     for v in values {
         match v {
@@ -104,6 +110,7 @@ fn put_values<'a>(out: &mut Vec<u8>, values: impl ExactSizeIterator<Item = Optio
             }
         }
     }
+    out
 }
 
 /// Where a Bind body's result format codes start: after the parameter formats and values.
@@ -124,13 +131,10 @@ pub fn with_params(
 ) -> Result<Vec<u8>, ProtocolError> {
     let (_, old) = bind_params(rest)?;
     let tail = &rest[result_formats_at(rest, &old)..];
-    let mut out = Vec::with_capacity(rest.len() + 4);
-    out.extend_from_slice(&(values.len() as u16).to_be_bytes());
-    for i in 0..values.len() {
-        let code: u16 = binary.get(i).copied().unwrap_or(false).into();
-        out.extend_from_slice(&code.to_be_bytes());
-    }
-    put_values(&mut out, values.iter().copied());
+    let binary: Vec<bool> = (0..values.len())
+        .map(|i| binary.get(i).copied().unwrap_or(false))
+        .collect();
+    let mut out = bind_params_body(&binary, values);
     out.extend_from_slice(tail);
     Ok(out)
 }
