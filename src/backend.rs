@@ -7,7 +7,7 @@ use crate::protocol::{self, ProtocolError};
 use bytes::{BufMut, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
 use postgres_protocol::message::frontend;
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -69,8 +69,8 @@ pub struct BackendConn {
     pub secret: i32,
     /// ParameterStatus values the server reported at startup.
     pub initial_params: Vec<(String, String)>,
-    /// Global names of the prepared statements this connection holds (transaction mode).
-    pub prepared: HashSet<u64>,
+    /// The prepared statements pgshard made on this connection (transaction mode).
+    pub prepared: ServerStatements,
     /// Fingerprint of the session settings applied on top of the server defaults.
     pub settings: u64,
     /// Set when the connection's state is unknown: it must not be reused.
@@ -110,7 +110,7 @@ impl BackendConn {
             pid: 0,
             secret: 0,
             initial_params: Vec::new(),
-            prepared: HashSet::new(),
+            prepared: ServerStatements::default(),
             settings: 0,
             broken: false,
             epoch: 0,
@@ -441,5 +441,114 @@ impl BackendConn {
         let mut sink = [0u8; 1];
         let _ = tokio::time::timeout(Duration::from_secs(5), r.read(&mut sink)).await;
         Ok(())
+    }
+}
+
+/// The statements pgshard prepared on one server connection, by their global identity
+/// (`pgshard_<16 hex digits>` on the server), with the order of their last use: a server
+/// connection keeps at most so many, the least recently used going first.
+#[derive(Debug, Default)]
+pub struct ServerStatements {
+    last_use: HashMap<u64, u64>,
+    clock: u64,
+    /// Statements whose cached plan the server refused ("cached plan must not change
+    /// result type", after DDL): the server still holds them under their name, which must
+    /// be closed before they are prepared again.
+    stale: Vec<u64>,
+}
+
+impl ServerStatements {
+    /// Whether the server holds `global` (and marks it used).
+    pub fn contains(&mut self, global: &u64) -> bool {
+        self.clock += 1;
+        match self.last_use.get_mut(global) {
+            Some(t) => {
+                *t = self.clock;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Records that `global` is being prepared. Returns the statements to close first:
+    /// a stale copy of `global` itself, and the least recently used one past `limit`.
+    pub fn insert(&mut self, global: u64, limit: usize) -> [Option<u64>; 2] {
+        self.clock += 1;
+        let mut close = [None, None];
+        if let Some(i) = self.stale.iter().position(|&g| g == global) {
+            self.stale.swap_remove(i);
+            close[0] = Some(global);
+        }
+        if self.last_use.len() >= limit.max(1)
+            && let Some((&old, _)) = self.last_use.iter().min_by_key(|(_, t)| **t)
+        {
+            self.last_use.remove(&old);
+            close[1] = Some(old);
+        }
+        self.last_use.insert(global, self.clock);
+        close
+    }
+
+    /// The server does not hold `global` after all (its Parse failed or was skipped).
+    pub fn remove(&mut self, global: &u64) {
+        self.last_use.remove(global);
+    }
+
+    /// The server holds `global` but refuses to use it: close it before preparing it again.
+    pub fn mark_stale(&mut self, global: u64) {
+        if self.last_use.remove(&global).is_some() {
+            self.stale.push(global);
+        }
+    }
+
+    /// Whether the server refused `global`'s cached plan since it was last prepared.
+    pub fn is_stale(&self, global: u64) -> bool {
+        self.stale.contains(&global)
+    }
+
+    /// The server dropped every prepared statement (DISCARD ALL, DEALLOCATE ALL).
+    pub fn clear(&mut self) {
+        self.last_use.clear();
+        self.stale.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.last_use.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.last_use.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod statement_tests {
+    use super::ServerStatements;
+
+    #[test]
+    fn least_recently_used_statement_goes_first() {
+        let mut s = ServerStatements::default();
+        assert_eq!(s.insert(1, 3), [None, None]);
+        s.insert(2, 3);
+        s.insert(3, 3);
+        assert!(s.contains(&1));
+        // 2 is now the least recently used.
+        assert_eq!(s.insert(4, 3), [None, Some(2)]);
+        assert!(!s.contains(&2));
+        assert!(s.contains(&1) && s.contains(&3) && s.contains(&4));
+        assert_eq!(s.len(), 3);
+    }
+
+    #[test]
+    fn a_stale_statement_is_closed_before_it_is_prepared_again() {
+        let mut s = ServerStatements::default();
+        s.insert(7, 10);
+        s.mark_stale(7);
+        assert!(!s.contains(&7));
+        assert_eq!(s.insert(7, 10), [Some(7), None]);
+        assert!(s.contains(&7));
+        // A statement the server does not hold is not closed.
+        s.mark_stale(8);
+        assert_eq!(s.insert(8, 10), [None, None]);
     }
 }

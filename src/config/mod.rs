@@ -126,6 +126,39 @@ pub struct PoolConfig {
     pub max_lifetime_ms: u64,
     /// Time allowed to open one server connection (TCP + startup + auth).
     pub connect_timeout_ms: u64,
+    /// Server-side prepared statements pgshard makes on its own (transaction mode).
+    pub statement_cache: StatementCacheConfig,
+}
+
+/// Which statements pgshard prepares on the servers without being asked (transaction
+/// mode), so that PostgreSQL parses and plans each distinct statement once per server
+/// connection instead of once per execution. Both change how PostgreSQL plans: a prepared
+/// statement may switch to a generic plan after five executions (`plan_cache_mode`),
+/// which is why they are off by default.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StatementCacheConfig {
+    /// Unnamed statements (a Parse with an empty name, as libpq's PQexecParams, pgbench
+    /// -M extended, node-postgres and psycopg send) become named server statements.
+    pub unnamed: bool,
+    /// A simple-protocol query seen again by the same client, whose integer and decimal
+    /// constants after a comparison operator (`aid = 42`) become typed parameters, runs
+    /// as a prepared statement. Only outside transaction blocks, where a statement the
+    /// server cannot prepare that way falls back to the query as sent.
+    pub simple: bool,
+    /// Most statements pgshard keeps prepared on one server connection; the least
+    /// recently used one is closed past this.
+    pub per_connection: usize,
+}
+
+impl Default for StatementCacheConfig {
+    fn default() -> Self {
+        StatementCacheConfig {
+            unnamed: false,
+            simple: false,
+            per_connection: 500,
+        }
+    }
 }
 
 impl Default for PoolConfig {
@@ -138,6 +171,7 @@ impl Default for PoolConfig {
             idle_timeout_ms: 600_000,
             max_lifetime_ms: 3_600_000,
             connect_timeout_ms: 5000,
+            statement_cache: StatementCacheConfig::default(),
         }
     }
 }

@@ -73,6 +73,18 @@ impl Config {
         if p.connect_timeout_ms == 0 {
             return Err(invalid("pool.connect_timeout_ms", "must be positive"));
         }
+        if p.statement_cache.per_connection == 0 {
+            return Err(invalid(
+                "pool.statement_cache.per_connection",
+                "must be at least 1",
+            ));
+        }
+        if p.mode == PoolMode::Session && (p.statement_cache.unnamed || p.statement_cache.simple) {
+            return Err(invalid(
+                "pool.statement_cache",
+                "applies to transaction mode only (pool.mode is session)",
+            ));
+        }
         if self.limits.max_message_size < 1024 {
             return Err(invalid("limits.max_message_size", "must be at least 1024"));
         }

@@ -44,6 +44,9 @@ pub struct Undo {
     pub client_name: Option<Bytes>,
     /// The server-side statement the connection does not hold after all.
     pub global: Option<u64>,
+    /// The server holds `global` but refused its cached plan: close it before the next
+    /// Parse under that name.
+    pub stale: bool,
 }
 
 /// A request sent to the server (or answered locally) whose response is still due.
@@ -75,6 +78,26 @@ pub enum Pending {
     },
     /// An error pgshard raises itself at this point of the stream.
     Error(Box<PgError>),
+    /// A Close pgshard sent itself: its CloseComplete is not the client's.
+    Quiet,
+    /// A Bind of a statement pgshard prepared on its own (the client's unnamed one): if
+    /// the server refuses the statement's cached plan (0A000 after DDL changed its result
+    /// columns), the statement is closed before its next use.
+    CachedBind(u64),
+    /// A step of a simple query pgshard runs as a prepared statement (see [`AutoStep`]).
+    Auto(AutoStep),
+}
+
+/// The requests that carry out a client's simple Query as a prepared statement. The
+/// client sees only what the Query would have produced: ParseComplete, BindComplete and
+/// NoData are not its, and an error of Parse or Bind (nothing has run yet) is held back
+/// until the Sync: outside a transaction block the session then sends the Query as the
+/// client wrote it ([`Event::Retry`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AutoStep {
+    Parse(u64),
+    Bind(u64),
+    Describe,
 }
 
 /// What a backend frame meant for the session.
@@ -87,6 +110,10 @@ pub enum Event {
     InternalReady(u8),
     /// The server started COPY FROM STDIN ('G') or ended it.
     CopyIn,
+    /// A simple query run as a prepared statement failed before it ran, and the server is
+    /// idle: the session sends the query as the client wrote it (the ReadyForQuery was
+    /// not passed on).
+    Retry,
 }
 
 /// The response-side bookkeeping of one client session.
@@ -97,6 +124,8 @@ pub struct Relay {
     pub skipping: bool,
     /// Undo records produced while handling frames; the session drains them.
     pub undo: Vec<Undo>,
+    /// The error of an [`AutoStep`], held until the Sync's ReadyForQuery.
+    held: Option<Bytes>,
 }
 
 impl Relay {
@@ -205,6 +234,18 @@ impl Relay {
                 }
                 tag == b'Z'
             }
+            Pending::Sync if tag == b'Z' && self.held.is_some() => {
+                let held = self.held.take().expect("checked");
+                let status = frame.get(5).copied().unwrap_or(b'I');
+                if status == b'I' {
+                    event = Event::Retry;
+                } else {
+                    out.extend_from_slice(&held);
+                    out.extend_from_slice(frame);
+                    event = Event::Ready(status);
+                }
+                true
+            }
             Pending::Query | Pending::Sync => {
                 out.extend_from_slice(frame);
                 match tag {
@@ -231,6 +272,49 @@ impl Relay {
             }
             Pending::Bind | Pending::Close => {
                 out.extend_from_slice(frame);
+                true
+            }
+            Pending::Quiet => {
+                if tag == b'E' {
+                    out.extend_from_slice(frame);
+                }
+                true
+            }
+            Pending::CachedBind(global) => {
+                if tag == b'E' && crate::metrics::sqlstate_of(frame) == Some("0A000") {
+                    self.undo.push(Undo {
+                        client_name: None,
+                        global: Some(*global),
+                        stale: true,
+                    });
+                }
+                out.extend_from_slice(frame);
+                true
+            }
+            Pending::Auto(step) => {
+                match (*step, tag) {
+                    (AutoStep::Parse(g) | AutoStep::Bind(g), b'E') => {
+                        // The Parse did not take; a refused cached plan stays on the server.
+                        let stale = matches!(step, AutoStep::Bind(_))
+                            && crate::metrics::sqlstate_of(frame) == Some("0A000");
+                        if matches!(step, AutoStep::Parse(_)) || stale {
+                            self.undo.push(Undo {
+                                client_name: None,
+                                global: Some(g),
+                                stale,
+                            });
+                        }
+                        if protocol::is_fatal(frame) {
+                            // The server is going away: no retry, the client must see why.
+                            out.extend_from_slice(frame);
+                        } else {
+                            self.held = Some(Bytes::copy_from_slice(frame));
+                        }
+                    }
+                    (AutoStep::Describe, b'T' | b'E') => out.extend_from_slice(frame),
+                    // ParseComplete, BindComplete, NoData: not the client's.
+                    _ => {}
+                }
                 true
             }
             Pending::Describe => {
@@ -288,6 +372,9 @@ impl Relay {
                         | Pending::Describe
                         | Pending::Close
                         | Pending::Execute
+                        | Pending::Quiet
+                        | Pending::CachedBind(_)
+                        | Pending::Auto(_)
                 )
             })
     }
@@ -363,6 +450,7 @@ mod tests {
         let undo = Undo {
             client_name: Some(Bytes::from_static(b"s1")),
             global: Some(7),
+            stale: false,
         };
         r.push(Pending::Parse {
             swallow: true,
@@ -477,6 +565,7 @@ mod tests {
         let undo = Undo {
             client_name: Some(Bytes::from_static(b"s2")),
             global: None,
+            stale: false,
         };
         r.push(Pending::Parse {
             swallow: false,

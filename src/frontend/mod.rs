@@ -374,6 +374,7 @@ impl Server {
         );
         let (stop_id, stop) = self.register_stop();
         session.shutdown = Some(stop);
+        session.cache = state.config.pool.statement_cache.clone();
         session.slow = Some(state.config.slow_query_ms)
             .filter(|&ms| ms > 0)
             .map(Duration::from_millis);

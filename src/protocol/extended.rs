@@ -220,6 +220,39 @@ pub fn write_bind(out: &mut BytesMut, portal: &[u8], stmt: &[u8], rest: &[u8]) {
     out.put_slice(rest);
 }
 
+/// Builds a Bind of the unnamed portal to `stmt` with text parameters, each a value's
+/// pieces written one after the other (a sign and digits), and text results.
+pub fn write_text_bind<'a>(
+    out: &mut BytesMut,
+    stmt: &[u8],
+    values: impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone,
+) {
+    let size: usize = values.clone().map(|(a, b)| 4 + a.len() + b.len()).sum();
+    let count = values.clone().count();
+    out.reserve(1 + 4 + 1 + stmt.len() + 1 + 2 + 2 + size + 2);
+    out.put_u8(b'B');
+    out.put_i32((4 + 1 + stmt.len() + 1 + 2 + 2 + size + 2) as i32);
+    out.put_u8(0);
+    out.put_slice(stmt);
+    out.put_u8(0);
+    out.put_u16(0);
+    out.put_u16(count as u16);
+    for (a, b) in values {
+        out.put_i32((a.len() + b.len()) as i32);
+        out.put_slice(a);
+        out.put_slice(b);
+    }
+    out.put_u16(0);
+}
+
+/// Builds an Execute of the unnamed portal (all rows).
+pub fn write_execute(out: &mut BytesMut) {
+    out.put_u8(b'E');
+    out.put_i32(4 + 1 + 4);
+    out.put_u8(0);
+    out.put_i32(0);
+}
+
 /// Decodes a Describe ('D') or Close ('C') frame: the kind byte ('S' or 'P') and the name.
 pub fn parse_target<'a>(
     frame: &'a [u8],

@@ -7,6 +7,7 @@ mod colocation;
 pub mod copy;
 pub mod insert;
 pub mod lexer;
+pub mod literals;
 pub mod merge;
 mod nested;
 mod predicate;

@@ -71,7 +71,17 @@ pub fn start_proxy(cfg: Config) -> SocketAddr {
 }
 
 /// Starts a pgshard and returns its address and its server (to reach its topology).
-pub fn start_proxy_server(cfg: Config) -> (SocketAddr, std::sync::Arc<pgshard::frontend::Server>) {
+pub fn start_proxy_server(
+    mut cfg: Config,
+) -> (SocketAddr, std::sync::Arc<pgshard::frontend::Server>) {
+    // PGSHARD_TEST_STATEMENT_CACHE=1 runs every transaction-mode proxy of the suite with
+    // both statement caches on: a wide check that they change no answer.
+    if std::env::var_os("PGSHARD_TEST_STATEMENT_CACHE").is_some()
+        && cfg.pool.mode == pgshard::config::PoolMode::Transaction
+    {
+        cfg.pool.statement_cache.unnamed = true;
+        cfg.pool.statement_cache.simple = true;
+    }
     let rt = runtime();
     let _g = rt.enter();
     let std = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -9,6 +9,16 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 impl Session {
     /// Writes what is pending in both directions.
     pub(super) async fn flush(&mut self) -> Result<(), SessionError> {
+        // Handling the server's frames may write to it again (a simple query retried as
+        // the client wrote it): loop until nothing is left for it.
+        self.flush_server().await;
+        while !self.bout.is_empty() {
+            self.flush_server().await;
+        }
+        self.flush_client().await
+    }
+
+    async fn flush_server(&mut self) {
         if !self.bout.is_empty() {
             if let Some(b) = self.backend.as_mut() {
                 let b: &mut crate::backend::BackendConn = b;
@@ -28,7 +38,6 @@ impl Session {
             self.handle_backend_frames();
             self.maybe_release().await;
         }
-        self.flush_client().await
     }
 
     /// Writes what is pending towards the client.

@@ -27,6 +27,7 @@ mod route;
 mod script;
 mod server;
 mod server_frames;
+mod statement_cache;
 mod switch;
 
 use prepared::Stmt;
@@ -116,6 +117,10 @@ pub struct Session {
     /// LISTEN in transaction pooling mode: the session's channels and notifications.
     listen: Option<Box<crate::frontend::listen::Subscriber>>,
     listen_ext: listen::ListenStatements,
+    /// `pool.statement_cache`: what pgshard prepares on the servers on its own.
+    pub cache: crate::config::StatementCacheConfig,
+    unnamed: statement_cache::Unnamed,
+    auto: statement_cache::AutoPrepare,
 }
 
 /// Fingerprint of a settings list; 0 means "server defaults".
@@ -176,6 +181,9 @@ impl Session {
             slow_text: None,
             listen: None,
             listen_ext: listen::ListenStatements::default(),
+            cache: crate::config::StatementCacheConfig::default(),
+            unnamed: statement_cache::Unnamed::default(),
+            auto: statement_cache::AutoPrepare::default(),
         }
     }
 

@@ -3,6 +3,7 @@
 //! statement `pgshard_<hash of text and types>`, prepared on a server connection the first
 //! time the client uses it there; what the server did not do is undone here.
 
+use super::statement_cache::{CLOSE_COMPLETE, PARSE_COMPLETE};
 use super::*;
 
 /// A prepared statement as the client named it (transaction mode).
@@ -51,7 +52,10 @@ impl Session {
                 let (kind, name) = protocol::parse_target(frame, "Close")?;
                 if kind == b'S' && !name.is_empty() {
                     self.statements.remove(name);
-                    self.cout.extend_from_slice(&empty_frame(b'3'));
+                    self.cout.extend_from_slice(&CLOSE_COMPLETE);
+                    return Ok(());
+                }
+                if kind == b'S' && self.close_unnamed() {
                     return Ok(());
                 }
             }
@@ -88,12 +92,17 @@ impl Session {
             b'B' => {
                 let protocol::Bind { portal, stmt, rest } = protocol::parse_bind(frame)?;
                 if stmt.is_empty() {
-                    self.push_forward(tag, frame);
+                    if let Some(global) = self.ensure_unnamed() {
+                        self.relay.push(Pending::CachedBind(global));
+                        protocol::write_bind(&mut self.bout, portal, &server_name(global), rest);
+                    } else {
+                        self.push_forward(tag, frame);
+                    }
                 } else if let Some(global) = self.ensure_prepared(stmt) {
                     if self.statements.get(stmt).is_some_and(|s| s.kind_is_setting) {
                         self.settings_dirty = true;
                     }
-                    self.relay.push(Pending::Bind);
+                    self.relay.push(Pending::CachedBind(global));
                     let name = server_name(global);
                     protocol::write_bind(&mut self.bout, portal, &name, rest);
                 } else {
@@ -102,13 +111,19 @@ impl Session {
             }
             b'D' => {
                 let (kind, name) = protocol::parse_target(frame, "Describe")?;
-                if kind == b'S' && !name.is_empty() {
-                    if let Some(global) = self.ensure_prepared(name) {
-                        self.relay.push(Pending::Describe);
-                        let sname = server_name(global);
-                        protocol::write_target(&mut self.bout, b'D', b'S', &sname);
-                    } else {
-                        self.local_error(missing_statement(name));
+                let cached = match (kind, name.is_empty()) {
+                    (b'S', false) => Some(self.ensure_prepared(name).ok_or(name)),
+                    (b'S', true) => self.ensure_unnamed().map(Ok),
+                    _ => None,
+                };
+                if let Some(cached) = cached {
+                    match cached {
+                        Ok(global) => {
+                            self.relay.push(Pending::Describe);
+                            let sname = server_name(global);
+                            protocol::write_target(&mut self.bout, b'D', b'S', &sname);
+                        }
+                        Err(name) => self.local_error(missing_statement(name)),
                     }
                 } else {
                     self.push_forward(tag, frame);
@@ -120,10 +135,11 @@ impl Session {
                     // The server keeps its copy for other clients; the client's name goes.
                     self.statements.remove(name);
                     self.relay.push(Pending::Synth {
-                        frame: empty_frame(b'3'),
+                        frame: CLOSE_COMPLETE,
                         undo: None,
                     });
                     self.relay.drain_local(&mut self.cout);
+                } else if kind == b'S' && self.close_unnamed() {
                 } else {
                     self.push_forward(tag, frame);
                 }
@@ -153,6 +169,9 @@ impl Session {
             self.settings_dirty = true;
         }
         if p.name.is_empty() {
+            if !is_setting && self.parse_unnamed(p.query, p.types) {
+                return Ok(());
+            }
             self.push_forward(b'P', frame);
             return Ok(());
         }
@@ -180,25 +199,25 @@ impl Session {
         let undo = Some(Undo {
             client_name: Some(name.clone()),
             global: None,
+            stale: false,
         });
         let backend = self.backend.as_mut().expect("attached");
         if backend.prepared.contains(&global) {
             self.relay.push(Pending::Synth {
-                frame: empty_frame(b'1'),
+                frame: PARSE_COMPLETE,
                 undo,
             });
             self.relay.drain_local(&mut self.cout);
         } else {
-            backend.prepared.insert(global);
-            self.relay.push(Pending::Parse {
+            let parse = Pending::Parse {
                 swallow: false,
                 undo: Some(Undo {
                     client_name: Some(name.clone()),
                     global: Some(global),
+                    stale: false,
                 }),
-            });
-            let sname = server_name(global);
-            protocol::write_parse(&mut self.bout, &sname, &stmt.query, &stmt.types);
+            };
+            self.prepare_on_server(global, &stmt.query, &stmt.types, parse);
         }
         self.statements.insert(name, stmt);
         Ok(())
@@ -208,29 +227,40 @@ impl Session {
     /// injecting a Parse if needed; returns its server-side identity.
     pub(super) fn ensure_prepared(&mut self, name: &[u8]) -> Option<u64> {
         let stmt = self.statements.get(name)?;
+        let (global, query, types) = (stmt.global, stmt.query.clone(), stmt.types.clone());
         let backend = self.backend.as_mut().expect("attached");
-        if !backend.prepared.contains(&stmt.global) && !self.relay.skipping {
-            backend.prepared.insert(stmt.global);
-            self.relay.push(Pending::Parse {
+        if !backend.prepared.contains(&global) && !self.relay.skipping {
+            let parse = Pending::Parse {
                 swallow: true,
                 undo: Some(Undo {
                     client_name: None,
-                    global: Some(stmt.global),
+                    global: Some(global),
+                    stale: false,
                 }),
-            });
-            let sname = server_name(stmt.global);
-            protocol::write_parse(&mut self.bout, &sname, &stmt.query, &stmt.types);
+            };
+            self.prepare_on_server(global, &query, &types, parse);
         }
-        Some(stmt.global)
+        Some(global)
     }
 
     pub(super) fn apply_undo(&mut self) {
         for u in std::mem::take(&mut self.relay.undo) {
             if let Some(n) = u.client_name {
-                self.statements.remove(&n);
+                if n.is_empty() {
+                    // The unnamed statement's Parse failed (unless a newer one came since).
+                    if self.unnamed.global == u.global {
+                        self.unnamed.global = None;
+                    }
+                } else {
+                    self.statements.remove(&n);
+                }
             }
             if let (Some(g), Some(b)) = (u.global, self.backend.as_mut()) {
-                b.prepared.remove(&g);
+                if u.stale {
+                    b.prepared.mark_stale(g);
+                } else {
+                    b.prepared.remove(&g);
+                }
             }
         }
     }

@@ -53,6 +53,7 @@ impl Session {
                         l.unlisten(None);
                     }
                     self.statements.clear();
+                    self.unnamed.global = None;
                     self.settings_dirty = true;
                     if let Some(b) = self.backend.as_mut() {
                         b.prepared.clear();
@@ -93,8 +94,7 @@ impl Session {
             return Ok(());
         }
         self.started();
-        self.relay.push(Pending::Query);
-        self.bout.extend_from_slice(&frame);
+        self.send_query(frame);
         Ok(())
     }
 

@@ -6,7 +6,7 @@
 //! message tells where the batch goes (a Bind, with its parameter values), so that the
 //! whole batch reaches one server in order and PostgreSQL itself answers every message.
 
-use super::{Pending, Session, SessionError};
+use super::{Session, SessionError};
 use crate::config::PoolMode;
 use crate::protocol::{self, PgError};
 use crate::router::{self, Analysis, Kind, Params, Route, RouteError};
@@ -570,8 +570,7 @@ impl Session {
                 }
                 self.reads.executed = true;
                 self.started();
-                self.relay.push(Pending::Query);
-                self.bout.extend_from_slice(&frame);
+                self.send_query(frame);
             }
             Ok(Dest::Multi(_, a)) if a.statements > 1 => self.run_script(sql).await?,
             Ok(Dest::Multi(shards, a)) => self.run_multi(sql, shards, &a).await?,

@@ -69,6 +69,7 @@ impl Session {
             }
             match event {
                 Event::Ready(s) => {
+                    self.query_done();
                     self.finished(s);
                     self.status = s;
                     self.in_copy = false;
@@ -81,6 +82,7 @@ impl Session {
                 // A batch's part on one shard ended; the client's batch goes on.
                 Event::InternalReady(s) => self.status = s,
                 Event::CopyIn => self.in_copy = true,
+                Event::Retry => self.retry_query(),
                 Event::None => {}
             }
             if tag == b'E' || tag == b'C' {

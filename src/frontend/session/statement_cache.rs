@@ -1,0 +1,261 @@
+//! Statements pgshard prepares on the servers on its own (`pool.statement_cache`,
+//! transaction mode): the client's unnamed statement, and simple queries whose constants
+//! become parameters. Each becomes `pgshard_<hash>` on a server connection, as statements
+//! the client names do (`prepared.rs`), so that PostgreSQL parses it once per server
+//! connection and may reuse its plan; the client sees exactly the messages PostgreSQL
+//! would have sent it for what it sent.
+
+use super::prepared::{server_name, statement_id};
+use super::*;
+use crate::exec::AutoStep;
+use crate::router::literals;
+
+/// ParseComplete and CloseComplete, answered without a server.
+pub(super) const PARSE_COMPLETE: Bytes = Bytes::from_static(&[b'1', 0, 0, 0, 4]);
+pub(super) const CLOSE_COMPLETE: Bytes = Bytes::from_static(&[b'3', 0, 0, 0, 4]);
+
+/// The client's unnamed statement, when pgshard keeps it as a server statement.
+#[derive(Default)]
+pub(super) struct Unnamed {
+    pub(super) global: Option<u64>,
+    // Reused buffers: a text is copied only when it differs from the previous one.
+    query: Vec<u8>,
+    types: Vec<u8>,
+}
+
+/// Simple queries run as prepared statements.
+#[derive(Default)]
+pub(super) struct AutoPrepare {
+    /// Statement shapes (texts with parameters) this client sent: true once seen, false
+    /// when running one as a prepared statement failed.
+    seen: HashMap<u64, bool>,
+    text: String,
+    found: Vec<literals::Literal>,
+    /// The Query being run as a prepared statement, to send as written if that fails.
+    retry: Option<(u64, Bytes)>,
+}
+
+/// A Parse's parameter types when it gives none (the server infers them; the text casts).
+const NO_TYPES: &[u8] = &[0, 0];
+
+/// The shapes a session remembers before it starts over.
+const SEEN_LIMIT: usize = 4096;
+
+/// Statements worth keeping prepared: those PostgreSQL can plan (a utility statement
+/// prepared on every server connection would only take memory there).
+fn cacheable(query: &[u8]) -> bool {
+    let Ok(s) = std::str::from_utf8(query) else {
+        return false;
+    };
+    let w = router::lexer::leading_words::<1>(s).0[0];
+    [
+        "select", "insert", "update", "delete", "with", "values", "table", "merge",
+    ]
+    .iter()
+    .any(|k| w.eq_ignore_ascii_case(k))
+}
+
+impl Session {
+    /// Prepares `global` on the attached server connection: first closes what must go
+    /// (a stale copy of it, the least recently used statement past the limit), then
+    /// queues `parse` and writes the Parse.
+    pub(super) fn prepare_on_server(
+        &mut self,
+        global: u64,
+        query: &[u8],
+        types: &[u8],
+        parse: Pending,
+    ) {
+        let name = server_name(global);
+        if !self.relay.skipping {
+            let limit = self.cache.per_connection;
+            let backend = self.backend.as_mut().expect("attached");
+            for g in backend.prepared.insert(global, limit).into_iter().flatten() {
+                self.relay.push(Pending::Quiet);
+                protocol::write_target(&mut self.bout, b'C', b'S', &server_name(g));
+            }
+        }
+        // When the server skips to the Sync, so does the relay (which undoes the Parse).
+        self.relay.push(parse);
+        protocol::write_parse(&mut self.bout, &name, query, types);
+    }
+
+    /// A Parse of the client's unnamed statement, kept as a server statement when
+    /// `statement_cache.unnamed` is on; false when it must be forwarded as it is.
+    pub(super) fn parse_unnamed(&mut self, query: &[u8], types: &[u8]) -> bool {
+        if !self.cache.unnamed || !cacheable(query) {
+            self.unnamed.global = None;
+            return false;
+        }
+        self.started();
+        let global = statement_id(query, types);
+        if self.unnamed.query != query || self.unnamed.types != types {
+            self.unnamed.query.clear();
+            self.unnamed.query.extend_from_slice(query);
+            self.unnamed.types.clear();
+            self.unnamed.types.extend_from_slice(types);
+        }
+        self.unnamed.global = Some(global);
+        let backend = self.backend.as_mut().expect("attached");
+        if backend.prepared.contains(&global) {
+            self.relay.push(Pending::Synth {
+                frame: PARSE_COMPLETE,
+                undo: None,
+            });
+            self.relay.drain_local(&mut self.cout);
+        } else {
+            // A failed Parse leaves the client without an unnamed statement.
+            let undo = Undo {
+                client_name: Some(Bytes::new()),
+                global: Some(global),
+                stale: false,
+            };
+            self.prepare_unnamed(
+                global,
+                Pending::Parse {
+                    swallow: false,
+                    undo: Some(undo),
+                },
+            );
+        }
+        true
+    }
+
+    fn prepare_unnamed(&mut self, global: u64, parse: Pending) {
+        let query = std::mem::take(&mut self.unnamed.query);
+        let types = std::mem::take(&mut self.unnamed.types);
+        self.prepare_on_server(global, &query, &types, parse);
+        self.unnamed.query = query;
+        self.unnamed.types = types;
+    }
+
+    /// The server identity of the client's unnamed statement when pgshard keeps it,
+    /// prepared on the attached server connection if it is not yet.
+    pub(super) fn ensure_unnamed(&mut self) -> Option<u64> {
+        let global = self.unnamed.global?;
+        let backend = self.backend.as_mut()?;
+        if !backend.prepared.contains(&global) && !self.relay.skipping {
+            let undo = Undo {
+                client_name: None,
+                global: Some(global),
+                stale: false,
+            };
+            self.prepare_unnamed(
+                global,
+                Pending::Parse {
+                    swallow: true,
+                    undo: Some(undo),
+                },
+            );
+        }
+        Some(global)
+    }
+
+    /// A Close of the client's unnamed statement that pgshard keeps: answered here (the
+    /// server copy stays for other clients). False when the statement is not one of those.
+    pub(super) fn close_unnamed(&mut self) -> bool {
+        if self.unnamed.global.take().is_none() {
+            return false;
+        }
+        self.relay.push(Pending::Synth {
+            frame: CLOSE_COMPLETE,
+            undo: None,
+        });
+        self.relay.drain_local(&mut self.cout);
+        true
+    }
+
+    /// Sends a simple Query to the attached server: as a prepared statement when
+    /// `statement_cache.simple` is on, the session is outside a transaction block, and
+    /// this client sent a query of the same shape before (or the server connection holds
+    /// it already); as it is otherwise.
+    pub(super) fn send_query(&mut self, frame: Bytes) {
+        if self.cache.simple
+            && self.status == b'I'
+            && self.relay.idle()
+            && self.send_prepared(&frame)
+        {
+            return;
+        }
+        self.relay.push(Pending::Query);
+        self.bout.extend_from_slice(&frame);
+    }
+
+    fn send_prepared(&mut self, frame: &Bytes) -> bool {
+        let Ok(sql) = protocol::parse_query(frame) else {
+            return false;
+        };
+        let Some(one) = router::single_statement(sql) else {
+            return false;
+        };
+        if !literals::parameterize(one, &mut self.auto.text, &mut self.auto.found) {
+            return false;
+        }
+        let global = statement_id(self.auto.text.as_bytes(), NO_TYPES);
+        let Some(backend) = self.backend.as_mut() else {
+            return false;
+        };
+        let held = backend.prepared.contains(&global);
+        let go = match self.auto.seen.get(&global) {
+            Some(&ok) => ok,
+            None => {
+                if self.auto.seen.len() >= SEEN_LIMIT {
+                    self.auto.seen.clear();
+                }
+                self.auto.seen.insert(global, true);
+                held
+            }
+        };
+        if !go {
+            return false;
+        }
+        if !held {
+            let text = std::mem::take(&mut self.auto.text);
+            self.prepare_on_server(
+                global,
+                text.as_bytes(),
+                NO_TYPES,
+                Pending::Auto(AutoStep::Parse(global)),
+            );
+            self.auto.text = text;
+        }
+        self.relay.push(Pending::Auto(AutoStep::Bind(global)));
+        let values = self.auto.found.iter().map(|l| {
+            let sign: &[u8] = if l.negative { b"-" } else { b"" };
+            (sign, l.digits(one))
+        });
+        protocol::write_text_bind(&mut self.bout, &server_name(global), values);
+        self.relay.push(Pending::Auto(AutoStep::Describe));
+        protocol::write_target(&mut self.bout, b'D', b'P', b"");
+        self.relay.push(Pending::Execute);
+        protocol::write_execute(&mut self.bout);
+        self.relay.push(Pending::Sync);
+        protocol::write_msg(&mut self.bout, b'S', &[]);
+        self.auto.retry = Some((global, frame.clone()));
+        true
+    }
+
+    /// The prepared form of a simple query failed before it ran (see [`Event::Retry`]):
+    /// the query goes as the client wrote it, and this client's queries of that shape go
+    /// so from now on, unless the server only refused a plan it had cached (DDL changed
+    /// the result's columns), which is prepared afresh at its next use.
+    pub(super) fn retry_query(&mut self) {
+        let Some((global, frame)) = self.auto.retry.take() else {
+            return;
+        };
+        let stale = self
+            .backend
+            .as_ref()
+            .is_some_and(|b| b.prepared.is_stale(global));
+        if !stale {
+            self.auto.seen.insert(global, false);
+        }
+        self.relay.push(Pending::Query);
+        self.bout.extend_from_slice(&frame);
+    }
+
+    /// The request a retry would repeat is over.
+    pub(super) fn query_done(&mut self) {
+        self.auto.retry = None;
+    }
+}
