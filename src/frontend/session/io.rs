@@ -45,6 +45,11 @@ impl Session {
         if self.listen_ext.due {
             self.apply_committed_listens().await;
         }
+        if self.synth_only && self.backend.is_some() && self.relay.ready_due() > 0 {
+            // See `synth_only`: the server's answer to the batch's Sync is due.
+            return Ok(());
+        }
+        self.synth_only = false;
         if !self.cout.is_empty() {
             if self.reads.capture_lsn
                 && self.reads.executed

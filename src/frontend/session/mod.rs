@@ -121,6 +121,10 @@ pub struct Session {
     pub cache: crate::config::StatementCacheConfig,
     unnamed: statement_cache::Unnamed,
     auto: statement_cache::AutoPrepare,
+    /// What waits for the client is only what pgshard answered itself (a ParseComplete
+    /// for a statement the server connection holds), and the server will answer the rest
+    /// of the batch: it goes out with that answer, in one write and one client wakeup.
+    synth_only: bool,
 }
 
 /// Fingerprint of a settings list; 0 means "server defaults".
@@ -184,6 +188,7 @@ impl Session {
             cache: crate::config::StatementCacheConfig::default(),
             unnamed: statement_cache::Unnamed::default(),
             auto: statement_cache::AutoPrepare::default(),
+            synth_only: false,
         }
     }
 

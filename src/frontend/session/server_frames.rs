@@ -7,6 +7,7 @@ use super::*;
 impl Session {
     /// Handles every complete frame the server sent.
     pub(super) fn handle_backend_frames(&mut self) {
+        self.synth_only = false;
         loop {
             let Some(b) = self.backend.as_mut() else {
                 return;

@@ -98,6 +98,7 @@ impl Session {
         self.unnamed.global = Some(global);
         let backend = self.backend.as_mut().expect("attached");
         if backend.prepared.contains(&global) {
+            self.synth_only |= self.cout.is_empty();
             self.relay.push(Pending::Synth {
                 frame: PARSE_COMPLETE,
                 undo: None,
