@@ -139,8 +139,7 @@ impl Session {
                         undo: None,
                     });
                     self.relay.drain_local(&mut self.cout);
-                } else if kind == b'S' && self.close_unnamed() {
-                } else {
+                } else if !(kind == b'S' && self.close_unnamed()) {
                     self.push_forward(tag, frame);
                 }
             }
@@ -226,10 +225,12 @@ impl Session {
     /// Makes sure the attached server connection holds the client's statement `name`,
     /// injecting a Parse if needed; returns its server-side identity.
     pub(super) fn ensure_prepared(&mut self, name: &[u8]) -> Option<u64> {
-        let stmt = self.statements.get(name)?;
-        let (global, query, types) = (stmt.global, stmt.query.clone(), stmt.types.clone());
+        let global = self.statements.get(name)?.global;
         let backend = self.backend.as_mut().expect("attached");
         if !backend.prepared.contains(&global) && !self.relay.skipping {
+            // Handles, not copies; only when the connection lacks the statement.
+            let stmt = &self.statements[name];
+            let (query, types) = (stmt.query.clone(), stmt.types.clone());
             let parse = Pending::Parse {
                 swallow: true,
                 undo: Some(Undo {
