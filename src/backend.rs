@@ -494,9 +494,11 @@ impl ServerStatements {
         self.last_use.remove(global);
     }
 
-    /// The server holds `global` but refuses to use it: close it before preparing it again.
+    /// The server holds `global` but pgshard will not use it as it is (the server refused
+    /// its cached plan, or a Close of it was skipped): close it before preparing it again.
     pub fn mark_stale(&mut self, global: u64) {
-        if self.last_use.remove(&global).is_some() {
+        self.last_use.remove(&global);
+        if !self.stale.contains(&global) {
             self.stale.push(global);
         }
     }
@@ -547,8 +549,11 @@ mod statement_tests {
         assert!(!s.contains(&7));
         assert_eq!(s.insert(7, 10), [Some(7), None]);
         assert!(s.contains(&7));
-        // A statement the server does not hold is not closed.
-        s.mark_stale(8);
+        // Once.
+        assert_eq!(s.insert(9, 10), [None, None]);
+        s.mark_stale(9);
+        s.mark_stale(9);
+        assert_eq!(s.insert(9, 10), [Some(9), None]);
         assert_eq!(s.insert(8, 10), [None, None]);
     }
 }

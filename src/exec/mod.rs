@@ -78,8 +78,9 @@ pub enum Pending {
     },
     /// An error pgshard raises itself at this point of the stream.
     Error(Box<PgError>),
-    /// A Close pgshard sent itself: its CloseComplete is not the client's.
-    Quiet,
+    /// A Close pgshard sent itself of one of its statements: its CloseComplete is not the
+    /// client's. Skipped after an error, it leaves the statement on the server.
+    Quiet(u64),
     /// A Bind of a statement pgshard prepared on its own (the client's unnamed one): if
     /// the server refuses the statement's cached plan (0A000 after DDL changed its result
     /// columns), the statement is closed before its next use.
@@ -182,6 +183,11 @@ impl Relay {
                     Some(Pending::Parse { undo, .. }) | Some(Pending::Synth { undo, .. }) => {
                         self.undo.extend(undo)
                     }
+                    Some(Pending::Quiet(g)) => self.undo.push(Undo {
+                        client_name: None,
+                        global: Some(g),
+                        stale: true,
+                    }),
                     _ => {}
                 },
             }
@@ -274,7 +280,7 @@ impl Relay {
                 out.extend_from_slice(frame);
                 true
             }
-            Pending::Quiet => {
+            Pending::Quiet(_) => {
                 if tag == b'E' {
                     out.extend_from_slice(frame);
                 }
@@ -372,7 +378,7 @@ impl Relay {
                         | Pending::Describe
                         | Pending::Close
                         | Pending::Execute
-                        | Pending::Quiet
+                        | Pending::Quiet(_)
                         | Pending::CachedBind(_)
                         | Pending::Auto(_)
                 )
@@ -420,6 +426,52 @@ mod tests {
             i += n + 1;
         }
         s
+    }
+
+    #[test]
+    fn a_skipped_close_of_a_cached_statement_leaves_it_stale() {
+        let mut r = Relay::default();
+        let mut out = BytesMut::new();
+        r.push(Pending::Bind);
+        r.push(Pending::Quiet(9));
+        r.push(Pending::Sync);
+        r.on_frame(&f(b'E'), &mut out);
+        let stale = Undo {
+            client_name: None,
+            global: Some(9),
+            stale: true,
+        };
+        assert_eq!(r.undo, vec![stale]);
+    }
+
+    #[test]
+    fn a_failed_prepared_form_of_a_query_is_retried_only_when_the_server_is_idle() {
+        for (status, retried) in [(b'I', true), (b'T', false)] {
+            let mut r = Relay::default();
+            let mut out = BytesMut::new();
+            for p in [
+                Pending::Auto(AutoStep::Parse(1)),
+                Pending::Auto(AutoStep::Bind(1)),
+                Pending::Auto(AutoStep::Describe),
+                Pending::Execute,
+                Pending::Sync,
+            ] {
+                r.push(p);
+            }
+            assert_eq!(r.on_frame(&f(b'E'), &mut out), Event::None);
+            assert!(out.is_empty(), "the error is held");
+            let mut z = BytesMut::new();
+            protocol::write_ready(&mut z, status);
+            let e = r.on_frame(&z, &mut out);
+            assert!(r.idle());
+            if retried {
+                assert_eq!(e, Event::Retry);
+                assert!(out.is_empty());
+            } else {
+                assert_eq!(e, Event::Ready(status));
+                assert_eq!(tags(&out), "EZ");
+            }
+        }
     }
 
     #[test]

@@ -71,7 +71,7 @@ impl Session {
             let limit = self.cache.per_connection;
             let backend = self.backend.as_mut().expect("attached");
             for g in backend.prepared.insert(global, limit).into_iter().flatten() {
-                self.relay.push(Pending::Quiet);
+                self.relay.push(Pending::Quiet(g));
                 protocol::write_target(&mut self.bout, b'C', b'S', &server_name(g));
             }
         }
