@@ -394,6 +394,12 @@ impl Relay {
     }
 }
 
+/// ParseComplete, BindComplete and CloseComplete, for answers pgshard gives itself: no
+/// allocation per answer.
+pub const PARSE_COMPLETE: Bytes = Bytes::from_static(&[b'1', 0, 0, 0, 4]);
+pub const BIND_COMPLETE: Bytes = Bytes::from_static(&[b'2', 0, 0, 0, 4]);
+pub const CLOSE_COMPLETE: Bytes = Bytes::from_static(&[b'3', 0, 0, 0, 4]);
+
 /// A frame with an empty body (ParseComplete, CloseComplete...).
 pub fn empty_frame(tag: u8) -> Bytes {
     let mut b = BytesMut::with_capacity(5);

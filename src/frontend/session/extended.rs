@@ -370,7 +370,7 @@ impl Session {
                             },
                         );
                     }
-                    crate::exec::empty_frame(b'1')
+                    crate::exec::PARSE_COMPLETE
                 }
                 b'D' => {
                     let mut r = bytes::BytesMut::new();
@@ -380,7 +380,7 @@ impl Session {
                     protocol::write_msg(&mut r, b'n', &[]);
                     r.freeze()
                 }
-                _ => crate::exec::empty_frame(b'3'),
+                _ => crate::exec::CLOSE_COMPLETE,
             };
             self.relay.push(Pending::Synth {
                 frame: reply,
@@ -416,7 +416,7 @@ impl Session {
                 }
                 self.route.pending_copy = Some((sql, cs, plan));
                 self.relay.push(Pending::Synth {
-                    frame: crate::exec::empty_frame(b'2'),
+                    frame: crate::exec::BIND_COMPLETE,
                     undo: None,
                 });
                 self.relay.drain_local(&mut self.cout);

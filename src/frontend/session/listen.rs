@@ -180,7 +180,7 @@ impl Session {
         self.listen_ext
             .stmts
             .insert(Bytes::copy_from_slice(name), text);
-        self.synth(empty_frame(b'1'));
+        self.synth(crate::exec::PARSE_COMPLETE);
     }
 
     fn synth(&mut self, frame: Bytes) {
@@ -205,7 +205,7 @@ impl Session {
                         self.listen_ext
                             .portals
                             .insert(Bytes::copy_from_slice(b.portal), text);
-                        self.synth(empty_frame(b'2'));
+                        self.synth(crate::exec::BIND_COMPLETE);
                         Ok(true)
                     }
                     None => {
@@ -239,7 +239,7 @@ impl Session {
                     _ => self.listen_ext.portals.remove(name).is_some(),
                 };
                 if removed {
-                    self.synth(empty_frame(b'3'));
+                    self.synth(crate::exec::CLOSE_COMPLETE);
                 }
                 Ok(removed)
             }

@@ -35,7 +35,7 @@ use prepared::Stmt;
 use super::{CancelSlot, ClientReader, ClientWriter};
 use crate::cluster::Database;
 use crate::config::PoolMode;
-use crate::exec::{self, Event, Pending, Relay, Undo, empty_frame};
+use crate::exec::{self, Event, Pending, Relay, Undo};
 use crate::pool::{PoolError, Pooled};
 use crate::protocol::{self, PgError, ProtocolError};
 use crate::router::{self, StatementKind};

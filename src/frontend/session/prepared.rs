@@ -3,8 +3,8 @@
 //! statement `pgshard_<hash of text and types>`, prepared on a server connection the first
 //! time the client uses it there; what the server did not do is undone here.
 
-use super::statement_cache::{CLOSE_COMPLETE, PARSE_COMPLETE};
 use super::*;
+use crate::exec::{CLOSE_COMPLETE, PARSE_COMPLETE};
 
 /// A prepared statement as the client named it (transaction mode).
 pub(super) struct Stmt {

@@ -7,12 +7,8 @@
 
 use super::prepared::{server_name, statement_id};
 use super::*;
-use crate::exec::AutoStep;
+use crate::exec::{AutoStep, CLOSE_COMPLETE, PARSE_COMPLETE};
 use crate::router::literals;
-
-/// ParseComplete and CloseComplete, answered without a server.
-pub(super) const PARSE_COMPLETE: Bytes = Bytes::from_static(&[b'1', 0, 0, 0, 4]);
-pub(super) const CLOSE_COMPLETE: Bytes = Bytes::from_static(&[b'3', 0, 0, 0, 4]);
 
 /// The client's unnamed statement, when pgshard keeps it as a server statement.
 #[derive(Default)]
