@@ -49,6 +49,36 @@ pub struct Undo {
     pub stale: bool,
 }
 
+impl Undo {
+    /// The server connection does not hold `global` after all.
+    pub fn unprepared(global: u64) -> Undo {
+        Undo {
+            client_name: None,
+            global: Some(global),
+            stale: false,
+        }
+    }
+
+    /// The server connection holds `global`, but it must be closed before its next Parse.
+    pub fn stale(global: u64) -> Undo {
+        Undo {
+            stale: true,
+            ..Undo::unprepared(global)
+        }
+    }
+}
+
+impl Pending {
+    /// A Parse of `global` pgshard puts in front of a client's Bind or Describe: the
+    /// client expects no ParseComplete.
+    pub fn injected_parse(global: u64) -> Pending {
+        Pending::Parse {
+            swallow: true,
+            undo: Some(Undo::unprepared(global)),
+        }
+    }
+}
+
 /// A request sent to the server (or answered locally) whose response is still due.
 #[derive(Debug)]
 pub enum Pending {
@@ -183,11 +213,7 @@ impl Relay {
                     Some(Pending::Parse { undo, .. }) | Some(Pending::Synth { undo, .. }) => {
                         self.undo.extend(undo)
                     }
-                    Some(Pending::Quiet(g)) => self.undo.push(Undo {
-                        client_name: None,
-                        global: Some(g),
-                        stale: true,
-                    }),
+                    Some(Pending::Quiet(g)) => self.undo.push(Undo::stale(g)),
                     _ => {}
                 },
             }
@@ -288,11 +314,7 @@ impl Relay {
             }
             Pending::CachedBind(global) => {
                 if tag == b'E' && crate::metrics::sqlstate_of(frame) == Some("0A000") {
-                    self.undo.push(Undo {
-                        client_name: None,
-                        global: Some(*global),
-                        stale: true,
-                    });
+                    self.undo.push(Undo::stale(*global));
                 }
                 out.extend_from_slice(frame);
                 true
@@ -301,14 +323,10 @@ impl Relay {
                 match (*step, tag) {
                     (AutoStep::Parse(g) | AutoStep::Bind(g), b'E') => {
                         // The Parse did not take; a refused cached plan stays on the server.
-                        let stale = matches!(step, AutoStep::Bind(_))
-                            && crate::metrics::sqlstate_of(frame) == Some("0A000");
-                        if matches!(step, AutoStep::Parse(_)) || stale {
-                            self.undo.push(Undo {
-                                client_name: None,
-                                global: Some(g),
-                                stale,
-                            });
+                        if matches!(step, AutoStep::Parse(_)) {
+                            self.undo.push(Undo::unprepared(g));
+                        } else if crate::metrics::sqlstate_of(frame) == Some("0A000") {
+                            self.undo.push(Undo::stale(g));
                         }
                         if protocol::is_fatal(frame) {
                             // The server is going away: no retry, the client must see why.
@@ -442,12 +460,7 @@ mod tests {
         r.push(Pending::Quiet(9));
         r.push(Pending::Sync);
         r.on_frame(&f(b'E'), &mut out);
-        let stale = Undo {
-            client_name: None,
-            global: Some(9),
-            stale: true,
-        };
-        assert_eq!(r.undo, vec![stale]);
+        assert_eq!(r.undo, vec![Undo::stale(9)]);
     }
 
     #[test]

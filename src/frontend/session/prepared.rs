@@ -212,8 +212,7 @@ impl Session {
                 swallow: false,
                 undo: Some(Undo {
                     client_name: Some(name.clone()),
-                    global: Some(global),
-                    stale: false,
+                    ..Undo::unprepared(global)
                 }),
             };
             self.prepare_on_server(global, &stmt.query, &stmt.types, parse);
@@ -231,15 +230,7 @@ impl Session {
             // Handles, not copies; only when the connection lacks the statement.
             let stmt = &self.statements[name];
             let (query, types) = (stmt.query.clone(), stmt.types.clone());
-            let parse = Pending::Parse {
-                swallow: true,
-                undo: Some(Undo {
-                    client_name: None,
-                    global: Some(global),
-                    stale: false,
-                }),
-            };
-            self.prepare_on_server(global, &query, &types, parse);
+            self.prepare_on_server(global, &query, &types, Pending::injected_parse(global));
         }
         Some(global)
     }

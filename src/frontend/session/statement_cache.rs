@@ -104,8 +104,7 @@ impl Session {
             // A failed Parse leaves the client without an unnamed statement.
             let undo = Undo {
                 client_name: Some(Bytes::new()),
-                global: Some(global),
-                stale: false,
+                ..Undo::unprepared(global)
             };
             self.prepare_unnamed(
                 global,
@@ -132,18 +131,7 @@ impl Session {
         let global = self.unnamed.global?;
         let backend = self.backend.as_mut()?;
         if !backend.prepared.contains(&global) && !self.relay.skipping {
-            let undo = Undo {
-                client_name: None,
-                global: Some(global),
-                stale: false,
-            };
-            self.prepare_unnamed(
-                global,
-                Pending::Parse {
-                    swallow: true,
-                    undo: Some(undo),
-                },
-            );
+            self.prepare_unnamed(global, Pending::injected_parse(global));
         }
         Some(global)
     }
