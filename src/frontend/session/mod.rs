@@ -122,8 +122,9 @@ pub struct Session {
     unnamed: statement_cache::Unnamed,
     auto: statement_cache::AutoPrepare,
     /// What waits for the client is only what pgshard answered itself (a ParseComplete
-    /// for a statement the server connection holds), and the server will answer the rest
-    /// of the batch: it goes out with that answer, in one write and one client wakeup.
+    /// for a statement the server connection holds, named or unnamed), and the server
+    /// will answer the rest of the batch: it goes out with that answer, in one write and
+    /// one client wakeup.
     synth_only: bool,
 }
 

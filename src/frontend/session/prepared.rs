@@ -4,7 +4,7 @@
 //! time the client uses it there; what the server did not do is undone here.
 
 use super::*;
-use crate::exec::{CLOSE_COMPLETE, PARSE_COMPLETE};
+use crate::exec::CLOSE_COMPLETE;
 
 /// A prepared statement as the client named it (transaction mode).
 pub(super) struct Stmt {
@@ -202,11 +202,7 @@ impl Session {
         });
         let backend = self.backend.as_mut().expect("attached");
         if backend.prepared.contains(&global) {
-            self.relay.push(Pending::Synth {
-                frame: PARSE_COMPLETE,
-                undo,
-            });
-            self.relay.drain_local(&mut self.cout);
+            self.parse_answered_here(undo);
         } else {
             let parse = Pending::Parse {
                 swallow: false,

@@ -94,12 +94,7 @@ impl Session {
         self.unnamed.global = Some(global);
         let backend = self.backend.as_mut().expect("attached");
         if backend.prepared.contains(&global) {
-            self.synth_only |= self.cout.is_empty();
-            self.relay.push(Pending::Synth {
-                frame: PARSE_COMPLETE,
-                undo: None,
-            });
-            self.relay.drain_local(&mut self.cout);
+            self.parse_answered_here(None);
         } else {
             // A failed Parse leaves the client without an unnamed statement.
             let undo = Undo {
@@ -115,6 +110,16 @@ impl Session {
             );
         }
         true
+    }
+
+    /// A Parse of a statement the server connection holds: pgshard answers it.
+    pub(super) fn parse_answered_here(&mut self, undo: Option<Undo>) {
+        self.synth_only |= self.cout.is_empty();
+        self.relay.push(Pending::Synth {
+            frame: PARSE_COMPLETE,
+            undo,
+        });
+        self.relay.drain_local(&mut self.cout);
     }
 
     fn prepare_unnamed(&mut self, global: u64, parse: Pending) {
