@@ -35,13 +35,12 @@ pub fn parameterize(sql: &str, text: &mut String, found: &mut Vec<Literal>) -> b
     if memchr::memchr2(b'$', b'\'', b).is_some() {
         return false;
     }
-    let first = first_word(b);
-    let select = first.eq_ignore_ascii_case(b"select");
+    let first = super::lexer::leading_words::<1>(sql).0[0];
+    let select = first.eq_ignore_ascii_case("select");
     if !(select
-        || first.eq_ignore_ascii_case(b"insert")
-        || first.eq_ignore_ascii_case(b"update")
-        || first.eq_ignore_ascii_case(b"delete")
-        || first.eq_ignore_ascii_case(b"with"))
+        || ["insert", "update", "delete", "with"]
+            .iter()
+            .any(|k| first.eq_ignore_ascii_case(k)))
     {
         return false;
     }
@@ -106,18 +105,6 @@ impl Literal {
     pub fn digits<'a>(&self, sql: &'a str) -> &'a [u8] {
         &sql.as_bytes()[self.start..self.end]
     }
-}
-
-fn first_word(b: &[u8]) -> &[u8] {
-    let s = b
-        .iter()
-        .position(|c| !c.is_ascii_whitespace())
-        .unwrap_or(b.len());
-    let e = b[s..]
-        .iter()
-        .position(|&c| !c.is_ascii_alphabetic())
-        .map_or(b.len(), |p| s + p);
-    &b[s..e]
 }
 
 fn is_ident_start(c: u8) -> bool {
