@@ -65,7 +65,11 @@ async fn stalled_startup_times_out_with_an_error() {
 
 #[tokio::test]
 async fn server_down_gives_08006_to_that_client_only() {
-    let dead = pgshard::local::free_port();
+    // A port bound but not listening: connections to it are refused, and while the
+    // socket lives no other process (or test) can listen there.
+    let hold = tokio::net::TcpSocket::new_v4().unwrap();
+    hold.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let dead = hold.local_addr().unwrap().port();
     let yaml = base_yaml("transaction", 4).replace(
         &cluster().shards[0].primary.addr(),
         &format!("127.0.0.1:{dead}"),

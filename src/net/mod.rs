@@ -107,6 +107,7 @@ impl ServerAddr {
         match self {
             ServerAddr::Tcp(a) => {
                 let mut s = TcpStream::connect(a).await?;
+                refuse_self_connection(&s)?;
                 // Requests and replies are small and latency-bound.
                 let _ = s.set_nodelay(true);
                 if let Some(t) = tls.filter(|t| t.mode != crate::config::ServerTlsMode::Disable) {
@@ -129,6 +130,21 @@ impl ServerAddr {
             }
         }
     }
+}
+
+/// Fails when a TCP connection reached itself. With nothing listening on a loopback port
+/// in the ephemeral range, the kernel may pick that very port as the connection's source
+/// and the handshake completes with itself (TCP simultaneous open): the startup message
+/// would come back as the "server's" answer and the connection hang until the connect
+/// timeout, where a down server must fail at once.
+fn refuse_self_connection(s: &TcpStream) -> io::Result<()> {
+    if s.local_addr()? == s.peer_addr()? {
+        return Err(io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            "connection refused (nothing listens there: the connection reached itself)",
+        ));
+    }
+    Ok(())
 }
 
 impl std::fmt::Display for ServerAddr {
@@ -287,6 +303,21 @@ impl Drop for LocalListener {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_connection_that_reached_itself_is_refused() {
+        // Made on purpose: a socket bound to a port connects to that same port.
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let own = sock.local_addr().unwrap();
+        let s = sock.connect(own).await.unwrap();
+        let e = refuse_self_connection(&s).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+        // An ordinary connection passes.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        refuse_self_connection(&c).unwrap();
+    }
 
     #[test]
     fn server_addresses_parse_as_tcp_or_socket_directory() {
