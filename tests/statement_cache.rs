@@ -373,6 +373,86 @@ async fn unnamed_statements_answer_as_postgresql_does() {
     assert!(!texts.iter().any(|t| t.contains("nope")), "{texts:?}");
 }
 
+#[tokio::test]
+async fn a_changed_table_does_not_fail_cached_unnamed_statements() {
+    setup(
+        "DROP TABLE IF EXISTS sc_chg2;
+         CREATE TABLE sc_chg2 (id int);
+         INSERT INTO sc_chg2 VALUES (1), (2);",
+    )
+    .await;
+    // Its own proxy: its one server connection holds the statements of this test only.
+    let addr = cached_proxy(500);
+    let (mut p, mut d) = raw_pair(addr).await;
+    let select = "SELECT * FROM sc_chg2 WHERE id = $1";
+    let run = vec![
+        msg::parse("", select),
+        msg::bind("", "", &["1"]),
+        describe_portal(),
+        msg::execute(""),
+        msg::sync(),
+    ];
+    let describe = vec![msg::parse("", select), msg::describe_stmt(""), msg::sync()];
+    let descr = |m: &[(u8, Vec<u8>)]| -> Vec<Vec<u8>> {
+        m.iter()
+            .filter(|(t, _)| matches!(t, b'T' | b't'))
+            .map(|(_, b)| b.clone())
+            .collect()
+    };
+    let mut column = 0;
+    let mut alter = async |d: &mut Raw| {
+        column += 1;
+        let sql = format!("ALTER TABLE sc_chg2 ADD COLUMN c{column} int DEFAULT {column}");
+        assert_eq!(code(&exchange(d, &[msg::query(&sql)]).await), None);
+    };
+    // Each case: the table changes after the statement was prepared and used, then the
+    // same batch goes through pgshard and straight to PostgreSQL. PostgreSQL parses the
+    // unnamed statement afresh; pgshard, which answered the Parse from its cache, must
+    // not let the server's refusal of the old plan through.
+    for (i, frames) in [&run, &describe, &run].into_iter().enumerate() {
+        for _ in 0..2 {
+            exchange(&mut p, frames).await;
+        }
+        alter(&mut d).await;
+        let got = exchange(&mut p, frames).await;
+        let want = exchange(&mut d, frames).await;
+        assert_eq!(code(&got), None, "case {i}: {got:?}");
+        assert_eq!(tags(&got), tags(&want), "case {i}");
+        assert_eq!(values(&got), values(&want), "case {i}");
+        assert_eq!(descr(&got), descr(&want), "case {i}");
+        // Prepared afresh: the next batch is answered from the cache again.
+        let again = exchange(&mut p, frames).await;
+        assert_eq!(tags(&again), tags(&want), "case {i}");
+    }
+    // A client that sends its next batch before the answer to the refused one: that one
+    // cannot go again before the next, so it reports the refusal, and every answer keeps
+    // its place (never the next batch's rows as this one's).
+    exchange(&mut p, &run).await;
+    alter(&mut d).await;
+    let next = [
+        msg::parse("", "SELECT 'next'"),
+        msg::bind("", "", &[]),
+        msg::execute(""),
+        msg::sync(),
+    ];
+    let got = exchange(&mut p, &[run.concat(), next.concat()]).await;
+    assert_eq!(code(&got).as_deref(), Some("0A000"), "{got:?}");
+    assert_eq!(tags(&got), "1EZ");
+    let got = {
+        let mut out = Vec::new();
+        while let Some((t, b)) = p.recv().await {
+            out.push((t, b));
+            if t == b'Z' {
+                break;
+            }
+        }
+        out
+    };
+    assert_eq!(values(&got), [[Some("next".to_string())]]);
+    let want = exchange(&mut d, &run).await;
+    assert_eq!(values(&exchange(&mut p, &run).await), values(&want));
+}
+
 fn describe_portal() -> Vec<u8> {
     let mut b = vec![b'D'];
     b.extend(6i32.to_be_bytes());

@@ -111,10 +111,17 @@ pub enum Pending {
     /// A Close pgshard sent itself of one of its statements: its CloseComplete is not the
     /// client's. Skipped after an error, it leaves the statement on the server.
     Quiet(u64),
-    /// A Bind of a statement pgshard prepared on its own (the client's unnamed one): if
-    /// the server refuses the statement's cached plan (0A000 after DDL changed its result
-    /// columns), the statement is closed before its next use.
-    CachedBind(u64),
+    /// A Bind (or a Describe, `describe`) of a statement pgshard prepared under its own
+    /// name: if the server refuses the statement's cached plan (0A000 after DDL changed
+    /// its result columns), the statement is closed before its next use. With `retry`
+    /// (the first request of a batch that would have parsed the client's unnamed
+    /// statement afresh on PostgreSQL) the error is held until the Sync, and the session
+    /// sends the batch again ([`Event::Retry`]).
+    Cached {
+        global: u64,
+        describe: bool,
+        retry: bool,
+    },
     /// A step of a simple query pgshard runs as a prepared statement (see [`AutoStep`]).
     Auto(AutoStep),
 }
@@ -141,9 +148,11 @@ pub enum Event {
     InternalReady(u8),
     /// The server started COPY FROM STDIN ('G') or ended it.
     CopyIn,
-    /// A simple query run as a prepared statement failed before it ran, and the server is
-    /// idle: the session sends the query as the client wrote it (the ReadyForQuery was
-    /// not passed on).
+    /// A request pgshard may send again failed before anything of it ran, and the server
+    /// is idle with nothing else due: the session sends again a simple query run as a
+    /// prepared statement (as the client wrote it) or a batch refused for a stale
+    /// statement (which is prepared afresh). The error and the ReadyForQuery were not
+    /// passed on ([`Relay::give_up_retry`] passes them).
     Retry,
 }
 
@@ -155,8 +164,14 @@ pub struct Relay {
     pub skipping: bool,
     /// Undo records produced while handling frames; the session drains them.
     pub undo: Vec<Undo>,
-    /// The error of an [`AutoStep`], held until the Sync's ReadyForQuery.
+    /// The error of an [`AutoStep`] or a retried [`Pending::Cached`], held until the
+    /// Sync's ReadyForQuery.
     held: Option<Bytes>,
+    /// What a request that may be retried answered before its outcome was known.
+    kept: BytesMut,
+    /// The error and ReadyForQuery not passed on at an [`Event::Retry`], for when the
+    /// session cannot retry after all.
+    unsent: Option<Bytes>,
 }
 
 impl Relay {
@@ -269,7 +284,13 @@ impl Relay {
             Pending::Sync if tag == b'Z' && self.held.is_some() => {
                 let held = self.held.take().expect("checked");
                 let status = frame.get(5).copied().unwrap_or(b'I');
-                if status == b'I' {
+                // A retry must run before anything the client sent after it: only when
+                // nothing else went to the server since (a pipelining client).
+                if status == b'I' && self.queue.len() == 1 {
+                    let mut answer = BytesMut::with_capacity(held.len() + frame.len());
+                    answer.extend_from_slice(&held);
+                    answer.extend_from_slice(frame);
+                    self.unsent = Some(answer.freeze());
                     event = Event::Retry;
                 } else {
                     out.extend_from_slice(&held);
@@ -312,12 +333,29 @@ impl Relay {
                 }
                 true
             }
-            Pending::CachedBind(global) => {
-                if tag == b'E' && crate::metrics::sqlstate_of(frame) == Some("0A000") {
+            Pending::Cached {
+                global,
+                describe,
+                retry,
+            } => {
+                let refused = tag == b'E' && crate::metrics::sqlstate_of(frame) == Some("0A000");
+                if refused {
                     self.undo.push(Undo::stale(*global));
                 }
-                out.extend_from_slice(frame);
-                true
+                // A Describe of a statement answers ParameterDescription before the
+                // server looks at the plan: kept back too, as the retry sends it again.
+                let done = !*describe || matches!(tag, b'T' | b'n' | b'E');
+                if refused && *retry && !protocol::is_fatal(frame) {
+                    self.kept.clear();
+                    self.held = Some(Bytes::copy_from_slice(frame));
+                } else if *retry && !done {
+                    self.kept.extend_from_slice(frame);
+                } else {
+                    out.extend_from_slice(&self.kept);
+                    self.kept.clear();
+                    out.extend_from_slice(frame);
+                }
+                done
             }
             Pending::Auto(step) => {
                 match (*step, tag) {
@@ -376,6 +414,14 @@ impl Relay {
         event
     }
 
+    /// After an [`Event::Retry`] the session could not act on: the client gets the error
+    /// and the ReadyForQuery after all.
+    pub fn give_up_retry(&mut self, out: &mut BytesMut) {
+        if let Some(answer) = self.unsent.take() {
+            out.extend_from_slice(&answer);
+        }
+    }
+
     /// Nothing is due from the server.
     pub fn idle(&self) -> bool {
         self.queue.is_empty()
@@ -397,7 +443,7 @@ impl Relay {
                         | Pending::Close
                         | Pending::Execute
                         | Pending::Quiet(_)
-                        | Pending::CachedBind(_)
+                        | Pending::Cached { .. }
                         | Pending::Auto(_)
                 )
             })
@@ -465,7 +511,12 @@ mod tests {
 
     #[test]
     fn a_failed_prepared_form_of_a_query_is_retried_only_when_the_server_is_idle() {
-        for (status, retried) in [(b'I', true), (b'T', false)] {
+        // The server's status after the Sync, a query the client pipelined behind it.
+        for (status, pipelined, retried) in [
+            (b'I', false, true),
+            (b'T', false, false),
+            (b'I', true, false),
+        ] {
             let mut r = Relay::default();
             let mut out = BytesMut::new();
             for p in [
@@ -477,12 +528,17 @@ mod tests {
             ] {
                 r.push(p);
             }
+            if pipelined {
+                // A retry now would run after it: the client would take its answer for
+                // the first query's.
+                r.push(Pending::Query);
+            }
             assert_eq!(r.on_frame(&f(b'E'), &mut out), Event::None);
             assert!(out.is_empty(), "the error is held");
             let mut z = BytesMut::new();
             protocol::write_ready(&mut z, status);
             let e = r.on_frame(&z, &mut out);
-            assert!(r.idle());
+            assert_eq!(r.idle(), !pipelined);
             if retried {
                 assert_eq!(e, Event::Retry);
                 assert!(out.is_empty());
@@ -491,6 +547,46 @@ mod tests {
                 assert_eq!(tags(&out), "EZ");
             }
         }
+    }
+
+    #[test]
+    fn a_refused_first_use_of_a_cached_statement_is_held_for_a_retry() {
+        let cached = Pending::Cached {
+            global: 5,
+            describe: true,
+            retry: true,
+        };
+        let mut refusal = BytesMut::new();
+        PgError::new("0A000", "cached plan must not change result type").write(&mut refusal);
+        let mut r = Relay::default();
+        let mut out = BytesMut::new();
+        r.push(cached);
+        r.push(Pending::Sync);
+        // ParameterDescription comes before the server looks at the plan.
+        r.on_frame(&f(b't'), &mut out);
+        r.on_frame(&refusal, &mut out);
+        assert!(out.is_empty());
+        assert_eq!(r.undo, vec![Undo::stale(5)]);
+        assert_eq!(r.on_frame(&f(b'Z'), &mut out), Event::Retry);
+        assert!(out.is_empty() && r.idle());
+        // When the session cannot send the batch again, the client hears the refusal.
+        r.give_up_retry(&mut out);
+        assert_eq!(tags(&out), "EZ");
+        // Answered: what was kept back goes out in its place.
+        let mut r = Relay::default();
+        let mut out = BytesMut::new();
+        r.push(Pending::Cached {
+            global: 5,
+            describe: true,
+            retry: true,
+        });
+        r.push(Pending::Sync);
+        r.on_frame(&f(b't'), &mut out);
+        assert!(out.is_empty());
+        r.on_frame(&f(b'T'), &mut out);
+        assert_eq!(r.on_frame(&f(b'Z'), &mut out), Event::Ready(b'I'));
+        assert_eq!(tags(&out), "tTZ");
+        assert!(r.undo.is_empty());
     }
 
     #[test]

@@ -372,6 +372,9 @@ impl Session {
                 // First: a reload can change whether the database is routed.
                 self.maybe_refresh();
             }
+            if self.unnamed.watching() {
+                self.unnamed.observe(&self.crbuf[..n]);
+            }
             if self.forwards_in_place(self.crbuf[0]) {
                 self.forward_in_place(n).await?;
                 continue;

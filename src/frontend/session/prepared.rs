@@ -93,7 +93,11 @@ impl Session {
                 let protocol::Bind { portal, stmt, rest } = protocol::parse_bind(frame)?;
                 if stmt.is_empty() {
                     if let Some(global) = self.ensure_unnamed() {
-                        self.relay.push(Pending::CachedBind(global));
+                        self.relay.push(Pending::Cached {
+                            global,
+                            describe: false,
+                            retry: self.unnamed.take_retry(),
+                        });
                         protocol::write_bind(&mut self.bout, portal, &server_name(global), rest);
                     } else {
                         self.push_forward(tag, frame);
@@ -102,7 +106,11 @@ impl Session {
                     if self.statements.get(stmt).is_some_and(|s| s.kind_is_setting) {
                         self.settings_dirty = true;
                     }
-                    self.relay.push(Pending::CachedBind(global));
+                    self.relay.push(Pending::Cached {
+                        global,
+                        describe: false,
+                        retry: false,
+                    });
                     let name = server_name(global);
                     protocol::write_bind(&mut self.bout, portal, &name, rest);
                 } else {
@@ -119,7 +127,11 @@ impl Session {
                 if let Some(cached) = cached {
                     match cached {
                         Ok(global) => {
-                            self.relay.push(Pending::Describe);
+                            self.relay.push(Pending::Cached {
+                                global,
+                                describe: true,
+                                retry: name.is_empty() && self.unnamed.take_retry(),
+                            });
                             let sname = server_name(global);
                             protocol::write_target(&mut self.bout, b'D', b'S', &sname);
                         }

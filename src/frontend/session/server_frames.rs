@@ -69,27 +69,35 @@ impl Session {
                 return;
             }
             match event {
-                Event::Ready(s) => {
-                    self.query_done();
-                    self.finished(s);
-                    self.status = s;
-                    self.in_copy = false;
-                    if s == b'I' {
-                        self.route.movable_begin = None;
-                        self.transaction_over();
-                        self.listen_ext.ended(None);
-                    }
-                }
+                Event::Ready(s) => self.ready(s),
                 // A batch's part on one shard ended; the client's batch goes on.
                 Event::InternalReady(s) => self.status = s,
                 Event::CopyIn => self.in_copy = true,
-                Event::Retry => self.retry_query(),
+                Event::Retry => {
+                    if !self.retry() {
+                        self.relay.give_up_retry(&mut self.cout);
+                        self.ready(b'I');
+                    }
+                }
                 Event::None => {}
             }
             if tag == b'E' || tag == b'C' {
                 self.in_copy = false;
             }
             self.apply_undo();
+        }
+    }
+
+    /// A ReadyForQuery reached the client.
+    fn ready(&mut self, s: u8) {
+        self.query_done();
+        self.finished(s);
+        self.status = s;
+        self.in_copy = false;
+        if s == b'I' {
+            self.route.movable_begin = None;
+            self.transaction_over();
+            self.listen_ext.ended(None);
         }
     }
 }

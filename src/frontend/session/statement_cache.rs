@@ -17,6 +17,85 @@ pub(super) struct Unnamed {
     // Reused buffers: a text is copied only when it differs from the previous one.
     query: Vec<u8>,
     types: Vec<u8>,
+    replay: Replay,
+    /// The batch's frames from its first use of the statement up to its Sync.
+    frames: BytesMut,
+    /// The frame being handled is that first use: its request may be retried.
+    retry_first: bool,
+}
+
+/// A batch that PostgreSQL would have begun by parsing the unnamed statement afresh,
+/// where pgshard answered the Parse because the server connection holds the statement.
+/// If DDL has changed the statement's result columns since it was prepared, the server
+/// refuses the statement's first use ("cached plan must not change result type"), which
+/// PostgreSQL would not have: the batch is then sent again, the statement prepared anew.
+/// That is safe only when nothing of the batch ran before, so the batch is recorded from
+/// that first use (its Bind or Describe right after the Parse) to its Sync, outside a
+/// transaction block, and retried only when the client sent nothing after the Sync.
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum Replay {
+    #[default]
+    Off,
+    /// The Parse was answered here: the next frame decides.
+    Armed,
+    Recording,
+    /// The Sync was recorded: the frames wait for the batch's outcome.
+    Sent,
+}
+
+/// The largest batch recorded for a retry; a longer one is not retried.
+const REPLAY_LIMIT: usize = 1 << 20;
+
+/// A Bind or a Describe of the unnamed statement.
+fn uses_unnamed(frame: &[u8]) -> bool {
+    let body = frame.get(5..).unwrap_or_default();
+    match frame[0] {
+        b'B' => body
+            .iter()
+            .position(|&c| c == 0)
+            .is_some_and(|end| body.get(end + 1) == Some(&0)),
+        b'D' => body.starts_with(&[b'S', 0]),
+        _ => false,
+    }
+}
+
+impl Unnamed {
+    /// Whether client frames are recorded for a retry (see [`Replay`]).
+    pub(super) fn watching(&self) -> bool {
+        matches!(self.replay, Replay::Armed | Replay::Recording)
+    }
+
+    /// A client frame, before it is handled.
+    pub(super) fn observe(&mut self, frame: &[u8]) {
+        self.retry_first = false;
+        match self.replay {
+            Replay::Armed if uses_unnamed(frame) => {
+                self.replay = Replay::Recording;
+                self.retry_first = true;
+                self.frames.clear();
+                self.frames.extend_from_slice(frame);
+            }
+            Replay::Recording if self.frames.len() + frame.len() <= REPLAY_LIMIT => {
+                self.frames.extend_from_slice(frame);
+                if frame[0] == b'S' {
+                    self.replay = Replay::Sent;
+                }
+            }
+            _ => self.stop(),
+        }
+    }
+
+    /// No retry of the batch.
+    pub(super) fn stop(&mut self) {
+        self.replay = Replay::Off;
+        self.retry_first = false;
+        self.frames.clear();
+    }
+
+    /// Whether the Bind or Describe being handled may be retried.
+    pub(super) fn take_retry(&mut self) -> bool {
+        std::mem::take(&mut self.retry_first)
+    }
 }
 
 /// Simple queries run as prepared statements.
@@ -81,6 +160,7 @@ impl Session {
     pub(super) fn parse_unnamed(&mut self, query: &[u8], types: &[u8]) -> bool {
         if !self.cache.unnamed || !cacheable(query) {
             self.unnamed.global = None;
+            self.unnamed.stop();
             return false;
         }
         self.started();
@@ -92,8 +172,13 @@ impl Session {
             self.unnamed.types.extend_from_slice(types);
         }
         self.unnamed.global = Some(global);
+        self.unnamed.stop();
         let backend = self.backend.as_mut().expect("attached");
         if backend.prepared.contains(&global) {
+            // Nothing ran in this batch yet, outside a transaction block (see Replay).
+            if self.status == b'I' && self.relay.idle() && !self.route.batch_ran && !self.routed() {
+                self.unnamed.replay = Replay::Armed;
+            }
             self.parse_answered_here(None);
         } else {
             // A failed Parse leaves the client without an unnamed statement.
@@ -225,11 +310,34 @@ impl Session {
         true
     }
 
-    /// The prepared form of a simple query failed before it ran (see [`Event::Retry`]):
-    /// the query goes as the client wrote it, and this client's queries of that shape go
-    /// so from now on, unless the server only refused a plan it had cached (DDL changed
-    /// the result's columns), which is prepared afresh at its next use.
-    pub(super) fn retry_query(&mut self) {
+    /// A request failed before anything of it ran ([`Event::Retry`]): sends it again.
+    /// False when there is nothing to send again (the client gets the error).
+    pub(super) fn retry(&mut self) -> bool {
+        if self.auto.retry.is_some() {
+            self.retry_query();
+            return true;
+        }
+        if self.unnamed.replay != Replay::Sent {
+            self.unnamed.stop();
+            return false;
+        }
+        // The batch is handled again as if the client had just sent it, before anything
+        // it sent since; its first use of the statement, now stale, prepares it afresh.
+        // In a batch meanwhile, so that the server connection stays for it.
+        self.unnamed.replay = Replay::Off;
+        self.in_batch = true;
+        let later = std::mem::replace(&mut self.crbuf, std::mem::take(&mut self.unnamed.frames));
+        self.crbuf.extend_from_slice(&later);
+        self.unnamed.frames = later;
+        self.unnamed.frames.clear();
+        true
+    }
+
+    /// The prepared form of a simple query failed before it ran: the query goes as the
+    /// client wrote it, and this client's queries of that shape go so from now on, unless
+    /// the server only refused a plan it had cached (DDL changed the result's columns),
+    /// which is prepared afresh at its next use.
+    fn retry_query(&mut self) {
         let Some((global, frame)) = self.auto.retry.take() else {
             return;
         };
@@ -247,5 +355,8 @@ impl Session {
     /// The request a retry would repeat is over.
     pub(super) fn query_done(&mut self) {
         self.auto.retry = None;
+        if self.unnamed.replay != Replay::Off {
+            self.unnamed.stop();
+        }
     }
 }
