@@ -74,6 +74,11 @@ pub struct ShardStats {
     /// of merged groups or gathered rows sent to them.
     pub finalized: AtomicU64,
     pub finalized_bytes: AtomicU64,
+    /// pgshard's statements on server connections (named ones in transaction mode and
+    /// `pool.statement_cache`'s): Parses sent, uses of a statement a connection already
+    /// held (parsing PostgreSQL was spared), statements closed to keep `per_connection`,
+    /// and requests sent again after the server refused a cached statement.
+    pub statements: StatementStats,
     pub latency: Histogram,
     errors: Mutex<BTreeMap<String, u64>>,
 }
@@ -93,6 +98,15 @@ impl ShardStats {
     pub fn errors(&self) -> BTreeMap<String, u64> {
         self.errors.lock().expect("not poisoned").clone()
     }
+}
+
+/// See [`ShardStats::statements`].
+#[derive(Default)]
+pub struct StatementStats {
+    pub prepared: AtomicU64,
+    pub reused: AtomicU64,
+    pub evicted: AtomicU64,
+    pub retried: AtomicU64,
 }
 
 /// Checkouts of one pool: how many wait now, and how long they waited.

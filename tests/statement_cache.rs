@@ -12,6 +12,12 @@ use tokio_postgres::SimpleQueryMessage;
 /// A proxy with both caches on, over one server connection, so that what it prepared can
 /// be read back through it.
 fn cached_proxy(per_connection: usize) -> SocketAddr {
+    cached_proxy_server(per_connection).0
+}
+
+fn cached_proxy_server(
+    per_connection: usize,
+) -> (SocketAddr, std::sync::Arc<pgshard::frontend::Server>) {
     let yaml = base_yaml("transaction", 1).replace(
         "checkout_timeout_ms: 5000",
         &format!(
@@ -19,7 +25,17 @@ fn cached_proxy(per_connection: usize) -> SocketAddr {
         ),
     );
     assert!(yaml.contains("statement_cache"), "{yaml}");
-    start_proxy_yaml(&yaml)
+    start_proxy_server(pgshard::config::Config::from_yaml(&yaml).unwrap())
+}
+
+/// A counter of the server statements of shard 0.
+fn statements_metric(server: &pgshard::frontend::Server, what: &str) -> f64 {
+    let m = pgshard::admin::metrics::render(server);
+    sample(
+        &m,
+        &format!("pgshard_server_statements_{what}_total"),
+        &["shard=\"0\""],
+    )
 }
 
 fn shared_cached_proxy() -> SocketAddr {
@@ -382,7 +398,7 @@ async fn a_changed_table_does_not_fail_cached_unnamed_statements() {
     )
     .await;
     // Its own proxy: its one server connection holds the statements of this test only.
-    let addr = cached_proxy(500);
+    let (addr, server) = cached_proxy_server(500);
     let (mut p, mut d) = raw_pair(addr).await;
     let select = "SELECT * FROM sc_chg2 WHERE id = $1";
     let run = vec![
@@ -451,6 +467,9 @@ async fn a_changed_table_does_not_fail_cached_unnamed_statements() {
     assert_eq!(values(&got), [[Some("next".to_string())]]);
     let want = exchange(&mut d, &run).await;
     assert_eq!(values(&exchange(&mut p, &run).await), values(&want));
+    // The three batches sent again; the pipelined one was not.
+    assert_eq!(statements_metric(&server, "retried"), 3.0);
+    assert!(statements_metric(&server, "reused") >= 6.0);
 }
 
 fn describe_portal() -> Vec<u8> {
@@ -462,7 +481,7 @@ fn describe_portal() -> Vec<u8> {
 
 #[tokio::test]
 async fn each_server_connection_keeps_at_most_so_many_statements() {
-    let addr = cached_proxy(3);
+    let (addr, server) = cached_proxy_server(3);
     let mut r = Raw::startup(addr, "trusty", "app").await;
     r.until_ready().await;
     // Ten distinct statements, then the first ones again (closed and prepared anew).
@@ -487,6 +506,10 @@ async fn each_server_connection_keeps_at_most_so_many_statements() {
             );
         }
     }
+    // Twenty Parses; each past the third closed the least recently used statement.
+    assert_eq!(statements_metric(&server, "prepared"), 20.0);
+    assert_eq!(statements_metric(&server, "evicted"), 17.0);
+    assert_eq!(statements_metric(&server, "reused"), 0.0);
     let c = connect(addr).await;
     let texts = prepared_texts(&c).await;
     assert_eq!(texts.len(), 3, "{texts:?}");

@@ -339,6 +339,31 @@ pub fn render(server: &Server) -> String {
                 &sl,
                 st.finalized_bytes.load(Ordering::Relaxed),
             );
+            let ss = &st.statements;
+            for (name, help, n) in [
+                (
+                    "pgshard_server_statements_prepared_total",
+                    "Statements pgshard prepared on server connections (Parses it sent for named statements in transaction mode and for the statement cache).",
+                    &ss.prepared,
+                ),
+                (
+                    "pgshard_server_statements_reused_total",
+                    "Uses of a statement the server connection already held, where PostgreSQL would have parsed the text again.",
+                    &ss.reused,
+                ),
+                (
+                    "pgshard_server_statements_evicted_total",
+                    "Statements closed on a server connection to keep pool.statement_cache.per_connection (many: raise it).",
+                    &ss.evicted,
+                ),
+                (
+                    "pgshard_server_statements_retried_total",
+                    "Requests sent again after the server refused a cached statement (DDL changed its result) or a simple query's prepared form failed.",
+                    &ss.retried,
+                ),
+            ] {
+                o.counter(name, help, &sl, n.load(Ordering::Relaxed));
+            }
             for (class, n) in st.errors() {
                 o.counter(
                     "pgshard_errors_total",

@@ -8,7 +8,9 @@
 use super::prepared::{server_name, statement_id};
 use super::*;
 use crate::exec::{AutoStep, CLOSE_COMPLETE, PARSE_COMPLETE};
+use crate::metrics::StatementStats;
 use crate::router::literals;
+use std::sync::atomic::Ordering::Relaxed;
 
 /// The client's unnamed statement, when pgshard keeps it as a server statement.
 #[derive(Default)]
@@ -145,7 +147,13 @@ impl Session {
         if !self.relay.skipping {
             let limit = self.cache.per_connection;
             let backend = self.backend.as_mut().expect("attached");
-            for g in backend.prepared.insert(global, limit).into_iter().flatten() {
+            let [stale, evicted] = backend.prepared.insert(global, limit);
+            let stats = self.statement_stats();
+            stats.prepared.fetch_add(1, Relaxed);
+            if evicted.is_some() {
+                stats.evicted.fetch_add(1, Relaxed);
+            }
+            for g in [stale, evicted].into_iter().flatten() {
                 self.relay.push(Pending::Quiet(g));
                 protocol::write_target(&mut self.bout, b'C', b'S', &server_name(g));
             }
@@ -197,8 +205,14 @@ impl Session {
         true
     }
 
+    /// Counters of the attached shard's server statements.
+    fn statement_stats(&self) -> &StatementStats {
+        &self.db.shards[self.shard].stats.statements
+    }
+
     /// A Parse of a statement the server connection holds: pgshard answers it.
     pub(super) fn parse_answered_here(&mut self, undo: Option<Undo>) {
+        self.statement_stats().reused.fetch_add(1, Relaxed);
         self.synth_only |= self.cout.is_empty();
         self.relay.push(Pending::Synth {
             frame: PARSE_COMPLETE,
@@ -284,7 +298,9 @@ impl Session {
         if !go {
             return false;
         }
-        if !held {
+        if held {
+            self.statement_stats().reused.fetch_add(1, Relaxed);
+        } else {
             let text = std::mem::take(&mut self.auto.text);
             self.prepare_on_server(
                 global,
@@ -314,6 +330,7 @@ impl Session {
     /// False when there is nothing to send again (the client gets the error).
     pub(super) fn retry(&mut self) -> bool {
         if self.auto.retry.is_some() {
+            self.statement_stats().retried.fetch_add(1, Relaxed);
             self.retry_query();
             return true;
         }
@@ -321,6 +338,7 @@ impl Session {
             self.unnamed.stop();
             return false;
         }
+        self.statement_stats().retried.fetch_add(1, Relaxed);
         // The batch is handled again as if the client had just sent it, before anything
         // it sent since; its first use of the statement, now stale, prepares it afresh.
         // In a batch meanwhile, so that the server connection stays for it.
