@@ -9,6 +9,7 @@
 mod accounting;
 mod batch;
 mod copy;
+mod copy_in;
 mod copy_out;
 mod cross;
 mod cross_bind;
