@@ -338,17 +338,17 @@ impl Relay {
                 describe,
                 retry,
             } => {
-                let refused = tag == b'E' && crate::metrics::sqlstate_of(frame) == Some("0A000");
+                let (global, describe, retry) = (*global, *describe, *retry);
+                let refused = tag == b'E' && refuses_cached_plan(frame);
                 if refused {
-                    self.undo.push(Undo::stale(*global));
+                    self.undo.push(Undo::stale(global));
                 }
                 // A Describe of a statement answers ParameterDescription before the
                 // server looks at the plan: kept back too, as the retry sends it again.
-                let done = !*describe || matches!(tag, b'T' | b'n' | b'E');
-                if refused && *retry && !protocol::is_fatal(frame) {
+                let done = !describe || matches!(tag, b'T' | b'n' | b'E');
+                if refused && retry && self.hold(frame) {
                     self.kept.clear();
-                    self.held = Some(Bytes::copy_from_slice(frame));
-                } else if *retry && !done {
+                } else if retry && !done {
                     self.kept.extend_from_slice(frame);
                 } else {
                     out.extend_from_slice(&self.kept);
@@ -363,14 +363,11 @@ impl Relay {
                         // The Parse did not take; a refused cached plan stays on the server.
                         if matches!(step, AutoStep::Parse(_)) {
                             self.undo.push(Undo::unprepared(g));
-                        } else if crate::metrics::sqlstate_of(frame) == Some("0A000") {
+                        } else if refuses_cached_plan(frame) {
                             self.undo.push(Undo::stale(g));
                         }
-                        if protocol::is_fatal(frame) {
-                            // The server is going away: no retry, the client must see why.
+                        if !self.hold(frame) {
                             out.extend_from_slice(frame);
-                        } else {
-                            self.held = Some(Bytes::copy_from_slice(frame));
                         }
                     }
                     (AutoStep::Describe, b'T' | b'E') => out.extend_from_slice(frame),
@@ -412,6 +409,17 @@ impl Relay {
             self.drain_local(out);
         }
         event
+    }
+
+    /// Holds an error of a request that may be retried until the Sync's ReadyForQuery.
+    /// False for a FATAL one, which must go out at once (the server is going away: no
+    /// retry, the client must see why).
+    fn hold(&mut self, error: &[u8]) -> bool {
+        if protocol::is_fatal(error) {
+            return false;
+        }
+        self.held = Some(Bytes::copy_from_slice(error));
+        true
     }
 
     /// After an [`Event::Retry`] the session could not act on: the client gets the error
@@ -456,6 +464,12 @@ impl Relay {
             .filter(|p| matches!(p, Pending::Query | Pending::Sync))
             .count()
     }
+}
+
+/// Whether an ErrorResponse is the server's refusal of a prepared statement's cached plan
+/// ("cached plan must not change result type", after DDL changed its result columns).
+fn refuses_cached_plan(error: &[u8]) -> bool {
+    crate::metrics::sqlstate_of(error) == Some("0A000")
 }
 
 /// ParseComplete, BindComplete and CloseComplete, for answers pgshard gives itself: no

@@ -50,13 +50,10 @@ const REPLAY_LIMIT: usize = 1 << 20;
 
 /// A Bind or a Describe of the unnamed statement.
 fn uses_unnamed(frame: &[u8]) -> bool {
-    let body = frame.get(5..).unwrap_or_default();
     match frame[0] {
-        b'B' => body
-            .iter()
-            .position(|&c| c == 0)
-            .is_some_and(|end| body.get(end + 1) == Some(&0)),
-        b'D' => body.starts_with(&[b'S', 0]),
+        b'B' => protocol::parse_bind(frame).is_ok_and(|b| b.stmt.is_empty()),
+        b'D' => protocol::parse_target(frame, "Describe")
+            .is_ok_and(|(kind, name)| kind == b'S' && name.is_empty()),
         _ => false,
     }
 }
