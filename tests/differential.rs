@@ -446,6 +446,35 @@ fn named(msgs: &[tokio_postgres::SimpleQueryMessage]) -> (Vec<String>, Vec<Vec<O
 /// Names, types and binary values in the extended protocol.
 type Typed = (Vec<(String, u32)>, Vec<Vec<Option<RawValue>>>);
 
+/// Asserts that a simple query answers through pgshard (`via`) as on the plain server:
+/// column names and values; `what` begins the failure message.
+async fn same_simple(
+    via: &tokio_postgres::Client,
+    plain: &tokio_postgres::Client,
+    q: &str,
+    what: &str,
+) {
+    let a = named(
+        &via.simple_query(q)
+            .await
+            .unwrap_or_else(|e| panic!("{q}: {e:?}")),
+    );
+    let b = named(&plain.simple_query(q).await.unwrap());
+    assert_eq!(a, b, "{what}{q}");
+}
+
+/// [`same_simple`] through the extended protocol: names, types and binary values.
+async fn same_extended(
+    via: &tokio_postgres::Client,
+    plain: &tokio_postgres::Client,
+    q: &str,
+    what: &str,
+) {
+    let a = typed(via, q).await.unwrap_or_else(|e| panic!("{q}: {e:?}"));
+    let b = typed(plain, q).await.unwrap();
+    assert_eq!(a, b, "{what}{q}");
+}
+
 async fn typed(c: &tokio_postgres::Client, q: &str) -> Result<Typed, tokio_postgres::Error> {
     let st = c.prepare(q).await?;
     let cols = st
@@ -473,18 +502,8 @@ async fn aggregates_postgresql_finishes() {
         let via = connect(load(shards).await).await;
         let plain = plain().await;
         for q in finished() {
-            let a = named(
-                &via.simple_query(&q)
-                    .await
-                    .unwrap_or_else(|e| panic!("{q}: {e:?}")),
-            );
-            let b = named(&plain.simple_query(&q).await.unwrap());
-            assert_eq!(a, b, "{shards} shards: {q}");
-            let a = typed(&via, &q)
-                .await
-                .unwrap_or_else(|e| panic!("{q}: {e:?}"));
-            let b = typed(&plain, &q).await.unwrap();
-            assert_eq!(a, b, "{shards} shards, extended: {q}");
+            same_simple(&via, &plain, &q, &format!("{shards} shards: ")).await;
+            same_extended(&via, &plain, &q, &format!("{shards} shards, extended: ")).await;
         }
         // The final queries show in the metrics (on the shards whose servers ran them).
         let (_, server) = loaded(shards).await;
@@ -517,26 +536,16 @@ async fn aggregates_postgresql_finishes() {
             "SELECT mood FROM tags GROUP BY mood ORDER BY sum(weight), mood",
             "SELECT qty, string_agg(user_id::text, ',' ORDER BY user_id, id) FROM orders WHERE user_id < 12 GROUP BY qty ORDER BY qty",
         ] {
-            let a = named(
-                &via.simple_query(q)
-                    .await
-                    .unwrap_or_else(|e| panic!("{q}: {e:?}")),
-            );
-            let b = named(&plain.simple_query(q).await.unwrap());
-            assert_eq!(a, b, "{shards} shards, in a transaction: {q}");
-            let a = typed(&via, q)
-                .await
-                .unwrap_or_else(|e| panic!("{q}: {e:?}"));
-            let b = typed(&plain, q).await.unwrap();
-            assert_eq!(a, b, "{shards} shards, extended in a transaction: {q}");
+            let what = format!("{shards} shards, in a transaction: ");
+            same_simple(&via, &plain, q, &what).await;
+            let what = format!("{shards} shards, extended in a transaction: ");
+            same_extended(&via, &plain, q, &what).await;
         }
         via.batch_execute("ROLLBACK").await.unwrap();
         plain.batch_execute("ROLLBACK").await.unwrap();
         // As a cursor's query.
         let script = "BEGIN; DECLARE c CURSOR FOR SELECT qty, count(*) * 2 AS twice FROM orders GROUP BY qty ORDER BY qty; FETCH 2 FROM c; FETCH ALL FROM c; COMMIT";
-        let a = named(&via.simple_query(script).await.unwrap());
-        let b = named(&plain.simple_query(script).await.unwrap());
-        assert_eq!(a, b, "{shards} shards: {script}");
+        same_simple(&via, &plain, script, &format!("{shards} shards: ")).await;
         // LIMIT and OFFSET as parameters.
         let q = "SELECT qty, count(*) FROM orders GROUP BY qty ORDER BY count(*) DESC, qty LIMIT $1 OFFSET $2";
         for (l, o) in [(2i64, 0i64), (3, 1), (10, 2)] {
@@ -971,20 +980,9 @@ async fn orders_values_as_postgresql_does() {
         .map(|(q, b)| (q.to_string(), *b))
         .chain(pairs.iter().map(|q| (q.clone(), !q.contains("span"))));
     for (q, binary) in queries {
-        let q = &q[..];
-        let a = named(
-            &via.simple_query(q)
-                .await
-                .unwrap_or_else(|e| panic!("{q}: {e:?}")),
-        );
-        let b = named(&plain.simple_query(q).await.unwrap());
-        assert_eq!(a, b, "{q}");
+        same_simple(&via, &plain, &q, "").await;
         if binary {
-            let a = typed(&via, q)
-                .await
-                .unwrap_or_else(|e| panic!("{q}: {e:?}"));
-            let b = typed(&plain, q).await.unwrap();
-            assert_eq!(a, b, "extended, binary: {q}");
+            same_extended(&via, &plain, &q, "extended, binary: ").await;
         }
     }
     // Inside a transaction (the shards join it; the ranks come from a connection of
@@ -995,12 +993,8 @@ async fn orders_values_as_postgresql_does() {
             .unwrap();
     }
     let q = "SELECT id, name FROM people ORDER BY name DESC, id LIMIT 20";
-    let a = named(&via.simple_query(q).await.unwrap());
-    let b = named(&plain.simple_query(q).await.unwrap());
-    assert_eq!(a, b, "in a transaction: {q}");
-    let a = typed(&via, q).await.unwrap();
-    let b = typed(&plain, q).await.unwrap();
-    assert_eq!(a, b, "in a transaction, extended: {q}");
+    same_simple(&via, &plain, q, "in a transaction: ").await;
+    same_extended(&via, &plain, q, "in a transaction, extended: ").await;
     for db in [&via, &plain] {
         db.batch_execute("ROLLBACK").await.unwrap();
     }
