@@ -79,16 +79,47 @@ enum Cmd {
     },
 }
 
+/// Logs to stderr, filtered by `PGSHARD_LOG` (default `info`).
+///
+/// Plain `target=level` directives use `Targets`, which decides per callsite once; only a
+/// spec with span or field directives (`[...]`) gets `EnvFilter`, whose span bookkeeping
+/// takes a shared `RwLock` every time a client session's span is entered or exited: on
+/// every poll of every session, across worker threads.
 fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PGSHARD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => b.init(),
-        LogFormat::Json => b.json().init(),
-    }
+    use tracing_subscriber::prelude::*;
+    let spec = std::env::var("PGSHARD_LOG").unwrap_or_default();
+    let spec = if spec.trim().is_empty() {
+        "info"
+    } else {
+        spec.trim()
+    };
+    let parsed = if spec.contains('[') {
+        tracing_subscriber::EnvFilter::try_new(spec)
+            .map(|f| (None, Some(f)))
+            .map_err(|e| e.to_string())
+    } else {
+        spec.parse::<tracing_subscriber::filter::Targets>()
+            .map(|t| (Some(t), None))
+            .map_err(|e| e.to_string())
+    };
+    let (targets, env) = parsed.unwrap_or_else(|e| {
+        eprintln!("pgshard: PGSHARD_LOG={spec:?} is not a valid filter ({e}); using info");
+        let info = tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO);
+        (Some(info), None)
+    });
+    let text = matches!(format, LogFormat::Text)
+        .then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr));
+    let json = matches!(format, LogFormat::Json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+    });
+    tracing_subscriber::registry()
+        .with(targets)
+        .with(env)
+        .with(text)
+        .with(json)
+        .init();
 }
 
 fn main() -> ExitCode {
