@@ -875,3 +875,91 @@ async fn a_reset_in_a_query_string_follows_the_client() {
     assert_ne!(show("SHOW work_mem").await, "7MB");
     assert_ne!(show("SHOW work_mem").await, "9MB");
 }
+
+/// The first column of each row of a simple query.
+async fn column(c: &tokio_postgres::Client, sql: &str) -> Result<Vec<String>, String> {
+    match c.simple_query(sql).await {
+        Ok(m) => Ok(rows(&m)
+            .into_iter()
+            .map(|r| r[0].clone().unwrap_or_default())
+            .collect()),
+        Err(e) => Err(sqlstate(&e)),
+    }
+}
+
+#[tokio::test]
+async fn sql_prepared_statements_follow_their_client_in_transaction_mode() {
+    // One server connection for every client: a statement one client prepares with SQL
+    // PREPARE must be neither visible to nor in the way of another, and must stay its
+    // client's across transactions, as on a server of its own.
+    let addr = start_proxy_yaml(&base_yaml("transaction", 1));
+    let a = connect(addr).await;
+    let b = connect(addr).await;
+    let ok = |v: &[&str]| Ok::<Vec<String>, String>(v.iter().map(|s| s.to_string()).collect());
+    let missing = Err::<Vec<String>, String>("26000".into());
+
+    column(&a, "PREPARE p1(int) AS SELECT $1 + 1")
+        .await
+        .unwrap();
+    assert_eq!(column(&b, "EXECUTE p1(5)").await, missing);
+    column(&b, "PREPARE p1(int) AS SELECT $1 * 10")
+        .await
+        .unwrap();
+    assert_eq!(column(&b, "EXECUTE p1(5)").await, ok(&["50"]));
+    assert_eq!(column(&a, "EXECUTE p1(5)").await, ok(&["6"]));
+    assert_eq!(
+        column(&a, "PREPARE p1 AS SELECT 1").await,
+        Err("42P05".into()),
+        "a name the client holds"
+    );
+    // What the server shows each client is its own.
+    let mine = "SELECT name FROM pg_prepared_statements WHERE from_sql ORDER BY 1";
+    assert_eq!(column(&b, mine).await, ok(&["p1"]));
+
+    // Inside a transaction block, in a string of several statements, over the extended
+    // protocol: each kept after its transaction.
+    column(&a, "BEGIN; PREPARE p2 AS SELECT 'two'; COMMIT")
+        .await
+        .unwrap();
+    assert_eq!(
+        column(&a, "PREPARE p3 AS SELECT 3; EXECUTE p3").await,
+        ok(&["3"])
+    );
+    a.execute("PREPARE p4 AS SELECT 4", &[]).await.unwrap();
+    assert_eq!(column(&a, "EXECUTE p2").await, ok(&["two"]));
+    assert_eq!(column(&a, "EXECUTE p3").await, ok(&["3"]));
+    let four: i32 = a.query_one("EXECUTE p4", &[]).await.unwrap().get(0);
+    assert_eq!(four, 4);
+    assert_eq!(column(&a, mine).await, ok(&["p1", "p2", "p3", "p4"]));
+    assert_eq!(column(&b, mine).await, ok(&["p1"]));
+
+    // A PREPARE that failed is not kept; DEALLOCATE and DISCARD ALL drop, as on a server.
+    assert_eq!(
+        column(&a, "PREPARE bad AS SELECT * FROM no_such_table").await,
+        Err("42P01".into())
+    );
+    assert_eq!(column(&a, "EXECUTE bad").await, missing);
+    column(&a, "DEALLOCATE p1").await.unwrap();
+    assert_eq!(column(&a, "EXECUTE p1(1)").await, missing);
+    assert_eq!(column(&a, "DEALLOCATE p1").await, missing);
+    assert_eq!(column(&a, "EXECUTE p2").await, ok(&["two"]));
+    column(&a, "DEALLOCATE ALL").await.unwrap();
+    assert_eq!(column(&a, "EXECUTE p2").await, missing);
+    assert_eq!(column(&b, "EXECUTE p1(7)").await, ok(&["70"]));
+    column(&b, "DISCARD ALL").await.unwrap();
+    assert_eq!(column(&b, "EXECUTE p1(7)").await, missing);
+
+    // A client that leaves takes its statements with it.
+    column(&a, "PREPARE left_behind AS SELECT 1").await.unwrap();
+    drop(a);
+    let c = connect(addr).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while column(&c, mine).await != ok(&[]) {
+        assert!(
+            Instant::now() < deadline,
+            "a statement of a client that left"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(column(&c, "EXECUTE left_behind").await, missing);
+}

@@ -14,6 +14,9 @@ pub enum StatementKind {
     DropsAllStatements,
     /// `DEALLOCATE [PREPARE] name`.
     Deallocate(String),
+    /// `PREPARE name ...` (SQL-level; not `PREPARE TRANSACTION`), with the name as the
+    /// server knows it.
+    Prepare(String),
     /// `BEGIN` / `START TRANSACTION`.
     Begin,
     /// `COMMIT`, `END`, `ROLLBACK`, `ABORT` (not `ROLLBACK TO`, not `COMMIT PREPARED`).
@@ -208,7 +211,7 @@ pub fn classify(stmt: &str) -> StatementKind {
     // Most statements are decided by their first word (SELECT, INSERT...): the next two
     // are read only after one of the keywords below.
     let (first, one) = leading_words::<1>(stmt);
-    const LEADS: [&str; 12] = [
+    const LEADS: [&str; 13] = [
         "SET",
         "RESET",
         "LISTEN",
@@ -221,6 +224,7 @@ pub fn classify(stmt: &str) -> StatementKind {
         "ABORT",
         "DISCARD",
         "DEALLOCATE",
+        "PREPARE",
     ];
     if one == 0 || !LEADS.iter().any(|k| first[0].eq_ignore_ascii_case(k)) {
         return if mentions_set_config(stmt) {
@@ -268,6 +272,9 @@ pub fn classify(stmt: &str) -> StatementKind {
             }
         }
         return StatementKind::Deallocate(unquote(w[1]));
+    }
+    if is(0, "PREPARE") && n >= 2 && !is(1, "TRANSACTION") {
+        return StatementKind::Prepare(unquote(w[1]));
     }
     if mentions_set_config(stmt) {
         return StatementKind::SessionSetting;
@@ -469,6 +476,12 @@ mod tests {
         assert_eq!(classify("unlisten *"), Unlisten);
         assert_eq!(classify("discard all"), DropsAllStatements);
         assert_eq!(classify("DEALLOCATE PREPARE s1"), Deallocate("s1".into()));
+        assert_eq!(
+            classify("PREPARE P1(int) AS SELECT $1"),
+            Prepare("p1".into())
+        );
+        assert_eq!(classify("prepare \"Q\" as select 1"), Prepare("Q".into()));
+        assert_eq!(classify("PREPARE TRANSACTION 'pgshard_1'"), Other);
         assert_eq!(classify("deallocate \"S1\""), Deallocate("S1".into()));
         assert_eq!(classify("select 1"), Other);
         assert_eq!(classify("begin"), Begin);

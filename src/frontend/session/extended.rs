@@ -367,6 +367,7 @@ impl Session {
                                 query: f.slice_ref(p.query),
                                 types: f.slice_ref(p.types),
                                 kind_is_setting: false,
+                                sql_prepare: false,
                             },
                         );
                     }

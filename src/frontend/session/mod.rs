@@ -28,6 +28,7 @@ mod route;
 mod script;
 mod server;
 mod server_frames;
+mod sql_prepare;
 mod statement_cache;
 mod switch;
 
@@ -86,6 +87,8 @@ pub struct Session {
     pub settings: Vec<(String, String)>,
     settings_fp: u64,
     settings_dirty: bool,
+    /// The client's SQL-level prepared statements (transaction mode).
+    sql: sql_prepare::SqlPrepared,
     crbuf: BytesMut,
     cout: BytesMut,
     bout: BytesMut,
@@ -164,6 +167,7 @@ impl Session {
             settings_fp: fingerprint(&settings),
             settings,
             settings_dirty: false,
+            sql: Default::default(),
             crbuf: leftover,
             cout: BytesMut::with_capacity(16 * 1024),
             bout: BytesMut::with_capacity(16 * 1024),

@@ -13,6 +13,8 @@ pub(super) struct Stmt {
     pub(super) query: Bytes,
     pub(super) types: Bytes,
     pub(super) kind_is_setting: bool,
+    /// A SQL-level `PREPARE`: each execution may leave a statement on the server.
+    pub(super) sql_prepare: bool,
 }
 
 pub(super) fn statement_id(query: &[u8], types: &[u8]) -> u64 {
@@ -103,8 +105,12 @@ impl Session {
                         self.push_forward(tag, frame);
                     }
                 } else if let Some(global) = self.ensure_prepared(stmt) {
-                    if self.statements.get(stmt).is_some_and(|s| s.kind_is_setting) {
-                        self.settings_dirty = true;
+                    if let Some(s) = self.statements.get(stmt) {
+                        self.settings_dirty |= s.kind_is_setting;
+                        if s.sql_prepare {
+                            let query = s.query.clone();
+                            self.note_sql_prepares_in(&query);
+                        }
                     }
                     self.relay.push(Pending::Cached {
                         global,
@@ -175,6 +181,9 @@ impl Session {
             // The unnamed statement is no longer a LISTEN.
             self.listen_ext.forget_unnamed();
         }
+        if kind.sql_prepare {
+            self.note_sql_prepares_in(p.query);
+        }
         let is_setting = kind.setting;
         if is_setting {
             self.settings_dirty = true;
@@ -206,6 +215,7 @@ impl Session {
             query: Bytes::copy_from_slice(p.query),
             types: Bytes::copy_from_slice(p.types),
             kind_is_setting: is_setting,
+            sql_prepare: kind.sql_prepare,
         };
         let undo = Some(Undo {
             client_name: Some(name.clone()),
@@ -273,6 +283,8 @@ pub(super) struct ParseKind {
     pub(super) setting: bool,
     /// LISTEN or UNLISTEN.
     pub(super) listen: bool,
+    /// A SQL-level `PREPARE`.
+    pub(super) sql_prepare: bool,
 }
 
 pub(super) fn classify_bytes(q: &[u8]) -> ParseKind {
@@ -280,6 +292,7 @@ pub(super) fn classify_bytes(q: &[u8]) -> ParseKind {
     let mut note = |st: &str| match router::classify(st) {
         StatementKind::SessionSetting => out.setting = true,
         StatementKind::Listen | StatementKind::Unlisten => out.listen = true,
+        StatementKind::Prepare(_) => out.sql_prepare = true,
         _ => {}
     };
     if let Ok(s) = std::str::from_utf8(q) {

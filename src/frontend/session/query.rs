@@ -53,6 +53,7 @@ impl Session {
                         l.unlisten(None);
                     }
                     self.statements.clear();
+                    self.forget_sql_prepared();
                     self.unnamed.global = None;
                     self.settings_dirty = true;
                     if let Some(b) = self.backend.as_mut() {
@@ -63,15 +64,19 @@ impl Session {
                     if self.mode == PoolMode::Transaction && statements.len() == 1 =>
                 {
                     // Client statement names do not exist on the server: answer here.
-                    if self.statements.remove(name.as_bytes()).is_none() {
-                        self.answer_error(PgError::new(
-                            "26000",
-                            format!("prepared statement \"{name}\" does not exist"),
-                        ));
-                        return Ok(());
+                    if self.statements.remove(name.as_bytes()).is_some() {
+                        local_answer = Some("DEALLOCATE");
+                    } else {
+                        match self.deallocate_sql(&name) {
+                            Ok(tag) => local_answer = tag,
+                            Err(e) => {
+                                self.answer_error(e);
+                                return Ok(());
+                            }
+                        }
                     }
-                    local_answer = Some("DEALLOCATE");
                 }
+                StatementKind::Prepare(name) => self.note_sql_prepare(name.clone(), st),
                 _ => {}
             }
         }

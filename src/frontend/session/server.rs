@@ -115,6 +115,7 @@ impl Session {
             protocol::write_query(&mut self.bout, &sql);
             b.settings = self.settings_fp;
         }
+        self.replay_sql_prepared();
         if let Some(begin) = self.route.deferred_begin.take() {
             self.relay.push(Pending::Internal);
             protocol::write_query(&mut self.bout, &begin);
@@ -156,7 +157,11 @@ impl Session {
                 return;
             }
         }
-        if self.settings_dirty {
+        if self.holds_sql_prepared() {
+            // Boxed: a future that most releases never create.
+            Box::pin(self.release_sql_prepared(&mut b)).await;
+        }
+        if self.settings_dirty && !b.broken {
             Box::pin(self.release_dirty(b)).await;
         }
     }
@@ -257,11 +262,15 @@ impl Session {
             b.broken = true;
             return;
         }
+        // DISCARD ALL also takes the client's SQL-level prepared statements away.
+        let discard =
+            self.mode == PoolMode::Session || self.settings_dirty || self.holds_sql_prepared();
+        let status = self.status;
         let reset = async {
-            if self.status != b'I' {
+            if status != b'I' {
                 b.run_quiet("ROLLBACK").await?;
             }
-            if self.mode == PoolMode::Session || self.settings_dirty {
+            if discard {
                 b.run_quiet("DISCARD ALL").await?;
                 b.prepared.clear();
                 b.settings = 0;
