@@ -1,5 +1,5 @@
 //! The light-weight statement classification the session needs for pooling (session
-//! settings, LISTEN, DEALLOCATE) and for splitting query strings. A small lexer rather than
+//! settings, LISTEN, PREPARE, DEALLOCATE) and for splitting query strings. A small lexer rather than
 //! a SQL parser on purpose: it must never fail on statements a full parser cannot read
 //! (`DO $$...$$`, `COPY ... WITH (freeze on)`), and it runs on every statement.
 

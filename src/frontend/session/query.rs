@@ -63,7 +63,7 @@ impl Session {
                 StatementKind::Deallocate(name)
                     if self.mode == PoolMode::Transaction && statements.len() == 1 =>
                 {
-                    // Client statement names do not exist on the server: answer here.
+                    // Protocol-level client names do not exist on the server: answer here.
                     if self.statements.remove(name.as_bytes()).is_some() {
                         local_answer = Some("DEALLOCATE");
                     } else {
@@ -76,7 +76,7 @@ impl Session {
                         }
                     }
                 }
-                StatementKind::Prepare(name) => self.note_sql_prepare(name.clone(), st),
+                StatementKind::Prepare(name) => self.note_sql_prepare(name, st),
                 _ => {}
             }
         }
