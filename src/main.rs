@@ -87,11 +87,10 @@ enum Cmd {
 /// every poll of every session, across worker threads.
 fn init_logs(format: LogFormat) {
     use tracing_subscriber::prelude::*;
-    let spec = std::env::var("PGSHARD_LOG").unwrap_or_default();
-    let spec = if spec.trim().is_empty() {
-        "info"
-    } else {
-        spec.trim()
+    let raw = std::env::var("PGSHARD_LOG").unwrap_or_default();
+    let spec = match raw.trim() {
+        "" => "info",
+        s => s,
     };
     let parsed = if spec.contains('[') {
         tracing_subscriber::EnvFilter::try_new(spec)

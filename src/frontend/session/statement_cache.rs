@@ -326,9 +326,9 @@ impl Session {
     /// A request failed before anything of it ran ([`Event::Retry`]): sends it again.
     /// False when there is nothing to send again (the client gets the error).
     pub(super) fn retry(&mut self) -> bool {
-        if self.auto.retry.is_some() {
+        if let Some((global, frame)) = self.auto.retry.take() {
             self.statement_stats().retried.fetch_add(1, Relaxed);
-            self.retry_query();
+            self.retry_query(global, frame);
             return true;
         }
         if self.unnamed.replay != Replay::Sent {
@@ -352,10 +352,7 @@ impl Session {
     /// client wrote it, and this client's queries of that shape go so from now on, unless
     /// the server only refused a plan it had cached (DDL changed the result's columns),
     /// which is prepared afresh at its next use.
-    fn retry_query(&mut self) {
-        let Some((global, frame)) = self.auto.retry.take() else {
-            return;
-        };
+    fn retry_query(&mut self, global: u64, frame: Bytes) {
         let stale = self
             .backend
             .as_ref()
