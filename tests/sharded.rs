@@ -15,6 +15,7 @@ const RULES: &str = "    reference_tables: [countries]
       - { table: orders, column: user_id, method: hash }
       - { table: split_t, column: id, method: hash }
       - { table: orders_archive, column: user_id, method: hash }
+      - { table: prepared_t, column: id, method: hash }
       - table: events
         column: created_at
         method: range
@@ -1505,4 +1506,138 @@ async fn decimal_literals_for_integer_keys() {
     c.batch_execute(&format!("DELETE FROM split_t WHERE id = {key}"))
         .await
         .unwrap();
+}
+
+/// A statement's rows, or its SQLSTATE.
+async fn outcome(c: &tokio_postgres::Client, q: &str) -> Result<Vec<Vec<Option<String>>>, String> {
+    c.simple_query(q)
+        .await
+        .map(|m| rows(&m))
+        .map_err(|e| sqlstate(&e))
+}
+
+#[tokio::test]
+async fn sql_prepared_statements_run_where_their_arguments_belong() {
+    let addr = setup().await;
+    let ddl = "DROP TABLE IF EXISTS prepared_t; CREATE TABLE prepared_t (id bigint PRIMARY KEY, name text)";
+    connect(addr).await.batch_execute(ddl).await.unwrap();
+    let plain = connect_server(ports()[0], "plain").await;
+    plain.batch_execute(ddl).await.unwrap();
+    // One server connection per shard: the second client gets the first one's.
+    let yaml = cluster2().config_yaml("127.0.0.1:0", "transaction", 1);
+    let one = start_proxy_yaml(&format!("{yaml}{RULES}"));
+    let a = connect(one).await;
+    let mut script =
+        vec!["PREPARE get(bigint) AS SELECT id, name, score FROM users WHERE id = $1".to_string()];
+    // Rows of both shards (a statement prepared on one shard would find half of them).
+    script.extend((1..=12).map(|id| format!("EXECUTE get({id})")));
+    script.extend(
+        [
+            "EXECUTE get('7')",
+            "EXECUTE get(8.0)",
+            "EXECUTE get(1, 2)",
+            "EXECUTE get",
+            "PREPARE get AS SELECT 1",
+            "PREPARE missing AS SELECT * FROM no_such_table",
+            "EXECUTE missing",
+            "EXECUTE nothing(1)",
+            // Writes land on their rows' shards (checked below).
+            "PREPARE put AS INSERT INTO prepared_t (id, name) VALUES ($1, $2) RETURNING id, name",
+            "EXECUTE put(1, 'it''s')",
+            "EXECUTE put(2, upper('b'))",
+            "EXECUTE put(3, NULL)",
+            "EXECUTE put(4, $$dollar ' $1$$)",
+            "EXECUTE put(1, 'again')",
+            // Over every shard, merged.
+            "PREPARE total(bigint) AS SELECT count(*), sum(score) FROM users WHERE id <= $1",
+            "EXECUTE total(150)",
+            // In a transaction block, over two shards.
+            "BEGIN",
+            "PREPARE named(int) AS SELECT name FROM users WHERE id = $1",
+            "EXECUTE named(3)",
+            "EXECUTE named(4)",
+            "COMMIT",
+            "EXECUTE named(5)",
+            "BEGIN",
+            "PREPARE broken AS SELECT * FROM no_such_table",
+            "PREPARE after_error AS SELECT 1",
+            "ROLLBACK",
+            "EXECUTE after_error",
+            // A query string of several statements.
+            "PREPARE several(bigint) AS SELECT name FROM users WHERE id = $1; EXECUTE several(9); EXECUTE several(10)",
+            "EXECUTE several(11); EXECUTE get(12)",
+            "DEALLOCATE get",
+            "EXECUTE get(1)",
+            "DEALLOCATE get",
+            "DEALLOCATE PREPARE several",
+            "EXECUTE named(6)",
+            "DEALLOCATE ALL",
+            "EXECUTE named(6)",
+            "PREPARE get AS SELECT 2",
+            "EXECUTE get",
+            "DISCARD ALL",
+            "EXECUTE get",
+        ]
+        .map(String::from),
+    );
+    for q in &script {
+        assert_eq!(outcome(&a, q).await, outcome(&plain, q).await, "{q}");
+    }
+    for (s, port) in ports().into_iter().enumerate() {
+        let d = connect_server(port, "app").await;
+        for r in d.query("SELECT id FROM prepared_t", &[]).await.unwrap() {
+            let id: i64 = r.get(0);
+            assert_eq!(partition_of(&HashKey::Int(id), 2), s as u64, "row {id}");
+        }
+    }
+    assert_eq!(
+        outcome(&a, "SELECT id, name FROM prepared_t ORDER BY id").await,
+        outcome(&plain, "SELECT id, name FROM prepared_t ORDER BY id").await
+    );
+
+    // The server connections keep none of the statements: another client of the same
+    // connections can use the names, and cannot run the first client's statements.
+    let b = connect(one).await;
+    a.batch_execute("PREPARE mine(bigint) AS SELECT name FROM users WHERE id = $1")
+        .await
+        .unwrap();
+    for q in [
+        "SELECT name FROM pg_prepared_statements",
+        "/* pgshard: shard=1 */ SELECT name FROM pg_prepared_statements",
+    ] {
+        assert_eq!(outcome(&b, q).await, Ok(vec![]), "{q}");
+    }
+    assert_eq!(outcome(&b, "EXECUTE mine(1)").await, Err("26000".into()));
+    assert_eq!(outcome(&b, "PREPARE mine AS SELECT 'b'").await, Ok(vec![]));
+    assert_eq!(
+        outcome(&b, "EXECUTE mine").await,
+        Ok(vec![vec![Some("b".into())]])
+    );
+    assert_eq!(
+        outcome(&a, "EXECUTE mine(1)").await,
+        outcome(&plain, "SELECT name FROM users WHERE id = 1").await
+    );
+    // Over the extended protocol pgshard cannot keep them: refused, not run on one shard.
+    for q in ["EXECUTE mine(1)", "PREPARE other AS SELECT 1"] {
+        let e = a.query(q, &[]).await.unwrap_err();
+        assert_eq!(sqlstate(&e), "0A000", "{q}");
+    }
+    assert_eq!(
+        outcome(&a, "EXECUTE mine(2)").await,
+        outcome(&plain, "SELECT name FROM users WHERE id = 2").await
+    );
+
+    // Session mode: the same (a session's server connections change with its shards).
+    let yaml = cluster2().config_yaml("127.0.0.1:0", "session", 2);
+    let s = connect(start_proxy_yaml(&format!("{yaml}{RULES}"))).await;
+    for q in [
+        "PREPARE get(bigint) AS SELECT id, name FROM users WHERE id = $1",
+        "EXECUTE get(3)",
+        "EXECUTE get(4)",
+        "EXECUTE get(3)",
+        "DEALLOCATE get",
+        "EXECUTE get(4)",
+    ] {
+        assert_eq!(outcome(&s, q).await, outcome(&plain, q).await, "{q}");
+    }
 }

@@ -17,6 +17,8 @@ pub enum StatementKind {
     /// `PREPARE name ...` (SQL-level; not `PREPARE TRANSACTION`), with the name as the
     /// server knows it.
     Prepare(String),
+    /// `EXECUTE name ...` (SQL-level), with the name as the server knows it.
+    Execute(String),
     /// `BEGIN` / `START TRANSACTION`.
     Begin,
     /// `COMMIT`, `END`, `ROLLBACK`, `ABORT` (not `ROLLBACK TO`, not `COMMIT PREPARED`).
@@ -93,7 +95,7 @@ fn only_comments(s: &str) -> bool {
 
 /// Skips one lexical unit starting at `i` (a quoted string, comment, dollar quote, or one
 /// byte) and returns the index after it.
-fn skip_token(b: &[u8], i: usize) -> usize {
+pub(super) fn skip_token(b: &[u8], i: usize) -> usize {
     match b[i] {
         b'\'' => {
             // E'..' strings allow backslash escapes; a doubled quote is an escaped quote.
@@ -160,7 +162,7 @@ fn skip_token(b: &[u8], i: usize) -> usize {
     }
 }
 
-fn skip_space(b: &[u8], mut i: usize) -> usize {
+pub(super) fn skip_space(b: &[u8], mut i: usize) -> usize {
     loop {
         while i < b.len() && b[i].is_ascii_whitespace() {
             i += 1;
@@ -211,7 +213,7 @@ pub fn classify(stmt: &str) -> StatementKind {
     // Most statements are decided by their first word (SELECT, INSERT...): the next two
     // are read only after one of the keywords below.
     let (first, one) = leading_words::<1>(stmt);
-    const LEADS: [&str; 13] = [
+    const LEADS: [&str; 14] = [
         "SET",
         "RESET",
         "LISTEN",
@@ -225,6 +227,7 @@ pub fn classify(stmt: &str) -> StatementKind {
         "DISCARD",
         "DEALLOCATE",
         "PREPARE",
+        "EXECUTE",
     ];
     if one == 0 || !LEADS.iter().any(|k| first[0].eq_ignore_ascii_case(k)) {
         return if mentions_set_config(stmt) {
@@ -276,13 +279,16 @@ pub fn classify(stmt: &str) -> StatementKind {
     if is(0, "PREPARE") && n >= 2 && !is(1, "TRANSACTION") {
         return StatementKind::Prepare(unquote(w[1]));
     }
+    if is(0, "EXECUTE") && n >= 2 {
+        return StatementKind::Execute(unquote(w[1]));
+    }
     if mentions_set_config(stmt) {
         return StatementKind::SessionSetting;
     }
     StatementKind::Other
 }
 
-fn unquote(w: &str) -> String {
+pub(super) fn unquote(w: &str) -> String {
     w.strip_prefix('"')
         .and_then(|x| x.strip_suffix('"'))
         .map(str::to_string)
@@ -482,6 +488,8 @@ mod tests {
         );
         assert_eq!(classify("prepare \"Q\" as select 1"), Prepare("Q".into()));
         assert_eq!(classify("PREPARE TRANSACTION 'pgshard_1'"), Other);
+        assert_eq!(classify("EXECUTE P1(2)"), Execute("p1".into()));
+        assert_eq!(classify("execute \"Q\""), Execute("Q".into()));
         assert_eq!(classify("deallocate \"S1\""), Deallocate("S1".into()));
         assert_eq!(classify("select 1"), Other);
         assert_eq!(classify("begin"), Begin);

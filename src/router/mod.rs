@@ -11,6 +11,7 @@ pub mod literals;
 pub mod merge;
 mod nested;
 mod predicate;
+pub mod sql_prepared;
 
 use crate::config::DatabaseConfig;
 use crate::sharding::{ShardError, ShardFn};

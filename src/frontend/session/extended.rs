@@ -47,21 +47,37 @@ impl Session {
             // A statement that can never be routed fails at Parse, as statement errors do
             // in PostgreSQL (drivers do not expect them at Bind).
             let sql = std::str::from_utf8(p.query).unwrap_or("");
-            if self.route.forced.is_none()
+            let refusal = if self.db.router.is_sharded()
+                && matches!(
+                    router::classify(sql),
+                    router::StatementKind::Prepare(_) | router::StatementKind::Execute(_)
+                ) {
+                // pgshard keeps SQL-level prepared statements from simple queries only.
+                Some(PgError::new(
+                    "0A000",
+                    "on a sharded database pgshard runs PREPARE and EXECUTE only as simple queries",
+                )
+                .with_hint("Send them with the simple query protocol, or prepare with the extended protocol's Parse."))
+            } else if self.route.forced.is_none()
                 && router::hint(sql).is_none()
                 && !is_copy(sql)
                 && let Err(router::AnalyzeError::Unroutable(why)) = self.analysis(sql)
             {
+                Some(
+                    PgError::new("0A000", why)
+                        .with_hint("Or choose the shard with a /* pgshard: shard=N */ comment."),
+                )
+            } else {
+                None
+            };
+            if let Some(e) = refusal {
                 if self.holding() {
                     let home = self.home_shard();
                     if !self.release_held(home).await? {
                         return Ok(());
                     }
                 }
-                self.local_error(
-                    PgError::new("0A000", why)
-                        .with_hint("Or choose the shard with a /* pgshard: shard=N */ comment."),
-                );
+                self.local_error(e);
                 return Ok(());
             }
         }

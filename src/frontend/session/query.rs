@@ -19,6 +19,9 @@ impl Session {
             self.slow_text = Some(frame.slice_ref(sql.as_bytes()));
         }
         let mut local_answer: Option<&str> = None;
+        let sharded = self.db.router.is_sharded();
+        // Sharded database: a PREPARE, or an EXECUTE of a statement pgshard keeps.
+        let (mut prepare, mut execute) = (None, false);
         // One statement (the common case) without allocating.
         let (one, split);
         let statements: &[&str] = match router::single_statement(sql) {
@@ -60,11 +63,17 @@ impl Session {
                         b.prepared.clear();
                     }
                 }
+                StatementKind::DropsAllStatements => self.forget_sql_prepared(),
                 StatementKind::Deallocate(name)
-                    if self.mode == PoolMode::Transaction && statements.len() == 1 =>
+                    if (self.mode == PoolMode::Transaction || sharded) && statements.len() == 1 =>
                 {
                     // Protocol-level client names do not exist on the server: answer here.
-                    if self.statements.remove(name.as_bytes()).is_some() {
+                    if self.mode == PoolMode::Session {
+                        // Only statements pgshard keeps (sharded database).
+                        if let Ok(Some(tag)) = self.deallocate_sql(&name) {
+                            local_answer = Some(tag);
+                        }
+                    } else if self.statements.remove(name.as_bytes()).is_some() {
                         local_answer = Some("DEALLOCATE");
                     } else {
                         match self.deallocate_sql(&name) {
@@ -76,7 +85,9 @@ impl Session {
                         }
                     }
                 }
+                StatementKind::Prepare(name) if sharded => prepare = Some(name),
                 StatementKind::Prepare(name) => self.note_sql_prepare(name, st),
+                StatementKind::Execute(_) if sharded => execute = true,
                 _ => {}
             }
         }
@@ -85,6 +96,27 @@ impl Session {
             protocol::write_complete(&mut self.cout, tag);
             protocol::write_ready(&mut self.cout, self.status);
             return Ok(());
+        }
+        if prepare.is_some() || execute {
+            match (statements, prepare) {
+                (&[_], Some(name)) => return self.prepare_routed(frame, name).await,
+                (&[st], None) => match self.execute_routed(st) {
+                    Some(Ok(text)) => {
+                        let kind = router::classify(&text);
+                        let mut frame = BytesMut::with_capacity(text.len() + 6);
+                        protocol::write_query(&mut frame, &text);
+                        let frame = frame.freeze();
+                        return self.route_query(frame, Some(kind)).await;
+                    }
+                    Some(Err(e)) => {
+                        self.answer_error(e);
+                        return Ok(());
+                    }
+                    None => {}
+                },
+                // One by one, each where it belongs.
+                _ => return self.run_script(sql).await,
+            }
         }
         if self.routed() {
             // The classification above serves routing too: the hot path parses once.

@@ -52,7 +52,35 @@ impl Session {
         }
         let body =
             &statements[usize::from(explicit_begin)..statements.len() - usize::from(explicit_end)];
-        for (st, kind) in body.iter().zip(&kinds[usize::from(explicit_begin)..]) {
+        let sharded = self.db.router.is_sharded();
+        for (&st, kind) in body.iter().zip(&kinds[usize::from(explicit_begin)..]) {
+            if let (StatementKind::Prepare(name), true) = (kind, sharded) {
+                match self.prepare_in_script(name.clone(), st).await? {
+                    Some(frames) => out.extend_from_slice(&frames),
+                    None => return Ok(()),
+                }
+                if self.status == b'E' {
+                    break;
+                }
+                continue;
+            }
+            // An EXECUTE of a statement pgshard keeps: the statement with its arguments.
+            let executed;
+            let st = match (kind, sharded) {
+                (StatementKind::Execute(_), true) => match self.execute_routed(st) {
+                    Some(Ok(text)) => {
+                        executed = text;
+                        executed.as_str()
+                    }
+                    Some(Err(e)) => {
+                        e.write(&mut out);
+                        self.status = b'E';
+                        break;
+                    }
+                    None => st,
+                },
+                _ => st,
+            };
             if matches!(kind, StatementKind::Listen | StatementKind::Unlisten) {
                 // Pending until the string's transaction commits, as in PostgreSQL.
                 match self.apply_listen(st).await {

@@ -1,11 +1,20 @@
-//! SQL-level `PREPARE` in transaction mode, on a database without sharding rules. A
-//! statement a client prepares with `PREPARE` lives in one server session: left on a pooled
-//! connection, another client could `EXECUTE` it, or see its own `PREPARE` of the same name
-//! fail. So pgshard keeps each client's `PREPARE` texts, runs them on every server
-//! connection the client gets (after its settings, before its first statement there), and
-//! deallocates them when the client lets go of the connection. Which statements exist is
-//! read from the server (`pg_prepared_statements`) at that point, so a `PREPARE` that failed
-//! or was deallocated is not kept.
+//! SQL-level `PREPARE`. A statement a client prepares with `PREPARE` lives in one server
+//! session: left on a pooled connection, another client could `EXECUTE` it, or see its own
+//! `PREPARE` of the same name fail.
+//!
+//! In transaction mode on a database without sharding rules, pgshard keeps each client's
+//! `PREPARE` texts, runs them on every server connection the client gets (after its
+//! settings, before its first statement there), and deallocates them when the client lets
+//! go of the connection. Which statements exist is read from the server
+//! (`pg_prepared_statements`) at that point, so a `PREPARE` that failed or was deallocated
+//! is not kept.
+//!
+//! On a sharded database (any pooling mode) a prepared statement must run where each
+//! `EXECUTE`'s arguments belong, not on the shard that prepared it. The `PREPARE` runs on
+//! one server, which checks it as PostgreSQL would and infers its parameter types; pgshard
+//! then keeps the statement and its types and deallocates it there at once. An `EXECUTE`
+//! becomes the statement with its arguments cast to those types in place of the
+//! parameters, routed like any other statement (`router::sql_prepared`).
 
 use super::*;
 
@@ -18,6 +27,23 @@ pub(super) struct SqlPrepared {
     seen: Vec<(String, String)>,
     /// The attached connection may hold some of the client's statements.
     held: bool,
+    /// Sharded database: the client's statements, by name.
+    routed: HashMap<String, Routed>,
+}
+
+/// A statement a client prepared on a sharded database.
+struct Routed {
+    /// The prepared statement: the `PREPARE`'s text after `AS`.
+    body: String,
+    /// Its parameters' types, as the server names them.
+    types: Vec<String>,
+}
+
+fn already_exists(name: &str) -> PgError {
+    PgError::new(
+        "42P05",
+        format!("prepared statement \"{name}\" already exists"),
+    )
 }
 
 impl Session {
@@ -49,6 +75,9 @@ impl Session {
     /// `DEALLOCATE name` of a statement that is not a protocol-level one: the tag to
     /// answer with here, `None` to let the attached server answer, or the error.
     pub(super) fn deallocate_sql(&mut self, name: &str) -> Result<Option<&'static str>, PgError> {
+        if self.sql.routed.remove(name).is_some() {
+            return Ok(Some("DEALLOCATE"));
+        }
         let kept = self.sql.kept.remove(name).is_some();
         if self.sql.held && self.backend.is_some() {
             // The server holds the statement if it exists: it deallocates, or says why not.
@@ -66,6 +95,7 @@ impl Session {
     pub(super) fn forget_sql_prepared(&mut self) {
         self.sql.kept.clear();
         self.sql.seen.clear();
+        self.sql.routed.clear();
     }
 
     /// A newly installed server connection gets the client's statements.
@@ -88,7 +118,11 @@ impl Session {
         self.sql.held = false;
         let seen = std::mem::take(&mut self.sql.seen);
         let rows = match b
-            .query_rows("SELECT name FROM pg_catalog.pg_prepared_statements WHERE from_sql")
+            .query_rows(
+                "SELECT p.name, u.t::text FROM pg_catalog.pg_prepared_statements p \
+                 LEFT JOIN LATERAL unnest(p.parameter_types) WITH ORDINALITY AS u(t, i) ON true \
+                 WHERE p.from_sql ORDER BY p.name, u.i",
+            )
             .await
         {
             Ok(rows) => rows,
@@ -98,12 +132,24 @@ impl Session {
                 return;
             }
         };
+        // Name and parameter types of each statement (one row per parameter, in order).
+        let mut found: Vec<(String, Vec<String>)> = Vec::new();
+        for row in rows {
+            let mut row = row.into_iter();
+            let (Some(Some(name)), ty) = (row.next(), row.next().flatten()) else {
+                continue;
+            };
+            if found.last().is_none_or(|(n, _)| *n != name) {
+                found.push((name, Vec::new()));
+            }
+            if let (Some(t), Some((_, types))) = (ty, found.last_mut()) {
+                types.push(t);
+            }
+        }
+        let sharded = self.db.router.is_sharded();
         let mut kept = HashMap::new();
         let mut deallocate = String::new();
-        for name in rows
-            .into_iter()
-            .filter_map(|r| r.into_iter().next().flatten())
-        {
+        for (name, types) in found {
             deallocate.push_str(&format!("DEALLOCATE {};", crate::sql::quote_ident(&name)));
             let text = seen
                 .iter()
@@ -111,17 +157,146 @@ impl Session {
                 .find(|(n, _)| *n == name)
                 .map(|(_, t)| t.clone())
                 .or_else(|| self.sql.kept.remove(&name));
-            if let Some(t) = text {
-                kept.insert(name, t);
+            match text {
+                Some(t) if sharded => {
+                    if let Some(body) = router::sql_prepared::prepared_body(&t) {
+                        let body = body.to_string();
+                        self.sql.routed.insert(name, Routed { body, types });
+                    }
+                }
+                Some(t) => {
+                    kept.insert(name, t);
+                }
+                None => {}
             }
         }
-        self.sql.kept = kept;
+        if !sharded {
+            self.sql.kept = kept;
+        }
         if !deallocate.is_empty()
             && let Err(e) = b.run_quiet(&deallocate).await
         {
             tracing::warn!(error = %e, "could not deallocate SQL prepared statements; closing server connection");
             b.broken = true;
         }
+    }
+
+    /// `PREPARE name ...` alone in a simple query on a sharded database: it runs on one
+    /// server (the attached one, or the home shard's primary), which answers the client;
+    /// then pgshard keeps the statement (see the module's comment). A transaction it runs
+    /// in can still move to another shard, as after settings.
+    pub(super) async fn prepare_routed(
+        &mut self,
+        frame: Bytes,
+        name: String,
+    ) -> Result<(), SessionError> {
+        if self.backend.is_some() && !self.relay.idle() {
+            self.settle().await?;
+        }
+        if self.sql.routed.contains_key(&name) || self.statements.contains_key(name.as_bytes()) {
+            self.answer_error(already_exists(&name));
+            return Ok(());
+        }
+        if self.status == b'E' {
+            self.answer_error(super::route::aborted());
+            return Ok(());
+        }
+        // The primary: a replica may not have the tables yet.
+        self.reads.read_ok = false;
+        if !self.use_shard(self.home_shard()).await? {
+            protocol::write_ready(&mut self.cout, self.status);
+            return Ok(());
+        }
+        let text = protocol::parse_query(&frame)?.to_string();
+        self.sql.seen.push((name, text));
+        self.sql.held = true;
+        self.started();
+        self.relay.push(Pending::Query);
+        self.bout.extend_from_slice(&frame);
+        self.settle().await?;
+        self.keep_sql_prepared().await;
+        self.maybe_release().await;
+        Ok(())
+    }
+
+    /// After a `PREPARE` on a sharded database ran on the attached server: keeps the
+    /// statement if it was prepared, and deallocates it there. (A release of the
+    /// connection meanwhile did this already.)
+    async fn keep_sql_prepared(&mut self) {
+        if !self.sql.held {
+            return;
+        }
+        if self.status == b'E' {
+            // The PREPARE failed: the server holds nothing, and could not be asked.
+            self.sql.held = false;
+            self.sql.seen.clear();
+            return;
+        }
+        let Some(mut b) = self.backend.take() else {
+            self.sql.held = false;
+            self.sql.seen.clear();
+            return;
+        };
+        self.release_sql_prepared(&mut b).await;
+        self.backend = Some(b);
+    }
+
+    /// `PREPARE` in a query string of several statements on a sharded database (see
+    /// `run_script`): the frames to answer with, or `None` when the client got an error
+    /// and the session's transaction is gone.
+    pub(super) async fn prepare_in_script(
+        &mut self,
+        name: String,
+        st: &str,
+    ) -> Result<Option<BytesMut>, SessionError> {
+        if self.sql.routed.contains_key(&name) || self.statements.contains_key(name.as_bytes()) {
+            let mut out = BytesMut::new();
+            already_exists(&name).write(&mut out);
+            self.status = b'E';
+            return Ok(Some(out));
+        }
+        if !self.enter_shard(self.home_shard()).await? {
+            // The client has the error already.
+            self.status = b'E';
+            return Ok(Some(BytesMut::new()));
+        }
+        self.sql.seen.push((name, st.to_string()));
+        self.sql.held = true;
+        let Some(frames) = self.run_here(st).await? else {
+            self.sql.held = false;
+            self.sql.seen.clear();
+            return Ok(None);
+        };
+        self.keep_sql_prepared().await;
+        Ok(Some(frames.iter().fold(BytesMut::new(), |mut b, f| {
+            b.extend_from_slice(f);
+            b
+        })))
+    }
+
+    /// An `EXECUTE` of a statement the client prepared on a sharded database: the
+    /// statement to run in its place, or the error PostgreSQL gives for the call. `None`
+    /// when it is not such a call (the server answers it).
+    pub(super) fn execute_routed(&self, st: &str) -> Option<Result<String, PgError>> {
+        let call = router::sql_prepared::execute_call(st)?;
+        let r = self.sql.routed.get(&call.name)?;
+        if call.args.len() != r.types.len() {
+            return Some(Err(PgError::new(
+                "42601",
+                format!(
+                    "wrong number of parameters for prepared statement \"{}\"",
+                    call.name
+                ),
+            )
+            .with_detail(format!(
+                "Expected {} parameters but got {}.",
+                r.types.len(),
+                call.args.len()
+            ))));
+        }
+        Some(Ok(router::sql_prepared::substitute(
+            &r.body, &call.args, &r.types,
+        )))
     }
 
     /// Whether the attached connection may hold the client's statements.
