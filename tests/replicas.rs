@@ -131,6 +131,28 @@ async fn reads_go_to_replicas_and_writes_to_the_primary() {
         .unwrap_err();
     assert_eq!(sqlstate(&e), "22023");
 
+    // SQL-level prepared statements follow their client to whichever node it gets (a
+    // replica too: PREPARE only plans); EXECUTE of a write runs on the primary.
+    app.batch_execute("PREPARE rd(int) AS SELECT $1 + 1")
+        .await
+        .unwrap();
+    app.batch_execute(
+        "PREPARE wr(int) AS INSERT INTO t_rw VALUES ($1, 'p') RETURNING inet_server_port()",
+    )
+    .await
+    .unwrap();
+    for id in 10..14 {
+        assert_eq!(port_of(&app, &format!("EXECUTE wr({id})")).await, primary);
+        assert_eq!(port_of(&app, &format!("EXECUTE rd({id})")).await, id + 1);
+    }
+    let other = connect(addr).await;
+    let e = other.batch_execute("EXECUTE rd(1)").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "26000");
+    other.batch_execute("PREPARE rd AS SELECT 1").await.unwrap();
+    app.batch_execute("DEALLOCATE wr").await.unwrap();
+    let e = app.batch_execute("EXECUTE wr(20)").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "26000");
+
     // pgbench's read-only workload in every query mode, through the split.
     pgbench(addr.port(), &["-i", "-s", "1", "-q"]);
     for mode in ["simple", "extended", "prepared"] {
