@@ -1566,6 +1566,9 @@ async fn sql_prepared_statements_run_where_their_arguments_belong() {
             // A query string of several statements.
             "PREPARE several(bigint) AS SELECT name FROM users WHERE id = $1; EXECUTE several(9); EXECUTE several(10)",
             "EXECUTE several(11); EXECUTE get(12)",
+            "PREPARE gone AS SELECT 1",
+            "DEALLOCATE gone; SELECT 2",
+            "EXECUTE gone",
             "DEALLOCATE get",
             "EXECUTE get(1)",
             "DEALLOCATE get",

@@ -85,6 +85,10 @@ impl Session {
                         }
                     }
                 }
+                // In a query string: answered in `run_script`, as the server lacks it.
+                StatementKind::Deallocate(name) if sharded && self.keeps_routed(&name) => {
+                    execute = true
+                }
                 StatementKind::Prepare(name) if sharded => prepare = Some(name),
                 StatementKind::Prepare(name) => self.note_sql_prepare(name, st),
                 StatementKind::Execute(_) if sharded => execute = true,

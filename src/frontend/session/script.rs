@@ -64,6 +64,12 @@ impl Session {
                 }
                 continue;
             }
+            if let (StatementKind::Deallocate(name), true) = (kind, sharded)
+                && self.forget_routed(name)
+            {
+                protocol::write_complete(&mut out, "DEALLOCATE");
+                continue;
+            }
             // An EXECUTE of a statement pgshard keeps: the statement with its arguments.
             let executed;
             let st = match (kind, sharded) {

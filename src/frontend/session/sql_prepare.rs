@@ -75,7 +75,7 @@ impl Session {
     /// `DEALLOCATE name` of a statement that is not a protocol-level one: the tag to
     /// answer with here, `None` to let the attached server answer, or the error.
     pub(super) fn deallocate_sql(&mut self, name: &str) -> Result<Option<&'static str>, PgError> {
-        if self.sql.routed.remove(name).is_some() {
+        if self.forget_routed(name) {
             return Ok(Some("DEALLOCATE"));
         }
         let kept = self.sql.kept.remove(name).is_some();
@@ -89,6 +89,16 @@ impl Session {
         } else {
             Err(prepared::missing_statement(name.as_bytes()))
         }
+    }
+
+    /// Whether pgshard keeps the client's statement `name` (sharded database).
+    pub(super) fn keeps_routed(&self, name: &str) -> bool {
+        self.sql.routed.contains_key(name)
+    }
+
+    /// Forgets the client's statement `name` if pgshard keeps it (sharded database).
+    pub(super) fn forget_routed(&mut self, name: &str) -> bool {
+        self.sql.routed.remove(name).is_some()
     }
 
     /// `DISCARD ALL` or `DEALLOCATE ALL` (which the server runs too).
