@@ -514,12 +514,9 @@ impl ServerStatements {
         self.stale.clear();
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.last_use.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.last_use.is_empty()
     }
 }
 

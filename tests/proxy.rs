@@ -878,13 +878,11 @@ async fn a_reset_in_a_query_string_follows_the_client() {
 
 /// The first column of each row of a simple query.
 async fn column(c: &tokio_postgres::Client, sql: &str) -> Result<Vec<String>, String> {
-    match c.simple_query(sql).await {
-        Ok(m) => Ok(rows(&m)
-            .into_iter()
+    rows_or_sqlstate(c, sql).await.map(|rows| {
+        rows.into_iter()
             .map(|r| r[0].clone().unwrap_or_default())
-            .collect()),
-        Err(e) => Err(sqlstate(&e)),
-    }
+            .collect()
+    })
 }
 
 #[tokio::test]

@@ -1508,14 +1508,6 @@ async fn decimal_literals_for_integer_keys() {
         .unwrap();
 }
 
-/// A statement's rows, or its SQLSTATE.
-async fn outcome(c: &tokio_postgres::Client, q: &str) -> Result<Vec<Vec<Option<String>>>, String> {
-    c.simple_query(q)
-        .await
-        .map(|m| rows(&m))
-        .map_err(|e| sqlstate(&e))
-}
-
 #[tokio::test]
 async fn sql_prepared_statements_run_where_their_arguments_belong() {
     let addr = setup().await;
@@ -1584,7 +1576,11 @@ async fn sql_prepared_statements_run_where_their_arguments_belong() {
         .map(String::from),
     );
     for q in &script {
-        assert_eq!(outcome(&a, q).await, outcome(&plain, q).await, "{q}");
+        assert_eq!(
+            rows_or_sqlstate(&a, q).await,
+            rows_or_sqlstate(&plain, q).await,
+            "{q}"
+        );
     }
     for (s, port) in ports().into_iter().enumerate() {
         let d = connect_server(port, "app").await;
@@ -1594,8 +1590,8 @@ async fn sql_prepared_statements_run_where_their_arguments_belong() {
         }
     }
     assert_eq!(
-        outcome(&a, "SELECT id, name FROM prepared_t ORDER BY id").await,
-        outcome(&plain, "SELECT id, name FROM prepared_t ORDER BY id").await
+        rows_or_sqlstate(&a, "SELECT id, name FROM prepared_t ORDER BY id").await,
+        rows_or_sqlstate(&plain, "SELECT id, name FROM prepared_t ORDER BY id").await
     );
 
     // The server connections keep none of the statements: another client of the same
@@ -1608,17 +1604,23 @@ async fn sql_prepared_statements_run_where_their_arguments_belong() {
         "SELECT name FROM pg_prepared_statements",
         "/* pgshard: shard=1 */ SELECT name FROM pg_prepared_statements",
     ] {
-        assert_eq!(outcome(&b, q).await, Ok(vec![]), "{q}");
+        assert_eq!(rows_or_sqlstate(&b, q).await, Ok(vec![]), "{q}");
     }
-    assert_eq!(outcome(&b, "EXECUTE mine(1)").await, Err("26000".into()));
-    assert_eq!(outcome(&b, "PREPARE mine AS SELECT 'b'").await, Ok(vec![]));
     assert_eq!(
-        outcome(&b, "EXECUTE mine").await,
+        rows_or_sqlstate(&b, "EXECUTE mine(1)").await,
+        Err("26000".into())
+    );
+    assert_eq!(
+        rows_or_sqlstate(&b, "PREPARE mine AS SELECT 'b'").await,
+        Ok(vec![])
+    );
+    assert_eq!(
+        rows_or_sqlstate(&b, "EXECUTE mine").await,
         Ok(vec![vec![Some("b".into())]])
     );
     assert_eq!(
-        outcome(&a, "EXECUTE mine(1)").await,
-        outcome(&plain, "SELECT name FROM users WHERE id = 1").await
+        rows_or_sqlstate(&a, "EXECUTE mine(1)").await,
+        rows_or_sqlstate(&plain, "SELECT name FROM users WHERE id = 1").await
     );
     // Over the extended protocol pgshard cannot keep them: refused, not run on one shard.
     for q in ["EXECUTE mine(1)", "PREPARE other AS SELECT 1"] {
@@ -1626,8 +1628,8 @@ async fn sql_prepared_statements_run_where_their_arguments_belong() {
         assert_eq!(sqlstate(&e), "0A000", "{q}");
     }
     assert_eq!(
-        outcome(&a, "EXECUTE mine(2)").await,
-        outcome(&plain, "SELECT name FROM users WHERE id = 2").await
+        rows_or_sqlstate(&a, "EXECUTE mine(2)").await,
+        rows_or_sqlstate(&plain, "SELECT name FROM users WHERE id = 2").await
     );
 
     // Session mode: the same (a session's server connections change with its shards).
@@ -1641,6 +1643,10 @@ async fn sql_prepared_statements_run_where_their_arguments_belong() {
         "DEALLOCATE get",
         "EXECUTE get(4)",
     ] {
-        assert_eq!(outcome(&s, q).await, outcome(&plain, q).await, "{q}");
+        assert_eq!(
+            rows_or_sqlstate(&s, q).await,
+            rows_or_sqlstate(&plain, q).await,
+            "{q}"
+        );
     }
 }

@@ -162,6 +162,21 @@ pub(super) fn skip_token(b: &[u8], i: usize) -> usize {
     }
 }
 
+/// A character of an unquoted identifier or keyword after its first (PostgreSQL's lexer).
+pub(super) fn is_ident_char(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80
+}
+
+/// The index after the quoted identifier that starts at `i` (a `"`).
+pub(super) fn quoted_ident_end(b: &[u8], i: usize) -> usize {
+    let mut e = skip_token(b, i);
+    // A doubled quote inside the identifier: still the same identifier.
+    while e < b.len() && b[e] == b'"' {
+        e = skip_token(b, e);
+    }
+    e
+}
+
 pub(super) fn skip_space(b: &[u8], mut i: usize) -> usize {
     loop {
         while i < b.len() && b[i].is_ascii_whitespace() {
@@ -190,11 +205,7 @@ pub fn leading_words<const N: usize>(s: &str) -> ([&str; N], usize) {
         }
         if st == i {
             if i < b.len() && b[i] == b'"' {
-                let mut e = skip_token(b, i);
-                // A doubled quote inside the identifier: still the same word.
-                while e < b.len() && b[e] == b'"' {
-                    e = skip_token(b, e);
-                }
+                let e = quoted_ident_end(b, i);
                 words[n] = &s[i..e];
                 n += 1;
                 i = e;

@@ -10,6 +10,8 @@
 //! the select list, `IN (1, 2)`) stay in the text, where a parameter could change a name,
 //! a type or the meaning.
 
+use super::lexer::is_ident_char;
+
 /// A constant that becomes a parameter: `sql[start..end]`, with a minus sign before it
 /// (perhaps apart from it, `= - 5`) when `negative`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,10 +111,6 @@ impl Literal {
 
 fn is_ident_start(c: u8) -> bool {
     c.is_ascii_alphabetic() || c == b'_' || c >= 0x80
-}
-
-fn is_ident_char(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80
 }
 
 /// PostgreSQL's operator characters.

@@ -4,7 +4,7 @@
 //! their values like any statement (a statement prepared on one shard's server would run
 //! there whatever the values).
 
-use super::lexer::{skip_space, skip_token, unquote};
+use super::lexer::{is_ident_char, quoted_ident_end, skip_space, skip_token, unquote};
 
 /// An `EXECUTE name [(arg, ...)]`: the name as the server knows it, and the arguments'
 /// texts.
@@ -90,7 +90,7 @@ pub fn substitute(body: &str, args: &[&str], types: &[String]) -> String {
     while i < b.len() {
         match b[i] {
             b'$' if b.get(i + 1).is_some_and(u8::is_ascii_digit)
-                && (i == 0 || !is_ident(b[i - 1])) =>
+                && (i == 0 || !is_ident_char(b[i - 1])) =>
             {
                 let mut j = i + 1;
                 while j < b.len() && b[j].is_ascii_digit() {
@@ -119,14 +119,10 @@ pub fn substitute(body: &str, args: &[&str], types: &[String]) -> String {
     out
 }
 
-fn is_ident(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80
-}
-
 /// A keyword or unquoted identifier at `i`: its start and end.
 fn word(b: &[u8], i: usize) -> Option<(usize, usize)> {
     let mut e = i;
-    while e < b.len() && is_ident(b[e]) {
+    while e < b.len() && is_ident_char(b[e]) {
         e += 1;
     }
     (e > i).then_some((i, e))
@@ -137,12 +133,7 @@ fn name(b: &[u8], i: usize) -> Option<(usize, usize)> {
     if b.get(i) != Some(&b'"') {
         return word(b, i);
     }
-    let mut e = skip_token(b, i);
-    // A doubled quote inside the identifier.
-    while e < b.len() && b[e] == b'"' {
-        e = skip_token(b, e);
-    }
-    Some((i, e))
+    Some((i, quoted_ident_end(b, i)))
 }
 
 /// The index after the parenthesis that closes the one at `i`.

@@ -449,6 +449,17 @@ pub fn rows(msgs: &[tokio_postgres::SimpleQueryMessage]) -> Vec<Vec<Option<Strin
         .collect()
 }
 
+/// A simple query's rows ([`rows`]), or its SQLSTATE.
+pub async fn rows_or_sqlstate(
+    c: &tokio_postgres::Client,
+    sql: &str,
+) -> Result<Vec<Vec<Option<String>>>, String> {
+    c.simple_query(sql)
+        .await
+        .map(|m| rows(&m))
+        .map_err(|e| sqlstate(&e))
+}
+
 /// Connects as app/app with extra connection parameters (`application_name=x ...`).
 pub async fn connect_with(addr: SocketAddr, extra: &str) -> tokio_postgres::Client {
     let (c, conn) = tokio_postgres::connect(

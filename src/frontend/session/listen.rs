@@ -168,13 +168,7 @@ impl Session {
         if !name.is_empty()
             && (self.statements.contains_key(name) || self.listen_ext.stmts.contains_key(name))
         {
-            self.local_error(PgError::new(
-                "42P05",
-                format!(
-                    "prepared statement \"{}\" already exists",
-                    String::from_utf8_lossy(name)
-                ),
-            ));
+            self.local_error(super::prepared::duplicate_statement(name));
             return;
         }
         self.listen_ext

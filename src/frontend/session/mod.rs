@@ -87,7 +87,8 @@ pub struct Session {
     pub settings: Vec<(String, String)>,
     settings_fp: u64,
     settings_dirty: bool,
-    /// The client's SQL-level prepared statements (transaction mode).
+    /// The client's SQL-level prepared statements (transaction mode; any mode on a
+    /// sharded database).
     sql: sql_prepare::SqlPrepared,
     crbuf: BytesMut,
     cout: BytesMut,

@@ -33,6 +33,16 @@ pub(super) fn server_name(global: u64) -> [u8; 24] {
     out
 }
 
+pub(super) fn duplicate_statement(name: &[u8]) -> PgError {
+    PgError::new(
+        "42P05",
+        format!(
+            "prepared statement \"{}\" already exists",
+            String::from_utf8_lossy(name)
+        ),
+    )
+}
+
 pub(super) fn missing_statement(name: &[u8]) -> PgError {
     PgError::new(
         "26000",
@@ -197,14 +207,7 @@ impl Session {
         }
         let name = Bytes::copy_from_slice(p.name);
         if self.statements.contains_key(&name) {
-            let e = PgError::new(
-                "42P05",
-                format!(
-                    "prepared statement \"{}\" already exists",
-                    String::from_utf8_lossy(&name)
-                ),
-            );
-            self.local_error(e);
+            self.local_error(duplicate_statement(&name));
             return Ok(());
         }
         let global = statement_id(p.query, p.types);

@@ -20,7 +20,8 @@ impl Session {
         }
         let mut local_answer: Option<&str> = None;
         let sharded = self.db.router.is_sharded();
-        // Sharded database: a PREPARE, or an EXECUTE of a statement pgshard keeps.
+        // Sharded database: a PREPARE; an EXECUTE (or, in a query string, a DEALLOCATE)
+        // of a statement pgshard keeps.
         let (mut prepare, mut execute) = (None, false);
         // One statement (the common case) without allocating.
         let (one, split);
@@ -64,16 +65,21 @@ impl Session {
                     }
                 }
                 StatementKind::DropsAllStatements => self.forget_sql_prepared(),
+                // A statement pgshard keeps (no server has it): answered here, or in
+                // `run_script` within a query string.
+                StatementKind::Deallocate(name) if sharded && self.keeps_routed(&name) => {
+                    if statements.len() == 1 {
+                        self.forget_routed(&name);
+                        local_answer = Some("DEALLOCATE");
+                    } else {
+                        execute = true;
+                    }
+                }
                 StatementKind::Deallocate(name)
-                    if (self.mode == PoolMode::Transaction || sharded) && statements.len() == 1 =>
+                    if self.mode == PoolMode::Transaction && statements.len() == 1 =>
                 {
                     // Protocol-level client names do not exist on the server: answer here.
-                    if self.mode == PoolMode::Session {
-                        // Only statements pgshard keeps (sharded database).
-                        if let Ok(Some(tag)) = self.deallocate_sql(&name) {
-                            local_answer = Some(tag);
-                        }
-                    } else if self.statements.remove(name.as_bytes()).is_some() {
+                    if self.statements.remove(name.as_bytes()).is_some() {
                         local_answer = Some("DEALLOCATE");
                     } else {
                         match self.deallocate_sql(&name) {
@@ -84,10 +90,6 @@ impl Session {
                             }
                         }
                     }
-                }
-                // In a query string: answered in `run_script`, as the server lacks it.
-                StatementKind::Deallocate(name) if sharded && self.keeps_routed(&name) => {
-                    execute = true
                 }
                 StatementKind::Prepare(name) if sharded => prepare = Some(name),
                 StatementKind::Prepare(name) => self.note_sql_prepare(name, st),

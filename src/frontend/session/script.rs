@@ -55,9 +55,8 @@ impl Session {
         let sharded = self.db.router.is_sharded();
         for (&st, kind) in body.iter().zip(&kinds[usize::from(explicit_begin)..]) {
             if let (StatementKind::Prepare(name), true) = (kind, sharded) {
-                match self.prepare_in_script(name.clone(), st).await? {
-                    Some(frames) => out.extend_from_slice(&frames),
-                    None => return Ok(()),
+                if !self.prepare_in_script(name.clone(), st, &mut out).await? {
+                    return Ok(());
                 }
                 if self.status == b'E' {
                     break;

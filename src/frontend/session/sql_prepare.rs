@@ -39,13 +39,6 @@ struct Routed {
     types: Vec<String>,
 }
 
-fn already_exists(name: &str) -> PgError {
-    PgError::new(
-        "42P05",
-        format!("prepared statement \"{name}\" already exists"),
-    )
-}
-
 impl Session {
     /// Whether pgshard keeps the client's SQL-level prepared statements itself.
     fn keeps_sql_prepared(&self) -> bool {
@@ -75,9 +68,6 @@ impl Session {
     /// `DEALLOCATE name` of a statement that is not a protocol-level one: the tag to
     /// answer with here, `None` to let the attached server answer, or the error.
     pub(super) fn deallocate_sql(&mut self, name: &str) -> Result<Option<&'static str>, PgError> {
-        if self.forget_routed(name) {
-            return Ok(Some("DEALLOCATE"));
-        }
         let kept = self.sql.kept.remove(name).is_some();
         if self.sql.held && self.backend.is_some() {
             // The server holds the statement if it exists: it deallocates, or says why not.
@@ -94,6 +84,12 @@ impl Session {
     /// Whether pgshard keeps the client's statement `name` (sharded database).
     pub(super) fn keeps_routed(&self, name: &str) -> bool {
         self.sql.routed.contains_key(name)
+    }
+
+    /// Whether the client has a statement `name` already: SQL-level and protocol-level
+    /// statements share one namespace, as on a server.
+    fn name_taken(&self, name: &str) -> bool {
+        self.sql.routed.contains_key(name) || self.statements.contains_key(name.as_bytes())
     }
 
     /// Forgets the client's statement `name` if pgshard keeps it (sharded database).
@@ -203,8 +199,8 @@ impl Session {
         if self.backend.is_some() && !self.relay.idle() {
             self.settle().await?;
         }
-        if self.sql.routed.contains_key(&name) || self.statements.contains_key(name.as_bytes()) {
-            self.answer_error(already_exists(&name));
+        if self.name_taken(&name) {
+            self.answer_error(prepared::duplicate_statement(name.as_bytes()));
             return Ok(());
         }
         if self.status == b'E' {
@@ -252,36 +248,36 @@ impl Session {
     }
 
     /// `PREPARE` in a query string of several statements on a sharded database (see
-    /// `run_script`): the frames to answer with, or `None` when the client got an error
-    /// and the session's transaction is gone.
+    /// `run_script`): its answer goes to `out`. False when the client got an error and
+    /// the session's transaction is gone.
     pub(super) async fn prepare_in_script(
         &mut self,
         name: String,
         st: &str,
-    ) -> Result<Option<BytesMut>, SessionError> {
-        if self.sql.routed.contains_key(&name) || self.statements.contains_key(name.as_bytes()) {
-            let mut out = BytesMut::new();
-            already_exists(&name).write(&mut out);
+        out: &mut BytesMut,
+    ) -> Result<bool, SessionError> {
+        if self.name_taken(&name) {
+            prepared::duplicate_statement(name.as_bytes()).write(out);
             self.status = b'E';
-            return Ok(Some(out));
+            return Ok(true);
         }
         if !self.enter_shard(self.home_shard()).await? {
             // The client has the error already.
             self.status = b'E';
-            return Ok(Some(BytesMut::new()));
+            return Ok(true);
         }
         self.sql.seen.push((name, st.to_string()));
         self.sql.held = true;
         let Some(frames) = self.run_here(st).await? else {
             self.sql.held = false;
             self.sql.seen.clear();
-            return Ok(None);
+            return Ok(false);
         };
         self.keep_sql_prepared().await;
-        Ok(Some(frames.iter().fold(BytesMut::new(), |mut b, f| {
-            b.extend_from_slice(f);
-            b
-        })))
+        for f in &frames {
+            out.extend_from_slice(f);
+        }
+        Ok(true)
     }
 
     /// An `EXECUTE` of a statement the client prepared on a sharded database: the
