@@ -16,6 +16,7 @@ const RULES: &str = "    reference_tables: [countries]
       - { table: split_t, column: id, method: hash }
       - { table: orders_archive, column: user_id, method: hash }
       - { table: prepared_t, column: id, method: hash }
+      - { table: codes_t, column: code, method: hash, type: text }
       - table: events
         column: created_at
         method: range
@@ -1506,6 +1507,116 @@ async fn decimal_literals_for_integer_keys() {
     c.batch_execute(&format!("DELETE FROM split_t WHERE id = {key}"))
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn casts_of_key_values_route_as_postgresql_casts() {
+    // A cast can change a key: `(14.5)::float8::bigint` is 14 (float to integer rounds
+    // half to even, numeric half away from zero), `'abcdef'::varchar(2)` is 'ab'. pgshard
+    // used to route by the text as written, so reads missed rows and writes landed on the
+    // wrong shard.
+    let addr = setup().await;
+    let c = connect(addr).await;
+    let plain = connect_server(ports()[0], "plain").await;
+    let ddl = "DROP TABLE IF EXISTS codes_t; CREATE TABLE codes_t (code text PRIMARY KEY, n int)";
+    let fill = "INSERT INTO codes_t (code, n) SELECT chr(97 + i / 26) || chr(97 + i % 26), i FROM generate_series(0, 99) i";
+    for db in [&c, &plain] {
+        db.batch_execute(ddl).await.unwrap();
+        db.batch_execute(fill).await.unwrap();
+    }
+    // Half-way floats: rounding half to even and half away from zero differ on every other
+    // one, and some of those on the shard.
+    let mut queries: Vec<String> = (10..40)
+        .map(|n| format!("SELECT id, name FROM users WHERE id = ({n}.5)::float8::bigint"))
+        .collect();
+    queries.extend(
+        [
+            "SELECT id FROM users WHERE id = bigint '42'",
+            "SELECT id FROM users WHERE id = '123456'::varchar(2)::bigint",
+            "SELECT id FROM users WHERE id = 13.5::numeric(3,0)",
+            "SELECT id FROM users WHERE id = 13.45::numeric(4,1)",
+            "SELECT id FROM users WHERE id IN (20.5::float8, 21::float8, 22.5) ORDER BY id",
+            "SELECT id FROM users WHERE id = 31.5::float8",
+            "SELECT id FROM users WHERE id = CAST(-(-17.5) AS integer)",
+            "SELECT n FROM codes_t WHERE code = 'bcdef'::varchar(2)",
+            "SELECT n FROM codes_t WHERE code = 'ab   '::char(5)",
+            "SELECT n FROM codes_t WHERE code = 'cd'::char",
+            "SELECT n FROM codes_t WHERE code = text 'de'",
+            "SELECT n FROM codes_t WHERE code IN ('efgh'::varchar(2), 'fg'::text) ORDER BY n",
+        ]
+        .map(String::from),
+    );
+    for q in &queries {
+        same_as_plain(&c, &plain, q).await;
+    }
+    // Writes land where PostgreSQL's value belongs, literal or bound parameter (a float8
+    // parameter bound in binary: 2n + 0.5 is stored as 2n), and reads by that value find
+    // them.
+    for n in 300..310i64 {
+        let lit =
+            format!("INSERT INTO split_t (id, name) VALUES ('{n}99'::varchar(3)::bigint, 'lit')");
+        c.batch_execute(&lit).await.unwrap();
+        c.execute(
+            "INSERT INTO split_t (id, name) VALUES ($1::float8, 'param')",
+            &[&(2.0 * n as f64 + 0.5)],
+        )
+        .await
+        .unwrap();
+        let v: Vec<(i64, &str)> = vec![(n, "lit"), (2 * n, "param")];
+        for (key, name) in v {
+            let s = partition_of(&HashKey::Int(key), 2) as usize;
+            let on_shard = connect_server(ports()[s], "app").await;
+            let got: Vec<String> = on_shard
+                .query("SELECT name FROM split_t WHERE id = $1", &[&key])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            assert_eq!(got, [name], "key {key} on shard {s}");
+            let through: String = c
+                .query_one("SELECT name FROM split_t WHERE id = $1", &[&key])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(through, name);
+        }
+    }
+    // A float parameter compared with the key: only a whole number can match.
+    let found = c
+        .query("SELECT id FROM users WHERE id = $1::float8", &[&45.0f64])
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 1);
+    assert!(
+        c.query("SELECT id FROM users WHERE id = $1::float8", &[&45.5f64])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Where routing cannot tell the value (a float that is not a whole number, as a
+    // literal), the read goes to every shard and the insert is refused rather than guessed.
+    same_as_plain(
+        &c,
+        &plain,
+        "SELECT id FROM users WHERE id = (33.7)::float8::numeric::bigint",
+    )
+    .await;
+    let e = c
+        .batch_execute("INSERT INTO split_t (id, name) VALUES ((400.5)::float8, 'x')")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000", "{e:?}");
+    for port in ports() {
+        connect_server(port, "app")
+            .await
+            .batch_execute("DELETE FROM split_t WHERE id BETWEEN 300 AND 620")
+            .await
+            .unwrap();
+    }
+    for db in [&c, &plain] {
+        db.batch_execute("DROP TABLE codes_t").await.unwrap();
+    }
 }
 
 #[tokio::test]

@@ -14,6 +14,7 @@ mod predicate;
 pub mod sql_prepared;
 
 use crate::config::DatabaseConfig;
+use crate::sharding::cast::param_value;
 use crate::sharding::{ShardError, ShardFn};
 pub use analyze::{Analysis, AnalyzeError, KeyRef, Kind, Target};
 pub use lexer::{StatementKind, classify, single_statement, split_statements};
@@ -236,15 +237,15 @@ impl Router {
                             let Some(v) = p.values.get(*i) else {
                                 return Err(RouteError::MissingParam(i + 1, p.values.len()));
                             };
-                            let oid = p.oids.get(*i).copied().unwrap_or(0);
+                            let declared = p.oids.get(*i).copied().unwrap_or(0);
+                            // A parameter of unspecified type is read as the type it is
+                            // cast to.
+                            let oid = match (declared, cast) {
+                                (0, Some(c)) => c.oid(),
+                                (o, _) => o,
+                            };
                             // Binary text is just UTF-8: text, varchar, bpchar, name.
-                            let textual = matches!(oid, 25 | 1043 | 1042 | 19)
-                                || (oid == 0
-                                    && cast.as_deref().is_some_and(|c| {
-                                        c.starts_with("text")
-                                            || c.starts_with("varchar")
-                                            || c.starts_with("character")
-                                    }));
+                            let textual = matches!(oid, 25 | 1043 | 1042 | 19);
                             match v {
                                 None => f.shard_of(&crate::sharding::Value::Null, self.shards)?,
                                 Some(bytes)
@@ -256,7 +257,9 @@ impl Router {
                                     let text = std::str::from_utf8(bytes).map_err(|_| {
                                         f.bad_value("parameter is not valid UTF-8".into())
                                     })?;
-                                    f.shard_of_text(text, self.shards)?
+                                    let text = param_value(text, declared, *cast, f.ty)
+                                        .map_err(|d| f.bad_value(d))?;
+                                    f.shard_of_text(&text, self.shards)?
                                 }
                             }
                         }

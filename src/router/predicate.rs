@@ -3,7 +3,8 @@
 
 use super::Rules;
 use super::analyze::{KeyRef, ident};
-use sqlparser::ast::{BinaryOperator, Expr, UnaryOperator, Value};
+use crate::sharding::cast::Cast;
+use sqlparser::ast::{BinaryOperator, DataType, Expr, UnaryOperator, Value};
 use std::collections::HashMap;
 
 /// For each sharded table constrained by `e`: the key values it allows (`e` true implies
@@ -101,19 +102,16 @@ fn key_column(e: &Expr, rules: &Rules, scope: &[(String, usize)]) -> Option<usiz
     }
 }
 
-/// A literal, parameter or NULL, through casts and parentheses.
+/// A literal, parameter or NULL, through casts and parentheses, with the value the casts
+/// give it (`(14.5)::float8::bigint` is 14); None where routing cannot tell the value.
 pub(super) fn value_of(e: &Expr) -> Option<KeyRef> {
     match e {
         Expr::Nested(x) => value_of(x),
         Expr::Cast {
             expr, data_type, ..
-        } => match value_of(expr)? {
-            KeyRef::Param(i, None) => Some(KeyRef::Param(
-                i,
-                Some(data_type.to_string().to_ascii_lowercase()),
-            )),
-            other => Some(other),
-        },
+        } => cast(value_of(expr)?, data_type),
+        // `DATE '2024-01-01'`, `bigint '42'`.
+        Expr::TypedString(ts) => cast(constant(&ts.value.value)?, &ts.data_type),
         Expr::UnaryOp {
             op: UnaryOperator::Minus,
             expr,
@@ -121,20 +119,37 @@ pub(super) fn value_of(e: &Expr) -> Option<KeyRef> {
             KeyRef::Literal(s) => Some(KeyRef::Literal(format!("-{s}"))),
             _ => None,
         },
-        Expr::Value(v) => match &v.value {
-            Value::Number(n, _) => Some(KeyRef::Literal(n.to_string())),
-            Value::SingleQuotedString(s)
-            | Value::EscapedStringLiteral(s)
-            | Value::DoubleQuotedString(s) => Some(KeyRef::Literal(s.clone())),
-            Value::Boolean(b) => Some(KeyRef::Literal(b.to_string())),
-            Value::Null => Some(KeyRef::Null),
-            Value::Placeholder(p) => p
-                .strip_prefix('$')
-                .and_then(|n| n.parse::<usize>().ok())
-                .filter(|n| *n >= 1)
-                .map(|n| KeyRef::Param(n - 1, None)),
-            _ => None,
-        },
+        Expr::Value(v) => constant(&v.value),
         _ => None,
+    }
+}
+
+fn constant(v: &Value) -> Option<KeyRef> {
+    match v {
+        Value::Number(n, _) => Some(KeyRef::Literal(n.to_string())),
+        Value::SingleQuotedString(s)
+        | Value::EscapedStringLiteral(s)
+        | Value::DoubleQuotedString(s) => Some(KeyRef::Literal(s.clone())),
+        Value::Boolean(b) => Some(KeyRef::Literal(b.to_string())),
+        Value::Null => Some(KeyRef::Null),
+        Value::Placeholder(p) => p
+            .strip_prefix('$')
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|n| *n >= 1)
+            .map(|n| KeyRef::Param(n - 1, None)),
+        _ => None,
+    }
+}
+
+/// A key value cast to `ty`.
+fn cast(v: KeyRef, ty: &DataType) -> Option<KeyRef> {
+    let c = Cast::of(&ty.to_string());
+    match v {
+        KeyRef::Literal(s) => Some(KeyRef::Literal(c.apply(&s)?.into_owned())),
+        // The first cast tells how the parameter is read; the value is converted at
+        // routing, where the key's type is known.
+        KeyRef::Param(i, None) => Some(KeyRef::Param(i, Some(c))),
+        KeyRef::Param(i, Some(first)) => c.keeps(first).then_some(KeyRef::Param(i, Some(first))),
+        KeyRef::Null => Some(KeyRef::Null),
     }
 }

@@ -1,6 +1,7 @@
 //! Shard functions: which shard a key belongs to. Keys are typed values (integers,
 //! numerics, text, dates, timestamps, uuids), compared as such, never as strings of digits.
 
+pub mod cast;
 pub mod directory;
 pub mod hash;
 pub mod keys;

@@ -123,6 +123,21 @@ impl KeyType {
     pub fn parse_binary(self, b: &[u8], oid: u32) -> Result<Value, String> {
         const PG_EPOCH_DAYS: i64 = 10_957; // 2000-01-01 in days since 1970-01-01
         match (self, b.len()) {
+            // A float bound to an integer key: its rounding half to even, as PostgreSQL
+            // stores it in the column (and only a whole number can equal one).
+            (KeyType::Int, 4 | 8) if oid == 700 || oid == 701 => {
+                let f = match b.try_into() {
+                    Ok(four) => f32::from_be_bytes(four) as f64,
+                    Err(_) => f64::from_be_bytes(b.try_into().expect("8")),
+                };
+                super::cast::float_to_int(Some(f))
+                    .map(Value::Int)
+                    .ok_or_else(|| format!("{f} is not an integer"))
+            }
+            (ty, _) if ty == KeyType::Numeric || oid == 1700 => Err(
+                "binary numeric parameters are not supported for shard keys; send it as text"
+                    .into(),
+            ),
             (KeyType::Int, 2) => Ok(Value::Int(i16::from_be_bytes([b[0], b[1]]) as i64)),
             (KeyType::Int, 4) => Ok(Value::Int(
                 i32::from_be_bytes([b[0], b[1], b[2], b[3]]) as i64
@@ -138,10 +153,6 @@ impl KeyType {
             (KeyType::Timestamp, 8) => Ok(Value::Timestamp(
                 i64::from_be_bytes(b.try_into().expect("8")) + PG_EPOCH_DAYS * 86_400_000_000,
             )),
-            (KeyType::Numeric, _) => Err(
-                "binary numeric parameters are not supported for shard keys; send it as text"
-                    .into(),
-            ),
             _ => Err(format!(
                 "a {}-byte binary parameter (type oid {oid}) is not a {}",
                 b.len(),
@@ -155,22 +166,7 @@ impl KeyType {
 /// bigint (half away from zero): where a numeric literal meets an integer key, the row it
 /// inserts has that key, and a comparison can only match the integer it equals.
 fn round_decimal(s: &str) -> Option<i64> {
-    let (neg, body) = match s.strip_prefix('-') {
-        Some(r) => (true, r),
-        None => (false, s.strip_prefix('+').unwrap_or(s)),
-    };
-    let (int, frac) = body.split_once('.')?;
-    if int.is_empty() && frac.is_empty()
-        || !int.bytes().all(|c| c.is_ascii_digit())
-        || !frac.bytes().all(|c| c.is_ascii_digit())
-    {
-        return None;
-    }
-    let mut n: i64 = if int.is_empty() { 0 } else { int.parse().ok()? };
-    if frac.as_bytes().first().is_some_and(|d| *d >= b'5') {
-        n = n.checked_add(1)?;
-    }
-    Some(if neg { -n } else { n })
+    super::cast::round_to_scale(s, 0)?.parse().ok()
 }
 
 /// An exact decimal, normalized so that equal values are equal structs.

@@ -7,6 +7,7 @@ pub use super::merge::{MergeSpec, OrderCol, OrderKey};
 use super::merge::{merge_spec, shard_statement};
 use super::predicate::constraints;
 pub(super) use super::predicate::value_of;
+use crate::sharding::cast::Cast;
 use sqlparser::ast::{
     AssignmentTarget, Expr, FromTable, ObjectName, ObjectNamePart, Query, Select, SetExpr,
     Statement, TableFactor, TableWithJoins,
@@ -23,9 +24,10 @@ use collect::{ddl_names, relation, select, where_keys};
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum KeyRef {
     Literal(String),
-    /// `$n`, zero-based, with the type it is cast to first (`$1::text`), if any: it tells
-    /// how a parameter sent in binary is encoded when Parse left its type unspecified.
-    Param(usize, Option<String>),
+    /// `$n`, zero-based, with the type it is cast to (`$1::text`), if any: it tells how a
+    /// parameter sent in binary is encoded when Parse left its type unspecified, and what
+    /// the cast does to its value.
+    Param(usize, Option<Cast>),
     Null,
 }
 

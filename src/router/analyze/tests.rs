@@ -46,7 +46,10 @@ fn keys_from_where_clauses() {
     assert_eq!(
         target("SELECT * FROM users WHERE id = $1::bigint OR id = 7"),
         Target::Keys(vec![
-            (0, KeyRef::Param(0, Some("bigint".into()))),
+            (
+                0,
+                KeyRef::Param(0, Some(crate::sharding::cast::Cast::Int(20)))
+            ),
             (0, lit("7"))
         ])
     );
