@@ -1742,6 +1742,28 @@ async fn sql_prepared_statements_run_where_their_arguments_belong() {
         rows_or_sqlstate(&a, "EXECUTE mine(2)").await,
         rows_or_sqlstate(&plain, "SELECT name FROM users WHERE id = 2").await
     );
+    // SQL-level and protocol-level statements share one namespace, as on a server: a Parse
+    // of a kept statement's name fails, and the statement still works.
+    let mut r = Raw::startup(addr, "trusty", "app").await;
+    r.until_ready().await;
+    r.send(&msg::query(
+        "PREPARE kept(bigint) AS SELECT name FROM users WHERE id = $1",
+    ))
+    .await;
+    assert_eq!(r.until_ready().await, "CZ");
+    let mut b = msg::parse("kept", "SELECT 1");
+    b.extend(msg::sync());
+    r.send(&b).await;
+    assert_eq!(r.error_code().await.as_deref(), Some("42P05"));
+    assert_eq!(r.until_ready().await, "Z");
+    let mut b = msg::parse("other", "SELECT 1");
+    b.extend(msg::bind("", "other", &[]));
+    b.extend(msg::execute(""));
+    b.extend(msg::sync());
+    r.send(&b).await;
+    assert_eq!(r.until_ready().await, "12DCZ");
+    r.send(&msg::query("EXECUTE kept(5)")).await;
+    assert_eq!(r.until_ready().await, "TDCZ");
 
     // Session mode: the same (a session's server connections change with its shards).
     let yaml = cluster2().config_yaml("127.0.0.1:0", "session", 2);

@@ -47,11 +47,14 @@ impl Session {
             // A statement that can never be routed fails at Parse, as statement errors do
             // in PostgreSQL (drivers do not expect them at Bind).
             let sql = std::str::from_utf8(p.query).unwrap_or("");
-            let refusal = if self.db.router.is_sharded()
+            let refusal = if self.is_routed(p.name) {
+                Some(super::prepared::duplicate_statement(p.name))
+            } else if self.db.router.is_sharded()
                 && matches!(
                     router::classify(sql),
                     router::StatementKind::Prepare(_) | router::StatementKind::Execute(_)
-                ) {
+                )
+            {
                 // pgshard keeps SQL-level prepared statements from simple queries only.
                 Some(PgError::new(
                     "0A000",

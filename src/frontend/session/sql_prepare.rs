@@ -89,7 +89,14 @@ impl Session {
     /// Whether the client has a statement `name` already: SQL-level and protocol-level
     /// statements share one namespace, as on a server.
     fn name_taken(&self, name: &str) -> bool {
-        self.sql.routed.contains_key(name) || self.statements.contains_key(name.as_bytes())
+        self.is_routed(name.as_bytes()) || self.statements.contains_key(name.as_bytes())
+    }
+
+    /// Whether `name` is a SQL-level statement pgshard keeps (sharded database): a Parse
+    /// of that name must fail as it would on a server.
+    pub(super) fn is_routed(&self, name: &[u8]) -> bool {
+        !self.sql.routed.is_empty()
+            && std::str::from_utf8(name).is_ok_and(|n| self.sql.routed.contains_key(n))
     }
 
     /// Forgets the client's statement `name` if pgshard keeps it (sharded database).
