@@ -116,7 +116,10 @@ pub(super) fn value_of(e: &Expr) -> Option<KeyRef> {
             op: UnaryOperator::Minus,
             expr,
         } => match value_of(expr)? {
-            KeyRef::Literal(s) => Some(KeyRef::Literal(format!("-{s}"))),
+            KeyRef::Literal(s) => Some(KeyRef::Literal(match s.strip_prefix('-') {
+                Some(positive) => positive.to_string(),
+                None => format!("-{s}"),
+            })),
             _ => None,
         },
         Expr::Value(v) => constant(&v.value),

@@ -53,6 +53,11 @@ fn keys_from_where_clauses() {
             (0, lit("7"))
         ])
     );
+    // Signs and casts give the value PostgreSQL computes.
+    assert_eq!(
+        target("SELECT * FROM users WHERE id IN (-(-5), -(7.5)::int, int8 '9')"),
+        Target::Keys(vec![(0, lit("5")), (0, lit("-8")), (0, lit("9"))])
+    );
     assert_eq!(
         target("SELECT * FROM users WHERE id = 1 OR name = 'x'"),
         Target::All
