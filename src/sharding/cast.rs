@@ -232,17 +232,7 @@ pub fn float_to_int(f: Option<f64>) -> Option<i64> {
 /// A decimal (`-7.25`) rounded to `scale` fraction digits half away from zero, as
 /// PostgreSQL rounds numeric; None when `s` is not a plain decimal.
 pub fn round_to_scale(s: &str, scale: usize) -> Option<String> {
-    let (neg, body) = match s.strip_prefix('-') {
-        Some(r) => (true, r),
-        None => (false, s.strip_prefix('+').unwrap_or(s)),
-    };
-    let (int, frac) = body.split_once('.').unwrap_or((body, ""));
-    if int.is_empty() && frac.is_empty()
-        || !int.bytes().all(|c| c.is_ascii_digit())
-        || !frac.bytes().all(|c| c.is_ascii_digit())
-    {
-        return None;
-    }
+    let (neg, int, frac) = super::value::split_decimal(s)?;
     let keep = frac.len().min(scale);
     let mut digits: Vec<u8> = int.bytes().chain(frac[..keep].bytes()).collect();
     if frac.as_bytes().get(scale).is_some_and(|d| *d >= b'5') {

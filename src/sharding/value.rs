@@ -169,6 +169,19 @@ fn round_decimal(s: &str) -> Option<i64> {
     super::cast::round_to_scale(s, 0)?.parse().ok()
 }
 
+/// A plain decimal's sign, integer digits and fraction digits (`-07.50`: true, "07",
+/// "50"); None unless `s` is digits with an optional sign and point.
+pub fn split_decimal(s: &str) -> Option<(bool, &str, &str)> {
+    let (neg, body) = match s.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, s.strip_prefix('+').unwrap_or(s)),
+    };
+    let (int, frac) = body.split_once('.').unwrap_or((body, ""));
+    let digits = |d: &str| d.bytes().all(|c| c.is_ascii_digit());
+    (!(int.is_empty() && frac.is_empty()) && digits(int) && digits(frac))
+        .then_some((neg, int, frac))
+}
+
 /// An exact decimal, normalized so that equal values are equal structs.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Decimal {
@@ -181,17 +194,7 @@ pub struct Decimal {
 
 impl Decimal {
     pub fn parse(s: &str) -> Result<Decimal, String> {
-        let (neg, body) = match s.strip_prefix('-') {
-            Some(r) => (true, r),
-            None => (false, s.strip_prefix('+').unwrap_or(s)),
-        };
-        let (int, frac) = body.split_once('.').unwrap_or((body, ""));
-        if (int.is_empty() && frac.is_empty())
-            || !int.bytes().all(|c| c.is_ascii_digit())
-            || !frac.bytes().all(|c| c.is_ascii_digit())
-        {
-            return Err("not a number".into());
-        }
+        let (neg, int, frac) = split_decimal(s).ok_or("not a number")?;
         let int = int.trim_start_matches('0').to_string();
         let frac = frac.trim_end_matches('0').to_string();
         let zero = int.is_empty() && frac.is_empty();

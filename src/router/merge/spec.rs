@@ -97,38 +97,8 @@ impl Pred {
 
 /// Compares two decimal numbers written in text, exactly (no floating point).
 pub fn compare_decimal(a: &str, b: &str) -> Option<std::cmp::Ordering> {
-    use std::cmp::Ordering;
-    let parse = |s: &str| -> Option<(bool, String, String)> {
-        let s = s.trim();
-        let (neg, s) = match s.strip_prefix('-') {
-            Some(r) => (true, r),
-            None => (false, s.strip_prefix('+').unwrap_or(s)),
-        };
-        let (i, f) = s.split_once('.').unwrap_or((s, ""));
-        if i.is_empty() && f.is_empty()
-            || !i.bytes().all(|c| c.is_ascii_digit())
-            || !f.bytes().all(|c| c.is_ascii_digit())
-        {
-            return None;
-        }
-        let i = i.trim_start_matches('0').to_string();
-        let f = f.trim_end_matches('0').to_string();
-        let zero = i.is_empty() && f.is_empty();
-        Some((neg && !zero, i, f))
-    };
-    let (na, ia, fa) = parse(a)?;
-    let (nb, ib, fb) = parse(b)?;
-    let magnitude = ia
-        .len()
-        .cmp(&ib.len())
-        .then_with(|| ia.cmp(&ib))
-        .then_with(|| fa.cmp(&fb));
-    Some(match (na, nb) {
-        (false, true) => Ordering::Greater,
-        (true, false) => Ordering::Less,
-        (false, false) => magnitude,
-        (true, true) => magnitude.reverse(),
-    })
+    let parse = |s: &str| crate::sharding::value::Decimal::parse(s.trim()).ok();
+    Some(parse(a)?.cmp(&parse(b)?))
 }
 
 impl MergeSpec {
