@@ -1525,7 +1525,7 @@ async fn casts_of_key_values_route_as_postgresql_casts() {
         db.batch_execute(fill).await.unwrap();
     }
     // Half-way floats: rounding half to even and half away from zero differ on every other
-    // one, and some of those on the shard.
+    // one, and for some of those the two integers live on different shards.
     let mut queries: Vec<String> = (10..40)
         .map(|n| format!("SELECT id, name FROM users WHERE id = ({n}.5)::float8::bigint"))
         .collect();
