@@ -47,7 +47,7 @@ impl Session {
             // A statement that can never be routed fails at Parse, as statement errors do
             // in PostgreSQL (drivers do not expect them at Bind).
             let sql = std::str::from_utf8(p.query).unwrap_or("");
-            let refusal = if self.is_routed(p.name) {
+            let refusal = if self.keeps_routed(p.name) {
                 Some(super::prepared::duplicate_statement(p.name))
             } else if self.db.router.is_sharded()
                 && matches!(

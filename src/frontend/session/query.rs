@@ -67,7 +67,9 @@ impl Session {
                 StatementKind::DropsAllStatements => self.forget_sql_prepared(),
                 // A statement pgshard keeps (no server has it): answered here, or in
                 // `run_script` within a query string.
-                StatementKind::Deallocate(name) if sharded && self.keeps_routed(&name) => {
+                StatementKind::Deallocate(name)
+                    if sharded && self.keeps_routed(name.as_bytes()) =>
+                {
                     if statements.len() == 1 {
                         self.forget_routed(&name);
                         local_answer = Some("DEALLOCATE");

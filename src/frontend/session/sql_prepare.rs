@@ -31,6 +31,15 @@ pub(super) struct SqlPrepared {
     routed: HashMap<String, Routed>,
 }
 
+impl SqlPrepared {
+    /// The attached connection holds none of the client's statements, and none was seen
+    /// there.
+    fn nothing_held(&mut self) {
+        self.held = false;
+        self.seen.clear();
+    }
+}
+
 /// A statement a client prepared on a sharded database.
 struct Routed {
     /// The prepared statement: the `PREPARE`'s text after `AS`.
@@ -81,22 +90,17 @@ impl Session {
         }
     }
 
-    /// Whether pgshard keeps the client's statement `name` (sharded database).
-    pub(super) fn keeps_routed(&self, name: &str) -> bool {
-        self.sql.routed.contains_key(name)
+    /// Whether pgshard keeps the client's statement `name` (sharded database). A Parse of
+    /// that name must fail as it would on a server.
+    pub(super) fn keeps_routed(&self, name: &[u8]) -> bool {
+        !self.sql.routed.is_empty()
+            && std::str::from_utf8(name).is_ok_and(|n| self.sql.routed.contains_key(n))
     }
 
     /// Whether the client has a statement `name` already: SQL-level and protocol-level
     /// statements share one namespace, as on a server.
     fn name_taken(&self, name: &str) -> bool {
-        self.is_routed(name.as_bytes()) || self.statements.contains_key(name.as_bytes())
-    }
-
-    /// Whether `name` is a SQL-level statement pgshard keeps (sharded database): a Parse
-    /// of that name must fail as it would on a server.
-    pub(super) fn is_routed(&self, name: &[u8]) -> bool {
-        !self.sql.routed.is_empty()
-            && std::str::from_utf8(name).is_ok_and(|n| self.sql.routed.contains_key(n))
+        self.keeps_routed(name.as_bytes()) || self.statements.contains_key(name.as_bytes())
     }
 
     /// Forgets the client's statement `name` if pgshard keeps it (sharded database).
@@ -239,15 +243,15 @@ impl Session {
         if !self.sql.held {
             return;
         }
-        if self.status == b'E' {
-            // The PREPARE failed: the server holds nothing, and could not be asked.
-            self.sql.held = false;
-            self.sql.seen.clear();
-            return;
-        }
-        let Some(mut b) = self.backend.take() else {
-            self.sql.held = false;
-            self.sql.seen.clear();
+        // After an error the PREPARE failed: the server holds nothing, and could not be
+        // asked.
+        let attached = if self.status == b'E' {
+            None
+        } else {
+            self.backend.take()
+        };
+        let Some(mut b) = attached else {
+            self.sql.nothing_held();
             return;
         };
         self.release_sql_prepared(&mut b).await;
@@ -276,8 +280,7 @@ impl Session {
         self.sql.seen.push((name, st.to_string()));
         self.sql.held = true;
         let Some(frames) = self.run_here(st).await? else {
-            self.sql.held = false;
-            self.sql.seen.clear();
+            self.sql.nothing_held();
             return Ok(false);
         };
         self.keep_sql_prepared().await;
