@@ -22,6 +22,11 @@ const RULES: &str = "    reference_tables: [countries]
         method: range
         type: timestamptz
         ranges: [ { to: '2026-01-01', shard: 0 }, { from: '2026-01-01', shard: 1 } ]
+      - table: local_t
+        column: at
+        method: range
+        type: timestamp
+        ranges: [ { to: '2026-01-01', shard: 0 }, { from: '2026-01-01', shard: 1 } ]
       - table: accounts
         column: region
         method: list
@@ -1782,4 +1787,202 @@ async fn sql_prepared_statements_run_where_their_arguments_belong() {
             "{q}"
         );
     }
+}
+
+#[tokio::test]
+async fn timestamp_keys_are_read_in_the_sessions_time_zone() {
+    // `events` is range-sharded on a timestamptz at 2026-01-01 UTC, `local_t` on a
+    // timestamp (without time zone) at 2026-01-01. A timestamptz written without an
+    // offset is a time in the session's TimeZone, a binary timestamptz is an instant, and
+    // a timestamp ignores an offset in its text: pgshard read them all as UTC, so in any
+    // other zone rows landed on the wrong shard and reads missed them.
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    let addr = setup().await;
+    let c = connect(addr).await;
+    c.batch_execute("DROP TABLE IF EXISTS local_t; CREATE TABLE local_t (id int, at timestamp)")
+        .await
+        .unwrap();
+    let [p0, p1] = ports();
+    // Where a row is, read on the shards themselves.
+    let shard_of = |table: &'static str, id: i32| async move {
+        let mut found = Vec::new();
+        for (s, port) in [p0, p1].into_iter().enumerate() {
+            let n: i64 = connect_server(port, "app")
+                .await
+                .query_one(
+                    &format!("SELECT count(*) FROM {table} WHERE id = $1"),
+                    &[&id],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if n > 0 {
+                found.push(s);
+            }
+        }
+        found
+    };
+    let utc = |s: &str| -> SystemTime {
+        // "2025-12-31 23:30:00.6" as seconds after the epoch, for the binary parameters.
+        let secs: f64 = match s {
+            "2025-12-31 23:30" => 1_767_223_800.0,
+            "2025-12-31 23:59:59.6" => 1_767_225_599.6,
+            "2025-12-31 15:30" => 1_767_195_000.0,
+            _ => unreachable!(),
+        };
+        UNIX_EPOCH + Duration::from_secs_f64(secs)
+    };
+
+    // Transaction pooling: the SET is its own transaction, and the zone holds after it.
+    c.batch_execute("SET TIME ZONE 'Europe/Berlin'")
+        .await
+        .unwrap();
+    c.batch_execute("INSERT INTO events (id, created_at) VALUES (101, '2026-01-01 00:30')")
+        .await
+        .unwrap();
+    assert_eq!(
+        shard_of("events", 101).await,
+        [0],
+        "23:30 UTC is before 2026"
+    );
+    let found = |sql: &'static str| {
+        let c = &c;
+        async move { rows(&c.simple_query(sql).await.unwrap()) }
+    };
+    assert_eq!(
+        found("SELECT id FROM events WHERE created_at = '2026-01-01 00:30'").await,
+        [[Some("101".to_string())]]
+    );
+    assert_eq!(
+        found("SELECT id FROM events WHERE created_at = '2026-01-01 00:30'::timestamp").await,
+        [[Some("101".to_string())]]
+    );
+    // A binary timestamptz is the instant, whatever the zone.
+    let r = c
+        .query(
+            "SELECT id FROM events WHERE created_at = $1",
+            &[&utc("2025-12-31 23:30")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.len(), 1);
+    // timestamptz(0) rounds the parameter before PostgreSQL stores it: to 2026.
+    c.execute(
+        "INSERT INTO events (id, created_at) VALUES (102, $1::timestamptz(0))",
+        &[&utc("2025-12-31 23:59:59.6")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(shard_of("events", 102).await, [1]);
+
+    // A numeric zone (reported as the POSIX string `<+05>-05`).
+    c.batch_execute("SET TIME ZONE 5").await.unwrap();
+    c.batch_execute("INSERT INTO events (id, created_at) VALUES (103, '2026-01-01 04:30')")
+        .await
+        .unwrap();
+    assert_eq!(shard_of("events", 103).await, [0]);
+    // COPY rows too.
+    {
+        use futures_util::SinkExt;
+        let mut sink = Box::pin(
+            c.copy_in("COPY events (id, created_at) FROM STDIN")
+                .await
+                .unwrap(),
+        );
+        sink.send(bytes::Bytes::from_static(b"107\t2026-01-01 04:30\n"))
+            .await
+            .unwrap();
+        assert_eq!(sink.as_mut().finish().await.unwrap(), 1);
+    }
+    assert_eq!(shard_of("events", 107).await, [0]);
+
+    // A timestamp key: the offset in the text is ignored; a timestamptz becomes the
+    // wall-clock time in the session's zone.
+    c.batch_execute("SET TIME ZONE 'Asia/Tokyo'").await.unwrap();
+    c.batch_execute("INSERT INTO local_t (id, at) VALUES (1, '2026-01-01 00:30+09')")
+        .await
+        .unwrap();
+    assert_eq!(shard_of("local_t", 1).await, [1]);
+    c.execute(
+        "INSERT INTO local_t (id, at) VALUES (2, $1::timestamptz)",
+        &[&utc("2025-12-31 15:30")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        shard_of("local_t", 2).await,
+        [1],
+        "15:30 UTC is 00:30 in Tokyo"
+    );
+    c.batch_execute("INSERT INTO local_t (id, at) VALUES (3, '2026-01-01 00:30+09'::timestamptz)")
+        .await
+        .unwrap();
+    assert_eq!(shard_of("local_t", 3).await, [1]);
+    assert_eq!(
+        found("SELECT id FROM local_t WHERE at = '2025-12-31 15:30+00'::timestamptz ORDER BY id")
+            .await,
+        [
+            [Some("1".to_string())],
+            [Some("2".to_string())],
+            [Some("3".to_string())]
+        ]
+    );
+
+    // Inside a transaction, SET LOCAL holds until its end; then the zone before it does.
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute("SET LOCAL TIME ZONE 'America/New_York'")
+        .await
+        .unwrap();
+    c.batch_execute("INSERT INTO events (id, created_at) VALUES (104, '2025-12-31 20:00')")
+        .await
+        .unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(shard_of("events", 104).await, [1], "01:00 UTC");
+    c.batch_execute("INSERT INTO events (id, created_at) VALUES (105, '2026-01-01 08:30')")
+        .await
+        .unwrap();
+    assert_eq!(
+        shard_of("events", 105).await,
+        [0],
+        "23:30 UTC, back in Tokyo"
+    );
+    let stored: Vec<String> = {
+        let mut v = Vec::new();
+        for port in [p0, p1] {
+            for r in connect_server(port, "app")
+                .await
+                .query(
+                    "SELECT id || ' ' || to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI') FROM events WHERE id BETWEEN 101 AND 105 ORDER BY id",
+                    &[],
+                )
+                .await
+                .unwrap()
+            {
+                v.push(r.get(0));
+            }
+        }
+        v.sort();
+        v
+    };
+    assert_eq!(
+        stored,
+        [
+            "101 2025-12-31 23:30",
+            "102 2026-01-01 00:00",
+            "103 2025-12-31 23:30",
+            "104 2026-01-01 01:00",
+            "105 2025-12-31 23:30"
+        ]
+    );
+    // A SET in the same query string as a time that needs the zone: pgshard cannot
+    // tell which zone the server will read it in, and says so.
+    let e = c
+        .batch_execute(
+            "SET TIME ZONE 'America/New_York'; INSERT INTO events (id, created_at) VALUES (106, '2025-12-31 20:00')",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "22P02", "{e:?}");
+    assert!(format!("{e:?}").contains("TimeZone may change"), "{e:?}");
+    c.batch_execute("RESET TIME ZONE").await.unwrap();
 }

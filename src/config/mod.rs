@@ -424,9 +424,11 @@ impl ShardedTableConfig {
         };
         if all(&|v| v.as_i64().is_some()) {
             KeyType::Int
-        } else if all(&|v| text(v).is_some_and(|t| KeyType::Timestamp.parse_text(&t).is_ok())) {
+        } else if all(&|v| text(v).is_some_and(|t| crate::sharding::time::parse(&t).is_ok())) {
             KeyType::Timestamp
-        } else if all(&|v| text(v).is_some_and(|t| KeyType::Numeric.parse_text(&t).is_ok())) {
+        } else if all(&|v| {
+            text(v).is_some_and(|t| crate::sharding::value::Decimal::parse(&t).is_ok())
+        }) {
             KeyType::Numeric
         } else {
             KeyType::Text

@@ -91,7 +91,7 @@ fn example_config_is_valid() {
     assert_eq!(c.admin.as_ref().unwrap().users, ["admin"]);
     let d = c.describe();
     assert!(
-        d.contains("sharded table events by created_at (Range, timestamp)"),
+        d.contains("sharded table events by created_at (Range, timestamptz)"),
         "{d}"
     );
     assert!(d.contains("reference tables: countries"), "{d}");

@@ -195,6 +195,7 @@ impl Router {
         &self,
         split: &InsertSplit,
         params: &Params<'_>,
+        zone: &crate::sharding::Zone,
     ) -> Result<Vec<(usize, String)>, RouteError> {
         let mut shard_of_row = Vec::with_capacity(split.keys.len());
         for (t, k) in &split.keys {
@@ -205,7 +206,7 @@ impl Router {
                     super::Kind::Write,
                 )
             };
-            match self.resolve(&one, params)? {
+            match self.resolve(&one, params, zone)? {
                 super::Route::Shards(v) => shard_of_row.push(v[0]),
                 super::Route::Default | super::Route::Any => {
                     shard_of_row.push(self.default_shard())
@@ -417,7 +418,11 @@ mod tests {
         );
         let a = analyze(&sql, &r.rules).unwrap();
         let parts = r
-            .split_insert(a.insert_split.as_ref().unwrap(), &Default::default())
+            .split_insert(
+                a.insert_split.as_ref().unwrap(),
+                &Default::default(),
+                &crate::sharding::Zone::utc(),
+            )
             .unwrap();
         assert_eq!(parts.len(), 2);
         for (s, text) in parts {

@@ -14,8 +14,8 @@ mod predicate;
 pub mod sql_prepared;
 
 use crate::config::DatabaseConfig;
-use crate::sharding::cast::param_value;
-use crate::sharding::{ShardError, ShardFn};
+use crate::sharding::cast::{Cast, param_value};
+use crate::sharding::{ShardError, ShardFn, Value, Zone, time};
 pub use analyze::{Analysis, AnalyzeError, KeyRef, Kind, Target};
 pub use lexer::{StatementKind, classify, single_statement, split_statements};
 
@@ -220,8 +220,9 @@ impl Router {
         }
     }
 
-    /// The shards an analyzed statement needs with these parameters.
-    pub fn resolve(&self, a: &Analysis, p: &Params<'_>) -> Result<Route, RouteError> {
+    /// The shards an analyzed statement needs with these parameters, in the session's
+    /// time zone `zone` (for timestamp keys).
+    pub fn resolve(&self, a: &Analysis, p: &Params<'_>, zone: &Zone) -> Result<Route, RouteError> {
         match &a.target {
             Target::Default => Ok(Route::Default),
             Target::Any => Ok(Route::Any),
@@ -231,37 +232,24 @@ impl Router {
                 for (t, k) in keys {
                     let f = &self.rules.tables[*t];
                     let s = match k {
-                        KeyRef::Literal(text) => f.shard_of_text(text, self.shards)?,
-                        KeyRef::Null => f.shard_of(&crate::sharding::Value::Null, self.shards)?,
+                        KeyRef::Literal(text) => f.shard_of_text(text, self.shards, zone)?,
+                        KeyRef::Instant(text) if f.ty.is_timestamp() => {
+                            let v = time::read(text, true, zone)
+                                .and_then(|us| time::convert(us, true, f.ty.zoned(), zone));
+                            f.shard_of_parsed(v.map(Value::Timestamp), self.shards)?
+                        }
+                        KeyRef::Instant(text) => f.shard_of_text(text, self.shards, zone)?,
+                        KeyRef::Null => f.shard_of(&Value::Null, self.shards)?,
                         KeyRef::Param(i, cast) => {
                             let Some(v) = p.values.get(*i) else {
                                 return Err(RouteError::MissingParam(i + 1, p.values.len()));
                             };
+                            let binary = p.binary.get(*i).copied().unwrap_or(false);
                             let declared = p.oids.get(*i).copied().unwrap_or(0);
-                            // A parameter of unspecified type is read as the type it is
-                            // cast to.
-                            let oid = match (declared, cast) {
-                                (0, Some(c)) => c.oid(),
-                                (o, _) => o,
-                            };
-                            // Binary text is just UTF-8: text, varchar, bpchar, name.
-                            let textual = matches!(oid, 25 | 1043 | 1042 | 19);
-                            match v {
-                                None => f.shard_of(&crate::sharding::Value::Null, self.shards)?,
-                                Some(bytes)
-                                    if p.binary.get(*i).copied().unwrap_or(false) && !textual =>
-                                {
-                                    f.shard_of_parsed(f.ty.parse_binary(bytes, oid), self.shards)?
-                                }
-                                Some(bytes) => {
-                                    let text = std::str::from_utf8(bytes).map_err(|_| {
-                                        f.bad_value("parameter is not valid UTF-8".into())
-                                    })?;
-                                    let text = param_value(text, declared, *cast, f.ty)
-                                        .map_err(|d| f.bad_value(d))?;
-                                    f.shard_of_text(&text, self.shards)?
-                                }
-                            }
+                            f.shard_of_parsed(
+                                param(f, *v, binary, declared, *cast, zone),
+                                self.shards,
+                            )?
                         }
                     };
                     if !out.contains(&s) {
@@ -273,6 +261,63 @@ impl Router {
             }
         }
     }
+}
+
+/// A parameter's value for key `f`: read as the type Parse declared for it (`declared`)
+/// or, where Parse left it unspecified, as the type it is first cast to, then cast.
+fn param(
+    f: &ShardFn,
+    v: Option<&[u8]>,
+    binary: bool,
+    declared: u32,
+    cast: Option<Cast>,
+    zone: &Zone,
+) -> Result<Value, String> {
+    let Some(bytes) = v else {
+        return Ok(Value::Null);
+    };
+    let oid = match (declared, cast) {
+        (0, Some(c)) => c.oid(),
+        (o, _) => o,
+    };
+    // Binary text is just UTF-8: text, varchar, bpchar, name.
+    let textual = matches!(oid, 25 | 1043 | 1042 | 19);
+    if f.ty.is_timestamp() {
+        // Read as timestamp or timestamptz, rounded as `timestamp(p)` rounds, then seen
+        // as the key's type.
+        let zoned = match oid {
+            1114 => false,
+            1184 => true,
+            _ => f.ty.zoned(),
+        };
+        let us = if binary && !textual {
+            let eight: [u8; 8] = match bytes.try_into() {
+                Ok(b) if matches!(oid, 0 | 1114 | 1184) => b,
+                _ => {
+                    return Err(format!(
+                        "a {}-byte binary parameter (type oid {oid}) is not a timestamp",
+                        bytes.len()
+                    ));
+                }
+            };
+            i64::from_be_bytes(eight) + time::PG_EPOCH_MICROS
+        } else {
+            let text = std::str::from_utf8(bytes).map_err(|_| "parameter is not valid UTF-8")?;
+            time::read(text.trim(), zoned, zone)?
+        };
+        let us = match cast {
+            Some(Cast::Timestamp {
+                precision: Some(p), ..
+            }) => time::round(us, p),
+            _ => us,
+        };
+        return time::convert(us, zoned, f.ty.zoned(), zone).map(Value::Timestamp);
+    }
+    if binary && !textual {
+        return f.ty.parse_binary(bytes, oid, zone);
+    }
+    let text = std::str::from_utf8(bytes).map_err(|_| "parameter is not valid UTF-8")?;
+    f.ty.parse_text(&param_value(text, declared, cast, f.ty)?, zone)
 }
 
 /// A `/* pgshard: shard=N */` hint anywhere in the text (comments are dropped by parsers,

@@ -148,7 +148,19 @@ fn constant(v: &Value) -> Option<KeyRef> {
 fn cast(v: KeyRef, ty: &DataType) -> Option<KeyRef> {
     let c = Cast::of(&ty.to_string());
     match v {
-        KeyRef::Literal(s) => Some(KeyRef::Literal(c.apply(&s)?.into_owned())),
+        KeyRef::Literal(s) => {
+            let s = c.apply(&s)?.into_owned();
+            Some(match c {
+                Cast::Timestamp { zoned: true, .. } => KeyRef::Instant(s),
+                _ => KeyRef::Literal(s),
+            })
+        }
+        // An instant's text in any other type depends on the session's zone (and
+        // DateStyle): only a further timestamptz cast is followed.
+        KeyRef::Instant(s) => match c {
+            Cast::Timestamp { zoned: true, .. } => Some(KeyRef::Instant(c.apply(&s)?.into_owned())),
+            _ => None,
+        },
         // The first cast tells how the parameter is read; the value is converted at
         // routing, where the key's type is known.
         KeyRef::Param(i, None) => Some(KeyRef::Param(i, Some(c))),

@@ -20,8 +20,11 @@ pub enum Cast {
     /// text, varchar(n), char(n): the length it cuts to; `padded` for char, whose trailing
     /// spaces do not count when it meets text.
     Chars { len: Option<usize>, padded: bool },
-    /// timestamp(p), with or without time zone: fractional seconds rounded to p digits.
-    Timestamp(Option<usize>),
+    /// timestamp(p) (`zoned`: with time zone): fractional seconds rounded to p digits.
+    Timestamp {
+        precision: Option<usize>,
+        zoned: bool,
+    },
     /// Any other type (date, uuid, boolean, a domain, ...): taken to keep the value.
     Other,
 }
@@ -43,6 +46,7 @@ impl Cast {
         };
         let arg = |i: usize| args.get(i).copied().flatten();
         // `timestamp with time zone` and `timestamp(3) with time zone` alike.
+        let zoned = name.contains("with time zone") && !name.contains("without");
         let base = base.split(" with").next().unwrap_or(base).trim();
         match base {
             "smallint" | "int2" => Cast::Int(21),
@@ -77,7 +81,10 @@ impl Cast {
                 len: arg(0),
                 padded: true,
             },
-            "timestamp" | "timestamptz" => Cast::Timestamp(arg(0)),
+            "timestamp" | "timestamptz" => Cast::Timestamp {
+                precision: arg(0),
+                zoned: zoned || base == "timestamptz",
+            },
             _ => Cast::Other,
         }
     }
@@ -103,7 +110,9 @@ impl Cast {
             Cast::Int(oid) | Cast::Float(oid) => oid,
             Cast::Numeric(_) => 1700,
             Cast::Chars { .. } => 25,
-            Cast::Timestamp(_) | Cast::Other => 0,
+            Cast::Timestamp { zoned: false, .. } => 1114,
+            Cast::Timestamp { zoned: true, .. } => 1184,
+            Cast::Other => 0,
         }
     }
 
@@ -115,12 +124,16 @@ impl Cast {
         match self {
             Cast::Other
             | Cast::Numeric(None)
-            | Cast::Timestamp(None)
             | Cast::Chars {
                 len: None,
                 padded: false,
             } => true,
-            Cast::Timestamp(Some(p)) => p >= 6,
+            // A timestamp read as text, or as the other timestamp type, is converted in a
+            // way routing does not follow; only a cast that changes nothing keeps it.
+            Cast::Timestamp { precision, zoned } => {
+                precision.is_none_or(|p| p >= 6)
+                    && matches!(first, Cast::Timestamp { zoned: z, .. } if z == zoned)
+            }
             Cast::Int(_) => matches!(first, Cast::Int(_) | Cast::Chars { .. } | Cast::Other),
             Cast::Numeric(Some(_)) => matches!(first, Cast::Int(_)),
             Cast::Float(_) | Cast::Chars { .. } => false,
@@ -163,8 +176,17 @@ impl Cast {
                     cut
                 }))
             }
-            Cast::Timestamp(Some(p)) if p < 6 && s.contains('.') => None,
-            Cast::Timestamp(_) => Some(Cow::Borrowed(s)),
+            // A `timestamp` drops an offset written in its text; `timestamp(p)` rounds.
+            // Other text ('epoch', a date) is left for the key's type to read.
+            Cast::Timestamp { precision, zoned } => match super::time::parse(s.trim()) {
+                Ok((_, offset))
+                    if (offset.is_some() && !zoned)
+                        || (precision.is_some_and(|p| p < 6) && s.contains('.')) =>
+                {
+                    Some(Cow::Owned(super::time::cast_text(s, precision, zoned)?))
+                }
+                _ => Some(Cow::Borrowed(s)),
+            },
         }
     }
 
@@ -198,7 +220,7 @@ impl Cast {
             Cast::Float(_) => "a float",
             Cast::Numeric(_) => "numeric",
             Cast::Chars { .. } => "text",
-            Cast::Timestamp(_) => "a timestamp",
+            Cast::Timestamp { .. } => "a timestamp",
             Cast::Other => "its type",
         }
     }
@@ -300,9 +322,25 @@ mod tests {
         );
         assert_eq!(
             Cast::of("TIMESTAMP(0) WITH TIME ZONE"),
-            Cast::Timestamp(Some(0))
+            Cast::Timestamp {
+                precision: Some(0),
+                zoned: true
+            }
         );
-        assert_eq!(Cast::of("TIMESTAMPTZ"), Cast::Timestamp(None));
+        assert_eq!(
+            Cast::of("TIMESTAMPTZ"),
+            Cast::Timestamp {
+                precision: None,
+                zoned: true
+            }
+        );
+        assert_eq!(
+            Cast::of("TIMESTAMP WITHOUT TIME ZONE"),
+            Cast::Timestamp {
+                precision: None,
+                zoned: false
+            }
+        );
         assert_eq!(Cast::of("DATE"), Cast::Other);
         assert_eq!(Cast::of("my_domain"), Cast::Other);
     }
@@ -325,15 +363,32 @@ mod tests {
         assert_eq!(a("varchar(3)", "äöüß").as_deref(), Some("äöü"));
         assert_eq!(a("char(5)", "ab ").as_deref(), Some("ab"));
         assert_eq!(a("text", "ab ").as_deref(), Some("ab "));
-        assert_eq!(a("timestamp(0)", "2024-01-01 10:00:00.7"), None);
-        assert!(a("timestamp", "2024-01-01 10:00:00.7").is_some());
+        assert_eq!(
+            a("timestamp(0)", "2024-01-01 10:00:00.7").as_deref(),
+            Some("2024-01-01 10:00:01")
+        );
+        assert_eq!(
+            a("timestamp", "2024-01-01 10:00:00.7").as_deref(),
+            Some("2024-01-01 10:00:00.7")
+        );
+        assert_eq!(
+            a("timestamp", "2024-01-01 10:00+02").as_deref(),
+            Some("2024-01-01 10:00:00")
+        );
+        assert_eq!(
+            a("timestamptz", "2024-01-01 10:00+02").as_deref(),
+            Some("2024-01-01 10:00+02")
+        );
+        assert_eq!(a("timestamp", "epoch").as_deref(), Some("epoch"));
         assert_eq!(a("date", "2024-01-01").as_deref(), Some("2024-01-01"));
     }
 
     #[test]
     fn second_casts_of_parameters() {
         let keeps = |second: &str, first: &str| Cast::of(second).keeps(Cast::of(first));
-        assert!(keeps("timestamptz", "text"));
+        assert!(!keeps("timestamptz", "text"));
+        assert!(keeps("timestamptz", "timestamptz(3)"));
+        assert!(!keeps("timestamp", "timestamptz"));
         assert!(keeps("bigint", "text"));
         assert!(keeps("numeric", "text"));
         assert!(!keeps("bigint", "numeric"));

@@ -5,10 +5,12 @@ pub mod cast;
 pub mod directory;
 pub mod hash;
 pub mod keys;
+pub mod time;
 pub mod value;
 
 use crate::config::{ShardMethod, ShardedTableConfig};
 use std::collections::HashMap;
+pub use time::Zone;
 pub use value::{KeyType, Value};
 
 /// Why a key has no shard.
@@ -93,6 +95,11 @@ impl ShardFn {
     /// Builds and validates a table's shard function; `key` names the config entry in errors.
     pub fn new(cfg: &ShardedTableConfig, shards: usize, key: &str) -> Result<ShardFn, String> {
         let ty = cfg.key_type();
+        if cfg.key_type.is_none() && ty == KeyType::Timestamp {
+            return Err(format!(
+                "{key}.type: the bounds are timestamps: give the column's type, timestamp or timestamptz (they read a time written without an offset differently)"
+            ));
+        }
         let check_shard = |s: usize, k: String| {
             if s >= shards {
                 Err(format!(
@@ -109,7 +116,8 @@ impl ShardFn {
                 yaml_serde::Value::Bool(b) => b.to_string(),
                 other => return Err(format!("{k}: {other:?} is not a {} value", ty.name())),
             };
-            ty.parse_text(&text)
+            // Bounds without an offset are UTC, whatever a session's time zone.
+            ty.parse_text(&text, &Zone::utc())
                 .map_err(|e| format!("{k}: '{text}' is not a valid {} value: {e}", ty.name()))
         };
         if let Some(d) = cfg.default_shard {
@@ -311,7 +319,11 @@ impl ShardFn {
 
     /// The shard PostgreSQL's hash partitioning gives a key (a directory's new keys).
     pub fn hash_shard(&self, key: &str, shards: usize) -> Result<usize, ShardError> {
-        let v = self.ty.parse_text(key).map_err(|d| self.bad_value(d))?;
+        // Directory keys are integers, text or uuids, which no time zone changes.
+        let v = self
+            .ty
+            .parse_text(key, &Zone::utc())
+            .map_err(|d| self.bad_value(d))?;
         let k = match &v {
             Value::Int(i) => hash::HashKey::Int(*i),
             Value::Text(t) => hash::HashKey::Text(t.as_bytes()),
@@ -322,13 +334,24 @@ impl ShardFn {
     }
 
     /// The shard of a key in PostgreSQL's binary format (a binary COPY field).
-    pub fn shard_of_binary(&self, b: &[u8], shards: usize) -> Result<usize, ShardError> {
-        self.shard_of_parsed(self.ty.parse_binary(b, 0), shards)
+    pub fn shard_of_binary(
+        &self,
+        b: &[u8],
+        shards: usize,
+        zone: &Zone,
+    ) -> Result<usize, ShardError> {
+        self.shard_of_parsed(self.ty.parse_binary(b, 0, zone), shards)
     }
 
-    /// The shard of a key given as text (a literal or a text-format parameter).
-    pub fn shard_of_text(&self, text: &str, shards: usize) -> Result<usize, ShardError> {
-        self.shard_of_parsed(self.ty.parse_text(text), shards)
+    /// The shard of a key given as text (a literal or a text-format parameter), read in
+    /// the session's time zone `zone`.
+    pub fn shard_of_text(
+        &self,
+        text: &str,
+        shards: usize,
+        zone: &Zone,
+    ) -> Result<usize, ShardError> {
+        self.shard_of_parsed(self.ty.parse_text(text, zone), shards)
     }
 
     /// The shard of a key parsed from text or binary, or the parse error for this key.
@@ -367,11 +390,41 @@ mod tests {
             "{ table: events, column: created_at, method: range, type: timestamp, ranges: [ { to: '2026-01-01', shard: 0 }, { from: '2026-01-01', to: '2026-07-01', shard: 1 }, { from: '2026-07-01', shard: 2 } ] }",
         )
         .unwrap();
-        assert_eq!(f.shard_of_text("2025-12-31 23:59:59.999999", 3), Ok(0));
-        assert_eq!(f.shard_of_text("2026-01-01", 3), Ok(1));
-        assert_eq!(f.shard_of_text("2026-06-30T12:00:00", 3), Ok(1));
-        assert_eq!(f.shard_of_text("2027-01-01 00:00:00+00", 3), Ok(2));
-        assert!(f.shard_of_text("not a date", 3).is_err());
+        assert_eq!(
+            f.shard_of_text("2025-12-31 23:59:59.999999", 3, &Zone::utc()),
+            Ok(0)
+        );
+        assert_eq!(f.shard_of_text("2026-01-01", 3, &Zone::utc()), Ok(1));
+        assert_eq!(
+            f.shard_of_text("2026-06-30T12:00:00", 3, &Zone::utc()),
+            Ok(1)
+        );
+        assert_eq!(
+            f.shard_of_text("2027-01-01 00:00:00+00", 3, &Zone::utc()),
+            Ok(2)
+        );
+        assert!(f.shard_of_text("not a date", 3, &Zone::utc()).is_err());
+    }
+
+    #[test]
+    fn timestamp_bounds_need_the_columns_type() {
+        let e = table(
+            "{ table: events, column: at, method: range, ranges: [ { to: '2026-01-01', shard: 0 }, { from: '2026-01-01', shard: 1 } ] }",
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("sharded_tables[0].type: the bounds are timestamps"),
+            "{e}"
+        );
+        // Bounds of a timestamptz without an offset are UTC, in any session's zone.
+        let f = table(
+            "{ table: events, column: at, method: range, type: timestamptz, ranges: [ { to: '2026-01-01', shard: 0 }, { from: '2026-01-01', shard: 1 } ] }",
+        )
+        .unwrap();
+        let berlin = Zone::new("Europe/Berlin");
+        assert_eq!(f.shard_of_text("2026-01-01 00:30", 3, &berlin), Ok(0));
+        assert_eq!(f.shard_of_text("2026-01-01 01:00", 3, &berlin), Ok(1));
+        assert_eq!(f.shard_of_text("2026-01-01 00:30+00", 3, &berlin), Ok(1));
     }
 
     #[test]
@@ -380,19 +433,19 @@ mod tests {
             "{ table: t, column: id, method: range, type: bigint, ranges: [ { to: 100, shard: 0 }, { from: 100, to: 1000, shard: 1 }, { from: 1000, shard: 2 } ] }",
         )
         .unwrap();
-        assert_eq!(f.shard_of_text("99", 3), Ok(0));
-        assert_eq!(f.shard_of_text("100", 3), Ok(1));
-        assert_eq!(f.shard_of_text("999", 3), Ok(1));
-        assert_eq!(f.shard_of_text("1000", 3), Ok(2));
-        assert_eq!(f.shard_of_text("-5", 3), Ok(0));
+        assert_eq!(f.shard_of_text("99", 3, &Zone::utc()), Ok(0));
+        assert_eq!(f.shard_of_text("100", 3, &Zone::utc()), Ok(1));
+        assert_eq!(f.shard_of_text("999", 3, &Zone::utc()), Ok(1));
+        assert_eq!(f.shard_of_text("1000", 3, &Zone::utc()), Ok(2));
+        assert_eq!(f.shard_of_text("-5", 3, &Zone::utc()), Ok(0));
         let f = table(
             "{ table: t, column: amount, method: range, type: numeric, ranges: [ { to: '10.5', shard: 0 }, { from: '10.5', shard: 1 } ] }",
         )
         .unwrap();
-        assert_eq!(f.shard_of_text("9.99", 3), Ok(0));
-        assert_eq!(f.shard_of_text("10.50", 3), Ok(1));
-        assert_eq!(f.shard_of_text("100", 3), Ok(1));
-        assert_eq!(f.shard_of_text("-100.5", 3), Ok(0));
+        assert_eq!(f.shard_of_text("9.99", 3, &Zone::utc()), Ok(0));
+        assert_eq!(f.shard_of_text("10.50", 3, &Zone::utc()), Ok(1));
+        assert_eq!(f.shard_of_text("100", 3, &Zone::utc()), Ok(1));
+        assert_eq!(f.shard_of_text("-100.5", 3, &Zone::utc()), Ok(0));
     }
 
     #[test]
@@ -402,7 +455,7 @@ mod tests {
         let e = table("{ table: t, column: id, method: range, type: bigint, ranges: [ { to: 10, shard: 0 }, { from: 20, shard: 1 } ] }").unwrap_err();
         assert!(e.contains("gap between 10 and 20"), "{e}");
         let f = table("{ table: t, column: id, method: range, type: bigint, default_shard: 2, ranges: [ { to: 10, shard: 0 }, { from: 20, shard: 1 } ] }").unwrap();
-        assert_eq!(f.shard_of_text("15", 3), Ok(2));
+        assert_eq!(f.shard_of_text("15", 3, &Zone::utc()), Ok(2));
         let e = table("{ table: t, column: id, method: range, type: bigint, ranges: [ { to: 10, shard: 5 } ] }").unwrap_err();
         assert!(
             e.starts_with("sharded_tables[0].ranges[0].shard: shard 5 does not exist"),
@@ -418,17 +471,17 @@ mod tests {
     #[test]
     fn list_with_and_without_default() {
         let f = table("{ table: accounts, column: region, method: list, type: text, lists: [ { values: [eu, uk], shard: 0 }, { values: [us, ca], shard: 1 } ] }").unwrap();
-        assert_eq!(f.shard_of_text("uk", 3), Ok(0));
-        assert_eq!(f.shard_of_text("ca", 3), Ok(1));
+        assert_eq!(f.shard_of_text("uk", 3, &Zone::utc()), Ok(0));
+        assert_eq!(f.shard_of_text("ca", 3, &Zone::utc()), Ok(1));
         assert!(matches!(
-            f.shard_of_text("jp", 3),
+            f.shard_of_text("jp", 3, &Zone::utc()),
             Err(ShardError::NotListed { .. })
         ));
         let f = table("{ table: accounts, column: region, method: list, type: text, default_shard: 2, lists: [ { values: [eu], shard: 0 } ] }").unwrap();
-        assert_eq!(f.shard_of_text("jp", 3), Ok(2));
+        assert_eq!(f.shard_of_text("jp", 3, &Zone::utc()), Ok(2));
         let f = table("{ table: t, column: n, method: list, type: integer, lists: [ { values: [1, 2], shard: 1 } ] }").unwrap();
         assert_eq!(
-            f.shard_of_text("02", 3),
+            f.shard_of_text("02", 3, &Zone::utc()),
             Ok(1),
             "integers compare as integers"
         );
@@ -439,14 +492,14 @@ mod tests {
         let int = table("{ table: users, column: id, method: hash }").unwrap();
         let text = table("{ table: users, column: id, method: hash, type: text }").unwrap();
         assert_eq!(
-            int.shard_of_text("42", 3).unwrap() as u64,
+            int.shard_of_text("42", 3, &Zone::utc()).unwrap() as u64,
             hash::partition_of(&hash::HashKey::Int(42), 3)
         );
         assert_eq!(
-            text.shard_of_text("42", 3).unwrap() as u64,
+            text.shard_of_text("42", 3, &Zone::utc()).unwrap() as u64,
             hash::partition_of(&hash::HashKey::Text(b"42"), 3)
         );
-        assert!(int.shard_of_text("forty-two", 3).is_err());
+        assert!(int.shard_of_text("forty-two", 3, &Zone::utc()).is_err());
         let e = table("{ table: t, column: c, method: hash, type: date }").unwrap_err();
         assert!(e.contains("hash sharding supports"), "{e}");
     }

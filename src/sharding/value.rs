@@ -1,6 +1,7 @@
 //! Typed shard-key values, parsed from SQL literals and from Bind parameters (text or
 //! binary format), compared as PostgreSQL compares them.
 
+use super::time::{self, Zone};
 use std::cmp::Ordering;
 use std::fmt;
 
@@ -12,8 +13,10 @@ pub enum KeyType {
     Numeric,
     Text,
     Date,
-    /// timestamp and timestamptz (with an offset, converted to UTC).
+    /// timestamp (without time zone): the wall-clock time, an offset in its text ignored.
     Timestamp,
+    /// timestamptz: the instant, from the offset written or the session's time zone.
+    TimestampTz,
     Uuid,
 }
 
@@ -26,7 +29,8 @@ pub enum Value {
     Text(String),
     /// Days since 1970-01-01.
     Date(i64),
-    /// Microseconds since 1970-01-01 00:00:00 (UTC when an offset was given).
+    /// Microseconds since 1970-01-01 00:00:00: UTC for timestamptz, the wall-clock time
+    /// for timestamp (both hash and compare alike in PostgreSQL).
     Timestamp(i64),
     Uuid([u8; 16]),
 }
@@ -80,10 +84,8 @@ impl KeyType {
             "numeric" | "decimal" => KeyType::Numeric,
             "text" | "varchar" | "character varying" => KeyType::Text,
             "date" => KeyType::Date,
-            "timestamp"
-            | "timestamptz"
-            | "timestamp with time zone"
-            | "timestamp without time zone" => KeyType::Timestamp,
+            "timestamp" | "timestamp without time zone" => KeyType::Timestamp,
+            "timestamptz" | "timestamp with time zone" => KeyType::TimestampTz,
             "uuid" => KeyType::Uuid,
             _ => return None,
         })
@@ -96,12 +98,24 @@ impl KeyType {
             KeyType::Text => "text",
             KeyType::Date => "date",
             KeyType::Timestamp => "timestamp",
+            KeyType::TimestampTz => "timestamptz",
             KeyType::Uuid => "uuid",
         }
     }
 
-    /// Parses the text form of a value (as in a literal or a text-format parameter).
-    pub fn parse_text(self, s: &str) -> Result<Value, String> {
+    /// True for timestamp and timestamptz.
+    pub fn is_timestamp(self) -> bool {
+        matches!(self, KeyType::Timestamp | KeyType::TimestampTz)
+    }
+
+    /// True for timestamptz, whose values are instants.
+    pub fn zoned(self) -> bool {
+        self == KeyType::TimestampTz
+    }
+
+    /// Parses the text form of a value (as in a literal or a text-format parameter), in
+    /// the session's time zone `zone`.
+    pub fn parse_text(self, s: &str, zone: &Zone) -> Result<Value, String> {
         match self {
             KeyType::Text => Ok(Value::Text(s.to_string())),
             KeyType::Int => s
@@ -113,14 +127,17 @@ impl KeyType {
                 .ok_or_else(|| "not an integer".to_string()),
             KeyType::Numeric => Decimal::parse(s.trim()).map(Value::Numeric),
             KeyType::Date => parse_date(s.trim()).map(Value::Date),
-            KeyType::Timestamp => parse_timestamp(s.trim()).map(Value::Timestamp),
+            KeyType::Timestamp | KeyType::TimestampTz => {
+                time::read(s.trim(), self.zoned(), zone).map(Value::Timestamp)
+            }
             KeyType::Uuid => parse_uuid(s.trim()).map(Value::Uuid),
         }
     }
 
     /// Parses the binary form of a parameter, for the PostgreSQL type `oid` the client
-    /// declared (0: unknown, taken as this key type's natural binary form).
-    pub fn parse_binary(self, b: &[u8], oid: u32) -> Result<Value, String> {
+    /// declared (0: unknown, taken as this key type's natural binary form), in the
+    /// session's time zone `zone`.
+    pub fn parse_binary(self, b: &[u8], oid: u32, zone: &Zone) -> Result<Value, String> {
         const PG_EPOCH_DAYS: i64 = 10_957; // 2000-01-01 in days since 1970-01-01
         match (self, b.len()) {
             // A float bound to an integer key: its rounding half to even, as PostgreSQL
@@ -143,16 +160,27 @@ impl KeyType {
                 i32::from_be_bytes([b[0], b[1], b[2], b[3]]) as i64
             )),
             (KeyType::Int, 8) => Ok(Value::Int(i64::from_be_bytes(b.try_into().expect("8")))),
-            (KeyType::Text, _) => std::str::from_utf8(b)
-                .map(|s| Value::Text(s.to_string()))
-                .map_err(|_| "text is not valid UTF-8".to_string()),
+            // An integer bound for a text key is stored as its digits (an assignment
+            // cast); other types' binary forms are not text.
+            (KeyType::Text, 2 | 4 | 8) if matches!(oid, 20 | 21 | 23) => KeyType::Int
+                .parse_binary(b, oid, zone)
+                .map(|v| Value::Text(v.to_string())),
+            (KeyType::Text, _) if matches!(oid, 0 | 25 | 1043 | 1042 | 19) => {
+                std::str::from_utf8(b)
+                    .map(|s| Value::Text(s.to_string()))
+                    .map_err(|_| "text is not valid UTF-8".to_string())
+            }
             (KeyType::Uuid, 16) => Ok(Value::Uuid(b.try_into().expect("16"))),
             (KeyType::Date, 4) => Ok(Value::Date(
                 i32::from_be_bytes([b[0], b[1], b[2], b[3]]) as i64 + PG_EPOCH_DAYS,
             )),
-            (KeyType::Timestamp, 8) => Ok(Value::Timestamp(
-                i64::from_be_bytes(b.try_into().expect("8")) + PG_EPOCH_DAYS * 86_400_000_000,
-            )),
+            // A timestamp bound for a timestamptz key, or the reverse, is converted in the
+            // session's zone, as PostgreSQL converts it.
+            (KeyType::Timestamp | KeyType::TimestampTz, 8) if matches!(oid, 0 | 1114 | 1184) => {
+                let us = i64::from_be_bytes(b.try_into().expect("8")) + time::PG_EPOCH_MICROS;
+                let from_zoned = if oid == 0 { self.zoned() } else { oid == 1184 };
+                time::convert(us, from_zoned, self.zoned(), zone).map(Value::Timestamp)
+            }
             _ => Err(format!(
                 "a {}-byte binary parameter (type oid {oid}) is not a {}",
                 b.len(),
@@ -273,7 +301,7 @@ fn num(s: &str, what: &str) -> Result<u32, String> {
     s.parse().map_err(|_| format!("bad {what}"))
 }
 
-fn parse_date(s: &str) -> Result<i64, String> {
+pub(super) fn parse_date(s: &str) -> Result<i64, String> {
     let mut it = s.splitn(3, '-');
     let (y, m, d) = (it.next(), it.next(), it.next());
     let (Some(y), Some(m), Some(d)) = (y, m, d) else {
@@ -304,52 +332,6 @@ fn parse_date(s: &str) -> Result<i64, String> {
     Ok(days_from_civil(y, m, d))
 }
 
-fn parse_timestamp(s: &str) -> Result<i64, String> {
-    if s.len() < 10 {
-        return Err("expected YYYY-MM-DD[ HH:MM[:SS[.ffffff]]][offset]".into());
-    }
-    let days = parse_date(&s[..10])?;
-    let mut rest = s[10..].trim_start_matches([' ', 'T']);
-    // Offset: Z, +HH, +HH:MM, -HHMM.
-    let mut offset_s: i64 = 0;
-    if let Some(r) = rest.strip_suffix('Z') {
-        rest = r;
-    } else if let Some(p) = rest.rfind(['+', '-']) {
-        let (t, off) = rest.split_at(p);
-        let sign = if off.starts_with('-') { -1 } else { 1 };
-        let digits: String = off[1..].chars().filter(|c| *c != ':').collect();
-        let (h, m) = match digits.len() {
-            2 => (num(&digits, "offset")?, 0),
-            4 => (num(&digits[..2], "offset")?, num(&digits[2..], "offset")?),
-            _ => return Err("bad offset".into()),
-        };
-        offset_s = sign * (h as i64 * 3600 + m as i64 * 60);
-        rest = t;
-    }
-    let mut micros: i64 = 0;
-    if !rest.is_empty() {
-        let (hms, frac) = rest.split_once('.').unwrap_or((rest, ""));
-        let mut parts = hms.split(':');
-        let h = num(parts.next().unwrap_or(""), "hour")?;
-        let m = num(parts.next().ok_or("bad time")?, "minute")?;
-        let sec = parts
-            .next()
-            .map(|p| num(p, "second"))
-            .transpose()?
-            .unwrap_or(0);
-        if h > 24 || m > 59 || sec > 60 || parts.next().is_some() || frac.len() > 6 {
-            return Err("bad time".into());
-        }
-        let frac_us = if frac.is_empty() {
-            0
-        } else {
-            num(frac, "fraction")? as i64 * 10i64.pow(6 - frac.len() as u32)
-        };
-        micros = ((h as i64 * 60 + m as i64) * 60 + sec as i64) * 1_000_000 + frac_us;
-    }
-    Ok(days * 86_400_000_000 + micros - offset_s * 1_000_000)
-}
-
 fn parse_uuid(s: &str) -> Result<[u8; 16], String> {
     let hex: Vec<u8> = s
         .trim_start_matches('{')
@@ -374,7 +356,7 @@ mod tests {
 
     #[test]
     fn decimal_literals_for_integer_keys_round_as_postgresql_casts() {
-        let int = |s: &str| KeyType::Int.parse_text(s);
+        let int = |s: &str| KeyType::Int.parse_text(s, &Zone::utc());
         for (s, n) in [
             ("1.0", 1),
             ("7.5", 8),
@@ -397,15 +379,48 @@ mod tests {
             assert_eq!(Value::Date(d).to_string(), s);
         }
         assert!(parse_date("2026-02-29").is_err());
-        let t = KeyType::Timestamp
-            .parse_text("2026-01-01 10:30:00.25+02")
+        let utc = Zone::utc();
+        let t = KeyType::TimestampTz
+            .parse_text("2026-01-01 10:30:00.25+02", &utc)
             .unwrap();
         assert_eq!(t.to_string(), "2026-01-01 08:30:00.250000");
         assert_eq!(
-            KeyType::Timestamp
-                .parse_text("2026-01-01T00:00:00Z")
+            KeyType::TimestampTz
+                .parse_text("2026-01-01T00:00:00Z", &utc)
                 .unwrap(),
-            KeyType::Timestamp.parse_text("2026-01-01").unwrap()
+            KeyType::TimestampTz.parse_text("2026-01-01", &utc).unwrap()
+        );
+        // timestamp ignores the offset; timestamptz without one is in the session's zone.
+        let tokyo = Zone::new("Asia/Tokyo");
+        assert_eq!(
+            KeyType::Timestamp
+                .parse_text("2026-01-01 10:30+02", &tokyo)
+                .unwrap()
+                .to_string(),
+            "2026-01-01 10:30:00"
+        );
+        assert_eq!(
+            KeyType::TimestampTz
+                .parse_text("2026-01-01 10:30", &tokyo)
+                .unwrap()
+                .to_string(),
+            "2026-01-01 01:30:00"
+        );
+        // A binary timestamptz for a timestamp key is its wall-clock time in the zone.
+        let pg = |s: &str| (time::parse(s).unwrap().0 - time::PG_EPOCH_MICROS).to_be_bytes();
+        assert_eq!(
+            KeyType::Timestamp
+                .parse_binary(&pg("2026-01-01 01:30"), 1184, &tokyo)
+                .unwrap()
+                .to_string(),
+            "2026-01-01 10:30:00"
+        );
+        assert_eq!(
+            KeyType::TimestampTz
+                .parse_binary(&pg("2026-01-01 10:30"), 1114, &tokyo)
+                .unwrap()
+                .to_string(),
+            "2026-01-01 01:30:00"
         );
     }
 
@@ -423,20 +438,34 @@ mod tests {
     #[test]
     fn binary_parameters() {
         assert_eq!(
-            KeyType::Int.parse_binary(&7i32.to_be_bytes(), 23),
+            KeyType::Int.parse_binary(&7i32.to_be_bytes(), 23, &Zone::utc()),
             Ok(Value::Int(7))
         );
         assert_eq!(
-            KeyType::Int.parse_binary(&(-7i64).to_be_bytes(), 20),
+            KeyType::Int.parse_binary(&(-7i64).to_be_bytes(), 20, &Zone::utc()),
             Ok(Value::Int(-7))
         );
         assert_eq!(
-            KeyType::Date.parse_binary(&0i32.to_be_bytes(), 1082),
-            KeyType::Date.parse_text("2000-01-01")
+            KeyType::Date.parse_binary(&0i32.to_be_bytes(), 1082, &Zone::utc()),
+            KeyType::Date.parse_text("2000-01-01", &Zone::utc())
         );
-        assert!(KeyType::Int.parse_binary(&[1, 2, 3], 0).is_err());
+        assert!(
+            KeyType::Int
+                .parse_binary(&[1, 2, 3], 0, &Zone::utc())
+                .is_err()
+        );
+        // An int4 bound for a text key is its digits; a float's bytes are not text.
+        assert_eq!(
+            KeyType::Text.parse_binary(&42i32.to_be_bytes(), 23, &Zone::utc()),
+            Ok(Value::Text("42".into()))
+        );
+        assert!(
+            KeyType::Text
+                .parse_binary(&1f64.to_be_bytes(), 701, &Zone::utc())
+                .is_err()
+        );
         let u = KeyType::Uuid
-            .parse_text("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11")
+            .parse_text("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", &Zone::utc())
             .unwrap();
         assert_eq!(u.to_string(), "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11");
     }

@@ -70,7 +70,11 @@ impl Session {
                         return Ok(true);
                     }
                 };
-                let route = match self.db.router.resolve(&a, &router::Params::default()) {
+                let route = match self
+                    .db
+                    .router
+                    .resolve(&a, &router::Params::default(), &self.zone)
+                {
                     Ok(r) => r,
                     Err(e) => {
                         self.answer_error(PgError::new(e.sqlstate(), e.to_string()));
@@ -120,7 +124,7 @@ impl Session {
                 match self
                     .db
                     .router
-                    .resolve(&a, &router::Params::default())
+                    .resolve(&a, &router::Params::default(), &self.zone)
                     .ok()?
                 {
                     router::Route::Shards(v)

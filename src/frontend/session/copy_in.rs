@@ -28,6 +28,7 @@ fn route_piece(
     p: Piece<'_>,
     into: &Into,
     rules: &router::Rules,
+    zone: &crate::sharding::Zone,
     n: usize,
     batches: &mut [BytesMut],
     misses: &mut Vec<(Vec<u8>, String)>,
@@ -40,8 +41,8 @@ fn route_piece(
             Into::Split { table, .. } => {
                 let f = &rules.tables[*table];
                 let s = match &r.key {
-                    Some(Key::Text(k)) => f.shard_of_text(k, n),
-                    Some(Key::Binary(k)) => f.shard_of_binary(k, n),
+                    Some(Key::Text(k)) => f.shard_of_text(k, n, zone),
+                    Some(Key::Binary(k)) => f.shard_of_binary(k, n, zone),
                     None => f.shard_of(&crate::sharding::Value::Null, n),
                 };
                 match s {
@@ -185,8 +186,15 @@ impl Session {
                     let mut misses = Vec::new();
                     let mut route = |p: Piece<'_>| {
                         if bad.is_none()
-                            && let Err(e) =
-                                route_piece(p, &into, &rules, n, &mut batches, &mut misses)
+                            && let Err(e) = route_piece(
+                                p,
+                                &into,
+                                &rules,
+                                &self.zone,
+                                n,
+                                &mut batches,
+                                &mut misses,
+                            )
                         {
                             bad = Some(e);
                         }

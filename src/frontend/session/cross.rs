@@ -107,10 +107,16 @@ impl Session {
                 Multi::InsertVia(a.insert_via.clone().expect("checked"))
             }
             (Kind::Write, _) if a.inserts_sharded => match &a.insert_split {
-                Some(split) => match self.db.router.split_insert(split, &Default::default()) {
-                    Ok(parts) => Multi::SplitInsert(parts),
-                    Err(e) => return Err(PgError::new(e.sqlstate(), e.to_string())),
-                },
+                Some(split) => {
+                    match self
+                        .db
+                        .router
+                        .split_insert(split, &Default::default(), &self.zone)
+                    {
+                        Ok(parts) => Multi::SplitInsert(parts),
+                        Err(e) => return Err(PgError::new(e.sqlstate(), e.to_string())),
+                    }
+                }
                 None => {
                     return Err(PgError::new(
                         "0A000",

@@ -118,7 +118,7 @@ impl Session {
                     binary: binary.clone(),
                     oids: protocol::parse_oids(&types),
                 };
-                match self.db.router.split_insert(split, &params) {
+                match self.db.router.split_insert(split, &params, &self.zone) {
                     Ok(parts) => Some(parts),
                     Err(e) => {
                         self.local_error(PgError::new(e.sqlstate(), e.to_string()));

@@ -125,7 +125,7 @@ impl Session {
             return Ok(Some(vec![checked]));
         }
         // 2.
-        let read = match self.db.router.resolve(&via.select, params) {
+        let read = match self.db.router.resolve(&via.select, params, &self.zone) {
             Ok(Route::Shards(v)) => v,
             Ok(Route::Default | Route::Any) => vec![home],
             Err(e) => return failed(self, PgError::new(e.sqlstate(), e.to_string())),
@@ -221,7 +221,7 @@ impl Session {
             return Ok(Some(vec![checked]));
         };
         let split = crate::router::insert::InsertSplit { statement, keys };
-        let inserts = match self.db.router.split_insert(&split, params) {
+        let inserts = match self.db.router.split_insert(&split, params, &self.zone) {
             Ok(p) => p,
             Err(e) => return failed(self, PgError::new(e.sqlstate(), e.to_string())),
         };

@@ -126,11 +126,30 @@ pub struct Session {
     pub cache: crate::config::StatementCacheConfig,
     unnamed: statement_cache::Unnamed,
     auto: statement_cache::AutoPrepare,
+    /// The session's `TimeZone`, as the servers last reported it: timestamp keys are read
+    /// in it.
+    zone: crate::sharding::Zone,
+    /// A statement that may change the time zone was routed; until nothing is in flight
+    /// the zone is not known.
+    zone_pending: bool,
     /// What waits for the client is only what pgshard answered itself (a ParseComplete
     /// for a statement the server connection holds, named or unnamed), and the server
     /// will answer the rest of the batch: it goes out with that answer, in one write and
     /// one client wakeup.
     synth_only: bool,
+}
+
+/// The time zone a new session starts in: the one the client asked for at startup, or the
+/// servers' default.
+fn time_zone(db: &Database, settings: &[(String, String)]) -> crate::sharding::Zone {
+    let shard = &db.shards[db.config.default_shard];
+    let defaults = shard.nodes.iter().find_map(|n| n.pool.server_params());
+    let setting = settings
+        .iter()
+        .chain(defaults.into_iter().flatten())
+        .find(|(k, _)| k.eq_ignore_ascii_case("TimeZone"))
+        .map_or("", |(_, v)| v.as_str());
+    crate::sharding::Zone::new(setting)
 }
 
 /// Fingerprint of a settings list; 0 means "server defaults".
@@ -158,7 +177,10 @@ impl Session {
             leftover,
         } = client;
         settings.sort();
+        let zone = time_zone(&db, &settings);
         Session {
+            zone,
+            zone_pending: false,
             db,
             mode,
             reader,

@@ -459,6 +459,9 @@ impl Session {
         match run_on(b, stmt).await {
             Ok((mut frames, status)) => {
                 self.deadlock_frames(&mut frames);
+                for f in frames.iter().filter(|f| f[0] == b'S') {
+                    super::server_frames::saw_parameter(&mut self.zone, f);
+                }
                 if status == b'E' || frames.iter().any(|f| f[0] == b'E') {
                     self.status = b'E';
                 } else {

@@ -287,7 +287,12 @@ impl Session {
                 .with_hint("Add a /* pgshard: shard=N */ comment, or SET pgshard.shard = N."));
             }
         };
-        let route = match self.db.router.resolve(&a, params) {
+        // Nothing in flight: every zone change sent has been answered (and reported).
+        self.zone_pending &= !self.relay.queue.is_empty();
+        let changing =
+            (self.zone_pending || a.sets_time_zone).then(crate::sharding::Zone::changing);
+        let zone = changing.as_ref().unwrap_or(&self.zone);
+        let route = match self.db.router.resolve(&a, params, zone) {
             Err(RouteError::Key(crate::sharding::ShardError::DirectoryMiss { table, key })) => {
                 let t = self.db.router.rules.table(&table).unwrap_or(0);
                 self.route.lookup = Some((t, key, a.inserts_sharded));
@@ -303,7 +308,12 @@ impl Session {
                         target: router::Target::Keys(vec![(*t, k.clone())]),
                         ..(*a).clone()
                     };
-                    match self.db.router.resolve(&only, params).map_err(route_err)? {
+                    match self
+                        .db
+                        .router
+                        .resolve(&only, params, zone)
+                        .map_err(route_err)?
+                    {
                         Route::Shards(v) => v.first().copied(),
                         Route::Default | Route::Any => None,
                     }
@@ -322,6 +332,7 @@ impl Session {
                 .with_hint("Delete the row and insert it with its new key instead."));
             }
         }
+        self.zone_pending |= a.sets_time_zone;
         self.set_read_ok(sql, Some(&a));
         self.route.decided_read = a.replica_safe;
         // (Empty for all but INSERTs whose keys the shard makes: no allocation.)

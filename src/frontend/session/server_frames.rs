@@ -54,6 +54,9 @@ impl Session {
                     dropped = Some(done.starts_with(b"DISCARD"));
                 }
             }
+            if tag == b'S' {
+                saw_parameter(&mut self.zone, frame);
+            }
             let event = self.relay.on_frame(frame, &mut self.cout);
             b.rbuf.advance(n);
             if let Some(discard) = dropped {
@@ -99,5 +102,18 @@ impl Session {
             self.transaction_over();
             self.listen_ext.ended(None);
         }
+    }
+}
+
+/// A ParameterStatus from the server: a new `TimeZone` (after SET, RESET, SET LOCAL or
+/// the end of a transaction that set it) changes how timestamp keys are read.
+pub(super) fn saw_parameter(zone: &mut crate::sharding::Zone, frame: &[u8]) {
+    let mut body = frame.get(5..).unwrap_or_default();
+    let name = protocol::read_cstr(&mut body, "ParameterStatus");
+    if name.is_ok_and(|n| n == "TimeZone")
+        && let Ok(v) = protocol::read_cstr(&mut body, "ParameterStatus")
+        && v != zone.setting()
+    {
+        *zone = crate::sharding::Zone::new(&v);
     }
 }

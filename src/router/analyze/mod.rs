@@ -24,6 +24,9 @@ use collect::{ddl_names, relation, select, where_keys};
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum KeyRef {
     Literal(String),
+    /// A constant cast to `timestamptz` (`'2026-01-01 00:30'::timestamptz`): an instant,
+    /// which a `timestamp` key sees as its wall-clock time in the session's time zone.
+    Instant(String),
     /// `$n`, zero-based, with the type it is cast to (`$1::text`), if any: it tells how a
     /// parameter sent in binary is encoded when Parse left its type unspecified, and what
     /// the cast does to its value.
@@ -99,6 +102,10 @@ pub struct Analysis {
     /// An EXPLAIN: routed as the statement it explains (a read unless ANALYZE runs it);
     /// over several shards each shard's plan is shown, never merged.
     pub explain: bool,
+    /// It may change the session's `TimeZone` (SET or RESET of it or of everything,
+    /// `set_config`, DISCARD ALL): timestamp keys in it, or sent after it before the
+    /// server reports the new zone, cannot be read in the zone pgshard knows.
+    pub sets_time_zone: bool,
 }
 
 /// A cursor declared with SQL.
@@ -163,6 +170,7 @@ impl Analysis {
             keyless: Vec::new(),
             cursor: None,
             explain: false,
+            sets_time_zone: false,
         }
     }
 }
@@ -181,6 +189,8 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
         .map_err(|e| AnalyzeError::Parse(e.to_string()))?;
     let mut out = Analysis {
         statements: stmts.len(),
+        sets_time_zone: stmts.iter().any(sets_time_zone)
+            || sql.to_ascii_lowercase().contains("set_config"),
         ..Analysis::of(Target::Default, Kind::Other)
     };
     // `Any` joins whatever the other statements need (the first statement's target for
@@ -244,6 +254,23 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
         }));
     }
     Ok(out)
+}
+
+/// A SET or RESET of the time zone (or of every setting), or a DISCARD.
+fn sets_time_zone(st: &Statement) -> bool {
+    let text = || st.to_string().to_ascii_lowercase();
+    match st {
+        Statement::Set(_) => {
+            let t = text();
+            t.contains("time zone") || t.contains("timezone")
+        }
+        Statement::Reset(_) => {
+            let t = text();
+            t.contains("all") || t.contains("timezone")
+        }
+        Statement::Discard { .. } => true,
+        _ => false,
+    }
 }
 
 /// The cursor and query of a `DECLARE name CURSOR FOR query` (the only statement).
@@ -551,6 +578,7 @@ fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
         keyless: c.keyless,
         cursor: None,
         explain: false,
+        sets_time_zone: false,
     })
 }
 
