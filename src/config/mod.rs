@@ -427,7 +427,7 @@ impl ShardedTableConfig {
         } else if all(&|v| text(v).is_some_and(|t| crate::sharding::time::parse(&t).is_ok())) {
             KeyType::Timestamp
         } else if all(&|v| {
-            text(v).is_some_and(|t| crate::sharding::value::Decimal::parse(&t).is_ok())
+            text(v).is_some_and(|t| crate::sharding::value::Decimal::parse(t.trim()).is_ok())
         }) {
             KeyType::Numeric
         } else {

@@ -285,25 +285,16 @@ fn param(
     if f.ty.is_timestamp() {
         // Read as timestamp or timestamptz, rounded as `timestamp(p)` rounds, then seen
         // as the key's type.
-        let zoned = match oid {
-            1114 => false,
-            1184 => true,
-            _ => f.ty.zoned(),
-        };
-        let us = if binary && !textual {
-            let eight: [u8; 8] = match bytes.try_into() {
-                Ok(b) if matches!(oid, 0 | 1114 | 1184) => b,
-                _ => {
-                    return Err(format!(
-                        "a {}-byte binary parameter (type oid {oid}) is not a timestamp",
-                        bytes.len()
-                    ));
-                }
-            };
-            i64::from_be_bytes(eight) + time::PG_EPOCH_MICROS
+        let (us, zoned) = if binary && !textual {
+            time::from_binary(bytes, oid, f.ty.zoned())?
         } else {
+            let zoned = match oid {
+                1114 => false,
+                1184 => true,
+                _ => f.ty.zoned(),
+            };
             let text = std::str::from_utf8(bytes).map_err(|_| "parameter is not valid UTF-8")?;
-            time::read(text.trim(), zoned, zone)?
+            (time::read(text.trim(), zoned, zone)?, zoned)
         };
         let us = match cast {
             Some(Cast::Timestamp {

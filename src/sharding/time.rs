@@ -173,6 +173,22 @@ pub fn read(s: &str, zoned: bool, zone: &Zone) -> Result<i64, String> {
     }
 }
 
+/// A timestamp parameter in binary (type `oid`: 1114 timestamp, 1184 timestamptz, 0 the
+/// key's own, `zoned` for timestamptz): its microseconds since 1970-01-01 and whether it
+/// is an instant.
+pub fn from_binary(b: &[u8], oid: u32, zoned: bool) -> Result<(i64, bool), String> {
+    match (<[u8; 8]>::try_from(b), oid) {
+        (Ok(eight), 0 | 1114 | 1184) => Ok((
+            i64::from_be_bytes(eight) + PG_EPOCH_MICROS,
+            if oid == 0 { zoned } else { oid == 1184 },
+        )),
+        _ => Err(format!(
+            "a {}-byte binary parameter (type oid {oid}) is not a timestamp",
+            b.len()
+        )),
+    }
+}
+
 /// A value of one timestamp type converted to the other, as PostgreSQL converts
 /// `timestamp` and `timestamptz` (in the session's zone).
 pub fn convert(us: i64, from_zoned: bool, to_zoned: bool, zone: &Zone) -> Result<i64, String> {

@@ -176,9 +176,8 @@ impl KeyType {
             )),
             // A timestamp bound for a timestamptz key, or the reverse, is converted in the
             // session's zone, as PostgreSQL converts it.
-            (KeyType::Timestamp | KeyType::TimestampTz, 8) if matches!(oid, 0 | 1114 | 1184) => {
-                let us = i64::from_be_bytes(b.try_into().expect("8")) + time::PG_EPOCH_MICROS;
-                let from_zoned = if oid == 0 { self.zoned() } else { oid == 1184 };
+            (KeyType::Timestamp | KeyType::TimestampTz, _) => {
+                let (us, from_zoned) = time::from_binary(b, oid, self.zoned())?;
                 time::convert(us, from_zoned, self.zoned(), zone).map(Value::Timestamp)
             }
             _ => Err(format!(
