@@ -1984,5 +1984,26 @@ async fn timestamp_keys_are_read_in_the_sessions_time_zone() {
         .unwrap_err();
     assert_eq!(sqlstate(&e), "22P02", "{e:?}");
     assert!(format!("{e:?}").contains("TimeZone may change"), "{e:?}");
+    // In a transaction over both shards, a SET over the extended protocol: the shards'
+    // frames come back to pgshard, which reads the new zone from them too.
+    c.batch_execute("SET TIME ZONE 'Asia/Tokyo'").await.unwrap();
+    c.batch_execute(
+        "BEGIN;
+         INSERT INTO events (id, created_at) VALUES (108, '2025-06-01 00:00+00');
+         INSERT INTO events (id, created_at) VALUES (109, '2026-06-01 00:00+00')",
+    )
+    .await
+    .unwrap();
+    c.execute("SET TIME ZONE 'America/New_York'", &[])
+        .await
+        .unwrap();
+    c.execute(
+        "INSERT INTO events (id, created_at) VALUES (110, '2025-12-31 20:00')",
+        &[],
+    )
+    .await
+    .unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(shard_of("events", 110).await, [1], "01:00 UTC");
     c.batch_execute("RESET TIME ZONE").await.unwrap();
 }

@@ -196,11 +196,6 @@ fn native(oid: u32) -> bool {
     )
 }
 
-/// Built-in text types, which order as bytes in a bytewise collation.
-fn text_like(oid: u32) -> bool {
-    matches!(oid, 25 | 1043 | 1042 | 19)
-}
-
 /// Collations written in a query that order as bytes.
 fn bytewise_name(c: &str) -> bool {
     let c = c.strip_prefix("pg_catalog.").unwrap_or(c);
@@ -225,7 +220,7 @@ pub fn class(
         return None;
     }
     let collation = explicit.or(fact.collation.as_deref());
-    if text_like(oid) {
+    if crate::protocol::text_type(oid) {
         let bytewise = match explicit {
             Some(c) => bytewise_name(c),
             None => fact.bytewise,

@@ -197,6 +197,12 @@ pub fn bind_params(rest: &[u8]) -> Result<BindParams<'_>, ProtocolError> {
     Ok((binary, values))
 }
 
+/// The built-in text types (text, varchar, bpchar, name): their binary form is their
+/// UTF-8 text, and they order as bytes in a bytewise collation.
+pub fn text_type(oid: u32) -> bool {
+    matches!(oid, 25 | 1043 | 1042 | 19)
+}
+
 /// The parameter type OIDs of a Parse's raw type list.
 pub fn parse_oids(types: &[u8]) -> Vec<u32> {
     types

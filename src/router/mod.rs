@@ -280,19 +280,14 @@ fn param(
         (0, Some(c)) => c.oid(),
         (o, _) => o,
     };
-    // Binary text is just UTF-8: text, varchar, bpchar, name.
-    let textual = matches!(oid, 25 | 1043 | 1042 | 19);
+    let textual = crate::protocol::text_type(oid);
     if f.ty.is_timestamp() {
         // Read as timestamp or timestamptz, rounded as `timestamp(p)` rounds, then seen
         // as the key's type.
         let (us, zoned) = if binary && !textual {
             time::from_binary(bytes, oid, f.ty.zoned())?
         } else {
-            let zoned = match oid {
-                1114 => false,
-                1184 => true,
-                _ => f.ty.zoned(),
-            };
+            let zoned = time::zoned_oid(oid, f.ty.zoned());
             let text = std::str::from_utf8(bytes).map_err(|_| "parameter is not valid UTF-8")?;
             (time::read(text.trim(), zoned, zone)?, zoned)
         };

@@ -5,18 +5,19 @@
 //! becomes an instant (or is made from one) in the session's time zone when it meets a
 //! `timestamptz`.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// Microseconds between 1970-01-01 and 2000-01-01, PostgreSQL's epoch.
 pub const PG_EPOCH_MICROS: i64 = 10_957 * 86_400_000_000;
 
 /// A session's `TimeZone` setting, as the servers report it (`Europe/Berlin`, `UTC`,
 /// `<+05>-05` after `SET TIME ZONE 5`), with its rules when pgshard can read them (from
-/// the system's time zone database, the one Debian's PostgreSQL uses).
+/// the system's time zone database, the one Debian's PostgreSQL uses). The rules are
+/// looked up when a time first needs them: most sessions never route a timestamp.
 #[derive(Debug, Clone)]
 pub struct Zone {
     setting: Arc<str>,
-    tz: Option<jiff::tz::TimeZone>,
+    tz: OnceLock<Option<jiff::tz::TimeZone>>,
     /// A statement sent with this one, or not yet answered, may change the zone.
     changing: bool,
 }
@@ -25,7 +26,7 @@ impl Zone {
     pub fn utc() -> Zone {
         Zone {
             setting: "UTC".into(),
-            tz: Some(jiff::tz::TimeZone::UTC),
+            tz: OnceLock::from(Some(jiff::tz::TimeZone::UTC)),
             changing: false,
         }
     }
@@ -35,7 +36,7 @@ impl Zone {
     pub fn changing() -> Zone {
         Zone {
             setting: "".into(),
-            tz: None,
+            tz: OnceLock::from(None),
             changing: true,
         }
     }
@@ -43,21 +44,9 @@ impl Zone {
     /// The zone a `TimeZone` setting names: a zone name, a POSIX time zone string, or a
     /// number of hours east of UTC (as `SET TIME ZONE 5` takes it).
     pub fn new(setting: &str) -> Zone {
-        let s = setting.trim();
-        let tz = jiff::tz::TimeZone::get(s)
-            .ok()
-            .or_else(|| {
-                let hours: f64 = s.parse().ok()?;
-                let secs = (hours * 3600.0).round();
-                (secs.abs() < 86_400.0)
-                    .then(|| jiff::tz::Offset::from_seconds(secs as i32).ok())
-                    .flatten()
-                    .map(jiff::tz::TimeZone::fixed)
-            })
-            .or_else(|| jiff::tz::TimeZone::posix(s).ok());
         Zone {
-            setting: s.into(),
-            tz,
+            setting: setting.trim().into(),
+            tz: OnceLock::new(),
             changing: false,
         }
     }
@@ -68,7 +57,21 @@ impl Zone {
     }
 
     fn rules(&self) -> Result<&jiff::tz::TimeZone, String> {
-        self.tz.as_ref().ok_or_else(|| {
+        let s = &*self.setting;
+        let tz = self.tz.get_or_init(|| {
+            jiff::tz::TimeZone::get(s)
+                .ok()
+                .or_else(|| {
+                    let hours: f64 = s.parse().ok()?;
+                    let secs = (hours * 3600.0).round();
+                    (secs.abs() < 86_400.0)
+                        .then(|| jiff::tz::Offset::from_seconds(secs as i32).ok())
+                        .flatten()
+                        .map(jiff::tz::TimeZone::fixed)
+                })
+                .or_else(|| jiff::tz::TimeZone::posix(s).ok())
+        });
+        tz.as_ref().ok_or_else(|| {
             if self.changing {
                 return "the session's TimeZone may change before this statement runs (a SET TIME ZONE, RESET or set_config in the same request, or not yet answered), so the instant of a time without an offset cannot be told: send the SET on its own, or write the offset".to_string();
             }
@@ -173,6 +176,16 @@ pub fn read(s: &str, zoned: bool, zone: &Zone) -> Result<i64, String> {
     }
 }
 
+/// Whether a parameter of type `oid` is read as timestamptz: 1184 is, 1114 (timestamp)
+/// is not, any other type is read as the key's own (`key_zoned`).
+pub fn zoned_oid(oid: u32, key_zoned: bool) -> bool {
+    match oid {
+        1114 => false,
+        1184 => true,
+        _ => key_zoned,
+    }
+}
+
 /// A timestamp parameter in binary (type `oid`: 1114 timestamp, 1184 timestamptz, 0 the
 /// key's own, `zoned` for timestamptz): its microseconds since 1970-01-01 and whether it
 /// is an instant.
@@ -180,7 +193,7 @@ pub fn from_binary(b: &[u8], oid: u32, zoned: bool) -> Result<(i64, bool), Strin
     match (<[u8; 8]>::try_from(b), oid) {
         (Ok(eight), 0 | 1114 | 1184) => Ok((
             i64::from_be_bytes(eight) + PG_EPOCH_MICROS,
-            if oid == 0 { zoned } else { oid == 1184 },
+            zoned_oid(oid, zoned),
         )),
         _ => Err(format!(
             "a {}-byte binary parameter (type oid {oid}) is not a timestamp",

@@ -165,7 +165,7 @@ impl KeyType {
             (KeyType::Text, 2 | 4 | 8) if matches!(oid, 20 | 21 | 23) => KeyType::Int
                 .parse_binary(b, oid, zone)
                 .map(|v| Value::Text(v.to_string())),
-            (KeyType::Text, _) if matches!(oid, 0 | 25 | 1043 | 1042 | 19) => {
+            (KeyType::Text, _) if oid == 0 || crate::protocol::text_type(oid) => {
                 std::str::from_utf8(b)
                     .map(|s| Value::Text(s.to_string()))
                     .map_err(|_| "text is not valid UTF-8".to_string())

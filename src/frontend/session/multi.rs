@@ -183,11 +183,15 @@ impl Session {
         protocol::write_query(&mut self.bout, &tag);
     }
 
-    /// Replaces the cancellation of a deadlock's victim, among a statement's frames, by the
-    /// deadlock error its client must see.
-    pub(super) fn deadlock_frames(&self, frames: &mut [bytes::BytesMut]) {
+    /// What a participant answered, before the client sees it: the cancellation of a
+    /// deadlock's victim becomes the deadlock error its client must see, and a new
+    /// `TimeZone` reported changes how timestamp keys are read.
+    fn participant_frames(&mut self, frames: &mut [bytes::BytesMut]) {
         if let Some(r) = &self.multi.txn {
             r.rewrite(frames);
+        }
+        for f in frames.iter().filter(|f| f[0] == b'S') {
+            super::server_frames::saw_parameter(&mut self.zone, f);
         }
     }
 
@@ -458,10 +462,7 @@ impl Session {
         self.reads.executed = true;
         match run_on(b, stmt).await {
             Ok((mut frames, status)) => {
-                self.deadlock_frames(&mut frames);
-                for f in frames.iter().filter(|f| f[0] == b'S') {
-                    super::server_frames::saw_parameter(&mut self.zone, f);
-                }
+                self.participant_frames(&mut frames);
                 if status == b'E' || frames.iter().any(|f| f[0] == b'E') {
                     self.status = b'E';
                 } else {
@@ -495,7 +496,7 @@ impl Session {
         self.reads.executed = true;
         match send_and_collect(conn, req).await {
             Ok((mut frames, status)) => {
-                self.deadlock_frames(&mut frames);
+                self.participant_frames(&mut frames);
                 self.status = if frames.iter().any(|f| f[0] == b'E') {
                     b'E'
                 } else {
