@@ -22,6 +22,11 @@ const RULES: &str = "    reference_tables: [countries]
         method: range
         type: timestamptz
         ranges: [ { to: '2026-01-01', shard: 0 }, { from: '2026-01-01', shard: 1 } ]
+      - table: computed_t
+        column: created_at
+        method: range
+        type: timestamptz
+        ranges: [ { to: '2026-01-01', shard: 0 }, { from: '2026-01-01', shard: 1 } ]
       - table: local_t
         column: at
         method: range
@@ -1600,18 +1605,25 @@ async fn casts_of_key_values_route_as_postgresql_casts() {
             .is_empty()
     );
     // Where routing cannot tell the value (a float that is not a whole number, as a
-    // literal), the read goes to every shard and the insert is refused rather than guessed.
+    // literal), the read goes to every shard and a server evaluates the insert's key.
     same_as_plain(
         &c,
         &plain,
         "SELECT id FROM users WHERE id = (33.7)::float8::numeric::bigint",
     )
     .await;
-    let e = c
-        .batch_execute("INSERT INTO split_t (id, name) VALUES ((400.5)::float8, 'x')")
+    // 400.5 rounds half to even, to 400, as PostgreSQL stores it.
+    c.batch_execute("INSERT INTO split_t (id, name) VALUES ((400.5)::float8, 'x')")
         .await
-        .unwrap_err();
-    assert_eq!(sqlstate(&e), "0A000", "{e:?}");
+        .unwrap();
+    let here = partition_of(&HashKey::Int(400), 2) as usize;
+    let n: i64 = connect_server(ports()[here], "app")
+        .await
+        .query_one("SELECT count(*) FROM split_t WHERE id = 400", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1, "the row with key 400 is on its shard");
     for port in ports() {
         connect_server(port, "app")
             .await
@@ -2006,4 +2018,192 @@ async fn timestamp_keys_are_read_in_the_sessions_time_zone() {
     c.batch_execute("COMMIT").await.unwrap();
     assert_eq!(shard_of("events", 110).await, [1], "01:00 UTC");
     c.batch_execute("RESET TIME ZONE").await.unwrap();
+}
+
+#[tokio::test]
+async fn computed_keys_are_evaluated_by_a_server() {
+    // `computed_t` is range-sharded on a timestamptz at 2026-01-01 UTC. Keys pgshard cannot
+    // read itself (expressions such as now(), and text such as 'infinity' or a zone name)
+    // were refused; a server now evaluates them, each row goes to its value's shard, and
+    // the row stores the value it was routed by.
+    use std::time::{Duration, SystemTime};
+    let addr = setup().await;
+    let mut c = connect(addr).await;
+    // A table of its own, range-sharded as `events` (the other tests read `events`).
+    c.batch_execute(
+        "DROP TABLE IF EXISTS computed_t; CREATE TABLE computed_t (id int, created_at timestamptz)",
+    )
+    .await
+    .unwrap();
+    let [p0, p1] = ports();
+    let direct = connect_server(p0, "app").await;
+    let shard_of = |id: i32| async move {
+        let mut found = Vec::new();
+        for (s, port) in [p0, p1].into_iter().enumerate() {
+            let n: i64 = connect_server(port, "app")
+                .await
+                .query_one("SELECT count(*) FROM computed_t WHERE id = $1", &[&id])
+                .await
+                .unwrap()
+                .get(0);
+            if n > 0 {
+                found.push(s);
+            }
+        }
+        found
+    };
+    // A row's stored value, read on the shards themselves.
+    let stored = |id: i32| async move {
+        let mut out = Vec::new();
+        for port in [p0, p1] {
+            for row in connect_server(port, "app")
+                .await
+                .query(
+                    "SELECT created_at::text FROM computed_t WHERE id = $1",
+                    &[&id],
+                )
+                .await
+                .unwrap()
+            {
+                out.push(row.get::<_, String>(0));
+            }
+        }
+        out
+    };
+
+    // Text pgshard cannot parse, in the simple protocol: stored as PostgreSQL reads it.
+    for (id, text, shard) in [
+        (1, "infinity", 1),
+        (2, "-infinity", 0),
+        (3, "epoch", 0),
+        (4, "2026-01-01 00:30 Europe/Berlin", 0),
+        (5, "2025-12-31 23:59:59.9999999", 1),
+        (6, "January 2, 2026 10:00", 1),
+    ] {
+        c.batch_execute(&format!(
+            "INSERT INTO computed_t (id, created_at) VALUES ({id}, '{text}')"
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("{text}: {e:?}"));
+        assert_eq!(shard_of(id).await, [shard], "{text}");
+        let plain: String = direct
+            .query_one(&format!("SELECT '{text}'::timestamptz::text"), &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(stored(id).await, [plain], "{text}");
+    }
+
+    // Expressions, several rows split over the shards, with the client's parameters in
+    // the extended protocol; RETURNING answers as from one INSERT.
+    let far = SystemTime::now() + Duration::from_secs(1000 * 366 * 86400);
+    let rows = c
+        .query(
+            "INSERT INTO computed_t (id, created_at) VALUES
+               (10, now() - interval '1000 years'),
+               (11, now() + $1::text::interval),
+               (12, timestamptz '2025-06-01 00:00+00' + $2::int * interval '1 day'),
+               (13, $3),
+               (14, '2024-01-01')
+             RETURNING id",
+            &[&"1000 years", &300i32, &far],
+        )
+        .await
+        .unwrap();
+    let mut ids: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+    ids.sort();
+    assert_eq!(ids, [10, 11, 12, 13, 14]);
+    for (id, shard) in [(10, 0), (11, 1), (12, 1), (13, 1), (14, 0)] {
+        assert_eq!(shard_of(id).await, [shard], "row {id}");
+    }
+    let plain: String = direct
+        .query_one(
+            "SELECT (timestamptz '2025-06-01 00:00+00' + 300 * interval '1 day')::text",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored(12).await, [plain]);
+
+    // Rows whose readable keys are all on one shard do not take the others there.
+    c.batch_execute(
+        "INSERT INTO computed_t (id, created_at) VALUES (15, '2024-01-01'), (16, now() + interval '1000 years')",
+    )
+    .await
+    .unwrap();
+    assert_eq!(shard_of(15).await, [0]);
+    assert_eq!(shard_of(16).await, [1]);
+
+    // In a transaction now() is the transaction's, the same in every row on its shard.
+    c.batch_execute(
+        "BEGIN;
+         INSERT INTO computed_t (id, created_at) VALUES (20, now());
+         INSERT INTO computed_t (id, created_at) VALUES (21, now());
+         COMMIT",
+    )
+    .await
+    .unwrap();
+    let tx = c.transaction().await.unwrap();
+    tx.execute(
+        "INSERT INTO computed_t (id, created_at) VALUES (22, now())",
+        &[],
+    )
+    .await
+    .unwrap();
+    tx.execute(
+        "INSERT INTO computed_t (id, created_at) VALUES (23, now())",
+        &[],
+    )
+    .await
+    .unwrap();
+    let same: i64 = tx
+        .query_one(
+            "SELECT count(*) FROM computed_t WHERE id IN (22, 23) AND created_at = now()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(same, 2, "now() is the transaction's on the rows' shard");
+    tx.commit().await.unwrap();
+    let s20 = shard_of(20).await;
+    assert_eq!(s20.len(), 1);
+    assert_eq!(shard_of(21).await, s20);
+    assert_eq!(stored(20).await, stored(21).await);
+    assert_eq!(stored(22).await, stored(23).await);
+    assert_ne!(stored(20).await, stored(22).await);
+
+    // PostgreSQL's own errors; a key that reads a sharded table stays refused.
+    let e = c
+        .batch_execute("INSERT INTO computed_t (id, created_at) VALUES (30, 'garbage')")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        Some(&tokio_postgres::error::SqlState::INVALID_DATETIME_FORMAT),
+        "{e:?}"
+    );
+    let e = c
+        .batch_execute("INSERT INTO computed_t (id, created_at) VALUES (31, now()::text)")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        Some(&tokio_postgres::error::SqlState::DATATYPE_MISMATCH),
+        "{e:?}"
+    );
+    let e = c
+        .batch_execute(
+            "INSERT INTO computed_t (id, created_at) VALUES (32, (SELECT max(created_at) FROM computed_t))",
+        )
+        .await
+        .unwrap_err();
+    assert!(format!("{e:?}").contains("reads no sharded table"), "{e:?}");
+    assert!(shard_of(30).await.is_empty() && shard_of(31).await.is_empty());
+    // The session still works, outside and inside a transaction.
+    c.batch_execute("BEGIN; INSERT INTO computed_t (id, created_at) VALUES (33, now()); ROLLBACK")
+        .await
+        .unwrap();
+    assert!(shard_of(33).await.is_empty());
 }

@@ -71,7 +71,7 @@ fn described(t: &[u8]) -> Vec<(String, &[u8])> {
 }
 
 /// Field names and type OIDs of a RowDescription.
-pub(super) fn columns(t: &[u8]) -> Vec<(String, u32)> {
+pub(crate) fn columns(t: &[u8]) -> Vec<(String, u32)> {
     described(t)
         .into_iter()
         .map(|(name, a)| (name, u32::from_be_bytes([a[6], a[7], a[8], a[9]])))

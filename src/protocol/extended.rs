@@ -147,6 +147,28 @@ pub fn with_text_results(rest: &[u8]) -> Result<Vec<u8>, ProtocolError> {
     Ok(out)
 }
 
+/// A Bind body with the same parameters and these result formats, one per column
+/// (true: binary).
+pub fn with_result_formats(rest: &[u8], binary: &[bool]) -> Result<Vec<u8>, ProtocolError> {
+    let (_, values) = bind_params(rest)?;
+    let mut out = rest[..result_formats_at(rest, &values)].to_vec();
+    out.extend_from_slice(&(binary.len() as u16).to_be_bytes());
+    for &b in binary {
+        out.extend_from_slice(&u16::from(b).to_be_bytes());
+    }
+    Ok(out)
+}
+
+/// A Parse's raw parameter type list of `oids`.
+pub fn param_types(oids: &[u32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 + 4 * oids.len());
+    out.extend_from_slice(&(oids.len() as u16).to_be_bytes());
+    for o in oids {
+        out.extend_from_slice(&o.to_be_bytes());
+    }
+    out
+}
+
 /// A Parse's parameter type list kept to `keep` (as [`select_bind_params`]).
 pub fn select_param_types(types: &[u8], keep: &[usize]) -> Vec<u8> {
     let oids = parse_oids(types);

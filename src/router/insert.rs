@@ -53,20 +53,41 @@ pub(super) fn insert(
     match (&*src.body, pos) {
         (SetExpr::Values(v), Some(pos)) => {
             let mut defaults = 0;
+            // Keys a server must evaluate (see `ComputedKeys`): their expressions.
+            let mut computed: Vec<String> = Vec::new();
+            let mut rows: Vec<Option<KeyRef>> = Vec::with_capacity(v.rows.len());
             for row in &v.rows {
                 match row.content.get(pos) {
                     Some(e) if generated && is_default(e) => defaults += 1,
-                    e => match e.and_then(value_of) {
-                        Some(k) => c.keys.push((idx, k)),
-                        // A computed key: we cannot tell its shard.
+                    Some(e) if is_default(e) => return Err(missing()),
+                    Some(e) => match value_of(e) {
+                        Some(k) if readable(&k, rule) => rows.push(Some(k)),
+                        // Text pgshard cannot read as the key's type: the server reads
+                        // it as the column would.
+                        Some(_) => {
+                            computed.push(format!("CAST(({e}) AS {})", cast_type(rule.ty)));
+                            rows.push(None);
+                        }
                         None => {
-                            return Err(format!(
-                                "cannot route INSERT into sharded table {n}: its shard key {col} must be a literal or a parameter"
-                            ));
+                            computed.push(e.to_string());
+                            rows.push(None);
                         }
                     },
+                    None => return Err(missing()),
                 }
             }
+            if !computed.is_empty() {
+                if defaults > 0 {
+                    return Err(format!(
+                        "INSERT into sharded table {n} gives the shard key {col} in some rows and DEFAULT in others; send them as separate INSERTs"
+                    ));
+                }
+                c.insert_via = Some(evaluated(ins, rules, idx, pos, &n, &computed, rows)?);
+                c.seen.push(idx);
+                return Ok(());
+            }
+            // Every row's key is readable: routed by them (DEFAULT rows aside).
+            c.keys.extend(rows.into_iter().flatten().map(|k| (idx, k)));
             if defaults == v.rows.len() {
                 c.any_shard = true;
                 c.keyless.push(idx);
@@ -173,6 +194,81 @@ fn via(
         select,
         table,
         key,
+        computed: None,
+    })
+}
+
+/// Whether pgshard reads a key as written: a parameter, NULL, or text it can parse as
+/// the key's type (the session's zone does not change which texts parse).
+fn readable(k: &KeyRef, rule: &crate::sharding::ShardFn) -> bool {
+    match k {
+        KeyRef::Literal(s) | KeyRef::Instant(s) => {
+            rule.ty.parse_text(s, &crate::sharding::Zone::utc()).is_ok()
+        }
+        KeyRef::Param(..) | KeyRef::Null => true,
+    }
+}
+
+/// The type a key's value is cast to for routing (schema-qualified: the client's
+/// `search_path` must not change it).
+fn cast_type(ty: crate::sharding::KeyType) -> &'static str {
+    use crate::sharding::KeyType;
+    match ty {
+        KeyType::Int => "pg_catalog.int8",
+        KeyType::Numeric => "pg_catalog.numeric",
+        KeyType::Text => "pg_catalog.text",
+        KeyType::Date => "pg_catalog.date",
+        KeyType::Timestamp => "pg_catalog.timestamp",
+        KeyType::TimestampTz => "pg_catalog.timestamptz",
+        KeyType::Uuid => "pg_catalog.uuid",
+    }
+}
+
+/// An INSERT ... VALUES whose keys `computed` a server evaluates: one query gives each
+/// expression's value and that value cast to the key's type, each expression evaluated
+/// once (`OFFSET 0` keeps PostgreSQL from pulling the subquery up and repeating a
+/// volatile expression). The expressions may read reference tables, not sharded ones.
+fn evaluated(
+    ins: &sqlparser::ast::Insert,
+    rules: &Rules,
+    table: usize,
+    key: usize,
+    n: &str,
+    computed: &[String],
+    rows: Vec<Option<KeyRef>>,
+) -> Result<super::analyze::InsertVia, String> {
+    use super::analyze::{AnalyzeError, Kind, Target, analyze};
+    let ty = cast_type(rules.tables[table].ty);
+    let mut outer = Vec::with_capacity(2 * computed.len());
+    let mut inner = Vec::with_capacity(computed.len());
+    for (i, e) in computed.iter().enumerate() {
+        outer.push(format!("pgshard_k{i}, CAST(pgshard_k{i} AS {ty})"));
+        inner.push(format!("{e} AS pgshard_k{i}"));
+    }
+    let select_sql = format!(
+        "SELECT {} FROM (SELECT {} OFFSET 0) AS pgshard_keys",
+        outer.join(", "),
+        inner.join(", ")
+    );
+    let unroutable = |why: String| {
+        format!(
+            "cannot route INSERT into sharded table {n}: its shard key {} must be a literal, a parameter, or an expression that reads no sharded table ({why})",
+            rules.tables[table].column
+        )
+    };
+    let select = analyze(&select_sql, rules).map_err(|e| match e {
+        AnalyzeError::Parse(m) | AnalyzeError::Unroutable(m) => unroutable(m),
+    })?;
+    if select.target != Target::Default || select.kind > Kind::Read {
+        return Err(unroutable("it reads a sharded table or locks rows".into()));
+    }
+    Ok(super::analyze::InsertVia {
+        insert: Statement::Insert(ins.clone()),
+        select_sql,
+        select,
+        table,
+        key,
+        computed: Some(super::analyze::ComputedKeys { rows }),
     })
 }
 
@@ -197,43 +293,59 @@ impl Router {
         params: &Params<'_>,
         zone: &crate::sharding::Zone,
     ) -> Result<Vec<(usize, String)>, RouteError> {
-        let mut shard_of_row = Vec::with_capacity(split.keys.len());
-        for (t, k) in &split.keys {
-            let one = super::Analysis {
-                inserts_sharded: true,
-                ..super::Analysis::of(
-                    super::Target::Keys(vec![(*t, k.clone())]),
-                    super::Kind::Write,
-                )
-            };
-            match self.resolve(&one, params, zone)? {
-                super::Route::Shards(v) => shard_of_row.push(v[0]),
-                super::Route::Default | super::Route::Any => {
-                    shard_of_row.push(self.default_shard())
-                }
-            }
-        }
-        let mut shards: Vec<usize> = shard_of_row.clone();
-        shards.sort_unstable();
-        shards.dedup();
-        let mut out = Vec::with_capacity(shards.len());
-        for s in shards {
-            let mut st = split.statement.clone();
-            if let Statement::Insert(ins) = &mut st
-                && let Some(src) = &mut ins.source
-                && let SetExpr::Values(v) = &mut *src.body
-            {
-                let mut i = 0;
-                v.rows.retain(|_| {
-                    let keep = shard_of_row.get(i) == Some(&s);
-                    i += 1;
-                    keep
-                });
-            }
-            out.push((s, st.to_string()));
-        }
-        Ok(out)
+        let shard_of_row = split
+            .keys
+            .iter()
+            .map(|(t, k)| self.shard_of_row(*t, k, params, zone))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(split_rows(&split.statement, &shard_of_row))
     }
+
+    /// The shard of a row of sharded table `t` whose key is `k`.
+    pub fn shard_of_row(
+        &self,
+        t: usize,
+        k: &KeyRef,
+        params: &Params<'_>,
+        zone: &crate::sharding::Zone,
+    ) -> Result<usize, RouteError> {
+        let one = super::Analysis {
+            inserts_sharded: true,
+            ..super::Analysis::of(
+                super::Target::Keys(vec![(t, k.clone())]),
+                super::Kind::Write,
+            )
+        };
+        Ok(match self.resolve(&one, params, zone)? {
+            super::Route::Shards(v) => v[0],
+            super::Route::Default | super::Route::Any => self.default_shard(),
+        })
+    }
+}
+
+/// One INSERT ... VALUES per shard of `shard_of_row` (in order), each with that shard's
+/// rows in their original order.
+pub fn split_rows(statement: &Statement, shard_of_row: &[usize]) -> Vec<(usize, String)> {
+    let mut shards: Vec<usize> = shard_of_row.to_vec();
+    shards.sort_unstable();
+    shards.dedup();
+    let mut out = Vec::with_capacity(shards.len());
+    for s in shards {
+        let mut st = statement.clone();
+        if let Statement::Insert(ins) = &mut st
+            && let Some(src) = &mut ins.source
+            && let SetExpr::Values(v) = &mut *src.body
+        {
+            let mut i = 0;
+            v.rows.retain(|_| {
+                let keep = shard_of_row.get(i) == Some(&s);
+                i += 1;
+                keep
+            });
+        }
+        out.push((s, st.to_string()));
+    }
+    out
 }
 
 /// Renumbers a statement's `$n` parameters from `$1` in order of first use: the new text

@@ -168,6 +168,11 @@ fn num(s: &str, what: &str) -> Result<u32, String> {
 /// offset written or else the session's zone) or as `timestamp` (the wall-clock time;
 /// PostgreSQL ignores an offset written in a `timestamp`).
 pub fn read(s: &str, zoned: bool, zone: &Zone) -> Result<i64, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "infinity" | "+infinity" => return Ok(INFINITY),
+        "-infinity" => return Ok(-INFINITY),
+        _ => {}
+    }
     let (local, offset) = parse(s)?;
     match (zoned, offset) {
         (false, _) => Ok(local),
@@ -186,15 +191,33 @@ pub fn zoned_oid(oid: u32, key_zoned: bool) -> bool {
     }
 }
 
+/// `'infinity'` as microseconds (and its negation `'-infinity'`): after (before) every
+/// other timestamp, as in PostgreSQL.
+pub const INFINITY: i64 = i64::MAX;
+
+/// Whether a timestamp is `'infinity'` or `'-infinity'` (`i64::MIN` is taken as the
+/// latter too: PostgreSQL's binary form).
+pub fn infinite(us: i64) -> bool {
+    us == INFINITY || us <= -INFINITY
+}
+
 /// A timestamp parameter in binary (type `oid`: 1114 timestamp, 1184 timestamptz, 0 the
 /// key's own, `zoned` for timestamptz): its microseconds since 1970-01-01 and whether it
 /// is an instant.
 pub fn from_binary(b: &[u8], oid: u32, zoned: bool) -> Result<(i64, bool), String> {
     match (<[u8; 8]>::try_from(b), oid) {
-        (Ok(eight), 0 | 1114 | 1184) => Ok((
-            i64::from_be_bytes(eight) + PG_EPOCH_MICROS,
-            zoned_oid(oid, zoned),
-        )),
+        (Ok(eight), 0 | 1114 | 1184) => {
+            let raw = i64::from_be_bytes(eight);
+            // PostgreSQL's infinities are the extreme values on either epoch.
+            let us = if infinite(raw) {
+                raw.max(-INFINITY)
+            } else {
+                raw.checked_add(PG_EPOCH_MICROS)
+                    .filter(|us| !infinite(*us))
+                    .ok_or("timestamp out of range")?
+            };
+            Ok((us, zoned_oid(oid, zoned)))
+        }
         _ => Err(format!(
             "a {}-byte binary parameter (type oid {oid}) is not a timestamp",
             b.len()
@@ -206,6 +229,7 @@ pub fn from_binary(b: &[u8], oid: u32, zoned: bool) -> Result<(i64, bool), Strin
 /// `timestamp` and `timestamptz` (in the session's zone).
 pub fn convert(us: i64, from_zoned: bool, to_zoned: bool, zone: &Zone) -> Result<i64, String> {
     match (from_zoned, to_zoned) {
+        _ if infinite(us) => Ok(us),
         (false, true) => zone.to_utc(us),
         (true, false) => zone.to_local(us),
         _ => Ok(us),
@@ -215,7 +239,7 @@ pub fn convert(us: i64, from_zoned: bool, to_zoned: bool, zone: &Zone) -> Result
 /// A timestamp rounded to `precision` fraction digits of a second, half away from zero
 /// on PostgreSQL's epoch, as `timestamp(p)` rounds.
 pub fn round(us: i64, precision: usize) -> i64 {
-    if precision >= 6 {
+    if precision >= 6 || infinite(us) {
         return us;
     }
     let scale = 10i64.pow(6 - precision as u32);
@@ -254,6 +278,29 @@ mod tests {
 
     fn at(s: &str) -> i64 {
         parse(s).unwrap().0
+    }
+
+    #[test]
+    fn infinities_pass_every_conversion() {
+        let berlin = Zone::new("Europe/Berlin");
+        // PostgreSQL's binary 'infinity' and '-infinity' (before, an overflow panic).
+        for (raw, us) in [(i64::MAX, INFINITY), (i64::MIN, -INFINITY)] {
+            for oid in [1114, 1184] {
+                let (got, _) = from_binary(&raw.to_be_bytes(), oid, true).unwrap();
+                assert_eq!(got, us);
+                assert_eq!(convert(got, oid == 1184, oid != 1184, &berlin), Ok(us));
+                assert_eq!(round(got, 0), us);
+            }
+        }
+        assert_eq!(read("Infinity", true, &berlin), Ok(INFINITY));
+        assert_eq!(read("-infinity", false, &berlin), Ok(-INFINITY));
+        assert_eq!(
+            super::super::Value::Timestamp(-INFINITY).to_string(),
+            "-infinity"
+        );
+        // The last microseconds PostgreSQL allows do not fit on the Unix epoch.
+        let last = (i64::MAX - 1).to_be_bytes();
+        assert!(from_binary(&last, 1184, true).is_err());
     }
 
     #[test]

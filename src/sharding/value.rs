@@ -46,6 +46,9 @@ impl fmt::Display for Value {
                 let (y, m, dd) = civil_from_days(*d);
                 write!(f, "{y:04}-{m:02}-{dd:02}")
             }
+            Value::Timestamp(us) if super::time::infinite(*us) => {
+                write!(f, "{}infinity", if *us < 0 { "-" } else { "" })
+            }
             Value::Timestamp(us) => {
                 let days = us.div_euclid(86_400_000_000);
                 let rem = us.rem_euclid(86_400_000_000);

@@ -18,13 +18,15 @@ const NO_PARAMETERS: &[u8] = &[0, 0, 0, 0, 0, 0];
 
 impl Session {
     /// A simple-protocol INSERT ... SELECT through pgshard, inside the current
-    /// transaction: the answer for the client (None when a server connection was lost).
+    /// transaction (`implicit`: the statement's own): the answer for the client (None when
+    /// a server connection was lost).
     pub(super) async fn insert_via_out(
         &mut self,
         via: &InsertVia,
+        implicit: bool,
     ) -> Result<Option<BytesMut>, SessionError> {
         let Some(results) = self
-            .insert_via_steps(via, &[], NO_PARAMETERS, &Params::default())
+            .insert_via_steps(via, &[], NO_PARAMETERS, &Params::default(), implicit)
             .await?
         else {
             return Ok(None);
@@ -55,7 +57,10 @@ impl Session {
             return Ok(());
         }
         let implicit = self.begin_implicit().await?;
-        let Some(mut results) = self.insert_via_steps(via, types, rest, &params).await? else {
+        let Some(mut results) = self
+            .insert_via_steps(via, types, rest, &params, implicit)
+            .await?
+        else {
             return Ok(());
         };
         let mut description: Option<Bytes> = None;
@@ -80,13 +85,21 @@ impl Session {
     ///
     /// The results of the last step run, per shard (with Describe's answer); an error as
     /// the only result. None when a server connection was lost (the client got that).
+    /// `implicit`: the transaction is the statement's own.
     async fn insert_via_steps(
         &mut self,
         via: &InsertVia,
         types: &[u8],
         rest: &[u8],
         params: &Params<'_>,
+        implicit: bool,
     ) -> Result<Option<Vec<Vec<BytesMut>>>, SessionError> {
+        if let Some(keys) = &via.computed {
+            let fresh = implicit && self.backend.is_none() && self.multi.parked.is_empty();
+            return self
+                .insert_keys_steps(via, keys, types, rest, params, fresh)
+                .await;
+        }
         let failed = |s: &mut Session, e: PgError| {
             s.status = b'E';
             let mut f = BytesMut::new();

@@ -15,6 +15,7 @@ mod cross;
 mod cross_bind;
 mod cursor;
 mod extended;
+mod insert_keys;
 mod insert_select;
 mod io;
 mod listen;

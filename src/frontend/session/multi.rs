@@ -316,7 +316,7 @@ impl Session {
     ) -> Result<(), SessionError> {
         let implicit = self.begin_implicit().await?;
         let started = std::time::Instant::now();
-        let Some(mut out) = self.multi_tx_out(sql, &shards, &plan, a).await? else {
+        let Some(mut out) = self.multi_tx_out(sql, &shards, &plan, a, implicit).await? else {
             return Ok(());
         };
         if implicit {
@@ -345,18 +345,20 @@ impl Session {
 
     /// Runs a statement over several shards inside the current transaction, each shard in
     /// turn (joining it first); its results, combined, for the client. None when a server
-    /// connection was lost (the client got that error).
+    /// connection was lost (the client got that error). `implicit`: the transaction is
+    /// this statement's own.
     pub(super) async fn multi_tx_out(
         &mut self,
         sql: &str,
         shards: &[usize],
         plan: &super::cross::Multi,
         a: &crate::router::Analysis,
+        implicit: bool,
     ) -> Result<Option<bytes::BytesMut>, SessionError> {
         use super::cross::Multi;
         use crate::exec::scatter;
         if let Multi::InsertVia(via) = plan {
-            return self.insert_via_out(via).await;
+            return self.insert_via_out(via, implicit).await;
         }
         let mut results = Vec::with_capacity(shards.len());
         let mut failed = false;

@@ -141,7 +141,7 @@ impl Session {
                             break;
                         }
                     };
-                    match self.multi_tx_out(st, &shards, &plan, &a).await? {
+                    match self.multi_tx_out(st, &shards, &plan, &a, false).await? {
                         Some(f) => f,
                         None => return Ok(()),
                     }

@@ -131,6 +131,24 @@ pub struct InsertVia {
     /// The sharded table inserted into, and its key's position among the INSERT's columns.
     pub table: usize,
     pub key: usize,
+    /// For an INSERT ... VALUES whose keys the servers must evaluate: `select_sql`
+    /// evaluates them (see [`ComputedKeys`]) and the rows stay as written.
+    pub computed: Option<ComputedKeys>,
+}
+
+/// The keys of an INSERT ... VALUES that pgshard cannot read itself: expressions
+/// (`now()`, `$1::date + 1`, `date_trunc('month', now())`) and text it cannot parse as
+/// the key's type (`'now'`, `'infinity'`, a zone name in a timestamp). A server evaluates
+/// them (in the client's transaction, or on their own outside one), each row goes to the
+/// shard of its value, and the value replaces the expression in the row, bound as a
+/// parameter of the expression's own type: the row stores what was routed, and converts
+/// to the column's type as the expression would.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ComputedKeys {
+    /// Per VALUES row: its key as written (a literal or parameter pgshard reads), or
+    /// None for the next key `select_sql` evaluates. Each evaluated key is two columns:
+    /// the value of its expression, then that value cast to the key's type.
+    pub rows: Vec<Option<KeyRef>>,
 }
 
 impl Target {

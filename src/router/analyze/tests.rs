@@ -125,7 +125,31 @@ fn writes() {
         analyze("INSERT INTO users VALUES (1, 'a')", &rules()),
         Err(AnalyzeError::Unroutable(m)) if m.contains("must name its columns")
     ));
-    assert!(analyze("INSERT INTO users (id) VALUES (random())", &rules()).is_err());
+    // Keys pgshard cannot read: one query evaluates them, each once, then cast to the
+    // key's type; the rows with readable keys keep theirs.
+    let a = analyze(
+        "INSERT INTO users (id) VALUES (random() * $1), (5), ('1e3')",
+        &rules(),
+    )
+    .unwrap();
+    assert_eq!(a.target, Target::All);
+    let via = a.insert_via.unwrap();
+    assert_eq!(
+        via.computed.as_ref().unwrap().rows,
+        vec![None, Some(lit("5")), None]
+    );
+    assert_eq!(
+        via.select_sql,
+        "SELECT pgshard_k0, CAST(pgshard_k0 AS pg_catalog.int8), pgshard_k1, CAST(pgshard_k1 AS pg_catalog.int8) \
+         FROM (SELECT random() * $1 AS pgshard_k0, CAST(('1e3') AS pg_catalog.int8) AS pgshard_k1 OFFSET 0) AS pgshard_keys"
+    );
+    // Not one that reads a sharded table (a shard holds part of its rows), nor DEFAULT.
+    for sql in [
+        "INSERT INTO users (id) VALUES ((SELECT max(id) + 1 FROM users))",
+        "INSERT INTO users (id) VALUES (DEFAULT)",
+    ] {
+        assert!(analyze(sql, &rules()).is_err(), "{sql}");
+    }
     // A computed key: pgshard reads the rows, then splits them by key.
     let a = analyze(
         "INSERT INTO users (id, name) SELECT id + 1, name FROM users WHERE id = 1",

@@ -1,0 +1,254 @@
+//! INSERT ... VALUES whose shard keys a server evaluates (`now()`, `'infinity'`; see
+//! `router::analyze::ComputedKeys`): one query evaluates them on the session's shard, each
+//! row goes to the shard of its value, and the value replaces the expression in the row.
+//!
+//! Outside a transaction the evaluation runs on its own, before the implicit transaction
+//! of the INSERT begins, so that a row on one shard makes a one-shard transaction. Inside
+//! one it runs in the transaction, on the shard the session is on (`now()` is then that
+//! shard's transaction start, the same for every statement there).
+
+use super::cross::extended_request;
+use super::{Session, SessionError};
+use crate::protocol::{self, PgError};
+use crate::router::analyze::{ComputedKeys, InsertVia};
+use crate::router::{KeyRef, Params};
+use crate::sharding::KeyType;
+use bytes::BytesMut;
+use sqlparser::ast::{Expr, SetExpr, Statement, Value};
+
+impl Session {
+    /// `insert_via_steps` for computed keys. `fresh`: the statement's own implicit
+    /// transaction, which nothing has joined yet.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn insert_keys_steps(
+        &mut self,
+        via: &InsertVia,
+        keys: &ComputedKeys,
+        types: &[u8],
+        rest: &[u8],
+        params: &Params<'_>,
+        fresh: bool,
+    ) -> Result<Option<Vec<Vec<BytesMut>>>, SessionError> {
+        let failed = |s: &mut Session, e: PgError| {
+            s.status = b'E';
+            let mut f = BytesMut::new();
+            e.write(&mut f);
+            Ok(Some(vec![vec![f]]))
+        };
+        let bad = |e: String| PgError::new("08P01", e);
+        // 1. Evaluate: each key's value in binary (exact, whatever DateStyle or
+        //    extra_float_digits), and cast to the key's type in the form the router reads.
+        let ty = self.db.router.rules.tables[via.table].ty;
+        let evaluated = keys.rows.iter().filter(|r| r.is_none()).count();
+        let routed_binary = !matches!(ty, KeyType::Numeric | KeyType::Text);
+        let formats: Vec<bool> = (0..evaluated).flat_map(|_| [true, routed_binary]).collect();
+        let req = (|| -> Result<BytesMut, PgError> {
+            let (sql, keep) = crate::router::insert::renumber_params(&via.select_sql)
+                .map_err(|e| PgError::new("42601", e))?;
+            let bind = protocol::select_bind_params(rest, &keep).map_err(|e| bad(e.to_string()))?;
+            let bind =
+                protocol::with_result_formats(&bind, &formats).map_err(|e| bad(e.to_string()))?;
+            Ok(extended_request(
+                sql.as_bytes(),
+                &protocol::select_param_types(types, &keep),
+                &bind,
+            ))
+        })();
+        let req = match req {
+            Ok(r) => r,
+            Err(e) => return failed(self, e),
+        };
+        let home = self.home_shard();
+        let untouched = self.status == b'T'
+            && self.backend.is_none()
+            && self.multi.parked.is_empty()
+            && self.route.deferred_begin.is_some();
+        let movable = self.status == b'T'
+            && self.backend.is_some()
+            && self.multi.parked.is_empty()
+            && self.route.movable_begin.is_some();
+        let frames = if fresh {
+            // On its own: the transaction begins where the rows go.
+            self.evaluate_alone(home, &req).await?
+        } else if untouched || movable {
+            // The client's transaction has run nothing yet: a first evaluation (on its
+            // own, or in the transaction, which can still move) tells where the first row
+            // goes; the transaction begins there and the keys are evaluated again in it,
+            // so that `now()` is the transaction's on the rows' shard.
+            let probe = if movable {
+                let begin = self.route.movable_begin.clone();
+                let here = self.shard;
+                let f = self.run_request_on(here, &req).await?;
+                // It only read: the transaction can still move.
+                self.route.movable_begin = begin;
+                f
+            } else {
+                self.evaluate_alone(home, &req).await?
+            };
+            let Some(probe) = probe else {
+                return Ok(None);
+            };
+            if self.status == b'E' {
+                return Ok(Some(vec![probe]));
+            }
+            let start = match self.route_rows(via, keys, &probe, params, routed_binary) {
+                Ok((_, _, shards)) => shards.first().copied().unwrap_or(home),
+                Err(e) => return failed(self, e),
+            };
+            if movable && start != self.shard && !self.move_transaction(start).await? {
+                return Ok(None);
+            }
+            self.run_request_on(start, &req).await?
+        } else {
+            self.run_request_on(home, &req).await?
+        };
+        let Some(frames) = frames else {
+            return Ok(None);
+        };
+        if self.status == b'E' {
+            return Ok(Some(vec![frames]));
+        }
+        let (oids, values, shard_of_row) =
+            match self.route_rows(via, keys, &frames, params, routed_binary) {
+                Ok(x) => x,
+                Err(e) => return failed(self, e),
+            };
+
+        // 3. The rows with each evaluated key as a parameter of its expression's type,
+        //    numbered after the client's, split by shard.
+        let Ok((client_binary, client_values)) = protocol::bind_params(rest) else {
+            return failed(self, bad("malformed Bind".into()));
+        };
+        let first = client_values.len();
+        let mut statement = via.insert.clone();
+        if let Statement::Insert(ins) = &mut statement
+            && let Some(src) = &mut ins.source
+            && let SetExpr::Values(v) = &mut *src.body
+        {
+            let mut n = first;
+            for (row, k) in v.rows.iter_mut().zip(&keys.rows) {
+                if k.is_none()
+                    && let Some(e) = row.content.get_mut(via.key)
+                {
+                    n += 1;
+                    *e = Expr::value(Value::Placeholder(format!("${n}")));
+                }
+            }
+        }
+        let mut all_binary = client_binary;
+        let mut all_values = client_values;
+        all_binary.extend(std::iter::repeat_n(true, evaluated));
+        all_values.extend(values.iter().step_by(2).copied());
+        let mut all_oids = protocol::parse_oids(types);
+        all_oids.resize(first, 0);
+        all_oids.extend(oids.iter().step_by(2).copied());
+        let all_types = protocol::param_types(&all_oids);
+        let all_rest = match protocol::with_params(rest, &all_binary, &all_values) {
+            Ok(r) => r,
+            Err(e) => return failed(self, bad(e.to_string())),
+        };
+        let mut results = Vec::new();
+        for (s, sql) in crate::router::insert::split_rows(&statement, &shard_of_row) {
+            let req = (|| -> Result<BytesMut, PgError> {
+                let (sql, keep) = crate::router::insert::renumber_params(&sql)
+                    .map_err(|e| PgError::new("42601", e))?;
+                let bind = protocol::select_bind_params(&all_rest, &keep)
+                    .map_err(|e| bad(e.to_string()))?;
+                Ok(extended_request(
+                    sql.as_bytes(),
+                    &protocol::select_param_types(&all_types, &keep),
+                    &bind,
+                ))
+            })();
+            let req = match req {
+                Ok(r) => r,
+                Err(e) => return failed(self, e),
+            };
+            let Some(frames) = self.run_request_on(s, &req).await? else {
+                return Ok(None);
+            };
+            let error = self.status == b'E';
+            results.push(frames);
+            if error {
+                break;
+            }
+        }
+        Ok(Some(results))
+    }
+
+    /// Runs the keys' evaluation outside any transaction (the statement's own implicit
+    /// one, or the client's, has not begun on a shard yet and begins after it).
+    async fn evaluate_alone(
+        &mut self,
+        s: usize,
+        req: &[u8],
+    ) -> Result<Option<Vec<BytesMut>>, SessionError> {
+        let begin = self.route.deferred_begin.take();
+        let status = self.status;
+        self.status = b'I';
+        let frames = self.run_request_on(s, req).await?;
+        let error = self.status == b'E';
+        self.detach().await;
+        self.route.deferred_begin = begin;
+        self.status = if error { b'E' } else { status };
+        Ok(frames)
+    }
+
+    /// From the evaluation's answer: the evaluated columns' types, their values, and each
+    /// row's shard (a key as written with the client's parameters, an evaluated one as
+    /// its value cast to the key's type).
+    #[allow(clippy::type_complexity)]
+    fn route_rows<'f>(
+        &self,
+        via: &InsertVia,
+        keys: &ComputedKeys,
+        frames: &'f [BytesMut],
+        params: &Params<'_>,
+        routed_binary: bool,
+    ) -> Result<(Vec<u32>, Vec<Option<&'f [u8]>>, Vec<usize>), PgError> {
+        let oids: Vec<u32> = frames
+            .iter()
+            .find(|f| f[0] == b'T')
+            .map(|t| crate::exec::merge::columns(t))
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(_, oid)| oid)
+            .collect();
+        let row = frames
+            .iter()
+            .find(|f| f[0] == b'D')
+            .ok_or_else(|| PgError::new("XX000", "the keys' evaluation returned no row"))?;
+        let values = crate::exec::merge::fields(row);
+        let evaluated = keys.rows.iter().filter(|r| r.is_none()).count();
+        if values.len() != 2 * evaluated || oids.len() != values.len() {
+            return Err(PgError::new(
+                "XX000",
+                "the keys' evaluation returned other columns than asked",
+            ));
+        }
+        let cast = Params {
+            values: values.iter().skip(1).step_by(2).copied().collect(),
+            binary: vec![routed_binary; evaluated],
+            oids: oids.iter().skip(1).step_by(2).copied().collect(),
+        };
+        let mut shard_of_row = Vec::with_capacity(keys.rows.len());
+        let mut next = 0;
+        for k in &keys.rows {
+            let routed = match k {
+                Some(k) => self
+                    .db
+                    .router
+                    .shard_of_row(via.table, k, params, &self.zone),
+                None => {
+                    next += 1;
+                    let k = KeyRef::Param(next - 1, None);
+                    self.db
+                        .router
+                        .shard_of_row(via.table, &k, &cast, &self.zone)
+                }
+            };
+            shard_of_row.push(routed.map_err(|e| PgError::new(e.sqlstate(), e.to_string()))?);
+        }
+        Ok((oids, values, shard_of_row))
+    }
+}
