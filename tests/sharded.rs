@@ -2206,4 +2206,17 @@ async fn computed_keys_are_evaluated_by_a_server() {
         .await
         .unwrap();
     assert!(shard_of(33).await.is_empty());
+    // Session pooling: refused, saying why.
+    let yaml = cluster2().config_yaml("127.0.0.1:0", "session", 2);
+    let session = connect(start_proxy_yaml(&format!("{yaml}{RULES}"))).await;
+    let e = session
+        .batch_execute("INSERT INTO computed_t (id, created_at) VALUES (34, now())")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000", "{e:?}");
+    assert!(
+        format!("{e:?}").contains("transaction pooling mode"),
+        "{e:?}"
+    );
+    assert!(shard_of(34).await.is_empty());
 }

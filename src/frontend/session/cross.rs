@@ -227,9 +227,13 @@ impl Session {
                     .await
                     .map(|r| scatter::combine_writes(r, true))
             }
-            Multi::InsertVia(_) => Err(PgError::new(
+            Multi::InsertVia(via) => Err(PgError::new(
                 "0A000",
-                "INSERT ... SELECT whose rows pgshard must split by key needs transaction pooling mode",
+                if via.computed.is_some() {
+                    "an INSERT whose shard keys a server must evaluate (an expression, or text pgshard cannot read as the key's type) needs transaction pooling mode"
+                } else {
+                    "INSERT ... SELECT whose rows pgshard must split by key needs transaction pooling mode"
+                },
             )),
             Multi::Explain if reads => scatter::run_on_shards(
                 &self.db,

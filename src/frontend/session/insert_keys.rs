@@ -4,10 +4,12 @@
 //!
 //! Outside a transaction the evaluation runs on its own, before the implicit transaction
 //! of the INSERT begins, so that a row on one shard makes a one-shard transaction. Inside
-//! one it runs in the transaction, on the shard the session is on (`now()` is then that
-//! shard's transaction start, the same for every statement there).
+//! one it runs in the transaction, on the shard the session is on; for the transaction's
+//! first statement, on the shard a first evaluation sends the first row to, where the
+//! transaction then begins. Either way `now()` is that shard's transaction start, as in
+//! every other statement there.
 
-use super::cross::extended_request;
+use super::insert_select::{failed, step_request};
 use super::{Session, SessionError};
 use crate::protocol::{self, PgError};
 use crate::router::analyze::{ComputedKeys, InsertVia};
@@ -29,32 +31,13 @@ impl Session {
         params: &Params<'_>,
         fresh: bool,
     ) -> Result<Option<Vec<Vec<BytesMut>>>, SessionError> {
-        let failed = |s: &mut Session, e: PgError| {
-            s.status = b'E';
-            let mut f = BytesMut::new();
-            e.write(&mut f);
-            Ok(Some(vec![vec![f]]))
-        };
-        let bad = |e: String| PgError::new("08P01", e);
         // 1. Evaluate: each key's value in binary (exact, whatever DateStyle or
         //    extra_float_digits), and cast to the key's type in the form the router reads.
         let ty = self.db.router.rules.tables[via.table].ty;
         let evaluated = keys.rows.iter().filter(|r| r.is_none()).count();
         let routed_binary = !matches!(ty, KeyType::Numeric | KeyType::Text);
         let formats: Vec<bool> = (0..evaluated).flat_map(|_| [true, routed_binary]).collect();
-        let req = (|| -> Result<BytesMut, PgError> {
-            let (sql, keep) = crate::router::insert::renumber_params(&via.select_sql)
-                .map_err(|e| PgError::new("42601", e))?;
-            let bind = protocol::select_bind_params(rest, &keep).map_err(|e| bad(e.to_string()))?;
-            let bind =
-                protocol::with_result_formats(&bind, &formats).map_err(|e| bad(e.to_string()))?;
-            Ok(extended_request(
-                sql.as_bytes(),
-                &protocol::select_param_types(types, &keep),
-                &bind,
-            ))
-        })();
-        let req = match req {
+        let req = match step_request(&via.select_sql, types, rest, Some(&formats)) {
             Ok(r) => r,
             Err(e) => return failed(self, e),
         };
@@ -108,6 +91,7 @@ impl Session {
         if self.status == b'E' {
             return Ok(Some(vec![frames]));
         }
+        // 2. Each row's shard.
         let (oids, values, shard_of_row) =
             match self.route_rows(via, keys, &frames, params, routed_binary) {
                 Ok(x) => x,
@@ -116,8 +100,10 @@ impl Session {
 
         // 3. The rows with each evaluated key as a parameter of its expression's type,
         //    numbered after the client's, split by shard.
-        let Ok((client_binary, client_values)) = protocol::bind_params(rest) else {
-            return failed(self, bad("malformed Bind".into()));
+        let bad = |e: protocol::ProtocolError| PgError::new("08P01", e.to_string());
+        let (client_binary, client_values) = match protocol::bind_params(rest) {
+            Ok(p) => p,
+            Err(e) => return failed(self, bad(e)),
         };
         let first = client_values.len();
         let mut statement = via.insert.clone();
@@ -145,22 +131,11 @@ impl Session {
         let all_types = protocol::param_types(&all_oids);
         let all_rest = match protocol::with_params(rest, &all_binary, &all_values) {
             Ok(r) => r,
-            Err(e) => return failed(self, bad(e.to_string())),
+            Err(e) => return failed(self, bad(e)),
         };
         let mut results = Vec::new();
         for (s, sql) in crate::router::insert::split_rows(&statement, &shard_of_row) {
-            let req = (|| -> Result<BytesMut, PgError> {
-                let (sql, keep) = crate::router::insert::renumber_params(&sql)
-                    .map_err(|e| PgError::new("42601", e))?;
-                let bind = protocol::select_bind_params(&all_rest, &keep)
-                    .map_err(|e| bad(e.to_string()))?;
-                Ok(extended_request(
-                    sql.as_bytes(),
-                    &protocol::select_param_types(&all_types, &keep),
-                    &bind,
-                ))
-            })();
-            let req = match req {
+            let req = match step_request(&sql, &all_types, &all_rest, None) {
                 Ok(r) => r,
                 Err(e) => return failed(self, e),
             };

@@ -100,27 +100,7 @@ impl Session {
                 .insert_keys_steps(via, keys, types, rest, params, fresh)
                 .await;
         }
-        let failed = |s: &mut Session, e: PgError| {
-            s.status = b'E';
-            let mut f = BytesMut::new();
-            e.write(&mut f);
-            Ok(Some(vec![vec![f]]))
-        };
-        let request = |sql: &str, text: bool| -> Result<BytesMut, PgError> {
-            let bad = |e: String| PgError::new("08P01", e);
-            let (sql, keep) = crate::router::insert::renumber_params(sql)
-                .map_err(|e| PgError::new("42601", e))?;
-            let mut r =
-                protocol::select_bind_params(rest, &keep).map_err(|e| bad(e.to_string()))?;
-            if text {
-                r = protocol::with_text_results(&r).map_err(|e| bad(e.to_string()))?;
-            }
-            Ok(extended_request(
-                sql.as_bytes(),
-                &protocol::select_param_types(types, &keep),
-                &r,
-            ))
-        };
+        let request = |sql: &str, text: bool| step_request(sql, types, rest, text.then_some(&[]));
         // 1.
         let none = match empty_insert(via) {
             Ok(sql) => sql,
@@ -264,6 +244,41 @@ impl Session {
         }
         Ok(Some(results))
     }
+}
+
+/// A step's answer that is an error: the transaction fails, as on a server.
+pub(super) fn failed(
+    s: &mut Session,
+    e: PgError,
+) -> Result<Option<Vec<Vec<BytesMut>>>, SessionError> {
+    s.status = b'E';
+    let mut f = BytesMut::new();
+    e.write(&mut f);
+    Ok(Some(vec![vec![f]]))
+}
+
+/// A step's extended-protocol request: `sql` with its parameters renumbered from `$1`,
+/// bound to those it uses of the client's (`types` from Parse, `rest` from Bind), with
+/// these result formats (one per column, true: binary; none: all text) or, for None, the
+/// client's.
+pub(super) fn step_request(
+    sql: &str,
+    types: &[u8],
+    rest: &[u8],
+    results: Option<&[bool]>,
+) -> Result<BytesMut, PgError> {
+    let bad = |e: protocol::ProtocolError| PgError::new("08P01", e.to_string());
+    let (sql, keep) =
+        crate::router::insert::renumber_params(sql).map_err(|e| PgError::new("42601", e))?;
+    let mut bind = protocol::select_bind_params(rest, &keep).map_err(bad)?;
+    if let Some(formats) = results {
+        bind = protocol::with_result_formats(&bind, formats).map_err(bad)?;
+    }
+    Ok(extended_request(
+        sql.as_bytes(),
+        &protocol::select_param_types(types, &keep),
+        &bind,
+    ))
 }
 
 /// The INSERT with the rows as its VALUES (their text as literals, which PostgreSQL
