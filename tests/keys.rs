@@ -336,7 +336,7 @@ async fn what_cannot_be_placed_is_refused() {
         ),
         (
             "WITH t AS (INSERT INTO users (name) VALUES ('cte') RETURNING id) SELECT * FROM t",
-            "must give its shard key",
+            "run it on its own",
         ),
     ] {
         let e = c.batch_execute(sql).await.unwrap_err();

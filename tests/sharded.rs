@@ -22,6 +22,7 @@ const RULES: &str = "    reference_tables: [countries]
         method: range
         type: timestamptz
         ranges: [ { to: '2026-01-01', shard: 0 }, { from: '2026-01-01', shard: 1 } ]
+      - { table: ident_t, column: id, method: hash }
       - table: computed_t
         column: created_at
         method: range
@@ -2206,6 +2207,87 @@ async fn computed_keys_are_evaluated_by_a_server() {
         .await
         .unwrap();
     assert!(shard_of(33).await.is_empty());
+    // The key left out (or DEFAULT, or DEFAULT VALUES): the column's default, looked up
+    // and evaluated by a server.
+    c.batch_execute("ALTER TABLE computed_t ALTER created_at SET DEFAULT now()")
+        .await
+        .unwrap();
+    c.batch_execute("INSERT INTO computed_t (id) VALUES (60), (61)")
+        .await
+        .unwrap();
+    c.query(
+        "INSERT INTO computed_t (id, created_at) VALUES ($1, DEFAULT)",
+        &[&62i32],
+    )
+    .await
+    .unwrap();
+    let tx = c.transaction().await.unwrap();
+    tx.execute("INSERT INTO computed_t (id) VALUES (63)", &[])
+        .await
+        .unwrap();
+    let same: i64 = tx
+        .query_one(
+            "SELECT count(*) FROM computed_t WHERE id = 63 AND created_at = now()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(same, 1, "the default's now() is the transaction's");
+    tx.commit().await.unwrap();
+    let s60 = shard_of(60).await;
+    for id in [61, 62, 63] {
+        assert_eq!(shard_of(id).await, s60, "row {id}");
+    }
+    assert_eq!(stored(60).await, stored(61).await);
+    c.batch_execute("ALTER TABLE computed_t ALTER created_at SET DEFAULT '2020-02-02 00:00+00'")
+        .await
+        .unwrap();
+    c.batch_execute("INSERT INTO computed_t DEFAULT VALUES")
+        .await
+        .unwrap();
+    let mut keyless = Vec::new();
+    for port in [p0, p1] {
+        let n: i64 = connect_server(port, "app")
+            .await
+            .query_one("SELECT count(*) FROM computed_t WHERE id IS NULL", &[])
+            .await
+            .unwrap()
+            .get(0);
+        keyless.push(n);
+    }
+    assert_eq!(keyless, [1, 0], "DEFAULT VALUES: 2020-02-02 is shard 0's");
+    // No default: refused, naming the key (a NULL key has no shard); an identity key is
+    // refused too.
+    c.batch_execute("ALTER TABLE computed_t ALTER created_at DROP DEFAULT")
+        .await
+        .unwrap();
+    let e = c
+        .batch_execute("INSERT INTO computed_t (id) VALUES (65)")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000", "{e:?}");
+    assert!(format!("{e:?}").contains("no default"), "{e:?}");
+    c.batch_execute(
+        "DROP TABLE IF EXISTS ident_t; CREATE TABLE ident_t (id int GENERATED ALWAYS AS IDENTITY, v int)",
+    )
+    .await
+    .unwrap();
+    let e = c
+        .batch_execute("INSERT INTO ident_t (v) VALUES (1)")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000", "{e:?}");
+    // An INSERT in WITH is not carried out in steps: refused rather than run everywhere.
+    let e = c
+        .batch_execute(
+            "WITH x AS (INSERT INTO computed_t (id, created_at) VALUES (66, now()) RETURNING id) SELECT * FROM x",
+        )
+        .await
+        .unwrap_err();
+    assert!(format!("{e:?}").contains("run it on its own"), "{e:?}");
+    assert!(shard_of(65).await.is_empty() && shard_of(66).await.is_empty());
+
     // Session pooling: refused, saying why.
     let yaml = cluster2().config_yaml("127.0.0.1:0", "session", 2);
     let session = connect(start_proxy_yaml(&format!("{yaml}{RULES}"))).await;

@@ -42,34 +42,61 @@ pub(super) fn insert(
     };
     let Some(src) = &ins.source else {
         // DEFAULT VALUES.
-        return if generated {
+        if generated {
             c.any_shard = true;
             c.keyless.push(idx);
-            Ok(())
-        } else {
-            Err(missing())
-        };
+            return Ok(());
+        }
+        // As `(key) VALUES (DEFAULT)`: the key's default, evaluated by a server.
+        let mut with_key = ins.clone();
+        let values = sqlparser::parser::Parser::parse_sql(
+            &sqlparser::dialect::PostgreSqlDialect {},
+            "VALUES (DEFAULT)",
+        )
+        .ok()
+        .and_then(|mut st| match st.pop() {
+            Some(Statement::Query(q)) => Some(q),
+            _ => None,
+        })
+        .ok_or_else(missing)?;
+        with_key.columns = vec![sqlparser::ast::Ident::with_quote('"', col.as_str()).into()];
+        with_key.source = Some(values);
+        c.insert_via = Some(evaluated(
+            &with_key,
+            rules,
+            idx,
+            0,
+            &n,
+            vec![None],
+            vec![None],
+        )?);
+        c.seen.push(idx);
+        return Ok(());
     };
     match (&*src.body, pos) {
         (SetExpr::Values(v), Some(pos)) => {
             let mut defaults = 0;
-            // Keys a server must evaluate (see `ComputedKeys`): their expressions.
-            let mut computed: Vec<String> = Vec::new();
+            // Keys a server must evaluate (see `ComputedKeys`): their expressions, None
+            // for the column's default.
+            let mut computed: Vec<Option<String>> = Vec::new();
             let mut rows: Vec<Option<KeyRef>> = Vec::with_capacity(v.rows.len());
             for row in &v.rows {
                 match row.content.get(pos) {
                     Some(e) if generated && is_default(e) => defaults += 1,
-                    Some(e) if is_default(e) => return Err(missing()),
+                    Some(e) if is_default(e) => {
+                        computed.push(None);
+                        rows.push(None);
+                    }
                     Some(e) => match value_of(e) {
                         Some(k) if readable(&k, rule) => rows.push(Some(k)),
                         // Text pgshard cannot read as the key's type: the server reads
                         // it as the column would.
                         Some(_) => {
-                            computed.push(format!("CAST(({e}) AS {})", cast_type(rule.ty)));
+                            computed.push(Some(format!("CAST(({e}) AS {})", cast_type(rule.ty))));
                             rows.push(None);
                         }
                         None => {
-                            computed.push(e.to_string());
+                            computed.push(Some(e.to_string()));
                             rows.push(None);
                         }
                     },
@@ -82,7 +109,7 @@ pub(super) fn insert(
                         "INSERT into sharded table {n} gives the shard key {col} in some rows and DEFAULT in others; send them as separate INSERTs"
                     ));
                 }
-                c.insert_via = Some(evaluated(ins, rules, idx, pos, &n, &computed, rows)?);
+                c.insert_via = Some(evaluated(ins, rules, idx, pos, &n, computed, rows)?);
                 c.seen.push(idx);
                 return Ok(());
             }
@@ -117,7 +144,27 @@ pub(super) fn insert(
             c.any_shard = true;
             c.keyless.push(idx);
         }
-        (SetExpr::Values(_), None) => return Err(missing()),
+        // The key left out: each row's is the column's default, which a server evaluates
+        // (the key is added to the columns, DEFAULT in each row).
+        (SetExpr::Values(v), None) => {
+            let mut with_key = ins.clone();
+            with_key
+                .columns
+                .push(sqlparser::ast::Ident::with_quote('"', col.as_str()).into());
+            if let Some(src) = &mut with_key.source
+                && let SetExpr::Values(w) = &mut *src.body
+            {
+                for row in &mut w.rows {
+                    row.content
+                        .push(Expr::Identifier(sqlparser::ast::Ident::new("DEFAULT")));
+                }
+            }
+            let key = with_key.columns.len() - 1;
+            let rows = vec![None; v.rows.len()];
+            let computed = vec![None; v.rows.len()];
+            c.insert_via = Some(evaluated(&with_key, rules, idx, key, &n, computed, rows)?);
+            c.seen.push(idx);
+        }
         (body, Some(pos)) => {
             if let SetExpr::Select(sel) = body {
                 match super::colocation::insert_source(sel, pos, idx, rules) {
@@ -224,32 +271,26 @@ fn cast_type(ty: crate::sharding::KeyType) -> &'static str {
     }
 }
 
-/// An INSERT ... VALUES whose keys `computed` a server evaluates: one query gives each
-/// expression's value and that value cast to the key's type, each expression evaluated
-/// once (`OFFSET 0` keeps PostgreSQL from pulling the subquery up and repeating a
-/// volatile expression). The expressions may read reference tables, not sharded ones.
+/// An INSERT ... VALUES whose keys `computed` a server evaluates (None: the column's
+/// default, looked up when the statement runs). The expressions may read reference
+/// tables, not sharded ones (a column default cannot read tables).
 fn evaluated(
     ins: &sqlparser::ast::Insert,
     rules: &Rules,
     table: usize,
     key: usize,
     n: &str,
-    computed: &[String],
+    computed: Vec<Option<String>>,
     rows: Vec<Option<KeyRef>>,
 ) -> Result<super::analyze::InsertVia, String> {
     use super::analyze::{AnalyzeError, Kind, Target, analyze};
-    let ty = cast_type(rules.tables[table].ty);
-    let mut outer = Vec::with_capacity(2 * computed.len());
-    let mut inner = Vec::with_capacity(computed.len());
-    for (i, e) in computed.iter().enumerate() {
-        outer.push(format!("pgshard_k{i}, CAST(pgshard_k{i} AS {ty})"));
-        inner.push(format!("{e} AS pgshard_k{i}"));
-    }
-    let select_sql = format!(
-        "SELECT {} FROM (SELECT {} OFFSET 0) AS pgshard_keys",
-        outer.join(", "),
-        inner.join(", ")
-    );
+    let ty = rules.tables[table].ty;
+    // Checked with NULL in place of the defaults.
+    let exprs: Vec<String> = computed
+        .iter()
+        .map(|e| e.clone().unwrap_or_else(|| "NULL".into()))
+        .collect();
+    let select_sql = evaluation_sql(ty, &exprs);
     let unroutable = |why: String| {
         format!(
             "cannot route INSERT into sharded table {n}: its shard key {} must be a literal, a parameter, or an expression that reads no sharded table ({why})",
@@ -268,8 +309,29 @@ fn evaluated(
         select,
         table,
         key,
-        computed: Some(super::analyze::ComputedKeys { rows }),
+        computed: Some(super::analyze::ComputedKeys {
+            rows,
+            exprs: computed,
+        }),
     })
+}
+
+/// The query that evaluates keys `exprs` of a key of type `ty`: each expression's value,
+/// then that value cast to the key's type, each expression evaluated once (`OFFSET 0`
+/// keeps PostgreSQL from pulling the subquery up and repeating a volatile expression).
+pub fn evaluation_sql(ty: crate::sharding::KeyType, exprs: &[String]) -> String {
+    let ty = cast_type(ty);
+    let mut outer = Vec::with_capacity(2 * exprs.len());
+    let mut inner = Vec::with_capacity(exprs.len());
+    for (i, e) in exprs.iter().enumerate() {
+        outer.push(format!("pgshard_k{i}, CAST(pgshard_k{i} AS {ty})"));
+        inner.push(format!("{e} AS pgshard_k{i}"));
+    }
+    format!(
+        "SELECT {} FROM (SELECT {} OFFSET 0) AS pgshard_keys",
+        outer.join(", "),
+        inner.join(", ")
+    )
 }
 
 /// `DEFAULT` in a VALUES row.
@@ -419,8 +481,7 @@ mod tests {
         );
         assert_eq!(target(""), Target::Default);
         for sql in [
-            "INSERT INTO users (name) VALUES ('a')",
-            "INSERT INTO users DEFAULT VALUES",
+            "INSERT INTO users (name) SELECT 'a'",
             "INSERT INTO tickets (title) SELECT name FROM users",
             "INSERT INTO tickets (id) VALUES (DEFAULT), (3)",
             "WITH x AS (INSERT INTO users (name) VALUES ('a') RETURNING id) SELECT * FROM x",

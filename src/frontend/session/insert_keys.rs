@@ -37,10 +37,6 @@ impl Session {
         let evaluated = keys.rows.iter().filter(|r| r.is_none()).count();
         let routed_binary = !matches!(ty, KeyType::Numeric | KeyType::Text);
         let formats: Vec<bool> = (0..evaluated).flat_map(|_| [true, routed_binary]).collect();
-        let req = match step_request(&via.select_sql, types, rest, Some(&formats)) {
-            Ok(r) => r,
-            Err(e) => return failed(self, e),
-        };
         let home = self.home_shard();
         let untouched = self.status == b'T'
             && self.backend.is_none()
@@ -50,6 +46,36 @@ impl Session {
             && self.backend.is_some()
             && self.multi.parked.is_empty()
             && self.route.movable_begin.is_some();
+        let with_default;
+        let select_sql = if keys.exprs.iter().any(Option::is_none) {
+            let req = default_request(via);
+            let Some(frames) = self
+                .read_first(home, &req, fresh || untouched, movable)
+                .await?
+            else {
+                return Ok(None);
+            };
+            if self.status == b'E' {
+                return Ok(Some(vec![frames]));
+            }
+            let default = match column_default(via, &self.db.router.rules, &frames) {
+                Ok(d) => d,
+                Err(e) => return failed(self, e),
+            };
+            let exprs: Vec<String> = keys
+                .exprs
+                .iter()
+                .map(|e| e.clone().unwrap_or_else(|| default.clone()))
+                .collect();
+            with_default = crate::router::insert::evaluation_sql(ty, &exprs);
+            &with_default
+        } else {
+            &via.select_sql
+        };
+        let req = match step_request(select_sql, types, rest, Some(&formats)) {
+            Ok(r) => r,
+            Err(e) => return failed(self, e),
+        };
         let frames = if fresh {
             // On its own: the transaction begins where the rows go.
             self.evaluate_alone(home, &req).await?
@@ -58,17 +84,7 @@ impl Session {
             // own, or in the transaction, which can still move) tells where the first row
             // goes; the transaction begins there and the keys are evaluated again in it,
             // so that `now()` is the transaction's on the rows' shard.
-            let probe = if movable {
-                let begin = self.route.movable_begin.clone();
-                let here = self.shard;
-                let f = self.run_request_on(here, &req).await?;
-                // It only read: the transaction can still move.
-                self.route.movable_begin = begin;
-                f
-            } else {
-                self.evaluate_alone(home, &req).await?
-            };
-            let Some(probe) = probe else {
+            let Some(probe) = self.read_first(home, &req, !movable, movable).await? else {
                 return Ok(None);
             };
             if self.status == b'E' {
@@ -127,7 +143,13 @@ impl Session {
         all_values.extend(values.iter().step_by(2).copied());
         let mut all_oids = protocol::parse_oids(types);
         all_oids.resize(first, 0);
-        all_oids.extend(oids.iter().step_by(2).copied());
+        // A NULL takes the column's type, as a NULL expression would.
+        all_oids.extend(
+            oids.iter()
+                .step_by(2)
+                .zip(values.iter().step_by(2))
+                .map(|(&oid, v)| if v.is_some() { oid } else { 0 }),
+        );
         let all_types = protocol::param_types(&all_oids);
         let all_rest = match protocol::with_params(rest, &all_binary, &all_values) {
             Ok(r) => r,
@@ -149,6 +171,29 @@ impl Session {
             }
         }
         Ok(Some(results))
+    }
+
+    /// Runs a read before the statement's rows are placed: on its own when the
+    /// transaction has not begun on a shard (`alone`), in the transaction where it can
+    /// still move (`movable`: it stays movable), else in it on shard `s`.
+    async fn read_first(
+        &mut self,
+        s: usize,
+        req: &[u8],
+        alone: bool,
+        movable: bool,
+    ) -> Result<Option<Vec<BytesMut>>, SessionError> {
+        if alone {
+            return self.evaluate_alone(s, req).await;
+        }
+        if movable {
+            let begin = self.route.movable_begin.clone();
+            let here = self.shard;
+            let frames = self.run_request_on(here, req).await?;
+            self.route.movable_begin = begin;
+            return Ok(frames);
+        }
+        self.run_request_on(s, req).await
     }
 
     /// Runs the keys' evaluation outside any transaction (the statement's own implicit
@@ -226,4 +271,78 @@ impl Session {
         }
         Ok((oids, values, shard_of_row))
     }
+}
+
+/// The query for a key column's default (`pg_get_expr`, printed for the session's
+/// `search_path`), identity and generation, by the table's name as the INSERT wrote it.
+fn default_request(via: &InsertVia) -> BytesMut {
+    const SQL: &str = "SELECT pg_catalog.pg_get_expr(d.adbin, d.adrelid), a.attidentity::pg_catalog.text, \
+        a.attgenerated::pg_catalog.text FROM pg_catalog.pg_attribute a \
+        LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
+        WHERE a.attrelid = $1::pg_catalog.regclass AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped";
+    let table = match &via.insert {
+        Statement::Insert(ins) => ins.table.to_string(),
+        _ => String::new(),
+    };
+    let column = match &via.insert {
+        Statement::Insert(ins) => ins.columns.get(via.key).map(|c| c.to_string()),
+        _ => None,
+    }
+    .unwrap_or_default();
+    // The column as PostgreSQL names it: unquoted names fold to lower case.
+    let column = match column.strip_prefix('"').and_then(|c| c.strip_suffix('"')) {
+        Some(quoted) => quoted.replace("\"\"", "\""),
+        None => column.to_lowercase(),
+    };
+    let mut rest = protocol::bind_params_body(
+        &[false, false],
+        &[Some(table.as_bytes()), Some(column.as_bytes())],
+    );
+    rest.extend_from_slice(&0u16.to_be_bytes());
+    super::cross::extended_request(SQL.as_bytes(), &[0, 0], &rest)
+}
+
+/// The key column's default expression from [`default_request`]'s answer, or why
+/// pgshard cannot evaluate it (none, identity, generated).
+fn column_default(
+    via: &InsertVia,
+    rules: &crate::router::Rules,
+    frames: &[BytesMut],
+) -> Result<String, PgError> {
+    let rule = &rules.tables[via.table];
+    let Some(row) = frames.iter().find(|f| f[0] == b'D') else {
+        return Err(PgError::new(
+            "42703",
+            format!("the shard key column \"{}\" does not exist", rule.column),
+        ));
+    };
+    let fields = crate::exec::merge::fields(row);
+    let text = |i: usize| {
+        fields
+            .get(i)
+            .copied()
+            .flatten()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+    };
+    let identity = text(1).unwrap_or_default();
+    let generated = text(2).unwrap_or_default();
+    if !identity.is_empty() || !generated.is_empty() {
+        return Err(PgError::new(
+            "0A000",
+            format!(
+                "the shard key {} is an identity or generated column, whose values pgshard cannot evaluate; give the key, or use generate_keys",
+                rule.column
+            ),
+        ));
+    }
+    // Without a default the key would be NULL, which no shard holds.
+    text(0).ok_or_else(|| {
+        PgError::new(
+            "0A000",
+            format!(
+                "INSERT into sharded table {} must give its shard key {} (it has no default), or set generate_keys on the table, so that the shards make keys",
+                rule.table, rule.column
+            ),
+        )
+    })
 }

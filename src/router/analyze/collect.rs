@@ -89,6 +89,13 @@ pub(super) fn set_expr(s: &SetExpr, rules: &Rules, c: &mut Collector) {
             // A data-modifying CTE.
             c.kind = Some(Kind::Write);
             match statement(st, rules) {
+                // pgshard carries such an INSERT out in steps of its own, which a WITH
+                // query cannot contain.
+                Ok(a) if a.insert_via.is_some() => {
+                    c.error.get_or_insert(
+                        "an INSERT in WITH whose rows' shards only their values tell (INSERT ... SELECT, or keys a server must evaluate) is not supported; run it on its own".into(),
+                    );
+                }
                 Ok(a) => {
                     match a.target {
                         Target::Keys(k) => {

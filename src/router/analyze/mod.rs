@@ -149,6 +149,10 @@ pub struct ComputedKeys {
     /// None for the next key `select_sql` evaluates. Each evaluated key is two columns:
     /// the value of its expression, then that value cast to the key's type.
     pub rows: Vec<Option<KeyRef>>,
+    /// The evaluated keys' expressions, None for the column's default (`DEFAULT`, or the
+    /// key left out of the column list): when there is one, the session looks the default
+    /// up and builds the evaluation again with it.
+    pub exprs: Vec<Option<String>>,
 }
 
 impl Target {

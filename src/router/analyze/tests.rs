@@ -143,12 +143,38 @@ fn writes() {
         "SELECT pgshard_k0, CAST(pgshard_k0 AS pg_catalog.int8), pgshard_k1, CAST(pgshard_k1 AS pg_catalog.int8) \
          FROM (SELECT random() * $1 AS pgshard_k0, CAST(('1e3') AS pg_catalog.int8) AS pgshard_k1 OFFSET 0) AS pgshard_keys"
     );
-    // Not one that reads a sharded table (a shard holds part of its rows), nor DEFAULT.
-    for sql in [
-        "INSERT INTO users (id) VALUES ((SELECT max(id) + 1 FROM users))",
-        "INSERT INTO users (id) VALUES (DEFAULT)",
+    // Not one that reads a sharded table (a shard holds part of its rows).
+    assert!(
+        analyze(
+            "INSERT INTO users (id) VALUES ((SELECT max(id) + 1 FROM users))",
+            &rules()
+        )
+        .is_err()
+    );
+    // The column's default (DEFAULT, the key left out, DEFAULT VALUES): looked up when
+    // the statement runs, the key added to the columns where it was left out.
+    for (sql, insert) in [
+        (
+            "INSERT INTO users (id, name) VALUES (DEFAULT, 'a'), (7, 'b')",
+            "INSERT INTO users (id, name) VALUES (DEFAULT, 'a'), (7, 'b')",
+        ),
+        (
+            "INSERT INTO users (name) VALUES ('a'), ('b')",
+            "INSERT INTO users (name, \"id\") VALUES ('a', DEFAULT), ('b', DEFAULT)",
+        ),
+        (
+            "INSERT INTO users DEFAULT VALUES",
+            "INSERT INTO users (\"id\") VALUES (DEFAULT)",
+        ),
     ] {
-        assert!(analyze(sql, &rules()).is_err(), "{sql}");
+        let via = analyze(sql, &rules()).unwrap().insert_via.unwrap();
+        assert_eq!(via.insert.to_string(), insert);
+        let keys = via.computed.clone().unwrap();
+        assert!(keys.exprs.iter().all(Option::is_none), "{sql}");
+        assert_eq!(
+            keys.rows.len(),
+            keys.exprs.len() + usize::from(sql.contains("(7"))
+        );
     }
     // A computed key: pgshard reads the rows, then splits them by key.
     let a = analyze(
