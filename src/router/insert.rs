@@ -3,6 +3,7 @@
 //! split into one INSERT per shard (each with its own rows, in their original order).
 
 use super::analyze::{Collector, KeyRef, name_of, query, value_of};
+use super::computed::{cast_type, evaluated, readable, with_default_key};
 use super::{Params, RouteError, Router, Rules};
 use sqlparser::ast::{Expr, SelectItem, SetExpr, Statement, TableObject};
 
@@ -48,19 +49,7 @@ pub(super) fn insert(
             return Ok(());
         }
         // As `(key) VALUES (DEFAULT)`: the key's default, evaluated by a server.
-        let mut with_key = ins.clone();
-        let values = sqlparser::parser::Parser::parse_sql(
-            &sqlparser::dialect::PostgreSqlDialect {},
-            "VALUES (DEFAULT)",
-        )
-        .ok()
-        .and_then(|mut st| match st.pop() {
-            Some(Statement::Query(q)) => Some(q),
-            _ => None,
-        })
-        .ok_or_else(missing)?;
-        with_key.columns = vec![sqlparser::ast::Ident::with_quote('"', col.as_str()).into()];
-        with_key.source = Some(values);
+        let with_key = with_default_key(ins, col);
         c.insert_via = Some(evaluated(
             &with_key,
             rules,
@@ -147,18 +136,7 @@ pub(super) fn insert(
         // The key left out: each row's is the column's default, which a server evaluates
         // (the key is added to the columns, DEFAULT in each row).
         (SetExpr::Values(v), None) => {
-            let mut with_key = ins.clone();
-            with_key
-                .columns
-                .push(sqlparser::ast::Ident::with_quote('"', col.as_str()).into());
-            if let Some(src) = &mut with_key.source
-                && let SetExpr::Values(w) = &mut *src.body
-            {
-                for row in &mut w.rows {
-                    row.content
-                        .push(Expr::Identifier(sqlparser::ast::Ident::new("DEFAULT")));
-                }
-            }
+            let with_key = with_default_key(ins, col);
             let key = with_key.columns.len() - 1;
             let rows = vec![None; v.rows.len()];
             let computed = vec![None; v.rows.len()];
@@ -243,95 +221,6 @@ fn via(
         key,
         computed: None,
     })
-}
-
-/// Whether pgshard reads a key as written: a parameter, NULL, or text it can parse as
-/// the key's type (the session's zone does not change which texts parse).
-fn readable(k: &KeyRef, rule: &crate::sharding::ShardFn) -> bool {
-    match k {
-        KeyRef::Literal(s) | KeyRef::Instant(s) => {
-            rule.ty.parse_text(s, &crate::sharding::Zone::utc()).is_ok()
-        }
-        KeyRef::Param(..) | KeyRef::Null => true,
-    }
-}
-
-/// The type a key's value is cast to for routing (schema-qualified: the client's
-/// `search_path` must not change it).
-fn cast_type(ty: crate::sharding::KeyType) -> &'static str {
-    use crate::sharding::KeyType;
-    match ty {
-        KeyType::Int => "pg_catalog.int8",
-        KeyType::Numeric => "pg_catalog.numeric",
-        KeyType::Text => "pg_catalog.text",
-        KeyType::Date => "pg_catalog.date",
-        KeyType::Timestamp => "pg_catalog.timestamp",
-        KeyType::TimestampTz => "pg_catalog.timestamptz",
-        KeyType::Uuid => "pg_catalog.uuid",
-    }
-}
-
-/// An INSERT ... VALUES whose keys `computed` a server evaluates (None: the column's
-/// default, looked up when the statement runs). The expressions may read reference
-/// tables, not sharded ones (a column default cannot read tables).
-fn evaluated(
-    ins: &sqlparser::ast::Insert,
-    rules: &Rules,
-    table: usize,
-    key: usize,
-    n: &str,
-    computed: Vec<Option<String>>,
-    rows: Vec<Option<KeyRef>>,
-) -> Result<super::analyze::InsertVia, String> {
-    use super::analyze::{AnalyzeError, Kind, Target, analyze};
-    let ty = rules.tables[table].ty;
-    // Checked with NULL in place of the defaults.
-    let exprs: Vec<String> = computed
-        .iter()
-        .map(|e| e.clone().unwrap_or_else(|| "NULL".into()))
-        .collect();
-    let select_sql = evaluation_sql(ty, &exprs);
-    let unroutable = |why: String| {
-        format!(
-            "cannot route INSERT into sharded table {n}: its shard key {} must be a literal, a parameter, or an expression that reads no sharded table ({why})",
-            rules.tables[table].column
-        )
-    };
-    let select = analyze(&select_sql, rules).map_err(|e| match e {
-        AnalyzeError::Parse(m) | AnalyzeError::Unroutable(m) => unroutable(m),
-    })?;
-    if select.target != Target::Default || select.kind > Kind::Read {
-        return Err(unroutable("it reads a sharded table or locks rows".into()));
-    }
-    Ok(super::analyze::InsertVia {
-        insert: Statement::Insert(ins.clone()),
-        select_sql,
-        select,
-        table,
-        key,
-        computed: Some(super::analyze::ComputedKeys {
-            rows,
-            exprs: computed,
-        }),
-    })
-}
-
-/// The query that evaluates keys `exprs` of a key of type `ty`: each expression's value,
-/// then that value cast to the key's type, each expression evaluated once (`OFFSET 0`
-/// keeps PostgreSQL from pulling the subquery up and repeating a volatile expression).
-pub fn evaluation_sql(ty: crate::sharding::KeyType, exprs: &[String]) -> String {
-    let ty = cast_type(ty);
-    let mut outer = Vec::with_capacity(2 * exprs.len());
-    let mut inner = Vec::with_capacity(exprs.len());
-    for (i, e) in exprs.iter().enumerate() {
-        outer.push(format!("pgshard_k{i}, CAST(pgshard_k{i} AS {ty})"));
-        inner.push(format!("{e} AS pgshard_k{i}"));
-    }
-    format!(
-        "SELECT {} FROM (SELECT {} OFFSET 0) AS pgshard_keys",
-        outer.join(", "),
-        inner.join(", ")
-    )
 }
 
 /// `DEFAULT` in a VALUES row.

@@ -4,6 +4,7 @@
 
 pub mod analyze;
 mod colocation;
+pub mod computed;
 pub mod copy;
 pub mod insert;
 pub mod lexer;

@@ -1,6 +1,7 @@
-//! INSERT ... VALUES whose shard keys a server evaluates (`now()`, `'infinity'`; see
-//! `router::analyze::ComputedKeys`): one query evaluates them on the session's shard, each
-//! row goes to the shard of its value, and the value replaces the expression in the row.
+//! INSERT ... VALUES whose shard keys a server evaluates (`now()`, `'infinity'`, the
+//! column's default; see `router::analyze::ComputedKeys`): one query evaluates them on the
+//! session's shard (after one that looks the default up, where needed), each row goes to
+//! the shard of its value, and the value replaces the expression in the row.
 //!
 //! Outside a transaction the evaluation runs on its own, before the implicit transaction
 //! of the INSERT begins, so that a row on one shard makes a one-shard transaction. Inside
@@ -31,7 +32,8 @@ impl Session {
         params: &Params<'_>,
         fresh: bool,
     ) -> Result<Option<Vec<Vec<BytesMut>>>, SessionError> {
-        // 1. Evaluate: each key's value in binary (exact, whatever DateStyle or
+        // 1. Evaluate (with the column's default looked up first, where a key is the
+        //    default): each key's value in binary (exact, whatever DateStyle or
         //    extra_float_digits), and cast to the key's type in the form the router reads.
         let ty = self.db.router.rules.tables[via.table].ty;
         let evaluated = keys.rows.iter().filter(|r| r.is_none()).count();
@@ -67,7 +69,7 @@ impl Session {
                 .iter()
                 .map(|e| e.clone().unwrap_or_else(|| default.clone()))
                 .collect();
-            with_default = crate::router::insert::evaluation_sql(ty, &exprs);
+            with_default = crate::router::computed::evaluation_sql(ty, &exprs);
             &with_default
         } else {
             &via.select_sql
