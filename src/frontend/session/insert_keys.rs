@@ -157,22 +157,14 @@ impl Session {
             Ok(r) => r,
             Err(e) => return failed(self, bad(e)),
         };
-        let mut results = Vec::new();
+        let mut parts = Vec::new();
         for (s, sql) in crate::router::insert::split_rows(&statement, &shard_of_row) {
-            let req = match step_request(&sql, &all_types, &all_rest, None) {
-                Ok(r) => r,
+            match step_request(&sql, &all_types, &all_rest, None) {
+                Ok(r) => parts.push((s, r)),
                 Err(e) => return failed(self, e),
-            };
-            let Some(frames) = self.run_request_on(s, &req).await? else {
-                return Ok(None);
-            };
-            let error = self.status == b'E';
-            results.push(frames);
-            if error {
-                break;
             }
         }
-        Ok(Some(results))
+        self.run_parts(parts).await
     }
 
     /// Runs a read before the statement's rows are placed: on its own when the

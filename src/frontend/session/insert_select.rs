@@ -218,7 +218,7 @@ impl Session {
             Ok(p) => p,
             Err(e) => return failed(self, PgError::new(e.sqlstate(), e.to_string())),
         };
-        let mut results = Vec::with_capacity(inserts.len());
+        let mut parts = Vec::with_capacity(inserts.len());
         for (s, sql) in inserts {
             if crate::router::insert::renumber_params(&sql).is_ok_and(|(_, k)| !k.is_empty()) {
                 return failed(
@@ -229,10 +229,23 @@ impl Session {
                     ),
                 );
             }
-            let req = match request(&sql, false) {
-                Ok(r) => r,
+            match request(&sql, false) {
+                Ok(r) => parts.push((s, r)),
                 Err(e) => return failed(self, e),
-            };
+            }
+        }
+        self.run_parts(parts).await
+    }
+
+    /// Runs each shard's part of an INSERT in turn, in the current transaction, up to the
+    /// first error: each part's frames (the error's last). None when a server connection
+    /// was lost (the client got that error).
+    pub(super) async fn run_parts(
+        &mut self,
+        parts: Vec<(usize, BytesMut)>,
+    ) -> Result<Option<Vec<Vec<BytesMut>>>, SessionError> {
+        let mut results = Vec::with_capacity(parts.len());
+        for (s, req) in parts {
             let Some(frames) = self.run_request_on(s, &req).await? else {
                 return Ok(None);
             };
