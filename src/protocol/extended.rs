@@ -139,16 +139,8 @@ pub fn with_params(
     Ok(out)
 }
 
-/// A Bind body with the same parameters and every result column in text.
-pub fn with_text_results(rest: &[u8]) -> Result<Vec<u8>, ProtocolError> {
-    let (_, values) = bind_params(rest)?;
-    let mut out = rest[..result_formats_at(rest, &values)].to_vec();
-    out.extend_from_slice(&0u16.to_be_bytes());
-    Ok(out)
-}
-
 /// A Bind body with the same parameters and these result formats, one per column
-/// (true: binary).
+/// (true: binary; none: every column in text).
 pub fn with_result_formats(rest: &[u8], binary: &[bool]) -> Result<Vec<u8>, ProtocolError> {
     let (_, values) = bind_params(rest)?;
     let mut out = rest[..result_formats_at(rest, &values)].to_vec();
@@ -172,12 +164,11 @@ pub fn param_types(oids: &[u32]) -> Vec<u8> {
 /// A Parse's parameter type list kept to `keep` (as [`select_bind_params`]).
 pub fn select_param_types(types: &[u8], keep: &[usize]) -> Vec<u8> {
     let oids = parse_oids(types);
-    let mut out = Vec::with_capacity(2 + 4 * keep.len());
-    out.extend_from_slice(&(keep.len() as u16).to_be_bytes());
-    for &k in keep {
-        out.extend_from_slice(&oids.get(k).copied().unwrap_or(0).to_be_bytes());
-    }
-    out
+    let kept: Vec<u32> = keep
+        .iter()
+        .map(|&k| oids.get(k).copied().unwrap_or(0))
+        .collect();
+    param_types(&kept)
 }
 
 pub fn bind_params(rest: &[u8]) -> Result<BindParams<'_>, ProtocolError> {

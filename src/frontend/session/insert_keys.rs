@@ -20,8 +20,8 @@ use bytes::BytesMut;
 use sqlparser::ast::{Expr, SetExpr, Statement, Value};
 
 impl Session {
-    /// `insert_via_steps` for computed keys. `fresh`: the statement's own implicit
-    /// transaction, which nothing has joined yet.
+    /// `insert_via_steps` for computed keys. `implicit`: the transaction is the
+    /// statement's own.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn insert_keys_steps(
         &mut self,
@@ -30,7 +30,7 @@ impl Session {
         types: &[u8],
         rest: &[u8],
         params: &Params<'_>,
-        fresh: bool,
+        implicit: bool,
     ) -> Result<Option<Vec<Vec<BytesMut>>>, SessionError> {
         // 1. Evaluate (with the column's default looked up first, where a key is the
         //    default): each key's value in binary (exact, whatever DateStyle or
@@ -44,6 +44,8 @@ impl Session {
             && self.backend.is_none()
             && self.multi.parked.is_empty()
             && self.route.deferred_begin.is_some();
+        // The statement's own implicit transaction, which nothing has joined yet.
+        let fresh = implicit && untouched;
         let movable = self.status == b'T'
             && self.backend.is_some()
             && self.multi.parked.is_empty()
@@ -51,10 +53,7 @@ impl Session {
         let with_default;
         let select_sql = if keys.exprs.iter().any(Option::is_none) {
             let req = default_request(via);
-            let Some(frames) = self
-                .read_first(home, &req, fresh || untouched, movable)
-                .await?
-            else {
+            let Some(frames) = self.read_first(home, &req, untouched, movable).await? else {
                 return Ok(None);
             };
             if self.status == b'E' {

@@ -95,9 +95,8 @@ impl Session {
         implicit: bool,
     ) -> Result<Option<Vec<Vec<BytesMut>>>, SessionError> {
         if let Some(keys) = &via.computed {
-            let fresh = implicit && self.backend.is_none() && self.multi.parked.is_empty();
             return self
-                .insert_keys_steps(via, keys, types, rest, params, fresh)
+                .insert_keys_steps(via, keys, types, rest, params, implicit)
                 .await;
         }
         let request = |sql: &str, text: bool| step_request(sql, types, rest, text.then_some(&[]));
