@@ -28,6 +28,11 @@ const RULES: &str = "    reference_tables: [countries]
         method: range
         type: timestamptz
         ranges: [ { to: '2026-01-01', shard: 0 }, { from: '2026-01-01', shard: 1 } ]
+      - table: filter_t
+        column: created_at
+        method: range
+        type: timestamptz
+        ranges: [ { to: '2026-01-01', shard: 0 }, { from: '2026-01-01', to: '2030-01-01', shard: 1 } ]
       - table: local_t
         column: at
         method: range
@@ -2019,6 +2024,95 @@ async fn timestamp_keys_are_read_in_the_sessions_time_zone() {
     c.batch_execute("COMMIT").await.unwrap();
     assert_eq!(shard_of("events", 110).await, [1], "01:00 UTC");
     c.batch_execute("RESET TIME ZONE").await.unwrap();
+}
+
+#[tokio::test]
+async fn filters_on_keys_with_no_shard_ask_every_shard() {
+    // A filter on a key pgshard cannot place narrows nothing: PostgreSQL reads 'epoch',
+    // zone names and a time after a SET TIME ZONE in the same string, and NULL or a value
+    // outside every range or list matches no row. pgshard used to refuse these (22P02,
+    // 23514, 23502); every shard now answers, as one PostgreSQL would.
+    let addr = setup().await;
+    let c = connect(addr).await;
+    let plain = connect_server(ports()[0], "plain").await;
+    let create =
+        "DROP TABLE IF EXISTS filter_t; CREATE TABLE filter_t (id int, created_at timestamptz)";
+    let insert = "INSERT INTO filter_t (id, created_at) VALUES (1, 'epoch'), \
+                  (2, '2025-06-01 12:00 Europe/Berlin'), (3, '2026-06-01 00:00+00'), \
+                  (4, '2027-02-03 04:05+00')";
+    for db in [&c, &plain] {
+        db.batch_execute(create).await.unwrap();
+        db.batch_execute(insert).await.unwrap();
+    }
+    for q in [
+        "SELECT id FROM filter_t WHERE created_at = 'epoch'",
+        "SELECT id FROM filter_t WHERE created_at = '2025-06-01 12:00 Europe/Berlin'",
+        "SELECT id FROM filter_t WHERE created_at = 'June 1, 2026 00:00 UTC'",
+        "SELECT id FROM filter_t WHERE created_at IN ('epoch', '2027-02-03 04:05+00') ORDER BY id",
+        "SELECT id FROM filter_t WHERE created_at = '2031-01-01 00:00+00'",
+        "SELECT id FROM filter_t WHERE created_at = NULL",
+        "SET TIME ZONE 'Asia/Tokyo'; SELECT id FROM filter_t WHERE created_at = '2026-06-01 09:00'",
+        "RESET TIME ZONE",
+        "SELECT id FROM filter_t WHERE created_at = 'yesterday' OR id = 4",
+        "SELECT count(*) FROM accounts WHERE region = 'jp'",
+        "SELECT count(*) FROM users WHERE id = NULL",
+    ] {
+        same_as_plain(&c, &plain, q).await;
+    }
+    // Every shard was asked: the rows are on both.
+    let on = |port| async move {
+        let d = connect_server(port, "app").await;
+        let n: i64 = d
+            .query_one("SELECT count(*) FROM filter_t", &[])
+            .await
+            .unwrap()
+            .get(0);
+        n
+    };
+    assert_eq!((on(ports()[0]).await, on(ports()[1]).await), (2, 2));
+    // NULL parameters, in the extended protocol.
+    for (q, v) in [
+        (
+            "SELECT id FROM filter_t WHERE created_at = $1",
+            None::<std::time::SystemTime>,
+        ),
+        (
+            "SELECT id FROM filter_t WHERE created_at IS NOT DISTINCT FROM $1",
+            None,
+        ),
+    ] {
+        let a = c.query(q, &[&v]).await.unwrap();
+        let b = plain.query(q, &[&v]).await.unwrap();
+        let ids = |rows: Vec<tokio_postgres::Row>| {
+            rows.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>()
+        };
+        assert_eq!(ids(a), ids(b), "{q}");
+    }
+    let n = c
+        .query("SELECT name FROM users WHERE id = $1", &[&None::<i64>])
+        .await
+        .unwrap();
+    assert!(n.is_empty());
+    // A write with such a filter is a write on every shard, refused by default.
+    let e = c
+        .batch_execute("DELETE FROM filter_t WHERE created_at = 'epoch'")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000", "{e:?}");
+    assert!(format!("{e:?}").contains("cross_shard_writes"), "{e:?}");
+    // Rows are never broadcast: a new key outside every range stays an error.
+    let e = c
+        .batch_execute("INSERT INTO filter_t (id, created_at) VALUES (5, '2031-01-01 00:00+00')")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "23514", "{e:?}");
+    let e = c
+        .batch_execute(
+            "UPDATE filter_t SET created_at = NULL WHERE created_at = '2026-06-01 00:00+00'",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "23502", "{e:?}");
 }
 
 #[tokio::test]

@@ -231,27 +231,22 @@ impl Router {
             Target::Keys(keys) => {
                 let mut out = Vec::with_capacity(1);
                 for (t, k) in keys {
-                    let f = &self.rules.tables[*t];
-                    let s = match k {
-                        KeyRef::Literal(text) => f.shard_of_text(text, self.shards, zone)?,
-                        KeyRef::Instant(text) if f.ty.is_timestamp() => {
-                            let v = time::read(text, true, zone)
-                                .and_then(|us| time::convert(us, true, f.ty.zoned(), zone));
-                            f.shard_of_parsed(v.map(Value::Timestamp), self.shards)?
+                    let s = match self.shard_of_key(&self.rules.tables[*t], k, p, zone) {
+                        Ok(s) => s,
+                        // In a filter, a key with no shard narrows nothing, and every
+                        // shard is asked as PostgreSQL would be: a value pgshard cannot
+                        // read ('now', a zone name in the text, a time while the
+                        // session's zone may change) may be one PostgreSQL reads (and one
+                        // no server accepts gets the servers' own error); a NULL or a
+                        // value outside every range or list matches no row. Rows to
+                        // insert are never broadcast: there it stays an error.
+                        Err(RouteError::Key(e))
+                            if !a.inserts_sharded
+                                && !matches!(e, ShardError::DirectoryMiss { .. }) =>
+                        {
+                            return Ok(Route::Shards((0..self.shards).collect()));
                         }
-                        KeyRef::Instant(text) => f.shard_of_text(text, self.shards, zone)?,
-                        KeyRef::Null => f.shard_of(&Value::Null, self.shards)?,
-                        KeyRef::Param(i, cast) => {
-                            let Some(v) = p.values.get(*i) else {
-                                return Err(RouteError::MissingParam(i + 1, p.values.len()));
-                            };
-                            let binary = p.binary.get(*i).copied().unwrap_or(false);
-                            let declared = p.oids.get(*i).copied().unwrap_or(0);
-                            f.shard_of_parsed(
-                                param(f, *v, binary, declared, *cast, zone),
-                                self.shards,
-                            )?
-                        }
+                        Err(e) => return Err(e),
                     };
                     if !out.contains(&s) {
                         out.push(s);
@@ -261,6 +256,34 @@ impl Router {
                 Ok(Route::Shards(out))
             }
         }
+    }
+
+    /// The shard of one key of table `f`, given as `k`.
+    fn shard_of_key(
+        &self,
+        f: &ShardFn,
+        k: &KeyRef,
+        p: &Params<'_>,
+        zone: &Zone,
+    ) -> Result<usize, RouteError> {
+        Ok(match k {
+            KeyRef::Literal(text) => f.shard_of_text(text, self.shards, zone)?,
+            KeyRef::Instant(text) if f.ty.is_timestamp() => {
+                let v = time::read(text, true, zone)
+                    .and_then(|us| time::convert(us, true, f.ty.zoned(), zone));
+                f.shard_of_parsed(v.map(Value::Timestamp), self.shards)?
+            }
+            KeyRef::Instant(text) => f.shard_of_text(text, self.shards, zone)?,
+            KeyRef::Null => f.shard_of(&Value::Null, self.shards)?,
+            KeyRef::Param(i, cast) => {
+                let Some(v) = p.values.get(*i) else {
+                    return Err(RouteError::MissingParam(i + 1, p.values.len()));
+                };
+                let binary = p.binary.get(*i).copied().unwrap_or(false);
+                let declared = p.oids.get(*i).copied().unwrap_or(0);
+                f.shard_of_parsed(param(f, *v, binary, declared, *cast, zone), self.shards)?
+            }
+        })
     }
 }
 

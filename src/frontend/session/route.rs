@@ -304,8 +304,11 @@ impl Session {
             let f = &self.db.router.rules.tables[*t];
             let new_shard = match new {
                 Some(k) => {
+                    // Placed like an inserted row's key: a new value with no shard is
+                    // an error, not every shard.
                     let only = Analysis {
                         target: router::Target::Keys(vec![(*t, k.clone())]),
+                        inserts_sharded: true,
                         ..(*a).clone()
                     };
                     match self
