@@ -74,12 +74,34 @@ pub fn find_bindir() -> Result<PathBuf, LocalError> {
     versions.pop().map(|(_, d)| d).ok_or(LocalError::NoBinaries)
 }
 
-/// A free TCP port on 127.0.0.1 (released before use; a collision is retried by callers).
+/// A free TCP port on 127.0.0.1 for a server to listen on (released before use; a
+/// collision is retried by callers).
+///
+/// Taken below the kernel's range of ephemeral ports where there is room: a port from that
+/// range can be handed to an outgoing connection (a pooled server connection, a psql)
+/// between this check and the server's bind, or while a stopped server is down before its
+/// restart on the same port, and the server then cannot listen.
 pub fn free_port() -> u16 {
+    if let Some((low, high)) = listen_ports() {
+        for _ in 0..64 {
+            let port = rand::random_range(low..high);
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("binding an ephemeral loopback port")
+}
+
+/// Ports no outgoing connection is given: the 10000 below the ephemeral range, when the
+/// range starts above 11024 (as Linux's default, 32768, does).
+fn listen_ports() -> Option<(u16, u16)> {
+    let range = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let low: u16 = range.split_whitespace().next()?.parse().ok()?;
+    (low > 11_024).then(|| (low - 10_000, low))
 }
 
 /// The OS user servers run as: ourselves, or an unprivileged one when we are root.
@@ -603,4 +625,21 @@ fn append(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     let mut f = fs::OpenOptions::new().append(true).open(path)?;
     writeln!(f, "\n# pgshard local cluster\n{text}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn servers_listen_outside_the_ephemeral_range() {
+        let Some((low, high)) = listen_ports() else {
+            return; // A kernel range with no room below it: any free port will do.
+        };
+        for _ in 0..20 {
+            let port = free_port();
+            assert!((low..high).contains(&port), "{port} not in {low}..{high}");
+            TcpListener::bind(("127.0.0.1", port)).expect("the port is free");
+        }
+    }
 }
