@@ -15,6 +15,8 @@ pub(super) fn readable(k: &KeyRef, rule: &crate::sharding::ShardFn) -> bool {
             rule.ty.parse_text(s, &crate::sharding::Zone::utc()).is_ok()
         }
         KeyRef::Param(..) | KeyRef::Null => true,
+        // Bounds come from WHERE clauses, never from rows to insert.
+        KeyRef::Range(_) => false,
     }
 }
 

@@ -17,7 +17,7 @@ pub mod sql_prepared;
 use crate::config::DatabaseConfig;
 use crate::sharding::cast::{Cast, param_value};
 use crate::sharding::{ShardError, ShardFn, Value, Zone, time};
-pub use analyze::{Analysis, AnalyzeError, KeyRef, Kind, Target};
+pub use analyze::{Analysis, AnalyzeError, KeyRange, KeyRef, Kind, Target};
 pub use lexer::{StatementKind, classify, single_statement, split_statements};
 
 /// The sharding rules of one database.
@@ -231,8 +231,17 @@ impl Router {
             Target::Keys(keys) => {
                 let mut out = Vec::with_capacity(1);
                 for (t, k) in keys {
-                    let s = match self.shard_of_key(&self.rules.tables[*t], k, p, zone) {
-                        Ok(s) => s,
+                    let f = &self.rules.tables[*t];
+                    let found = match k {
+                        KeyRef::Range(r) => self.shards_between(f, r, p, zone, &mut out),
+                        k => self.shard_of_key(f, k, p, zone).map(|s| {
+                            if !out.contains(&s) {
+                                out.push(s);
+                            }
+                        }),
+                    };
+                    match found {
+                        Ok(()) => {}
                         // In a filter, a key with no shard narrows nothing, and every
                         // shard is asked as PostgreSQL would be: a value pgshard cannot
                         // read ('now', a zone name in the text, a time while the
@@ -247,9 +256,6 @@ impl Router {
                             return Ok(Route::Shards((0..self.shards).collect()));
                         }
                         Err(e) => return Err(e),
-                    };
-                    if !out.contains(&s) {
-                        out.push(s);
                     }
                 }
                 out.sort_unstable();
@@ -266,25 +272,89 @@ impl Router {
         p: &Params<'_>,
         zone: &Zone,
     ) -> Result<usize, RouteError> {
-        Ok(match k {
-            KeyRef::Literal(text) => f.shard_of_text(text, self.shards, zone)?,
-            KeyRef::Instant(text) if f.ty.is_timestamp() => {
-                let v = time::read(text, true, zone)
-                    .and_then(|us| time::convert(us, true, f.ty.zoned(), zone));
-                f.shard_of_parsed(v.map(Value::Timestamp), self.shards)?
-            }
-            KeyRef::Instant(text) => f.shard_of_text(text, self.shards, zone)?,
-            KeyRef::Null => f.shard_of(&Value::Null, self.shards)?,
+        Ok(f.shard_of(&self.key_value(f, k, p, zone)?, self.shards)?)
+    }
+
+    /// The value of one key of table `f`, given as `k`, as the key's type.
+    fn key_value(
+        &self,
+        f: &ShardFn,
+        k: &KeyRef,
+        p: &Params<'_>,
+        zone: &Zone,
+    ) -> Result<Value, RouteError> {
+        let v = match k {
+            KeyRef::Literal(text) => f.ty.parse_text(text, zone),
+            KeyRef::Instant(text) if f.ty.is_timestamp() => time::read(text, true, zone)
+                .and_then(|us| time::convert(us, true, f.ty.zoned(), zone))
+                .map(Value::Timestamp),
+            KeyRef::Instant(text) => f.ty.parse_text(text, zone),
+            KeyRef::Null => Ok(Value::Null),
             KeyRef::Param(i, cast) => {
                 let Some(v) = p.values.get(*i) else {
                     return Err(RouteError::MissingParam(i + 1, p.values.len()));
                 };
                 let binary = p.binary.get(*i).copied().unwrap_or(false);
                 let declared = p.oids.get(*i).copied().unwrap_or(0);
-                f.shard_of_parsed(param(f, *v, binary, declared, *cast, zone), self.shards)?
+                param(f, *v, binary, declared, *cast, zone)
             }
-        })
+            KeyRef::Range(_) => Err("bounds are not one value".to_string()),
+        };
+        Ok(v.map_err(|d| f.bad_value(d))?)
     }
+
+    /// Adds to `out` the shards that may hold keys of table `f` within the bounds `r`:
+    /// those whose ranges meet them on a range-sharded table, every shard otherwise (or
+    /// when a bound is NULL, which no key meets).
+    fn shards_between(
+        &self,
+        f: &ShardFn,
+        r: &KeyRange,
+        p: &Params<'_>,
+        zone: &Zone,
+        out: &mut Vec<usize>,
+    ) -> Result<(), RouteError> {
+        let mut found = None;
+        if f.is_ranged() {
+            let (mut lo, mut hi) = (None::<Value>, None::<Value>);
+            for (bounds, lower) in [(&r.lower, true), (&r.upper, false)] {
+                for k in bounds {
+                    // An integer key reads a decimal bound rounded to the nearest
+                    // integer (5.5 as 6): taken as inclusive, that still admits every
+                    // integer the bound does (those above 5.5 are at least 6).
+                    let v = self.key_value(f, k, p, zone)?;
+                    if v == Value::Null {
+                        all_shards(self.shards, out);
+                        return Ok(());
+                    }
+                    let slot = if lower { &mut lo } else { &mut hi };
+                    // The tightest bound of each side.
+                    if slot.as_ref().is_none_or(|b| (v > *b) == lower) {
+                        *slot = Some(v);
+                    }
+                }
+            }
+            found = f.shards_between(lo.as_ref(), hi.as_ref());
+        }
+        match found {
+            // Bounds no key meets match no row; any shard can say so, and every shard does.
+            Some(shards) if !shards.is_empty() => {
+                for s in shards {
+                    if !out.contains(&s) {
+                        out.push(s);
+                    }
+                }
+            }
+            _ => all_shards(self.shards, out),
+        }
+        Ok(())
+    }
+}
+
+/// Every shard, added to `out`.
+fn all_shards(shards: usize, out: &mut Vec<usize>) {
+    out.clear();
+    out.extend(0..shards);
 }
 
 /// A parameter's value for key `f`: read as the type Parse declared for it (`declared`)
@@ -399,6 +469,96 @@ mod tests {
             Some(true)
         );
         assert_eq!(target_hint("SELECT 1"), None);
+    }
+
+    #[test]
+    fn bounds_narrow_range_sharded_tables_only() {
+        let t = |y: &str| {
+            let c: crate::config::ShardedTableConfig = yaml_serde::from_str(y).unwrap();
+            ShardFn::new(&c, 3, "t").unwrap()
+        };
+        let r = Router {
+            default_shard: 0,
+            shards: 3,
+            rules: Rules::new(
+                vec![
+                    t(
+                        "{ table: events, column: id, method: range, ranges: [ { to: 100, shard: 0 }, { from: 100, to: 200, shard: 1 }, { from: 200, to: 300, shard: 2 } ] }",
+                    ),
+                    t("{ table: users, column: id, method: hash }"),
+                    t(
+                        "{ table: notes, column: at, method: range, type: timestamptz, ranges: [ { to: '2026-01-01', shard: 2 }, { from: '2026-01-01', to: '2026-07-01', shard: 1 }, { from: '2026-07-01', shard: 0 } ] }",
+                    ),
+                    t(
+                        "{ table: names, column: n, method: range, type: text, ranges: [ { to: 'm', shard: 0 }, { from: 'm', shard: 1 } ] }",
+                    ),
+                ],
+                vec![],
+            ),
+        };
+        let shards = |sql: &str, params: &[Option<&[u8]>]| {
+            let a = analyze::analyze(sql, &r.rules).unwrap();
+            let p = Params {
+                values: params.to_vec(),
+                binary: vec![false; params.len()],
+                oids: vec![0; params.len()],
+            };
+            match r.resolve(&a, &p, &Zone::utc()).unwrap() {
+                Route::Shards(v) => v,
+                other => panic!("{sql}: {other:?}"),
+            }
+        };
+        for (sql, want) in [
+            (
+                "SELECT * FROM events WHERE id >= 120 AND id < 150",
+                &[1][..],
+            ),
+            ("SELECT * FROM events WHERE id < 50", &[0]),
+            ("SELECT * FROM events WHERE id >= 100 AND id <= 199", &[1]),
+            ("SELECT * FROM events WHERE id > 150", &[1, 2]),
+            (
+                "SELECT * FROM events WHERE id BETWEEN 99 AND 200",
+                &[0, 1, 2],
+            ),
+            // A bound is inclusive: `< 100` takes 100's shard too.
+            ("SELECT * FROM events WHERE id < 100", &[0, 1]),
+            // Rounded as PostgreSQL compares: keys above 99.5 are at least 100.
+            ("SELECT * FROM events WHERE id > 99.5", &[1, 2]),
+            ("SELECT * FROM events WHERE id > 120 AND id > 250", &[2]),
+            ("SELECT * FROM events WHERE id < 50 OR id > 250", &[0, 2]),
+            ("SELECT * FROM events WHERE id < 50 OR id = 150", &[0, 1]),
+            // No key meets these: every shard answers (no row), or the one whose
+            // range meets each bound.
+            ("SELECT * FROM events WHERE id > 400", &[0, 1, 2]),
+            ("SELECT * FROM events WHERE id > 150 AND id < 120", &[1]),
+            ("SELECT * FROM events WHERE id > NULL", &[0, 1, 2]),
+            // Text orders by collation; hash keys have no order; unreadable bounds.
+            ("SELECT * FROM names WHERE n < 'c'", &[0, 1, 2]),
+            ("SELECT * FROM users WHERE id < 5", &[0, 1, 2]),
+            ("SELECT * FROM notes WHERE at < 'now'", &[0, 1, 2]),
+            (
+                "SELECT * FROM notes WHERE at >= '2026-02-01' AND at < '2026-03-01'",
+                &[1],
+            ),
+            ("SELECT * FROM notes WHERE at < '2025-06-01 00:00+02'", &[2]),
+        ] {
+            assert_eq!(shards(sql, &[]), want, "{sql}");
+        }
+        let (from, to) = (b"2026-08-01".as_slice(), b"2026-09-01".as_slice());
+        assert_eq!(
+            shards(
+                "SELECT * FROM notes WHERE at BETWEEN $1 AND $2",
+                &[Some(from), Some(to)]
+            ),
+            [0]
+        );
+        assert_eq!(
+            shards(
+                "SELECT * FROM notes WHERE at BETWEEN $1 AND $2",
+                &[None, Some(to)]
+            ),
+            [0, 1, 2]
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! key (`constraints`), and a literal or parameter as a key (`value_of`).
 
 use super::Rules;
-use super::analyze::{KeyRef, ident};
+use super::analyze::{KeyRange, KeyRef, ident};
 use crate::sharding::cast::Cast;
 use sqlparser::ast::{BinaryOperator, DataType, Expr, UnaryOperator, Value};
 use std::collections::HashMap;
@@ -22,13 +22,19 @@ pub(super) fn constraints(
             op: BinaryOperator::And,
             right,
         } => {
-            // Either side's constraint holds; keep the narrower one per table.
+            // Either side's constraint holds; keep the narrower one per table: values
+            // over bounds, fewer values over more, and bounds from both sides together
+            // (`k >= a AND k < b`).
             let l = constraints(left, rules, scope);
             let r = constraints(right, rules, scope);
             out = l;
             for (t, keys) in r {
-                match out.get(&t) {
-                    Some(existing) if existing.len() <= keys.len() => {}
+                match (out.get_mut(&t).map(Vec::as_mut_slice), keys.as_slice()) {
+                    (Some([KeyRef::Range(a)]), [KeyRef::Range(b)]) => {
+                        a.lower.extend(b.lower.iter().cloned());
+                        a.upper.extend(b.upper.iter().cloned());
+                    }
+                    (Some(existing), _) if narrower(existing, &keys) => {}
                     _ => {
                         out.insert(t, keys);
                     }
@@ -62,6 +68,48 @@ pub(super) fn constraints(
                 }
             }
         }
+        Expr::BinaryOp { left, op, right }
+            if matches!(
+                op,
+                BinaryOperator::Lt
+                    | BinaryOperator::LtEq
+                    | BinaryOperator::Gt
+                    | BinaryOperator::GtEq
+            ) =>
+        {
+            // `k < v` bounds k from above, `v < k` from below.
+            let below = matches!(op, BinaryOperator::Gt | BinaryOperator::GtEq);
+            for (col, val, lower) in [(left, right, below), (right, left, !below)] {
+                if let (Some(t), Some(v)) = (key_column(col, rules, scope), value_of(val)) {
+                    let mut range = KeyRange::default();
+                    if lower {
+                        range.lower.push(v);
+                    } else {
+                        range.upper.push(v);
+                    }
+                    out.insert(t, vec![KeyRef::Range(Box::new(range))]);
+                    break;
+                }
+            }
+        }
+        Expr::Between {
+            expr,
+            negated: false,
+            low,
+            high,
+        } => {
+            if let (Some(t), Some(lo), Some(hi)) = (
+                key_column(expr, rules, scope),
+                value_of(low),
+                value_of(high),
+            ) {
+                let range = KeyRange {
+                    lower: vec![lo],
+                    upper: vec![hi],
+                };
+                out.insert(t, vec![KeyRef::Range(Box::new(range))]);
+            }
+        }
         Expr::InList {
             expr,
             list,
@@ -77,6 +125,17 @@ pub(super) fn constraints(
         _ => {}
     }
     out
+}
+
+/// Whether constraint `a` narrows a key at least as much as `b`: values do more than
+/// bounds, and fewer values more than more.
+fn narrower(a: &[KeyRef], b: &[KeyRef]) -> bool {
+    let bounds = |k: &[KeyRef]| k.iter().any(|k| matches!(k, KeyRef::Range(_)));
+    match (bounds(a), bounds(b)) {
+        (false, true) => true,
+        (true, false) => false,
+        _ => a.len() <= b.len(),
+    }
 }
 
 /// The sharded table whose key column `e` names, if it does.
@@ -166,5 +225,6 @@ fn cast(v: KeyRef, ty: &DataType) -> Option<KeyRef> {
         KeyRef::Param(i, None) => Some(KeyRef::Param(i, Some(c))),
         KeyRef::Param(i, Some(first)) => c.keeps(first).then_some(KeyRef::Param(i, Some(first))),
         KeyRef::Null => Some(KeyRef::Null),
+        KeyRef::Range(_) => None,
     }
 }

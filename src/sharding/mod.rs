@@ -309,6 +309,35 @@ impl ShardFn {
         }
     }
 
+    /// Whether the table is sharded by ranges of its key.
+    pub fn is_ranged(&self) -> bool {
+        matches!(self.kind, Kind::Range { .. })
+    }
+
+    /// For a table sharded by ranges of a key whose order pgshard knows (not text, which
+    /// orders by collation), the shards that may hold keys from `lo` to `hi` (inclusive;
+    /// None: unbounded): those whose ranges meet them, and the default shard. None for
+    /// other tables: any shard may.
+    pub fn shards_between(&self, lo: Option<&Value>, hi: Option<&Value>) -> Option<Vec<usize>> {
+        let Kind::Range { ranges, default } = &self.kind else {
+            return None;
+        };
+        if self.ty == KeyType::Text {
+            return None;
+        }
+        let mut out: Vec<usize> = ranges
+            .iter()
+            .filter(|(from, to, _)| {
+                // A range is [from, to).
+                lo.is_none_or(|l| to.as_ref().is_none_or(|t| l < t))
+                    && hi.is_none_or(|h| from.as_ref().is_none_or(|f| h >= f))
+            })
+            .map(|r| r.2)
+            .collect();
+        out.extend(*default);
+        Some(out)
+    }
+
     /// For a directory-sharded table, its directory.
     pub fn directory(&self) -> Option<&std::sync::Arc<directory::DirectoryCache>> {
         match &self.kind {

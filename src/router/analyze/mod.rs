@@ -32,6 +32,17 @@ pub enum KeyRef {
     /// the cast does to its value.
     Param(usize, Option<Cast>),
     Null,
+    /// Not one value but bounds on the key, from comparisons in a WHERE clause (`>`,
+    /// `>=`, `<`, `<=`, BETWEEN): only a range-sharded table's shards are narrowed by it.
+    Range(Box<KeyRange>),
+}
+
+/// Bounds on a key: it is at least every lower bound and at most every upper one. Each is
+/// taken as inclusive (a strict `<` narrows as `<=` does), which can only add a shard.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct KeyRange {
+    pub lower: Vec<KeyRef>,
+    pub upper: Vec<KeyRef>,
 }
 
 /// Which shards a statement needs.

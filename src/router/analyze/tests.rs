@@ -283,3 +283,48 @@ fn exists_over_shards_merges_booleans() {
         assert!(analyze(sql, &rules()).is_err(), "{sql}");
     }
 }
+
+#[test]
+fn bounds_from_comparisons() {
+    let range =
+        |lower: Vec<KeyRef>, upper: Vec<KeyRef>| KeyRef::Range(Box::new(KeyRange { lower, upper }));
+    assert_eq!(
+        target("SELECT * FROM events WHERE id >= 5 AND name = 'x' AND id < 20"),
+        Target::Keys(vec![(3, range(vec![lit("5")], vec![lit("20")]))])
+    );
+    assert_eq!(
+        target("SELECT * FROM events WHERE 5 < id"),
+        Target::Keys(vec![(3, range(vec![lit("5")], vec![]))])
+    );
+    assert_eq!(
+        target("SELECT * FROM events e WHERE e.id BETWEEN $1 AND $2::bigint"),
+        Target::Keys(vec![(
+            3,
+            range(
+                vec![KeyRef::Param(0, None)],
+                vec![KeyRef::Param(1, Some(crate::sharding::cast::Cast::Int(20)))]
+            )
+        )])
+    );
+    // A value narrows more than bounds; a disjunction needs both.
+    assert_eq!(
+        target("SELECT * FROM events WHERE id > 5 AND id = 7"),
+        Target::Keys(vec![(3, lit("7"))])
+    );
+    assert_eq!(
+        target("SELECT * FROM events WHERE id = 7 AND id > 5"),
+        Target::Keys(vec![(3, lit("7"))])
+    );
+    assert_eq!(
+        target("SELECT * FROM events WHERE id < 5 OR id = 200"),
+        Target::Keys(vec![(3, range(vec![], vec![lit("5")])), (3, lit("200"))])
+    );
+    for sql in [
+        "SELECT * FROM events WHERE id < 5 OR name = 'x'",
+        "SELECT * FROM events WHERE id NOT BETWEEN 1 AND 5",
+        "SELECT * FROM events WHERE id < now_ms()",
+        "SELECT * FROM events WHERE id <> 5",
+    ] {
+        assert_eq!(target(sql), Target::All, "{sql}");
+    }
+}
