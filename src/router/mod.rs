@@ -471,13 +471,14 @@ mod tests {
         assert_eq!(target_hint("SELECT 1"), None);
     }
 
-    #[test]
-    fn bounds_narrow_range_sharded_tables_only() {
+    /// Three shards; `events` ranged by an integer key (below 100, below 200, below 300,
+    /// nothing above), `users` hashed, `notes` ranged by time, `names` by text.
+    fn ranged() -> Router {
         let t = |y: &str| {
             let c: crate::config::ShardedTableConfig = yaml_serde::from_str(y).unwrap();
             ShardFn::new(&c, 3, "t").unwrap()
         };
-        let r = Router {
+        Router {
             default_shard: 0,
             shards: 3,
             rules: Rules::new(
@@ -495,19 +496,27 @@ mod tests {
                 ],
                 vec![],
             ),
+        }
+    }
+
+    /// The shards `sql` is routed to with text parameters `params`.
+    fn routed(r: &Router, sql: &str, params: &[Option<&[u8]>]) -> Vec<usize> {
+        let a = analyze::analyze(sql, &r.rules).unwrap();
+        let p = Params {
+            values: params.to_vec(),
+            binary: vec![false; params.len()],
+            oids: vec![0; params.len()],
         };
-        let shards = |sql: &str, params: &[Option<&[u8]>]| {
-            let a = analyze::analyze(sql, &r.rules).unwrap();
-            let p = Params {
-                values: params.to_vec(),
-                binary: vec![false; params.len()],
-                oids: vec![0; params.len()],
-            };
-            match r.resolve(&a, &p, &Zone::utc()).unwrap() {
-                Route::Shards(v) => v,
-                other => panic!("{sql}: {other:?}"),
-            }
-        };
+        match r.resolve(&a, &p, &Zone::utc()).unwrap() {
+            Route::Shards(v) => v,
+            other => panic!("{sql}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bounds_narrow_range_sharded_tables_only() {
+        let r = ranged();
+        let shards = |sql: &str, params: &[Option<&[u8]>]| routed(&r, sql, params);
         for (sql, want) in [
             (
                 "SELECT * FROM events WHERE id >= 120 AND id < 150",
@@ -559,6 +568,96 @@ mod tests {
             ),
             [0, 1, 2]
         );
+    }
+
+    /// A condition on `events.id`: comparisons with tenths, BETWEEN, a condition on
+    /// another column, AND, OR.
+    #[derive(Debug, Clone)]
+    enum Cond {
+        Cmp(usize, i32, bool),
+        Between(i32, i32),
+        Other,
+        And(Box<Cond>, Box<Cond>),
+        Or(Box<Cond>, Box<Cond>),
+    }
+
+    const OPS: [&str; 5] = ["<", "<=", ">", ">=", "="];
+
+    impl Cond {
+        fn sql(&self) -> String {
+            // Tenths, as PostgreSQL reads them: `-5.5`, and whole numbers without a point.
+            let num = |v: i32| match v % 10 {
+                0 => (v / 10).to_string(),
+                _ => format!("{:.1}", f64::from(v) / 10.0),
+            };
+            match self {
+                Cond::Cmp(op, v, true) => format!("id {} {}", OPS[*op], num(*v)),
+                Cond::Cmp(op, v, false) => format!("{} {} id", num(*v), OPS[*op]),
+                Cond::Between(a, b) => format!("id BETWEEN {} AND {}", num(*a), num(*b)),
+                Cond::Other => "name = 'x'".into(),
+                Cond::And(a, b) => format!("({} AND {})", a.sql(), b.sql()),
+                Cond::Or(a, b) => format!("({} OR {})", a.sql(), b.sql()),
+            }
+        }
+
+        /// Whether a row with key `k` can meet it (the other column as it may be).
+        fn holds(&self, k: i32) -> bool {
+            let (key, tenths) = (f64::from(k), |v: i32| f64::from(v) / 10.0);
+            let cmp = |op: usize, a: f64, b: f64| match op {
+                0 => a < b,
+                1 => a <= b,
+                2 => a > b,
+                3 => a >= b,
+                _ => a == b,
+            };
+            match self {
+                Cond::Cmp(op, v, true) => cmp(*op, key, tenths(*v)),
+                Cond::Cmp(op, v, false) => cmp(*op, tenths(*v), key),
+                Cond::Between(a, b) => tenths(*a) <= key && key <= tenths(*b),
+                Cond::Other => true,
+                Cond::And(a, b) => a.holds(k) && b.holds(k),
+                Cond::Or(a, b) => a.holds(k) || b.holds(k),
+            }
+        }
+    }
+
+    fn cond() -> impl proptest::strategy::Strategy<Value = Cond> {
+        use proptest::prelude::*;
+        // Tenths; often on or next to a range's edge, where a wrong comparison shows.
+        let edges = [
+            -10, -5, 0, 5, 990, 995, 1000, 1005, 1990, 2000, 2005, 2990, 3000, 3005,
+        ];
+        let value = || prop_oneof![proptest::sample::select(edges.to_vec()), -300i32..3300];
+        let leaf = prop_oneof![
+            (0..OPS.len(), value(), any::<bool>()).prop_map(|(o, v, l)| Cond::Cmp(o, v, l)),
+            (value(), value()).prop_map(|(a, b)| Cond::Between(a, b)),
+            Just(Cond::Other),
+        ];
+        leaf.prop_recursive(3, 16, 2, |inner| {
+            prop_oneof![
+                (inner.clone(), inner.clone()).prop_map(|(a, b)| Cond::And(a.into(), b.into())),
+                (inner.clone(), inner).prop_map(|(a, b)| Cond::Or(a.into(), b.into())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// Whatever the comparisons, AND and OR: every key that can meet the WHERE clause
+        /// is on a shard the statement goes to.
+        #[test]
+        fn bounds_never_miss_a_shard(c in cond()) {
+            let r = ranged();
+            let sql = format!("SELECT * FROM events WHERE {}", c.sql());
+            let got = routed(&r, &sql, &[]);
+            // Keys of 300 and above are in no range: no row has one.
+            for k in -40..300 {
+                let shard = (k.max(0) / 100) as usize;
+                proptest::prop_assert!(
+                    !c.holds(k) || got.contains(&shard),
+                    "{sql}: key {k} on shard {shard}, routed to {got:?}"
+                );
+            }
+        }
     }
 
     #[test]
