@@ -14,6 +14,7 @@ use crate::protocol::{self, PgError};
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
 
+pub mod copy_text;
 pub mod directory;
 pub mod finalize;
 pub mod merge;

@@ -19,6 +19,41 @@ pub(super) enum CopyPlan {
     In(Option<usize>),
     /// Gathered from these shards.
     Out(Vec<usize>),
+    /// `COPY (query) TO STDOUT` whose query only a merge answers: the query's analysis
+    /// for the merge (see [`merged_copy`]) over these shards.
+    Merged(Vec<usize>, Box<router::Analysis>),
+    /// Such a COPY pgshard cannot write.
+    Refused(PgError),
+}
+
+/// The analysis under which `COPY (q) TO STDOUT` runs as its query `q`, merged, with the
+/// rows written as the COPY's data: each shard runs the query (or its rewrite for the
+/// merge), never the COPY.
+fn merged_copy(cs: CopyStmt, q: &str, a: router::Analysis) -> router::Analysis {
+    router::Analysis {
+        shard_sql: Some(a.shard_sql.clone().unwrap_or_else(|| q.to_string())),
+        copy_to: Some(std::sync::Arc::new(cs)),
+        ..a
+    }
+}
+
+/// Why pgshard cannot write a COPY's data from merged rows, if it cannot: binary rows
+/// are not merged, and options it does not apply would change the data.
+fn merged_copy_refused(cs: &CopyStmt) -> Option<PgError> {
+    let hint = "Run the query itself (pgshard merges it), or COPY from each shard with a /* pgshard: shard=N */ hint.";
+    if cs.format == router::copy::Format::Binary {
+        return Some(PgError::new(
+            "0A000",
+            "COPY (query) TO STDOUT in the binary format over several shards only concatenates rows: a query with ORDER BY, LIMIT, DISTINCT or aggregates is not supported there",
+        ).with_hint(hint));
+    }
+    cs.ignored.first().map(|o| {
+        PgError::new(
+            "0A000",
+            format!("COPY (query) TO STDOUT over several shards whose rows pgshard merges does not support the option {o}"),
+        )
+        .with_hint(hint)
+    })
 }
 
 impl Session {
@@ -88,13 +123,17 @@ impl Session {
                     }
                     router::Route::Shards(v) => {
                         let concat = matches!(&a.merge, Some(Ok(m)) if m.is_concatenation());
-                        if !concat {
-                            self.answer_error(PgError::new(
-                                "0A000",
-                                "COPY (query) TO STDOUT over several shards only concatenates rows: a query with ORDER BY, LIMIT, DISTINCT or aggregates is not supported there",
-                            ).with_hint("Run the query itself (pgshard merges it), or COPY from each shard with a /* pgshard: shard=N */ hint."));
-                        } else {
+                        if concat {
                             self.copy_out(sql, v, Joined::of(&cs), false).await?;
+                        } else if let Some(e) = merged_copy_refused(&cs) {
+                            self.answer_error(e);
+                        } else {
+                            // The query runs merged, as on its own; its rows are written
+                            // as the COPY's data.
+                            let q = q.clone();
+                            let a = merged_copy(cs, &q, a);
+                            self.set_read_ok(sql, Some(&a));
+                            self.run_multi(&q, v, &a).await?;
                         }
                     }
                 }
@@ -133,6 +172,15 @@ impl Session {
                     {
                         CopyPlan::Out(v)
                     }
+                    router::Route::Shards(v) if v.len() > 1 && matches!(&a.merge, Some(Ok(_))) => {
+                        match merged_copy_refused(&cs) {
+                            Some(e) => CopyPlan::Refused(e),
+                            None => {
+                                let a = merged_copy(cs.clone(), q, a);
+                                CopyPlan::Merged(v, Box::new(a))
+                            }
+                        }
+                    }
                     _ => return None,
                 }
             }
@@ -153,7 +201,41 @@ impl Session {
         match plan {
             CopyPlan::Out(shards) => self.copy_out(sql, shards, Joined::of(&cs), true).await,
             CopyPlan::In(table) => self.copy_in(sql, cs, table, true).await,
+            // Answered at the Bind (`merged_copy_bind`).
+            CopyPlan::Merged(..) | CopyPlan::Refused(_) => Ok(()),
         }
+    }
+
+    /// The Bind of a `COPY (query) TO STDOUT` whose query only a merge answers: the query
+    /// runs merged as a Bind of it would (results as text, which the COPY's data is
+    /// written from), and its portal holds the COPY's answer.
+    pub(super) async fn merged_copy_bind(
+        &mut self,
+        frame: &bytes::Bytes,
+        shards: &[usize],
+        a: &router::Analysis,
+    ) -> Result<(), SessionError> {
+        let b = protocol::parse_bind(frame)?;
+        let mut body = Vec::with_capacity(frame.len());
+        for name in [b.portal, b.stmt] {
+            body.extend_from_slice(name);
+            body.push(0);
+        }
+        body.extend_from_slice(&protocol::with_result_formats(b.rest, &[])?);
+        let mut text = BytesMut::with_capacity(body.len() + 5);
+        protocol::write_msg(&mut text, b'B', &body);
+        let text = text.freeze();
+        if self.status == b'I' && !self.in_batch {
+            self.settle().await?;
+            self.detach().await;
+            return self.scatter_bind(&text, shards, a).await;
+        }
+        if self.can_run_in_transaction() {
+            return self.write_bind(&text, shards, a).await;
+        }
+        let e = super::route::cross_shard_txn(self.home_shard(), shards);
+        self.local_error(e);
+        Ok(())
     }
 
     /// A COPY that one shard answers: forwarded as any statement.

@@ -217,10 +217,7 @@ impl Session {
                     )
                     .await;
                 }
-                merged.map(|out| match &a.cursor {
-                    Some(c) => self.declare_cursor(c, out),
-                    None => out,
-                })
+                merged.map(|out| self.merged_answer(a, out))
             }
             Multi::SplitInsert(parts) => {
                 scatter::run_each_all_or_none(&self.db, parts, Some(&prelude), self.settings_fp)
@@ -273,6 +270,16 @@ impl Session {
         }
         protocol::write_ready(&mut self.cout, self.status);
         Ok(())
+    }
+
+    /// The client's answer from a query's merged rows: as they are, held as a DECLARE's
+    /// cursor, or written as a COPY's data.
+    pub(super) fn merged_answer(&mut self, a: &Analysis, out: bytes::BytesMut) -> bytes::BytesMut {
+        match (&a.cursor, &a.copy_to) {
+            (Some(c), _) => self.declare_cursor(c, out),
+            (None, Some(cs)) => crate::exec::copy_text::from_merged(&out, cs),
+            (None, None) => out,
+        }
     }
 
     /// Logs a request pgshard ran over several shards (debug; warn when slow).

@@ -434,10 +434,7 @@ impl Session {
     /// portal answering the DECLARE), or fails the Bind with the merge's or a shard's
     /// error.
     fn hold_merged(&mut self, merged: Result<bytes::BytesMut, PgError>, a: &Analysis) {
-        let merged = match (merged, &a.cursor) {
-            (Ok(out), Some(c)) => Ok(self.declare_cursor(c, out)),
-            (m, _) => m,
-        };
+        let merged = merged.map(|out| self.merged_answer(a, out));
         match merged {
             // A shard's error.
             Ok(out) if protocol::has_error(&out) => self.bind_failed(out.freeze()),

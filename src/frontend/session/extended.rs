@@ -428,6 +428,17 @@ impl Session {
                 let Some((cs, plan)) = self.multi_copy(&sql) else {
                     return Ok(false);
                 };
+                match plan {
+                    super::copy::CopyPlan::Merged(shards, a) => {
+                        self.merged_copy_bind(frame, &shards, &a).await?;
+                        return Ok(true);
+                    }
+                    super::copy::CopyPlan::Refused(e) => {
+                        self.local_error(e);
+                        return Ok(true);
+                    }
+                    _ => {}
+                }
                 if self.holding() {
                     let home = self.home_shard();
                     if !self.release_held(home).await? {

@@ -406,10 +406,7 @@ impl Session {
                     else {
                         return Ok(None);
                     };
-                    merged.map(|out| match &a.cursor {
-                        Some(c) => self.declare_cursor(c, out),
-                        None => out,
-                    })
+                    merged.map(|out| self.merged_answer(a, out))
                 }
                 Multi::SplitInsert(_) => Ok(scatter::combine_writes(results, true)),
                 Multi::Write { sum } => Ok(scatter::combine_writes(results, *sum)),

@@ -110,6 +110,9 @@ pub struct Analysis {
     /// `shard_sql` its text), so that over several shards pgshard runs the query merged
     /// and holds its rows as the cursor.
     pub cursor: Option<std::sync::Arc<Cursor>>,
+    /// The query of a `COPY (query) TO STDOUT` over several shards that only a merge
+    /// answers (set by the session): pgshard writes the merged rows as the COPY's data.
+    pub copy_to: Option<std::sync::Arc<crate::router::copy::CopyStmt>>,
     /// An EXPLAIN: routed as the statement it explains (a read unless ANALYZE runs it);
     /// over several shards each shard's plan is shown, never merged.
     pub explain: bool,
@@ -202,6 +205,7 @@ impl Analysis {
             one_shard: false,
             keyless: Vec::new(),
             cursor: None,
+            copy_to: None,
             explain: false,
             sets_time_zone: false,
         }
@@ -610,6 +614,7 @@ fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
         one_shard: one_shard || c.one_shard,
         keyless: c.keyless,
         cursor: None,
+        copy_to: None,
         explain: false,
         sets_time_zone: false,
     })

@@ -33,6 +33,9 @@ pub struct CopyStmt {
     pub escape: u8,
     pub null: Vec<u8>,
     pub header: bool,
+    /// Options read and not applied here (`force_quote`, `encoding`, ...), lowercased:
+    /// where pgshard writes the rows itself, it must refuse them.
+    pub ignored: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -182,6 +185,7 @@ fn parse_tokens(t: &[Tok], sql: &str) -> Result<CopyStmt, String> {
         escape: 0,
         null: b"\\N".to_vec(),
         header: false,
+        ignored: Vec::new(),
     };
     let mut i = 0;
     if t.first() == Some(&Tok::Open) {
@@ -325,7 +329,7 @@ fn parse_tokens(t: &[Tok], sql: &str) -> Result<CopyStmt, String> {
                     csv_default_null = false;
                 }
                 "header" => c.header = on(),
-                _ => {}
+                _ => c.ignored.push(name.clone()),
             }
             if t.get(i) == Some(&Tok::Comma) {
                 i += 1;
@@ -358,6 +362,7 @@ fn parse_tokens(t: &[Tok], sql: &str) -> Result<CopyStmt, String> {
                     c.escape = one_byte(value()?, "escape")?;
                     escape_set = true;
                 }
+                w if !w.is_empty() => c.ignored.push(w.to_string()),
                 _ => {}
             }
         }
