@@ -2199,6 +2199,75 @@ async fn range_conditions_go_to_the_shards_whose_ranges_they_meet() {
 }
 
 #[tokio::test]
+async fn key_equal_to_any_element_of_an_array_goes_to_the_elements_shards() {
+    // `id = ANY($1)` with an array of keys, as asyncpg, pgx and node-postgres users write a
+    // list: the shards of its elements, where pgshard used to ask every shard (and
+    // refused such writes by default).
+    let addr = setup().await;
+    let c = connect(addr).await;
+    let plain = connect_server(ports()[0], "plain").await;
+    for q in [
+        "SELECT id, name FROM users WHERE id = ANY('{3,5,150}') ORDER BY id",
+        "SELECT id, name FROM users WHERE id = ANY(ARRAY[7, 8]) ORDER BY id",
+        "SELECT id FROM users WHERE id = ANY('{}')",
+        "SELECT id FROM users WHERE id = ANY('{NULL,9}'::bigint[])",
+        "SELECT count(*) FROM users WHERE id = ANY('{1,2,3,4,5,6}') OR id = 199",
+    ] {
+        same_as_plain(&c, &plain, q).await;
+    }
+    let ids = |rows: Vec<tokio_postgres::Row>| {
+        rows.iter().map(|r| r.get::<_, i64>(0)).collect::<Vec<_>>()
+    };
+    let q = "SELECT id FROM users WHERE id = ANY($1) ORDER BY id";
+    for keys in [vec![1i64, 2, 3, 120], vec![42], vec![]] {
+        assert_eq!(
+            ids(c.query(q, &[&keys]).await.unwrap()),
+            ids(plain.query(q, &[&keys]).await.unwrap())
+        );
+    }
+    assert!(c.query(q, &[&None::<Vec<i64>>]).await.unwrap().is_empty());
+    // Keys of one shard: one shard runs it (EXPLAIN shows one plan, no `Shard N`), and a
+    // write with them is a one-shard write.
+    let shard_of = |id: i64| partition_of(&HashKey::Int(id), 2);
+    let same: Vec<i64> = (930_000..)
+        .filter(|&id| shard_of(id) == shard_of(930_000))
+        .take(3)
+        .collect();
+    let list = format!(
+        "{{{}}}",
+        same.iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let plan = rows(
+        &c.simple_query(&format!(
+            "EXPLAIN SELECT * FROM users WHERE id = ANY('{list}')"
+        ))
+        .await
+        .unwrap(),
+    );
+    assert!(
+        !plan
+            .iter()
+            .flatten()
+            .flatten()
+            .any(|l| l.starts_with("Shard ")),
+        "{plan:?}"
+    );
+    for id in &same {
+        c.execute("INSERT INTO split_t (id, name) VALUES ($1, 'any')", &[id])
+            .await
+            .unwrap();
+    }
+    let n = c
+        .execute("DELETE FROM split_t WHERE id = ANY($1)", &[&same])
+        .await
+        .unwrap();
+    assert_eq!(n, 3);
+}
+
+#[tokio::test]
 async fn computed_keys_are_evaluated_by_a_server() {
     // `computed_t` is range-sharded on a timestamptz at 2026-01-01 UTC. Keys pgshard cannot
     // read itself (expressions such as now(), and text such as 'infinity' or a zone name)

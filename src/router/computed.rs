@@ -16,7 +16,7 @@ pub(super) fn readable(k: &KeyRef, rule: &crate::sharding::ShardFn) -> bool {
         }
         KeyRef::Param(..) | KeyRef::Null => true,
         // Bounds come from WHERE clauses, never from rows to insert.
-        KeyRef::Range(_) => false,
+        KeyRef::Range(_) | KeyRef::Elements(_) => false,
     }
 }
 

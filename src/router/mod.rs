@@ -3,6 +3,7 @@
 //! is the never-failing classifier used for pooling and for routing hints.
 
 pub mod analyze;
+mod array;
 mod colocation;
 pub mod computed;
 pub mod copy;
@@ -234,6 +235,9 @@ impl Router {
                     let f = &self.rules.tables[*t];
                     let found = match k {
                         KeyRef::Range(r) => self.shards_between(f, r, p, zone, &mut out),
+                        KeyRef::Elements(array) => {
+                            self.shards_of_elements(f, array, p, zone, &mut out)
+                        }
                         k => self.shard_of_key(f, k, p, zone).map(|s| {
                             if !out.contains(&s) {
                                 out.push(s);
@@ -257,6 +261,10 @@ impl Router {
                         }
                         Err(e) => return Err(e),
                     }
+                }
+                if out.is_empty() {
+                    // Only arrays without elements: no row matches, which every shard says.
+                    all_shards(self.shards, &mut out);
                 }
                 out.sort_unstable();
                 Ok(Route::Shards(out))
@@ -298,7 +306,7 @@ impl Router {
                 let declared = p.oids.get(*i).copied().unwrap_or(0);
                 param(f, *v, binary, declared, *cast, zone)
             }
-            KeyRef::Range(_) => Err("bounds are not one value".to_string()),
+            KeyRef::Range(_) | KeyRef::Elements(_) => Err("not one value".to_string()),
         };
         Ok(v.map_err(|d| f.bad_value(d))?)
     }
@@ -351,7 +359,60 @@ impl Router {
     }
 }
 
-/// Every shard, added to `out`.
+impl Router {
+    /// Adds to `out` the shards of the elements of `array` (a literal or a parameter) as
+    /// keys of table `f`. A NULL array or element matches no row; an empty array either.
+    fn shards_of_elements(
+        &self,
+        f: &ShardFn,
+        array: &KeyRef,
+        p: &Params<'_>,
+        zone: &Zone,
+        out: &mut Vec<usize>,
+    ) -> Result<(), RouteError> {
+        let (bytes, binary, declared) = match array {
+            KeyRef::Literal(text) => (Some(text.as_bytes()), false, 0),
+            KeyRef::Param(i, _) => {
+                let Some(v) = p.values.get(*i) else {
+                    return Err(RouteError::MissingParam(i + 1, p.values.len()));
+                };
+                let binary = p.binary.get(*i).copied().unwrap_or(false);
+                (*v, binary, p.oids.get(*i).copied().unwrap_or(0))
+            }
+            _ => (None, false, 0),
+        };
+        let bad = |d: String| RouteError::Key(f.bad_value(d));
+        let mut add = |elem: Option<&[u8]>, binary: bool, oid: u32| -> Result<(), RouteError> {
+            if elem.is_some() {
+                let v = param(f, elem, binary, oid, None, zone).map_err(bad)?;
+                let s = f.shard_of(&v, self.shards)?;
+                if !out.contains(&s) {
+                    out.push(s);
+                }
+            }
+            Ok(())
+        };
+        match bytes {
+            Some(b) if binary => {
+                let (oid, elements) = array::binary_elements(b).map_err(bad)?;
+                for e in elements {
+                    add(e, true, oid)?;
+                }
+            }
+            Some(b) => {
+                let text = std::str::from_utf8(b).map_err(|_| bad("not valid UTF-8".into()))?;
+                let oid = array::element_oid(declared);
+                for e in array::text_elements(text).map_err(bad)? {
+                    add(e.as_deref().map(str::as_bytes), false, oid)?;
+                }
+            }
+            None => {}
+        }
+        Ok(())
+    }
+}
+
+/// Makes `out` every shard.
 fn all_shards(shards: usize, out: &mut Vec<usize>) {
     out.clear();
     out.extend(0..shards);
@@ -567,6 +628,79 @@ mod tests {
                 &[None, Some(to)]
             ),
             [0, 1, 2]
+        );
+    }
+
+    #[test]
+    fn arrays_route_by_their_elements() {
+        let r = ranged();
+        let shards = |sql: &str, params: &[Option<&[u8]>]| routed(&r, sql, params);
+        for (sql, want) in [
+            (
+                "SELECT * FROM events WHERE id = ANY('{5,150}')",
+                &[0, 1][..],
+            ),
+            ("SELECT * FROM events WHERE id = ANY(ARRAY[250, 260])", &[2]),
+            (
+                "SELECT * FROM events e WHERE e.id = ANY('{NULL, 120}'::bigint[])",
+                &[1],
+            ),
+            (
+                "SELECT * FROM events WHERE id = ANY('{5}') OR id = 250",
+                &[0, 2],
+            ),
+            (
+                "SELECT * FROM events WHERE id = ANY('{5}') AND id = ANY('{5,150,250}')",
+                &[0],
+            ),
+            // No element, or not an array pgshard reads: every shard.
+            ("SELECT * FROM events WHERE id = ANY('{}')", &[0, 1, 2]),
+            ("SELECT * FROM events WHERE id = ANY('{1,{2}}')", &[0, 1, 2]),
+            ("SELECT * FROM events WHERE id <> ANY('{5}')", &[0, 1, 2]),
+            (
+                "SELECT * FROM events WHERE id = ANY(some_function())",
+                &[0, 1, 2],
+            ),
+        ] {
+            assert_eq!(shards(sql, &[]), want, "{sql}");
+        }
+        let q = "SELECT * FROM events WHERE id = ANY($1)";
+        assert_eq!(shards(q, &[Some(b"{10,20}")]), [0]);
+        assert_eq!(shards(q, &[Some(b"{\"210\", 299}")]), [2]);
+        assert_eq!(shards(q, &[None]), [0, 1, 2]);
+        let users = |ids: &str| {
+            shards(
+                &format!("SELECT * FROM users WHERE id = ANY('{{{ids}}}')"),
+                &[],
+            )
+        };
+        let mut each: Vec<usize> = ["1", "2", "3"].iter().flat_map(|i| users(i)).collect();
+        each.sort_unstable();
+        each.dedup();
+        assert_eq!(users("1,2,3"), each);
+        // A binary int8[] parameter: {5, NULL, 150}.
+        let mut b = Vec::new();
+        for x in [1i32, 1, 20, 3, 1] {
+            b.extend_from_slice(&x.to_be_bytes());
+        }
+        for v in [Some(5i64), None, Some(150)] {
+            match v {
+                Some(v) => {
+                    b.extend_from_slice(&8i32.to_be_bytes());
+                    b.extend_from_slice(&v.to_be_bytes());
+                }
+                None => b.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+        }
+        let a = analyze::analyze(q, &r.rules).unwrap();
+        let p = Params {
+            values: vec![Some(&b[..])],
+            binary: vec![true],
+            oids: vec![0],
+        };
+        assert_eq!(
+            r.resolve(&a, &p, &Zone::utc()).unwrap(),
+            Route::Shards(vec![0, 1])
         );
     }
 

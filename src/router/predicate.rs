@@ -110,6 +110,16 @@ pub(super) fn constraints(
                 out.insert(t, vec![KeyRef::Range(Box::new(range))]);
             }
         }
+        Expr::AnyOp {
+            left,
+            compare_op: BinaryOperator::Eq,
+            right,
+            ..
+        } => {
+            if let (Some(t), Some(keys)) = (key_column(left, rules, scope), elements(right)) {
+                out.insert(t, keys);
+            }
+        }
         Expr::InList {
             expr,
             list,
@@ -125,6 +135,27 @@ pub(super) fn constraints(
         _ => {}
     }
     out
+}
+
+/// The keys `= ANY(e)` allows: the values of `ARRAY[...]`, or the elements of an array
+/// literal or parameter (through casts to an array type).
+fn elements(e: &Expr) -> Option<Vec<KeyRef>> {
+    match e {
+        Expr::Nested(x) => elements(x),
+        Expr::Array(a) => a.elem.iter().map(value_of).collect(),
+        Expr::Cast {
+            expr,
+            data_type: DataType::Array(_),
+            ..
+        } => elements(expr),
+        Expr::Value(v) => match constant(&v.value)? {
+            k @ (KeyRef::Literal(_) | KeyRef::Param(..)) => {
+                Some(vec![KeyRef::Elements(Box::new(k))])
+            }
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 /// Whether constraint `a` narrows a key at least as much as `b`: values do more than
@@ -225,6 +256,6 @@ fn cast(v: KeyRef, ty: &DataType) -> Option<KeyRef> {
         KeyRef::Param(i, None) => Some(KeyRef::Param(i, Some(c))),
         KeyRef::Param(i, Some(first)) => c.keeps(first).then_some(KeyRef::Param(i, Some(first))),
         KeyRef::Null => Some(KeyRef::Null),
-        KeyRef::Range(_) => None,
+        KeyRef::Range(_) | KeyRef::Elements(_) => None,
     }
 }

@@ -35,6 +35,9 @@ pub enum KeyRef {
     /// Not one value but bounds on the key, from comparisons in a WHERE clause (`>`,
     /// `>=`, `<`, `<=`, BETWEEN): only a range-sharded table's shards are narrowed by it.
     Range(Box<KeyRange>),
+    /// The elements of an array, given as a literal or a parameter (`key = ANY($1)`,
+    /// `key = ANY('{1,2}')`): the key is one of them.
+    Elements(Box<KeyRef>),
 }
 
 /// Bounds on a key: it is at least every lower bound and at most every upper one. Each is
