@@ -328,3 +328,15 @@ fn bounds_from_comparisons() {
         assert_eq!(target(sql), Target::All, "{sql}");
     }
 }
+
+#[test]
+fn between_symmetric_is_not_read_as_bounds() {
+    let r = analyze(
+        "SELECT * FROM events WHERE id BETWEEN SYMMETRIC 250 AND 50",
+        &rules(),
+    );
+    assert!(
+        !matches!(&r, Ok(a) if matches!(&a.target, Target::Keys(_))),
+        "{r:?}"
+    );
+}
