@@ -161,6 +161,18 @@ pub struct Params<'a> {
     pub oids: Vec<u32>,
 }
 
+impl<'a> Params<'a> {
+    /// Parameter `i` (zero-based): its value (None: NULL), whether it is binary, and the
+    /// type Parse declared for it (0: unspecified).
+    fn get(&self, i: usize) -> Result<(Option<&'a [u8]>, bool, u32), RouteError> {
+        let Some(v) = self.values.get(i) else {
+            return Err(RouteError::MissingParam(i + 1, self.values.len()));
+        };
+        let binary = self.binary.get(i).copied().unwrap_or(false);
+        Ok((*v, binary, self.oids.get(i).copied().unwrap_or(0)))
+    }
+}
+
 /// Routes statements of one database.
 #[derive(Debug, Clone)]
 pub struct Router {
@@ -238,11 +250,9 @@ impl Router {
                         KeyRef::Elements(array) => {
                             self.shards_of_elements(f, array, p, zone, &mut out)
                         }
-                        k => self.shard_of_key(f, k, p, zone).map(|s| {
-                            if !out.contains(&s) {
-                                out.push(s);
-                            }
-                        }),
+                        k => self
+                            .shard_of_key(f, k, p, zone)
+                            .map(|s| add_shard(&mut out, s)),
                     };
                     match found {
                         Ok(()) => {}
@@ -299,12 +309,8 @@ impl Router {
             KeyRef::Instant(text) => f.ty.parse_text(text, zone),
             KeyRef::Null => Ok(Value::Null),
             KeyRef::Param(i, cast) => {
-                let Some(v) = p.values.get(*i) else {
-                    return Err(RouteError::MissingParam(i + 1, p.values.len()));
-                };
-                let binary = p.binary.get(*i).copied().unwrap_or(false);
-                let declared = p.oids.get(*i).copied().unwrap_or(0);
-                param(f, *v, binary, declared, *cast, zone)
+                let (v, binary, declared) = p.get(*i)?;
+                param(f, v, binary, declared, *cast, zone)
             }
             KeyRef::Range(_) | KeyRef::Elements(_) => Err("not one value".to_string()),
         };
@@ -348,18 +354,14 @@ impl Router {
             // Bounds no key meets match no row; any shard can say so, and every shard does.
             Some(shards) if !shards.is_empty() => {
                 for s in shards {
-                    if !out.contains(&s) {
-                        out.push(s);
-                    }
+                    add_shard(out, s);
                 }
             }
             _ => all_shards(self.shards, out),
         }
         Ok(())
     }
-}
 
-impl Router {
     /// Adds to `out` the shards of the elements of `array` (a literal or a parameter) as
     /// keys of table `f`. A NULL array or element matches no row; an empty array either.
     fn shards_of_elements(
@@ -372,23 +374,14 @@ impl Router {
     ) -> Result<(), RouteError> {
         let (bytes, binary, declared) = match array {
             KeyRef::Literal(text) => (Some(text.as_bytes()), false, 0),
-            KeyRef::Param(i, _) => {
-                let Some(v) = p.values.get(*i) else {
-                    return Err(RouteError::MissingParam(i + 1, p.values.len()));
-                };
-                let binary = p.binary.get(*i).copied().unwrap_or(false);
-                (*v, binary, p.oids.get(*i).copied().unwrap_or(0))
-            }
+            KeyRef::Param(i, _) => p.get(*i)?,
             _ => (None, false, 0),
         };
         let bad = |d: String| RouteError::Key(f.bad_value(d));
         let mut add = |elem: Option<&[u8]>, binary: bool, oid: u32| -> Result<(), RouteError> {
             if elem.is_some() {
                 let v = param(f, elem, binary, oid, None, zone).map_err(bad)?;
-                let s = f.shard_of(&v, self.shards)?;
-                if !out.contains(&s) {
-                    out.push(s);
-                }
+                add_shard(out, f.shard_of(&v, self.shards)?);
             }
             Ok(())
         };
@@ -409,6 +402,13 @@ impl Router {
             None => {}
         }
         Ok(())
+    }
+}
+
+/// Adds shard `s` to `out` once.
+fn add_shard(out: &mut Vec<usize>, s: usize) {
+    if !out.contains(&s) {
+        out.push(s);
     }
 }
 
