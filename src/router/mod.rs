@@ -318,8 +318,9 @@ impl Router {
     }
 
     /// Adds to `out` the shards that may hold keys of table `f` within the bounds `r`:
-    /// those whose ranges meet them on a range-sharded table, every shard otherwise (or
-    /// when a bound is NULL, which no key meets).
+    /// those whose ranges meet them where bounds narrow (a range-sharded key of an order
+    /// pgshard knows; its bounds are not read otherwise), every shard elsewhere or when a
+    /// bound is NULL, which no key meets.
     fn shards_between(
         &self,
         f: &ShardFn,
@@ -329,7 +330,7 @@ impl Router {
         out: &mut Vec<usize>,
     ) -> Result<(), RouteError> {
         let mut found = None;
-        if f.is_ranged() {
+        if f.bounds_narrow() {
             let (mut lo, mut hi) = (None::<Value>, None::<Value>);
             for (bounds, lower) in [(&r.lower, true), (&r.upper, false)] {
                 for k in bounds {

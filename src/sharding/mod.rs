@@ -309,20 +309,20 @@ impl ShardFn {
         }
     }
 
-    /// Whether the table is sharded by ranges of its key.
-    pub fn is_ranged(&self) -> bool {
-        matches!(self.kind, Kind::Range { .. })
+    /// Whether bounds on the key narrow its shards: the table is sharded by ranges of a
+    /// key whose order pgshard knows (not text, which orders by collation).
+    pub fn bounds_narrow(&self) -> bool {
+        matches!(self.kind, Kind::Range { .. }) && self.ty != KeyType::Text
     }
 
-    /// For a table sharded by ranges of a key whose order pgshard knows (not text, which
-    /// orders by collation), the shards that may hold keys from `lo` to `hi` (inclusive;
-    /// None: unbounded): those whose ranges meet them, and the default shard. None for
-    /// other tables: any shard may.
+    /// For a table whose bounds narrow (see [`ShardFn::bounds_narrow`]), the shards that
+    /// may hold keys from `lo` to `hi` (inclusive; None: unbounded): those whose ranges
+    /// meet them, and the default shard. None for other tables: any shard may.
     pub fn shards_between(&self, lo: Option<&Value>, hi: Option<&Value>) -> Option<Vec<usize>> {
         let Kind::Range { ranges, default } = &self.kind else {
             return None;
         };
-        if self.ty == KeyType::Text {
+        if !self.bounds_narrow() {
             return None;
         }
         let mut out: Vec<usize> = ranges
