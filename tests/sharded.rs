@@ -71,6 +71,34 @@ async fn same_as_plain(
     a
 }
 
+/// The first column of `q`'s rows with `params` (extended protocol) through pgshard,
+/// checked to be the plain database's.
+async fn same_column_as_plain<T>(
+    c: &tokio_postgres::Client,
+    plain: &tokio_postgres::Client,
+    q: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Vec<T>
+where
+    T: for<'a> tokio_postgres::types::FromSql<'a> + PartialEq + std::fmt::Debug,
+{
+    let column = |rows: Vec<tokio_postgres::Row>| rows.iter().map(|r| r.get(0)).collect::<Vec<T>>();
+    let a = column(c.query(q, params).await.unwrap());
+    assert_eq!(a, column(plain.query(q, params).await.unwrap()), "{q}");
+    a
+}
+
+/// How many `Shard N` plans pgshard's EXPLAIN of `q` shows: one per shard that runs it,
+/// or none when one shard does (its plan alone).
+async fn shard_plans(c: &tokio_postgres::Client, q: &str) -> usize {
+    let plan = rows(&c.simple_query(&format!("EXPLAIN {q}")).await.unwrap());
+    plan.iter()
+        .flatten()
+        .flatten()
+        .filter(|l| l.starts_with("Shard "))
+        .count()
+}
+
 fn ports() -> [u16; 2] {
     let c = cluster2();
     [c.shards[0].primary.port, c.shards[1].primary.port]
@@ -2086,12 +2114,7 @@ async fn filters_on_keys_with_no_shard_ask_every_shard() {
             None,
         ),
     ] {
-        let a = c.query(q, &[&v]).await.unwrap();
-        let b = plain.query(q, &[&v]).await.unwrap();
-        let ids = |rows: Vec<tokio_postgres::Row>| {
-            rows.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>()
-        };
-        assert_eq!(ids(a), ids(b), "{q}");
+        same_column_as_plain::<i32>(&c, &plain, q, &[&v]).await;
     }
     let n = c
         .query("SELECT name FROM users WHERE id = $1", &[&None::<i64>])
@@ -2154,40 +2177,24 @@ async fn range_conditions_go_to_the_shards_whose_ranges_they_meet() {
         same_as_plain(&c, &plain, &q).await;
     }
     // Which shards ran it: EXPLAIN shows one plan, or one per shard under `Shard N`.
-    let shards_of = |q: String| {
-        let c = &c;
-        async move {
-            let plan = rows(&c.simple_query(&format!("EXPLAIN {q}")).await.unwrap());
-            plan.iter()
-                .flatten()
-                .flatten()
-                .filter(|l| l.starts_with("Shard "))
-                .count()
-        }
-    };
-    assert_eq!(
-        shards_of(format!("SELECT * FROM span_t WHERE {one_shard}")).await,
-        0
-    );
-    assert_eq!(
-        shards_of("SELECT * FROM span_t WHERE at < '2025-06-01 00:00+00'".into()).await,
-        0
-    );
-    assert_eq!(
-        shards_of("SELECT * FROM span_t WHERE at > '2025-06-01 00:00+00'".into()).await,
-        2
-    );
+    for (q, plans) in [
+        (format!("SELECT * FROM span_t WHERE {one_shard}"), 0),
+        (
+            "SELECT * FROM span_t WHERE at < '2025-06-01 00:00+00'".into(),
+            0,
+        ),
+        (
+            "SELECT * FROM span_t WHERE at > '2025-06-01 00:00+00'".into(),
+            2,
+        ),
+    ] {
+        assert_eq!(shard_plans(&c, &q).await, plans, "{q}");
+    }
     // Parameters, in the extended protocol: binary timestamps.
     let t = |s: u64| std::time::UNIX_EPOCH + std::time::Duration::from_secs(s);
     let (feb, mar) = (t(1_769_904_000), t(1_772_323_200)); // 2026-02-01, 2026-03-01 UTC
     let q = "SELECT id FROM span_t WHERE at >= $1 AND at < $2 ORDER BY id";
-    let ids = |rows: Vec<tokio_postgres::Row>| {
-        rows.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>()
-    };
-    assert_eq!(
-        ids(c.query(q, &[&feb, &mar]).await.unwrap()),
-        ids(plain.query(q, &[&feb, &mar]).await.unwrap())
-    );
+    same_column_as_plain::<i32>(&c, &plain, q, &[&feb, &mar]).await;
     let n = c
         .execute(
             "UPDATE span_t SET n = n + 10 WHERE at BETWEEN $1 AND $2",
@@ -2215,15 +2222,9 @@ async fn key_equal_to_any_element_of_an_array_goes_to_the_elements_shards() {
     ] {
         same_as_plain(&c, &plain, q).await;
     }
-    let ids = |rows: Vec<tokio_postgres::Row>| {
-        rows.iter().map(|r| r.get::<_, i64>(0)).collect::<Vec<_>>()
-    };
     let q = "SELECT id FROM users WHERE id = ANY($1) ORDER BY id";
     for keys in [vec![1i64, 2, 3, 120], vec![42], vec![]] {
-        assert_eq!(
-            ids(c.query(q, &[&keys]).await.unwrap()),
-            ids(plain.query(q, &[&keys]).await.unwrap())
-        );
+        same_column_as_plain::<i64>(&c, &plain, q, &[&keys]).await;
     }
     assert!(c.query(q, &[&None::<Vec<i64>>]).await.unwrap().is_empty());
     // Keys of one shard: one shard runs it (EXPLAIN shows one plan, no `Shard N`), and a
@@ -2240,21 +2241,8 @@ async fn key_equal_to_any_element_of_an_array_goes_to_the_elements_shards() {
             .collect::<Vec<_>>()
             .join(",")
     );
-    let plan = rows(
-        &c.simple_query(&format!(
-            "EXPLAIN SELECT * FROM users WHERE id = ANY('{list}')"
-        ))
-        .await
-        .unwrap(),
-    );
-    assert!(
-        !plan
-            .iter()
-            .flatten()
-            .flatten()
-            .any(|l| l.starts_with("Shard ")),
-        "{plan:?}"
-    );
+    let q = format!("SELECT * FROM users WHERE id = ANY('{list}')");
+    assert_eq!(shard_plans(&c, &q).await, 0, "{q}");
     for id in &same {
         c.execute("INSERT INTO split_t (id, name) VALUES ($1, 'any')", &[id])
             .await
