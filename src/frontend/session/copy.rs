@@ -216,14 +216,9 @@ impl Session {
         a: &router::Analysis,
     ) -> Result<(), SessionError> {
         let b = protocol::parse_bind(frame)?;
-        let mut body = Vec::with_capacity(frame.len());
-        for name in [b.portal, b.stmt] {
-            body.extend_from_slice(name);
-            body.push(0);
-        }
-        body.extend_from_slice(&protocol::with_result_formats(b.rest, &[])?);
-        let mut text = BytesMut::with_capacity(body.len() + 5);
-        protocol::write_msg(&mut text, b'B', &body);
+        let mut text = BytesMut::with_capacity(frame.len());
+        let rest = protocol::with_result_formats(b.rest, &[])?;
+        protocol::write_bind(&mut text, b.portal, b.stmt, &rest);
         let text = text.freeze();
         if self.status == b'I' && !self.in_batch {
             self.settle().await?;
