@@ -397,6 +397,7 @@ async fn joins_and_subqueries_see_every_row_they_need_or_are_refused() {
         // the same key.
         "SELECT u.id, o.total FROM users u JOIN orders o ON o.user_id = u.id WHERE u.id < 30 ORDER BY o.id".to_string(),
         format!("SELECT u.name, o.total FROM users u, orders o WHERE u.id = {a} AND o.user_id = {a} ORDER BY o.id"),
+        format!("SELECT u.name, o.total FROM users u, orders o WHERE u.id = ANY('{{{a}}}') AND o.user_id = ANY(ARRAY[{a}, {a}]) ORDER BY o.id"),
         "SELECT id FROM users WHERE id IN (SELECT user_id FROM orders WHERE total > 3) ORDER BY id".to_string(),
         // Grouped by the shard key: each group on one shard.
         "WITH t AS (SELECT user_id, sum(total) AS s FROM orders GROUP BY user_id) SELECT user_id, s FROM t WHERE s > 3 ORDER BY user_id".to_string(),
@@ -426,6 +427,9 @@ async fn joins_and_subqueries_see_every_row_they_need_or_are_refused() {
         ),
         format!("SELECT u.id, o.id FROM users u, orders o WHERE u.id = {a}"),
         format!("SELECT u.id, o.id FROM users u, orders o WHERE u.id = {a} AND o.user_id = {b}"),
+        format!(
+            "SELECT u.id, o.id FROM users u, orders o WHERE u.id = {a} AND o.user_id = ANY(ARRAY[{a}, {b}])"
+        ),
     ] {
         let e = c.simple_query(&q).await.unwrap_err();
         assert_eq!(sqlstate(&e), "0A000", "{q}");

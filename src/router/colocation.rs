@@ -7,6 +7,7 @@
 
 use super::Rules;
 use super::analyze::{ident, name_of, value_of};
+use super::predicate::elements;
 use sqlparser::ast::{
     BinaryOperator, Expr, JoinConstraint, JoinOperator, Select, TableFactor, TableWithJoins,
 };
@@ -150,9 +151,16 @@ fn check_parts<'a>(
     ))
 }
 
-/// The instance a conjunct pins to key values (`key = v`, `key IN (v, ...)`), if any.
+/// The instance a conjunct pins to key values (`key = v`, `key IN (v, ...)`,
+/// `key = ANY(array)`), if any.
 fn pin_of(e: &Expr, rules: &Rules, inst: &[Instance]) -> Option<usize> {
     match e {
+        Expr::AnyOp {
+            left,
+            compare_op: BinaryOperator::Eq,
+            right,
+            ..
+        } => key_of(left, rules, inst).filter(|_| elements(right).is_some()),
         Expr::BinaryOp {
             left,
             op: BinaryOperator::Eq,
@@ -463,6 +471,8 @@ mod tests {
         for sql in [
             "SELECT * FROM users u, orders o WHERE u.id = 5 AND o.user_id = 5",
             "SELECT * FROM users u JOIN orders o ON o.total = u.score WHERE u.id = 1 AND o.user_id IN (1, 2)",
+            "SELECT * FROM users u, orders o WHERE u.id = ANY('{5}') AND o.user_id = ANY($1::bigint[])",
+            "SELECT * FROM users u, orders o WHERE u.id = ANY(ARRAY[5, 6]) AND o.user_id = 5",
         ] {
             let a = analyze(sql, &rules()).unwrap();
             assert!(a.one_shard, "{sql}");
@@ -471,6 +481,8 @@ mod tests {
             "SELECT * FROM users u JOIN orders o ON o.total = u.score",
             "SELECT * FROM users u JOIN orders o ON o.total = u.score WHERE u.id = 1",
             "SELECT * FROM users u, orders o WHERE u.id = 5",
+            "SELECT * FROM users u, orders o WHERE u.id = 5 AND o.user_id = ANY(SELECT 5)",
+            "SELECT * FROM users u, orders o WHERE u.id = 5 AND o.user_id <> ANY('{5}')",
             "SELECT * FROM users a JOIN users b ON a.name = b.name WHERE a.id = 1",
             "SELECT * FROM users u JOIN orders o ON o.user_id = u.id OR o.total > 1",
             // Equal keys, but hashed on one side and ranged on the other.

@@ -139,7 +139,7 @@ pub(super) fn constraints(
 
 /// The keys `= ANY(e)` allows: the values of `ARRAY[...]`, or the elements of an array
 /// literal or parameter (through casts to an array type).
-fn elements(e: &Expr) -> Option<Vec<KeyRef>> {
+pub(super) fn elements(e: &Expr) -> Option<Vec<KeyRef>> {
     match e {
         Expr::Nested(x) => elements(x),
         Expr::Array(a) => a.elem.iter().map(value_of).collect(),

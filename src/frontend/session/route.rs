@@ -351,10 +351,10 @@ impl Session {
                 return Err(PgError::new(
                     "0A000",
                     format!(
-                        "this statement needs shards {v:?}, and a subquery in it aggregates, groups or limits rows of one shard: it can run on one shard only"
+                        "this statement needs shards {v:?}, but it can run on one shard only: its tables are joined on other columns than their shard keys, or a subquery in it aggregates, groups or limits rows of one shard"
                     ),
                 )
-                .with_hint("Give the outer query the same shard key as the subquery, or run the subquery first."));
+                .with_hint("Join the tables on their shard keys, give the outer query the same shard key as the subquery, or run the parts separately."));
             }
             Route::Shards(v) => Dest::Multi(v, a),
         };
