@@ -2495,6 +2495,53 @@ async fn computed_keys_are_evaluated_by_a_server() {
         keyless.push(n);
     }
     assert_eq!(keyless, [1, 0], "DEFAULT VALUES: 2020-02-02 is shard 0's");
+    // A default drawn from a sequence: in a transaction's first statement, as outside
+    // one, one key per row (it used to be drawn twice there, once to find where the
+    // transaction begins), and the row stores the key it was routed by.
+    // (An unsharded sequence lives on the default shard only: one on each shard here.)
+    for port in [p0, p1] {
+        connect_server(port, "app")
+            .await
+            .batch_execute("DROP SEQUENCE IF EXISTS computed_seq; CREATE SEQUENCE computed_seq; GRANT ALL ON SEQUENCE computed_seq TO PUBLIC")
+            .await
+            .unwrap();
+    }
+    c.batch_execute(
+        "ALTER TABLE computed_t ALTER created_at SET DEFAULT \
+         '2020-02-02 00:00+00'::timestamptz + nextval('computed_seq')::int * interval '1 second'",
+    )
+    .await
+    .unwrap();
+    let drawn = || async move {
+        let mut n = 0i64;
+        for port in [p0, p1] {
+            n += connect_server(port, "app")
+                .await
+                .query_one(
+                    "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM computed_seq",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0);
+        }
+        n
+    };
+    let before = drawn().await;
+    c.batch_execute("BEGIN; INSERT INTO computed_t (id) VALUES (70); COMMIT")
+        .await
+        .unwrap();
+    let tx = c.transaction().await.unwrap();
+    tx.execute("INSERT INTO computed_t (id) VALUES ($1)", &[&71i32])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(drawn().await - before, 2, "one key per row");
+    assert_eq!(shard_of(70).await, [0]);
+    assert_eq!(shard_of(71).await, [0]);
+    let at = |n: i64| format!("2020-02-02 00:00:{n:02}+00");
+    assert_eq!(stored(70).await, [at(before + 1)]);
+    assert_eq!(stored(71).await, [at(before + 2)]);
     // No default: refused, naming the key (a NULL key has no shard); an identity key is
     // refused too.
     c.batch_execute("ALTER TABLE computed_t ALTER created_at DROP DEFAULT")

@@ -126,3 +126,128 @@ pub(super) fn with_default_key(ins: &sqlparser::ast::Insert, col: &str) -> sqlpa
     }
     with_key
 }
+
+/// Whether keys `exprs` evaluate alike outside the client's transaction and inside it,
+/// so that one evaluation serves both to find where a transaction begins and to route
+/// its rows: literals (but not the date/time inputs read at the transaction's start,
+/// `'now'`, `'today'`, ...), casts and operators over them, and the key generators
+/// (`nextval`, `gen_random_uuid`, `random`, ...), whose values no transaction sees
+/// differently. Anything else may read the transaction: `now()`, `current_timestamp`, a
+/// parameter (its text may be `now`), a function that reads tables.
+pub fn transaction_independent(exprs: &[&str]) -> bool {
+    let dialect = sqlparser::dialect::PostgreSqlDialect {};
+    exprs.iter().all(|e| {
+        sqlparser::parser::Parser::new(&dialect)
+            .try_with_sql(e)
+            .and_then(|mut p| p.parse_expr())
+            .is_ok_and(|x| independent(&x))
+    })
+}
+
+fn independent(e: &Expr) -> bool {
+    use sqlparser::ast::{FunctionArg, FunctionArgExpr, FunctionArguments, Value};
+    match e {
+        Expr::Value(v) => match &v.value {
+            Value::SingleQuotedString(s) | Value::EscapedStringLiteral(s) => {
+                let s = s.to_ascii_lowercase();
+                !["now", "today", "tomorrow", "yesterday"]
+                    .iter()
+                    .any(|w| s.contains(w))
+            }
+            Value::Number(..) | Value::Boolean(_) | Value::Null => true,
+            _ => false,
+        },
+        Expr::Nested(x) | Expr::UnaryOp { expr: x, .. } => independent(x),
+        Expr::Cast { expr, .. } => independent(expr),
+        Expr::BinaryOp { left, right, .. } => independent(left) && independent(right),
+        Expr::Function(f) => {
+            let parts = &f.name.0;
+            let name = |i: usize| {
+                parts[i]
+                    .as_ident()
+                    .map(|id| id.value.to_ascii_lowercase())
+                    .unwrap_or_default()
+            };
+            let generator = match parts.len() {
+                1 => true,
+                2 => ["pg_catalog", "public", "extensions"].contains(&name(0).as_str()),
+                _ => false,
+            } && [
+                "nextval",
+                "gen_random_uuid",
+                "uuid_generate_v1",
+                "uuid_generate_v1mc",
+                "uuid_generate_v4",
+                "random",
+                "clock_timestamp",
+            ]
+            .contains(&name(parts.len() - 1).as_str());
+            let FunctionArguments::List(list) = &f.args else {
+                return generator && matches!(f.args, FunctionArguments::None);
+            };
+            // A sequence's name is a name, whatever words it holds.
+            let sequence = |a: &Expr| {
+                let mut a = a;
+                while let Expr::Cast { expr, .. } | Expr::Nested(expr) = a {
+                    a = expr;
+                }
+                matches!(a, Expr::Value(v) if matches!(v.value, Value::SingleQuotedString(_)))
+            };
+            generator
+                && f.filter.is_none()
+                && f.over.is_none()
+                && list.args.iter().all(|a| match a {
+                    FunctionArg::Unnamed(FunctionArgExpr::Expr(x)) => {
+                        independent(x) || (name(parts.len() - 1) == "nextval" && sequence(x))
+                    }
+                    _ => false,
+                })
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::transaction_independent;
+
+    #[test]
+    fn only_keys_no_transaction_sees_differently_are_evaluated_once() {
+        let one = |e: &str| transaction_independent(&[e]);
+        for e in [
+            "nextval('t_id_seq'::regclass)",
+            "nextval('snowflake_today_seq')",
+            "pg_catalog.nextval('s')",
+            "gen_random_uuid()",
+            "public.uuid_generate_v4()",
+            "(random() * 1000)::bigint + 7",
+            "'infinity'::timestamptz",
+            "'2026-01-02 03:04:05 Europe/Paris'::timestamptz",
+            "-42",
+        ] {
+            assert!(one(e), "{e}");
+        }
+        for e in [
+            "now()",
+            "current_timestamp",
+            "CURRENT_DATE",
+            "'now'::timestamptz",
+            "'Today'::date",
+            "date_trunc('month', now())",
+            "$1::timestamptz",
+            "nextval($1)",
+            "my_schema.nextval('s')",
+            "my_next_id()",
+            "(SELECT max(id) + 1 FROM counters)",
+            "random() FILTER (WHERE true)",
+            "nextval(now()::text)",
+        ] {
+            assert!(!one(e), "{e}");
+        }
+        assert!(transaction_independent(&[
+            "nextval('a')",
+            "gen_random_uuid()"
+        ]));
+        assert!(!transaction_independent(&["nextval('a')", "now()"]));
+    }
+}

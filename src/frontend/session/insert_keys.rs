@@ -51,6 +51,7 @@ impl Session {
             && self.multi.parked.is_empty()
             && self.route.movable_begin.is_some();
         let with_default;
+        let exprs: Vec<String>;
         let select_sql = if keys.exprs.iter().any(Option::is_none) {
             let req = default_request(via);
             let Some(frames) = self.read_first(home, &req, untouched, movable).await? else {
@@ -63,7 +64,7 @@ impl Session {
                 Ok(d) => d,
                 Err(e) => return failed(self, e),
             };
-            let exprs: Vec<String> = keys
+            exprs = keys
                 .exprs
                 .iter()
                 .map(|e| e.clone().unwrap_or_else(|| default.clone()))
@@ -71,6 +72,7 @@ impl Session {
             with_default = crate::router::computed::evaluation_sql(ty, &exprs);
             &with_default
         } else {
+            exprs = Vec::new();
             &via.select_sql
         };
         let req = match step_request(select_sql, types, rest, Some(&formats)) {
@@ -83,8 +85,10 @@ impl Session {
         } else if untouched || movable {
             // The client's transaction has run nothing yet: a first evaluation (on its
             // own, or in the transaction, which can still move) tells where the first row
-            // goes; the transaction begins there and the keys are evaluated again in it,
-            // so that `now()` is the transaction's on the rows' shard.
+            // goes; the transaction begins there. Keys that may read the transaction are
+            // evaluated again in it, so that `now()` is the transaction's on the rows'
+            // shard; others keep their first values (a sequence draws one key per row,
+            // as on one server).
             let Some(probe) = self.read_first(home, &req, !movable, movable).await? else {
                 return Ok(None);
             };
@@ -98,7 +102,15 @@ impl Session {
             if movable && start != self.shard && !self.move_transaction(start).await? {
                 return Ok(None);
             }
-            self.run_request_on(start, &req).await?
+            let evaluated: Vec<&str> = match exprs.is_empty() {
+                true => keys.exprs.iter().flatten().map(String::as_str).collect(),
+                false => exprs.iter().map(String::as_str).collect(),
+            };
+            if crate::router::computed::transaction_independent(&evaluated) {
+                Some(probe)
+            } else {
+                self.run_request_on(start, &req).await?
+            }
         } else {
             self.run_request_on(home, &req).await?
         };
