@@ -2542,6 +2542,21 @@ async fn computed_keys_are_evaluated_by_a_server() {
     let at = |n: i64| format!("2020-02-02 00:00:{n:02}+00");
     assert_eq!(stored(70).await, [at(before + 1)]);
     assert_eq!(stored(71).await, [at(before + 2)]);
+    // A transaction that ran only settings moves to the row's shard; still one key.
+    c.batch_execute(
+        "ALTER TABLE computed_t ALTER created_at SET DEFAULT \
+         '2027-01-01 00:00+00'::timestamptz + nextval('computed_seq')::int * interval '1 second'",
+    )
+    .await
+    .unwrap();
+    let before = drawn().await;
+    c.batch_execute(
+        "BEGIN; SET LOCAL work_mem = '8MB'; INSERT INTO computed_t (id) VALUES (72); COMMIT",
+    )
+    .await
+    .unwrap();
+    assert_eq!(drawn().await - before, 1, "one key");
+    assert_eq!(shard_of(72).await, [1]);
     // No default: refused, naming the key (a NULL key has no shard); an identity key is
     // refused too.
     c.batch_execute("ALTER TABLE computed_t ALTER created_at DROP DEFAULT")
