@@ -576,38 +576,6 @@ mod tests {
     }
 
     #[test]
-    fn a_parameter_cast_to_text_is_read_as_its_next_cast_says() {
-        let r = ranged();
-        let shards = |sql: &str, v: &str| routed(&r, sql, &[Some(v.as_bytes())]);
-        // The text read as a time in another offset: the instant's shard.
-        for sql in [
-            "SELECT * FROM notes WHERE at = $1::text::timestamptz",
-            "SELECT * FROM notes WHERE at = $1::varchar::text::timestamp with time zone",
-            "SELECT * FROM notes WHERE at = CAST($1::text AS timestamptz)",
-        ] {
-            assert_eq!(shards(sql, "2026-07-01 01:00:00+02"), [1], "{sql}");
-            assert_eq!(shards(sql, "2026-07-01 00:00:00-02"), [0], "{sql}");
-        }
-        assert_eq!(
-            shards("SELECT * FROM events WHERE id = $1::text::int", "150"),
-            [1]
-        );
-        // Text cut to a length stays cut: read as the first cast says.
-        assert_eq!(
-            shards("SELECT * FROM names WHERE n = $1::varchar(1)::text", "zed"),
-            [1]
-        );
-        // A time to text and back is the same instant.
-        assert_eq!(
-            shards(
-                "SELECT * FROM notes WHERE at = $1::timestamptz::text::timestamptz",
-                "2026-07-01 01:00:00+02"
-            ),
-            [1]
-        );
-    }
-
-    #[test]
     fn bounds_narrow_range_sharded_tables_only() {
         let r = ranged();
         let shards = |sql: &str, params: &[Option<&[u8]>]| routed(&r, sql, params);

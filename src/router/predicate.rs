@@ -254,16 +254,6 @@ fn cast(v: KeyRef, ty: &DataType) -> Option<KeyRef> {
         // The first cast tells how the parameter is read; the value is converted at
         // routing, where the key's type is known.
         KeyRef::Param(i, None) => Some(KeyRef::Param(i, Some(c))),
-        // A parameter read as text of any length is its text: a further cast reads that
-        // text as the parameter's own type would (`$1::text::timestamptz` as
-        // `$1::timestamptz`).
-        KeyRef::Param(
-            i,
-            Some(Cast::Chars {
-                len: None,
-                padded: false,
-            }),
-        ) => Some(KeyRef::Param(i, Some(c))),
         KeyRef::Param(i, Some(first)) => c.keeps(first).then_some(KeyRef::Param(i, Some(first))),
         KeyRef::Null => Some(KeyRef::Null),
         KeyRef::Range(_) | KeyRef::Elements(_) => None,

@@ -118,9 +118,8 @@ impl Cast {
 
     /// True when this cast, applied to a value already cast to `first`, leaves it as it
     /// is: a parameter cast twice is read as its first cast says and routed as that
-    /// value (`$1::int::bigint`, `$1::numeric::numeric`), unless the second cast could
-    /// round or cut it (`$1::numeric::int`). (A first cast to text is the parameter's
-    /// text, which the second cast reads: routing follows the second.)
+    /// value (`$1::text::timestamptz`, `$1::text::bigint`), unless the second cast could
+    /// round or cut it (`$1::numeric::int`, `$1::text::varchar(3)`).
     pub fn keeps(self, first: Cast) -> bool {
         match self {
             Cast::Other
