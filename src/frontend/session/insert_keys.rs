@@ -102,11 +102,13 @@ impl Session {
             if movable && start != self.shard && !self.move_transaction(start).await? {
                 return Ok(None);
             }
-            let evaluated: Vec<&str> = match exprs.is_empty() {
-                true => keys.exprs.iter().flatten().map(String::as_str).collect(),
-                false => exprs.iter().map(String::as_str).collect(),
+            // The expressions evaluated, with the default in place where it was looked up.
+            let texts: Vec<&str> = if exprs.is_empty() {
+                keys.exprs.iter().flatten().map(String::as_str).collect()
+            } else {
+                exprs.iter().map(String::as_str).collect()
             };
-            if crate::router::computed::transaction_independent(&evaluated) {
+            if crate::router::computed::transaction_independent(&texts) {
                 Some(probe)
             } else {
                 self.run_request_on(start, &req).await?
