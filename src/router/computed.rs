@@ -75,6 +75,13 @@ pub(super) fn evaluated(
         key,
         computed: Some(super::analyze::ComputedKeys {
             rows,
+            independent: transaction_independent(
+                &computed
+                    .iter()
+                    .flatten()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>(),
+            ),
             exprs: computed,
         }),
     })

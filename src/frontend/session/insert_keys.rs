@@ -51,7 +51,8 @@ impl Session {
             && self.multi.parked.is_empty()
             && self.route.movable_begin.is_some();
         let with_default;
-        let exprs: Vec<String>;
+        // The column's default, where a key is it.
+        let mut default_used = None;
         let select_sql = if keys.exprs.iter().any(Option::is_none) {
             let req = default_request(via);
             let Some(frames) = self.read_first(home, &req, untouched, movable).await? else {
@@ -64,15 +65,15 @@ impl Session {
                 Ok(d) => d,
                 Err(e) => return failed(self, e),
             };
-            exprs = keys
+            let exprs: Vec<String> = keys
                 .exprs
                 .iter()
                 .map(|e| e.clone().unwrap_or_else(|| default.clone()))
                 .collect();
             with_default = crate::router::computed::evaluation_sql(ty, &exprs);
+            default_used = Some(default);
             &with_default
         } else {
-            exprs = Vec::new();
             &via.select_sql
         };
         let req = match step_request(select_sql, types, rest, Some(&formats)) {
@@ -102,13 +103,12 @@ impl Session {
             if movable && start != self.shard && !self.move_transaction(start).await? {
                 return Ok(None);
             }
-            // The expressions evaluated, with the default in place where it was looked up.
-            let texts: Vec<&str> = if exprs.is_empty() {
-                keys.exprs.iter().flatten().map(String::as_str).collect()
-            } else {
-                exprs.iter().map(String::as_str).collect()
-            };
-            if crate::router::computed::transaction_independent(&texts) {
+            // The written expressions were judged at analysis; the default is judged here.
+            let independent = keys.independent
+                && default_used
+                    .as_deref()
+                    .is_none_or(|d| crate::router::computed::transaction_independent(&[d]));
+            if independent {
                 Some(probe)
             } else {
                 self.run_request_on(start, &req).await?

@@ -170,6 +170,9 @@ pub struct ComputedKeys {
     /// key left out of the column list): when there is one, the session looks the default
     /// up and builds the evaluation again with it.
     pub exprs: Vec<Option<String>>,
+    /// Whether the expressions written in the statement (the defaults aside) evaluate
+    /// alike outside the client's transaction and in it (`computed::transaction_independent`).
+    pub independent: bool,
 }
 
 impl Target {
