@@ -722,6 +722,37 @@ async fn extended_protocol_error_recovery_matches_postgres() {
 }
 
 #[tokio::test]
+async fn pipelined_queries_are_answered_in_order() {
+    let addr = start_proxy_yaml(&base_yaml("transaction", 2));
+    let mut proxy = Raw::startup(addr, "trusty", "app").await;
+    proxy.until_ready().await;
+    let port = cluster().shards[0].primary.port;
+    let mut direct = Raw::startup(([127, 0, 0, 1], port).into(), "postgres", "app").await;
+    direct.until_ready().await;
+    // pgshard answers a DEALLOCATE of a name no server knows, and LISTEN, itself: after the
+    // server's answers before them, and with the status those leave (an error in a
+    // transaction aborts it).
+    pipelined_answers_match(
+        &mut proxy,
+        &mut direct,
+        &[
+            "SELECT * FROM no_such_table",
+            "DEALLOCATE nosuch",
+            "SELECT * FROM no_such_table",
+            "LISTEN pipelined",
+            "BEGIN",
+            "DEALLOCATE nosuch",
+            "LISTEN pipelined",
+            "SELECT 1",
+            "ROLLBACK",
+            "UNLISTEN pipelined",
+            "SELECT 1",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn psql_and_pgbench_in_transaction_mode() {
     let addr = start_proxy_yaml(&base_yaml("transaction", 10));
     let port = addr.port().to_string();

@@ -1825,6 +1825,32 @@ async fn sql_prepared_statements_run_where_their_arguments_belong() {
     r.send(&msg::query("EXECUTE kept(5)")).await;
     assert_eq!(r.until_ready().await, "TDCZ");
 
+    // A client that does not wait for each answer gets them in order: pgshard's own
+    // (a kept statement's DEALLOCATE, an unknown one's error) after the servers'.
+    r.send(&msg::query("PREPARE kept2 AS SELECT 2")).await;
+    assert_eq!(r.until_ready().await, "CZ");
+    let mut direct = Raw::startup(([127, 0, 0, 1], ports()[0]).into(), "postgres", "plain").await;
+    direct.until_ready().await;
+    direct.send(&msg::query("PREPARE kept2 AS SELECT 2")).await;
+    assert_eq!(direct.until_ready().await, "CZ");
+    pipelined_answers_match(
+        &mut r,
+        &mut direct,
+        &[
+            "SELECT * FROM no_such_table",
+            "DEALLOCATE nosuch",
+            "EXECUTE kept2",
+            "DEALLOCATE kept2",
+            "EXECUTE kept2",
+            "BEGIN",
+            "SELECT * FROM no_such_table",
+            "DEALLOCATE nosuch",
+            "ROLLBACK",
+            "SELECT 1",
+        ],
+    )
+    .await;
+
     // Session mode: the same (a session's server connections change with its shards).
     let yaml = cluster2().config_yaml("127.0.0.1:0", "session", 2);
     let s = connect(start_proxy_yaml(&format!("{yaml}{RULES}"))).await;

@@ -256,15 +256,7 @@ fn values(msgs: &[(u8, Vec<u8>)]) -> Vec<Vec<Option<String>>> {
 /// The SQLSTATE of the first error among the messages.
 fn code(msgs: &[(u8, Vec<u8>)]) -> Option<String> {
     let (_, body) = msgs.iter().find(|(t, _)| *t == b'E')?;
-    let mut i = 0;
-    while i < body.len() && body[i] != 0 {
-        let end = body[i + 1..].iter().position(|&c| c == 0).unwrap() + i + 1;
-        if body[i] == b'C' {
-            return Some(String::from_utf8_lossy(&body[i + 1..end]).into_owned());
-        }
-        i = end + 1;
-    }
-    None
+    Some(error_field(body, b'C'))
 }
 
 /// Opens raw connections through pgshard and straight to PostgreSQL.

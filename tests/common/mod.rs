@@ -218,23 +218,61 @@ impl Raw {
         tags
     }
 
+    /// Reads one answer up to its ReadyForQuery: its tags, with each error's SQLSTATE in
+    /// parentheses and the transaction status after the final `Z` (`"E(42P01)Z I"`).
+    pub async fn answer(&mut self) -> String {
+        let mut out = String::new();
+        while let Some((t, body)) = self.recv().await {
+            out.push(t as char);
+            match t {
+                b'E' => out.push_str(&format!("({})", error_field(&body, b'C'))),
+                b'Z' => {
+                    out.push(' ');
+                    out.push(body[0] as char);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
     /// Reads until an ErrorResponse and returns its SQLSTATE.
     pub async fn error_code(&mut self) -> Option<String> {
         while let Some((t, body)) = self.recv().await {
             if t == b'E' {
-                let mut i = 0;
-                while i < body.len() && body[i] != 0 {
-                    let f = body[i];
-                    let end = body[i + 1..].iter().position(|&c| c == 0).unwrap() + i + 1;
-                    if f == b'C' {
-                        return Some(String::from_utf8_lossy(&body[i + 1..end]).into_owned());
-                    }
-                    i = end + 1;
-                }
+                return Some(error_field(&body, b'C'));
             }
         }
         None
     }
+}
+
+/// Sends `queries` as simple Queries in one write, as a client that does not wait for each
+/// answer (tokio-postgres sends its next query once it reads an ErrorResponse, before the
+/// ReadyForQuery), through `proxy` and straight to `direct`; the answers must match, in
+/// order, with the transaction status each one leaves.
+pub async fn pipelined_answers_match(proxy: &mut Raw, direct: &mut Raw, queries: &[&str]) {
+    let batch: Vec<u8> = queries.iter().flat_map(|q| msg::query(q)).collect();
+    proxy.send(&batch).await;
+    direct.send(&batch).await;
+    for q in queries {
+        assert_eq!(proxy.answer().await, direct.answer().await, "{q}");
+    }
+}
+
+/// A field of an ErrorResponse's body ("" when it has none).
+pub fn error_field(body: &[u8], field: u8) -> String {
+    let mut i = 0;
+    while i < body.len() && body[i] != 0 {
+        let f = body[i];
+        let end = body[i + 1..].iter().position(|&c| c == 0).unwrap() + i + 1;
+        if f == field {
+            return String::from_utf8_lossy(&body[i + 1..end]).into_owned();
+        }
+        i = end + 1;
+    }
+    String::new()
 }
 
 /// The text values of a DataRow's body.

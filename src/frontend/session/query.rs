@@ -8,6 +8,14 @@ impl Session {
     /// A simple Query from the client.
     pub(super) async fn on_query(&mut self, frame: Bytes) -> Result<(), SessionError> {
         let sql = protocol::parse_query(&frame)?;
+        if self.backend.is_some() && !self.relay.idle() && self.may_answer_itself(sql) {
+            // The client sent this before the last answer's ReadyForQuery (tokio-postgres
+            // sends its next query as soon as it reads an ErrorResponse): an answer pgshard
+            // gives itself must follow what the server still owes, and carry the status
+            // that leaves. Queries only the server answers stay pipelined.
+            self.settle().await?;
+            self.maybe_release().await;
+        }
         if !self.route.portals.is_empty() {
             // A simple Query ends the unnamed portal, as on a server.
             self.route.portals.remove(b"");
@@ -141,6 +149,23 @@ impl Session {
         self.started();
         self.send_query(frame);
         Ok(())
+    }
+
+    /// Whether pgshard may answer `sql` (or a statement in it) itself: routed databases
+    /// (refusals, kept statements, virtual portals) and, in transaction pooling mode, the
+    /// statements it tracks (DEALLOCATE, LISTEN, UNLISTEN).
+    fn may_answer_itself(&self, sql: &str) -> bool {
+        self.routed()
+            || !self.route.portals.is_empty()
+            || (self.mode == PoolMode::Transaction
+                && router::split_statements(sql).iter().any(|st| {
+                    matches!(
+                        router::classify(st),
+                        StatementKind::Deallocate(_)
+                            | StatementKind::Listen
+                            | StatementKind::Unlisten
+                    )
+                }))
     }
 
     /// Answers a simple query with an error in the right transaction state: when a server
