@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use pgshard::sharding::column::Observed;
 use pgshard::sharding::hash::{HashKey, partition_of};
 use std::net::SocketAddr;
 use std::sync::OnceLock;
@@ -43,6 +44,18 @@ const RULES: &str = "    reference_tables: [countries]
         method: range
         type: timestamp
         ranges: [ { to: '2026-01-01', shard: 0 }, { from: '2026-01-01', shard: 1 } ]
+      - table: round_t
+        column: at
+        method: range
+        type: timestamptz
+        ranges: [ { to: '2026-01-01', shard: 0 }, { from: '2026-01-01', shard: 1 } ]
+      - table: round_n
+        column: k
+        method: range
+        type: numeric(10,1)
+        ranges: [ { to: 5, shard: 0 }, { from: 5, shard: 1 } ]
+      - { table: round_v, column: code, method: hash, type: text }
+      - { table: round_other, column: id, method: hash }
       - table: accounts
         column: region
         method: list
@@ -2627,4 +2640,213 @@ async fn computed_keys_are_evaluated_by_a_server() {
         "{e:?}"
     );
     assert!(shard_of(34).await.is_empty());
+}
+
+#[tokio::test]
+async fn written_keys_are_placed_as_their_columns_store_them() {
+    // A timestamptz(0) column stores 23:59:59.7 as the next day's 00:00:00, numeric(10,1)
+    // stores 4.96 as 5.0, varchar(3) stores 'abc  ' as 'abc': each row must be on the
+    // shard of its stored key, where reads of that key look. round_t's and round_v's
+    // modifiers are read from the servers' catalog; round_n's is in the configuration.
+    let ddl = "DROP TABLE IF EXISTS round_t, round_n, round_v, round_other;
+        CREATE TABLE round_t (id int, at timestamptz(0));
+        CREATE TABLE round_n (id int, k numeric(10,1));
+        CREATE TABLE round_v (id int, code varchar(3));
+        CREATE TABLE round_other (id text)";
+    let addr = setup().await;
+    connect(addr).await.batch_execute(ddl).await.unwrap();
+    let plain = connect_server(ports()[0], "plain").await;
+    plain.batch_execute(ddl).await.unwrap();
+    let yaml = cluster2()
+        .config_yaml("127.0.0.1:0", "transaction", 2)
+        .replace(
+            "default_shard: 0\n",
+            "default_shard: 0\n    failover: { check_interval_ms: 100 }\n",
+        )
+        .replace(
+            "users:\n",
+            "admin: { listen: '127.0.0.1:0', users: [admin] }\nusers:\n  - { name: admin, auth: trust }\n",
+        );
+    let (proxy, server) =
+        start_proxy_server(pgshard::config::Config::from_yaml(&format!("{yaml}{RULES}")).unwrap());
+    let observed = |table: &str| {
+        let state = server.state.load();
+        let db = &state.topology.databases["app"];
+        let f = db
+            .router
+            .rules
+            .tables
+            .iter()
+            .find(|f| f.table == table)
+            .unwrap();
+        f.key.observed()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while ["round_t", "round_n", "round_v", "round_other"]
+        .iter()
+        .any(|t| !matches!(observed(t), Observed::Type { .. }))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            observed("round_t")
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let ok = |name: &str| Observed::Type {
+        name: name.into(),
+        matches: true,
+    };
+    assert_eq!(observed("round_t"), ok("timestamp(0) with time zone"));
+    assert_eq!(observed("round_n"), ok("numeric(10,1)"));
+    assert_eq!(observed("round_v"), ok("character varying(3)"));
+    // Configured as bigint (the default for hash), text on the servers: reported.
+    assert_eq!(
+        observed("round_other"),
+        Observed::Type {
+            name: "text".into(),
+            matches: false
+        }
+    );
+    let metrics = pgshard::admin::metrics::render(&server);
+    assert!(
+        metrics
+            .contains("pgshard_shard_key_type_mismatch{database=\"app\",table=\"round_other\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("pgshard_shard_key_type_mismatch{database=\"app\",table=\"round_t\"} 0")
+    );
+    let admin_port = server.side_addrs().0.unwrap().port().to_string();
+    let out = std::process::Command::new("psql")
+        .args(["-X", "-At", "-h", "127.0.0.1", "-p", &admin_port])
+        .args(["-U", "admin", "-d", "pgshard", "-c", "SHOW TABLES"])
+        .output()
+        .unwrap();
+    let tables = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "app|round_t|at|range|timestamptz|timestamp(0) with time zone|ok",
+        "app|round_v|code|hash|text|character varying(3)|ok",
+        "app|round_other|id|hash|integer|text|type differs",
+    ] {
+        assert!(tables.lines().any(|l| l == line), "{line} in {tables}");
+    }
+
+    // The modifiers a configuration declares are encoded as PostgreSQL's catalog has them.
+    let types = [
+        "numeric(10,1)",
+        "numeric(7)",
+        "numeric(5,-2)",
+        "timestamptz(3)",
+        "timestamp(0)",
+        "varchar(20)",
+    ];
+    let cols: Vec<String> = (0..types.len())
+        .map(|i| format!("c{i} {}", types[i]))
+        .collect();
+    plain
+        .batch_execute(&format!("CREATE TEMP TABLE mods ({})", cols.join(", ")))
+        .await
+        .unwrap();
+    for (i, ty) in types.iter().enumerate() {
+        let sql = format!(
+            "SELECT atttypmod FROM pg_attribute WHERE attrelid = 'mods'::regclass AND attname = 'c{i}'"
+        );
+        let typmod: i32 = plain.query_one(&sql, &[]).await.unwrap().get(0);
+        assert_eq!(
+            pgshard::sharding::column::declared(ty).unwrap().1,
+            typmod,
+            "{ty}"
+        );
+    }
+
+    let c = connect(proxy).await;
+    let statements = [
+        "INSERT INTO round_t (id, at) VALUES (1, '2025-12-31 23:59:59.7+00'), (2, '2025-12-31 23:59:59.2+00')",
+        "INSERT INTO round_n (id, k) VALUES (1, 4.96), (2, 4.94), (3, '4.95')",
+        "INSERT INTO round_v (id, code) VALUES (1, 'abc  '), (2, 'xy ')",
+    ];
+    for q in statements {
+        c.batch_execute(q).await.unwrap();
+        plain.batch_execute(q).await.unwrap();
+    }
+    // Parameters (binary for the timestamp and the text), an UPDATE's new key, COPY.
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_micros(1_767_225_599_600_000);
+    for db in [&c, &plain] {
+        db.execute("INSERT INTO round_t (id, at) VALUES (3, $1)", &[&at])
+            .await
+            .unwrap();
+        db.execute(
+            "INSERT INTO round_v (id, code) VALUES (3, $1)",
+            &[&"efg   "],
+        )
+        .await
+        .unwrap();
+        db.execute(
+            "INSERT INTO round_n (id, k) VALUES (4, $1::text::numeric)",
+            &[&"14.94"],
+        )
+        .await
+        .unwrap();
+        db.batch_execute("UPDATE round_n SET k = 4.91 WHERE k = 4.9")
+            .await
+            .unwrap();
+        let sink = db
+            .copy_in::<_, bytes::Bytes>("COPY round_t (id, at) FROM STDIN")
+            .await
+            .unwrap();
+        futures_util::pin_mut!(sink);
+        use futures_util::SinkExt;
+        sink.send(bytes::Bytes::from_static(b"4\t2025-12-31 23:59:59.5+00\n"))
+            .await
+            .unwrap();
+        sink.close().await.unwrap();
+    }
+    // A new key that the column rounds into another shard's range moves the row: refused
+    // (as written, 4.96 would have stayed on the row's shard, stored as 5.0).
+    let e = c
+        .batch_execute("UPDATE round_n SET k = 4.96 WHERE k = 4.9")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000");
+    // Every row on the shard of its stored key: the ranged tables' bounds are checked by
+    // the servers, the hashed key hashed here.
+    for (table, key) in [
+        ("round_t", "(at >= '2026-01-01 00:00:00+00')::int::text"),
+        ("round_n", "(k >= 5)::int::text"),
+        ("round_v", "code"),
+    ] {
+        for (s, port) in ports().into_iter().enumerate() {
+            let d = connect_server(port, "app").await;
+            let sql = format!("SELECT id::text, {key} FROM {table}");
+            for r in rows(&d.simple_query(&sql).await.unwrap()) {
+                let key = r[1].clone().unwrap();
+                let shard = match table {
+                    "round_v" => partition_of(&HashKey::Text(key.as_bytes()), 2),
+                    _ => key.parse().unwrap(),
+                };
+                assert_eq!(shard, s as u64, "{table} row {:?}", r[0]);
+            }
+        }
+    }
+    // Reads of the stored keys find the rows, as on one server.
+    for q in [
+        "SELECT id FROM round_t WHERE at = '2026-01-01 00:00:00+00' ORDER BY id",
+        "SELECT id FROM round_t WHERE at = '2025-12-31 23:59:59+00' ORDER BY id",
+        "SELECT id FROM round_n WHERE k = 5.0 ORDER BY id",
+        "SELECT id FROM round_n WHERE k = 4.9 ORDER BY id",
+        "SELECT id FROM round_n WHERE k = 14.9 ORDER BY id",
+        "SELECT id FROM round_v WHERE code = 'abc'",
+        "SELECT id FROM round_v WHERE code = 'efg'",
+        "SELECT id FROM round_v WHERE code = 'xy '",
+        "SELECT id FROM round_v WHERE code = 'abc  '",
+    ] {
+        let got = same_as_plain(&c, &plain, q).await;
+        assert!(!got.is_empty() || q.ends_with("'abc  '"), "{q}");
+    }
+    for db in [&c, &plain] {
+        db.batch_execute("DROP TABLE round_t, round_n, round_v, round_other")
+            .await
+            .unwrap();
+    }
 }

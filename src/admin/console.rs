@@ -18,7 +18,7 @@ pub const GREETING: &[(&str, &str)] = &[
     ("standard_conforming_strings", "on"),
 ];
 
-const COMMANDS: &str = "SHOW SHARDS | SERVERS | POOLS | CLIENTS | STATS | CONFIG | VERSION, \
+const COMMANDS: &str = "SHOW SHARDS | SERVERS | POOLS | CLIENTS | STATS | TABLES | CONFIG | VERSION, \
      RELOAD, PAUSE [db], RESUME [db], FAILOVER [db] <shard> [TO <node>], SWITCHOVER [db] <shard> [TO <node>], BAN <node>, UNBAN <node>";
 
 /// A result set.
@@ -125,6 +125,7 @@ async fn execute(server: &Arc<Server>, cmd: &str, out: &mut BytesMut) -> Result<
                 "POOLS" => pools(server),
                 "CLIENTS" => clients(server),
                 "STATS" => stats(server),
+                "TABLES" => tables(server),
                 "CONFIG" => config(server),
                 "VERSION" => Table {
                     columns: &["version"],
@@ -452,6 +453,44 @@ fn stats(server: &Server) -> Table {
 }
 
 /// The running configuration as key/value rows, secrets masked.
+/// The sharded tables, with their key columns' types as the servers have them.
+fn tables(server: &Server) -> Table {
+    use crate::sharding::column::Observed;
+    let mut rows = Vec::new();
+    for (name, db) in dbs(server) {
+        for f in &db.router.rules.tables {
+            let (server_type, state) = match f.key.observed() {
+                Observed::Unknown => (String::new(), "not read yet"),
+                Observed::Missing => (String::new(), "no such column"),
+                Observed::Type { name, matches } => {
+                    (name, if matches { "ok" } else { "type differs" })
+                }
+            };
+            rows.push(vec![
+                name.clone(),
+                f.table.clone(),
+                f.column.clone(),
+                f.method().into(),
+                f.ty.name().into(),
+                server_type,
+                state.into(),
+            ]);
+        }
+    }
+    Table {
+        columns: &[
+            "database",
+            "table",
+            "column",
+            "method",
+            "key_type",
+            "server_type",
+            "state",
+        ],
+        rows,
+    }
+}
+
 fn config(server: &Server) -> Table {
     let state = server.state.load();
     let value = yaml_serde::to_value(&state.config).unwrap_or(yaml_serde::Value::Null);

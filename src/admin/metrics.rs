@@ -172,6 +172,18 @@ pub fn render(server: &Server) -> String {
             &format!("{dl},outcome=\"rollback\""),
             db.recovered_rollbacks.load(Ordering::Relaxed),
         );
+        for f in &db.router.rules.tables {
+            let differs = matches!(
+                f.key.observed(),
+                crate::sharding::column::Observed::Type { matches: false, .. }
+            );
+            o.gauge(
+                "pgshard_shard_key_type_mismatch",
+                "1 when a sharded table's key column has another type on the servers than pgshard reads its keys as (set its `type`).",
+                &format!("{dl},table=\"{}\"", esc(&f.table)),
+                if differs { 1.0 } else { 0.0 },
+            );
+        }
         for (s, shard) in db.shards.iter().enumerate() {
             let sl = format!("database=\"{d}\",shard=\"{s}\"");
             let view = shard.view();

@@ -258,48 +258,19 @@ pub(super) fn spawn(db: Weak<Database>) {
             tick.tick().await;
             let Some(d) = db.upgrade() else { return };
             round(&d, &mut controls, &mut history).await;
-            if rounds.is_multiple_of(AGGREGATES_EVERY) {
-                read_user_aggregates(&d, &mut controls).await;
+            // Until every key column is found (a table not created yet), every round: a
+            // key written before its column's modifier is known is placed as written.
+            if rounds.is_multiple_of(CATALOG_EVERY) || super::catalog::incomplete(&d) {
+                super::catalog::read(&d, &mut controls).await;
             }
             rounds += 1;
         }
     });
 }
 
-/// Rounds between readings of the user-defined aggregates' names.
-const AGGREGATES_EVERY: u64 = 10;
+/// Rounds between readings of the servers' catalogs (`catalog`).
+const CATALOG_EVERY: u64 = 10;
 
-/// Reads the names of user-defined aggregates from the default shard's primary (the
-/// shards share their schema); on failure the last names stay.
-async fn read_user_aggregates(db: &Database, controls: &mut [Vec<Control>]) {
-    let s = db.config.default_shard;
-    let Some(p) = db.shards.get(s).and_then(|sh| sh.view().primary) else {
-        return;
-    };
-    let Some(c) = controls.get_mut(s).and_then(|c| c.get_mut(p)) else {
-        return;
-    };
-    match c
-        .query("SELECT DISTINCT proname::text FROM pg_catalog.pg_proc WHERE prokind = 'a' AND pronamespace <> 'pg_catalog'::pg_catalog.regnamespace")
-        .await
-    {
-        Ok(rows) => {
-            let mut names: Vec<String> = rows
-                .into_iter()
-                .filter_map(|r| r.into_iter().next().flatten())
-                .collect();
-            names.sort();
-            if **db.user_aggregates.load() != names {
-                db.user_aggregates.store(Arc::new(names));
-                db.user_aggregates_version
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        Err(e) => tracing::debug!(error = %e, "could not read the user-defined aggregates"),
-    }
-}
-
-/// One round of checks over every node of the database, then the new views.
 async fn round(
     db: &Arc<Database>,
     controls: &mut [Vec<Control>],

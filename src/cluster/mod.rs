@@ -4,6 +4,7 @@
 //! What the monitor learns is published as an immutable [`ShardView`] per shard, swapped
 //! in whole (arc-swap): sessions read it when they pick a node, without a lock.
 
+mod catalog;
 pub mod deadlock;
 mod failover;
 mod health;

@@ -319,8 +319,10 @@ pub struct ShardedTableConfig {
     pub column: String,
     pub method: ShardMethod,
     /// The key column's type: bigint/integer/smallint, numeric, text/varchar, date,
-    /// timestamp/timestamptz, uuid. Default: bigint for hash; for range and list inferred
-    /// from the bounds (integers, numbers, dates/timestamps, else text).
+    /// timestamp/timestamptz, uuid, with the column's modifier where it has one
+    /// (`numeric(10,2)`, `timestamptz(0)`, `varchar(20)`), which rounds the keys written.
+    /// Default: bigint for hash; for range and list inferred from the bounds (integers,
+    /// numbers, dates/timestamps, else text).
     #[serde(default, rename = "type")]
     pub key_type: Option<String>,
     #[serde(default)]
@@ -402,7 +404,11 @@ impl ShardedTableConfig {
     /// The key type, declared or inferred.
     pub fn key_type(&self) -> crate::sharding::KeyType {
         use crate::sharding::KeyType;
-        if let Some(t) = self.key_type.as_deref().and_then(KeyType::from_name) {
+        if let Some((t, _)) = self
+            .key_type
+            .as_deref()
+            .and_then(crate::sharding::column::declared)
+        {
             return t;
         }
         if matches!(self.method, ShardMethod::Hash | ShardMethod::Directory) {

@@ -67,6 +67,39 @@ fn errors_name_the_key() {
     assert!(e.starts_with("server_tls.key:"), "{e}");
     let e = err(&format!("server_tls: {{ mode: verify }}\n{BASE}"));
     assert!(e.contains("unknown variant `verify`"), "{e}");
+    // Key types with the column's modifier; one PostgreSQL has not is refused.
+    let shards = BASE.replace(
+        "      - { primary: 127.0.0.1:5433, replicas: [127.0.0.1:5434] }\n",
+        "      - { primary: 127.0.0.1:5433 }\n      - { primary: 127.0.0.1:5435 }\n",
+    );
+    let ranged = |ty: &str| {
+        format!(
+            "{shards}    sharded_tables:\n      - {{ table: t, column: k, method: range, type: '{ty}', ranges: [{{ to: 5, shard: 0 }}, {{ from: 5, shard: 1 }}] }}\n"
+        )
+    };
+    for ty in [
+        "numeric(10,1)",
+        "numeric(4)",
+        "timestamptz(0)",
+        "timestamp(3) with time zone",
+    ] {
+        let yaml = ranged(ty)
+            .replace("to: 5", "to: '2026-01-01'")
+            .replace("from: 5", "from: '2026-01-01'");
+        let yaml = if ty.starts_with("numeric") {
+            ranged(ty)
+        } else {
+            yaml
+        };
+        Config::from_yaml(&yaml).unwrap_or_else(|e| panic!("{ty}: {e}"));
+    }
+    for ty in ["text(3)", "numeric(0,1)", "timestamptz(7)"] {
+        let e = err(&ranged(ty));
+        assert!(
+            e.starts_with("databases[0].sharded_tables[0].type: unknown type"),
+            "{e}"
+        );
+    }
 }
 
 #[test]

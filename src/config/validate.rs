@@ -149,12 +149,12 @@ impl Config {
                     ));
                 }
                 if let Some(ty) = &st.key_type
-                    && crate::sharding::KeyType::from_name(ty).is_none()
+                    && crate::sharding::column::declared(ty).is_none()
                 {
                     return Err(invalid(
                         format!("{tkey}.type"),
                         format!(
-                            "unknown type '{ty}' (bigint, integer, smallint, numeric, text, varchar, date, timestamp, timestamptz, uuid)"
+                            "unknown type '{ty}' (bigint, integer, smallint, numeric, text, varchar, date, timestamp, timestamptz, uuid; numeric(p,s), timestamp(p), timestamptz(p) and varchar(n) with the column's modifier)"
                         ),
                     ));
                 }

@@ -251,7 +251,7 @@ impl Router {
                             self.shards_of_elements(f, array, p, zone, &mut out)
                         }
                         k => self
-                            .shard_of_key(f, k, p, zone)
+                            .shard_of_key(f, k, p, zone, a.inserts_sharded)
                             .map(|s| add_shard(&mut out, s)),
                     };
                     match found {
@@ -282,15 +282,21 @@ impl Router {
         }
     }
 
-    /// The shard of one key of table `f`, given as `k`.
+    /// The shard of one key of table `f`, given as `k`; `written`: a key being written
+    /// (an inserted row's, an UPDATE's new one), placed as the column stores it. (A
+    /// filter's key is compared with the column as written: one the column cannot hold
+    /// matches no row on any shard.)
     fn shard_of_key(
         &self,
         f: &ShardFn,
         k: &KeyRef,
         p: &Params<'_>,
         zone: &Zone,
+        written: bool,
     ) -> Result<usize, RouteError> {
-        Ok(f.shard_of(&self.key_value(f, k, p, zone)?, self.shards)?)
+        let v = self.key_value(f, k, p, zone)?;
+        let v = if written { f.stored(v) } else { v };
+        Ok(f.shard_of(&v, self.shards)?)
     }
 
     /// The value of one key of table `f`, given as `k`, as the key's type.

@@ -2,6 +2,7 @@
 //! numerics, text, dates, timestamps, uuids), compared as such, never as strings of digits.
 
 pub mod cast;
+pub mod column;
 pub mod directory;
 pub mod hash;
 pub mod keys;
@@ -42,6 +43,8 @@ pub struct ShardFn {
     pub ty: KeyType,
     /// The shards generate keys left out of INSERTs (see `keys`).
     pub generate_keys: bool,
+    /// The key column: what storing a key does to it, and what the servers say of it.
+    pub key: std::sync::Arc<column::KeyColumn>,
     kind: Kind,
 }
 
@@ -245,13 +248,26 @@ impl ShardFn {
                 ty.name()
             ));
         }
+        let declared = cfg
+            .key_type
+            .as_deref()
+            .and_then(column::declared)
+            .map_or(-1, |(_, typmod)| typmod);
         Ok(ShardFn {
             table: cfg.table.to_ascii_lowercase(),
             column: cfg.column.to_ascii_lowercase(),
             ty,
             generate_keys: cfg.generate_keys,
+            key: std::sync::Arc::new(column::KeyColumn::new(declared)),
             kind,
         })
+    }
+
+    /// A key being written (an inserted row's, an UPDATE's new one) as the column stores
+    /// it: rounded to its `numeric(p, s)` scale or `timestamp(p)` precision, or cut to its
+    /// `varchar(n)` length where only spaces are cut (see `column`).
+    pub fn stored(&self, v: Value) -> Value {
+        column::stored(self.ty, self.key.typmod(), v)
     }
 
     /// The shard of a key value.
@@ -338,6 +354,16 @@ impl ShardFn {
         Some(out)
     }
 
+    /// How the table is sharded, as the configuration names it.
+    pub fn method(&self) -> &'static str {
+        match self.kind {
+            Kind::Hash => "hash",
+            Kind::Range { .. } => "range",
+            Kind::List { .. } => "list",
+            Kind::Directory(_) => "directory",
+        }
+    }
+
     /// For a directory-sharded table, its directory.
     pub fn directory(&self) -> Option<&std::sync::Arc<directory::DirectoryCache>> {
         match &self.kind {
@@ -362,7 +388,8 @@ impl ShardFn {
         Ok(hash::partition_of(&k, shards as u64) as usize)
     }
 
-    /// The shard of a key in PostgreSQL's binary format (a binary COPY field).
+    /// The shard of a row written with a key in PostgreSQL's binary format (a binary COPY
+    /// field), as the column stores it.
     pub fn shard_of_binary(
         &self,
         b: &[u8],
@@ -372,8 +399,8 @@ impl ShardFn {
         self.shard_of_parsed(self.ty.parse_binary(b, 0, zone), shards)
     }
 
-    /// The shard of a key given as text (a literal or a text-format parameter), read in
-    /// the session's time zone `zone`.
+    /// The shard of a row written with a key given as text (a COPY field), read in the
+    /// session's time zone `zone`, as the column stores it.
     pub fn shard_of_text(
         &self,
         text: &str,
@@ -383,14 +410,15 @@ impl ShardFn {
         self.shard_of_parsed(self.ty.parse_text(text, zone), shards)
     }
 
-    /// The shard of a key parsed from text or binary, or the parse error for this key.
-    pub fn shard_of_parsed(
+    /// The shard of a row written with a key parsed from text or binary, or the parse
+    /// error for this key.
+    fn shard_of_parsed(
         &self,
         v: Result<Value, String>,
         shards: usize,
     ) -> Result<usize, ShardError> {
         let v = v.map_err(|d| self.bad_value(d))?;
-        self.shard_of(&v, shards)
+        self.shard_of(&self.stored(v), shards)
     }
 
     /// The error for a value this key's type does not accept.

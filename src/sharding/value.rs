@@ -235,6 +235,30 @@ impl Decimal {
         })
     }
 
+    /// Rounded to `scale` fraction digits (a negative scale rounds to tens, hundreds...),
+    /// half away from zero, as a `numeric(p, scale)` column stores it.
+    pub fn rounded(&self, scale: i32) -> Decimal {
+        let sign = if self.neg { "-" } else { "" };
+        let round = |s: &str, scale: usize| super::cast::round_to_scale(s, scale);
+        let text = if scale >= 0 {
+            round(&self.to_string(), scale as usize)
+        } else {
+            // Move the point left, round to an integer, move it back.
+            let k = scale.unsigned_abs() as usize;
+            let digits = format!("{}{:0>k$}", "", self.int);
+            let (high, low) = digits.split_at(digits.len() - k);
+            round(&format!("{sign}{high}.{low}{}", self.frac), 0).map(|r| {
+                if r.trim_start_matches('-') == "0" {
+                    r
+                } else {
+                    format!("{r}{}", "0".repeat(k))
+                }
+            })
+        };
+        text.and_then(|t| Decimal::parse(&t).ok())
+            .unwrap_or_else(|| self.clone())
+    }
+
     fn cmp_abs(&self, o: &Decimal) -> Ordering {
         self.int
             .len()
