@@ -1488,10 +1488,27 @@ async fn limit_and_offset_parameters_over_shards() {
     let mut plain = connect_server(ports()[0], "plain").await;
     let ids =
         |rows: Vec<tokio_postgres::Row>| -> Vec<i64> { rows.iter().map(|r| r.get(0)).collect() };
-    let cases: [(&str, Vec<Option<i64>>); 7] = [
+    let cases: [(&str, Vec<Option<i64>>); 11] = [
         (
             "SELECT id FROM users ORDER BY name, id LIMIT $1",
             vec![Some(7)],
+        ),
+        // The SQL standard's form, as Hibernate 6 pages.
+        (
+            "SELECT id FROM users ORDER BY id DESC OFFSET $1 ROWS FETCH FIRST $2 ROWS ONLY",
+            vec![Some(10), Some(5)],
+        ),
+        (
+            "SELECT id FROM users ORDER BY name, id FETCH NEXT $1 ROWS ONLY",
+            vec![Some(3)],
+        ),
+        (
+            "SELECT id FROM users WHERE id > $1 ORDER BY id FETCH FIRST ROW ONLY",
+            vec![Some(42)],
+        ),
+        (
+            "SELECT user_id FROM orders GROUP BY user_id ORDER BY count(*) DESC, user_id OFFSET 2 ROWS FETCH FIRST $1 ROWS ONLY",
+            vec![Some(4)],
         ),
         (
             "SELECT id FROM users ORDER BY id DESC LIMIT $1 OFFSET $2",
@@ -1539,6 +1556,20 @@ async fn limit_and_offset_parameters_over_shards() {
         .await
         .unwrap_err();
     assert_eq!(sqlstate(&e), "2201W");
+    // The simple protocol, and what FETCH FIRST adds to LIMIT: refused, not answered
+    // shard by shard.
+    for q in [
+        "SELECT id, name FROM users ORDER BY name DESC, id FETCH FIRST 4 ROWS ONLY",
+        "SELECT id FROM users ORDER BY id OFFSET 197 ROWS FETCH NEXT 10 ROWS ONLY",
+        "SELECT count(*) FROM users FETCH FIRST 1 ROW ONLY",
+    ] {
+        same_as_plain(&c, &plain, q).await;
+    }
+    let e = c
+        .simple_query("SELECT id FROM users ORDER BY name FETCH FIRST 3 ROWS WITH TIES")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000");
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@
 
 use super::Rules;
 pub use super::merge::{MergeSpec, OrderCol, OrderKey};
-use super::merge::{merge_spec, shard_statement};
+use super::merge::{fetch_as_limit, merge_spec, shard_statement};
 use super::predicate::constraints;
 pub(super) use super::predicate::value_of;
 use crate::sharding::cast::Cast;
@@ -259,7 +259,8 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
         a.replica_safe = !rules.calls_writing_function(sql);
         return Ok(a);
     }
-    if let Some(q) = query {
+    let as_limit = query.and_then(|q| fetch_as_limit(q));
+    if let Some(q) = as_limit.as_ref().or(query.map(|q| &**q)) {
         let spec = merge_spec(q, rules)
             .and_then(|spec| union_rows_partitioned(q, &spec, rules).map(|()| spec));
         if let Ok(spec) = &spec

@@ -47,6 +47,36 @@ fn unused_params(param: Option<Expr>) -> Option<sqlparser::ast::LimitClause> {
     })
 }
 
+/// `[OFFSET m ROWS] FETCH FIRST n ROWS ONLY` (as Hibernate 6 pages) as the
+/// `LIMIT n [OFFSET m]` it means, for the merge to read and the shards to run; None when
+/// there is no FETCH, or one that is not a plain limit (`WITH TIES`, `PERCENT`).
+pub(super) fn fetch_as_limit(q: &Query) -> Option<Query> {
+    use sqlparser::ast::LimitClause;
+    let f = q.fetch.as_ref()?;
+    if f.with_ties || f.percent {
+        return None;
+    }
+    let offset = match &q.limit_clause {
+        None => None,
+        Some(LimitClause::LimitOffset {
+            limit: None,
+            offset,
+            limit_by,
+        }) if limit_by.is_empty() => offset.clone(),
+        Some(_) => return None,
+    };
+    let mut q = q.clone();
+    // `FETCH FIRST ROW ONLY`: one row.
+    let limit = f.quantity.clone().unwrap_or_else(|| number(1));
+    q.limit_clause = Some(LimitClause::LimitOffset {
+        limit: Some(limit),
+        offset,
+        limit_by: Vec::new(),
+    });
+    q.fetch = None;
+    Some(q)
+}
+
 /// What pgshard can merge today: plain rows; count/sum/min/max with or without GROUP BY on
 /// output columns; ORDER BY output columns; LIMIT. Anything whose per-shard results do not
 /// simply combine (avg, HAVING, DISTINCT, OFFSET, set operations, window functions,
@@ -478,7 +508,7 @@ fn plan(q: &Query, rules: &Rules) -> Result<MergeSpec, String> {
         Some(_) => return unsupported("this LIMIT form"),
     }
     if q.fetch.is_some() {
-        return unsupported("FETCH FIRST");
+        return unsupported("FETCH FIRST ... WITH TIES or PERCENT");
     }
     if !spec.distinct_on.is_empty() {
         // Groups are found after sorting: the DISTINCT ON columns lead the order (as

@@ -482,3 +482,30 @@ fn output_names_are_postgresqls() {
         assert_eq!(name(e), n, "{e}");
     }
 }
+
+#[test]
+fn fetch_first_is_a_limit() {
+    let a = |sql: &str| analyze(sql, &rules()).unwrap();
+    let spec = a("SELECT id FROM users ORDER BY id OFFSET 3 ROWS FETCH FIRST ROW ONLY")
+        .merge
+        .unwrap()
+        .unwrap();
+    assert_eq!((spec.limit, spec.offset), (Some(1), 3));
+    // The shards run it as the LIMIT it is, the offset applied after merging.
+    let shards = a("SELECT id FROM users ORDER BY id OFFSET 3 ROWS FETCH FIRST 2 ROWS ONLY");
+    assert_eq!(
+        shards.shard_sql.as_deref(),
+        Some("SELECT id FROM users ORDER BY id LIMIT 5")
+    );
+    let spec = a("SELECT id FROM users ORDER BY id FETCH NEXT $1 ROWS ONLY")
+        .merge
+        .unwrap()
+        .unwrap();
+    assert_eq!(spec.limit_param, Some(0));
+    for sql in [
+        "SELECT id FROM users ORDER BY id FETCH FIRST 2 ROWS WITH TIES",
+        "SELECT id FROM users ORDER BY id FETCH FIRST 10 PERCENT ROWS ONLY",
+    ] {
+        assert!(a(sql).merge.unwrap().is_err(), "{sql}");
+    }
+}
