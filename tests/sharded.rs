@@ -325,6 +325,10 @@ async fn cross_shard_selects_merge_like_one_database() {
         "SELECT total, count(DISTINCT user_id % 3) AS n FROM orders GROUP BY total ORDER BY n DESC, total LIMIT 3",
         "SELECT count(DISTINCT CASE WHEN id % 2 = 0 THEN name END) FROM users",
         "SELECT score, count(DISTINCT name) FROM users WHERE id < 0 GROUP BY score",
+        // TABLE name, as psql users write it (sqlparser does not read it).
+        "TABLE users ORDER BY id",
+        "table users order by name desc, id limit 4 offset 2",
+        "TABLE countries",
     ] {
         same_as_plain(&c, &plain, q).await;
     }

@@ -227,9 +227,33 @@ pub enum AnalyzeError {
     Unroutable(String),
 }
 
+/// `TABLE name ...`, which sqlparser does not read, as the `SELECT * FROM name ...` it
+/// is, for the analysis (the shards run the client's text, or a rewrite of the SELECT);
+/// None when no statement of `sql` is one.
+fn table_commands_as_selects(sql: &str) -> Option<String> {
+    let mut changed = false;
+    let statements: Vec<String> = super::split_statements(sql)
+        .into_iter()
+        .map(|st| match super::lexer::leading_words::<1>(st) {
+            ([w], 1) if w.eq_ignore_ascii_case("table") => {
+                changed = true;
+                let at = w.as_ptr() as usize - st.as_ptr() as usize;
+                format!("{}SELECT * FROM{}", &st[..at], &st[at + w.len()..])
+            }
+            _ => st.to_string(),
+        })
+        .collect();
+    changed.then(|| statements.join(";\n"))
+}
+
 pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
-    let stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql)
-        .map_err(|e| AnalyzeError::Parse(e.to_string()))?;
+    let parse = |sql: &str| Parser::parse_sql(&PostgreSqlDialect {}, sql);
+    let stmts = match parse(sql) {
+        Ok(stmts) => stmts,
+        Err(e) => table_commands_as_selects(sql)
+            .and_then(|selects| parse(&selects).ok())
+            .ok_or_else(|| AnalyzeError::Parse(e.to_string()))?,
+    };
     let mut out = Analysis {
         statements: stmts.len(),
         sets_time_zone: stmts.iter().any(sets_time_zone)

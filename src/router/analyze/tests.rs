@@ -340,3 +340,29 @@ fn between_symmetric_is_not_read_as_bounds() {
         "{r:?}"
     );
 }
+
+#[test]
+fn table_commands_are_read_as_the_selects_they_are() {
+    let a = |sql: &str| analyze(sql, &rules()).unwrap();
+    assert_eq!(a("TABLE users").target, Target::All);
+    assert_eq!(a("TABLE users").kind, Kind::Read);
+    assert_eq!(a("/* c */ table countries;").target, Target::Default);
+    // Clauses after the name: merged, the shards running the rewrite where one is needed.
+    let paged = a("TABLE ONLY users ORDER BY id LIMIT 2 OFFSET 3");
+    let spec = paged.merge.unwrap().unwrap();
+    assert_eq!((spec.limit, spec.offset), (Some(2), 3));
+    assert_eq!(
+        paged.shard_sql.as_deref(),
+        Some("SELECT * FROM ONLY users ORDER BY id LIMIT 5")
+    );
+    assert_eq!(a("TABLE users; TABLE orders").statements, 2);
+    // Not a TABLE command: the parser's error stays.
+    assert!(matches!(
+        analyze("SELEC 1 FROM users", &rules()),
+        Err(AnalyzeError::Parse(_))
+    ));
+    assert!(matches!(
+        analyze("TABLE", &rules()),
+        Err(AnalyzeError::Parse(_))
+    ));
+}
