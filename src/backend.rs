@@ -309,6 +309,16 @@ impl BackendConn {
         }
     }
 
+    /// Whether the server closed the connection while it sat idle in the pool (a restart,
+    /// `pg_terminate_backend`, `idle_session_timeout`): its end of the socket is closed,
+    /// or it sent something, which to an idle connection is the FATAL it leaves with.
+    /// Without a system call when nothing came (see `ServerRead::try_read`); through TLS
+    /// it cannot tell (false).
+    pub fn closed_while_idle(&self) -> bool {
+        let mut probe = [0u8; 1];
+        !matches!(self.reader.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
     /// The length of the next complete frame in `rbuf`, if any.
     pub fn next_frame_len(&mut self) -> Result<Option<usize>, BackendError> {
         protocol::frame_len(&self.rbuf, MAX_BACKEND_MESSAGE).map_err(|source| {

@@ -134,14 +134,17 @@ pub enum CloseReason {
     Invalidated,
     /// Left in an unknown state (lost, mid-COPY, a failed reset...).
     Broken,
+    /// Closed by the server while idle in the pool (a restart, `pg_terminate_backend`).
+    Closed,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 4] = [
+    pub const ALL: [CloseReason; 5] = [
         CloseReason::Idle,
         CloseReason::Lifetime,
         CloseReason::Invalidated,
         CloseReason::Broken,
+        CloseReason::Closed,
     ];
 
     /// The metric label.
@@ -151,6 +154,7 @@ impl CloseReason {
             CloseReason::Lifetime => "lifetime",
             CloseReason::Invalidated => "invalidated",
             CloseReason::Broken => "broken",
+            CloseReason::Closed => "server_closed",
         }
     }
 }

@@ -146,16 +146,22 @@ impl Inner {
         }
     }
 
-    /// An idle connection that can be reused, closing invalidated ones on the way. (Its
-    /// lifetime was checked when it was returned, and maintenance checks idle ones: no
-    /// clock is read here.)
+    /// An idle connection that can be reused, closing invalidated ones, and ones the
+    /// server closed, on the way. (Its lifetime was checked when it was returned, and
+    /// maintenance checks idle ones: no clock is read here.)
     fn pop_idle(&self) -> Option<BackendConn> {
         loop {
-            let c = self.idle.lock().expect("not poisoned").pop()?.conn;
-            if self.current(&c) {
+            let mut c = self.idle.lock().expect("not poisoned").pop()?.conn;
+            if !self.current(&c) {
+                self.close(c, CloseReason::Invalidated);
+            } else if c.closed_while_idle() {
+                // A server restarted between two health checks leaves every idle
+                // connection dead: handed out, each would fail its client's next query.
+                c.broken = true;
+                self.close(c, CloseReason::Closed);
+            } else {
                 return Some(c);
             }
-            self.close(c, CloseReason::Invalidated);
         }
     }
 

@@ -881,6 +881,61 @@ async fn a_server_connection_dying_affects_only_its_client() {
     connect(addr).await.batch_execute("SELECT 1").await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_connections_the_server_closed_while_idle_are_not_handed_out() {
+    // Its own server, to restart.
+    let mut c = own_cluster(1, 0);
+    let (addr, server) = start_proxy_server(
+        pgshard::config::Config::from_yaml(&c.config_yaml("127.0.0.1:0", "transaction", 4))
+            .unwrap(),
+    );
+    let clients = futures_util::future::join_all((0..4).map(|_| connect(addr))).await;
+    let fill_pool = async || {
+        // Four transactions at once: four server connections, idle in the pool after.
+        let all = clients
+            .iter()
+            .map(|cl| cl.batch_execute("SELECT pg_sleep(0.2)"));
+        for r in futures_util::future::join_all(all).await {
+            r.unwrap();
+        }
+    };
+    let closed = || {
+        let m = pgshard::admin::metrics::render(&server);
+        sample(
+            &m,
+            "pgshard_pool_connections_closed_total",
+            &["reason=\"server_closed\""],
+        )
+    };
+    fill_pool().await;
+    // Terminated while idle (pg_terminate_backend, idle_session_timeout).
+    let port = c.shards[0].primary.port;
+    let direct = connect(([127, 0, 0, 1], port).into()).await;
+    let n: i64 = direct
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'pgshard'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 4);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for cl in &clients {
+        cl.batch_execute("SELECT 1").await.unwrap();
+    }
+    assert!(closed() >= 4.0, "{}", closed());
+    // The server restarted between two health checks: every idle connection is dead.
+    fill_pool().await;
+    drop(direct);
+    c.restart(0, None).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for cl in &clients {
+        cl.batch_execute("SELECT 1").await.unwrap();
+    }
+    assert!(closed() >= 8.0, "{}", closed());
+}
+
 /// A query string pgshard runs statement by statement (here because of UNLISTEN) that
 /// resets settings, as asyncpg's pool does on every release: the client's settings follow
 /// the RESET to its next server connection, even after another client used the one it
