@@ -310,13 +310,9 @@ impl BackendConn {
     }
 
     /// Whether the server closed the connection while it sat idle in the pool (a restart,
-    /// `pg_terminate_backend`, `idle_session_timeout`): its end of the socket is closed,
-    /// or it sent something, which to an idle connection is the FATAL it leaves with.
-    /// Without a system call when nothing came (see `ServerRead::try_read`); through TLS
-    /// it cannot tell (false).
+    /// `pg_terminate_backend`, `idle_session_timeout`); see `ServerRead::closed_while_idle`.
     pub fn closed_while_idle(&self) -> bool {
-        let mut probe = [0u8; 1];
-        !matches!(self.reader.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        self.reader.closed_while_idle()
     }
 
     /// The length of the next complete frame in `rbuf`, if any.

@@ -113,8 +113,9 @@ impl ServerAddr {
                 if let Some(t) = tls.filter(|t| t.mode != crate::config::ServerTlsMode::Disable) {
                     match t.negotiate(s, a.ip()).await? {
                         Ok(tls) => {
+                            let fd = std::os::fd::AsRawFd::as_raw_fd(tls.get_ref().0);
                             let (r, w) = tokio::io::split(*tls);
-                            return Ok((ServerRead::Tls(r), ServerWrite::Tls(w)));
+                            return Ok((ServerRead::Tls(r, fd), ServerWrite::Tls(w)));
                         }
                         Err(plain) => s = plain,
                     }
@@ -161,7 +162,9 @@ impl std::fmt::Display for ServerAddr {
 pub enum ServerRead {
     Tcp(tcp::OwnedReadHalf),
     Unix(unix::OwnedReadHalf),
-    Tls(ReadHalf<TlsStream<TcpStream>>),
+    /// With the socket's descriptor (open as long as the stream is), to look at it
+    /// beneath TLS.
+    Tls(ReadHalf<TlsStream<TcpStream>>, std::os::fd::RawFd),
 }
 
 /// The writing half of a server connection.
@@ -184,15 +187,35 @@ impl ServerWrite {
 }
 
 impl ServerRead {
-    /// Reads what the socket holds now, without waiting. tokio looks at the readiness it
-    /// last saw first, so a socket with nothing to read costs no system call. Through TLS
-    /// it cannot tell: WouldBlock.
-    pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            ServerRead::Tcp(r) => r.try_read(buf),
-            ServerRead::Unix(r) => r.try_read(buf),
-            ServerRead::Tls(_) => Err(io::ErrorKind::WouldBlock.into()),
-        }
+    /// Whether the peer closed an idle connection: its end of the socket is closed, or it
+    /// sent something, which to an idle connection is its farewell (PostgreSQL's FATAL,
+    /// TLS's close_notify). Over TCP and Unix sockets tokio answers from the readiness it
+    /// last saw, so a socket with nothing to read costs no system call (what it reads is
+    /// consumed: the connection is done with); through TLS a non-blocking peek beneath it.
+    pub fn closed_while_idle(&self) -> bool {
+        let mut probe = [0u8; 1];
+        let r = match self {
+            ServerRead::Tcp(r) => r.try_read(&mut probe),
+            ServerRead::Unix(r) => r.try_read(&mut probe),
+            ServerRead::Tls(_, fd) => {
+                // SAFETY: `fd` is the stream's own socket, open while `self` is; `probe`
+                // is one writable byte.
+                let n = unsafe {
+                    libc::recv(
+                        *fd,
+                        probe.as_mut_ptr().cast(),
+                        1,
+                        libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                    )
+                };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            }
+        };
+        !matches!(r, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 }
 
@@ -205,7 +228,7 @@ impl AsyncRead for ServerRead {
         match self.get_mut() {
             ServerRead::Tcp(r) => Pin::new(r).poll_read(cx, buf),
             ServerRead::Unix(r) => Pin::new(r).poll_read(cx, buf),
-            ServerRead::Tls(r) => Pin::new(r).poll_read(cx, buf),
+            ServerRead::Tls(r, _) => Pin::new(r).poll_read(cx, buf),
         }
     }
 }
