@@ -452,7 +452,6 @@ fn stats(server: &Server) -> Table {
     }
 }
 
-/// The running configuration as key/value rows, secrets masked.
 /// The sharded tables, with their key columns' types as the servers have them.
 fn tables(server: &Server) -> Table {
     use crate::sharding::column::Observed;
@@ -491,6 +490,7 @@ fn tables(server: &Server) -> Table {
     }
 }
 
+/// The running configuration as key/value rows, secrets masked.
 fn config(server: &Server) -> Table {
     let state = server.state.load();
     let value = yaml_serde::to_value(&state.config).unwrap_or(yaml_serde::Value::Null);

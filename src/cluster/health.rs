@@ -271,6 +271,7 @@ pub(super) fn spawn(db: Weak<Database>) {
 /// Rounds between readings of the servers' catalogs (`catalog`).
 const CATALOG_EVERY: u64 = 10;
 
+/// One round of checks over every node of the database, then the new views.
 async fn round(
     db: &Arc<Database>,
     controls: &mut [Vec<Control>],
