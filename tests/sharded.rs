@@ -2879,6 +2879,39 @@ async fn written_keys_are_placed_as_their_columns_store_them() {
         let got = same_as_plain(&c, &plain, q).await;
         assert!(!got.is_empty() || q.ends_with("'abc  '"), "{q}");
     }
+    // A new modifier (ALTER TABLE through pgshard): the monitor reads it again.
+    for db in [&c, &plain] {
+        db.batch_execute("ALTER TABLE round_t ALTER at TYPE timestamptz(1)")
+            .await
+            .unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while observed("round_t") != ok("timestamp(1) with time zone") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            observed("round_t")
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    for db in [&c, &plain] {
+        db.batch_execute("INSERT INTO round_t (id, at) VALUES (5, '2025-12-31 23:59:59.96+00')")
+            .await
+            .unwrap();
+    }
+    let d = connect_server(ports()[1], "app").await;
+    let on_1 = rows(
+        &d.simple_query("SELECT id FROM round_t WHERE id = 5")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(on_1.len(), 1, "row 5 on shard 1");
+    same_as_plain(
+        &c,
+        &plain,
+        "SELECT id FROM round_t WHERE at = '2026-01-01 00:00:00+00' ORDER BY id",
+    )
+    .await;
     for db in [&c, &plain] {
         db.batch_execute("DROP TABLE round_t, round_n, round_v, round_other")
             .await

@@ -15,13 +15,32 @@ fn default_primary<'c>(db: &Database, controls: &'c mut [Vec<Control>]) -> Optio
     controls.get_mut(s).and_then(|c| c.get_mut(p))
 }
 
-/// Whether a sharded table's key column has not been found yet.
-pub(super) fn incomplete(db: &Database) -> bool {
-    db.router
-        .rules
-        .tables
-        .iter()
-        .any(|f| matches!(f.key.observed(), Observed::Unknown | Observed::Missing))
+/// Rounds of reading after DDL went through pgshard (see `Database::catalog_rounds`).
+const ROUNDS_AFTER_DDL: u8 = 3;
+
+impl Database {
+    /// DDL went through pgshard: the monitor reads the catalogs in its next rounds.
+    pub fn ddl_seen(&self) {
+        self.catalog_rounds
+            .store(ROUNDS_AFTER_DDL, Ordering::Relaxed);
+    }
+}
+
+/// Whether this round reads the catalogs out of turn: after DDL, or while a sharded
+/// table's key column has not been found (a table not created yet: a key written before
+/// its column's modifier is known is placed as written).
+pub(super) fn due(db: &Database) -> bool {
+    let after_ddl = db
+        .catalog_rounds
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+        .is_ok();
+    after_ddl
+        || db
+            .router
+            .rules
+            .tables
+            .iter()
+            .any(|f| matches!(f.key.observed(), Observed::Unknown | Observed::Missing))
 }
 
 /// Reads everything; on failure what was read last stays.
@@ -135,6 +154,17 @@ async fn read_key_columns(db: &Database, c: &mut Control) {
 
 #[cfg(test)]
 mod tests {
+    #[tokio::test]
+    async fn ddl_makes_the_next_rounds_read() {
+        let db = crate::cluster::test_database(1, "");
+        assert!(!super::due(&db));
+        db.ddl_seen();
+        for _ in 0..super::ROUNDS_AFTER_DDL {
+            assert!(super::due(&db));
+        }
+        assert!(!super::due(&db));
+    }
+
     #[test]
     fn the_key_columns_query_quotes_names() {
         let sql = super::key_columns_sql(&[("events", "created_at"), ("o'neil", "id")]);

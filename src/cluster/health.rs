@@ -258,9 +258,7 @@ pub(super) fn spawn(db: Weak<Database>) {
             tick.tick().await;
             let Some(d) = db.upgrade() else { return };
             round(&d, &mut controls, &mut history).await;
-            // Until every key column is found (a table not created yet), every round: a
-            // key written before its column's modifier is known is placed as written.
-            if rounds.is_multiple_of(CATALOG_EVERY) || super::catalog::incomplete(&d) {
+            if rounds.is_multiple_of(CATALOG_EVERY) || super::catalog::due(&d) {
                 super::catalog::read(&d, &mut controls).await;
             }
             rounds += 1;

@@ -168,6 +168,10 @@ pub struct Database {
     pub user_aggregates: ArcSwap<Vec<String>>,
     /// Changes whenever `user_aggregates` does (sessions drop their cached analyses).
     pub user_aggregates_version: std::sync::atomic::AtomicU64,
+    /// Monitor rounds that read the catalogs whatever their turn: DDL went through pgshard
+    /// (a key column's type may have changed; read for a few rounds, as the DDL may not
+    /// have committed by the first).
+    pub catalog_rounds: std::sync::atomic::AtomicU8,
     /// Types and collations of the columns merges ordered (`exec::order`): read from a
     /// server once per column; None where the server knew none.
     pub order_facts: std::sync::Mutex<
@@ -504,6 +508,7 @@ impl Topology {
                     deadlocks: Default::default(),
                     user_aggregates: Default::default(),
                     user_aggregates_version: Default::default(),
+                    catalog_rounds: Default::default(),
                     order_facts: Default::default(),
                     decisions_ready: Default::default(),
                     two_phase_prepared: Default::default(),

@@ -257,7 +257,13 @@ impl Session {
             return Ok(Dest::Shard(s));
         }
         let a = match self.analysis(sql) {
-            Ok(a) => a,
+            Ok(a) => {
+                if a.kind == Kind::Ddl {
+                    // A key column's type may change (see `sharding::column`).
+                    self.db.ddl_seen();
+                }
+                a
+            }
             Err(router::AnalyzeError::Unroutable(why)) => {
                 return Err(PgError::new("0A000", why)
                     .with_hint("Or choose the shard with a /* pgshard: shard=N */ comment."));
