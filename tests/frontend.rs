@@ -695,16 +695,7 @@ async fn tls_to_the_servers() {
     assert_eq!(server_ssl(addr).await, Ok(true));
     until_checked(&server).await;
     // A pooled TLS connection the server closed while idle is not handed out.
-    let direct = connect(([127, 0, 0, 1], primary.port).into()).await;
-    let n: i64 = direct
-        .query_one(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'pgshard'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(n, 1);
+    assert_eq!(terminate_pool_connections(primary.port).await, 1);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(server_ssl(addr).await, Ok(true));
     // Pool connections closed (here idle past idle_timeout_ms) end with a Terminate and

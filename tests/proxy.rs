@@ -909,17 +909,10 @@ async fn server_connections_the_server_closed_while_idle_are_not_handed_out() {
     };
     fill_pool().await;
     // Terminated while idle (pg_terminate_backend, idle_session_timeout).
-    let port = c.shards[0].primary.port;
-    let direct = connect(([127, 0, 0, 1], port).into()).await;
-    let n: i64 = direct
-        .query_one(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'pgshard'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(n, 4);
+    assert_eq!(
+        terminate_pool_connections(c.shards[0].primary.port).await,
+        4
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     for cl in &clients {
         cl.batch_execute("SELECT 1").await.unwrap();
@@ -927,7 +920,6 @@ async fn server_connections_the_server_closed_while_idle_are_not_handed_out() {
     assert!(closed() >= 4.0, "{}", closed());
     // The server restarted between two health checks: every idle connection is dead.
     fill_pool().await;
-    drop(direct);
     c.restart(0, None).unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     for cl in &clients {

@@ -140,6 +140,20 @@ pub async fn connect_direct() -> tokio_postgres::Client {
     connect(addr).await
 }
 
+/// Terminates, on the server at `port`, pgshard's pooled connections (those it opened,
+/// not its monitor's), as a restart or `idle_session_timeout` would; returns how many.
+pub async fn terminate_pool_connections(port: u16) -> i64 {
+    connect(([127, 0, 0, 1], port).into())
+        .await
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'pgshard'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// The SQLSTATE of a tokio-postgres error.
 pub fn sqlstate(e: &tokio_postgres::Error) -> String {
     e.code()
