@@ -56,6 +56,12 @@ const RULES: &str = "    reference_tables: [countries]
         ranges: [ { to: 5, shard: 0 }, { from: 5, shard: 1 } ]
       - { table: round_v, column: code, method: hash, type: text }
       - { table: round_other, column: id, method: hash }
+      - { table: ret_t, column: id, method: hash }
+      - table: ret_at
+        column: at
+        method: range
+        type: timestamptz
+        ranges: [ { to: '2026-01-01', shard: 0 }, { from: '2026-01-01', shard: 1 } ]
       - table: accounts
         column: region
         method: list
@@ -2916,5 +2922,92 @@ async fn written_keys_are_placed_as_their_columns_store_them() {
         db.batch_execute("DROP TABLE round_t, round_n, round_v, round_other")
             .await
             .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn returning_rows_of_a_split_insert_come_in_the_statements_row_order() {
+    // One server returns an INSERT's RETURNING rows in the order of its VALUES, and
+    // drivers rely on it (Django's bulk_create gives each object the key in its position).
+    // Split over shards, each shard returns its own rows: they are put back in order.
+    let ddl = "DROP TABLE IF EXISTS ret_t, ret_at;
+        CREATE TABLE ret_t (id bigint PRIMARY KEY, name text);
+        CREATE TABLE ret_at (id int, at timestamptz)";
+    let addr = setup().await;
+    let mut c = connect(addr).await;
+    let mut plain = connect_server(ports()[0], "plain").await;
+    c.batch_execute(ddl).await.unwrap();
+    plain.batch_execute(ddl).await.unwrap();
+    let values: Vec<String> = (1..=12).map(|i| format!("({i}, 'n{i}')")).collect();
+    let simple = [
+        format!("INSERT INTO ret_t (id, name) VALUES {} RETURNING id, name", values.join(", ")),
+        // Keys a server evaluates (pgshard does not read `+ interval`).
+        "INSERT INTO ret_at (id, at) VALUES (1, '2025-12-31'::timestamptz + interval '1 day'), \
+         (2, '2025-06-01'::timestamptz + interval '1 day'), (3, '2026-03-01'::timestamptz + interval '1 day'), \
+         (4, '2025-01-01'::timestamptz + interval '1 day') RETURNING id, at"
+            .into(),
+        // INSERT ... SELECT split by key.
+        "INSERT INTO ret_t (id, name) SELECT g, 'g' || g FROM generate_series(101, 112) g ORDER BY g DESC RETURNING id".into(),
+        // In a transaction block.
+        "BEGIN".into(),
+        "INSERT INTO ret_t (id, name) VALUES (201, 'a'), (202, 'b'), (203, 'c'), (204, 'd'), (205, 'e') RETURNING id".into(),
+        "COMMIT".into(),
+        // ON CONFLICT DO NOTHING skips rows: the order cannot be known, the rows can.
+        "INSERT INTO ret_t (id, name) VALUES (1, 'x'), (301, 'y'), (302, 'z') ON CONFLICT DO NOTHING RETURNING id".into(),
+    ];
+    for q in &simple {
+        let ours = rows_or_sqlstate(&c, q).await;
+        let theirs = rows_or_sqlstate(&plain, q).await;
+        if q.contains("ON CONFLICT") {
+            let sorted = |r: Result<Vec<Vec<Option<String>>>, String>| {
+                let mut r = r.unwrap();
+                r.sort();
+                r
+            };
+            assert_eq!(sorted(ours), sorted(theirs), "{q}");
+        } else {
+            assert_eq!(ours, theirs, "{q}");
+        }
+    }
+    // The extended protocol, outside and inside a transaction.
+    let q = "INSERT INTO ret_t (id, name) VALUES ($1, 'p'), ($2, 'q'), ($3, 'r'), ($4, 's'), ($5, 't'), ($6, 'u') RETURNING id";
+    let ids = |rows: Vec<tokio_postgres::Row>| {
+        rows.iter().map(|r| r.get::<_, i64>(0)).collect::<Vec<_>>()
+    };
+    for (base, in_tx) in [(400i64, false), (500, true)] {
+        let keys: Vec<i64> = (base..base + 6).collect();
+        let p: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = keys
+            .iter()
+            .map(|k| k as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect();
+        let mut got = Vec::new();
+        for client in [&mut c, &mut plain] {
+            let rows = if in_tx {
+                let tx = client.transaction().await.unwrap();
+                let r = tx.query(q, &p).await.unwrap();
+                tx.commit().await.unwrap();
+                r
+            } else {
+                client.query(q, &p).await.unwrap()
+            };
+            got.push(ids(rows));
+        }
+        assert_eq!(got[0], keys, "in a transaction: {in_tx}");
+        assert_eq!(got[0], got[1]);
+    }
+    // Session mode runs a statement over several shards on connections of its own.
+    let yaml = cluster2().config_yaml("127.0.0.1:0", "session", 2);
+    let session = connect(start_proxy_yaml(&format!("{yaml}{RULES}"))).await;
+    let values: Vec<String> = (601..=612).map(|i| format!("({i}, 'n{i}')")).collect();
+    let q = format!(
+        "INSERT INTO ret_t (id, name) VALUES {} RETURNING id",
+        values.join(", ")
+    );
+    assert_eq!(
+        rows_or_sqlstate(&session, &q).await,
+        rows_or_sqlstate(&plain, &q).await
+    );
+    for db in [&c, &plain] {
+        db.batch_execute("DROP TABLE ret_t, ret_at").await.unwrap();
     }
 }

@@ -287,6 +287,54 @@ pub fn combine_writes(results: Vec<Vec<BytesMut>>, sum: bool) -> BytesMut {
     out
 }
 
+/// The answers of an INSERT split over shards (`results`: each part's, from the shards
+/// `from`) with its RETURNING rows in the order of the statement's rows (`row_shards`:
+/// each row's shard), as one server returns them: one answer in place of the parts'
+/// (the first part's description, the rows, every part's command tag). Unchanged after an
+/// error, or when a shard returned another number of rows than it was sent (ON CONFLICT
+/// DO NOTHING, a trigger that skipped rows): that order cannot be known.
+pub fn in_row_order(
+    results: Vec<Vec<BytesMut>>,
+    from: &[usize],
+    row_shards: &[usize],
+) -> Vec<Vec<BytesMut>> {
+    let rows_of = |frames: &[BytesMut]| frames.iter().filter(|f| f[0] == b'D').count();
+    let whole = results.len() == from.len()
+        && first_error(&results).is_none()
+        && results.iter().any(|r| rows_of(r) > 0)
+        && results
+            .iter()
+            .zip(from)
+            .all(|(r, s)| rows_of(r) == row_shards.iter().filter(|&r| r == s).count());
+    let Some(part_of_row) = row_shards
+        .iter()
+        .map(|s| from.iter().position(|f| f == s))
+        .collect::<Option<Vec<usize>>>()
+        .filter(|_| whole)
+    else {
+        return results;
+    };
+    let mut head = Vec::new();
+    let mut tail = Vec::new();
+    let mut rows: Vec<std::collections::VecDeque<BytesMut>> = Vec::with_capacity(results.len());
+    for (i, frames) in results.into_iter().enumerate() {
+        let mut mine = std::collections::VecDeque::new();
+        for f in frames {
+            match f[0] {
+                b'D' => mine.push_back(f),
+                b'T' | b'n' if i == 0 => head.push(f),
+                b'T' | b'n' => {}
+                _ => tail.push(f),
+            }
+        }
+        rows.push(mine);
+    }
+    let mut one = head;
+    one.extend(part_of_row.into_iter().filter_map(|p| rows[p].pop_front()));
+    one.extend(tail);
+    vec![one]
+}
+
 /// A broadcast's answer: the first error, or the first shard's response.
 pub fn broadcast_result(results: Vec<Vec<BytesMut>>) -> BytesMut {
     if let Some(e) = first_error(&results) {

@@ -243,7 +243,7 @@ impl Router {
         split: &InsertSplit,
         params: &Params<'_>,
         zone: &crate::sharding::Zone,
-    ) -> Result<Vec<(usize, String)>, RouteError> {
+    ) -> Result<SplitRows, RouteError> {
         let shard_of_row = split
             .keys
             .iter()
@@ -274,9 +274,26 @@ impl Router {
     }
 }
 
+/// An INSERT ... VALUES split over shards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SplitRows {
+    /// Each shard's INSERT, by shard.
+    pub parts: Vec<(usize, String)>,
+    /// The shard of each of the statement's rows, in order (RETURNING rows go back to the
+    /// client in that order: `exec::scatter::in_row_order`).
+    pub row_shards: Vec<usize>,
+}
+
+impl SplitRows {
+    /// The shards of the parts, in order.
+    pub fn shards(&self) -> Vec<usize> {
+        self.parts.iter().map(|(s, _)| *s).collect()
+    }
+}
+
 /// One INSERT ... VALUES per shard of `shard_of_row` (in order), each with that shard's
 /// rows in their original order.
-pub fn split_rows(statement: &Statement, shard_of_row: &[usize]) -> Vec<(usize, String)> {
+pub fn split_rows(statement: &Statement, shard_of_row: &[usize]) -> SplitRows {
     let mut shards: Vec<usize> = shard_of_row.to_vec();
     shards.sort_unstable();
     shards.dedup();
@@ -296,7 +313,10 @@ pub fn split_rows(statement: &Statement, shard_of_row: &[usize]) -> Vec<(usize, 
         }
         out.push((s, st.to_string()));
     }
-    out
+    SplitRows {
+        parts: out,
+        row_shards: shard_of_row.to_vec(),
+    }
 }
 
 /// Renumbers a statement's `$n` parameters from `$1` in order of first use: the new text
@@ -479,15 +499,20 @@ mod tests {
             values.join(", ")
         );
         let a = analyze(&sql, &r.rules).unwrap();
-        let parts = r
+        let split = r
             .split_insert(
                 a.insert_split.as_ref().unwrap(),
                 &Default::default(),
                 &crate::sharding::Zone::utc(),
             )
             .unwrap();
-        assert_eq!(parts.len(), 2);
-        for (s, text) in parts {
+        let row_shards: Vec<usize> = keys
+            .iter()
+            .map(|k| partition_of(&HashKey::Int(*k), 2) as usize)
+            .collect();
+        assert_eq!(split.row_shards, row_shards);
+        assert_eq!(split.parts.len(), 2);
+        for (s, text) in split.parts {
             for k in &keys {
                 let here = partition_of(&HashKey::Int(*k), 2) as usize == s;
                 assert_eq!(text.contains(&format!("({k}, 'n{k}')")), here, "{text}");

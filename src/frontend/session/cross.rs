@@ -17,7 +17,7 @@ pub(super) enum Multi {
     /// for reference tables, whose rows are the same on every shard).
     Write { sum: bool },
     /// An INSERT split per shard (shard, its statement), all or none.
-    SplitInsert(Vec<(usize, String)>),
+    SplitInsert(crate::router::insert::SplitRows),
     /// An INSERT ... SELECT whose rows pgshard reads first, then inserts split by key.
     InsertVia(std::sync::Arc<crate::router::analyze::InsertVia>),
     /// EXPLAIN: each shard's plan (ANALYZE of a write runs it on each, all or none).
@@ -219,11 +219,17 @@ impl Session {
                 }
                 merged.map(|out| self.merged_answer(a, out))
             }
-            Multi::SplitInsert(parts) => {
-                scatter::run_each_all_or_none(&self.db, parts, Some(&prelude), self.settings_fp)
-                    .await
-                    .map(|r| scatter::combine_writes(r, true))
-            }
+            Multi::SplitInsert(split) => scatter::run_each_all_or_none(
+                &self.db,
+                &split.parts,
+                Some(&prelude),
+                self.settings_fp,
+            )
+            .await
+            .map(|r| {
+                let r = scatter::in_row_order(r, &split.shards(), &split.row_shards);
+                scatter::combine_writes(r, true)
+            }),
             Multi::InsertVia(via) => Err(PgError::new(
                 "0A000",
                 if via.computed.is_some() {

@@ -162,8 +162,8 @@ impl Session {
         let bind_rest = b.rest.to_vec();
         let mut per_shard: std::collections::HashMap<usize, ShardRequest> =
             std::collections::HashMap::new();
-        if let Multi::SplitInsert(parts) = &plan {
-            for (s, sql) in parts {
+        if let Multi::SplitInsert(split) = &plan {
+            for (s, sql) in &split.parts {
                 let (sql, keep) = match crate::router::insert::renumber_params(sql) {
                     Ok(x) => x,
                     Err(e) => {
@@ -226,6 +226,10 @@ impl Session {
                 out
             }
             Multi::Write { sum } => scatter::combine_writes(results, *sum),
+            Multi::SplitInsert(split) => {
+                let results = scatter::in_row_order(results, shards, &split.row_shards);
+                scatter::combine_writes(results, true)
+            }
             _ => scatter::combine_writes(results, true),
         };
         self.hold_write_result(out, description, implicit).await

@@ -170,14 +170,15 @@ impl Session {
             Ok(r) => r,
             Err(e) => return failed(self, bad(e)),
         };
+        let split = crate::router::insert::split_rows(&statement, &shard_of_row);
         let mut parts = Vec::new();
-        for (s, sql) in crate::router::insert::split_rows(&statement, &shard_of_row) {
-            match step_request(&sql, &all_types, &all_rest, None) {
-                Ok(r) => parts.push((s, r)),
+        for (s, sql) in &split.parts {
+            match step_request(sql, &all_types, &all_rest, None) {
+                Ok(r) => parts.push((*s, r)),
                 Err(e) => return failed(self, e),
             }
         }
-        self.run_parts(parts).await
+        self.run_split(parts, &split).await
     }
 
     /// Runs a read before the statement's rows are placed: on its own when the

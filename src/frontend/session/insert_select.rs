@@ -217,9 +217,9 @@ impl Session {
             Ok(p) => p,
             Err(e) => return failed(self, PgError::new(e.sqlstate(), e.to_string())),
         };
-        let mut parts = Vec::with_capacity(inserts.len());
-        for (s, sql) in inserts {
-            if crate::router::insert::renumber_params(&sql).is_ok_and(|(_, k)| !k.is_empty()) {
+        let mut parts = Vec::with_capacity(inserts.parts.len());
+        for (s, sql) in &inserts.parts {
+            if crate::router::insert::renumber_params(sql).is_ok_and(|(_, k)| !k.is_empty()) {
                 return failed(
                     self,
                     PgError::new(
@@ -228,12 +228,24 @@ impl Session {
                     ),
                 );
             }
-            match request(&sql, false) {
-                Ok(r) => parts.push((s, r)),
+            match request(sql, false) {
+                Ok(r) => parts.push((*s, r)),
                 Err(e) => return failed(self, e),
             }
         }
-        self.run_parts(parts).await
+        self.run_split(parts, &inserts).await
+    }
+
+    /// Runs the requests of a split INSERT's parts (`parts`, one per part of `split`) as
+    /// `run_parts` does, with its RETURNING rows in the order of the statement's rows.
+    pub(super) async fn run_split(
+        &mut self,
+        parts: Vec<(usize, BytesMut)>,
+        split: &crate::router::insert::SplitRows,
+    ) -> Result<Option<Vec<Vec<BytesMut>>>, SessionError> {
+        let from: Vec<usize> = parts.iter().map(|(s, _)| *s).collect();
+        let results = self.run_parts(parts).await?;
+        Ok(results.map(|r| crate::exec::scatter::in_row_order(r, &from, &split.row_shards)))
     }
 
     /// Runs each shard's part of an INSERT in turn, in the current transaction, up to the

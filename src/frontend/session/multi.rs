@@ -369,7 +369,8 @@ impl Session {
                 break;
             }
             let stmt: &str = match plan {
-                Multi::SplitInsert(parts) => parts
+                Multi::SplitInsert(split) => split
+                    .parts
                     .iter()
                     .find(|(p, _)| *p == s)
                     .map(|(_, q)| q.as_str())
@@ -408,7 +409,10 @@ impl Session {
                     };
                     merged.map(|out| self.merged_answer(a, out))
                 }
-                Multi::SplitInsert(_) => Ok(scatter::combine_writes(results, true)),
+                Multi::SplitInsert(split) => {
+                    let results = scatter::in_row_order(results, shards, &split.row_shards);
+                    Ok(scatter::combine_writes(results, true))
+                }
                 Multi::Write { sum } => Ok(scatter::combine_writes(results, *sum)),
                 Multi::Ddl => Ok(scatter::broadcast_result(results)),
                 Multi::Explain => Ok(scatter::explain_result(results, shards)),
