@@ -62,6 +62,8 @@ const RULES: &str = "    reference_tables: [countries]
         method: range
         type: timestamptz
         ranges: [ { to: '2026-01-01', shard: 0 }, { from: '2026-01-01', shard: 1 } ]
+      - { table: unlisted_t, column: id, method: hash }
+      - { table: unlisted_missing, column: id, method: hash }
       - table: accounts
         column: region
         method: list
@@ -761,13 +763,20 @@ async fn range_and_list_tables_route_by_typed_values() {
         .unwrap_err();
     assert_eq!(sqlstate(&e), "23514");
     assert!(format!("{e:?}").contains("region"), "{e:?}");
-    // Without a column list pgshard cannot find the key: a clear error, not a guess.
+    // Without a column list the table's columns tell where the key is.
+    c.batch_execute("INSERT INTO accounts VALUES (3, 'uk')")
+        .await
+        .unwrap();
+    assert_eq!(
+        count(p0, "SELECT count(*) FROM accounts WHERE id = 3").await,
+        1
+    );
     let e = c
-        .batch_execute("INSERT INTO accounts VALUES (3, 'uk')")
+        .batch_execute("INSERT INTO accounts VALUES (4, 'jp')")
         .await
         .unwrap_err();
-    assert_eq!(sqlstate(&e), "0A000");
-    assert!(format!("{e:?}").contains("must name its columns"), "{e:?}");
+    assert_eq!(sqlstate(&e), "23514");
+    assert!(format!("{e:?}").contains("region"), "{e:?}");
 }
 
 #[tokio::test]
@@ -3010,4 +3019,184 @@ async fn returning_rows_of_a_split_insert_come_in_the_statements_row_order() {
     for db in [&c, &plain] {
         db.batch_execute("DROP TABLE ret_t, ret_at").await.unwrap();
     }
+}
+
+#[tokio::test]
+async fn insert_without_a_column_list_finds_the_key_among_the_tables_columns() {
+    // Hand-written SQL and `pg_dump --inserts` name no columns: the key's position is the
+    // table's, read where the INSERT runs, so that it follows the table as it changes.
+    let ddl = "DROP TABLE IF EXISTS unlisted_t;
+        CREATE TABLE unlisted_t (note text, id bigint PRIMARY KEY, n int DEFAULT 7)";
+    let addr = setup().await;
+    let mut c = connect(addr).await;
+    let mut plain = connect_server(ports()[0], "plain").await;
+    c.batch_execute(ddl).await.unwrap();
+    plain.batch_execute(ddl).await.unwrap();
+    let values: Vec<String> = (1..=12).map(|i| format!("('n{i}', {i}, {i})")).collect();
+    let simple = [
+        // Over both shards, RETURNING in the statement's order.
+        format!("INSERT INTO unlisted_t VALUES {} RETURNING id, note, n", values.join(", ")),
+        // Fewer values than columns: the rest take their defaults.
+        "INSERT INTO unlisted_t VALUES ('short', 20) RETURNING *".into(),
+        // A key a server evaluates.
+        "INSERT INTO unlisted_t VALUES ('sum', 20 + 1, 1), ('sum', 20 + 2, 1) RETURNING id".into(),
+        // Schema-qualified, ON CONFLICT.
+        "INSERT INTO public.unlisted_t VALUES ('dup', 1, 0), ('new', 23, 0) ON CONFLICT (id) DO NOTHING RETURNING id".into(),
+        // What PostgreSQL refuses, it refuses with its own SQLSTATE.
+        "INSERT INTO unlisted_t VALUES ('x', 90, 1, 'extra')".into(),
+        "INSERT INTO unlisted_t VALUES ('x', 'not a number', 1)".into(),
+        "INSERT INTO unlisted_missing VALUES (1)".into(),
+        // The key's position moves when a column before it is dropped.
+        "ALTER TABLE unlisted_t DROP COLUMN note".into(),
+        "INSERT INTO unlisted_t VALUES (31, 1), (32, 2), (33, 3), (34, 4), (35, 5) RETURNING *".into(),
+        // A column added inside the transaction counts for the INSERTs in it.
+        "BEGIN".into(),
+        "ALTER TABLE unlisted_t ADD COLUMN extra text".into(),
+        "INSERT INTO unlisted_t VALUES (41, 1, 'a'), (42, 2, 'b'), (43, 3, 'c'), (44, 4, 'd') RETURNING *".into(),
+        "COMMIT".into(),
+        // A transaction that begins with one: where its first row goes.
+        "BEGIN".into(),
+        "INSERT INTO unlisted_t VALUES (51, 1, 'x')".into(),
+        "SELECT id, extra FROM unlisted_t WHERE id = 51".into(),
+        "COMMIT".into(),
+        // SQL-level prepared statements run where their arguments belong.
+        "PREPARE unl(bigint) AS INSERT INTO unlisted_t VALUES ($1, 5, 'p') RETURNING id".into(),
+        "EXECUTE unl(61)".into(),
+        "EXECUTE unl(62)".into(),
+        "DEALLOCATE unl".into(),
+    ];
+    for q in &simple {
+        let ours = rows_or_sqlstate(&c, q).await;
+        let theirs = rows_or_sqlstate(&plain, q).await;
+        if q.contains("ON CONFLICT") {
+            let sorted = |r: Result<Vec<Vec<Option<String>>>, String>| {
+                let mut r = r.unwrap();
+                r.sort();
+                r
+            };
+            assert_eq!(sorted(ours), sorted(theirs), "{q}");
+        } else {
+            assert_eq!(ours, theirs, "{q}");
+        }
+    }
+    // The extended protocol, outside and inside a transaction.
+    let q = "INSERT INTO unlisted_t VALUES ($1, 1, 'p'), ($2, 2, 'q'), ($3, 3, 'r'), ($4, 4, 's') RETURNING id";
+    for (base, in_tx) in [(600i64, false), (700, true)] {
+        let keys: Vec<i64> = (base..base + 4).collect();
+        let p: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = keys
+            .iter()
+            .map(|k| k as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect();
+        let mut got = Vec::new();
+        for client in [&mut c, &mut plain] {
+            let rows = if in_tx {
+                let tx = client.transaction().await.unwrap();
+                let r = tx.query(q, &p).await.unwrap();
+                tx.commit().await.unwrap();
+                r
+            } else {
+                client.query(q, &p).await.unwrap()
+            };
+            got.push(rows.iter().map(|r| r.get::<_, i64>(0)).collect::<Vec<_>>());
+        }
+        assert_eq!(got[0], keys, "in a transaction: {in_tx}");
+        assert_eq!(got[0], got[1]);
+    }
+    let one = c
+        .query_one(
+            "INSERT INTO unlisted_t VALUES ($1, $2) RETURNING n",
+            &[&800i64, &9i32],
+        )
+        .await
+        .unwrap();
+    assert_eq!(one.get::<_, i32>(0), 9);
+    plain
+        .execute("INSERT INTO unlisted_t VALUES ($1, $2)", &[&800i64, &9i32])
+        .await
+        .unwrap();
+    // Several in one query string.
+    let q = "INSERT INTO unlisted_t VALUES (901, 1, 'a'); INSERT INTO unlisted_t VALUES (902, 2, 'b'), (903, 3, 'c')";
+    assert_eq!(
+        rows_or_sqlstate(&c, q).await,
+        rows_or_sqlstate(&plain, q).await
+    );
+    unlisted_rows_on_their_shards(&c, &plain).await;
+    // A restore of `pg_dump --inserts` with psql (which empties search_path first).
+    let dump = run_ok(
+        std::process::Command::new("pg_dump")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &ports()[0].to_string(),
+                "-U",
+                "postgres",
+            ])
+            .args([
+                "--data-only",
+                "--inserts",
+                "--rows-per-insert=3",
+                "-t",
+                "unlisted_t",
+                "plain",
+            ]),
+    );
+    assert!(
+        dump.contains("INSERT INTO public.unlisted_t VALUES"),
+        "{dump}"
+    );
+    c.batch_execute(
+        "DROP TABLE unlisted_t; CREATE TABLE unlisted_t (id bigint PRIMARY KEY, n int DEFAULT 7, extra text)",
+    )
+    .await
+    .unwrap();
+    let mut restore = std::process::Command::new("psql")
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
+        .args(["-p", &addr.port().to_string(), "-U", "app", "-d", "app"])
+        .env("PGPASSWORD", "app")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    restore
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(dump.as_bytes())
+        .unwrap();
+    let out = restore.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every row on its key's shard, and the same rows as the plain database.
+    unlisted_rows_on_their_shards(&c, &plain).await;
+    for db in [&c, &plain] {
+        db.batch_execute("DROP TABLE unlisted_t").await.unwrap();
+    }
+}
+
+/// Every row of `unlisted_t` is on its key's shard, and the rows are the plain database's.
+async fn unlisted_rows_on_their_shards(c: &tokio_postgres::Client, plain: &tokio_postgres::Client) {
+    let mut seen = 0;
+    for (s, p) in ports().into_iter().enumerate() {
+        let on: Vec<i64> = connect_server(p, "app")
+            .await
+            .query("SELECT id FROM unlisted_t", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for id in &on {
+            assert_eq!(partition_of(&HashKey::Int(*id), 2), s as u64, "{id}");
+        }
+        seen += on.len();
+    }
+    let all = same_as_plain(c, plain, "SELECT * FROM unlisted_t ORDER BY id").await;
+    assert_eq!(seen, all.len());
+    assert!(seen > 30, "{seen}");
 }

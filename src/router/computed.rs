@@ -73,7 +73,7 @@ pub(super) fn evaluated(
         select,
         table,
         key,
-        computed: Some(super::analyze::ComputedKeys {
+        how: super::analyze::Via::Computed(super::analyze::ComputedKeys {
             rows,
             independent: transaction_independent(
                 &computed

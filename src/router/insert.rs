@@ -115,10 +115,18 @@ pub(super) fn insert(
                 c.seen.push(idx);
             }
         }
+        // No column list: which value is the key depends on the table's columns, which
+        // the session reads where the INSERT runs.
         (SetExpr::Values(_), None) if ins.columns.is_empty() => {
-            return Err(format!(
-                "INSERT into sharded table {n} must name its columns (pgshard finds the shard key {col} by name)"
-            ));
+            c.insert_via = Some(super::analyze::InsertVia {
+                insert: Statement::Insert(ins.clone()),
+                select_sql: String::new(),
+                select: super::Analysis::of(super::Target::Default, super::Kind::Read),
+                table: idx,
+                key: 0,
+                how: super::analyze::Via::Unlisted,
+            });
+            c.seen.push(idx);
         }
         (_, None) if generated => {
             // The rows' keys come from the shard they land on; a query that makes the rows
@@ -219,7 +227,7 @@ fn via(
         select,
         table,
         key,
-        computed: None,
+        how: super::analyze::Via::Select,
     })
 }
 

@@ -5,6 +5,7 @@
 use super::route::cross_shard_txn;
 use super::*;
 use crate::exec::scatter;
+use crate::router::analyze::Via;
 use crate::router::{Analysis, Kind};
 
 /// How a statement over several shards runs.
@@ -232,10 +233,16 @@ impl Session {
             }),
             Multi::InsertVia(via) => Err(PgError::new(
                 "0A000",
-                if via.computed.is_some() {
-                    "an INSERT whose shard keys a server must evaluate (an expression, or text pgshard cannot read as the key's type) needs transaction pooling mode"
-                } else {
-                    "INSERT ... SELECT whose rows pgshard must split by key needs transaction pooling mode"
+                match via.how {
+                    Via::Computed(_) => {
+                        "an INSERT whose shard keys a server must evaluate (an expression, or text pgshard cannot read as the key's type) needs transaction pooling mode"
+                    }
+                    Via::Select => {
+                        "INSERT ... SELECT whose rows pgshard must split by key needs transaction pooling mode"
+                    }
+                    Via::Unlisted => {
+                        "an INSERT into a sharded table over several shards without a column list needs transaction pooling mode (or name the columns)"
+                    }
                 },
             )),
             Multi::Explain if reads => scatter::run_on_shards(

@@ -184,7 +184,7 @@ impl Session {
     /// Runs a read before the statement's rows are placed: on its own when the
     /// transaction has not begun on a shard (`alone`), in the transaction where it can
     /// still move (`movable`: it stays movable), else in it on shard `s`.
-    async fn read_first(
+    pub(super) async fn read_first(
         &mut self,
         s: usize,
         req: &[u8],

@@ -8,7 +8,7 @@
 use super::cross::extended_request;
 use super::{Session, SessionError};
 use crate::protocol::{self, PgError};
-use crate::router::analyze::InsertVia;
+use crate::router::analyze::{InsertVia, Via};
 use crate::router::{KeyRef, Params, Route};
 use bytes::{Bytes, BytesMut};
 use sqlparser::ast::{Expr, SetExpr, Statement, Value};
@@ -94,10 +94,18 @@ impl Session {
         params: &Params<'_>,
         implicit: bool,
     ) -> Result<Option<Vec<Vec<BytesMut>>>, SessionError> {
-        if let Some(keys) = &via.computed {
-            return self
-                .insert_keys_steps(via, keys, types, rest, params, implicit)
-                .await;
+        match &via.how {
+            Via::Computed(keys) => {
+                return self
+                    .insert_keys_steps(via, keys, types, rest, params, implicit)
+                    .await;
+            }
+            Via::Unlisted => {
+                return self
+                    .insert_unlisted_steps(via, types, rest, params, implicit)
+                    .await;
+            }
+            Via::Select => {}
         }
         let request = |sql: &str, text: bool| step_request(sql, types, rest, text.then_some(&[]));
         // 1.

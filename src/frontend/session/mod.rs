@@ -17,6 +17,7 @@ mod cursor;
 mod extended;
 mod insert_keys;
 mod insert_select;
+mod insert_unlisted;
 mod io;
 mod listen;
 mod multi;

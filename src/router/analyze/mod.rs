@@ -148,9 +148,34 @@ pub struct InsertVia {
     /// The sharded table inserted into, and its key's position among the INSERT's columns.
     pub table: usize,
     pub key: usize,
-    /// For an INSERT ... VALUES whose keys the servers must evaluate: `select_sql`
-    /// evaluates them (see [`ComputedKeys`]) and the rows stay as written.
-    pub computed: Option<ComputedKeys>,
+    /// What the session does before the rows are placed.
+    pub how: Via,
+}
+
+/// How an [`InsertVia`] finds its rows' shards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Via {
+    /// INSERT ... SELECT: `select_sql` makes the rows, which are inserted as VALUES.
+    Select,
+    /// INSERT ... VALUES whose keys the servers must evaluate: `select_sql` evaluates
+    /// them and the rows stay as written.
+    Computed(ComputedKeys),
+    /// INSERT ... VALUES without a column list: the session reads the table's columns
+    /// where the INSERT runs (its transaction, its `search_path`), then carries out the
+    /// same INSERT with them listed (`select_sql` and `key` unused). Listed, a column
+    /// dropped or renamed in between makes PostgreSQL refuse the statement instead of rows
+    /// being placed by a stale position.
+    Unlisted,
+}
+
+impl InsertVia {
+    /// The keys the servers evaluate, for [`Via::Computed`].
+    pub fn computed(&self) -> Option<&ComputedKeys> {
+        match &self.how {
+            Via::Computed(k) => Some(k),
+            _ => None,
+        }
+    }
 }
 
 /// The keys of an INSERT ... VALUES that pgshard cannot read itself: expressions

@@ -121,8 +121,19 @@ fn writes() {
         target("INSERT INTO users (name, id) VALUES ('a', 1), ('b', $2)"),
         Target::Keys(vec![(0, lit("1")), (0, KeyRef::Param(1, None))])
     );
+    // Without a column list the session reads the table's columns first.
+    let a = analyze("INSERT INTO users VALUES (1, 'a')", &rules()).unwrap();
+    assert_eq!(a.target, Target::All);
     assert!(matches!(
-        analyze("INSERT INTO users VALUES (1, 'a')", &rules()),
+        a.insert_via.as_deref(),
+        Some(super::InsertVia {
+            how: super::Via::Unlisted,
+            table: 0,
+            ..
+        })
+    ));
+    assert!(matches!(
+        analyze("INSERT INTO users SELECT 1, 'a'", &rules()),
         Err(AnalyzeError::Unroutable(m)) if m.contains("must name its columns")
     ));
     // Keys pgshard cannot read: one query evaluates them, each once, then cast to the
@@ -135,7 +146,7 @@ fn writes() {
     assert_eq!(a.target, Target::All);
     let via = a.insert_via.unwrap();
     assert_eq!(
-        via.computed.as_ref().unwrap().rows,
+        via.computed().unwrap().rows,
         vec![None, Some(lit("5")), None]
     );
     assert_eq!(
@@ -169,7 +180,7 @@ fn writes() {
     ] {
         let via = analyze(sql, &rules()).unwrap().insert_via.unwrap();
         assert_eq!(via.insert.to_string(), insert);
-        let keys = via.computed.clone().unwrap();
+        let keys = via.computed().cloned().unwrap();
         assert!(keys.exprs.iter().all(Option::is_none), "{sql}");
         assert_eq!(
             keys.rows.len(),
