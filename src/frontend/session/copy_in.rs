@@ -98,7 +98,10 @@ impl Session {
                 let column = self.db.router.rules.tables[t].column.clone();
                 let cols = match &cs.columns {
                     Some(c) => Ok(c.clone()),
-                    None => self.table_columns(cs.table.as_deref().unwrap_or("")).await,
+                    None => {
+                        self.table_columns(cs.schema.as_deref(), cs.table.as_deref().unwrap_or(""))
+                            .await
+                    }
                 };
                 match cols.map(|c| c.iter().position(|x| *x == column)) {
                     Ok(Some(key)) => Into::Split { table: t, key },
@@ -355,11 +358,19 @@ impl Session {
     }
 
     /// A table's columns in order, from the attached shard.
-    async fn table_columns(&mut self, table: &str) -> Result<Vec<String>, PgError> {
+    async fn table_columns(
+        &mut self,
+        schema: Option<&str>,
+        table: &str,
+    ) -> Result<Vec<String>, PgError> {
         let b = self.backend.as_mut().expect("entered");
+        let name = match schema {
+            Some(s) => format!("{}.{}", quote_ident(s), quote_ident(table)),
+            None => quote_ident(table),
+        };
         let sql = format!(
-            "SELECT attname FROM pg_catalog.pg_attribute WHERE attrelid = to_regclass({}) AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-            quote_literal(&quote_ident(table))
+            "SELECT attname FROM pg_catalog.pg_attribute WHERE attrelid = pg_catalog.to_regclass({}) AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            quote_literal(&name)
         );
         let rows = b
             .query_rows(&sql)
@@ -368,7 +379,10 @@ impl Session {
         if rows.is_empty() {
             return Err(PgError::new(
                 "42P01",
-                format!("relation \"{table}\" does not exist"),
+                format!(
+                    "relation \"{}{table}\" does not exist",
+                    schema.map(|s| format!("{s}.")).unwrap_or_default()
+                ),
             ));
         }
         Ok(rows

@@ -20,6 +20,8 @@ pub enum Format {
 pub struct CopyStmt {
     /// The table (unqualified, normalized), or None for `COPY (query) TO`.
     pub table: Option<String>,
+    /// The table's schema, where the statement names one (normalized).
+    pub schema: Option<String>,
     pub columns: Option<Vec<String>>,
     /// The query of `COPY (query) TO STDOUT`.
     pub query: Option<String>,
@@ -175,6 +177,7 @@ pub fn parse_copy(sql: &str) -> Option<Result<CopyStmt, String>> {
 fn parse_tokens(t: &[Tok], sql: &str) -> Result<CopyStmt, String> {
     let mut c = CopyStmt {
         table: None,
+        schema: None,
         columns: None,
         query: None,
         from: false,
@@ -231,7 +234,8 @@ fn parse_tokens(t: &[Tok], sql: &str) -> Result<CopyStmt, String> {
         let mut name = ident(t.get(i).ok_or("no table")?).ok_or("no table")?;
         i += 1;
         while t.get(i) == Some(&Tok::Dot) {
-            name = ident(t.get(i + 1).ok_or("bad table name")?).ok_or("bad table name")?;
+            let part = ident(t.get(i + 1).ok_or("bad table name")?).ok_or("bad table name")?;
+            c.schema = Some(std::mem::replace(&mut name, part));
             i += 2;
         }
         c.table = Some(name);
@@ -399,6 +403,7 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(c.table.as_deref(), Some("Users"));
+        assert_eq!(c.schema.as_deref(), Some("public"));
         assert_eq!(c.columns, Some(vec!["id".into(), "Name".into()]));
         assert_eq!((c.format, c.delimiter, c.header), (Format::Csv, b';', true));
         assert_eq!(c.null, b"x");
