@@ -899,14 +899,15 @@ async fn server_connections_the_server_closed_while_idle_are_not_handed_out() {
             r.unwrap();
         }
     };
-    let closed = || {
+    let closed_for = |reason: &str| {
         let m = pgshard::admin::metrics::render(&server);
         sample(
             &m,
             "pgshard_pool_connections_closed_total",
-            &["reason=\"server_closed\""],
+            &[&format!("reason=\"{reason}\"")],
         )
     };
+    let closed = || closed_for("server_closed");
     fill_pool().await;
     // Terminated while idle (pg_terminate_backend, idle_session_timeout).
     assert_eq!(
@@ -925,7 +926,10 @@ async fn server_connections_the_server_closed_while_idle_are_not_handed_out() {
     for cl in &clients {
         cl.batch_execute("SELECT 1").await.unwrap();
     }
-    assert!(closed() >= 8.0, "{}", closed());
+    // Found closed at checkout, or dropped by the monitor if its check saw the server
+    // down first (a slow restart under load): either way never handed out.
+    let gone = closed() + closed_for("invalidated");
+    assert!(gone >= 8.0, "{gone}");
 }
 
 /// A query string pgshard runs statement by statement (here because of UNLISTEN) that
