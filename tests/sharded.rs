@@ -3059,6 +3059,11 @@ async fn insert_without_a_column_list_finds_the_key_among_the_tables_columns() {
         "INSERT INTO unlisted_t VALUES (51, 1, 'x')".into(),
         "SELECT id, extra FROM unlisted_t WHERE id = 51".into(),
         "COMMIT".into(),
+        // In a failed transaction, refused as any statement there.
+        "BEGIN".into(),
+        "SELECT 1/0".into(),
+        "INSERT INTO unlisted_t VALUES (55, 1, 'x')".into(),
+        "ROLLBACK".into(),
         // SQL-level prepared statements run where their arguments belong.
         "PREPARE unl(bigint) AS INSERT INTO unlisted_t VALUES ($1, 5, 'p') RETURNING id".into(),
         "EXECUTE unl(61)".into(),
