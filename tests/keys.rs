@@ -212,6 +212,27 @@ async fn inserts_without_the_key_get_one_from_their_shard() {
         .await
         .unwrap();
     assert_eq!(n, 20);
+    // Without a column list: DEFAULT for the key, and keys given by the rows of a
+    // SELECT (each on its key's shard, which the shard's CHECK constraint also demands).
+    let r = c
+        .query_one(
+            "INSERT INTO tickets VALUES (DEFAULT, 'unlisted default') RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap();
+    returned.push(r.get(0));
+    for s in [0u64, 0, 1, 1, 0, 1] {
+        let key = (50_000i64..)
+            .find(|k| partition_of(&HashKey::Int(*k), 2) == s && !returned.contains(k))
+            .unwrap();
+        c.batch_execute(&format!(
+            "INSERT INTO tickets SELECT {key}, 'unlisted select'"
+        ))
+        .await
+        .unwrap();
+        returned.push(key);
+    }
     // psql, as a user would.
     let id = psql(
         addr.port(),

@@ -3054,6 +3054,16 @@ async fn insert_without_a_column_list_finds_the_key_among_the_tables_columns() {
         "ALTER TABLE unlisted_t ADD COLUMN extra text".into(),
         "INSERT INTO unlisted_t VALUES (41, 1, 'a'), (42, 2, 'b'), (43, 3, 'c'), (44, 4, 'd') RETURNING *".into(),
         "COMMIT".into(),
+        // INSERT ... SELECT: keys that only the rows tell, a `*` (the query's description
+        // tells how many columns it fills), a constant key, rows of a co-located table,
+        // fewer columns than the table's, too many.
+        "INSERT INTO unlisted_t SELECT g, g % 3, 's' || g FROM generate_series(1001, 1010) g RETURNING id".into(),
+        "INSERT INTO unlisted_t SELECT id + 2000, n, extra FROM unlisted_t WHERE id < 100".into(),
+        "INSERT INTO unlisted_t SELECT * FROM (VALUES (3001::bigint, 1, 'w'), (3002, 2, 'w')) v".into(),
+        "INSERT INTO unlisted_t SELECT 3101, 1, 'c' RETURNING *".into(),
+        "INSERT INTO unlisted_t SELECT u.id, 1, u.name FROM users u WHERE u.id > 190".into(),
+        "INSERT INTO unlisted_t SELECT 3201 RETURNING *".into(),
+        "INSERT INTO unlisted_t SELECT 1, 2, 'x', 4".into(),
         // A transaction that begins with one: where its first row goes.
         "BEGIN".into(),
         "INSERT INTO unlisted_t VALUES (51, 1, 'x')".into(),
@@ -3106,6 +3116,14 @@ async fn insert_without_a_column_list_finds_the_key_among_the_tables_columns() {
         }
         assert_eq!(got[0], keys, "in a transaction: {in_tx}");
         assert_eq!(got[0], got[1]);
+    }
+    for db in [&c, &plain] {
+        db.execute(
+            "INSERT INTO unlisted_t SELECT $1::bigint, $2::int, 'e'",
+            &[&3301i64, &4i32],
+        )
+        .await
+        .unwrap();
     }
     let one = c
         .query_one(

@@ -116,8 +116,9 @@ pub(super) fn insert(
             }
         }
         // No column list: which value is the key depends on the table's columns, which
-        // the session reads where the INSERT runs.
-        (SetExpr::Values(_), None) if ins.columns.is_empty() => {
+        // the session reads where the INSERT runs (with `generate_keys` too: the rows
+        // may give their keys).
+        (_, None) if ins.columns.is_empty() => {
             c.insert_via = Some(super::analyze::InsertVia {
                 insert: Statement::Insert(ins.clone()),
                 select_sql: String::new(),

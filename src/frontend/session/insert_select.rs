@@ -86,7 +86,7 @@ impl Session {
     /// The results of the last step run, per shard (with Describe's answer); an error as
     /// the only result. None when a server connection was lost (the client got that).
     /// `implicit`: the transaction is the statement's own.
-    async fn insert_via_steps(
+    pub(super) async fn insert_via_steps(
         &mut self,
         via: &InsertVia,
         types: &[u8],

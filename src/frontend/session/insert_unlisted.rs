@@ -12,8 +12,7 @@ use super::insert_select::{failed, step_request};
 use super::{Session, SessionError};
 use crate::protocol::{self, PgError};
 use crate::router::analyze::{InsertVia, Via};
-use crate::router::insert::SplitRows;
-use crate::router::{Params, RouteError};
+use crate::router::{Params, Route, RouteError};
 use crate::sharding::ShardError;
 use bytes::BytesMut;
 use sqlparser::ast::{Ident, ObjectName, SetExpr, Statement};
@@ -58,14 +57,46 @@ impl Session {
             .filter_map(|f| crate::exec::merge::fields(f).first().copied().flatten())
             .map(|c| String::from_utf8_lossy(c).into_owned())
             .collect();
-        // The VALUES rows, and the widest (PostgreSQL refuses rows of unequal widths).
-        let (rows, width) = match ins.source.as_deref().map(|s| &*s.body) {
-            Some(SetExpr::Values(v)) => (
-                v.rows.len(),
-                v.rows.iter().map(|r| r.content.len()).max().unwrap_or(0),
-            ),
-            _ => (0, 0),
+        // How many columns the rows fill: the widest VALUES row (PostgreSQL refuses rows
+        // of unequal widths), or as many as the query makes (its description, from the
+        // same server).
+        let width = match ins.source.as_deref().map(|s| &*s.body) {
+            Some(SetExpr::Values(v)) => v.rows.iter().map(|r| r.content.len()).max().unwrap_or(0),
+            _ => {
+                let source = ins
+                    .source
+                    .as_deref()
+                    .map(|q| q.to_string())
+                    .unwrap_or_default();
+                let req = match describe_request(&source, types) {
+                    Ok(r) => r,
+                    Err(e) => return failed(self, e),
+                };
+                let Some(frames) = self.read_first(home, &req, untouched, movable).await? else {
+                    return Ok(None);
+                };
+                if self.status == b'E' {
+                    return Ok(Some(vec![frames]));
+                }
+                frames
+                    .iter()
+                    .find(|f| f[0] == b'T')
+                    .map(|t| crate::exec::merge::columns(t).len())
+                    .unwrap_or(0)
+            }
         };
+        if width == 0 {
+            return failed(
+                self,
+                PgError::new(
+                    "0A000",
+                    format!(
+                        "INSERT into sharded table {} fills no columns: pgshard cannot place its rows",
+                        ins.table
+                    ),
+                ),
+            );
+        }
         if width > columns.len() {
             return failed(
                 self,
@@ -91,68 +122,94 @@ impl Session {
             }
         };
         if let Some(v) = &a.insert_via {
-            // Keys a server evaluates, or the key's default (the key among the values
-            // left out): the listed statement's own way.
+            // Keys a server evaluates or the key's default (the key among the values left
+            // out), or rows only their values place: the listed statement's own way.
             return match &v.how {
                 Via::Computed(keys) => {
                     self.insert_keys_steps(v, keys, types, rest, params, implicit)
                         .await
                 }
-                _ => failed(self, PgError::new("XX000", "unexpected INSERT plan")),
+                Via::Select => {
+                    Box::pin(self.insert_via_steps(v, types, rest, params, implicit)).await
+                }
+                Via::Unlisted => failed(self, PgError::new("XX000", "unexpected INSERT plan")),
             };
         }
-        // 3. Each row's shard.
+        // 3. Where it runs: each VALUES row on its key's shard, or, as written, on the
+        //    shards its analysis routes it to (an INSERT ... SELECT of co-located rows or
+        //    of a constant key, rows whose keys the shards make).
         let split = match &a.insert_split {
-            Some(split) => loop {
-                match self.db.router.split_insert(split, params, &self.zone) {
-                    Ok(s) => break s,
-                    Err(RouteError::Key(ShardError::DirectoryMiss { table, key })) => {
-                        if let Err(e) = self.record_directory_key(&table, &key).await {
-                            return failed(self, e);
+            Some(split) => {
+                let split = loop {
+                    match self.db.router.split_insert(split, params, &self.zone) {
+                        Ok(s) => break s,
+                        Err(RouteError::Key(ShardError::DirectoryMiss { table, key })) => {
+                            if let Err(e) = self.record_directory_key(&table, &key).await {
+                                return failed(self, e);
+                            }
+                        }
+                        Err(e) => {
+                            return failed(self, PgError::new(e.sqlstate(), e.to_string()));
                         }
                     }
-                    Err(e) => return failed(self, PgError::new(e.sqlstate(), e.to_string())),
-                }
-            },
-            None if !a.keyless.is_empty() => {
-                // Keys the shards make (`generate_keys`): a shard set up to make them.
-                let s = if self.backend.is_some() {
-                    self.shard
-                } else {
-                    self.db.next_shard()
                 };
+                Some(split)
+            }
+            None => None,
+        };
+        let shards: Vec<usize> = match &split {
+            Some(split) => split.shards(),
+            None => {
+                let route = loop {
+                    match self.db.router.resolve(&a, params, &self.zone) {
+                        Ok(r) => break r,
+                        Err(RouteError::Key(ShardError::DirectoryMiss { table, key })) => {
+                            if let Err(e) = self.record_directory_key(&table, &key).await {
+                                return failed(self, e);
+                            }
+                        }
+                        Err(e) => {
+                            return failed(self, PgError::new(e.sqlstate(), e.to_string()));
+                        }
+                    }
+                };
+                match route {
+                    Route::Shards(v) => v,
+                    Route::Default => vec![home],
+                    Route::Any if self.backend.is_some() => vec![self.shard],
+                    Route::Any => vec![self.db.next_shard()],
+                }
+            }
+        };
+        if !a.keyless.is_empty() {
+            // Keys the shards make (`generate_keys`): only on shards set up to make them.
+            for &s in &shards {
                 if let Err(e) = crate::cluster::keys::verify(&self.db, s, &a.keyless).await {
                     return failed(self, PgError::new(e.sqlstate(), e.to_string()));
                 }
-                SplitRows {
-                    parts: vec![(s, sql.clone())],
-                    row_shards: vec![s; rows],
-                }
             }
-            None => {
-                return failed(
-                    self,
-                    PgError::new(
-                        "0A000",
-                        format!("pgshard cannot place the rows of this INSERT: {sql}"),
-                    ),
-                );
-            }
-        };
+        }
         // 4. The transaction begins, or moves, where the first row goes; each shard's
-        //    rows run there in it.
-        let start = split.parts.first().map(|(s, _)| *s).unwrap_or(home);
+        //    part runs there in it.
+        let start = shards.first().copied().unwrap_or(home);
         if movable && start != self.shard && !self.move_transaction(start).await? {
             return Ok(None);
         }
-        let mut parts = Vec::with_capacity(split.parts.len());
-        for (s, part) in &split.parts {
+        let texts: Vec<(usize, String)> = match &split {
+            Some(split) => split.parts.clone(),
+            None => shards.iter().map(|&s| (s, sql.clone())).collect(),
+        };
+        let mut parts = Vec::with_capacity(texts.len());
+        for (s, part) in &texts {
             match step_request(part, types, rest, None) {
                 Ok(r) => parts.push((*s, r)),
                 Err(e) => return failed(self, e),
             }
         }
-        self.run_split(parts, &split).await
+        match &split {
+            Some(split) => self.run_split(parts, split).await,
+            None => self.run_parts(parts).await,
+        }
     }
 
     /// Reads (and, where it has none, records) the directory entry of `key` of sharded
@@ -180,4 +237,21 @@ fn columns_request(table: &str) -> BytesMut {
     let mut rest = protocol::bind_params_body(&[false], &[Some(table.as_bytes())]);
     rest.extend_from_slice(&0u16.to_be_bytes());
     super::cross::extended_request(SQL.as_bytes(), &[0, 0], &rest)
+}
+
+/// Parse and Describe of `query` (its parameters renumbered from `$1`, typed as the
+/// client's Parse typed them), for the columns it makes, without running it.
+fn describe_request(query: &str, types: &[u8]) -> Result<BytesMut, PgError> {
+    let (sql, keep) =
+        crate::router::insert::renumber_params(query).map_err(|e| PgError::new("42601", e))?;
+    let mut req = BytesMut::new();
+    protocol::write_parse(
+        &mut req,
+        b"",
+        sql.as_bytes(),
+        &protocol::select_param_types(types, &keep),
+    );
+    protocol::write_target(&mut req, b'D', b'S', b"");
+    protocol::write_msg(&mut req, b'S', &[]);
+    Ok(req)
 }
