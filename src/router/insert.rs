@@ -466,9 +466,17 @@ mod tests {
             assert!(!an.insert_select && an.insert_split.is_none(), "{sql}");
             assert_eq!(via.select.kind, crate::router::Kind::Read, "{sql}");
         }
+        // Columns not named: the session reads the table's.
+        assert!(matches!(
+            a("INSERT INTO users SELECT * FROM users")
+                .insert_via
+                .as_deref(),
+            Some(crate::router::analyze::InsertVia {
+                how: crate::router::analyze::Via::Unlisted,
+                ..
+            })
+        ));
         for sql in [
-            // Columns pgshard cannot name.
-            "INSERT INTO users SELECT * FROM users",
             // A SELECT pgshard would refuse on its own, or one that locks rows.
             "INSERT INTO users (id) SELECT u.id FROM users u JOIN orders o ON o.total = u.score",
             "INSERT INTO users (id) SELECT score FROM users FOR UPDATE",
