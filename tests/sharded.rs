@@ -347,7 +347,6 @@ async fn cross_shard_selects_merge_like_one_database() {
     // What cannot be merged yet is refused, never answered wrongly.
     for q in [
         "SELECT user_id, rank() OVER (ORDER BY count(*)) FROM orders GROUP BY user_id",
-        "SELECT id, row_number() OVER (ORDER BY id) FROM orders",
         "SELECT * FROM (SELECT id, row_number() OVER (PARTITION BY total ORDER BY id) AS rn FROM orders) t WHERE rn = 1",
         "SELECT DISTINCT ON (lower(name)) name, id FROM users",
     ] {
@@ -590,10 +589,21 @@ async fn insert_select_matches_plain_postgres() {
             assert_eq!(partition_of(&HashKey::Int(k), 2) as usize, shard, "{k}");
         }
     }
-    // Without the column list pgshard cannot find the key; a SELECT whose subquery reads
-    // one shard's rows cannot run over several.
+    // Without the column list: the table's columns and the SELECT's width tell them (here
+    // the co-located copy of one user's orders).
+    let q = "INSERT INTO orders_archive SELECT * FROM orders WHERE user_id = 9";
+    assert_eq!(
+        rows_or_sqlstate(&c, q).await,
+        rows_or_sqlstate(&plain, q).await
+    );
+    same_as_plain(
+        &c,
+        &plain,
+        "SELECT * FROM orders_archive WHERE user_id = 9 ORDER BY id",
+    )
+    .await;
+    // A SELECT whose subquery reads one shard's rows cannot run over several.
     for q in [
-        "INSERT INTO orders_archive SELECT * FROM orders",
         "INSERT INTO orders_archive (id, user_id, total) SELECT id, id, total FROM orders WHERE total > (SELECT avg(total) FROM orders WHERE user_id = 5)",
     ] {
         let e = c.batch_execute(q).await.unwrap_err();
@@ -3222,4 +3232,54 @@ async fn unlisted_rows_on_their_shards(c: &tokio_postgres::Client, plain: &tokio
     let all = same_as_plain(c, plain, "SELECT * FROM unlisted_t ORDER BY id").await;
     assert_eq!(seen, all.len());
     assert!(seen > 30, "{seen}");
+}
+
+#[tokio::test]
+async fn windows_over_rows_of_several_shards_match_plain_postgres() {
+    // Windows not partitioned by the shard key need every shard's rows: the shards send
+    // the columns the query reads, and PostgreSQL computes the windows over all of them.
+    let addr = setup().await;
+    let c = connect(addr).await;
+    let plain = connect_server(ports()[0], "plain").await;
+    for q in [
+        "SELECT id, row_number() OVER (ORDER BY id) FROM orders ORDER BY id",
+        "SELECT id, user_id, rank() OVER (ORDER BY total DESC, id) AS r FROM orders ORDER BY r LIMIT 15",
+        "SELECT id, total, sum(total) OVER (ORDER BY id) AS running FROM orders WHERE id < 500 ORDER BY id",
+        "SELECT id, lag(total) OVER (ORDER BY id), lead(id, 2) OVER (ORDER BY id) FROM orders ORDER BY id OFFSET 10 LIMIT 20",
+        "SELECT total, id, dense_rank() OVER (PARTITION BY total ORDER BY id) FROM orders ORDER BY total, id",
+        "SELECT u.name, o.id, ntile(4) OVER (ORDER BY o.id) FROM users u JOIN orders o ON o.user_id = u.id WHERE u.id < 50 ORDER BY o.id",
+        "SELECT DISTINCT total, count(*) OVER (PARTITION BY total) FROM orders ORDER BY 1",
+        "SELECT id FROM orders ORDER BY row_number() OVER (ORDER BY total, id) DESC LIMIT 5",
+        "SELECT row_number() OVER () > 0 AS counted FROM orders LIMIT 3",
+        "SELECT id, score, percent_rank() OVER (ORDER BY score, id), first_value(name) OVER (ORDER BY score DESC, id) FROM users ORDER BY id",
+        "SELECT id, avg(score) OVER (ORDER BY id ROWS BETWEEN 2 PRECEDING AND CURRENT ROW) FROM users WHERE id <= 30 ORDER BY id",
+    ] {
+        same_as_plain(&c, &plain, q).await;
+        // Inside a transaction (the shards join it) too.
+        c.batch_execute("BEGIN").await.unwrap();
+        same_as_plain(&c, &plain, q).await;
+        c.batch_execute("COMMIT").await.unwrap();
+    }
+    // The extended protocol: parameters in WHERE and LIMIT, binary results.
+    let q = "SELECT id, row_number() OVER (ORDER BY total DESC, id) FROM orders WHERE user_id > $1 ORDER BY 2 LIMIT $2";
+    let pairs = |rows: Vec<tokio_postgres::Row>| {
+        rows.iter()
+            .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1)))
+            .collect::<Vec<_>>()
+    };
+    let ours = pairs(c.query(q, &[&150i64, &7i64]).await.unwrap());
+    assert_eq!(ours.len(), 7);
+    assert_eq!(
+        ours,
+        pairs(plain.query(q, &[&150i64, &7i64]).await.unwrap())
+    );
+    // What it does not cover is refused, never answered wrongly.
+    for q in [
+        "SELECT *, row_number() OVER (ORDER BY id) FROM orders",
+        "SELECT id, rank() OVER w FROM orders WINDOW w AS (ORDER BY id)",
+        "SELECT id, row_number() OVER (ORDER BY (SELECT max(id) FROM users)) FROM orders",
+    ] {
+        let e = c.simple_query(q).await.unwrap_err();
+        assert_eq!(sqlstate(&e), "0A000", "{q}");
+    }
 }

@@ -111,7 +111,7 @@ impl Finalize {
 }
 
 /// The alias of the merged groups in the final query.
-const MERGED: &str = "pgshard_m";
+pub(super) const MERGED: &str = "pgshard_m";
 
 /// The merge of an aggregate query through a final query, with the statement the shards
 /// run: None when the query is not one this applies to.
@@ -162,11 +162,12 @@ fn build(
     order: &[&sqlparser::ast::OrderByExpr],
     rules: &Rules,
 ) -> Result<MergeSpec, String> {
-    let refuse = |what: &str| {
-        Err(format!(
+    let refusal = |what: &str| {
+        format!(
             "{what} in an aggregate query across shards is not supported yet; add a shard key condition or a /* pgshard: shard=N */ hint"
-        ))
+        )
     };
+    let refuse = |what: &str| Err(refusal(what));
     // GROUP BY 2 and GROUP BY an output name: the expression they stand for. PostgreSQL
     // takes an input column of that name first: a name the query uses as a column
     // elsewhere is one (`input_column_names`); others are taken as the alias.
@@ -229,7 +230,7 @@ fn build(
     // instead (group keys and the columns the aggregates use), and the final query
     // aggregates all of them.
     let mut inputs: Vec<Expr> = Vec::new();
-    let (mut spec, mut shard_sql, gather) = match plan(&partial, rules) {
+    let (mut spec, shard_sql, gather) = match plan(&partial, rules) {
         Ok(spec) => {
             let sql = shard_statement(&partial, &spec).unwrap_or_else(|| partial.to_string());
             (spec, sql, false)
@@ -336,18 +337,11 @@ fn build(
             .collect()
     };
     let columns = names.len();
-    // The client's parameters keep their numbers; the arrays follow.
-    let mut all_params = Vec::new();
-    placeholders(q, &mut all_params);
-    let client_params = all_params.iter().max().map_or(0, |m| m + 1);
-    let params: Vec<String> = (1..=columns)
-        .map(|i| format!("pg_catalog.unnest(${})", client_params + i))
-        .collect();
+    let client_params = client_params(q);
     let mut sql = format!(
-        "SELECT {distinct}{} FROM ROWS FROM ({}) AS {MERGED}({})",
+        "SELECT {distinct}{} FROM {}",
         out_items.join(", "),
-        params.join(", "),
-        names.join(", ")
+        merged_rows(client_params, &names)
     );
     if gather {
         if !groups.is_empty() {
@@ -365,6 +359,73 @@ fn build(
     if !order_texts.is_empty() {
         sql.push_str(&format!(" ORDER BY {}", order_texts.join(", ")));
     }
+    let fin = finish(
+        q,
+        &partial,
+        Final {
+            sql,
+            columns,
+            key_outputs,
+            final_params,
+            shard_sql,
+        },
+        &refusal,
+    )?;
+    spec.finalize = Some(Box::new(fin));
+    Ok(spec)
+}
+
+/// How many parameters the client's query has (the highest `$n`): the final query's
+/// arrays are numbered after them.
+pub(super) fn client_params(q: &Query) -> usize {
+    let mut all = Vec::new();
+    placeholders(q, &mut all);
+    all.iter().max().map_or(0, |m| m + 1)
+}
+
+/// The final query's FROM: the merged columns `names`, one array parameter each,
+/// numbered after the client's `client_params`.
+pub(super) fn merged_rows(client_params: usize, names: &[String]) -> String {
+    let unnests: Vec<String> = (1..=names.len())
+        .map(|i| format!("pg_catalog.unnest(${})", client_params + i))
+        .collect();
+    format!(
+        "ROWS FROM ({}) AS {MERGED}({})",
+        unnests.join(", "),
+        names.join(", ")
+    )
+}
+
+/// A final query before LIMIT and OFFSET ([`finish`]).
+pub(super) struct Final {
+    /// Its text without LIMIT and OFFSET.
+    pub sql: String,
+    /// The merged columns it reads.
+    pub columns: usize,
+    /// See [`Finalize::key_outputs`].
+    pub key_outputs: Vec<(usize, usize)>,
+    /// The client's parameters (0-based) it uses.
+    pub final_params: Vec<usize>,
+    /// The shards' statement.
+    pub shard_sql: String,
+}
+
+/// The [`Finalize`] of `fin`: the client's LIMIT and OFFSET (of `q`) applied by the final
+/// query, and the client's parameters each side needs (`partial` is what the shards run).
+/// Err: what is not supported (a LIMIT form, worded by `refusal`).
+pub(super) fn finish(
+    q: &Query,
+    partial: &Query,
+    fin: Final,
+    refusal: &dyn Fn(&str) -> String,
+) -> Result<Finalize, String> {
+    let Final {
+        sql,
+        columns,
+        key_outputs,
+        mut final_params,
+        mut shard_sql,
+    } = fin;
     let (limit, offset) = match &q.limit_clause {
         None => (None, None),
         Some(LimitClause::LimitOffset {
@@ -375,11 +436,12 @@ fn build(
             limit.as_ref().map(count),
             offset.as_ref().map(|o| count(&o.value)),
         ),
-        Some(_) => return refuse("this LIMIT form"),
+        Some(_) => return Err(refusal("this LIMIT form")),
     };
+    let client_params = client_params(q);
     final_params.sort_unstable();
     let mut partial_params = Vec::new();
-    placeholders(&partial, &mut partial_params);
+    placeholders(partial, &mut partial_params);
     let final_only = final_params
         .iter()
         .copied()
@@ -409,12 +471,11 @@ fn build(
         shard_sql.push_str(&format!(" OFFSET ({})", unused.join(" + ")));
     }
     fin.shard_sql = shard_sql;
-    spec.finalize = Some(Box::new(fin));
-    Ok(spec)
+    Ok(fin)
 }
 
 /// The 0-based indexes of the `$n` parameters in `e`, each once.
-fn placeholders<V: sqlparser::ast::Visit>(e: &V, out: &mut Vec<usize>) {
+pub(super) fn placeholders<V: sqlparser::ast::Visit>(e: &V, out: &mut Vec<usize>) {
     let _ = sqlparser::ast::visit_expressions(e, |x| {
         if let Expr::Value(v) = x
             && let Value::Placeholder(p) = &v.value
@@ -445,7 +506,7 @@ fn projection(groups: &[Expr], rest: &[Expr], prefix: char) -> Vec<SelectItem> {
 }
 
 /// A LIMIT or OFFSET expression of the final query.
-fn count(e: &Expr) -> Result<Count, String> {
+pub(super) fn count(e: &Expr) -> Result<Count, String> {
     match value_of(e) {
         Some(KeyRef::Param(i, _)) => Ok(Count::Param(i)),
         Some(KeyRef::Literal(_) | KeyRef::Null) => Ok(Count::Text(e.to_string())),
@@ -473,7 +534,7 @@ fn collect_aggregates(e: &Expr, out: &mut Vec<Expr>) {
 
 /// The columns an aggregate call reads (in its arguments, ORDER BY, FILTER and WITHIN
 /// GROUP), each once. Err: it has a nested query.
-fn collect_inputs(call: &Expr, out: &mut Vec<Expr>) -> Result<(), ()> {
+pub(super) fn collect_inputs(call: &Expr, out: &mut Vec<Expr>) -> Result<(), ()> {
     let flow = sqlparser::ast::visit_expressions(call, |x| match x {
         Expr::Identifier(_) | Expr::CompoundIdentifier(_) => {
             if !out.contains(x) {
@@ -491,7 +552,7 @@ fn collect_inputs(call: &Expr, out: &mut Vec<Expr>) -> Result<(), ()> {
 /// keys and aggregate calls become the merged columns. When the shards' rows are gathered
 /// instead (no `calls`), the aggregates stay and the columns they read become the
 /// gathered ones.
-struct Substitute<'a> {
+pub(super) struct Substitute<'a> {
     groups: &'a [String],
     calls: &'a [String],
     inputs: &'a [String],
@@ -500,6 +561,27 @@ struct Substitute<'a> {
     /// Output column names (set for ORDER BY).
     outputs: Vec<String>,
     refused: Option<String>,
+}
+
+impl<'a> Substitute<'a> {
+    /// For rows gathered for window functions: each column of `inputs`, wherever it is,
+    /// becomes its gathered column `v{j}`.
+    pub(super) fn everywhere(inputs: &'a [String]) -> Self {
+        Substitute {
+            groups: &[],
+            calls: &[],
+            inputs,
+            // As inside an aggregate over gathered rows, from the start.
+            inside: 1,
+            outputs: Vec::new(),
+            refused: None,
+        }
+    }
+
+    /// Why the query cannot be rewritten, if it cannot.
+    pub(super) fn refused(self) -> Option<String> {
+        self.refused
+    }
 }
 
 fn is_aggregate_call(e: &Expr) -> bool {

@@ -10,6 +10,7 @@ mod aggregate;
 mod colname;
 mod finalize;
 mod spec;
+mod window;
 
 use aggregate::{count_distinct_arg, counts_distinct_keys, having, top_aggregate};
 pub(crate) use aggregate::{has_aggregate, has_plain_aggregate, has_window, windows_by_key};
@@ -94,7 +95,9 @@ pub(super) fn merge_spec(q: &Query, rules: &Rules) -> Result<MergeSpec, String> 
     });
     match spec {
         Ok(spec) => Ok(spec),
-        Err(why) => finalize::plan_final(q, rules).unwrap_or(Err(why)),
+        Err(why) => finalize::plan_final(q, rules)
+            .or_else(|| window::plan_window(q, rules))
+            .unwrap_or(Err(why)),
     }
 }
 

@@ -98,12 +98,40 @@ fn windows_partitioned_by_the_shard_key() {
     .unwrap();
     assert!(!a.one_shard);
     assert!(a.merge.unwrap().unwrap().is_concatenation());
+    // Other windows: PostgreSQL computes them over the shards' rows gathered.
+    for (sql, shards, last) in [
+        (
+            "SELECT id, row_number() OVER (ORDER BY id) FROM orders",
+            "SELECT id AS v0 FROM orders",
+            "SELECT pgshard_m.v0 AS \"id\", row_number() OVER (ORDER BY pgshard_m.v0) AS \"row_number\" FROM ROWS FROM (pg_catalog.unnest($1)) AS pgshard_m(v0)",
+        ),
+        (
+            "SELECT o.id, lag(total, 1) OVER (PARTITION BY o.total ORDER BY o.id) AS prev FROM orders o WHERE user_id > $1 ORDER BY prev DESC, 1 LIMIT $2",
+            "SELECT o.id AS v0, total AS v1, o.total AS v2 FROM orders o WHERE user_id > $1 OFFSET (($2::BIGINT * 0))",
+            "SELECT pgshard_m.v0 AS \"id\", lag(pgshard_m.v1, 1) OVER (PARTITION BY pgshard_m.v2 ORDER BY pgshard_m.v0) AS \"prev\" FROM ROWS FROM (pg_catalog.unnest($3), pg_catalog.unnest($4), pg_catalog.unnest($5)) AS pgshard_m(v0, v1, v2) ORDER BY prev DESC, 1",
+        ),
+        (
+            "SELECT row_number() OVER () FROM users",
+            "SELECT 1 AS v0 FROM users",
+            "SELECT row_number() OVER () AS \"row_number\" FROM ROWS FROM (pg_catalog.unnest($1)) AS pgshard_m(v0)",
+        ),
+        (
+            "SELECT id FROM orders ORDER BY row_number() OVER (ORDER BY id)",
+            "SELECT id AS v0 FROM orders",
+            "SELECT pgshard_m.v0 AS \"id\" FROM ROWS FROM (pg_catalog.unnest($1)) AS pgshard_m(v0) ORDER BY row_number() OVER (ORDER BY pgshard_m.v0)",
+        ),
+    ] {
+        let spec = m(sql).unwrap().unwrap();
+        let fin = spec.finalize.as_ref().unwrap_or_else(|| panic!("{sql}"));
+        assert_eq!(fin.shard_sql, shards, "{sql}");
+        assert_eq!(fin.sql, last, "{sql}");
+    }
+    // Windows over groups, `*`, subqueries: refused.
     for sql in [
-        "SELECT id, row_number() OVER (ORDER BY id) FROM orders",
-        "SELECT id, row_number() OVER (PARTITION BY total) FROM orders",
         "SELECT total, count(*), rank() OVER (PARTITION BY total ORDER BY count(*)) FROM orders GROUP BY total",
         "SELECT id, rank() OVER (ORDER BY count(*)) FROM users GROUP BY id",
-        "SELECT id FROM orders ORDER BY row_number() OVER (ORDER BY id)",
+        "SELECT *, row_number() OVER (ORDER BY id) FROM orders",
+        "SELECT id, row_number() OVER (ORDER BY (SELECT 1)) FROM orders",
     ] {
         assert!(!matches!(m(sql), Ok(Ok(_))), "{sql}");
     }
@@ -267,7 +295,6 @@ fn merge_specs() {
         "SELECT DISTINCT id FROM users UNION ALL SELECT user_id FROM orders",
         "SELECT id FROM users UNION ALL (SELECT user_id FROM orders LIMIT 1)",
         "SELECT id FROM users UNION SELECT id FROM users ORDER BY lower(name)",
-        "SELECT row_number() OVER () FROM users",
     ] {
         let refused = analyze(bad, &rules()).map_or(true, |a| a.merge.unwrap().is_err());
         assert!(refused, "{bad}");
