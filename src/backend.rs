@@ -433,6 +433,34 @@ impl BackendConn {
         }
     }
 
+    /// The statement running here answered with more than pgshard may hold: asks the
+    /// server to cancel it and reads the rest of its answer up to ReadyForQuery without
+    /// keeping it, so that the connection stays in step (and in the client's
+    /// transaction). ReadyForQuery's transaction status.
+    pub async fn discard_answer(&mut self) -> Result<u8, BackendError> {
+        if let Err(e) = Self::cancel(&self.addr, self.pid, self.secret).await {
+            tracing::debug!(error = %e, "cancel request failed; reading the answer to its end");
+        }
+        loop {
+            let f = self.read_frame().await?;
+            match f[0] {
+                b'Z' => return Ok(f.get(5).copied().unwrap_or(b'I')),
+                // Nothing to read to its end: out of step for good.
+                b'G' | b'H' | b'W' => {
+                    self.broken = true;
+                    return Err(BackendError::Protocol {
+                        addr: self.addr.clone(),
+                        source: ProtocolError::Malformed {
+                            what: "backend",
+                            detail: "unexpected COPY in an answer being discarded".into(),
+                        },
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Sends a CancelRequest for this connection's running query.
     pub async fn cancel(addr: &ServerAddr, pid: i32, secret: i32) -> std::io::Result<()> {
         // Plain, as libpq: servers take cancel requests without TLS.

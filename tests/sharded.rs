@@ -63,6 +63,7 @@ const RULES: &str = "    reference_tables: [countries]
         type: timestamptz
         ranges: [ { to: '2026-01-01', shard: 0 }, { from: '2026-01-01', shard: 1 } ]
       - { table: unlisted_t, column: id, method: hash }
+      - { table: big_t, column: id, method: hash }
       - { table: unlisted_missing, column: id, method: hash }
       - table: accounts
         column: region
@@ -3282,4 +3283,78 @@ async fn windows_over_rows_of_several_shards_match_plain_postgres() {
         let e = c.simple_query(q).await.unwrap_err();
         assert_eq!(sqlstate(&e), "0A000", "{q}");
     }
+}
+
+#[tokio::test]
+async fn answers_past_max_merge_bytes_fail_with_54000_and_the_rest_goes_on() {
+    // What pgshard holds to merge a statement is bounded: a merge over a table too large
+    // for memory fails on its own instead of taking the process (and every client) down.
+    let addr = setup().await;
+    let c = connect(addr).await;
+    c.batch_execute(
+        "DROP TABLE IF EXISTS big_t; CREATE TABLE big_t (id bigint PRIMARY KEY, pad text)",
+    )
+    .await
+    .unwrap();
+    // About 200 KB per shard.
+    c.batch_execute(
+        "INSERT INTO big_t (id, pad) SELECT g, repeat('x', 2000) FROM generate_series(1, 200) g",
+    )
+    .await
+    .unwrap();
+    let yaml = cluster2().config_yaml("127.0.0.1:0", "transaction", 2);
+    let small = start_proxy_yaml(&format!("{yaml}{RULES}    max_merge_bytes: 65536\n"));
+    let mut l = connect(small).await;
+    let big = "SELECT id, pad FROM big_t ORDER BY id";
+    for _ in 0..3 {
+        // Simple and extended protocol; the pool's connections stay usable after.
+        let e = l.simple_query(big).await.unwrap_err();
+        assert_eq!(sqlstate(&e), "54000", "{e:?}");
+        assert!(format!("{e:?}").contains("max_merge_bytes"), "{e:?}");
+        let e = l.query(big, &[]).await.unwrap_err();
+        assert_eq!(sqlstate(&e), "54000", "{e:?}");
+        let n: i64 = l
+            .query_one("SELECT count(*) FROM big_t", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 200);
+        let few = rows(
+            &l.simple_query("SELECT id FROM big_t ORDER BY id LIMIT 3")
+                .await
+                .unwrap(),
+        );
+        assert_eq!(few.len(), 3);
+    }
+    // Inside a transaction: the statement fails, and the transaction with it.
+    let tx = l.transaction().await.unwrap();
+    tx.execute("INSERT INTO big_t (id, pad) VALUES (1001, 'a')", &[])
+        .await
+        .unwrap();
+    let e = tx.query(big, &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "54000", "{e:?}");
+    let e = tx.query("SELECT 1", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "25P02", "{e:?}");
+    tx.rollback().await.unwrap();
+    // RETURNING rows of a write over several shards past the limit: nothing is written.
+    let values: Vec<String> = (2001..2081)
+        .map(|i| format!("({i}, repeat('y', 2000))"))
+        .collect();
+    let e = l
+        .simple_query(&format!(
+            "INSERT INTO big_t (id, pad) VALUES {} RETURNING pad",
+            values.join(", ")
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "54000", "{e:?}");
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM big_t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 200);
+    // The proxy without the small limit merges it all.
+    assert_eq!(rows(&c.simple_query(big).await.unwrap()).len(), 200);
+    c.batch_execute("DROP TABLE big_t").await.unwrap();
 }

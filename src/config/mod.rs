@@ -265,10 +265,20 @@ pub struct DatabaseConfig {
     /// deadlock no server sees); 0 turns the detector off.
     #[serde(default = "default_deadlock_ms")]
     pub deadlock_detection_ms: u64,
+    /// The most bytes of one shard's answer pgshard holds in memory to merge a statement
+    /// over several shards (rows it orders, groups, gathers or returns from a write over
+    /// several shards); past it the statement is cancelled on that shard and fails with
+    /// 54000 instead of the process running out of memory. 0: no limit.
+    #[serde(default = "default_max_merge_bytes")]
+    pub max_merge_bytes: usize,
 }
 
 fn default_deadlock_ms() -> u64 {
     1000
+}
+
+fn default_max_merge_bytes() -> usize {
+    256 * 1024 * 1024
 }
 
 fn default_in_doubt_ms() -> u64 {

@@ -29,6 +29,20 @@ pub async fn checkout(db: &Database, shard: usize, node: usize) -> Result<Pooled
     db.shards[shard].nodes[node].pool.get().await
 }
 
+/// A shard's answer held to merge a statement over several shards grew past the
+/// database's `max_merge_bytes`.
+pub fn answer_too_large(limit: usize) -> PgError {
+    PgError::new(
+        "54000",
+        format!(
+            "a shard's answer to this statement over several shards exceeds max_merge_bytes ({limit} bytes), which pgshard holds in memory to merge it"
+        ),
+    )
+    .with_hint(
+        "Add a shard key condition or a LIMIT, select fewer columns, or raise the database's max_merge_bytes.",
+    )
+}
+
 /// Checks out a server connection to a shard's primary.
 pub async fn checkout_primary(db: &Database, shard: usize) -> Result<Pooled, PoolError> {
     let node = db

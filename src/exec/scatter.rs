@@ -62,31 +62,62 @@ pub async fn run_on_shards(
         skip_prelude.push(replay);
         c.send(&out).await.map_err(lost)?;
     }
+    let limit = db.config.max_merge_bytes;
     let mut results = Vec::with_capacity(conns.len());
-    for (c, mut skip) in conns.iter_mut().zip(skip_prelude) {
-        let mut frames = Vec::new();
-        loop {
-            let f = c.read_frame().await.map_err(lost)?;
-            match f[0] {
-                b'Z' if skip => skip = false,
-                b'Z' => break,
-                _ if skip => {}
-                // The extended request's own acknowledgements.
-                b'1' | b'2' => {}
-                // COPY cannot be merged here; refuse and drop the connection.
-                b'G' | b'H' | b'W' => {
+    for i in 0..conns.len() {
+        match read_answer(&mut conns[i], skip_prelude[i], limit).await {
+            Ok(frames) => results.push(frames),
+            Err(e) => {
+                // The shards not read yet are still answering: their connections are
+                // closed rather than handed to the next client out of step.
+                for c in &mut conns[i..] {
+                    if limit > 0 && e.code == "54000" {
+                        // Stop the work itself, not only its delivery.
+                        let _ = crate::backend::BackendConn::cancel(&c.addr, c.pid, c.secret).await;
+                    }
                     c.broken = true;
-                    return Err(PgError::new(
-                        "0A000",
-                        "COPY over several shards is not supported yet",
-                    ));
                 }
-                _ => frames.push(f),
+                return Err(e);
             }
         }
-        results.push(frames);
     }
     Ok(results)
+}
+
+/// One shard's answer in `run_on_shards`, up to (not including) ReadyForQuery: after the
+/// settings prelude's (`skip`), without the extended request's acknowledgements, holding
+/// at most `limit` bytes (0: no limit).
+async fn read_answer(
+    c: &mut crate::backend::BackendConn,
+    mut skip: bool,
+    limit: usize,
+) -> Result<Vec<BytesMut>, PgError> {
+    let mut frames = Vec::new();
+    let mut held = 0usize;
+    loop {
+        let f = c.read_frame().await.map_err(lost)?;
+        match f[0] {
+            b'Z' if skip => skip = false,
+            b'Z' => return Ok(frames),
+            _ if skip => {}
+            // The extended request's own acknowledgements.
+            b'1' | b'2' => {}
+            // COPY cannot be merged here; refuse and drop the connection.
+            b'G' | b'H' | b'W' => {
+                return Err(PgError::new(
+                    "0A000",
+                    "COPY over several shards is not supported yet",
+                ));
+            }
+            _ => {
+                held += f.len();
+                if limit > 0 && held > limit {
+                    return Err(super::answer_too_large(limit));
+                }
+                frames.push(f);
+            }
+        }
+    }
 }
 
 /// A server connection to a node of a shard (None: its primary), or the error a client
@@ -205,12 +236,27 @@ pub async fn run_each_all_or_none(
         protocol::write_query(&mut out, sql);
         c.send(&out).await.map_err(lost)?;
     }
+    let limit = db.config.max_merge_bytes;
     for (_, c) in conns.iter_mut() {
         c.read_until_ready().await.map_err(lost)?; // BEGIN
         if marked {
             c.read_until_ready().await.map_err(lost)?;
         }
-        let mut frames = c.read_until_ready().await.map_err(lost)?;
+        let mut frames = match read_answer(c, false, limit).await {
+            Ok(frames) => frames,
+            Err(e) if e.code == "54000" => {
+                // RETURNING rows past the limit: the statement stops there, and its error
+                // rolls every shard back.
+                c.discard_answer().await.map_err(lost)?;
+                let mut f = BytesMut::new();
+                e.write(&mut f);
+                vec![f]
+            }
+            Err(e) => {
+                c.broken = true;
+                return Err(e);
+            }
+        };
         txn.rewrite(&mut frames);
         results.push(frames);
     }

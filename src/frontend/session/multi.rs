@@ -35,23 +35,34 @@ pub(super) struct MultiState {
 async fn run_on(
     b: &mut crate::backend::BackendConn,
     sql: &str,
+    limit: usize,
 ) -> Result<(Vec<bytes::BytesMut>, u8), crate::backend::BackendError> {
     let mut out = bytes::BytesMut::new();
     protocol::write_query(&mut out, sql);
-    send_and_collect(b, &out).await
+    send_and_collect(b, &out, limit).await
 }
 
 /// Sends a request (a Query, or Parse/Bind/Describe/Execute/Sync) and returns the
 /// server's frames up to ReadyForQuery, without ParseComplete and BindComplete, and the
-/// transaction status.
+/// transaction status. An answer of more than `limit` bytes (0: no limit) is cancelled
+/// and read to its end without being kept: its frames are then a 54000 error, and a
+/// transaction block it ran in is aborted, as after any error.
 pub(super) async fn send_and_collect(
     b: &mut crate::backend::BackendConn,
     request: &[u8],
+    limit: usize,
 ) -> Result<(Vec<bytes::BytesMut>, u8), crate::backend::BackendError> {
     b.send(request).await?;
     let mut frames = Vec::new();
+    let mut held = 0usize;
     loop {
         let f = b.read_frame().await?;
+        if limit > 0 && f[0] != b'Z' {
+            held += f.len();
+            if held > limit {
+                return too_large(b, limit).await;
+            }
+        }
         match f[0] {
             b'Z' => return Ok((frames, f.get(5).copied().unwrap_or(b'I'))),
             b'1' | b'2' => {}
@@ -69,6 +80,34 @@ pub(super) async fn send_and_collect(
             _ => frames.push(f),
         }
     }
+}
+
+/// `send_and_collect`'s answer past its limit: the statement cancelled and its answer
+/// discarded; a transaction block left in progress (the statement ended before the cancel
+/// reached it) is made to fail, so that it cannot commit what the client was told failed.
+async fn too_large(
+    b: &mut crate::backend::BackendConn,
+    limit: usize,
+) -> Result<(Vec<bytes::BytesMut>, u8), crate::backend::BackendError> {
+    let mut status = b.discard_answer().await?;
+    if status == b'T' {
+        let mut out = bytes::BytesMut::new();
+        protocol::write_query(
+            &mut out,
+            "DO $pgshard$BEGIN RAISE EXCEPTION USING ERRCODE = '54000', MESSAGE = 'pgshard: the statement''s answer exceeded max_merge_bytes'; END$pgshard$",
+        );
+        b.send(&out).await?;
+        loop {
+            let f = b.read_frame().await?;
+            if f[0] == b'Z' {
+                status = f.get(5).copied().unwrap_or(b'E');
+                break;
+            }
+        }
+    }
+    let mut e = bytes::BytesMut::new();
+    crate::exec::answer_too_large(limit).write(&mut e);
+    Ok((vec![e], status))
 }
 
 impl Session {
@@ -459,11 +498,12 @@ impl Session {
         &mut self,
         stmt: &str,
     ) -> Result<Option<Vec<bytes::BytesMut>>, SessionError> {
+        let limit = self.db.config.max_merge_bytes;
         let Some(b) = self.backend.as_mut() else {
             return Ok(None);
         };
         self.reads.executed = true;
-        match run_on(b, stmt).await {
+        match run_on(b, stmt, limit).await {
             Ok((mut frames, status)) => {
                 self.participant_frames(&mut frames);
                 if status == b'E' || frames.iter().any(|f| f[0] == b'E') {
@@ -493,11 +533,12 @@ impl Session {
             self.status = b'E';
             return Ok(Some(Vec::new()));
         }
+        let limit = self.db.config.max_merge_bytes;
         let Some(conn) = self.backend.as_mut() else {
             return Ok(None);
         };
         self.reads.executed = true;
-        match send_and_collect(conn, req).await {
+        match send_and_collect(conn, req, limit).await {
             Ok((mut frames, status)) => {
                 self.participant_frames(&mut frames);
                 self.status = if frames.iter().any(|f| f[0] == b'E') {

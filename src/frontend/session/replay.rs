@@ -192,7 +192,7 @@ impl Session {
         what: &str,
     ) -> Result<Option<PgError>, SessionError> {
         for (s, b) in self.multi.parked.iter_mut() {
-            let why = match super::multi::send_and_collect(b, req).await {
+            let why = match super::multi::send_and_collect(b, req, 0).await {
                 Ok((frames, _)) => match frames.iter().find(|f| f[0] == b'E') {
                     None => continue,
                     Some(f) => {
