@@ -113,6 +113,17 @@ impl Rules {
     }
 }
 
+/// One query, read as PostgreSQL's dialect (for queries pgshard writes or rewrites).
+pub fn parse_query(sql: &str) -> Result<sqlparser::ast::Query, String> {
+    let mut st =
+        sqlparser::parser::Parser::parse_sql(&sqlparser::dialect::PostgreSqlDialect {}, sql)
+            .map_err(|e| e.to_string())?;
+    match st.pop() {
+        Some(sqlparser::ast::Statement::Query(q)) if st.is_empty() => Ok(*q),
+        _ => Err(format!("not a query: {sql}")),
+    }
+}
+
 /// Which shards.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {

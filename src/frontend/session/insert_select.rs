@@ -323,7 +323,7 @@ fn with_rows(
     if rows.is_empty() {
         return Ok((None, Vec::new()));
     }
-    let mut values = parse_query("VALUES (NULL)")?;
+    let mut values = crate::router::parse_query("VALUES (NULL)")?;
     let SetExpr::Values(v) = &mut *values.body else {
         return Err("VALUES template".into());
     };
@@ -356,7 +356,7 @@ fn with_rows(
 
 /// The INSERT reading no row of its SELECT.
 fn empty_insert(via: &InsertVia) -> Result<String, String> {
-    let none = parse_query(&format!(
+    let none = crate::router::parse_query(&format!(
         "SELECT * FROM ({}) AS pgshard_rows LIMIT 0",
         via.select_sql
     ))?;
@@ -365,16 +365,6 @@ fn empty_insert(via: &InsertVia) -> Result<String, String> {
         ins.source = Some(Box::new(none));
     }
     Ok(st.to_string())
-}
-
-fn parse_query(sql: &str) -> Result<sqlparser::ast::Query, String> {
-    let mut st =
-        sqlparser::parser::Parser::parse_sql(&sqlparser::dialect::PostgreSqlDialect {}, sql)
-            .map_err(|e| e.to_string())?;
-    match st.pop() {
-        Some(Statement::Query(q)) => Ok(*q),
-        _ => Err(format!("not a query: {sql}")),
-    }
 }
 
 #[cfg(test)]

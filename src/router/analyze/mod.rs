@@ -16,6 +16,7 @@ use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
 mod collect;
+mod derived;
 mod exists;
 pub(super) use collect::{Collector, query};
 use collect::{ddl_names, relation, select, where_keys};
@@ -303,6 +304,14 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
     if cursor.is_none()
         && let Some(q) = query
         && let Some(a) = exists::exists_select(q, rules)
+    {
+        let mut a = a.map_err(AnalyzeError::Unroutable)?;
+        a.replica_safe = !rules.calls_writing_function(sql);
+        return Ok(a);
+    }
+    if cursor.is_none()
+        && let Some(q) = query
+        && let Some(a) = derived::derived_select(q, rules)
     {
         let mut a = a.map_err(AnalyzeError::Unroutable)?;
         a.replica_safe = !rules.calls_writing_function(sql);

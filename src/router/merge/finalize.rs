@@ -115,7 +115,13 @@ pub(super) const MERGED: &str = "pgshard_m";
 
 /// The merge of an aggregate query through a final query, with the statement the shards
 /// run: None when the query is not one this applies to.
-pub(super) fn plan_final(q: &Query, rules: &Rules) -> Option<Result<MergeSpec, String>> {
+/// `params`: how many parameters the client's whole statement has (the final query's
+/// arrays are numbered after them).
+pub(super) fn plan_final(
+    q: &Query,
+    rules: &Rules,
+    params: usize,
+) -> Option<Result<MergeSpec, String>> {
     let SetExpr::Select(sel) = &*q.body else {
         return None;
     };
@@ -151,7 +157,7 @@ pub(super) fn plan_final(q: &Query, rules: &Rules) -> Option<Result<MergeSpec, S
     {
         return None;
     }
-    Some(build(q, sel, &items, group_by, &order, rules))
+    Some(build(q, sel, &items, group_by, &order, rules, params))
 }
 
 fn build(
@@ -161,6 +167,7 @@ fn build(
     group_by: &[Expr],
     order: &[&sqlparser::ast::OrderByExpr],
     rules: &Rules,
+    params: usize,
 ) -> Result<MergeSpec, String> {
     let refusal = |what: &str| {
         format!(
@@ -337,11 +344,10 @@ fn build(
             .collect()
     };
     let columns = names.len();
-    let client_params = client_params(q);
     let mut sql = format!(
         "SELECT {distinct}{} FROM {}",
         out_items.join(", "),
-        merged_rows(client_params, &names)
+        merged_rows(params, &names)
     );
     if gather {
         if !groups.is_empty() {
@@ -359,14 +365,17 @@ fn build(
     if !order_texts.is_empty() {
         sql.push_str(&format!(" ORDER BY {}", order_texts.join(", ")));
     }
+    let mut partial_params = Vec::new();
+    placeholders(&partial, &mut partial_params);
     let fin = finish(
         q,
-        &partial,
         Final {
             sql,
             columns,
             key_outputs,
+            params,
             final_params,
+            partial_params,
             shard_sql,
         },
         &refusal,
@@ -404,18 +413,21 @@ pub(super) struct Final {
     pub columns: usize,
     /// See [`Finalize::key_outputs`].
     pub key_outputs: Vec<(usize, usize)>,
+    /// How many parameters the client's statement has.
+    pub params: usize,
     /// The client's parameters (0-based) it uses.
     pub final_params: Vec<usize>,
+    /// The client's parameters (0-based) the shards' statement uses.
+    pub partial_params: Vec<usize>,
     /// The shards' statement.
     pub shard_sql: String,
 }
 
 /// The [`Finalize`] of `fin`: the client's LIMIT and OFFSET (of `q`) applied by the final
-/// query, and the client's parameters each side needs (`partial` is what the shards run).
+/// query, and the client's parameters each side needs.
 /// Err: what is not supported (a LIMIT form, worded by `refusal`).
 pub(super) fn finish(
     q: &Query,
-    partial: &Query,
     fin: Final,
     refusal: &dyn Fn(&str) -> String,
 ) -> Result<Finalize, String> {
@@ -423,7 +435,9 @@ pub(super) fn finish(
         sql,
         columns,
         key_outputs,
+        params: client_params,
         mut final_params,
+        partial_params,
         mut shard_sql,
     } = fin;
     let (limit, offset) = match &q.limit_clause {
@@ -438,10 +452,7 @@ pub(super) fn finish(
         ),
         Some(_) => return Err(refusal("this LIMIT form")),
     };
-    let client_params = client_params(q);
     final_params.sort_unstable();
-    let mut partial_params = Vec::new();
-    placeholders(partial, &mut partial_params);
     let final_only = final_params
         .iter()
         .copied()

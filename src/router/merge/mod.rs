@@ -8,12 +8,14 @@ use sqlparser::ast::{Expr, Query, Select, SetExpr, Value};
 
 mod aggregate;
 mod colname;
+mod derived;
 mod finalize;
 mod spec;
 mod window;
 
 use aggregate::{count_distinct_arg, counts_distinct_keys, having, top_aggregate};
 pub(crate) use aggregate::{has_aggregate, has_plain_aggregate, has_window, windows_by_key};
+pub(crate) use derived::derived_spec;
 pub use finalize::{Count, Finalize};
 pub use spec::*;
 
@@ -95,9 +97,12 @@ pub(super) fn merge_spec(q: &Query, rules: &Rules) -> Result<MergeSpec, String> 
     });
     match spec {
         Ok(spec) => Ok(spec),
-        Err(why) => finalize::plan_final(q, rules)
-            .or_else(|| window::plan_window(q, rules))
-            .unwrap_or(Err(why)),
+        Err(why) => {
+            let params = finalize::client_params(q);
+            finalize::plan_final(q, rules, params)
+                .or_else(|| window::plan_window(q, rules, params, true))
+                .unwrap_or(Err(why))
+        }
     }
 }
 

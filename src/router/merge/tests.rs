@@ -135,12 +135,34 @@ fn windows_partitioned_by_the_shard_key() {
     ] {
         assert!(!matches!(m(sql), Ok(Ok(_))), "{sql}");
     }
-    for sql in [
-        "SELECT * FROM (SELECT id, row_number() OVER (ORDER BY id) AS rn FROM orders) t WHERE rn = 1",
-        "SELECT * FROM (SELECT id, rank() OVER (ORDER BY count(*)) FROM users GROUP BY id) t",
-    ] {
-        assert!(analyze(sql, &rules()).is_err(), "{sql}");
-    }
+    // In a derived table: the outer query runs around the subquery's final query.
+    let a = analyze(
+        "SELECT * FROM (SELECT id, row_number() OVER (ORDER BY id) AS rn FROM orders) t WHERE rn = $1 LIMIT 5",
+        &rules(),
+    )
+    .unwrap();
+    let spec = a.merge.unwrap().unwrap();
+    let fin = spec.finalize.unwrap();
+    assert_eq!(fin.shard_sql, "SELECT id AS v0 FROM orders");
+    assert_eq!(
+        fin.sql,
+        "SELECT * FROM (SELECT pgshard_m.v0 AS \"id\", row_number() OVER (ORDER BY pgshard_m.v0) AS \"rn\" FROM ROWS FROM (pg_catalog.unnest($2)) AS pgshard_m(v0)) t WHERE rn = $1"
+    );
+    assert_eq!(
+        fin.limit,
+        Some(crate::router::merge::Count::Text("5".into()))
+    );
+    assert_eq!(
+        (fin.params, fin.final_params.clone(), fin.final_only.clone()),
+        (1, vec![0], vec![0])
+    );
+    assert!(
+        analyze(
+            "SELECT * FROM (SELECT id, rank() OVER (ORDER BY count(*)) FROM users GROUP BY id) t",
+            &rules()
+        )
+        .is_err()
+    );
 }
 
 #[test]

@@ -9,7 +9,7 @@
 //! (`windows_by_key`).
 
 use super::finalize::{
-    Final, MERGED, Substitute, client_params, collect_inputs, finish, merged_rows, placeholders,
+    Final, MERGED, Substitute, collect_inputs, finish, merged_rows, placeholders,
 };
 use super::{MergeSpec, has_plain_aggregate, has_window, plan};
 use crate::router::Rules;
@@ -22,7 +22,16 @@ use sqlparser::ast::{
 /// The merge of a query with window functions through a final query, with the statement
 /// the shards run: None when the query is not one this applies to (no window; also
 /// aggregates or grouping, which `finalize::plan_final` takes).
-pub(super) fn plan_window(q: &Query, rules: &Rules) -> Option<Result<MergeSpec, String>> {
+///
+/// `params`: how many parameters the client's whole statement has. `window`: whether the
+/// query must have a window function (a derived table's query is gathered without one:
+/// `derived`).
+pub(super) fn plan_window(
+    q: &Query,
+    rules: &Rules,
+    params: usize,
+    window: bool,
+) -> Option<Result<MergeSpec, String>> {
     let SetExpr::Select(sel) = &*q.body else {
         return None;
     };
@@ -47,7 +56,7 @@ pub(super) fn plan_window(q: &Query, rules: &Rules) -> Option<Result<MergeSpec, 
         items.iter().any(|(e, _)| has_window(e)) || order.iter().any(|o| has_window(&o.expr));
     let aggregates = items.iter().any(|(e, _)| has_plain_aggregate(e))
         || order.iter().any(|o| has_plain_aggregate(&o.expr));
-    if !windows
+    if (window && !windows)
         || aggregates
         || !group_by.is_empty()
         || !modifiers.is_empty()
@@ -60,7 +69,7 @@ pub(super) fn plan_window(q: &Query, rules: &Rules) -> Option<Result<MergeSpec, 
     {
         return None;
     }
-    Some(build(q, &items, &order, rules))
+    Some(build(q, &items, &order, rules, params))
 }
 
 fn build(
@@ -68,6 +77,7 @@ fn build(
     items: &[(&Expr, Option<&Ident>)],
     order: &[&sqlparser::ast::OrderByExpr],
     rules: &Rules,
+    params: usize,
 ) -> Result<MergeSpec, String> {
     let SetExpr::Select(sel) = &*q.body else {
         unreachable!("checked by plan_window")
@@ -160,20 +170,23 @@ fn build(
     let mut sql = format!(
         "SELECT {distinct}{} FROM {}",
         out_items.join(", "),
-        merged_rows(client_params(q), &gathered)
+        merged_rows(params, &gathered)
     );
     if !order_texts.is_empty() {
         sql.push_str(&format!(" ORDER BY {}", order_texts.join(", ")));
     }
     let shard_sql = partial.to_string();
+    let mut partial_params = Vec::new();
+    placeholders(&partial, &mut partial_params);
     let fin = finish(
         q,
-        &partial,
         Final {
             sql,
             columns: inputs.len(),
             key_outputs,
+            params,
             final_params,
+            partial_params,
             shard_sql,
         },
         &|what| {
