@@ -2974,46 +2974,10 @@ async fn returning_rows_of_a_split_insert_come_in_the_statements_row_order() {
         // ON CONFLICT DO NOTHING skips rows: the order cannot be known, the rows can.
         "INSERT INTO ret_t (id, name) VALUES (1, 'x'), (301, 'y'), (302, 'z') ON CONFLICT DO NOTHING RETURNING id".into(),
     ];
-    for q in &simple {
-        let ours = rows_or_sqlstate(&c, q).await;
-        let theirs = rows_or_sqlstate(&plain, q).await;
-        if q.contains("ON CONFLICT") {
-            let sorted = |r: Result<Vec<Vec<Option<String>>>, String>| {
-                let mut r = r.unwrap();
-                r.sort();
-                r
-            };
-            assert_eq!(sorted(ours), sorted(theirs), "{q}");
-        } else {
-            assert_eq!(ours, theirs, "{q}");
-        }
-    }
+    statements_match_plain(&c, &plain, &simple).await;
     // The extended protocol, outside and inside a transaction.
     let q = "INSERT INTO ret_t (id, name) VALUES ($1, 'p'), ($2, 'q'), ($3, 'r'), ($4, 's'), ($5, 't'), ($6, 'u') RETURNING id";
-    let ids = |rows: Vec<tokio_postgres::Row>| {
-        rows.iter().map(|r| r.get::<_, i64>(0)).collect::<Vec<_>>()
-    };
-    for (base, in_tx) in [(400i64, false), (500, true)] {
-        let keys: Vec<i64> = (base..base + 6).collect();
-        let p: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = keys
-            .iter()
-            .map(|k| k as &(dyn tokio_postgres::types::ToSql + Sync))
-            .collect();
-        let mut got = Vec::new();
-        for client in [&mut c, &mut plain] {
-            let rows = if in_tx {
-                let tx = client.transaction().await.unwrap();
-                let r = tx.query(q, &p).await.unwrap();
-                tx.commit().await.unwrap();
-                r
-            } else {
-                client.query(q, &p).await.unwrap()
-            };
-            got.push(ids(rows));
-        }
-        assert_eq!(got[0], keys, "in a transaction: {in_tx}");
-        assert_eq!(got[0], got[1]);
-    }
+    returned_keys_match_plain(&mut c, &mut plain, q, 6, &[(400, false), (500, true)]).await;
     // Session mode runs a statement over several shards on connections of its own.
     let yaml = cluster2().config_yaml("127.0.0.1:0", "session", 2);
     let session = connect(start_proxy_yaml(&format!("{yaml}{RULES}"))).await;
@@ -3090,43 +3054,10 @@ async fn insert_without_a_column_list_finds_the_key_among_the_tables_columns() {
         "EXECUTE unl(62)".into(),
         "DEALLOCATE unl".into(),
     ];
-    for q in &simple {
-        let ours = rows_or_sqlstate(&c, q).await;
-        let theirs = rows_or_sqlstate(&plain, q).await;
-        if q.contains("ON CONFLICT") {
-            let sorted = |r: Result<Vec<Vec<Option<String>>>, String>| {
-                let mut r = r.unwrap();
-                r.sort();
-                r
-            };
-            assert_eq!(sorted(ours), sorted(theirs), "{q}");
-        } else {
-            assert_eq!(ours, theirs, "{q}");
-        }
-    }
+    statements_match_plain(&c, &plain, &simple).await;
     // The extended protocol, outside and inside a transaction.
     let q = "INSERT INTO unlisted_t VALUES ($1, 1, 'p'), ($2, 2, 'q'), ($3, 3, 'r'), ($4, 4, 's') RETURNING id";
-    for (base, in_tx) in [(600i64, false), (700, true)] {
-        let keys: Vec<i64> = (base..base + 4).collect();
-        let p: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = keys
-            .iter()
-            .map(|k| k as &(dyn tokio_postgres::types::ToSql + Sync))
-            .collect();
-        let mut got = Vec::new();
-        for client in [&mut c, &mut plain] {
-            let rows = if in_tx {
-                let tx = client.transaction().await.unwrap();
-                let r = tx.query(q, &p).await.unwrap();
-                tx.commit().await.unwrap();
-                r
-            } else {
-                client.query(q, &p).await.unwrap()
-            };
-            got.push(rows.iter().map(|r| r.get::<_, i64>(0)).collect::<Vec<_>>());
-        }
-        assert_eq!(got[0], keys, "in a transaction: {in_tx}");
-        assert_eq!(got[0], got[1]);
-    }
+    returned_keys_match_plain(&mut c, &mut plain, q, 4, &[(600, false), (700, true)]).await;
     for db in [&c, &plain] {
         db.execute(
             "INSERT INTO unlisted_t SELECT $1::bigint, $2::int, 'e'",
@@ -3401,4 +3332,60 @@ async fn queries_over_derived_tables_that_need_every_shard_match_plain_postgres(
         .await
         .unwrap_err();
     assert_eq!(sqlstate(&e), "0A000", "{e:?}");
+}
+
+/// Each statement's rows (or SQLSTATE) through pgshard are plain PostgreSQL's; in any
+/// order for ON CONFLICT, which skips rows.
+async fn statements_match_plain(
+    c: &tokio_postgres::Client,
+    plain: &tokio_postgres::Client,
+    statements: &[String],
+) {
+    for q in statements {
+        let ours = rows_or_sqlstate(c, q).await;
+        let theirs = rows_or_sqlstate(plain, q).await;
+        if q.contains("ON CONFLICT") {
+            let sorted = |r: Result<Vec<Vec<Option<String>>>, String>| {
+                let mut r = r.unwrap();
+                r.sort();
+                r
+            };
+            assert_eq!(sorted(ours), sorted(theirs), "{q}");
+        } else {
+            assert_eq!(ours, theirs, "{q}");
+        }
+    }
+}
+
+/// An INSERT `q` of `n` bigint keys `$1..$n` returning them, with keys from each `base`
+/// (outside or inside a transaction): through pgshard the keys come back in order, as
+/// from plain PostgreSQL.
+async fn returned_keys_match_plain(
+    c: &mut tokio_postgres::Client,
+    plain: &mut tokio_postgres::Client,
+    q: &str,
+    n: i64,
+    runs: &[(i64, bool)],
+) {
+    for &(base, in_tx) in runs {
+        let keys: Vec<i64> = (base..base + n).collect();
+        let p: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = keys
+            .iter()
+            .map(|k| k as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect();
+        let mut got = Vec::new();
+        for client in [&mut *c, &mut *plain] {
+            let rows = if in_tx {
+                let tx = client.transaction().await.unwrap();
+                let r = tx.query(q, &p).await.unwrap();
+                tx.commit().await.unwrap();
+                r
+            } else {
+                client.query(q, &p).await.unwrap()
+            };
+            got.push(rows.iter().map(|r| r.get::<_, i64>(0)).collect::<Vec<_>>());
+        }
+        assert_eq!(got[0], keys, "in a transaction: {in_tx}");
+        assert_eq!(got[0], got[1]);
+    }
 }

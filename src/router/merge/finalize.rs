@@ -122,25 +122,13 @@ pub(super) fn plan_final(
     rules: &Rules,
     params: usize,
 ) -> Option<Result<MergeSpec, String>> {
-    let SetExpr::Select(sel) = &*q.body else {
-        return None;
-    };
-    let GroupByExpr::Expressions(group_by, modifiers) = &sel.group_by else {
-        return None;
-    };
-    let mut items = Vec::new();
-    for item in &sel.projection {
-        match item {
-            SelectItem::UnnamedExpr(e) => items.push((e, None)),
-            SelectItem::ExprWithAlias { expr, alias } => items.push((expr, Some(alias))),
-            _ => return None,
-        }
-    }
-    let order: Vec<&sqlparser::ast::OrderByExpr> = match q.order_by.as_ref().map(|o| &o.kind) {
-        None => Vec::new(),
-        Some(OrderByKind::Expressions(e)) => e.iter().collect(),
-        Some(_) => return None,
-    };
+    let Parts {
+        sel,
+        group_by,
+        modifiers,
+        items,
+        order,
+    } = parts(q)?;
     let aggregates = items.iter().any(|(e, _)| super::has_plain_aggregate(e))
         || sel.having.as_ref().is_some_and(super::has_plain_aggregate)
         || order.iter().any(|o| super::has_plain_aggregate(&o.expr));
@@ -158,6 +146,47 @@ pub(super) fn plan_final(
         return None;
     }
     Some(build(q, sel, &items, group_by, &order, rules, params))
+}
+
+/// The parts of a plain SELECT that final queries are made of.
+pub(super) struct Parts<'q> {
+    pub sel: &'q sqlparser::ast::Select,
+    pub group_by: &'q [Expr],
+    pub modifiers: &'q [sqlparser::ast::GroupByWithModifier],
+    /// The select list's expressions and aliases.
+    pub items: Vec<(&'q Expr, Option<&'q Ident>)>,
+    pub order: Vec<&'q sqlparser::ast::OrderByExpr>,
+}
+
+/// [`Parts`] of `q`; None for other queries than a SELECT, and for a select list with `*`
+/// (columns only the servers know).
+pub(super) fn parts(q: &Query) -> Option<Parts<'_>> {
+    let SetExpr::Select(sel) = &*q.body else {
+        return None;
+    };
+    let GroupByExpr::Expressions(group_by, modifiers) = &sel.group_by else {
+        return None;
+    };
+    let mut items = Vec::new();
+    for item in &sel.projection {
+        match item {
+            SelectItem::UnnamedExpr(e) => items.push((e, None)),
+            SelectItem::ExprWithAlias { expr, alias } => items.push((expr, Some(alias))),
+            _ => return None,
+        }
+    }
+    let order = match q.order_by.as_ref().map(|o| &o.kind) {
+        None => Vec::new(),
+        Some(OrderByKind::Expressions(e)) => e.iter().collect(),
+        Some(_) => return None,
+    };
+    Some(Parts {
+        sel,
+        group_by,
+        modifiers,
+        items,
+        order,
+    })
 }
 
 fn build(

@@ -9,15 +9,13 @@
 //! (`windows_by_key`).
 
 use super::finalize::{
-    Final, MERGED, Substitute, collect_inputs, finish, merged_rows, placeholders,
+    Final, MERGED, Parts, Substitute, collect_inputs, finish, merged_rows, parts, placeholders,
 };
 use super::{MergeSpec, has_plain_aggregate, has_window, plan};
 use crate::router::Rules;
 use crate::router::analyze::ident;
 use crate::sql::quote_ident;
-use sqlparser::ast::{
-    Distinct, Expr, GroupByExpr, Ident, OrderByKind, Query, SelectItem, SetExpr, Value, VisitMut,
-};
+use sqlparser::ast::{Distinct, Expr, Ident, Query, SelectItem, SetExpr, Value, VisitMut};
 
 /// The merge of a query with window functions through a final query, with the statement
 /// the shards run: None when the query is not one this applies to (no window; also
@@ -32,26 +30,13 @@ pub(super) fn plan_window(
     params: usize,
     window: bool,
 ) -> Option<Result<MergeSpec, String>> {
-    let SetExpr::Select(sel) = &*q.body else {
-        return None;
-    };
-    let GroupByExpr::Expressions(group_by, modifiers) = &sel.group_by else {
-        return None;
-    };
-    let mut items = Vec::new();
-    for item in &sel.projection {
-        match item {
-            SelectItem::UnnamedExpr(e) => items.push((e, None)),
-            SelectItem::ExprWithAlias { expr, alias } => items.push((expr, Some(alias))),
-            // `*` names columns only the servers know.
-            _ => return None,
-        }
-    }
-    let order: Vec<&sqlparser::ast::OrderByExpr> = match q.order_by.as_ref().map(|o| &o.kind) {
-        None => Vec::new(),
-        Some(OrderByKind::Expressions(e)) => e.iter().collect(),
-        Some(_) => return None,
-    };
+    let Parts {
+        sel,
+        group_by,
+        modifiers,
+        items,
+        order,
+    } = parts(q)?;
     let windows =
         items.iter().any(|(e, _)| has_window(e)) || order.iter().any(|o| has_window(&o.expr));
     let aggregates = items.iter().any(|(e, _)| has_plain_aggregate(e))
