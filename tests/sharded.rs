@@ -3306,6 +3306,10 @@ async fn queries_over_derived_tables_that_need_every_shard_match_plain_postgres(
         "SELECT name FROM (SELECT name, score FROM users ORDER BY score DESC, id LIMIT 10) top ORDER BY name",
         "SELECT s.total, s.n FROM (SELECT total, count(*) AS n FROM orders GROUP BY total HAVING count(*) > 5) s ORDER BY s.n DESC, s.total LIMIT 3",
         "SELECT t.total, t.c FROM (SELECT total, count(*) AS c, string_agg(id::text, ',' ORDER BY id) AS ids FROM orders GROUP BY total) AS t WHERE t.c > 20 ORDER BY 1",
+        // The same written as a CTE read once.
+        "WITH t AS (SELECT id, row_number() OVER (ORDER BY id DESC) AS rn FROM orders) SELECT * FROM t WHERE rn <= 5 ORDER BY rn",
+        "WITH s(total, n) AS (SELECT total, count(*) FROM orders GROUP BY total) SELECT max(n), count(*) FROM s",
+        "WITH t AS MATERIALIZED (SELECT DISTINCT name FROM users) SELECT count(*) FROM t AS x",
     ] {
         same_as_plain(&c, &plain, q).await;
         c.batch_execute("BEGIN").await.unwrap();

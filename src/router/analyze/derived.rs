@@ -8,6 +8,9 @@ use super::*;
 
 /// The analysis of such a query; None for any other (the usual analysis applies).
 pub(super) fn derived_select(q: &Query, rules: &Rules) -> Option<Result<Analysis, String>> {
+    if let Some(derived) = cte_as_derived(q) {
+        return derived_select(&derived, rules);
+    }
     let SetExpr::Select(sel) = &*q.body else {
         return None;
     };
@@ -69,4 +72,57 @@ pub(super) fn derived_select(q: &Query, rules: &Rules) -> Option<Result<Analysis
             ..Analysis::of(inner.target, Kind::Read)
         }),
     )
+}
+
+/// `WITH t AS (subquery) SELECT ... FROM t ...`, with one CTE read once as the only FROM
+/// item, as the `SELECT ... FROM (subquery) AS t ...` it means (a CTE read once is not
+/// evaluated apart from the query that reads it).
+fn cte_as_derived(q: &Query) -> Option<Query> {
+    let with = q.with.as_ref()?;
+    let [cte] = with.cte_tables.as_slice() else {
+        return None;
+    };
+    if with.recursive || cte.from.is_some() {
+        return None;
+    }
+    let SetExpr::Select(sel) = &*q.body else {
+        return None;
+    };
+    let [from] = sel.from.as_slice() else {
+        return None;
+    };
+    let TableFactor::Table {
+        name,
+        alias,
+        args: None,
+        ..
+    } = &from.relation
+    else {
+        return None;
+    };
+    let [ObjectNamePart::Identifier(id)] = name.0.as_slice() else {
+        return None;
+    };
+    if ident(id) != ident(&cte.alias.name) || !from.joins.is_empty() {
+        return None;
+    }
+    let alias = match alias {
+        None => cte.alias.clone(),
+        Some(a) if a.columns.is_empty() => sqlparser::ast::TableAlias {
+            columns: cte.alias.columns.clone(),
+            ..a.clone()
+        },
+        Some(_) => return None,
+    };
+    let mut derived = q.clone();
+    derived.with = None;
+    if let SetExpr::Select(s) = &mut *derived.body {
+        s.from[0].relation = TableFactor::Derived {
+            lateral: false,
+            subquery: cte.query.clone(),
+            alias: Some(alias),
+            sample: None,
+        };
+    }
+    Some(derived)
 }
