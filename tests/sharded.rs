@@ -3233,7 +3233,10 @@ async fn answers_past_max_merge_bytes_fail_with_54000_and_the_rest_goes_on() {
     .await
     .unwrap();
     let yaml = cluster2().config_yaml("127.0.0.1:0", "transaction", 2);
-    let small = start_proxy_yaml(&format!("{yaml}{RULES}    max_merge_bytes: 65536\n"));
+    let (small, server) = start_proxy_server(
+        pgshard::config::Config::from_yaml(&format!("{yaml}{RULES}    max_merge_bytes: 65536\n"))
+            .unwrap(),
+    );
     let mut l = connect(small).await;
     let big = "SELECT id, pad FROM big_t ORDER BY id";
     for _ in 0..3 {
@@ -3284,6 +3287,13 @@ async fn answers_past_max_merge_bytes_fail_with_54000_and_the_rest_goes_on() {
         .unwrap()
         .get(0);
     assert_eq!(n, 200);
+    // Counted for the operator: 3 x 2 reads, one in a transaction, one write.
+    let hits = sample(
+        &pgshard::admin::metrics::render(&server),
+        "pgshard_merge_limit_exceeded_total",
+        &[],
+    );
+    assert_eq!(hits, 8.0);
     // The proxy without the small limit merges it all.
     assert_eq!(rows(&c.simple_query(big).await.unwrap()).len(), 200);
     c.batch_execute("DROP TABLE big_t").await.unwrap();

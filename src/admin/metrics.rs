@@ -149,6 +149,12 @@ pub fn render(server: &Server) -> String {
             db.deadlocks.load(Ordering::Relaxed),
         );
         o.counter(
+            "pgshard_merge_limit_exceeded_total",
+            "Statements over several shards cancelled because a shard's answer passed max_merge_bytes.",
+            &dl,
+            db.merge_limit_hits.load(Ordering::Relaxed),
+        );
+        o.counter(
             "pgshard_2pc_prepared_total",
             "Multi-shard transactions prepared on every shard.",
             &dl,

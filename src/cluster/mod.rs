@@ -162,6 +162,8 @@ pub struct Database {
     pub last_failover_ms: std::sync::atomic::AtomicU64,
     /// Deadlocks across shards this process broke (`deadlock`).
     pub deadlocks: std::sync::atomic::AtomicU64,
+    /// Shard answers cut off at `max_merge_bytes` (`exec::MergeLimit`).
+    pub merge_limit_hits: std::sync::atomic::AtomicU64,
     /// The names of user-defined aggregates (CREATE AGGREGATE) on the default shard, as
     /// the monitor last read them: pgshard cannot merge them over shards, and cannot tell
     /// them from plain functions by their text.
@@ -506,6 +508,7 @@ impl Topology {
                     failovers: Default::default(),
                     last_failover_ms: Default::default(),
                     deadlocks: Default::default(),
+                    merge_limit_hits: Default::default(),
                     user_aggregates: Default::default(),
                     user_aggregates_version: Default::default(),
                     catalog_rounds: Default::default(),

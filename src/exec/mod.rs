@@ -29,18 +29,51 @@ pub async fn checkout(db: &Database, shard: usize, node: usize) -> Result<Pooled
     db.shards[shard].nodes[node].pool.get().await
 }
 
-/// A shard's answer held to merge a statement over several shards grew past the
-/// database's `max_merge_bytes`.
-pub fn answer_too_large(limit: usize) -> PgError {
-    PgError::new(
-        "54000",
-        format!(
-            "a shard's answer to this statement over several shards exceeds max_merge_bytes ({limit} bytes), which pgshard holds in memory to merge it"
-        ),
-    )
-    .with_hint(
-        "Add a shard key condition or a LIMIT, select fewer columns, or raise the database's max_merge_bytes.",
-    )
+/// How much of one shard's answer pgshard may hold to merge a statement over several
+/// shards (the database's `max_merge_bytes`; 0: no limit), and where the answers cut off
+/// are counted.
+#[derive(Clone, Copy)]
+pub struct MergeLimit<'a> {
+    pub bytes: usize,
+    hits: Option<&'a std::sync::atomic::AtomicU64>,
+}
+
+impl<'a> MergeLimit<'a> {
+    /// The limit of `db`.
+    pub fn of(db: &'a Database) -> Self {
+        MergeLimit {
+            bytes: db.config.max_merge_bytes,
+            hits: Some(&db.merge_limit_hits),
+        }
+    }
+
+    /// No limit.
+    pub const NONE: MergeLimit<'static> = MergeLimit {
+        bytes: 0,
+        hits: None,
+    };
+
+    /// Whether an answer of `held` bytes is past the limit.
+    pub fn passed(&self, held: usize) -> bool {
+        self.bytes > 0 && held > self.bytes
+    }
+
+    /// The client's error for an answer past the limit (counted).
+    pub fn exceeded(&self) -> PgError {
+        if let Some(h) = self.hits {
+            h.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        PgError::new(
+            "54000",
+            format!(
+                "a shard's answer to this statement over several shards exceeds max_merge_bytes ({} bytes), which pgshard holds in memory to merge it",
+                self.bytes
+            ),
+        )
+        .with_hint(
+            "Add a shard key condition or a LIMIT, select fewer columns, or raise the database's max_merge_bytes.",
+        )
+    }
 }
 
 /// Checks out a server connection to a shard's primary.

@@ -62,7 +62,7 @@ pub async fn run_on_shards(
         skip_prelude.push(replay);
         c.send(&out).await.map_err(lost)?;
     }
-    let limit = db.config.max_merge_bytes;
+    let limit = super::MergeLimit::of(db);
     let mut results = Vec::with_capacity(conns.len());
     for i in 0..conns.len() {
         match read_answer(&mut conns[i], skip_prelude[i], limit).await {
@@ -71,7 +71,7 @@ pub async fn run_on_shards(
                 // The shards not read yet are still answering: their connections are
                 // closed rather than handed to the next client out of step.
                 for c in &mut conns[i..] {
-                    if limit > 0 && e.code == "54000" {
+                    if limit.bytes > 0 && e.code == "54000" {
                         // Stop the work itself, not only its delivery.
                         let _ = crate::backend::BackendConn::cancel(&c.addr, c.pid, c.secret).await;
                     }
@@ -86,11 +86,11 @@ pub async fn run_on_shards(
 
 /// One shard's answer in `run_on_shards`, up to (not including) ReadyForQuery: after the
 /// settings prelude's (`skip`), without the extended request's acknowledgements, holding
-/// at most `limit` bytes (0: no limit).
+/// at most `limit`.
 async fn read_answer(
     c: &mut crate::backend::BackendConn,
     mut skip: bool,
-    limit: usize,
+    limit: super::MergeLimit<'_>,
 ) -> Result<Vec<BytesMut>, PgError> {
     let mut frames = Vec::new();
     let mut held = 0usize;
@@ -111,8 +111,8 @@ async fn read_answer(
             }
             _ => {
                 held += f.len();
-                if limit > 0 && held > limit {
-                    return Err(super::answer_too_large(limit));
+                if limit.passed(held) {
+                    return Err(limit.exceeded());
                 }
                 frames.push(f);
             }
@@ -236,7 +236,7 @@ pub async fn run_each_all_or_none(
         protocol::write_query(&mut out, sql);
         c.send(&out).await.map_err(lost)?;
     }
-    let limit = db.config.max_merge_bytes;
+    let limit = super::MergeLimit::of(db);
     for (_, c) in conns.iter_mut() {
         c.read_until_ready().await.map_err(lost)?; // BEGIN
         if marked {

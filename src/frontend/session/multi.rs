@@ -35,7 +35,7 @@ pub(super) struct MultiState {
 async fn run_on(
     b: &mut crate::backend::BackendConn,
     sql: &str,
-    limit: usize,
+    limit: crate::exec::MergeLimit<'_>,
 ) -> Result<(Vec<bytes::BytesMut>, u8), crate::backend::BackendError> {
     let mut out = bytes::BytesMut::new();
     protocol::write_query(&mut out, sql);
@@ -44,22 +44,22 @@ async fn run_on(
 
 /// Sends a request (a Query, or Parse/Bind/Describe/Execute/Sync) and returns the
 /// server's frames up to ReadyForQuery, without ParseComplete and BindComplete, and the
-/// transaction status. An answer of more than `limit` bytes (0: no limit) is cancelled
-/// and read to its end without being kept: its frames are then a 54000 error, and a
-/// transaction block it ran in is aborted, as after any error.
+/// transaction status. An answer past `limit` is cancelled and read to its end without
+/// being kept: its frames are then a 54000 error, and a transaction block it ran in is
+/// aborted, as after any error.
 pub(super) async fn send_and_collect(
     b: &mut crate::backend::BackendConn,
     request: &[u8],
-    limit: usize,
+    limit: crate::exec::MergeLimit<'_>,
 ) -> Result<(Vec<bytes::BytesMut>, u8), crate::backend::BackendError> {
     b.send(request).await?;
     let mut frames = Vec::new();
     let mut held = 0usize;
     loop {
         let f = b.read_frame().await?;
-        if limit > 0 && f[0] != b'Z' {
+        if limit.bytes > 0 && f[0] != b'Z' {
             held += f.len();
-            if held > limit {
+            if limit.passed(held) {
                 return too_large(b, limit).await;
             }
         }
@@ -87,7 +87,7 @@ pub(super) async fn send_and_collect(
 /// reached it) is made to fail, so that it cannot commit what the client was told failed.
 async fn too_large(
     b: &mut crate::backend::BackendConn,
-    limit: usize,
+    limit: crate::exec::MergeLimit<'_>,
 ) -> Result<(Vec<bytes::BytesMut>, u8), crate::backend::BackendError> {
     let mut status = b.discard_answer().await?;
     if status == b'T' {
@@ -106,7 +106,7 @@ async fn too_large(
         }
     }
     let mut e = bytes::BytesMut::new();
-    crate::exec::answer_too_large(limit).write(&mut e);
+    limit.exceeded().write(&mut e);
     Ok((vec![e], status))
 }
 
@@ -498,7 +498,8 @@ impl Session {
         &mut self,
         stmt: &str,
     ) -> Result<Option<Vec<bytes::BytesMut>>, SessionError> {
-        let limit = self.db.config.max_merge_bytes;
+        let db = self.db.clone();
+        let limit = crate::exec::MergeLimit::of(&db);
         let Some(b) = self.backend.as_mut() else {
             return Ok(None);
         };
@@ -533,7 +534,8 @@ impl Session {
             self.status = b'E';
             return Ok(Some(Vec::new()));
         }
-        let limit = self.db.config.max_merge_bytes;
+        let db = self.db.clone();
+        let limit = crate::exec::MergeLimit::of(&db);
         let Some(conn) = self.backend.as_mut() else {
             return Ok(None);
         };

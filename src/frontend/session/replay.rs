@@ -192,19 +192,20 @@ impl Session {
         what: &str,
     ) -> Result<Option<PgError>, SessionError> {
         for (s, b) in self.multi.parked.iter_mut() {
-            let why = match super::multi::send_and_collect(b, req, 0).await {
-                Ok((frames, _)) => match frames.iter().find(|f| f[0] == b'E') {
-                    None => continue,
-                    Some(f) => {
-                        let (code, msg) = protocol::error_fields(f);
-                        format!("{code}: {msg}")
+            let why =
+                match super::multi::send_and_collect(b, req, crate::exec::MergeLimit::NONE).await {
+                    Ok((frames, _)) => match frames.iter().find(|f| f[0] == b'E') {
+                        None => continue,
+                        Some(f) => {
+                            let (code, msg) = protocol::error_fields(f);
+                            format!("{code}: {msg}")
+                        }
+                    },
+                    Err(e) => {
+                        b.broken = true;
+                        e.to_string()
                     }
-                },
-                Err(e) => {
-                    b.broken = true;
-                    e.to_string()
-                }
-            };
+                };
             return Ok(Some(PgError::new(
                 "25P02",
                 format!("{what} failed on shard {s} of this transaction ({why})"),
