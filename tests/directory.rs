@@ -108,6 +108,27 @@ async fn keys_go_where_the_directory_says() {
         .unwrap()
         .get(0);
     assert_eq!(name, "moved");
+    // Without a column list (the key found among the table's columns): new keys are
+    // recorded, a key the directory assigns elsewhere goes there.
+    let moved_too = 501i64;
+    let elsewhere = 1 - partition_of(&HashKey::Int(moved_too), 2) as i32;
+    connect_server(ports()[0], "app")
+        .await
+        .execute(
+            "INSERT INTO tenant_dir VALUES ('tenants', $1, $2)",
+            &[&moved_too.to_string(), &elsewhere],
+        )
+        .await
+        .unwrap();
+    c.batch_execute("INSERT INTO tenants VALUES (5, 'five'), (6, 'six'), (501, 'moved too')")
+        .await
+        .unwrap();
+    for id in [5i64, 6] {
+        let want = partition_of(&HashKey::Int(id), 2) as usize;
+        assert_eq!(entry(id).await, Some(want as i32), "entry of {id}");
+        assert_eq!(shard_holding(id).await, vec![want], "rows of {id}");
+    }
+    assert_eq!(shard_holding(moved_too).await, vec![elsewhere as usize]);
     // Unknown keys read nothing, without an error and without an entry.
     assert!(
         c.query_opt("SELECT * FROM tenants WHERE id = 999", &[])
@@ -120,13 +141,13 @@ async fn keys_go_where_the_directory_says() {
     let fresh = connect(proxy()).await;
     let n: i64 = fresh
         .query_one(
-            "SELECT count(*) FROM tenants WHERE id IN (1, 2, 3, 4, 500)",
+            "SELECT count(*) FROM tenants WHERE id IN (1, 2, 3, 4, 5, 6, 500, 501)",
             &[],
         )
         .await
         .unwrap()
         .get(0);
-    assert_eq!(n, 5);
+    assert_eq!(n, 8);
     let name: String = fresh
         .query_one("SELECT name FROM tenants WHERE id = $1", &[&moved])
         .await

@@ -1,12 +1,14 @@
-//! INSERT ... VALUES into a sharded table without a column list (hand-written SQL,
-//! `pg_dump --inserts`): which value is the shard key depends on the table's columns.
-//! pgshard reads them where the INSERT runs, one round trip per statement: in the client's
-//! transaction when it has begun on a shard (a column added or dropped earlier in it
-//! counts), with the session's own settings (its `search_path` finds the table the INSERT
-//! means). The INSERT is then carried out as the same statement with those columns
-//! listed, so that a column dropped or renamed in between makes PostgreSQL refuse it
-//! instead of rows being placed by a stale position. Positions cached from the monitor
-//! could not promise that: DDL that does not go through pgshard would go unseen for a while.
+//! INSERT into a sharded table without a column list (hand-written SQL, `pg_dump
+//! --inserts`, `INSERT INTO archive SELECT * FROM ...`): which value is the shard key
+//! depends on the table's columns. pgshard reads them where the INSERT runs, one round
+//! trip per statement (two for INSERT ... SELECT, whose SELECT is described to learn how
+//! many columns it fills): in the client's transaction when it has begun on a shard (a
+//! column added or dropped earlier in it counts), with the session's own settings (its
+//! `search_path` finds the table the INSERT means). The INSERT is then carried out as the
+//! same statement with those columns listed, so that a column dropped or renamed in
+//! between makes PostgreSQL refuse it instead of rows being placed by a stale position.
+//! Positions cached from the monitor could not promise that: DDL that does not go through
+//! pgshard would go unseen for a while.
 
 use super::insert_select::{failed, step_request};
 use super::{Session, SessionError};
@@ -140,46 +142,28 @@ impl Session {
         //    of a constant key, rows whose keys the shards make).
         let split = match &a.insert_split {
             Some(split) => {
-                let split = loop {
-                    match self.db.router.split_insert(split, params, &self.zone) {
-                        Ok(s) => break s,
-                        Err(RouteError::Key(ShardError::DirectoryMiss { table, key })) => {
-                            if let Err(e) = self.record_directory_key(&table, &key).await {
-                                return failed(self, e);
-                            }
-                        }
-                        Err(e) => {
-                            return failed(self, PgError::new(e.sqlstate(), e.to_string()));
-                        }
-                    }
-                };
-                Some(split)
+                match self
+                    .placed(|s| s.db.router.split_insert(split, params, &s.zone))
+                    .await
+                {
+                    Ok(split) => Some(split),
+                    Err(e) => return failed(self, e),
+                }
             }
             None => None,
         };
         let shards: Vec<usize> = match &split {
             Some(split) => split.shards(),
-            None => {
-                let route = loop {
-                    match self.db.router.resolve(&a, params, &self.zone) {
-                        Ok(r) => break r,
-                        Err(RouteError::Key(ShardError::DirectoryMiss { table, key })) => {
-                            if let Err(e) = self.record_directory_key(&table, &key).await {
-                                return failed(self, e);
-                            }
-                        }
-                        Err(e) => {
-                            return failed(self, PgError::new(e.sqlstate(), e.to_string()));
-                        }
-                    }
-                };
-                match route {
-                    Route::Shards(v) => v,
-                    Route::Default => vec![home],
-                    Route::Any if self.backend.is_some() => vec![self.shard],
-                    Route::Any => vec![self.db.next_shard()],
-                }
-            }
+            None => match self
+                .placed(|s| s.db.router.resolve(&a, params, &s.zone))
+                .await
+            {
+                Ok(Route::Shards(v)) => v,
+                Ok(Route::Default) => vec![home],
+                Ok(Route::Any) if self.backend.is_some() => vec![self.shard],
+                Ok(Route::Any) => vec![self.db.next_shard()],
+                Err(e) => return failed(self, e),
+            },
         };
         if !a.keyless.is_empty() {
             // Keys the shards make (`generate_keys`): only on shards set up to make them.
@@ -212,18 +196,28 @@ impl Session {
         }
     }
 
-    /// Reads (and, where it has none, records) the directory entry of `key` of sharded
-    /// table `table`, as routing an INSERT of it does.
-    async fn record_directory_key(&mut self, table: &str, key: &str) -> Result<(), PgError> {
-        let rules = &self.db.router.rules;
-        let Some(t) = rules.table(table) else {
-            return Err(PgError::new("XX000", format!("no sharded table {table}")));
-        };
-        let f = rules.tables[t].clone();
-        crate::exec::directory::lookup(&self.db, &f, key, true)
-            .await
-            .map(|_| ())
-            .map_err(|e| PgError::new("58000", format!("directory lookup failed: {e}")))
+    /// What `route` (a placement of rows) gives, after the directory entries of keys it
+    /// has not cached are read (and, for keys with none, recorded, as an INSERT of them
+    /// records them).
+    async fn placed<T>(
+        &mut self,
+        route: impl Fn(&Session) -> Result<T, RouteError>,
+    ) -> Result<T, PgError> {
+        loop {
+            let (table, key) = match route(self) {
+                Ok(r) => return Ok(r),
+                Err(RouteError::Key(ShardError::DirectoryMiss { table, key })) => (table, key),
+                Err(e) => return Err(PgError::new(e.sqlstate(), e.to_string())),
+            };
+            let rules = &self.db.router.rules;
+            let Some(t) = rules.table(&table) else {
+                return Err(PgError::new("XX000", format!("no sharded table {table}")));
+            };
+            let f = rules.tables[t].clone();
+            crate::exec::directory::lookup(&self.db, &f, &key, true)
+                .await
+                .map_err(|e| PgError::new("58000", format!("directory lookup failed: {e}")))?;
+        }
     }
 }
 
