@@ -187,8 +187,8 @@ mod tests {
             "SELECT * FROM users WHERE id = 1 AND score > (SELECT avg(score) FROM users)",
             "SELECT id, (SELECT count(*) FROM orders) FROM users WHERE id = 1",
             "SELECT * FROM users u, (SELECT max(total) AS m FROM orders) x WHERE u.id = 2",
-            "WITH t AS (SELECT DISTINCT name FROM users) SELECT count(*) FROM t",
-            "WITH t AS (SELECT name, count(*) FROM users GROUP BY name) SELECT * FROM t",
+            "WITH t AS (SELECT DISTINCT name FROM users) SELECT count(*) FROM t, countries",
+            "WITH t AS (SELECT name, count(*) FROM users GROUP BY name) SELECT * FROM t WHERE name IN (SELECT name FROM t)",
             "SELECT * FROM users WHERE id IN (SELECT user_id FROM orders ORDER BY total DESC LIMIT 3)",
             "UPDATE users SET score = (SELECT max(score) FROM users) WHERE id = 3",
             "DELETE FROM orders WHERE total < (SELECT avg(total) FROM orders)",
@@ -215,6 +215,17 @@ mod tests {
         .unwrap();
         assert!(a.one_shard);
         assert_eq!(a.target, Target::All, "the outer users need every shard");
+        // The only FROM item of the query: merged on its own, the outer query around it
+        // (`merge::derived_spec`).
+        for sql in [
+            "WITH t AS (SELECT DISTINCT name FROM users) SELECT count(*) FROM t",
+            "WITH t AS (SELECT name, count(*) FROM users GROUP BY name) SELECT * FROM t",
+            "SELECT max(m) FROM (SELECT max(total) AS m FROM orders GROUP BY total) x",
+        ] {
+            let a = analyze(sql, &rules()).unwrap();
+            assert!(!a.one_shard, "{sql}");
+            assert!(a.merge.unwrap().unwrap().finalize.is_some(), "{sql}");
+        }
         // Correlated with the outer row, or row by row: co-located, shard by shard.
         for sql in [
             "SELECT u.id, (SELECT count(*) FROM orders o WHERE o.user_id = u.id) FROM users u",
