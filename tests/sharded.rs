@@ -3287,6 +3287,28 @@ async fn answers_past_max_merge_bytes_fail_with_54000_and_the_rest_goes_on() {
         .unwrap()
         .get(0);
     assert_eq!(n, 200);
+    // Rows that only concatenate stream to the client, past the limit: nothing is held.
+    for _ in 0..3 {
+        let all = rows(&l.simple_query("SELECT id, pad FROM big_t").await.unwrap());
+        assert_eq!(all.len(), 200);
+        assert!(
+            all.iter()
+                .all(|r| r[1].as_deref().map(str::len) == Some(2000))
+        );
+        // A shard's error in the middle of the stream ends it as PostgreSQL's would; the
+        // connections stay in step.
+        let e = l
+            .simple_query("SELECT id, 1 / (id - 150) FROM big_t")
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&e), "22012", "{e:?}");
+        let n: i64 = l
+            .query_one("SELECT count(*) FROM big_t", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 200);
+    }
     // Counted for the operator: 3 x 2 reads, one in a transaction, one write.
     let hits = sample(
         &pgshard::admin::metrics::render(&server),

@@ -32,51 +32,15 @@ pub async fn run_on_shards(
     prelude: Option<&str>,
     settings_fp: u64,
 ) -> Result<Vec<Vec<BytesMut>>, PgError> {
-    let mut conns = Vec::with_capacity(shards.len());
-    for &(s, node) in shards {
-        conns.push(checkout_shard(db, s, node).await?);
-    }
-    // Send everything first so that the shards work at the same time.
-    let mut skip_prelude = Vec::with_capacity(conns.len());
-    for c in conns.iter_mut() {
-        let mut out = BytesMut::new();
-        let replay = prelude.is_some() && c.settings != settings_fp;
-        if let (true, Some(p)) = (replay, prelude) {
-            protocol::write_query(&mut out, p);
-            c.settings = settings_fp;
-        }
-        match &req {
-            Request::Simple(sql) => protocol::write_query(&mut out, sql),
-            Request::Extended {
-                query,
-                types,
-                bind_rest,
-            } => {
-                protocol::write_parse(&mut out, b"", query, types);
-                protocol::write_bind(&mut out, b"", b"", bind_rest);
-                protocol::write_target(&mut out, b'D', b'P', b"");
-                protocol::write_msg(&mut out, b'E', &[0, 0, 0, 0, 0]);
-                protocol::write_msg(&mut out, b'S', &[]);
-            }
-        }
-        skip_prelude.push(replay);
-        c.send(&out).await.map_err(lost)?;
-    }
+    let mut sent = Sent::start(db, shards, req, prelude, settings_fp).await?;
     let limit = super::MergeLimit::of(db);
-    let mut results = Vec::with_capacity(conns.len());
-    for i in 0..conns.len() {
-        match read_answer(&mut conns[i], skip_prelude[i], limit).await {
+    let mut results = Vec::with_capacity(sent.conns.len());
+    for i in 0..sent.conns.len() {
+        match sent.answer(i, limit).await {
             Ok(frames) => results.push(frames),
             Err(e) => {
-                // The shards not read yet are still answering: their connections are
-                // closed rather than handed to the next client out of step.
-                for c in &mut conns[i..] {
-                    if limit.bytes > 0 && e.code == "54000" {
-                        // Stop the work itself, not only its delivery.
-                        let _ = crate::backend::BackendConn::cancel(&c.addr, c.pid, c.secret).await;
-                    }
-                    c.broken = true;
-                }
+                let cancel = limit.bytes > 0 && e.code == "54000";
+                sent.abandon(i, cancel).await;
                 return Err(e);
             }
         }
@@ -84,9 +48,146 @@ pub async fn run_on_shards(
     Ok(results)
 }
 
-/// One shard's answer in `run_on_shards`, up to (not including) ReadyForQuery: after the
-/// settings prelude's (`skip`), without the extended request's acknowledgements, holding
-/// at most `limit`.
+/// A request sent to several shards at once, whose answers are read shard after shard.
+/// A connection whose answer was not read to its end is closed when this is dropped
+/// (an error, the client gone), never handed to the next client out of step.
+pub struct Sent {
+    conns: Vec<crate::pool::Pooled>,
+    /// Whether the connection's next answer is the settings prelude's.
+    skip: Vec<bool>,
+    /// Whether the connection's answer was read up to its ReadyForQuery.
+    done: Vec<bool>,
+}
+
+impl Drop for Sent {
+    fn drop(&mut self) {
+        for (c, done) in self.conns.iter_mut().zip(&self.done) {
+            if !done {
+                c.broken = true;
+            }
+        }
+    }
+}
+
+impl Sent {
+    /// Sends the request to every shard first, so that they work at the same time
+    /// (`run_on_shards`).
+    pub async fn start(
+        db: &Database,
+        shards: &[(usize, Option<usize>)],
+        req: Request<'_>,
+        prelude: Option<&str>,
+        settings_fp: u64,
+    ) -> Result<Sent, PgError> {
+        let mut sent = Sent {
+            conns: Vec::with_capacity(shards.len()),
+            skip: Vec::with_capacity(shards.len()),
+            // Nothing sent yet: clean, should a later checkout fail.
+            done: Vec::with_capacity(shards.len()),
+        };
+        for &(s, node) in shards {
+            sent.conns.push(checkout_shard(db, s, node).await?);
+            sent.skip.push(false);
+            sent.done.push(true);
+        }
+        for i in 0..sent.conns.len() {
+            let c = &mut sent.conns[i];
+            let mut out = BytesMut::new();
+            let replay = prelude.is_some() && c.settings != settings_fp;
+            if let (true, Some(p)) = (replay, prelude) {
+                protocol::write_query(&mut out, p);
+                c.settings = settings_fp;
+            }
+            match &req {
+                Request::Simple(sql) => protocol::write_query(&mut out, sql),
+                Request::Extended {
+                    query,
+                    types,
+                    bind_rest,
+                } => {
+                    protocol::write_parse(&mut out, b"", query, types);
+                    protocol::write_bind(&mut out, b"", b"", bind_rest);
+                    protocol::write_target(&mut out, b'D', b'P', b"");
+                    protocol::write_msg(&mut out, b'E', &[0, 0, 0, 0, 0]);
+                    protocol::write_msg(&mut out, b'S', &[]);
+                }
+            }
+            sent.skip[i] = replay;
+            sent.done[i] = false;
+            c.send(&out).await.map_err(lost)?;
+        }
+        Ok(sent)
+    }
+
+    /// How many shards answer.
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Whether no shard does.
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    /// The next frame of shard `i`'s answer (after the prelude's, without the extended
+    /// request's acknowledgements), ReadyForQuery last; an error where the connection
+    /// failed or the answer is COPY (which cannot be merged).
+    pub async fn next(&mut self, i: usize) -> Result<BytesMut, PgError> {
+        let f = next_frame(&mut self.conns[i], &mut self.skip[i]).await?;
+        self.done[i] = f[0] == b'Z';
+        Ok(f)
+    }
+
+    /// Shard `i`'s whole answer ([`read_answer`]).
+    async fn answer(
+        &mut self,
+        i: usize,
+        limit: super::MergeLimit<'_>,
+    ) -> Result<Vec<BytesMut>, PgError> {
+        let frames = read_answer(&mut self.conns[i], self.skip[i], limit).await?;
+        self.skip[i] = false;
+        self.done[i] = true;
+        Ok(frames)
+    }
+
+    /// The answers from shard `from` on will not be read: their connections are closed
+    /// rather than handed to the next client out of step (with `cancel`, their
+    /// statements are cancelled first, to stop the work itself).
+    pub async fn abandon(&mut self, from: usize, cancel: bool) {
+        for c in &mut self.conns[from..] {
+            if cancel {
+                let _ = crate::backend::BackendConn::cancel(&c.addr, c.pid, c.secret).await;
+            }
+            c.broken = true;
+        }
+    }
+}
+
+/// The next frame of an answer: after the settings prelude's (while `skip`), without the
+/// extended request's acknowledgements; ReadyForQuery last. COPY cannot be merged.
+async fn next_frame(
+    c: &mut crate::backend::BackendConn,
+    skip: &mut bool,
+) -> Result<BytesMut, PgError> {
+    loop {
+        let f = c.read_frame().await.map_err(lost)?;
+        match f[0] {
+            b'Z' if *skip => *skip = false,
+            _ if *skip => {}
+            b'1' | b'2' => {}
+            b'G' | b'H' | b'W' => {
+                return Err(PgError::new(
+                    "0A000",
+                    "COPY over several shards is not supported yet",
+                ));
+            }
+            _ => return Ok(f),
+        }
+    }
+}
+
+/// One shard's answer, up to (not including) ReadyForQuery ([`next_frame`]), holding at
+/// most `limit`.
 async fn read_answer(
     c: &mut crate::backend::BackendConn,
     mut skip: bool,
@@ -95,28 +196,15 @@ async fn read_answer(
     let mut frames = Vec::new();
     let mut held = 0usize;
     loop {
-        let f = c.read_frame().await.map_err(lost)?;
-        match f[0] {
-            b'Z' if skip => skip = false,
-            b'Z' => return Ok(frames),
-            _ if skip => {}
-            // The extended request's own acknowledgements.
-            b'1' | b'2' => {}
-            // COPY cannot be merged here; refuse and drop the connection.
-            b'G' | b'H' | b'W' => {
-                return Err(PgError::new(
-                    "0A000",
-                    "COPY over several shards is not supported yet",
-                ));
-            }
-            _ => {
-                held += f.len();
-                if limit.passed(held) {
-                    return Err(limit.exceeded());
-                }
-                frames.push(f);
-            }
+        let f = next_frame(c, &mut skip).await?;
+        if f[0] == b'Z' {
+            return Ok(frames);
         }
+        held += f.len();
+        if limit.passed(held) {
+            return Err(limit.exceeded());
+        }
+        frames.push(f);
     }
 }
 

@@ -188,6 +188,19 @@ impl Session {
         let prelude = self.settings_sql();
         let nodes = self.read_nodes(&shards);
         let started = std::time::Instant::now();
+        if let Multi::Merge(spec) = &plan
+            && spec.is_concatenation()
+            && spec.finalize.is_none()
+            && a.cursor.is_none()
+            && a.copy_to.is_none()
+        {
+            // Rows that only concatenate: streamed, not held.
+            self.stream_rows(&nodes, a.shard_sql.as_deref().unwrap_or(sql), &prelude)
+                .await?;
+            self.cross_shard_done(&shards, "stream", started.elapsed(), sql);
+            protocol::write_ready(&mut self.cout, self.status);
+            return Ok(());
+        }
         let out = match &plan {
             Multi::Merge(spec) => {
                 let mut merged = match scatter::run_on_shards(

@@ -32,6 +32,7 @@ mod server;
 mod server_frames;
 mod sql_prepare;
 mod statement_cache;
+mod stream;
 mod switch;
 
 use prepared::Stmt;
