@@ -3185,25 +3185,12 @@ async fn windows_over_rows_of_several_shards_match_plain_postgres() {
         "SELECT id, score, percent_rank() OVER (ORDER BY score, id), first_value(name) OVER (ORDER BY score DESC, id) FROM users ORDER BY id",
         "SELECT id, avg(score) OVER (ORDER BY id ROWS BETWEEN 2 PRECEDING AND CURRENT ROW) FROM users WHERE id <= 30 ORDER BY id",
     ] {
-        same_as_plain(&c, &plain, q).await;
-        // Inside a transaction (the shards join it) too.
-        c.batch_execute("BEGIN").await.unwrap();
-        same_as_plain(&c, &plain, q).await;
-        c.batch_execute("COMMIT").await.unwrap();
+        same_as_plain_in_and_out_of_a_transaction(&c, &plain, q).await;
     }
     // The extended protocol: parameters in WHERE and LIMIT, binary results.
     let q = "SELECT id, row_number() OVER (ORDER BY total DESC, id) FROM orders WHERE user_id > $1 ORDER BY 2 LIMIT $2";
-    let pairs = |rows: Vec<tokio_postgres::Row>| {
-        rows.iter()
-            .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1)))
-            .collect::<Vec<_>>()
-    };
-    let ours = pairs(c.query(q, &[&150i64, &7i64]).await.unwrap());
-    assert_eq!(ours.len(), 7);
-    assert_eq!(
-        ours,
-        pairs(plain.query(q, &[&150i64, &7i64]).await.unwrap())
-    );
+    let n = pairs_as_plain(&c, &plain, q, &[&150i64, &7i64]).await;
+    assert_eq!(n, 7);
     // What it does not cover is refused, never answered wrongly.
     for q in [
         "SELECT *, row_number() OVER (ORDER BY id) FROM orders",
@@ -3343,22 +3330,12 @@ async fn queries_over_derived_tables_that_need_every_shard_match_plain_postgres(
         "WITH s(total, n) AS (SELECT total, count(*) FROM orders GROUP BY total) SELECT max(n), count(*) FROM s",
         "WITH t AS MATERIALIZED (SELECT DISTINCT name FROM users) SELECT count(*) FROM t AS x",
     ] {
-        same_as_plain(&c, &plain, q).await;
-        c.batch_execute("BEGIN").await.unwrap();
-        same_as_plain(&c, &plain, q).await;
-        c.batch_execute("COMMIT").await.unwrap();
+        same_as_plain_in_and_out_of_a_transaction(&c, &plain, q).await;
     }
     // The extended protocol: parameters inside, outside and in the outer LIMIT.
     let q = "SELECT id, r FROM (SELECT id, rank() OVER (ORDER BY total DESC, id) AS r FROM orders WHERE user_id > $1) t WHERE r <= $2 ORDER BY r LIMIT $3";
-    let pairs = |rows: Vec<tokio_postgres::Row>| {
-        rows.iter()
-            .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1)))
-            .collect::<Vec<_>>()
-    };
-    let p: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&120i64, &9i64, &6i64];
-    let ours = pairs(c.query(q, &p).await.unwrap());
-    assert_eq!(ours.len(), 6);
-    assert_eq!(ours, pairs(plain.query(q, &p).await.unwrap()));
+    let n = pairs_as_plain(&c, &plain, q, &[&120i64, &9i64, &6i64]).await;
+    assert_eq!(n, 6);
     // A parameter in the derived table's own LIMIT is refused, not misread.
     let e = c
         .query(
@@ -3424,4 +3401,34 @@ async fn returned_keys_match_plain(
         assert_eq!(got[0], keys, "in a transaction: {in_tx}");
         assert_eq!(got[0], got[1]);
     }
+}
+
+/// [`same_as_plain`], outside a transaction and inside one (where the shards join it).
+async fn same_as_plain_in_and_out_of_a_transaction(
+    c: &tokio_postgres::Client,
+    plain: &tokio_postgres::Client,
+    q: &str,
+) {
+    same_as_plain(c, plain, q).await;
+    c.batch_execute("BEGIN").await.unwrap();
+    same_as_plain(c, plain, q).await;
+    c.batch_execute("COMMIT").await.unwrap();
+}
+
+/// The (bigint, bigint) rows of `q` with `params` (extended protocol, binary results)
+/// through pgshard, checked to be the plain database's: how many.
+async fn pairs_as_plain(
+    c: &tokio_postgres::Client,
+    plain: &tokio_postgres::Client,
+    q: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> usize {
+    let pairs = |rows: Vec<tokio_postgres::Row>| {
+        rows.iter()
+            .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1)))
+            .collect::<Vec<_>>()
+    };
+    let ours = pairs(c.query(q, params).await.unwrap());
+    assert_eq!(ours, pairs(plain.query(q, params).await.unwrap()), "{q}");
+    ours.len()
 }
