@@ -880,6 +880,58 @@ async fn reference_tables_and_cross_shard_writes() {
         );
         assert_eq!(r[0][0].as_deref(), Some("zz"), "shard on port {p}");
     }
+    // UPDATE and DELETE change every shard's copy alike (simple and extended protocol).
+    let copies = async |code: &str| {
+        let mut v = Vec::new();
+        for p in [p0, p1] {
+            let r = connect_server(p, "app")
+                .await
+                .query_opt("SELECT name FROM countries WHERE code = $1", &[&code])
+                .await
+                .unwrap();
+            v.push(r.map(|r| r.get::<_, String>(0)));
+        }
+        v
+    };
+    c.execute(
+        "INSERT INTO countries VALUES ($1, 'Ex') ON CONFLICT DO NOTHING",
+        &[&"xx"],
+    )
+    .await
+    .unwrap();
+    let msgs = c
+        .simple_query("UPDATE countries SET name = 'Ex 2' WHERE code = 'xx' RETURNING name")
+        .await
+        .unwrap();
+    assert_eq!(rows(&msgs), vec![vec![Some("Ex 2".to_string())]]);
+    assert_eq!(
+        copies("xx").await,
+        vec![Some("Ex 2".into()), Some("Ex 2".into())]
+    );
+    let n = c
+        .execute(
+            "UPDATE countries SET name = $1 WHERE code = 'xx'",
+            &[&"Ex 3"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(
+        copies("xx").await,
+        vec![Some("Ex 3".into()), Some("Ex 3".into())]
+    );
+    let n = c
+        .execute("DELETE FROM countries WHERE code = $1", &[&"xx"])
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(copies("xx").await, vec![None, None]);
+    // Changed from a sharded table's rows, each copy would take its own shard's: refused.
+    let e = c
+        .batch_execute("UPDATE countries SET name = u.name FROM users u WHERE u.id = 7 AND countries.code = 'fr'")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000", "{e:?}");
     // DDL over the extended protocol goes everywhere; a keyless UPDATE is refused there
     // too, by default.
     c.execute(

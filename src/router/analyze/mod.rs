@@ -358,6 +358,14 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
     Ok(out)
 }
 
+/// The reference table `f` names, if it names one.
+fn reference_named(f: &TableFactor, rules: &Rules) -> Option<String> {
+    match f {
+        TableFactor::Table { name, .. } => name_of(name).filter(|n| rules.is_reference(n)),
+        _ => None,
+    }
+}
+
 /// A SET or RESET of the time zone (or of every setting), or a DISCARD.
 fn sets_time_zone(st: &Statement) -> bool {
     let text = || st.to_string().to_ascii_lowercase();
@@ -472,6 +480,8 @@ fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
     };
     let mut key_update = None;
     let mut kind = Kind::Other;
+    // The reference table an UPDATE or DELETE writes, if it writes one.
+    let mut written_reference = None;
     match st {
         Statement::Query(q) => {
             kind = if q.locks.is_empty() {
@@ -493,6 +503,7 @@ fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
         Statement::Update(u) => {
             kind = Kind::Write;
             let mut scope = Vec::new();
+            written_reference = reference_named(&u.table.relation, rules);
             relation(&u.table, rules, &mut c, &mut scope);
             if let Some(from) = &u.from {
                 let tables = match from {
@@ -524,6 +535,9 @@ fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
             let tables = match &d.from {
                 FromTable::WithFromKeyword(t) | FromTable::WithoutKeyword(t) => t,
             };
+            written_reference = tables
+                .iter()
+                .find_map(|t| reference_named(&t.relation, rules));
             for t in tables.iter().chain(d.using.iter().flatten()) {
                 relation(t, rules, &mut c, &mut scope);
             }
@@ -612,6 +626,16 @@ fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
                 c.seen.push(usize::MAX);
             }
         }
+    }
+    if let Some(r) = written_reference {
+        // Every shard holds a copy: each must change alike, from rows every shard has.
+        if let Some(t) = c.seen.iter().find_map(|&t| rules.tables.get(t)) {
+            return Err(format!(
+                "an UPDATE or DELETE of reference table {r} that reads sharded table {} would change each shard's copy by that shard's rows only",
+                t.table
+            ));
+        }
+        c.reference = true;
     }
     if matches!(st, Statement::Update(_) | Statement::Delete(_)) {
         match super::colocation::check_write(st, rules) {

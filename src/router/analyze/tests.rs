@@ -392,3 +392,41 @@ fn table_commands_are_read_as_the_selects_they_are() {
         Err(AnalyzeError::Parse(_))
     ));
 }
+
+#[test]
+fn reference_writes_go_to_every_shard() {
+    for sql in [
+        "INSERT INTO countries VALUES ('fr', 'France')",
+        "UPDATE countries SET name = 'x' WHERE code = 'fr'",
+        "UPDATE countries c SET name = 'x' WHERE c.code = $1",
+        "DELETE FROM countries WHERE code = 'fr'",
+    ] {
+        let a = analyze(sql, &rules()).unwrap();
+        assert!(a.writes_reference, "{sql}");
+        assert_eq!(a.target, Target::All, "{sql}");
+    }
+    // Read only: where the rest of the statement goes.
+    for (sql, table) in [
+        (
+            "DELETE FROM orders USING countries WHERE orders.user_id = 3 AND countries.code = 'fr'",
+            1,
+        ),
+        (
+            "UPDATE users SET name = countries.name FROM countries WHERE users.id = 3",
+            0,
+        ),
+    ] {
+        let a = analyze(sql, &rules()).unwrap();
+        assert!(!a.writes_reference, "{sql}");
+        assert_eq!(a.target, Target::Keys(vec![(table, lit("3"))]), "{sql}");
+    }
+    for sql in [
+        "UPDATE countries SET name = u.name FROM users u WHERE u.id = 1",
+        "DELETE FROM countries WHERE code IN (SELECT name FROM users)",
+    ] {
+        assert!(
+            matches!(analyze(sql, &rules()), Err(AnalyzeError::Unroutable(m)) if m.contains("reference table countries")),
+            "{sql}"
+        );
+    }
+}
