@@ -3484,3 +3484,63 @@ async fn pairs_as_plain(
     assert_eq!(ours, pairs(plain.query(q, params).await.unwrap()), "{q}");
     ours.len()
 }
+
+#[tokio::test]
+async fn a_broadcast_write_that_loses_a_shard_leaves_no_connection_inside_its_transaction() {
+    // One-phase commit sends a reference-table write to every shard in a transaction on
+    // each; when one shard's connection fails, the others' transactions must not go back
+    // to the pool open (the next client would run inside them).
+    use std::time::Duration;
+    let addr = setup().await;
+    let yaml = cluster2().config_yaml("127.0.0.1:0", "transaction", 2);
+    let p = start_proxy_yaml(&format!("{yaml}{RULES}    two_phase_commit: off\n"));
+    let c = connect(p).await;
+    let marker = "pgshard_lost_shard_marker";
+    let q = format!(
+        "UPDATE countries SET name = name WHERE code = (SELECT pg_sleep(2)::text || '{marker}')"
+    );
+    let running = tokio::spawn(async move { c.batch_execute(&q).await });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let killed: i64 = connect_server(ports()[1], "postgres")
+        .await
+        .query_one(
+            &format!(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE query LIKE '%{marker}%' AND pid <> pg_backend_pid()"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let outcome = running.await.unwrap();
+    assert_eq!(killed, 1, "{outcome:?}");
+    assert!(outcome.is_err());
+    // The other shard's part finished inside its transaction: its connection is closed,
+    // which ends the transaction.
+    let open = || async {
+        let n: i64 = connect_server(ports()[0], "postgres")
+            .await
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%{marker}%' AND state LIKE 'idle in transaction%' AND pid <> pg_backend_pid()"
+                ),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while open().await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a connection stayed idle in its transaction"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // And the proxy goes on.
+    let c = connect(p).await;
+    c.batch_execute("SELECT 1").await.unwrap();
+    let _ = addr;
+}

@@ -285,12 +285,29 @@ pub async fn run_each_all_or_none(
     prelude: Option<&str>,
     settings_fp: u64,
 ) -> Result<Vec<Vec<BytesMut>>, PgError> {
-    let shards: Vec<usize> = per_shard.iter().map(|x| x.0).collect();
-    let shards = &shards[..];
-    let mut conns = Vec::with_capacity(shards.len());
-    for &s in shards {
+    let mut conns = Vec::with_capacity(per_shard.len());
+    for &(s, _) in per_shard {
         conns.push((s, checkout_shard(db, s, None).await?));
     }
+    let result = all_or_none_on(db, &mut conns, per_shard, prelude, settings_fp).await;
+    if result.is_err() {
+        // A connection may be in the middle of an answer, or inside the transaction: closed,
+        // never handed to the next client so.
+        for (_, c) in &mut conns {
+            c.broken = true;
+        }
+    }
+    result
+}
+
+/// [`run_each_all_or_none`] on its checked-out connections, one per part.
+async fn all_or_none_on(
+    db: &Database,
+    conns: &mut [(usize, crate::pool::Pooled)],
+    per_shard: &[(usize, String)],
+    prelude: Option<&str>,
+    settings_fp: u64,
+) -> Result<Vec<Vec<BytesMut>>, PgError> {
     // Each shard's part holds its locks while another part waits: the deadlock detectors
     // must know these backends are one transaction (registered here, marked on the
     // servers right after BEGIN).
@@ -340,10 +357,7 @@ pub async fn run_each_all_or_none(
                 e.write(&mut f);
                 vec![f]
             }
-            Err(e) => {
-                c.broken = true;
-                return Err(e);
-            }
+            Err(e) => return Err(e),
         };
         txn.rewrite(&mut frames);
         results.push(frames);
