@@ -302,27 +302,8 @@ fn build(
     };
     // The client's parameters the final query uses.
     let mut final_params: Vec<usize> = Vec::new();
-    let mut key_outputs = Vec::new();
-    let mut out_items = Vec::with_capacity(items.len());
-    let mut names = Vec::with_capacity(items.len());
-    for (e, alias) in items {
-        let name = match alias {
-            Some(a) => ident(a),
-            None => column_name(e).0,
-        };
-        let mut x = (*e).clone();
-        let _ = x.visit(&mut sub);
-        placeholders(&x, &mut final_params);
-        if let Expr::CompoundIdentifier(parts) = &x
-            && let [m, k] = parts.as_slice()
-            && m.value == MERGED
-            && let Some(i) = k.value.strip_prefix('k').and_then(|i| i.parse().ok())
-        {
-            key_outputs.push((out_items.len(), i));
-        }
-        out_items.push(format!("{x} AS {}", quote_ident(&name)));
-        names.push(name);
-    }
+    let names = output_names(items);
+    let (out_items, key_outputs) = final_items(items, &names, &mut sub, 'k', &mut final_params);
     let having = sel.having.clone().map(|mut h| {
         let _ = h.visit(&mut sub);
         placeholders(&h, &mut final_params);
@@ -411,6 +392,47 @@ fn build(
     )?;
     spec.finalize = Some(Box::new(fin));
     Ok(spec)
+}
+
+/// The output column names of a select list, as PostgreSQL names them.
+pub(super) fn output_names(items: &[(&Expr, Option<&Ident>)]) -> Vec<String> {
+    items
+        .iter()
+        .map(|(e, alias)| match alias {
+            Some(a) => ident(a),
+            None => column_name(e).0,
+        })
+        .collect()
+}
+
+/// The final query's select list: each item rewritten by `sub` over the merged columns,
+/// `AS` its name (the client's parameters it uses added to `params`); and the items that
+/// are a merged column `{prefix}{i}` as it is, by position and i, whose description is
+/// the shards' (table, column number, type modifier), as a plain query's is
+/// ([`Finalize::key_outputs`]).
+pub(super) fn final_items(
+    items: &[(&Expr, Option<&Ident>)],
+    names: &[String],
+    sub: &mut Substitute<'_>,
+    prefix: char,
+    params: &mut Vec<usize>,
+) -> (Vec<String>, Vec<(usize, usize)>) {
+    let mut out = Vec::with_capacity(items.len());
+    let mut key_outputs = Vec::new();
+    for ((e, _), name) in items.iter().zip(names) {
+        let mut x = (*e).clone();
+        let _ = x.visit(sub);
+        placeholders(&x, params);
+        if let Expr::CompoundIdentifier(parts) = &x
+            && let [m, k] = parts.as_slice()
+            && m.value == MERGED
+            && let Some(i) = k.value.strip_prefix(prefix).and_then(|i| i.parse().ok())
+        {
+            key_outputs.push((out.len(), i));
+        }
+        out.push(format!("{x} AS {}", quote_ident(name)));
+    }
+    (out, key_outputs)
 }
 
 /// How many parameters the client's query has (the highest `$n`): the final query's

@@ -9,12 +9,12 @@
 //! (`windows_by_key`).
 
 use super::finalize::{
-    Final, MERGED, Parts, Substitute, collect_inputs, finish, merged_rows, parts, placeholders,
+    Final, Parts, Substitute, collect_inputs, final_items, finish, merged_rows, output_names,
+    parts, placeholders,
 };
 use super::{MergeSpec, has_plain_aggregate, has_window, plan};
 use crate::router::Rules;
 use crate::router::analyze::ident;
-use crate::sql::quote_ident;
 use sqlparser::ast::{Distinct, Expr, Ident, Query, SelectItem, SetExpr, Value, VisitMut};
 
 /// The merge of a query with window functions through a final query, with the statement
@@ -70,13 +70,7 @@ fn build(
     let nested = || {
         "a subquery in a query with window functions across shards is not supported yet; add a shard key condition or a /* pgshard: shard=N */ hint".to_string()
     };
-    let names: Vec<String> = items
-        .iter()
-        .map(|(e, alias)| match alias {
-            Some(a) => ident(a),
-            None => super::colname::column_name(e).0,
-        })
-        .collect();
+    let names = output_names(items);
     // A bare name in ORDER BY is an output column when one has that name (PostgreSQL's
     // rule): it stays a name, which the final query resolves the same way.
     let is_output = |e: &Expr| matches!(e, Expr::Identifier(id) if names.contains(&ident(id)));
@@ -115,23 +109,7 @@ fn build(
     let input_texts: Vec<String> = inputs.iter().map(ToString::to_string).collect();
     let mut sub = Substitute::everywhere(&input_texts);
     let mut final_params: Vec<usize> = Vec::new();
-    let mut key_outputs = Vec::new();
-    let mut out_items = Vec::with_capacity(items.len());
-    for ((e, _), name) in items.iter().zip(&names) {
-        let mut x = (*e).clone();
-        let _ = x.visit(&mut sub);
-        placeholders(&x, &mut final_params);
-        // A column as it is: its description is the shards' (table, column number, type
-        // modifier), as a plain query's is.
-        if let Expr::CompoundIdentifier(parts) = &x
-            && let [m, v] = parts.as_slice()
-            && m.value == MERGED
-            && let Some(j) = v.value.strip_prefix('v').and_then(|j| j.parse().ok())
-        {
-            key_outputs.push((out_items.len(), j));
-        }
-        out_items.push(format!("{x} AS {}", quote_ident(name)));
-    }
+    let (out_items, key_outputs) = final_items(items, &names, &mut sub, 'v', &mut final_params);
     let order_texts: Vec<String> = order
         .iter()
         .map(|o| {
