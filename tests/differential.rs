@@ -807,6 +807,109 @@ async fn corpus_on_three_shards() {
     compare(addr, 3).await;
 }
 
+/// Uncorrelated subqueries over sharded tables that no shard can answer alone: pgshard
+/// evaluates them first (`router::preeval`).
+fn evaluated_first() -> Vec<String> {
+    let mut q: Vec<String> = [
+        // Scalars: aggregates over every shard's rows, in WHERE and in the select list.
+        "SELECT id, name FROM users WHERE score > (SELECT avg(score) FROM users) ORDER BY id",
+        "SELECT count(*) FROM users WHERE score >= (SELECT max(score) - 3 FROM users)",
+        "SELECT id, score - (SELECT min(score) FROM users) AS d FROM users WHERE id < 20 ORDER BY id",
+        "SELECT id FROM users WHERE born > (SELECT min(at)::date + 30 FROM ev) ORDER BY born, id LIMIT 5",
+        "SELECT (SELECT count(*) FROM orders) AS n, (SELECT max(tag) FROM tags) AS t",
+        "SELECT id FROM users WHERE score = (SELECT score FROM users WHERE id > 1000)",
+        // IN lists: the outer query goes to the shards of the keys found.
+        "SELECT id, name FROM users WHERE id IN (SELECT id FROM ev WHERE kind = 'k1') ORDER BY id",
+        "SELECT id FROM users WHERE id NOT IN (SELECT user_id FROM tags WHERE weight > 1.5) ORDER BY id",
+        "SELECT count(*) FROM users WHERE id IN (SELECT user_id FROM tags WHERE weight > 100)",
+        "SELECT count(*) FROM users WHERE id NOT IN (SELECT user_id FROM tags WHERE weight > 100)",
+        "SELECT id FROM users WHERE name IN (SELECT name FROM users GROUP BY name HAVING count(*) > 1) ORDER BY id",
+        "SELECT user_id, tag FROM tags WHERE (user_id, tag) IN (SELECT id, 'tag' || (id % 40) FROM users WHERE id < 50) ORDER BY user_id",
+        // A user-defined type (an enum): its name read from the server.
+        "SELECT tag, user_id, mood FROM tags WHERE mood IN (SELECT mood FROM tags WHERE weight = 0) ORDER BY user_id",
+        "SELECT count(*) FROM tags WHERE mood > (SELECT min(mood) FROM tags)",
+        // EXISTS, ANY, ALL.
+        "SELECT id FROM users WHERE EXISTS (SELECT 1 FROM orders WHERE total > 70) AND id < 5 ORDER BY id",
+        "SELECT id FROM users WHERE NOT EXISTS (SELECT 1 FROM orders WHERE total > 1000) AND id < 5 ORDER BY id",
+        "SELECT id FROM users WHERE score > ALL (SELECT weight FROM tags WHERE weight > 1) ORDER BY id",
+        "SELECT id FROM users WHERE id = ANY (SELECT user_id FROM tags WHERE tag = 'tag7') ORDER BY id",
+        "SELECT EXISTS (SELECT user_id FROM orders GROUP BY user_id HAVING count(*) > 2)",
+        // Text that needs quoting, NULLs, timestamps.
+        "SELECT id FROM users WHERE name || ' ''$x$' IN (SELECT name || ' ''$x$' FROM users WHERE id < 4) ORDER BY id",
+        "SELECT id, at FROM ev WHERE at = (SELECT max(at) FROM ev) OR at = (SELECT min(at) FROM ev) ORDER BY id",
+        "SELECT id FROM ev WHERE at IN (SELECT at FROM ev WHERE id % 50 = 0) ORDER BY id",
+    ]
+    .map(String::from)
+    .to_vec();
+    for k in [3, 150] {
+        // Beside a key condition: one shard.
+        q.push(format!(
+            "SELECT id, name FROM users WHERE id = {k} AND score <= (SELECT max(score) FROM users)"
+        ));
+    }
+    q
+}
+
+/// Subqueries evaluated first, on 2 and 3 shards: the same rows and errors as on the plain
+/// database, outside and inside a transaction (which the subqueries see the writes of).
+#[tokio::test]
+async fn subqueries_evaluated_first_match_plain_postgres() {
+    let plain = plain().await;
+    for shards in [2, 3] {
+        let via = connect(load(shards).await).await;
+        for q in evaluated_first() {
+            let mut a = rows(
+                &via.simple_query(&q)
+                    .await
+                    .unwrap_or_else(|e| panic!("{shards} shards: {q}: {e:?}")),
+            );
+            let mut b = rows(&plain.simple_query(&q).await.unwrap());
+            if !q.contains("ORDER BY") {
+                a.sort();
+                b.sort();
+            }
+            assert_eq!(a, b, "{shards} shards: {q}");
+        }
+        for q in [
+            "SELECT id FROM users WHERE score = (SELECT score FROM users)",
+            "SELECT id FROM users WHERE score = (SELECT score, id FROM users LIMIT 1)",
+            "SELECT id FROM users WHERE id IN (SELECT id, name FROM users WHERE id = 1 OR id = 2)",
+            "SELECT id FROM users WHERE id IN (SELECT nope FROM users)",
+        ] {
+            let a = via.simple_query(q).await.unwrap_err();
+            let b = plain.simple_query(q).await.unwrap_err();
+            assert_eq!(sqlstate(&a), sqlstate(&b), "{shards} shards: {q}: {a:?}");
+        }
+        // In a transaction, after a write the subqueries must see.
+        let insert = "INSERT INTO users (id, name, score, born) VALUES (5000, 'top', 1000, DATE '2020-01-01'), (5001, 'top', 0, NULL)";
+        for c in [&via, &plain] {
+            c.batch_execute("BEGIN").await.unwrap();
+            c.batch_execute(insert).await.unwrap();
+        }
+        for q in [
+            "SELECT id, name FROM users WHERE score > (SELECT avg(score) FROM users) ORDER BY id",
+            "SELECT id FROM users WHERE name IN (SELECT name FROM users WHERE score >= 1000) ORDER BY id",
+        ] {
+            let a = rows(&via.simple_query(q).await.unwrap());
+            assert_eq!(a, rows(&plain.simple_query(q).await.unwrap()), "{q}");
+        }
+        // An error in one aborts the transaction, as on a server.
+        via.simple_query("SELECT (SELECT id FROM users)")
+            .await
+            .unwrap_err();
+        let e = via.simple_query("SELECT 1").await.unwrap_err();
+        assert_eq!(sqlstate(&e), "25P02");
+        for c in [&via, &plain] {
+            c.batch_execute("ROLLBACK").await.unwrap();
+        }
+        let gone = "SELECT count(*) FROM users WHERE id >= 5000 OR score > (SELECT avg(score) * 100 FROM users)";
+        assert_eq!(
+            rows(&via.simple_query(gone).await.unwrap()),
+            [[Some("0".to_string())]]
+        );
+    }
+}
+
 #[tokio::test]
 async fn rows_are_where_their_shard_function_says() {
     // After the split INSERTs: every row on its shard, none duplicated, none missing.

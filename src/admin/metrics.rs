@@ -155,6 +155,12 @@ pub fn render(server: &Server) -> String {
             db.merge_limit_hits.load(Ordering::Relaxed),
         );
         o.counter(
+            "pgshard_subqueries_evaluated_first_total",
+            "Statements whose uncorrelated subqueries over sharded tables pgshard evaluated before them.",
+            &dl,
+            db.pre_evaluated.load(Ordering::Relaxed),
+        );
+        o.counter(
             "pgshard_2pc_prepared_total",
             "Multi-shard transactions prepared on every shard.",
             &dl,

@@ -164,6 +164,8 @@ pub struct Database {
     pub deadlocks: std::sync::atomic::AtomicU64,
     /// Shard answers cut off at `max_merge_bytes` (`exec::MergeLimit`).
     pub merge_limit_hits: std::sync::atomic::AtomicU64,
+    /// Statements whose subqueries pgshard evaluated first (`router::preeval`).
+    pub pre_evaluated: std::sync::atomic::AtomicU64,
     /// The names of user-defined aggregates (CREATE AGGREGATE) on the default shard, as
     /// the monitor last read them: pgshard cannot merge them over shards, and cannot tell
     /// them from plain functions by their text.
@@ -509,6 +511,7 @@ impl Topology {
                     last_failover_ms: Default::default(),
                     deadlocks: Default::default(),
                     merge_limit_hits: Default::default(),
+                    pre_evaluated: Default::default(),
                     user_aggregates: Default::default(),
                     user_aggregates_version: Default::default(),
                     catalog_rounds: Default::default(),

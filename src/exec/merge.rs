@@ -78,6 +78,19 @@ pub(crate) fn columns(t: &[u8]) -> Vec<(String, u32)> {
         .collect()
 }
 
+/// Type OIDs and modifiers of a RowDescription's fields.
+pub(crate) fn column_types(t: &[u8]) -> Vec<(u32, i32)> {
+    described(t)
+        .into_iter()
+        .map(|(_, a)| {
+            (
+                u32::from_be_bytes([a[6], a[7], a[8], a[9]]),
+                i32::from_be_bytes([a[12], a[13], a[14], a[15]]),
+            )
+        })
+        .collect()
+}
+
 /// Turns each avg column's merged sum into the average (with its hidden count), and its
 /// type into avg's: numeric for integer and numeric input, float8 for floating point.
 fn finish_avg(

@@ -205,6 +205,20 @@ fn subqueries(
         let (q, lhs) = match e {
             Expr::InSubquery { expr, subquery, .. } => (&**subquery, Some(&**expr)),
             Expr::Exists { subquery, .. } | Expr::Subquery(subquery) => (&**subquery, None),
+            // `key = ANY (SELECT key ...)` is `key IN (SELECT key ...)`.
+            Expr::AnyOp {
+                left,
+                compare_op,
+                right,
+                ..
+            } => match &**right {
+                Expr::Subquery(q) => (&**q, (*compare_op == BinaryOperator::Eq).then_some(&**left)),
+                _ => continue,
+            },
+            Expr::AllOp { right, .. } => match &**right {
+                Expr::Subquery(q) => (&**q, None),
+                _ => continue,
+            },
             _ => continue,
         };
         let sqlparser::ast::SetExpr::Select(inner) = &*q.body else {
@@ -279,6 +293,12 @@ fn top_subqueries<'a>(e: &'a Expr, out: &mut Vec<&'a Expr>) {
             top_subqueries(expr, out);
         }
         Expr::Exists { .. } | Expr::Subquery(_) => out.push(e),
+        Expr::AnyOp { left, right, .. } | Expr::AllOp { left, right, .. } => {
+            if matches!(&**right, Expr::Subquery(_)) {
+                out.push(e);
+            }
+            top_subqueries(left, out);
+        }
         Expr::BinaryOp { left, right, .. } => {
             top_subqueries(left, out);
             top_subqueries(right, out);
@@ -510,12 +530,17 @@ mod tests {
         )
         .unwrap();
         assert!(a.one_shard);
+        // Uncorrelated: pgshard evaluates them first.
         for sql in [
             "SELECT * FROM users WHERE name IN (SELECT name FROM users WHERE score > 1)",
-            "SELECT * FROM users u WHERE EXISTS (SELECT 1 FROM orders o WHERE o.total = u.score)",
             "SELECT * FROM users WHERE EXISTS (SELECT 1 FROM orders WHERE total > 100)",
-            "SELECT u.id, (SELECT count(*) FROM orders o WHERE o.total = u.score) FROM users u",
             "SELECT * FROM users WHERE id IN (SELECT id FROM events)",
+        ] {
+            assert!(crate::router::analyze::tests::evaluated_first(sql), "{sql}");
+        }
+        for sql in [
+            "SELECT * FROM users u WHERE EXISTS (SELECT 1 FROM orders o WHERE o.total = u.score)",
+            "SELECT u.id, (SELECT count(*) FROM orders o WHERE o.total = u.score) FROM users u",
         ] {
             let e = analyze(sql, &rules());
             assert!(
@@ -542,8 +567,10 @@ mod tests {
         ] {
             assert!(analyze(sql, &rules()).is_ok(), "{sql}");
         }
+        assert!(crate::router::analyze::tests::evaluated_first(
+            "UPDATE users SET score = 0 WHERE name IN (SELECT name FROM users WHERE score > 1)"
+        ));
         for sql in [
-            "UPDATE users SET score = 0 WHERE name IN (SELECT name FROM users WHERE score > 1)",
             "DELETE FROM orders o USING users u WHERE o.total = u.score",
             "UPDATE users u SET score = (SELECT sum(o.total) FROM orders o WHERE o.total = u.score)",
         ] {

@@ -13,6 +13,7 @@ pub mod literals;
 pub mod merge;
 mod nested;
 mod predicate;
+pub mod preeval;
 pub mod sql_prepared;
 
 use crate::config::DatabaseConfig;

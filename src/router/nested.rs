@@ -144,12 +144,13 @@ pub(super) fn correlated(q: &Query) -> bool {
         }
         fn pre_visit_table_factor(&mut self, f: &TableFactor) -> ControlFlow<()> {
             match f {
-                TableFactor::Table { name, alias, .. } => {
+                // An alias hides the table's name (`FROM orders o` cannot say orders.x).
+                TableFactor::Table { alias: Some(a), .. } => {
+                    self.defined.insert(ident(&a.name));
+                }
+                TableFactor::Table { name, .. } => {
                     if let Some(n) = super::analyze::name_of(name) {
                         self.defined.insert(n);
-                    }
-                    if let Some(a) = alias {
-                        self.defined.insert(ident(&a.name));
                     }
                 }
                 TableFactor::Derived { alias: Some(a), .. }
@@ -182,16 +183,22 @@ mod tests {
 
     #[test]
     fn aggregating_subqueries_need_their_own_key() {
+        // In expressions, uncorrelated: pgshard evaluates them first.
         for sql in [
             "SELECT * FROM users WHERE score > (SELECT avg(score) FROM users)",
             "SELECT * FROM users WHERE id = 1 AND score > (SELECT avg(score) FROM users)",
             "SELECT id, (SELECT count(*) FROM orders) FROM users WHERE id = 1",
-            "SELECT * FROM users u, (SELECT max(total) AS m FROM orders) x WHERE u.id = 2",
-            "WITH t AS (SELECT DISTINCT name FROM users) SELECT count(*) FROM t, countries",
-            "WITH t AS (SELECT name, count(*) FROM users GROUP BY name) SELECT * FROM t WHERE name IN (SELECT name FROM t)",
             "SELECT * FROM users WHERE id IN (SELECT user_id FROM orders ORDER BY total DESC LIMIT 3)",
             "UPDATE users SET score = (SELECT max(score) FROM users) WHERE id = 3",
             "DELETE FROM orders WHERE total < (SELECT avg(total) FROM orders)",
+        ] {
+            assert!(crate::router::analyze::tests::evaluated_first(sql), "{sql}");
+        }
+        // Derived tables and CTEs beside other tables: refused.
+        for sql in [
+            "SELECT * FROM users u, (SELECT max(total) AS m FROM orders) x WHERE u.id = 2",
+            "WITH t AS (SELECT DISTINCT name FROM users) SELECT count(*) FROM t, countries",
+            "WITH t AS (SELECT name, count(*) FROM users GROUP BY name) SELECT * FROM t WHERE name IN (SELECT name FROM t)",
         ] {
             let e = analyze(sql, &rules());
             assert!(

@@ -223,6 +223,8 @@ fn constant(v: &Value) -> Option<KeyRef> {
         Value::SingleQuotedString(s)
         | Value::EscapedStringLiteral(s)
         | Value::DoubleQuotedString(s) => Some(KeyRef::Literal(s.clone())),
+        // As pgshard writes the constants of subqueries it evaluated first.
+        Value::DollarQuotedString(d) => Some(KeyRef::Literal(d.value.clone())),
         Value::Boolean(b) => Some(KeyRef::Literal(b.to_string())),
         Value::Null => Some(KeyRef::Null),
         Value::Placeholder(p) => p

@@ -22,6 +22,7 @@ mod io;
 mod listen;
 mod multi;
 mod portal;
+mod preeval;
 mod prepared;
 mod query;
 mod replay;

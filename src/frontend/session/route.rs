@@ -83,6 +83,9 @@ pub(super) struct RouteState {
     pub(super) lookup: Option<(usize, String, bool)>,
     /// Tables whose generated keys `decide` needs checked on a shard first: (shard, tables).
     pub(super) keys_check: Option<(usize, Vec<usize>)>,
+    /// The statement being routed is pgshard's own text (a statement whose subqueries it
+    /// evaluated first): its analysis is not kept.
+    pub(super) uncached: bool,
     /// A bound COPY over several shards that pgshard runs at Execute.
     pub(super) pending_copy: Option<(String, crate::router::copy::CopyStmt, super::copy::CopyPlan)>,
 }
@@ -206,7 +209,21 @@ impl RouteState {
 }
 
 impl Session {
+    /// The statement's analysis (cached by text): refused when only evaluating its
+    /// subqueries first would route it (`analysis_evaluating_first`).
     pub(super) fn analysis(&mut self, sql: &str) -> Result<Arc<Analysis>, router::AnalyzeError> {
+        let a = self.analysis_evaluating_first(sql)?;
+        match a.pre_eval.as_ref().and_then(|p| p.refused.as_ref()) {
+            Some(why) => Err(router::AnalyzeError::Unroutable(why.clone())),
+            None => Ok(a),
+        }
+    }
+
+    /// The analysis with the subqueries pgshard can evaluate first (`router::preeval`).
+    pub(super) fn analysis_evaluating_first(
+        &mut self,
+        sql: &str,
+    ) -> Result<Arc<Analysis>, router::AnalyzeError> {
         let version = self
             .db
             .user_aggregates_version
@@ -219,12 +236,15 @@ impl Session {
         if let Some(a) = self.route.cache.get(sql) {
             return a.clone();
         }
-        let a = router::analyze::analyze(sql, &self.db.router.rules)
+        let a = router::analyze::analyze_evaluating_first(sql, &self.db.router.rules)
             .map(|mut a| {
                 refuse_user_aggregates(&mut a, sql, &self.db.user_aggregates.load());
                 a
             })
             .map(Arc::new);
+        if self.route.uncached {
+            return a;
+        }
         if self.route.cache.len() >= CACHE_LIMIT {
             self.route.cache.clear();
         }
@@ -563,7 +583,35 @@ impl Session {
         {
             return Ok(());
         }
-        match self.decide_async(sql, &Params::default()).await {
+        let rewritten = if single.is_some() && self.db.router.is_sharded() {
+            match self.pre_evaluated(sql).await? {
+                super::preeval::Pre::AsWritten => None,
+                super::preeval::Pre::Rewritten(sql) => Some(sql),
+                super::preeval::Pre::Failed(out) => {
+                    self.pre_evaluation_failed(out);
+                    return Ok(());
+                }
+                super::preeval::Pre::Answered => {
+                    protocol::write_ready(&mut self.cout, self.status);
+                    return Ok(());
+                }
+            }
+        } else {
+            None
+        };
+        let frame = match &rewritten {
+            Some(sql) => {
+                let mut f = bytes::BytesMut::new();
+                protocol::write_query(&mut f, sql);
+                f.freeze()
+            }
+            None => frame,
+        };
+        let sql = protocol::parse_query(&frame)?;
+        self.route.uncached = rewritten.is_some();
+        let decided = self.decide_async(sql, &Params::default()).await;
+        self.route.uncached = false;
+        match decided {
             Err(e) => self.answer_error(e),
             Ok(Dest::Shard(s)) => {
                 if self.backend.is_some() && self.shard != s && self.status != b'I' {

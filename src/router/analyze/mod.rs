@@ -124,6 +124,9 @@ pub struct Analysis {
     /// `set_config`, DISCARD ALL): timestamp keys in it, or sent after it before the
     /// server reports the new zone, cannot be read in the zone pgshard knows.
     pub sets_time_zone: bool,
+    /// Subqueries pgshard can evaluate before the statement (see `preeval`), from
+    /// [`analyze_evaluating_first`] only.
+    pub pre_eval: Option<std::sync::Arc<super::preeval::PreEval>>,
 }
 
 /// A cursor declared with SQL.
@@ -240,6 +243,7 @@ impl Analysis {
             copy_to: None,
             explain: false,
             sets_time_zone: false,
+            pre_eval: None,
         }
     }
 }
@@ -272,6 +276,37 @@ fn table_commands_as_selects(sql: &str) -> Option<String> {
     changed.then(|| statements.join(";\n"))
 }
 
+/// [`analyze`], and for a single statement it refuses because of subqueries the shards
+/// cannot answer alone, the subqueries pgshard can evaluate first (`pre_eval`; see
+/// `preeval`). Only for callers that carry that out: the rest of such an analysis is the
+/// statement's with answers of no rows in the subqueries' places.
+pub fn analyze_evaluating_first(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
+    let written = analyze(sql, rules);
+    let refused = match &written {
+        Err(AnalyzeError::Unroutable(why)) => Some(why.clone()),
+        Ok(a) if a.one_shard => None,
+        _ => return written,
+    };
+    let Ok([st]) = <[Statement; 1]>::try_from(
+        Parser::parse_sql(&PostgreSqlDialect {}, sql).unwrap_or_default(),
+    ) else {
+        return written;
+    };
+    let Some(pre) = super::preeval::plan(&st, rules, refused) else {
+        return written;
+    };
+    let Ok(Ok(placeholder)) = pre.placeholder().map(|sql| analyze(&sql, rules)) else {
+        return written;
+    };
+    if placeholder.one_shard {
+        return written;
+    }
+    let mut a = written.unwrap_or(placeholder);
+    a.pre_eval = Some(std::sync::Arc::new(pre));
+    Ok(a)
+}
+
+/// What a statement (or query string) touches, as written.
 pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
     let parse = |sql: &str| Parser::parse_sql(&PostgreSqlDialect {}, sql);
     let stmts = match parse(sql) {
@@ -706,6 +741,7 @@ fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
         copy_to: None,
         explain: false,
         sets_time_zone: false,
+        pre_eval: None,
     })
 }
 
