@@ -413,7 +413,7 @@ async fn rows_of(c: &tokio_postgres::Client, q: &str, sep: &str, n: i64) -> Vec<
 }
 
 /// Any value's bytes as the server sent them, to compare results exactly in binary.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct RawValue(Vec<u8>);
 
 impl<'a> tokio_postgres::types::FromSql<'a> for RawValue {
@@ -870,6 +870,75 @@ async fn subqueries_evaluated_first_match_plain_postgres() {
             }
             assert_eq!(a, b, "{shards} shards: {q}");
         }
+        // The extended protocol: names, types and binary values.
+        for q in evaluated_first() {
+            let mut a = typed(&via, &q)
+                .await
+                .unwrap_or_else(|e| panic!("{shards} shards, extended: {q}: {e:?}"));
+            let mut b = typed(&plain, &q).await.unwrap();
+            if !q.contains("ORDER BY") {
+                a.1.sort();
+                b.1.sort();
+            }
+            assert_eq!(a, b, "{shards} shards, extended: {q}");
+        }
+        // With parameters, in the subquery and out of it.
+        let q = "SELECT id::text FROM users WHERE score > (SELECT avg(score) FROM users WHERE id > $1) AND id < $2 ORDER BY id";
+        let get =
+            |rs: Vec<tokio_postgres::Row>| -> Vec<String> { rs.iter().map(|r| r.get(0)).collect() };
+        for (lo, hi) in [(10i64, 60i64), (150, 300), (0, 0)] {
+            let a = get(via.query(q, &[&lo, &hi]).await.unwrap());
+            assert_eq!(a, get(plain.query(q, &[&lo, &hi]).await.unwrap()), "{q}");
+        }
+        let q = "SELECT id::text FROM users WHERE id IN (SELECT user_id FROM tags WHERE tag = $1 AND weight >= $2) ORDER BY id";
+        for (tag, w) in [("tag7", 0.0f64), ("tag11", 1.0), ("none", 0.0)] {
+            let a = get(via.query(q, &[&tag, &w]).await.unwrap());
+            assert_eq!(a, get(plain.query(q, &[&tag, &w]).await.unwrap()), "{q}");
+        }
+        // A write whose subquery reads every shard.
+        let q = "UPDATE users SET score = score WHERE id = $1 AND score <= (SELECT max(score) FROM users)";
+        assert_eq!(via.execute(q, &[&7i64]).await.unwrap(), 1);
+        // Errors at Bind, and in a transaction, where the subqueries see its writes.
+        let e = via
+            .query(
+                "SELECT id FROM users WHERE score = (SELECT score FROM users WHERE id > $1)",
+                &[&1i64],
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&e), "21000", "{e:?}");
+        via.batch_execute("BEGIN").await.unwrap();
+        via.execute(
+            "INSERT INTO users (id, name, score) VALUES (6000, 'big', 5000)",
+            &[],
+        )
+        .await
+        .unwrap();
+        let q = "SELECT id::text FROM users WHERE score > (SELECT avg(score) * $1::int FROM users) ORDER BY id";
+        assert_eq!(get(via.query(q, &[&20i32]).await.unwrap()), ["6000"]);
+        let e = via
+            .query("SELECT (SELECT id FROM users WHERE id > $1)", &[&0i64])
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&e), "21000");
+        let e = via.simple_query("SELECT 1").await.unwrap_err();
+        assert_eq!(sqlstate(&e), "25P02");
+        via.batch_execute("ROLLBACK").await.unwrap();
+        assert!(
+            get(via
+                .query("SELECT id::text FROM users WHERE id = $1", &[&6000i64])
+                .await
+                .unwrap())
+            .is_empty()
+        );
+        // Output columns named as PostgreSQL names them.
+        same_simple(
+            &via,
+            &plain,
+            "SELECT (SELECT count(*) FROM orders), EXISTS (SELECT 1 FROM tags WHERE weight > 2), (SELECT max(tag) AS \"Top\" FROM tags)",
+            "",
+        )
+        .await;
         for q in [
             "SELECT id FROM users WHERE score = (SELECT score FROM users)",
             "SELECT id FROM users WHERE score = (SELECT score, id FROM users LIMIT 1)",

@@ -3556,3 +3556,56 @@ async fn a_broadcast_write_that_loses_a_shard_leaves_no_connection_inside_its_tr
     c.batch_execute("SELECT 1").await.unwrap();
     let _ = addr;
 }
+
+/// Writes whose subqueries need every shard's rows: pgshard evaluates the subqueries
+/// first, then the write goes where its own keys (or tables) say.
+#[tokio::test]
+async fn writes_whose_subqueries_pgshard_evaluates_first() {
+    let addr = setup().await;
+    let c = connect(addr).await;
+    let plain = connect_server(ports()[0], "plain").await;
+    // A reference table's rows chosen by a sharded table's: every shard's copy alike.
+    c.batch_execute("INSERT INTO countries (code, name) VALUES ('pre1', 'user001'), ('pre2', 'nobody'), ('pre3', 'user002')")
+        .await
+        .unwrap();
+    let q = "DELETE FROM countries WHERE code LIKE 'pre%' AND name IN (SELECT name FROM users WHERE score > 1)";
+    assert_eq!(affected(&c.simple_query(q).await.unwrap()), 2);
+    let q = "DELETE FROM countries WHERE code = $1 AND name NOT IN (SELECT name FROM users WHERE id < $2)";
+    assert_eq!(c.execute(q, &[&"pre2", &5i64]).await.unwrap(), 1);
+    for p in ports() {
+        let left = connect_server(p, "app")
+            .await
+            .query("SELECT code FROM countries WHERE code LIKE 'pre%'", &[])
+            .await
+            .unwrap();
+        assert!(left.is_empty(), "shard on port {p}");
+    }
+    // A write over every shard: as allowed by cross_shard_writes.
+    let q = "UPDATE orders SET total = total WHERE total > (SELECT avg(total) FROM orders)";
+    let e = c.simple_query(q).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000");
+    assert!(format!("{e:?}").contains("cross_shard_writes"), "{e:?}");
+    let yaml = cluster2().config_yaml("127.0.0.1:0", "transaction", 4);
+    let allow = connect(start_proxy_yaml(&format!(
+        "{yaml}{RULES}    cross_shard_writes: allow\n    max_subquery_rows: 5\n"
+    )))
+    .await;
+    let want = affected(&plain.simple_query(q).await.unwrap());
+    assert!(want > 10);
+    assert_eq!(affected(&allow.simple_query(q).await.unwrap()), want);
+    let q = "UPDATE orders SET total = total WHERE total > (SELECT avg(total) FROM orders WHERE user_id > $1)";
+    assert_eq!(allow.execute(q, &[&0i64]).await.unwrap(), want);
+    // More rows than max_subquery_rows: refused, the connection usable.
+    let q = "SELECT count(*) FROM users WHERE name IN (SELECT name FROM users WHERE id > $1)";
+    let e = allow.query(q, &[&0i64]).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "54000", "{e:?}");
+    let q = "SELECT count(*) FROM users WHERE name IN (SELECT name FROM users WHERE score > 1)";
+    let e = allow.simple_query(q).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "54000", "{e:?}");
+    assert!(format!("{e:?}").contains("max_subquery_rows"), "{e:?}");
+    let q = "SELECT count(*) FROM users WHERE id IN (SELECT id FROM users WHERE id < 4)";
+    assert_eq!(
+        rows(&allow.simple_query(q).await.unwrap()),
+        [[Some("3".to_string())]]
+    );
+}

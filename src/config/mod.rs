@@ -271,6 +271,15 @@ pub struct DatabaseConfig {
     /// 54000 instead of the process running out of memory. 0: no limit.
     #[serde(default = "default_max_merge_bytes")]
     pub max_merge_bytes: usize,
+    /// The most rows a subquery pgshard evaluates before its statement may return (they
+    /// become constants in the statement's text); past it the statement fails with 54000.
+    /// 0: no limit.
+    #[serde(default = "default_max_subquery_rows")]
+    pub max_subquery_rows: usize,
+}
+
+fn default_max_subquery_rows() -> usize {
+    100_000
 }
 
 fn default_deadlock_ms() -> u64 {

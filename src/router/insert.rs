@@ -332,34 +332,46 @@ pub fn split_rows(statement: &Statement, shard_of_row: &[usize]) -> SplitRows {
 /// and, for each new parameter, the old one's 0-based index (a shard's part of a split
 /// INSERT uses only its rows' parameters, and PostgreSQL refuses unused gaps).
 pub fn renumber_params(sql: &str) -> Result<(String, Vec<usize>), String> {
-    use sqlparser::dialect::PostgreSqlDialect;
-    use sqlparser::tokenizer::{Token, Tokenizer};
-    let tokens = Tokenizer::new(&PostgreSqlDialect {}, sql)
-        .tokenize()
-        .map_err(|e| e.to_string())?;
+    use super::lexer::{is_ident_char, skip_token};
+    // The text is copied as it is but for the parameters (printing tokens back would
+    // have to re-quote strings and identifiers exactly).
+    let b = sql.as_bytes();
     let mut map: Vec<usize> = Vec::new();
     let mut out = String::with_capacity(sql.len());
-    for t in tokens {
-        match &t {
-            Token::Placeholder(p) if p.len() > 1 && p.starts_with('$') => {
-                let old: usize = p[1..]
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|&n| n >= 1)
-                    .ok_or_else(|| format!("bad parameter {p}"))?
-                    - 1;
-                let new = match map.iter().position(|&o| o == old) {
-                    Some(k) => k,
-                    None => {
-                        map.push(old);
-                        map.len() - 1
-                    }
-                };
-                out.push_str(&format!("${}", new + 1));
-            }
-            other => out.push_str(&other.to_string()),
+    let (mut i, mut copied) = (0, 0);
+    while i < b.len() {
+        let parameter = b[i] == b'$'
+            && b.get(i + 1).is_some_and(u8::is_ascii_digit)
+            && !(i > 0 && is_ident_char(b[i - 1]));
+        if !parameter {
+            i = match b[i] {
+                b'\'' | b'"' | b'-' | b'/' | b'$' => skip_token(b, i),
+                _ => i + 1,
+            };
+            continue;
         }
+        let mut j = i + 1;
+        while j < b.len() && b[j].is_ascii_digit() {
+            j += 1;
+        }
+        let old = sql[i + 1..j]
+            .parse::<usize>()
+            .ok()
+            .filter(|&n| n >= 1)
+            .ok_or_else(|| format!("bad parameter {}", &sql[i..j]))?
+            - 1;
+        let new = match map.iter().position(|&o| o == old) {
+            Some(k) => k,
+            None => {
+                map.push(old);
+                map.len() - 1
+            }
+        };
+        out.push_str(&sql[copied..i]);
+        out.push_str(&format!("${}", new + 1));
+        (i, copied) = (j, j);
     }
+    out.push_str(&sql[copied..]);
     Ok((out, map))
 }
 
@@ -500,6 +512,16 @@ mod tests {
             "INSERT INTO t (id, n) VALUES ($1, '$9 stays'), ($2, $1) RETURNING $3"
         );
         assert_eq!(map, vec![2, 3, 6]);
+        // Quotes, comments and identifiers as written.
+        let (sql, map) = super::renumber_params(
+            "SELECT 'it''s $2', E'\\'$1', $q$ $3 $q$, \"a$1\", x$2, /* $4 */ $5 -- $6\n",
+        )
+        .unwrap();
+        assert_eq!(
+            sql,
+            "SELECT 'it''s $2', E'\\'$1', $q$ $3 $q$, \"a$1\", x$2, /* $4 */ $1 -- $6\n"
+        );
+        assert_eq!(map, vec![4]);
     }
 
     #[test]

@@ -12,8 +12,8 @@
 use super::Rules;
 use super::analyze::{Collector, query};
 use sqlparser::ast::{
-    CastKind, DataType, DollarQuotedString, Expr, LimitClause, Query, Statement, Value, VisitMut,
-    VisitorMut,
+    CastKind, DataType, DollarQuotedString, Expr, Ident, LimitClause, Query, SelectItem, SetExpr,
+    Statement, Value, VisitMut, VisitorMut,
 };
 use std::ops::ControlFlow;
 
@@ -91,12 +91,48 @@ pub(super) fn plan(st: &Statement, rules: &Rules, refused: Option<String>) -> Op
     if find.found.is_empty() {
         return None;
     }
+    let mut statement = st.clone();
+    name_outputs(&mut statement);
     Some(PreEval {
-        statement: st.clone(),
+        statement,
         subqueries: find.found,
         taken: find.taken,
         refused,
     })
+}
+
+/// Gives the output columns that are subqueries their names as aliases: the constant
+/// that replaces a subquery would be named by its type (`int8`), not as PostgreSQL names
+/// `(SELECT count(*) ...)` (`count`) or `EXISTS (...)` (`exists`).
+fn name_outputs(st: &mut Statement) {
+    let Statement::Query(q) = st else {
+        return;
+    };
+    let mut body = &mut *q.body;
+    let select = loop {
+        match body {
+            SetExpr::Select(s) => break s,
+            SetExpr::SetOperation { left, .. } => body = left,
+            SetExpr::Query(q) => body = &mut q.body,
+            _ => return,
+        }
+    };
+    for item in &mut select.projection {
+        let SelectItem::UnnamedExpr(e) = item else {
+            continue;
+        };
+        let mut inner = &*e;
+        while let Expr::Nested(x) = inner {
+            inner = x;
+        }
+        if matches!(inner, Expr::Subquery(_) | Expr::Exists { .. }) {
+            let (name, _) = super::merge::colname::column_name(e);
+            *item = SelectItem::ExprWithAlias {
+                expr: e.clone(),
+                alias: Ident::with_quote('"', name),
+            };
+        }
+    }
 }
 
 impl PreEval {

@@ -108,7 +108,20 @@ impl Session {
             self.local_error(multi_shard_error(shards, a));
             return Ok(());
         };
-        let (binary, values) = protocol::bind_params(b.rest)?;
+        self.write_bound(&query, &types, b.rest, shards, a).await
+    }
+
+    /// [`Session::write_bind`] of a statement (`query`, its parameter `types`) with a
+    /// Bind's body after its names (`rest`).
+    pub(super) async fn write_bound(
+        &mut self,
+        query: &[u8],
+        types: &[u8],
+        rest: &[u8],
+        shards: &[usize],
+        a: &Analysis,
+    ) -> Result<(), SessionError> {
+        let (binary, values) = protocol::bind_params(rest)?;
         // A split INSERT's rows go by their keys, parameters included: each shard gets its
         // rows with only their parameters, renumbered.
         let split = match &a.insert_split {
@@ -116,7 +129,7 @@ impl Session {
                 let params = crate::router::Params {
                     values: values.clone(),
                     binary: binary.clone(),
-                    oids: protocol::parse_oids(&types),
+                    oids: protocol::parse_oids(types),
                 };
                 match self.db.router.split_insert(split, &params, &self.zone) {
                     Ok(parts) => Some(parts),
@@ -132,7 +145,7 @@ impl Session {
             Some(parts) => Multi::SplitInsert(parts),
             None => match self.multi_plan(shards, a) {
                 Ok(Multi::Merge(spec)) if self.status == b'T' => {
-                    let spec = match bound_spec(&spec, b.rest) {
+                    let spec = match bound_spec(&spec, rest) {
                         Ok(s) => s,
                         Err(e) => {
                             self.status = b'E';
@@ -141,7 +154,7 @@ impl Session {
                         }
                     };
                     return self
-                        .merge_bind_in_transaction(&spec, &query, &types, b.rest, shards, a)
+                        .merge_bind_in_transaction(&spec, query, types, rest, shards, a)
                         .await;
                 }
                 Ok(Multi::Merge(_)) => {
@@ -149,8 +162,8 @@ impl Session {
                     return Ok(());
                 }
                 Ok(Multi::InsertVia(via)) => {
-                    let bind_rest = b.rest.to_vec();
-                    return self.insert_via_bind(&via, &types, &bind_rest).await;
+                    let bind_rest = rest.to_vec();
+                    return self.insert_via_bind(&via, types, &bind_rest).await;
                 }
                 Ok(p) => p,
                 Err(e) => {
@@ -159,7 +172,7 @@ impl Session {
                 }
             },
         };
-        let bind_rest = b.rest.to_vec();
+        let bind_rest = rest.to_vec();
         let mut per_shard: std::collections::HashMap<usize, ShardRequest> =
             std::collections::HashMap::new();
         if let Multi::SplitInsert(split) = &plan {
@@ -179,7 +192,7 @@ impl Session {
                     *s,
                     (
                         sql.into_bytes(),
-                        protocol::select_param_types(&types, &keep),
+                        protocol::select_param_types(types, &keep),
                         rest,
                     ),
                 );
@@ -194,7 +207,7 @@ impl Session {
         for &s in shards {
             let (q, ty, rest): (&[u8], &[u8], &[u8]) = match per_shard.get(&s) {
                 Some((q, t, r)) => (q, t, r),
-                None => (&query[..], &types[..], &bind_rest[..]),
+                None => (query, types, &bind_rest[..]),
             };
             let req = extended_request(q, ty, rest);
             let Some(mut frames) = self.run_request_on(s, &req).await? else {
@@ -299,8 +312,23 @@ impl Session {
             self.local_error(multi_shard_error(shards, a));
             return Ok(());
         };
+        self.scatter_bound(&spec, &query, &types, b.rest, shards, a)
+            .await
+    }
+
+    /// The merged read of [`Session::scatter_bind`], of a statement (`query`, its
+    /// parameter `types`) with a Bind's body after its names (`rest`).
+    pub(super) async fn scatter_bound(
+        &mut self,
+        spec: &MergeSpec,
+        query: &[u8],
+        types: &[u8],
+        rest: &[u8],
+        shards: &[usize],
+        a: &Analysis,
+    ) -> Result<(), SessionError> {
         let prelude = self.settings_sql();
-        let (shard_types, bind_rest) = match shard_request(a, &spec, &types, b.rest) {
+        let (shard_types, bind_rest) = match shard_request(a, spec, types, rest) {
             Ok(r) => r,
             Err(e) => {
                 self.local_error(e);
@@ -315,7 +343,7 @@ impl Session {
             &self.db,
             &nodes,
             scatter::Request::Extended {
-                query: a.shard_sql.as_deref().map_or(&query[..], str::as_bytes),
+                query: a.shard_sql.as_deref().map_or(query, str::as_bytes),
                 types: &shard_types,
                 bind_rest: &bind_rest,
             },
@@ -327,14 +355,14 @@ impl Session {
         let mut merged = match results {
             Ok(r) => {
                 let settings = (Some(&prelude[..]), self.settings_fp);
-                scatter::merge_select(&self.db, nodes[0], r, &spec, &formats, settings).await
+                scatter::merge_select(&self.db, nodes[0], r, spec, &formats, settings).await
             }
             Err(e) => Err(e),
         };
         if let (Ok(out), Some(fin)) = (&mut merged, &spec.finalize) {
             let out = std::mem::take(out);
-            let formats = client_formats(a, b.rest);
-            merged = match crate::exec::finalize::ClientParams::of(&types, b.rest) {
+            let formats = client_formats(a, rest);
+            merged = match crate::exec::finalize::ClientParams::of(types, rest) {
                 Ok(client) => {
                     crate::exec::finalize::run(
                         &self.db,
@@ -358,7 +386,7 @@ impl Session {
     /// joins the transaction and runs the Bind (with the client's parameters and result
     /// formats) in turn, so the read sees the transaction's own writes; the merged rows
     /// are held as the portal.
-    async fn merge_bind_in_transaction(
+    pub(super) async fn merge_bind_in_transaction(
         &mut self,
         spec: &crate::router::merge::MergeSpec,
         query: &[u8],

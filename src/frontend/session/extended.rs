@@ -65,6 +65,7 @@ impl Session {
                 && router::hint(sql).is_none()
                 && !is_copy(sql)
                 && let Err(router::AnalyzeError::Unroutable(why)) = self.analysis(sql)
+                && !self.evaluates_first(sql)
             {
                 Some(
                     PgError::new("0A000", why)
@@ -141,6 +142,9 @@ impl Session {
                         return Ok(());
                     }
                     let dest = self.decide_bind(&frame).await?;
+                    if dest.is_err() && self.pre_evaluated_bind(&frame).await? {
+                        return Ok(());
+                    }
                     if let Ok(Dest::Multi(shards, a)) = &dest
                         && self.status == b'I'
                         && mergeable(a)

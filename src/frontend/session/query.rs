@@ -173,12 +173,7 @@ impl Session {
     pub(super) fn answer_error(&mut self, e: PgError) {
         self.db.shards[self.home_shard()].stats.error(e.code);
         if self.backend.is_some() && self.status != b'I' {
-            let sql = format!(
-                "DO $pgshard$ BEGIN RAISE EXCEPTION USING ERRCODE = {}, MESSAGE = {}, HINT = {}; END $pgshard$",
-                quote_literal(e.code),
-                quote_literal(&e.message),
-                quote_literal(e.hint.as_deref().unwrap_or(""))
-            );
+            let sql = raise_sql(&e);
             self.started();
             self.relay.push(Pending::Query);
             protocol::write_query(&mut self.bout, &sql);
@@ -192,4 +187,14 @@ impl Session {
             protocol::write_ready(&mut self.cout, self.status);
         }
     }
+}
+
+/// A statement that makes a server raise `e`: its transaction fails as the client's does.
+pub(super) fn raise_sql(e: &PgError) -> String {
+    format!(
+        "DO $pgshard$ BEGIN RAISE EXCEPTION USING ERRCODE = {}, MESSAGE = {}, HINT = {}; END $pgshard$",
+        quote_literal(e.code),
+        quote_literal(&e.message),
+        quote_literal(e.hint.as_deref().unwrap_or(""))
+    )
 }

@@ -583,22 +583,24 @@ impl Session {
         {
             return Ok(());
         }
-        let rewritten = if single.is_some() && self.db.router.is_sharded() {
+        let mut decided = self.decide_async(sql, &Params::default()).await;
+        let mut rewritten = None;
+        if decided.is_err() && single.is_some() {
+            // Refused as written: maybe not once its subqueries are evaluated first.
+            use super::preeval::Pre;
             match self.pre_evaluated(sql).await? {
-                super::preeval::Pre::AsWritten => None,
-                super::preeval::Pre::Rewritten(sql) => Some(sql),
-                super::preeval::Pre::Failed(out) => {
+                Pre::AsWritten => {}
+                Pre::Rewritten(sql) => rewritten = Some(sql),
+                Pre::Failed(out) => {
                     self.pre_evaluation_failed(out);
                     return Ok(());
                 }
-                super::preeval::Pre::Answered => {
+                Pre::Answered => {
                     protocol::write_ready(&mut self.cout, self.status);
                     return Ok(());
                 }
             }
-        } else {
-            None
-        };
+        }
         let frame = match &rewritten {
             Some(sql) => {
                 let mut f = bytes::BytesMut::new();
@@ -608,9 +610,11 @@ impl Session {
             None => frame,
         };
         let sql = protocol::parse_query(&frame)?;
-        self.route.uncached = rewritten.is_some();
-        let decided = self.decide_async(sql, &Params::default()).await;
-        self.route.uncached = false;
+        if rewritten.is_some() {
+            self.route.uncached = true;
+            decided = self.decide_async(sql, &Params::default()).await;
+            self.route.uncached = false;
+        }
         match decided {
             Err(e) => self.answer_error(e),
             Ok(Dest::Shard(s)) => {

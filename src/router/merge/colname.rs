@@ -32,8 +32,30 @@ pub(crate) fn column_name(e: &Expr) -> (String, u8) {
         Expr::Position { .. } => ("position".into(), 2),
         Expr::Array(_) => ("array".into(), 2),
         Expr::Exists { .. } => ("exists".into(), 2),
+        // A scalar subquery is named by its one column.
+        Expr::Subquery(q) => (first_column_name(q), 2),
         Expr::TypedString(t) => (type_name(&t.data_type), 1),
         _ => ("?column?".into(), 0),
+    }
+}
+
+/// The name of a query's first output column (of its leftmost SELECT).
+fn first_column_name(q: &sqlparser::ast::Query) -> String {
+    use sqlparser::ast::{SelectItem, SetExpr};
+    let mut body = &*q.body;
+    loop {
+        match body {
+            SetExpr::Select(s) => {
+                return match s.projection.first() {
+                    Some(SelectItem::ExprWithAlias { alias, .. }) => ident(alias),
+                    Some(SelectItem::UnnamedExpr(e)) => column_name(e).0,
+                    _ => "?column?".into(),
+                };
+            }
+            SetExpr::SetOperation { left, .. } => body = left,
+            SetExpr::Query(q) => body = &q.body,
+            _ => return "?column?".into(),
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use super::analyze::{KeyRef, value_of};
 use sqlparser::ast::{Expr, Query, Select, SetExpr, Value};
 
 mod aggregate;
-mod colname;
+pub(super) mod colname;
 mod derived;
 mod finalize;
 mod spec;

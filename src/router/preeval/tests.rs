@@ -172,3 +172,20 @@ fn type_names_read_back() {
     assert_eq!(builtin_type(1560), None);
     assert_eq!(builtin_type(2249), None);
 }
+
+#[test]
+fn output_columns_keep_their_names() {
+    let p = pre(
+        "SELECT (SELECT count(*) FROM users), EXISTS (SELECT 1 FROM orders), ((SELECT max(score) AS \"Top\" FROM users)), (SELECT min(id) FROM users) AS m FROM countries",
+    );
+    assert_eq!(
+        p.substitute(&[
+            answer(&["bigint"], &[&[Some("5")]]),
+            answer(&["integer"], &[]),
+            answer(&["numeric"], &[&[None]]),
+            answer(&["bigint"], &[&[Some("1")]]),
+        ])
+        .unwrap(),
+        "SELECT ($pgshard$5$pgshard$::BIGINT) AS \"count\", false AS \"exists\", ((NULL::NUMERIC)) AS \"Top\", ($pgshard$1$pgshard$::BIGINT) AS m FROM countries"
+    );
+}
