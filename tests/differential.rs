@@ -971,6 +971,12 @@ async fn subqueries_evaluated_first_match_plain_postgres() {
         for c in [&via, &plain] {
             c.batch_execute("ROLLBACK").await.unwrap();
         }
+        // The first statement of a transaction (no shard has begun it yet).
+        let q = "SELECT count(*) FROM users WHERE score > (SELECT avg(score) FROM users)";
+        via.batch_execute("BEGIN").await.unwrap();
+        let a = rows(&via.simple_query(q).await.unwrap());
+        via.batch_execute("COMMIT").await.unwrap();
+        assert_eq!(a, rows(&plain.simple_query(q).await.unwrap()));
         let gone = "SELECT count(*) FROM users WHERE id >= 5000 OR score > (SELECT avg(score) * 100 FROM users)";
         assert_eq!(
             rows(&via.simple_query(gone).await.unwrap()),

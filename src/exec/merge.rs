@@ -78,6 +78,19 @@ pub(crate) fn columns(t: &[u8]) -> Vec<(String, u32)> {
         .collect()
 }
 
+/// The values of an answer's DataRows, read as text (the answer's format).
+pub(crate) fn text_rows(answer: &[u8]) -> Vec<Vec<Option<String>>> {
+    crate::protocol::frames(answer)
+        .filter(|f| f[0] == b'D')
+        .map(|f| {
+            fields(f)
+                .into_iter()
+                .map(|v| v.map(|b| String::from_utf8_lossy(b).into_owned()))
+                .collect()
+        })
+        .collect()
+}
+
 /// Type OIDs and modifiers of a RowDescription's fields.
 pub(crate) fn column_types(t: &[u8]) -> Vec<(u32, i32)> {
     described(t)

@@ -203,15 +203,7 @@ impl Session {
             }
             _ => BytesMut::from(&parts.concat().concat()[..]),
         };
-        let rows: Vec<Vec<Option<String>>> = protocol::frames(&out)
-            .filter(|f| f[0] == b'D')
-            .map(|f| {
-                crate::exec::merge::fields(f)
-                    .into_iter()
-                    .map(|v| v.map(|b| String::from_utf8_lossy(b).into_owned()))
-                    .collect()
-            })
-            .collect();
+        let rows = crate::exec::merge::text_rows(&out);
         // 3.
         let (statement, keys) = match with_rows(via, &rows) {
             Ok(x) => x,
@@ -299,6 +291,18 @@ pub(super) fn step_request(
     rest: &[u8],
     results: Option<&[bool]>,
 ) -> Result<BytesMut, PgError> {
+    let (sql, types, bind) = bound_parts(sql, types, rest, results)?;
+    Ok(extended_request(sql.as_bytes(), &types, &bind))
+}
+
+/// [`step_request`]'s parts: the renumbered text, its parameters' types, and the Bind's
+/// body after its names.
+pub(super) fn bound_parts(
+    sql: &str,
+    types: &[u8],
+    rest: &[u8],
+    results: Option<&[bool]>,
+) -> Result<(String, Vec<u8>, Vec<u8>), PgError> {
     let bad = |e: protocol::ProtocolError| PgError::new("08P01", e.to_string());
     let (sql, keep) =
         crate::router::insert::renumber_params(sql).map_err(|e| PgError::new("42601", e))?;
@@ -306,11 +310,8 @@ pub(super) fn step_request(
     if let Some(formats) = results {
         bind = protocol::with_result_formats(&bind, formats).map_err(bad)?;
     }
-    Ok(extended_request(
-        sql.as_bytes(),
-        &protocol::select_param_types(types, &keep),
-        &bind,
-    ))
+    let types = protocol::select_param_types(types, &keep);
+    Ok((sql, types, bind))
 }
 
 /// The INSERT with the rows as its VALUES (their text as literals, which PostgreSQL

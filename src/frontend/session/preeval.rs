@@ -5,14 +5,16 @@
 //! statement with the client's parameters it still uses (its result then held as the
 //! portal, as for other Binds pgshard carries out).
 
+use super::insert_select::bound_parts;
 use super::route::{Dest, mergeable};
 use super::{Session, SessionError};
 use crate::config::PoolMode;
 use crate::exec::scatter;
 use crate::protocol::{self, PgError};
 use crate::router::preeval::{Answer, PreEval, builtin_type};
-use crate::router::{AnalyzeError, Kind, Params, Route};
+use crate::router::{Analysis, AnalyzeError, Kind, Params, Route};
 use bytes::{Bytes, BytesMut};
+use std::sync::Arc;
 
 /// What becomes of a statement with subqueries pgshard can evaluate first.
 pub(super) enum Pre {
@@ -25,6 +27,9 @@ pub(super) enum Pre {
     /// The client got an error already (a server connection lost, a shard unavailable).
     Answered,
 }
+
+/// A statement's analysis and the subqueries to evaluate before it.
+type Planned = (Arc<Analysis>, Arc<PreEval>);
 
 /// How a subquery is sent: as a simple Query, or with a Bind's parameters (its
 /// statement's parameter types and the Bind's body after its names), results in text.
@@ -96,15 +101,7 @@ impl Session {
             Err(_) => return Ok(true),
         };
         // The client's parameters the statement still uses, renumbered from $1.
-        let bound = rewritten.and_then(
-            |sql: String| -> Result<(String, Vec<u8>, Vec<u8>), PgError> {
-                let (sql, keep) = crate::router::insert::renumber_params(&sql)
-                    .map_err(|e| PgError::new("42601", e))?;
-                let rest = protocol::select_bind_params(&rest, &keep)
-                    .map_err(|e| PgError::new("08P01", e.to_string()))?;
-                Ok((sql, protocol::select_param_types(&types, &keep), rest))
-            },
-        );
+        let bound = rewritten.and_then(|sql| bound_parts(&sql, &types, &rest, None));
         let (sql, types, rest) = match bound {
             Ok(b) => b,
             Err(e) => {
@@ -214,14 +211,7 @@ impl Session {
     /// The subqueries of `sql` to evaluate first (its analysis's), when it needs that:
     /// it is refused as written, or right on one shard only and needs several with
     /// `params`. None in an aborted transaction (which refuses it as written).
-    fn pre_evaluation(
-        &mut self,
-        sql: &str,
-        params: &Params<'_>,
-    ) -> Option<(
-        std::sync::Arc<crate::router::Analysis>,
-        std::sync::Arc<PreEval>,
-    )> {
+    fn pre_evaluation(&mut self, sql: &str, params: &Params<'_>) -> Option<Planned> {
         if self.status == b'E' || self.route.forced.is_some() || crate::router::hint(sql).is_some()
         {
             return None;
@@ -241,10 +231,7 @@ impl Session {
     /// answer is instead.
     async fn answers(
         &mut self,
-        (a, pre): &(
-            std::sync::Arc<crate::router::Analysis>,
-            std::sync::Arc<PreEval>,
-        ),
+        (a, pre): &Planned,
         sql: &str,
         how: How<'_>,
     ) -> Result<Result<Vec<Answer>, Pre>, SessionError> {
@@ -398,16 +385,10 @@ impl Session {
             )
             .with_hint("Relate the subquery to the outer query by the shard keys, narrow it, or raise the database's max_subquery_rows.")))));
         }
-        let rows = protocol::frames(&out)
-            .filter(|f| f[0] == b'D')
-            .map(|f| {
-                crate::exec::merge::fields(f)
-                    .into_iter()
-                    .map(|v| v.map(|b| String::from_utf8_lossy(b).into_owned()))
-                    .collect()
-            })
-            .collect();
-        Ok(Ok(Answer { types, rows }))
+        Ok(Ok(Answer {
+            types,
+            rows: crate::exec::merge::text_rows(&out),
+        }))
     }
 
     /// A read's whole answer (simple protocol, text), merged over `shards` by `spec`: in
@@ -430,13 +411,14 @@ impl Session {
         // Only the parameters the text uses, renumbered, with text results.
         let bound = match how {
             How::Simple => None,
-            How::Bound(types, rest) => match bound_parts(sql, types, rest) {
+            How::Bound(types, rest) => match bound_parts(sql, types, rest, Some(&[])) {
                 Ok(parts) => Some(parts),
                 Err(e) => return Ok(Err(Pre::Failed(Err(e)))),
             },
         };
         if self.status == b'T' {
-            if shards.iter().any(|&s| s != self.home_shard()) && !self.can_join() {
+            // Another shard joins the transaction where statements may join it.
+            if shards.iter().any(|&s| s != self.home_shard()) && !self.can_run_in_transaction() {
                 let e = super::route::cross_shard_txn(self.home_shard(), shards);
                 return Ok(Err(Pre::Failed(Err(e))));
             }
@@ -516,22 +498,6 @@ impl Session {
         let mut status = self.status;
         Ok(answer_of(out.map(|r| joined(r.concat())), &mut status))
     }
-}
-
-/// A statement with a Bind's parameters for the servers: the text with the parameters it
-/// uses renumbered from `$1`, their types, and the Bind's body with those values and
-/// results in text.
-fn bound_parts(
-    sql: &str,
-    types: &[u8],
-    rest: &[u8],
-) -> Result<(String, Vec<u8>, Vec<u8>), PgError> {
-    let bad = |e: protocol::ProtocolError| PgError::new("08P01", e.to_string());
-    let (sql, keep) =
-        crate::router::insert::renumber_params(sql).map_err(|e| PgError::new("42601", e))?;
-    let bind = protocol::select_bind_params(rest, &keep).map_err(bad)?;
-    let bind = protocol::with_result_formats(&bind, &[]).map_err(bad)?;
-    Ok((sql, protocol::select_param_types(types, &keep), bind))
 }
 
 /// A read's answer, or its error as the statement's (a transaction is then aborted).
