@@ -1519,6 +1519,18 @@ async fn explain_shows_the_plans_of_the_shards_that_run_the_statement() {
     );
     let p = plan("EXPLAIN (COSTS OFF, FORMAT JSON) SELECT id FROM users").await;
     assert_eq!(p.len(), 2, "one JSON plan per shard");
+    // A subquery evaluated first: the plan of the statement with its answer in place.
+    let p = plan(
+        "EXPLAIN (COSTS OFF) SELECT id FROM users WHERE score > (SELECT max(score) - 1 FROM users)",
+    )
+    .await;
+    assert_eq!(
+        p.iter().filter(|l| l.starts_with("Shard ")).count(),
+        2,
+        "{p:?}"
+    );
+    assert!(p.iter().any(|l| l.contains("Filter: (score > ")), "{p:?}");
+    assert!(!p.iter().any(|l| l.contains("InitPlan")), "{p:?}");
     // In the extended protocol, with parameters.
     let p: Vec<String> = c
         .query(

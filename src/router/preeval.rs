@@ -75,12 +75,17 @@ fn error(code: &'static str, message: &str) -> SubstituteError {
     }
 }
 
-/// The subqueries of a single SELECT, UPDATE or DELETE that pgshard can evaluate first:
-/// uncorrelated, reading sharded tables. None when there is none or the statement is of
-/// another kind.
+/// The subqueries of a single SELECT, UPDATE or DELETE (or an EXPLAIN of one: the plan of
+/// the statement with their answers in place, as Citus shows it) that pgshard can
+/// evaluate first: uncorrelated, reading sharded tables. None when there is none or the
+/// statement is of another kind.
 pub(super) fn plan(st: &Statement, rules: &Rules, refused: Option<String>) -> Option<PreEval> {
+    let inner = match st {
+        Statement::Explain { statement, .. } => &**statement,
+        st => st,
+    };
     if !matches!(
-        st,
+        inner,
         Statement::Query(_) | Statement::Update(_) | Statement::Delete(_)
     ) {
         return None;

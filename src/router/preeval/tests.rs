@@ -189,3 +189,14 @@ fn output_columns_keep_their_names() {
         "SELECT ($pgshard$5$pgshard$::BIGINT) AS \"count\", false AS \"exists\", ((NULL::NUMERIC)) AS \"Top\", ($pgshard$1$pgshard$::BIGINT) AS m FROM countries"
     );
 }
+
+#[test]
+fn explain_shows_the_statement_with_the_answers() {
+    let p =
+        pre("EXPLAIN (COSTS OFF) SELECT * FROM users WHERE score > (SELECT avg(score) FROM users)");
+    assert_eq!(
+        p.substitute(&[answer(&["numeric"], &[&[Some("1")]])])
+            .unwrap(),
+        "EXPLAIN (COSTS OFF) SELECT * FROM users WHERE score > ($pgshard$1$pgshard$::NUMERIC)"
+    );
+}
