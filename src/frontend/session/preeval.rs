@@ -98,7 +98,11 @@ impl Session {
                 self.bind_pre_failed(out).await?;
                 return Ok(true);
             }
-            Err(_) => return Ok(true),
+            Err(_) => {
+                // The client got the error: the rest of the batch is skipped.
+                self.local_skip = true;
+                return Ok(true);
+            }
         };
         // The client's parameters the statement still uses, renumbered from $1.
         let bound = rewritten.and_then(|sql| bound_parts(&sql, &types, &rest, None));

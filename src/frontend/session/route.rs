@@ -596,7 +596,10 @@ impl Session {
                     return Ok(());
                 }
                 Pre::Answered => {
-                    protocol::write_ready(&mut self.cout, self.status);
+                    // (A lost connection ended the client's with FATAL.)
+                    if !self.client_eof {
+                        protocol::write_ready(&mut self.cout, self.status);
+                    }
                     return Ok(());
                 }
             }
