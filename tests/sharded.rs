@@ -3621,3 +3621,39 @@ async fn writes_whose_subqueries_pgshard_evaluates_first() {
         [[Some("3".to_string())]]
     );
 }
+
+/// MERGE: into a reference table, every copy alike; into a sharded table, refused (every
+/// shard would insert the rows it finds no match for: it used to be broadcast as DDL).
+#[tokio::test]
+async fn merge_into_reference_tables_reaches_every_copy() {
+    let addr = setup().await;
+    let c = connect(addr).await;
+    let merge = "MERGE INTO countries c USING (VALUES ('mg1', 'One'), ('mg2', 'Two')) v(code, name) ON c.code = v.code WHEN MATCHED THEN UPDATE SET name = v.name WHEN NOT MATCHED THEN INSERT (code, name) VALUES (v.code, v.name)";
+    assert_eq!(affected(&c.simple_query(merge).await.unwrap()), 2);
+    assert_eq!(c.execute(merge, &[]).await.unwrap(), 2);
+    for p in ports() {
+        let n: i64 = connect_server(p, "app")
+            .await
+            .query_one("SELECT count(*) FROM countries WHERE code LIKE 'mg%'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 2, "shard on port {p}");
+    }
+    c.batch_execute("DELETE FROM countries WHERE code LIKE 'mg%'")
+        .await
+        .unwrap();
+    for q in [
+        "MERGE INTO users u USING (VALUES (900001, 'm')) v(id, name) ON u.id = v.id WHEN NOT MATCHED THEN INSERT (id, name) VALUES (v.id, v.name)",
+        "MERGE INTO countries c USING users u ON c.name = u.name WHEN MATCHED THEN DELETE",
+    ] {
+        let e = c.simple_query(q).await.unwrap_err();
+        assert_eq!(sqlstate(&e), "0A000", "{q}");
+    }
+    let n = rows(
+        &c.simple_query("SELECT count(*) FROM users WHERE id = 900001")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(n, [[Some("0".to_string())]]);
+}

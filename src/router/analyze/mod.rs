@@ -644,6 +644,37 @@ fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
                     .into(),
             );
         }
+        Statement::Merge(m) => {
+            kind = Kind::Write;
+            let target = match &m.table {
+                TableFactor::Table { name, .. } => name_of(name),
+                _ => None,
+            };
+            if let Some(t) = target.as_deref().filter(|t| rules.table(t).is_some()) {
+                return Err(format!(
+                    "MERGE into sharded table {t} is not supported: every shard would run it on its own rows and insert the rows it finds no match for; use INSERT ... ON CONFLICT, or UPDATE and INSERT by shard key"
+                ));
+            }
+            let mut read = Vec::new();
+            let _ = sqlparser::ast::visit_relations(st, |r| {
+                if let Some(t) = name_of(r).and_then(|n| rules.table(&n)) {
+                    read.push(t);
+                }
+                std::ops::ControlFlow::<()>::Continue(())
+            });
+            if let Some(&t) = read.first() {
+                let t = &rules.tables[t].table;
+                return Err(match target.filter(|n| rules.is_reference(n)) {
+                    Some(r) => format!(
+                        "a MERGE into reference table {r} that reads sharded table {t} would change each shard's copy by that shard's rows only"
+                    ),
+                    None => format!(
+                        "a MERGE that reads sharded table {t} would see one shard's rows; pgshard does not gather them for a MERGE"
+                    ),
+                });
+            }
+            written_reference = target.filter(|n| rules.is_reference(n));
+        }
         // Transaction control, SET, SHOW and the like: wherever the session is.
         Statement::StartTransaction { .. }
         | Statement::Commit { .. }

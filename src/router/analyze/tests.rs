@@ -441,3 +441,35 @@ fn reference_writes_go_to_every_shard() {
             .writes_reference
     );
 }
+#[test]
+fn merge_statements() {
+    // Into a reference table, from constants or other reference tables: every copy.
+    let a = analyze(
+        "MERGE INTO countries c USING (VALUES ('fr', 'France')) v(code, name) ON c.code = v.code WHEN MATCHED THEN UPDATE SET name = v.name WHEN NOT MATCHED THEN INSERT VALUES (v.code, v.name)",
+        &rules(),
+    )
+    .unwrap();
+    assert_eq!(
+        (a.kind, a.target, a.writes_reference),
+        (Kind::Write, Target::All, true)
+    );
+    for sql in [
+        // Every shard would insert the rows it does not find.
+        "MERGE INTO users u USING (VALUES (5, 'x')) v(id, name) ON u.id = v.id WHEN NOT MATCHED THEN INSERT (id, name) VALUES (v.id, v.name)",
+        // Each copy would change by its own shard's rows.
+        "MERGE INTO countries c USING users u ON c.name = u.name WHEN MATCHED THEN DELETE",
+        "MERGE INTO countries c USING (SELECT name FROM users) u ON c.name = u.name WHEN MATCHED THEN DELETE",
+    ] {
+        assert!(
+            matches!(analyze(sql, &rules()), Err(AnalyzeError::Unroutable(_))),
+            "{sql}"
+        );
+    }
+    // Neither sharded nor reference: where unsharded tables are.
+    let a = analyze(
+        "MERGE INTO plain_t p USING (VALUES (1)) v(id) ON p.id = v.id WHEN NOT MATCHED THEN INSERT VALUES (v.id)",
+        &rules(),
+    )
+    .unwrap();
+    assert_eq!((a.kind, a.target), (Kind::Write, Target::Default));
+}
