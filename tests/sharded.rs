@@ -3592,6 +3592,46 @@ async fn writes_whose_subqueries_pgshard_evaluates_first() {
             .unwrap();
         assert!(left.is_empty(), "shard on port {p}");
     }
+    // INSERTs: a key made from every shard's rows goes to its own shard; the rows of an
+    // INSERT ... SELECT filtered by every shard's rows, each to its key's shard.
+    let q = "INSERT INTO split_t (id, name) VALUES ((SELECT max(id) + 1000000 FROM users), 'pre') RETURNING id";
+    let id: i64 = rows(&c.simple_query(q).await.unwrap())[0][0]
+        .as_deref()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(id, 1_000_200);
+    let q = "INSERT INTO split_t (id, name) VALUES ((SELECT max(id) + $1 FROM users), 'pre')";
+    assert_eq!(c.execute(q, &[&1_000_001i64]).await.unwrap(), 1);
+    let q = "INSERT INTO split_t (id, name) SELECT id + 2000000, name FROM users WHERE score > (SELECT avg(score) FROM users)";
+    let n = affected(&c.simple_query(q).await.unwrap());
+    let want = rows(
+        &plain
+            .simple_query("SELECT count(*) FROM users WHERE score > (SELECT avg(score) FROM users)")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(Some(n.to_string()), want[0][0]);
+    for (s, p) in ports().into_iter().enumerate() {
+        let ids: Vec<i64> = connect_server(p, "app")
+            .await
+            .query("SELECT id FROM split_t WHERE id >= 1000000", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for id in ids {
+            assert_eq!(partition_of(&HashKey::Int(id), 2), s as u64, "{id}");
+        }
+    }
+    // (split_t's other rows are read by key ranges elsewhere: these stay.)
+    let all = rows(
+        &c.simple_query("SELECT count(*) FROM split_t WHERE id >= 1000000")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(all[0][0], Some((n + 2).to_string()));
     // A write over every shard: as allowed by cross_shard_writes.
     let q = "UPDATE orders SET total = total WHERE total > (SELECT avg(total) FROM orders)";
     let e = c.simple_query(q).await.unwrap_err();

@@ -75,7 +75,7 @@ fn error(code: &'static str, message: &str) -> SubstituteError {
     }
 }
 
-/// The subqueries of a single SELECT, UPDATE or DELETE (or an EXPLAIN of one: the plan of
+/// The subqueries of a single SELECT, INSERT, UPDATE or DELETE (or an EXPLAIN of one: the plan of
 /// the statement with their answers in place, as Citus shows it) that pgshard can
 /// evaluate first: uncorrelated, reading sharded tables. None when there is none or the
 /// statement is of another kind.
@@ -86,7 +86,7 @@ pub(super) fn plan(st: &Statement, rules: &Rules, refused: Option<String>) -> Op
     };
     if !matches!(
         inner,
-        Statement::Query(_) | Statement::Update(_) | Statement::Delete(_)
+        Statement::Query(_) | Statement::Update(_) | Statement::Delete(_) | Statement::Insert(_)
     ) {
         return None;
     }

@@ -200,3 +200,23 @@ fn explain_shows_the_statement_with_the_answers() {
         "EXPLAIN (COSTS OFF) SELECT * FROM users WHERE score > ($pgshard$1$pgshard$::NUMERIC)"
     );
 }
+
+#[test]
+fn inserts_get_their_keys_and_rows_from_answers() {
+    let p = pre("INSERT INTO users (id, name) VALUES ((SELECT max(id) + 1 FROM users), 'next')");
+    let out = p
+        .substitute(&[answer(&["bigint"], &[&[Some("201")]])])
+        .unwrap();
+    assert_eq!(
+        out,
+        "INSERT INTO users (id, name) VALUES (($pgshard$201$pgshard$::BIGINT), 'next')"
+    );
+    assert_eq!(
+        analyze(&out, &rules()).unwrap().target,
+        Target::Keys(vec![(0, lit("201"))])
+    );
+    let p = pre(
+        "INSERT INTO orders (id, user_id, total) SELECT id, id, score FROM users WHERE score > (SELECT avg(score) FROM users)",
+    );
+    assert_eq!(p.subqueries[0].sql, "SELECT avg(score) FROM users");
+}
