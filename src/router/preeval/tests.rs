@@ -220,3 +220,32 @@ fn inserts_get_their_keys_and_rows_from_answers() {
     );
     assert_eq!(p.subqueries[0].sql, "SELECT avg(score) FROM users");
 }
+
+#[test]
+fn constants_read_back_whatever_they_hold() {
+    let p = pre("SELECT * FROM users WHERE name IN (SELECT name FROM users WHERE score > 1)");
+    for v in [
+        "a$pgshard$b",
+        "$pgshard_$$pgshard$",
+        "it's",
+        "back\\slash",
+        "$",
+        "",
+    ] {
+        let out = p.substitute(&[answer(&["text"], &[&[Some(v)]])]).unwrap();
+        let st =
+            sqlparser::parser::Parser::parse_sql(&sqlparser::dialect::PostgreSqlDialect {}, &out)
+                .unwrap_or_else(|e| panic!("{out}: {e}"));
+        assert_eq!(st[0].to_string(), out);
+        let mut found = None;
+        let _ = sqlparser::ast::visit_expressions(&st, |e| {
+            if let Expr::Value(x) = e
+                && let Value::DollarQuotedString(d) = &x.value
+            {
+                found = Some(d.value.clone());
+            }
+            ControlFlow::<()>::Continue(())
+        });
+        assert_eq!(found.as_deref(), Some(v), "{out}");
+    }
+}
