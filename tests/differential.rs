@@ -834,6 +834,9 @@ fn evaluated_first() -> Vec<String> {
         "SELECT id FROM users WHERE score > ALL (SELECT weight FROM tags WHERE weight > 1) ORDER BY id",
         "SELECT id FROM users WHERE id = ANY (SELECT user_id FROM tags WHERE tag = 'tag7') ORDER BY id",
         "SELECT EXISTS (SELECT user_id FROM orders GROUP BY user_id HAVING count(*) > 2)",
+        // Subqueries with subqueries of their own to evaluate first.
+        "SELECT id FROM users WHERE id IN (SELECT user_id FROM orders WHERE total > (SELECT avg(total) FROM orders)) ORDER BY id",
+        "SELECT id FROM users WHERE name IN (SELECT name FROM users WHERE score > (SELECT avg(score) + 5 FROM users)) ORDER BY id",
         // Text that needs quoting, NULLs, timestamps.
         "SELECT id FROM users WHERE name || ' ''$x$' IN (SELECT name || ' ''$x$' FROM users WHERE id < 4) ORDER BY id",
         "SELECT id, at FROM ev WHERE at = (SELECT max(at) FROM ev) OR at = (SELECT min(at) FROM ev) ORDER BY id",

@@ -23,9 +23,10 @@ pub struct PreEval {
     statement: Statement,
     /// In the order they are found (and replaced).
     pub subqueries: Vec<Subquery>,
-    /// Per subquery expression of the statement, in the order met: whether it is one
-    /// of `subqueries`.
+    /// Per subquery expression of the statement, in pre-order: whether it is one of
+    /// `subqueries`, and how many subquery expressions it holds (itself included).
     taken: Vec<bool>,
+    subtree: Vec<usize>,
     /// Why the statement as written is refused. None: it is right when it runs on one
     /// shard (its subqueries name their shard keys), and they are evaluated first only
     /// when it needs several; the analysis is then the statement's as written.
@@ -75,11 +76,28 @@ fn error(code: &'static str, message: &str) -> SubstituteError {
     }
 }
 
-/// The subqueries of a single SELECT, INSERT, UPDATE or DELETE (or an EXPLAIN of one: the plan of
-/// the statement with their answers in place, as Citus shows it) that pgshard can
-/// evaluate first: uncorrelated, reading sharded tables. None when there is none or the
-/// statement is of another kind.
-pub(super) fn plan(st: &Statement, rules: &Rules, refused: Option<String>) -> Option<PreEval> {
+/// Which of a statement's subqueries that could be evaluated first are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Pick {
+    /// The innermost: the least pgshard runs on its own, the rest goes to the shards
+    /// with the statement (`id IN (SELECT user_id FROM orders WHERE total > (SELECT
+    /// avg(total) FROM orders))`: only the average, the IN runs co-located).
+    Innermost,
+    /// The outermost, each with its own subqueries (evaluated first in turn when they
+    /// need it).
+    Outermost,
+}
+
+/// The subqueries of a single SELECT, INSERT, UPDATE or DELETE (or an EXPLAIN of one: the
+/// plan of the statement with their answers in place, as Citus shows it) that pgshard
+/// can evaluate first (uncorrelated, reading sharded tables), as `pick` picks them. None
+/// when there is none or the statement is of another kind.
+pub(super) fn plan(
+    st: &Statement,
+    rules: &Rules,
+    refused: Option<String>,
+    pick: Pick,
+) -> Option<PreEval> {
     let inner = match st {
         Statement::Explain { statement, .. } => &**statement,
         st => st,
@@ -90,20 +108,132 @@ pub(super) fn plan(st: &Statement, rules: &Rules, refused: Option<String>) -> Op
     ) {
         return None;
     }
-    let mut find = Replace::new(Mode::Find(rules));
-    let mut copy = st.clone();
-    let _ = copy.visit(&mut find);
-    if find.found.is_empty() {
+    let mut survey = Survey {
+        rules,
+        found: Vec::new(),
+        open: Vec::new(),
+        operands: Vec::new(),
+    };
+    let _ = sqlparser::ast::Visit::visit(st, &mut survey);
+    let found = survey.found;
+    let mut taken = vec![false; found.len()];
+    let mut covered = 0;
+    for i in 0..found.len() {
+        let inside = i + 1..i + found[i].subtree;
+        taken[i] = found[i].sub.is_some()
+            && match pick {
+                Pick::Outermost => i >= covered,
+                Pick::Innermost => !found[inside].iter().any(|c| c.sub.is_some()),
+            };
+        if taken[i] {
+            covered = i + found[i].subtree;
+        }
+    }
+    if !taken.contains(&true) {
         return None;
     }
+    let subtree = found.iter().map(|c| c.subtree).collect();
+    let subqueries = found
+        .into_iter()
+        .zip(&taken)
+        .filter_map(|(c, &t)| c.sub.filter(|_| t))
+        .collect();
     let mut statement = st.clone();
     name_outputs(&mut statement);
     Some(PreEval {
         statement,
-        subqueries: find.found,
-        taken: find.taken,
+        subqueries,
+        taken,
+        subtree,
         refused,
     })
+}
+
+/// A subquery expression met in a statement (in pre-order).
+struct Candidate {
+    /// What pgshard runs for it, if it can be evaluated first.
+    sub: Option<Subquery>,
+    /// How many subquery expressions it holds, itself included.
+    subtree: usize,
+}
+
+/// Lists a statement's subquery expressions in pre-order, with what they hold.
+struct Survey<'a> {
+    rules: &'a Rules,
+    found: Vec<Candidate>,
+    /// The candidates being visited (their `found` indices).
+    open: Vec<usize>,
+    /// The subqueries of the ANY/ALLs being visited: each part of its candidate, not one
+    /// of its own.
+    operands: Vec<*const Expr>,
+}
+
+impl sqlparser::ast::Visitor for Survey<'_> {
+    type Break = ();
+
+    fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+        if let Some((q, form)) = candidate(e, &mut self.operands) {
+            self.open.push(self.found.len());
+            self.found.push(Candidate {
+                sub: evaluated_first(q, form, self.rules),
+                subtree: 1,
+            });
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+        if is_candidate(e, &self.operands)
+            && let Some(i) = self.open.pop()
+        {
+            self.found[i].subtree = self.found.len() - i;
+        }
+        operand_done(e, &mut self.operands);
+        ControlFlow::Continue(())
+    }
+}
+
+/// The subquery of a subquery expression and where it stands. An ANY/ALL's subquery
+/// operand is part of it, not a candidate of its own: it goes on `operands` until the
+/// ANY/ALL is left ([`operand_done`]).
+fn candidate<'e>(e: &'e Expr, operands: &mut Vec<*const Expr>) -> Option<(&'e Query, Form)> {
+    if !is_candidate(e, operands) {
+        return None;
+    }
+    match e {
+        Expr::Subquery(q) => Some((&**q, Form::Scalar)),
+        Expr::InSubquery { subquery, .. } => Some((&**subquery, Form::In)),
+        Expr::Exists { subquery, .. } => Some((&**subquery, Form::Exists)),
+        Expr::AnyOp { right, .. } | Expr::AllOp { right, .. } => match &**right {
+            Expr::Subquery(q) => {
+                operands.push(&**right as *const Expr);
+                Some((&**q, Form::Compared))
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Whether `e` is a subquery expression of its own.
+fn is_candidate(e: &Expr, operands: &[*const Expr]) -> bool {
+    match e {
+        Expr::Subquery(_) => !operands.contains(&(e as *const Expr)),
+        Expr::InSubquery { .. } | Expr::Exists { .. } => true,
+        Expr::AnyOp { right, .. } | Expr::AllOp { right, .. } => {
+            matches!(&**right, Expr::Subquery(_))
+        }
+        _ => false,
+    }
+}
+
+/// Leaving an ANY/ALL: its subquery operand is no longer being visited.
+fn operand_done(e: &Expr, operands: &mut Vec<*const Expr>) {
+    if let Expr::AnyOp { right, .. } | Expr::AllOp { right, .. } = e
+        && operands.last() == Some(&(&**right as *const Expr))
+    {
+        operands.pop();
+    }
 }
 
 /// Gives the output columns that are subqueries their names as aliases: the constant
@@ -144,7 +274,15 @@ impl PreEval {
     /// The statement with each subquery's answer in its place.
     pub fn substitute(&self, answers: &[Answer]) -> Result<String, SubstituteError> {
         let mut st = self.statement.clone();
-        let mut replace = Replace::new(Mode::Replace(&self.taken, answers));
+        let mut replace = Replace {
+            taken: &self.taken,
+            subtree: &self.subtree,
+            answers,
+            next: 0,
+            operands: Vec::new(),
+            answered: 0,
+            failed: None,
+        };
         let _ = st.visit(&mut replace);
         match replace.failed {
             Some(e) => Err(e),
@@ -169,35 +307,18 @@ impl PreEval {
     }
 }
 
-/// What a [`Replace`] does with each subquery expression it meets.
-enum Mode<'a> {
-    /// Decides which pgshard evaluates first.
-    Find(&'a Rules),
-    /// Puts the answers in their places: the decisions made when finding, in order.
-    Replace(&'a [bool], &'a [Answer]),
-}
-
-/// Meets subquery expressions in the same order when finding and when replacing:
-/// outermost first, never inside one taken (which is replaced in either mode).
+/// Puts the answers in the places of the subqueries taken, meeting the subquery
+/// expressions in the pre-order the survey met them in (a replaced one's own are not
+/// visited: they are skipped in the count).
 struct Replace<'a> {
-    mode: Mode<'a>,
-    /// Per subquery expression met: whether it is evaluated first.
-    taken: Vec<bool>,
-    found: Vec<Subquery>,
+    taken: &'a [bool],
+    subtree: &'a [usize],
+    answers: &'a [Answer],
+    /// The pre-order index of the next subquery expression met.
+    next: usize,
+    operands: Vec<*const Expr>,
     answered: usize,
     failed: Option<SubstituteError>,
-}
-
-impl<'a> Replace<'a> {
-    fn new(mode: Mode<'a>) -> Replace<'a> {
-        Replace {
-            mode,
-            taken: Vec::new(),
-            found: Vec::new(),
-            answered: 0,
-            failed: None,
-        }
-    }
 }
 
 /// Whether pgshard evaluates subquery `q` (of `form`) first, and what it runs for it.
@@ -229,46 +350,39 @@ impl VisitorMut for Replace<'_> {
     type Break = ();
 
     fn pre_visit_expr(&mut self, e: &mut Expr) -> ControlFlow<()> {
-        let (q, form) = match &*e {
-            Expr::Subquery(q) => (&**q, Form::Scalar),
-            Expr::InSubquery { subquery, .. } => (&**subquery, Form::In),
-            Expr::Exists { subquery, .. } => (&**subquery, Form::Exists),
-            Expr::AnyOp { right, .. } | Expr::AllOp { right, .. } => match &**right {
-                Expr::Subquery(q) => (&**q, Form::Compared),
-                _ => return ControlFlow::Continue(()),
-            },
-            _ => return ControlFlow::Continue(()),
+        let Some((_, form)) = candidate(e, &mut self.operands) else {
+            return ControlFlow::Continue(());
         };
-        match self.mode {
-            Mode::Find(rules) => {
-                let sub = evaluated_first(q, form, rules);
-                self.taken.push(sub.is_some());
-                if let Some(sub) = sub {
-                    self.found.push(sub);
-                    // Not looked into: its own subqueries are its business.
-                    *e = Expr::value(Value::Null);
-                }
-            }
-            Mode::Replace(taken, answers) => {
-                let i = self.taken.len();
-                self.taken.push(false);
-                if !taken.get(i).copied().unwrap_or(false) {
-                    return ControlFlow::Continue(());
-                }
-                let Some(answer) = answers.get(self.answered) else {
-                    self.failed = Some(error("XX000", "a subquery has no answer"));
-                    return ControlFlow::Break(());
-                };
-                self.answered += 1;
-                match replaced(e, form, answer) {
-                    Ok(new) => *e = new,
-                    Err(err) => {
-                        self.failed = Some(err);
-                        return ControlFlow::Break(());
-                    }
-                }
+        let i = self.next;
+        if !self.taken.get(i).copied().unwrap_or(false) {
+            self.next += 1;
+            return ControlFlow::Continue(());
+        }
+        self.next += self.subtree.get(i).copied().unwrap_or(1);
+        let Some(answer) = self.answers.get(self.answered) else {
+            self.failed = Some(error("XX000", "a subquery has no answer"));
+            return ControlFlow::Break(());
+        };
+        self.answered += 1;
+        match replaced(e, form, answer) {
+            Ok(new) => *e = new,
+            Err(err) => {
+                self.failed = Some(err);
+                return ControlFlow::Break(());
             }
         }
+        if form == Form::Compared {
+            // The rows that replaced its subquery are not a candidate either.
+            self.operands.pop();
+            if let Expr::AnyOp { right, .. } | Expr::AllOp { right, .. } = e {
+                self.operands.push(&**right as *const Expr);
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_expr(&mut self, e: &mut Expr) -> ControlFlow<()> {
+        operand_done(e, &mut self.operands);
         ControlFlow::Continue(())
     }
 }

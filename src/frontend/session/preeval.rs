@@ -28,6 +28,9 @@ pub(super) enum Pre {
     Answered,
 }
 
+/// How deep subqueries with subqueries of their own to evaluate first are followed.
+const MAX_DEPTH: usize = 8;
+
 /// A statement's analysis and the subqueries to evaluate before it.
 type Planned = (Arc<Analysis>, Arc<PreEval>);
 
@@ -46,7 +49,7 @@ impl Session {
         let Some(pre) = self.pre_evaluation(sql, &Params::default()) else {
             return Ok(Pre::AsWritten);
         };
-        Ok(match self.answers(&pre, sql, How::Simple).await? {
+        Ok(match self.answers(&pre, sql, How::Simple, 0).await? {
             Ok(answers) => match pre.1.substitute(&answers) {
                 Ok(sql) => Pre::Rewritten(sql),
                 Err(e) => Pre::Failed(Err(PgError::new(e.code, e.message))),
@@ -89,7 +92,10 @@ impl Session {
             self.settle().await?;
             self.detach().await;
         }
-        let rewritten = match self.answers(&pre, sql, How::Bound(&types, &rest)).await? {
+        let rewritten = match self
+            .answers(&pre, sql, How::Bound(&types, &rest), 0)
+            .await?
+        {
             Ok(answers) => pre
                 .1
                 .substitute(&answers)
@@ -238,18 +244,21 @@ impl Session {
         (a, pre): &Planned,
         sql: &str,
         how: How<'_>,
+        depth: usize,
     ) -> Result<Result<Vec<Answer>, Pre>, SessionError> {
         let started = std::time::Instant::now();
         let mut answers = Vec::with_capacity(pre.subqueries.len());
         for sub in &pre.subqueries {
             // Replicas only when the statement itself may read there.
             self.set_read_ok(sql, Some(a));
-            match self.subquery_answer(&sub.sql, how).await? {
+            match self.subquery_answer(&sub.sql, how, depth).await? {
                 Ok(answer) => answers.push(answer),
                 Err(pre) => return Ok(Err(pre)),
             }
         }
-        crate::metrics::inc(&self.db.pre_evaluated);
+        if depth == 0 {
+            crate::metrics::inc(&self.db.pre_evaluated);
+        }
         tracing::debug!(
             subqueries = answers.len(),
             micros = started.elapsed().as_micros() as u64,
@@ -284,14 +293,10 @@ impl Session {
         &mut self,
         sql: &str,
         how: How<'_>,
+        depth: usize,
     ) -> Result<Result<Answer, Pre>, SessionError> {
         let refused =
             |code: &'static str, why: String| Err(Pre::Failed(Err(PgError::new(code, why))));
-        let a = match self.analysis(sql) {
-            Ok(a) => a,
-            Err(AnalyzeError::Unroutable(why)) => return Ok(refused("0A000", why)),
-            Err(AnalyzeError::Parse(e)) => return Ok(refused("42601", e)),
-        };
         let params = match how {
             How::Simple => Params::default(),
             How::Bound(types, rest) => {
@@ -302,6 +307,29 @@ impl Session {
                     oids: protocol::parse_oids(types),
                 }
             }
+        };
+        // A subquery with subqueries of its own to evaluate first: those first.
+        let mut own = None;
+        if depth < MAX_DEPTH
+            && let Some(planned) = self.pre_evaluation(sql, &params)
+        {
+            let answers = match Box::pin(self.answers(&planned, sql, how, depth + 1)).await? {
+                Ok(answers) => answers,
+                Err(pre) => return Ok(Err(pre)),
+            };
+            match planned.1.substitute(&answers) {
+                Ok(text) => own = Some(text),
+                Err(e) => return Ok(refused(e.code, e.message)),
+            }
+        }
+        let sql = own.as_deref().unwrap_or(sql);
+        self.route.uncached = own.is_some();
+        let a = self.analysis(sql);
+        self.route.uncached = false;
+        let a = match a {
+            Ok(a) => a,
+            Err(AnalyzeError::Unroutable(why)) => return Ok(refused("0A000", why)),
+            Err(AnalyzeError::Parse(e)) => return Ok(refused("42601", e)),
         };
         let shards = match self.db.router.resolve(&a, &params, &self.zone) {
             Ok(Route::Shards(v)) => v,

@@ -292,18 +292,23 @@ pub fn analyze_evaluating_first(sql: &str, rules: &Rules) -> Result<Analysis, An
     ) else {
         return written;
     };
-    let Some(pre) = super::preeval::plan(&st, rules, refused) else {
-        return written;
-    };
-    let Ok(Ok(placeholder)) = pre.placeholder().map(|sql| analyze(&sql, rules)) else {
-        return written;
-    };
-    if placeholder.one_shard {
-        return written;
+    use super::preeval::{Pick, plan};
+    // The fewest subqueries first, when the statement then routes; else the outermost.
+    for pick in [Pick::Innermost, Pick::Outermost] {
+        let Some(pre) = plan(&st, rules, refused.clone(), pick) else {
+            return written;
+        };
+        let Ok(Ok(placeholder)) = pre.placeholder().map(|sql| analyze(&sql, rules)) else {
+            continue;
+        };
+        if placeholder.one_shard {
+            continue;
+        }
+        let mut a = written.unwrap_or(placeholder);
+        a.pre_eval = Some(std::sync::Arc::new(pre));
+        return Ok(a);
     }
-    let mut a = written.unwrap_or(placeholder);
-    a.pre_eval = Some(std::sync::Arc::new(pre));
-    Ok(a)
+    written
 }
 
 /// What a statement (or query string) touches, as written.

@@ -249,3 +249,52 @@ fn constants_read_back_whatever_they_hold() {
         assert_eq!(found.as_deref(), Some(v), "{out}");
     }
 }
+
+#[test]
+fn the_innermost_subqueries_when_the_rest_runs_on_the_shards() {
+    // The IN is co-located (orders by user_id): only the average is evaluated first.
+    let p = pre(
+        "SELECT * FROM users WHERE id IN (SELECT user_id FROM orders WHERE total > (SELECT avg(total) FROM orders))",
+    );
+    assert_eq!(
+        p.subqueries.iter().map(|s| &s.sql[..]).collect::<Vec<_>>(),
+        ["SELECT avg(total) FROM orders"]
+    );
+    assert_eq!(
+        p.substitute(&[answer(&["numeric"], &[&[Some("4.5")]])])
+            .unwrap(),
+        "SELECT * FROM users WHERE id IN (SELECT user_id FROM orders WHERE total > ($pgshard$4.5$pgshard$::NUMERIC))"
+    );
+    // Not co-located: the outermost, with its own subquery.
+    let p = pre(
+        "SELECT * FROM users WHERE id = ANY (SELECT id FROM events WHERE score > ALL (SELECT score FROM events WHERE kind = 'x')) AND name IN (SELECT kind FROM events)",
+    );
+    assert_eq!(
+        p.subqueries.iter().map(|s| &s.sql[..]).collect::<Vec<_>>(),
+        [
+            "SELECT id FROM events WHERE score > ALL(SELECT score FROM events WHERE kind = 'x')",
+            "SELECT kind FROM events",
+        ]
+    );
+    assert_eq!(
+        p.substitute(&[
+            answer(&["integer"], &[&[Some("1")]]),
+            answer(&["text"], &[&[Some("k")]]),
+        ])
+        .unwrap(),
+        "SELECT * FROM users WHERE id = ANY(SELECT * FROM (VALUES ($pgshard$1$pgshard$::INTEGER)) AS pgshard_rows) AND name IN ($pgshard$k$pgshard$::TEXT)"
+    );
+    // A comparison's rows before another subquery: each answer in its own place.
+    let p = pre(
+        "SELECT * FROM users WHERE score > ALL (SELECT score FROM events) AND name IN (SELECT kind FROM events) AND EXISTS (SELECT 1 FROM events)",
+    );
+    assert_eq!(
+        p.substitute(&[
+            answer(&["integer"], &[&[Some("3")]]),
+            answer(&["text"], &[&[Some("k")]]),
+            answer(&["integer"], &[]),
+        ])
+        .unwrap(),
+        "SELECT * FROM users WHERE score > ALL(SELECT * FROM (VALUES ($pgshard$3$pgshard$::INTEGER)) AS pgshard_rows) AND name IN ($pgshard$k$pgshard$::TEXT) AND false"
+    );
+}
