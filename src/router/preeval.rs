@@ -38,7 +38,6 @@ pub struct PreEval {
 pub struct Subquery {
     /// What pgshard runs (an EXISTS subquery limited to one row).
     pub sql: String,
-    form: Form,
 }
 
 /// Where the subquery stands, which tells what its result becomes.
@@ -340,10 +339,7 @@ fn evaluated_first(q: &Query, form: Form, rules: &Rules) -> Option<Subquery> {
             limit_by: Vec::new(),
         });
     }
-    Some(Subquery {
-        sql: q.to_string(),
-        form,
-    })
+    Some(Subquery { sql: q.to_string() })
 }
 
 impl VisitorMut for Replace<'_> {
