@@ -104,11 +104,25 @@ impl Session {
         a: &Analysis,
     ) -> Result<(), SessionError> {
         let b = protocol::parse_bind(frame)?;
-        let Some((query, types)) = self.route.texts.get(b.stmt).cloned() else {
-            self.local_error(multi_shard_error(shards, a));
+        let Some((query, types)) = self.statement_over(b.stmt, shards, a) else {
             return Ok(());
         };
         self.write_bound(&query, &types, b.rest, shards, a).await
+    }
+
+    /// The text and parameter types of the statement a Bind over `shards` binds; None
+    /// when pgshard does not know it (the client got the error).
+    fn statement_over(
+        &mut self,
+        stmt: &[u8],
+        shards: &[usize],
+        a: &Analysis,
+    ) -> Option<(Bytes, Bytes)> {
+        let known = self.route.texts.get(stmt).cloned();
+        if known.is_none() {
+            self.local_error(multi_shard_error(shards, a));
+        }
+        known
     }
 
     /// [`Session::write_bind`] of a statement (`query`, its parameter `types`) with a
@@ -308,8 +322,7 @@ impl Session {
             self.detach().await;
         }
         let b = protocol::parse_bind(frame)?;
-        let Some((query, types)) = self.route.texts.get(b.stmt).cloned() else {
-            self.local_error(multi_shard_error(shards, a));
+        let Some((query, types)) = self.statement_over(b.stmt, shards, a) else {
             return Ok(());
         };
         self.scatter_bound(&spec, &query, &types, b.rest, shards, a)
