@@ -387,6 +387,25 @@ pub fn answer(notices: BytesMut, frames: Vec<BytesMut>, req: &FinalRequest) -> B
     out
 }
 
+/// A read's shard answers merged by `spec` (values in `formats.0`) and, for an aggregate
+/// PostgreSQL finishes, its final query run on `node` (results in `formats.1`, with the
+/// client's parameters `client`), outside a transaction.
+pub async fn merged_and_finished(
+    db: &crate::cluster::Database,
+    node: (usize, Option<usize>),
+    results: Vec<Vec<BytesMut>>,
+    spec: &crate::router::merge::MergeSpec,
+    formats: (&[bool], &[bool]),
+    client: Option<&ClientParams<'_>>,
+    settings: (Option<&str>, u64),
+) -> Result<BytesMut, PgError> {
+    let merged = super::merge::merge_select(db, node, results, spec, formats.0, settings).await?;
+    match &spec.finalize {
+        Some(fin) => run(db, node, fin, merged, formats.1, client, settings).await,
+        None => Ok(merged),
+    }
+}
+
 /// Runs the final query of `fin` over a merged result on `node` of a shard (outside a
 /// transaction: a connection of its own, given the client's settings and their
 /// fingerprint), or returns the merged result when it is an error.

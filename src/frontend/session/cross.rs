@@ -203,7 +203,7 @@ impl Session {
         }
         let out = match &plan {
             Multi::Merge(spec) => {
-                let mut merged = match scatter::run_on_shards(
+                let merged = match scatter::run_on_shards(
                     &self.db,
                     &nodes,
                     scatter::Request::Simple(a.shard_sql.as_deref().unwrap_or(sql)),
@@ -214,23 +214,19 @@ impl Session {
                 {
                     Ok(r) => {
                         let settings = (Some(&prelude[..]), self.settings_fp);
-                        scatter::merge_select(&self.db, nodes[0], r, spec, &[], settings).await
+                        crate::exec::finalize::merged_and_finished(
+                            &self.db,
+                            nodes[0],
+                            r,
+                            spec,
+                            (&[], &[]),
+                            None,
+                            settings,
+                        )
+                        .await
                     }
                     Err(e) => Err(e),
                 };
-                if let (Ok(out), Some(fin)) = (&mut merged, &spec.finalize) {
-                    let out = std::mem::take(out);
-                    merged = crate::exec::finalize::run(
-                        &self.db,
-                        nodes[0],
-                        fin,
-                        out,
-                        &[],
-                        None,
-                        (Some(&prelude), self.settings_fp),
-                    )
-                    .await;
-                }
                 merged.map(|out| self.merged_answer(a, out))
             }
             Multi::SplitInsert(split) => scatter::run_each_all_or_none(

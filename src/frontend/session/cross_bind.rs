@@ -365,32 +365,25 @@ impl Session {
         )
         .await;
         let formats = scatter::result_formats(&bind_rest);
-        let mut merged = match results {
-            Ok(r) => {
+        let merged = match (
+            results,
+            crate::exec::finalize::ClientParams::of(types, rest),
+        ) {
+            (Ok(r), Ok(client)) => {
                 let settings = (Some(&prelude[..]), self.settings_fp);
-                scatter::merge_select(&self.db, nodes[0], r, spec, &formats, settings).await
+                crate::exec::finalize::merged_and_finished(
+                    &self.db,
+                    nodes[0],
+                    r,
+                    spec,
+                    (&formats, &client_formats(a, rest)),
+                    Some(&client),
+                    settings,
+                )
+                .await
             }
-            Err(e) => Err(e),
+            (Err(e), _) | (_, Err(e)) => Err(e),
         };
-        if let (Ok(out), Some(fin)) = (&mut merged, &spec.finalize) {
-            let out = std::mem::take(out);
-            let formats = client_formats(a, rest);
-            merged = match crate::exec::finalize::ClientParams::of(types, rest) {
-                Ok(client) => {
-                    crate::exec::finalize::run(
-                        &self.db,
-                        nodes[0],
-                        fin,
-                        out,
-                        &formats,
-                        Some(&client),
-                        (Some(&prelude), self.settings_fp),
-                    )
-                    .await
-                }
-                Err(e) => Err(e),
-            };
-        }
         self.hold_merged(merged, a);
         Ok(())
     }

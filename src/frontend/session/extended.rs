@@ -9,7 +9,7 @@ use super::route::{CACHE_LIMIT, Dest, aborted, cross_shard_txn, is_copy, mergeab
 use super::{Pending, Session, SessionError};
 use crate::config::PoolMode;
 use crate::protocol::{self, PgError};
-use crate::router::{self, Kind, Params};
+use crate::router::{self, Kind};
 use bytes::Bytes;
 
 impl Session {
@@ -585,12 +585,7 @@ impl Session {
         let Some((query, types)) = self.route.texts.get(b.stmt).cloned() else {
             return Ok(Ok(Dest::Shard(self.home_shard())));
         };
-        let (binary, values) = protocol::bind_params(b.rest)?;
-        let params = Params {
-            values,
-            binary,
-            oids: protocol::parse_oids(&types),
-        };
+        let params = super::route::bound_params(&types, b.rest)?;
         let Ok(sql) = std::str::from_utf8(&query) else {
             return Ok(Ok(Dest::Shard(self.home_shard())));
         };

@@ -47,12 +47,7 @@ impl Session {
         types: &[u8],
         rest: &[u8],
     ) -> Result<(), SessionError> {
-        let (binary, values) = protocol::bind_params(rest)?;
-        let params = Params {
-            values,
-            binary,
-            oids: protocol::parse_oids(types),
-        };
+        let params = super::route::bound_params(types, rest)?;
         if !self.answer_held().await? {
             return Ok(());
         }

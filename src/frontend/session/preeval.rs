@@ -6,7 +6,7 @@
 //! portal, as for other Binds pgshard carries out).
 
 use super::insert_select::bound_parts;
-use super::route::{Dest, mergeable};
+use super::route::{Dest, bound_params, mergeable};
 use super::{Session, SessionError};
 use crate::config::PoolMode;
 use crate::exec::scatter;
@@ -26,6 +26,12 @@ pub(super) enum Pre {
     Failed(Result<BytesMut, PgError>),
     /// The client got an error already (a server connection lost, a shard unavailable).
     Answered,
+}
+
+impl From<crate::router::preeval::SubstituteError> for PgError {
+    fn from(e: crate::router::preeval::SubstituteError) -> PgError {
+        PgError::new(e.code, e.message)
+    }
 }
 
 /// How deep subqueries with subqueries of their own to evaluate first are followed.
@@ -52,7 +58,7 @@ impl Session {
         Ok(match self.answers(&pre, sql, How::Simple, 0).await? {
             Ok(answers) => match pre.1.substitute(&answers) {
                 Ok(sql) => Pre::Rewritten(sql),
-                Err(e) => Pre::Failed(Err(PgError::new(e.code, e.message))),
+                Err(e) => Pre::Failed(Err(e.into())),
             },
             Err(pre) => pre,
         })
@@ -75,12 +81,7 @@ impl Session {
             return Ok(false);
         };
         let rest = b.rest.to_vec();
-        let (binary, values) = protocol::bind_params(&rest)?;
-        let params = Params {
-            values,
-            binary,
-            oids: protocol::parse_oids(&types),
-        };
+        let params = bound_params(&types, &rest)?;
         let Some(pre) = self.pre_evaluation(sql, &params) else {
             return Ok(false);
         };
@@ -96,10 +97,7 @@ impl Session {
             .answers(&pre, sql, How::Bound(&types, &rest), 0)
             .await?
         {
-            Ok(answers) => pre
-                .1
-                .substitute(&answers)
-                .map_err(|e| PgError::new(e.code, e.message)),
+            Ok(answers) => pre.1.substitute(&answers).map_err(PgError::from),
             Err(Pre::Failed(out)) => {
                 self.bind_pre_failed(out).await?;
                 return Ok(true);
@@ -119,12 +117,7 @@ impl Session {
                 return Ok(true);
             }
         };
-        let (binary, values) = protocol::bind_params(&rest)?;
-        let params = Params {
-            values,
-            binary,
-            oids: protocol::parse_oids(&types),
-        };
+        let params = bound_params(&types, &rest)?;
         self.route.uncached = true;
         self.route.decided_read = false;
         let dest = self.decide_async(&sql, &params).await;
@@ -299,14 +292,7 @@ impl Session {
             |code: &'static str, why: String| Err(Pre::Failed(Err(PgError::new(code, why))));
         let params = match how {
             How::Simple => Params::default(),
-            How::Bound(types, rest) => {
-                let (binary, values) = protocol::bind_params(rest)?;
-                Params {
-                    values,
-                    binary,
-                    oids: protocol::parse_oids(types),
-                }
-            }
+            How::Bound(types, rest) => bound_params(types, rest)?,
         };
         // A subquery with subqueries of its own to evaluate first: those first.
         let mut own = None;
@@ -509,21 +495,16 @@ impl Session {
                 .await;
         if let (Ok(r), Some(spec)) = (&mut out, spec) {
             let r = std::mem::take(r);
-            let mut merged =
-                scatter::merge_select(&self.db, nodes[0], r, spec, &[], settings).await;
-            if let (Ok(m), Some(fin)) = (&mut merged, &spec.finalize) {
-                let m = std::mem::take(m);
-                merged = crate::exec::finalize::run(
-                    &self.db,
-                    nodes[0],
-                    fin,
-                    m,
-                    &[],
-                    client.as_ref(),
-                    settings,
-                )
-                .await;
-            }
+            let merged = crate::exec::finalize::merged_and_finished(
+                &self.db,
+                nodes[0],
+                r,
+                spec,
+                (&[], &[]),
+                client.as_ref(),
+                settings,
+            )
+            .await;
             let mut status = self.status;
             return Ok(answer_of(merged, &mut status));
         }

@@ -96,6 +96,20 @@ pub(super) enum Dest {
     Multi(Vec<usize>, Arc<Analysis>),
 }
 
+/// A Bind's parameters for routing: its values (`rest`, the Bind's body after its names)
+/// with the types its statement's Parse declared.
+pub(super) fn bound_params<'a>(
+    types: &[u8],
+    rest: &'a [u8],
+) -> Result<Params<'a>, protocol::ProtocolError> {
+    let (binary, values) = protocol::bind_params(rest)?;
+    Ok(Params {
+        values,
+        binary,
+        oids: protocol::parse_oids(types),
+    })
+}
+
 fn route_err(e: RouteError) -> PgError {
     PgError::new(e.sqlstate(), e.to_string())
 }
