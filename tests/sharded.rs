@@ -3297,7 +3297,9 @@ async fn answers_past_max_merge_bytes_fail_with_54000_and_the_rest_goes_on() {
     )
     .await
     .unwrap();
-    let yaml = cluster2().config_yaml("127.0.0.1:0", "transaction", 2);
+    let yaml = cluster2()
+        .config_yaml("127.0.0.1:0", "transaction", 2)
+        .replace("users:\n", "users:\n  - { name: trusty, auth: trust }\n");
     let (small, server) = start_proxy_server(
         pgshard::config::Config::from_yaml(&format!("{yaml}{RULES}    max_merge_bytes: 65536\n"))
             .unwrap(),
@@ -3360,10 +3362,27 @@ async fn answers_past_max_merge_bytes_fail_with_54000_and_the_rest_goes_on() {
             all.iter()
                 .all(|r| r[1].as_deref().map(str::len) == Some(2000))
         );
+        // The extended protocol too (binary results), pipelined batches as well.
+        let (all, few) = futures_util::join!(
+            l.query("SELECT id, pad FROM big_t WHERE id > $1", &[&0i64]),
+            l.query("SELECT pad FROM big_t WHERE id <= $1", &[&3i64])
+        );
+        let all = all.unwrap();
+        assert_eq!(all.len(), 200);
+        assert!(all.iter().all(|r| r.get::<_, String>(1).len() == 2000));
+        let mut ids: Vec<i64> = all.iter().map(|r| r.get(0)).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, (1..=200).collect::<Vec<i64>>());
+        assert_eq!(few.unwrap().len(), 3);
         // A shard's error in the middle of the stream ends it as PostgreSQL's would; the
         // connections stay in step.
         let e = l
             .simple_query("SELECT id, 1 / (id - 150) FROM big_t")
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&e), "22012", "{e:?}");
+        let e = l
+            .query("SELECT id, 1 / (id - $1) FROM big_t", &[&150i64])
             .await
             .unwrap_err();
         assert_eq!(sqlstate(&e), "22012", "{e:?}");
@@ -3374,6 +3393,76 @@ async fn answers_past_max_merge_bytes_fail_with_54000_and_the_rest_goes_on() {
             .get(0);
         assert_eq!(n, 200);
     }
+    // As JDBC, psycopg and libpq's PQexecParams send it: the portal described, then
+    // executed (again: an exhausted portal, as a server's), answered as one server would.
+    let batch = [
+        msg::parse("", "SELECT id, pad FROM big_t"),
+        msg::bind("", "", &[]),
+        msg::describe_portal(""),
+        msg::execute(""),
+        msg::execute(""),
+        msg::sync(),
+    ]
+    .concat();
+    let mut proxy = Raw::startup(small, "trusty", "app").await;
+    proxy.until_ready().await;
+    let mut direct = Raw::startup(([127, 0, 0, 1], ports()[0]).into(), "postgres", "app").await;
+    direct.until_ready().await;
+    for _ in 0..2 {
+        proxy.send(&batch).await;
+        direct.send(&batch).await;
+        let (p, d) = (proxy.until_ready().await, direct.until_ready().await);
+        assert_eq!(p.matches('D').count(), 200, "{p}");
+        let tags = |t: &str| t.replace('D', "");
+        assert_eq!(tags(&p), tags(&d));
+        assert_eq!(tags(&p), "12TCCZ");
+    }
+    // Inside a transaction too, each shard in turn on the transaction's connection: the
+    // rows include the transaction's own, and a shard's error aborts it.
+    for _ in 0..2 {
+        l.batch_execute("BEGIN; INSERT INTO big_t (id, pad) VALUES (1001, repeat('z', 2000))")
+            .await
+            .unwrap();
+        let all = rows(&l.simple_query("SELECT id, pad FROM big_t").await.unwrap());
+        assert_eq!(all.len(), 201);
+        assert!(all.iter().any(|r| r[0].as_deref() == Some("1001")));
+        let all = l
+            .query("SELECT id, pad FROM big_t WHERE id > $1", &[&1i64])
+            .await
+            .unwrap();
+        assert_eq!(all.len(), 200);
+        assert!(all.iter().any(|r| r.get::<_, i64>(0) == 1001));
+        let e = l
+            .simple_query("SELECT id, 1 / (id - 150) FROM big_t")
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&e), "22012", "{e:?}");
+        let e = l.simple_query("SELECT 1").await.unwrap_err();
+        assert_eq!(sqlstate(&e), "25P02", "{e:?}");
+        l.batch_execute("ROLLBACK").await.unwrap();
+        // And a shard's error in the extended protocol.
+        l.batch_execute("BEGIN").await.unwrap();
+        let e = l
+            .query("SELECT id, 1 / (id - $1) FROM big_t", &[&150i64])
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&e), "22012", "{e:?}");
+        let e = l.query("SELECT 1", &[]).await.unwrap_err();
+        assert_eq!(sqlstate(&e), "25P02", "{e:?}");
+        l.batch_execute("ROLLBACK").await.unwrap();
+    }
+    l.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .unwrap();
+    let all = rows(&l.simple_query("SELECT id FROM big_t").await.unwrap());
+    assert_eq!(all.len(), 200);
+    l.batch_execute("COMMIT").await.unwrap();
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM big_t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 200);
     // Counted for the operator: 3 x 2 reads, one in a transaction, one write.
     let hits = sample(
         &pgshard::admin::metrics::render(&server),

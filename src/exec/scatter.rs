@@ -9,6 +9,7 @@ use crate::protocol::{self, PgError};
 use bytes::{BufMut, BytesMut};
 
 /// What to run on each shard.
+#[derive(Clone, Copy)]
 pub enum Request<'a> {
     /// A simple Query.
     Simple(&'a str),

@@ -351,6 +351,11 @@ pub mod msg {
         b.extend(0i32.to_be_bytes());
         frame(b'E', &b)
     }
+    pub fn describe_portal(name: &str) -> Vec<u8> {
+        let mut b = vec![b'P'];
+        b.extend(cstr(name));
+        frame(b'D', &b)
+    }
     pub fn describe_stmt(name: &str) -> Vec<u8> {
         let mut b = vec![b'S'];
         b.extend(cstr(name));

@@ -56,6 +56,13 @@ pub(super) fn multi_shard_error(shards: &[usize], a: &Analysis) -> PgError {
     }
 }
 
+/// Whether a read's rows go to the client as the shards send them (`stream.rs`): they
+/// only concatenate, no final query finishes them, and neither a cursor nor COPY takes
+/// them.
+pub(super) fn streams(spec: &crate::router::merge::MergeSpec, a: &Analysis) -> bool {
+    spec.is_concatenation() && spec.finalize.is_none() && a.cursor.is_none() && a.copy_to.is_none()
+}
+
 impl Session {
     /// How a statement over several shards runs, or why it cannot.
     pub(super) fn multi_plan(&self, shards: &[usize], a: &Analysis) -> Result<Multi, PgError> {
@@ -189,13 +196,11 @@ impl Session {
         let nodes = self.read_nodes(&shards);
         let started = std::time::Instant::now();
         if let Multi::Merge(spec) = &plan
-            && spec.is_concatenation()
-            && spec.finalize.is_none()
-            && a.cursor.is_none()
-            && a.copy_to.is_none()
+            && streams(spec, a)
         {
             // Rows that only concatenate: streamed, not held.
-            self.stream_rows(&nodes, a.shard_sql.as_deref().unwrap_or(sql), &prelude)
+            let sql = a.shard_sql.as_deref().unwrap_or(sql);
+            self.stream_rows(&nodes, scatter::Request::Simple(sql), &prelude, true)
                 .await?;
             self.cross_shard_done(&shards, "stream", started.elapsed(), sql);
             protocol::write_ready(&mut self.cout, self.status);

@@ -352,18 +352,21 @@ impl Session {
             crate::metrics::inc(&self.db.shards[s].stats.cross_shard);
         }
         let nodes = self.read_nodes(shards);
-        let results = scatter::run_on_shards(
-            &self.db,
-            &nodes,
-            scatter::Request::Extended {
-                query: a.shard_sql.as_deref().map_or(query, str::as_bytes),
-                types: &shard_types,
-                bind_rest: &bind_rest,
-            },
-            Some(&prelude),
-            self.settings_fp,
-        )
-        .await;
+        let req = scatter::Request::Extended {
+            query: a.shard_sql.as_deref().map_or(query, str::as_bytes),
+            types: &shard_types,
+            bind_rest: &bind_rest,
+        };
+        if super::cross::streams(spec, a) {
+            let started = std::time::Instant::now();
+            if self.stream_bound(&nodes, req, &prelude).await? {
+                let sql = String::from_utf8_lossy(query);
+                self.cross_shard_done(shards, "stream", started.elapsed(), &sql);
+                return Ok(());
+            }
+        }
+        let results =
+            scatter::run_on_shards(&self.db, &nodes, req, Some(&prelude), self.settings_fp).await;
         let formats = scatter::result_formats(&bind_rest);
         let merged = match (
             results,
@@ -417,6 +420,9 @@ impl Session {
             &shard_types,
             &bind_rest,
         );
+        if super::cross::streams(spec, a) && self.stream_bound_in_transaction(&req, shards).await? {
+            return Ok(());
+        }
         let mut results = Vec::with_capacity(shards.len());
         for &s in shards {
             crate::metrics::inc(&self.db.shards[s].stats.cross_shard);

@@ -355,6 +355,15 @@ impl Session {
     ) -> Result<(), SessionError> {
         let implicit = self.begin_implicit().await?;
         let started = std::time::Instant::now();
+        if let super::cross::Multi::Merge(spec) = &plan
+            && !implicit
+            && super::cross::streams(spec, a)
+        {
+            let sql = a.shard_sql.as_deref().unwrap_or(sql);
+            self.stream_in_transaction(sql, &shards).await?;
+            self.cross_shard_done(&shards, "stream", started.elapsed(), sql);
+            return Ok(());
+        }
         let Some(mut out) = self.multi_tx_out(sql, &shards, &plan, a, implicit).await? else {
             return Ok(());
         };

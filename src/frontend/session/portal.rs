@@ -198,7 +198,7 @@ impl VirtualPortals {
 }
 
 /// The portal name and row limit of an Execute.
-fn parse_execute(frame: &[u8]) -> Result<(&[u8], u32), SessionError> {
+pub(super) fn parse_execute(frame: &[u8]) -> Result<(&[u8], u32), SessionError> {
     let body = frame.get(5..).unwrap_or_default();
     let malformed = || crate::protocol::ProtocolError::Malformed {
         what: "Execute",
@@ -273,6 +273,18 @@ impl Session {
             undo: None,
         });
         self.relay.drain_local(&mut self.cout);
+    }
+
+    /// Portal `name`, whose rows went to the client as they came (`stream.rs`): a later
+    /// Execute of it returns none, and a Describe its description, as a server's
+    /// exhausted portal.
+    pub(super) fn hold_exhausted_portal(&mut self, name: &[u8], description: Bytes) {
+        self.route
+            .portals
+            .insert(name, description, Bytes::new(), Hold::No);
+        if let Some(p) = self.route.portals.get_mut(name) {
+            p.done = true;
+        }
     }
 
     /// An error for the client in place of a Bind's result: as PostgreSQL, the rest of

@@ -1,43 +1,52 @@
 //! Reads over several shards whose rows only concatenate (no ORDER BY, LIMIT, DISTINCT or
-//! aggregate over them), in the simple protocol outside a transaction: each shard's rows
-//! go to the client as they come, shard after shard, as bytes, instead of being held
-//! until every shard has answered. Memory stays bounded whatever the table's size
-//! (`max_merge_bytes` does not apply), and the first rows reach the client sooner. A
-//! shard's error after another shard's rows ends the answer as an error in the middle of
-//! a scan does on one server.
+//! aggregate over them), in the simple protocol: each shard's rows go to the client as
+//! they come, shard after shard, as bytes, instead of being held until every shard has
+//! answered. Memory stays bounded whatever the table's size (`max_merge_bytes` does not
+//! apply), and the first rows reach the client sooner. A shard's error after another
+//! shard's rows ends the answer as an error in the middle of a scan does on one server.
+//! Outside a transaction the shards run in parallel on pooled connections; inside one,
+//! each in turn on the transaction's own connection to it (`stream_in_transaction`).
 
 use super::{Session, SessionError};
 use crate::exec::scatter::{Request, Sent};
 use crate::protocol::{self, PgError};
+use bytes::Bytes;
+
+/// How a stream inside a transaction ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Streamed {
+    /// Every row and the tag went out; the shards' RowDescription.
+    Rows(Bytes),
+    /// The client got an error in its place (the transaction is aborted).
+    Failed,
+    /// A server connection was lost (`backend_lost` told the client).
+    Gone,
+}
 
 /// Rows written to the client are flushed once this many bytes wait.
 const FLUSH_AT: usize = 64 * 1024;
 
 impl Session {
-    /// Streams `sql`'s rows from `nodes` to the client, then its tag (not ReadyForQuery).
+    /// Streams the rows `req` reads on `nodes` to the client, then its tag (not
+    /// ReadyForQuery); the RowDescription goes first when `describe`. The description
+    /// (None when the client got an error instead of the tag).
     pub(super) async fn stream_rows(
         &mut self,
         nodes: &[(usize, Option<usize>)],
-        sql: &str,
+        req: Request<'_>,
         prelude: &str,
-    ) -> Result<(), SessionError> {
+        describe: bool,
+    ) -> Result<Option<Bytes>, SessionError> {
         self.relay.drain_local(&mut self.cout);
-        let sent = Sent::start(
-            &self.db,
-            nodes,
-            Request::Simple(sql),
-            Some(prelude),
-            self.settings_fp,
-        )
-        .await;
+        let sent = Sent::start(&self.db, nodes, req, Some(prelude), self.settings_fp).await;
         let mut sent = match sent {
             Ok(s) => s,
             Err(e) => {
                 self.stream_error(e);
-                return Ok(());
+                return Ok(None);
             }
         };
-        let mut described = false;
+        let mut description = None;
         let mut rows: u64 = 0;
         for i in 0..sent.len() {
             loop {
@@ -46,15 +55,17 @@ impl Session {
                     Err(e) => {
                         sent.abandon(i, false).await;
                         self.stream_error(e);
-                        return Ok(());
+                        return Ok(None);
                     }
                 };
                 match f[0] {
                     b'Z' => break,
-                    b'T' if described => {}
+                    b'T' if description.is_some() => {}
                     b'T' => {
-                        described = true;
-                        self.cout.extend_from_slice(&f);
+                        if describe {
+                            self.cout.extend_from_slice(&f);
+                        }
+                        description = Some(f.freeze());
                     }
                     b'D' => {
                         rows += 1;
@@ -73,7 +84,7 @@ impl Session {
                                 break;
                             }
                         }
-                        return Ok(());
+                        return Ok(None);
                     }
                     // Notices and the like, as they come.
                     _ => self.cout.extend_from_slice(&f),
@@ -85,12 +96,229 @@ impl Session {
                 }
             }
         }
-        if !described {
+        let Some(description) = description else {
             self.stream_error(PgError::new("XX000", "no row description from any shard"));
-            return Ok(());
-        }
+            return Ok(None);
+        };
         protocol::write_complete(&mut self.cout, &format!("SELECT {rows}"));
+        Ok(Some(description))
+    }
+
+    /// A Bind over several shards whose rows stream (`cross::streams`), outside a
+    /// transaction: when the client's Execute of the portal, without a row limit (and a
+    /// Describe of it before), already waits in the read buffer, pgshard answers the
+    /// three at once, streaming the rows as they come; the portal is then held
+    /// exhausted. False when they are not there (the rows are then held for the
+    /// Execute, bounded by `max_merge_bytes`).
+    pub(super) async fn stream_bound(
+        &mut self,
+        nodes: &[(usize, Option<usize>)],
+        req: Request<'_>,
+        prelude: &str,
+    ) -> Result<bool, SessionError> {
+        let Some(describe) = self.take_describe_execute() else {
+            return Ok(false);
+        };
+        let portal = self.bind_complete();
+        match self.stream_rows(nodes, req, prelude, describe).await? {
+            Some(description) => self.hold_exhausted_portal(&portal, description),
+            // As after any error in the extended protocol: the rest of the batch is
+            // skipped, up to its Sync.
+            None => self.local_skip = true,
+        }
+        Ok(true)
+    }
+
+    /// Takes the client's Describe (optional) and Execute (without a row limit) of the
+    /// portal being bound out of the read buffer, when both are there: Some(whether it
+    /// described the portal).
+    fn take_describe_execute(&mut self) -> Option<bool> {
+        let portal = &self.route.bind_portal;
+        let max = self.max_message;
+        let next = |at: usize| -> Option<&[u8]> {
+            let rest = self.crbuf.get(at..)?;
+            let n = protocol::frame_len(rest, max).ok()??;
+            Some(&rest[..n])
+        };
+        let mut at = 0;
+        let mut describe = false;
+        let mut f = next(at)?;
+        if f[0] == b'D' {
+            match protocol::parse_target(f, "Describe") {
+                Ok((b'P', name)) if name == &portal[..] => {}
+                _ => return None,
+            }
+            describe = true;
+            at += f.len();
+            f = next(at)?;
+        }
+        if f[0] != b'E' {
+            return None;
+        }
+        match super::portal::parse_execute(f) {
+            Ok((name, 0)) if name == &portal[..] => {}
+            _ => return None,
+        }
+        at += f.len();
+        let taken = self.crbuf.split_to(at);
+        if self.unnamed.watching() {
+            for f in protocol::frames(&taken) {
+                self.unnamed.observe(f);
+            }
+        }
+        Some(describe)
+    }
+
+    /// Streams `sql`'s rows from `shards`, each in turn, inside the client's transaction
+    /// (each shard joins it), then its tag and ReadyForQuery. A shard's error ends the
+    /// answer and aborts the transaction, as an error does on one server.
+    pub(super) async fn stream_in_transaction(
+        &mut self,
+        sql: &str,
+        shards: &[usize],
+    ) -> Result<(), SessionError> {
+        let mut query = bytes::BytesMut::new();
+        protocol::write_query(&mut query, sql);
+        if self.stream_each(&query, shards, true).await? != Streamed::Gone {
+            protocol::write_ready(&mut self.cout, self.status);
+        }
         Ok(())
+    }
+
+    /// A Bind over several shards whose rows stream (`cross::streams`), inside the
+    /// client's transaction: as [`Session::stream_bound`], each shard in turn joining the
+    /// transaction and running `req` (Parse, Bind, Describe, Execute, Sync).
+    pub(super) async fn stream_bound_in_transaction(
+        &mut self,
+        req: &[u8],
+        shards: &[usize],
+    ) -> Result<bool, SessionError> {
+        let Some(describe) = self.take_describe_execute() else {
+            return Ok(false);
+        };
+        let portal = self.bind_complete();
+        match self.stream_each(req, shards, describe).await? {
+            Streamed::Rows(description) => self.hold_exhausted_portal(&portal, description),
+            Streamed::Failed => self.local_skip = true,
+            // (`backend_lost` ended the batch.)
+            Streamed::Gone => {}
+        }
+        Ok(true)
+    }
+
+    /// Runs `request` (a Query, or an extended request ending in Sync) on each of
+    /// `shards` in turn inside the transaction, streaming the rows to the client and
+    /// then their tag (not ReadyForQuery); the first RowDescription when `describe`.
+    async fn stream_each(
+        &mut self,
+        request: &[u8],
+        shards: &[usize],
+        describe: bool,
+    ) -> Result<Streamed, SessionError> {
+        self.relay.drain_local(&mut self.cout);
+        let mut description: Option<Bytes> = None;
+        let mut failed = false;
+        let mut rows: u64 = 0;
+        for &s in shards {
+            crate::metrics::inc(&self.db.shards[s].stats.cross_shard);
+            if !self.enter_shard(s).await? {
+                // The client got the error (the shard is unavailable).
+                self.status = b'E';
+                return Ok(Streamed::Failed);
+            }
+            self.reads.executed = true;
+            let sent = match self.backend.as_mut() {
+                Some(b) => b.send(request).await.map_err(|e| e.to_string()),
+                None => Err("no server connection".to_string()),
+            };
+            if let Err(why) = sent {
+                self.backend_lost(why);
+                return Ok(Streamed::Gone);
+            }
+            loop {
+                let read = match self.backend.as_mut() {
+                    Some(b) => b.read_frame().await.map_err(|e| e.to_string()),
+                    None => Err("no server connection".to_string()),
+                };
+                let mut f = match read {
+                    Ok(f) => f,
+                    Err(why) => {
+                        self.backend_lost(why);
+                        return Ok(Streamed::Gone);
+                    }
+                };
+                match f[0] {
+                    b'Z' => {
+                        self.status = f.get(5).copied().unwrap_or(b'E');
+                        break;
+                    }
+                    b'T' if description.is_some() => {}
+                    b'T' => {
+                        if describe {
+                            self.cout.extend_from_slice(&f);
+                        }
+                        description = Some(f.freeze());
+                    }
+                    b'D' => {
+                        rows += 1;
+                        self.cout.extend_from_slice(&f);
+                    }
+                    // Each shard's tag, and the extended request's acknowledgements.
+                    b'C' | b'1' | b'2' => {}
+                    b'E' => {
+                        // The transaction is aborted on this shard (for the client,
+                        // everywhere): the shards after it are not asked.
+                        if let Some(r) = &self.multi.txn
+                            && let Some(e) = r.deadlock_error(&f)
+                        {
+                            f = e;
+                        }
+                        self.cout.extend_from_slice(&f);
+                        failed = true;
+                    }
+                    // A SELECT answers no COPY; one would desynchronize the connection.
+                    b'G' | b'H' | b'W' => {
+                        if let Some(b) = self.backend.as_mut() {
+                            b.broken = true;
+                        }
+                        self.backend_lost("unexpected COPY in a multi-shard read".into());
+                        return Ok(Streamed::Gone);
+                    }
+                    b'S' => {
+                        super::server_frames::saw_parameter(&mut self.zone, &f);
+                        self.cout.extend_from_slice(&f);
+                    }
+                    // Notices and the like, as they come.
+                    _ => self.cout.extend_from_slice(&f),
+                }
+                if self.cout.len() >= FLUSH_AT {
+                    self.flush_client().await?;
+                }
+            }
+            if failed {
+                self.status = b'E';
+                return Ok(Streamed::Failed);
+            }
+        }
+        let Some(description) = description else {
+            self.status = b'E';
+            self.stream_error(PgError::new("XX000", "no row description from any shard"));
+            return Ok(Streamed::Failed);
+        };
+        protocol::write_complete(&mut self.cout, &format!("SELECT {rows}"));
+        Ok(Streamed::Rows(description))
+    }
+
+    /// BindComplete for the Bind being handled, whose portal pgshard answers; the
+    /// portal's name (any held portal of that name is gone).
+    fn bind_complete(&mut self) -> Bytes {
+        let portal = std::mem::take(&mut self.route.bind_portal);
+        self.route.portals.remove(&portal);
+        self.relay.push(super::Pending::Synth {
+            frame: super::portal::empty(b'2'),
+            undo: None,
+        });
+        portal
     }
 
     fn stream_error(&mut self, e: PgError) {
