@@ -3305,7 +3305,8 @@ async fn answers_past_max_merge_bytes_fail_with_54000_and_the_rest_goes_on() {
             .unwrap(),
     );
     let mut l = connect(small).await;
-    let big = "SELECT id, pad FROM big_t ORDER BY id";
+    // (DISTINCT: merged held. Rows that only concatenate or are only ordered stream.)
+    let big = "SELECT DISTINCT id, pad FROM big_t ORDER BY id";
     for _ in 0..3 {
         // Simple and extended protocol; the pool's connections stay usable after.
         let e = l.simple_query(big).await.unwrap_err();
@@ -3392,6 +3393,63 @@ async fn answers_past_max_merge_bytes_fail_with_54000_and_the_rest_goes_on() {
             .unwrap()
             .get(0);
         assert_eq!(n, 200);
+    }
+    // Rows ordered over the shards stream too, merged as each shard sends them sorted:
+    // with hidden sort columns, LIMIT and OFFSET, in both protocols, pipelined.
+    for _ in 0..2 {
+        let all = rows(
+            &l.simple_query("SELECT id, pad FROM big_t ORDER BY id")
+                .await
+                .unwrap(),
+        );
+        let ids: Vec<i64> = all
+            .iter()
+            .map(|r| r[0].as_ref().unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(ids, (1..=200).collect::<Vec<i64>>());
+        let pads = rows(
+            &l.simple_query("SELECT pad FROM big_t ORDER BY id DESC")
+                .await
+                .unwrap(),
+        );
+        assert_eq!(pads.len(), 200);
+        assert!(pads.iter().all(|r| r.len() == 1));
+        let page = rows(
+            &l.simple_query("SELECT id FROM big_t ORDER BY id DESC LIMIT 4 OFFSET 150")
+                .await
+                .unwrap(),
+        );
+        assert_eq!(
+            page,
+            [["50"], ["49"], ["48"], ["47"]].map(|r| r.map(|v| Some(v.to_string())))
+        );
+        let (all, page) = futures_util::join!(
+            l.query(
+                "SELECT id, pad FROM big_t WHERE id > $1 ORDER BY id DESC",
+                &[&0i64]
+            ),
+            l.query(
+                "SELECT id FROM big_t ORDER BY pad, id LIMIT $1 OFFSET $2",
+                &[&3i64, &10i64]
+            )
+        );
+        let ids: Vec<i64> = all.unwrap().iter().map(|r| r.get(0)).collect();
+        assert_eq!(ids, (1..=200).rev().collect::<Vec<i64>>());
+        let ids: Vec<i64> = page.unwrap().iter().map(|r| r.get(0)).collect();
+        assert_eq!(ids, [11, 12, 13]);
+        let e = l
+            .simple_query("SELECT id, 1 / (id - 150) FROM big_t ORDER BY id")
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&e), "22012", "{e:?}");
+        let e = l
+            .query(
+                "SELECT id, 1 / (id - $1) FROM big_t ORDER BY id",
+                &[&150i64],
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&e), "22012", "{e:?}");
     }
     // As JDBC, psycopg and libpq's PQexecParams send it: the portal described, then
     // executed (again: an exhausted portal, as a server's), answered as one server would.

@@ -5,7 +5,7 @@
 
 use super::order::{self, Ordered};
 use super::scatter::first_error;
-use super::values::{add, sortable, unmergeable};
+use super::values::{add, unmergeable};
 use crate::protocol::{self, PgError};
 use crate::router::analyze::{MergeSpec, OrderCol};
 use crate::router::merge::Column;
@@ -15,7 +15,7 @@ use std::collections::HashMap;
 
 /// The byte offset in a RowDescription (`row` false) or DataRow (`row` true) just after
 /// its first `n` fields.
-fn prefix_end(frame: &[u8], n: usize, row: bool) -> usize {
+pub(super) fn prefix_end(frame: &[u8], n: usize, row: bool) -> usize {
     let mut i = 7;
     for _ in 0..n {
         if i >= frame.len() {
@@ -345,8 +345,8 @@ fn aggregate(
 /// One ORDER BY key of a merge: its column, direction, and the collation its item names.
 pub(super) struct SortKey {
     pub idx: usize,
-    desc: bool,
-    nulls_first: bool,
+    pub desc: bool,
+    pub nulls_first: bool,
     pub collation: Option<String>,
 }
 
@@ -508,53 +508,8 @@ fn merge_ordered(
         rows.retain(|r| seen.insert(r.clone()));
     }
     if !spec.order.is_empty() {
-        let keys = sort_keys(&cols, spec)?;
-        for (n, k) in keys.iter().enumerate() {
-            let oid = cols[k.idx].1;
-            if order.key_class(n).is_none() && !sortable(oid, binary_at(k.idx)) {
-                return Err(PgError::new(
-                    "0A000",
-                    format!(
-                        "ORDER BY across shards on a column of type oid {oid} in binary format is not supported yet"
-                    ),
-                ));
-            }
-        }
-        rows.sort_by(|x, y| {
-            let (fx, fy) = (fields(x), fields(y));
-            for (n, k) in keys.iter().enumerate() {
-                let o = match (
-                    fx.get(k.idx).copied().flatten(),
-                    fy.get(k.idx).copied().flatten(),
-                ) {
-                    (None, None) => Ordering::Equal,
-                    (None, Some(_)) => {
-                        if k.nulls_first {
-                            Ordering::Less
-                        } else {
-                            Ordering::Greater
-                        }
-                    }
-                    (Some(_), None) => {
-                        if k.nulls_first {
-                            Ordering::Greater
-                        } else {
-                            Ordering::Less
-                        }
-                    }
-                    (Some(a), Some(b)) => {
-                        let o = order
-                            .compare(order.key_class(n), cols[k.idx].1, binary_at(k.idx), a, b)
-                            .unwrap_or(Ordering::Equal);
-                        if k.desc { o.reverse() } else { o }
-                    }
-                };
-                if o != Ordering::Equal {
-                    return o;
-                }
-            }
-            Ordering::Equal
-        });
+        let by = super::sorted::RowOrder::new(&cols, spec, binary, order)?;
+        rows.sort_by(|x, y| by.compare(x, y));
     }
     if !spec.distinct_on.is_empty() {
         // Sorted with the DISTINCT ON columns first: the first row of each run is kept.
@@ -579,23 +534,11 @@ fn merge_ordered(
         rows.truncate(l as usize);
     }
     // Hidden sort columns are the trailing ones: the client never sees them.
-    let keep = cols.len().saturating_sub(spec.hidden.len());
-    let strip = |frame: &[u8], row: bool| -> BytesMut {
-        if spec.hidden.is_empty() || frame.len() < 7 {
-            return BytesMut::from(frame);
-        }
-        let end = prefix_end(frame, keep, row);
-        let mut b = BytesMut::with_capacity(end + 7);
-        b.put_u8(frame[0]);
-        b.put_i32((4 + 2 + end - 7) as i32);
-        b.put_u16(keep as u16);
-        b.put_slice(&frame[7..end]);
-        b
-    };
-    out.extend_from_slice(&strip(&t, false));
+    let keep = (!spec.hidden.is_empty()).then(|| cols.len().saturating_sub(spec.hidden.len()));
+    super::sorted::strip_hidden(&t, keep, false, &mut out);
     let n = rows.len();
     for r in rows {
-        out.extend_from_slice(&strip(&r, true));
+        super::sorted::strip_hidden(&r, keep, true, &mut out);
     }
     let tag = format!("SELECT {n}");
     out.put_u8(b'C');

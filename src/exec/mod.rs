@@ -21,6 +21,7 @@ pub mod merge;
 pub mod numeric;
 pub mod order;
 pub mod scatter;
+pub mod sorted;
 pub mod twophase;
 mod values;
 

@@ -235,6 +235,23 @@ pub fn class(
     })
 }
 
+/// Whether pgshard orders these ORDER BY keys (each its column's fact key, the item's
+/// `COLLATE` and whether the column is in binary) itself, knowing so without asking a
+/// server: every type it orders natively, or a fact already cached that needs no rank.
+pub fn ordered_without_ranks(db: &Database, keys: &[(FactKey, Option<&str>, bool)]) -> bool {
+    let cache = db.order_facts.lock().unwrap_or_else(|e| e.into_inner());
+    keys.iter().all(|&(key, explicit, binary)| {
+        if !needs_fact(key.0) {
+            return true;
+        }
+        match cache.get(&key) {
+            // Not known yet: the held merge reads it (and caches it for next time).
+            None => false,
+            Some(fact) => class(key.0, fact.as_ref(), explicit, binary).is_none(),
+        }
+    })
+}
+
 /// The facts of these columns: from the database's cache, else read from the server of
 /// `node` in one query (and cached). A column the server does not know has none.
 pub async fn facts(

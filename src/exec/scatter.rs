@@ -139,8 +139,9 @@ impl Sent {
         Ok(f)
     }
 
-    /// Shard `i`'s whole answer ([`read_answer`]).
-    async fn answer(
+    /// The rest of shard `i`'s answer, up to (not including) its ReadyForQuery
+    /// ([`read_answer`]).
+    pub async fn answer(
         &mut self,
         i: usize,
         limit: super::MergeLimit<'_>,
@@ -149,6 +150,20 @@ impl Sent {
         self.skip[i] = false;
         self.done[i] = true;
         Ok(frames)
+    }
+
+    /// The answers not read to their end, but shard `except`'s, will not be read: as
+    /// [`Sent::abandon`].
+    pub async fn abandon_unfinished(&mut self, except: usize, cancel: bool) {
+        for (i, c) in self.conns.iter_mut().enumerate() {
+            if i == except || self.done[i] {
+                continue;
+            }
+            if cancel {
+                let _ = crate::backend::BackendConn::cancel(&c.addr, c.pid, c.secret).await;
+            }
+            c.broken = true;
+        }
     }
 
     /// The answers from shard `from` on will not be read: their connections are closed

@@ -7,6 +7,7 @@ use super::*;
 use crate::exec::scatter;
 use crate::router::analyze::Via;
 use crate::router::{Analysis, Kind};
+use bytes::BytesMut;
 
 /// How a statement over several shards runs.
 pub(super) enum Multi {
@@ -61,6 +62,13 @@ pub(super) fn multi_shard_error(shards: &[usize], a: &Analysis) -> PgError {
 /// them.
 pub(super) fn streams(spec: &crate::router::merge::MergeSpec, a: &Analysis) -> bool {
     spec.is_concatenation() && spec.finalize.is_none() && a.cursor.is_none() && a.copy_to.is_none()
+}
+
+/// Whether a read ordered over several shards is merged as the shards' sorted rows
+/// come (`sorted_stream.rs`): a plain ORDER BY (LIMIT, OFFSET), neither a cursor nor
+/// COPY taking the rows.
+pub(super) fn sorted_streams(spec: &crate::router::merge::MergeSpec, a: &Analysis) -> bool {
+    crate::exec::sorted::streams_ordered(spec) && a.cursor.is_none() && a.copy_to.is_none()
 }
 
 impl Session {
@@ -206,6 +214,21 @@ impl Session {
             protocol::write_ready(&mut self.cout, self.status);
             return Ok(());
         }
+        if let Multi::Merge(spec) = &plan
+            && sorted_streams(spec, a)
+        {
+            let req = scatter::Request::Simple(a.shard_sql.as_deref().unwrap_or(sql));
+            let (kind, out) = match self
+                .stream_sorted(&nodes, req, (&prelude, true), spec, &[])
+                .await?
+            {
+                super::sorted_stream::Sorted::Streamed(_) => ("stream", Ok(BytesMut::new())),
+                super::sorted_stream::Sorted::Held(out) => ("merge", out),
+            };
+            self.cross_shard_done(&shards, kind, started.elapsed(), sql);
+            self.write_answer(out);
+            return Ok(());
+        }
         let out = match &plan {
             Multi::Merge(spec) => {
                 let merged = match scatter::run_on_shards(
@@ -287,6 +310,12 @@ impl Session {
             Multi::Explain => "explain",
         };
         self.cross_shard_done(&shards, kind, started.elapsed(), sql);
+        self.write_answer(out);
+        Ok(())
+    }
+
+    /// A simple Query's answer (or pgshard's error in its place), then ReadyForQuery.
+    fn write_answer(&mut self, out: Result<BytesMut, PgError>) {
         self.relay.drain_local(&mut self.cout);
         match out {
             Ok(bytes) => self.cout.extend_from_slice(&bytes),
@@ -296,7 +325,6 @@ impl Session {
             }
         }
         protocol::write_ready(&mut self.cout, self.status);
-        Ok(())
     }
 
     /// The client's answer from a query's merged rows: as they are, held as a DECLARE's

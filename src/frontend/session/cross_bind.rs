@@ -365,9 +365,22 @@ impl Session {
                 return Ok(());
             }
         }
+        let formats = scatter::result_formats(&bind_rest);
+        if super::cross::sorted_streams(spec, a)
+            && let Some(describe) = self.take_describe_execute()
+        {
+            let started = std::time::Instant::now();
+            let portal = self.bind_complete();
+            let sorted = self
+                .stream_sorted(&nodes, req, (&prelude, describe), spec, &formats)
+                .await?;
+            self.answer_sorted(sorted, &portal, describe);
+            let sql = String::from_utf8_lossy(query);
+            self.cross_shard_done(shards, "sorted", started.elapsed(), &sql);
+            return Ok(());
+        }
         let results =
             scatter::run_on_shards(&self.db, &nodes, req, Some(&prelude), self.settings_fp).await;
-        let formats = scatter::result_formats(&bind_rest);
         let merged = match (
             results,
             crate::exec::finalize::ClientParams::of(types, rest),
@@ -477,6 +490,40 @@ impl Session {
     /// Holds the merged rows of a Bind as its portal (of a DECLARE: as its cursor, the
     /// portal answering the DECLARE), or fails the Bind with the merge's or a shard's
     /// error.
+    /// The rest of the client's Describe (when `describe`) and Execute of `portal`, after
+    /// its BindComplete, once its sorted rows were streamed or merged held; the portal is
+    /// then held exhausted. An error skips the rest of the batch.
+    fn answer_sorted(
+        &mut self,
+        sorted: super::sorted_stream::Sorted,
+        portal: &[u8],
+        describe: bool,
+    ) {
+        use super::sorted_stream::Sorted;
+        match sorted {
+            Sorted::Streamed(Some(description)) => {
+                self.hold_exhausted_portal(portal, description);
+            }
+            Sorted::Streamed(None) => self.local_skip = true,
+            Sorted::Held(Ok(out)) if protocol::has_error(&out) => {
+                self.cout.extend_from_slice(&out);
+                self.local_skip = true;
+            }
+            Sorted::Held(Ok(mut out)) => {
+                let description = super::portal::take_description(&mut out);
+                if describe {
+                    self.cout.extend_from_slice(&description);
+                }
+                self.cout.extend_from_slice(&out);
+                self.hold_exhausted_portal(portal, description);
+            }
+            Sorted::Held(Err(e)) => {
+                self.stream_error(e);
+                self.local_skip = true;
+            }
+        }
+    }
+
     fn hold_merged(&mut self, merged: Result<bytes::BytesMut, PgError>, a: &Analysis) {
         let merged = merged.map(|out| self.merged_answer(a, out));
         match merged {

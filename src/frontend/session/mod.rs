@@ -31,6 +31,7 @@ mod route;
 mod script;
 mod server;
 mod server_frames;
+mod sorted_stream;
 mod sql_prepare;
 mod statement_cache;
 mod stream;

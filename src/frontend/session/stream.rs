@@ -132,7 +132,7 @@ impl Session {
     /// Takes the client's Describe (optional) and Execute (without a row limit) of the
     /// portal being bound out of the read buffer, when both are there: Some(whether it
     /// described the portal).
-    fn take_describe_execute(&mut self) -> Option<bool> {
+    pub(super) fn take_describe_execute(&mut self) -> Option<bool> {
         let portal = &self.route.bind_portal;
         let max = self.max_message;
         let next = |at: usize| -> Option<&[u8]> {
@@ -311,7 +311,7 @@ impl Session {
 
     /// BindComplete for the Bind being handled, whose portal pgshard answers; the
     /// portal's name (any held portal of that name is gone).
-    fn bind_complete(&mut self) -> Bytes {
+    pub(super) fn bind_complete(&mut self) -> Bytes {
         let portal = std::mem::take(&mut self.route.bind_portal);
         self.route.portals.remove(&portal);
         self.relay.push(super::Pending::Synth {
@@ -321,7 +321,7 @@ impl Session {
         portal
     }
 
-    fn stream_error(&mut self, e: PgError) {
+    pub(super) fn stream_error(&mut self, e: PgError) {
         self.db.shards[self.home_shard()].stats.error(e.code);
         e.write(&mut self.cout);
     }
