@@ -3846,3 +3846,81 @@ async fn merge_into_reference_tables_reaches_every_copy() {
     );
     assert_eq!(n, [[Some("0".to_string())]]);
 }
+
+#[tokio::test]
+async fn query_strings_that_end_a_transaction_over_several_shards() {
+    // A COMMIT or ROLLBACK inside a query string ends the transaction on every shard it
+    // touched, as PostgreSQL ends it: it used to go, with the string, to one shard only,
+    // whose part alone was committed (the others' rolled back), while the client was told
+    // COMMIT.
+    let addr = setup().await;
+    let l = connect(addr).await;
+    let plain = connect_server(ports()[0], "plain").await;
+    let ids = [1i64, 2, 3, 4];
+    let shards: std::collections::HashSet<u64> = ids
+        .iter()
+        .map(|k| partition_of(&HashKey::Int(*k), 2))
+        .collect();
+    assert_eq!(shards.len(), 2, "the rows are on both shards");
+    let begin = |name: &str| {
+        let updates: Vec<String> = ids
+            .iter()
+            .map(|id| format!("UPDATE users SET name = '{name}' WHERE id = {id}"))
+            .collect();
+        format!("BEGIN; {}", updates.join("; "))
+    };
+    let count = |name: &'static str| {
+        let l = &l;
+        async move {
+            l.query_one("SELECT count(*) FROM users WHERE name = $1", &[&name])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    // (string, whether the updates are committed, its rows)
+    let cases: [(&str, bool, &[&str]); 6] = [
+        ("COMMIT; SELECT 2", true, &["2"]),
+        ("SELECT 3; COMMIT", true, &["3"]),
+        ("COMMIT; BEGIN; SELECT 4; COMMIT", true, &["4"]),
+        ("ROLLBACK; SELECT 5", false, &["5"]),
+        ("SELECT 6; ROLLBACK", false, &["6"]),
+        ("END; SELECT 7; SELECT 8", true, &["7", "8"]),
+    ];
+    for (i, (string, committed, answer)) in cases.into_iter().enumerate() {
+        let name: &'static str = Box::leak(format!("string{i}").into_boxed_str());
+        for c in [&l, &plain] {
+            c.batch_execute(&begin(name)).await.unwrap();
+            let got = rows(&c.simple_query(string).await.unwrap());
+            let want: Vec<Vec<Option<String>>> =
+                answer.iter().map(|v| vec![Some(v.to_string())]).collect();
+            assert_eq!(got, want, "{string}");
+        }
+        assert_eq!(count(name).await, if committed { 4 } else { 0 }, "{string}");
+        // The session is out of the transaction, as on the server.
+        let n: i64 = l.query_one("SELECT 1::bigint", &[]).await.unwrap().get(0);
+        assert_eq!(n, 1);
+    }
+    // In a failed transaction: a ROLLBACK first runs, and so does the rest; anything
+    // else first fails, as in PostgreSQL.
+    for c in [&l, &plain] {
+        c.batch_execute(&begin("failed")).await.unwrap();
+        let e = c.simple_query("SELECT 1/0").await.unwrap_err();
+        assert_eq!(sqlstate(&e), "22012");
+        let e = c.simple_query("SELECT 1; ROLLBACK").await.unwrap_err();
+        assert_eq!(sqlstate(&e), "25P02");
+        let got = rows(&c.simple_query("ROLLBACK; SELECT 9").await.unwrap());
+        assert_eq!(got, [[Some("9".to_string())]]);
+    }
+    assert_eq!(count("failed").await, 0);
+    // A COMMIT inside the string with statements after it in the same transaction
+    // cannot be split so: refused, and nothing is committed.
+    l.batch_execute(&begin("inside")).await.unwrap();
+    let e = l
+        .simple_query("SELECT 1; COMMIT; SELECT 2")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000", "{e:?}");
+    l.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(count("inside").await, 0);
+}

@@ -156,6 +156,62 @@ fn broadcast_unparsed(sql: &str) -> bool {
     )
 }
 
+/// Whether a statement begins or ends a transaction block. (Savepoints in a query
+/// string reach every shard of the transaction first: `keep_in_step`.)
+fn controls_transaction(st: &str) -> bool {
+    matches!(
+        router::classify(st),
+        router::StatementKind::Begin | router::StatementKind::EndTransaction
+    )
+}
+
+impl Session {
+    /// A query string with transaction control (`COMMIT; SELECT 1`, `SELECT 1; COMMIT`)
+    /// in a transaction over several shards: never sent to one of them as it is, which
+    /// would end the transaction there only (and the others' work with it). A COMMIT or
+    /// ROLLBACK first ends it on every shard, then the rest runs as a query string of
+    /// its own; otherwise the statements run one by one (`run_script`: a COMMIT or
+    /// ROLLBACK last ends the transaction on every shard; other shapes are refused).
+    async fn control_string_over_shards(
+        &mut self,
+        sql: &str,
+        statements: &[&str],
+    ) -> Result<(), SessionError> {
+        let first = statements[0];
+        if router::classify(first) != router::StatementKind::EndTransaction {
+            if self.status == b'E' {
+                // As in PostgreSQL: the first statement fails, the rest is skipped.
+                self.relay.drain_local(&mut self.cout);
+                aborted().write(&mut self.cout);
+                protocol::write_ready(&mut self.cout, b'E');
+                return Ok(());
+            }
+            return self.run_script(sql).await;
+        }
+        let ended = self.end_multi(first).await?;
+        self.relay.drain_local(&mut self.cout);
+        match ended {
+            Ok(tag) => protocol::write_complete(&mut self.cout, tag),
+            Err(frame) => {
+                // The COMMIT failed: as in PostgreSQL, the rest of the string is skipped.
+                self.cout.extend_from_slice(&frame);
+                protocol::write_ready(&mut self.cout, self.status);
+                return Ok(());
+            }
+        }
+        let Some(second) = statements.get(1) else {
+            protocol::write_ready(&mut self.cout, self.status);
+            return Ok(());
+        };
+        // (The statements are slices of `sql`.)
+        let rest = &sql[second.as_ptr() as usize - sql.as_ptr() as usize..];
+        let single = (statements.len() == 2).then(|| router::classify(second));
+        let mut frame = bytes::BytesMut::new();
+        protocol::write_query(&mut frame, rest);
+        Box::pin(self.route_query(frame.freeze(), single)).await
+    }
+}
+
 /// The error of a statement in an aborted transaction.
 pub(super) fn aborted() -> PgError {
     PgError::new(
@@ -550,6 +606,12 @@ impl Session {
         }
         if !self.multi.parked.is_empty() && single == Some(router::StatementKind::EndTransaction) {
             return self.end_multi_query(sql).await;
+        }
+        if !self.multi.parked.is_empty() && single.is_none() {
+            let statements = router::split_statements(sql);
+            if statements.iter().any(|st| controls_transaction(st)) {
+                return self.control_string_over_shards(sql, &statements).await;
+            }
         }
         if self.backend.is_none()
             && let Some(kind) = &single
