@@ -769,6 +769,27 @@ async fn compare(addr: SocketAddr, shards: usize) {
         }
         assert_eq!(a, b, "{shards} shards: {q}");
     }
+    // The same inside a transaction block (the shards join it; ordered rows are merged
+    // as the participants send them).
+    for c in [&via, &plain] {
+        c.batch_execute("BEGIN").await.unwrap();
+    }
+    for q in &corpus {
+        let mut a = rows(
+            &via.simple_query(q)
+                .await
+                .unwrap_or_else(|e| panic!("in a transaction: {q}: {e:?}")),
+        );
+        let mut b = rows(&plain.simple_query(q).await.unwrap());
+        if !q.contains("ORDER BY") {
+            a.sort();
+            b.sort();
+        }
+        assert_eq!(a, b, "{shards} shards, in a transaction: {q}");
+    }
+    for c in [&via, &plain] {
+        c.batch_execute("COMMIT").await.unwrap();
+    }
     // Prepared statements with parameters (extended protocol, binary parameters).
     for k in [1i64, 42, 151, 300, 999] {
         for q in [

@@ -3490,6 +3490,49 @@ async fn answers_past_max_merge_bytes_fail_with_54000_and_the_rest_goes_on() {
             .unwrap();
         assert_eq!(all.len(), 200);
         assert!(all.iter().any(|r| r.get::<_, i64>(0) == 1001));
+        // Ordered: the shards' sorted rows merged as the participants send them.
+        let all = rows(
+            &l.simple_query("SELECT id, pad FROM big_t ORDER BY id")
+                .await
+                .unwrap(),
+        );
+        let ids: Vec<i64> = all
+            .iter()
+            .map(|r| r[0].as_ref().unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(ids, (1..=200).chain([1001]).collect::<Vec<i64>>());
+        let all = l
+            .query(
+                "SELECT pad FROM big_t WHERE id > $1 ORDER BY id DESC",
+                &[&100i64],
+            )
+            .await
+            .unwrap();
+        assert_eq!(all.len(), 101);
+        assert_eq!(all[0].get::<_, String>(0), "z".repeat(2000));
+        // Values a server ranks are merged held, and read on the participants alike.
+        let page = rows(
+            &l.simple_query(
+                "SELECT id FROM big_t ORDER BY pad COLLATE \"en-x-icu\" DESC, id LIMIT 2 OFFSET 1",
+            )
+            .await
+            .unwrap(),
+        );
+        assert_eq!(page, [[Some("1".to_string())], [Some("2".to_string())]]);
+        let e = l
+            .query(
+                "SELECT id, 1 / (id - $1) FROM big_t ORDER BY id",
+                &[&150i64],
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&e), "22012", "{e:?}");
+        let e = l.simple_query("SELECT 1").await.unwrap_err();
+        assert_eq!(sqlstate(&e), "25P02", "{e:?}");
+        l.batch_execute("ROLLBACK").await.unwrap();
+        l.batch_execute("BEGIN; INSERT INTO big_t (id, pad) VALUES (1001, repeat('z', 2000))")
+            .await
+            .unwrap();
         let e = l
             .simple_query("SELECT id, 1 / (id - 150) FROM big_t")
             .await

@@ -217,13 +217,27 @@ impl Session {
         if let Multi::Merge(spec) = &plan
             && sorted_streams(spec, a)
         {
+            use super::sorted_stream::Sorted;
             let req = scatter::Request::Simple(a.shard_sql.as_deref().unwrap_or(sql));
             let (kind, out) = match self
                 .stream_sorted(&nodes, req, (&prelude, true), spec, &[])
                 .await?
             {
-                super::sorted_stream::Sorted::Streamed(_) => ("stream", Ok(BytesMut::new())),
-                super::sorted_stream::Sorted::Held(out) => ("merge", out),
+                Sorted::Streamed(_) => ("stream", Ok(BytesMut::new())),
+                Sorted::Held(results) => {
+                    let settings = (Some(&prelude[..]), self.settings_fp);
+                    let merged = crate::exec::finalize::merged_and_finished(
+                        &self.db,
+                        nodes[0],
+                        results,
+                        spec,
+                        (&[], &[]),
+                        None,
+                        settings,
+                    )
+                    .await;
+                    ("merge", merged)
+                }
             };
             self.cross_shard_done(&shards, kind, started.elapsed(), sql);
             self.write_answer(out);

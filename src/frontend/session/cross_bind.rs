@@ -374,7 +374,24 @@ impl Session {
             let sorted = self
                 .stream_sorted(&nodes, req, (&prelude, describe), spec, &formats)
                 .await?;
-            self.answer_sorted(sorted, &portal, describe);
+            if let Some(results) = self.streamed_portal(sorted, &portal) {
+                let merged = match crate::exec::finalize::ClientParams::of(types, rest) {
+                    Ok(client) => {
+                        crate::exec::finalize::merged_and_finished(
+                            &self.db,
+                            nodes[0],
+                            results,
+                            spec,
+                            (&formats, &client_formats(a, rest)),
+                            Some(&client),
+                            (Some(&prelude[..]), self.settings_fp),
+                        )
+                        .await
+                    }
+                    Err(e) => Err(e),
+                };
+                self.execute_merged(merged, &portal, describe);
+            }
             let sql = String::from_utf8_lossy(query);
             self.cross_shard_done(shards, "sorted", started.elapsed(), &sql);
             return Ok(());
@@ -436,6 +453,36 @@ impl Session {
         if super::cross::streams(spec, a) && self.stream_bound_in_transaction(&req, shards).await? {
             return Ok(());
         }
+        if super::cross::sorted_streams(spec, a)
+            && let Some(describe) = self.take_describe_execute()
+        {
+            let portal = self.bind_complete();
+            let formats = scatter::result_formats(&bind_rest);
+            let sorted = self
+                .stream_sorted_in_transaction(&req, shards, describe, spec, &formats)
+                .await?;
+            let Some(results) = self.streamed_portal(sorted, &portal) else {
+                return Ok(());
+            };
+            let merged = self
+                .merge_in_transaction(shards[0], results, spec, &formats)
+                .await;
+            let merged = match crate::exec::finalize::ClientParams::of(types, rest) {
+                Ok(client) => {
+                    let formats = client_formats(a, rest);
+                    let finished = self
+                        .finish_in_transaction(shards[0], spec, merged, &formats, Some(&client))
+                        .await?;
+                    let Some(merged) = finished else {
+                        return Ok(());
+                    };
+                    merged
+                }
+                Err(e) => Err(e),
+            };
+            self.execute_merged(merged, &portal, describe);
+            return Ok(());
+        }
         let mut results = Vec::with_capacity(shards.len());
         for &s in shards {
             crate::metrics::inc(&self.db.shards[s].stats.cross_shard);
@@ -490,26 +537,41 @@ impl Session {
     /// Holds the merged rows of a Bind as its portal (of a DECLARE: as its cursor, the
     /// portal answering the DECLARE), or fails the Bind with the merge's or a shard's
     /// error.
-    /// The rest of the client's Describe (when `describe`) and Execute of `portal`, after
-    /// its BindComplete, once its sorted rows were streamed or merged held; the portal is
-    /// then held exhausted. An error skips the rest of the batch.
-    fn answer_sorted(
+    /// After a sorted read answered the client's Describe and Execute of `portal`
+    /// (`stream_sorted`): the portal held exhausted, or the rest of the batch skipped
+    /// after an error. The shards' answers when they are to be merged held instead
+    /// ([`Session::execute_merged`]).
+    fn streamed_portal(
         &mut self,
         sorted: super::sorted_stream::Sorted,
         portal: &[u8],
-        describe: bool,
-    ) {
+    ) -> Option<Vec<Vec<bytes::BytesMut>>> {
         use super::sorted_stream::Sorted;
         match sorted {
             Sorted::Streamed(Some(description)) => {
                 self.hold_exhausted_portal(portal, description);
             }
             Sorted::Streamed(None) => self.local_skip = true,
-            Sorted::Held(Ok(out)) if protocol::has_error(&out) => {
+            Sorted::Held(results) => return Some(results),
+        }
+        None
+    }
+
+    /// The client's Describe (when `describe`) and Execute of `portal` answered from its
+    /// merged rows, after its BindComplete; the portal is then held exhausted. An error
+    /// skips the rest of the batch (inside a transaction, which it aborts).
+    fn execute_merged(
+        &mut self,
+        merged: Result<bytes::BytesMut, PgError>,
+        portal: &[u8],
+        describe: bool,
+    ) {
+        match merged {
+            Ok(out) if protocol::has_error(&out) => {
                 self.cout.extend_from_slice(&out);
-                self.local_skip = true;
+                self.execute_failed();
             }
-            Sorted::Held(Ok(mut out)) => {
+            Ok(mut out) => {
                 let description = super::portal::take_description(&mut out);
                 if describe {
                     self.cout.extend_from_slice(&description);
@@ -517,10 +579,17 @@ impl Session {
                 self.cout.extend_from_slice(&out);
                 self.hold_exhausted_portal(portal, description);
             }
-            Sorted::Held(Err(e)) => {
+            Err(e) => {
                 self.stream_error(e);
-                self.local_skip = true;
+                self.execute_failed();
             }
+        }
+    }
+
+    fn execute_failed(&mut self) {
+        self.local_skip = true;
+        if self.status == b'T' {
+            self.status = b'E';
         }
     }
 

@@ -364,6 +364,34 @@ impl Session {
             self.cross_shard_done(&shards, "stream", started.elapsed(), sql);
             return Ok(());
         }
+        if let super::cross::Multi::Merge(spec) = &plan
+            && !implicit
+            && super::cross::sorted_streams(spec, a)
+        {
+            use super::sorted_stream::Sorted;
+            let mut query = bytes::BytesMut::new();
+            protocol::write_query(&mut query, a.shard_sql.as_deref().unwrap_or(sql));
+            let out = match self
+                .stream_sorted_in_transaction(&query, &shards, true, spec, &[])
+                .await?
+            {
+                Sorted::Streamed(_) => bytes::BytesMut::new(),
+                Sorted::Held(results) => {
+                    match self
+                        .merged_in_transaction(shards[0], results, spec, a)
+                        .await?
+                    {
+                        Some(out) => out,
+                        None => return Ok(()),
+                    }
+                }
+            };
+            self.cross_shard_done(&shards, "sorted", started.elapsed(), sql);
+            self.relay.drain_local(&mut self.cout);
+            self.cout.extend_from_slice(&out);
+            protocol::write_ready(&mut self.cout, self.status);
+            return Ok(());
+        }
         let Some(mut out) = self.multi_tx_out(sql, &shards, &plan, a, implicit).await? else {
             return Ok(());
         };
@@ -440,37 +468,48 @@ impl Session {
         for &s in shards {
             crate::metrics::inc(&self.db.shards[s].stats.cross_shard);
         }
-        let out = if failed {
+        if failed {
             self.status = b'E';
-            Ok(bytes::BytesMut::new())
-        } else {
-            match plan {
-                Multi::Merge(spec) => {
-                    let merged = self
-                        .merge_in_transaction(shards[0], results, spec, &[])
-                        .await;
-                    let Some(merged) = self
-                        .finish_in_transaction(shards[0], spec, merged, &[], None)
-                        .await?
-                    else {
-                        return Ok(None);
-                    };
-                    merged.map(|out| self.merged_answer(a, out))
-                }
-                Multi::SplitInsert(split) => {
-                    let results = scatter::in_row_order(results, shards, &split.row_shards);
-                    Ok(scatter::combine_writes(results, true))
-                }
-                Multi::Write { sum } => Ok(scatter::combine_writes(results, *sum)),
-                Multi::Ddl => Ok(scatter::broadcast_result(results)),
-                Multi::Explain => Ok(scatter::explain_result(results, shards)),
-                Multi::InsertVia(_) => unreachable!("carried out by insert_via_out above"),
+            return Ok(Some(bytes::BytesMut::new()));
+        }
+        Ok(Some(match plan {
+            Multi::Merge(spec) => {
+                return self
+                    .merged_in_transaction(shards[0], results, spec, a)
+                    .await;
             }
+            Multi::SplitInsert(split) => {
+                let results = scatter::in_row_order(results, shards, &split.row_shards);
+                scatter::combine_writes(results, true)
+            }
+            Multi::Write { sum } => scatter::combine_writes(results, *sum),
+            Multi::Ddl => scatter::broadcast_result(results),
+            Multi::Explain => scatter::explain_result(results, shards),
+            Multi::InsertVia(_) => unreachable!("carried out by insert_via_out above"),
+        }))
+    }
+
+    /// The client's answer from the shards' answers to a read inside the transaction
+    /// (a simple Query), merged and finished on shard `s`'s participant; a merge that
+    /// fails aborts the transaction, as any error does. None when a server connection was
+    /// lost (the client got that error).
+    pub(super) async fn merged_in_transaction(
+        &mut self,
+        s: usize,
+        results: Vec<Vec<bytes::BytesMut>>,
+        spec: &crate::router::merge::MergeSpec,
+        a: &crate::router::Analysis,
+    ) -> Result<Option<bytes::BytesMut>, SessionError> {
+        let merged = self.merge_in_transaction(s, results, spec, &[]).await;
+        let Some(merged) = self
+            .finish_in_transaction(s, spec, merged, &[], None)
+            .await?
+        else {
+            return Ok(None);
         };
-        Ok(Some(match out {
+        Ok(Some(match merged.map(|out| self.merged_answer(a, out)) {
             Ok(f) => f,
             Err(e) => {
-                // A merge that failed: the transaction is over, as after any error.
                 self.status = b'E';
                 let mut f = bytes::BytesMut::new();
                 e.write(&mut f);
