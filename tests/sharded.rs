@@ -3899,23 +3899,32 @@ async fn query_strings_that_end_a_transaction_over_several_shards() {
     let addr = setup().await;
     let l = connect(addr).await;
     let plain = connect_server(ports()[0], "plain").await;
-    let ids = [1i64, 2, 3, 4];
+    // Rows of their own (other tests read users and split_t by other keys).
+    let ids = [8801i64, 8802, 8803, 8804];
     let shards: std::collections::HashSet<u64> = ids
         .iter()
         .map(|k| partition_of(&HashKey::Int(*k), 2))
         .collect();
     assert_eq!(shards.len(), 2, "the rows are on both shards");
+    for db in [&l, &plain] {
+        db.batch_execute(
+            "DELETE FROM split_t WHERE id = 8801; DELETE FROM split_t WHERE id = 8802; DELETE FROM split_t WHERE id = 8803; DELETE FROM split_t WHERE id = 8804; \
+             INSERT INTO split_t (id, name) VALUES (8801, ''), (8802, ''), (8803, ''), (8804, '')",
+        )
+        .await
+        .unwrap();
+    }
     let begin = |name: &str| {
         let updates: Vec<String> = ids
             .iter()
-            .map(|id| format!("UPDATE users SET name = '{name}' WHERE id = {id}"))
+            .map(|id| format!("UPDATE split_t SET name = '{name}' WHERE id = {id}"))
             .collect();
         format!("BEGIN; {}", updates.join("; "))
     };
     let count = |name: &'static str| {
         let l = &l;
         async move {
-            l.query_one("SELECT count(*) FROM users WHERE name = $1", &[&name])
+            l.query_one("SELECT count(*) FROM split_t WHERE name = $1", &[&name])
                 .await
                 .unwrap()
                 .get::<_, i64>(0)
@@ -3966,4 +3975,132 @@ async fn query_strings_that_end_a_transaction_over_several_shards() {
     assert_eq!(sqlstate(&e), "0A000", "{e:?}");
     l.batch_execute("ROLLBACK").await.unwrap();
     assert_eq!(count("inside").await, 0);
+    for db in [&l, &plain] {
+        db.batch_execute("DELETE FROM split_t WHERE id = 8801; DELETE FROM split_t WHERE id = 8802; DELETE FROM split_t WHERE id = 8803; DELETE FROM split_t WHERE id = 8804")
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn commit_in_a_pipelined_batch_over_several_shards() {
+    // A COMMIT later in a batch whose statements went to several shards (pgjdbc's and
+    // Npgsql's pipelines, asyncpg's executemany in a transaction) commits on every shard:
+    // it used to go on to the attached shard's server, which committed its part alone
+    // (the others' were rolled back) while the client was told COMMIT.
+    let addr = setup().await;
+    let c = connect(addr).await;
+    let plain = connect_server(ports()[0], "plain").await;
+    let step = |sql: &str| {
+        let mut b = msg::parse("", sql);
+        b.extend(msg::bind("", "", &[]));
+        b.extend(msg::execute(""));
+        b
+    };
+    // Rows of their own, on both shards.
+    let ids = [8811i64, 8812, 8813, 8814];
+    let shards: std::collections::HashSet<u64> = ids
+        .iter()
+        .map(|k| partition_of(&HashKey::Int(*k), 2))
+        .collect();
+    assert_eq!(shards.len(), 2, "the rows are on both shards");
+    for db in [&c, &plain] {
+        db.batch_execute(
+            "DELETE FROM split_t WHERE id = 8811; DELETE FROM split_t WHERE id = 8812; DELETE FROM split_t WHERE id = 8813; DELETE FROM split_t WHERE id = 8814; \
+             INSERT INTO split_t (id, name) VALUES (8811, ''), (8812, ''), (8813, ''), (8814, '')",
+        )
+        .await
+        .unwrap();
+    }
+    let updates = |name: &str| -> Vec<u8> {
+        ids.iter()
+            .flat_map(|id| {
+                step(&format!(
+                    "UPDATE split_t SET name = '{name}' WHERE id = {id}"
+                ))
+            })
+            .collect()
+    };
+    let mut proxy = Raw::startup(addr, "trusty", "app").await;
+    proxy.until_ready().await;
+    let mut direct = Raw::startup(([127, 0, 0, 1], ports()[0]).into(), "postgres", "plain").await;
+    direct.until_ready().await;
+    // (batches sent one after the other, the name they write, whether it is committed)
+    let cases: Vec<(Vec<Vec<u8>>, &str, bool)> = vec![
+        // BEGIN, the writes and COMMIT in one batch.
+        (
+            vec![
+                [
+                    step("BEGIN"),
+                    updates("batch1"),
+                    step("COMMIT"),
+                    msg::sync(),
+                ]
+                .concat(),
+            ],
+            "batch1",
+            true,
+        ),
+        // BEGIN first, then the writes and COMMIT, and a statement after it.
+        (
+            vec![
+                [step("BEGIN"), msg::sync()].concat(),
+                [
+                    updates("batch2"),
+                    step("COMMIT"),
+                    step("SELECT 1"),
+                    msg::sync(),
+                ]
+                .concat(),
+            ],
+            "batch2",
+            true,
+        ),
+        // ROLLBACK alike.
+        (
+            vec![
+                [step("BEGIN"), msg::sync()].concat(),
+                [updates("batch3"), step("ROLLBACK"), msg::sync()].concat(),
+            ],
+            "batch3",
+            false,
+        ),
+        // An error before the COMMIT: the COMMIT is skipped with the rest of the batch,
+        // the transaction stays aborted until the client's ROLLBACK.
+        (
+            vec![
+                [
+                    step("BEGIN"),
+                    updates("batch4"),
+                    step("SELECT 1/0"),
+                    step("COMMIT"),
+                    msg::sync(),
+                ]
+                .concat(),
+                [step("ROLLBACK"), msg::sync()].concat(),
+            ],
+            "batch4",
+            false,
+        ),
+    ];
+    for (batches, name, committed) in cases {
+        for b in &batches {
+            proxy.send(b).await;
+            direct.send(b).await;
+            assert_eq!(proxy.answer().await, direct.answer().await, "{name}");
+        }
+        for db in [&c, &plain] {
+            let n: i64 = db
+                .query_one("SELECT count(*) FROM split_t WHERE name = $1", &[&name])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(n, if committed { 4 } else { 0 }, "{name}");
+        }
+    }
+    for db in [&c, &plain] {
+        db.batch_execute("DELETE FROM split_t WHERE id = 8811; DELETE FROM split_t WHERE id = 8812; DELETE FROM split_t WHERE id = 8813; DELETE FROM split_t WHERE id = 8814")
+            .await
+            .unwrap();
+    }
 }

@@ -209,6 +209,9 @@ impl Session {
             // take the batch's settings and savepoints.
             if self.status == b'T' {
                 let one = self.bound_statement(&frame)?;
+                if !self.multi.parked.is_empty() && one.as_deref().is_some_and(ends_transaction) {
+                    return self.multi_end_in_batch(one.as_deref()).await;
+                }
                 self.route.setting_bind = one.as_deref().is_some_and(super::replay::is_setting);
                 if let Some(e) = self.keep_bind_in_step(one.as_deref(), &frame).await? {
                     self.local_error(e);
@@ -501,6 +504,28 @@ impl Session {
         Ok(true)
     }
 
+    /// COMMIT or ROLLBACK in a batch of a transaction over several shards, after other
+    /// statements of the batch went to the attached shard: that shard's part of the batch
+    /// ends first (its answers go to the client), then pgshard ends the transaction on
+    /// every shard. Sent on to the attached server, the COMMIT would end the transaction
+    /// there only. After an error earlier in the batch it is skipped with the rest of the
+    /// batch, as one server would skip it (the transaction stays aborted).
+    async fn multi_end_in_batch(&mut self, one: Option<&str>) -> Result<(), SessionError> {
+        if self.backend.is_some() {
+            self.relay.push(Pending::InternalSync);
+            protocol::write_msg(&mut self.bout, b'S', &[]);
+            self.settle().await?;
+        }
+        if self.status != b'T' {
+            self.local_skip = true;
+            return Ok(());
+        }
+        if !self.multi_end_bind(one).await? {
+            self.local_error(aborted());
+        }
+        Ok(())
+    }
+
     /// The error for a Bind that cannot run as routed (skips the batch until Sync).
     fn refuse_bind(&mut self, dest: Result<Dest, PgError>) {
         let e = match dest {
@@ -594,4 +619,9 @@ impl Session {
         self.route.batch_writes = self.route.wrote_before_bind || !self.route.decided_read;
         Ok(dest)
     }
+}
+
+/// Whether a statement is COMMIT, END, ROLLBACK or ABORT.
+fn ends_transaction(sql: &str) -> bool {
+    router::classify(sql) == router::StatementKind::EndTransaction
 }
