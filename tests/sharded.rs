@@ -4104,3 +4104,106 @@ async fn commit_in_a_pipelined_batch_over_several_shards() {
             .unwrap();
     }
 }
+
+#[tokio::test]
+async fn chained_and_prepared_transactions_over_several_shards() {
+    // COMMIT AND CHAIN / ROLLBACK AND CHAIN over several shards begin the next
+    // transaction at once, alike, as PostgreSQL does: pgshard used to end the transaction
+    // only, so the statements after it committed one by one and the client's ROLLBACK
+    // did not undo them.
+    let addr = setup().await;
+    let l = connect(addr).await;
+    let plain = connect_server(ports()[0], "plain").await;
+    let ids = [8821i64, 8822, 8823, 8824];
+    let shards: std::collections::HashSet<u64> = ids
+        .iter()
+        .map(|k| partition_of(&HashKey::Int(*k), 2))
+        .collect();
+    assert_eq!(shards.len(), 2, "the rows are on both shards");
+    let each = |f: &dyn Fn(i64) -> String| -> String {
+        ids.iter().map(|&id| f(id)).collect::<Vec<_>>().join("; ")
+    };
+    let update =
+        |name: &str| each(&|id| format!("UPDATE split_t SET name = '{name}' WHERE id = {id}"));
+    for db in [&l, &plain] {
+        db.batch_execute(&each(&|id| format!("DELETE FROM split_t WHERE id = {id}")))
+            .await
+            .unwrap();
+        db.batch_execute(&each(&|id| {
+            format!("INSERT INTO split_t (id, name) VALUES ({id}, 'a')")
+        }))
+        .await
+        .unwrap();
+    }
+    async fn names(db: &tokio_postgres::Client) -> Vec<Vec<Option<String>>> {
+        rows(
+            &db.simple_query(
+                "SELECT name, count(*) FROM split_t WHERE id BETWEEN 8821 AND 8824 GROUP BY name ORDER BY name",
+            )
+            .await
+            .unwrap(),
+        )
+    }
+    for db in [&l, &plain] {
+        // A transaction that ran nothing yet (pgshard holds its BEGIN back), both
+        // protocols.
+        db.batch_execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
+            .await
+            .unwrap();
+        db.batch_execute("COMMIT AND CHAIN").await.unwrap();
+        db.execute("ROLLBACK AND CHAIN", &[]).await.unwrap();
+        let iso = rows(&db.simple_query("SHOW transaction_isolation").await.unwrap());
+        assert_eq!(iso, [[Some("serializable".to_string())]]);
+        db.batch_execute("ROLLBACK").await.unwrap();
+        db.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+            .await
+            .unwrap();
+        db.batch_execute(&update("b")).await.unwrap();
+        db.batch_execute("COMMIT AND CHAIN").await.unwrap();
+        // The next transaction is open, alike.
+        let iso = rows(&db.simple_query("SHOW transaction_isolation").await.unwrap());
+        assert_eq!(iso, [[Some("repeatable read".to_string())]]);
+        db.batch_execute(&update("c")).await.unwrap();
+        // In the extended protocol too.
+        db.execute("ROLLBACK AND CHAIN", &[]).await.unwrap();
+        db.batch_execute(&update("d")).await.unwrap();
+        // In a failed transaction: rolled back, and the next one begins.
+        let e = db.simple_query("SELECT 1/0").await.unwrap_err();
+        assert_eq!(sqlstate(&e), "22012");
+        db.batch_execute("ROLLBACK AND CHAIN").await.unwrap();
+        db.batch_execute(&update("e")).await.unwrap();
+        db.batch_execute("ROLLBACK").await.unwrap();
+    }
+    assert_eq!(names(&l).await, names(&plain).await);
+    assert_eq!(
+        names(&l).await,
+        [[Some("b".to_string()), Some("4".to_string())]]
+    );
+    // PREPARE TRANSACTION would prepare one shard's part alone: refused, nothing of the
+    // transaction is committed.
+    l.batch_execute("BEGIN").await.unwrap();
+    l.batch_execute(&update("f")).await.unwrap();
+    let e = l
+        .simple_query("PREPARE TRANSACTION 'mine'")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000", "{e:?}");
+    l.batch_execute("ROLLBACK").await.unwrap();
+    l.batch_execute("BEGIN").await.unwrap();
+    l.batch_execute(&update("f")).await.unwrap();
+    let e = l
+        .execute("PREPARE TRANSACTION 'mine'", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000", "{e:?}");
+    l.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(
+        names(&l).await,
+        [[Some("b".to_string()), Some("4".to_string())]]
+    );
+    for db in [&l, &plain] {
+        db.batch_execute(&each(&|id| format!("DELETE FROM split_t WHERE id = {id}")))
+            .await
+            .unwrap();
+    }
+}

@@ -133,6 +133,13 @@ impl Session {
                     if self.transaction_control_bind(one)? || self.multi_end_bind(one).await? {
                         return Ok(());
                     }
+                    if self.refuses_prepare_transaction(one) {
+                        let home = self.home_shard();
+                        if self.release_held(home).await? {
+                            self.local_error(super::multi::prepare_transaction_refused());
+                        }
+                        return Ok(());
+                    }
                     if let Some(e) = self.keep_bind_in_step(one, &frame).await? {
                         // A participant failed: the Bind fails; COMMIT will roll back.
                         let home = self.home_shard();
@@ -211,6 +218,10 @@ impl Session {
                 let one = self.bound_statement(&frame)?;
                 if !self.multi.parked.is_empty() && one.as_deref().is_some_and(ends_transaction) {
                     return self.multi_end_in_batch(one.as_deref()).await;
+                }
+                if self.refuses_prepare_transaction(one.as_deref()) {
+                    self.local_error(super::multi::prepare_transaction_refused());
+                    return Ok(());
                 }
                 self.route.setting_bind = one.as_deref().is_some_and(super::replay::is_setting);
                 if let Some(e) = self.keep_bind_in_step(one.as_deref(), &frame).await? {
@@ -368,6 +379,10 @@ impl Session {
         if tag == "BEGIN" {
             self.route.deferred_begin = Some(one.to_string());
             self.status = b'T';
+        } else if super::multi::chains(one) {
+            // `AND CHAIN` begins the next transaction alike: the BEGIN stays deferred.
+            self.status = b'T';
+            self.listen_ext.ended(Some(tag == "COMMIT"));
         } else {
             self.route.deferred_begin = None;
             self.status = b'I';
@@ -524,6 +539,12 @@ impl Session {
             self.local_error(aborted());
         }
         Ok(())
+    }
+
+    /// Whether the bound statement is a `PREPARE TRANSACTION` pgshard refuses (in a
+    /// transaction over several shards).
+    fn refuses_prepare_transaction(&self, one: Option<&str>) -> bool {
+        !self.multi.parked.is_empty() && one.is_some_and(super::multi::prepares_transaction)
     }
 
     /// The error for a Bind that cannot run as routed (skips the batch until Sync).

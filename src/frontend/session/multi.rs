@@ -250,6 +250,12 @@ impl Session {
         sql: &str,
     ) -> Result<Result<&'static str, bytes::BytesMut>, SessionError> {
         self.settle().await?;
+        let chained = chains(sql).then(|| {
+            self.multi
+                .begin
+                .clone()
+                .unwrap_or_else(|| "BEGIN".to_string())
+        });
         let mut parts = std::mem::take(&mut self.multi.parked);
         if let Some(b) = self.backend.take() {
             parts.push((self.shard, b));
@@ -309,6 +315,12 @@ impl Session {
         // A BEGIN no statement attached (only LISTEN ran) ends with it.
         self.route.deferred_begin = None;
         self.route.movable_begin = None;
+        if let Some(begin) = chained.filter(|_| out.is_ok()) {
+            // `AND CHAIN`: the next transaction begins at once, alike (on the shard its
+            // first statement needs).
+            self.route.deferred_begin = Some(begin);
+            self.status = b'T';
+        }
         tracing::debug!(shards = ?shards, outcome = ?out.as_ref().ok(), "multi-shard transaction ended");
         Ok(out)
     }
@@ -630,7 +642,7 @@ impl Session {
             Ok(tag) => protocol::write_complete(&mut self.cout, tag),
             Err(frame) => self.cout.extend_from_slice(&frame),
         }
-        protocol::write_ready(&mut self.cout, b'I');
+        protocol::write_ready(&mut self.cout, self.status);
         Ok(())
     }
 
@@ -666,6 +678,33 @@ impl Session {
 pub(super) fn rolls_back(end: &str) -> bool {
     let ([first], _) = crate::router::lexer::leading_words::<1>(end);
     first.eq_ignore_ascii_case("rollback") || first.eq_ignore_ascii_case("abort")
+}
+
+/// Whether a statement is `PREPARE TRANSACTION`: in a transaction over several shards it
+/// would prepare the attached shard's part alone (pgshard commits such transactions with
+/// two-phase commit itself), so it is refused there.
+pub(super) fn prepares_transaction(st: &str) -> bool {
+    let ([first, second], _) = crate::router::lexer::leading_words::<2>(st);
+    first.eq_ignore_ascii_case("prepare") && second.eq_ignore_ascii_case("transaction")
+}
+
+/// The error for `PREPARE TRANSACTION` in a transaction over several shards.
+pub(super) fn prepare_transaction_refused() -> PgError {
+    PgError::new(
+        "0A000",
+        "PREPARE TRANSACTION in a transaction over several shards is not supported: pgshard commits it on every shard with two-phase commit itself",
+    )
+    .with_hint("COMMIT the transaction; roll it back now.")
+}
+
+/// Whether a COMMIT or ROLLBACK starts a new transaction right away (`AND CHAIN`), with
+/// the same characteristics as the one it ends.
+pub(super) fn chains(end: &str) -> bool {
+    let (words, n) = crate::router::lexer::leading_words::<5>(end);
+    let words = &words[..n];
+    words
+        .windows(2)
+        .any(|w| w[0].eq_ignore_ascii_case("and") && w[1].eq_ignore_ascii_case("chain"))
 }
 
 /// Rolls back a participant's transaction; a connection that did not roll back cleanly is

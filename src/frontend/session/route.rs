@@ -607,9 +607,16 @@ impl Session {
         if !self.multi.parked.is_empty() && single == Some(router::StatementKind::EndTransaction) {
             return self.end_multi_query(sql).await;
         }
-        if !self.multi.parked.is_empty() && single.is_none() {
+        if !self.multi.parked.is_empty() {
             let statements = router::split_statements(sql);
-            if statements.iter().any(|st| controls_transaction(st)) {
+            if statements
+                .iter()
+                .any(|st| super::multi::prepares_transaction(st))
+            {
+                self.answer_error(super::multi::prepare_transaction_refused());
+                return Ok(());
+            }
+            if single.is_none() && statements.iter().any(|st| controls_transaction(st)) {
                 return self.control_string_over_shards(sql, &statements).await;
             }
         }

@@ -65,8 +65,14 @@ impl Session {
             }
             (router::StatementKind::EndTransaction, true) => {
                 let rollback = self.status == b'E' || super::multi::rolls_back(one());
-                self.route.deferred_begin = None;
-                answer(self, if rollback { "ROLLBACK" } else { "COMMIT" }, b'I');
+                // `AND CHAIN` begins the next transaction alike: the BEGIN stays deferred.
+                let status = if super::multi::chains(one()) {
+                    b'T'
+                } else {
+                    self.route.deferred_begin = None;
+                    b'I'
+                };
+                answer(self, if rollback { "ROLLBACK" } else { "COMMIT" }, status);
                 self.listen_ext.ended(Some(!rollback));
                 true
             }
