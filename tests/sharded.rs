@@ -3890,6 +3890,45 @@ async fn merge_into_reference_tables_reaches_every_copy() {
     assert_eq!(n, [[Some("0".to_string())]]);
 }
 
+/// Rows of a test's own in split_t (other tests read users and split_t by other keys),
+/// with these ids, which must lie on both shards: deleted, then inserted with `name`,
+/// on each client's database.
+async fn own_split_rows(dbs: &[&tokio_postgres::Client], ids: &[i64], name: &str) {
+    let shards: std::collections::HashSet<u64> = ids
+        .iter()
+        .map(|k| partition_of(&HashKey::Int(*k), 2))
+        .collect();
+    assert_eq!(shards.len(), 2, "the rows are on both shards");
+    delete_split_rows(dbs, ids).await;
+    let values: Vec<String> = ids.iter().map(|id| format!("({id}, '{name}')")).collect();
+    for db in dbs {
+        db.batch_execute(&format!(
+            "INSERT INTO split_t (id, name) VALUES {}",
+            values.join(", ")
+        ))
+        .await
+        .unwrap();
+    }
+}
+
+/// An UPDATE of each of these split_t rows (one shard each) to `name`.
+fn split_updates(ids: &[i64], name: &str) -> Vec<String> {
+    ids.iter()
+        .map(|id| format!("UPDATE split_t SET name = '{name}' WHERE id = {id}"))
+        .collect()
+}
+
+/// Deletes these split_t rows, one statement each (one shard each).
+async fn delete_split_rows(dbs: &[&tokio_postgres::Client], ids: &[i64]) {
+    let deletes: Vec<String> = ids
+        .iter()
+        .map(|id| format!("DELETE FROM split_t WHERE id = {id}"))
+        .collect();
+    for db in dbs {
+        db.batch_execute(&deletes.join("; ")).await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn query_strings_that_end_a_transaction_over_several_shards() {
     // A COMMIT or ROLLBACK inside a query string ends the transaction on every shard it
@@ -3899,28 +3938,9 @@ async fn query_strings_that_end_a_transaction_over_several_shards() {
     let addr = setup().await;
     let l = connect(addr).await;
     let plain = connect_server(ports()[0], "plain").await;
-    // Rows of their own (other tests read users and split_t by other keys).
     let ids = [8801i64, 8802, 8803, 8804];
-    let shards: std::collections::HashSet<u64> = ids
-        .iter()
-        .map(|k| partition_of(&HashKey::Int(*k), 2))
-        .collect();
-    assert_eq!(shards.len(), 2, "the rows are on both shards");
-    for db in [&l, &plain] {
-        db.batch_execute(
-            "DELETE FROM split_t WHERE id = 8801; DELETE FROM split_t WHERE id = 8802; DELETE FROM split_t WHERE id = 8803; DELETE FROM split_t WHERE id = 8804; \
-             INSERT INTO split_t (id, name) VALUES (8801, ''), (8802, ''), (8803, ''), (8804, '')",
-        )
-        .await
-        .unwrap();
-    }
-    let begin = |name: &str| {
-        let updates: Vec<String> = ids
-            .iter()
-            .map(|id| format!("UPDATE split_t SET name = '{name}' WHERE id = {id}"))
-            .collect();
-        format!("BEGIN; {}", updates.join("; "))
-    };
+    own_split_rows(&[&l, &plain], &ids, "").await;
+    let begin = |name: &str| format!("BEGIN; {}", split_updates(&ids, name).join("; "));
     let count = |name: &'static str| {
         let l = &l;
         async move {
@@ -3975,11 +3995,7 @@ async fn query_strings_that_end_a_transaction_over_several_shards() {
     assert_eq!(sqlstate(&e), "0A000", "{e:?}");
     l.batch_execute("ROLLBACK").await.unwrap();
     assert_eq!(count("inside").await, 0);
-    for db in [&l, &plain] {
-        db.batch_execute("DELETE FROM split_t WHERE id = 8801; DELETE FROM split_t WHERE id = 8802; DELETE FROM split_t WHERE id = 8803; DELETE FROM split_t WHERE id = 8804")
-            .await
-            .unwrap();
-    }
+    delete_split_rows(&[&l, &plain], &ids).await;
 }
 
 #[tokio::test]
@@ -3997,28 +4013,12 @@ async fn commit_in_a_pipelined_batch_over_several_shards() {
         b.extend(msg::execute(""));
         b
     };
-    // Rows of their own, on both shards.
     let ids = [8811i64, 8812, 8813, 8814];
-    let shards: std::collections::HashSet<u64> = ids
-        .iter()
-        .map(|k| partition_of(&HashKey::Int(*k), 2))
-        .collect();
-    assert_eq!(shards.len(), 2, "the rows are on both shards");
-    for db in [&c, &plain] {
-        db.batch_execute(
-            "DELETE FROM split_t WHERE id = 8811; DELETE FROM split_t WHERE id = 8812; DELETE FROM split_t WHERE id = 8813; DELETE FROM split_t WHERE id = 8814; \
-             INSERT INTO split_t (id, name) VALUES (8811, ''), (8812, ''), (8813, ''), (8814, '')",
-        )
-        .await
-        .unwrap();
-    }
+    own_split_rows(&[&c, &plain], &ids, "").await;
     let updates = |name: &str| -> Vec<u8> {
-        ids.iter()
-            .flat_map(|id| {
-                step(&format!(
-                    "UPDATE split_t SET name = '{name}' WHERE id = {id}"
-                ))
-            })
+        split_updates(&ids, name)
+            .iter()
+            .flat_map(|u| step(u))
             .collect()
     };
     let mut proxy = Raw::startup(addr, "trusty", "app").await;
@@ -4098,11 +4098,7 @@ async fn commit_in_a_pipelined_batch_over_several_shards() {
             assert_eq!(n, if committed { 4 } else { 0 }, "{name}");
         }
     }
-    for db in [&c, &plain] {
-        db.batch_execute("DELETE FROM split_t WHERE id = 8811; DELETE FROM split_t WHERE id = 8812; DELETE FROM split_t WHERE id = 8813; DELETE FROM split_t WHERE id = 8814")
-            .await
-            .unwrap();
-    }
+    delete_split_rows(&[&c, &plain], &ids).await;
 }
 
 #[tokio::test]
@@ -4115,26 +4111,8 @@ async fn chained_and_prepared_transactions_over_several_shards() {
     let l = connect(addr).await;
     let plain = connect_server(ports()[0], "plain").await;
     let ids = [8821i64, 8822, 8823, 8824];
-    let shards: std::collections::HashSet<u64> = ids
-        .iter()
-        .map(|k| partition_of(&HashKey::Int(*k), 2))
-        .collect();
-    assert_eq!(shards.len(), 2, "the rows are on both shards");
-    let each = |f: &dyn Fn(i64) -> String| -> String {
-        ids.iter().map(|&id| f(id)).collect::<Vec<_>>().join("; ")
-    };
-    let update =
-        |name: &str| each(&|id| format!("UPDATE split_t SET name = '{name}' WHERE id = {id}"));
-    for db in [&l, &plain] {
-        db.batch_execute(&each(&|id| format!("DELETE FROM split_t WHERE id = {id}")))
-            .await
-            .unwrap();
-        db.batch_execute(&each(&|id| {
-            format!("INSERT INTO split_t (id, name) VALUES ({id}, 'a')")
-        }))
-        .await
-        .unwrap();
-    }
+    own_split_rows(&[&l, &plain], &ids, "a").await;
+    let update = |name: &str| split_updates(&ids, name).join("; ");
     async fn names(db: &tokio_postgres::Client) -> Vec<Vec<Option<String>>> {
         rows(
             &db.simple_query(
@@ -4201,9 +4179,5 @@ async fn chained_and_prepared_transactions_over_several_shards() {
         names(&l).await,
         [[Some("b".to_string()), Some("4".to_string())]]
     );
-    for db in [&l, &plain] {
-        db.batch_execute(&each(&|id| format!("DELETE FROM split_t WHERE id = {id}")))
-            .await
-            .unwrap();
-    }
+    delete_split_rows(&[&l, &plain], &ids).await;
 }
