@@ -3297,6 +3297,13 @@ async fn answers_past_max_merge_bytes_fail_with_54000_and_the_rest_goes_on() {
     )
     .await
     .unwrap();
+    // A column ordered in a collation a server ranks, and an index in that order.
+    c.batch_execute(
+        "ALTER TABLE big_t ADD COLUMN m text COLLATE \"en-x-icu\" GENERATED ALWAYS AS ((id % 7)::text) STORED; \
+         CREATE INDEX big_t_m ON big_t (m, id)",
+    )
+    .await
+    .unwrap();
     let yaml = cluster2()
         .config_yaml("127.0.0.1:0", "transaction", 2)
         .replace("users:\n", "users:\n  - { name: trusty, auth: trust }\n");
@@ -3529,6 +3536,33 @@ async fn answers_past_max_merge_bytes_fail_with_54000_and_the_rest_goes_on() {
         assert_eq!(sqlstate(&e), "22012", "{e:?}");
         let e = l.simple_query("SELECT 1").await.unwrap_err();
         assert_eq!(sqlstate(&e), "25P02", "{e:?}");
+        // A shard's error in a merge held, after each shard's first rows (an index scan
+        // in the ranked order: no sort first), whichever shard it is on: the transaction
+        // is aborted for the batch's Sync and what follows.
+        // (Each shard's second row in that order: its first is read before pgshard knows
+        // the merge is held.)
+        let on = |s: u64| {
+            let mut ids: Vec<i64> = (1..=200i64)
+                .filter(|&k| partition_of(&HashKey::Int(k), 2) == s)
+                .collect();
+            ids.sort_by_key(|&k| (k % 7, k));
+            ids[1]
+        };
+        for bad in [on(0), on(1)] {
+            l.batch_execute("ROLLBACK; BEGIN; SET LOCAL enable_sort = off")
+                .await
+                .unwrap();
+            let e = l
+                .query(
+                    "SELECT id, 1 / (id - $1) FROM big_t ORDER BY m, id",
+                    &[&bad],
+                )
+                .await
+                .unwrap_err();
+            assert_eq!(sqlstate(&e), "22012", "{e:?}");
+            let e = l.query("SELECT 1", &[]).await.unwrap_err();
+            assert_eq!(sqlstate(&e), "25P02", "{e:?}");
+        }
         l.batch_execute("ROLLBACK").await.unwrap();
         l.batch_execute("BEGIN; INSERT INTO big_t (id, pad) VALUES (1001, repeat('z', 2000))")
             .await

@@ -534,9 +534,6 @@ impl Session {
         Ok(())
     }
 
-    /// Holds the merged rows of a Bind as its portal (of a DECLARE: as its cursor, the
-    /// portal answering the DECLARE), or fails the Bind with the merge's or a shard's
-    /// error.
     /// After a sorted read answered the client's Describe and Execute of `portal`
     /// (`stream_sorted`): the portal held exhausted, or the rest of the batch skipped
     /// after an error. The shards' answers when they are to be merged held instead
@@ -586,13 +583,18 @@ impl Session {
         }
     }
 
+    /// An Execute answered with an error: the rest of the batch is skipped, and a
+    /// transaction it ran in is aborted.
     fn execute_failed(&mut self) {
         self.local_skip = true;
         if self.status == b'T' {
-            self.status = b'E';
+            self.fail_attached();
         }
     }
 
+    /// Holds the merged rows of a Bind as its portal (of a DECLARE: as its cursor, the
+    /// portal answering the DECLARE), or fails the Bind with the merge's or a shard's
+    /// error.
     fn hold_merged(&mut self, merged: Result<bytes::BytesMut, PgError>, a: &Analysis) {
         let merged = merged.map(|out| self.merged_answer(a, out));
         match merged {

@@ -522,7 +522,7 @@ impl Session {
         Ok(Some(match merged.map(|out| self.merged_answer(a, out)) {
             Ok(f) => f,
             Err(e) => {
-                self.status = b'E';
+                self.fail_attached();
                 let mut f = bytes::BytesMut::new();
                 e.write(&mut f);
                 f

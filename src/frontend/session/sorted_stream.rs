@@ -201,16 +201,24 @@ impl Session {
     /// statement (and a batch's Sync): it is made to fail too.
     fn failed(&mut self, src: &Source) -> Sorted {
         if matches!(src, Source::Tx(..)) {
-            self.status = b'E';
-            if self.backend.as_ref().is_some_and(|b| !b.broken) {
-                self.relay.push(super::Pending::Internal);
-                protocol::write_query(
-                    &mut self.bout,
-                    "DO $pgshard$BEGIN RAISE EXCEPTION 'pgshard: the statement failed on another shard'; END$pgshard$",
-                );
-            }
+            self.fail_attached();
         }
         Sorted::Streamed(None)
+    }
+
+    /// The transaction is aborted: so is it on the attached server, whose answers decide
+    /// the transaction's status from now on (its ReadyForQuery to the client's next
+    /// statement or Sync), also when the statement failed on another shard or in
+    /// pgshard's merge.
+    pub(super) fn fail_attached(&mut self) {
+        self.status = b'E';
+        if self.backend.as_ref().is_some_and(|b| !b.broken) {
+            self.relay.push(super::Pending::Internal);
+            protocol::write_query(
+                &mut self.bout,
+                "DO $pgshard$BEGIN RAISE EXCEPTION 'pgshard: the statement failed'; END$pgshard$",
+            );
+        }
     }
 
     /// Reads shard `i`'s answer up to its next row or its end; its description and tag
@@ -371,6 +379,7 @@ impl Session {
             };
             frames.push(row);
             let mut held: usize = frames.iter().map(|f| f.len()).sum();
+            let mut failed = false;
             loop {
                 let mut f = match self.frame_from(&mut src, i).await {
                     Ok(f) => f,
@@ -387,14 +396,13 @@ impl Session {
                 };
                 match f[0] {
                     b'Z' => break,
-                    // The held merge answers the first error; inside a transaction it
-                    // is aborted.
-                    b'E' if matches!(src, Source::Tx(..)) => {
-                        if let Some(e) = self.multi.txn.as_ref().and_then(|r| r.deadlock_error(&f))
+                    b'E' => {
+                        if let (Source::Tx(..), Some(r)) = (&src, &self.multi.txn)
+                            && let Some(e) = r.deadlock_error(&f)
                         {
                             f = e;
                         }
-                        self.status = b'E';
+                        failed = true;
                     }
                     b'S' => super::server_frames::saw_parameter(&mut self.zone, &f),
                     _ => {}
@@ -413,6 +421,16 @@ impl Session {
                 frames.push(f);
             }
             results.push(frames);
+            if failed {
+                // The held merge answers this shard's error: the others' statements are
+                // cancelled rather than read (and held) to their end, and a transaction
+                // they ran in is aborted.
+                self.abandon_others(&mut src, Some(i)).await;
+                if matches!(src, Source::Tx(..)) {
+                    self.fail_attached();
+                }
+                break;
+            }
         }
         Ok(Sorted::Held(results))
     }
