@@ -4215,3 +4215,29 @@ async fn chained_and_prepared_transactions_over_several_shards() {
     );
     delete_split_rows(&[&l, &plain], &ids).await;
 }
+
+#[tokio::test]
+async fn a_transaction_begun_in_a_query_string_joins_other_shards_alike() {
+    // `BEGIN ...; SET LOCAL ...` in one string (as multi-tenant applications begin, with
+    // the tenant for row-level security) went to one shard as it was; shards joining the
+    // transaction later began it with a plain BEGIN and without the settings: another
+    // isolation level, and no tenant.
+    let addr = setup().await;
+    let c = connect(addr).await;
+    let seen = "SELECT DISTINCT current_setting('transaction_isolation'), current_setting('work_mem'), current_setting('app.tenant', true) FROM users";
+    for (begin, want) in [
+        (
+            "BEGIN ISOLATION LEVEL REPEATABLE READ; SET LOCAL work_mem = '3MB'; SET LOCAL app.tenant = 't1'",
+            ["repeatable read", "3MB", "t1"],
+        ),
+        (
+            "BEGIN; SET LOCAL app.tenant = 't2'; SAVEPOINT a; SET LOCAL work_mem = '5MB'; ROLLBACK TO SAVEPOINT a",
+            ["read committed", "4MB", "t2"],
+        ),
+    ] {
+        c.batch_execute(begin).await.unwrap();
+        let got = rows(&c.simple_query(seen).await.unwrap());
+        assert_eq!(got, [want.map(|v| Some(v.to_string()))], "{begin}");
+        c.batch_execute("ROLLBACK").await.unwrap();
+    }
+}

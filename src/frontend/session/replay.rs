@@ -103,7 +103,65 @@ pub(super) fn savepoint_op(sql: &str) -> Option<(SavepointOp, String)> {
     }
 }
 
+/// Records a savepoint statement in a transaction's replay.
+fn note_savepoint(replay: &mut Vec<Replay>, op: SavepointOp, name: String) {
+    let at = |r: &[Replay]| {
+        r.iter()
+            .rposition(|x| matches!(x, Replay::Savepoint(n) if *n == name))
+    };
+    match op {
+        SavepointOp::Create => replay.push(Replay::Savepoint(name)),
+        SavepointOp::Release => {
+            // The savepoint and those after it go; what was set since stays.
+            if let Some(i) = at(replay) {
+                let mut k = 0;
+                replay.retain(|x| {
+                    k += 1;
+                    k <= i || matches!(x, Replay::Set(_) | Replay::Bound(_))
+                });
+            }
+        }
+        SavepointOp::RollbackTo => {
+            // Settings made since are undone, like everything else.
+            if let Some(i) = at(replay) {
+                replay.truncate(i + 1);
+            }
+        }
+    }
+}
+
 impl Session {
+    /// A query string that begins a transaction and goes to one shard as it is
+    /// (`BEGIN ISOLATION LEVEL REPEATABLE READ; SET LOCAL app.tenant = 't1'`, as
+    /// multi-tenant applications start): its BEGIN and the settings and savepoints after
+    /// it are recorded as if they had come one by one, so that shards joining the
+    /// transaction later begin it alike. (They used to begin with a plain BEGIN and
+    /// without the settings.)
+    pub(super) fn note_transaction_string(&mut self, statements: &[&str]) {
+        use crate::router::StatementKind::{Begin, EndTransaction};
+        let Some(at) = statements
+            .iter()
+            .position(|st| crate::router::classify(st) == Begin)
+        else {
+            return;
+        };
+        self.multi.begin = Some(statements[at].trim_end_matches(';').to_string());
+        self.multi.replay.clear();
+        for st in &statements[at + 1..] {
+            if crate::router::classify(st) == EndTransaction {
+                // The transaction ends within the string (its ReadyForQuery clears the
+                // rest).
+                return;
+            }
+            if is_setting(st) {
+                let sql = st.trim().trim_end_matches(';').to_string();
+                self.multi.replay.push(Replay::Set(sql));
+            } else if let Some((op, name)) = savepoint_op(st) {
+                note_savepoint(&mut self.multi.replay, op, name);
+            }
+        }
+    }
+
     /// Keeps savepoints and settings in step over the shards of the transaction:
     /// recorded for shards that join later, and run on the parked participants now. False
     /// when a participant failed (the client got the error and the transaction is
@@ -140,29 +198,7 @@ impl Session {
         let Some((op, name)) = savepoint_op(sql) else {
             return Ok(None);
         };
-        let at = |r: &[Replay]| {
-            r.iter()
-                .rposition(|x| matches!(x, Replay::Savepoint(n) if *n == name))
-        };
-        match op {
-            SavepointOp::Create => self.multi.replay.push(Replay::Savepoint(name)),
-            SavepointOp::Release => {
-                // The savepoint and those after it go; what was set since stays.
-                if let Some(i) = at(&self.multi.replay) {
-                    let mut k = 0;
-                    self.multi.replay.retain(|x| {
-                        k += 1;
-                        k <= i || matches!(x, Replay::Set(_) | Replay::Bound(_))
-                    });
-                }
-            }
-            SavepointOp::RollbackTo => {
-                // Settings made since are undone, like everything else.
-                if let Some(i) = at(&self.multi.replay) {
-                    self.multi.replay.truncate(i + 1);
-                }
-            }
-        }
+        note_savepoint(&mut self.multi.replay, op, name);
         let mut req = bytes::BytesMut::new();
         protocol::write_query(&mut req, sql);
         self.run_on_parked(&req, "savepoint").await

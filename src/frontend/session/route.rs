@@ -726,6 +726,13 @@ impl Session {
                 if single.is_none() || !super::replay::is_setting(sql) {
                     self.route.movable_begin = None;
                 }
+                if single.is_none()
+                    && self.status == b'I'
+                    && self.mode == PoolMode::Transaction
+                    && self.multi.parked.is_empty()
+                {
+                    self.note_transaction_string(&router::split_statements(sql));
+                }
                 self.reads.executed = true;
                 self.started();
                 self.send_query(frame);
