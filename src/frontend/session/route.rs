@@ -359,10 +359,11 @@ impl Session {
                     .with_hint("Or choose the shard with a /* pgshard: shard=N */ comment."));
             }
             Err(router::AnalyzeError::Parse(parse_error)) => {
-                // Never fail a statement only because the parser could not read it.
-                if self.backend.is_some() && self.status != b'I'
-                    || !self.db.router.rules.mentioned_in(sql)
-                {
+                // Never fail a statement only because the parser could not read it: one
+                // that names no sharded or reference table runs where the session is. One
+                // that does is refused, inside a transaction too: sent to the shard the
+                // transaction is on, it would read or write that shard's rows only.
+                if !self.db.router.rules.mentioned_in(sql) {
                     self.set_read_ok(sql, None);
                     return Ok(Dest::Shard(self.home_shard()));
                 }
