@@ -26,6 +26,54 @@ enum Streamed {
 /// Rows written to the client are flushed once this many bytes wait.
 const FLUSH_AT: usize = 64 * 1024;
 
+/// The shards' rows as they go to the client, one answer: the first RowDescription
+/// (written when `describe`), then every DataRow, counted for the tag.
+struct Concatenated {
+    describe: bool,
+    description: Option<Bytes>,
+    rows: u64,
+}
+
+impl Concatenated {
+    fn new(describe: bool) -> Self {
+        Concatenated {
+            describe,
+            description: None,
+            rows: 0,
+        }
+    }
+
+    /// Takes a shard's RowDescription or DataRow, writing to `out` what the client gets
+    /// of it; false for any other frame.
+    fn take(&mut self, f: &[u8], out: &mut bytes::BytesMut) -> bool {
+        match f[0] {
+            b'T' => {
+                if self.description.is_none() {
+                    if self.describe {
+                        out.extend_from_slice(f);
+                    }
+                    self.description = Some(Bytes::copy_from_slice(f));
+                }
+                true
+            }
+            b'D' => {
+                self.rows += 1;
+                out.extend_from_slice(f);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The answer's tag, written to `out`, and the description; None when no shard
+    /// described the rows.
+    fn finish(self, out: &mut bytes::BytesMut) -> Option<Bytes> {
+        let description = self.description?;
+        protocol::write_complete(out, &format!("SELECT {}", self.rows));
+        Some(description)
+    }
+}
+
 impl Session {
     /// Streams the rows `req` reads on `nodes` to the client, then its tag (not
     /// ReadyForQuery); the RowDescription goes first when `describe`. The description
@@ -46,8 +94,7 @@ impl Session {
                 return Ok(None);
             }
         };
-        let mut description = None;
-        let mut rows: u64 = 0;
+        let mut answer = Concatenated::new(describe);
         for i in 0..sent.len() {
             loop {
                 let f = match sent.next(i).await {
@@ -58,19 +105,10 @@ impl Session {
                         return Ok(None);
                     }
                 };
+                let taken = answer.take(&f, &mut self.cout);
                 match f[0] {
+                    _ if taken => {}
                     b'Z' => break,
-                    b'T' if description.is_some() => {}
-                    b'T' => {
-                        if describe {
-                            self.cout.extend_from_slice(&f);
-                        }
-                        description = Some(f.freeze());
-                    }
-                    b'D' => {
-                        rows += 1;
-                        self.cout.extend_from_slice(&f);
-                    }
                     // Each shard's tag: one for the whole answer below.
                     b'C' => {}
                     b'E' => {
@@ -96,12 +134,11 @@ impl Session {
                 }
             }
         }
-        let Some(description) = description else {
+        let description = answer.finish(&mut self.cout);
+        if description.is_none() {
             self.stream_error(PgError::new("XX000", "no row description from any shard"));
-            return Ok(None);
-        };
-        protocol::write_complete(&mut self.cout, &format!("SELECT {rows}"));
-        Ok(Some(description))
+        }
+        Ok(description)
     }
 
     /// A Bind over several shards whose rows stream (`cross::streams`), outside a
@@ -216,9 +253,8 @@ impl Session {
         describe: bool,
     ) -> Result<Streamed, SessionError> {
         self.relay.drain_local(&mut self.cout);
-        let mut description: Option<Bytes> = None;
+        let mut answer = Concatenated::new(describe);
         let mut failed = false;
-        let mut rows: u64 = 0;
         for &s in shards {
             crate::metrics::inc(&self.db.shards[s].stats.cross_shard);
             if !self.enter_shard(s).await? {
@@ -247,21 +283,12 @@ impl Session {
                         return Ok(Streamed::Gone);
                     }
                 };
+                let taken = answer.take(&f, &mut self.cout);
                 match f[0] {
+                    _ if taken => {}
                     b'Z' => {
                         self.status = f.get(5).copied().unwrap_or(b'E');
                         break;
-                    }
-                    b'T' if description.is_some() => {}
-                    b'T' => {
-                        if describe {
-                            self.cout.extend_from_slice(&f);
-                        }
-                        description = Some(f.freeze());
-                    }
-                    b'D' => {
-                        rows += 1;
-                        self.cout.extend_from_slice(&f);
                     }
                     // Each shard's tag, and the extended request's acknowledgements.
                     b'C' | b'1' | b'2' => {}
@@ -300,13 +327,14 @@ impl Session {
                 return Ok(Streamed::Failed);
             }
         }
-        let Some(description) = description else {
-            self.status = b'E';
-            self.stream_error(PgError::new("XX000", "no row description from any shard"));
-            return Ok(Streamed::Failed);
-        };
-        protocol::write_complete(&mut self.cout, &format!("SELECT {rows}"));
-        Ok(Streamed::Rows(description))
+        match answer.finish(&mut self.cout) {
+            Some(description) => Ok(Streamed::Rows(description)),
+            None => {
+                self.status = b'E';
+                self.stream_error(PgError::new("XX000", "no row description from any shard"));
+                Ok(Streamed::Failed)
+            }
+        }
     }
 
     /// BindComplete for the Bind being handled, whose portal pgshard answers; the
