@@ -4272,3 +4272,39 @@ async fn statements_pgshard_cannot_read_are_not_run_on_one_shard_in_a_transactio
         .unwrap();
     c.batch_execute("COMMIT").await.unwrap();
 }
+
+#[tokio::test]
+async fn cancel_stops_a_read_streamed_from_several_shards() {
+    // A read over several shards streamed to the client (rows that concatenate, or
+    // ordered) can be cancelled, as psql's Ctrl-C does: the cancel request reaches a shard
+    // being read, whose error ends the answer, and the other shards are cancelled too.
+    // (It used to reach no server: the session had none attached.)
+    let addr = setup().await;
+    let c = connect(addr).await;
+    let keys = [1i64, 2, 3, 4];
+    let shards: std::collections::HashSet<u64> = keys
+        .iter()
+        .map(|k| partition_of(&HashKey::Int(*k), 2))
+        .collect();
+    assert_eq!(shards.len(), 2, "the rows are on both shards");
+    for q in [
+        "SELECT id, pg_sleep(2) FROM users WHERE id IN (1, 2, 3, 4)",
+        "SELECT id, pg_sleep(2) FROM users WHERE id IN (1, 2, 3, 4) ORDER BY id",
+    ] {
+        let token = c.cancel_token();
+        let cancel = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+        });
+        let e = c.simple_query(q).await.unwrap_err();
+        assert_eq!(sqlstate(&e), "57014", "{q}: {e:?}");
+        cancel.await.unwrap();
+        // The session and the pool's connections go on.
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM users", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 200);
+    }
+}

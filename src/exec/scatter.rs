@@ -120,6 +120,12 @@ impl Sent {
         Ok(sent)
     }
 
+    /// Where a client's cancel request goes to stop shard `i`'s statement: its server
+    /// and BackendKeyData (a shard's error ends a stream, which then cancels the rest).
+    pub fn cancel_target(&self, i: usize) -> Option<(&crate::net::ServerAddr, i32, i32)> {
+        self.conns.get(i).map(|c| (&c.addr, c.pid, c.secret))
+    }
+
     /// How many shards answer.
     pub fn len(&self) -> usize {
         self.conns.len()

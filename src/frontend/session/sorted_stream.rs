@@ -74,8 +74,14 @@ impl Session {
         let sent = Sent::start(&self.db, nodes, req, Some(prelude), self.settings_fp).await;
         match sent {
             Ok(sent) => {
-                self.merge_sorted(Source::Pool(sent), describe, spec, formats)
-                    .await
+                // A client's cancel request stops one shard's statement; its error ends
+                // the merge, which cancels the others.
+                self.cancel.set(sent.cancel_target(0));
+                let sorted = self
+                    .merge_sorted(Source::Pool(sent), describe, spec, formats)
+                    .await;
+                self.restore_cancel();
+                sorted
             }
             Err(e) => {
                 self.stream_error(e);
@@ -167,7 +173,14 @@ impl Session {
             }
             match self.next_sorted(&mut src, i, &mut kept[i]).await? {
                 Next::Row(r) => heads[i] = Some(r),
-                Next::End => {}
+                Next::End => {
+                    // Cancel requests go to a shard still answering.
+                    if let (Source::Pool(sent), Some(j)) =
+                        (&src, heads.iter().position(Option::is_some))
+                    {
+                        self.cancel.set(sent.cancel_target(j));
+                    }
+                }
                 Next::Failed => return Ok(self.failed(&src)),
             }
             if self.cout.len() >= FLUSH_AT {

@@ -85,6 +85,25 @@ impl Session {
         prelude: &str,
         describe: bool,
     ) -> Result<Option<Bytes>, SessionError> {
+        let streamed = self.stream_rows_from(nodes, req, prelude, describe).await;
+        self.restore_cancel();
+        streamed
+    }
+
+    /// Cancel requests go to the attached server connection again (if any), after a
+    /// stream that pointed them at the shard being read.
+    pub(super) fn restore_cancel(&self) {
+        self.cancel
+            .set(self.backend.as_ref().map(|b| (&b.addr, b.pid, b.secret)));
+    }
+
+    async fn stream_rows_from(
+        &mut self,
+        nodes: &[(usize, Option<usize>)],
+        req: Request<'_>,
+        prelude: &str,
+        describe: bool,
+    ) -> Result<Option<Bytes>, SessionError> {
         self.relay.drain_local(&mut self.cout);
         let sent = Sent::start(&self.db, nodes, req, Some(prelude), self.settings_fp).await;
         let mut sent = match sent {
@@ -96,6 +115,9 @@ impl Session {
         };
         let mut answer = Concatenated::new(describe);
         for i in 0..sent.len() {
+            // The client's cancel request stops the shard being read: its error ends the
+            // answer, and the others are cancelled with it.
+            self.cancel.set(sent.cancel_target(i));
             loop {
                 let f = match sent.next(i).await {
                     Ok(f) => f,
