@@ -90,6 +90,32 @@ pub(super) fn bound_by(
     .map_err(|(code, msg)| PgError::new(code, msg))
 }
 
+/// The merged (and finished) answer of a Bind's read over several shards, outside a
+/// transaction, from the shards' answers: `bind` is the statement's parameter types, the
+/// Bind's body after its names, and the shards' result formats.
+async fn merged_bound(
+    db: &crate::cluster::Database,
+    node: (usize, Option<usize>),
+    results: Result<Vec<Vec<bytes::BytesMut>>, PgError>,
+    spec: &MergeSpec,
+    a: &Analysis,
+    (types, rest, formats): (&[u8], &[u8], &[bool]),
+    settings: (Option<&str>, u64),
+) -> Result<bytes::BytesMut, PgError> {
+    let results = results?;
+    let client = crate::exec::finalize::ClientParams::of(types, rest)?;
+    crate::exec::finalize::merged_and_finished(
+        db,
+        node,
+        results,
+        spec,
+        (formats, &client_formats(a, rest)),
+        Some(&client),
+        settings,
+    )
+    .await
+}
+
 impl Session {
     /// A Bind whose statement writes on several shards (DDL, a reference-table write, a
     /// keyless UPDATE/DELETE, a split INSERT without parameters): runs it with the
@@ -375,21 +401,10 @@ impl Session {
                 .stream_sorted(&nodes, req, (&prelude, describe), spec, &formats)
                 .await?;
             if let Some(results) = self.streamed_portal(sorted, &portal) {
-                let merged = match crate::exec::finalize::ClientParams::of(types, rest) {
-                    Ok(client) => {
-                        crate::exec::finalize::merged_and_finished(
-                            &self.db,
-                            nodes[0],
-                            results,
-                            spec,
-                            (&formats, &client_formats(a, rest)),
-                            Some(&client),
-                            (Some(&prelude[..]), self.settings_fp),
-                        )
-                        .await
-                    }
-                    Err(e) => Err(e),
-                };
+                let settings = (Some(&prelude[..]), self.settings_fp);
+                let bind = (types, rest, &formats[..]);
+                let merged =
+                    merged_bound(&self.db, nodes[0], Ok(results), spec, a, bind, settings).await;
                 self.execute_merged(merged, &portal, describe);
             }
             let sql = String::from_utf8_lossy(query);
@@ -398,25 +413,9 @@ impl Session {
         }
         let results =
             scatter::run_on_shards(&self.db, &nodes, req, Some(&prelude), self.settings_fp).await;
-        let merged = match (
-            results,
-            crate::exec::finalize::ClientParams::of(types, rest),
-        ) {
-            (Ok(r), Ok(client)) => {
-                let settings = (Some(&prelude[..]), self.settings_fp);
-                crate::exec::finalize::merged_and_finished(
-                    &self.db,
-                    nodes[0],
-                    r,
-                    spec,
-                    (&formats, &client_formats(a, rest)),
-                    Some(&client),
-                    settings,
-                )
-                .await
-            }
-            (Err(e), _) | (_, Err(e)) => Err(e),
-        };
+        let settings = (Some(&prelude[..]), self.settings_fp);
+        let bind = (types, rest, &formats[..]);
+        let merged = merged_bound(&self.db, nodes[0], results, spec, a, bind, settings).await;
         self.hold_merged(merged, a);
         Ok(())
     }
@@ -464,23 +463,13 @@ impl Session {
             let Some(results) = self.streamed_portal(sorted, &portal) else {
                 return Ok(());
             };
-            let merged = self
-                .merge_in_transaction(shards[0], results, spec, &formats)
-                .await;
-            let merged = match crate::exec::finalize::ClientParams::of(types, rest) {
-                Ok(client) => {
-                    let formats = client_formats(a, rest);
-                    let finished = self
-                        .finish_in_transaction(shards[0], spec, merged, &formats, Some(&client))
-                        .await?;
-                    let Some(merged) = finished else {
-                        return Ok(());
-                    };
-                    merged
-                }
-                Err(e) => Err(e),
-            };
-            self.execute_merged(merged, &portal, describe);
+            let bind = (types, rest, &formats[..]);
+            if let Some(merged) = self
+                .merged_bound_in_transaction(shards[0], results, spec, a, bind)
+                .await?
+            {
+                self.execute_merged(merged, &portal, describe);
+            }
             return Ok(());
         }
         let mut results = Vec::with_capacity(shards.len());
@@ -498,30 +487,10 @@ impl Session {
                 break;
             }
         }
-        let merged = self
-            .merge_in_transaction(
-                shards[0],
-                results,
-                spec,
-                &scatter::result_formats(&bind_rest),
-            )
-            .await;
-        let client = match crate::exec::finalize::ClientParams::of(types, rest) {
-            Ok(c) => c,
-            Err(e) => {
-                self.status = b'E';
-                self.local_error(e);
-                return Ok(());
-            }
-        };
+        let formats = scatter::result_formats(&bind_rest);
+        let bind = (types, rest, &formats[..]);
         let Some(merged) = self
-            .finish_in_transaction(
-                shards[0],
-                spec,
-                merged,
-                &client_formats(a, rest),
-                Some(&client),
-            )
+            .merged_bound_in_transaction(shards[0], results, spec, a, bind)
             .await?
         else {
             return Ok(());
@@ -532,6 +501,25 @@ impl Session {
         }
         self.hold_merged(merged, a);
         Ok(())
+    }
+
+    /// [`merged_bound`] inside the transaction: merged, and finished on shard `s`'s
+    /// participant. None when that connection was lost (the client was told).
+    async fn merged_bound_in_transaction(
+        &mut self,
+        s: usize,
+        results: Vec<Vec<bytes::BytesMut>>,
+        spec: &MergeSpec,
+        a: &Analysis,
+        (types, rest, formats): (&[u8], &[u8], &[bool]),
+    ) -> Result<Option<Result<bytes::BytesMut, PgError>>, SessionError> {
+        let merged = self.merge_in_transaction(s, results, spec, formats).await;
+        let client = match crate::exec::finalize::ClientParams::of(types, rest) {
+            Ok(c) => c,
+            Err(e) => return Ok(Some(Err(e))),
+        };
+        self.finish_in_transaction(s, spec, merged, &client_formats(a, rest), Some(&client))
+            .await
     }
 
     /// After a sorted read answered the client's Describe and Execute of `portal`
