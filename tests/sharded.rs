@@ -1282,21 +1282,15 @@ async fn extended_protocol_begin_waits_for_the_first_statement() {
     for key in keys {
         let mut r = Raw::startup(addr, "trusty", "app").await;
         r.until_ready().await;
-        let mut b = msg::parse("", "BEGIN");
-        b.extend(msg::bind("", "", &[]));
-        b.extend(msg::execute(""));
-        b.extend(msg::parse(
-            "",
+        let mut b = msg::run("BEGIN", &[]);
+        b.extend(msg::run(
             "INSERT INTO split_t (id, name) VALUES ($1, 'jdbc')",
+            &[&key.to_string()],
         ));
-        b.extend(msg::bind("", "", &[&key.to_string()]));
-        b.extend(msg::execute(""));
         b.extend(msg::sync());
         r.send(&b).await;
         assert_eq!(r.until_ready().await, "12C12CZ");
-        let mut b = msg::parse("", "COMMIT");
-        b.extend(msg::bind("", "", &[]));
-        b.extend(msg::execute(""));
+        let mut b = msg::run("COMMIT", &[]);
         b.extend(msg::sync());
         r.send(&b).await;
         assert_eq!(r.until_ready().await, "12CZ");
@@ -4041,12 +4035,7 @@ async fn commit_in_a_pipelined_batch_over_several_shards() {
     let addr = setup().await;
     let c = connect(addr).await;
     let plain = connect_server(ports()[0], "plain").await;
-    let step = |sql: &str| {
-        let mut b = msg::parse("", sql);
-        b.extend(msg::bind("", "", &[]));
-        b.extend(msg::execute(""));
-        b
-    };
+    let step = |sql: &str| msg::run(sql, &[]);
     let ids = [8811i64, 8812, 8813, 8814];
     own_split_rows(&[&c, &plain], &ids, "").await;
     let updates = |name: &str| -> Vec<u8> {

@@ -346,6 +346,14 @@ pub mod msg {
         b.extend([0, 0]);
         frame(b'B', &b)
     }
+    /// Parse, Bind (text parameters) and Execute of the unnamed statement and portal,
+    /// as libpq's PQexecParams and pgjdbc send a statement (without the Sync).
+    pub fn run(sql: &str, params: &[&str]) -> Vec<u8> {
+        let mut b = parse("", sql);
+        b.extend(bind("", "", params));
+        b.extend(execute(""));
+        b
+    }
     pub fn execute(portal: &str) -> Vec<u8> {
         let mut b = cstr(portal);
         b.extend(0i32.to_be_bytes());
