@@ -721,6 +721,121 @@ async fn extended_protocol_error_recovery_matches_postgres() {
     assert!(r.recv().await.is_none());
 }
 
+/// An error pgshard raises itself in an extended-protocol batch (here the Bind of a
+/// statement the client never prepared, which in transaction mode pgshard answers) fails
+/// the transaction as a server's error does: the batch's Sync reports it failed, a later
+/// COMMIT rolls back, and the implicit transaction of a batch outside a transaction block
+/// rolls back the batch's earlier writes. Compared with plain PostgreSQL.
+#[tokio::test]
+async fn local_errors_in_a_batch_fail_the_transaction() {
+    let addr = start_proxy_yaml(&base_yaml("transaction", 2));
+    let port = cluster().shards[0].primary.port;
+    let check = connect_direct().await;
+    check
+        .batch_execute("DROP TABLE IF EXISTS local_err; CREATE TABLE local_err (id int)")
+        .await
+        .unwrap();
+    let failing = || {
+        let mut b = msg::bind("", "never_prepared", &[]);
+        b.extend(msg::execute(""));
+        b
+    };
+    // (requests, the rows each leaves in the table)
+    let cases: Vec<(Vec<Vec<u8>>, i64)> = vec![
+        // In a transaction block: failed at the Sync, COMMIT rolls back.
+        (
+            vec![
+                msg::query("BEGIN"),
+                [
+                    msg::run("INSERT INTO local_err VALUES (1)", &[]),
+                    failing(),
+                    msg::sync(),
+                ]
+                .concat(),
+                msg::query("SELECT 1"),
+                msg::query("COMMIT"),
+            ],
+            0,
+        ),
+        // BEGIN inside the batch.
+        (
+            vec![
+                [
+                    msg::run("BEGIN", &[]),
+                    msg::run("INSERT INTO local_err VALUES (2)", &[]),
+                    failing(),
+                    msg::run("INSERT INTO local_err VALUES (3)", &[]),
+                    msg::sync(),
+                ]
+                .concat(),
+                msg::query("COMMIT"),
+            ],
+            0,
+        ),
+        // The implicit transaction of a batch: its earlier write is undone.
+        (
+            vec![
+                [
+                    msg::run("INSERT INTO local_err VALUES (4)", &[]),
+                    failing(),
+                    msg::sync(),
+                ]
+                .concat(),
+                msg::query("SELECT 1"),
+            ],
+            0,
+        ),
+        // After the server's own error in the batch: one error, as on PostgreSQL.
+        (
+            vec![
+                msg::query("BEGIN"),
+                [
+                    msg::run("INSERT INTO local_err VALUES (5)", &[]),
+                    msg::run("SELECT 1/0", &[]),
+                    failing(),
+                    msg::sync(),
+                ]
+                .concat(),
+                msg::query("ROLLBACK"),
+            ],
+            0,
+        ),
+        // And a transaction that wrote nothing yet.
+        (
+            vec![
+                msg::query("BEGIN"),
+                [failing(), msg::sync()].concat(),
+                msg::query("SELECT 1"),
+                msg::query("ROLLBACK"),
+                msg::query("INSERT INTO local_err VALUES (6)"),
+            ],
+            1,
+        ),
+    ];
+    for (requests, rows) in cases {
+        let mut answers = Vec::new();
+        for target in [addr, ([127, 0, 0, 1], port).into()] {
+            let user = if target == addr { "trusty" } else { "postgres" };
+            let mut r = Raw::startup(target, user, "app").await;
+            r.until_ready().await;
+            let mut got = Vec::new();
+            for req in &requests {
+                r.send(req).await;
+                got.push(r.answer().await);
+            }
+            let n: i64 = check
+                .query_one("SELECT count(*) FROM local_err", &[])
+                .await
+                .unwrap()
+                .get(0);
+            check.batch_execute("TRUNCATE local_err").await.unwrap();
+            assert_eq!(n, rows, "rows left through {target}: {got:?}");
+            answers.push(got);
+        }
+        assert_eq!(answers[0], answers[1], "through pgshard, then direct");
+    }
+}
+
 #[tokio::test]
 async fn pipelined_queries_are_answered_in_order() {
     let addr = start_proxy_yaml(&base_yaml("transaction", 2));

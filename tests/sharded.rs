@@ -4297,3 +4297,51 @@ async fn cancel_stops_a_read_streamed_from_several_shards() {
         assert_eq!(n, 200);
     }
 }
+
+#[tokio::test]
+async fn an_error_pgshard_raises_in_the_extended_protocol_fails_the_transaction() {
+    // tokio-postgres runs each statement as a Parse/Bind/Execute/Sync batch. When pgshard
+    // refuses one itself, the batch's Sync must report the transaction failed, as after a
+    // server's error; it used to report it healthy, and a later COMMIT then committed
+    // the writes before the error.
+    let addr = setup().await;
+    let mut c = connect(addr).await;
+    let unreadable = "SELECT id FROM users ORDER BY (id % 7)::text COLLATE \"C\", id";
+    for (id, refused) in [
+        (8801_i64, unreadable),
+        (8802, "PREPARE TRANSACTION 'pgshard_test'"),
+    ] {
+        let t = c.transaction().await.unwrap();
+        // A write on one shard, then a read of the other: over several shards.
+        t.execute("INSERT INTO split_t VALUES ($1, 'local error')", &[&id])
+            .await
+            .unwrap();
+        t.query("SELECT * FROM split_t WHERE id = $1", &[&(id + 1)])
+            .await
+            .unwrap();
+        let failed = match t.query(refused, &[]).await {
+            // (Should the parser learn to read it, the answer must be whole.)
+            Ok(r) => {
+                assert_eq!(r.len(), 200, "{refused}");
+                false
+            }
+            Err(e) => {
+                assert_eq!(sqlstate(&e), "0A000", "{refused}: {e:?}");
+                let e = t.query("SELECT 1", &[]).await.unwrap_err();
+                assert_eq!(sqlstate(&e), "25P02", "{refused}: {e:?}");
+                true
+            }
+        };
+        t.commit().await.unwrap();
+        let left = c
+            .query("SELECT * FROM split_t WHERE id = $1", &[&id])
+            .await
+            .unwrap();
+        if failed {
+            assert!(left.is_empty(), "{refused}: the write was committed");
+        }
+        c.execute("DELETE FROM split_t WHERE id = $1", &[&id])
+            .await
+            .unwrap();
+    }
+}

@@ -211,6 +211,9 @@ pub struct Relay {
     pub queue: VecDeque<Pending>,
     /// The server is discarding messages until the next Sync (after an error).
     pub skipping: bool,
+    /// The server failed an extended-protocol request since the last Sync (`skipping`
+    /// also follows errors pgshard answers itself).
+    pub server_failed: bool,
     /// Undo records produced while handling frames; the session drains them.
     pub undo: Vec<Undo>,
     /// The error of an [`AutoStep`] or a retried [`Pending::Cached`], held until the
@@ -226,6 +229,9 @@ pub struct Relay {
 impl Relay {
     /// Queues a request; requests the server will skip are not queued.
     pub fn push(&mut self, p: Pending) {
+        if matches!(p, Pending::Sync | Pending::InternalSync) {
+            self.server_failed = false;
+        }
         if self.skipping {
             match p {
                 Pending::Sync | Pending::InternalSync => self.skipping = false,
@@ -320,7 +326,9 @@ impl Relay {
             Pending::Internal => {
                 if tag == b'E' {
                     let (code, msg) = protocol::error_fields(frame);
-                    tracing::warn!(%code, %msg, "internal query failed");
+                    if msg != RAISED_MESSAGE {
+                        tracing::warn!(%code, %msg, "internal query failed");
+                    }
                 }
                 tag == b'Z'
             }
@@ -453,6 +461,7 @@ impl Relay {
                 Some(Pending::Query | Pending::Sync | Pending::Internal | Pending::InternalSync)
             );
             if tag == b'E' && was_extended {
+                self.server_failed = true;
                 self.skip_to_sync();
             }
             self.drain_local(out);
@@ -523,6 +532,14 @@ fn refuses_cached_plan(error: &[u8]) -> bool {
 
 /// ParseComplete, BindComplete and CloseComplete, for answers pgshard gives itself: no
 /// allocation per answer.
+/// The message of [`RAISE_FAILED`]'s error.
+const RAISED_MESSAGE: &str = "pgshard: the statement failed";
+
+/// An internal query that fails the server's transaction (as the client's failed): after an
+/// error pgshard raised itself or one from another shard.
+pub const RAISE_FAILED: &str =
+    "DO $pgshard$BEGIN RAISE EXCEPTION 'pgshard: the statement failed'; END$pgshard$";
+
 pub const PARSE_COMPLETE: Bytes = Bytes::from_static(&[b'1', 0, 0, 0, 4]);
 pub const BIND_COMPLETE: Bytes = Bytes::from_static(&[b'2', 0, 0, 0, 4]);
 pub const CLOSE_COMPLETE: Bytes = Bytes::from_static(&[b'3', 0, 0, 0, 4]);

@@ -536,7 +536,7 @@ impl Session {
             Sorted::Streamed(Some(description)) => {
                 self.hold_exhausted_portal(portal, description);
             }
-            Sorted::Streamed(None) => self.local_skip = true,
+            Sorted::Streamed(None) => self.batch_failed(),
             Sorted::Held(results) => return Some(results),
         }
         None
@@ -554,7 +554,7 @@ impl Session {
         match merged {
             Ok(out) if protocol::has_error(&out) => {
                 self.cout.extend_from_slice(&out);
-                self.execute_failed();
+                self.batch_failed();
             }
             Ok(mut out) => {
                 let description = super::portal::take_description(&mut out);
@@ -566,17 +566,8 @@ impl Session {
             }
             Err(e) => {
                 self.stream_error(e);
-                self.execute_failed();
+                self.batch_failed();
             }
-        }
-    }
-
-    /// An Execute answered with an error: the rest of the batch is skipped, and a
-    /// transaction it ran in is aborted.
-    fn execute_failed(&mut self) {
-        self.local_skip = true;
-        if self.status == b'T' {
-            self.fail_attached();
         }
     }
 

@@ -106,6 +106,9 @@ pub struct Session {
     in_batch: bool,
     /// A local error happened in an extended-protocol batch: discard until Sync.
     local_skip: bool,
+    /// pgshard answered an error of its own in this extended-protocol batch: at the Sync
+    /// the transaction fails on the attached server too (see [`Session::fail_batch`]).
+    local_failed: bool,
     in_copy: bool,
     statements: HashMap<Bytes, Stmt>,
     client_eof: bool,
@@ -204,6 +207,7 @@ impl Session {
             status: b'I',
             in_batch: false,
             local_skip: false,
+            local_failed: false,
             in_copy: false,
             statements: HashMap::new(),
             client_eof: false,
@@ -469,6 +473,9 @@ impl Session {
                 self.bout.extend_from_slice(&frame);
             }
             b'S' => {
+                if std::mem::take(&mut self.local_failed) {
+                    self.fail_batch().await?;
+                }
                 if self.holding() && !self.local_skip {
                     let home = self.home_shard();
                     self.held_read_ok();
@@ -570,7 +577,48 @@ impl Session {
         self.db.shards[self.home_shard()].stats.error(e.code);
         self.relay.push(Pending::Error(Box::new(e)));
         self.relay.drain_local(&mut self.cout);
-        // Whatever the client sent after this point, up to Sync, must not run.
+        self.batch_failed();
+    }
+
+    /// The client got an error pgshard answered in an extended-protocol batch: whatever
+    /// it sent after it, up to the Sync, must not run, and the transaction fails.
+    fn batch_failed(&mut self) {
         self.local_skip = true;
+        self.local_failed = true;
+    }
+
+    /// The Sync of a batch pgshard answered an error in. On a server, an error fails the
+    /// transaction: a block becomes failed, and a batch's implicit transaction rolls back
+    /// the writes that ran before the error. The attached server has seen no error, and
+    /// its ReadyForQuery would report the transaction healthy (and a later COMMIT would
+    /// commit): it is made to fail too, unless it failed a statement of its own.
+    async fn fail_batch(&mut self) -> Result<(), SessionError> {
+        if self.status == b'E' {
+            return Ok(());
+        }
+        if self.backend.is_none() {
+            // A transaction block pgshard holds back (deferred BEGIN) fails, as on a server.
+            if self.status == b'T' {
+                self.status = b'E';
+            }
+            return Ok(());
+        }
+        // The server's answers so far tell whether it failed on its own; a simple Query
+        // sent while it skips to the Sync would be skipped too.
+        self.settle().await?;
+        if !self.relay.server_failed {
+            self.raise_on_attached();
+        }
+        Ok(())
+    }
+
+    /// Makes the attached server fail the statement it runs next (an internal query,
+    /// whose answer the client does not see), so that its transaction fails as the
+    /// client's did.
+    fn raise_on_attached(&mut self) {
+        if self.backend.as_ref().is_some_and(|b| !b.broken) {
+            self.relay.push(Pending::Internal);
+            protocol::write_query(&mut self.bout, crate::exec::RAISE_FAILED);
+        }
     }
 }

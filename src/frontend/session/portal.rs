@@ -295,7 +295,7 @@ impl Session {
             undo: None,
         });
         self.relay.drain_local(&mut self.cout);
-        self.local_skip = true;
+        self.batch_failed();
     }
 }
 

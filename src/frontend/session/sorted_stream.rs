@@ -225,13 +225,7 @@ impl Session {
     /// pgshard's merge.
     pub(super) fn fail_attached(&mut self) {
         self.status = b'E';
-        if self.backend.as_ref().is_some_and(|b| !b.broken) {
-            self.relay.push(super::Pending::Internal);
-            protocol::write_query(
-                &mut self.bout,
-                "DO $pgshard$BEGIN RAISE EXCEPTION 'pgshard: the statement failed'; END$pgshard$",
-            );
-        }
+        self.raise_on_attached();
     }
 
     /// Reads shard `i`'s answer up to its next row or its end; its description and tag

@@ -183,7 +183,7 @@ impl Session {
             Some(description) => self.hold_exhausted_portal(&portal, description),
             // As after any error in the extended protocol: the rest of the batch is
             // skipped, up to its Sync.
-            None => self.local_skip = true,
+            None => self.batch_failed(),
         }
         Ok(true)
     }
@@ -258,7 +258,7 @@ impl Session {
         let portal = self.bind_complete();
         match self.stream_each(req, shards, describe).await? {
             Streamed::Rows(description) => self.hold_exhausted_portal(&portal, description),
-            Streamed::Failed => self.local_skip = true,
+            Streamed::Failed => self.batch_failed(),
             // (`backend_lost` ended the batch.)
             Streamed::Gone => {}
         }
@@ -281,7 +281,7 @@ impl Session {
             crate::metrics::inc(&self.db.shards[s].stats.cross_shard);
             if !self.enter_shard(s).await? {
                 // The client got the error (the shard is unavailable).
-                self.status = b'E';
+                self.fail_attached();
                 return Ok(Streamed::Failed);
             }
             self.reads.executed = true;
@@ -352,7 +352,7 @@ impl Session {
         match answer.finish(&mut self.cout) {
             Some(description) => Ok(Streamed::Rows(description)),
             None => {
-                self.status = b'E';
+                self.fail_attached();
                 self.stream_error(PgError::new("XX000", "no row description from any shard"));
                 Ok(Streamed::Failed)
             }
