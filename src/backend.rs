@@ -73,6 +73,11 @@ pub struct BackendConn {
     pub prepared: ServerStatements,
     /// Fingerprint of the session settings applied on top of the server defaults.
     pub settings: u64,
+    /// The ParameterStatus frames pgshard's own queries ([`BackendConn::run_quiet`])
+    /// got since the connection was checked out: changes its client was not told of,
+    /// such as a transaction's end on a participant pgshard commits (see
+    /// `Session::end_multi`).
+    pub reported: Vec<BytesMut>,
     /// Set when the connection's state is unknown: it must not be reused.
     pub broken: bool,
     pub created: Instant,
@@ -110,6 +115,7 @@ impl BackendConn {
             pid: 0,
             secret: 0,
             initial_params: Vec::new(),
+            reported: Vec::new(),
             prepared: ServerStatements::default(),
             settings: 0,
             broken: false,
@@ -336,6 +342,14 @@ impl BackendConn {
         }
     }
 
+    /// Keeps a ParameterStatus frame of pgshard's own query (see `reported`): the latest
+    /// of each parameter, so that a connection held long (session mode) keeps a few.
+    pub fn note_reported(&mut self, f: BytesMut) {
+        let name = parameter_name(&f);
+        self.reported.retain(|g| parameter_name(g) != name);
+        self.reported.push(f);
+    }
+
     /// Runs a simple query whose results nobody needs; returns the server's error, if any,
     /// and the transaction status it ended with. Used for resets and replayed settings.
     pub async fn run_quiet(&mut self, sql: &str) -> Result<Option<(String, String)>, BackendError> {
@@ -348,6 +362,7 @@ impl BackendConn {
             match f[0] {
                 b'E' => err = Some(protocol::error_fields(&f)),
                 b'Z' => return Ok(err),
+                b'S' => self.note_reported(f),
                 // A COPY started by a reset query would be a bug of ours: give up on the
                 // connection rather than guess.
                 b'G' | b'H' | b'W' => {
@@ -552,6 +567,12 @@ impl ServerStatements {
     fn len(&self) -> usize {
         self.last_use.len()
     }
+}
+
+/// The name a ParameterStatus frame reports.
+pub fn parameter_name(f: &[u8]) -> &[u8] {
+    let body = f.get(5..).unwrap_or_default();
+    body.split(|&c| c == 0).next().unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -58,7 +58,8 @@ impl std::ops::DerefMut for Pooled {
 
 impl Drop for Pooled {
     fn drop(&mut self) {
-        if let Some(conn) = self.conn.take() {
+        if let Some(mut conn) = self.conn.take() {
+            conn.reported.clear();
             let p = &self.pool;
             let now = Instant::now();
             if let Some(why) = p.retire(&conn, now) {

@@ -4345,3 +4345,109 @@ async fn an_error_pgshard_raises_in_the_extended_protocol_fails_the_transaction(
             .unwrap();
     }
 }
+
+#[tokio::test]
+async fn transactions_over_several_shards_report_no_parameter_changes() {
+    // pgshard marks each backend of a transaction over several shards for its deadlock
+    // detector (a transaction-local application_name). The client must not see the
+    // server report that mark, nor its own value coming back when the transaction ends:
+    // the same messages as from one PostgreSQL, in both protocols.
+    let addr = setup().await;
+    let mut proxy = Raw::startup(addr, "trusty", "app").await;
+    proxy.until_ready().await;
+    let mut direct = Raw::startup(([127, 0, 0, 1], ports()[0]).into(), "postgres", "plain").await;
+    direct.until_ready().await;
+    for end in [
+        "COMMIT",
+        "ROLLBACK",
+        "SELECT 1/0",
+        "COMMIT AND CHAIN",
+        // Errors on every shard: streamed, merged in order, held for an aggregate.
+        "SELECT 1/(id - id) FROM users",
+        "SELECT 1/(id - id) FROM users ORDER BY id",
+        "SELECT sum(1/(id - id)) FROM users",
+        "SELECT count(*) FROM users GROUP BY 1/(id - id)",
+    ] {
+        let requests = [
+            msg::query("BEGIN"),
+            msg::query("SELECT name FROM users WHERE id = 1"),
+            msg::query("SELECT count(*) FROM users"),
+            msg::query(end),
+            msg::query("ROLLBACK"),
+            msg::query("SELECT 1"),
+        ];
+        answers_alike(&mut proxy, &mut direct, &requests, end).await;
+        let requests = [
+            msg::query("BEGIN"),
+            [
+                msg::run("SELECT name FROM users WHERE id = $1", &["2"]),
+                msg::sync(),
+            ]
+            .concat(),
+            [msg::run("SELECT count(*) FROM users", &[]), msg::sync()].concat(),
+            [msg::run(end, &[]), msg::sync()].concat(),
+            msg::query("ROLLBACK"),
+        ];
+        answers_alike(&mut proxy, &mut direct, &requests, end).await;
+    }
+    // The client's own changes are reported, once each, as by PostgreSQL.
+    let requests = [
+        "SET application_name = 'other'",
+        "SET application_name = 'other'",
+        "BEGIN",
+        "SELECT count(*) FROM users",
+        "SELECT 1/0",
+        "ROLLBACK",
+        "BEGIN",
+        "SET LOCAL application_name = 'local'",
+        "SELECT count(*) FROM users",
+        "COMMIT",
+        "RESET application_name",
+        "SELECT count(*) FROM users",
+    ]
+    .map(msg::query);
+    answers_alike(&mut proxy, &mut direct, &requests, "SET").await;
+    // A SET LOCAL of the time zone undone at the end: the client is told, and pgshard
+    // reads timestamp keys in the zone the session is back in (UTC: 00:30 is in 2026,
+    // on shard 1; in Tokyo it would be 2025, on shard 0).
+    let requests = [
+        "BEGIN",
+        "SET LOCAL TimeZone = 'Asia/Tokyo'",
+        "SELECT count(*) FROM users",
+        "COMMIT",
+        "SHOW TimeZone",
+    ]
+    .map(msg::query);
+    answers_alike(&mut proxy, &mut direct, &requests, "SET LOCAL TimeZone").await;
+    proxy
+        .send(&msg::query(
+            "INSERT INTO events (id, created_at) VALUES (8891, '2026-01-01 00:30')",
+        ))
+        .await;
+    assert_eq!(proxy.answer().await, "CZ I");
+    let mut found = Vec::new();
+    for port in ports() {
+        let shard = connect_server(port, "app").await;
+        found.push(
+            shard
+                .execute("DELETE FROM events WHERE id = 8891", &[])
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(found, [0, 1], "the row went to the shard of 2025");
+}
+
+/// Sends each request through `proxy` and to `direct` and compares their answers (tags and
+/// the status left), but for what comes before an error: a merge that fails may send no
+/// RowDescription (PostgreSQL describes the rows before it runs the statement), and a
+/// held merge runs at the Bind, which then fails in place of the Execute.
+async fn answers_alike(proxy: &mut Raw, direct: &mut Raw, requests: &[Vec<u8>], what: &str) {
+    for (i, req) in requests.iter().enumerate() {
+        proxy.send(req).await;
+        direct.send(req).await;
+        let (p, d) = (proxy.answer().await, direct.answer().await);
+        let alike = |a: String| a.replace("TE(", "E(").replace("2E(", "E(");
+        assert_eq!(alike(p), alike(d), "{what}, request {i}");
+    }
+}

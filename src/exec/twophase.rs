@@ -96,6 +96,7 @@ async fn read_result(c: &mut BackendConn) -> Result<Option<BytesMut>, String> {
         match f[0] {
             b'E' => err = Some(f),
             b'Z' => return Ok(err),
+            b'S' => c.note_reported(f),
             _ => {}
         }
     }

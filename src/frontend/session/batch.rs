@@ -124,6 +124,8 @@ impl Session {
         if let Err(frame) = r {
             self.cout.extend_from_slice(&frame);
         }
+        let params = self.ended_params();
+        self.cout.extend_from_slice(&params);
         protocol::write_ready(&mut self.cout, b'I');
         Ok(())
     }

@@ -511,6 +511,7 @@ impl Session {
             Ok(tag) => {
                 let mut c = bytes::BytesMut::new();
                 protocol::write_complete(&mut c, tag);
+                c.extend_from_slice(&self.ended_params());
                 c.freeze()
             }
             Err(frame) => frame.freeze(),

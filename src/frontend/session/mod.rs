@@ -140,6 +140,9 @@ pub struct Session {
     /// A statement that may change the time zone was routed; until nothing is in flight
     /// the zone is not known.
     zone_pending: bool,
+    /// The `application_name` the client was last told (see
+    /// `server_frames::parameter_for_client`).
+    app_name: Vec<u8>,
     /// What waits for the client is only what pgshard answered itself (a ParseComplete
     /// for a statement the server connection holds, named or unnamed), and the server
     /// will answer the rest of the batch: it goes out with that answer, in one write and
@@ -150,14 +153,19 @@ pub struct Session {
 /// The time zone a new session starts in: the one the client asked for at startup, or the
 /// servers' default.
 fn time_zone(db: &Database, settings: &[(String, String)]) -> crate::sharding::Zone {
+    crate::sharding::Zone::new(greeted(db, settings, "TimeZone"))
+}
+
+/// The value of a parameter the client's greeting reported: the one it asked for at
+/// startup, or the servers' ("" when unknown).
+fn greeted<'a>(db: &'a Database, settings: &'a [(String, String)], name: &str) -> &'a str {
     let shard = &db.shards[db.config.default_shard];
     let defaults = shard.nodes.iter().find_map(|n| n.pool.server_params());
-    let setting = settings
+    settings
         .iter()
         .chain(defaults.into_iter().flatten())
-        .find(|(k, _)| k.eq_ignore_ascii_case("TimeZone"))
-        .map_or("", |(_, v)| v.as_str());
-    crate::sharding::Zone::new(setting)
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map_or("", |(_, v)| v.as_str())
 }
 
 /// Fingerprint of a settings list; 0 means "server defaults".
@@ -186,8 +194,12 @@ impl Session {
         } = client;
         settings.sort();
         let zone = time_zone(&db, &settings);
+        let app_name = greeted(&db, &settings, "application_name")
+            .as_bytes()
+            .to_vec();
         Session {
             zone,
+            app_name,
             zone_pending: false,
             db,
             mode,

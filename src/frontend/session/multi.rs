@@ -29,6 +29,9 @@ pub(super) struct MultiState {
     /// The transaction's backends as the deadlock detector knows them (from the second
     /// shard on).
     pub(super) txn: Option<crate::cluster::deadlock::Registration>,
+    /// ParameterStatus messages for the client after the tag of the COMMIT or ROLLBACK
+    /// pgshard answered (see [`Session::ended_params`]).
+    ended: bytes::BytesMut,
 }
 
 /// A statement's frames from one shard, up to ReadyForQuery, and that status.
@@ -303,6 +306,13 @@ impl Session {
                 }
             }
         };
+        // What ending the transaction changed (a `SET LOCAL` undone), as one server
+        // would report it.
+        for f in final_parameters(&mut parts) {
+            if super::server_frames::parameter_for_client(&mut self.zone, &mut self.app_name, &f) {
+                self.multi.ended.extend_from_slice(&f);
+            }
+        }
         drop(parts);
         self.route
             .portals
@@ -631,7 +641,15 @@ impl Session {
         if let Err(frame) = self.end_multi(end).await? {
             *out = frame;
         }
+        let params = self.ended_params();
+        out.extend_from_slice(&params);
         Ok(())
+    }
+
+    /// The ParameterStatus messages of the last [`Session::end_multi`], for the client
+    /// after the statement's tag (PostgreSQL reports changes just before ReadyForQuery).
+    pub(super) fn ended_params(&mut self) -> bytes::BytesMut {
+        self.multi.ended.split()
     }
 
     /// `end_multi` for a simple Query: the answer and ReadyForQuery.
@@ -642,6 +660,8 @@ impl Session {
             Ok(tag) => protocol::write_complete(&mut self.cout, tag),
             Err(frame) => self.cout.extend_from_slice(&frame),
         }
+        let params = self.ended_params();
+        self.cout.extend_from_slice(&params);
         protocol::write_ready(&mut self.cout, self.status);
         Ok(())
     }
@@ -713,4 +733,25 @@ pub(super) async fn roll_back(b: &mut Pooled) {
     if !matches!(b.run_quiet("ROLLBACK").await, Ok(None)) {
         b.broken = true;
     }
+}
+
+/// The parameters whose values the participants reported to pgshard's own queries (their
+/// `reported` frames, taken): the last value of each, which is what the transaction's end
+/// left (every participant ends alike). A participant's mark for the deadlock detector
+/// (`cluster::deadlock`) is never the client's.
+fn final_parameters(parts: &mut [(usize, Pooled)]) -> Vec<bytes::BytesMut> {
+    use crate::backend::parameter_name;
+    let mut last: Vec<bytes::BytesMut> = Vec::new();
+    for (_, b) in parts.iter_mut() {
+        for f in b.reported.drain(..) {
+            last.retain(|g| parameter_name(g) != parameter_name(&f));
+            last.push(f);
+        }
+    }
+    last.retain(|f| {
+        let name = parameter_name(f);
+        let value = f.get(5 + name.len() + 1..).unwrap_or_default();
+        !(name == b"application_name" && value.starts_with(b"pgshard:"))
+    });
+    last
 }

@@ -191,7 +191,11 @@ impl Session {
         let ended = self.end_multi(first).await?;
         self.relay.drain_local(&mut self.cout);
         match ended {
-            Ok(tag) => protocol::write_complete(&mut self.cout, tag),
+            Ok(tag) => {
+                protocol::write_complete(&mut self.cout, tag);
+                let params = self.ended_params();
+                self.cout.extend_from_slice(&params);
+            }
             Err(frame) => {
                 // The COMMIT failed: as in PostgreSQL, the rest of the string is skipped.
                 self.cout.extend_from_slice(&frame);

@@ -176,6 +176,8 @@ impl Session {
                 Ok(_) => {}
                 Err(frame) => out.extend_from_slice(&frame),
             }
+            let params = self.ended_params();
+            out.extend_from_slice(&params);
         }
         // An explicit transaction that failed stays open, aborted (as in PostgreSQL).
         self.relay.drain_local(&mut self.cout);

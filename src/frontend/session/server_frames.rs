@@ -55,7 +55,16 @@ impl Session {
                 }
             }
             if tag == b'S' {
-                saw_parameter(&mut self.zone, frame);
+                let internal = matches!(
+                    self.relay.queue.front(),
+                    Some(Pending::Internal | Pending::InternalSync)
+                );
+                if internal {
+                    saw_parameter(&mut self.zone, frame);
+                } else if !parameter_for_client(&mut self.zone, &mut self.app_name, frame) {
+                    b.rbuf.advance(n);
+                    continue;
+                }
             }
             let event = self.relay.on_frame(frame, &mut self.cout);
             b.rbuf.advance(n);
@@ -103,6 +112,30 @@ impl Session {
             self.listen_ext.ended(None);
         }
     }
+}
+
+/// A ParameterStatus from a server the client is to see (after [`saw_parameter`]), unless
+/// it reports the `application_name` the client already has. A transaction over several
+/// shards marks its backends with a transaction-local `application_name` (see
+/// `cluster::deadlock`, set by internal queries whose answers the client does not see);
+/// when the transaction ends or fails, a backend reports the client's own value again,
+/// which is no change for the client, and PostgreSQL reports only changes.
+pub(super) fn parameter_for_client(
+    zone: &mut crate::sharding::Zone,
+    app_name: &mut Vec<u8>,
+    frame: &[u8],
+) -> bool {
+    saw_parameter(zone, frame);
+    let mut body = frame.get(5..).unwrap_or_default();
+    if protocol::read_cstr(&mut body, "ParameterStatus").is_ok_and(|n| n == "application_name") {
+        let value = body.strip_suffix(&[0]).unwrap_or(body);
+        if value == app_name.as_slice() {
+            return false;
+        }
+        app_name.clear();
+        app_name.extend_from_slice(value);
+    }
+    true
 }
 
 /// A ParameterStatus from the server: a new `TimeZone` (after SET, RESET, SET LOCAL or

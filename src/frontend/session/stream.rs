@@ -334,8 +334,13 @@ impl Session {
                         return Ok(Streamed::Gone);
                     }
                     b'S' => {
-                        super::server_frames::saw_parameter(&mut self.zone, &f);
-                        self.cout.extend_from_slice(&f);
+                        if super::server_frames::parameter_for_client(
+                            &mut self.zone,
+                            &mut self.app_name,
+                            &f,
+                        ) {
+                            self.cout.extend_from_slice(&f);
+                        }
                     }
                     // Notices and the like, as they come.
                     _ => self.cout.extend_from_slice(&f),
