@@ -4451,3 +4451,56 @@ async fn answers_alike(proxy: &mut Raw, direct: &mut Raw, requests: &[Vec<u8>], 
         assert_eq!(alike(p), alike(d), "{what}, request {i}");
     }
 }
+
+#[tokio::test]
+async fn cancel_stops_held_merges_and_writes_over_several_shards() {
+    // Outside a transaction, a merge pgshard holds (an aggregate) and a write over several
+    // shards run on pooled connections, with no server attached to the session: a cancel
+    // request reached no server, and they ran to their end. The cancel now reaches the
+    // shard whose answer pgshard awaits; its 57014 ends the statement (for a write: on
+    // every shard, rolled back).
+    let addr = setup().await;
+    let yaml = cluster2().config_yaml("127.0.0.1:0", "transaction", 4);
+    let allow = start_proxy_yaml(&format!("{yaml}{RULES}    cross_shard_writes: allow\n"));
+    let keys = [1i64, 2, 3, 4];
+    let shards: std::collections::HashSet<u64> = keys
+        .iter()
+        .map(|k| partition_of(&HashKey::Int(*k), 2))
+        .collect();
+    assert_eq!(shards.len(), 2, "the rows are on both shards");
+    let slow = "id IN (1, 2, 3, 4) AND pg_sleep(1)::text = ''";
+    for (proxy, q) in [
+        (
+            addr,
+            format!("SELECT count(*), max(name) FROM users WHERE {slow}"),
+        ),
+        (
+            addr,
+            format!("SELECT name, count(*) FROM users WHERE {slow} GROUP BY name"),
+        ),
+        (allow, format!("UPDATE users SET score = -1 WHERE {slow}")),
+    ] {
+        let c = connect(proxy).await;
+        let token = c.cancel_token();
+        let cancel = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+        });
+        let started = std::time::Instant::now();
+        let e = c.simple_query(&q).await.unwrap_err();
+        assert_eq!(sqlstate(&e), "57014", "{q}: {e:?}");
+        cancel.await.unwrap();
+        // Each shard sleeps 2 s: the cancel ended them, not the sleep.
+        assert!(
+            started.elapsed() < std::time::Duration::from_millis(1900),
+            "{q}"
+        );
+        // The session and the pool's connections go on; the write left nothing.
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM users WHERE score = -1", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0, "{q}");
+    }
+}

@@ -5,8 +5,56 @@
 pub use super::merge::merge_select;
 
 use crate::cluster::Database;
+use crate::frontend::CancelSlot;
+use crate::net::ServerAddr;
 use crate::protocol::{self, PgError};
 use bytes::{BufMut, BytesMut};
+use std::sync::Arc;
+
+tokio::task_local! {
+    /// The cancel slot of the client session the task serves. A statement run here on
+    /// pooled connections of several shards (the session has none of them attached)
+    /// points the client's cancel requests at the shard whose answer it awaits, so that
+    /// psql's Ctrl-C reaches a server: the statement then fails with 57014, and the other
+    /// shards are cancelled too. (Set around each session's task; without it, as in
+    /// pgshard's own background work, nothing is pointed.)
+    pub static CANCEL: Arc<CancelSlot>;
+}
+
+/// The client's cancel requests pointed at one connection after another while a
+/// statement runs on several shards; where they went before, again when dropped.
+struct CancelPointer {
+    before: Option<Option<(ServerAddr, i32, i32)>>,
+}
+
+impl CancelPointer {
+    fn new() -> CancelPointer {
+        CancelPointer {
+            before: CANCEL.try_with(|slot| slot.get()).ok(),
+        }
+    }
+
+    fn at(&self, c: &crate::backend::BackendConn) {
+        if self.before.is_some() {
+            let _ = CANCEL.try_with(|slot| slot.set(Some((&c.addr, c.pid, c.secret))));
+        }
+    }
+}
+
+impl Drop for CancelPointer {
+    fn drop(&mut self) {
+        if let Some(before) = &self.before {
+            let _ = CANCEL.try_with(|slot| slot.set(before.as_ref().map(|(a, p, s)| (a, *p, *s))));
+        }
+    }
+}
+
+/// Whether a shard's answer is the error of a cancelled statement.
+fn cancelled(frames: &[BytesMut]) -> bool {
+    frames
+        .iter()
+        .any(|f| f[0] == b'E' && crate::metrics::sqlstate_of(f) == Some("57014"))
+}
 
 /// What to run on each shard.
 #[derive(Clone, Copy)]
@@ -36,8 +84,18 @@ pub async fn run_on_shards(
     let mut sent = Sent::start(db, shards, req, prelude, settings_fp).await?;
     let limit = super::MergeLimit::of(db);
     let mut results = Vec::with_capacity(sent.conns.len());
+    let pointer = CancelPointer::new();
     for i in 0..sent.conns.len() {
+        pointer.at(&sent.conns[i]);
         match sent.answer(i, limit).await {
+            Ok(frames) if cancelled(&frames) => {
+                // The client's cancel: the statement fails, on the other shards too.
+                sent.abandon(i + 1, true).await;
+                return Err(PgError::new(
+                    "57014",
+                    "canceling statement due to user request",
+                ));
+            }
             Ok(frames) => results.push(frames),
             Err(e) => {
                 let cancel = limit.bytes > 0 && e.code == "54000";
@@ -364,7 +422,11 @@ async fn all_or_none_on(
         c.send(&out).await.map_err(lost)?;
     }
     let limit = super::MergeLimit::of(db);
-    for (_, c) in conns.iter_mut() {
+    let pointer = CancelPointer::new();
+    let mut cancelling = false;
+    for i in 0..conns.len() {
+        let c = &mut conns[i].1;
+        pointer.at(c);
         c.read_until_ready().await.map_err(lost)?; // BEGIN
         if marked {
             c.read_until_ready().await.map_err(lost)?;
@@ -382,8 +444,17 @@ async fn all_or_none_on(
             Err(e) => return Err(e),
         };
         txn.rewrite(&mut frames);
+        if !cancelling && cancelled(&frames) {
+            // The client's cancel: the other shards' parts stop too (all roll back).
+            cancelling = true;
+            for (_, other) in &conns[i + 1..] {
+                let _ =
+                    crate::backend::BackendConn::cancel(&other.addr, other.pid, other.secret).await;
+            }
+        }
         results.push(frames);
     }
+    drop(pointer);
     drop(txn);
     let failed = first_error(&results);
     let finish = if failed.is_some() {

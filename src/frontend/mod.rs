@@ -369,7 +369,7 @@ impl Server {
                 writer,
                 leftover: buf,
             },
-            slot,
+            slot.clone(),
             ready.settings,
         );
         let (stop_id, stop) = self.register_stop();
@@ -385,7 +385,9 @@ impl Server {
             gate,
         });
         drop(state);
-        let result = session.run().await;
+        let result = crate::exec::scatter::CANCEL
+            .scope(slot, session.run())
+            .await;
         self.remove_client(client_id);
         self.stops.lock().expect("not poisoned").remove(&stop_id);
         result?;
