@@ -15,6 +15,7 @@ use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
 
 pub mod copy_text;
+mod datetime;
 pub mod directory;
 pub mod finalize;
 pub mod merge;

@@ -9,6 +9,7 @@
 //! database's default. These facts are read from the server once per column and kept for
 //! the life of the database's configuration.
 
+use super::datetime;
 use super::merge::{columns, fields, sort_keys, sources};
 use super::scatter::{Request, run_on_shards};
 use super::values::{compare, compare_binary};
@@ -136,10 +137,29 @@ pub async fn prepare(
         .chain(keys.iter().map(|k| k.idx).filter(|&i| wants(i)))
         .map(fact_key)
         .collect();
-    if wanted.is_empty() {
-        return Ok(ordered);
+    // Dates and timestamps pgshard reads itself in DateStyle ISO; in another style a
+    // server reads and orders them (in the client's settings).
+    let styled = |i: usize| {
+        let oid = cols[i].1;
+        let other_style = raw(i)
+            && !binary_at(i)
+            && datetime::is_datetime(oid)
+            && results.iter().flatten().filter(|f| f[0] == b'D').any(
+                |r| matches!(fields(r).get(i), Some(Some(v)) if datetime::parse(oid, v).is_none()),
+            );
+        other_style.then(|| datetime::class(oid))
+    };
+    for i in (0..cols.len()).filter(|&i| min_max(i)) {
+        ordered.columns[i] = styled(i);
     }
-    let facts = facts(db, node, &wanted).await?;
+    for (k, c) in keys.iter().zip(ordered.keys.iter_mut()) {
+        *c = styled(k.idx);
+    }
+    let facts = if wanted.is_empty() {
+        HashMap::new()
+    } else {
+        facts(db, node, &wanted).await?
+    };
     let class_of = |i: usize, explicit: Option<&str>| {
         class(cols[i].1, facts.get(&fact_key(i)), explicit, binary_at(i))
     };
@@ -150,6 +170,14 @@ pub async fn prepare(
         if wants(k.idx) {
             *c = class_of(k.idx, k.collation.as_deref());
         }
+    }
+    if ordered
+        .columns
+        .iter()
+        .chain(&ordered.keys)
+        .all(Option::is_none)
+    {
+        return Ok(ordered);
     }
     // The distinct values of each class, from the shards' rows (the merged rows hold no
     // others).

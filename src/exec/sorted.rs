@@ -4,6 +4,7 @@
 //! (the ORDER BY runs there too), so a k-way merge holds one row per shard whatever the
 //! answer's size.
 
+use super::datetime;
 use super::merge::{SortKey, columns, fields, prefix_end, sort_keys, sources};
 use super::order::{self, Ordered};
 use super::values::sortable;
@@ -125,13 +126,32 @@ pub(super) fn strip_hidden(frame: &[u8], keep: Option<usize>, row: bool, out: &m
 /// For a streamed merge: the order of the rows `t` (a RowDescription) describes, when
 /// pgshard orders every key itself without asking a server (no value to rank, and every
 /// fact it needs already known). None otherwise, or when the spec is not a plain ORDER
-/// BY (with LIMIT and OFFSET): the rows are then held and merged.
-pub fn for_stream(db: &Database, t: &[u8], spec: &MergeSpec, binary: &[bool]) -> Option<RowOrder> {
+/// BY (with LIMIT and OFFSET): the rows are then held and merged. `first` holds each
+/// shard's first row: a date or timestamp key streams only when they show DateStyle ISO
+/// (the session's style is the same for every row), the text pgshard reads itself.
+pub fn for_stream(
+    db: &Database,
+    t: &[u8],
+    spec: &MergeSpec,
+    binary: &[bool],
+    first: &[&[u8]],
+) -> Option<RowOrder> {
     if !streams_ordered(spec) {
         return None;
     }
     let cols = columns(t);
     let keys = sort_keys(&cols, spec).ok()?;
+    for k in &keys {
+        let oid = cols[k.idx].1;
+        if datetime::is_datetime(oid) && !binary_at(binary, k.idx) {
+            let values = first
+                .iter()
+                .filter_map(|r| fields(r).get(k.idx).copied().flatten());
+            if !datetime::shows_iso(oid, values) {
+                return None;
+            }
+        }
+    }
     let src = sources(t);
     let keyed: Vec<_> = keys
         .iter()

@@ -62,7 +62,10 @@ pub(super) fn compare(oid: u32, a: &[u8], b: &[u8]) -> Ordering {
             let p = |x: &[u8]| text(x).parse::<f64>().unwrap_or(f64::NAN);
             p(a).total_cmp(&p(b))
         }
-        // Text, dates and timestamps in ISO style: byte order (C collation).
+        // Dates and timestamps as instants (a server ranks other DateStyles, see
+        // `order`; bytes are the last resort).
+        1082 | 1114 | 1184 => super::datetime::compare(oid, a, b).unwrap_or_else(|| a.cmp(b)),
+        // Text and times: byte order (C collation).
         _ => a.cmp(b),
     }
 }

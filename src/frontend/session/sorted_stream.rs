@@ -150,7 +150,8 @@ impl Session {
             self.stream_error(PgError::new("XX000", "no row description from any shard"));
             return Ok(self.failed(&src));
         };
-        let Some(by) = sorted::for_stream(&self.db, &t, spec, formats) else {
+        let firsts: Vec<&[u8]> = heads.iter().flatten().map(|r| &r[..]).collect();
+        let Some(by) = sorted::for_stream(&self.db, &t, spec, formats, &firsts) else {
             return self.held(src, kept, heads).await;
         };
         let mut description = BytesMut::new();
