@@ -4504,3 +4504,43 @@ async fn cancel_stops_held_merges_and_writes_over_several_shards() {
         assert_eq!(n, 0, "{q}");
     }
 }
+
+#[tokio::test]
+async fn cancel_stops_an_ordered_read_in_a_transaction_over_several_shards() {
+    // Inside a transaction the shards of an ordered read run at once on its participants.
+    // The client's cancel request went to the attached server only: when that shard had
+    // answered, it reached no statement, and the read ran to its end. It now goes to the
+    // shard whose answer pgshard awaits.
+    let addr = setup().await;
+    let c = connect(addr).await;
+    // The shards join in order, the last one attached: `a`'s (1) answers at once.
+    let on = |k: i64| partition_of(&HashKey::Int(k), 2);
+    let a = (1..100).find(|&k| on(k) == 1).unwrap();
+    let b = (1..100).find(|&k| on(k) == 0).unwrap();
+    c.batch_execute(&format!("BEGIN; SELECT * FROM users WHERE id = {a}"))
+        .await
+        .unwrap();
+    let q = format!(
+        "SELECT id, pg_sleep(CASE WHEN id = {a} THEN 0 ELSE 3 END) FROM users \
+         WHERE id IN ({a}, {b}) ORDER BY id"
+    );
+    let token = c.cancel_token();
+    let cancel = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    });
+    let started = std::time::Instant::now();
+    let e = c.simple_query(&q).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "57014", "{e:?}");
+    assert!(started.elapsed() < std::time::Duration::from_millis(2500));
+    cancel.await.unwrap();
+    let e = c.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "25P02", "{e:?}");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 200);
+}

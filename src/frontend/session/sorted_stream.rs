@@ -74,9 +74,6 @@ impl Session {
         let sent = Sent::start(&self.db, nodes, req, Some(prelude), self.settings_fp).await;
         match sent {
             Ok(sent) => {
-                // A client's cancel request stops one shard's statement; its error ends
-                // the merge, which cancels the others.
-                self.cancel.set(sent.cancel_target(0));
                 let sorted = self
                     .merge_sorted(Source::Pool(sent), describe, spec, formats)
                     .await;
@@ -124,7 +121,25 @@ impl Session {
                 return Ok(self.failed(&src));
             }
         }
-        self.merge_sorted(src, describe, spec, formats).await
+        let sorted = self.merge_sorted(src, describe, spec, formats).await;
+        self.restore_cancel();
+        sorted
+    }
+
+    /// Points the client's cancel requests at shard `i`'s server while pgshard waits for
+    /// its answer: the shards run at once, and a cancel must reach one still running
+    /// (its error ends the merge, which cancels the others).
+    fn point_cancel(&mut self, src: &Source, i: usize) {
+        match src {
+            Source::Pool(sent) => self.cancel.set(sent.cancel_target(i)),
+            Source::Tx(shards, _) => {
+                let target = self
+                    .participant(shards[i])
+                    .map(|b| (b.addr.clone(), b.pid, b.secret));
+                self.cancel
+                    .set(target.as_ref().map(|(a, pid, secret)| (a, *pid, *secret)));
+            }
+        }
     }
 
     /// The k-way merge over `src`'s answers.
@@ -140,6 +155,7 @@ impl Session {
         let mut kept: Vec<Vec<BytesMut>> = vec![Vec::new(); k];
         let mut heads: Vec<Option<BytesMut>> = vec![None; k];
         for i in 0..k {
+            self.point_cancel(&src, i);
             match self.next_sorted(&mut src, i, &mut kept[i]).await? {
                 Next::Row(r) => heads[i] = Some(r),
                 Next::End => {}
@@ -162,9 +178,14 @@ impl Session {
         let mut skip = spec.offset;
         let mut left = spec.limit;
         let mut rows: u64 = 0;
+        let mut pointed = k - 1;
         while left != Some(0) {
             let Some(i) = first(&by, &heads) else { break };
             let Some(row) = heads[i].take() else { break };
+            if i != pointed {
+                self.point_cancel(&src, i);
+                pointed = i;
+            }
             if skip > 0 {
                 skip -= 1;
             } else {
@@ -174,14 +195,7 @@ impl Session {
             }
             match self.next_sorted(&mut src, i, &mut kept[i]).await? {
                 Next::Row(r) => heads[i] = Some(r),
-                Next::End => {
-                    // Cancel requests go to a shard still answering.
-                    if let (Source::Pool(sent), Some(j)) =
-                        (&src, heads.iter().position(Option::is_some))
-                    {
-                        self.cancel.set(sent.cancel_target(j));
-                    }
-                }
+                Next::End => {}
                 Next::Failed => return Ok(self.failed(&src)),
             }
             if self.cout.len() >= FLUSH_AT {
@@ -197,6 +211,7 @@ impl Session {
             if heads[i].take().is_none() {
                 continue;
             }
+            self.point_cancel(&src, i);
             loop {
                 match self.next_sorted(&mut src, i, &mut kept[i]).await? {
                     Next::Row(_) => {}
@@ -393,6 +408,7 @@ impl Session {
             frames.push(row);
             let mut held: usize = frames.iter().map(|f| f.len()).sum();
             let mut failed = false;
+            self.point_cancel(&src, i);
             loop {
                 let mut f = match self.frame_from(&mut src, i).await {
                     Ok(f) => f,
