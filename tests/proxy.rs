@@ -1158,3 +1158,43 @@ async fn sql_prepared_statements_follow_their_client_in_transaction_mode() {
     }
     assert_eq!(column(&c, "EXECUTE left_behind").await, missing);
 }
+
+/// SQL-level prepared statements in transaction mode (pgshard keeps them and prepares
+/// them on whichever server connection the client gets): their errors are PostgreSQL's.
+#[tokio::test]
+async fn sql_prepared_statement_errors_match_postgres() {
+    let addr = start_proxy_yaml(&base_yaml("transaction", 2));
+    let mut proxy = Raw::startup(addr, "trusty", "app").await;
+    proxy.until_ready().await;
+    let port = cluster().shards[0].primary.port;
+    let mut direct = Raw::startup(([127, 0, 0, 1], port).into(), "postgres", "app").await;
+    direct.until_ready().await;
+    pipelined_answers_match(
+        &mut proxy,
+        &mut direct,
+        &[
+            "PREPARE missing_t AS SELECT * FROM no_such_table",
+            "EXECUTE missing_t",
+            "PREPARE bad_syntax AS SELEC 1",
+            "PREPARE ok_p(int) AS SELECT $1 + 1",
+            "PREPARE ok_p(int) AS SELECT $1 + 2",
+            "EXECUTE ok_p(1)",
+            "EXECUTE ok_p('x')",
+            "EXECUTE ok_p(1, 2)",
+            "EXECUTE nope",
+            "DEALLOCATE nope",
+            "BEGIN",
+            "PREPARE in_tx AS SELECT * FROM no_such_table",
+            "ROLLBACK",
+            "EXECUTE in_tx",
+            "BEGIN",
+            "PREPARE in_tx2 AS SELECT 2",
+            "ROLLBACK",
+            "EXECUTE in_tx2",
+            "DEALLOCATE ok_p",
+            "EXECUTE ok_p(1)",
+            "DEALLOCATE ALL",
+        ],
+    )
+    .await;
+}

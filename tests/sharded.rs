@@ -4544,3 +4544,84 @@ async fn cancel_stops_an_ordered_read_in_a_transaction_over_several_shards() {
         .get(0);
     assert_eq!(n, 200);
 }
+
+#[tokio::test]
+async fn extended_batches_over_several_shards_answer_as_postgres() {
+    // Pipelined Parse/Bind/Execute batches as drivers send them (pgjdbc's batches and
+    // fetch size, psycopg's pipeline mode), with errors mid-batch, transactions begun
+    // and ended in them, and portals fetched in parts: the same messages, in the same
+    // order, with the same status as one PostgreSQL holding the same data.
+    let addr = setup().await;
+    let mut proxy = Raw::startup(addr, "trusty", "app").await;
+    proxy.until_ready().await;
+    let mut direct = Raw::startup(([127, 0, 0, 1], ports()[0]).into(), "postgres", "plain").await;
+    direct.until_ready().await;
+    let count = || msg::run("SELECT count(*) FROM users", &[]);
+    let batches: Vec<Vec<Vec<u8>>> = vec![
+        vec![
+            msg::run("BEGIN", &[]),
+            msg::run("SELECT name FROM users WHERE id = $1", &["3"]),
+            count(),
+            msg::run("SELECT 1/0", &[]),
+            msg::run("SELECT 2", &[]),
+            msg::sync(),
+        ],
+        vec![msg::run("SELECT 1", &[]), msg::sync()],
+        vec![msg::run("ROLLBACK", &[]), msg::sync()],
+        vec![
+            count(),
+            msg::run("SELECT id FROM users ORDER BY id LIMIT 2", &[]),
+            msg::sync(),
+        ],
+        vec![
+            msg::run("BEGIN", &[]),
+            count(),
+            msg::run("SELECT id FROM users ORDER BY id DESC LIMIT 2", &[]),
+            msg::run("COMMIT", &[]),
+            msg::sync(),
+        ],
+        vec![
+            msg::parse("s1", "SELECT name FROM users WHERE id = $1"),
+            msg::bind("", "s1", &["4"]),
+            msg::execute(""),
+            msg::bind("", "s1", &["5"]),
+            msg::execute(""),
+            msg::sync(),
+        ],
+        vec![
+            msg::run("SELECT count(*) FROM users WHERE id > $1", &["x"]),
+            msg::sync(),
+        ],
+        vec![
+            msg::run("BEGIN", &[]),
+            count(),
+            msg::run("SELECT count(*) FROM users WHERE id > $1", &["x"]),
+            msg::sync(),
+        ],
+        vec![msg::run("COMMIT", &[]), msg::sync()],
+        vec![
+            msg::parse("", "SELECT id FROM users ORDER BY id"),
+            msg::bind("p", "", &[]),
+            msg::describe_portal("p"),
+            msg::execute_n("p", 3),
+            msg::execute_n("p", 2),
+            msg::sync(),
+        ],
+        vec![
+            msg::run("BEGIN", &[]),
+            msg::parse("", "SELECT id FROM users ORDER BY id"),
+            msg::bind("p", "", &[]),
+            msg::execute_n("p", 3),
+            msg::sync(),
+        ],
+        vec![msg::execute_n("p", 2), msg::sync()],
+        vec![msg::run("COMMIT", &[]), msg::sync()],
+        vec![msg::execute_n("p", 2), msg::sync()],
+    ];
+    for (n, b) in batches.iter().enumerate() {
+        let req: Vec<u8> = b.concat();
+        proxy.send(&req).await;
+        direct.send(&req).await;
+        assert_eq!(proxy.answer().await, direct.answer().await, "batch {n}");
+    }
+}

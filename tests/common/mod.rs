@@ -355,8 +355,12 @@ pub mod msg {
         b
     }
     pub fn execute(portal: &str) -> Vec<u8> {
+        execute_n(portal, 0)
+    }
+    /// Execute with a row limit.
+    pub fn execute_n(portal: &str, rows: i32) -> Vec<u8> {
         let mut b = cstr(portal);
-        b.extend(0i32.to_be_bytes());
+        b.extend(rows.to_be_bytes());
         frame(b'E', &b)
     }
     pub fn describe_portal(name: &str) -> Vec<u8> {
