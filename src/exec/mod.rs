@@ -531,8 +531,6 @@ fn refuses_cached_plan(error: &[u8]) -> bool {
     crate::metrics::sqlstate_of(error) == Some("0A000")
 }
 
-/// ParseComplete, BindComplete and CloseComplete, for answers pgshard gives itself: no
-/// allocation per answer.
 /// The message of [`RAISE_FAILED`]'s error.
 const RAISED_MESSAGE: &str = "pgshard: the statement failed";
 
@@ -541,6 +539,8 @@ const RAISED_MESSAGE: &str = "pgshard: the statement failed";
 pub const RAISE_FAILED: &str =
     "DO $pgshard$BEGIN RAISE EXCEPTION 'pgshard: the statement failed'; END$pgshard$";
 
+/// ParseComplete, BindComplete and CloseComplete, for answers pgshard gives itself: no
+/// allocation per answer.
 pub const PARSE_COMPLETE: Bytes = Bytes::from_static(&[b'1', 0, 0, 0, 4]);
 pub const BIND_COMPLETE: Bytes = Bytes::from_static(&[b'2', 0, 0, 0, 4]);
 pub const CLOSE_COMPLETE: Bytes = Bytes::from_static(&[b'3', 0, 0, 0, 4]);

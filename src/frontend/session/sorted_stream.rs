@@ -178,13 +178,14 @@ impl Session {
         let mut skip = spec.offset;
         let mut left = spec.limit;
         let mut rows: u64 = 0;
-        let mut pointed = k - 1;
+        // (The loop above left the cancel pointed at the last shard.)
+        let mut pointed = k.checked_sub(1);
         while left != Some(0) {
             let Some(i) = first(&by, &heads) else { break };
             let Some(row) = heads[i].take() else { break };
-            if i != pointed {
+            if pointed != Some(i) {
                 self.point_cancel(&src, i);
-                pointed = i;
+                pointed = Some(i);
             }
             if skip > 0 {
                 skip -= 1;
