@@ -533,4 +533,31 @@ async fn a_pipelined_batch_of_reads_moves_between_shards_on_replicas() {
     assert_eq!(tags, "12DC2DC2DCZ");
     let want = |v: &str| vec![Some(v.to_string()), Some("true".to_string())];
     assert_eq!(rows, [want("on 0"), want("on 1"), want("on 0")]);
+
+    // A read over both shards goes to their replicas; one that locks rows, to their
+    // primaries (in both protocols).
+    let over_both = "SELECT v, pg_is_in_recovery()::text FROM rb ORDER BY v";
+    let in_recovery = |msgs: Vec<tokio_postgres::SimpleQueryMessage>| {
+        common::rows(&msgs)
+            .into_iter()
+            .map(|r| r[1].clone().unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        in_recovery(app.simple_query(over_both).await.unwrap()),
+        ["true", "true"]
+    );
+    let locking = format!("{over_both} FOR UPDATE");
+    assert_eq!(
+        in_recovery(app.simple_query(&locking).await.unwrap()),
+        ["false", "false"]
+    );
+    let extended: Vec<String> = app
+        .query(&locking, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(1))
+        .collect();
+    assert_eq!(extended, ["false", "false"]);
 }

@@ -4625,3 +4625,57 @@ async fn extended_batches_over_several_shards_answer_as_postgres() {
         assert_eq!(proxy.answer().await, direct.answer().await, "batch {n}");
     }
 }
+
+#[tokio::test]
+async fn locking_reads_over_several_shards() {
+    // SELECT ... FOR UPDATE over several shards (a transfer between two accounts on two
+    // shards locks both rows first): it runs on each shard's primary, inside the client's
+    // transaction when there is one, and its rows merge as a read's. It used to be
+    // refused as a write over several shards.
+    let addr = setup().await;
+    let c = connect(addr).await;
+    let other = connect(addr).await;
+    let plain = connect_server(ports()[0], "plain").await;
+    let on = |k: i64| partition_of(&HashKey::Int(k), 2);
+    let a = (1..100).find(|&k| on(k) == 0).unwrap();
+    let b = (1..100).find(|&k| on(k) == 1).unwrap();
+    let q = format!("SELECT id, name FROM users WHERE id IN ({a}, {b}) ORDER BY id FOR UPDATE");
+    // Outside a transaction, as a read (each shard's lock ends with its statement).
+    assert_eq!(
+        rows(&c.simple_query(&q).await.unwrap()),
+        rows(&plain.simple_query(&q).await.unwrap())
+    );
+    let nowait = |k: i64| format!("SELECT id FROM users WHERE id = {k} FOR UPDATE NOWAIT");
+    for extended in [false, true] {
+        c.batch_execute("BEGIN").await.unwrap();
+        let got = if extended {
+            c.query(
+                "SELECT id, name FROM users WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+                &[&vec![a, b]],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| vec![Some(r.get::<_, i64>(0).to_string()), r.get(1)])
+            .collect::<Vec<_>>()
+        } else {
+            rows(&c.simple_query(&q).await.unwrap())
+        };
+        assert_eq!(got, rows(&plain.simple_query(&q).await.unwrap()));
+        // Both rows are locked, each on its own shard, until the transaction ends.
+        for k in [a, b] {
+            let e = other.simple_query(&nowait(k)).await.unwrap_err();
+            assert_eq!(sqlstate(&e), "55P03", "{k}: {e:?}");
+        }
+        c.batch_execute("COMMIT").await.unwrap();
+        for k in [a, b] {
+            other.simple_query(&nowait(k)).await.unwrap();
+        }
+    }
+    // With a LIMIT each shard would lock rows pgshard does not return: refused.
+    let e = c
+        .simple_query("SELECT id FROM users ORDER BY id LIMIT 3 FOR UPDATE")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000", "{e:?}");
+}

@@ -117,6 +117,22 @@ impl Session {
                     "this statement over several shards cannot be merged",
                 ));
             }
+            // Each shard's primary locks the rows it returns: all of them, or a LIMIT
+            // would lock rows the client never gets.
+            (Kind::Write, Some(Ok(spec))) if a.locking_read => {
+                if spec.limit.is_some()
+                    || spec.offset > 0
+                    || spec.limit_param.is_some()
+                    || spec.offset_param.is_some()
+                {
+                    return Err(PgError::new(
+                        "0A000",
+                        "FOR UPDATE/SHARE with LIMIT or OFFSET over several shards is not supported: each shard would lock rows pgshard does not return",
+                    )
+                    .with_hint("Lock the rows by their shard keys, or without LIMIT."));
+                }
+                Multi::Merge(Box::new(spec.clone()))
+            }
             // Each shard inserts the rows it makes from its own rows.
             (Kind::Write, _) if a.insert_select => Multi::Write { sum: true },
             (Kind::Write, _) if a.insert_via.is_some() => {

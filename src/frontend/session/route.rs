@@ -116,7 +116,7 @@ fn route_err(e: RouteError) -> PgError {
 
 /// Whether a statement over several shards is a read pgshard can merge.
 pub(super) fn mergeable(a: &Analysis) -> bool {
-    a.kind <= Kind::Read && a.merge.as_ref().is_some_and(|m| m.is_ok())
+    (a.kind <= Kind::Read || a.locking_read) && a.merge.as_ref().is_some_and(|m| m.is_ok())
 }
 
 pub(super) fn cross_shard_txn(from: usize, to: &[usize]) -> PgError {

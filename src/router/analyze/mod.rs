@@ -104,6 +104,11 @@ pub struct Analysis {
     /// Only reads, with no locking clause, data-modifying CTE or writing function: may run
     /// on a replica.
     pub replica_safe: bool,
+    /// A SELECT whose only write is its locking clause (`FOR UPDATE`, `FOR SHARE`, ...):
+    /// over several shards each shard's primary locks the rows it returns, and the rows
+    /// merge as a read's (its `kind` stays `Write`: it needs the primary, and a
+    /// transaction that ran it is no longer a read).
+    pub locking_read: bool,
     /// A nested query needs every row of a sharded table and names its key (see
     /// `nested`): the statement is right on one shard only.
     pub one_shard: bool,
@@ -237,6 +242,7 @@ impl Analysis {
             insert_select: false,
             insert_via: None,
             replica_safe: false,
+            locking_read: false,
             one_shard: false,
             keyless: Vec::new(),
             cursor: None,
@@ -384,6 +390,9 @@ pub fn analyze(sql: &str, rules: &Rules) -> Result<Analysis, AnalyzeError> {
         out.target = std::mem::replace(&mut out.target, Target::Default).and(a.target);
     }
     out.replica_safe = out.kind == Kind::Read && !rules.calls_writing_function(sql);
+    out.locking_read = cursor.is_none()
+        && matches!(stmts.as_slice(), [Statement::Query(q)] if locks_only(q))
+        && !rules.calls_writing_function(sql);
     if let [st @ Statement::Insert(_)] = stmts.as_slice()
         && let Target::Keys(keys) = &out.target
         && out.inserts_sharded
@@ -771,6 +780,7 @@ fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
         insert_select: c.insert_select,
         insert_via: c.insert_via.map(std::sync::Arc::new),
         replica_safe: false,
+        locking_read: false,
         one_shard: one_shard || c.one_shard,
         keyless: c.keyless,
         cursor: None,
@@ -779,6 +789,23 @@ fn statement(st: &Statement, rules: &Rules) -> Result<Analysis, String> {
         sets_time_zone: false,
         pre_eval: None,
     })
+}
+
+/// A query with a locking clause and no other write: no data-modifying CTE (PostgreSQL
+/// allows those only at the top level).
+fn locks_only(q: &Query) -> bool {
+    !q.locks.is_empty()
+        && q.with.as_ref().is_none_or(|w| {
+            w.cte_tables.iter().all(|cte| {
+                !matches!(
+                    *cte.query.body,
+                    SetExpr::Insert(_)
+                        | SetExpr::Update(_)
+                        | SetExpr::Delete(_)
+                        | SetExpr::Merge(_)
+                )
+            })
+        })
 }
 
 #[cfg(test)]

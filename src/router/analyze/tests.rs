@@ -98,6 +98,29 @@ fn joins_ctes_and_locking() {
     let a = analyze("SELECT * FROM users WHERE id = 1 FOR UPDATE", &rules()).unwrap();
     assert_eq!(a.kind, Kind::Write);
     assert_eq!(a.target, Target::Keys(vec![(0, lit("1"))]));
+    assert!(a.locking_read && !a.replica_safe);
+    // A locking read is one whose only write is its locking clause.
+    for (sql, locking) in [
+        ("SELECT * FROM users FOR SHARE SKIP LOCKED", true),
+        (
+            "WITH x AS (SELECT id FROM users) SELECT * FROM x, users FOR UPDATE OF users",
+            true,
+        ),
+        (
+            "WITH d AS (DELETE FROM orders RETURNING user_id) SELECT * FROM users, d FOR UPDATE",
+            false,
+        ),
+        ("SELECT * FROM (SELECT * FROM users FOR UPDATE) s", false),
+        ("DECLARE c CURSOR FOR SELECT * FROM users FOR UPDATE", false),
+        ("SELECT * FROM users", false),
+        ("SELECT 1 FROM users FOR UPDATE; SELECT 2", false),
+    ] {
+        assert_eq!(
+            analyze(sql, &rules()).unwrap().locking_read,
+            locking,
+            "{sql}"
+        );
+    }
 }
 
 #[test]
