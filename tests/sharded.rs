@@ -1435,15 +1435,18 @@ async fn cursors_over_shards_return_every_row() {
         let e = c.batch_execute(q).await.unwrap_err();
         assert_eq!(sqlstate(&e), code, "{q}");
     }
-    // Backward movement and BINARY cursors are refused, and the transaction fails as
+    // Backward movement of a NO SCROLL cursor is refused, and the transaction fails as
     // after any error.
     for (q, code) in [
-        ("FETCH BACKWARD 1 FROM b", "0A000"),
-        ("MOVE ABSOLUTE 2 IN b", "0A000"),
+        ("FETCH BACKWARD 1 FROM b", "55000"),
+        ("MOVE ABSOLUTE 0 IN b", "55000"),
+        ("FETCH SIDEWAYS FROM b", "0A000"),
     ] {
-        c.batch_execute("BEGIN; DECLARE b CURSOR FOR SELECT id FROM users")
-            .await
-            .unwrap();
+        c.batch_execute(
+            "BEGIN; DECLARE b NO SCROLL CURSOR FOR SELECT id FROM users; FETCH 2 FROM b",
+        )
+        .await
+        .unwrap();
         let e = c.batch_execute(q).await.unwrap_err();
         assert_eq!(sqlstate(&e), code, "{q}");
         let e = c.batch_execute("SELECT 1").await.unwrap_err();
@@ -4678,4 +4681,78 @@ async fn locking_reads_over_several_shards() {
         .await
         .unwrap_err();
     assert_eq!(sqlstate(&e), "0A000", "{e:?}");
+}
+
+#[tokio::test]
+async fn cursors_over_several_shards_scroll_as_on_postgres() {
+    // pgshard holds the rows of a cursor whose query reads several shards: FETCH and MOVE
+    // in every direction (psycopg's `scroll()`, reporting tools paging back) answer
+    // from them as PostgreSQL answers from its own cursor. They used to move forward only.
+    let addr = setup().await;
+    let c = connect(addr).await;
+    let plain = connect_server(ports()[0], "plain").await;
+    let answer = |msgs: Vec<tokio_postgres::SimpleQueryMessage>| -> Vec<String> {
+        msgs.into_iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => Some(format!("{:?}", r.get(0))),
+                tokio_postgres::SimpleQueryMessage::CommandComplete(n) => Some(format!("#{n}")),
+                _ => None,
+            })
+            .collect()
+    };
+    let commands = [
+        "FETCH 3 FROM c",
+        "FETCH PRIOR FROM c",
+        "FETCH FIRST FROM c",
+        "FETCH LAST FROM c",
+        "FETCH NEXT FROM c",
+        "FETCH PRIOR FROM c",
+        "FETCH ABSOLUTE 10 FROM c",
+        "FETCH RELATIVE -2 FROM c",
+        "FETCH RELATIVE 0 FROM c",
+        "FETCH BACKWARD 3 FROM c",
+        "FETCH FORWARD 0 FROM c",
+        "FETCH -2 FROM c",
+        "MOVE ABSOLUTE 0 IN c",
+        "FETCH BACKWARD 1 FROM c",
+        "FETCH 2 FROM c",
+        "MOVE LAST IN c",
+        "MOVE BACKWARD ALL IN c",
+        "FETCH FORWARD 4 FROM c",
+        "FETCH ABSOLUTE -3 FROM c",
+        "FETCH ABSOLUTE 500 FROM c",
+        "FETCH BACKWARD 2 FROM c",
+        "MOVE RELATIVE 5 IN c",
+        "FETCH BACKWARD -2 FROM c",
+        "MOVE FORWARD 3 IN c",
+        "FETCH RELATIVE 3 FROM c",
+        "MOVE -1 IN c",
+        "FETCH ALL FROM c",
+        "FETCH BACKWARD ALL FROM c",
+        "FETCH c",
+    ];
+    for db in [&c, &plain] {
+        db.batch_execute(
+            "BEGIN; DECLARE c SCROLL CURSOR FOR SELECT id FROM users WHERE id <= 30 ORDER BY id",
+        )
+        .await
+        .unwrap();
+    }
+    for q in commands {
+        let (a, b) = (c.simple_query(q).await, plain.simple_query(q).await);
+        assert_eq!(answer(a.unwrap()), answer(b.unwrap()), "{q}");
+    }
+    for db in [&c, &plain] {
+        db.batch_execute("ROLLBACK").await.unwrap();
+    }
+    // NO SCROLL: forward only, as PostgreSQL says.
+    for db in [&c, &plain] {
+        db.batch_execute("BEGIN; DECLARE n NO SCROLL CURSOR FOR SELECT id FROM users ORDER BY id")
+            .await
+            .unwrap();
+        db.batch_execute("FETCH 2 FROM n").await.unwrap();
+        let e = db.simple_query("FETCH PRIOR FROM n").await.unwrap_err();
+        assert_eq!(sqlstate(&e), "55000", "{e:?}");
+        db.batch_execute("ROLLBACK").await.unwrap();
+    }
 }

@@ -3,9 +3,11 @@
 //! would read one of them: one shard's rows. Instead pgshard runs the query merged (inside
 //! the transaction, whose shards join it) and holds its rows as the cursor, answering
 //! FETCH, MOVE and CLOSE of it, and Describe of its portal (psycopg's server-side cursors,
-//! Django's `.iterator()`, SQLAlchemy's `stream_results`). Only forward movement.
+//! Django's `.iterator()`, SQLAlchemy's `stream_results`), in every direction
+//! (`PRIOR`, `ABSOLUTE n`, `BACKWARD ALL`, psycopg's `scroll()`) unless it was declared
+//! `NO SCROLL`.
 
-use super::portal::{Hold, empty, take_description};
+use super::portal::{Hold, Scroll, empty, take_description};
 use super::{Session, SessionError};
 use crate::protocol::{self, PgError};
 use crate::router::analyze::Cursor;
@@ -14,13 +16,47 @@ use bytes::BytesMut;
 /// A cursor statement.
 #[derive(Debug, PartialEq)]
 enum Command {
-    /// FETCH of n rows (None: ALL).
-    Fetch(Option<u64>),
-    Move(Option<u64>),
+    Fetch(Direction),
+    Move(Direction),
     Close,
     CloseAll,
-    /// A direction pgshard cannot follow on rows it holds (backward, absolute, ...).
+    /// A direction pgshard does not read.
     Other,
+}
+
+/// Where a FETCH or MOVE goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// n rows forward (None: ALL).
+    Forward(Option<u64>),
+    Scroll(Scroll),
+}
+
+/// A FETCH or MOVE direction, as PostgreSQL's grammar has it (`words` lowercased, the
+/// cursor's name and FROM/IN taken off).
+fn direction(words: &[&str]) -> Option<Direction> {
+    use Direction::Forward;
+    let count = |n: &str| n.parse::<i64>().ok();
+    // A signed count forward (FORWARD n, n) or backward (BACKWARD n): 0 is the current
+    // row again.
+    let signed = |n: i64| match n {
+        0 => Direction::Scroll(Scroll::Relative(0)),
+        n if n > 0 => Forward(Some(n as u64)),
+        n => Direction::Scroll(Scroll::Backward(Some(n.unsigned_abs()))),
+    };
+    Some(match words {
+        [] | ["next"] | ["forward"] => Forward(Some(1)),
+        ["all"] | ["forward", "all"] => Forward(None),
+        ["prior"] | ["backward"] => Direction::Scroll(Scroll::Backward(Some(1))),
+        ["backward", "all"] => Direction::Scroll(Scroll::Backward(None)),
+        ["first"] => Direction::Scroll(Scroll::Absolute(1)),
+        ["last"] => Direction::Scroll(Scroll::Absolute(-1)),
+        ["absolute", n] => Direction::Scroll(Scroll::Absolute(count(n)?)),
+        ["relative", n] => Direction::Scroll(Scroll::Relative(count(n)?)),
+        ["backward", n] => signed(count(n)?.checked_neg()?),
+        [n] | ["forward", n] => signed(count(n)?),
+        _ => return None,
+    })
 }
 
 /// Words and quoted identifiers (unquoted, with their quotes' escapes undone).
@@ -90,16 +126,10 @@ fn parse_command(sql: &str) -> Option<(Command, String)> {
         words.pop();
     }
     let words: Vec<&str> = words.iter().map(String::as_str).collect();
-    let count = match words.as_slice() {
-        [] | ["next"] | ["forward"] => Some(Some(1)),
-        ["all"] | ["forward", "all"] => Some(None),
-        [n] | ["forward", n] => n.parse::<u64>().ok().filter(|n| *n > 0).map(Some),
-        _ => None,
-    };
     Some((
-        match (count, verb.as_str()) {
-            (Some(n), "fetch") => Command::Fetch(n),
-            (Some(n), _) => Command::Move(n),
+        match (direction(&words), verb.as_str()) {
+            (Some(d), "fetch") => Command::Fetch(d),
+            (Some(d), _) => Command::Move(d),
             (None, _) => Command::Other,
         },
         name,
@@ -132,6 +162,9 @@ impl Session {
         self.route
             .portals
             .insert(c.name.as_bytes(), description, merged.freeze(), hold);
+        if let Some(p) = self.route.portals.get_mut(c.name.as_bytes()) {
+            p.forward_only = c.no_scroll;
+        }
         let mut out = BytesMut::new();
         protocol::write_complete(&mut out, "DECLARE CURSOR");
         out
@@ -163,17 +196,34 @@ impl Session {
         }
         let p = self.route.portals.get_mut(name.as_bytes())?;
         let mut out = BytesMut::new();
-        match cmd {
-            Command::Fetch(n) => {
+        if let Command::Fetch(Direction::Scroll(s)) | Command::Move(Direction::Scroll(s)) = cmd
+            && p.forward_only
+            && p.moves_back(s)
+        {
+            return Some(Err(PgError::new("55000", "cursor can only scan forward")
+                .with_hint(
+                    "Declare it with SCROLL option to enable backward scan.",
+                )));
+        }
+        let mut moved = |d: Direction| match d {
+            Direction::Forward(n) => {
                 let (rows, k) = p.take(n);
+                (BytesMut::from(&rows[..]), k)
+            }
+            Direction::Scroll(s) => p.scroll(s),
+        };
+        match cmd {
+            Command::Fetch(d) => {
+                let (rows, k) = moved(d);
                 if described {
                     out.extend_from_slice(p.description());
                 }
                 out.extend_from_slice(&rows);
                 protocol::write_complete(&mut out, &format!("FETCH {k}"));
             }
-            Command::Move(n) => {
-                protocol::write_complete(&mut out, &format!("MOVE {}", p.take(n).1))
+            Command::Move(d) => {
+                let k = moved(d).1;
+                protocol::write_complete(&mut out, &format!("MOVE {k}"))
             }
             Command::Close => {
                 self.route.portals.remove(name.as_bytes());
@@ -183,7 +233,7 @@ impl Session {
                 return Some(Err(PgError::new(
                     "0A000",
                     format!(
-                        "cursor \"{name}\" reads several shards: pgshard holds its rows and moves only forward (FETCH or MOVE NEXT, FORWARD n, ALL)"
+                        "cursor \"{name}\" reads several shards: pgshard holds its rows and does not read this FETCH or MOVE"
                     ),
                 )));
             }
@@ -273,30 +323,51 @@ mod tests {
 
     #[test]
     fn reads_cursor_statements() {
+        use Direction::{Forward, Scroll as S};
         let p = |s: &str| parse_command(s);
+        let fetch = |d: Direction, name: &str| Some((Command::Fetch(d), name.to_string()));
         assert_eq!(
             p("FETCH FORWARD 7 FROM \"sc\""),
-            Some((Command::Fetch(Some(7)), "sc".into()))
+            fetch(Forward(Some(7)), "sc")
         );
-        assert_eq!(
-            p("fetch all in C1;"),
-            Some((Command::Fetch(None), "c1".into()))
-        );
-        assert_eq!(p("FETCH c"), Some((Command::Fetch(Some(1)), "c".into())));
+        assert_eq!(p("fetch all in C1;"), fetch(Forward(None), "c1"));
+        assert_eq!(p("FETCH c"), fetch(Forward(Some(1)), "c"));
         assert_eq!(
             p("FETCH NEXT FROM \"My \"\"x\"\"\""),
-            Some((Command::Fetch(Some(1)), "My \"x\"".into()))
+            fetch(Forward(Some(1)), "My \"x\"")
         );
         assert_eq!(
             p("MOVE FORWARD 4 \"__asyncpg_portal_1__\""),
-            Some((Command::Move(Some(4)), "__asyncpg_portal_1__".into()))
+            Some((
+                Command::Move(Forward(Some(4))),
+                "__asyncpg_portal_1__".into()
+            ))
         );
-        assert_eq!(p("MOVE -2 FROM c"), Some((Command::Other, "c".into())));
-        assert_eq!(p("FETCH BACKWARD 2 c"), Some((Command::Other, "c".into())));
+        assert_eq!(
+            p("MOVE -2 FROM c"),
+            Some((Command::Move(S(Scroll::Backward(Some(2)))), "c".into()))
+        );
+        assert_eq!(
+            p("FETCH BACKWARD 2 c"),
+            fetch(S(Scroll::Backward(Some(2))), "c")
+        );
+        assert_eq!(p("FETCH BACKWARD -2 c"), fetch(Forward(Some(2)), "c"));
+        assert_eq!(
+            p("FETCH BACKWARD ALL c"),
+            fetch(S(Scroll::Backward(None)), "c")
+        );
+        assert_eq!(p("FETCH PRIOR c"), fetch(S(Scroll::Backward(Some(1))), "c"));
+        assert_eq!(p("FETCH FORWARD 0 c"), fetch(S(Scroll::Relative(0)), "c"));
+        assert_eq!(p("FETCH LAST c"), fetch(S(Scroll::Absolute(-1)), "c"));
+        assert_eq!(
+            p("FETCH RELATIVE -3 c"),
+            fetch(S(Scroll::Relative(-3)), "c")
+        );
         assert_eq!(
             p("MOVE ABSOLUTE 3 FROM c"),
-            Some((Command::Other, "c".into()))
+            Some((Command::Move(S(Scroll::Absolute(3))), "c".into()))
         );
+        assert_eq!(p("FETCH SIDEWAYS c"), Some((Command::Other, "c".into())));
         assert_eq!(p("CLOSE \"sc\""), Some((Command::Close, "sc".into())));
         assert_eq!(p("CLOSE ALL"), Some((Command::CloseAll, String::new())));
         assert_eq!(p("SELECT 1"), None);

@@ -15,6 +15,14 @@ pub(super) struct VirtualPortal {
     description: Bytes,
     /// The frames not returned yet: DataRows, notices and the CommandComplete.
     rest: Bytes,
+    /// Every frame, for a cursor moved backward or to a row by its number.
+    all: Bytes,
+    /// Where a cursor is, as PostgreSQL counts: 0 before the first row, n on row n;
+    /// `past_end` after the last.
+    at: u64,
+    past_end: bool,
+    /// A cursor declared NO SCROLL: it moves only forward.
+    pub(super) forward_only: bool,
     /// An Execute returned rows and PortalSuspended before.
     suspended: bool,
     /// Every frame was returned.
@@ -86,18 +94,110 @@ impl VirtualPortal {
         let mut taken = 0;
         let mut used = 0;
         let rest = self.rest.clone();
-        for f in protocol::frames(&rest) {
-            if !matches!(f[0], b'D' | b'N') || (f[0] == b'D' && n.is_some_and(|n| taken == n)) {
-                break;
+        if !self.past_end {
+            for f in protocol::frames(&rest) {
+                if !matches!(f[0], b'D' | b'N') || (f[0] == b'D' && n.is_some_and(|n| taken == n)) {
+                    break;
+                }
+                taken += u64::from(f[0] == b'D');
+                used += f.len();
             }
-            taken += u64::from(f[0] == b'D');
-            used += f.len();
         }
         self.rest = rest.slice(used..);
+        // Fewer rows than asked for: the cursor went past the last one.
+        self.at += taken;
+        self.past_end |= n.is_none_or(|n| taken < n);
         // The tag at the end counts only the rows an Execute returns.
         self.suspended = true;
         (rest.slice(..used), taken)
     }
+
+    /// Whether a move ends before the row after the cursor's (what PostgreSQL refuses a
+    /// NO SCROLL cursor; moving to the first row from the start is no move back).
+    pub(super) fn moves_back(&self, to: Scroll) -> bool {
+        let n = protocol::frames(&self.all).filter(|f| f[0] == b'D').count() as i64;
+        let at = if self.past_end { n + 1 } else { self.at as i64 };
+        let target = match to {
+            Scroll::Backward(_) => return true,
+            Scroll::Absolute(k) if k < 0 => n + k + 1,
+            Scroll::Absolute(k) => k,
+            Scroll::Relative(k) => at + k,
+        };
+        target <= at && !(at == 0 && target == 1)
+    }
+
+    /// Moves a cursor as PostgreSQL's FETCH and MOVE do in any direction (`take` moves
+    /// forward): the rows it passes, in the order it passes them, and how many.
+    pub(super) fn scroll(&mut self, to: Scroll) -> (BytesMut, u64) {
+        // Where each row's frame starts and ends in `all`.
+        let rows: Vec<(usize, usize)> = {
+            let mut at = 0;
+            let mut v = Vec::new();
+            for f in protocol::frames(&self.all) {
+                if f[0] == b'D' {
+                    v.push((at, at + f.len()));
+                }
+                at += f.len();
+            }
+            v
+        };
+        let n = rows.len() as i64;
+        let mut at = if self.past_end { n + 1 } else { self.at as i64 };
+        let mut out = BytesMut::new();
+        let mut count = 0u64;
+        let all = &self.all;
+        let mut emit = |at: i64| {
+            let (s, e) = rows[at as usize - 1];
+            out.extend_from_slice(&all[s..e]);
+        };
+        match to {
+            Scroll::Backward(k) => {
+                while k.is_none_or(|k| count < k) {
+                    if at <= 1 {
+                        at = 0;
+                        break;
+                    }
+                    at -= 1;
+                    emit(at);
+                    count += 1;
+                }
+            }
+            Scroll::Absolute(_) | Scroll::Relative(_) => {
+                let target = match to {
+                    Scroll::Absolute(k) if k < 0 => n + k + 1,
+                    Scroll::Absolute(k) => k,
+                    Scroll::Relative(k) => at + k,
+                    Scroll::Backward(_) => unreachable!(),
+                };
+                at = target.clamp(0, n + 1);
+                if (1..=n).contains(&target) {
+                    emit(at);
+                    count += 1;
+                }
+            }
+        }
+        self.past_end = at > n;
+        self.at = at.min(n) as u64;
+        // A later forward FETCH or Execute goes on from here.
+        let from = match at {
+            0 => 0,
+            at => rows.get(at.min(n) as usize - 1).map_or(0, |r| r.1),
+        };
+        self.rest = self.all.slice(from..);
+        self.suspended = true;
+        (out, count)
+    }
+}
+
+/// A cursor's move that is not forward by a count (see [`VirtualPortal::scroll`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Scroll {
+    /// BACKWARD n (None: ALL), PRIOR.
+    Backward(Option<u64>),
+    /// ABSOLUTE n, FIRST, LAST: from the end when negative.
+    Absolute(i64),
+    /// RELATIVE n (0: the current row again).
+    Relative(i64),
 }
 
 /// The RowDescription that starts `out`, split off (NoData when it does not start with
@@ -147,7 +247,11 @@ impl VirtualPortals {
             Bytes::copy_from_slice(name),
             VirtualPortal {
                 description,
+                all: rows.clone(),
                 rest: rows,
+                at: 0,
+                past_end: false,
+                forward_only: false,
                 suspended: false,
                 done: false,
                 hold,
@@ -326,13 +430,9 @@ mod tests {
     }
 
     fn portal(n: usize) -> VirtualPortal {
-        VirtualPortal {
-            description: empty(b'n'),
-            rest: rows(n),
-            suspended: false,
-            done: false,
-            hold: Hold::No,
-        }
+        let mut p = VirtualPortals::default();
+        p.insert(b"p", empty(b'n'), rows(n), Hold::No);
+        p.0.pop().expect("inserted").1
     }
 
     #[test]

@@ -143,6 +143,8 @@ pub struct Cursor {
     pub hold: bool,
     /// BINARY: its rows in binary format.
     pub binary: bool,
+    /// NO SCROLL: it moves only forward.
+    pub no_scroll: bool,
 }
 
 /// An INSERT ... SELECT carried out through pgshard: the SELECT's rows are read (merged
@@ -448,6 +450,7 @@ fn declared_cursor(stmts: &[Statement]) -> Option<(Cursor, Box<Query>)> {
             name: ident(name),
             hold: d.hold == Some(true),
             binary: d.binary == Some(true),
+            no_scroll: d.scroll == Some(false),
         },
         q.clone(),
     ))
