@@ -4283,11 +4283,7 @@ async fn cancel_stops_a_read_streamed_from_several_shards() {
         "SELECT id, pg_sleep(2) FROM users WHERE id IN (1, 2, 3, 4)",
         "SELECT id, pg_sleep(2) FROM users WHERE id IN (1, 2, 3, 4) ORDER BY id",
     ] {
-        let token = c.cancel_token();
-        let cancel = tokio::spawn(async move {
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            token.cancel_query(tokio_postgres::NoTls).await.unwrap();
-        });
+        let cancel = cancel_after(&c, 500);
         let e = c.simple_query(q).await.unwrap_err();
         assert_eq!(sqlstate(&e), "57014", "{q}: {e:?}");
         cancel.await.unwrap();
@@ -4484,11 +4480,7 @@ async fn cancel_stops_held_merges_and_writes_over_several_shards() {
         (allow, format!("UPDATE users SET score = -1 WHERE {slow}")),
     ] {
         let c = connect(proxy).await;
-        let token = c.cancel_token();
-        let cancel = tokio::spawn(async move {
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            token.cancel_query(tokio_postgres::NoTls).await.unwrap();
-        });
+        let cancel = cancel_after(&c, 500);
         let started = std::time::Instant::now();
         let e = c.simple_query(&q).await.unwrap_err();
         assert_eq!(sqlstate(&e), "57014", "{q}: {e:?}");
@@ -4527,11 +4519,7 @@ async fn cancel_stops_an_ordered_read_in_a_transaction_over_several_shards() {
         "SELECT id, pg_sleep(CASE WHEN id = {a} THEN 0 ELSE 3 END) FROM users \
          WHERE id IN ({a}, {b}) ORDER BY id"
     );
-    let token = c.cancel_token();
-    let cancel = tokio::spawn(async move {
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
-    });
+    let cancel = cancel_after(&c, 500);
     let started = std::time::Instant::now();
     let e = c.simple_query(&q).await.unwrap_err();
     assert_eq!(sqlstate(&e), "57014", "{e:?}");
@@ -4755,4 +4743,13 @@ async fn cursors_over_several_shards_scroll_as_on_postgres() {
         assert_eq!(sqlstate(&e), "55000", "{e:?}");
         db.batch_execute("ROLLBACK").await.unwrap();
     }
+}
+
+/// Sends `c`'s cancel request after `ms` milliseconds, as psql's Ctrl-C does.
+fn cancel_after(c: &tokio_postgres::Client, ms: u64) -> tokio::task::JoinHandle<()> {
+    let token = c.cancel_token();
+    tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    })
 }

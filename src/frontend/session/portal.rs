@@ -17,6 +17,8 @@ pub(super) struct VirtualPortal {
     rest: Bytes,
     /// Every frame, for a cursor moved backward or to a row by its number.
     all: Bytes,
+    /// Where each row's frame starts and ends in `all`, once a cursor scrolled.
+    rows: Option<Vec<(usize, usize)>>,
     /// Where a cursor is, as PostgreSQL counts: 0 before the first row, n on row n;
     /// `past_end` after the last.
     at: u64,
@@ -112,25 +114,9 @@ impl VirtualPortal {
         (rest.slice(..used), taken)
     }
 
-    /// Whether a move ends before the row after the cursor's (what PostgreSQL refuses a
-    /// NO SCROLL cursor; moving to the first row from the start is no move back).
-    pub(super) fn moves_back(&self, to: Scroll) -> bool {
-        let n = protocol::frames(&self.all).filter(|f| f[0] == b'D').count() as i64;
-        let at = if self.past_end { n + 1 } else { self.at as i64 };
-        let target = match to {
-            Scroll::Backward(_) => return true,
-            Scroll::Absolute(k) if k < 0 => n + k + 1,
-            Scroll::Absolute(k) => k,
-            Scroll::Relative(k) => at + k,
-        };
-        target <= at && !(at == 0 && target == 1)
-    }
-
-    /// Moves a cursor as PostgreSQL's FETCH and MOVE do in any direction (`take` moves
-    /// forward): the rows it passes, in the order it passes them, and how many.
-    pub(super) fn scroll(&mut self, to: Scroll) -> (BytesMut, u64) {
-        // Where each row's frame starts and ends in `all`.
-        let rows: Vec<(usize, usize)> = {
+    /// Where each row's frame starts and ends in `all` (found once).
+    fn rows(&mut self) -> &[(usize, usize)] {
+        self.rows.get_or_insert_with(|| {
             let mut at = 0;
             let mut v = Vec::new();
             for f in protocol::frames(&self.all) {
@@ -140,7 +126,22 @@ impl VirtualPortal {
                 at += f.len();
             }
             v
-        };
+        })
+    }
+
+    /// Whether a move ends at or before the cursor's row: what PostgreSQL refuses a NO
+    /// SCROLL cursor (any move is allowed that goes forward by one row at least).
+    pub(super) fn moves_back(&mut self, to: Scroll) -> bool {
+        let n = self.rows().len() as i64;
+        let at = if self.past_end { n + 1 } else { self.at as i64 };
+        to.target(at, n).is_none_or(|target| target <= at)
+    }
+
+    /// Moves a cursor as PostgreSQL's FETCH and MOVE do in any direction (`take` moves
+    /// forward): the rows it passes, in the order it passes them, and how many.
+    pub(super) fn scroll(&mut self, to: Scroll) -> (BytesMut, u64) {
+        self.rows();
+        let rows = self.rows.as_deref().unwrap_or_default();
         let n = rows.len() as i64;
         let mut at = if self.past_end { n + 1 } else { self.at as i64 };
         let mut out = BytesMut::new();
@@ -150,8 +151,8 @@ impl VirtualPortal {
             let (s, e) = rows[at as usize - 1];
             out.extend_from_slice(&all[s..e]);
         };
-        match to {
-            Scroll::Backward(k) => {
+        match (to, to.target(at, n)) {
+            (Scroll::Backward(k), _) => {
                 while k.is_none_or(|k| count < k) {
                     if at <= 1 {
                         at = 0;
@@ -162,13 +163,8 @@ impl VirtualPortal {
                     count += 1;
                 }
             }
-            Scroll::Absolute(_) | Scroll::Relative(_) => {
-                let target = match to {
-                    Scroll::Absolute(k) if k < 0 => n + k + 1,
-                    Scroll::Absolute(k) => k,
-                    Scroll::Relative(k) => at + k,
-                    Scroll::Backward(_) => unreachable!(),
-                };
+            (_, target) => {
+                let target = target.unwrap_or(0);
                 at = target.clamp(0, n + 1);
                 if (1..=n).contains(&target) {
                     emit(at);
@@ -178,11 +174,11 @@ impl VirtualPortal {
         }
         self.past_end = at > n;
         self.at = at.min(n) as u64;
-        // A later forward FETCH or Execute goes on from here.
-        let from = match at {
-            0 => 0,
-            at => rows.get(at.min(n) as usize - 1).map_or(0, |r| r.1),
-        };
+        // A later forward FETCH or Execute goes on after the cursor's row.
+        let from = (self.at as usize)
+            .checked_sub(1)
+            .and_then(|i| rows.get(i))
+            .map_or(0, |r| r.1);
         self.rest = self.all.slice(from..);
         self.suspended = true;
         (out, count)
@@ -198,6 +194,20 @@ pub(super) enum Scroll {
     Absolute(i64),
     /// RELATIVE n (0: the current row again).
     Relative(i64),
+}
+
+impl Scroll {
+    /// The row a move to one row lands on (ABSOLUTE, RELATIVE) from row `at` of `n`, as
+    /// PostgreSQL numbers them (0 before the first, n + 1 after the last, or beyond);
+    /// None for BACKWARD, which passes rows.
+    fn target(self, at: i64, n: i64) -> Option<i64> {
+        match self {
+            Scroll::Backward(_) => None,
+            Scroll::Absolute(k) if k < 0 => Some(n.saturating_add(k).saturating_add(1)),
+            Scroll::Absolute(k) => Some(k),
+            Scroll::Relative(k) => Some(at.saturating_add(k)),
+        }
+    }
 }
 
 /// The RowDescription that starts `out`, split off (NoData when it does not start with
@@ -248,6 +258,7 @@ impl VirtualPortals {
             VirtualPortal {
                 description,
                 all: rows.clone(),
+                rows: None,
                 rest: rows,
                 at: 0,
                 past_end: false,
@@ -433,6 +444,22 @@ mod tests {
         let mut p = VirtualPortals::default();
         p.insert(b"p", empty(b'n'), rows(n), Hold::No);
         p.0.pop().expect("inserted").1
+    }
+
+    #[test]
+    fn scrolls_empty_cursors_and_huge_counts() {
+        let mut p = portal(0);
+        assert_eq!(p.scroll(Scroll::Absolute(-1)).1, 0);
+        assert_eq!(p.scroll(Scroll::Relative(i64::MAX)).1, 0);
+        assert_eq!(p.scroll(Scroll::Backward(None)).1, 0);
+        assert_eq!(p.take(Some(1)).1, 0);
+        let mut p = portal(3);
+        assert_eq!(p.scroll(Scroll::Relative(i64::MAX)).1, 0);
+        assert!(p.moves_back(Scroll::Absolute(i64::MIN)));
+        assert_eq!(p.scroll(Scroll::Backward(Some(2))).1, 2);
+        assert_eq!(p.take(None).1, 1);
+        assert_eq!(p.scroll(Scroll::Relative(i64::MIN)).1, 0);
+        assert_eq!(p.take(Some(5)).1, 3);
     }
 
     #[test]
