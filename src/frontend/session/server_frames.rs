@@ -100,6 +100,14 @@ impl Session {
         }
     }
 
+    /// A ParameterStatus from a server whose answer pgshard reads itself (a streamed
+    /// read over several shards): to the client, unless it tells nothing new.
+    pub(super) fn parameter_to_client(&mut self, frame: &[u8]) {
+        if parameter_for_client(&mut self.zone, &mut self.app_name, frame) {
+            self.cout.extend_from_slice(frame);
+        }
+    }
+
     /// A ReadyForQuery reached the client.
     fn ready(&mut self, s: u8) {
         self.query_done();

@@ -333,15 +333,7 @@ impl Session {
                         self.backend_lost("unexpected COPY in a multi-shard read".into());
                         return Ok(Streamed::Gone);
                     }
-                    b'S' => {
-                        if super::server_frames::parameter_for_client(
-                            &mut self.zone,
-                            &mut self.app_name,
-                            &f,
-                        ) {
-                            self.cout.extend_from_slice(&f);
-                        }
-                    }
+                    b'S' => self.parameter_to_client(&f),
                     // Notices and the like, as they come.
                     _ => self.cout.extend_from_slice(&f),
                 }
