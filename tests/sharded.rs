@@ -1449,6 +1449,10 @@ async fn cursors_over_shards_return_every_row() {
         .unwrap();
         let e = c.batch_execute(q).await.unwrap_err();
         assert_eq!(sqlstate(&e), code, "{q}");
+        // Raised through the server (so that its transaction fails too), with pgshard's
+        // hint or none: never an empty one.
+        let hint = e.as_db_error().and_then(|d| d.hint());
+        assert_eq!(hint.is_some(), code == "55000", "{q}: {hint:?}");
         let e = c.batch_execute("SELECT 1").await.unwrap_err();
         assert_eq!(sqlstate(&e), "25P02");
         c.batch_execute("ROLLBACK").await.unwrap();

@@ -190,11 +190,17 @@ impl Session {
 }
 
 /// A statement that makes a server raise `e`: its transaction fails as the client's does.
+/// Its detail and hint only when it has them (an empty one would show as an empty line).
 pub(super) fn raise_sql(e: &PgError) -> String {
-    format!(
-        "DO $pgshard$ BEGIN RAISE EXCEPTION USING ERRCODE = {}, MESSAGE = {}, HINT = {}; END $pgshard$",
+    let mut using = format!(
+        "ERRCODE = {}, MESSAGE = {}",
         quote_literal(e.code),
-        quote_literal(&e.message),
-        quote_literal(e.hint.as_deref().unwrap_or(""))
-    )
+        quote_literal(&e.message)
+    );
+    for (option, text) in [("DETAIL", &e.detail), ("HINT", &e.hint)] {
+        if let Some(text) = text {
+            using.push_str(&format!(", {option} = {}", quote_literal(text)));
+        }
+    }
+    format!("DO $pgshard$ BEGIN RAISE EXCEPTION USING {using}; END $pgshard$")
 }
