@@ -4051,10 +4051,7 @@ async fn commit_in_a_pipelined_batch_over_several_shards() {
             .flat_map(|u| step(u))
             .collect()
     };
-    let mut proxy = Raw::startup(addr, "trusty", "app").await;
-    proxy.until_ready().await;
-    let mut direct = Raw::startup(([127, 0, 0, 1], ports()[0]).into(), "postgres", "plain").await;
-    direct.until_ready().await;
+    let (mut proxy, mut direct) = through_and_plain(addr).await;
     // (batches sent one after the other, the name they write, whether it is committed)
     let cases: Vec<(Vec<Vec<u8>>, &str, bool)> = vec![
         // BEGIN, the writes and COMMIT in one batch.
@@ -4356,10 +4353,7 @@ async fn transactions_over_several_shards_report_no_parameter_changes() {
     // server report that mark, nor its own value coming back when the transaction ends:
     // the same messages as from one PostgreSQL, in both protocols.
     let addr = setup().await;
-    let mut proxy = Raw::startup(addr, "trusty", "app").await;
-    proxy.until_ready().await;
-    let mut direct = Raw::startup(([127, 0, 0, 1], ports()[0]).into(), "postgres", "plain").await;
-    direct.until_ready().await;
+    let (mut proxy, mut direct) = through_and_plain(addr).await;
     for end in [
         "COMMIT",
         "ROLLBACK",
@@ -4547,10 +4541,7 @@ async fn extended_batches_over_several_shards_answer_as_postgres() {
     // and ended in them, and portals fetched in parts: the same messages, in the same
     // order, with the same status as one PostgreSQL holding the same data.
     let addr = setup().await;
-    let mut proxy = Raw::startup(addr, "trusty", "app").await;
-    proxy.until_ready().await;
-    let mut direct = Raw::startup(([127, 0, 0, 1], ports()[0]).into(), "postgres", "plain").await;
-    direct.until_ready().await;
+    let (mut proxy, mut direct) = through_and_plain(addr).await;
     let count = || msg::run("SELECT count(*) FROM users", &[]);
     let batches: Vec<Vec<Vec<u8>>> = vec![
         vec![
@@ -4756,4 +4747,14 @@ fn cancel_after(c: &tokio_postgres::Client, ms: u64) -> tokio::task::JoinHandle<
         tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
         token.cancel_query(tokio_postgres::NoTls).await.unwrap();
     })
+}
+
+/// Raw sessions through pgshard and to the plain database holding the same data, both
+/// ready for their first request.
+async fn through_and_plain(addr: SocketAddr) -> (Raw, Raw) {
+    let mut proxy = Raw::startup(addr, "trusty", "app").await;
+    proxy.until_ready().await;
+    let mut direct = Raw::startup(([127, 0, 0, 1], ports()[0]).into(), "postgres", "plain").await;
+    direct.until_ready().await;
+    (proxy, direct)
 }

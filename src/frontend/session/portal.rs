@@ -132,18 +132,21 @@ impl VirtualPortal {
     /// Whether a move ends at or before the cursor's row: what PostgreSQL refuses a NO
     /// SCROLL cursor (any move is allowed that goes forward by one row at least).
     pub(super) fn moves_back(&mut self, to: Scroll) -> bool {
-        let n = self.rows().len() as i64;
-        let at = if self.past_end { n + 1 } else { self.at as i64 };
+        let (at, n) = self.position();
         to.target(at, n).is_none_or(|target| target <= at)
+    }
+
+    /// The cursor's row (n + 1 past the last) and how many rows there are.
+    fn position(&mut self) -> (i64, i64) {
+        let n = self.rows().len() as i64;
+        (if self.past_end { n + 1 } else { self.at as i64 }, n)
     }
 
     /// Moves a cursor as PostgreSQL's FETCH and MOVE do in any direction (`take` moves
     /// forward): the rows it passes, in the order it passes them, and how many.
     pub(super) fn scroll(&mut self, to: Scroll) -> (BytesMut, u64) {
-        self.rows();
+        let (mut at, n) = self.position();
         let rows = self.rows.as_deref().unwrap_or_default();
-        let n = rows.len() as i64;
-        let mut at = if self.past_end { n + 1 } else { self.at as i64 };
         let mut out = BytesMut::new();
         let mut count = 0u64;
         let all = &self.all;
